@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: (MIT OR Apache-2.0) */
+/*
+ * rewire ABI: the structures shared by the kernel programs (rewire.bpf.c)
+ * and user space (crates/rewire/src/abi.rs mirrors them field for field;
+ * both sides assert the sizes and offsets below at compile time).
+ *
+ * Every integer is in host byte order except where the name says `_be`.
+ * A `struct rw_records` is the opaque blob that proxies query from their
+ * accepted socket and set on their outbound socket; its last field is a
+ * SipHash-2-4 tag under a key only the kernel programs know, so a blob that
+ * was altered or truncated is refused by the set call.
+ */
+#ifndef REWIRE_ABI_H
+#define REWIRE_ABI_H
+
+/* Private socket option level served by the cgroup sockopt programs. */
+#define RW_SOL 0x5257 /* 'R' 'W' */
+#define RW_OPT_RECORDS 1 /* get on accepted socket; set on outbound socket */
+#define RW_OPT_CONTEXT 2 /* get on accepted socket */
+
+#define RW_MAGIC 0x5752
+#define RW_VERSION 1
+
+#define RW_MAX_CHAIN 16    /* hard cap on redirects of one flow */
+#define RW_MAX_SERVICES 63 /* service ids 1..63 fit in a u64 bit mask */
+#define RW_MAX_RULES 64
+#define RW_DEFAULT_HOP_LIMIT 8
+
+/* Redirect states, as numbered by WFP (FWP_CONNECTION_REDIRECT_STATE). */
+#define RW_STATE_NOT_REDIRECTED 0
+#define RW_STATE_REDIRECTED_BY_SELF 1
+#define RW_STATE_REDIRECTED_BY_OTHER 2
+#define RW_STATE_PREVIOUSLY_REDIRECTED_BY_SELF 3
+
+/* rw_sock.flags */
+#define RW_F_HAS_RECORDS 1u  /* outbound socket: a verified blob was set */
+#define RW_F_REDIRECTED 2u   /* connect was redirected: getpeername lies, handoff on SYN */
+#define RW_F_ACCEPTED 4u     /* accepted socket that received a flow record */
+
+/* Event kinds (ring buffer to the daemon). */
+#define RW_EV_REDIRECT 1 /* connect redirected to a service */
+#define RW_EV_DELIVER 2  /* a socket with records reached its original destination */
+#define RW_EV_HOP_LIMIT 3 /* refused: the flow would exceed the hop limit (ELOOP) */
+#define RW_EV_MISMATCH 4 /* refused: records belong to another destination (EINVAL) */
+
+struct rw_addr {
+	__u8 family; /* AF_INET or AF_INET6; 0 = unset */
+	__u8 _pad;
+	__u16 port_be;
+	__u32 _pad2;
+	__u8 addr[16]; /* IPv4 in the first 4 bytes, network order */
+};
+
+struct rw_records {
+	__u16 magic;   /* RW_MAGIC */
+	__u8 version;  /* RW_VERSION */
+	__u8 n_chain;  /* services that handled the flow, in order */
+	__u8 proto;    /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 _pad[3];
+	__u64 flow_id; /* random, assigned at the first redirect */
+	struct rw_addr orig_dst;
+	__u32 pid; /* the originating application */
+	__u32 uid;
+	__u32 gid;
+	__u32 _pad2;
+	__u64 cgroup_id;
+	char comm[16];
+	__u64 created_ns; /* CLOCK_BOOTTIME of the first redirect */
+	__u16 chain[RW_MAX_CHAIN];
+	__u64 tag; /* SipHash-2-4 of the 120 bytes above, kernel key */
+};
+
+/* What RW_OPT_CONTEXT returns. */
+struct rw_context {
+	__u16 magic;
+	__u8 version;
+	__u8 state;      /* RW_STATE_* of the querying service for this flow */
+	__u16 service_id; /* service this hop was redirected to */
+	__u16 rule_id;    /* config rule (1-based) that matched */
+	__u8 hop;         /* 1 = first redirect */
+	__u8 _pad[7];
+	__u64 redirected_ns; /* CLOCK_BOOTTIME of this hop's redirect */
+	struct rw_records records;
+};
+
+/* Per-socket state (BPF_MAP_TYPE_SK_STORAGE value); also the hand-off value. */
+struct rw_sock {
+	__u32 flags;
+	__u16 service_id;
+	__u16 rule_id;
+	__u64 redirected_ns;
+	struct rw_records rec;
+};
+
+/* Hand-off key: client endpoint and server endpoint of a TCP connection. */
+struct rw_tuple {
+	__u8 family;
+	__u8 _pad[3];
+	__u16 cport; /* host order */
+	__u16 sport; /* host order */
+	__u8 caddr[16];
+	__u8 saddr[16];
+};
+
+struct rw_service {
+	__u8 has_v4;
+	__u8 has_v6;
+	__u16 port4_be;
+	__u16 port6_be;
+	__u16 _pad;
+	__u8 addr4[4];
+	__u8 addr6[16];
+};
+
+struct rw_rule {
+	__u16 service_id; /* 1-based; 0 = empty slot */
+	__u16 rule_id;    /* config rule number, reported in the context */
+	__u8 family;      /* 0 = any */
+	__u8 proto;       /* 0 = any */
+	__u8 has_uid;
+	__u8 has_cgroup;
+	__u16 port_lo;    /* host order, inclusive */
+	__u16 port_hi;
+	__u32 uid;
+	__u8 addr[16];    /* network prefix, masked */
+	__u8 mask[16];
+	__u64 cgroup_id;
+};
+
+struct rw_conf {
+	__u32 n_rules;
+	__u32 hop_limit;
+	__u64 key[2]; /* SipHash key, random per load */
+};
+
+struct rw_access_key {
+	__u32 kind; /* 0 = uid, 1 = gid */
+	__u32 id;
+};
+
+struct rw_event {
+	__u32 kind;
+	__s32 err;
+	__u64 flow_id;
+	__u16 service_id;
+	__u16 rule_id;
+	__u8 n_chain;
+	__u8 proto;
+	__u16 hop_limit;
+	__u32 pid; /* process that made this connect */
+	char comm[16];
+	__u32 _pad;
+	__u64 ts_ns;
+	struct rw_addr orig_dst;
+	__u16 chain[RW_MAX_CHAIN];
+};
+
+#define RW_TAGGED_LEN 120 /* offsetof(struct rw_records, tag) */
+
+#endif

@@ -1,0 +1,37 @@
+//! Compiles `bpf/rewire.bpf.c` into a BPF object with clang and embeds it.
+//!
+//! The object is built for the host's byte order (`bpfel` on x86_64 and
+//! aarch64). `CLANG` overrides the compiler; `scripts/setup.sh` installs it.
+
+use std::{env, path::PathBuf, process::Command};
+
+fn main() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let src_dir = manifest.join("bpf");
+    let src = src_dir.join("rewire.bpf.c");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("rewire.bpf.o");
+    println!("cargo:rerun-if-changed={}", src_dir.display());
+    println!("cargo:rerun-if-env-changed=CLANG");
+
+    let clang = env::var("CLANG").unwrap_or_else(|_| "clang".into());
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap();
+    let multiarch = format!("/usr/include/{arch}-linux-gnu");
+    let target = if env::var("CARGO_CFG_TARGET_ENDIAN").unwrap() == "big" { "bpfeb" } else { "bpfel" };
+    let status = Command::new(&clang)
+        .args(["-target", target, "-O2", "-g", "-Wall", "-Werror"])
+        .arg(format!("-I{multiarch}"))
+        .arg("-I")
+        .arg(&src_dir)
+        .arg("-c")
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `{clang}` to build the BPF programs ({e}); \
+                 install clang and libbpf-dev (bash scripts/setup.sh does)"
+            )
+        });
+    assert!(status.success(), "clang failed to compile {}", src.display());
+}

@@ -1,0 +1,41 @@
+//! rewire's kernel programs, compiled from `bpf/rewire.bpf.c` by `build.rs`.
+//!
+//! This crate only carries the object; `rewire-control` loads and attaches
+//! it, and `rewire` mirrors the ABI in `bpf/rewire_abi.h`.
+
+/// 8-byte aligned wrapper so the ELF parser can read the object in place.
+#[repr(C, align(8))]
+struct Aligned<T: ?Sized>(T);
+
+static OBJECT_ALIGNED: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/rewire.bpf.o")));
+
+/// The BPF ELF object holding every rewire program and map.
+pub fn object() -> &'static [u8] {
+    &OBJECT_ALIGNED.0
+}
+
+/// Names of the programs in the object, as `(function, section)`.
+pub const PROGRAMS: &[(&str, &str)] = &[
+    ("rw_connect4", "cgroup/connect4"),
+    ("rw_connect6", "cgroup/connect6"),
+    ("rw_getpeername4", "cgroup/getpeername4"),
+    ("rw_getpeername6", "cgroup/getpeername6"),
+    ("rw_sock_ops", "sockops"),
+    ("rw_getsockopt", "cgroup/getsockopt"),
+    ("rw_setsockopt", "cgroup/setsockopt"),
+];
+
+/// The ABI header, for tools and tests that compile C against it.
+pub const ABI_HEADER: &str = include_str!("../bpf/rewire_abi.h");
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn object_is_a_bpf_elf() {
+        let o = super::object();
+        assert_eq!(&o[..4], b"\x7fELF");
+        // e_machine == EM_BPF (247)
+        assert_eq!(u16::from_le_bytes([o[18], o[19]]), 247);
+    }
+}

@@ -1,0 +1,175 @@
+//! Rust mirror of `crates/rewire-bpf/bpf/rewire_abi.h`.
+//!
+//! Kept field for field with the C header; the size and offset assertions
+//! at the bottom fail the build if the two drift apart.
+
+#![allow(missing_docs)]
+
+/// Private socket option level served by rewire's cgroup sockopt programs.
+pub const RW_SOL: libc::c_int = 0x5257;
+pub const RW_OPT_RECORDS: libc::c_int = 1;
+pub const RW_OPT_CONTEXT: libc::c_int = 2;
+pub const RW_MAGIC: u16 = 0x5752;
+pub const RW_VERSION: u8 = 1;
+pub const RW_MAX_CHAIN: usize = 16;
+pub const RW_MAX_SERVICES: usize = 63;
+pub const RW_MAX_RULES: usize = 64;
+pub const RW_DEFAULT_HOP_LIMIT: u32 = 8;
+pub const RW_TAGGED_LEN: usize = 120;
+
+pub const RW_EV_REDIRECT: u32 = 1;
+pub const RW_EV_DELIVER: u32 = 2;
+pub const RW_EV_HOP_LIMIT: u32 = 3;
+pub const RW_EV_MISMATCH: u32 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RwAddr {
+    pub family: u8,
+    pub _pad: u8,
+    pub port_be: u16,
+    pub _pad2: u32,
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RwRecords {
+    pub magic: u16,
+    pub version: u8,
+    pub n_chain: u8,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    pub flow_id: u64,
+    pub orig_dst: RwAddr,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _pad2: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+    pub created_ns: u64,
+    pub chain: [u16; RW_MAX_CHAIN],
+    pub tag: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RwContext {
+    pub magic: u16,
+    pub version: u8,
+    pub state: u8,
+    pub service_id: u16,
+    pub rule_id: u16,
+    pub hop: u8,
+    pub _pad: [u8; 7],
+    pub redirected_ns: u64,
+    pub records: RwRecords,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwService {
+    pub has_v4: u8,
+    pub has_v6: u8,
+    pub port4_be: u16,
+    pub port6_be: u16,
+    pub _pad: u16,
+    pub addr4: [u8; 4],
+    pub addr6: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwRule {
+    pub service_id: u16,
+    pub rule_id: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub has_uid: u8,
+    pub has_cgroup: u8,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub uid: u32,
+    pub addr: [u8; 16],
+    pub mask: [u8; 16],
+    pub cgroup_id: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwConf {
+    pub n_rules: u32,
+    pub hop_limit: u32,
+    pub key: [u64; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RwAccessKey {
+    pub kind: u32,
+    pub id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwEvent {
+    pub kind: u32,
+    pub err: i32,
+    pub flow_id: u64,
+    pub service_id: u16,
+    pub rule_id: u16,
+    pub n_chain: u8,
+    pub proto: u8,
+    pub hop_limit: u16,
+    pub pid: u32,
+    pub comm: [u8; 16],
+    pub _pad: u32,
+    pub ts_ns: u64,
+    pub orig_dst: RwAddr,
+    pub chain: [u16; RW_MAX_CHAIN],
+}
+
+macro_rules! assert_layout {
+    ($t:ty, $size:expr $(, $field:ident @ $off:expr)*) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $size);
+        $(const _: () = assert!(core::mem::offset_of!($t, $field) == $off);)*
+    };
+}
+assert_layout!(RwAddr, 24, port_be @ 2, addr @ 8);
+assert_layout!(RwRecords, 128, flow_id @ 8, orig_dst @ 16, pid @ 40, cgroup_id @ 56, comm @ 64,
+    created_ns @ 80, chain @ 88, tag @ 120);
+assert_layout!(RwContext, 152, service_id @ 4, hop @ 8, redirected_ns @ 16, records @ 24);
+assert_layout!(RwService, 28, addr4 @ 8, addr6 @ 12);
+assert_layout!(RwRule, 56, port_lo @ 8, uid @ 12, addr @ 16, mask @ 32, cgroup_id @ 48);
+assert_layout!(RwConf, 24, key @ 8);
+assert_layout!(RwEvent, 112, pid @ 24, comm @ 28, ts_ns @ 48, orig_dst @ 56, chain @ 80);
+assert_layout!(RwAccessKey, 8);
+
+/// Plain-old-data marker: every bit pattern is a valid value.
+///
+/// # Safety
+/// Implement only for `repr(C)` structs made of integers and arrays of them.
+pub unsafe trait Pod: Copy + Default {}
+unsafe impl Pod for RwRecords {}
+unsafe impl Pod for RwContext {}
+unsafe impl Pod for RwEvent {}
+
+/// Reads a `Pod` value from the start of `bytes`, if long enough.
+pub fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < core::mem::size_of::<T>() {
+        return None;
+    }
+    let mut v = T::default();
+    // SAFETY: T is Pod, the source holds at least size_of::<T>() bytes.
+    unsafe {
+        core::ptr::copy_nonoverlapping(bytes.as_ptr(), &mut v as *mut T as *mut u8, core::mem::size_of::<T>());
+    }
+    Some(v)
+}
+
+/// The bytes of a `Pod` value.
+pub fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
+    // SAFETY: T is Pod (no padding with undefined contents by construction).
+    unsafe { core::slice::from_raw_parts(v as *const T as *const u8, core::mem::size_of::<T>()) }
+}

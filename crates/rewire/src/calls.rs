@@ -1,0 +1,114 @@
+//! The three control codes as calls on a socket.
+//!
+//! Each is one `getsockopt`/`setsockopt` on rewire's private level
+//! (`RW_SOL`), answered by the cgroup sockopt programs in the kernel. No
+//! `bpf()` rights are needed: the kernel program decides who may call
+//! (root, or a uid/gid granted in the config) and checks blobs against its
+//! secret key. The calls never block, so they serve sync and async code alike.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+use crate::abi::{self, RwContext};
+use crate::{Error, RedirectContext, RedirectRecords, Result};
+
+/// Largest answer any query returns; a buffer this big always suffices.
+pub const MAX_ANSWER_LEN: usize = std::mem::size_of::<RwContext>();
+
+/// Raw query: `getsockopt(fd, RW_SOL, optname, buf)`. Returns the bytes written.
+///
+/// This is the primitive under the typed queries and the C surface; it
+/// reports a too-small `buf` as [`Error::BufferTooSmall`] with the size needed.
+pub fn raw_query(fd: RawFd, optname: libc::c_int, buf: &mut [u8]) -> Result<usize> {
+    let needed = match optname {
+        abi::RW_OPT_RECORDS => RedirectRecords::ENCODED_LEN,
+        abi::RW_OPT_CONTEXT => std::mem::size_of::<RwContext>(),
+        _ => return Err(Error::InvalidRecords),
+    };
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buf is valid for len bytes; len is a valid out-pointer.
+    let rc = unsafe { libc::getsockopt(fd, abi::RW_SOL, optname, buf.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        return Err(match errno {
+            libc::ENOBUFS => Error::BufferTooSmall { needed },
+            e => Error::from_errno(e),
+        });
+    }
+    Ok(len as usize)
+}
+
+/// Raw set: `setsockopt(fd, RW_SOL, RW_OPT_RECORDS, blob)`.
+pub fn raw_set(fd: RawFd, blob: &[u8]) -> Result<()> {
+    // SAFETY: blob is valid for its length.
+    let rc = unsafe {
+        libc::setsockopt(fd, abi::RW_SOL, abi::RW_OPT_RECORDS, blob.as_ptr().cast(), blob.len() as libc::socklen_t)
+    };
+    if rc != 0 {
+        return Err(Error::from_io(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS`: the records of the flow on
+/// an accepted socket.
+pub fn query_redirect_records(sock: &impl AsFd) -> Result<RedirectRecords> {
+    let mut buf = [0u8; RedirectRecords::ENCODED_LEN];
+    let n = raw_query(sock.as_fd().as_raw_fd(), abi::RW_OPT_RECORDS, &mut buf)?;
+    RedirectRecords::from_bytes(&buf[..n]).map_err(|_| Error::InvalidRecords)
+}
+
+/// `SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT`: the context of the flow on
+/// an accepted socket. Fails with [`Error::NotRedirected`] when the
+/// connection was not redirected to the calling service.
+pub fn query_redirect_context(sock: &impl AsFd) -> Result<RedirectContext> {
+    let mut buf = [0u8; std::mem::size_of::<RwContext>()];
+    let n = raw_query(sock.as_fd().as_raw_fd(), abi::RW_OPT_CONTEXT, &mut buf)?;
+    let raw: RwContext = abi::read_pod(&buf[..n]).ok_or(Error::InvalidRecords)?;
+    RedirectContext::from_raw(&raw).ok_or(Error::InvalidRecords)
+}
+
+/// `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS`: attach the records to a new,
+/// not yet connected outbound socket. The kernel checks the blob's tag now
+/// and, at connect, that the socket goes to the flow's original destination.
+pub fn set_redirect_records(sock: &impl AsFd, records: &RedirectRecords) -> Result<()> {
+    raw_set(sock.as_fd().as_raw_fd(), records.as_bytes())
+}
+
+/// The original destination of the flow on an accepted socket.
+pub fn original_destination(sock: &impl AsFd) -> Result<SocketAddr> {
+    Ok(query_redirect_records(sock)?.original_destination())
+}
+
+/// Opens the proxy's outbound connection for a flow: a new socket, the
+/// records set on it, then a blocking connect to the original destination.
+pub fn connect_onward(records: &RedirectRecords) -> Result<std::net::TcpStream> {
+    let dst = records.original_destination();
+    let sock = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+        .map_err(Error::from_io)?;
+    set_redirect_records(&sock, records)?;
+    sock.connect(&dst.into()).map_err(Error::from_io)?;
+    Ok(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_socket_and_unix_socket_errors() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(matches!(query_redirect_records(&f), Err(Error::NotASocket)));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(matches!(query_redirect_records(&a), Err(Error::UnsupportedTransport)));
+        let rec = crate::records::sample(&[1], "127.0.0.1:1".parse().unwrap());
+        assert!(matches!(set_redirect_records(&a, &rec), Err(Error::UnsupportedTransport)));
+    }
+
+    #[test]
+    fn unmanaged_tcp_socket_is_reported_as_such() {
+        // Outside a rewire cgroup no program answers the private level.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(query_redirect_records(&l), Err(Error::NotManaged)));
+    }
+}

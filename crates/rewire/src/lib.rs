@@ -1,0 +1,43 @@
+//! # rewire: connection redirect records for Linux
+//!
+//! The Linux face of the Windows Filtering Platform's redirect-record
+//! control codes. A rewire-managed cgroup's connects are redirected by eBPF
+//! hooks to registered local proxies; each proxy, on its accepted socket,
+//! queries the flow's records and context, and sets the records on its own
+//! outbound socket, so any number of proxies chain without looping.
+//!
+//! | Windows control code | here |
+//! |---|---|
+//! | `SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS` | [`query_redirect_records`] |
+//! | `SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT` | [`query_redirect_context`] |
+//! | `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS` | [`set_redirect_records`] |
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = std::net::TcpListener::bind("127.0.0.1:15001")?;
+//! let (client, _) = listener.accept()?;
+//! let records = rewire::query_redirect_records(&client)?;
+//! let ctx = rewire::query_redirect_context(&client)?;
+//! println!("{} (pid {}) -> {}", ctx.command, ctx.pid, ctx.original_destination);
+//! let upstream = rewire::connect_onward(&records)?; // new socket + set records + connect
+//! # let _ = upstream; Ok(()) }
+//! ```
+
+pub mod abi;
+mod calls;
+mod context;
+mod error;
+mod records;
+mod state;
+
+#[cfg(feature = "tokio")]
+pub mod asynchronous;
+
+pub use calls::{
+    connect_onward, original_destination, query_redirect_context, query_redirect_records, raw_query, raw_set,
+    set_redirect_records, MAX_ANSWER_LEN,
+};
+pub use context::{boot_ns_to_system_time, comm_to_string, RedirectContext};
+pub use error::{wsa, Error, Result};
+pub use records::{addr_to_raw, ParseError, RedirectRecords};
+pub use state::RedirectState;
