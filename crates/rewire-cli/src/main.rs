@@ -1,1 +1,84 @@
-fn main(){}
+//! The `rewire` command: the one tool users and tests drive rewire with.
+
+mod demo;
+mod manage;
+mod probe;
+mod proxy;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// rewire: chain local inspection proxies on Linux with WFP-style redirect records.
+#[derive(Parser, Debug)]
+#[command(name = "rewire", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a fresh cgroup, attach the hooks, run CMD inside, tear down when it exits.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How to print the kernel's decisions on stderr.
+        #[arg(long, value_enum, default_value_t = manage::EventFormat::Text)]
+        events: manage::EventFormat,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
+    /// Attach the hooks to the config's cgroup and serve until SIGINT/SIGTERM.
+    Daemon {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How to print the kernel's decisions on stderr.
+        #[arg(long, value_enum, default_value_t = manage::EventFormat::Text)]
+        events: manage::EventFormat,
+    },
+    /// Run CMD inside the cgroup of a running `rewire daemon`.
+    Exec {
+        /// Configuration file the daemon was started with.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
+    /// Run the reference inspection proxy for one service.
+    Proxy(proxy::ProxyArgs),
+    /// Show chained proxies at work: audit then dlp in front of a local HTTP server, then loop protection.
+    Demo(demo::DemoArgs),
+    /// Connect somewhere and report what happened, as JSON (a test and diagnosis client).
+    Probe(probe::ProbeArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REWIRE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run { config, events, cmd } => manage::run(&config, events, &cmd),
+        Cmd::Daemon { config, events } => manage::daemon(&config, events).map(|()| 0),
+        Cmd::Exec { config, cmd } => manage::exec(&config, &cmd),
+        Cmd::Proxy(a) => proxy::main(a).map(|()| 0),
+        Cmd::Demo(a) => demo::main(a).map(|()| 0),
+        Cmd::Probe(a) => probe::main(a).map(|()| 0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("rewire: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

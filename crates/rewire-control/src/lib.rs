@@ -1,1 +1,17 @@
+//! rewire's control plane: what the `rewire` command does with the kernel.
+//!
+//! - [`config`]: the TOML configuration, validated with file:line:key errors;
+//! - [`cgroup`]: the cgroup subtree rewire creates, owns and removes;
+//! - [`hooks`]: loading the BPF object, filling its maps, attaching it;
+//! - [`events`]: turning the kernel's event records into log lines;
+//! - [`checks`]: start-up checks with one actionable message each.
 
+pub mod cgroup;
+pub mod checks;
+pub mod config;
+pub mod events;
+pub mod hooks;
+
+pub use cgroup::ManagedCgroup;
+pub use config::Config;
+pub use hooks::Hooks;

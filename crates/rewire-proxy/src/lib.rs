@@ -1,1 +1,173 @@
+//! rewire's reference inspection proxy.
+//!
+//! For every accepted connection it does what a Windows redirect service
+//! does: query the flow's records and context on the accepted socket, open
+//! a new socket, set the records on it, connect to the original destination
+//! (the hook sends it on to the next service, or to the destination when
+//! every matching service has seen it), relay both directions with correct
+//! half-close, and write one JSON line when the flow ends.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+/// How a proxy is set up.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// The service name (as in the config).
+    pub name: String,
+    /// Addresses to listen on.
+    pub listen: Vec<SocketAddr>,
+    /// Service names by id (index 0 = id 1), to name the chain in logs.
+    pub service_names: Vec<String>,
+}
+
+/// The JSON line written for every finished flow.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowLog {
+    /// This proxy's service name.
+    pub service: String,
+    /// Flow id (hex), the same at every proxy of the chain.
+    pub flow: Option<String>,
+    /// Where the application connected.
+    pub original_destination: Option<SocketAddr>,
+    /// Services that handled the flow up to and including this one.
+    pub chain: Vec<String>,
+    /// Hop number of this proxy in the chain.
+    pub hop: Option<u8>,
+    /// The application's pid.
+    pub client_pid: Option<u32>,
+    /// The application's command name.
+    pub client_command: Option<String>,
+    /// The application's uid.
+    pub client_uid: Option<u32>,
+    /// Address of the peer this proxy accepted (the app or the previous proxy).
+    pub peer: SocketAddr,
+    /// Bytes relayed towards the destination.
+    pub bytes_to_server: u64,
+    /// Bytes relayed back to the client.
+    pub bytes_to_client: u64,
+    /// Duration of the flow in milliseconds.
+    pub duration_ms: f64,
+    /// Unix time the flow ended, in seconds.
+    pub ended_at: f64,
+    /// Why the flow failed, if it did.
+    pub error: Option<String>,
+}
+
+/// Binds the listeners (IPv6 ones IPv6-only, so each family has its own socket).
+pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    addrs
+        .iter()
+        .map(|a| {
+            let s = socket2::Socket::new(socket2::Domain::for_address(*a), socket2::Type::STREAM, None)?;
+            if a.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.set_reuse_address(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&(*a).into())?;
+            s.listen(1024)?;
+            TcpListener::from_std(s.into())
+        })
+        .collect()
+}
+
+/// Runs the proxy on bound listeners until `shutdown` turns true; every
+/// finished flow is sent to `logs`.
+pub async fn serve(
+    opts: ProxyOptions,
+    listeners: Vec<TcpListener>,
+    logs: mpsc::UnboundedSender<FlowLog>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let opts = Arc::new(opts);
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        let (opts, logs, mut shutdown) = (opts.clone(), logs.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    r = l.accept() => match r {
+                        Ok((s, peer)) => {
+                            let (opts, logs) = (opts.clone(), logs.clone());
+                            tokio::spawn(async move {
+                                let _ = logs.send(handle(&opts, s, peer).await);
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!("accept: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        }
+                    },
+                    _ = shutdown.changed() => break,
+                }
+            }
+        });
+    }
+    let _ = shutdown.wait_for(|s| *s).await;
+    tasks.abort_all();
+}
+
+/// Handles one accepted connection and returns its log line.
+pub async fn handle(opts: &ProxyOptions, mut client: TcpStream, peer: SocketAddr) -> FlowLog {
+    let start = Instant::now();
+    let mut log = FlowLog {
+        service: opts.name.clone(),
+        flow: None,
+        original_destination: None,
+        chain: vec![],
+        hop: None,
+        client_pid: None,
+        client_command: None,
+        client_uid: None,
+        peer,
+        bytes_to_server: 0,
+        bytes_to_client: 0,
+        duration_ms: 0.0,
+        ended_at: 0.0,
+        error: None,
+    };
+    if let Err(e) = relay(opts, &mut client, &mut log).await {
+        log.error = Some(e);
+        let _ = client.shutdown().await;
+    }
+    log.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    log.ended_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    log
+}
+
+async fn relay(opts: &ProxyOptions, client: &mut TcpStream, log: &mut FlowLog) -> Result<(), String> {
+    let records = rewire::query_redirect_records(client).map_err(|e| format!("query records: {e}"))?;
+    log.flow = Some(format!("{:016x}", records.flow_id()));
+    log.original_destination = Some(records.original_destination());
+    log.chain = records
+        .chain()
+        .iter()
+        .map(|&id| opts.service_names.get(id as usize - 1).cloned().unwrap_or_else(|| format!("#{id}")))
+        .collect();
+    match rewire::query_redirect_context(client) {
+        Ok(ctx) => {
+            log.hop = Some(ctx.hop);
+            log.client_pid = Some(ctx.pid);
+            log.client_command = Some(ctx.command);
+            log.client_uid = Some(ctx.uid);
+        }
+        // No context is an expected outcome, not a failure (as on Windows).
+        Err(e) => tracing::debug!("no context: {e}"),
+    }
+    let mut upstream = rewire::asynchronous::connect_onward(&records)
+        .await
+        .map_err(|e| format!("connect onward to {}: {e}", records.original_destination()))?;
+    let (up, down) = tokio::io::copy_bidirectional(client, &mut upstream)
+        .await
+        .map_err(|e| format!("relay: {e}"))?;
+    log.bytes_to_server = up;
+    log.bytes_to_client = down;
+    Ok(())
+}

@@ -32,10 +32,27 @@ pub fn raw_query(fd: RawFd, optname: libc::c_int, buf: &mut [u8]) -> Result<usiz
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         return Err(match errno {
             libc::ENOBUFS => Error::BufferTooSmall { needed },
-            e => Error::from_errno(e),
+            e => refine(fd, e),
         });
     }
     Ok(len as usize)
+}
+
+/// The kernel answers an unknown option level with EOPNOTSUPP or
+/// ENOPROTOOPT; on an IP socket that means no rewire program serves it.
+fn refine(fd: RawFd, errno: i32) -> Error {
+    if errno != libc::EOPNOTSUPP && errno != libc::ENOPROTOOPT {
+        return Error::from_errno(errno);
+    }
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid out-pointers of the right size.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut libc::c_int).cast(), &mut len) };
+    if rc == 0 && (domain == libc::AF_INET || domain == libc::AF_INET6) {
+        Error::NotManaged
+    } else {
+        Error::UnsupportedTransport
+    }
 }
 
 /// Raw set: `setsockopt(fd, RW_SOL, RW_OPT_RECORDS, blob)`.
@@ -45,7 +62,7 @@ pub fn raw_set(fd: RawFd, blob: &[u8]) -> Result<()> {
         libc::setsockopt(fd, abi::RW_SOL, abi::RW_OPT_RECORDS, blob.as_ptr().cast(), blob.len() as libc::socklen_t)
     };
     if rc != 0 {
-        return Err(Error::from_io(std::io::Error::last_os_error()));
+        return Err(refine(fd, std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
     }
     Ok(())
 }
@@ -110,5 +127,8 @@ mod tests {
         // Outside a rewire cgroup no program answers the private level.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(matches!(query_redirect_records(&l), Err(Error::NotManaged)));
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        let rec = crate::records::sample(&[1], "[::1]:1".parse().unwrap());
+        assert!(matches!(set_redirect_records(&s, &rec), Err(Error::NotManaged)));
     }
 }

@@ -1,0 +1,1 @@
+//! WSAIoctl-compatible C surface (work in progress).

@@ -1,0 +1,100 @@
+//! `rewire proxy`: the reference inspection proxy as a command.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::{mpsc, watch};
+
+use rewire_control::{cgroup, Config};
+
+use crate::manage::{daemon_pid, ENV_CGROUP, ENV_CONFIG};
+
+#[derive(clap::Args, Debug)]
+pub struct ProxyArgs {
+    /// Service name, as in the config.
+    #[arg(long)]
+    pub name: String,
+    /// Address(es) to listen on; default: the service's `listen` from the config.
+    #[arg(long, num_args = 1..)]
+    pub listen: Vec<SocketAddr>,
+    /// Configuration file (default: $REWIRE_CONFIG, set by rewire run/exec).
+    #[arg(long, short, env = ENV_CONFIG)]
+    pub config: Option<PathBuf>,
+    /// Write the JSON flow lines to this file instead of stdout.
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Exit after this many flows (default: run until SIGINT/SIGTERM).
+    #[arg(long)]
+    pub max_flows: Option<u64>,
+}
+
+pub fn main(a: ProxyArgs) -> Result<()> {
+    let cfg = a.config.as_deref().map(Config::load).transpose()?;
+    let mut listen = a.listen.clone();
+    let mut names = vec![];
+    if let Some(cfg) = &cfg {
+        names = cfg.services.iter().map(|s| s.name.get_ref().clone()).collect();
+        let Some(svc) = cfg.services.iter().find(|s| s.name.get_ref() == &a.name) else {
+            bail!("{}: no service named `{}`", cfg.path.display(), a.name);
+        };
+        if listen.is_empty() {
+            listen = svc.listen.clone();
+        }
+        join_daemon_cgroup(cfg, &a.name)?;
+    }
+    if listen.is_empty() {
+        bail!("nothing to listen on: give --listen or a --config with service `{}`", a.name);
+    }
+    let opts = rewire_proxy::ProxyOptions { name: a.name.clone(), listen: listen.clone(), service_names: names };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listeners = rewire_proxy::bind(&listen).with_context(|| format!("listen on {listen:?}"))?;
+        tracing::info!("proxy {} listening on {:?}", a.name, listen);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(rewire_proxy::serve(opts, listeners, tx, stop_rx));
+        let mut out: Box<dyn Write + Send> = match &a.log {
+            Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+            None => Box::new(std::io::stdout()),
+        };
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                Some(line) = rx.recv() => {
+                    if let Some(e) = &line.error {
+                        tracing::warn!("{}: flow from {}: {e}", a.name, line.peer);
+                    }
+                    writeln!(out, "{}", serde_json::to_string(&line)?)?;
+                    out.flush()?;
+                    n += 1;
+                    if a.max_flows.is_some_and(|m| n >= m) { break; }
+                }
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+            }
+        }
+        let _ = stop_tx.send(true);
+        let _ = server.await;
+        anyhow::Ok(())
+    })
+}
+
+/// A proxy's own connects must pass through the hooks: when a daemon serves
+/// the config and this process is not inside its subtree yet, join it.
+fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
+    if std::env::var_os(ENV_CGROUP).is_some() || daemon_pid(cfg).is_none() {
+        return Ok(()); // started by rewire run/exec (already inside), or no daemon
+    }
+    let sub = rewire_control::ManagedCgroup::existing(&cfg.cgroup)?;
+    if cgroup::cgroup_of(std::process::id())?.starts_with(sub.path()) {
+        return Ok(());
+    }
+    let dir = sub.child(&format!("services/{name}"))?;
+    cgroup::join(&dir).context("joining the daemon's cgroup (needs root)")?;
+    tracing::info!("joined {}", dir.display());
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! The cgroup subtree rewire owns.
+//!
+//! rewire only ever attaches to a cgroup it created itself, under the
+//! cgroup2 mount found in `/proc/mounts` (never hard-coded, never the root).
+//! A [`ManagedCgroup`] removes its subtree when dropped, after ending any
+//! process still inside (those were started by rewire's own command).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A cgroup error.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No cgroup2 filesystem is mounted.
+    #[error("no cgroup2 filesystem is mounted (rewire needs cgroup v2: mount -t cgroup2 none /sys/fs/cgroup/unified)")]
+    NoCgroup2,
+    /// The cgroup already exists (another rewire instance owns it).
+    #[error("cgroup {0} already exists: another rewire instance (daemon or run) uses this name; stop it or pick another `cgroup` in the config")]
+    Exists(PathBuf),
+    /// A filesystem operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Why it failed.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io { op, path: path.into(), source }
+}
+
+/// The cgroup2 mount point, from `/proc/mounts`.
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(io_err("read", Path::new("/proc/mounts")))?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .ok_or(CgroupError::NoCgroup2)
+}
+
+/// The cgroup id (what `bpf_get_current_cgroup_id` returns) of a cgroup directory.
+pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
+    Ok(fs::metadata(path).map_err(io_err("stat", path))?.ino())
+}
+
+/// Moves a process into a cgroup.
+pub fn move_pid(cgroup: &Path, pid: u32) -> Result<(), CgroupError> {
+    let procs = cgroup.join("cgroup.procs");
+    fs::write(&procs, pid.to_string()).map_err(io_err("write", &procs))
+}
+
+/// Moves the calling process into a cgroup (for `pre_exec` and `rewire exec`).
+pub fn join(cgroup: &Path) -> Result<(), CgroupError> {
+    move_pid(cgroup, std::process::id())
+}
+
+/// The cgroup2 path of a process (`0::/path` in `/proc/PID/cgroup`).
+pub fn cgroup_of(pid: u32) -> Result<PathBuf, CgroupError> {
+    let p = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let text = fs::read_to_string(&p).map_err(io_err("read", &p))?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
+    Ok(cgroup2_mount()?.join(rel.trim_start_matches('/')))
+}
+
+/// A cgroup subtree created (and removed) by rewire.
+#[derive(Debug)]
+pub struct ManagedCgroup {
+    path: PathBuf,
+    remove_on_drop: bool,
+}
+
+impl ManagedCgroup {
+    /// Creates `<cgroup2 mount>/<name>`; fails if it already exists.
+    pub fn create(name: &str) -> Result<Self, CgroupError> {
+        assert!(!name.is_empty() && !name.contains('/'), "cgroup name must be a plain name");
+        let path = cgroup2_mount()?.join(name);
+        match fs::create_dir(&path) {
+            Ok(()) => Ok(Self { path, remove_on_drop: true }),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(CgroupError::Exists(path)),
+            Err(e) => Err(io_err("mkdir", &path)(e)),
+        }
+    }
+
+    /// Refers to an existing subtree without owning it (e.g. a daemon's, from `rewire exec`).
+    pub fn existing(name: &str) -> Result<Self, CgroupError> {
+        let path = cgroup2_mount()?.join(name);
+        fs::metadata(&path).map_err(io_err("stat", &path))?;
+        Ok(Self { path, remove_on_drop: false })
+    }
+
+    /// The subtree's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A child cgroup (created if missing), e.g. `clients` or `services/audit`.
+    pub fn child(&self, rel: &str) -> Result<PathBuf, CgroupError> {
+        let p = self.path.join(rel);
+        fs::create_dir_all(&p).map_err(io_err("mkdir", &p))?;
+        Ok(p)
+    }
+
+    /// Processes anywhere in the subtree.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        walk(&self.path, &mut |dir| {
+            if let Ok(s) = fs::read_to_string(dir.join("cgroup.procs")) {
+                out.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+            }
+        });
+        out
+    }
+
+    /// Ends every process in the subtree (rewire started them) and waits, at
+    /// most `timeout`, for the subtree to empty.
+    pub fn kill_all(&self, timeout: Duration) {
+        let kill = self.path.join("cgroup.kill");
+        if fs::write(&kill, "1").is_err() {
+            for pid in self.pids() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        while !self.pids().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Removes the subtree: ends what is left inside, then removes the
+    /// directories deepest first. Bounded in time.
+    pub fn remove(&mut self) -> Result<(), CgroupError> {
+        self.remove_on_drop = false;
+        if !self.path.exists() {
+            return Ok(());
+        }
+        self.kill_all(Duration::from_secs(5));
+        let mut dirs = Vec::new();
+        walk(&self.path, &mut |d| dirs.push(d.to_path_buf()));
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for d in dirs {
+            loop {
+                match fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    // EBUSY while the last killed tasks are being reaped.
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    Err(e) => return Err(io_err("rmdir", &d)(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ManagedCgroup {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            if let Err(e) = self.remove() {
+                tracing::warn!("cleanup: {e}");
+            }
+        }
+    }
+}
+
+fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
+    f(dir);
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                walk(&e.path(), f);
+            }
+        }
+    }
+}

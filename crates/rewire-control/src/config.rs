@@ -1,0 +1,440 @@
+//! The TOML configuration: services, their listeners and match rules,
+//! the hop limit, and who may use the query/set calls.
+//!
+//! ```toml
+//! cgroup = "rewire"          # subtree under the cgroup2 mount that rewire owns
+//! hop_limit = 8              # redirects one flow may take (1..=16)
+//!
+//! [access]                   # besides root, who may query/set records
+//! uids = [1000, "proxyuser"]
+//! gids = ["proxies"]
+//!
+//! [[service]]                # checked in this order
+//! name = "audit"
+//! listen = ["127.0.0.1:15001", "[::1]:15001"]
+//! [[service.match]]
+//! dst = ["127.0.0.0/8", "::1/128"]   # default: any address
+//! ports = [80, "8000-8100"]          # default: any port
+//! protocol = "tcp"                   # default: tcp
+//! uid = 1000                         # optional: only this user's flows
+//! cgroup = "clients"                 # optional: only processes in <subtree>/clients
+//! ```
+//!
+//! Every error names the file, the line and the key.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use rewire::abi::{RW_DEFAULT_HOP_LIMIT, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES};
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid, located by line and key.
+    #[error("{file}:{line}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// The offending key (dotted path where known).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Transport a rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP (the default).
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+    /// Both.
+    Any,
+}
+
+/// An inclusive port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub lo: u16,
+    /// Last port.
+    pub hi: u16,
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(u16),
+            Range(String),
+        }
+        let bad = |s: &str| serde::de::Error::custom(format!("invalid port range `{s}` (use 8080 or \"8000-8100\")"));
+        match Raw::deserialize(d)? {
+            Raw::One(p) => Ok(PortRange { lo: p, hi: p }),
+            Raw::Range(s) => {
+                let (a, b) = s.split_once('-').unwrap_or((&s, &s));
+                let lo: u16 = a.trim().parse().map_err(|_| bad(&s))?;
+                let hi: u16 = b.trim().parse().map_err(|_| bad(&s))?;
+                if lo > hi {
+                    return Err(bad(&s));
+                }
+                Ok(PortRange { lo, hi })
+            }
+        }
+    }
+}
+
+/// A user or group, by number or name.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Principal {
+    /// Numeric id.
+    Id(u32),
+    /// Name, resolved when the config is loaded.
+    Name(String),
+}
+
+fn one_or_many<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany<T> {
+        One(T),
+        Many(Vec<T>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(t) => vec![t],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// One match rule of a service.
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRule {
+    /// Destination networks; empty means any.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub dst: Vec<IpNet>,
+    /// Destination ports; empty means any.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub ports: Vec<PortRange>,
+    /// Transport.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Only flows of this user.
+    pub uid: Option<Principal>,
+    /// Only flows of processes directly in this cgroup (relative to the subtree).
+    pub cgroup: Option<String>,
+}
+
+/// A redirect service: a proxy's listening addresses and what it inspects.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Unique name.
+    pub name: Spanned<String>,
+    /// Where its proxy listens (at most one IPv4 and one IPv6 address).
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
+    /// Which connects it takes; checked in order.
+    #[serde(rename = "match", deserialize_with = "one_or_many")]
+    pub matches: Vec<MatchRule>,
+}
+
+impl Service {
+    /// The IPv4 listen address, if any.
+    pub fn listen_v4(&self) -> Option<SocketAddr> {
+        self.listen.iter().copied().find(SocketAddr::is_ipv4)
+    }
+    /// The IPv6 listen address, if any.
+    pub fn listen_v6(&self) -> Option<SocketAddr> {
+        self.listen.iter().copied().find(SocketAddr::is_ipv6)
+    }
+}
+
+/// Who may use the query/set calls besides root.
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// Users allowed.
+    #[serde(default)]
+    pub uids: Vec<Principal>,
+    /// Groups allowed (primary group of the calling process).
+    #[serde(default)]
+    pub gids: Vec<Principal>,
+}
+
+fn default_cgroup() -> String {
+    "rewire".into()
+}
+fn default_hop_limit() -> Spanned<u32> {
+    Spanned::new(0..0, RW_DEFAULT_HOP_LIMIT)
+}
+
+/// A whole configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of the cgroup subtree rewire owns, under the cgroup2 mount.
+    #[serde(default = "default_cgroup")]
+    pub cgroup: String,
+    /// Redirects one flow may take.
+    #[serde(default = "default_hop_limit")]
+    pub hop_limit: Spanned<u32>,
+    /// Who may call query/set besides root.
+    #[serde(default)]
+    pub access: Access,
+    /// Services, in the order the hook considers them.
+    #[serde(rename = "service", default)]
+    pub services: Vec<Service>,
+    /// The file it came from (set by [`Config::load`]).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text (`path` is used in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |span: Option<std::ops::Range<usize>>, key: Option<&str>, message: String| {
+            let start = span.map(|s| s.start).unwrap_or(0).min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            let key = key.map(str::to_owned).unwrap_or_else(|| key_at(text, start));
+            ConfigError::Invalid { file: path.into(), line, key, message }
+        };
+        let mut cfg: Config =
+            toml::from_str(text).map_err(|e| invalid(e.span(), None, e.message().trim().to_owned()))?;
+        cfg.path = path.into();
+
+        if cfg.cgroup.is_empty() || cfg.cgroup.contains('/') || cfg.cgroup.starts_with('.') {
+            return Err(invalid(find_key(text, "cgroup"), Some("cgroup"), "must be a plain directory name".into()));
+        }
+        let hl = *cfg.hop_limit.get_ref();
+        if hl == 0 || hl as usize > RW_MAX_CHAIN {
+            return Err(invalid(
+                Some(cfg.hop_limit.span()),
+                Some("hop_limit"),
+                format!("must be between 1 and {RW_MAX_CHAIN}"),
+            ));
+        }
+        if cfg.services.len() > RW_MAX_SERVICES {
+            return Err(invalid(None, Some("service"), format!("at most {RW_MAX_SERVICES} services")));
+        }
+        let mut rules = 0;
+        for (i, s) in cfg.services.iter().enumerate() {
+            let here = Some(s.name.span());
+            let name = s.name.get_ref();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(invalid(here, Some("service.name"), "use letters, digits, '-' and '_'".into()));
+            }
+            if cfg.services[..i].iter().any(|o| o.name.get_ref() == name) {
+                return Err(invalid(here, Some("service.name"), format!("duplicate service `{name}`")));
+            }
+            let (v4, v6) = (s.listen.iter().filter(|a| a.is_ipv4()).count(), s.listen.iter().filter(|a| a.is_ipv6()).count());
+            if s.listen.is_empty() || v4 > 1 || v6 > 1 || s.listen.iter().any(|a| a.port() == 0) {
+                return Err(invalid(
+                    here,
+                    Some("service.listen"),
+                    format!("service `{name}`: give one IPv4 and/or one IPv6 address, each with a port"),
+                ));
+            }
+            if s.matches.is_empty() {
+                return Err(invalid(here, Some("service.match"), format!("service `{name}` has no match rule")));
+            }
+            for m in &s.matches {
+                if m.protocol == Protocol::Udp {
+                    return Err(invalid(here, Some("service.match.protocol"), "udp is not supported yet".into()));
+                }
+                if let Some(c) = &m.cgroup {
+                    if c.is_empty() || c.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+                        return Err(invalid(here, Some("service.match.cgroup"), format!("invalid cgroup path `{c}`")));
+                    }
+                }
+                rules += m.dst.len().max(1) * m.ports.len().max(1);
+            }
+        }
+        if rules > RW_MAX_RULES {
+            return Err(invalid(None, Some("service.match"), format!("{rules} rules after expansion; at most {RW_MAX_RULES}")));
+        }
+        Ok(cfg)
+    }
+
+    /// The hop limit.
+    pub fn hop_limit(&self) -> u32 {
+        *self.hop_limit.get_ref()
+    }
+
+    /// The 1-based id of a service by name.
+    pub fn service_id(&self, name: &str) -> Option<u16> {
+        self.services.iter().position(|s| s.name.get_ref() == name).map(|i| i as u16 + 1)
+    }
+
+    /// The name of a service by 1-based id.
+    pub fn service_name(&self, id: u16) -> Option<&str> {
+        self.services.get((id as usize).checked_sub(1)?).map(|s| s.name.get_ref().as_str())
+    }
+
+    /// Names of a chain of service ids (unknown ids as `#N`).
+    pub fn chain_names(&self, chain: &[u16]) -> Vec<String> {
+        chain.iter().map(|&id| self.service_name(id).map_or_else(|| format!("#{id}"), str::to_owned)).collect()
+    }
+}
+
+/// Resolves a user principal to a uid.
+pub fn resolve_uid(p: &Principal) -> Result<u32, String> {
+    match p {
+        Principal::Id(n) => Ok(*n),
+        Principal::Name(n) => nix::unistd::User::from_name(n)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+            .ok_or_else(|| format!("unknown user `{n}`")),
+    }
+}
+
+/// Resolves a group principal to a gid.
+pub fn resolve_gid(p: &Principal) -> Result<u32, String> {
+    match p {
+        Principal::Id(n) => Ok(*n),
+        Principal::Name(n) => nix::unistd::Group::from_name(n)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+            .ok_or_else(|| format!("unknown group `{n}`")),
+    }
+}
+
+/// Whether an address is in a network.
+pub fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
+    net.contains(&ip)
+}
+
+fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let mut off = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with(key) && line.contains('=') {
+            return Some(off..off + line.len());
+        }
+        off += line.len();
+    }
+    None
+}
+
+/// The key written on the line holding byte `pos` (`a` in `a = 1`, or a table header).
+fn key_at(text: &str, pos: usize) -> String {
+    let start = text[..pos].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("").trim();
+    match line.split_once('=') {
+        Some((k, _)) => k.trim().to_owned(),
+        None => line.trim_matches(|c| c == '[' || c == ']').to_owned(),
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Any => "any",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    const GOOD: &str = r#"
+cgroup = "rw-test"
+hop_limit = 3
+[access]
+uids = [65534]
+[[service]]
+name = "audit"
+listen = ["127.0.0.1:15001", "[::1]:15001"]
+[[service.match]]
+dst = ["127.0.0.0/8", "::1/128"]
+ports = [8080, "9000-9010"]
+[[service]]
+name = "dlp"
+listen = "127.0.0.1:15002"
+match = { ports = 8080 }
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.cgroup, "rw-test");
+        assert_eq!(c.hop_limit(), 3);
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.service_id("dlp"), Some(2));
+        assert_eq!(c.service_name(1), Some("audit"));
+        assert_eq!(c.chain_names(&[2, 1, 9]), ["dlp", "audit", "#9"]);
+        let m = &c.services[0].matches[0];
+        assert_eq!(m.ports, [PortRange { lo: 8080, hi: 8080 }, PortRange { lo: 9000, hi: 9010 }]);
+        assert_eq!(c.services[1].listen_v6(), None);
+        assert_eq!(c.access.uids, [Principal::Id(65534)]);
+    }
+
+    fn err(s: &str) -> (usize, String, String) {
+        match parse(s).unwrap_err() {
+            ConfigError::Invalid { line, key, message, .. } => (line, key, message),
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let (line, key, msg) = err("[[service]]\nname = \"a\"\nlisten = 5\nmatch = {}\n");
+        assert_eq!((line, key.as_str()), (3, "listen"), "{msg}");
+        let (line, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = { dst = \"300.0.0.0/8\" }\n");
+        assert_eq!((line, key.as_str()), (4, "match"));
+        let (line, key, msg) = err("hop_limit = 0\n");
+        assert_eq!((line, key.as_str()), (1, "hop_limit"), "{msg}");
+        let (line, key, msg) = err("\ncgroupp = \"x\"\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("cgroupp"), "{msg} {key}");
+        let (line, _, msg) = err(&format!("{GOOD}[[service]]\nname = \"audit\"\nlisten = \"127.0.0.1:2\"\nmatch = {{}}\n"));
+        assert!(msg.contains("duplicate"), "{msg}");
+        assert_eq!(line, GOOD.lines().count() + 2);
+        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = { ports = \"9-1\" }\n");
+        assert_eq!(key, "match");
+        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\", \"127.0.0.2:1\"]\nmatch = {}\n");
+        assert_eq!(key, "service.listen");
+        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = []\n");
+        assert_eq!(key, "service.match");
+    }
+
+    #[test]
+    fn error_message_names_the_file() {
+        let e = parse("hop_limit = 99\n").unwrap_err().to_string();
+        assert!(e.starts_with("test.toml:1: key `hop_limit`"), "{e}");
+    }
+}

@@ -1,0 +1,123 @@
+//! The kernel's decisions, as log lines and JSON.
+//!
+//! The connect hook reports every redirect, every delivery of a flow that
+//! carried records, and every refusal (hop limit, records of another flow)
+//! through a ring buffer; the daemon and `rewire run` print them.
+
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use rewire::abi::{self, RwEvent};
+
+use crate::config::Config;
+
+/// What the hook did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A connect was redirected to a service.
+    Redirect,
+    /// A proxy's connect with records went to the original destination.
+    Deliver,
+    /// A connect was refused: the flow reached the hop limit (ELOOP).
+    HopLimit,
+    /// A connect was refused: its records belong to another destination (EINVAL).
+    Mismatch,
+}
+
+/// One decision of the connect hook.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    /// What happened.
+    pub kind: EventKind,
+    /// Flow id (hex).
+    pub flow: String,
+    /// The service redirected to (redirects and refusals).
+    pub service: Option<String>,
+    /// The config rule that matched.
+    pub rule: u16,
+    /// Services that handled the flow, in order.
+    pub chain: Vec<String>,
+    /// The original destination.
+    pub original_destination: Option<SocketAddr>,
+    /// The process that made this connect.
+    pub pid: u32,
+    /// Its command name.
+    pub command: String,
+    /// The errno the connect got (refusals).
+    pub errno: i32,
+    /// The hop limit in force.
+    pub hop_limit: u16,
+}
+
+impl Event {
+    /// Decodes a kernel event, naming services from `config`.
+    pub fn from_raw(raw: &RwEvent, config: &Config) -> Option<Self> {
+        let kind = match raw.kind {
+            abi::RW_EV_REDIRECT => EventKind::Redirect,
+            abi::RW_EV_DELIVER => EventKind::Deliver,
+            abi::RW_EV_HOP_LIMIT => EventKind::HopLimit,
+            abi::RW_EV_MISMATCH => EventKind::Mismatch,
+            _ => return None,
+        };
+        let n = (raw.n_chain as usize).min(raw.chain.len());
+        let dst = {
+            // Reuse the records decoder for the address.
+            let mut r = rewire::abi::RwRecords {
+                magic: abi::RW_MAGIC,
+                version: abi::RW_VERSION,
+                n_chain: 1,
+                orig_dst: raw.orig_dst,
+                ..Default::default()
+            };
+            r.chain[0] = 1;
+            rewire::RedirectRecords::from_bytes(abi::pod_bytes(&r)).ok().map(|r| r.original_destination())
+        };
+        Some(Self {
+            kind,
+            flow: format!("{:016x}", raw.flow_id),
+            service: (raw.service_id != 0)
+                .then(|| config.service_name(raw.service_id).map_or_else(|| format!("#{}", raw.service_id), str::to_owned)),
+            rule: raw.rule_id,
+            chain: config.chain_names(&raw.chain[..n]),
+            original_destination: dst,
+            pid: raw.pid,
+            command: rewire::comm_to_string(&raw.comm),
+            errno: -raw.err,
+            hop_limit: raw.hop_limit,
+        })
+    }
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dst = self.original_destination.map_or_else(|| "?".into(), |d| d.to_string());
+        let chain = self.chain.join(" -> ");
+        let who = format!("{} (pid {})", self.command, self.pid);
+        match self.kind {
+            EventKind::Redirect => write!(
+                f,
+                "redirect flow {} to {}: {who} -> service {} (rule {}), chain [{chain}]",
+                self.flow,
+                dst,
+                self.service.as_deref().unwrap_or("?"),
+                self.rule
+            ),
+            EventKind::Deliver => write!(f, "deliver flow {} to {dst}: {who} after [{chain}]", self.flow),
+            EventKind::HopLimit => write!(
+                f,
+                "REFUSED flow {} to {dst}: hop limit {} reached after [{chain}], next would be service {}; \
+                 connect of {who} failed with ELOOP",
+                self.flow,
+                self.hop_limit,
+                self.service.as_deref().unwrap_or("?")
+            ),
+            EventKind::Mismatch => write!(
+                f,
+                "REFUSED flow {}: {who} set records for {dst} on a socket connecting elsewhere; connect failed with EINVAL",
+                self.flow
+            ),
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Loading rewire's kernel programs, filling their maps from a
+//! configuration, and attaching them to a cgroup rewire created.
+//!
+//! Attachments are bpf_links owned by [`Hooks`]: dropping it (or the
+//! process dying) detaches everything, so a crash leaves no hook behind.
+
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::IpNet;
+
+use rewire::abi::{self, RwAccessKey, RwConf, RwEvent, RwRule, RwService};
+
+use crate::config::{resolve_gid, resolve_uid, Config, Protocol};
+
+/// Loading or attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HooksError {
+    /// The object could not be loaded (verifier, kernel support).
+    #[error("loading rewire's BPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Why.
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Why.
+        source: aya::maps::MapError,
+    },
+    /// Pinning failed.
+    #[error("pin {path}: {message}")]
+    Pin {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The configuration cannot be turned into kernel rules.
+    #[error("{0}")]
+    Config(String),
+    /// File system error (opening the cgroup).
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct Pod<T>(T);
+// SAFETY: the wrapped ABI structs are repr(C) integers and arrays (see rewire::abi).
+unsafe impl aya::Pod for Pod<RwConf> {}
+unsafe impl aya::Pod for Pod<RwRule> {}
+unsafe impl aya::Pod for Pod<RwService> {}
+unsafe impl aya::Pod for Pod<RwAccessKey> {}
+
+/// Names of the maps, as pinned by the daemon.
+pub const MAPS: &[&str] = &["rw_conf", "rw_rules", "rw_services", "rw_access", "rw_handoff", "rw_events"];
+
+/// Size of a hand-off key and value.
+const TUPLE_LEN: usize = 40;
+const SOCK_LEN: usize = 144;
+
+/// The loaded and attached kernel programs of one rewire instance.
+pub struct Hooks {
+    bpf: Ebpf,
+    cgroup: PathBuf,
+    pinned: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks").field("cgroup", &self.cgroup).finish()
+    }
+}
+
+impl Hooks {
+    /// Loads the programs, fills the maps from `config` (resolving `cgroup`
+    /// filters under `subtree`) and attaches every program to `subtree`.
+    pub fn attach(config: &Config, subtree: &Path) -> Result<Self, HooksError> {
+        raise_memlock();
+        let mut bpf = EbpfLoader::new().load(rewire_bpf::object())?;
+        fill_maps(&mut bpf, config, subtree)?;
+
+        let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;
+        // bpf_link attachments are always multi-attach; the kernel refuses flags with them.
+        let mode = CgroupAttachMode::Single;
+        for &(name, section) in rewire_bpf::PROGRAMS {
+            let prog = bpf.program_mut(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
+            let err = |source| HooksError::Program { name, source };
+            match section {
+                "sockops" => {
+                    let p: &mut SockOps = prog.try_into().map_err(err)?;
+                    p.load().map_err(err)?;
+                    p.attach(&cg, mode).map_err(err)?;
+                }
+                "cgroup/getsockopt" | "cgroup/setsockopt" => {
+                    let p: &mut CgroupSockopt = prog.try_into().map_err(err)?;
+                    p.load().map_err(err)?;
+                    p.attach(&cg, mode).map_err(err)?;
+                }
+                _ => {
+                    let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
+                    p.load().map_err(err)?;
+                    p.attach(&cg, mode).map_err(err)?;
+                }
+            }
+        }
+        Ok(Self { bpf, cgroup: subtree.into(), pinned: None })
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_events(&mut self) -> Option<Events> {
+        let map = self.bpf.take_map("rw_events")?;
+        RingBuf::try_from(map).ok().map(Events)
+    }
+
+    /// Flows between connect and accept right now (hand-off entries); returns
+    /// to its baseline when connections complete or fail.
+    pub fn handoff_entries(&self) -> Result<usize, HooksError> {
+        let map = self.bpf.map("rw_handoff").ok_or_else(|| HooksError::Config("no rw_handoff".into()))?;
+        let h: HashMap<&MapData, [u8; TUPLE_LEN], [u8; SOCK_LEN]> =
+            HashMap::try_from(map).map_err(|source| HooksError::Map { name: "rw_handoff", source })?;
+        Ok(h.keys().filter(Result::is_ok).count())
+    }
+
+    /// Pins the maps under `dir` (created; removed again by [`Hooks::unpin`] or drop).
+    pub fn pin_maps(&mut self, dir: &Path) -> Result<(), HooksError> {
+        std::fs::create_dir_all(dir).map_err(|e| HooksError::Pin { path: dir.into(), message: e.to_string() })?;
+        self.pinned = Some(dir.into());
+        for &name in MAPS {
+            if let Some(m) = self.bpf.map(name) {
+                let path = dir.join(name);
+                m.pin(&path).map_err(|e| HooksError::Pin { path, message: e.to_string() })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the pins made by [`Hooks::pin_maps`].
+    pub fn unpin(&mut self) {
+        if let Some(dir) = self.pinned.take() {
+            for name in MAPS {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
+impl Drop for Hooks {
+    fn drop(&mut self) {
+        self.unpin();
+    }
+}
+
+/// The kernel's event stream (redirects, deliveries, refusals).
+pub struct Events(RingBuf<MapData>);
+
+impl Events {
+    /// The next event, if one is waiting (never blocks).
+    pub fn next_event(&mut self) -> Option<RwEvent> {
+        let item = self.0.next()?;
+        abi::read_pod(&item)
+    }
+}
+
+impl std::os::fd::AsFd for Events {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl std::os::fd::AsRawFd for Events {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+fn raise_memlock() {
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer; failure is harmless on
+    // kernels that account BPF memory to the cgroup.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}
+
+/// The kernel rules for a configuration, in walk order.
+pub fn compile_rules(config: &Config, subtree: &Path) -> Result<Vec<RwRule>, HooksError> {
+    let mut out = Vec::new();
+    let mut rule_id = 0u16;
+    for (i, svc) in config.services.iter().enumerate() {
+        let service_id = i as u16 + 1;
+        for m in &svc.matches {
+            rule_id += 1;
+            let uid = m.uid.as_ref().map(resolve_uid).transpose().map_err(HooksError::Config)?;
+            let cgroup_id = match &m.cgroup {
+                Some(rel) => {
+                    let p = subtree.join(rel);
+                    std::fs::create_dir_all(&p).map_err(|source| HooksError::Io { path: p.clone(), source })?;
+                    Some(crate::cgroup::cgroup_id(&p).map_err(|e| HooksError::Config(e.to_string()))?)
+                }
+                None => None,
+            };
+            let proto = match m.protocol {
+                Protocol::Tcp => libc::IPPROTO_TCP as u8,
+                Protocol::Udp => libc::IPPROTO_UDP as u8,
+                Protocol::Any => 0,
+            };
+            let nets: Vec<Option<IpNet>> = if m.dst.is_empty() { vec![None] } else { m.dst.iter().copied().map(Some).collect() };
+            let ports: Vec<(u16, u16)> =
+                if m.ports.is_empty() { vec![(0, u16::MAX)] } else { m.ports.iter().map(|p| (p.lo, p.hi)).collect() };
+            for net in &nets {
+                for &(lo, hi) in &ports {
+                    let mut r = RwRule {
+                        service_id,
+                        rule_id,
+                        proto,
+                        port_lo: lo,
+                        port_hi: hi,
+                        has_uid: uid.is_some() as u8,
+                        uid: uid.unwrap_or(0),
+                        has_cgroup: cgroup_id.is_some() as u8,
+                        cgroup_id: cgroup_id.unwrap_or(0),
+                        ..Default::default()
+                    };
+                    if let Some(net) = net {
+                        let (addr, mask): ([u8; 16], [u8; 16]) = match (net.network(), net.netmask()) {
+                            (IpAddr::V4(a), IpAddr::V4(m)) => {
+                                r.family = libc::AF_INET as u8;
+                                (pad4(a.octets()), pad4(m.octets()))
+                            }
+                            (IpAddr::V6(a), IpAddr::V6(m)) => {
+                                r.family = libc::AF_INET6 as u8;
+                                (a.octets(), m.octets())
+                            }
+                            _ => unreachable!("ipnet keeps families apart"),
+                        };
+                        r.addr = addr;
+                        r.mask = mask;
+                    }
+                    out.push(r);
+                }
+            }
+        }
+    }
+    if out.len() > abi::RW_MAX_RULES {
+        return Err(HooksError::Config(format!("{} rules; at most {}", out.len(), abi::RW_MAX_RULES)));
+    }
+    Ok(out)
+}
+
+fn pad4(a: [u8; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    o[..4].copy_from_slice(&a);
+    o
+}
+
+fn service_of(listen: &[SocketAddr]) -> RwService {
+    let mut s = RwService::default();
+    for a in listen {
+        match a {
+            SocketAddr::V4(v4) => {
+                s.has_v4 = 1;
+                s.addr4 = v4.ip().octets();
+                s.port4_be = v4.port().to_be();
+            }
+            SocketAddr::V6(v6) => {
+                s.has_v6 = 1;
+                s.addr6 = v6.ip().octets();
+                s.port6_be = v6.port().to_be();
+            }
+        }
+    }
+    s
+}
+
+fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Result<(), HooksError> {
+    let rules = compile_rules(config, subtree)?;
+    let map_err = |name| move |source| HooksError::Map { name, source };
+
+    {
+        let mut services: Array<&mut MapData, Pod<RwService>> =
+            Array::try_from(bpf.map_mut("rw_services").expect("rw_services")).map_err(map_err("rw_services"))?;
+        for (i, s) in config.services.iter().enumerate() {
+            services.set(i as u32 + 1, Pod(service_of(&s.listen)), 0).map_err(map_err("rw_services"))?;
+        }
+    }
+    {
+        let mut arr: Array<&mut MapData, Pod<RwRule>> =
+            Array::try_from(bpf.map_mut("rw_rules").expect("rw_rules")).map_err(map_err("rw_rules"))?;
+        for (i, r) in rules.iter().enumerate() {
+            arr.set(i as u32, Pod(*r), 0).map_err(map_err("rw_rules"))?;
+        }
+    }
+    {
+        let mut access: HashMap<&mut MapData, Pod<RwAccessKey>, u8> =
+            HashMap::try_from(bpf.map_mut("rw_access").expect("rw_access")).map_err(map_err("rw_access"))?;
+        for p in &config.access.uids {
+            let id = resolve_uid(p).map_err(HooksError::Config)?;
+            access.insert(Pod(RwAccessKey { kind: 0, id }), 1, 0).map_err(map_err("rw_access"))?;
+        }
+        for p in &config.access.gids {
+            let id = resolve_gid(p).map_err(HooksError::Config)?;
+            access.insert(Pod(RwAccessKey { kind: 1, id }), 1, 0).map_err(map_err("rw_access"))?;
+        }
+    }
+    // The configuration goes last: n_rules > 0 is what turns the hook on.
+    let conf = RwConf { n_rules: rules.len() as u32, hop_limit: config.hop_limit(), key: [rand::random(), rand::random()] };
+    let mut arr: Array<&mut MapData, Pod<RwConf>> =
+        Array::try_from(bpf.map_mut("rw_conf").expect("rw_conf")).map_err(map_err("rw_conf"))?;
+    arr.set(0, Pod(conf), 0).map_err(map_err("rw_conf"))?;
+    Ok(())
+}
