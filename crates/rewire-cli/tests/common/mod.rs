@@ -1,0 +1,305 @@
+//! Test fixtures: a cgroup with rewire's hooks attached (created and
+//! removed by the test), proxies and probes spawned inside it, and small
+//! loopback servers outside it.
+//!
+//! Every wait is bounded; everything is torn down on drop, also when a
+//! test fails.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rewire_control::hooks::Events;
+use rewire_control::{Config, Hooks, ManagedCgroup};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub const REWIRE: &str = env!("CARGO_BIN_EXE_rewire");
+
+/// Privileged tests must fail, not skip, without root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these integration tests load BPF programs into a test cgroup and must run as root"
+    );
+}
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A free TCP port on both 127.0.0.1 and ::1 (best effort).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// A test's own rewire instance.
+pub struct Sandbox {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub hooks: Option<Hooks>,
+    pub cgroup: Option<ManagedCgroup>,
+    children: Vec<Child>,
+}
+
+impl Sandbox {
+    /// Writes `config` (TOML; `cgroup` is filled in) and attaches the hooks to a fresh cgroup.
+    pub fn new(config: &str) -> Self {
+        require_root();
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let name = format!("rewire-test-{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("rewire.toml");
+        std::fs::write(&config_path, format!("cgroup = \"{name}\"\n{config}")).unwrap();
+        let cfg = Config::load(&config_path).unwrap();
+        let cgroup = ManagedCgroup::create(&name).unwrap();
+        let hooks = Hooks::attach(&cfg, cgroup.path()).unwrap();
+        Sandbox { dir, config_path, config: cfg, hooks: Some(hooks), cgroup: Some(cgroup), children: vec![] }
+    }
+
+    pub fn cgroup_path(&self) -> PathBuf {
+        self.cgroup.as_ref().unwrap().path().to_path_buf()
+    }
+
+    /// A command that joins the cgroup before it starts.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new(program);
+        let procs = self.cgroup_path().join("cgroup.procs");
+        c.env("REWIRE_CONFIG", &self.config_path).env("REWIRE_CGROUP", self.cgroup_path());
+        // SAFETY: a single write between fork and exec.
+        unsafe {
+            c.pre_exec(move || std::fs::write(&procs, b"0"));
+        }
+        c
+    }
+
+    /// Starts `rewire proxy --name NAME` in the cgroup; returns its log path once it listens.
+    pub fn proxy(&mut self, name: &str) -> PathBuf {
+        self.proxy_with(name, &[])
+    }
+
+    pub fn proxy_with(&mut self, name: &str, extra: &[&str]) -> PathBuf {
+        let log = self.dir.join(format!("{name}.jsonl"));
+        let child = self
+            .command(REWIRE)
+            .args(["proxy", "--name", name, "--log"])
+            .arg(&log)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        let svc = self.config.services.iter().find(|s| s.name.get_ref() == name).unwrap();
+        for a in &svc.listen {
+            wait_listening(*a);
+        }
+        log
+    }
+
+    /// Runs `rewire probe ARGS` in the cgroup and returns its JSON report and pid.
+    pub fn probe(&self, args: &[&str]) -> (Value, u32) {
+        let child = self.command(REWIRE).arg("probe").args(args).stdout(Stdio::piped()).spawn().unwrap();
+        let pid = child.id();
+        let out = wait_output(child, Duration::from_secs(60));
+        let v: Value = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("probe output {e}: {}", String::from_utf8_lossy(&out)));
+        (v, pid)
+    }
+
+    pub fn hooks(&self) -> &Hooks {
+        self.hooks.as_ref().unwrap()
+    }
+
+    pub fn take_events(&mut self) -> Events {
+        self.hooks.as_mut().unwrap().take_events().unwrap()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut cg) = self.cgroup.take() {
+            let _ = cg.remove();
+        }
+        self.hooks.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits (bounded) until a socket listens on `addr`'s port (per /proc/net/tcp*).
+pub fn wait_listening(addr: SocketAddr) {
+    let file = if addr.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+    let port = format!(":{:04X}", addr.port());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let table = std::fs::read_to_string(file).unwrap_or_default();
+        let listening = table.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&port) && f[3] == "0A"
+        });
+        if listening {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on {addr} after 15 s");
+}
+
+/// Waits for a child's stdout, killing it after `timeout`.
+pub fn wait_output(mut child: Child, timeout: Duration) -> Vec<u8> {
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("child timed out");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reader.join().unwrap()
+}
+
+/// Reads a proxy's JSON lines, waiting (bounded) until there are `n`.
+pub fn read_log(path: &Path, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let lines: Vec<Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How a test server answers.
+#[derive(Clone, Copy)]
+pub enum Mode {
+    /// Echo every byte back.
+    Echo,
+    /// Read to EOF, then answer with the hex sha256 and close (needs half-close).
+    HashAfterEof,
+    /// Minimal HTTP/1.0 answer naming the peer.
+    Http,
+}
+
+/// A loopback server outside the cgroup, recording the peers it saw.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(addr: SocketAddr, mode: Mode) -> Self {
+        let l = TcpListener::bind(addr).unwrap();
+        let addr = l.local_addr().unwrap();
+        let peers = Arc::new(Mutex::new(vec![]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peers.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in l.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut c) = conn else { continue };
+                p.lock().unwrap().push(c.peer_addr().unwrap());
+                std::thread::spawn(move || serve(&mut c, mode));
+            }
+        });
+        Server { addr, peers, stop, thread: Some(thread) }
+    }
+
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+fn serve(c: &mut TcpStream, mode: Mode) {
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut h = Sha256::new();
+    loop {
+        let n = match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        match mode {
+            Mode::Echo => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Mode::HashAfterEof => h.update(&buf[..n]),
+            Mode::Http => {
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+        }
+    }
+    match mode {
+        Mode::Echo => {}
+        Mode::HashAfterEof => {
+            let _ = c.write_all(hex(&h.finalize()).as_bytes());
+        }
+        Mode::Http => {
+            let body = format!("hello {}\n", c.peer_addr().unwrap());
+            let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    }
+    let _ = c.shutdown(std::net::Shutdown::Both);
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A config block for a service named `name` listening on `port` (v4 and v6), matching `dst_port`.
+pub fn service(name: &str, port: u16, dst_port: u16) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\n\
+         [[service.match]]\ndst = [\"127.0.0.0/8\", \"::1/128\"]\nports = {dst_port}\n"
+    )
+}
