@@ -28,6 +28,14 @@ pub struct ProxyArgs {
     /// Exit after this many flows (default: run until SIGINT/SIGTERM).
     #[arg(long)]
     pub max_flows: Option<u64>,
+    /// How to relay bytes: `splice` (zero-copy, falls back to copy when the
+    /// kernel refuses it) or `copy` (user-space copy).
+    #[arg(long, default_value = "splice", value_parser = ["splice", "copy"])]
+    pub relay: String,
+    /// Take each flow's destination from netfilter's SO_ORIGINAL_DST (behind
+    /// an nftables/iptables `redirect` rule) instead of rewire's records.
+    #[arg(long)]
+    pub original_dst: bool,
 }
 
 pub fn main(a: ProxyArgs) -> Result<()> {
@@ -47,7 +55,13 @@ pub fn main(a: ProxyArgs) -> Result<()> {
     if listen.is_empty() {
         bail!("nothing to listen on: give --listen or a --config with service `{}`", a.name);
     }
-    let opts = rewire_proxy::ProxyOptions { name: a.name.clone(), listen: listen.clone(), service_names: names };
+    let opts = rewire_proxy::ProxyOptions {
+        name: a.name.clone(),
+        listen: listen.clone(),
+        service_names: names,
+        relay: a.relay.parse().map_err(anyhow::Error::msg)?,
+        original_dst: a.original_dst,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let listeners = rewire_proxy::bind(&listen).with_context(|| format!("listen on {listen:?}"))?;
