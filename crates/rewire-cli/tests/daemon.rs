@@ -1,0 +1,82 @@
+//! `rewire daemon` + `rewire exec` + a proxy that joins by itself, then a
+//! clean shutdown on SIGTERM that removes the cgroup and the pins.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn daemon_exec_proxy_and_clean_shutdown() {
+    require_root();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let name = format!("rewire-test-daemon-{}", std::process::id());
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("rewire.toml");
+    std::fs::write(&cfg, format!("cgroup = \"{name}\"\n{}", service("audit", free_port(), server.addr.port()))).unwrap();
+    let pins = std::path::Path::new("/sys/fs/bpf").join(&name);
+    let cg = rewire_control::cgroup::cgroup2_mount().unwrap().join(&name);
+
+    let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg).stderr(Stdio::null()).spawn().unwrap();
+    let mut proxy = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !pins.join("rw_conf").exists() {
+            assert!(Instant::now() < deadline, "daemon did not pin its maps");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(cg.exists());
+        // A second daemon for the same cgroup is refused.
+        let second = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg).output().unwrap();
+        assert!(!second.status.success());
+        assert!(String::from_utf8_lossy(&second.stderr).contains("already serves"));
+
+        let log = dir.join("audit.jsonl");
+        let p = Command::new(REWIRE)
+            .args(["proxy", "--name", "audit", "--log"])
+            .arg(&log)
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("REWIRE_CGROUP")
+            .spawn()
+            .unwrap();
+        let pid = p.id();
+        proxy = Some(p);
+        wait_listening(rewire_control::Config::load(&cfg).unwrap().services[0].listen[0]);
+        // The proxy joined the daemon's subtree by itself.
+        let own = rewire_control::cgroup::cgroup_of(pid).unwrap();
+        assert!(own.starts_with(&cg), "proxy in {}", own.display());
+
+        let out = Command::new(REWIRE)
+            .args(["exec", "--config"])
+            .arg(&cfg)
+            .args(["--", REWIRE, "probe", &server.addr.to_string(), "--send", "4096"])
+            .output()
+            .unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");
+        let l = &read_log(&log, 1)[0];
+        assert_eq!(l["chain"], serde_json::json!(["audit"]));
+    }));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = daemon.try_wait().unwrap();
+    if status.is_none() {
+        let _ = daemon.kill();
+    }
+    if let Some(mut p) = proxy {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result.unwrap();
+    assert!(status.is_some_and(|s| s.success()), "daemon exit {status:?}");
+    assert!(!cg.exists(), "daemon left its cgroup");
+    assert!(!pins.exists(), "daemon left its pins");
+}
