@@ -179,20 +179,8 @@ impl Stage {
 }
 
 fn wait_listening(addr: SocketAddr) -> Result<()> {
-    let file = if addr.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
-    let port = format!(":{:04X}", addr.port());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let t = std::fs::read_to_string(file).unwrap_or_default();
-        if t.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&port) && f[3] == "0A"
-        }) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("proxy did not start listening on {addr}")
+    ensure!(rewire_control::net::wait_listening(addr, Duration::from_secs(10)), "proxy did not start listening on {addr}");
+    Ok(())
 }
 
 fn services(origin_port: u16, audit: u16, dlp: u16) -> String {

@@ -11,6 +11,7 @@ pub mod checks;
 pub mod config;
 pub mod events;
 pub mod hooks;
+pub mod net;
 
 pub use cgroup::ManagedCgroup;
 pub use config::Config;

@@ -144,23 +144,9 @@ impl Drop for Sandbox {
     }
 }
 
-/// Waits (bounded) until a socket listens on `addr`'s port (per /proc/net/tcp*).
+/// Waits (bounded) until a socket listens on `addr`.
 pub fn wait_listening(addr: SocketAddr) {
-    let file = if addr.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
-    let port = format!(":{:04X}", addr.port());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        let table = std::fs::read_to_string(file).unwrap_or_default();
-        let listening = table.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&port) && f[3] == "0A"
-        });
-        if listening {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing listens on {addr} after 15 s");
+    assert!(rewire_control::net::wait_listening(addr, Duration::from_secs(15)), "nothing listens on {addr} after 15 s");
 }
 
 /// Waits for a child's stdout, killing it after `timeout`.
