@@ -1,0 +1,355 @@
+//! Builds the C conformance suite (`tests/c/conformance.c`) and the C
+//! example proxy (`examples/c/redirect_proxy.c`) with the system `cc`
+//! against this crate's cdylib and staticlib, and runs them: the suite
+//! without hooks, then on the real kernel hooks under `rewire run`, and the
+//! example in a chain with `rewire proxy` carrying 1 MB both ways.
+//!
+//! The kernel tests need root and `target/<profile>/rewire` (built by
+//! `cargo build -p rewire-cli`, or by `cargo test --workspace`); they fail,
+//! not skip, without them. Every wait is bounded; temp files are removed.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`: where cargo put this crate's cdylib/staticlib (and the `rewire` binary).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // .../deps/<test> -> ...
+    assert!(
+        dir.join("librewire_wsa.so").exists() && dir.join("librewire_wsa.a").exists(),
+        "librewire_wsa.so/.a not found in {}",
+        dir.display()
+    );
+    dir
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn rewire_bin() -> PathBuf {
+    let p = std::env::var_os("REWIRE_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("rewire"));
+    assert!(p.exists(), "{} not found: run `cargo build -p rewire-cli` first (or set REWIRE_BIN)", p.display());
+    p
+}
+
+fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test attaches rewire's hooks (via `rewire run`) and must run as root");
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "rewire-capi-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Link {
+    Dynamic,
+    Static,
+}
+
+/// Compiles one C file against the library.
+fn compile(src: &str, out: &Path, link: Link) {
+    let target = target_dir();
+    let ws = workspace();
+    let mut c = Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()));
+    c.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
+        .arg("-I")
+        .arg(ws.join("include"))
+        .arg(ws.join(src))
+        .arg("-o")
+        .arg(out);
+    match link {
+        Link::Dynamic => {
+            c.arg(format!("-L{}", target.display()))
+                .arg("-lrewire_wsa")
+                .arg(format!("-Wl,-rpath,{}", target.display()))
+                .arg("-lpthread");
+        }
+        Link::Static => {
+            c.arg(target.join("librewire_wsa.a")).args(["-lpthread", "-ldl", "-lm", "-lrt", "-lutil", "-lgcc_s"]);
+        }
+    }
+    let o = c.output().expect("the system C compiler `cc` is needed (apt-get install gcc)");
+    assert!(o.status.success(), "cc {src} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Runs a command with a time limit (SIGTERM, then SIGKILL), collecting its output.
+fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let readers = [child.stdout.take().map(reader), child.stderr.take().map(reader)];
+    let status = wait_bounded(&mut child, limit);
+    let [out, err] = readers.map(|r| r.unwrap().join().unwrap());
+    Output { status, stdout: out, stderr: err }
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            // SIGTERM first: `rewire run` then stops its command and removes its cgroup.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let grace = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < grace {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{child:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port free on both 127.0.0.1 and ::1 (kernel-chosen, then checked on v6).
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// Whether something listens on `port` (read from /proc/net/tcp{,6}, without touching the port).
+fn listening(port: u16) -> bool {
+    let needle = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3 && format!("{} ", cols[1]).ends_with(&needle) && cols[3] == "0A"
+        })
+    })
+}
+
+fn wait_listening(ports: &[u16], child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ports.iter().all(|&p| listening(p)) {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("rewire run exited early: {s}");
+        }
+        assert!(Instant::now() < deadline, "services did not listen on {ports:?} within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Checks the TAP-like output of the suite: exit 0, `expected` tests, none failed.
+fn check_suite(o: &Output, expected: usize, what: &str) {
+    let out = text(&o.stdout);
+    let passed = out.lines().filter(|l| l.starts_with("ok - ")).count();
+    let failed: Vec<&str> = out.lines().filter(|l| l.starts_with("not ok")).collect();
+    assert!(
+        o.status.success() && failed.is_empty() && passed == expected,
+        "{what}: status {}, {passed}/{expected} passed, failed {failed:?}\nstdout:\n{out}\nstderr:\n{}",
+        o.status,
+        text(&o.stderr)
+    );
+}
+
+const BASIC_TESTS: usize = 19;
+const KERNEL_TESTS: usize = 11;
+
+#[test]
+fn conformance_without_hooks_dynamic_and_static() {
+    let tmp = TempDir::new("basic");
+    for (link, name) in [(Link::Dynamic, "conformance-dyn"), (Link::Static, "conformance-static")] {
+        let bin = tmp.0.join(name);
+        compile("tests/c/conformance.c", &bin, link);
+        let o = run_bounded(Command::new(&bin), Duration::from_secs(60));
+        check_suite(&o, BASIC_TESTS, name);
+    }
+}
+
+#[test]
+fn conformance_on_the_kernel_hooks() {
+    require_root();
+    let rewire = rewire_bin();
+    let tmp = TempDir::new("kernel");
+    let (svc, dst) = (free_port(), free_port());
+    assert_ne!(svc, dst);
+    let config = tmp.0.join("rewire.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cgroup = \"rewire-capi\"\n\
+             [[service]]\nname = \"conformance\"\nlisten = [\"127.0.0.1:{svc}\", \"[::1]:{svc}\"]\n\
+             match = {{ dst = [\"127.0.0.0/8\", \"::1/128\"], ports = {dst} }}\n"
+        ),
+    )
+    .unwrap();
+    let bin = tmp.0.join("conformance");
+    compile("tests/c/conformance.c", &bin, Link::Dynamic);
+    let mut cmd = Command::new(&rewire);
+    cmd.arg("run").arg("--config").arg(&config).arg("--").arg(&bin).args(["--kernel", &svc.to_string(), &dst.to_string()]);
+    let o = run_bounded(cmd, Duration::from_secs(120));
+    check_suite(&o, BASIC_TESTS + KERNEL_TESTS, "conformance --kernel under rewire run");
+}
+
+/// A loopback echo server outside the cgroup, counting its connections.
+struct Echo {
+    addr: SocketAddr,
+    conns: Arc<Mutex<usize>>,
+}
+
+impl Echo {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(Mutex::new(0));
+        let c2 = conns.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                *c2.lock().unwrap() += 1;
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Echo { addr, conns }
+    }
+}
+
+#[test]
+fn c_example_proxy_chains_with_rewire_proxy() {
+    require_root();
+    let rewire = rewire_bin();
+    let tmp = TempDir::new("chain");
+    let echo = Echo::start();
+    let port = echo.addr.port();
+    let (pa, pb) = (free_port(), free_port());
+    let example = tmp.0.join("redirect_proxy");
+    compile("examples/c/redirect_proxy.c", &example, Link::Dynamic);
+
+    let config = tmp.0.join("rewire.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cgroup = \"rewire-capi\"\n\
+             [[service]]\nname = \"cexample\"\nlisten = [\"127.0.0.1:{pa}\", \"[::1]:{pa}\"]\n\
+             match = {{ dst = [\"127.0.0.0/8\"], ports = {port} }}\n\
+             [[service]]\nname = \"audit\"\nlisten = [\"127.0.0.1:{pb}\", \"[::1]:{pb}\"]\n\
+             match = {{ dst = [\"127.0.0.0/8\"], ports = {port} }}\n"
+        ),
+    )
+    .unwrap();
+    let go = tmp.0.join("go");
+    let audit_log = tmp.0.join("audit.jsonl");
+    let script = tmp.0.join("chain.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "set -u\n\
+             '{ex}' --name cexample 127.0.0.1:{pa} '[::1]:{pa}' & ex=$!\n\
+             '{rw}' proxy --name audit --log '{log}' >/dev/null & au=$!\n\
+             i=0\n\
+             while [ ! -e '{go}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\n\
+             '{rw}' probe 127.0.0.1:{port} --send 1000000 --timeout 60\n\
+             rc=$?\n\
+             kill $ex $au 2>/dev/null\n\
+             wait\n\
+             exit $rc\n",
+            ex = example.display(),
+            rw = rewire.display(),
+            log = audit_log.display(),
+            go = go.display(),
+        ),
+    )
+    .unwrap();
+
+    let mut child = Command::new(&rewire)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--")
+        .arg("sh")
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out_r = reader(child.stdout.take().unwrap());
+    let err_r = reader(child.stderr.take().unwrap());
+    wait_listening(&[pa, pb], &mut child);
+    std::fs::write(&go, b"").unwrap();
+    let status = wait_bounded(&mut child, Duration::from_secs(120));
+    let (out, err) = (text(&out_r.join().unwrap()), text(&err_r.join().unwrap()));
+    let ctx = format!("status {status}\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(status.success(), "{ctx}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("probe JSON: {e}\n{ctx}"));
+    assert_eq!(report["sent"], 1_000_000, "{ctx}");
+    assert_eq!(report["received"], 1_000_000, "{ctx}");
+    assert!(report["sent_sha256"].is_string(), "{ctx}");
+    assert_eq!(report["sent_sha256"], report["received_sha256"], "{ctx}");
+    // The client still believes it talks to the server.
+    assert_eq!(report["peer"], echo.addr.to_string(), "{ctx}");
+    // One connection reached the server, after both services.
+    assert_eq!(*echo.conns.lock().unwrap(), 1, "{ctx}");
+    assert!(err.contains("cexample: flow") && err.contains("chain [1], 1000000 bytes up, 1000000 down"), "{ctx}");
+    let log = std::fs::read_to_string(&audit_log).unwrap_or_default();
+    let line: serde_json::Value =
+        serde_json::from_str(log.lines().next().unwrap_or("")).unwrap_or_else(|e| panic!("audit log {e}: {log}\n{ctx}"));
+    assert_eq!(line["chain"], serde_json::json!(["cexample", "audit"]), "{log}\n{ctx}");
+    assert_eq!(line["bytes_to_server"], 1_000_000, "{log}");
+    assert_eq!(line["bytes_to_client"], 1_000_000, "{log}");
+}

@@ -1,0 +1,1039 @@
+/* SPDX-License-Identifier: (MIT OR Apache-2.0) */
+/*
+ * Conformance suite of rewire's WSAIoctl surface (include/rewire/wsa.h),
+ * one test per rule of the specification. Each test asserts the return
+ * value, WSAGetLastError() and *lpcbBytesReturned.
+ *
+ *   conformance                      rules that need no kernel hooks
+ *   conformance --kernel SVC DST     all rules; must run under
+ *                                    `rewire run` with a service listening
+ *                                    on 127.0.0.1:SVC and [::1]:SVC that
+ *                                    matches connects to loopback port DST
+ *
+ * In kernel mode the program is both the redirect service (it listens on
+ * SVC) and the application (it connects to DST, which the hook redirects to
+ * its own listener), then it queries and sets records on the sockets.
+ * Output is TAP-like ("ok - name" / "not ok - name"); exit status 0 only if
+ * every test passed. Every wait is bounded.
+ */
+#define _GNU_SOURCE
+#include <rewire/wsa.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int test_ok;
+static int failures;
+static int managed; /* kernel mode: every socket is created in a rewire cgroup */
+
+#define CHECK(cond)                                                                      \
+	do {                                                                             \
+		if (!(cond)) {                                                           \
+			fprintf(stderr, "    %s:%d: check failed: %s\n", __FILE__, __LINE__, \
+				#cond);                                                  \
+			test_ok = 0;                                                     \
+		}                                                                        \
+	} while (0)
+
+#define CHECK_EQ(a, b)                                                                       \
+	do {                                                                                 \
+		long long a_ = (long long)(a), b_ = (long long)(b);                          \
+		if (a_ != b_) {                                                              \
+			fprintf(stderr, "    %s:%d: %s == %lld, expected %s == %lld\n", __FILE__, \
+				__LINE__, #a, a_, #b, b_);                                   \
+			test_ok = 0;                                                         \
+		}                                                                            \
+	} while (0)
+
+#define RUN(fn)                                                         \
+	do {                                                            \
+		test_ok = 1;                                            \
+		fn();                                                   \
+		printf("%s - %s\n", test_ok ? "ok" : "not ok", #fn);    \
+		fflush(stdout);                                         \
+		if (!test_ok)                                           \
+			failures++;                                     \
+	} while (0)
+
+struct res {
+	int ret;
+	int err;
+	DWORD bytes;
+};
+
+/* A non-overlapped WSAIoctl; *lpcbBytesReturned starts as garbage. */
+static struct res ioc(SOCKET s, DWORD code, void *in, DWORD cbin, void *out, DWORD cbout)
+{
+	struct res r;
+	r.bytes = 0xDEADBEEF;
+	WSASetLastError(0);
+	r.ret = WSAIoctl(s, code, in, cbin, out, cbout, &r.bytes, NULL, NULL);
+	r.err = WSAGetLastError();
+	return r;
+}
+
+#define EXPECT_FAIL(r, code)                   \
+	do {                                   \
+		CHECK_EQ((r).ret, SOCKET_ERROR); \
+		CHECK_EQ((r).err, (code));     \
+		CHECK_EQ((r).bytes, 0);        \
+	} while (0)
+
+#define EXPECT_OK(r, n)              \
+	do {                         \
+		CHECK_EQ((r).ret, 0); \
+		CHECK_EQ((r).err, 0); \
+		CHECK_EQ((r).bytes, (n)); \
+	} while (0)
+
+#define QREC SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS
+#define QCTX SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT
+#define SETR SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS
+
+/* What a query on a plain, unconnected TCP socket answers. */
+static int plain_tcp_code(void)
+{
+	return managed ? WSAEINVAL /* hooks serve it: not a redirected connection */
+		       : WSAEOPNOTSUPP /* no hooks serve it */;
+}
+
+static unsigned char sample_blob[REWIRE_WFP_MAX_RECORDS_SIZE];
+
+static void init_sample_blob(void)
+{
+	REWIRE_WFP_RECORDS r;
+	memset(&r, 0, sizeof r);
+	r.magic = 0x5752;
+	r.version = 1;
+	r.n_chain = 1;
+	r.proto = IPPROTO_TCP;
+	r.chain[0] = 1;
+	r.orig_dst.family = AF_INET;
+	r.orig_dst.port_be = htons(9);
+	r.orig_dst.addr[0] = 127;
+	r.orig_dst.addr[3] = 1;
+	memcpy(sample_blob, &r, sizeof r);
+}
+
+/* A page that is mapped, followed by one that is not. */
+static unsigned char *guard_page(void)
+{
+	long ps = sysconf(_SC_PAGESIZE);
+	unsigned char *p = mmap(NULL, 2 * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		abort();
+	munmap(p + ps, ps);
+	return p;
+}
+
+static long page(void)
+{
+	return sysconf(_SC_PAGESIZE);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Rules that need no kernel hooks.                                         */
+
+static void unknown_control_code_is_einval(void)
+{
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	unsigned char buf[256];
+	struct res r = ioc(s, 0x980000DF, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(s, 0x12345678, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEINVAL);
+	closesocket(s);
+}
+
+static void non_socket_is_enotsock(void)
+{
+	unsigned char buf[256];
+	int fd = open("/dev/null", O_RDONLY);
+	struct res r = ioc(fd, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAENOTSOCK);
+	r = ioc(fd, SETR, sample_blob, sizeof sample_blob, NULL, 0);
+	EXPECT_FAIL(r, WSAENOTSOCK);
+	close(fd);
+	r = ioc(fd, QCTX, NULL, 0, buf, sizeof buf); /* closed descriptor */
+	EXPECT_FAIL(r, WSAENOTSOCK);
+	r = ioc(-1, QCTX, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAENOTSOCK);
+}
+
+static void unix_socket_is_eopnotsupp(void)
+{
+	int sv[2];
+	unsigned char buf[256];
+	CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+	struct res r = ioc(sv[0], QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEOPNOTSUPP);
+	r = ioc(sv[0], QCTX, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEOPNOTSUPP);
+	r = ioc(sv[0], SETR, sample_blob, sizeof sample_blob, NULL, 0);
+	EXPECT_FAIL(r, WSAEOPNOTSUPP);
+	closesocket(sv[0]);
+	closesocket(sv[1]);
+}
+
+static void plain_tcp_socket_query_fails(void)
+{
+	unsigned char buf[256];
+	SOCKET s = socket(AF_INET6, SOCK_STREAM, 0);
+	struct res r = ioc(s, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, plain_tcp_code());
+	r = ioc(s, QCTX, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, plain_tcp_code());
+	closesocket(s);
+}
+
+static void output_buffer_too_small_is_einval_with_zero_bytes(void)
+{
+	unsigned char buf[256];
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	DWORD sizes[] = {0, 1, 3, 4, REWIRE_WFP_MAX_RECORDS_SIZE - 1};
+	for (unsigned i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+		struct res r = ioc(s, QREC, NULL, 0, buf, sizes[i]);
+		EXPECT_FAIL(r, WSAEINVAL);
+	}
+	struct res r = ioc(s, QCTX, NULL, 0, buf, REWIRE_WFP_MAX_CONTEXT_SIZE - 1);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(s, QCTX, NULL, 0, buf, sizeof(ULONG) - 1);
+	EXPECT_FAIL(r, WSAEINVAL);
+	closesocket(s);
+}
+
+static void set_needs_zero_output_size(void)
+{
+	unsigned char out[16];
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	struct res r = ioc(s, SETR, sample_blob, sizeof sample_blob, out, sizeof out);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(s, SETR, sample_blob, sizeof sample_blob, NULL, 1);
+	EXPECT_FAIL(r, WSAEINVAL);
+	/* lpvOutBuffer is ignored when cbOutBuffer is 0, even if it is garbage. */
+	r = ioc(s, SETR, sample_blob, sizeof sample_blob, (void *)(uintptr_t)8, 0);
+	CHECK(r.err != WSAEFAULT && r.err != 0);
+	closesocket(s);
+}
+
+static void null_or_unmapped_output_is_efault(void)
+{
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	unsigned char *p = guard_page();
+	long ps = page();
+	struct res r = ioc(s, QREC, NULL, 0, NULL, 256);
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, QCTX, NULL, 0, NULL, 0);
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, QREC, NULL, 0, p + ps, 256); /* wholly unmapped */
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, QCTX, NULL, 0, p + ps - 100, 200); /* straddles the end */
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, QREC, NULL, 0, (void *)(uintptr_t)16, 256); /* near NULL */
+	EXPECT_FAIL(r, WSAEFAULT);
+	unsigned char *ro = mmap(NULL, ps, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	r = ioc(s, QREC, NULL, 0, ro, 256); /* not writable */
+	EXPECT_FAIL(r, WSAEFAULT);
+	munmap(ro, ps);
+	munmap(p, ps);
+	closesocket(s);
+}
+
+static void null_or_unmapped_input_is_efault(void)
+{
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	unsigned char *p = guard_page();
+	long ps = page();
+	struct res r = ioc(s, SETR, NULL, REWIRE_WFP_MAX_RECORDS_SIZE, NULL, 0);
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, SETR, NULL, 0, NULL, 0);
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, SETR, p + ps, REWIRE_WFP_MAX_RECORDS_SIZE, NULL, 0);
+	EXPECT_FAIL(r, WSAEFAULT);
+	memcpy(p + ps - 64, sample_blob, 64);
+	r = ioc(s, SETR, p + ps - 64, REWIRE_WFP_MAX_RECORDS_SIZE, NULL, 0);
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, SETR, sample_blob, 0xFFFFFFFFu, NULL, 0); /* length runs off the mapping */
+	EXPECT_FAIL(r, WSAEFAULT);
+	munmap(p, ps);
+	closesocket(s);
+}
+
+static void bad_bytes_returned_pointer_is_efault(void)
+{
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	unsigned char buf[256];
+	unsigned char *p = guard_page();
+	long ps = page();
+	WSASetLastError(0);
+	int ret = WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, NULL, NULL, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	WSASetLastError(0);
+	ret = WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, (LPDWORD)(p + ps), NULL, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	WSASetLastError(0);
+	ret = WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, (LPDWORD)(p + ps - 2), NULL, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	munmap(p, ps);
+	closesocket(s);
+}
+
+static void overlapped_argument_checks_are_synchronous(void)
+{
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	unsigned char buf[256];
+	unsigned char *p = guard_page();
+	long ps = page();
+	CHECK(s != INVALID_SOCKET);
+	/* unmapped WSAOVERLAPPED */
+	DWORD n = 0xDEADBEEF;
+	WSASetLastError(0);
+	int ret = WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, (LPWSAOVERLAPPED)(p + ps - 8), NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	CHECK_EQ(n, 0);
+	/* completion routine outside the address space */
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	n = 0xDEADBEEF;
+	ret = WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, &ov,
+		       (LPWSAOVERLAPPED_COMPLETION_ROUTINE)(uintptr_t)8);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	CHECK_EQ(n, 0);
+	/* hEvent that is not an event */
+	ov.hEvent = (WSAEVENT)(uintptr_t)0x7777777;
+	n = 0xDEADBEEF;
+	ret = WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_INVALID_HANDLE);
+	CHECK_EQ(n, 0);
+	/* too-small buffer is still reported at once, not through the completion */
+	ov.hEvent = NULL;
+	n = 0xDEADBEEF;
+	ret = WSAIoctl(s, QREC, NULL, 0, buf, 8, &n, &ov, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEINVAL);
+	CHECK_EQ(n, 0);
+	munmap(p, ps);
+	closesocket(s);
+}
+
+static void non_overlapped_socket_ignores_lpoverlapped(void)
+{
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	unsigned char buf[256];
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	ov.hEvent = WSACreateEvent();
+	DWORD n = 0xDEADBEEF;
+	WSASetLastError(0);
+	int ret = WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), plain_tcp_code()); /* synchronous answer, not WSA_IO_PENDING */
+	CHECK_EQ(n, 0);
+	CHECK_EQ(ov.Internal, 0);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &ov.hEvent, TRUE, 0, FALSE), WSA_WAIT_TIMEOUT);
+	CHECK(WSACloseEvent(ov.hEvent));
+	closesocket(s);
+}
+
+static void overlapped_error_completes_through_event(void)
+{
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	unsigned char buf[256];
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	ov.hEvent = WSACreateEvent();
+	DWORD n = 0xDEADBEEF, t = 77, fl = 77;
+	WSASetLastError(0);
+	int ret = WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(n, 0);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &ov.hEvent, TRUE, 5000, FALSE), WSA_WAIT_EVENT_0);
+	CHECK(HasOverlappedIoCompleted(&ov));
+	WSASetLastError(0);
+	CHECK_EQ(WSAGetOverlappedResult(s, &ov, &t, FALSE, &fl), FALSE);
+	CHECK_EQ(WSAGetLastError(), plain_tcp_code());
+	CHECK_EQ(t, 0);
+	CHECK_EQ(fl, 0);
+	WSACloseEvent(ov.hEvent);
+	closesocket(s);
+}
+
+static void overlapped_pending_is_incomplete_until_done(void)
+{
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	unsigned char buf[256];
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	DWORD n = 0xDEADBEEF, t = 77, fl = 77;
+	rewire_wsa_set_completion_delay(300);
+	int ret = WSAIoctl(s, QCTX, NULL, 0, buf, sizeof buf, &n, &ov, NULL);
+	rewire_wsa_set_completion_delay(0);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(n, 0);
+	CHECK_EQ(ov.Internal, STATUS_PENDING);
+	WSASetLastError(0);
+	CHECK_EQ(WSAGetOverlappedResult(s, &ov, &t, FALSE, &fl), FALSE);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_INCOMPLETE);
+	WSASetLastError(0);
+	CHECK_EQ(WSAGetOverlappedResult(s, &ov, &t, TRUE, &fl), FALSE); /* waits (no event) */
+	CHECK_EQ(WSAGetLastError(), plain_tcp_code());
+	CHECK_EQ(t, 0);
+	closesocket(s);
+}
+
+static DWORD cr_err, cr_bytes, cr_calls;
+static LPWSAOVERLAPPED cr_ov;
+static pthread_t cr_thread;
+
+static void CALLBACK completion(DWORD err, DWORD bytes, LPWSAOVERLAPPED ov, DWORD flags)
+{
+	(void)flags;
+	cr_err = err;
+	cr_bytes = bytes;
+	cr_ov = ov;
+	cr_thread = pthread_self();
+	cr_calls++;
+}
+
+static void closesocket_aborts_pending_event(void)
+{
+	SOCKET s = WSASocket(AF_INET6, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	unsigned char buf[256];
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	ov.hEvent = WSACreateEvent();
+	CHECK(WSASetEvent(ov.hEvent)); /* the call resets it */
+	DWORD n = 0xDEADBEEF, t = 77, fl = 77;
+	rewire_wsa_set_completion_delay(5000);
+	int ret = WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL);
+	rewire_wsa_set_completion_delay(0);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(n, 0);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &ov.hEvent, TRUE, 0, FALSE), WSA_WAIT_TIMEOUT);
+	CHECK_EQ(closesocket(s), 0);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &ov.hEvent, TRUE, 1000, FALSE), WSA_WAIT_EVENT_0);
+	WSASetLastError(0);
+	CHECK_EQ(WSAGetOverlappedResult(s, &ov, &t, TRUE, &fl), FALSE);
+	CHECK_EQ(WSAGetLastError(), WSA_OPERATION_ABORTED);
+	CHECK_EQ(t, 0);
+	CHECK_EQ(ov.Internal, WSA_OPERATION_ABORTED);
+	WSACloseEvent(ov.hEvent);
+}
+
+static void closesocket_aborts_pending_completion_routine(void)
+{
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, 0);
+	CHECK_EQ(rewire_wsa_set_overlapped(s, TRUE), 0);
+	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
+	memcpy(blob, sample_blob, sizeof blob);
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	WSAEVENT idle = WSACreateEvent();
+	cr_calls = 0;
+	cr_err = 0;
+	DWORD n = 0xDEADBEEF;
+	rewire_wsa_set_completion_delay(5000);
+	int ret = WSAIoctl(s, SETR, blob, sizeof blob, NULL, 0, &n, &ov, completion);
+	rewire_wsa_set_completion_delay(0);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(n, 0);
+	CHECK_EQ(closesocket(s), 0);
+	CHECK_EQ(cr_calls, 0); /* only an alertable wait runs it */
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &idle, FALSE, 0, FALSE), WSA_WAIT_TIMEOUT);
+	CHECK_EQ(cr_calls, 0);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &idle, FALSE, 2000, TRUE), WSA_WAIT_IO_COMPLETION);
+	CHECK_EQ(cr_calls, 1);
+	CHECK_EQ(cr_err, WSA_OPERATION_ABORTED);
+	CHECK_EQ(cr_bytes, 0);
+	CHECK(cr_ov == &ov);
+	CHECK(pthread_equal(cr_thread, pthread_self()));
+	WSACloseEvent(idle);
+}
+
+static void *other_thread(void *arg)
+{
+	(void)arg;
+	WSASetLastError(1111);
+	unsigned char buf[8];
+	int fd = open("/dev/null", O_RDONLY);
+	struct res r = ioc(fd, QREC, NULL, 0, buf, sizeof buf);
+	close(fd);
+	return (void *)(intptr_t)(r.err == WSAENOTSOCK && WSAGetLastError() == WSAENOTSOCK);
+}
+
+static void last_error_is_per_thread(void)
+{
+	WSASetLastError(4242);
+	pthread_t t;
+	void *ok = NULL;
+	CHECK(pthread_create(&t, NULL, other_thread, NULL) == 0);
+	pthread_join(t, &ok);
+	CHECK(ok != NULL);
+	CHECK_EQ(WSAGetLastError(), 4242);
+}
+
+static void events_and_waits(void)
+{
+	WSAEVENT e[2] = {WSACreateEvent(), WSACreateEvent()};
+	CHECK(e[0] != WSA_INVALID_EVENT && e[1] != WSA_INVALID_EVENT && e[0] != e[1]);
+	CHECK_EQ(WSAWaitForMultipleEvents(2, e, FALSE, 10, FALSE), WSA_WAIT_TIMEOUT);
+	CHECK(WSASetEvent(e[1]));
+	CHECK_EQ(WSAWaitForMultipleEvents(2, e, FALSE, 0, FALSE), WSA_WAIT_EVENT_0 + 1);
+	CHECK_EQ(WSAWaitForMultipleEvents(2, e, TRUE, 0, FALSE), WSA_WAIT_TIMEOUT);
+	CHECK(WSASetEvent(e[0]));
+	CHECK_EQ(WSAWaitForMultipleEvents(2, e, TRUE, 0, FALSE), WSA_WAIT_EVENT_0);
+	CHECK(WSAResetEvent(e[0]));
+	CHECK_EQ(WSAWaitForMultipleEvents(1, e, TRUE, 0, FALSE), WSA_WAIT_TIMEOUT);
+	CHECK_EQ(WSAWaitForMultipleEvents(0, e, TRUE, 0, FALSE), WSA_WAIT_FAILED);
+	CHECK_EQ(WSAGetLastError(), WSA_INVALID_PARAMETER);
+	CHECK_EQ(WSAWaitForMultipleEvents(2, NULL, TRUE, 0, FALSE), WSA_WAIT_FAILED);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	CHECK(WSACloseEvent(e[0]));
+	CHECK_EQ(WSACloseEvent(e[0]), FALSE);
+	CHECK_EQ(WSAGetLastError(), WSA_INVALID_HANDLE);
+	CHECK_EQ(WSAWaitForMultipleEvents(2, e, FALSE, 0, FALSE), WSA_WAIT_FAILED);
+	CHECK_EQ(WSAGetLastError(), WSA_INVALID_HANDLE);
+	CHECK(WSACloseEvent(e[1]));
+	CHECK_EQ(SleepEx(1, TRUE), 0);
+}
+
+static void closesocket_and_overlapped_mark_need_a_socket(void)
+{
+	int fd = open("/dev/null", O_RDONLY);
+	WSASetLastError(0);
+	CHECK_EQ(closesocket(fd), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAENOTSOCK);
+	WSASetLastError(0);
+	CHECK_EQ(rewire_wsa_set_overlapped(fd, TRUE), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAENOTSOCK);
+	close(fd);
+	WSASetLastError(0);
+	CHECK_EQ(WSASocket(AF_INET, SOCK_STREAM, 0, (void *)1, 0, 0), INVALID_SOCKET);
+	CHECK_EQ(WSAGetLastError(), WSAEINVAL);
+}
+
+static void wspioctl_reports_through_lperrno(void)
+{
+	int fd = open("/dev/null", O_RDONLY);
+	unsigned char buf[256];
+	DWORD n = 0xDEADBEEF;
+	int e = 0;
+	WSATHREADID tid = {NULL, 0};
+	int ret = WSPIoctl(fd, QREC, NULL, 0, buf, sizeof buf, &n, NULL, NULL, &tid, &e);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(e, WSAENOTSOCK);
+	CHECK_EQ(WSAGetLastError(), WSAENOTSOCK);
+	CHECK_EQ(n, 0);
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	e = 0;
+	n = 0xDEADBEEF;
+	ret = WSPIoctl(s, QREC, NULL, 0, buf, 2, &n, NULL, NULL, &tid, &e);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(e, WSAEINVAL);
+	CHECK_EQ(n, 0);
+	WSASetLastError(0);
+	ret = WSPIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, NULL, NULL, &tid, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	close(fd);
+	closesocket(s);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Rules that need a real redirected connection (kernel mode).              */
+
+static int svc_port, dst_port;
+static SOCKET l_svc4, l_svc6, l_dst4, l_dst6;
+
+static SOCKET listener(int family, int port)
+{
+	SOCKET s = socket(family, SOCK_STREAM, 0);
+	int one = 1;
+	setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	struct sockaddr_storage ss;
+	socklen_t len;
+	memset(&ss, 0, sizeof ss);
+	if (family == AF_INET) {
+		struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+		a->sin_family = AF_INET;
+		a->sin_port = htons(port);
+		a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		len = sizeof *a;
+	} else {
+		struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+		a->sin6_family = AF_INET6;
+		a->sin6_port = htons(port);
+		a->sin6_addr = in6addr_loopback;
+		len = sizeof *a;
+	}
+	if (bind(s, (struct sockaddr *)&ss, len) != 0 || listen(s, 64) != 0) {
+		fprintf(stderr, "listen on port %d: %s\n", port, strerror(errno));
+		exit(2);
+	}
+	return s;
+}
+
+static int loopback(int family, int port, struct sockaddr_storage *ss)
+{
+	memset(ss, 0, sizeof *ss);
+	if (family == AF_INET) {
+		struct sockaddr_in *a = (struct sockaddr_in *)ss;
+		a->sin_family = AF_INET;
+		a->sin_port = htons(port);
+		a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		return sizeof *a;
+	}
+	struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+	a->sin6_family = AF_INET6;
+	a->sin6_port = htons(port);
+	a->sin6_addr = in6addr_loopback;
+	return sizeof *a;
+}
+
+/* accept() with a 5 s bound; -1 if nothing came. */
+static SOCKET accept_within(SOCKET l, int ms)
+{
+	struct pollfd p = {.fd = l, .events = POLLIN};
+	if (poll(&p, 1, ms) != 1)
+		return -1;
+	return accept(l, NULL, NULL);
+}
+
+/* The application connects to the original destination; the hook sends it to our listener. */
+static int redirected_pair(int family, SOCKET *client, SOCKET *accepted)
+{
+	struct sockaddr_storage ss;
+	int len = loopback(family, dst_port, &ss);
+	*client = socket(family, SOCK_STREAM, 0);
+	if (connect(*client, (struct sockaddr *)&ss, len) != 0) {
+		fprintf(stderr, "    connect to original destination: %s\n", strerror(errno));
+		return 0;
+	}
+	*accepted = accept_within(family == AF_INET ? l_svc4 : l_svc6, 5000);
+	if (*accepted < 0) {
+		fprintf(stderr, "    the connect was not redirected to the service listener\n");
+		/* drain what reached the destination instead */
+		SOCKET x = accept_within(family == AF_INET ? l_dst4 : l_dst6, 0);
+		if (x >= 0)
+			close(x);
+		return 0;
+	}
+	return 1;
+}
+
+/* Connects the proxy's outbound socket to the original destination; 1 if it got there unredirected. */
+static int onward_reaches_destination(int family, SOCKET out)
+{
+	struct sockaddr_storage ss;
+	int len = loopback(family, dst_port, &ss);
+	if (connect(out, (struct sockaddr *)&ss, len) != 0) {
+		fprintf(stderr, "    onward connect: %s\n", strerror(errno));
+		return 0;
+	}
+	SOCKET d = accept_within(family == AF_INET ? l_dst4 : l_dst6, 5000);
+	SOCKET again = accept_within(family == AF_INET ? l_svc4 : l_svc6, 0);
+	int ok = d >= 0 && again < 0;
+	if (d >= 0)
+		close(d);
+	if (again >= 0)
+		close(again);
+	return ok;
+}
+
+static void query_records_succeeds(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET, &c, &a)) {
+		test_ok = 0;
+		return;
+	}
+	unsigned char buf[REWIRE_WFP_MAX_RECORDS_SIZE];
+	struct res r = ioc(a, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	REWIRE_WFP_RECORDS rec;
+	memcpy(&rec, buf, sizeof rec);
+	CHECK_EQ(rec.magic, 0x5752);
+	CHECK_EQ(rec.n_chain, 1);
+	CHECK_EQ(rec.chain[0], 1);
+	CHECK_EQ(rec.orig_dst.family, AF_INET);
+	CHECK_EQ(ntohs(rec.orig_dst.port_be), dst_port);
+	CHECK_EQ(rec.pid, getpid());
+	/* a bigger buffer is fine; only the answer's size is reported */
+	unsigned char big[4096];
+	r = ioc(a, QREC, NULL, 0, big, sizeof big);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	CHECK(memcmp(big, buf, 120) == 0);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void query_context_succeeds(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET6, &c, &a)) {
+		test_ok = 0;
+		return;
+	}
+	REWIRE_WFP_CONTEXT ctx;
+	struct res r = ioc(a, QCTX, NULL, 0, &ctx, sizeof ctx);
+	EXPECT_OK(r, REWIRE_WFP_MAX_CONTEXT_SIZE);
+	CHECK_EQ(ctx.magic, 0x5752);
+	CHECK_EQ(ctx.state, REWIRE_WFP_REDIRECTED_BY_SELF);
+	CHECK_EQ(ctx.service_id, 1);
+	CHECK_EQ(ctx.hop, 1);
+	CHECK_EQ(ctx.records.orig_dst.family, AF_INET6);
+	CHECK_EQ(ntohs(ctx.records.orig_dst.port_be), dst_port);
+	CHECK(memcmp(ctx.records.orig_dst.addr, &in6addr_loopback, 16) == 0);
+	CHECK_EQ(ctx.records.pid, getpid());
+	/* the context's records are the records blob */
+	unsigned char rec[REWIRE_WFP_MAX_RECORDS_SIZE];
+	r = ioc(a, QREC, NULL, 0, rec, sizeof rec);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	CHECK(memcmp(rec, &ctx.records, sizeof rec) == 0);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void query_too_small_on_redirected_socket(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET, &c, &a)) {
+		test_ok = 0;
+		return;
+	}
+	unsigned char buf[256];
+	struct res r = ioc(a, QREC, NULL, 0, buf, REWIRE_WFP_MAX_RECORDS_SIZE - 1);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(a, QCTX, NULL, 0, buf, REWIRE_WFP_MAX_CONTEXT_SIZE - 1);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(a, QCTX, NULL, 0, buf, 2);
+	EXPECT_FAIL(r, WSAEINVAL);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void set_records_succeeds_and_flow_reaches_destination(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET, &c, &a)) {
+		test_ok = 0;
+		return;
+	}
+	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
+	struct res r = ioc(a, QREC, NULL, 0, blob, sizeof blob);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	SOCKET out = socket(AF_INET, SOCK_STREAM, 0);
+	r = ioc(out, SETR, blob, sizeof blob, NULL, 0);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	CHECK(onward_reaches_destination(AF_INET, out));
+	/* after connect the records can no longer be set */
+	r = ioc(out, SETR, blob, sizeof blob, NULL, 0);
+	EXPECT_FAIL(r, WSAEINVAL);
+	closesocket(out);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void tampered_or_truncated_blob_is_einval(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET, &c, &a)) {
+		test_ok = 0;
+		return;
+	}
+	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
+	struct res r = ioc(a, QREC, NULL, 0, blob, sizeof blob);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	SOCKET out = socket(AF_INET, SOCK_STREAM, 0);
+	unsigned char bad[REWIRE_WFP_MAX_RECORDS_SIZE + 1];
+	memcpy(bad, blob, sizeof blob);
+	bad[9] ^= 0x40; /* flow_id */
+	r = ioc(out, SETR, bad, sizeof blob, NULL, 0);
+	EXPECT_FAIL(r, WSAEINVAL);
+	memcpy(bad, blob, sizeof blob);
+	bad[88] = 7; /* chain[0]: pretend another service handled it */
+	r = ioc(out, SETR, bad, sizeof blob, NULL, 0);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(out, SETR, blob, sizeof blob - 1, NULL, 0); /* truncated */
+	EXPECT_FAIL(r, WSAEINVAL);
+	memcpy(bad, blob, sizeof blob);
+	bad[sizeof blob] = 0;
+	r = ioc(out, SETR, bad, sizeof bad, NULL, 0); /* trailing byte */
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(out, SETR, sample_blob, sizeof sample_blob, NULL, 0); /* forged */
+	EXPECT_FAIL(r, WSAEINVAL);
+	closesocket(out);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void query_on_connection_not_redirected_is_einval(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET, &c, &a)) {
+		test_ok = 0;
+		return;
+	}
+	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
+	struct res r = ioc(a, QREC, NULL, 0, blob, sizeof blob);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	/* the proxy's own onward connection arrives unredirected: no records */
+	SOCKET out = socket(AF_INET, SOCK_STREAM, 0);
+	r = ioc(out, SETR, blob, sizeof blob, NULL, 0);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	struct sockaddr_storage ss;
+	int len = loopback(AF_INET, dst_port, &ss);
+	CHECK(connect(out, (struct sockaddr *)&ss, len) == 0);
+	SOCKET d = accept_within(l_dst4, 5000);
+	CHECK(d >= 0);
+	unsigned char buf[256];
+	r = ioc(d, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(d, QCTX, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEINVAL);
+	/* nor does the application's side */
+	r = ioc(c, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEINVAL);
+	closesocket(d);
+	closesocket(out);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void udp_socket_is_einval(void)
+{
+	SOCKET u = socket(AF_INET, SOCK_DGRAM, 0);
+	unsigned char buf[256];
+	struct res r = ioc(u, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(u, SETR, sample_blob, sizeof sample_blob, NULL, 0);
+	EXPECT_FAIL(r, WSAEINVAL);
+	closesocket(u);
+}
+
+static void unprivileged_caller_is_eacces(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET, &c, &a)) {
+		test_ok = 0;
+		return;
+	}
+	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
+	struct res r = ioc(a, QREC, NULL, 0, blob, sizeof blob);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	SOCKET out = socket(AF_INET, SOCK_STREAM, 0);
+	fflush(NULL);
+	pid_t pid = fork();
+	if (pid == 0) {
+		alarm(10);
+		if (setgroups(0, NULL) != 0 || setresgid(65534, 65534, 65534) != 0 ||
+		    setresuid(65534, 65534, 65534) != 0)
+			_exit(3);
+		test_ok = 1;
+		unsigned char buf[256];
+		struct res q = ioc(a, QREC, NULL, 0, buf, sizeof buf);
+		EXPECT_FAIL(q, WSAEACCES);
+		q = ioc(a, QCTX, NULL, 0, buf, sizeof buf);
+		EXPECT_FAIL(q, WSAEACCES);
+		q = ioc(out, SETR, blob, sizeof blob, NULL, 0);
+		EXPECT_FAIL(q, WSAEACCES);
+		_exit(test_ok ? 0 : 1);
+	}
+	int status = -1;
+	CHECK(pid > 0 && waitpid(pid, &status, 0) == pid);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	/* the parent (root) still may */
+	r = ioc(out, SETR, blob, sizeof blob, NULL, 0);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	closesocket(out);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void overlapped_query_completes_through_event(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET, &c, &a)) {
+		test_ok = 0;
+		return;
+	}
+	CHECK_EQ(rewire_wsa_set_overlapped(a, TRUE), 0);
+	unsigned char buf[REWIRE_WFP_MAX_RECORDS_SIZE];
+	memset(buf, 0, sizeof buf);
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	ov.hEvent = WSACreateEvent();
+	DWORD n = 0xDEADBEEF, t = 0, fl = 77;
+	WSASetLastError(0);
+	int ret = WSAIoctl(a, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(n, 0);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &ov.hEvent, TRUE, 5000, FALSE), WSA_WAIT_EVENT_0);
+	WSASetLastError(0);
+	CHECK_EQ(WSAGetOverlappedResult(a, &ov, &t, FALSE, &fl), TRUE);
+	CHECK_EQ(WSAGetLastError(), 0);
+	CHECK_EQ(t, REWIRE_WFP_MAX_RECORDS_SIZE);
+	CHECK_EQ(fl, 0);
+	CHECK_EQ(ov.Internal, 0);
+	CHECK_EQ(ov.InternalHigh, REWIRE_WFP_MAX_RECORDS_SIZE);
+	REWIRE_WFP_RECORDS rec;
+	memcpy(&rec, buf, sizeof rec);
+	CHECK_EQ(rec.magic, 0x5752);
+	CHECK_EQ(ntohs(rec.orig_dst.port_be), dst_port);
+
+	/* overlapped SET on an overlapped outbound socket, then the flow goes through */
+	SOCKET out = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	WSAOVERLAPPED ov2;
+	memset(&ov2, 0, sizeof ov2);
+	ov2.hEvent = ov.hEvent;
+	n = 0xDEADBEEF;
+	ret = WSAIoctl(out, SETR, buf, sizeof buf, NULL, 0, &n, &ov2, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(n, 0);
+	WSASetLastError(0);
+	CHECK_EQ(WSAGetOverlappedResult(out, &ov2, &t, TRUE, &fl), TRUE);
+	CHECK_EQ(WSAGetLastError(), 0);
+	CHECK_EQ(t, REWIRE_WFP_MAX_RECORDS_SIZE);
+	CHECK(onward_reaches_destination(AF_INET, out));
+	WSACloseEvent(ov.hEvent);
+	closesocket(out);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void overlapped_context_query_runs_completion_routine(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET6, &c, &a)) {
+		test_ok = 0;
+		return;
+	}
+	CHECK_EQ(rewire_wsa_set_overlapped(a, TRUE), 0);
+	REWIRE_WFP_CONTEXT ctx;
+	memset(&ctx, 0, sizeof ctx);
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	cr_calls = 0;
+	cr_err = 12345;
+	DWORD n = 0xDEADBEEF;
+	int e = 0;
+	int ret = WSPIoctl(a, QCTX, NULL, 0, &ctx, sizeof ctx, &n, &ov, completion, NULL, &e);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(e, WSA_IO_PENDING);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(n, 0);
+	DWORD w = SleepEx(5000, TRUE);
+	CHECK_EQ(w, WAIT_IO_COMPLETION);
+	CHECK_EQ(cr_calls, 1);
+	CHECK_EQ(cr_err, 0);
+	CHECK_EQ(cr_bytes, REWIRE_WFP_MAX_CONTEXT_SIZE);
+	CHECK(cr_ov == &ov);
+	CHECK(pthread_equal(cr_thread, pthread_self()));
+	CHECK_EQ(ctx.state, REWIRE_WFP_REDIRECTED_BY_SELF);
+	CHECK_EQ(ntohs(ctx.records.orig_dst.port_be), dst_port);
+	/* closing an overlapped socket with nothing pending is a plain close */
+	CHECK_EQ(closesocket(a), 0);
+	closesocket(c);
+}
+
+static void overlapped_failure_in_kernel_completes_with_error(void)
+{
+	/* unprivileged isn't needed: a managed but unredirected socket answers WSAEINVAL */
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	unsigned char bad[REWIRE_WFP_MAX_RECORDS_SIZE];
+	memcpy(bad, sample_blob, sizeof bad);
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	ov.hEvent = WSACreateEvent();
+	DWORD n = 0xDEADBEEF, t = 77, fl = 0;
+	int ret = WSAIoctl(s, SETR, bad, sizeof bad, NULL, 0, &n, &ov, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(n, 0);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &ov.hEvent, TRUE, 5000, FALSE), WSA_WAIT_EVENT_0);
+	WSASetLastError(0);
+	CHECK_EQ(WSAGetOverlappedResult(s, &ov, &t, FALSE, &fl), FALSE);
+	CHECK_EQ(WSAGetLastError(), WSAEINVAL);
+	CHECK_EQ(t, 0);
+	WSACloseEvent(ov.hEvent);
+	closesocket(s);
+}
+
+int main(int argc, char **argv)
+{
+	alarm(120); /* the whole suite is bounded */
+	init_sample_blob();
+	if (argc == 4 && strcmp(argv[1], "--kernel") == 0) {
+		managed = 1;
+		svc_port = atoi(argv[2]);
+		dst_port = atoi(argv[3]);
+	} else if (argc != 1) {
+		fprintf(stderr, "usage: %s [--kernel SERVICE_PORT DESTINATION_PORT]\n", argv[0]);
+		return 2;
+	}
+
+	RUN(unknown_control_code_is_einval);
+	RUN(non_socket_is_enotsock);
+	RUN(unix_socket_is_eopnotsupp);
+	RUN(plain_tcp_socket_query_fails);
+	RUN(output_buffer_too_small_is_einval_with_zero_bytes);
+	RUN(set_needs_zero_output_size);
+	RUN(null_or_unmapped_output_is_efault);
+	RUN(null_or_unmapped_input_is_efault);
+	RUN(bad_bytes_returned_pointer_is_efault);
+	RUN(overlapped_argument_checks_are_synchronous);
+	RUN(non_overlapped_socket_ignores_lpoverlapped);
+	RUN(overlapped_error_completes_through_event);
+	RUN(overlapped_pending_is_incomplete_until_done);
+	RUN(closesocket_aborts_pending_event);
+	RUN(closesocket_aborts_pending_completion_routine);
+	RUN(last_error_is_per_thread);
+	RUN(events_and_waits);
+	RUN(closesocket_and_overlapped_mark_need_a_socket);
+	RUN(wspioctl_reports_through_lperrno);
+
+	if (managed) {
+		l_svc4 = listener(AF_INET, svc_port);
+		l_svc6 = listener(AF_INET6, svc_port);
+		l_dst4 = listener(AF_INET, dst_port);
+		l_dst6 = listener(AF_INET6, dst_port);
+		RUN(query_records_succeeds);
+		RUN(query_context_succeeds);
+		RUN(query_too_small_on_redirected_socket);
+		RUN(set_records_succeeds_and_flow_reaches_destination);
+		RUN(tampered_or_truncated_blob_is_einval);
+		RUN(query_on_connection_not_redirected_is_einval);
+		RUN(udp_socket_is_einval);
+		RUN(unprivileged_caller_is_eacces);
+		RUN(overlapped_query_completes_through_event);
+		RUN(overlapped_context_query_runs_completion_routine);
+		RUN(overlapped_failure_in_kernel_completes_with_error);
+	}
+	printf("# %d failed\n", failures);
+	return failures ? 1 : 0;
+}
