@@ -1,1 +1,446 @@
-fn main() {}
+//! `rewire-bench`: direct connections, rewire hooks with no matching rule,
+//! rewire with one proxy and with a two-proxy chain, and the same reference
+//! proxy behind an nftables `redirect` rule, measured side by side on
+//! loopback in one run. See docs/bench.md.
+
+mod load;
+mod report;
+mod sys;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use load::WorkerResult;
+use rewire_control::{Config, Hooks, ManagedCgroup};
+use sys::{NetNs, Placement};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rewire-bench",
+    about = "rewire vs direct vs nftables REDIRECT, side by side on loopback (needs root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Sub>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    /// A ~20 s run: shorter tests, one round, a small churn.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per test (connect, request/response, bulk) per scenario and round.
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Rounds over all scenarios (default 3, 1 with --quick); each figure keeps its best round.
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Short connections through one proxy for the memory check (the issue
+    /// asks 1000000; default 20000, 4000 with --quick; bounded to 10 minutes).
+    #[arg(long)]
+    churn: Option<u64>,
+    /// Scenarios to run (comma separated among direct,hooks,proxy1,proxy2,nft).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where to write results.{json,txt,png}.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// The `rewire` binary (default: next to this one).
+    #[arg(long)]
+    rewire: Option<PathBuf>,
+    /// First of the loopback ports used (server echo, sink, proxies: base..base+4).
+    #[arg(long, default_value_t = 24100)]
+    base_port: u16,
+    /// Relay mode of the proxies (splice or copy).
+    #[arg(long, default_value = "splice")]
+    relay: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Sub {
+    /// (internal) the echo + sink server.
+    Serve { echo: SocketAddr, sink: SocketAddr },
+    /// (internal) one test against an address; prints JSON.
+    Worker {
+        test: String,
+        target: SocketAddr,
+        #[arg(long, default_value_t = u64::MAX)]
+        count: u64,
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        #[arg(long, default_value_t = u64::MAX)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Some(Sub::Serve { echo, sink }) => load::serve(echo, sink),
+        Some(Sub::Worker { test, target, count, secs, bytes, threads }) => {
+            load::worker(&test, target, count, secs, bytes, threads)
+                .map(|r| println!("{}", serde_json::to_string(&r).unwrap()))
+        }
+        None => orchestrate(cli.run),
+    };
+    if let Err(e) = r {
+        eprintln!("rewire-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub const SCENARIOS: &[(&str, &str)] = &[
+    ("direct", "direct"),
+    ("hooks", "rewire, hooks, no rule matches"),
+    ("proxy1", "rewire, 1 proxy"),
+    ("proxy2", "rewire, 2-proxy chain"),
+    ("nft", "nftables REDIRECT + same proxy (SO_ORIGINAL_DST)"),
+];
+
+/// The figures of one scenario.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Figures {
+    pub scenario: String,
+    pub label: String,
+    pub conns_per_s: f64,
+    pub connect_p50_us: f64,
+    pub connect_p99_us: f64,
+    pub first_byte_p50_us: f64,
+    pub first_byte_p99_us: f64,
+    pub bulk_gb_per_s: f64,
+    pub rr_per_s: f64,
+    pub rr_p50_us: f64,
+    pub rr_p99_us: f64,
+    /// CPU seconds (worker + server + proxies) per GB of the bulk test.
+    pub cpu_s_per_gb: f64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl Figures {
+    /// Keeps the better value of each figure.
+    fn best(&mut self, o: &Figures) {
+        let hi = |a: &mut f64, b: f64| *a = if *a == 0.0 { b } else { a.max(b) };
+        let lo = |a: &mut f64, b: f64| {
+            *a = if *a == 0.0 {
+                b
+            } else if b > 0.0 {
+                a.min(b)
+            } else {
+                *a
+            }
+        };
+        hi(&mut self.conns_per_s, o.conns_per_s);
+        lo(&mut self.connect_p50_us, o.connect_p50_us);
+        lo(&mut self.connect_p99_us, o.connect_p99_us);
+        lo(&mut self.first_byte_p50_us, o.first_byte_p50_us);
+        lo(&mut self.first_byte_p99_us, o.first_byte_p99_us);
+        hi(&mut self.bulk_gb_per_s, o.bulk_gb_per_s);
+        hi(&mut self.rr_per_s, o.rr_per_s);
+        lo(&mut self.rr_p50_us, o.rr_p50_us);
+        lo(&mut self.rr_p99_us, o.rr_p99_us);
+        lo(&mut self.cpu_s_per_gb, o.cpu_s_per_gb);
+        self.errors += o.errors;
+        if self.first_error.is_none() {
+            self.first_error = o.first_error.clone();
+        }
+    }
+}
+
+/// The memory check after many short connections through one proxy.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Churn {
+    pub connections: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub secs: f64,
+    pub proxy_rss_kib_before: u64,
+    pub proxy_rss_kib_after: u64,
+    pub handoff_entries_before: usize,
+    pub handoff_entries_after: usize,
+}
+
+struct Ctx {
+    args: RunArgs,
+    me: PathBuf,
+    rewire: PathBuf,
+    secs: f64,
+    echo: u16,
+    sink: u16,
+    p1: u16,
+    p2: u16,
+    tag: String,
+    tmp: PathBuf,
+}
+
+impl Ctx {
+    fn target(&self, port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn server(&self, place: &Placement) -> Result<Child> {
+        let mut c = Command::new(&self.me);
+        c.arg("serve").arg(self.target(self.echo).to_string()).arg(self.target(self.sink).to_string());
+        let child = sys::spawn(c, place, false)?;
+        sys::wait_listening(child.id(), self.sink, Duration::from_secs(5))?;
+        sys::wait_listening(child.id(), self.echo, Duration::from_secs(5))?;
+        Ok(child)
+    }
+
+    fn worker(&self, place: &Placement, test: &str, port: u16, extra: &[String]) -> Result<WorkerResult> {
+        let mut c = Command::new(&self.me);
+        c.arg("worker").arg(test).arg(self.target(port).to_string()).args(extra);
+        let child = sys::spawn(c, place, true)?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("worker {test} failed ({})", out.status);
+        }
+        serde_json::from_slice(&out.stdout).context("worker output")
+    }
+
+    fn proxy(&self, place: &Placement, args: &[String]) -> Result<Child> {
+        let mut c = Command::new(&self.rewire);
+        c.arg("proxy").args(args).args(["--log", "/dev/null", "--relay", &self.args.relay]);
+        c.env("REWIRE_LOG", "error");
+        if let Some(cg) = &place.cgroup {
+            c.env("REWIRE_CGROUP", cg);
+        }
+        sys::spawn(c, place, false)
+    }
+
+    /// The three tests of one scenario; `pids` are the server and proxies,
+    /// whose CPU time is added to the worker's for the bulk test.
+    fn tests(&self, name: &str, place: &Placement, pids: &[u32]) -> Result<Figures> {
+        let s = format!("{}", self.secs);
+        let mut f = Figures { scenario: name.into(), ..Default::default() };
+        let c =
+            self.worker(place, "connect", self.echo, &["--secs".into(), s.clone(), "--count".into(), "500000".into()])?;
+        f.conns_per_s = c.ops as f64 / c.secs;
+        f.connect_p50_us = c.connect_p50_us;
+        f.connect_p99_us = c.connect_p99_us;
+        f.first_byte_p50_us = c.first_byte_p50_us;
+        f.first_byte_p99_us = c.first_byte_p99_us;
+        f.errors += c.errors;
+        f.first_error = c.first_error;
+        let r =
+            self.worker(place, "rr", self.echo, &["--secs".into(), s.clone(), "--count".into(), "10000000".into()])?;
+        f.rr_per_s = r.ops as f64 / r.secs;
+        f.rr_p50_us = r.rr_p50_us;
+        f.rr_p99_us = r.rr_p99_us;
+        let cpu0: f64 = pids.iter().map(|&p| sys::proc_cpu(p)).sum();
+        let b =
+            self.worker(place, "bulk", self.sink, &["--secs".into(), s, "--bytes".into(), (200u64 << 30).to_string()])?;
+        let cpu1: f64 = pids.iter().map(|&p| sys::proc_cpu(p)).sum();
+        let gb = b.bytes as f64 / 1e9;
+        f.bulk_gb_per_s = gb / b.secs;
+        f.cpu_s_per_gb = (b.cpu_s + cpu1 - cpu0) / gb;
+        Ok(f)
+    }
+
+    /// A config with services p1 (and p2) matching the server ports, or
+    /// (`proxies` = 0) one service whose rule matches nothing we use.
+    fn config(&self, scenario: &str, proxies: usize) -> Result<(Config, PathBuf)> {
+        let cg = format!("{}-{scenario}", self.tag);
+        let mut t = format!("cgroup = \"{cg}\"\n");
+        let ports = if proxies == 0 { "[9]".to_string() } else { format!("[{}, {}]", self.echo, self.sink) };
+        for (i, port) in [self.p1, self.p2].iter().enumerate().take(proxies.max(1)) {
+            t += &format!(
+                "[[service]]\nname = \"p{}\"\nlisten = [\"127.0.0.1:{port}\"]\nmatch = {{ dst = [\"127.0.0.0/8\"], ports = {ports} }}\n",
+                i + 1
+            );
+        }
+        let path = self.tmp.join(format!("{scenario}.toml"));
+        std::fs::write(&path, t)?;
+        Ok((Config::load(&path)?, path))
+    }
+
+    /// Scenarios (b)-(d): a cgroup of ours with the hooks attached, the
+    /// proxies and the worker inside; the server outside.
+    fn rewire_scenario(&self, name: &str, proxies: usize, churn: Option<u64>) -> Result<(Figures, Option<Churn>)> {
+        let (cfg, path) = self.config(name, proxies)?;
+        let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
+        let result = (|| {
+            let hooks = Hooks::attach(&cfg, cgroup.path())?;
+            let place = Placement { cgroup: Some(cgroup.path().into()), ..Default::default() };
+            let mut server = self.server(&Placement::default())?;
+            let mut children = vec![];
+            let r = (|| {
+                for (i, port) in [self.p1, self.p2].iter().enumerate().take(proxies) {
+                    let p = self.proxy(
+                        &place,
+                        &["--name".into(), format!("p{}", i + 1), "--config".into(), path.display().to_string()],
+                    )?;
+                    let pid = p.id();
+                    children.push(p);
+                    sys::wait_listening(pid, *port, Duration::from_secs(5))?;
+                }
+                let mut pids = vec![server.id()];
+                pids.extend(children.iter().map(|c| c.id()));
+                if let Some(n) = churn {
+                    return self.churn(&place, &hooks, children[0].id(), n).map(|c| (Figures::default(), Some(c)));
+                }
+                Ok((self.tests(name, &place, &pids)?, None))
+            })();
+            for c in &mut children {
+                sys::stop(c);
+            }
+            sys::stop(&mut server);
+            drop(hooks);
+            r
+        })();
+        cgroup.remove()?;
+        result
+    }
+
+    fn churn(&self, place: &Placement, hooks: &Hooks, proxy: u32, n: u64) -> Result<Churn> {
+        // Warm up so the baseline includes the runtime's steady allocations.
+        self.worker(place, "churn", self.echo, &["--count".into(), "200".into(), "--threads".into(), "2".into()])?;
+        std::thread::sleep(Duration::from_millis(300));
+        let mut c = Churn {
+            proxy_rss_kib_before: sys::rss_kib(proxy),
+            handoff_entries_before: hooks.handoff_entries()?,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let w = self.worker(
+            place,
+            "churn",
+            self.echo,
+            &["--count".into(), n.to_string(), "--threads".into(), "2".into(), "--secs".into(), "600".into()],
+        )?;
+        c.secs = t.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(1000));
+        c.connections = w.ops;
+        c.errors = w.errors;
+        c.first_error = w.first_error;
+        c.proxy_rss_kib_after = sys::rss_kib(proxy);
+        c.handoff_entries_after = hooks.handoff_entries()?;
+        Ok(c)
+    }
+
+    /// Scenario (e): a network namespace of ours, nftables redirecting the
+    /// server ports to the proxy (which runs as nobody, exempt by uid).
+    fn nft_scenario(&self) -> Result<Figures> {
+        let ns = NetNs::create(&self.tag)?;
+        let uid = 65534;
+        ns.nft(&format!(
+            "table ip rwbench {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n  meta skuid {uid} return\n  tcp dport {{ {}, {} }} redirect to :{}\n }}\n}}\n",
+            self.echo, self.sink, self.p1
+        ))?;
+        let inside = Placement { netns: Some(ns.path()), ..Default::default() };
+        let mut server = self.server(&inside)?;
+        let r = (|| {
+            let as_nobody = Placement { netns: Some(ns.path()), uid: Some(uid), ..Default::default() };
+            let mut proxy = self.proxy(
+                &as_nobody,
+                &[
+                    "--name".into(),
+                    "nft".into(),
+                    "--original-dst".into(),
+                    "--listen".into(),
+                    self.target(self.p1).to_string(),
+                ],
+            )?;
+            let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5))
+                .and_then(|()| self.tests("nft", &inside, &[server.id(), proxy.id()]));
+            sys::stop(&mut proxy);
+            r
+        })();
+        sys::stop(&mut server);
+        drop(ns);
+        r
+    }
+
+    fn direct(&self) -> Result<Figures> {
+        let mut server = self.server(&Placement::default())?;
+        let r = self.tests("direct", &Placement::default(), &[server.id()]);
+        sys::stop(&mut server);
+        r
+    }
+}
+
+fn orchestrate(args: RunArgs) -> Result<()> {
+    if !rewire_control::checks::privileged() {
+        bail!("rewire-bench needs root (cgroups, BPF, network namespaces)");
+    }
+    let me = std::env::current_exe()?;
+    let rewire = args.rewire.clone().unwrap_or_else(|| me.with_file_name("rewire"));
+    if !rewire.exists() {
+        bail!("{} not found: build it (cargo build --release -p rewire-cli) or pass --rewire", rewire.display());
+    }
+    let secs = args.secs.unwrap_or(if args.quick { 1.0 } else { 3.0 });
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
+    let churn_n = args.churn.unwrap_or(if args.quick { 4_000 } else { 20_000 });
+    let tag = format!("rwbench-{}", std::process::id());
+    let tmp = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&tmp)?;
+    let b = args.base_port;
+    let ctx =
+        Ctx { me, rewire, secs, echo: b, sink: b + 1, p1: b + 2, p2: b + 3, tag, tmp: tmp.clone(), args: args.clone() };
+    let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let started = Instant::now();
+
+    let mut best: BTreeMap<&str, Figures> = BTreeMap::new();
+    let mut failures: Vec<String> = vec![];
+    for round in 1..=rounds {
+        for &(name, label) in SCENARIOS {
+            if !wanted(name) {
+                continue;
+            }
+            eprintln!("rewire-bench: round {round}/{rounds}: {label}");
+            let r = match name {
+                "direct" => ctx.direct(),
+                "hooks" => ctx.rewire_scenario(name, 0, None).map(|r| r.0),
+                "proxy1" => ctx.rewire_scenario(name, 1, None).map(|r| r.0),
+                "proxy2" => ctx.rewire_scenario(name, 2, None).map(|r| r.0),
+                "nft" => ctx.nft_scenario(),
+                _ => unreachable!(),
+            };
+            match r {
+                Ok(mut f) => {
+                    f.label = label.into();
+                    best.entry(name).and_modify(|b| b.best(&f)).or_insert(f);
+                }
+                Err(e) => {
+                    eprintln!("rewire-bench: {label}: {e:#}");
+                    failures.push(format!("{label}: {e:#}"));
+                }
+            }
+        }
+    }
+    let churn = if churn_n > 0 && wanted("proxy1") {
+        eprintln!("rewire-bench: churn: {churn_n} short connections through 1 proxy");
+        match ctx.rewire_scenario("churn", 1, Some(churn_n)) {
+            Ok((_, c)) => c,
+            Err(e) => {
+                failures.push(format!("churn: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    let figures: Vec<Figures> = SCENARIOS.iter().filter_map(|(n, _)| best.get(n).cloned()).collect();
+    report::write(&args.out, &figures, churn.as_ref(), &failures, secs, rounds, &args.relay, started.elapsed())?;
+    if !failures.is_empty() {
+        bail!("{} scenario(s) failed", failures.len());
+    }
+    Ok(())
+}
+
+/// Path helper for report.rs.
+pub fn ensure_dir(p: &Path) -> Result<()> {
+    std::fs::create_dir_all(p).with_context(|| format!("mkdir {}", p.display()))
+}

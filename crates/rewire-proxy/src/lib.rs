@@ -16,6 +16,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+pub mod relay;
+pub use relay::RelayMode;
+
 /// How a proxy is set up.
 #[derive(Clone, Debug)]
 pub struct ProxyOptions {
@@ -25,6 +28,24 @@ pub struct ProxyOptions {
     pub listen: Vec<SocketAddr>,
     /// Service names by id (index 0 = id 1), to name the chain in logs.
     pub service_names: Vec<String>,
+    /// How bytes are relayed (default: zero-copy splice, falling back to copy).
+    pub relay: RelayMode,
+    /// Take the destination from netfilter's `SO_ORIGINAL_DST` instead of
+    /// the redirect records (to run behind an nftables `redirect` rule, as
+    /// the benchmark's comparison does); no records are set onward.
+    pub original_dst: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            name: "proxy".into(),
+            listen: vec![],
+            service_names: vec![],
+            relay: RelayMode::default(),
+            original_dst: false,
+        }
+    }
 }
 
 /// The JSON line written for every finished flow.
@@ -143,6 +164,12 @@ pub async fn handle(opts: &ProxyOptions, mut client: TcpStream, peer: SocketAddr
 }
 
 async fn relay(opts: &ProxyOptions, client: &mut TcpStream, log: &mut FlowLog) -> Result<(), String> {
+    if opts.original_dst {
+        let dst = relay::netfilter_original_dst(client).map_err(|e| format!("SO_ORIGINAL_DST: {e}"))?;
+        log.original_destination = Some(dst);
+        let mut upstream = TcpStream::connect(dst).await.map_err(|e| format!("connect onward to {dst}: {e}"))?;
+        return relay_bytes(opts, client, &mut upstream, log).await;
+    }
     let records = rewire::query_redirect_records(client).map_err(|e| format!("query records: {e}"))?;
     log.flow = Some(format!("{:016x}", records.flow_id()));
     log.original_destination = Some(records.original_destination());
@@ -164,10 +191,17 @@ async fn relay(opts: &ProxyOptions, client: &mut TcpStream, log: &mut FlowLog) -
     let mut upstream = rewire::asynchronous::connect_onward(&records)
         .await
         .map_err(|e| format!("connect onward to {}: {e}", records.original_destination()))?;
-    let (up, down) = tokio::io::copy_bidirectional(client, &mut upstream)
-        .await
-        .map_err(|e| format!("relay: {e}"))?;
-    log.bytes_to_server = up;
-    log.bytes_to_client = down;
+    relay_bytes(opts, client, &mut upstream, log).await
+}
+
+async fn relay_bytes(
+    opts: &ProxyOptions,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    log: &mut FlowLog,
+) -> Result<(), String> {
+    let stats = relay::relay(opts.relay, client, upstream).await.map_err(|e| format!("relay: {e}"))?;
+    log.bytes_to_server = stats.a_to_b;
+    log.bytes_to_client = stats.b_to_a;
     Ok(())
 }

@@ -1,0 +1,238 @@
+//! The two ends of the load: a server (echo and sink ports) and a worker
+//! that runs one test against an address and prints its result as JSON.
+//! Both run as separate processes so that the orchestrator can place them
+//! in a cgroup or a network namespace and account their CPU time.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bytes of one request and of one response in the request/response test.
+pub const RR_SIZE: usize = 64;
+
+/// What one worker run measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkerResult {
+    pub test: String,
+    pub ops: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub secs: f64,
+    pub bytes: u64,
+    /// connect() latencies: p50 and p99 in microseconds (connect test).
+    pub connect_p50_us: f64,
+    pub connect_p99_us: f64,
+    /// connect + 1-byte echo (the flow really reached the server), p50/p99 µs.
+    pub first_byte_p50_us: f64,
+    pub first_byte_p99_us: f64,
+    /// Round trip of one request/response, p50/p99 µs (rr test).
+    pub rr_p50_us: f64,
+    pub rr_p99_us: f64,
+    /// CPU seconds (user + system) of the worker itself.
+    pub cpu_s: f64,
+}
+
+fn self_cpu() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct.
+    let r = unsafe {
+        let mut r: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut r);
+        r
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    t(r.ru_utime) + t(r.ru_stime)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs one test: `connect` (count connections: connect, 1-byte echo, close),
+/// `churn` (the same on `threads` threads, no latencies kept), `rr`
+/// (request/response on one connection), `bulk` (one stream to the sink).
+pub fn worker(
+    test: &str,
+    target: SocketAddr,
+    count: u64,
+    secs: f64,
+    bytes: u64,
+    threads: usize,
+) -> Result<WorkerResult> {
+    let cpu0 = self_cpu();
+    let deadline = Duration::from_secs_f64(secs);
+    let t0 = Instant::now();
+    let mut r = WorkerResult { test: test.into(), ..Default::default() };
+    let timeout = Duration::from_secs(10);
+    match test {
+        "connect" => {
+            let (mut lat, mut fb) = (Vec::new(), Vec::new());
+            while r.ops < count && t0.elapsed() < deadline {
+                let s = Instant::now();
+                let res = (|| -> std::io::Result<Duration> {
+                    let mut c = TcpStream::connect_timeout(&target, timeout)?;
+                    let connected = s.elapsed();
+                    c.set_read_timeout(Some(timeout))?;
+                    c.write_all(b"x")?;
+                    let mut b = [0u8; 1];
+                    c.read_exact(&mut b)?;
+                    Ok(connected)
+                })();
+                match res {
+                    Ok(c) => {
+                        lat.push(c.as_secs_f64() * 1e6);
+                        fb.push(s.elapsed().as_secs_f64() * 1e6);
+                        r.ops += 1;
+                    }
+                    Err(e) => {
+                        r.errors += 1;
+                        r.first_error.get_or_insert_with(|| e.to_string());
+                        if r.errors > 100 {
+                            break;
+                        }
+                    }
+                }
+            }
+            r.connect_p50_us = pct(&mut lat, 0.50);
+            r.connect_p99_us = pct(&mut lat, 0.99);
+            r.first_byte_p50_us = pct(&mut fb, 0.50);
+            r.first_byte_p99_us = pct(&mut fb, 0.99);
+        }
+        "churn" => {
+            let per = count.div_ceil(threads as u64);
+            let hs: Vec<_> = (0..threads)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let (mut ok, mut err, mut first) = (0u64, 0u64, None);
+                        while ok < per && t0.elapsed() < deadline {
+                            let res = (|| -> std::io::Result<()> {
+                                let mut c = TcpStream::connect_timeout(&target, timeout)?;
+                                c.set_read_timeout(Some(timeout))?;
+                                c.write_all(b"x")?;
+                                let mut b = [0u8; 1];
+                                c.read_exact(&mut b)
+                            })();
+                            match res {
+                                Ok(()) => ok += 1,
+                                Err(e) => {
+                                    err += 1;
+                                    first.get_or_insert_with(|| e.to_string());
+                                    if err > 100 {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        (ok, err, first)
+                    })
+                })
+                .collect();
+            for h in hs {
+                let (ok, err, first) = h.join().unwrap();
+                r.ops += ok;
+                r.errors += err;
+                if r.first_error.is_none() {
+                    r.first_error = first;
+                }
+            }
+        }
+        "rr" => {
+            let mut c = TcpStream::connect_timeout(&target, timeout)?;
+            c.set_nodelay(true)?;
+            c.set_read_timeout(Some(timeout))?;
+            let req = [7u8; RR_SIZE];
+            let mut resp = [0u8; RR_SIZE];
+            let mut lat = Vec::with_capacity(1 << 16);
+            while r.ops < count && t0.elapsed() < deadline {
+                let s = Instant::now();
+                c.write_all(&req)?;
+                c.read_exact(&mut resp)?;
+                lat.push(s.elapsed().as_secs_f64() * 1e6);
+                r.ops += 1;
+            }
+            r.bytes = r.ops * RR_SIZE as u64;
+            r.rr_p50_us = pct(&mut lat, 0.50);
+            r.rr_p99_us = pct(&mut lat, 0.99);
+        }
+        "bulk" => {
+            let mut c = TcpStream::connect_timeout(&target, timeout)?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let buf = vec![0x5au8; 1 << 20];
+            let mut sent = 0u64;
+            while sent < bytes && t0.elapsed() < deadline {
+                c.write_all(&buf)?;
+                sent += buf.len() as u64;
+            }
+            c.shutdown(Shutdown::Write)?;
+            let mut got = [0u8; 8];
+            c.read_exact(&mut got)?;
+            let seen = u64::from_le_bytes(got);
+            if seen != sent {
+                bail!("sink saw {seen} bytes, {sent} were sent");
+            }
+            r.bytes = sent;
+            r.ops = 1;
+        }
+        t => bail!("unknown test {t}"),
+    }
+    r.secs = t0.elapsed().as_secs_f64();
+    r.cpu_s = self_cpu() - cpu0;
+    Ok(r)
+}
+
+/// Serves the echo port (every byte back) and the sink port (count bytes
+/// until EOF, answer the count as a little-endian u64, close) until killed.
+pub fn serve(echo: SocketAddr, sink: SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let e = tokio::net::TcpListener::bind(echo).await?;
+        let s = tokio::net::TcpListener::bind(sink).await?;
+        let echo_loop = async move {
+            loop {
+                let Ok((mut c, _)) = e.accept().await else { continue };
+                let _ = c.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if c.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        };
+        let sink_loop = async move {
+            loop {
+                let Ok((mut c, _)) = s.accept().await else { continue };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut n = 0u64;
+                    loop {
+                        match c.read(&mut buf).await {
+                            Ok(0) => break,
+                            Ok(k) => n += k as u64,
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = c.write_all(&n.to_le_bytes()).await;
+                    let _ = c.shutdown().await;
+                });
+            }
+        };
+        tokio::join!(echo_loop, sink_loop);
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    })
+}

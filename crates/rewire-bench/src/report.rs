@@ -1,0 +1,237 @@
+//! The table (stdout and results.txt), results.json and results.png.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::{Churn, Figures};
+
+#[derive(Serialize)]
+struct Machine {
+    kernel: String,
+    nproc: usize,
+    cpu_model: String,
+}
+
+fn machine() -> Machine {
+    let kernel = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_default();
+    Machine { kernel, nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), cpu_model }
+}
+
+/// (key, heading, higher is better, value)
+type Metric = (&'static str, &'static str, bool, fn(&Figures) -> f64);
+const METRICS: &[Metric] = &[
+    ("conns_per_s", "conn/s", true, |f| f.conns_per_s),
+    ("connect_p50_us", "conn p50 us", false, |f| f.connect_p50_us),
+    ("connect_p99_us", "conn p99 us", false, |f| f.connect_p99_us),
+    ("first_byte_p99_us", "1st-byte p99 us", false, |f| f.first_byte_p99_us),
+    ("bulk_gb_per_s", "bulk GB/s", true, |f| f.bulk_gb_per_s),
+    ("rr_per_s", "rr/s", true, |f| f.rr_per_s),
+    ("cpu_s_per_gb", "CPU s/GB", false, |f| f.cpu_s_per_gb),
+];
+
+fn fmt(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn write(
+    out: &Path,
+    figs: &[Figures],
+    churn: Option<&Churn>,
+    failures: &[String],
+    secs: f64,
+    rounds: u32,
+    relay: &str,
+    took: Duration,
+) -> Result<()> {
+    crate::ensure_dir(out)?;
+    let m = machine();
+    let direct = figs.iter().find(|f| f.scenario == "direct");
+    let mut t = String::new();
+    writeln!(
+        t,
+        "rewire-bench: loopback, {secs} s per test, best of {rounds} round(s), proxy relay = {relay}, took {:.0} s",
+        took.as_secs_f64()
+    )?;
+    writeln!(t, "machine: kernel {}, {} CPU(s), {}", m.kernel, m.nproc, m.cpu_model)?;
+    writeln!(t)?;
+    write!(t, "{:<9}", "scenario")?;
+    for (_, h, _, _) in METRICS {
+        write!(t, " {h:>15}")?;
+    }
+    writeln!(t)?;
+    for f in figs {
+        write!(t, "{:<9}", f.scenario)?;
+        for (_, _, _, get) in METRICS {
+            write!(t, " {:>15}", fmt(get(f)))?;
+        }
+        writeln!(t)?;
+    }
+    let mut ratios = serde_json::Map::new();
+    if let Some(d) = direct {
+        writeln!(
+            t,
+            "\nratio to direct (conn/s, bulk GB/s, rr/s: higher is better; latencies and CPU s/GB: lower is better):"
+        )?;
+        for f in figs {
+            write!(t, "{:<9}", f.scenario)?;
+            let mut r = serde_json::Map::new();
+            for (k, _, _, get) in METRICS {
+                let x = if get(d) > 0.0 { get(f) / get(d) } else { 0.0 };
+                r.insert((*k).into(), serde_json::json!((x * 1000.0).round() / 1000.0));
+                write!(t, " {:>15}", format!("{x:.3}x"))?;
+            }
+            writeln!(t)?;
+            ratios.insert(f.scenario.clone(), r.into());
+        }
+    }
+    writeln!(t, "\nlegend:")?;
+    for f in figs {
+        writeln!(t, "  {:<9} {}", f.scenario, f.label)?;
+    }
+    for f in figs.iter().filter(|f| f.errors > 0) {
+        writeln!(t, "  {}: {} error(s), first: {}", f.scenario, f.errors, f.first_error.as_deref().unwrap_or("?"))?;
+    }
+    if let Some(c) = churn {
+        writeln!(
+            t,
+            "\nchurn: {} short connections through 1 proxy in {:.1} s ({} errors{}): proxy RSS {} KiB -> {} KiB; hand-off map entries {} -> {}",
+            c.connections,
+            c.secs,
+            c.errors,
+            c.first_error.as_deref().map(|e| format!(", first: {e}")).unwrap_or_default(),
+            c.proxy_rss_kib_before,
+            c.proxy_rss_kib_after,
+            c.handoff_entries_before,
+            c.handoff_entries_after
+        )?;
+    }
+    for f in failures {
+        writeln!(t, "FAILED: {f}")?;
+    }
+    print!("{t}");
+    std::fs::write(out.join("results.txt"), &t)?;
+    let json = serde_json::json!({
+        "machine": m,
+        "secs_per_test": secs,
+        "rounds": rounds,
+        "relay": relay,
+        "scenarios": figs,
+        "ratio_to_direct": ratios,
+        "churn": churn,
+        "failures": failures,
+    });
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&json)? + "\n")?;
+    match chart(&out.join("results.png"), figs, &m) {
+        Ok(()) => {}
+        Err(e) => eprintln!("rewire-bench: no chart: {e}"),
+    }
+    eprintln!("rewire-bench: wrote {}/results.{{txt,json,png}}", out.display());
+    Ok(())
+}
+
+fn load_font() -> Result<(), String> {
+    const CANDIDATES: &[&str] = &[
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    ];
+    let bytes = CANDIDATES
+        .iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .ok_or("no TrueType font found (apt-get install -y fonts-dejavu-core)")?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| "invalid font".to_string())
+}
+
+const COLORS: &[RGBColor] = &[
+    RGBColor(90, 90, 90),
+    RGBColor(66, 133, 244),
+    RGBColor(52, 168, 83),
+    RGBColor(251, 188, 5),
+    RGBColor(234, 67, 53),
+];
+
+fn chart(path: &Path, figs: &[Figures], m: &Machine) -> Result<(), String> {
+    load_font()?;
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let root = BitMapBackend::new(path, (1500, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let (title, body) = root.split_vertically(60);
+    title
+        .draw_text(
+            &format!("rewire-bench on loopback: kernel {}, {} CPU(s), {}", m.kernel, m.nproc, m.cpu_model),
+            &("sans-serif", 24).into_font().color(&BLACK),
+            (20, 18),
+        )
+        .map_err(|x| e(&x))?;
+    let shown: Vec<&Metric> = METRICS.iter().filter(|m| m.0 != "connect_p50_us").collect();
+    let panels = body.split_evenly((2, 3));
+    for (area, (_, heading, higher, get)) in panels.iter().zip(shown.iter()) {
+        let max = figs.iter().map(get).fold(0.0, f64::max).max(1e-9) * 1.15;
+        let n = figs.len();
+        let mut c = ChartBuilder::on(area)
+            .caption(
+                format!("{heading} ({})", if *higher { "higher is better" } else { "lower is better" }),
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(28)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..n as f64, -max * 0.07..max)
+            .map_err(|x| e(&x))?;
+        c.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_label_formatter(&|v| if *v < 0.0 { String::new() } else { fmt(*v) })
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|x| e(&x))?;
+        for (i, f) in figs.iter().enumerate() {
+            let v = get(f);
+            let color = COLORS[i % COLORS.len()];
+            c.draw_series(std::iter::once(Rectangle::new(
+                [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, v)],
+                color.filled(),
+            )))
+            .map_err(|x| e(&x))?;
+            c.draw_series(std::iter::once(Text::new(
+                fmt(v),
+                (i as f64 + 0.2, v + max * 0.02),
+                ("sans-serif", 13).into_font(),
+            )))
+            .map_err(|x| e(&x))?;
+            c.draw_series(std::iter::once(Text::new(
+                f.scenario.clone(),
+                (i as f64 + 0.15, -max * 0.015),
+                ("sans-serif", 13).into_font().color(&color),
+            )))
+            .map_err(|x| e(&x))?;
+        }
+    }
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! Processes, cgroups, network namespaces and /proc readings for the bench.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Where a spawned process goes before it runs.
+#[derive(Default)]
+pub struct Placement {
+    /// Join this cgroup (write "0" to its cgroup.procs).
+    pub cgroup: Option<PathBuf>,
+    /// Enter this network namespace (a /run/netns file).
+    pub netns: Option<PathBuf>,
+    /// Drop to this uid/gid (after entering the namespace).
+    pub uid: Option<u32>,
+}
+
+/// Spawns `cmd` placed as asked; stdout piped when `capture`.
+pub fn spawn(mut cmd: Command, place: &Placement, capture: bool) -> Result<Child> {
+    let procs: Option<File> = match &place.cgroup {
+        Some(cg) => Some(std::fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?),
+        None => None,
+    };
+    let ns: Option<File> = match &place.netns {
+        Some(p) => Some(File::open(p).with_context(|| format!("open {}", p.display()))?),
+        None => None,
+    };
+    let procs_fd: RawFd = procs.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let ns_fd: RawFd = ns.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let uid = place.uid;
+    // SAFETY: only raw syscalls (write, setns, setgroups, setgid, setuid) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if procs_fd >= 0 && libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if ns_fd >= 0 && libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(u) = uid {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(u) != 0 || libc::setuid(u) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    if capture {
+        cmd.stdout(Stdio::piped());
+    } else {
+        cmd.stdout(Stdio::null());
+    }
+    let child = cmd.spawn().with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    drop((procs, ns));
+    Ok(child)
+}
+
+/// Ends a child we started (SIGTERM, then SIGKILL after 2 s) and reaps it.
+pub fn stop(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// User + system CPU seconds of a live process (all its threads).
+pub fn proc_cpu(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm: state is field 3, utime 14, stime 15 (1-based).
+    let ticks: u64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / clk_tck()
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
+/// Resident set size of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `pid` (in whatever network namespace it is) listens on
+/// 127.0.0.1:`port`, from /proc/PID/net/tcp.
+pub fn wait_listening(pid: u32, port: u16, timeout: Duration) -> Result<()> {
+    let want = format!("0100007F:{port:04X}");
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")) {
+            if s.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1] == want && f[3] == "0A"
+            }) {
+                return Ok(());
+            }
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("process {pid} exited before listening on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}")
+}
+
+/// Runs a command to completion, failing with its stderr.
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
+    let mut c = Command::new(program);
+    c.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        c.stdin(Stdio::piped());
+    }
+    let mut child = c
+        .spawn()
+        .with_context(|| format!("cannot run {program} (install it: apt-get install -y nftables iproute2)"))?;
+    if let Some(text) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// A network namespace the bench created; deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn create(name: &str) -> Result<Self> {
+        run("ip", &["netns", "add", name], None)?;
+        let ns = NetNs { name: name.into() };
+        run("ip", &["-n", name, "link", "set", "lo", "up"], None)?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Loads an nftables ruleset inside the namespace.
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        run("ip", &["netns", "exec", &self.name, "nft", "-f", "-"], Some(ruleset))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = run("ip", &["netns", "delete", &self.name], None) {
+            eprintln!("rewire-bench: cleanup: {e}");
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Relaying the bytes of one flow between the accepted socket and the
+//! outbound one.
+//!
+//! The default relay is zero-copy: each direction moves data with
+//! `splice(2)` from the source socket into a pipe and from the pipe into
+//! the destination socket, so payload bytes never cross into user space.
+//! Half-close is kept: when one side reaches end-of-file, the other side's
+//! write half is shut down (`shutdown(SHUT_WR)`) and the opposite direction
+//! goes on until it ends too.
+//!
+//! When the kernel refuses splice for these sockets (`EINVAL` or `ENOSYS`
+//! on the very first transfer, before any byte moved), the relay falls
+//! back to [`tokio::io::copy_bidirectional`]; if the refusal comes later in
+//! one direction only, that direction goes on with a user-space copy.
+//!
+//! This module also reads the `SO_ORIGINAL_DST` of a socket redirected by
+//! netfilter (`REDIRECT`/`DNAT`), for the proxy's `--original-dst` mode
+//! (used to compare rewire with an nftables set-up).
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// How the proxy moves bytes between the two sockets of a flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RelayMode {
+    /// Zero-copy through a pipe with `splice(2)` (falls back to `Copy` when unsupported).
+    #[default]
+    Splice,
+    /// User-space copy with [`tokio::io::copy_bidirectional`].
+    Copy,
+    /// Splice, but behave as if the kernel refused it (`EINVAL`) on the
+    /// first transfer: exercises the fallback path in tests.
+    #[doc(hidden)]
+    SpliceUnsupportedForTests,
+}
+
+impl std::str::FromStr for RelayMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "splice" => Ok(Self::Splice),
+            "copy" => Ok(Self::Copy),
+            _ => Err(format!("unknown relay mode `{s}` (use splice or copy)")),
+        }
+    }
+}
+
+impl std::fmt::Display for RelayMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Splice | Self::SpliceUnsupportedForTests => "splice",
+            Self::Copy => "copy",
+        })
+    }
+}
+
+/// What a finished relay did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Bytes from `a` to `b`.
+    pub a_to_b: u64,
+    /// Bytes from `b` to `a`.
+    pub b_to_a: u64,
+    /// True when splice was refused and the user-space copy did (some of) the work.
+    pub fell_back: bool,
+}
+
+/// Relays both directions between `a` and `b` until both reached
+/// end-of-file (each end-of-file is passed on as a `shutdown(SHUT_WR)`),
+/// or until an error.
+pub async fn relay(mode: RelayMode, a: &mut TcpStream, b: &mut TcpStream) -> io::Result<RelayStats> {
+    // The endpoints already chose how to segment their writes: do not add
+    // Nagle's delay on top in the middle of the path.
+    let _ = a.set_nodelay(true);
+    let _ = b.set_nodelay(true);
+    match mode {
+        RelayMode::Copy => copy(a, b).await,
+        RelayMode::Splice | RelayMode::SpliceUnsupportedForTests => {
+            let force_einval = mode == RelayMode::SpliceUnsupportedForTests;
+            match splice_bidirectional(a, b, force_einval).await {
+                Err(e) if is_unsupported_marker(&e) => {
+                    tracing::debug!("splice unsupported here, falling back to copy: {e}");
+                    let mut s = copy(a, b).await?;
+                    s.fell_back = true;
+                    Ok(s)
+                }
+                r => r,
+            }
+        }
+    }
+}
+
+async fn copy(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<RelayStats> {
+    let (a_to_b, b_to_a) = tokio::io::copy_bidirectional(a, b).await?;
+    Ok(RelayStats { a_to_b, b_to_a, fell_back: false })
+}
+
+/// The error a direction returns when splice is refused before any byte
+/// moved in either direction: the whole relay then starts over with copy.
+struct NothingMoved;
+
+const UNSUPPORTED_MARKER: &str = "rewire-relay: splice unsupported, nothing moved";
+
+fn unsupported_marker(cause: &io::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, format!("{UNSUPPORTED_MARKER} ({cause})"))
+}
+
+fn is_unsupported_marker(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Unsupported && e.to_string().starts_with(UNSUPPORTED_MARKER)
+}
+
+fn splice_refused(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS))
+}
+
+/// Bytes asked of one splice call (the pipe is grown towards this).
+const CHUNK: usize = 1 << 20;
+const PIPE_SIZE: libc::c_int = 1 << 20;
+
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 fills two fds on success; we own them from then on.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh fds returned by pipe2, owned by nobody else.
+        let p = unsafe { Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]) } };
+        // A larger pipe means fewer splice calls for bulk flows; an
+        // unprivileged process may be limited by fs.pipe-max-size: best effort.
+        // SAFETY: plain fcntl on an fd we own.
+        unsafe { libc::fcntl(p.w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        Ok(p)
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice with null offsets on fds that stay open for the call.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+async fn splice_bidirectional(a: &TcpStream, b: &TcpStream, force_einval: bool) -> io::Result<RelayStats> {
+    let (moved_ab, moved_ba) = (AtomicU64::new(0), AtomicU64::new(0));
+    let ab = one_way(a, b, &moved_ab, &moved_ba, force_einval);
+    let ba = one_way(b, a, &moved_ba, &moved_ab, force_einval);
+    let (ab, ba) = tokio::try_join!(ab, ba)?;
+    Ok(RelayStats { a_to_b: ab.0, b_to_a: ba.0, fell_back: ab.1 || ba.1 })
+}
+
+/// One direction: `src` to `dst` until end-of-file, then `shutdown(SHUT_WR)`
+/// on `dst`. Returns the bytes moved and whether it fell back to copying.
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    other: &AtomicU64,
+    force_einval: bool,
+) -> io::Result<(u64, bool)> {
+    match splice_one_way(src, dst, moved, force_einval).await {
+        Ok(n) => Ok((n, false)),
+        Err(Ok(NothingMoved)) if other.load(Ordering::Relaxed) == 0 => {
+            Err(unsupported_marker(&io::Error::from_raw_os_error(libc::EINVAL)))
+        }
+        Err(Ok(NothingMoved)) => {
+            // The other direction already splices: go on in user space here only.
+            let n = copy_one_way(src, dst, moved).await?;
+            Ok((n, true))
+        }
+        Err(Err(e)) => Err(e),
+    }
+}
+
+async fn splice_one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    force_einval: bool,
+) -> Result<u64, Result<NothingMoved, io::Error>> {
+    let pipe = Pipe::new().map_err(Err)?;
+    let (sfd, dfd, pr, pw) = (src.as_raw_fd(), dst.as_raw_fd(), pipe.r.as_raw_fd(), pipe.w.as_raw_fd());
+    let mut total = 0u64;
+    loop {
+        // Socket to pipe: wait until the source has data (or EOF).
+        let n = loop {
+            src.readable().await.map_err(Err)?;
+            let r = if force_einval && total == 0 {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                src.try_io(Interest::READABLE, || splice(sfd, pw, CHUNK))
+            };
+            match r {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if total == 0 && splice_refused(&e) => return Err(Ok(NothingMoved)),
+                Err(e) => return Err(Err(e)),
+            }
+        };
+        if n == 0 {
+            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            return Ok(total);
+        }
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        // Pipe to socket: drain everything that was just taken in.
+        let mut left = n;
+        while left > 0 {
+            dst.writable().await.map_err(Err)?;
+            match dst.try_io(Interest::WRITABLE, || splice(pr, dfd, left)) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(Err(e)),
+            }
+        }
+        total += n as u64;
+    }
+}
+
+async fn copy_one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        src.readable().await?;
+        let n = match src.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            return Ok(total);
+        }
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        let mut off = 0;
+        while off < n {
+            dst.writable().await?;
+            match dst.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
+    }
+}
+
+/// `SO_ORIGINAL_DST` (and `IP6T_SO_ORIGINAL_DST`, the same number): the
+/// destination a netfilter `REDIRECT`/`DNAT` rewrote, on an accepted socket.
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// The destination the client connected to before netfilter redirected it.
+pub fn netfilter_original_dst(sock: &TcpStream) -> io::Result<SocketAddr> {
+    let fd = sock.as_raw_fd();
+    // SAFETY: getsockopt writes at most `len` bytes into the zeroed storage.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let level = if sock.local_addr()?.is_ipv6() { libc::SOL_IPV6 } else { libc::SOL_IP };
+        if libc::getsockopt(fd, level, SO_ORIGINAL_DST, &mut ss as *mut _ as *mut libc::c_void, &mut len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        match ss.ss_family as libc::c_int {
+            libc::AF_INET => {
+                let sin = &*(&ss as *const _ as *const libc::sockaddr_in);
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*(&ss as *const _ as *const libc::sockaddr_in6);
+                let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0)))
+            }
+            f => Err(io::Error::new(io::ErrorKind::InvalidData, format!("SO_ORIGINAL_DST: family {f}"))),
+        }
+    }
+}
