@@ -126,6 +126,10 @@ pub struct Figures {
     pub cpu_s_per_gb: f64,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// hooks only: conn/s ratio to direct from alternating 1-s connect tests
+    /// (direct, hooks, direct, hooks, ... against the same server): one ratio per pair.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paired_conn_ratios: Vec<f64>,
 }
 
 impl Figures {
@@ -152,6 +156,7 @@ impl Figures {
         lo(&mut self.rr_p99_us, o.rr_p99_us);
         lo(&mut self.cpu_s_per_gb, o.cpu_s_per_gb);
         self.errors += o.errors;
+        self.paired_conn_ratios.extend_from_slice(&o.paired_conn_ratios);
         if self.first_error.is_none() {
             self.first_error = o.first_error.clone();
         }
@@ -202,7 +207,10 @@ impl Ctx {
         let mut c = Command::new(&self.me);
         c.arg("worker").arg(test).arg(self.target(port).to_string()).args(extra);
         let child = sys::spawn(c, place, true)?;
-        let out = child.wait_with_output()?;
+        let pid = child.id();
+        let out = child.wait_with_output();
+        sys::forget(pid);
+        let out = out?;
         if !out.status.success() {
             bail!("worker {test} failed ({})", out.status);
         }
@@ -290,7 +298,11 @@ impl Ctx {
                 if let Some(n) = churn {
                     return self.churn(&place, &hooks, children[0].id(), n).map(|c| (Figures::default(), Some(c)));
                 }
-                Ok((self.tests(name, &place, &pids)?, None))
+                let mut f = self.tests(name, &place, &pids)?;
+                if proxies == 0 {
+                    f.paired_conn_ratios = self.paired(&place)?;
+                }
+                Ok((f, None))
             })();
             for c in &mut children {
                 sys::stop(c);
@@ -301,6 +313,23 @@ impl Ctx {
         })();
         cgroup.remove()?;
         result
+    }
+
+    /// Alternating 1-s connect tests, outside and inside the cgroup, so that
+    /// drift of a shared machine hits both sides of each ratio alike.
+    fn paired(&self, place: &Placement) -> Result<Vec<f64>> {
+        let pairs = if self.args.quick { 2 } else { 4 };
+        let args = ["--secs".to_string(), "1".into(), "--count".into(), "500000".into()];
+        let mut ratios = vec![];
+        for _ in 0..pairs {
+            let d = self.worker(&Placement::default(), "connect", self.echo, &args)?;
+            let h = self.worker(place, "connect", self.echo, &args)?;
+            let (d, h) = (d.ops as f64 / d.secs, h.ops as f64 / h.secs);
+            if d > 0.0 {
+                ratios.push((h / d * 1000.0).round() / 1000.0);
+            }
+        }
+        Ok(ratios)
     }
 
     fn churn(&self, place: &Placement, hooks: &Hooks, proxy: u32, n: u64) -> Result<Churn> {
@@ -383,6 +412,7 @@ fn orchestrate(args: RunArgs) -> Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
     let churn_n = args.churn.unwrap_or(if args.quick { 4_000 } else { 20_000 });
     let tag = format!("rwbench-{}", std::process::id());
+    sys::cleanup_on_signal(tag.clone())?;
     let tmp = std::env::temp_dir().join(&tag);
     std::fs::create_dir_all(&tmp)?;
     let b = args.base_port;
@@ -407,6 +437,7 @@ fn orchestrate(args: RunArgs) -> Result<()> {
                 "nft" => ctx.nft_scenario(),
                 _ => unreachable!(),
             };
+            sys::park_if_stopping();
             match r {
                 Ok(mut f) => {
                     f.label = label.into();
@@ -431,6 +462,7 @@ fn orchestrate(args: RunArgs) -> Result<()> {
     } else {
         None
     };
+    sys::park_if_stopping();
     let _ = std::fs::remove_dir_all(&tmp);
     let figures: Vec<Figures> = SCENARIOS.iter().filter_map(|(n, _)| best.get(n).cloned()).collect();
     report::write(&args.out, &figures, churn.as_ref(), &failures, secs, rounds, &args.relay, started.elapsed())?;

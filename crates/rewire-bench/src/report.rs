@@ -111,6 +111,17 @@ pub fn write(
     for f in figs {
         writeln!(t, "  {:<9} {}", f.scenario, f.label)?;
     }
+    for f in figs.iter().filter(|f| !f.paired_conn_ratios.is_empty()) {
+        let mut r = f.paired_conn_ratios.clone();
+        r.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        writeln!(
+            t,
+            "\n{} vs direct, alternating 1-s connect tests: conn/s ratio median {:.3}x (pairs: {:?})",
+            f.scenario,
+            (r[(r.len() - 1) / 2] + r[r.len() / 2]) / 2.0,
+            f.paired_conn_ratios
+        )?;
+    }
     for f in figs.iter().filter(|f| f.errors > 0) {
         writeln!(t, "  {}: {} error(s), first: {}", f.scenario, f.errors, f.first_error.as_deref().unwrap_or("?"))?;
     }

@@ -9,6 +9,70 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+/// Children alive right now (pids), for the cleanup on SIGINT/SIGTERM.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+/// Set once SIGINT/SIGTERM arrived: no new child is started.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// After SIGINT/SIGTERM: the cleanup thread ends the process; the caller
+/// waits for it instead of going on (and writing partial results).
+pub fn park_if_stopping() {
+    while STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::park();
+    }
+}
+
+/// Forgets a child once it has been reaped.
+pub fn forget(pid: u32) {
+    CHILDREN.lock().unwrap().retain(|&p| p != pid);
+}
+
+/// Blocks SIGINT and SIGTERM in this process and starts a thread that, on
+/// either, ends our children, removes our cgroups (`<cgroup2>/<tag>-*`) and
+/// network namespace (`<tag>`), then exits. Children get the signals
+/// unblocked again before exec.
+pub fn cleanup_on_signal(tag: String) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()?;
+    std::thread::spawn(move || {
+        let sig = set.wait();
+        eprintln!("rewire-bench: {sig:?}: cleaning up");
+        STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Twice: the main thread may be setting up a scenario in between.
+        for _ in 0..2 {
+            for pid in CHILDREN.lock().unwrap().drain(..) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            if let Ok(rd) = rewire_control::cgroup::cgroup2_mount().and_then(|root| {
+                std::fs::read_dir(&root).map_err(|source| rewire_control::cgroup::CgroupError::Io {
+                    op: "read",
+                    path: root,
+                    source,
+                })
+            }) {
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(&format!("{tag}-")) {
+                        if let Ok(mut cg) = rewire_control::ManagedCgroup::existing(&name) {
+                            let _ = cg.remove();
+                        }
+                    }
+                }
+            }
+            if Path::new("/run/netns").join(&tag).exists() {
+                let _ = run("ip", &["netns", "delete", &tag], None);
+            }
+        }
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&tag));
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
 /// Where a spawned process goes before it runs.
 #[derive(Default)]
 pub struct Placement {
@@ -33,9 +97,16 @@ pub fn spawn(mut cmd: Command, place: &Placement, capture: bool) -> Result<Child
     let procs_fd: RawFd = procs.as_ref().map_or(-1, |f| f.as_raw_fd());
     let ns_fd: RawFd = ns.as_ref().map_or(-1, |f| f.as_raw_fd());
     let uid = place.uid;
-    // SAFETY: only raw syscalls (write, setns, setgroups, setgid, setuid) between fork and exec.
+    if STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("stopping");
+    }
+    // SAFETY: only raw syscalls (sigprocmask, write, setns, setgroups, setgid,
+    // setuid) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             if procs_fd >= 0 && libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -56,6 +127,7 @@ pub fn spawn(mut cmd: Command, place: &Placement, capture: bool) -> Result<Child
         cmd.stdout(Stdio::null());
     }
     let child = cmd.spawn().with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    CHILDREN.lock().unwrap().push(child.id());
     drop((procs, ns));
     Ok(child)
 }
@@ -63,6 +135,7 @@ pub fn spawn(mut cmd: Command, place: &Placement, capture: bool) -> Result<Child
 /// Ends a child we started (SIGTERM, then SIGKILL after 2 s) and reaps it.
 pub fn stop(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    forget(child.id());
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(2) {
