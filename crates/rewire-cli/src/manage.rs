@@ -118,7 +118,7 @@ fn exit_code(s: ExitStatus) -> i32 {
 /// `rewire daemon`.
 pub fn daemon(config: &Path, format: EventFormat) -> Result<()> {
     let cfg = prepare(config)?;
-    checks::ensure_bpffs()?;
+    let mounted_bpffs = checks::ensure_bpffs()?;
     let pidf = pid_file(&cfg);
     if let Some(pid) = daemon_pid(&cfg) {
         bail!("a rewire daemon (pid {pid}) already serves cgroup `{}`", cfg.cgroup);
@@ -154,6 +154,7 @@ pub fn daemon(config: &Path, format: EventFormat) -> Result<()> {
     cgroup.remove()?;
     hooks.unpin();
     drop(hooks);
+    checks::release_bpffs(mounted_bpffs);
     tracing::info!("stopped; hooks detached, cgroup and pins removed");
     r
 }

@@ -71,15 +71,29 @@ pub fn preflight() -> Result<(), CheckError> {
 }
 
 /// Makes sure bpffs is mounted at `/sys/fs/bpf` (for the daemon's pins).
-pub fn ensure_bpffs() -> Result<(), CheckError> {
+/// Returns whether this call mounted it, so the caller can undo it.
+pub fn ensure_bpffs() -> Result<bool, CheckError> {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
-        return Ok(());
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf ")) {
+        return Ok(false);
     }
     use nix::mount::{mount, MsFlags};
-    mount(Some("bpf"), "/sys/fs/bpf", Some("bpf"), MsFlags::empty(), None::<&str>)
-        .map_err(|e| CheckError::NoBpffs(e.to_string()))
+    mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>)
+        .map_err(|e| CheckError::NoBpffs(e.to_string()))?;
+    Ok(true)
 }
+
+/// Unmounts a bpffs that [`ensure_bpffs`] mounted (the kernel's own
+/// `maps.debug`/`progs.debug` iterators would otherwise stay behind).
+pub fn release_bpffs(mounted_here: bool) {
+    if mounted_here {
+        if let Err(e) = nix::mount::umount(BPFFS) {
+            tracing::warn!("unmounting {BPFFS}: {e}");
+        }
+    }
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
 
 #[cfg(test)]
 mod tests {
