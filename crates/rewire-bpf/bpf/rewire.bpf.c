@@ -5,6 +5,12 @@
  *
  *   cgroup/connect4,6     walk the rules in configured order, redirect to the
  *                         first matching service not yet in the flow's chain
+ *                         (TCP, and connected UDP)
+ *   cgroup/sendmsg4,6     the same per datagram of unconnected UDP sockets
+ *   cgroup/recvmsg4,6     UDP replies are shown as coming from the original
+ *                         destination; a service's listener receiving a
+ *                         redirected datagram publishes the flow's record
+ *                         for the proxy to claim
  *   sockops               hand the flow record from the client socket to the
  *                         proxy's accepted socket (keyed by the 4-tuple)
  *   cgroup/getpeername4,6 the client sees its original destination
@@ -12,8 +18,10 @@
  *   cgroup/setsockopt     RW_SOL/RW_OPT_RECORDS: the set call
  *
  * All per-flow state lives in socket-local storage, which the kernel frees
- * with the socket; the only shared table (the hand-off) is an LRU hash, so
- * nothing grows without bound. Blobs handed to user space carry a SipHash
+ * with the socket; the only shared tables (the TCP and UDP hand-offs) are
+ * LRU hashes whose entries are deleted when claimed, so nothing grows
+ * without bound. A UDP socket holds at most RW_UDP_SLOTS live flows; a flow
+ * idle for `udp_idle_ns` frees its slot. Blobs handed to user space carry a SipHash
  * tag under a per-load random key: user space cannot forge or edit them.
  */
 #include <linux/bpf.h>
@@ -42,6 +50,8 @@
 #define EPROTOTYPE 91
 #define EOPNOTSUPP 95
 #define EISCONN 106
+#define ENOTCONN 107
+#define EADDRINUSE 98
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -87,6 +97,30 @@ struct {
 	__type(key, struct rw_tuple);
 	__type(value, struct rw_sock);
 } rw_handoff SEC(".maps");
+
+/* UDP flows of one socket (application or proxy outbound). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct rw_udp_sock);
+} rw_udp_sk SEC(".maps");
+
+/* UDP flows between the proxy's listener and its connected socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct rw_tuple);
+	__type(value, struct rw_udp_handoff);
+} rw_udp_handoff SEC(".maps");
+
+/* Service listen addresses (port in network order) -> service id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * (RW_MAX_SERVICES + 1));
+	__type(key, struct rw_addr);
+	__type(value, __u16);
+} rw_svc_addr SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -231,57 +265,127 @@ static long rw_walk_rule(__u32 i, void *data)
 	return 1;
 }
 
-static __always_inline int rw_connect(struct bpf_sock_addr *ctx, __u8 family)
+/* ---- helpers shared by the TCP and UDP paths ---- */
+
+static __always_inline void rw_ctx_addr(struct bpf_sock_addr *ctx, __u8 family, struct rw_addr *out)
 {
-	struct rw_conf *conf = rw_get_conf();
-	struct bpf_sock *sk = ctx->sk;
-	struct rw_sock *st;
-	struct rw_walk w = {};
-	struct rw_service *svc;
-	__u32 sid;
-	__u8 n = 0;
-	int has_rec;
-
-	if (!conf || !conf->n_rules || !sk)
-		return 1;
-	if (ctx->protocol != IPPROTO_TCP)
-		return 1;
-
-	w.dst.family = family;
-	w.dst.port_be = (__u16)ctx->user_port;
+	__builtin_memset(out, 0, sizeof(*out));
+	out->family = family;
+	out->port_be = (__u16)ctx->user_port;
 	if (family == AF_INET) {
-		*(__u32 *)w.dst.addr = ctx->user_ip4;
+		*(__u32 *)out->addr = ctx->user_ip4;
 	} else {
-		__u32 *d = (__u32 *)w.dst.addr;
+		__u32 *d = (__u32 *)out->addr;
 		d[0] = ctx->user_ip6[0];
 		d[1] = ctx->user_ip6[1];
 		d[2] = ctx->user_ip6[2];
 		d[3] = ctx->user_ip6[3];
 	}
+}
 
-	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
-	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
+static __always_inline void rw_ctx_set(struct bpf_sock_addr *ctx, __u8 family, const __u8 *addr, __u16 port_be)
+{
+	if (family == AF_INET) {
+		ctx->user_ip4 = *(const __u32 *)addr;
+	} else {
+		const __u32 *a = (const __u32 *)addr;
+		ctx->user_ip6[0] = a[0];
+		ctx->user_ip6[1] = a[1];
+		ctx->user_ip6[2] = a[2];
+		ctx->user_ip6[3] = a[3];
+	}
+	ctx->user_port = port_be;
+}
+
+/* The service's address for `family`, as a struct rw_addr. */
+static __always_inline int rw_service_addr(__u16 service_id, __u8 family, struct rw_addr *out)
+{
+	__u32 sid = service_id;
+	struct rw_service *svc = bpf_map_lookup_elem(&rw_services, &sid);
+
+	if (!svc)
+		return 0;
+	__builtin_memset(out, 0, sizeof(*out));
+	out->family = family;
+	if (family == AF_INET) {
+		out->port_be = svc->port4_be;
+		__builtin_memcpy(out->addr, svc->addr4, 4);
+	} else {
+		out->port_be = svc->port6_be;
+		__builtin_memcpy(out->addr, svc->addr6, 16);
+	}
+	return 1;
+}
+
+/* Walks the rules for a connect/send to `w->dst` by a socket that may carry
+ * records; fills w->found/service_id/rule_id. */
+static __always_inline void rw_decide(struct rw_walk *w, const struct rw_sock *st, int has_rec,
+				      __u8 proto, const struct rw_conf *conf)
+{
 	if (has_rec) {
-		if (!rw_addr_eq(&st->rec.orig_dst, &w.dst)) {
-			/* Records of another flow: they may not let this socket skip proxies. */
-			rw_emit(RW_EV_MISMATCH, -EINVAL, &st->rec, 0, 0, conf->hop_limit);
-			bpf_set_retval(-EINVAL);
-			return 0;
-		}
-		n = st->rec.n_chain;
+		__u8 n = st->rec.n_chain;
 #pragma unroll
 		for (int i = 0; i < RW_MAX_CHAIN; i++)
 			if (i < n)
-				w.seen |= 1ULL << (st->rec.chain[i] & 63);
-		w.uid = st->rec.uid;
-		w.cgroup_id = st->rec.cgroup_id;
+				w->seen |= 1ULL << (st->rec.chain[i] & 63);
+		w->uid = st->rec.uid;
+		w->cgroup_id = st->rec.cgroup_id;
 	} else {
-		w.uid = (__u32)bpf_get_current_uid_gid();
-		w.cgroup_id = bpf_get_current_cgroup_id();
+		w->uid = (__u32)bpf_get_current_uid_gid();
+		w->cgroup_id = bpf_get_current_cgroup_id();
 	}
-	w.proto = IPPROTO_TCP;
-	w.n_rules = conf->n_rules;
-	bpf_loop(RW_MAX_RULES, rw_walk_rule, &w, 0);
+	w->proto = proto;
+	w->n_rules = conf->n_rules;
+	bpf_loop(RW_MAX_RULES, rw_walk_rule, w, 0);
+}
+
+/* A fresh record for a flow's first redirect. */
+static __always_inline void rw_new_record(struct rw_records *rec, const struct rw_addr *dst, __u8 proto,
+					  __u64 cgroup_id)
+{
+	__u64 ug = bpf_get_current_uid_gid();
+
+	__builtin_memset(rec, 0, sizeof(*rec));
+	rec->magic = RW_MAGIC;
+	rec->version = RW_VERSION;
+	rec->proto = proto;
+	rec->flow_id = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
+	rec->orig_dst = *dst;
+	rec->pid = bpf_get_current_pid_tgid() >> 32;
+	rec->uid = (__u32)ug;
+	rec->gid = ug >> 32;
+	rec->cgroup_id = cgroup_id;
+	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
+	rec->created_ns = bpf_ktime_get_boot_ns();
+}
+
+/* Fails the connect/sendmsg with -err (the program returns 0). */
+static __always_inline int rw_refuse(int err)
+{
+	bpf_set_retval(-err);
+	return 0;
+}
+
+/* ---- TCP connect ---- */
+
+static __always_inline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, struct rw_conf *conf)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct rw_sock *st;
+	struct rw_walk w = {};
+	struct rw_addr target;
+	__u8 n = 0;
+	int has_rec;
+
+	rw_ctx_addr(ctx, family, &w.dst);
+	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
+	if (has_rec && !rw_addr_eq(&st->rec.orig_dst, &w.dst)) {
+		/* Records of another flow: they may not let this socket skip proxies. */
+		rw_emit(RW_EV_MISMATCH, -EINVAL, &st->rec, 0, 0, conf->hop_limit);
+		return rw_refuse(EINVAL);
+	}
+	rw_decide(&w, st, has_rec, IPPROTO_TCP, conf);
 
 	if (!w.found) {
 		if (has_rec)
@@ -293,30 +397,16 @@ static __always_inline int rw_connect(struct bpf_sock_addr *ctx, __u8 family)
 		if (!st)
 			return 1; /* out of memory: fail open rather than break the app */
 	}
-	if (!has_rec) {
-		__u64 ug = bpf_get_current_uid_gid();
-		__builtin_memset(&st->rec, 0, sizeof(st->rec));
-		st->rec.magic = RW_MAGIC;
-		st->rec.version = RW_VERSION;
-		st->rec.proto = IPPROTO_TCP;
-		st->rec.flow_id = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
-		st->rec.orig_dst = w.dst;
-		st->rec.pid = bpf_get_current_pid_tgid() >> 32;
-		st->rec.uid = (__u32)ug;
-		st->rec.gid = ug >> 32;
-		st->rec.cgroup_id = w.cgroup_id;
-		bpf_get_current_comm(st->rec.comm, sizeof(st->rec.comm));
-		st->rec.created_ns = bpf_ktime_get_boot_ns();
-		n = 0;
+	if (has_rec) {
+		n = st->rec.n_chain;
+	} else {
+		rw_new_record(&st->rec, &w.dst, IPPROTO_TCP, w.cgroup_id);
 	}
 	if (n >= conf->hop_limit || n >= RW_MAX_CHAIN) {
 		rw_emit(RW_EV_HOP_LIMIT, -ELOOP, &st->rec, w.service_id, w.rule_id, conf->hop_limit);
-		bpf_set_retval(-ELOOP);
-		return 0;
+		return rw_refuse(ELOOP);
 	}
-	sid = w.service_id;
-	svc = bpf_map_lookup_elem(&rw_services, &sid);
-	if (!svc)
+	if (!rw_service_addr(w.service_id, family, &target))
 		return 1;
 
 	st->rec.chain[n & (RW_MAX_CHAIN - 1)] = w.service_id;
@@ -325,19 +415,142 @@ static __always_inline int rw_connect(struct bpf_sock_addr *ctx, __u8 family)
 	st->service_id = w.service_id;
 	st->rule_id = w.rule_id;
 	st->redirected_ns = bpf_ktime_get_boot_ns();
-
-	if (family == AF_INET) {
-		ctx->user_ip4 = *(__u32 *)svc->addr4;
-		ctx->user_port = svc->port4_be;
-	} else {
-		const __u32 *a = (const __u32 *)svc->addr6;
-		ctx->user_ip6[0] = a[0];
-		ctx->user_ip6[1] = a[1];
-		ctx->user_ip6[2] = a[2];
-		ctx->user_ip6[3] = a[3];
-		ctx->user_port = svc->port6_be;
-	}
+	rw_ctx_set(ctx, family, target.addr, target.port_be);
 	rw_emit(RW_EV_REDIRECT, 0, &st->rec, w.service_id, w.rule_id, conf->hop_limit);
+	return 1;
+}
+
+/* ---- UDP: connect and every unconnected send ----
+ *
+ * A UDP flow is (socket, original destination). Its slot in the socket's
+ * rw_udp_sk storage makes the flow sticky (every datagram to the original
+ * destination goes to the same service without a new rule walk) and lets
+ * the reply path and getpeername show the original destination. A proxy
+ * sees the flow as the datagram's source address, so one socket may have
+ * only one live flow per service: a second destination for the same
+ * service while the first is live is refused with EADDRINUSE rather than
+ * being confused with it. */
+
+static __always_inline int rw_slot_live(const struct rw_udp_slot *sl, __u64 now, const struct rw_conf *conf)
+{
+	return sl->rec.magic == RW_MAGIC && now - sl->last_ns < conf->udp_idle_ns;
+}
+
+static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int is_connect,
+					struct rw_conf *conf)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct rw_sock *st;
+	struct rw_udp_sock *u;
+	struct rw_udp_slot *sl;
+	struct rw_walk w = {};
+	struct rw_addr target;
+	__u64 now = bpf_ktime_get_boot_ns();
+	int has_rec, free = -1;
+	__u8 n = 0;
+
+	rw_ctx_addr(ctx, family, &w.dst);
+	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
+	if (has_rec && !rw_addr_eq(&st->rec.orig_dst, &w.dst)) {
+		rw_emit(RW_EV_MISMATCH, -EINVAL, &st->rec, 0, 0, conf->hop_limit);
+		return rw_refuse(EINVAL);
+	}
+	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
+	if (u && is_connect) {
+		/* A connected socket has one peer: forget earlier flows. */
+		__builtin_memset(u, 0, sizeof(*u));
+	} else if (u) {
+		/* Known flow: same service as before, no rule walk. */
+#pragma unroll
+		for (int i = 0; i < RW_UDP_SLOTS; i++) {
+			sl = &u->slot[i];
+			if (sl->rec.magic == RW_MAGIC && rw_addr_eq(&sl->rec.orig_dst, &w.dst)) {
+				sl->last_ns = now;
+				if (sl->service_id)
+					rw_ctx_set(ctx, family, sl->target.addr, sl->target.port_be);
+				return 1;
+			}
+		}
+	}
+
+	rw_decide(&w, st, has_rec, IPPROTO_UDP, conf);
+	if (!w.found && !has_rec)
+		return 1; /* not ours: no state, no event */
+
+	if (w.found) {
+		n = has_rec ? st->rec.n_chain : 0;
+		if (n >= conf->hop_limit || n >= RW_MAX_CHAIN) {
+			struct rw_records tmp;
+			if (has_rec)
+				tmp = st->rec;
+			else
+				rw_new_record(&tmp, &w.dst, IPPROTO_UDP, w.cgroup_id);
+			rw_emit(RW_EV_HOP_LIMIT, -ELOOP, &tmp, w.service_id, w.rule_id, conf->hop_limit);
+			return rw_refuse(ELOOP);
+		}
+		if (!rw_service_addr(w.service_id, family, &target))
+			return 1;
+	} else {
+		target = w.dst; /* records delivered: remember it so we emit once */
+	}
+
+	if (!u) {
+		u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!u)
+			return 1; /* out of memory: fail open rather than break the app */
+	}
+#pragma unroll
+	for (int i = 0; i < RW_UDP_SLOTS; i++) {
+		sl = &u->slot[i];
+		if (!rw_slot_live(sl, now, conf)) {
+			if (free < 0)
+				free = i;
+			continue;
+		}
+		if (w.found && sl->service_id == w.service_id) {
+			rw_emit(RW_EV_UDP_CONFLICT, -EADDRINUSE, &sl->rec, w.service_id, w.rule_id,
+				conf->hop_limit);
+			return rw_refuse(EADDRINUSE);
+		}
+	}
+	if (free < 0) {
+		struct rw_records tmp;
+		rw_new_record(&tmp, &w.dst, IPPROTO_UDP, w.cgroup_id);
+		rw_emit(RW_EV_UDP_CONFLICT, -ENOBUFS, &tmp, w.service_id, w.rule_id, conf->hop_limit);
+		return rw_refuse(ENOBUFS);
+	}
+	sl = &u->slot[free & (RW_UDP_SLOTS - 1)];
+	if (has_rec)
+		sl->rec = st->rec;
+	else
+		rw_new_record(&sl->rec, &w.dst, IPPROTO_UDP, w.cgroup_id);
+	sl->target = target;
+	sl->last_ns = now;
+	sl->redirected_ns = now;
+	sl->service_id = w.service_id;
+	sl->rule_id = w.rule_id;
+	if (!w.found) {
+		rw_emit(RW_EV_DELIVER, 0, &sl->rec, 0, 0, conf->hop_limit);
+		return 1;
+	}
+	sl->rec.chain[n & (RW_MAX_CHAIN - 1)] = w.service_id;
+	sl->rec.n_chain = n + 1;
+	rw_ctx_set(ctx, family, target.addr, target.port_be);
+	rw_emit(RW_EV_REDIRECT, 0, &sl->rec, w.service_id, w.rule_id, conf->hop_limit);
+	return 1;
+}
+
+static __always_inline int rw_connect(struct bpf_sock_addr *ctx, __u8 family)
+{
+	struct rw_conf *conf = rw_get_conf();
+
+	if (!conf || !conf->n_rules || !ctx->sk)
+		return 1;
+	if (ctx->protocol == IPPROTO_TCP)
+		return rw_tcp_connect(ctx, family, conf);
+	if (ctx->protocol == IPPROTO_UDP)
+		return rw_udp_route(ctx, family, 1, conf);
 	return 1;
 }
 
@@ -353,27 +566,209 @@ int rw_connect6(struct bpf_sock_addr *ctx)
 	return rw_connect(ctx, AF_INET6);
 }
 
+static __always_inline int rw_sendmsg(struct bpf_sock_addr *ctx, __u8 family)
+{
+	struct rw_conf *conf = rw_get_conf();
+
+	if (!conf || !conf->n_rules || !ctx->sk || ctx->protocol != IPPROTO_UDP)
+		return 1;
+	return rw_udp_route(ctx, family, 0, conf);
+}
+
+SEC("cgroup/sendmsg4")
+int rw_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return rw_sendmsg(ctx, AF_INET);
+}
+
+SEC("cgroup/sendmsg6")
+int rw_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return rw_sendmsg(ctx, AF_INET6);
+}
+
+/* ---- UDP receive: replies look like the original server; listeners publish ---- */
+
+/* The slot of `u` whose service sent a datagram from `src`. */
+static __always_inline struct rw_udp_slot *rw_slot_of_target(struct rw_udp_sock *u, const struct rw_addr *src)
+{
+#pragma unroll
+	for (int i = 0; i < RW_UDP_SLOTS; i++) {
+		struct rw_udp_slot *sl = &u->slot[i];
+		if (sl->rec.magic == RW_MAGIC && sl->service_id && rw_addr_eq(&sl->target, src))
+			return sl;
+	}
+	return 0;
+}
+
+/* Builds an rw_addr from a socket's fields. Every field is read up front
+ * with a volatile load: the verifier forbids pointer arithmetic on a socket,
+ * which clang emits when it sinks a plain load into a branch and merges the
+ * IPv4 and IPv6 offsets. */
+#define RW_READ(x) (*(volatile typeof(x) *)&(x))
+static __always_inline void rw_addr_from(struct rw_addr *out, __u8 family, __u16 port_be, __u32 ip4, __u32 a0,
+					 __u32 a1, __u32 a2, __u32 a3)
+{
+	__u32 *d = (__u32 *)out->addr;
+
+	__builtin_memset(out, 0, sizeof(*out));
+	out->family = family;
+	out->port_be = port_be;
+	if (family == AF_INET) {
+		d[0] = ip4;
+	} else {
+		d[0] = a0;
+		d[1] = a1;
+		d[2] = a2;
+		d[3] = a3;
+	}
+}
+
+/* The socket's own address (a service listener's, for a proxy). */
+static __always_inline void rw_sock_local(struct bpf_sock *sk, __u8 family, struct rw_addr *out)
+{
+	__u32 port = RW_READ(sk->src_port), ip4 = RW_READ(sk->src_ip4);
+	__u32 a0 = RW_READ(sk->src_ip6[0]), a1 = RW_READ(sk->src_ip6[1]);
+	__u32 a2 = RW_READ(sk->src_ip6[2]), a3 = RW_READ(sk->src_ip6[3]);
+
+	rw_addr_from(out, family, bpf_htons((__u16)port), ip4, a0, a1, a2, a3);
+}
+
+/* The socket's peer (a connected socket). */
+static __always_inline void rw_sock_peer(struct bpf_sock *sk, __u8 family, struct rw_addr *out)
+{
+	__u16 port = RW_READ(sk->dst_port);
+	__u32 ip4 = RW_READ(sk->dst_ip4);
+	__u32 a0 = RW_READ(sk->dst_ip6[0]), a1 = RW_READ(sk->dst_ip6[1]);
+	__u32 a2 = RW_READ(sk->dst_ip6[2]), a3 = RW_READ(sk->dst_ip6[3]);
+
+	rw_addr_from(out, family, port, ip4, a0, a1, a2, a3);
+}
+
+static __always_inline void rw_udp_tuple(struct rw_tuple *t, const struct rw_addr *client, const struct rw_addr *server)
+{
+	__builtin_memset(t, 0, sizeof(*t));
+	t->family = client->family;
+	t->cport = bpf_ntohs(client->port_be);
+	t->sport = bpf_ntohs(server->port_be);
+	__builtin_memcpy(t->caddr, client->addr, 16);
+	__builtin_memcpy(t->saddr, server->addr, 16);
+}
+
+/* A service's listener received a datagram from `src`: if the sending socket
+ * has a flow redirected to this address, publish its record for the proxy. */
+static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u8 family,
+					   const struct rw_addr *src)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct rw_udp_handoff v = {};
+	struct rw_addr local;
+	struct rw_tuple key;
+	struct rw_udp_sock *au;
+	struct rw_udp_slot *sl;
+	struct bpf_sock *app;
+	__u32 len;
+
+	if (sk->state == BPF_TCP_ESTABLISHED)
+		return; /* a proxy's connected flow socket: already claimed */
+	rw_sock_local(sk, family, &local);
+	if (!bpf_map_lookup_elem(&rw_svc_addr, &local))
+		return;
+	rw_udp_tuple(&key, src, &local);
+	if (bpf_map_lookup_elem(&rw_udp_handoff, &key))
+		return;
+	/* The socket a datagram from us back to `src` would reach is the sender. */
+	if (family == AF_INET) {
+		tuple.ipv4.saddr = *(__u32 *)local.addr;
+		tuple.ipv4.sport = local.port_be;
+		tuple.ipv4.daddr = *(__u32 *)src->addr;
+		tuple.ipv4.dport = src->port_be;
+		len = sizeof(tuple.ipv4);
+	} else {
+		__builtin_memcpy(tuple.ipv6.saddr, local.addr, 16);
+		tuple.ipv6.sport = local.port_be;
+		__builtin_memcpy(tuple.ipv6.daddr, src->addr, 16);
+		tuple.ipv6.dport = src->port_be;
+		len = sizeof(tuple.ipv6);
+	}
+	app = bpf_sk_lookup_udp(ctx, &tuple, len, BPF_F_CURRENT_NETNS, 0);
+	if (!app)
+		return;
+	au = bpf_sk_storage_get(&rw_udp_sk, app, 0, 0);
+	if (au) {
+		sl = rw_slot_of_target(au, &local);
+		if (sl) {
+			v.s.flags = RW_F_ACCEPTED;
+			v.s.service_id = sl->service_id;
+			v.s.rule_id = sl->rule_id;
+			v.s.redirected_ns = sl->redirected_ns;
+			v.s.rec = sl->rec;
+			v.published_ns = bpf_ktime_get_boot_ns();
+			bpf_map_update_elem(&rw_udp_handoff, &key, &v, BPF_ANY);
+		}
+	}
+	bpf_sk_release(app);
+}
+
+static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
+{
+	struct rw_conf *conf = rw_get_conf();
+	struct bpf_sock *sk = ctx->sk;
+	struct rw_udp_sock *u;
+	struct rw_udp_slot *sl;
+	struct rw_addr src;
+
+	if (!conf || !conf->n_rules || !sk)
+		return 1;
+	rw_ctx_addr(ctx, family, &src);
+	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
+	if (u) {
+		sl = rw_slot_of_target(u, &src);
+		if (sl) {
+			sl->last_ns = bpf_ktime_get_boot_ns();
+			rw_ctx_set(ctx, family, sl->rec.orig_dst.addr, sl->rec.orig_dst.port_be);
+			return 1;
+		}
+	}
+	rw_udp_publish(ctx, sk, family, &src);
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int rw_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return rw_recvmsg(ctx, AF_INET);
+}
+
+SEC("cgroup/recvmsg6")
+int rw_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return rw_recvmsg(ctx, AF_INET6);
+}
+
 /* ---- getpeername: the client never notices ---- */
 
 static __always_inline int rw_peername(struct bpf_sock_addr *ctx, __u8 family)
 {
 	struct rw_sock *st;
+	struct rw_udp_sock *u;
+	struct rw_udp_slot *sl;
+	struct rw_addr peer;
 
 	if (!ctx->sk)
 		return 1;
 	st = bpf_sk_storage_get(&rw_sk, ctx->sk, 0, 0);
-	if (!st || !(st->flags & RW_F_REDIRECTED) || st->rec.orig_dst.family != family)
+	if (st && (st->flags & RW_F_REDIRECTED) && st->rec.orig_dst.family == family) {
+		rw_ctx_set(ctx, family, st->rec.orig_dst.addr, st->rec.orig_dst.port_be);
 		return 1;
-	if (family == AF_INET) {
-		ctx->user_ip4 = *(__u32 *)st->rec.orig_dst.addr;
-	} else {
-		const __u32 *a = (const __u32 *)st->rec.orig_dst.addr;
-		ctx->user_ip6[0] = a[0];
-		ctx->user_ip6[1] = a[1];
-		ctx->user_ip6[2] = a[2];
-		ctx->user_ip6[3] = a[3];
 	}
-	ctx->user_port = st->rec.orig_dst.port_be;
+	u = bpf_sk_storage_get(&rw_udp_sk, ctx->sk, 0, 0);
+	if (!u)
+		return 1;
+	rw_ctx_addr(ctx, family, &peer);
+	sl = rw_slot_of_target(u, &peer);
+	if (sl)
+		rw_ctx_set(ctx, family, sl->rec.orig_dst.addr, sl->rec.orig_dst.port_be);
 	return 1;
 }
 
@@ -481,9 +876,44 @@ static __always_inline int rw_check_socket(struct bpf_sock *sk)
 		return EOPNOTSUPP;
 	if (sk->family != AF_INET && sk->family != AF_INET6)
 		return EOPNOTSUPP;
-	if (sk->type != SOCK_STREAM || sk->protocol != IPPROTO_TCP)
-		return EPROTOTYPE;
-	return 0;
+	if (sk->type == SOCK_STREAM && sk->protocol == IPPROTO_TCP)
+		return 0;
+	if (sk->type == SOCK_DGRAM && sk->protocol == IPPROTO_UDP)
+		return 0;
+	return EPROTOTYPE;
+}
+
+/* The flow of a proxy's UDP socket connected to a datagram's source: claim
+ * the published hand-off into the socket's own storage (freed with it). */
+static __always_inline struct rw_sock *rw_udp_claim(struct bpf_sock *sk, int *err)
+{
+	struct rw_udp_handoff *v;
+	struct rw_addr client, server;
+	struct rw_tuple key;
+	struct rw_sock *st;
+	__u8 family = sk->family;
+
+	if (sk->state != BPF_TCP_ESTABLISHED) {
+		*err = ENOTCONN;
+		return 0;
+	}
+	rw_sock_local(sk, family, &server);
+	rw_sock_peer(sk, family, &client);
+	rw_udp_tuple(&key, &client, &server);
+	v = bpf_map_lookup_elem(&rw_udp_handoff, &key);
+	if (!v) {
+		*err = ENOENT;
+		return 0;
+	}
+	st = bpf_sk_storage_get(&rw_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		*err = ENOBUFS;
+		return 0;
+	}
+	*st = v->s;
+	st->flags = RW_F_ACCEPTED;
+	bpf_map_delete_elem(&rw_udp_handoff, &key);
+	return st;
 }
 
 SEC("cgroup/getsockopt")
@@ -516,6 +946,14 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 		return 1;
 	}
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+	if ((!st || !(st->flags & RW_F_ACCEPTED)) && sk->protocol == IPPROTO_UDP) {
+		err = ENOENT;
+		st = rw_udp_claim(sk, &err);
+		if (!st) {
+			ctx->retval = -err;
+			return 1;
+		}
+	}
 	if (!st || !(st->flags & RW_F_ACCEPTED)) {
 		ctx->retval = -ENOENT;
 		return 1;
@@ -595,7 +1033,7 @@ int rw_setsockopt(struct bpf_sockopt *ctx)
 		return rw_set_fail(EINVAL);
 	__builtin_memcpy(&r, p, sizeof(r));
 	if (r.magic != RW_MAGIC || r.version != RW_VERSION || r.n_chain == 0 ||
-	    r.n_chain > RW_MAX_CHAIN || r.proto != IPPROTO_TCP)
+	    r.n_chain > RW_MAX_CHAIN || r.proto != sk->protocol)
 		return rw_set_fail(EINVAL);
 	if (rw_tag(&r, conf) != r.tag)
 		return rw_set_fail(EINVAL);

@@ -17,6 +17,9 @@
 #define RW_SOL 0x5257 /* 'R' 'W' */
 #define RW_OPT_RECORDS 1 /* get on accepted socket; set on outbound socket */
 #define RW_OPT_CONTEXT 2 /* get on accepted socket */
+/* UDP has no accept: a proxy "accepts" a flow by connecting a socket bound to
+ * its service address to the datagram's source; the queries then work on that
+ * connected socket exactly as on an accepted TCP socket. */
 
 #define RW_MAGIC 0x5752
 #define RW_VERSION 1
@@ -25,6 +28,8 @@
 #define RW_MAX_SERVICES 63 /* service ids 1..63 fit in a u64 bit mask */
 #define RW_MAX_RULES 64
 #define RW_DEFAULT_HOP_LIMIT 8
+#define RW_UDP_SLOTS 4 /* live UDP flows one socket may have (one per service) */
+#define RW_DEFAULT_UDP_IDLE_MS 30000
 
 /* Redirect states, as numbered by WFP (FWP_CONNECTION_REDIRECT_STATE). */
 #define RW_STATE_NOT_REDIRECTED 0
@@ -42,6 +47,8 @@
 #define RW_EV_DELIVER 2  /* a socket with records reached its original destination */
 #define RW_EV_HOP_LIMIT 3 /* refused: the flow would exceed the hop limit (ELOOP) */
 #define RW_EV_MISMATCH 4 /* refused: records belong to another destination (EINVAL) */
+#define RW_EV_UDP_CONFLICT 5 /* refused: the socket has a live flow to this service for
+			      * another destination (EADDRINUSE) or no free slot (ENOBUFS) */
 
 struct rw_addr {
 	__u8 family; /* AF_INET or AF_INET6; 0 = unset */
@@ -131,6 +138,33 @@ struct rw_conf {
 	__u32 n_rules;
 	__u32 hop_limit;
 	__u64 key[2]; /* SipHash key, random per load */
+	__u64 udp_idle_ns; /* a UDP flow idle this long is over */
+};
+
+/* One UDP flow of an application (or proxy outbound) socket. A datagram to
+ * `rec.orig_dst` goes to `target`; a datagram from `target` is shown as
+ * coming from `rec.orig_dst`. */
+struct rw_udp_slot {
+	struct rw_addr target; /* the service's address; the original destination if service_id == 0 */
+	__u64 last_ns;         /* CLOCK_BOOTTIME of the last datagram either way */
+	__u64 redirected_ns;
+	__u16 service_id;      /* 0: records delivered to the original destination */
+	__u16 rule_id;
+	__u32 _pad;
+	struct rw_records rec; /* magic == 0: free slot */
+};
+
+/* BPF_MAP_TYPE_SK_STORAGE value of a UDP socket. */
+struct rw_udp_sock {
+	struct rw_udp_slot slot[RW_UDP_SLOTS];
+};
+
+/* UDP hand-off (key: struct rw_tuple, client = the datagram's source, server =
+ * the service address it was sent to): published when the proxy's listener
+ * receives the flow's datagram, claimed by the proxy's connected socket. */
+struct rw_udp_handoff {
+	struct rw_sock s;
+	__u64 published_ns;
 };
 
 struct rw_access_key {

@@ -19,6 +19,10 @@ pub fn object() -> &'static [u8] {
 pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_connect4", "cgroup/connect4"),
     ("rw_connect6", "cgroup/connect6"),
+    ("rw_sendmsg4", "cgroup/sendmsg4"),
+    ("rw_sendmsg6", "cgroup/sendmsg6"),
+    ("rw_recvmsg4", "cgroup/recvmsg4"),
+    ("rw_recvmsg6", "cgroup/recvmsg6"),
     ("rw_getpeername4", "cgroup/getpeername4"),
     ("rw_getpeername6", "cgroup/getpeername6"),
     ("rw_sock_ops", "sockops"),

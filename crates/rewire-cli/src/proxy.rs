@@ -36,6 +36,10 @@ pub struct ProxyArgs {
     /// an nftables/iptables `redirect` rule) instead of rewire's records.
     #[arg(long)]
     pub original_dst: bool,
+    /// Milliseconds without a datagram after which a UDP flow ends (default:
+    /// the config's udp_idle_ms, else 30000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub udp_idle_ms: Option<u64>,
 }
 
 pub fn main(a: ProxyArgs) -> Result<()> {
@@ -61,13 +65,20 @@ pub fn main(a: ProxyArgs) -> Result<()> {
         service_names: names,
         relay: a.relay.parse().map_err(anyhow::Error::msg)?,
         original_dst: a.original_dst,
+        udp_idle: match (a.udp_idle_ms, &cfg) {
+            (Some(ms), _) => std::time::Duration::from_millis(ms),
+            (None, Some(cfg)) => cfg.udp_idle(),
+            (None, None) => rewire_proxy::ProxyOptions::default().udp_idle,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let listeners = rewire_proxy::bind(&listen).with_context(|| format!("listen on {listen:?}"))?;
-        tracing::info!("proxy {} listening on {:?}", a.name, listen);
+        let listeners = rewire_proxy::bind(&listen).with_context(|| format!("listen on {listen:?} (tcp)"))?;
+        let udp = rewire_proxy::udp::bind(&listen).with_context(|| format!("listen on {listen:?} (udp)"))?;
+        tracing::info!("proxy {} listening on {:?} (tcp and udp)", a.name, listen);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);
+        let udp_server = tokio::spawn(rewire_proxy::udp::serve(opts.clone().into(), udp, tx.clone(), stop_rx.clone()));
         let server = tokio::spawn(rewire_proxy::serve(opts, listeners, tx, stop_rx));
         let mut out: Box<dyn Write + Send> = match &a.log {
             Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
@@ -93,6 +104,7 @@ pub fn main(a: ProxyArgs) -> Result<()> {
         }
         let _ = stop_tx.send(true);
         let _ = server.await;
+        let _ = udp_server.await;
         anyhow::Ok(())
     })
 }

@@ -122,8 +122,14 @@ fn child_api_success_and_errors() {
     assert!(matches!(rewire::query_redirect_records(&devnull), Err(Error::NotASocket)));
     let (u, _u2) = std::os::unix::net::UnixStream::pair().unwrap();
     assert!(matches!(rewire::set_redirect_records(&u, &rec), Err(Error::UnsupportedTransport)));
+    // TCP records on a UDP socket: the blob names its transport.
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    assert!(matches!(rewire::set_redirect_records(&udp, &rec), Err(Error::WrongSocketType)));
+    assert!(matches!(rewire::set_redirect_records(&udp, &rec), Err(Error::InvalidRecords)));
+    // A UDP query on a socket that is not connected to a flow's source.
+    assert!(matches!(rewire::query_redirect_records(&udp), Err(Error::NotConnected)));
+    // Raw sockets carry no records.
+    let raw = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::ICMPV4)).unwrap();
+    assert!(matches!(rewire::query_redirect_records(&raw), Err(Error::WrongSocketType)));
 
     // A genuine blob is accepted on a fresh socket.
     rewire::set_redirect_records(&fresh(), &rec).unwrap();

@@ -4,6 +4,7 @@
 //! ```toml
 //! cgroup = "rewire"          # subtree under the cgroup2 mount that rewire owns
 //! hop_limit = 8              # redirects one flow may take (1..=16)
+//! udp_idle_ms = 30000        # a UDP flow without datagrams this long is over
 //!
 //! [access]                   # besides root, who may query/set records
 //! uids = [1000, "proxyuser"]
@@ -15,7 +16,7 @@
 //! [[service.match]]
 //! dst = ["127.0.0.0/8", "::1/128"]   # default: any address
 //! ports = [80, "8000-8100"]          # default: any port
-//! protocol = "tcp"                   # default: tcp
+//! protocol = "tcp"                   # "tcp" (default), "udp" or "any"
 //! uid = 1000                         # optional: only this user's flows
 //! cgroup = "clients"                 # optional: only processes in <subtree>/clients
 //! ```
@@ -30,7 +31,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use rewire::abi::{RW_DEFAULT_HOP_LIMIT, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES};
+use rewire::abi::{RW_DEFAULT_HOP_LIMIT, RW_DEFAULT_UDP_IDLE_MS, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES};
+
+/// Bounds of `udp_idle_ms`.
+const UDP_IDLE_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
 
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
@@ -113,17 +117,15 @@ pub enum Principal {
     Name(String),
 }
 
-fn one_or_many<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany<T> {
-        One(T),
-        Many(Vec<T>),
+/// A value or an array of values. (Not an untagged enum: that would hide the
+/// element's own error, e.g. "unknown variant `sctp`", behind a generic one.)
+fn one_or_many<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(d: D) -> Result<Vec<T>, D::Error> {
+    use serde::de::Error;
+    let one = |v: toml::Value| T::deserialize(v).map_err(|e| D::Error::custom(e.message().trim()));
+    match toml::Value::deserialize(d)? {
+        toml::Value::Array(items) => items.into_iter().map(one).collect(),
+        v => Ok(vec![one(v)?]),
     }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(t) => vec![t],
-        OneOrMany::Many(v) => v,
-    })
 }
 
 /// One match rule of a service.
@@ -188,6 +190,9 @@ fn default_cgroup() -> String {
 fn default_hop_limit() -> Spanned<u32> {
     Spanned::new(0..0, RW_DEFAULT_HOP_LIMIT)
 }
+fn default_udp_idle_ms() -> Spanned<u64> {
+    Spanned::new(0..0, RW_DEFAULT_UDP_IDLE_MS)
+}
 
 /// A whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -199,6 +204,9 @@ pub struct Config {
     /// Redirects one flow may take.
     #[serde(default = "default_hop_limit")]
     pub hop_limit: Spanned<u32>,
+    /// Milliseconds without a datagram after which a UDP flow is over.
+    #[serde(default = "default_udp_idle_ms")]
+    pub udp_idle_ms: Spanned<u64>,
     /// Who may call query/set besides root.
     #[serde(default)]
     pub access: Access,
@@ -240,6 +248,13 @@ impl Config {
                 format!("must be between 1 and {RW_MAX_CHAIN}"),
             ));
         }
+        if !UDP_IDLE_MS.contains(cfg.udp_idle_ms.get_ref()) {
+            return Err(invalid(
+                Some(cfg.udp_idle_ms.span()),
+                Some("udp_idle_ms"),
+                format!("must be between {} and {}", UDP_IDLE_MS.start(), UDP_IDLE_MS.end()),
+            ));
+        }
         if cfg.services.len() > RW_MAX_SERVICES {
             return Err(invalid(None, Some("service"), format!("at most {RW_MAX_SERVICES} services")));
         }
@@ -265,9 +280,6 @@ impl Config {
                 return Err(invalid(here, Some("service.match"), format!("service `{name}` has no match rule")));
             }
             for m in &s.matches {
-                if m.protocol == Protocol::Udp {
-                    return Err(invalid(here, Some("service.match.protocol"), "udp is not supported yet".into()));
-                }
                 if let Some(c) = &m.cgroup {
                     if c.is_empty() || c.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
                         return Err(invalid(here, Some("service.match.cgroup"), format!("invalid cgroup path `{c}`")));
@@ -285,6 +297,11 @@ impl Config {
     /// The hop limit.
     pub fn hop_limit(&self) -> u32 {
         *self.hop_limit.get_ref()
+    }
+
+    /// How long a UDP flow may be idle before it is over.
+    pub fn udp_idle(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(*self.udp_idle_ms.get_ref())
     }
 
     /// The 1-based id of a service by name.
@@ -401,6 +418,10 @@ match = { ports = 8080 }
         assert_eq!(m.ports, [PortRange { lo: 8080, hi: 8080 }, PortRange { lo: 9000, hi: 9010 }]);
         assert_eq!(c.services[1].listen_v6(), None);
         assert_eq!(c.access.uids, [Principal::Id(65534)]);
+        assert_eq!(c.udp_idle(), std::time::Duration::from_millis(RW_DEFAULT_UDP_IDLE_MS));
+        let udp = parse("udp_idle_ms = 1500\n[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:5353\"\nmatch = { protocol = \"udp\", ports = 53 }\n").unwrap();
+        assert_eq!(udp.services[0].matches[0].protocol, Protocol::Udp);
+        assert_eq!(udp.udp_idle().as_millis(), 1500);
     }
 
     fn err(s: &str) -> (usize, String, String) {
@@ -418,6 +439,10 @@ match = { ports = 8080 }
         assert_eq!((line, key.as_str()), (4, "match"));
         let (line, key, msg) = err("hop_limit = 0\n");
         assert_eq!((line, key.as_str()), (1, "hop_limit"), "{msg}");
+        let (line, key, msg) = err("cgroup = \"x\"\nudp_idle_ms = 5\n");
+        assert_eq!((line, key.as_str()), (2, "udp_idle_ms"), "{msg}");
+        let (_, key, msg) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = { protocol = \"sctp\" }\n");
+        assert!(key == "match" && msg.contains("sctp"), "{key}: {msg}");
         let (line, key, msg) = err("\ncgroupp = \"x\"\n");
         assert_eq!(line, 2);
         assert!(msg.contains("cgroupp"), "{msg} {key}");

@@ -1,8 +1,10 @@
 //! The kernel's decisions, as log lines and JSON.
 //!
-//! The connect hook reports every redirect, every delivery of a flow that
-//! carried records, and every refusal (hop limit, records of another flow)
-//! through a ring buffer; the daemon and `rewire run` print them.
+//! The connect and sendmsg hooks report every redirect, every delivery of a
+//! flow that carried records, and every refusal (hop limit, records of
+//! another flow, a UDP socket's second live flow to one service) through a
+//! ring buffer; the daemon and `rewire run` print them. A UDP flow is
+//! reported once, at its first datagram (or connect), not per datagram.
 
 use std::net::SocketAddr;
 
@@ -24,6 +26,9 @@ pub enum EventKind {
     HopLimit,
     /// A connect was refused: its records belong to another destination (EINVAL).
     Mismatch,
+    /// A UDP send was refused: the socket already has a live flow to this
+    /// service for another destination (EADDRINUSE), or no free flow slot (ENOBUFS).
+    UdpConflict,
 }
 
 /// One decision of the connect hook.
@@ -31,6 +36,8 @@ pub enum EventKind {
 pub struct Event {
     /// What happened.
     pub kind: EventKind,
+    /// "tcp" or "udp".
+    pub protocol: &'static str,
     /// Flow id (hex).
     pub flow: String,
     /// The service redirected to (redirects and refusals).
@@ -59,6 +66,7 @@ impl Event {
             abi::RW_EV_DELIVER => EventKind::Deliver,
             abi::RW_EV_HOP_LIMIT => EventKind::HopLimit,
             abi::RW_EV_MISMATCH => EventKind::Mismatch,
+            abi::RW_EV_UDP_CONFLICT => EventKind::UdpConflict,
             _ => return None,
         };
         let n = (raw.n_chain as usize).min(raw.chain.len());
@@ -76,6 +84,7 @@ impl Event {
         };
         Some(Self {
             kind,
+            protocol: if raw.proto == libc::IPPROTO_UDP as u8 { "udp" } else { "tcp" },
             flow: format!("{:016x}", raw.flow_id),
             service: (raw.service_id != 0)
                 .then(|| config.service_name(raw.service_id).map_or_else(|| format!("#{}", raw.service_id), str::to_owned)),
@@ -95,28 +104,41 @@ impl std::fmt::Display for Event {
         let dst = self.original_destination.map_or_else(|| "?".into(), |d| d.to_string());
         let chain = self.chain.join(" -> ");
         let who = format!("{} (pid {})", self.command, self.pid);
+        let p = self.protocol;
         match self.kind {
             EventKind::Redirect => write!(
                 f,
-                "redirect flow {} to {}: {who} -> service {} (rule {}), chain [{chain}]",
+                "redirect {p} flow {} to {}: {who} -> service {} (rule {}), chain [{chain}]",
                 self.flow,
                 dst,
                 self.service.as_deref().unwrap_or("?"),
                 self.rule
             ),
-            EventKind::Deliver => write!(f, "deliver flow {} to {dst}: {who} after [{chain}]", self.flow),
+            EventKind::Deliver => write!(f, "deliver {p} flow {} to {dst}: {who} after [{chain}]", self.flow),
             EventKind::HopLimit => write!(
                 f,
-                "REFUSED flow {} to {dst}: hop limit {} reached after [{chain}], next would be service {}; \
-                 connect of {who} failed with ELOOP",
+                "REFUSED {p} flow {} to {dst}: hop limit {} reached after [{chain}], next would be service {}; \
+                 connect/send of {who} failed with ELOOP",
                 self.flow,
                 self.hop_limit,
                 self.service.as_deref().unwrap_or("?")
             ),
             EventKind::Mismatch => write!(
                 f,
-                "REFUSED flow {}: {who} set records for {dst} on a socket connecting elsewhere; connect failed with EINVAL",
+                "REFUSED {p} flow {}: {who} set records for {dst} on a socket connecting elsewhere; connect failed with EINVAL",
                 self.flow
+            ),
+            EventKind::UdpConflict if self.errno == libc::EADDRINUSE => write!(
+                f,
+                "REFUSED udp send of {who}: its socket has a live flow {} to {dst} through service {}; \
+                 a second destination through the same service fails with EADDRINUSE until that flow is idle",
+                self.flow,
+                self.service.as_deref().unwrap_or("?")
+            ),
+            EventKind::UdpConflict => write!(
+                f,
+                "REFUSED udp send of {who} to {dst}: its socket has {} live flows already; send failed with ENOBUFS",
+                abi::RW_UDP_SLOTS
             ),
         }
     }

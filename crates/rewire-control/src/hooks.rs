@@ -13,7 +13,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 
-use rewire::abi::{self, RwAccessKey, RwConf, RwEvent, RwRule, RwService};
+use rewire::abi::{self, RwAccessKey, RwAddr, RwConf, RwEvent, RwRule, RwService, RwSock, RwTuple, RwUdpHandoff};
 
 use crate::config::{resolve_gid, resolve_uid, Config, Protocol};
 
@@ -68,13 +68,14 @@ unsafe impl aya::Pod for Pod<RwConf> {}
 unsafe impl aya::Pod for Pod<RwRule> {}
 unsafe impl aya::Pod for Pod<RwService> {}
 unsafe impl aya::Pod for Pod<RwAccessKey> {}
+unsafe impl aya::Pod for Pod<RwAddr> {}
+unsafe impl aya::Pod for Pod<RwTuple> {}
+unsafe impl aya::Pod for Pod<RwSock> {}
+unsafe impl aya::Pod for Pod<RwUdpHandoff> {}
 
 /// Names of the maps, as pinned by the daemon.
-pub const MAPS: &[&str] = &["rw_conf", "rw_rules", "rw_services", "rw_access", "rw_handoff", "rw_events"];
-
-/// Size of a hand-off key and value.
-const TUPLE_LEN: usize = 40;
-const SOCK_LEN: usize = 144;
+pub const MAPS: &[&str] =
+    &["rw_conf", "rw_rules", "rw_services", "rw_svc_addr", "rw_access", "rw_handoff", "rw_udp_handoff", "rw_events"];
 
 /// The loaded and attached kernel programs of one rewire instance.
 pub struct Hooks {
@@ -135,13 +136,42 @@ impl Hooks {
         RingBuf::try_from(map).ok().map(Events)
     }
 
-    /// Flows between connect and accept right now (hand-off entries); returns
-    /// to its baseline when connections complete or fail.
+    /// TCP flows between connect and accept right now (hand-off entries);
+    /// returns to its baseline when connections complete or fail.
     pub fn handoff_entries(&self) -> Result<usize, HooksError> {
-        let map = self.bpf.map("rw_handoff").ok_or_else(|| HooksError::Config("no rw_handoff".into()))?;
-        let h: HashMap<&MapData, [u8; TUPLE_LEN], [u8; SOCK_LEN]> =
-            HashMap::try_from(map).map_err(|source| HooksError::Map { name: "rw_handoff", source })?;
-        Ok(h.keys().filter(Result::is_ok).count())
+        Ok(self.hash::<RwSock>("rw_handoff")?.keys().filter(Result::is_ok).count())
+    }
+
+    /// UDP flows a proxy's listener received but no proxy socket claimed yet.
+    pub fn udp_handoff_entries(&self) -> Result<usize, HooksError> {
+        Ok(self.hash::<RwUdpHandoff>("rw_udp_handoff")?.keys().filter(Result::is_ok).count())
+    }
+
+    /// Deletes UDP hand-off entries published more than `idle` ago (their
+    /// proxy never claimed them: it was down, or the datagram was a late
+    /// one of a flow it had claimed already). Returns how many it deleted.
+    pub fn expire_udp_handoffs(&mut self, idle: std::time::Duration) -> Result<usize, HooksError> {
+        let now = boot_ns();
+        let idle = idle.as_nanos() as u64;
+        let map = self.bpf.map_mut("rw_udp_handoff").ok_or_else(|| HooksError::Config("no rw_udp_handoff".into()))?;
+        let mut h: HashMap<&mut MapData, Pod<RwTuple>, Pod<RwUdpHandoff>> =
+            HashMap::try_from(map).map_err(|source| HooksError::Map { name: "rw_udp_handoff", source })?;
+        let old: Vec<Pod<RwTuple>> = h
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| now.saturating_sub(v.0.published_ns) >= idle)
+            .map(|(k, _)| k)
+            .collect();
+        // An entry claimed meanwhile is gone already: not an error.
+        Ok(old.iter().filter(|k| h.remove(k).is_ok()).count())
+    }
+
+    fn hash<V: Copy>(&self, name: &'static str) -> Result<HashMap<&MapData, Pod<RwTuple>, Pod<V>>, HooksError>
+    where
+        Pod<V>: aya::Pod,
+    {
+        let map = self.bpf.map(name).ok_or_else(|| HooksError::Config(format!("no {name}")))?;
+        HashMap::try_from(map).map_err(|source| HooksError::Map { name, source })
     }
 
     /// Pins the maps under `dir` (created; removed again by [`Hooks::unpin`] or drop).
@@ -195,6 +225,14 @@ impl std::os::fd::AsRawFd for Events {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.0.as_raw_fd()
     }
+}
+
+/// CLOCK_BOOTTIME in nanoseconds, the clock of the kernel programs' timestamps.
+pub fn boot_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn raise_memlock() {
@@ -275,6 +313,15 @@ fn pad4(a: [u8; 4]) -> [u8; 16] {
     o
 }
 
+/// A socket address as the kernel programs compare it.
+fn rw_addr(a: &SocketAddr) -> RwAddr {
+    let (family, addr) = match a {
+        SocketAddr::V4(v4) => (libc::AF_INET as u8, pad4(v4.ip().octets())),
+        SocketAddr::V6(v6) => (libc::AF_INET6 as u8, v6.ip().octets()),
+    };
+    RwAddr { family, port_be: a.port().to_be(), addr, ..Default::default() }
+}
+
 fn service_of(listen: &[SocketAddr]) -> RwService {
     let mut s = RwService::default();
     for a in listen {
@@ -306,6 +353,16 @@ fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Result<(), Hook
         }
     }
     {
+        // Lets the receive hook recognise a service's listener (UDP hand-off).
+        let mut addrs: HashMap<&mut MapData, Pod<RwAddr>, u16> =
+            HashMap::try_from(bpf.map_mut("rw_svc_addr").expect("rw_svc_addr")).map_err(map_err("rw_svc_addr"))?;
+        for (i, s) in config.services.iter().enumerate() {
+            for a in &s.listen {
+                addrs.insert(Pod(rw_addr(a)), i as u16 + 1, 0).map_err(map_err("rw_svc_addr"))?;
+            }
+        }
+    }
+    {
         let mut arr: Array<&mut MapData, Pod<RwRule>> =
             Array::try_from(bpf.map_mut("rw_rules").expect("rw_rules")).map_err(map_err("rw_rules"))?;
         for (i, r) in rules.iter().enumerate() {
@@ -325,7 +382,12 @@ fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Result<(), Hook
         }
     }
     // The configuration goes last: n_rules > 0 is what turns the hook on.
-    let conf = RwConf { n_rules: rules.len() as u32, hop_limit: config.hop_limit(), key: [rand::random(), rand::random()] };
+    let conf = RwConf {
+        n_rules: rules.len() as u32,
+        hop_limit: config.hop_limit(),
+        key: [rand::random(), rand::random()],
+        udp_idle_ns: config.udp_idle().as_nanos() as u64,
+    };
     let mut arr: Array<&mut MapData, Pod<RwConf>> =
         Array::try_from(bpf.map_mut("rw_conf").expect("rw_conf")).map_err(map_err("rw_conf"))?;
     arr.set(0, Pod(conf), 0).map_err(map_err("rw_conf"))?;

@@ -5,11 +5,12 @@
 //! a new socket, set the records on it, connect to the original destination
 //! (the hook sends it on to the next service, or to the destination when
 //! every matching service has seen it), relay both directions with correct
-//! half-close, and write one JSON line when the flow ends.
+//! half-close, and write one JSON line when the flow ends. UDP flows go
+//! the same way, datagram by datagram ([`udp`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
@@ -17,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 pub mod relay;
+pub mod udp;
 pub use relay::RelayMode;
 
 /// How a proxy is set up.
@@ -34,6 +36,8 @@ pub struct ProxyOptions {
     /// the redirect records (to run behind an nftables `redirect` rule, as
     /// the benchmark's comparison does); no records are set onward.
     pub original_dst: bool,
+    /// A UDP flow without datagrams this long is over (its line is written).
+    pub udp_idle: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -44,6 +48,7 @@ impl Default for ProxyOptions {
             service_names: vec![],
             relay: RelayMode::default(),
             original_dst: false,
+            udp_idle: Duration::from_millis(rewire::abi::RW_DEFAULT_UDP_IDLE_MS),
         }
     }
 }
@@ -53,6 +58,8 @@ impl Default for ProxyOptions {
 pub struct FlowLog {
     /// This proxy's service name.
     pub service: String,
+    /// "tcp" or "udp".
+    pub protocol: &'static str,
     /// Flow id (hex), the same at every proxy of the chain.
     pub flow: Option<String>,
     /// Where the application connected.
@@ -73,12 +80,67 @@ pub struct FlowLog {
     pub bytes_to_server: u64,
     /// Bytes relayed back to the client.
     pub bytes_to_client: u64,
+    /// UDP: datagrams relayed towards the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datagrams_to_server: Option<u64>,
+    /// UDP: datagrams relayed back to the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datagrams_to_client: Option<u64>,
     /// Duration of the flow in milliseconds.
     pub duration_ms: f64,
     /// Unix time the flow ended, in seconds.
     pub ended_at: f64,
     /// Why the flow failed, if it did.
     pub error: Option<String>,
+}
+
+impl FlowLog {
+    /// An empty line for a flow from `peer`.
+    pub fn new(opts: &ProxyOptions, peer: SocketAddr, protocol: &'static str) -> Self {
+        FlowLog {
+            service: opts.name.clone(),
+            protocol,
+            flow: None,
+            original_destination: None,
+            chain: vec![],
+            hop: None,
+            client_pid: None,
+            client_command: None,
+            client_uid: None,
+            peer,
+            bytes_to_server: 0,
+            bytes_to_client: 0,
+            datagrams_to_server: None,
+            datagrams_to_client: None,
+            duration_ms: 0.0,
+            ended_at: 0.0,
+            error: None,
+        }
+    }
+
+    /// Fills in what the flow's records and context say.
+    pub fn fill(&mut self, opts: &ProxyOptions, records: &rewire::RedirectRecords, ctx: Option<rewire::RedirectContext>) {
+        self.flow = Some(format!("{:016x}", records.flow_id()));
+        self.original_destination = Some(records.original_destination());
+        self.chain = records
+            .chain()
+            .iter()
+            .map(|&id| opts.service_names.get(id as usize - 1).cloned().unwrap_or_else(|| format!("#{id}")))
+            .collect();
+        // No context is an expected outcome, not a failure (as on Windows).
+        if let Some(ctx) = ctx {
+            self.hop = Some(ctx.hop);
+            self.client_pid = Some(ctx.pid);
+            self.client_command = Some(ctx.command);
+            self.client_uid = Some(ctx.uid);
+        }
+    }
+
+    /// Stamps the duration since `start` and the end time.
+    pub fn finish(&mut self, start: Instant) {
+        self.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+        self.ended_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    }
 }
 
 /// Binds the listeners (IPv6 ones IPv6-only, so each family has its own socket).
@@ -138,28 +200,12 @@ pub async fn serve(
 /// Handles one accepted connection and returns its log line.
 pub async fn handle(opts: &ProxyOptions, mut client: TcpStream, peer: SocketAddr) -> FlowLog {
     let start = Instant::now();
-    let mut log = FlowLog {
-        service: opts.name.clone(),
-        flow: None,
-        original_destination: None,
-        chain: vec![],
-        hop: None,
-        client_pid: None,
-        client_command: None,
-        client_uid: None,
-        peer,
-        bytes_to_server: 0,
-        bytes_to_client: 0,
-        duration_ms: 0.0,
-        ended_at: 0.0,
-        error: None,
-    };
+    let mut log = FlowLog::new(opts, peer, "tcp");
     if let Err(e) = relay(opts, &mut client, &mut log).await {
         log.error = Some(e);
         let _ = client.shutdown().await;
     }
-    log.duration_ms = start.elapsed().as_secs_f64() * 1e3;
-    log.ended_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    log.finish(start);
     log
 }
 
@@ -171,23 +217,8 @@ async fn relay(opts: &ProxyOptions, client: &mut TcpStream, log: &mut FlowLog) -
         return relay_bytes(opts, client, &mut upstream, log).await;
     }
     let records = rewire::query_redirect_records(client).map_err(|e| format!("query records: {e}"))?;
-    log.flow = Some(format!("{:016x}", records.flow_id()));
-    log.original_destination = Some(records.original_destination());
-    log.chain = records
-        .chain()
-        .iter()
-        .map(|&id| opts.service_names.get(id as usize - 1).cloned().unwrap_or_else(|| format!("#{id}")))
-        .collect();
-    match rewire::query_redirect_context(client) {
-        Ok(ctx) => {
-            log.hop = Some(ctx.hop);
-            log.client_pid = Some(ctx.pid);
-            log.client_command = Some(ctx.command);
-            log.client_uid = Some(ctx.uid);
-        }
-        // No context is an expected outcome, not a failure (as on Windows).
-        Err(e) => tracing::debug!("no context: {e}"),
-    }
+    let ctx = rewire::query_redirect_context(client).map_err(|e| tracing::debug!("no context: {e}")).ok();
+    log.fill(opts, &records, ctx);
     let mut upstream = rewire::asynchronous::connect_onward(&records)
         .await
         .map_err(|e| format!("connect onward to {}: {e}", records.original_destination()))?;

@@ -15,12 +15,15 @@ pub const RW_MAX_CHAIN: usize = 16;
 pub const RW_MAX_SERVICES: usize = 63;
 pub const RW_MAX_RULES: usize = 64;
 pub const RW_DEFAULT_HOP_LIMIT: u32 = 8;
+pub const RW_UDP_SLOTS: usize = 4;
+pub const RW_DEFAULT_UDP_IDLE_MS: u64 = 30_000;
 pub const RW_TAGGED_LEN: usize = 120;
 
 pub const RW_EV_REDIRECT: u32 = 1;
 pub const RW_EV_DELIVER: u32 = 2;
 pub const RW_EV_HOP_LIMIT: u32 = 3;
 pub const RW_EV_MISMATCH: u32 = 4;
+pub const RW_EV_UDP_CONFLICT: u32 = 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,6 +105,36 @@ pub struct RwConf {
     pub n_rules: u32,
     pub hop_limit: u32,
     pub key: [u64; 2],
+    pub udp_idle_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwSock {
+    pub flags: u32,
+    pub service_id: u16,
+    pub rule_id: u16,
+    pub redirected_ns: u64,
+    pub rec: RwRecords,
+}
+
+/// Hand-off key: client and server endpoints (ports in host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RwTuple {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub cport: u16,
+    pub sport: u16,
+    pub caddr: [u8; 16],
+    pub saddr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwUdpHandoff {
+    pub s: RwSock,
+    pub published_ns: u64,
 }
 
 #[repr(C)]
@@ -142,7 +175,10 @@ assert_layout!(RwRecords, 128, flow_id @ 8, orig_dst @ 16, pid @ 40, cgroup_id @
 assert_layout!(RwContext, 152, service_id @ 4, hop @ 8, redirected_ns @ 16, records @ 24);
 assert_layout!(RwService, 28, addr4 @ 8, addr6 @ 12);
 assert_layout!(RwRule, 56, port_lo @ 8, uid @ 12, addr @ 16, mask @ 32, cgroup_id @ 48);
-assert_layout!(RwConf, 24, key @ 8);
+assert_layout!(RwConf, 32, key @ 8, udp_idle_ns @ 24);
+assert_layout!(RwSock, 144, redirected_ns @ 8, rec @ 16);
+assert_layout!(RwTuple, 40, cport @ 4, caddr @ 8, saddr @ 24);
+assert_layout!(RwUdpHandoff, 152, published_ns @ 144);
 assert_layout!(RwEvent, 112, pid @ 24, comm @ 28, ts_ns @ 48, orig_dst @ 56, chain @ 80);
 assert_layout!(RwAccessKey, 8);
 
@@ -154,6 +190,8 @@ pub unsafe trait Pod: Copy + Default {}
 unsafe impl Pod for RwRecords {}
 unsafe impl Pod for RwContext {}
 unsafe impl Pod for RwEvent {}
+unsafe impl Pod for RwTuple {}
+unsafe impl Pod for RwUdpHandoff {}
 
 /// Reads a `Pod` value from the start of `bytes`, if long enough.
 pub fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {

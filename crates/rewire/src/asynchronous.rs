@@ -4,7 +4,9 @@
 //! on tokio sockets directly (they take `impl AsFd`); what needs `async` is
 //! the outbound connect, provided here.
 
-use tokio::net::{TcpSocket, TcpStream};
+use std::net::SocketAddr;
+
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use crate::{set_redirect_records, Error, RedirectRecords, Result};
 
@@ -17,4 +19,24 @@ pub async fn connect_onward(records: &RedirectRecords) -> Result<TcpStream> {
     let sock = if dst.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(Error::from_io)?;
     set_redirect_records(&sock, records)?;
     sock.connect(dst).await.map_err(Error::from_io)
+}
+
+fn to_tokio(s: std::net::UdpSocket) -> Result<UdpSocket> {
+    s.set_nonblocking(true).map_err(Error::from_io)?;
+    UdpSocket::from_std(s).map_err(Error::from_io)
+}
+
+/// [`crate::udp::bind_listener`] for tokio.
+pub fn udp_bind_listener(addr: SocketAddr) -> Result<UdpSocket> {
+    to_tokio(crate::udp::bind_listener(addr)?)
+}
+
+/// [`crate::udp::accept`] for tokio (binding and connecting UDP never block).
+pub fn udp_accept(local: SocketAddr, peer: SocketAddr) -> Result<UdpSocket> {
+    to_tokio(crate::udp::accept(local, peer)?)
+}
+
+/// [`crate::udp::connect_onward`] for tokio.
+pub fn udp_connect_onward(records: &RedirectRecords) -> Result<UdpSocket> {
+    to_tokio(crate::udp::connect_onward(records)?)
 }

@@ -28,14 +28,17 @@ pub enum Error {
     #[error("not a socket")]
     NotASocket,
     /// The socket's transport cannot carry redirect records (e.g. a Unix socket).
-    #[error("this transport does not support redirect records (only TCP over IPv4/IPv6 does)")]
+    #[error("this transport does not support redirect records (TCP and UDP over IPv4/IPv6 do)")]
     UnsupportedTransport,
     /// No rewire hooks serve this socket: it was created outside a managed cgroup.
     #[error("no rewire hooks serve this socket: create it inside a rewire-managed cgroup (rewire run / rewire exec)")]
     NotManaged,
     /// An IP socket of a type that does not carry records (e.g. raw).
-    #[error("wrong socket type: redirect records need a TCP stream socket")]
+    #[error("wrong socket type: redirect records need a TCP or UDP socket")]
     WrongSocketType,
+    /// A UDP query on a socket that is not connected to the flow's source.
+    #[error("not connected: query a UDP flow on a socket bound to the service address and connected to the datagram's source (rewire::udp::accept)")]
+    NotConnected,
     /// Records can only be set on a socket that is not connected yet.
     #[error("wrong socket state: set the records before connecting the socket")]
     WrongState,
@@ -74,6 +77,7 @@ impl Error {
             libc::ENOPROTOOPT => Error::NotManaged,
             libc::EPROTOTYPE => Error::WrongSocketType,
             libc::EISCONN => Error::WrongState,
+            libc::ENOTCONN => Error::NotConnected,
             libc::ENOENT => Error::NotRedirected,
             libc::EINVAL => Error::InvalidRecords,
             libc::EACCES | libc::EPERM => Error::AccessDenied,
@@ -99,6 +103,7 @@ impl Error {
             Error::UnsupportedTransport | Error::NotManaged => WSAEOPNOTSUPP,
             Error::WrongSocketType
             | Error::WrongState
+            | Error::NotConnected
             | Error::NotRedirected
             | Error::InvalidRecords
             | Error::BufferTooSmall { .. }
@@ -117,7 +122,7 @@ impl Error {
     /// The closest `std::io::ErrorKind`.
     pub fn kind(&self) -> io::ErrorKind {
         match self {
-            Error::InvalidRecords | Error::BufferTooSmall { .. } | Error::WrongState => {
+            Error::InvalidRecords | Error::BufferTooSmall { .. } | Error::WrongState | Error::NotConnected => {
                 io::ErrorKind::InvalidInput
             }
             Error::AccessDenied => io::ErrorKind::PermissionDenied,
@@ -157,6 +162,7 @@ mod tests {
             (libc::ENOPROTOOPT, wsa::WSAEOPNOTSUPP),
             (libc::EPROTOTYPE, wsa::WSAEINVAL),
             (libc::EISCONN, wsa::WSAEINVAL),
+            (libc::ENOTCONN, wsa::WSAEINVAL),
             (libc::EINVAL, wsa::WSAEINVAL),
             (libc::EACCES, wsa::WSAEACCES),
             (libc::EPERM, wsa::WSAEACCES),

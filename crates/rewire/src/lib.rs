@@ -22,6 +22,8 @@
 //! let upstream = rewire::connect_onward(&records)?; // new socket + set records + connect
 //! # let _ = upstream; Ok(()) }
 //! ```
+//!
+//! UDP flows work the same way on a connected socket: see [`udp`].
 
 pub mod abi;
 mod calls;
@@ -29,6 +31,7 @@ mod context;
 mod error;
 mod records;
 mod state;
+pub mod udp;
 
 #[cfg(feature = "tokio")]
 pub mod asynchronous;

@@ -1,0 +1,65 @@
+//! UDP flows: the datagram equivalent of `accept` and of the outbound connect.
+//!
+//! UDP has no accepted socket, so a proxy makes one: for a datagram that
+//! arrived on its service listener from source `S`, it opens a socket bound
+//! to the same service address and connected to `S` ([`accept`]). The
+//! kernel then delivers the flow's later datagrams to that socket, and the
+//! three calls work on it exactly as on an accepted TCP socket: the query
+//! is answered from the record the kernel published when the listener
+//! received the flow's datagram ("the connected socket of a UDP socket", as
+//! the specification puts it).
+//!
+//! Onward, [`connect_onward`] opens a new UDP socket, sets the records and
+//! connects it to the original destination; the kernel sends it to the next
+//! service of the chain, or to the destination itself.
+//!
+//! A flow is the pair (application socket, original destination); a proxy
+//! sees it as the datagram's source address. One application socket may
+//! therefore have one live flow per service: a second destination through
+//! the same service fails with `EADDRINUSE` until the first flow has been
+//! idle for the configured `udp_idle_ms` (see ARCHITECTURE.md).
+
+use std::net::{SocketAddr, UdpSocket};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::{set_redirect_records, Error, RedirectRecords, Result};
+
+fn new_socket(family_of: SocketAddr) -> Result<Socket> {
+    let s = Socket::new(Domain::for_address(family_of), Type::DGRAM, Some(Protocol::UDP)).map_err(Error::from_io)?;
+    if family_of.is_ipv6() {
+        s.set_only_v6(true).map_err(Error::from_io)?;
+    }
+    Ok(s)
+}
+
+/// Binds a proxy's UDP listener on a service address. `SO_REUSEADDR` lets
+/// the per-flow sockets of [`accept`] share the address.
+pub fn bind_listener(addr: SocketAddr) -> Result<UdpSocket> {
+    let s = new_socket(addr)?;
+    s.set_reuse_address(true).map_err(Error::from_io)?;
+    s.bind(&addr.into()).map_err(Error::from_io)?;
+    Ok(s.into())
+}
+
+/// "Accepts" the UDP flow whose datagram came from `peer` to the listener on
+/// `local`: a socket bound to `local` and connected to `peer`, on which the
+/// queries answer for that flow and which receives the flow's next datagrams.
+pub fn accept(local: SocketAddr, peer: SocketAddr) -> Result<UdpSocket> {
+    let s = new_socket(local)?;
+    s.set_reuse_address(true).map_err(Error::from_io)?;
+    s.bind(&local.into()).map_err(Error::from_io)?;
+    s.connect(&peer.into()).map_err(Error::from_io)?;
+    Ok(s.into())
+}
+
+/// Opens the proxy's outbound UDP socket for a flow: records set, connected
+/// to the original destination (the kernel picks the next hop). Refusals
+/// come back typed: [`Error::HopLimit`], [`Error::InvalidRecords`].
+pub fn connect_onward(records: &RedirectRecords) -> Result<UdpSocket> {
+    let dst = records.original_destination();
+    let s = new_socket(dst)?;
+    set_redirect_records(&s, records)?;
+    s.connect(&dst.into()).map_err(Error::from_io)?;
+    Ok(s.into())
+}
