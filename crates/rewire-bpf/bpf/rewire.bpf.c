@@ -655,6 +655,34 @@ static __always_inline void rw_udp_tuple(struct rw_tuple *t, const struct rw_add
 	__builtin_memcpy(t->saddr, server->addr, 16);
 }
 
+/* Whether the socket a datagram from `src` to us would reach is connected
+ * (a proxy's flow socket), given the tuple from us to `src`. */
+static __always_inline int rw_udp_claimed(struct bpf_sock_addr *ctx, const struct bpf_sock_tuple *to_src, __u8 family,
+					  __u32 len)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *s;
+	int claimed;
+
+	if (family == AF_INET) {
+		t.ipv4.saddr = to_src->ipv4.daddr;
+		t.ipv4.sport = to_src->ipv4.dport;
+		t.ipv4.daddr = to_src->ipv4.saddr;
+		t.ipv4.dport = to_src->ipv4.sport;
+	} else {
+		__builtin_memcpy(t.ipv6.saddr, to_src->ipv6.daddr, 16);
+		t.ipv6.sport = to_src->ipv6.dport;
+		__builtin_memcpy(t.ipv6.daddr, to_src->ipv6.saddr, 16);
+		t.ipv6.dport = to_src->ipv6.sport;
+	}
+	s = bpf_sk_lookup_udp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
+	if (!s)
+		return 0;
+	claimed = s->state == BPF_TCP_ESTABLISHED;
+	bpf_sk_release(s);
+	return claimed;
+}
+
 /* A service's listener received a datagram from `src`: if the sending socket
  * has a flow redirected to this address, publish its record for the proxy. */
 static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u8 family,
@@ -691,6 +719,10 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 		tuple.ipv6.dport = src->port_be;
 		len = sizeof(tuple.ipv6);
 	}
+	/* Claimed already: a late datagram queued on the listener before the
+	 * proxy connected its flow socket (which now receives from `src`). */
+	if (rw_udp_claimed(ctx, &tuple, family, len))
+		return;
 	app = bpf_sk_lookup_udp(ctx, &tuple, len, BPF_F_CURRENT_NETNS, 0);
 	if (!app)
 		return;

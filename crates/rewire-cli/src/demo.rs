@@ -2,12 +2,14 @@
 //! inspection proxies (`audit`, `dlp`) and a client in a cgroup rewire
 //! creates; every request passes audit, then dlp, then reaches the server.
 //! Then the loop protection: the records, and separately the hop limit.
+//! Then UDP: datagrams from connected and unconnected sockets through the
+//! same chain to a UDP echo server, replies coming back from the server.
 //!
 //! The demo checks its own outcome and fails (exit 1) if anything did not
 //! happen as shown.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,6 +72,27 @@ fn answer(c: TcpStream, peer: Option<SocketAddr>, peers: &Mutex<Vec<SocketAddr>>
     let body = format!("hello from the origin server: you asked `{}`\n", request.trim());
     let mut w = &c;
     write!(w, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+}
+
+/// A UDP echo server on both loopbacks, recording the sources it saw.
+fn start_udp_echo(port: u16) -> Result<Arc<Mutex<Vec<SocketAddr>>>> {
+    let sources = Arc::new(Mutex::new(Vec::new()));
+    for ip in ["127.0.0.1", "::1"] {
+        let s = UdpSocket::bind((ip, port)).with_context(|| format!("binding udp {ip} port {port}"))?;
+        let sources = sources.clone();
+        // Lives as long as the demo process.
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let mut seen = sources.lock().unwrap();
+                if !seen.contains(&from) {
+                    seen.push(from);
+                }
+                let _ = s.send_to(&buf[..n], from);
+            }
+        });
+    }
+    Ok(sources)
 }
 
 fn free_port() -> Result<u16> {
@@ -139,11 +162,11 @@ impl Stage {
 
     /// Runs `rewire probe` as the application inside the cgroup.
     fn client(&self, url: SocketAddr, path: &str) -> Result<(Value, u32)> {
-        let child = self
-            .command(&std::env::current_exe()?)
-            .args(["probe", &url.to_string(), "--http", path, "--timeout", "10"])
-            .stdout(Stdio::piped())
-            .spawn()?;
+        self.probe(&[&url.to_string(), "--http", path, "--timeout", "10"])
+    }
+
+    fn probe(&self, args: &[&str]) -> Result<(Value, u32)> {
+        let child = self.command(&std::env::current_exe()?).arg("probe").args(args).stdout(Stdio::piped()).spawn()?;
         let pid = child.id();
         let out = child.wait_with_output()?;
         Ok((serde_json::from_slice(&out.stdout).context("probe output")?, pid))
@@ -187,7 +210,7 @@ fn services(origin_port: u16, audit: u16, dlp: u16) -> String {
     let svc = |name: &str, port: u16| {
         format!(
             "[[service]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\n\
-             match = {{ dst = [\"127.0.0.0/8\", \"::1/128\"], ports = {origin_port} }}\n"
+             match = {{ dst = [\"127.0.0.0/8\", \"::1/128\"], ports = {origin_port}, protocol = \"any\" }}\n"
         )
     };
     svc("audit", audit) + &svc("dlp", dlp)
@@ -207,7 +230,7 @@ pub fn main(a: DemoArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     match &r {
-        Ok(()) => println!("\ndemo passed: every flow crossed audit then dlp exactly once; loops were stopped."),
+        Ok(()) => println!("\ndemo passed: every TCP and UDP flow crossed audit then dlp exactly once; loops were stopped."),
         Err(e) => println!("\ndemo FAILED: {e:#}"),
     }
     r
@@ -218,10 +241,12 @@ fn run(dir: &Path) -> Result<()> {
     let port = origin.addrs[0].port();
     let (audit, dlp) = (free_port()?, free_port()?);
     let pid = std::process::id();
-    let toml = format!("cgroup = \"rewire-demo-{pid}\"\nhop_limit = 8\n\n{}", services(port, audit, dlp));
+    let udp_sources = start_udp_echo(port)?;
+    let toml = format!("cgroup = \"rewire-demo-{pid}\"\nhop_limit = 8\nudp_idle_ms = 500\n\n{}", services(port, audit, dlp));
 
     heading("1. Two inspection proxies chained in front of a local HTTP server");
     println!("origin server: http://127.0.0.1:{port}/ and http://[::1]:{port}/ (outside the managed cgroup)");
+    println!("               and a UDP echo service on udp://127.0.0.1:{port} and udp://[::1]:{port}");
     println!("configuration:\n{}", indent(&toml));
     let mut st = Stage::start(dir, "chain", &toml)?;
     println!("hooks attached to {} ; proxies audit (:{audit}) and dlp (:{dlp}) started inside it", st.cgroup.path().display());
@@ -248,6 +273,7 @@ fn run(dir: &Path) -> Result<()> {
     }
     heading("3. What each proxy saw (one JSON line per flow)");
     let (a_lines, d_lines) = (st.flows("audit", 2), st.flows("dlp", 2));
+    ensure!(a_lines.iter().chain(&d_lines).all(|l| l["protocol"] == "tcp"), "only the HTTP flows so far");
     for l in a_lines.iter().chain(&d_lines) {
         println!("  {l}");
     }
@@ -292,9 +318,10 @@ fn run(dir: &Path) -> Result<()> {
         kinds.iter().filter(|k| **k == EventKind::Deliver).count() == 2,
         "every flow must be delivered once: {kinds:?}"
     );
+    udp_step(&mut st, &origin.addrs, &udp_sources)?;
     st.stop()?;
 
-    heading("5. Loop protection by the hop limit");
+    heading("6. Loop protection by the hop limit");
     let toml2 = toml.replace("hop_limit = 8", "hop_limit = 1").replace(&format!("rewire-demo-{pid}"), &format!("rewire-demo-{pid}-hop"));
     println!("Same services with hop_limit = 1: a flow may be redirected only once, so dlp cannot take it.");
     let mut st = Stage::start(dir, "hoplimit", &toml2)?;
@@ -313,6 +340,48 @@ fn run(dir: &Path) -> Result<()> {
     ensure!(err.contains("hop limit"), "audit must report the hop limit, got `{err}`");
     ensure!(origin.peers.lock().unwrap().len() == 2, "the refused flow must not reach the origin");
     st.stop()?;
+    Ok(())
+}
+
+/// UDP through the same chain: a connected IPv4 socket and an unconnected
+/// IPv6 one each send 100 datagrams to the echo service.
+fn udp_step(st: &mut Stage, urls: &[SocketAddr], echo_sources: &Mutex<Vec<SocketAddr>>) -> Result<()> {
+    heading("5. UDP: datagrams through the same chain (rules say protocol = \"any\")");
+    for (url, unconnected) in [(urls[0], false), (urls[1], true)] {
+        let u = url.to_string();
+        let mut args = vec![u.as_str(), "--udp", "100", "--timeout", "10"];
+        if unconnected {
+            args.push("--unconnected");
+        }
+        let (rep, cpid) = st.probe(&args)?;
+        let r = &rep["udp"];
+        ensure!(rep["error"].is_null(), "udp client to {url} failed: {}", rep["error"]);
+        ensure!(r["received"] == 100 && r["wrong_source"] == 0 && r["corrupted"] == 0, "udp echoes lost or wrong: {rep}");
+        ensure!(r["sources"] == serde_json::json!([u]), "replies must come from {u}: {rep}");
+        println!(
+            "client pid {cpid}: 100 datagrams to udp://{url} ({}) -> {} echoes, every one from {} (sha256 equal: {})",
+            if unconnected { "unconnected, sendto" } else { "connected" },
+            r["received"],
+            u,
+            rep["sent_sha256"] == rep["received_sha256"]
+        );
+    }
+    for e in st.events() {
+        println!("  {e}");
+    }
+    println!("proxies write a UDP flow's line when it has been idle for udp_idle_ms (500 ms here):");
+    let udp = |lines: Vec<Value>| lines.into_iter().filter(|l| l["protocol"] == "udp").collect::<Vec<_>>();
+    let (a, d) = (udp(st.flows("audit", 4)), udp(st.flows("dlp", 4)));
+    for l in a.iter().chain(&d) {
+        println!("  {l}");
+    }
+    ensure!(a.len() == 2 && d.len() == 2, "each proxy must see each UDP flow once: audit {} dlp {}", a.len(), d.len());
+    for l in &d {
+        ensure!(l["chain"] == serde_json::json!(["audit", "dlp"]) && l["datagrams_to_client"] == 100, "dlp: {l}");
+    }
+    let seen = echo_sources.lock().unwrap().clone();
+    ensure!(seen.len() == 2, "the echo server must see dlp's two outbound sockets, got {seen:?}");
+    println!("the echo server saw only dlp's outbound sockets: {seen:?}");
     Ok(())
 }
 

@@ -60,6 +60,20 @@ pub fn spawn_event_printer(events: Events, cfg: Config, format: EventFormat) -> 
     })
 }
 
+/// Removes UDP hand-off entries no proxy claimed within the idle time
+/// (a proxy that was down, or late datagrams of a claimed flow); never returns.
+async fn expire_udp_handoffs(hooks: &mut Hooks, idle: Duration) {
+    let mut tick = tokio::time::interval((idle / 2).max(Duration::from_millis(50)));
+    loop {
+        tick.tick().await;
+        match hooks.expire_udp_handoffs(idle) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("expired {n} unclaimed udp flow(s)"),
+            Err(e) => tracing::warn!("expiring udp flows: {e}"),
+        }
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
@@ -75,7 +89,10 @@ pub fn run(config: &Path, format: EventFormat, cmd: &[String]) -> Result<i32> {
     let abs_config = std::fs::canonicalize(config)?;
     let status = rt.block_on(async {
         let printer = spawn_event_printer(events, cfg.clone(), format);
-        let r = run_in(cgroup.path(), &abs_config, cmd).await;
+        let r = tokio::select! {
+            r = run_in(cgroup.path(), &abs_config, cmd) => r,
+            _ = expire_udp_handoffs(&mut hooks, cfg.udp_idle()) => unreachable!("never returns"),
+        };
         // Let the last events drain before stopping the printer.
         tokio::time::sleep(Duration::from_millis(50)).await;
         printer.abort();
@@ -141,7 +158,11 @@ pub fn daemon(config: &Path, format: EventFormat) -> Result<()> {
         let printer = spawn_event_printer(events, cfg.clone(), format);
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! { _ = sigint.recv() => {}, _ = sigterm.recv() => {} }
+        tokio::select! {
+            _ = sigint.recv() => {},
+            _ = sigterm.recv() => {},
+            _ = expire_udp_handoffs(&mut hooks, cfg.udp_idle()) => {},
+        }
         printer.abort();
         anyhow::Ok(())
     });

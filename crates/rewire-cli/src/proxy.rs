@@ -73,8 +73,9 @@ pub fn main(a: ProxyArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let listeners = rewire_proxy::bind(&listen).with_context(|| format!("listen on {listen:?} (tcp)"))?;
+        // UDP first: once the TCP listener shows up, both are ready (tests and the demo wait for it).
         let udp = rewire_proxy::udp::bind(&listen).with_context(|| format!("listen on {listen:?} (udp)"))?;
+        let listeners = rewire_proxy::bind(&listen).with_context(|| format!("listen on {listen:?} (tcp)"))?;
         tracing::info!("proxy {} listening on {:?} (tcp and udp)", a.name, listen);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -8,7 +8,8 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -32,12 +33,13 @@ pub fn require_root() {
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
-/// A free TCP port on both 127.0.0.1 and ::1 (best effort).
+/// A port free for TCP and UDP on both 127.0.0.1 and ::1 (best effort).
 pub fn free_port() -> u16 {
     for _ in 0..100 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        if TcpListener::bind(("::1", port)).is_ok() {
+        let free = |ip: &str| UdpSocket::bind((ip, port)).is_ok();
+        if TcpListener::bind(("::1", port)).is_ok() && free("127.0.0.1") && free("::1") {
             return port;
         }
     }
@@ -288,4 +290,57 @@ pub fn service(name: &str, port: u16, dst_port: u16) -> String {
         "[[service]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\n\
          [[service.match]]\ndst = [\"127.0.0.0/8\", \"::1/128\"]\nports = {dst_port}\n"
     )
+}
+
+/// A config block for a UDP service (v4 and v6 listeners) matching UDP to `dst_port`.
+pub fn udp_service(name: &str, port: u16, dst_port: u16) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\n\
+         [[service.match]]\nprotocol = \"udp\"\ndst = [\"127.0.0.0/8\", \"::1/128\"]\nports = {dst_port}\n"
+    )
+}
+
+/// A UDP echo server outside the cgroup, recording the sources it saw.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    pub sources: Arc<Mutex<BTreeSet<SocketAddr>>>,
+    pub datagrams: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(addr: SocketAddr) -> Self {
+        let s = UdpSocket::bind(addr).unwrap();
+        let addr = s.local_addr().unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let sources: Arc<Mutex<BTreeSet<SocketAddr>>> = Arc::default();
+        let (datagrams, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (src, n, st) = (Arc::clone(&sources), datagrams.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            // Bounded: the test drops the server (stop) within its own time limit.
+            while !st.load(Ordering::SeqCst) {
+                if let Ok((len, from)) = s.recv_from(&mut buf) {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    src.lock().unwrap().insert(from);
+                    let _ = s.send_to(&buf[..len], from);
+                }
+            }
+        });
+        UdpEcho { addr, sources, datagrams, stop, thread: Some(thread) }
+    }
+
+    pub fn sources(&self) -> BTreeSet<SocketAddr> {
+        self.sources.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
