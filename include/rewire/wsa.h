@@ -170,7 +170,7 @@ typedef struct rewire_wfp_records {
 	uint16_t magic;   /* 0x5752 */
 	uint8_t version;  /* 1 */
 	uint8_t n_chain;  /* services that handled the flow so far */
-	uint8_t proto;    /* IPPROTO_TCP */
+	uint8_t proto;    /* IPPROTO_TCP or IPPROTO_UDP */
 	uint8_t _pad[3];
 	uint64_t flow_id; /* random, the same at every hop */
 	REWIRE_WFP_ADDR orig_dst; /* where the application connected */

@@ -834,6 +834,50 @@ static void udp_socket_is_einval(void)
 	closesocket(u);
 }
 
+/* UDP, the Linux way: the query works on a socket bound to the service
+ * address and connected to the datagram's source (the flow's "accepted"
+ * socket); SET works on an unconnected UDP socket before connect(). */
+static void udp_flow_socket_query_and_set_succeed(void)
+{
+	struct sockaddr_storage svc, dst, src;
+	socklen_t srclen = sizeof src;
+	int one = 1, svclen = loopback(AF_INET, svc_port, &svc), dstlen = loopback(AF_INET, dst_port, &dst);
+	SOCKET l = socket(AF_INET, SOCK_DGRAM, 0), app = socket(AF_INET, SOCK_DGRAM, 0);
+	setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	CHECK(bind(l, (struct sockaddr *)&svc, svclen) == 0);
+	CHECK(sendto(app, "q", 1, 0, (struct sockaddr *)&dst, dstlen) == 1);
+	struct pollfd p = {.fd = l, .events = POLLIN};
+	char c;
+	if (poll(&p, 1, 5000) != 1 || recvfrom(l, &c, 1, 0, (struct sockaddr *)&src, &srclen) != 1) {
+		fprintf(stderr, "    the datagram was not redirected to the service listener\n");
+		test_ok = 0;
+		goto out;
+	}
+	unsigned char buf[REWIRE_WFP_MAX_RECORDS_SIZE];
+	struct res r = ioc(l, QREC, NULL, 0, buf, sizeof buf); /* the listener is not a flow */
+	EXPECT_FAIL(r, WSAEINVAL);
+	SOCKET f = socket(AF_INET, SOCK_DGRAM, 0);
+	setsockopt(f, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	CHECK(bind(f, (struct sockaddr *)&svc, svclen) == 0);
+	CHECK(connect(f, (struct sockaddr *)&src, srclen) == 0);
+	r = ioc(f, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	REWIRE_WFP_RECORDS rec;
+	memcpy(&rec, buf, sizeof rec);
+	CHECK_EQ(rec.proto, IPPROTO_UDP);
+	CHECK_EQ(ntohs(rec.orig_dst.port_be), dst_port);
+	CHECK_EQ(rec.pid, getpid());
+	SOCKET out = socket(AF_INET, SOCK_DGRAM, 0);
+	r = ioc(out, SETR, buf, sizeof buf, NULL, 0);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	CHECK(connect(out, (struct sockaddr *)&dst, dstlen) == 0);
+	closesocket(out);
+	closesocket(f);
+out:
+	closesocket(app);
+	closesocket(l);
+}
+
 static void unprivileged_caller_is_eacces(void)
 {
 	SOCKET c, a;
@@ -1029,6 +1073,7 @@ int main(int argc, char **argv)
 		RUN(tampered_or_truncated_blob_is_einval);
 		RUN(query_on_connection_not_redirected_is_einval);
 		RUN(udp_socket_is_einval);
+		RUN(udp_flow_socket_query_and_set_succeed);
 		RUN(unprivileged_caller_is_eacces);
 		RUN(overlapped_query_completes_through_event);
 		RUN(overlapped_context_query_runs_completion_routine);

@@ -192,7 +192,7 @@ fn check_suite(o: &Output, expected: usize, what: &str) {
 }
 
 const BASIC_TESTS: usize = 19;
-const KERNEL_TESTS: usize = 11;
+const KERNEL_TESTS: usize = 12;
 
 #[test]
 fn conformance_without_hooks_dynamic_and_static() {
@@ -218,7 +218,7 @@ fn conformance_on_the_kernel_hooks() {
         format!(
             "cgroup = \"rewire-capi\"\n\
              [[service]]\nname = \"conformance\"\nlisten = [\"127.0.0.1:{svc}\", \"[::1]:{svc}\"]\n\
-             match = {{ dst = [\"127.0.0.0/8\", \"::1/128\"], ports = {dst} }}\n"
+             match = {{ dst = [\"127.0.0.0/8\", \"::1/128\"], ports = {dst}, protocol = \"any\" }}\n"
         ),
     )
     .unwrap();
