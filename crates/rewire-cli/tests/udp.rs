@@ -171,6 +171,38 @@ fn records_stop_the_loop_and_the_hop_limit_holds() {
     assert!(l["error"].as_str().unwrap_or("").contains("hop limit"), "{l}");
 }
 
+/// Many short flows: each ends (one line per flow at expiry) and leaves no
+/// kernel state behind; the hand-off table is back at its baseline.
+#[test]
+fn many_short_flows_leave_nothing_behind() {
+    let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
+    let mut sb = Sandbox::new(&format!("{IDLE}{}", udp_service("audit", free_port(), echo.addr.port())));
+    let log = sb.proxy("audit");
+    assert_eq!(sb.hooks().udp_handoff_entries().unwrap(), 0);
+    const FLOWS: usize = 60;
+    for _ in 0..FLOWS {
+        let (r, _) = sb.probe(&[&echo.addr.to_string(), "--udp", "3", "--timeout", "5"]);
+        assert_clean_echo(&r, 3, echo.addr);
+    }
+    let lines = udp_lines(&log, FLOWS);
+    assert!(lines.iter().all(|l| l["datagrams_to_server"] == 3 && l["error"].is_null()), "{lines:?}");
+    assert_eq!(echo.sources().len(), FLOWS, "one outbound socket per flow");
+    // The proxy closed every flow socket (bound to the service port): only its two listeners remain.
+    let port = sb.config.services[0].listen[0].port();
+    assert_eq!(udp_sockets_on(port), 2, "flow sockets left open");
+    assert_eq!(sb.hooks().udp_handoff_entries().unwrap(), 0, "hand-off back to its baseline");
+}
+
+/// UDP sockets bound to `port` (IPv4 and IPv6), from /proc/net/udp{,6}.
+fn udp_sockets_on(port: u16) -> usize {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|local| local.ends_with(&suffix)))
+        .count()
+}
+
 /// The library calls on UDP, inside the cgroup (this binary re-executed as
 /// the child): query on the listener fails NotConnected, on the accepted
 /// socket it answers; replies carry the original source. A published flow

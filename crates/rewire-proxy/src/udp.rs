@@ -26,6 +26,10 @@ use crate::{FlowLog, ProxyOptions};
 /// Largest datagram relayed (the UDP maximum).
 const MAX_DATAGRAM: usize = 65_536;
 
+/// Live flows per listener; a new source beyond it is dropped (and logged)
+/// until flows expire, so a flood of sources cannot grow the proxy without end.
+pub const MAX_FLOWS: usize = 16_384;
+
 /// Binds the UDP listeners (IPv6 ones IPv6-only), sharable by flow sockets.
 pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<UdpSocket>> {
     addrs.iter().map(|a| rewire::asynchronous::udp_bind_listener(*a).map_err(std::io::Error::from)).collect()
@@ -99,6 +103,13 @@ async fn serve_one(
                 };
                 if let Some(f) = flows.get(&peer) {
                     forward(&f.upstream, &f.counters, &buf[..n]).await;
+                    continue;
+                }
+                if flows.len() >= MAX_FLOWS {
+                    let mut log = FlowLog::new(&opts, peer, "udp");
+                    log.error = Some(format!("dropped: {MAX_FLOWS} live udp flows already"));
+                    log.finish(Instant::now());
+                    let _ = logs.send(log);
                     continue;
                 }
                 match open(&opts, local, peer) {
