@@ -11,6 +11,8 @@
  *                         destination; a service's listener receiving a
  *                         redirected datagram publishes the flow's record
  *                         for the proxy to claim
+ *   cgroup/sock_release   a UDP socket closing before the proxy read its
+ *                         datagrams publishes its flows itself
  *   sockops               hand the flow record from the client socket to the
  *                         proxy's accepted socket (keyed by the 4-tuple)
  *   cgroup/getpeername4,6 the client sees its original destination
@@ -297,8 +299,9 @@ static __always_inline void rw_ctx_set(struct bpf_sock_addr *ctx, __u8 family, c
 	ctx->user_port = port_be;
 }
 
-/* The service's address for `family`, as a struct rw_addr. */
-static __always_inline int rw_service_addr(__u16 service_id, __u8 family, struct rw_addr *out)
+/* The service's address for `family`, as a struct rw_addr, and the size of
+ * its UDP port range. */
+static __always_inline int rw_service_addr(__u16 service_id, __u8 family, struct rw_addr *out, __u16 *udp_ports)
 {
 	__u32 sid = service_id;
 	struct rw_service *svc = bpf_map_lookup_elem(&rw_services, &sid);
@@ -314,6 +317,7 @@ static __always_inline int rw_service_addr(__u16 service_id, __u8 family, struct
 		out->port_be = svc->port6_be;
 		__builtin_memcpy(out->addr, svc->addr6, 16);
 	}
+	*udp_ports = svc->udp_ports ? svc->udp_ports : 1;
 	return 1;
 }
 
@@ -366,6 +370,70 @@ static __always_inline int rw_refuse(int err)
 	return 0;
 }
 
+/* Builds an rw_addr from a socket's fields. Every field is read up front
+ * with a volatile load: the verifier forbids pointer arithmetic on a socket,
+ * which clang emits when it sinks a plain load into a branch and merges the
+ * IPv4 and IPv6 offsets. */
+#define RW_READ(x) (*(volatile typeof(x) *)&(x))
+static __always_inline void rw_addr_from(struct rw_addr *out, __u8 family, __u16 port_be, __u32 ip4, __u32 a0,
+					 __u32 a1, __u32 a2, __u32 a3)
+{
+	__u32 *d = (__u32 *)out->addr;
+
+	__builtin_memset(out, 0, sizeof(*out));
+	out->family = family;
+	out->port_be = port_be;
+	if (family == AF_INET) {
+		d[0] = ip4;
+	} else {
+		d[0] = a0;
+		d[1] = a1;
+		d[2] = a2;
+		d[3] = a3;
+	}
+}
+
+/* The socket's own address (a service listener's, for a proxy). */
+static __always_inline void rw_sock_local(struct bpf_sock *sk, __u8 family, struct rw_addr *out)
+{
+	__u32 port = RW_READ(sk->src_port), ip4 = RW_READ(sk->src_ip4);
+	__u32 a0 = RW_READ(sk->src_ip6[0]), a1 = RW_READ(sk->src_ip6[1]);
+	__u32 a2 = RW_READ(sk->src_ip6[2]), a3 = RW_READ(sk->src_ip6[3]);
+
+	rw_addr_from(out, family, bpf_htons((__u16)port), ip4, a0, a1, a2, a3);
+}
+
+/* The socket's peer (a connected socket). */
+static __always_inline void rw_sock_peer(struct bpf_sock *sk, __u8 family, struct rw_addr *out)
+{
+	__u16 port = RW_READ(sk->dst_port);
+	__u32 ip4 = RW_READ(sk->dst_ip4);
+	__u32 a0 = RW_READ(sk->dst_ip6[0]), a1 = RW_READ(sk->dst_ip6[1]);
+	__u32 a2 = RW_READ(sk->dst_ip6[2]), a3 = RW_READ(sk->dst_ip6[3]);
+
+	rw_addr_from(out, family, port, ip4, a0, a1, a2, a3);
+}
+
+static __always_inline int rw_addr_is_any(const struct rw_addr *a)
+{
+	const __u32 *d = (const __u32 *)a->addr;
+	return (d[0] | d[1] | d[2] | d[3]) == 0;
+}
+
+/* Sets the source address of an unconnected send (sendmsg4/6 only). */
+static __always_inline void rw_ctx_set_src(struct bpf_sock_addr *ctx, __u8 family, const __u8 *addr)
+{
+	if (family == AF_INET) {
+		ctx->msg_src_ip4 = *(const __u32 *)addr;
+	} else {
+		const __u32 *a = (const __u32 *)addr;
+		ctx->msg_src_ip6[0] = a[0];
+		ctx->msg_src_ip6[1] = a[1];
+		ctx->msg_src_ip6[2] = a[2];
+		ctx->msg_src_ip6[3] = a[3];
+	}
+}
+
 /* ---- TCP connect ---- */
 
 static __always_inline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, struct rw_conf *conf)
@@ -374,6 +442,7 @@ static __always_inline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family
 	struct rw_sock *st;
 	struct rw_walk w = {};
 	struct rw_addr target;
+	__u16 nports;
 	__u8 n = 0;
 	int has_rec;
 
@@ -406,7 +475,7 @@ static __always_inline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family
 		rw_emit(RW_EV_HOP_LIMIT, -ELOOP, &st->rec, w.service_id, w.rule_id, conf->hop_limit);
 		return rw_refuse(ELOOP);
 	}
-	if (!rw_service_addr(w.service_id, family, &target))
+	if (!rw_service_addr(w.service_id, family, &target, &nports))
 		return 1;
 
 	st->rec.chain[n & (RW_MAX_CHAIN - 1)] = w.service_id;
@@ -424,12 +493,13 @@ static __always_inline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family
  *
  * A UDP flow is (socket, original destination). Its slot in the socket's
  * rw_udp_sk storage makes the flow sticky (every datagram to the original
- * destination goes to the same service without a new rule walk) and lets
- * the reply path and getpeername show the original destination. A proxy
- * sees the flow as the datagram's source address, so one socket may have
- * only one live flow per service: a second destination for the same
- * service while the first is live is refused with EADDRINUSE rather than
- * being confused with it. */
+ * destination goes to the same service port without a new rule walk) and
+ * lets the reply path and getpeername show the original destination.
+ * Nothing marks a datagram with its flow, so the pair (socket address,
+ * service address) must name one flow: the live flows of one socket through
+ * one service each get their own port of the service's UDP port range
+ * (base .. base + udp_ports - 1). When all are taken, a further destination
+ * is refused with EADDRINUSE rather than being confused with another flow. */
 
 static __always_inline int rw_slot_live(const struct rw_udp_slot *sl, __u64 now, const struct rw_conf *conf)
 {
@@ -447,6 +517,10 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 	struct rw_addr target;
 	__u64 now = bpf_ktime_get_boot_ns();
 	int has_rec, free = -1;
+	__u32 used = 0; /* ports of the service's range this socket's live flows use */
+	__u16 base = 0, nports = 1;
+	struct rw_addr local;
+	int unbound;
 	__u8 n = 0;
 
 	rw_ctx_addr(ctx, family, &w.dst);
@@ -456,10 +530,17 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 		rw_emit(RW_EV_MISMATCH, -EINVAL, &st->rec, 0, 0, conf->hop_limit);
 		return rw_refuse(EINVAL);
 	}
+	/* An unbound socket's datagrams get a fixed source (the service's own
+	 * address), so the proxy's view of the flow, (source, service), is
+	 * known here and stays the same for every datagram. */
+	rw_sock_local(sk, family, &local);
+	unbound = !is_connect && rw_addr_is_any(&local);
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
 	if (u && is_connect) {
 		/* A connected socket has one peer: forget earlier flows. */
-		__builtin_memset(u, 0, sizeof(*u));
+#pragma unroll
+		for (int i = 0; i < RW_UDP_SLOTS; i++)
+			u->slot[i].rec.magic = 0;
 	} else if (u) {
 		/* Known flow: same service as before, no rule walk. */
 #pragma unroll
@@ -467,8 +548,11 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 			sl = &u->slot[i];
 			if (sl->rec.magic == RW_MAGIC && rw_addr_eq(&sl->rec.orig_dst, &w.dst)) {
 				sl->last_ns = now;
-				if (sl->service_id)
+				if (sl->service_id) {
 					rw_ctx_set(ctx, family, sl->target.addr, sl->target.port_be);
+					if (unbound)
+						rw_ctx_set_src(ctx, family, sl->target.addr);
+				}
 				return 1;
 			}
 		}
@@ -489,8 +573,9 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 			rw_emit(RW_EV_HOP_LIMIT, -ELOOP, &tmp, w.service_id, w.rule_id, conf->hop_limit);
 			return rw_refuse(ELOOP);
 		}
-		if (!rw_service_addr(w.service_id, family, &target))
+		if (!rw_service_addr(w.service_id, family, &target, &nports))
 			return 1;
+		base = bpf_ntohs(target.port_be);
 	} else {
 		target = w.dst; /* records delivered: remember it so we emit once */
 	}
@@ -509,10 +594,26 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 			continue;
 		}
 		if (w.found && sl->service_id == w.service_id) {
-			rw_emit(RW_EV_UDP_CONFLICT, -EADDRINUSE, &sl->rec, w.service_id, w.rule_id,
+			__u16 k = bpf_ntohs(sl->target.port_be) - base;
+			if (k < RW_MAX_UDP_PORTS)
+				used |= 1u << k;
+		}
+	}
+	if (w.found) {
+		int k = -1;
+#pragma unroll
+		for (int i = 0; i < RW_MAX_UDP_PORTS; i++)
+			if (k < 0 && i < nports && !(used & (1u << i)))
+				k = i;
+		if (k < 0) {
+			/* Every port of the service carries a live flow of this socket. */
+			struct rw_records tmp;
+			rw_new_record(&tmp, &w.dst, IPPROTO_UDP, w.cgroup_id);
+			rw_emit(RW_EV_UDP_CONFLICT, -EADDRINUSE, &tmp, w.service_id, w.rule_id,
 				conf->hop_limit);
 			return rw_refuse(EADDRINUSE);
 		}
+		target.port_be = bpf_htons(base + k);
 	}
 	if (free < 0) {
 		struct rw_records tmp;
@@ -526,6 +627,8 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 	else
 		rw_new_record(&sl->rec, &w.dst, IPPROTO_UDP, w.cgroup_id);
 	sl->target = target;
+	__builtin_memset(&sl->src, 0, sizeof(sl->src));
+	sl->published = 0;
 	sl->last_ns = now;
 	sl->redirected_ns = now;
 	sl->service_id = w.service_id;
@@ -537,6 +640,13 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 	sl->rec.chain[n & (RW_MAX_CHAIN - 1)] = w.service_id;
 	sl->rec.n_chain = n + 1;
 	rw_ctx_set(ctx, family, target.addr, target.port_be);
+	if (!is_connect) {
+		/* The flow's source as the proxy will see it, kept for sock_release. */
+		sl->src = unbound ? target : local;
+		sl->src.port_be = local.port_be;
+		if (unbound)
+			rw_ctx_set_src(ctx, family, target.addr);
+	}
 	rw_emit(RW_EV_REDIRECT, 0, &sl->rec, w.service_id, w.rule_id, conf->hop_limit);
 	return 1;
 }
@@ -601,50 +711,6 @@ static __always_inline struct rw_udp_slot *rw_slot_of_target(struct rw_udp_sock 
 	return 0;
 }
 
-/* Builds an rw_addr from a socket's fields. Every field is read up front
- * with a volatile load: the verifier forbids pointer arithmetic on a socket,
- * which clang emits when it sinks a plain load into a branch and merges the
- * IPv4 and IPv6 offsets. */
-#define RW_READ(x) (*(volatile typeof(x) *)&(x))
-static __always_inline void rw_addr_from(struct rw_addr *out, __u8 family, __u16 port_be, __u32 ip4, __u32 a0,
-					 __u32 a1, __u32 a2, __u32 a3)
-{
-	__u32 *d = (__u32 *)out->addr;
-
-	__builtin_memset(out, 0, sizeof(*out));
-	out->family = family;
-	out->port_be = port_be;
-	if (family == AF_INET) {
-		d[0] = ip4;
-	} else {
-		d[0] = a0;
-		d[1] = a1;
-		d[2] = a2;
-		d[3] = a3;
-	}
-}
-
-/* The socket's own address (a service listener's, for a proxy). */
-static __always_inline void rw_sock_local(struct bpf_sock *sk, __u8 family, struct rw_addr *out)
-{
-	__u32 port = RW_READ(sk->src_port), ip4 = RW_READ(sk->src_ip4);
-	__u32 a0 = RW_READ(sk->src_ip6[0]), a1 = RW_READ(sk->src_ip6[1]);
-	__u32 a2 = RW_READ(sk->src_ip6[2]), a3 = RW_READ(sk->src_ip6[3]);
-
-	rw_addr_from(out, family, bpf_htons((__u16)port), ip4, a0, a1, a2, a3);
-}
-
-/* The socket's peer (a connected socket). */
-static __always_inline void rw_sock_peer(struct bpf_sock *sk, __u8 family, struct rw_addr *out)
-{
-	__u16 port = RW_READ(sk->dst_port);
-	__u32 ip4 = RW_READ(sk->dst_ip4);
-	__u32 a0 = RW_READ(sk->dst_ip6[0]), a1 = RW_READ(sk->dst_ip6[1]);
-	__u32 a2 = RW_READ(sk->dst_ip6[2]), a3 = RW_READ(sk->dst_ip6[3]);
-
-	rw_addr_from(out, family, port, ip4, a0, a1, a2, a3);
-}
-
 static __always_inline void rw_udp_tuple(struct rw_tuple *t, const struct rw_addr *client, const struct rw_addr *server)
 {
 	__builtin_memset(t, 0, sizeof(*t));
@@ -683,13 +749,26 @@ static __always_inline int rw_udp_claimed(struct bpf_sock_addr *ctx, const struc
 	return claimed;
 }
 
+static __always_inline void rw_udp_handoff_put(const struct rw_tuple *key, struct rw_udp_slot *sl)
+{
+	struct rw_udp_handoff v = {};
+
+	v.s.flags = RW_F_ACCEPTED;
+	v.s.service_id = sl->service_id;
+	v.s.rule_id = sl->rule_id;
+	v.s.redirected_ns = sl->redirected_ns;
+	v.s.rec = sl->rec;
+	v.published_ns = bpf_ktime_get_boot_ns();
+	sl->published = 1;
+	bpf_map_update_elem(&rw_udp_handoff, key, &v, BPF_ANY);
+}
+
 /* A service's listener received a datagram from `src`: if the sending socket
  * has a flow redirected to this address, publish its record for the proxy. */
 static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u8 family,
 					   const struct rw_addr *src)
 {
 	struct bpf_sock_tuple tuple = {};
-	struct rw_udp_handoff v = {};
 	struct rw_addr local;
 	struct rw_tuple key;
 	struct rw_udp_sock *au;
@@ -729,15 +808,8 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 	au = bpf_sk_storage_get(&rw_udp_sk, app, 0, 0);
 	if (au) {
 		sl = rw_slot_of_target(au, &local);
-		if (sl) {
-			v.s.flags = RW_F_ACCEPTED;
-			v.s.service_id = sl->service_id;
-			v.s.rule_id = sl->rule_id;
-			v.s.redirected_ns = sl->redirected_ns;
-			v.s.rec = sl->rec;
-			v.published_ns = bpf_ktime_get_boot_ns();
-			bpf_map_update_elem(&rw_udp_handoff, &key, &v, BPF_ANY);
-		}
+		if (sl)
+			rw_udp_handoff_put(&key, sl);
 	}
 	bpf_sk_release(app);
 }
@@ -776,6 +848,38 @@ SEC("cgroup/recvmsg6")
 int rw_recvmsg6(struct bpf_sock_addr *ctx)
 {
 	return rw_recvmsg(ctx, AF_INET6);
+}
+
+/* ---- a UDP socket closing: publish what no proxy has read yet ----
+ *
+ * A sender may close its socket before the proxy's listener reads the
+ * datagram (a fire-and-forget sender); the listener could then no longer find
+ * the socket, so the flows it never published are published now. This
+ * program may not read the socket's own address, so it uses the source the
+ * sendmsg hook recorded: unconnected sockets only. (A connected socket's
+ * port does not exist yet when its connect hook runs.) */
+
+SEC("cgroup/sock_release")
+int rw_sock_release(struct bpf_sock *sk)
+{
+	struct rw_udp_sock *u;
+	struct rw_tuple key;
+	__u8 family = sk->family;
+
+	if (sk->protocol != IPPROTO_UDP || (family != AF_INET && family != AF_INET6))
+		return 1;
+	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
+	if (!u)
+		return 1;
+#pragma unroll
+	for (int i = 0; i < RW_UDP_SLOTS; i++) {
+		struct rw_udp_slot *sl = &u->slot[i];
+		if (sl->rec.magic != RW_MAGIC || !sl->service_id || sl->published || !sl->src.family)
+			continue;
+		rw_udp_tuple(&key, &sl->src, &sl->target);
+		rw_udp_handoff_put(&key, sl);
+	}
+	return 1;
 }
 
 /* ---- getpeername: the client never notices ---- */

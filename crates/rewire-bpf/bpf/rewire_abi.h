@@ -28,7 +28,8 @@
 #define RW_MAX_SERVICES 63 /* service ids 1..63 fit in a u64 bit mask */
 #define RW_MAX_RULES 64
 #define RW_DEFAULT_HOP_LIMIT 8
-#define RW_UDP_SLOTS 4 /* live UDP flows one socket may have (one per service) */
+#define RW_UDP_SLOTS 8 /* live UDP flows one socket may have */
+#define RW_MAX_UDP_PORTS 8 /* UDP listener ports of one service (base port .. base + n - 1) */
 #define RW_DEFAULT_UDP_IDLE_MS 30000
 
 /* Redirect states, as numbered by WFP (FWP_CONNECTION_REDIRECT_STATE). */
@@ -114,7 +115,8 @@ struct rw_service {
 	__u8 has_v6;
 	__u16 port4_be;
 	__u16 port6_be;
-	__u16 _pad;
+	__u8 udp_ports; /* UDP flows of one socket through this service at once (>= 1) */
+	__u8 _pad;
 	__u8 addr4[4];
 	__u8 addr6[16];
 };
@@ -146,11 +148,13 @@ struct rw_conf {
  * coming from `rec.orig_dst`. */
 struct rw_udp_slot {
 	struct rw_addr target; /* the service's address; the original destination if service_id == 0 */
+	struct rw_addr src;    /* source address set on this flow's datagrams (unbound sockets); family 0: the socket's own */
 	__u64 last_ns;         /* CLOCK_BOOTTIME of the last datagram either way */
 	__u64 redirected_ns;
 	__u16 service_id;      /* 0: records delivered to the original destination */
 	__u16 rule_id;
-	__u32 _pad;
+	__u8 published;        /* a hand-off entry was made for it (by the listener or at close) */
+	__u8 _pad[3];
 	struct rw_records rec; /* magic == 0: free slot */
 };
 
@@ -161,7 +165,8 @@ struct rw_udp_sock {
 
 /* UDP hand-off (key: struct rw_tuple, client = the datagram's source, server =
  * the service address it was sent to): published when the proxy's listener
- * receives the flow's datagram, claimed by the proxy's connected socket. */
+ * receives the flow's datagram, or when the sending socket closes first;
+ * claimed by the proxy's connected socket. */
 struct rw_udp_handoff {
 	struct rw_sock s;
 	__u64 published_ns;

@@ -23,6 +23,7 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_sendmsg6", "cgroup/sendmsg6"),
     ("rw_recvmsg4", "cgroup/recvmsg4"),
     ("rw_recvmsg6", "cgroup/recvmsg6"),
+    ("rw_sock_release", "cgroup/sock_release"),
     ("rw_getpeername4", "cgroup/getpeername4"),
     ("rw_getpeername6", "cgroup/getpeername6"),
     ("rw_sock_ops", "sockops"),

@@ -40,11 +40,16 @@ pub struct ProxyArgs {
     /// the config's udp_idle_ms, else 30000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub udp_idle_ms: Option<u64>,
+    /// UDP listens on this many consecutive ports from each listen port
+    /// (default: the service's udp_ports from the config, else 1).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=rewire::abi::RW_MAX_UDP_PORTS as i64))]
+    pub udp_ports: Option<u8>,
 }
 
 pub fn main(a: ProxyArgs) -> Result<()> {
     let cfg = a.config.as_deref().map(Config::load).transpose()?;
     let mut listen = a.listen.clone();
+    let mut udp_ports = a.udp_ports;
     let mut names = vec![];
     if let Some(cfg) = &cfg {
         names = cfg.services.iter().map(|s| s.name.get_ref().clone()).collect();
@@ -54,6 +59,7 @@ pub fn main(a: ProxyArgs) -> Result<()> {
         if listen.is_empty() {
             listen = svc.listen.clone();
         }
+        udp_ports = udp_ports.or(Some(svc.udp_ports));
         join_daemon_cgroup(cfg, &a.name)?;
     }
     if listen.is_empty() {
@@ -74,9 +80,10 @@ pub fn main(a: ProxyArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         // UDP first: once the TCP listener shows up, both are ready (tests and the demo wait for it).
-        let udp = rewire_proxy::udp::bind(&listen).with_context(|| format!("listen on {listen:?} (udp)"))?;
+        let udp_listen = rewire_control::config::Service::expand_udp(&listen, udp_ports.unwrap_or(1));
+        let udp = rewire_proxy::udp::bind(&udp_listen).with_context(|| format!("listen on {udp_listen:?} (udp)"))?;
         let listeners = rewire_proxy::bind(&listen).with_context(|| format!("listen on {listen:?} (tcp)"))?;
-        tracing::info!("proxy {} listening on {:?} (tcp and udp)", a.name, listen);
+        tracing::info!("proxy {} listening on {:?} (tcp), {:?} (udp)", a.name, listen, udp_listen);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);
         let udp_server = tokio::spawn(rewire_proxy::udp::serve(opts.clone().into(), udp, tx.clone(), stop_rx.clone()));

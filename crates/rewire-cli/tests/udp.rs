@@ -98,41 +98,44 @@ fn ten_thousand_datagrams_through_two_proxies() {
     assert_eq!(e4.datagrams.load(std::sync::atomic::Ordering::SeqCst), 10000);
 }
 
-/// One unconnected socket, three destinations: one per service and one not
-/// redirected. Each echo comes back from the server it was sent to. A second
-/// live destination through the same service is refused (EADDRINUSE), never
-/// confused with the first.
+/// One unconnected socket, four destinations: two through one service (it
+/// has two UDP ports), one through another, one not redirected. Each echo
+/// comes back from the server it was sent to. A third live destination
+/// through the two-port service is refused (EADDRINUSE), never confused
+/// with the others.
 #[test]
 fn one_unconnected_socket_many_destinations() {
-    let (ea, eb, ec) = (
-        UdpEcho::start("127.0.0.1:0".parse().unwrap()),
-        UdpEcho::start("127.0.0.1:0".parse().unwrap()),
-        UdpEcho::start("127.0.0.1:0".parse().unwrap()),
-    );
+    let ea = UdpEcho::start("127.0.0.1:0".parse().unwrap());
+    let port = ea.addr.port();
+    let ea2 = UdpEcho::start(format!("127.0.0.2:{port}").parse().unwrap());
+    let (eb, ec) = (UdpEcho::start("127.0.0.1:0".parse().unwrap()), UdpEcho::start("127.0.0.1:0".parse().unwrap()));
     let cfg = format!(
         "{IDLE}{}{}",
-        udp_service("audit", free_port(), ea.addr.port()),
+        udp_service_ports("audit", free_ports(2), 2, port),
         udp_service("dlp", free_port(), eb.addr.port())
     );
     let mut sb = Sandbox::new(&cfg);
     let mut events = sb.take_events();
     let (la, ld) = (sb.proxy("audit"), sb.proxy("dlp"));
-    let (a, b, c) = (ea.addr.to_string(), eb.addr.to_string(), ec.addr.to_string());
-    let (r, _) = sb.probe(&[&a, "--udp", "300", "--unconnected", "--also", &b, &c]);
+    let (a, a2, b, c) = (ea.addr.to_string(), ea2.addr.to_string(), eb.addr.to_string(), ec.addr.to_string());
+    let (r, _) = sb.probe(&[&a, "--udp", "400", "--unconnected", "--also", &a2, &b, &c]);
     assert_eq!(r["error"], Value::Null, "{r}");
-    assert_eq!(r["udp"]["received"], 300, "{r}");
+    assert_eq!(r["udp"]["received"], 400, "{r}");
     assert_eq!(r["udp"]["wrong_source"], 0, "{r}");
-    assert_eq!(r["udp"]["sources"], json!([&a, &b, &c].iter().collect::<std::collections::BTreeSet<_>>()), "{r}");
-    let (la, ld) = (udp_lines(&la, 1), udp_lines(&ld, 1));
-    assert_eq!((la[0]["original_destination"].as_str(), la[0]["datagrams_to_server"].as_u64()), (Some(a.as_str()), Some(100)));
+    assert_eq!(r["udp"]["sources"], json!([&a, &a2, &b, &c].iter().collect::<std::collections::BTreeSet<_>>()), "{r}");
+    let (la, ld) = (udp_lines(&la, 2), udp_lines(&ld, 1));
+    let mut audit: Vec<(&str, u64)> =
+        la.iter().map(|l| (l["original_destination"].as_str().unwrap(), l["datagrams_to_server"].as_u64().unwrap())).collect();
+    audit.sort();
+    assert_eq!(audit, [(a.as_str(), 100), (a2.as_str(), 100)]);
     assert_eq!((ld[0]["original_destination"].as_str(), ld[0]["datagrams_to_server"].as_u64()), (Some(b.as_str()), Some(100)));
     assert_eq!(ec.datagrams.load(std::sync::atomic::Ordering::SeqCst), 100, "the unmatched destination got its datagrams directly");
 
-    // Same service, two live destinations on one socket: the second is refused.
-    let a2 = format!("127.0.0.2:{}", ea.addr.port());
-    let (r, _) = sb.probe(&[&a, "--udp", "4", "--unconnected", "--also", &a2, "--timeout", "5"]);
+    // A third live destination through audit, whose two ports are taken by this socket's flows.
+    let a3 = format!("127.0.0.3:{port}");
+    let (r, _) = sb.probe(&[&a, "--udp", "6", "--unconnected", "--also", &a2, &a3, "--timeout", "5"]);
     assert_eq!(r["errno"], libc::EADDRINUSE, "{r}");
-    assert_eq!(r["udp"]["sent"], 1, "{r}");
+    assert_eq!(r["udp"]["sent"], 2, "{r}");
     let mut kinds = vec![];
     while let Some(raw) = events.next_event() {
         kinds.push(Event::from_raw(&raw, &sb.config).unwrap());
@@ -140,6 +143,7 @@ fn one_unconnected_socket_many_destinations() {
     let conflict = kinds.iter().find(|e| e.kind == EventKind::UdpConflict).expect("a conflict event");
     assert_eq!(conflict.errno, libc::EADDRINUSE);
     assert_eq!(conflict.service.as_deref(), Some("audit"));
+    assert_eq!(conflict.original_destination.map(|d| d.to_string()), Some(a3));
     assert!(kinds.iter().all(|e| e.protocol == "udp"), "{kinds:?}");
 }
 
@@ -205,8 +209,9 @@ fn udp_sockets_on(port: u16) -> usize {
 
 /// The library calls on UDP, inside the cgroup (this binary re-executed as
 /// the child): query on the listener fails NotConnected, on the accepted
-/// socket it answers; replies carry the original source. A published flow
-/// nobody claims is left behind on purpose, and expiry removes it.
+/// socket it answers; replies carry the original source; a sender that has
+/// closed its socket before the proxy reads still has its flow. A published
+/// flow nobody claims is left behind on purpose, and expiry removes it.
 #[test]
 fn api_on_udp_sockets_and_expiry_of_unclaimed_flows() {
     let port = free_port();
@@ -279,6 +284,20 @@ fn child_udp_api() {
         rewire::set_redirect_records(&other, &rec).unwrap();
         let e = other.send_to(b"x", SocketAddr::new(dst.ip(), dst_port ^ 1)).unwrap_err();
         assert!(matches!(Error::from_io(e), Error::InvalidRecords));
+
+        // A sender that closes before the proxy reads (fire and forget): an
+        // unbound socket, gone by the time the listener looks for it.
+        let any = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let app = UdpSocket::bind(any).unwrap();
+        app.send_to(b"bye", dst).unwrap();
+        let app_port = app.local_addr().unwrap().port();
+        drop(app);
+        let (n, src) = listener.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], src.port()), (&b"bye"[..], app_port));
+        assert_eq!(src.ip(), local.ip(), "an unbound sender's datagrams come from the service's own address");
+        let flow = rewire::udp::accept(local, src).unwrap();
+        let rec = rewire::query_redirect_records(&flow).unwrap();
+        assert_eq!(rec.original_destination(), dst);
     }
     // Leave one published flow unclaimed for the parent's expiry check.
     let dst = SocketAddr::new("127.0.0.1".parse().unwrap(), dst_port);

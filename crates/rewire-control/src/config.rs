@@ -13,6 +13,8 @@
 //! [[service]]                # checked in this order
 //! name = "audit"
 //! listen = ["127.0.0.1:15001", "[::1]:15001"]
+//! udp_ports = 3              # UDP listens on 15001..=15003: one socket may send to
+//!                            # 3 destinations through this service at once (default 1)
 //! [[service.match]]
 //! dst = ["127.0.0.0/8", "::1/128"]   # default: any address
 //! ports = [80, "8000-8100"]          # default: any port
@@ -31,7 +33,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use rewire::abi::{RW_DEFAULT_HOP_LIMIT, RW_DEFAULT_UDP_IDLE_MS, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES};
+use rewire::abi::{
+    RW_DEFAULT_HOP_LIMIT, RW_DEFAULT_UDP_IDLE_MS, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES, RW_MAX_UDP_PORTS,
+};
 
 /// Bounds of `udp_idle_ms`.
 const UDP_IDLE_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
@@ -156,12 +160,34 @@ pub struct Service {
     /// Where its proxy listens (at most one IPv4 and one IPv6 address).
     #[serde(deserialize_with = "one_or_many")]
     pub listen: Vec<SocketAddr>,
+    /// UDP listens on this many consecutive ports from each listen port: the
+    /// live UDP flows one application socket may have through this service.
+    #[serde(default = "one")]
+    pub udp_ports: u8,
     /// Which connects it takes; checked in order.
     #[serde(rename = "match", deserialize_with = "one_or_many")]
     pub matches: Vec<MatchRule>,
 }
 
+fn one() -> u8 {
+    1
+}
+
 impl Service {
+    /// Every UDP listen address: each listen address's port and the
+    /// `udp_ports - 1` ports after it.
+    pub fn udp_listen(&self) -> Vec<SocketAddr> {
+        Self::expand_udp(&self.listen, self.udp_ports)
+    }
+
+    /// `listen` with each port followed by the `udp_ports - 1` next ones.
+    pub fn expand_udp(listen: &[SocketAddr], udp_ports: u8) -> Vec<SocketAddr> {
+        listen
+            .iter()
+            .flat_map(|a| (0..udp_ports as u16).filter_map(move |k| Some(SocketAddr::new(a.ip(), a.port().checked_add(k)?))))
+            .collect()
+    }
+
     /// The IPv4 listen address, if any.
     pub fn listen_v4(&self) -> Option<SocketAddr> {
         self.listen.iter().copied().find(SocketAddr::is_ipv4)
@@ -274,6 +300,14 @@ impl Config {
                     here,
                     Some("service.listen"),
                     format!("service `{name}`: give one IPv4 and/or one IPv6 address, each with a port"),
+                ));
+            }
+            let top = s.listen.iter().map(|a| a.port() as usize).max().unwrap_or(0) + s.udp_ports as usize - 1;
+            if s.udp_ports == 0 || s.udp_ports as usize > RW_MAX_UDP_PORTS || top > u16::MAX as usize {
+                return Err(invalid(
+                    here,
+                    Some("service.udp_ports"),
+                    format!("service `{name}`: udp_ports must be 1..={RW_MAX_UDP_PORTS} and stay below port 65536"),
                 ));
             }
             if s.matches.is_empty() {
@@ -422,6 +456,10 @@ match = { ports = 8080 }
         let udp = parse("udp_idle_ms = 1500\n[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:5353\"\nmatch = { protocol = \"udp\", ports = 53 }\n").unwrap();
         assert_eq!(udp.services[0].matches[0].protocol, Protocol::Udp);
         assert_eq!(udp.udp_idle().as_millis(), 1500);
+        assert_eq!(udp.services[0].udp_listen(), ["127.0.0.1:5353".parse::<SocketAddr>().unwrap()]);
+        let three = parse("[[service]]\nname = \"dns\"\nlisten = [\"127.0.0.1:5353\", \"[::1]:5353\"]\nudp_ports = 3\nmatch = {}\n").unwrap();
+        assert_eq!(three.services[0].udp_listen().len(), 6);
+        assert_eq!(three.services[0].udp_listen()[5], "[::1]:5355".parse::<SocketAddr>().unwrap());
     }
 
     fn err(s: &str) -> (usize, String, String) {
@@ -453,6 +491,8 @@ match = { ports = 8080 }
         assert_eq!(key, "match");
         let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\", \"127.0.0.2:1\"]\nmatch = {}\n");
         assert_eq!(key, "service.listen");
+        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:65535\"\nudp_ports = 2\nmatch = {}\n");
+        assert_eq!(key, "service.udp_ports");
         let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = []\n");
         assert_eq!(key, "service.match");
     }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 
@@ -107,6 +107,11 @@ impl Hooks {
             match section {
                 "sockops" => {
                     let p: &mut SockOps = prog.try_into().map_err(err)?;
+                    p.load().map_err(err)?;
+                    p.attach(&cg, mode).map_err(err)?;
+                }
+                "cgroup/sock_release" => {
+                    let p: &mut CgroupSock = prog.try_into().map_err(err)?;
                     p.load().map_err(err)?;
                     p.attach(&cg, mode).map_err(err)?;
                 }
@@ -349,7 +354,8 @@ fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Result<(), Hook
         let mut services: Array<&mut MapData, Pod<RwService>> =
             Array::try_from(bpf.map_mut("rw_services").expect("rw_services")).map_err(map_err("rw_services"))?;
         for (i, s) in config.services.iter().enumerate() {
-            services.set(i as u32 + 1, Pod(service_of(&s.listen)), 0).map_err(map_err("rw_services"))?;
+            let svc = RwService { udp_ports: s.udp_ports, ..service_of(&s.listen) };
+            services.set(i as u32 + 1, Pod(svc), 0).map_err(map_err("rw_services"))?;
         }
     }
     {
@@ -357,7 +363,7 @@ fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Result<(), Hook
         let mut addrs: HashMap<&mut MapData, Pod<RwAddr>, u16> =
             HashMap::try_from(bpf.map_mut("rw_svc_addr").expect("rw_svc_addr")).map_err(map_err("rw_svc_addr"))?;
         for (i, s) in config.services.iter().enumerate() {
-            for a in &s.listen {
+            for a in &s.udp_listen() {
                 addrs.insert(Pod(rw_addr(a)), i as u16 + 1, 0).map_err(map_err("rw_svc_addr"))?;
             }
         }

@@ -15,7 +15,8 @@ pub const RW_MAX_CHAIN: usize = 16;
 pub const RW_MAX_SERVICES: usize = 63;
 pub const RW_MAX_RULES: usize = 64;
 pub const RW_DEFAULT_HOP_LIMIT: u32 = 8;
-pub const RW_UDP_SLOTS: usize = 4;
+pub const RW_UDP_SLOTS: usize = 8;
+pub const RW_MAX_UDP_PORTS: usize = 8;
 pub const RW_DEFAULT_UDP_IDLE_MS: u64 = 30_000;
 pub const RW_TAGGED_LEN: usize = 120;
 
@@ -77,7 +78,8 @@ pub struct RwService {
     pub has_v6: u8,
     pub port4_be: u16,
     pub port6_be: u16,
-    pub _pad: u16,
+    pub udp_ports: u8,
+    pub _pad: u8,
     pub addr4: [u8; 4],
     pub addr6: [u8; 16],
 }

@@ -294,10 +294,29 @@ pub fn service(name: &str, port: u16, dst_port: u16) -> String {
 
 /// A config block for a UDP service (v4 and v6 listeners) matching UDP to `dst_port`.
 pub fn udp_service(name: &str, port: u16, dst_port: u16) -> String {
+    udp_service_ports(name, port, 1, dst_port)
+}
+
+/// The same with `udp_ports` UDP listen ports from `port` on.
+pub fn udp_service_ports(name: &str, port: u16, udp_ports: u16, dst_port: u16) -> String {
     format!(
-        "[[service]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\n\
+        "[[service]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\nudp_ports = {udp_ports}\n\
          [[service.match]]\nprotocol = \"udp\"\ndst = [\"127.0.0.0/8\", \"::1/128\"]\nports = {dst_port}\n"
     )
+}
+
+/// The first of `n` consecutive ports free as [`free_port`] (best effort).
+pub fn free_ports(n: u16) -> u16 {
+    for _ in 0..100 {
+        let base = free_port();
+        let free = |p: u16| {
+            ["127.0.0.1", "::1"].iter().all(|ip| TcpListener::bind((*ip, p)).is_ok() && UdpSocket::bind((*ip, p)).is_ok())
+        };
+        if base.checked_add(n).is_some() && (1..n).all(|k| free(base + k)) {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports");
 }
 
 /// A UDP echo server outside the cgroup, recording the sources it saw.
