@@ -542,11 +542,12 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 		for (int i = 0; i < RW_UDP_SLOTS; i++)
 			u->slot[i].rec.magic = 0;
 	} else if (u) {
-		/* Known flow: same service as before, no rule walk. */
+		/* Live flow: same service port as before, no rule walk. (An idle
+		 * one is over: its next datagram starts a new flow.) */
 #pragma unroll
 		for (int i = 0; i < RW_UDP_SLOTS; i++) {
 			sl = &u->slot[i];
-			if (sl->rec.magic == RW_MAGIC && rw_addr_eq(&sl->rec.orig_dst, &w.dst)) {
+			if (rw_slot_live(sl, now, conf) && rw_addr_eq(&sl->rec.orig_dst, &w.dst)) {
 				sl->last_ns = now;
 				if (sl->service_id) {
 					rw_ctx_set(ctx, family, sl->target.addr, sl->target.port_be);
@@ -620,6 +621,15 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 		rw_new_record(&tmp, &w.dst, IPPROTO_UDP, w.cgroup_id);
 		rw_emit(RW_EV_UDP_CONFLICT, -ENOBUFS, &tmp, w.service_id, w.rule_id, conf->hop_limit);
 		return rw_refuse(ENOBUFS);
+	}
+	/* Forget idle flows this one replaces (same destination or same service
+	 * port), so a late reply can only be matched to this flow. */
+#pragma unroll
+	for (int i = 0; i < RW_UDP_SLOTS; i++) {
+		sl = &u->slot[i];
+		if (i != free && sl->rec.magic == RW_MAGIC && !rw_slot_live(sl, now, conf) &&
+		    (rw_addr_eq(&sl->target, &target) || rw_addr_eq(&sl->rec.orig_dst, &w.dst)))
+			sl->rec.magic = 0;
 	}
 	sl = &u->slot[free & (RW_UDP_SLOTS - 1)];
 	if (has_rec)
@@ -766,9 +776,10 @@ static __always_inline void rw_udp_handoff_put(const struct rw_tuple *key, struc
 /* A service's listener received a datagram from `src`: if the sending socket
  * has a flow redirected to this address, publish its record for the proxy. */
 static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u8 family,
-					   const struct rw_addr *src)
+					   const struct rw_addr *src, const struct rw_conf *conf)
 {
 	struct bpf_sock_tuple tuple = {};
+	struct rw_udp_handoff *v;
 	struct rw_addr local;
 	struct rw_tuple key;
 	struct rw_udp_sock *au;
@@ -782,7 +793,10 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 	if (!bpf_map_lookup_elem(&rw_svc_addr, &local))
 		return;
 	rw_udp_tuple(&key, src, &local);
-	if (bpf_map_lookup_elem(&rw_udp_handoff, &key))
+	/* Published and not idle: this flow's. (An older entry may belong to an
+	 * earlier flow of the same socket and port that nobody claimed.) */
+	v = bpf_map_lookup_elem(&rw_udp_handoff, &key);
+	if (v && bpf_ktime_get_boot_ns() - v->published_ns < conf->udp_idle_ns)
 		return;
 	/* The socket a datagram from us back to `src` would reach is the sender. */
 	if (family == AF_INET) {
@@ -834,7 +848,7 @@ static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
 			return 1;
 		}
 	}
-	rw_udp_publish(ctx, sk, family, &src);
+	rw_udp_publish(ctx, sk, family, &src, conf);
 	return 1;
 }
 

@@ -299,6 +299,34 @@ fn child_udp_api() {
         let rec = rewire::query_redirect_records(&flow).unwrap();
         assert_eq!(rec.original_destination(), dst);
     }
+    // Idle expiry frees a socket's flow: a second destination through the
+    // one-port service is refused while the first flow is live, and taken
+    // once that has been idle for udp_idle_ms (300 ms here).
+    let dst = SocketAddr::new("127.0.0.1".parse().unwrap(), dst_port);
+    let dst2 = SocketAddr::new("127.0.0.2".parse().unwrap(), dst_port);
+    let local = SocketAddr::new(dst.ip(), port);
+    let listener = rewire::udp::bind_listener(local).unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let app = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut buf = [0u8; 64];
+    let mut take = |expect: &[u8]| {
+        let (n, src) = listener.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], expect);
+        let flow = rewire::udp::accept(local, src).unwrap();
+        rewire::query_redirect_records(&flow).unwrap()
+    };
+    app.send_to(b"first", dst).unwrap();
+    let first = take(b"first");
+    assert_eq!(first.original_destination(), dst);
+    let e = app.send_to(b"second", dst2).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
+    std::thread::sleep(Duration::from_millis(400));
+    app.send_to(b"third", dst2).unwrap();
+    let third = take(b"third");
+    assert_eq!(third.original_destination(), dst2);
+    assert_ne!(third.flow_id(), first.flow_id());
+    drop((listener, app));
+
     // Leave one published flow unclaimed for the parent's expiry check.
     let dst = SocketAddr::new("127.0.0.1".parse().unwrap(), dst_port);
     let listener = rewire::udp::bind_listener(SocketAddr::new(dst.ip(), port)).unwrap();
