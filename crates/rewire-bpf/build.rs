@@ -1,18 +1,28 @@
-//! Compiles `bpf/rewire.bpf.c` into a BPF object with clang and embeds it.
+//! Compiles the BPF objects with clang for embedding: `bpf/rewire.bpf.c`
+//! (the hooks) and `bpf/fastpath.bpf.c` (the proxy's kernel fast path, a
+//! separate object because only the proxy loads it, and without the hooks).
 //!
-//! The object is built for the host's byte order (`bpfel` on x86_64 and
+//! The objects are built for the host's byte order (`bpfel` on x86_64 and
 //! aarch64). `CLANG` overrides the compiler; `scripts/setup.sh` installs it.
 
-use std::{env, path::PathBuf, process::Command};
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let src_dir = manifest.join("bpf");
-    let src = src_dir.join("rewire.bpf.c");
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("rewire.bpf.o");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", src_dir.display());
     println!("cargo:rerun-if-env-changed=CLANG");
+    for name in ["rewire", "fastpath"] {
+        compile(&src_dir, &src_dir.join(format!("{name}.bpf.c")), &out_dir.join(format!("{name}.bpf.o")));
+    }
+}
 
+fn compile(src_dir: &Path, src: &Path, out: &Path) {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".into());
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap();
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
@@ -21,11 +31,11 @@ fn main() {
         .args(["-target", target, "-O2", "-g", "-Wall", "-Werror"])
         .arg(format!("-I{multiarch}"))
         .arg("-I")
-        .arg(&src_dir)
+        .arg(src_dir)
         .arg("-c")
-        .arg(&src)
+        .arg(src)
         .arg("-o")
-        .arg(&out)
+        .arg(out)
         .status()
         .unwrap_or_else(|e| {
             panic!(

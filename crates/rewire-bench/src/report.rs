@@ -111,6 +111,11 @@ pub fn write(
     for f in figs {
         writeln!(t, "  {:<9} {}", f.scenario, f.label)?;
     }
+    for f in figs {
+        if let Some(note) = &f.note {
+            writeln!(t, "  {:<9} note: {note}", f.scenario)?;
+        }
+    }
     for f in figs.iter().filter(|f| !f.paired_conn_ratios.is_empty()) {
         let mut r = f.paired_conn_ratios.clone();
         r.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -184,6 +189,7 @@ const COLORS: &[RGBColor] = &[
     RGBColor(52, 168, 83),
     RGBColor(251, 188, 5),
     RGBColor(234, 67, 53),
+    RGBColor(142, 68, 173),
 ];
 
 fn chart(path: &Path, figs: &[Figures], m: &Machine) -> Result<(), String> {

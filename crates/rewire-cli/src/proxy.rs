@@ -29,9 +29,17 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub max_flows: Option<u64>,
     /// How to relay bytes: `splice` (zero-copy, falls back to copy when the
-    /// kernel refuses it) or `copy` (user-space copy).
-    #[arg(long, default_value = "splice", value_parser = ["splice", "copy"])]
+    /// kernel refuses it), `copy` (user-space copy) or `kernel` (the first
+    /// --inspect-bytes of each direction in user space, the rest forwarded
+    /// inside the kernel by a sockmap program; needs CAP_BPF and
+    /// CAP_NET_ADMIN, falls back to splice).
+    #[arg(long, default_value = "splice", value_parser = ["splice", "copy", "kernel"])]
     pub relay: String,
+    /// With --relay kernel: bytes of each direction relayed in user space
+    /// (where an inspecting proxy sees them; what arrived with them too)
+    /// before the kernel takes over.
+    #[arg(long, default_value_t = rewire_proxy::relay::DEFAULT_INSPECT_BYTES)]
+    pub inspect_bytes: usize,
     /// Take each flow's destination from netfilter's SO_ORIGINAL_DST (behind
     /// an nftables/iptables `redirect` rule) instead of rewire's records.
     #[arg(long)]
@@ -69,7 +77,7 @@ pub fn main(a: ProxyArgs) -> Result<()> {
         name: a.name.clone(),
         listen: listen.clone(),
         service_names: names,
-        relay: a.relay.parse().map_err(anyhow::Error::msg)?,
+        relay: a.relay.parse::<rewire_proxy::RelayMode>().map_err(anyhow::Error::msg)?.with_inspect(a.inspect_bytes),
         original_dst: a.original_dst,
         udp_idle: match (a.udp_idle_ms, &cfg) {
             (Some(ms), _) => std::time::Duration::from_millis(ms),

@@ -90,6 +90,27 @@ fn ten_megabytes_over_ipv6_through_two_proxies() {
     }
 }
 
+/// `rewire proxy --relay kernel` in a real chain: the first bytes are
+/// inspected in user space, the rest forwarded by the kernel's sockmap; the
+/// bytes arrive exactly and the log says how many the kernel carried.
+#[test]
+fn kernel_fast_path_in_a_chain() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let p = server.addr.port();
+    let mut sb = Sandbox::new(&(service("audit", free_port(), p) + &service("dlp", free_port(), p)));
+    let a = sb.proxy_with("audit", &["--relay", "kernel", "--inspect-bytes", "1024"]);
+    sb.proxy("dlp");
+    let (r, _) = sb.probe(&[&server.addr.to_string(), "--send", "4194304"]);
+    assert_eq!(r["error"], serde_json::Value::Null, "{r}");
+    assert_eq!(r["received"], 4194304);
+    assert_eq!(r["sent_sha256"], r["received_sha256"]);
+    let l = &read_log(&a, 1)[0];
+    assert_eq!((l["bytes_to_server"].as_u64(), l["bytes_to_client"].as_u64()), (Some(4194304), Some(4194304)), "{l}");
+    let kernel = l["kernel_bytes_to_server"].as_u64().unwrap();
+    assert!(kernel > 0 && kernel <= 4194304 - 1024, "the kernel carried the rest after the inspected prefix: {l}");
+    assert!(l.get("relay_fell_back").is_none(), "{l}");
+}
+
 /// The client half-closes; the server answers only after EOF; the answer
 /// must still cross both proxies.
 #[test]

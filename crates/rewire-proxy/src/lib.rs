@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+mod fastpath;
 pub mod relay;
 pub mod udp;
 pub use relay::RelayMode;
@@ -80,6 +81,15 @@ pub struct FlowLog {
     pub bytes_to_server: u64,
     /// Bytes relayed back to the client.
     pub bytes_to_client: u64,
+    /// TCP with `--relay kernel`: of `bytes_to_server`, those the kernel fast path forwarded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_bytes_to_server: Option<u64>,
+    /// TCP with `--relay kernel`: of `bytes_to_client`, those the kernel fast path forwarded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_bytes_to_client: Option<u64>,
+    /// TCP: the preferred relay was refused and a fallback did (some of) the work.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub relay_fell_back: bool,
     /// UDP: datagrams relayed towards the destination.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datagrams_to_server: Option<u64>,
@@ -110,6 +120,9 @@ impl FlowLog {
             peer,
             bytes_to_server: 0,
             bytes_to_client: 0,
+            kernel_bytes_to_server: None,
+            kernel_bytes_to_client: None,
+            relay_fell_back: false,
             datagrams_to_server: None,
             datagrams_to_client: None,
             duration_ms: 0.0,
@@ -234,5 +247,10 @@ async fn relay_bytes(
     let stats = relay::relay(opts.relay, client, upstream).await.map_err(|e| format!("relay: {e}"))?;
     log.bytes_to_server = stats.a_to_b;
     log.bytes_to_client = stats.b_to_a;
+    if matches!(opts.relay, RelayMode::Kernel { .. }) {
+        log.kernel_bytes_to_server = Some(stats.kernel_a_to_b);
+        log.kernel_bytes_to_client = Some(stats.kernel_b_to_a);
+    }
+    log.relay_fell_back = stats.fell_back;
     Ok(())
 }

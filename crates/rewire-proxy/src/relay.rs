@@ -13,6 +13,22 @@
 //! back to [`tokio::io::copy_bidirectional`]; if the refusal comes later in
 //! one direction only, that direction goes on with a user-space copy.
 //!
+//! [`RelayMode::Kernel`] is for proxies that only need to see the start of
+//! a flow (a TLS client hello, an HTTP request line): each direction's
+//! first `inspect` bytes, and whatever had already arrived behind them
+//! when they were read, are copied through user space; then the direction
+//! is handed to a sockmap program that forwards the rest inside the
+//! kernel, and the proxy only waits for the end-of-file to pass it on
+//! (`fastpath.rs` explains how the hand-over keeps the byte order, the
+//! half-close and the counts exact). Each direction switches on its own,
+//! as soon as its own prefix has passed, so a short request followed by a
+//! long answer gets the answer offloaded; a direction that ends within
+//! `inspect` bytes never leaves user space. Where the fast path cannot be
+//! had, the rest of the direction is spliced: when loading or attaching
+//! the program fails (no `CAP_BPF`, an old kernel) or the kernel refuses
+//! the sockets (logged once as a warning), and when the other side has
+//! already half-closed the flow (sockmaps take established sockets only).
+//!
 //! This module also reads the `SO_ORIGINAL_DST` of a socket redirected by
 //! netfilter (`REDIRECT`/`DNAT`), for the proxy's `--original-dst` mode
 //! (used to compare rewire with an nftables set-up).
@@ -25,6 +41,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+/// Bytes of each direction relayed through user space (at least) before
+/// [`RelayMode::Kernel`] hands the direction to the kernel, unless told
+/// otherwise (`rewire proxy --inspect-bytes`).
+pub const DEFAULT_INSPECT_BYTES: usize = 4096;
+
 /// How the proxy moves bytes between the two sockets of a flow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RelayMode {
@@ -33,10 +54,39 @@ pub enum RelayMode {
     Splice,
     /// User-space copy with [`tokio::io::copy_bidirectional`].
     Copy,
+    /// The first `inspect` bytes of each direction (and what arrived with
+    /// them) through user space, the rest forwarded by the kernel
+    /// (sockmap); splice where the kernel fast path is unavailable. Parsed
+    /// from `kernel` with [`DEFAULT_INSPECT_BYTES`]; see
+    /// [`RelayMode::with_inspect`].
+    Kernel {
+        /// Bytes of each direction relayed in user space first (0: only
+        /// what had already arrived when the relay started).
+        inspect: usize,
+    },
     /// Splice, but behave as if the kernel refused it (`EINVAL`) on the
     /// first transfer: exercises the fallback path in tests.
     #[doc(hidden)]
     SpliceUnsupportedForTests,
+    /// `Kernel`, but behave as if the fast path were unavailable:
+    /// exercises its fallback to splice in tests.
+    #[doc(hidden)]
+    KernelUnavailableForTests {
+        /// As in `Kernel`.
+        inspect: usize,
+    },
+}
+
+impl RelayMode {
+    /// This mode with `inspect` bytes seen in user space per direction
+    /// (only the kernel modes have such a count; others are returned as they are).
+    pub fn with_inspect(self, inspect: usize) -> Self {
+        match self {
+            Self::Kernel { .. } => Self::Kernel { inspect },
+            Self::KernelUnavailableForTests { .. } => Self::KernelUnavailableForTests { inspect },
+            m => m,
+        }
+    }
 }
 
 impl std::str::FromStr for RelayMode {
@@ -45,7 +95,8 @@ impl std::str::FromStr for RelayMode {
         match s {
             "splice" => Ok(Self::Splice),
             "copy" => Ok(Self::Copy),
-            _ => Err(format!("unknown relay mode `{s}` (use splice or copy)")),
+            "kernel" => Ok(Self::Kernel { inspect: DEFAULT_INSPECT_BYTES }),
+            _ => Err(format!("unknown relay mode `{s}` (use splice, copy or kernel)")),
         }
     }
 }
@@ -55,19 +106,32 @@ impl std::fmt::Display for RelayMode {
         f.write_str(match self {
             Self::Splice | Self::SpliceUnsupportedForTests => "splice",
             Self::Copy => "copy",
+            Self::Kernel { .. } | Self::KernelUnavailableForTests { .. } => "kernel",
         })
     }
 }
 
 /// What a finished relay did.
+///
+/// In [`RelayMode::Kernel`] the totals are still exact: the kernel's share
+/// is counted by its BPF program as it forwards each skb (bytes taken from
+/// the source; the relay only finishes without error once the destination
+/// has accepted all of them), and is also given on its own.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayStats {
     /// Bytes from `a` to `b`.
     pub a_to_b: u64,
     /// Bytes from `b` to `a`.
     pub b_to_a: u64,
-    /// True when splice was refused and the user-space copy did (some of) the work.
+    /// True when the preferred way was refused and a fallback did (some of)
+    /// the work: the user-space copy for splice; splice for the kernel fast
+    /// path (also for a direction that reached its hand-over after the flow
+    /// was half-closed).
     pub fell_back: bool,
+    /// Of `a_to_b`, the bytes the kernel fast path forwarded (0 in other modes).
+    pub kernel_a_to_b: u64,
+    /// Of `b_to_a`, the bytes the kernel fast path forwarded (0 in other modes).
+    pub kernel_b_to_a: u64,
 }
 
 /// Relays both directions between `a` and `b` until both reached
@@ -80,6 +144,8 @@ pub async fn relay(mode: RelayMode, a: &mut TcpStream, b: &mut TcpStream) -> io:
     let _ = b.set_nodelay(true);
     match mode {
         RelayMode::Copy => copy(a, b).await,
+        RelayMode::Kernel { inspect } => kernel_bidirectional(a, b, inspect, false).await,
+        RelayMode::KernelUnavailableForTests { inspect } => kernel_bidirectional(a, b, inspect, true).await,
         RelayMode::Splice | RelayMode::SpliceUnsupportedForTests => {
             let force_einval = mode == RelayMode::SpliceUnsupportedForTests;
             match splice_bidirectional(a, b, force_einval).await {
@@ -97,7 +163,7 @@ pub async fn relay(mode: RelayMode, a: &mut TcpStream, b: &mut TcpStream) -> io:
 
 async fn copy(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<RelayStats> {
     let (a_to_b, b_to_a) = tokio::io::copy_bidirectional(a, b).await?;
-    Ok(RelayStats { a_to_b, b_to_a, fell_back: false })
+    Ok(RelayStats { a_to_b, b_to_a, ..Default::default() })
 }
 
 /// The error a direction returns when splice is refused before any byte
@@ -168,7 +234,7 @@ async fn splice_bidirectional(a: &TcpStream, b: &TcpStream, force_einval: bool) 
     let ab = one_way(a, b, &moved_ab, &moved_ba, force_einval);
     let ba = one_way(b, a, &moved_ba, &moved_ab, force_einval);
     let (ab, ba) = tokio::try_join!(ab, ba)?;
-    Ok(RelayStats { a_to_b: ab.0, b_to_a: ba.0, fell_back: ab.1 || ba.1 })
+    Ok(RelayStats { a_to_b: ab.0, b_to_a: ba.0, fell_back: ab.1 || ba.1, ..Default::default() })
 }
 
 /// One direction: `src` to `dst` until end-of-file, then `shutdown(SHUT_WR)`
@@ -242,27 +308,176 @@ async fn copy_one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
-        src.readable().await?;
-        let n = match src.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
+        let n = read_some(src, &mut buf).await?;
         if n == 0 {
             let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
             return Ok(total);
         }
         moved.fetch_add(n as u64, Ordering::Relaxed);
-        let mut off = 0;
-        while off < n {
-            dst.writable().await?;
-            match dst.try_write(&buf[off..n]) {
-                Ok(m) => off += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        write_all(dst, &buf[..n]).await?;
         total += n as u64;
+    }
+}
+
+/// One read of at most `buf.len()` bytes, waiting until there is something (0: end-of-file).
+async fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        src.readable().await?;
+        match src.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+async fn write_all(dst: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(buf) {
+            Ok(m) => buf = &buf[m..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads beyond what is queued when draining, so that a read that comes
+/// back short proves the queue was emptied.
+const DRAIN_SLACK: usize = 64 * 1024;
+/// The most one draining read asks for.
+const DRAIN_MAX: usize = 4 << 20;
+
+/// The user-space part of a [`RelayMode::Kernel`] direction: `inspect`
+/// bytes (those reads never ask for more), then what is already queued on
+/// `src` until its receive queue is empty; or end-of-file first (then
+/// `dst`'s write half is shut). Returns the bytes copied and whether
+/// end-of-file came.
+///
+/// Why not stop at exactly `inspect` bytes: the kernel must take over at
+/// an skb boundary. Its stream-verdict path gives the program whole skbs
+/// from the head of the receive queue, including one that user space has
+/// already read in part, whose first bytes would then be sent twice. An
+/// empty queue has no partly read skb: either nothing is left to read, or
+/// a read asked for more than was queued and came back short (TCP only
+/// stops a read early when it runs out of data).
+async fn copy_prefix(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, inspect: u64) -> io::Result<(u64, bool)> {
+    let mut buf = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let want = if total < inspect {
+            (inspect - total).min(64 * 1024) as usize
+        } else {
+            match queued(src)? {
+                0 => return Ok((total, false)),
+                q => (q + DRAIN_SLACK).min(DRAIN_MAX),
+            }
+        };
+        buf.resize(want, 0);
+        let n = read_some(src, &mut buf[..want]).await?;
+        if n == 0 {
+            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            return Ok((total, true));
+        }
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        write_all(dst, &buf[..n]).await?;
+        total += n as u64;
+        if total >= inspect && n < want {
+            return Ok((total, false));
+        }
+    }
+}
+
+/// Bytes waiting in the socket's TCP receive queue. Not `SIOCINQ`: on a
+/// socket in a sockmap (as the target of the other direction) that counts
+/// the sockmap's own queue instead. A non-blocking `MSG_PEEK | MSG_TRUNC`
+/// receive walks the TCP queue and returns its length without copying.
+fn queued(sock: &TcpStream) -> io::Result<usize> {
+    // SAFETY: with MSG_TRUNC the kernel copies nothing into the (null) buffer.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            std::ptr::null_mut(),
+            i32::MAX as usize,
+            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    match io::Error::last_os_error() {
+        e if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        e => Err(e),
+    }
+}
+
+/// [`RelayMode::Kernel`]: both directions, each on its own.
+async fn kernel_bidirectional(
+    a: &TcpStream,
+    b: &TcpStream,
+    inspect: usize,
+    unavailable: bool,
+) -> io::Result<RelayStats> {
+    let ab = kernel_one_way(a, b, inspect as u64, unavailable);
+    let ba = kernel_one_way(b, a, inspect as u64, unavailable);
+    let (ab, ba) = tokio::try_join!(ab, ba)?;
+    Ok(RelayStats {
+        a_to_b: ab.total,
+        b_to_a: ba.total,
+        fell_back: ab.fell_back || ba.fell_back,
+        kernel_a_to_b: ab.kernel,
+        kernel_b_to_a: ba.kernel,
+    })
+}
+
+/// What one direction of [`RelayMode::Kernel`] did.
+struct KernelWay {
+    total: u64,
+    kernel: u64,
+    fell_back: bool,
+}
+
+/// One direction: the first `inspect` bytes in user space, then the
+/// kernel fast path (or splice) until end-of-file, then `shutdown(SHUT_WR)`
+/// on `dst`.
+async fn kernel_one_way(src: &TcpStream, dst: &TcpStream, inspect: u64, unavailable: bool) -> io::Result<KernelWay> {
+    let moved = AtomicU64::new(0);
+    let (seen, eof) = copy_prefix(src, dst, &moved, inspect).await?;
+    if eof {
+        return Ok(KernelWay { total: seen, kernel: 0, fell_back: false });
+    }
+    let offload = if unavailable {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "disabled for this test"))
+    } else {
+        crate::fastpath::offload(src, dst)
+    };
+    match offload {
+        Ok(offload) => {
+            let kernel = offload.forward_until_eof(src, dst).await?;
+            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            Ok(KernelWay { total: seen + kernel, kernel, fell_back: false })
+        }
+        Err(e) => {
+            fast_path_refused(&e);
+            let rest = match splice_one_way(src, dst, &moved, false).await {
+                Ok(n) => n,
+                Err(Ok(NothingMoved)) => copy_one_way(src, dst, &moved).await?,
+                Err(Err(e)) => return Err(e),
+            };
+            Ok(KernelWay { total: seen + rest, kernel: 0, fell_back: true })
+        }
+    }
+}
+
+/// Logs the first time the kernel fast path is unavailable in this process
+/// as a warning (later ones at debug level: they are the same story), and
+/// half-closed flows, which sockmaps cannot take, at debug level only.
+fn fast_path_refused(e: &io::Error) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if crate::fastpath::is_half_closed(e) || WARNED.swap(true, Ordering::Relaxed) {
+        tracing::debug!("kernel fast path not used, splicing: {e}");
+    } else {
+        tracing::warn!("kernel fast path unavailable ({e}); relaying with splice instead");
     }
 }
 
