@@ -15,6 +15,16 @@ pub fn object() -> &'static [u8] {
     &OBJECT_ALIGNED.0
 }
 
+static FASTPATH_ALIGNED: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/fastpath.bpf.o")));
+
+/// The BPF ELF object of the reference proxy's kernel fast path
+/// (`bpf/fastpath.bpf.c`: the sockmap verdict program and its maps), loaded
+/// by `rewire-proxy` for `--relay kernel`; independent of the hooks.
+pub fn fastpath_object() -> &'static [u8] {
+    &FASTPATH_ALIGNED.0
+}
+
 /// Names of the programs in the object, as `(function, section)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_connect4", "cgroup/connect4"),
@@ -43,14 +53,4 @@ mod tests {
         // e_machine == EM_BPF (247)
         assert_eq!(u16::from_le_bytes([o[18], o[19]]), 247);
     }
-}
-
-static FASTPATH_ALIGNED: &Aligned<[u8]> =
-    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/fastpath.bpf.o")));
-
-/// The BPF ELF object of the reference proxy's kernel fast path
-/// (`bpf/fastpath.bpf.c`: the sockmap verdict program and its maps), loaded
-/// by `rewire-proxy` for `--relay kernel`; independent of the hooks.
-pub fn fastpath_object() -> &'static [u8] {
-    &FASTPATH_ALIGNED.0
 }
