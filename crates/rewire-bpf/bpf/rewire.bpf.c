@@ -119,7 +119,7 @@ struct {
 /* Service listen addresses (port in network order) -> service id. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 2 * (RW_MAX_SERVICES + 1));
+	__uint(max_entries, 2 * RW_MAX_SERVICES * RW_MAX_UDP_PORTS);
 	__type(key, struct rw_addr);
 	__type(value, __u16);
 } rw_svc_addr SEC(".maps");
@@ -434,6 +434,36 @@ static __always_inline void rw_ctx_set_src(struct bpf_sock_addr *ctx, __u8 famil
 	}
 }
 
+/* Whether the socket a datagram from `client` to `server` would reach is a
+ * connected one: a proxy's flow socket owns that (source, service port). */
+static __always_inline int rw_udp_owned(void *ctx, const struct rw_addr *client, const struct rw_addr *server)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *s;
+	__u32 len;
+	int owned;
+
+	if (client->family == AF_INET) {
+		t.ipv4.saddr = *(const __u32 *)client->addr;
+		t.ipv4.sport = client->port_be;
+		t.ipv4.daddr = *(const __u32 *)server->addr;
+		t.ipv4.dport = server->port_be;
+		len = sizeof(t.ipv4);
+	} else {
+		__builtin_memcpy(t.ipv6.saddr, client->addr, 16);
+		t.ipv6.sport = client->port_be;
+		__builtin_memcpy(t.ipv6.daddr, server->addr, 16);
+		t.ipv6.dport = server->port_be;
+		len = sizeof(t.ipv6);
+	}
+	s = bpf_sk_lookup_udp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
+	if (!s)
+		return 0;
+	owned = s->state == BPF_TCP_ESTABLISHED;
+	bpf_sk_release(s);
+	return owned;
+}
+
 /* ---- TCP connect ---- */
 
 static __always_inline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, struct rw_conf *conf)
@@ -506,6 +536,14 @@ static __always_inline int rw_slot_live(const struct rw_udp_slot *sl, __u64 now,
 	return sl->rec.magic == RW_MAGIC && now - sl->last_ns < conf->udp_idle_ns;
 }
 
+static __always_inline void rw_udp_forget(struct rw_udp_sock *u, int keep)
+{
+#pragma unroll
+	for (int i = 0; i < RW_UDP_SLOTS; i++)
+		if (i != keep)
+			u->slot[i].rec.magic = 0;
+}
+
 static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int is_connect,
 					struct rw_conf *conf)
 {
@@ -536,12 +574,7 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 	rw_sock_local(sk, family, &local);
 	unbound = !is_connect && rw_addr_is_any(&local);
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
-	if (u && is_connect) {
-		/* A connected socket has one peer: forget earlier flows. */
-#pragma unroll
-		for (int i = 0; i < RW_UDP_SLOTS; i++)
-			u->slot[i].rec.magic = 0;
-	} else if (u) {
+	if (u && !is_connect) {
 		/* Live flow: same service port as before, no rule walk. (An idle
 		 * one is over: its next datagram starts a new flow.) */
 #pragma unroll
@@ -560,8 +593,13 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 	}
 
 	rw_decide(&w, st, has_rec, IPPROTO_UDP, conf);
-	if (!w.found && !has_rec)
-		return 1; /* not ours: no state, no event */
+	if (!w.found && !has_rec) {
+		/* Not ours: no state, no event; a socket connecting elsewhere
+		 * leaves its earlier flow (one peer per connected socket). */
+		if (u && is_connect)
+			rw_udp_forget(u, -1);
+		return 1;
+	}
 
 	if (w.found) {
 		n = has_rec ? st->rec.n_chain : 0;
@@ -589,7 +627,8 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 #pragma unroll
 	for (int i = 0; i < RW_UDP_SLOTS; i++) {
 		sl = &u->slot[i];
-		if (!rw_slot_live(sl, now, conf)) {
+		/* At connect, earlier flows end (if it succeeds; see below). */
+		if (is_connect || !rw_slot_live(sl, now, conf)) {
 			if (free < 0)
 				free = i;
 			continue;
@@ -601,11 +640,26 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 		}
 	}
 	if (w.found) {
+		/* The source the proxy will see, where known now: an unconnected
+		 * send's, or a bound socket's at connect (a wildcard address is
+		 * then routed; for a loopback service that is the service's). */
+		struct rw_addr client = unbound || rw_addr_is_any(&local) ? target : local;
+		int known = !is_connect || local.port_be;
 		int k = -1;
+
+		client.port_be = local.port_be;
 #pragma unroll
-		for (int i = 0; i < RW_MAX_UDP_PORTS; i++)
-			if (k < 0 && i < nports && !(used & (1u << i)))
-				k = i;
+		for (int i = 0; i < RW_MAX_UDP_PORTS; i++) {
+			if (k >= 0 || i >= nports || (used & (1u << i)))
+				continue;
+			/* A proxy flow socket still connected to this source on this
+			 * port (an earlier flow of a socket that reconnected or closed,
+			 * whose proxy has not expired it yet) owns it. */
+			target.port_be = bpf_htons(base + i);
+			if (known && rw_udp_owned(ctx, &client, &target))
+				continue;
+			k = i;
+		}
 		if (k < 0) {
 			/* Every port of the service carries a live flow of this socket. */
 			struct rw_records tmp;
@@ -622,13 +676,15 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 		rw_emit(RW_EV_UDP_CONFLICT, -ENOBUFS, &tmp, w.service_id, w.rule_id, conf->hop_limit);
 		return rw_refuse(ENOBUFS);
 	}
-	/* Forget idle flows this one replaces (same destination or same service
-	 * port), so a late reply can only be matched to this flow. */
+	/* Forget the flows this one replaces: a connected socket's earlier one;
+	 * idle ones with the same destination or service port, so a late reply
+	 * can only be matched to this flow. */
 #pragma unroll
 	for (int i = 0; i < RW_UDP_SLOTS; i++) {
 		sl = &u->slot[i];
-		if (i != free && sl->rec.magic == RW_MAGIC && !rw_slot_live(sl, now, conf) &&
-		    (rw_addr_eq(&sl->target, &target) || rw_addr_eq(&sl->rec.orig_dst, &w.dst)))
+		if (i != free && sl->rec.magic == RW_MAGIC &&
+		    (is_connect || (!rw_slot_live(sl, now, conf) &&
+				    (rw_addr_eq(&sl->target, &target) || rw_addr_eq(&sl->rec.orig_dst, &w.dst)))))
 			sl->rec.magic = 0;
 	}
 	sl = &u->slot[free & (RW_UDP_SLOTS - 1)];
@@ -731,34 +787,6 @@ static __always_inline void rw_udp_tuple(struct rw_tuple *t, const struct rw_add
 	__builtin_memcpy(t->saddr, server->addr, 16);
 }
 
-/* Whether the socket a datagram from `src` to us would reach is connected
- * (a proxy's flow socket), given the tuple from us to `src`. */
-static __always_inline int rw_udp_claimed(struct bpf_sock_addr *ctx, const struct bpf_sock_tuple *to_src, __u8 family,
-					  __u32 len)
-{
-	struct bpf_sock_tuple t = {};
-	struct bpf_sock *s;
-	int claimed;
-
-	if (family == AF_INET) {
-		t.ipv4.saddr = to_src->ipv4.daddr;
-		t.ipv4.sport = to_src->ipv4.dport;
-		t.ipv4.daddr = to_src->ipv4.saddr;
-		t.ipv4.dport = to_src->ipv4.sport;
-	} else {
-		__builtin_memcpy(t.ipv6.saddr, to_src->ipv6.daddr, 16);
-		t.ipv6.sport = to_src->ipv6.dport;
-		__builtin_memcpy(t.ipv6.daddr, to_src->ipv6.saddr, 16);
-		t.ipv6.dport = to_src->ipv6.sport;
-	}
-	s = bpf_sk_lookup_udp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
-	if (!s)
-		return 0;
-	claimed = s->state == BPF_TCP_ESTABLISHED;
-	bpf_sk_release(s);
-	return claimed;
-}
-
 static __always_inline void rw_udp_handoff_put(const struct rw_tuple *key, struct rw_udp_slot *sl)
 {
 	struct rw_udp_handoff v = {};
@@ -776,7 +804,7 @@ static __always_inline void rw_udp_handoff_put(const struct rw_tuple *key, struc
 /* A service's listener received a datagram from `src`: if the sending socket
  * has a flow redirected to this address, publish its record for the proxy. */
 static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u8 family,
-					   const struct rw_addr *src, const struct rw_conf *conf)
+					   const struct rw_addr *src)
 {
 	struct bpf_sock_tuple tuple = {};
 	struct rw_udp_handoff *v;
@@ -792,12 +820,12 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 	rw_sock_local(sk, family, &local);
 	if (!bpf_map_lookup_elem(&rw_svc_addr, &local))
 		return;
-	rw_udp_tuple(&key, src, &local);
-	/* Published and not idle: this flow's. (An older entry may belong to an
-	 * earlier flow of the same socket and port that nobody claimed.) */
-	v = bpf_map_lookup_elem(&rw_udp_handoff, &key);
-	if (v && bpf_ktime_get_boot_ns() - v->published_ns < conf->udp_idle_ns)
+	/* Claimed already: a late datagram queued on the listener before the
+	 * proxy connected its flow socket (which now receives from `src`). */
+	if (rw_udp_owned(ctx, src, &local))
 		return;
+	rw_udp_tuple(&key, src, &local);
+	v = bpf_map_lookup_elem(&rw_udp_handoff, &key);
 	/* The socket a datagram from us back to `src` would reach is the sender. */
 	if (family == AF_INET) {
 		tuple.ipv4.saddr = *(__u32 *)local.addr;
@@ -812,17 +840,15 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 		tuple.ipv6.dport = src->port_be;
 		len = sizeof(tuple.ipv6);
 	}
-	/* Claimed already: a late datagram queued on the listener before the
-	 * proxy connected its flow socket (which now receives from `src`). */
-	if (rw_udp_claimed(ctx, &tuple, family, len))
-		return;
 	app = bpf_sk_lookup_udp(ctx, &tuple, len, BPF_F_CURRENT_NETNS, 0);
 	if (!app)
-		return;
+		return; /* gone: what its close published (if anything) stands */
 	au = bpf_sk_storage_get(&rw_udp_sk, app, 0, 0);
 	if (au) {
 		sl = rw_slot_of_target(au, &local);
-		if (sl)
+		/* Publish unless this very flow is published already (an entry of
+		 * an earlier flow on the same source and port is replaced). */
+		if (sl && !(v && v->s.rec.flow_id == sl->rec.flow_id))
 			rw_udp_handoff_put(&key, sl);
 	}
 	bpf_sk_release(app);
@@ -848,7 +874,7 @@ static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
 			return 1;
 		}
 	}
-	rw_udp_publish(ctx, sk, family, &src, conf);
+	rw_udp_publish(ctx, sk, family, &src);
 	return 1;
 }
 

@@ -327,6 +327,29 @@ fn child_udp_api() {
     assert_ne!(third.flow_id(), first.flow_id());
     drop((listener, app));
 
+    // A socket that reconnects elsewhere through the same service while the
+    // proxy's flow socket for its first destination is still open: that
+    // (source, service port) belongs to the first flow, so with one service
+    // port the reconnect is refused, and it succeeds once the proxy let go.
+    let listener = rewire::udp::bind_listener(local).unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let app = UdpSocket::bind("127.0.0.1:0").unwrap();
+    app.connect(dst).unwrap();
+    app.send(b"to one").unwrap();
+    let (_, src) = listener.recv_from(&mut buf).unwrap();
+    let old = rewire::udp::accept(local, src).unwrap();
+    assert_eq!(rewire::query_redirect_records(&old).unwrap().original_destination(), dst);
+    let e = app.connect(dst2).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{e}");
+    drop(old);
+    app.connect(dst2).unwrap();
+    app.send(b"to two").unwrap();
+    let (n, src) = listener.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"to two");
+    let new = rewire::udp::accept(local, src).unwrap();
+    assert_eq!(rewire::query_redirect_records(&new).unwrap().original_destination(), dst2);
+    drop((listener, app, new));
+
     // Leave one published flow unclaimed for the parent's expiry check.
     let dst = SocketAddr::new("127.0.0.1".parse().unwrap(), dst_port);
     let listener = rewire::udp::bind_listener(SocketAddr::new(dst.ip(), port)).unwrap();
