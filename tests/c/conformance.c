@@ -843,7 +843,7 @@ static void udp_flow_socket_query_and_set_succeed(void)
 	socklen_t srclen = sizeof src;
 	int one = 1, svclen = loopback(AF_INET, svc_port, &svc), dstlen = loopback(AF_INET, dst_port, &dst);
 	SOCKET l = socket(AF_INET, SOCK_DGRAM, 0), app = socket(AF_INET, SOCK_DGRAM, 0);
-	setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	setsockopt(l, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
 	CHECK(bind(l, (struct sockaddr *)&svc, svclen) == 0);
 	CHECK(sendto(app, "q", 1, 0, (struct sockaddr *)&dst, dstlen) == 1);
 	struct pollfd p = {.fd = l, .events = POLLIN};
@@ -857,7 +857,7 @@ static void udp_flow_socket_query_and_set_succeed(void)
 	struct res r = ioc(l, QREC, NULL, 0, buf, sizeof buf); /* the listener is not a flow */
 	EXPECT_FAIL(r, WSAEINVAL);
 	SOCKET f = socket(AF_INET, SOCK_DGRAM, 0);
-	setsockopt(f, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	setsockopt(f, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
 	CHECK(bind(f, (struct sockaddr *)&svc, svclen) == 0);
 	CHECK(connect(f, (struct sockaddr *)&src, srclen) == 0);
 	r = ioc(f, QREC, NULL, 0, buf, sizeof buf);

@@ -14,8 +14,12 @@ use rewire::{Error, RedirectState};
 use rewire_control::events::{Event, EventKind};
 use serde_json::{json, Value};
 
-/// Idle time of UDP flows in these tests: short, so proxies log soon.
-const IDLE: &str = "udp_idle_ms = 300\n";
+/// Idle time of UDP flows in these tests: short, so proxies log soon, yet
+/// long enough that a busy machine does not split a flow in two.
+const IDLE: &str = "udp_idle_ms = 1500\n";
+const IDLE_WAIT: Duration = Duration::from_millis(1700);
+/// For the test of expiry itself.
+const SHORT_IDLE: &str = "udp_idle_ms = 300\n";
 
 fn assert_clean_echo(r: &Value, n: u64, origin: SocketAddr) {
     assert_eq!(r["error"], Value::Null, "{r}");
@@ -28,7 +32,10 @@ fn assert_clean_echo(r: &Value, n: u64, origin: SocketAddr) {
     assert_eq!(u["sources"], json!([origin.to_string()]), "{r}");
 }
 
+/// Exactly `n` flow lines: waits for them, then one idle time more for any extra.
 fn udp_lines(path: &std::path::Path, n: usize) -> Vec<Value> {
+    read_log(path, n);
+    std::thread::sleep(IDLE_WAIT);
     let lines = read_log(path, n);
     assert_eq!(lines.len(), n, "{lines:?}");
     lines.into_iter().inspect(|l| assert_eq!(l["protocol"], "udp", "{l}")).collect()
@@ -69,8 +76,8 @@ fn connected_and_unconnected_v4_v6_through_one_proxy() {
 }
 
 /// 10,000 datagrams each over IPv4 (connected) and IPv6 (unconnected)
-/// through a chain of two proxies: none lost, none altered, in order at
-/// both hops, the same flow id at both.
+/// through a chain of two proxies: none lost, none altered, the same flow
+/// id at both hops.
 #[test]
 fn ten_thousand_datagrams_through_two_proxies() {
     let e4 = UdpEcho::start("127.0.0.1:0".parse().unwrap());
@@ -216,7 +223,7 @@ fn udp_sockets_on(port: u16) -> usize {
 fn api_on_udp_sockets_and_expiry_of_unclaimed_flows() {
     let port = free_port();
     let dst_port = free_port();
-    let mut sb = Sandbox::new(&format!("{IDLE}{}", udp_service("probe", port, dst_port)));
+    let mut sb = Sandbox::new(&format!("{SHORT_IDLE}{}", udp_service("probe", port, dst_port)));
     let out = sb
         .command(std::env::current_exe().unwrap())
         .args(["--exact", "child_udp_api", "--ignored", "--nocapture", "--test-threads=1"])

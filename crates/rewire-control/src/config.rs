@@ -295,11 +295,11 @@ impl Config {
                 return Err(invalid(here, Some("service.name"), format!("duplicate service `{name}`")));
             }
             let (v4, v6) = (s.listen.iter().filter(|a| a.is_ipv4()).count(), s.listen.iter().filter(|a| a.is_ipv6()).count());
-            if s.listen.is_empty() || v4 > 1 || v6 > 1 || s.listen.iter().any(|a| a.port() == 0) {
+            if s.listen.is_empty() || v4 > 1 || v6 > 1 || s.listen.iter().any(|a| a.port() == 0 || a.ip().is_unspecified()) {
                 return Err(invalid(
                     here,
                     Some("service.listen"),
-                    format!("service `{name}`: give one IPv4 and/or one IPv6 address, each with a port"),
+                    format!("service `{name}`: give one IPv4 and/or one IPv6 address (not 0.0.0.0 or ::), each with a port"),
                 ));
             }
             let top = s.listen.iter().map(|a| a.port() as usize).max().unwrap_or(0) + s.udp_ports as usize - 1;
@@ -308,6 +308,14 @@ impl Config {
                     here,
                     Some("service.udp_ports"),
                     format!("service `{name}`: udp_ports must be 1..={RW_MAX_UDP_PORTS} and stay below port 65536"),
+                ));
+            }
+            let mine = s.udp_listen();
+            if let Some(other) = cfg.services[..i].iter().find(|o| o.udp_listen().iter().any(|a| mine.contains(a))) {
+                return Err(invalid(
+                    here,
+                    Some("service.udp_ports"),
+                    format!("service `{name}`: its UDP ports overlap those of `{}`", other.name.get_ref()),
                 ));
             }
             if s.matches.is_empty() {
@@ -493,6 +501,11 @@ match = { ports = 8080 }
         assert_eq!(key, "service.listen");
         let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:65535\"\nudp_ports = 2\nmatch = {}\n");
         assert_eq!(key, "service.udp_ports");
+        let (_, key, msg) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:100\"\nudp_ports = 3\nmatch = {}\n\
+                                 [[service]]\nname = \"b\"\nlisten = \"127.0.0.1:102\"\nmatch = {}\n");
+        assert!(key == "service.udp_ports" && msg.contains("overlap"), "{key}: {msg}");
+        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"0.0.0.0:100\"\nmatch = {}\n");
+        assert_eq!(key, "service.listen");
         let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = []\n");
         assert_eq!(key, "service.match");
     }

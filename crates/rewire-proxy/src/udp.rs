@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,9 +26,11 @@ use crate::{FlowLog, ProxyOptions};
 /// Largest datagram relayed (the UDP maximum).
 const MAX_DATAGRAM: usize = 65_536;
 
-/// Live flows per listener; a new source beyond it is dropped (and logged)
-/// until flows expire, so a flood of sources cannot grow the proxy without end.
-pub const MAX_FLOWS: usize = 16_384;
+/// Live UDP flows of one proxy at most (fewer if the file limit is lower);
+/// datagrams of new sources beyond it are dropped (with a warning at most
+/// once a second) until flows expire, so a flood of sources cannot grow the
+/// proxy without end.
+pub const MAX_FLOWS: usize = 4_096;
 
 /// Binds the UDP listeners (IPv6 ones IPv6-only), sharable by flow sockets.
 pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<UdpSocket>> {
@@ -58,9 +60,19 @@ impl Counters {
     }
 }
 
-struct Flow {
-    upstream: Arc<UdpSocket>,
-    counters: Arc<Counters>,
+/// The handle of a running flow: its task takes the datagrams of its source
+/// that still reach the listener. A closed channel means the flow has ended.
+type Flow = mpsc::UnboundedSender<Vec<u8>>;
+
+/// What the flow tasks of one listener share with it.
+struct Shared {
+    opts: Arc<ProxyOptions>,
+    logs: mpsc::UnboundedSender<FlowLog>,
+    /// Datagrams a flow socket received from another source (queued in the
+    /// instant between its bind and its connect): dispatched again.
+    stray: mpsc::UnboundedSender<(Vec<u8>, SocketAddr)>,
+    live: Arc<AtomicUsize>,
+    cap: usize,
 }
 
 /// Runs the UDP side of the proxy on bound listeners until `shutdown` turns
@@ -71,68 +83,85 @@ pub async fn serve(
     logs: mpsc::UnboundedSender<FlowLog>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let live = Arc::new(AtomicUsize::new(0));
+    let cap = flow_cap();
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
-        tasks.spawn(serve_one(opts.clone(), l, logs.clone(), shutdown.clone()));
+        let (stray, stray_rx) = mpsc::unbounded_channel();
+        let shared = Shared { opts: opts.clone(), logs: logs.clone(), stray, live: live.clone(), cap };
+        tasks.spawn(serve_one(shared, l, stray_rx, shutdown.clone()));
     }
     let _ = shutdown.wait_for(|s| *s).await;
     tasks.abort_all();
 }
 
+/// Live flows of the whole proxy: [`MAX_FLOWS`], or fewer when the file
+/// limit would not hold two sockets per flow and the TCP side's too.
+fn flow_cap() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out-pointer.
+    let files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur as usize } else { 1024 };
+    MAX_FLOWS.min(files / 4).max(1)
+}
+
 async fn serve_one(
-    opts: Arc<ProxyOptions>,
+    shared: Shared,
     listener: UdpSocket,
-    logs: mpsc::UnboundedSender<FlowLog>,
+    mut stray: mpsc::UnboundedReceiver<(Vec<u8>, SocketAddr)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let Ok(local) = listener.local_addr() else { return };
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<SocketAddr>();
     let mut flow_tasks = tokio::task::JoinSet::new();
+    let mut last_drop_warning: Option<Instant> = None;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        tokio::select! {
-            r = listener.recv_from(&mut buf) => {
-                let (n, peer) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("{}: udp receive: {e}", opts.name);
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                if let Some(f) = flows.get(&peer) {
-                    forward(&f.upstream, &f.counters, &buf[..n]).await;
+        let (data, peer) = tokio::select! {
+            r = listener.recv_from(&mut buf) => match r {
+                Ok((n, peer)) => (buf[..n].to_vec(), peer),
+                Err(e) => {
+                    tracing::warn!("{}: udp receive: {e}", shared.opts.name);
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 }
-                if flows.len() >= MAX_FLOWS {
-                    let mut log = FlowLog::new(&opts, peer, "udp");
-                    log.error = Some(format!("dropped: {MAX_FLOWS} live udp flows already"));
-                    log.finish(Instant::now());
-                    let _ = logs.send(log);
-                    continue;
-                }
-                match open(&opts, local, peer) {
-                    Ok((client, upstream, log)) => {
-                        let counters = Arc::new(Counters::default());
-                        forward(&upstream, &counters, &buf[..n]).await;
-                        let upstream = Arc::new(upstream);
-                        flows.insert(peer, Flow { upstream: upstream.clone(), counters: counters.clone() });
-                        let (opts, logs, done) = (opts.clone(), logs.clone(), done_tx.clone());
-                        flow_tasks.spawn(async move {
-                            let line = run_flow(&opts, client, upstream, counters, log).await;
-                            let _ = done.send(peer);
-                            let _ = logs.send(line);
-                        });
-                    }
-                    Err(log) => {
-                        let _ = logs.send(*log);
-                    }
-                }
-            }
-            Some(peer) = done_rx.recv() => { flows.remove(&peer); }
-            Some(_) = flow_tasks.join_next(), if !flow_tasks.is_empty() => {}
+            },
+            Some(x) = stray.recv() => x,
+            Some(_) = flow_tasks.join_next(), if !flow_tasks.is_empty() => continue,
             _ = shutdown.changed() => break,
+        };
+        // A known source: its flow task forwards it (and counts it).
+        let data = match flows.get(&peer) {
+            Some(f) => match f.send(data) {
+                Ok(()) => continue,
+                Err(returned) => returned.0, // that flow has ended: this starts a new one
+            },
+            None => data,
+        };
+        flows.remove(&peer);
+        flows.retain(|_, f| !f.is_closed());
+        if shared.live.load(Ordering::Relaxed) >= shared.cap {
+            if last_drop_warning.is_none_or(|t| t.elapsed().as_secs() >= 1) {
+                tracing::warn!("{}: {} live udp flows: dropping datagrams of new flows", shared.opts.name, shared.cap);
+                last_drop_warning = Some(Instant::now());
+            }
+            continue;
+        }
+        match open(&shared.opts, local, peer) {
+            Ok((client, upstream, log)) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let _ = tx.send(data);
+                flows.insert(peer, tx);
+                shared.live.fetch_add(1, Ordering::Relaxed);
+                let (opts, logs, stray, live) = (shared.opts.clone(), shared.logs.clone(), shared.stray.clone(), shared.live.clone());
+                flow_tasks.spawn(async move {
+                    let line = run_flow(&opts, client, upstream, rx, stray, log).await;
+                    live.fetch_sub(1, Ordering::Relaxed);
+                    let _ = logs.send(line);
+                });
+            }
+            Err(log) => {
+                let _ = shared.logs.send(*log);
+            }
         }
     }
 }
@@ -171,21 +200,30 @@ fn open(opts: &ProxyOptions, local: SocketAddr, peer: SocketAddr) -> Result<(Udp
 async fn run_flow(
     opts: &ProxyOptions,
     client: UdpSocket,
-    upstream: Arc<UdpSocket>,
-    counters: Arc<Counters>,
+    upstream: UdpSocket,
+    mut from_listener: mpsc::UnboundedReceiver<Vec<u8>>,
+    stray: mpsc::UnboundedSender<(Vec<u8>, SocketAddr)>,
     mut log: FlowLog,
 ) -> FlowLog {
     let start = Instant::now();
+    let counters = Counters::default();
+    let peer = log.peer;
     let mut a = vec![0u8; MAX_DATAGRAM];
     let mut b = vec![0u8; MAX_DATAGRAM];
     let mut deadline = tokio::time::Instant::now() + opts.udp_idle;
     loop {
         tokio::select! {
-            r = client.recv(&mut a) => match r {
-                Ok(n) => {
+            Some(d) = from_listener.recv() => {
+                deadline = tokio::time::Instant::now() + opts.udp_idle;
+                forward(&upstream, &counters, &d).await;
+            }
+            r = client.recv_from(&mut a) => match r {
+                Ok((n, src)) if src == peer => {
                     deadline = tokio::time::Instant::now() + opts.udp_idle;
                     forward(&upstream, &counters, &a[..n]).await;
                 }
+                // Queued between the flow socket's bind and its connect: another flow's.
+                Ok((n, src)) => { let _ = stray.send((a[..n].to_vec(), src)); }
                 // ICMP errors from the peer are reported on the next call; keep going.
                 Err(e) => counters.error(format!("receive from client: {e}")),
             },
@@ -201,6 +239,11 @@ async fn run_flow(
             },
             _ = tokio::time::sleep_until(deadline) => break,
         }
+    }
+    // From here on the listener starts a new flow for this source.
+    from_listener.close();
+    while let Ok(d) = from_listener.try_recv() {
+        forward(&upstream, &counters, &d).await;
     }
     log.bytes_to_server = counters.bytes_up.load(Ordering::Relaxed);
     log.bytes_to_client = counters.bytes_down.load(Ordering::Relaxed);

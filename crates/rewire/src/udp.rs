@@ -14,10 +14,10 @@
 //! service of the chain, or to the destination itself.
 //!
 //! A flow is the pair (application socket, original destination); a proxy
-//! sees it as the datagram's source address. One application socket may
-//! therefore have one live flow per service: a second destination through
-//! the same service fails with `EADDRINUSE` until the first flow has been
-//! idle for the configured `udp_idle_ms` (see ARCHITECTURE.md).
+//! sees it as (datagram source, service port). One application socket may
+//! therefore have as many live flows through a service as the service has
+//! UDP ports (`udp_ports`); one more destination fails with `EADDRINUSE`
+//! until a flow has been idle for `udp_idle_ms` (see ARCHITECTURE.md).
 
 use std::net::{SocketAddr, UdpSocket};
 
@@ -33,11 +33,13 @@ fn new_socket(family_of: SocketAddr) -> Result<Socket> {
     Ok(s)
 }
 
-/// Binds a proxy's UDP listener on a service address. `SO_REUSEADDR` lets
-/// the per-flow sockets of [`accept`] share the address.
+/// Binds a proxy's UDP listener on a service address. `SO_REUSEPORT` lets
+/// the per-flow sockets of [`accept`] share the address, and only sockets of
+/// the same user (`SO_REUSEADDR` would let any local user bind it too and
+/// take flows).
 pub fn bind_listener(addr: SocketAddr) -> Result<UdpSocket> {
     let s = new_socket(addr)?;
-    s.set_reuse_address(true).map_err(Error::from_io)?;
+    s.set_reuse_port(true).map_err(Error::from_io)?;
     s.bind(&addr.into()).map_err(Error::from_io)?;
     Ok(s.into())
 }
@@ -45,9 +47,13 @@ pub fn bind_listener(addr: SocketAddr) -> Result<UdpSocket> {
 /// "Accepts" the UDP flow whose datagram came from `peer` to the listener on
 /// `local`: a socket bound to `local` and connected to `peer`, on which the
 /// queries answer for that flow and which receives the flow's next datagrams.
+///
+/// Between its bind and its connect the socket may receive a datagram of
+/// another source; read it with `recv_from` and hand such datagrams back to
+/// the listener's dispatch (the reference proxy does).
 pub fn accept(local: SocketAddr, peer: SocketAddr) -> Result<UdpSocket> {
     let s = new_socket(local)?;
-    s.set_reuse_address(true).map_err(Error::from_io)?;
+    s.set_reuse_port(true).map_err(Error::from_io)?;
     s.bind(&local.into()).map_err(Error::from_io)?;
     s.connect(&peer.into()).map_err(Error::from_io)?;
     Ok(s.into())
