@@ -74,6 +74,7 @@ int fp_verdict(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	__u64 *bytes;
+	long verdict;
 
 	/*
 	 * A bare FIN arrives as an empty skb. TCP has already recorded the
@@ -91,7 +92,10 @@ int fp_verdict(struct __sk_buff *skb)
 	 */
 	if (!bytes)
 		return SK_PASS;
-	__sync_fetch_and_add(bytes, skb->len);
-	/* flags 0: out of the target's egress, i.e. sent to its peer. */
-	return bpf_sk_redirect_hash(skb, &fp_peer, &cookie, 0);
+	/* flags 0: out of the target's egress, i.e. sent to its peer. Counted
+	 * only when the target is there (it leaves the map when it closes). */
+	verdict = bpf_sk_redirect_hash(skb, &fp_peer, &cookie, 0);
+	if (verdict == SK_PASS)
+		__sync_fetch_and_add(bytes, skb->len);
+	return verdict;
 }

@@ -143,7 +143,7 @@ pub(crate) fn offload(src: &TcpStream, dst: &TcpStream) -> io::Result<Offload> {
     }
     let cookie = socket2::SockRef::from(src).cookie()?;
     let base = send_progress(d)?.ok_or_else(|| io::Error::other("the destination's send sequence did not settle"))?;
-    let off = Offload { fp, cookie, base, hangup: hangup_watch(s)? };
+    let off = Offload { fp, cookie, base, hangup: hangup_watch(s, d)? };
     let refused = |map: &str, e: aya::maps::MapError| {
         // A FIN may have arrived since the check above.
         if !established(s).unwrap_or(false) || !established(d).unwrap_or(false) {
@@ -188,7 +188,7 @@ impl Offload {
     pub(crate) async fn forward_until_eof(&self, src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         // Have the program run over what was queued before the insertion.
         set_int(src.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)?;
-        self.wait_eof(src.as_raw_fd()).await?;
+        self.wait_eof(src.as_raw_fd(), dst).await?;
         // Read after end-of-file: the program has seen the source's last skb.
         let forwarded = self.forwarded()?;
         self.wait_sent(dst, forwarded).await?;
@@ -200,7 +200,7 @@ impl Offload {
         self.fp.maps().bytes.get(&self.cookie, 0).map_err(|e| io::Error::other(format!("fp_bytes: {e}")))
     }
 
-    async fn wait_eof(&self, src: RawFd) -> io::Result<()> {
+    async fn wait_eof(&self, src: RawFd, dst: &TcpStream) -> io::Result<()> {
         loop {
             let mut ready = self.hangup.readable().await?;
             let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
@@ -216,6 +216,10 @@ impl Offload {
             if n == 0 {
                 ready.clear_ready();
                 continue;
+            }
+            if ev[0].u64 == DST {
+                let e = dst.take_error()?.unwrap_or_else(|| io::Error::from(io::ErrorKind::ConnectionReset));
+                return Err(io::Error::new(e.kind(), format!("kernel fast path: the destination failed: {e}")));
             }
             // The receive path holds the socket lock while it queues the
             // FIN and runs the program, and recv takes that lock: by the
@@ -280,10 +284,16 @@ impl Drop for Offload {
     }
 }
 
-/// An epoll set holding `sock` with interest in `EPOLLRDHUP` only
+/// An epoll set holding the source with interest in `EPOLLRDHUP` only
 /// (`EPOLLERR`/`EPOLLHUP` are implied): it is woken by end-of-file and
-/// errors, not by the data-ready wake-up of every forwarded skb.
-fn hangup_watch(sock: RawFd) -> io::Result<AsyncFd<OwnedFd>> {
+/// errors, not by the data-ready wake-up of every forwarded skb; and the
+/// destination with no interest but the implied errors and hang-up (a reset
+/// server), tagged [`DST`], so the flow fails instead of the kernel
+/// dropping what it can no longer send.
+/// Epoll tag of the destination in [`hangup_watch`].
+const DST: u64 = 1;
+
+fn hangup_watch(sock: RawFd, dst: RawFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: plain syscall; the fd is owned right below.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {
@@ -291,10 +301,12 @@ fn hangup_watch(sock: RawFd) -> io::Result<AsyncFd<OwnedFd>> {
     }
     // SAFETY: a fresh descriptor nobody else owns.
     let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-    let mut ev = libc::epoll_event { events: libc::EPOLLRDHUP as u32, u64: 0 };
-    // SAFETY: both descriptors are open; the kernel copies `ev`.
-    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, sock, &mut ev) } != 0 {
-        return Err(io::Error::last_os_error());
+    for (fd, events, tag) in [(sock, libc::EPOLLRDHUP as u32, 0), (dst, 0, DST)] {
+        let mut ev = libc::epoll_event { events, u64: tag };
+        // SAFETY: both descriptors are open; the kernel copies `ev`.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     // SAFETY: the AsyncFd owns `ep`, which stays open (and the same) until it is dropped.
     unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE) }.map_err(io::Error::from)

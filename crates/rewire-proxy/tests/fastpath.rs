@@ -309,3 +309,42 @@ fn kernel_mode_parses_and_takes_its_byte_count() {
     assert_eq!(RelayMode::Splice.with_inspect(10), RelayMode::Splice);
     assert_eq!(m.to_string(), "kernel");
 }
+
+/// The server ends its direction, then resets the connection while the
+/// app's direction is in the kernel: the relay fails promptly with the error
+/// instead of waiting for the app's end-of-file while the kernel drops what
+/// it can no longer send.
+#[tokio::test]
+async fn kernel_reports_a_reset_destination() {
+    bounded(async {
+        let (app, server, h) = topology(KERNEL, "127.0.0.1:0").await;
+        let (mut sr, mut sw) = server.into_split();
+        let (mut ar, mut aw) = app.into_split();
+        // Past the inspected prefix both ways, so both directions are offloaded.
+        let (a, b) = (pattern(64 * 1024, 7), pattern(64 * 1024, 8));
+        let (mut got_a, mut got_b) = (vec![0u8; a.len()], vec![0u8; b.len()]);
+        let (r1, r2, r3, r4) =
+            tokio::join!(aw.write_all(&a), sr.read_exact(&mut got_a), sw.write_all(&b), ar.read_exact(&mut got_b));
+        (r1.unwrap(), r2.unwrap(), r3.unwrap(), r4.unwrap());
+        assert_eq!((sha(&got_a), sha(&got_b)), (sha(&a), sha(&b)));
+        // The server's direction ends (FIN), so only the app's direction is
+        // left in the kernel; then the server resets: SO_LINGER 0, close.
+        sw.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        ar.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let server = sr.reunite(sw).unwrap();
+        socket2::SockRef::from(&server).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(server);
+        // The app keeps sending; the relay must end with an error, not hang.
+        for _ in 0..20 {
+            if aw.write_all(&[0u8; 1024]).await.is_err() || h.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r = tokio::time::timeout(Duration::from_secs(20), h).await.expect("relay ended").unwrap();
+        assert!(r.is_err(), "a reset destination is an error: {r:?}");
+    })
+    .await;
+}
