@@ -3,8 +3,10 @@
 //! The connect and sendmsg hooks report every redirect, every delivery of a
 //! flow that carried records, and every refusal (hop limit, records of
 //! another flow, a UDP socket's second live flow to one service) through a
-//! ring buffer; the daemon and `rewire run` print them. A UDP flow is
-//! reported once, at its first datagram (or connect), not per datagram.
+//! ring buffer; the daemon and `rewire run` print them. A UDP flow's
+//! redirect or delivery is reported once, at its first datagram (or
+//! connect); a refusal is reported for every datagram refused (a full ring
+//! buffer drops events, never data).
 
 use std::net::SocketAddr;
 
@@ -26,8 +28,9 @@ pub enum EventKind {
     HopLimit,
     /// A connect was refused: its records belong to another destination (EINVAL).
     Mismatch,
-    /// A UDP send was refused: the socket already has a live flow to this
-    /// service for another destination (EADDRINUSE), or no free flow slot (ENOBUFS).
+    /// A UDP send or connect was refused: every UDP port of the service is
+    /// in use by this socket's live flows (EADDRINUSE), or the socket has no
+    /// free flow slot (ENOBUFS).
     UdpConflict,
 }
 
@@ -130,9 +133,8 @@ impl std::fmt::Display for Event {
             ),
             EventKind::UdpConflict if self.errno == libc::EADDRINUSE => write!(
                 f,
-                "REFUSED udp send of {who}: its socket has a live flow {} to {dst} through service {}; \
-                 a second destination through the same service fails with EADDRINUSE until that flow is idle",
-                self.flow,
+                "REFUSED udp send of {who} to {dst}: its socket's live flows (or proxy flows not yet expired) \
+                 use every UDP port of service {} (raise its udp_ports); EADDRINUSE until one is idle",
                 self.service.as_deref().unwrap_or("?")
             ),
             EventKind::UdpConflict => write!(
