@@ -13,13 +13,14 @@
 //! cannot be used (the relay then reports that it fell back).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use rewire_proxy::relay::{relay, RelayMode, RelayStats};
-use sha2::{Digest, Sha256};
+mod common;
+
+use common::{half_close, pattern, sha, topology};
+use rewire_proxy::relay::{RelayMode, RelayStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const EIGHT_MB: usize = 8 * 1024 * 1024;
 const INSPECT: usize = 4096;
@@ -28,43 +29,13 @@ const UNAVAILABLE: RelayMode = RelayMode::KernelUnavailableForTests { inspect: I
 /// No test may take longer than this.
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn pattern(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
-fn sha(b: &[u8]) -> Vec<u8> {
-    Sha256::digest(b).to_vec()
-}
 
 async fn bounded<T>(f: impl Future<Output = T>) -> T {
     tokio::time::timeout(LIMIT, f).await.expect("test took longer than its limit")
 }
 
-async fn pair(addr: &str) -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind(addr).await.unwrap();
-    let addr: SocketAddr = l.local_addr().unwrap();
-    let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
-    (c.unwrap(), s.unwrap().0)
-}
 
-/// app <-> (proxy_in | relay | proxy_out) <-> server
-async fn topology(
-    mode: RelayMode,
-    addr: &str,
-) -> (TcpStream, TcpStream, tokio::task::JoinHandle<std::io::Result<RelayStats>>) {
-    let (app, mut proxy_in) = pair(addr).await;
-    let (mut proxy_out, server) = pair(addr).await;
-    let h = tokio::spawn(async move { relay(mode, &mut proxy_in, &mut proxy_out).await });
-    (app, server, h)
-}
 
 /// Sends `send` while receiving `expect` bytes; then shuts the write half
 /// and checks that end-of-file follows. Nobody half-closes before both
@@ -151,26 +122,6 @@ async fn kernel_relays_flows_at_the_inspected_prefix() {
     }
 }
 
-/// The app sends a request and shuts its write half; only after seeing EOF
-/// does the server answer (1 MB), and the answer still reaches the app.
-async fn half_close(mode: RelayMode) -> RelayStats {
-    let (mut app, mut server, relay) = topology(mode, "127.0.0.1:0").await;
-    let request = pattern(1 << 20, 3);
-    let answer = pattern(1 << 20, 4);
-    app.write_all(&request).await.unwrap();
-    app.shutdown().await.unwrap();
-    let mut got_req = Vec::new();
-    server.read_to_end(&mut got_req).await.unwrap(); // EOF passed on by the relay
-    assert_eq!(sha(&got_req), sha(&request));
-    server.write_all(&answer).await.unwrap();
-    server.shutdown().await.unwrap();
-    let mut got_ans = Vec::new();
-    app.read_to_end(&mut got_ans).await.unwrap();
-    assert_eq!(sha(&got_ans), sha(&answer), "data sent after the other side's half-close must arrive");
-    let stats = relay.await.unwrap().unwrap();
-    assert_eq!((stats.a_to_b, stats.b_to_a), (1 << 20, 1 << 20));
-    stats
-}
 
 /// The request goes through the kernel; the answer, which starts after the
 /// relay passed the app's half-close on, cannot (the sockets are no longer
