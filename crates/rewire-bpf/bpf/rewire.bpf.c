@@ -765,6 +765,32 @@ int rw_sendmsg6(struct bpf_sock_addr *ctx)
 
 /* ---- UDP receive: replies look like the original server; listeners publish ---- */
 
+/* IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) and back. */
+static __always_inline int rw_v4mapped(const struct rw_addr *a)
+{
+	const __u32 *d = (const __u32 *)a->addr;
+	return d[0] == 0 && d[1] == 0 && d[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void rw_unmap(struct rw_addr *a)
+{
+	__u32 *d = (__u32 *)a->addr;
+	d[0] = d[3];
+	d[1] = d[2] = d[3] = 0;
+	a->family = AF_INET;
+}
+
+static __always_inline void rw_map(struct rw_addr *a)
+{
+	__u32 *d = (__u32 *)a->addr;
+	if (a->family != AF_INET)
+		return;
+	d[3] = d[0];
+	d[0] = d[1] = 0;
+	d[2] = bpf_htonl(0xffff);
+	a->family = AF_INET6;
+}
+
 /* The slot of `u` whose service sent a datagram from `src`. */
 static __always_inline struct rw_udp_slot *rw_slot_of_target(struct rw_udp_sock *u, const struct rw_addr *src)
 {
@@ -867,10 +893,23 @@ static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
 	rw_ctx_addr(ctx, family, &src);
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
 	if (u) {
-		sl = rw_slot_of_target(u, &src);
+		/* A dual-stack IPv6 socket's IPv4 flows were routed by the IPv4
+		 * hook; their replies come here as ::ffff:a.b.c.d. */
+		int mapped = family == AF_INET6 && rw_v4mapped(&src);
+		struct rw_addr key = src;
+
+		if (mapped)
+			rw_unmap(&key);
+		sl = rw_slot_of_target(u, &key);
 		if (sl) {
 			sl->last_ns = bpf_ktime_get_boot_ns();
-			rw_ctx_set(ctx, family, sl->rec.orig_dst.addr, sl->rec.orig_dst.port_be);
+			if (mapped) {
+				struct rw_addr o = sl->rec.orig_dst;
+				rw_map(&o);
+				rw_ctx_set(ctx, family, o.addr, o.port_be);
+			} else {
+				rw_ctx_set(ctx, family, sl->rec.orig_dst.addr, sl->rec.orig_dst.port_be);
+			}
 			return 1;
 		}
 	}

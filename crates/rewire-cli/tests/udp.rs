@@ -357,6 +357,26 @@ fn child_udp_api() {
     assert_eq!(rewire::query_redirect_records(&new).unwrap().original_destination(), dst2);
     drop((listener, app, new));
 
+    // A dual-stack IPv6 socket sending to an IPv4-mapped address: routed by
+    // the IPv4 hook; the reply shows the original server, mapped back.
+    let listener = rewire::udp::bind_listener(local).unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ds = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).unwrap();
+    ds.set_only_v6(false).unwrap();
+    ds.bind(&"[::]:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    let ds: UdpSocket = ds.into();
+    ds.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{dst_port}").parse().unwrap();
+    ds.send_to(b"mapped", mapped).unwrap();
+    let (n, src) = listener.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"mapped");
+    let flow = rewire::udp::accept(local, src).unwrap();
+    assert_eq!(rewire::query_redirect_records(&flow).unwrap().original_destination(), dst);
+    flow.send(b"back").unwrap();
+    let (n, from) = ds.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"back"[..], mapped));
+    drop((listener, ds, flow));
+
     // Leave one published flow unclaimed for the parent's expiry check.
     let dst = SocketAddr::new("127.0.0.1".parse().unwrap(), dst_port);
     let listener = rewire::udp::bind_listener(SocketAddr::new(dst.ip(), port)).unwrap();
