@@ -436,27 +436,34 @@ static __always_inline void rw_ctx_set_src(struct bpf_sock_addr *ctx, __u8 famil
 
 /* Whether the socket a datagram from `client` to `server` would reach is a
  * connected one: a proxy's flow socket owns that (source, service port). */
-static __always_inline int rw_udp_owned(void *ctx, const struct rw_addr *client, const struct rw_addr *server)
+/* The UDP socket a datagram from `from` to `to` would reach (a reference the
+ * caller releases), or NULL. */
+static __always_inline struct bpf_sock *rw_udp_receiver(void *ctx, const struct rw_addr *from, const struct rw_addr *to)
 {
 	struct bpf_sock_tuple t = {};
-	struct bpf_sock *s;
 	__u32 len;
-	int owned;
 
-	if (client->family == AF_INET) {
-		t.ipv4.saddr = *(const __u32 *)client->addr;
-		t.ipv4.sport = client->port_be;
-		t.ipv4.daddr = *(const __u32 *)server->addr;
-		t.ipv4.dport = server->port_be;
+	if (from->family == AF_INET) {
+		t.ipv4.saddr = *(const __u32 *)from->addr;
+		t.ipv4.sport = from->port_be;
+		t.ipv4.daddr = *(const __u32 *)to->addr;
+		t.ipv4.dport = to->port_be;
 		len = sizeof(t.ipv4);
 	} else {
-		__builtin_memcpy(t.ipv6.saddr, client->addr, 16);
-		t.ipv6.sport = client->port_be;
-		__builtin_memcpy(t.ipv6.daddr, server->addr, 16);
-		t.ipv6.dport = server->port_be;
+		__builtin_memcpy(t.ipv6.saddr, from->addr, 16);
+		t.ipv6.sport = from->port_be;
+		__builtin_memcpy(t.ipv6.daddr, to->addr, 16);
+		t.ipv6.dport = to->port_be;
 		len = sizeof(t.ipv6);
 	}
-	s = bpf_sk_lookup_udp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
+	return bpf_sk_lookup_udp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
+}
+
+static __always_inline int rw_udp_owned(void *ctx, const struct rw_addr *client, const struct rw_addr *server)
+{
+	struct bpf_sock *s = rw_udp_receiver(ctx, client, server);
+	int owned;
+
 	if (!s)
 		return 0;
 	owned = s->state == BPF_TCP_ESTABLISHED;
@@ -679,13 +686,16 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 	/* Forget the flows this one replaces: a connected socket's earlier one;
 	 * idle ones with the same destination or service port, so a late reply
 	 * can only be matched to this flow. */
+	if (is_connect) {
+		rw_udp_forget(u, free);
+	} else {
 #pragma unroll
-	for (int i = 0; i < RW_UDP_SLOTS; i++) {
-		sl = &u->slot[i];
-		if (i != free && sl->rec.magic == RW_MAGIC &&
-		    (is_connect || (!rw_slot_live(sl, now, conf) &&
-				    (rw_addr_eq(&sl->target, &target) || rw_addr_eq(&sl->rec.orig_dst, &w.dst)))))
-			sl->rec.magic = 0;
+		for (int i = 0; i < RW_UDP_SLOTS; i++) {
+			sl = &u->slot[i];
+			if (i != free && sl->rec.magic == RW_MAGIC && !rw_slot_live(sl, now, conf) &&
+			    (rw_addr_eq(&sl->target, &target) || rw_addr_eq(&sl->rec.orig_dst, &w.dst)))
+				sl->rec.magic = 0;
+		}
 	}
 	sl = &u->slot[free & (RW_UDP_SLOTS - 1)];
 	if (has_rec)
@@ -832,14 +842,12 @@ static __always_inline void rw_udp_handoff_put(const struct rw_tuple *key, struc
 static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u8 family,
 					   const struct rw_addr *src)
 {
-	struct bpf_sock_tuple tuple = {};
 	struct rw_udp_handoff *v;
 	struct rw_addr local;
 	struct rw_tuple key;
 	struct rw_udp_sock *au;
 	struct rw_udp_slot *sl;
 	struct bpf_sock *app;
-	__u32 len;
 
 	if (sk->state == BPF_TCP_ESTABLISHED)
 		return; /* a proxy's connected flow socket: already claimed */
@@ -853,20 +861,7 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 	rw_udp_tuple(&key, src, &local);
 	v = bpf_map_lookup_elem(&rw_udp_handoff, &key);
 	/* The socket a datagram from us back to `src` would reach is the sender. */
-	if (family == AF_INET) {
-		tuple.ipv4.saddr = *(__u32 *)local.addr;
-		tuple.ipv4.sport = local.port_be;
-		tuple.ipv4.daddr = *(__u32 *)src->addr;
-		tuple.ipv4.dport = src->port_be;
-		len = sizeof(tuple.ipv4);
-	} else {
-		__builtin_memcpy(tuple.ipv6.saddr, local.addr, 16);
-		tuple.ipv6.sport = local.port_be;
-		__builtin_memcpy(tuple.ipv6.daddr, src->addr, 16);
-		tuple.ipv6.dport = src->port_be;
-		len = sizeof(tuple.ipv6);
-	}
-	app = bpf_sk_lookup_udp(ctx, &tuple, len, BPF_F_CURRENT_NETNS, 0);
+	app = rw_udp_receiver(ctx, &local, src);
 	if (!app)
 		return; /* gone: what its close published (if anything) stands */
 	au = bpf_sk_storage_get(&rw_udp_sk, app, 0, 0);
