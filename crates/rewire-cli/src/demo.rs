@@ -14,7 +14,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
@@ -176,19 +176,8 @@ impl Stage {
         std::iter::from_fn(|| self.events.next_event()).filter_map(|e| Event::from_raw(&e, &self.cfg)).collect()
     }
 
-    fn flows(&self, service: &str, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let lines: Vec<Value> = std::fs::read_to_string(self.log_path(service))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            if lines.len() >= n || Instant::now() > deadline {
-                return lines;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn flows(&self, service: &str, n: usize) -> Result<Vec<Value>> {
+        Ok(rewire_proxy::wait_flow_lines(&self.log_path(service), n, Duration::from_secs(10))?)
     }
 
     fn stop(mut self) -> Result<()> {
@@ -272,7 +261,7 @@ fn run(dir: &Path) -> Result<()> {
         println!("  {e}");
     }
     heading("3. What each proxy saw (one JSON line per flow)");
-    let (a_lines, d_lines) = (st.flows("audit", 2), st.flows("dlp", 2));
+    let (a_lines, d_lines) = (st.flows("audit", 2)?, st.flows("dlp", 2)?);
     ensure!(a_lines.iter().chain(&d_lines).all(|l| l["protocol"] == "tcp"), "only the HTTP flows so far");
     for l in a_lines.iter().chain(&d_lines) {
         println!("  {l}");
@@ -334,7 +323,7 @@ fn run(dir: &Path) -> Result<()> {
     let evs = st.events();
     let refused = evs.iter().find(|e| e.kind == EventKind::HopLimit).context("expected a hop-limit refusal")?;
     println!("kernel: {refused}");
-    let a = st.flows("audit", 1);
+    let a = st.flows("audit", 1)?;
     let err = a.first().and_then(|l| l["error"].as_str()).unwrap_or_default().to_owned();
     println!("audit: {err}");
     ensure!(err.contains("hop limit"), "audit must report the hop limit, got `{err}`");
@@ -371,7 +360,7 @@ fn udp_step(st: &mut Stage, urls: &[SocketAddr], echo_sources: &Mutex<Vec<Socket
     }
     println!("proxies write a UDP flow's line when it has been idle for udp_idle_ms (500 ms here):");
     let udp = |lines: Vec<Value>| lines.into_iter().filter(|l| l["protocol"] == "udp").collect::<Vec<_>>();
-    let (a, d) = (udp(st.flows("audit", 4)), udp(st.flows("dlp", 4)));
+    let (a, d) = (udp(st.flows("audit", 4)?), udp(st.flows("dlp", 4)?));
     for l in a.iter().chain(&d) {
         println!("  {l}");
     }

@@ -11,36 +11,17 @@ mod common;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use rewire::{Error, RedirectRecords, RedirectState};
 
-const ENV_CHILD: &str = "REWIRE_TEST_CHILD";
-
 /// Runs `child` inside a fresh sandbox configured with `extra` config lines.
 fn run_child(child: &str, extra: &str) {
     let port = free_port();
     let dst_port = free_port();
-    let cfg = format!("{extra}\n{}", service("probe", port, dst_port));
-    let sb = Sandbox::new(&cfg);
-    let out = sb
-        .command(std::env::current_exe().unwrap())
-        .args(["--exact", child, "--ignored", "--nocapture", "--test-threads=1"])
-        .env(ENV_CHILD, format!("{port} {dst_port}"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let text = String::from_utf8_lossy(&wait_output(out, Duration::from_secs(60))).into_owned();
-    assert!(text.contains("1 passed"), "child {child} failed:\n{text}");
-}
-
-/// (service listen port, original destination port), or None outside a child run.
-fn child_env() -> Option<(u16, u16)> {
-    let v = std::env::var(ENV_CHILD).ok()?;
-    let (a, b) = v.split_once(' ')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
+    let sb = Sandbox::new(&format!("{extra}\n{}", service("probe", port, dst_port)));
+    run_child_in(&sb, child, port, dst_port);
 }
 
 /// Listens as the service, connects as an application, returns (listener, client, accepted, original dst).

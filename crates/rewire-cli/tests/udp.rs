@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -224,15 +223,7 @@ fn api_on_udp_sockets_and_expiry_of_unclaimed_flows() {
     let port = free_port();
     let dst_port = free_port();
     let mut sb = Sandbox::new(&format!("{SHORT_IDLE}{}", udp_service("probe", port, dst_port)));
-    let out = sb
-        .command(std::env::current_exe().unwrap())
-        .args(["--exact", "child_udp_api", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("REWIRE_TEST_CHILD", format!("{port} {dst_port}"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let text = String::from_utf8_lossy(&wait_output(out, Duration::from_secs(60))).into_owned();
-    assert!(text.contains("1 passed"), "child failed:\n{text}");
+    run_child_in(&sb, "child_udp_api", port, dst_port);
     let mut hooks = sb.hooks.take().unwrap();
     assert_eq!(hooks.udp_handoff_entries().unwrap(), 1, "the child left one flow unclaimed");
     assert_eq!(hooks.expire_udp_handoffs(Duration::from_secs(3600)).unwrap(), 0, "not idle yet");
@@ -245,12 +236,7 @@ fn api_on_udp_sockets_and_expiry_of_unclaimed_flows() {
 #[test]
 #[ignore = "runs inside the test cgroup, started by api_on_udp_sockets_and_expiry_of_unclaimed_flows"]
 fn child_udp_api() {
-    let Some((port, dst_port)) = std::env::var("REWIRE_TEST_CHILD").ok().and_then(|v| {
-        let (a, b) = v.split_once(' ')?;
-        Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?))
-    }) else {
-        return;
-    };
+    let Some((port, dst_port)) = child_env() else { return };
     for ip in ["127.0.0.1", "::1"] {
         let dst = SocketAddr::new(ip.parse().unwrap(), dst_port);
         let local = SocketAddr::new(dst.ip(), port);

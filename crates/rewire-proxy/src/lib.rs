@@ -156,6 +156,30 @@ impl FlowLog {
     }
 }
 
+/// The lines a proxy wrote with `--log` (one JSON object per finished flow),
+/// waiting (blocking) up to `timeout` until there are at least `n`. Only complete lines
+/// count: the proxy may be writing the next one. A complete line that is not
+/// JSON is an error.
+pub fn wait_flow_lines(path: &std::path::Path, n: usize, timeout: Duration) -> std::io::Result<Vec<serde_json::Value>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        let lines = complete
+            .lines()
+            .map(|l| serde_json::from_str(l).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}: {l}", path.display()))))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        if lines.len() >= n || Instant::now() > deadline {
+            return Ok(lines);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Binds the listeners (IPv6 ones IPv6-only, so each family has its own socket).
 pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
     addrs

@@ -176,18 +176,7 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> Vec<u8> {
 
 /// Reads a proxy's JSON lines, waiting (bounded) until there are `n`.
 pub fn read_log(path: &Path, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let lines: Vec<Value> = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        if lines.len() >= n || Instant::now() > deadline {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    rewire_proxy::wait_flow_lines(path, n, Duration::from_secs(15)).unwrap()
 }
 
 /// How a test server answers.
@@ -362,4 +351,29 @@ impl Drop for UdpEcho {
             let _ = t.join();
         }
     }
+}
+
+/// Environment of a child test: "SERVICE_PORT DESTINATION_PORT".
+const ENV_CHILD: &str = "REWIRE_TEST_CHILD";
+
+/// Runs the ignored test `child` of this test binary inside `sb`'s cgroup
+/// (it joins before it starts), telling it the service and destination
+/// ports; fails unless the child passed.
+pub fn run_child_in(sb: &Sandbox, child: &str, port: u16, dst_port: u16) {
+    let out = sb
+        .command(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--ignored", "--nocapture", "--test-threads=1"])
+        .env(ENV_CHILD, format!("{port} {dst_port}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let text = String::from_utf8_lossy(&wait_output(out, Duration::from_secs(60))).into_owned();
+    assert!(text.contains("1 passed"), "child {child} failed:\n{text}");
+}
+
+/// In a child run: (service listen port, original destination port); None otherwise.
+pub fn child_env() -> Option<(u16, u16)> {
+    let v = std::env::var(ENV_CHILD).ok()?;
+    let (a, b) = v.split_once(' ')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
