@@ -152,15 +152,11 @@ fn free_port() -> u16 {
     panic!("no free port");
 }
 
-/// Whether something listens on `port` (read from /proc/net/tcp{,6}, without touching the port).
+/// Whether the services listen on `port` on both loopbacks (read from
+/// /proc/net/tcp{,6}, without touching the port).
 fn listening(port: u16) -> bool {
-    let needle = format!(":{port:04X} ");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 3 && format!("{} ", cols[1]).ends_with(&needle) && cols[3] == "0A"
-        })
-    })
+    use rewire_control::net::is_listening;
+    is_listening(([127, 0, 0, 1], port).into()) && is_listening((std::net::Ipv6Addr::LOCALHOST, port).into())
 }
 
 fn wait_listening(ports: &[u16], child: &mut Child) {
