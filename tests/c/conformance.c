@@ -622,7 +622,8 @@ static SOCKET accept_within(SOCKET l, int ms)
 	return accept(l, NULL, NULL);
 }
 
-/* The application connects to the original destination; the hook sends it to our listener. */
+/* The application connects to the original destination; the hook sends it
+ * to our listener. On failure it says why and fails the running test. */
 static int redirected_pair(int family, SOCKET *client, SOCKET *accepted)
 {
 	struct sockaddr_storage ss;
@@ -630,6 +631,7 @@ static int redirected_pair(int family, SOCKET *client, SOCKET *accepted)
 	*client = socket(family, SOCK_STREAM, 0);
 	if (connect(*client, (struct sockaddr *)&ss, len) != 0) {
 		fprintf(stderr, "    connect to original destination: %s\n", strerror(errno));
+		test_ok = 0;
 		return 0;
 	}
 	*accepted = accept_within(family == AF_INET ? l_svc4 : l_svc6, 5000);
@@ -639,6 +641,7 @@ static int redirected_pair(int family, SOCKET *client, SOCKET *accepted)
 		SOCKET x = accept_within(family == AF_INET ? l_dst4 : l_dst6, 0);
 		if (x >= 0)
 			close(x);
+		test_ok = 0;
 		return 0;
 	}
 	return 1;
@@ -666,10 +669,8 @@ static int onward_reaches_destination(int family, SOCKET out)
 static void query_records_succeeds(void)
 {
 	SOCKET c, a;
-	if (!redirected_pair(AF_INET, &c, &a)) {
-		test_ok = 0;
+	if (!redirected_pair(AF_INET, &c, &a))
 		return;
-	}
 	unsigned char buf[REWIRE_WFP_MAX_RECORDS_SIZE];
 	struct res r = ioc(a, QREC, NULL, 0, buf, sizeof buf);
 	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
@@ -693,10 +694,8 @@ static void query_records_succeeds(void)
 static void query_context_succeeds(void)
 {
 	SOCKET c, a;
-	if (!redirected_pair(AF_INET6, &c, &a)) {
-		test_ok = 0;
+	if (!redirected_pair(AF_INET6, &c, &a))
 		return;
-	}
 	REWIRE_WFP_CONTEXT ctx;
 	struct res r = ioc(a, QCTX, NULL, 0, &ctx, sizeof ctx);
 	EXPECT_OK(r, REWIRE_WFP_MAX_CONTEXT_SIZE);
@@ -720,10 +719,8 @@ static void query_context_succeeds(void)
 static void query_too_small_on_redirected_socket(void)
 {
 	SOCKET c, a;
-	if (!redirected_pair(AF_INET, &c, &a)) {
-		test_ok = 0;
+	if (!redirected_pair(AF_INET, &c, &a))
 		return;
-	}
 	unsigned char buf[256];
 	struct res r = ioc(a, QREC, NULL, 0, buf, REWIRE_WFP_MAX_RECORDS_SIZE - 1);
 	EXPECT_FAIL(r, WSAEINVAL);
@@ -738,10 +735,8 @@ static void query_too_small_on_redirected_socket(void)
 static void set_records_succeeds_and_flow_reaches_destination(void)
 {
 	SOCKET c, a;
-	if (!redirected_pair(AF_INET, &c, &a)) {
-		test_ok = 0;
+	if (!redirected_pair(AF_INET, &c, &a))
 		return;
-	}
 	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
 	struct res r = ioc(a, QREC, NULL, 0, blob, sizeof blob);
 	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
@@ -760,10 +755,8 @@ static void set_records_succeeds_and_flow_reaches_destination(void)
 static void tampered_or_truncated_blob_is_einval(void)
 {
 	SOCKET c, a;
-	if (!redirected_pair(AF_INET, &c, &a)) {
-		test_ok = 0;
+	if (!redirected_pair(AF_INET, &c, &a))
 		return;
-	}
 	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
 	struct res r = ioc(a, QREC, NULL, 0, blob, sizeof blob);
 	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
@@ -793,10 +786,8 @@ static void tampered_or_truncated_blob_is_einval(void)
 static void query_on_connection_not_redirected_is_einval(void)
 {
 	SOCKET c, a;
-	if (!redirected_pair(AF_INET, &c, &a)) {
-		test_ok = 0;
+	if (!redirected_pair(AF_INET, &c, &a))
 		return;
-	}
 	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
 	struct res r = ioc(a, QREC, NULL, 0, blob, sizeof blob);
 	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
@@ -881,10 +872,8 @@ out:
 static void unprivileged_caller_is_eacces(void)
 {
 	SOCKET c, a;
-	if (!redirected_pair(AF_INET, &c, &a)) {
-		test_ok = 0;
+	if (!redirected_pair(AF_INET, &c, &a))
 		return;
-	}
 	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
 	struct res r = ioc(a, QREC, NULL, 0, blob, sizeof blob);
 	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
@@ -920,10 +909,8 @@ static void unprivileged_caller_is_eacces(void)
 static void overlapped_query_completes_through_event(void)
 {
 	SOCKET c, a;
-	if (!redirected_pair(AF_INET, &c, &a)) {
-		test_ok = 0;
+	if (!redirected_pair(AF_INET, &c, &a))
 		return;
-	}
 	CHECK_EQ(rewire_wsa_set_overlapped(a, TRUE), 0);
 	unsigned char buf[REWIRE_WFP_MAX_RECORDS_SIZE];
 	memset(buf, 0, sizeof buf);
@@ -973,10 +960,8 @@ static void overlapped_query_completes_through_event(void)
 static void overlapped_context_query_runs_completion_routine(void)
 {
 	SOCKET c, a;
-	if (!redirected_pair(AF_INET6, &c, &a)) {
-		test_ok = 0;
+	if (!redirected_pair(AF_INET6, &c, &a))
 		return;
-	}
 	CHECK_EQ(rewire_wsa_set_overlapped(a, TRUE), 0);
 	REWIRE_WFP_CONTEXT ctx;
 	memset(&ctx, 0, sizeof ctx);
