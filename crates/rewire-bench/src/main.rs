@@ -282,8 +282,14 @@ impl Ctx {
         Ok((Config::load(&path)?, path))
     }
 
-    /// Scenarios (b)-(d): a cgroup of ours with the hooks attached, the
-    /// proxies (relaying with `relay`) and the worker inside; the server outside.
+    /// Scenarios (b)-(d): a fresh network namespace and a cgroup of ours with
+    /// the hooks attached; the proxies (relaying with `relay`) and the worker
+    /// in both, the server in the namespace but outside the cgroup.
+    ///
+    /// Every scenario (direct and nft too) gets a namespace of its own so
+    /// that none inherits the TIME_WAIT sockets of the ones before it: tens
+    /// of thousands of them slow the ephemeral port search of every connect,
+    /// which made the later scenarios of a round look slower than they are.
     fn rewire_scenario(
         &self,
         name: &str,
@@ -292,11 +298,13 @@ impl Ctx {
         churn: Option<u64>,
     ) -> Result<(Figures, Option<Churn>)> {
         let (cfg, path) = self.config(name, proxies)?;
+        let ns = NetNs::create(&self.tag)?;
         let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
         let result = (|| {
             let hooks = Hooks::attach(&cfg, cgroup.path())?;
-            let place = Placement { cgroup: Some(cgroup.path().into()), ..Default::default() };
-            let mut server = self.server(&Placement::default())?;
+            let outside = Placement { netns: Some(ns.path()), ..Default::default() };
+            let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
+            let mut server = self.server(&outside)?;
             let mut children = vec![];
             let r = (|| {
                 for (i, port) in [self.p1, self.p2].iter().enumerate().take(proxies) {
@@ -316,7 +324,7 @@ impl Ctx {
                 }
                 let mut f = self.tests(name, &place, &pids)?;
                 if proxies == 0 {
-                    f.paired_conn_ratios = self.paired(&place)?;
+                    f.paired_conn_ratios = self.paired(&outside, &place)?;
                 }
                 Ok((f, None))
             })();
@@ -328,17 +336,18 @@ impl Ctx {
             r
         })();
         cgroup.remove()?;
+        drop(ns);
         result
     }
 
     /// Alternating 1-s connect tests, outside and inside the cgroup, so that
     /// drift of a shared machine hits both sides of each ratio alike.
-    fn paired(&self, place: &Placement) -> Result<Vec<f64>> {
+    fn paired(&self, outside: &Placement, place: &Placement) -> Result<Vec<f64>> {
         let pairs = if self.args.quick { 2 } else { 4 };
         let args = ["--secs".to_string(), "1".into(), "--count".into(), "500000".into()];
         let mut ratios = vec![];
         for _ in 0..pairs {
-            let d = self.worker(&Placement::default(), "connect", self.echo, &args)?;
+            let d = self.worker(outside, "connect", self.echo, &args)?;
             let h = self.worker(place, "connect", self.echo, &args)?;
             let (d, h) = (d.ops as f64 / d.secs, h.ops as f64 / h.secs);
             if d > 0.0 {
@@ -409,9 +418,12 @@ impl Ctx {
     }
 
     fn direct(&self) -> Result<Figures> {
-        let mut server = self.server(&Placement::default())?;
-        let r = self.tests("direct", &Placement::default(), &[server.id()]);
+        let ns = NetNs::create(&self.tag)?;
+        let inside = Placement { netns: Some(ns.path()), ..Default::default() };
+        let mut server = self.server(&inside)?;
+        let r = self.tests("direct", &inside, &[server.id()]);
         sys::stop(&mut server);
+        drop(ns);
         r
     }
 }
