@@ -32,19 +32,6 @@ pub struct WorkerResult {
     /// Round trip of one request/response, p50/p99 µs (rr test).
     pub rr_p50_us: f64,
     pub rr_p99_us: f64,
-    /// CPU seconds (user + system) of the worker itself.
-    pub cpu_s: f64,
-}
-
-fn self_cpu() -> f64 {
-    // SAFETY: getrusage fills the zeroed struct.
-    let r = unsafe {
-        let mut r: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut r);
-        r
-    };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
-    t(r.ru_utime) + t(r.ru_stime)
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -66,7 +53,6 @@ pub fn worker(
     bytes: u64,
     threads: usize,
 ) -> Result<WorkerResult> {
-    let cpu0 = self_cpu();
     let deadline = Duration::from_secs_f64(secs);
     let t0 = Instant::now();
     let mut r = WorkerResult { test: test.into(), ..Default::default() };
@@ -183,7 +169,6 @@ pub fn worker(
         t => bail!("unknown test {t}"),
     }
     r.secs = t0.elapsed().as_secs_f64();
-    r.cpu_s = self_cpu() - cpu0;
     Ok(r)
 }
 

@@ -101,10 +101,6 @@ fn main() {
     }
 }
 
-/// Why `proxy1k`'s CPU s/GB is lower than what the flow really costs.
-const KERNEL_CPU_NOTE: &str = "CPU s/GB undercounts: after the inspected prefix the kernel sends the forwarded \
-     bytes from kernel worker threads (kworker), whose CPU time is charged to no measured process";
-
 pub const SCENARIOS: &[(&str, &str)] = &[
     ("direct", "direct"),
     ("hooks", "rewire, hooks, no rule matches"),
@@ -128,13 +124,11 @@ pub struct Figures {
     pub rr_per_s: f64,
     pub rr_p50_us: f64,
     pub rr_p99_us: f64,
-    /// CPU seconds (worker + server + proxies) per GB of the bulk test.
+    /// CPU seconds of the whole machine (every process, kernel worker and
+    /// softirq) per GB during the bulk test.
     pub cpu_s_per_gb: f64,
     pub errors: u64,
     pub first_error: Option<String>,
-    /// What a figure of this scenario does not show (printed with the legend).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
     /// hooks only: conn/s ratio to direct from alternating 1-s connect tests
     /// (direct, hooks, direct, hooks, ... against the same server): one ratio per pair.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -236,9 +230,8 @@ impl Ctx {
         sys::spawn(c, place, false)
     }
 
-    /// The three tests of one scenario; `pids` are the server and proxies,
-    /// whose CPU time is added to the worker's for the bulk test.
-    fn tests(&self, name: &str, place: &Placement, pids: &[u32]) -> Result<Figures> {
+    /// The three tests of one scenario.
+    fn tests(&self, name: &str, place: &Placement) -> Result<Figures> {
         let s = format!("{}", self.secs);
         let mut f = Figures { scenario: name.into(), ..Default::default() };
         let c =
@@ -255,13 +248,13 @@ impl Ctx {
         f.rr_per_s = r.ops as f64 / r.secs;
         f.rr_p50_us = r.rr_p50_us;
         f.rr_p99_us = r.rr_p99_us;
-        let cpu0: f64 = pids.iter().map(|&p| sys::proc_cpu(p)).sum();
+        let cpu0 = sys::machine_cpu()?;
         let b =
             self.worker(place, "bulk", self.sink, &["--secs".into(), s, "--bytes".into(), (200u64 << 30).to_string()])?;
-        let cpu1: f64 = pids.iter().map(|&p| sys::proc_cpu(p)).sum();
+        let cpu1 = sys::machine_cpu()?;
         let gb = b.bytes as f64 / 1e9;
         f.bulk_gb_per_s = gb / b.secs;
-        f.cpu_s_per_gb = (b.cpu_s + cpu1 - cpu0) / gb;
+        f.cpu_s_per_gb = (cpu1 - cpu0) / gb;
         Ok(f)
     }
 
@@ -317,12 +310,10 @@ impl Ctx {
                     children.push(p);
                     sys::wait_listening(pid, *port, Duration::from_secs(5))?;
                 }
-                let mut pids = vec![server.id()];
-                pids.extend(children.iter().map(|c| c.id()));
                 if let Some(n) = churn {
                     return self.churn(&place, &hooks, children[0].id(), n).map(|c| (Figures::default(), Some(c)));
                 }
-                let mut f = self.tests(name, &place, &pids)?;
+                let mut f = self.tests(name, &place)?;
                 if proxies == 0 {
                     f.paired_conn_ratios = self.paired(&outside, &place)?;
                 }
@@ -408,7 +399,7 @@ impl Ctx {
                 &self.args.relay,
             )?;
             let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5))
-                .and_then(|()| self.tests("nft", &inside, &[server.id(), proxy.id()]));
+                .and_then(|()| self.tests("nft", &inside));
             sys::stop(&mut proxy);
             r
         })();
@@ -421,7 +412,7 @@ impl Ctx {
         let ns = NetNs::create(&self.tag)?;
         let inside = Placement { netns: Some(ns.path()), ..Default::default() };
         let mut server = self.server(&inside)?;
-        let r = self.tests("direct", &inside, &[server.id()]);
+        let r = self.tests("direct", &inside);
         sys::stop(&mut server);
         drop(ns);
         r
@@ -465,7 +456,7 @@ fn orchestrate(args: RunArgs) -> Result<()> {
                 "proxy1" => ctx.rewire_scenario(name, 1, relay, None).map(|r| r.0),
                 "proxy1k" => ctx
                     .rewire_scenario(name, 1, "kernel", None)
-                    .map(|r| Figures { note: Some(KERNEL_CPU_NOTE.into()), ..r.0 }),
+                    .map(|r| r.0),
                 "proxy2" => ctx.rewire_scenario(name, 2, relay, None).map(|r| r.0),
                 "nft" => ctx.nft_scenario(),
                 _ => unreachable!(),

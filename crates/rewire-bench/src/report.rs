@@ -111,11 +111,6 @@ pub fn write(
     for f in figs {
         writeln!(t, "  {:<9} {}", f.scenario, f.label)?;
     }
-    for f in figs {
-        if let Some(note) = &f.note {
-            writeln!(t, "  {:<9} note: {note}", f.scenario)?;
-        }
-    }
     for f in figs.iter().filter(|f| !f.paired_conn_ratios.is_empty()) {
         let mut r = f.paired_conn_ratios.clone();
         r.sort_by(|a, b| a.partial_cmp(b).unwrap());
