@@ -129,6 +129,10 @@ pub struct Figures {
     pub cpu_s_per_gb: f64,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// rewire scenarios: kernel time of rewire's programs per connection of
+    /// a separate 1-s connect test run with BPF run-time statistics on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_ns_per_conn: Option<f64>,
     /// hooks only: conn/s ratio to direct from alternating 1-s connect tests
     /// (direct, hooks, direct, hooks, ... against the same server): one ratio per pair.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -158,6 +162,11 @@ impl Figures {
         lo(&mut self.rr_p50_us, o.rr_p50_us);
         lo(&mut self.rr_p99_us, o.rr_p99_us);
         lo(&mut self.cpu_s_per_gb, o.cpu_s_per_gb);
+        // Not a best-of: a cost per connection, the smallest reading is the least disturbed one.
+        self.kernel_ns_per_conn = match (self.kernel_ns_per_conn, o.kernel_ns_per_conn) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.errors += o.errors;
         self.paired_conn_ratios.extend_from_slice(&o.paired_conn_ratios);
         if self.first_error.is_none() {
@@ -314,6 +323,7 @@ impl Ctx {
                     return self.churn(&place, &hooks, children[0].id(), n).map(|c| (Figures::default(), Some(c)));
                 }
                 let mut f = self.tests(name, &place)?;
+                f.kernel_ns_per_conn = Some(self.kernel_ns_per_conn(&place, &hooks)?);
                 if proxies == 0 {
                     f.paired_conn_ratios = self.paired(&outside, &place)?;
                 }
@@ -329,6 +339,22 @@ impl Ctx {
         cgroup.remove()?;
         drop(ns);
         result
+    }
+
+    /// The kernel time of rewire's programs per connection: the sum of their
+    /// run times (BPF run-time statistics) over a 1-s connect test, divided
+    /// by its connections. A noise-free companion to the wall-clock figures:
+    /// it does not move with what else the machine is doing.
+    fn kernel_ns_per_conn(&self, place: &Placement, hooks: &Hooks) -> Result<f64> {
+        let _on = rewire_control::hooks::enable_stats()?;
+        let total = || -> Result<Duration> { Ok(hooks.program_stats()?.iter().map(|p| p.run_time).sum()) };
+        let before = total()?;
+        let w = self.worker(place, "connect", self.echo, &["--secs".into(), "1".into(), "--count".into(), "500000".into()])?;
+        let spent = total()? - before;
+        if w.ops == 0 {
+            bail!("the connect test made no connection ({})", w.first_error.unwrap_or_default());
+        }
+        Ok(spent.as_nanos() as f64 / w.ops as f64)
     }
 
     /// Alternating 1-s connect tests, outside and inside the cgroup, so that

@@ -122,6 +122,16 @@ pub fn write(
             f.paired_conn_ratios
         )?;
     }
+    let direct_us = figs.iter().find(|f| f.scenario == "direct").filter(|d| d.conns_per_s > 0.0).map(|d| 1e6 / d.conns_per_s);
+    let costs: Vec<&Figures> = figs.iter().filter(|f| f.kernel_ns_per_conn.is_some()).collect();
+    if !costs.is_empty() {
+        writeln!(t, "\nrewire's kernel programs, time per connection (BPF run-time statistics, 1-s connect test):")?;
+        for f in costs {
+            let ns = f.kernel_ns_per_conn.unwrap_or_default();
+            let share = direct_us.map(|us| format!(" = {:.2} % of a direct connection ({us:.1} us)", ns / 10.0 / us)).unwrap_or_default();
+            writeln!(t, "  {:<9} {:>7.2} us{share}", f.scenario, ns / 1000.0)?;
+        }
+    }
     for f in figs.iter().filter(|f| f.errors > 0) {
         writeln!(t, "  {}: {} error(s), first: {}", f.scenario, f.errors, f.first_error.as_deref().unwrap_or("?"))?;
     }

@@ -50,6 +50,9 @@ pub enum HooksError {
     /// The configuration cannot be turned into kernel rules.
     #[error("{0}")]
     Config(String),
+    /// BPF run-time statistics could not be turned on.
+    #[error("enabling BPF run-time statistics: {0}")]
+    Stats(std::io::Error),
     /// File system error (opening the cgroup).
     #[error("{path}: {source}")]
     Io {
@@ -76,6 +79,24 @@ unsafe impl aya::Pod for Pod<RwUdpHandoff> {}
 /// Names of the maps, as pinned by the daemon.
 pub const MAPS: &[&str] =
     &["rw_conf", "rw_rules", "rw_services", "rw_svc_addr", "rw_access", "rw_handoff", "rw_udp_handoff", "rw_events"];
+
+/// Turns the kernel's BPF run-time statistics on (for every program on the
+/// machine) for as long as the returned descriptor stays open. They cost
+/// two clock reads per program run, so measure with them, not under them.
+pub fn enable_stats() -> Result<std::os::fd::OwnedFd, HooksError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| HooksError::Stats(e.io_error))
+}
+
+/// What [`Hooks::program_stats`] reads for one program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// The program's name in `rewire.bpf.c`.
+    pub name: &'static str,
+    /// Times it ran.
+    pub runs: u64,
+    /// Kernel time spent in it.
+    pub run_time: std::time::Duration,
+}
 
 /// The loaded and attached kernel programs of one rewire instance.
 pub struct Hooks {
@@ -139,6 +160,21 @@ impl Hooks {
     pub fn take_events(&mut self) -> Option<Events> {
         let map = self.bpf.take_map("rw_events")?;
         RingBuf::try_from(map).ok().map(Events)
+    }
+
+    /// Run count and kernel run time of every attached program so far. The
+    /// kernel counts only while BPF run-time statistics are on
+    /// ([`aya::sys::enable_stats`] or the `kernel.bpf_stats_enabled` sysctl),
+    /// so callers take the difference of two readings.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>, HooksError> {
+        rewire_bpf::PROGRAMS
+            .iter()
+            .map(|&(name, _)| {
+                let prog = self.bpf.program(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
+                let info = prog.info().map_err(|source| HooksError::Program { name, source })?;
+                Ok(ProgramStats { name, runs: info.run_count(), run_time: info.run_time() })
+            })
+            .collect()
     }
 
     /// TCP flows between connect and accept right now (hand-off entries);
