@@ -133,6 +133,9 @@ pub struct Figures {
     /// a separate 1-s connect test run with BPF run-time statistics on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_ns_per_conn: Option<f64>,
+    /// The same per program (runs per connection, ns per connection).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub kernel_by_program: BTreeMap<String, (f64, f64)>,
     /// hooks only: conn/s ratio to direct from alternating 1-s connect tests
     /// (direct, hooks, direct, hooks, ... against the same server): one ratio per pair.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -163,10 +166,10 @@ impl Figures {
         lo(&mut self.rr_p99_us, o.rr_p99_us);
         lo(&mut self.cpu_s_per_gb, o.cpu_s_per_gb);
         // Not a best-of: a cost per connection, the smallest reading is the least disturbed one.
-        self.kernel_ns_per_conn = match (self.kernel_ns_per_conn, o.kernel_ns_per_conn) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        if o.kernel_ns_per_conn.is_some_and(|b| self.kernel_ns_per_conn.is_none_or(|a| b < a)) {
+            self.kernel_ns_per_conn = o.kernel_ns_per_conn;
+            self.kernel_by_program = o.kernel_by_program.clone();
+        }
         self.errors += o.errors;
         self.paired_conn_ratios.extend_from_slice(&o.paired_conn_ratios);
         if self.first_error.is_none() {
@@ -323,7 +326,9 @@ impl Ctx {
                     return self.churn(&place, &hooks, children[0].id(), n).map(|c| (Figures::default(), Some(c)));
                 }
                 let mut f = self.tests(name, &place)?;
-                f.kernel_ns_per_conn = Some(self.kernel_ns_per_conn(&place, &hooks)?);
+                let (total, by_program) = self.kernel_ns_per_conn(&place, &hooks)?;
+                f.kernel_ns_per_conn = Some(total);
+                f.kernel_by_program = by_program;
                 if proxies == 0 {
                     f.paired_conn_ratios = self.paired(&outside, &place)?;
                 }
@@ -343,18 +348,29 @@ impl Ctx {
 
     /// The kernel time of rewire's programs per connection: the sum of their
     /// run times (BPF run-time statistics) over a 1-s connect test, divided
-    /// by its connections. A noise-free companion to the wall-clock figures:
-    /// it does not move with what else the machine is doing.
-    fn kernel_ns_per_conn(&self, place: &Placement, hooks: &Hooks) -> Result<f64> {
+    /// by its connections, in all and per program (runs and ns per
+    /// connection). A companion to the wall-clock figures that hardly moves
+    /// with what else the machine is doing.
+    fn kernel_ns_per_conn(&self, place: &Placement, hooks: &Hooks) -> Result<(f64, BTreeMap<String, (f64, f64)>)> {
         let _on = rewire_control::hooks::enable_stats()?;
-        let total = || -> Result<Duration> { Ok(hooks.program_stats()?.iter().map(|p| p.run_time).sum()) };
-        let before = total()?;
+        let before = hooks.program_stats()?;
         let w = self.worker(place, "connect", self.echo, &["--secs".into(), "1".into(), "--count".into(), "500000".into()])?;
-        let spent = total()? - before;
+        let after = hooks.program_stats()?;
         if w.ops == 0 {
             bail!("the connect test made no connection ({})", w.first_error.unwrap_or_default());
         }
-        Ok(spent.as_nanos() as f64 / w.ops as f64)
+        let n = w.ops as f64;
+        let mut total = 0.0;
+        let mut by_program = BTreeMap::new();
+        for (b, a) in before.iter().zip(&after) {
+            let ns = (a.run_time - b.run_time).as_nanos() as f64;
+            total += ns;
+            if a.runs > b.runs {
+                let round = |x: f64| (x * 100.0).round() / 100.0;
+                by_program.insert(a.name.to_string(), (round((a.runs - b.runs) as f64 / n), round(ns / n)));
+            }
+        }
+        Ok((total / n, by_program))
     }
 
     /// Alternating 1-s connect tests, outside and inside the cgroup, so that

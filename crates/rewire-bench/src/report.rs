@@ -130,6 +130,9 @@ pub fn write(
             let ns = f.kernel_ns_per_conn.unwrap_or_default();
             let share = direct_us.map(|us| format!(" = {:.2} % of a direct connection ({us:.1} us)", ns / 10.0 / us)).unwrap_or_default();
             writeln!(t, "  {:<9} {:>7.2} us{share}", f.scenario, ns / 1000.0)?;
+            let parts: Vec<String> =
+                f.kernel_by_program.iter().map(|(p, (runs, ns))| format!("{p} {runs}x {:.0} ns", ns)).collect();
+            writeln!(t, "            ({})", parts.join(", "))?;
         }
     }
     for f in figs.iter().filter(|f| f.errors > 0) {

@@ -100,7 +100,7 @@ impl RedirectRecords {
 
     /// Parses the hex form.
     pub fn from_hex(s: &str) -> Result<Self, ParseError> {
-        if s.len() % 2 != 0 || !s.is_ascii() {
+        if !s.len().is_multiple_of(2) || !s.is_ascii() {
             return Err(ParseError::Hex);
         }
         let bytes = (0..s.len())
