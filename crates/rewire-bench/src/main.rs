@@ -110,6 +110,9 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("nft", "nftables REDIRECT + same proxy (SO_ORIGINAL_DST)"),
 ];
 
+/// Program name -> (runs per connection, ns per connection).
+pub type ByProgram = BTreeMap<String, (f64, f64)>;
+
 /// The figures of one scenario.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Figures {
@@ -133,9 +136,9 @@ pub struct Figures {
     /// a separate 1-s connect test run with BPF run-time statistics on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_ns_per_conn: Option<f64>,
-    /// The same per program (runs per connection, ns per connection).
+    /// The same per program.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub kernel_by_program: BTreeMap<String, (f64, f64)>,
+    pub kernel_by_program: ByProgram,
     /// hooks only: conn/s ratio to direct from alternating 1-s connect tests
     /// (direct, hooks, direct, hooks, ... against the same server): one ratio per pair.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -351,7 +354,7 @@ impl Ctx {
     /// by its connections, in all and per program (runs and ns per
     /// connection). A companion to the wall-clock figures that hardly moves
     /// with what else the machine is doing.
-    fn kernel_ns_per_conn(&self, place: &Placement, hooks: &Hooks) -> Result<(f64, BTreeMap<String, (f64, f64)>)> {
+    fn kernel_ns_per_conn(&self, place: &Placement, hooks: &Hooks) -> Result<(f64, ByProgram)> {
         let _on = rewire_control::hooks::enable_stats()?;
         let before = hooks.program_stats()?;
         let w = self.worker(place, "connect", self.echo, &["--secs".into(), "1".into(), "--count".into(), "500000".into()])?;
