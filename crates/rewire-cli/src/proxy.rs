@@ -54,8 +54,8 @@ pub struct ProxyArgs {
     pub udp_ports: Option<u8>,
     /// Threads that relay flows. One event loop splices at memory speed and
     /// leaves the other cores to the applications whose flows it relays (on
-    /// a 2-vCPU machine it had 14 % more connections per second and half
-    /// the connect p99 of two threads); give more on a larger machine with
+    /// a 2-vCPU machine it had 14 % more connections per second and a lower
+    /// connect p99 than two threads); give more on a larger machine with
     /// many busy flows.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,

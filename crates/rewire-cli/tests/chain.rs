@@ -207,3 +207,29 @@ fn nothing_is_left_behind() {
     assert!(!path.exists(), "cgroup {} must be removed", path.display());
     assert!(!std::path::Path::new("/sys/fs/bpf").join(&name).exists());
 }
+
+/// `Hooks::program_stats` reads the kernel's own counts (the bench's kernel
+/// time per connection rests on it): three flows through one proxy run the
+/// connect hook exactly six times (each client's connect and the proxy's
+/// onward one), and the kernel charges them time.
+#[test]
+fn program_stats_count_the_hooks_runs() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let mut sb = Sandbox::new(&service("audit", free_port(), server.addr.port()));
+    let log = sb.proxy("audit");
+    let _on = rewire_control::hooks::enable_stats().unwrap();
+    let connect4 = |sb: &Sandbox| {
+        let stats = sb.hooks().program_stats().unwrap();
+        assert!(stats.iter().any(|p| p.name == "rw_sock_ops"), "{stats:?}");
+        *stats.iter().find(|p| p.name == "rw_connect4").unwrap()
+    };
+    let before = connect4(&sb);
+    for _ in 0..3 {
+        let (r, _) = sb.probe(&[&server.addr.to_string(), "--send", "10"]);
+        assert_eq!(r["error"], serde_json::Value::Null, "{r}");
+    }
+    assert_eq!(read_log(&log, 3).len(), 3);
+    let after = connect4(&sb);
+    assert_eq!(after.runs - before.runs, 6);
+    assert!(after.run_time > before.run_time, "{before:?} -> {after:?}");
+}
