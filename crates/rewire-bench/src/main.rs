@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use load::WorkerResult;
+use rewire_control::hooks::PinnedHandoffs;
 use rewire_control::{Config, Hooks, ManagedCgroup};
 use sys::{NetNs, Placement};
 
@@ -188,10 +189,14 @@ pub struct Churn {
     pub errors: u64,
     pub first_error: Option<String>,
     pub secs: f64,
+    pub daemon_rss_kib_before: u64,
+    pub daemon_rss_kib_after: u64,
     pub proxy_rss_kib_before: u64,
     pub proxy_rss_kib_after: u64,
     pub handoff_entries_before: usize,
     pub handoff_entries_after: usize,
+    pub udp_handoff_entries_before: usize,
+    pub udp_handoff_entries_after: usize,
 }
 
 struct Ctx {
@@ -303,8 +308,7 @@ impl Ctx {
         name: &str,
         proxies: usize,
         relay: &str,
-        churn: Option<u64>,
-    ) -> Result<(Figures, Option<Churn>)> {
+    ) -> Result<Figures> {
         let (cfg, path) = self.config(name, proxies)?;
         let ns = NetNs::create(&self.tag)?;
         let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
@@ -325,9 +329,6 @@ impl Ctx {
                     children.push(p);
                     sys::wait_listening(pid, *port, Duration::from_secs(5))?;
                 }
-                if let Some(n) = churn {
-                    return self.churn(&place, &hooks, children[0].id(), n).map(|c| (Figures::default(), Some(c)));
-                }
                 let mut f = self.tests(name, &place)?;
                 let (total, by_program) = self.kernel_ns_per_conn(&place, &hooks)?;
                 f.kernel_ns_per_conn = Some(total);
@@ -335,7 +336,7 @@ impl Ctx {
                 if proxies == 0 {
                     f.paired_conn_ratios = self.paired(&outside, &place)?;
                 }
-                Ok((f, None))
+                Ok(f)
             })();
             for c in &mut children {
                 sys::stop(c);
@@ -393,13 +394,52 @@ impl Ctx {
         Ok(ratios)
     }
 
-    fn churn(&self, place: &Placement, hooks: &Hooks, proxy: u32, n: u64) -> Result<Churn> {
-        // Warm up so the baseline includes the runtime's steady allocations.
+    /// The memory check: `n` short connections through one proxy under a
+    /// real `rewire daemon` (which attaches and pins the hooks and reads and
+    /// prints every event, to /dev/null here), in a namespace of its own.
+    /// The daemon's and the proxy's RSS and the hand-off maps' entries
+    /// (read from the daemon's pins) before, after a warm-up, and after.
+    fn churn_scenario(&self, n: u64) -> Result<Churn> {
+        let (cfg, path) = self.config("churn", 1)?;
+        let ns = NetNs::create(&self.tag)?;
+        let mut c = Command::new(&self.rewire);
+        c.args(["daemon", "--config"]).arg(&path).stderr(std::process::Stdio::null());
+        c.env("REWIRE_LOG", "error");
+        let mut daemon = sys::spawn(c, &Placement::default(), false)?;
+        let result = (|| {
+            let pins = Path::new("/sys/fs/bpf").join(&cfg.cgroup);
+            sys::wait_for(daemon.id(), &pins.join("rw_udp_handoff"), Duration::from_secs(10))?;
+            let maps = PinnedHandoffs::open(&pins)?;
+            let cgroup = ManagedCgroup::existing(&cfg.cgroup)?;
+            let outside = Placement { netns: Some(ns.path()), ..Default::default() };
+            let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
+            let mut server = self.server(&outside)?;
+            let r = self
+                .proxy(&place, &["--name".into(), "p1".into(), "--config".into(), path.display().to_string()], &self.args.relay)
+                .and_then(|mut proxy| {
+                    let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5))
+                        .and_then(|()| self.churn(&place, &maps, daemon.id(), proxy.id(), n));
+                    sys::stop(&mut proxy);
+                    r
+                });
+            sys::stop(&mut server);
+            r
+        })();
+        // SIGTERM: the daemon detaches its hooks, removes its cgroup and pins.
+        sys::stop(&mut daemon);
+        drop(ns);
+        result
+    }
+
+    fn churn(&self, place: &Placement, maps: &PinnedHandoffs, daemon: u32, proxy: u32, n: u64) -> Result<Churn> {
+        // Warm up so the baseline includes the runtimes' steady allocations.
         self.worker(place, "churn", self.echo, &["--count".into(), "200".into(), "--threads".into(), "2".into()])?;
         std::thread::sleep(Duration::from_millis(300));
         let mut c = Churn {
+            daemon_rss_kib_before: sys::rss_kib(daemon),
             proxy_rss_kib_before: sys::rss_kib(proxy),
-            handoff_entries_before: hooks.handoff_entries()?,
+            handoff_entries_before: maps.tcp_entries(),
+            udp_handoff_entries_before: maps.udp_entries(),
             ..Default::default()
         };
         let t = Instant::now();
@@ -414,8 +454,10 @@ impl Ctx {
         c.connections = w.ops;
         c.errors = w.errors;
         c.first_error = w.first_error;
+        c.daemon_rss_kib_after = sys::rss_kib(daemon);
         c.proxy_rss_kib_after = sys::rss_kib(proxy);
-        c.handoff_entries_after = hooks.handoff_entries()?;
+        c.handoff_entries_after = maps.tcp_entries();
+        c.udp_handoff_entries_after = maps.udp_entries();
         Ok(c)
     }
 
@@ -497,12 +539,10 @@ fn orchestrate(args: RunArgs) -> Result<()> {
             let relay = &args.relay;
             let r = match name {
                 "direct" => ctx.direct(),
-                "hooks" => ctx.rewire_scenario(name, 0, relay, None).map(|r| r.0),
-                "proxy1" => ctx.rewire_scenario(name, 1, relay, None).map(|r| r.0),
-                "proxy1k" => ctx
-                    .rewire_scenario(name, 1, "kernel", None)
-                    .map(|r| r.0),
-                "proxy2" => ctx.rewire_scenario(name, 2, relay, None).map(|r| r.0),
+                "hooks" => ctx.rewire_scenario(name, 0, relay),
+                "proxy1" => ctx.rewire_scenario(name, 1, relay),
+                "proxy1k" => ctx.rewire_scenario(name, 1, "kernel"),
+                "proxy2" => ctx.rewire_scenario(name, 2, relay),
                 "nft" => ctx.nft_scenario(),
                 _ => unreachable!(),
             };
@@ -521,8 +561,8 @@ fn orchestrate(args: RunArgs) -> Result<()> {
     }
     let churn = if churn_n > 0 && wanted("proxy1") {
         eprintln!("rewire-bench: churn: {churn_n} short connections through 1 proxy");
-        match ctx.rewire_scenario("churn", 1, &args.relay, Some(churn_n)) {
-            Ok((_, c)) => c,
+        match ctx.churn_scenario(churn_n) {
+            Ok(c) => Some(c),
             Err(e) => {
                 failures.push(format!("churn: {e:#}"));
                 None

@@ -141,15 +141,21 @@ pub fn write(
     if let Some(c) = churn {
         writeln!(
             t,
-            "\nchurn: {} short connections through 1 proxy in {:.1} s ({} errors{}): proxy RSS {} KiB -> {} KiB; hand-off map entries {} -> {}",
+            "\nchurn: {} short connections through 1 proxy under rewire daemon in {:.1} s ({} errors{}):\n  \
+             daemon RSS {} KiB -> {} KiB; proxy RSS {} KiB -> {} KiB; \
+             hand-off map entries: tcp {} -> {}, udp {} -> {}",
             c.connections,
             c.secs,
             c.errors,
             c.first_error.as_deref().map(|e| format!(", first: {e}")).unwrap_or_default(),
+            c.daemon_rss_kib_before,
+            c.daemon_rss_kib_after,
             c.proxy_rss_kib_before,
             c.proxy_rss_kib_after,
             c.handoff_entries_before,
-            c.handoff_entries_after
+            c.handoff_entries_after,
+            c.udp_handoff_entries_before,
+            c.udp_handoff_entries_after
         )?;
     }
     for f in failures {

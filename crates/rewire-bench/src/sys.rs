@@ -28,7 +28,8 @@ pub fn forget(pid: u32) {
 }
 
 /// Blocks SIGINT and SIGTERM in this process and starts a thread that, on
-/// either, ends our children, removes our cgroups (`<cgroup2>/<tag>-*`) and
+/// either, ends our children (SIGTERM, then SIGKILL), removes our cgroups
+/// (`<cgroup2>/<tag>-*`), pins (`/sys/fs/bpf/<tag>-*`) and
 /// network namespace (`<tag>`), then exits. Children get the signals
 /// unblocked again before exec.
 pub fn cleanup_on_signal(tag: String) -> Result<()> {
@@ -43,10 +44,21 @@ pub fn cleanup_on_signal(tag: String) -> Result<()> {
         STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
         // Twice: the main thread may be setting up a scenario in between.
         for _ in 0..2 {
-            for pid in CHILDREN.lock().unwrap().drain(..) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+            // SIGTERM first, so that a `rewire daemon` detaches its hooks and
+            // removes its cgroup and pins itself; SIGKILL whoever is left.
+            let pids: Vec<u32> = CHILDREN.lock().unwrap().drain(..).collect();
+            for sig in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGKILL] {
+                for &pid in &pids {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+                }
+                std::thread::sleep(Duration::from_millis(1000));
             }
-            std::thread::sleep(Duration::from_millis(300));
+            // Pins a daemon of ours left behind (killed before it could clean up).
+            if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+                for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{tag}-"))) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
             if let Ok(rd) = rewire_control::cgroup::cgroup2_mount().and_then(|root| {
                 std::fs::read_dir(&root).map_err(|source| rewire_control::cgroup::CgroupError::Io {
                     op: "read",
@@ -199,6 +211,21 @@ pub fn wait_listening(pid: u32, port: u16, timeout: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}")
+}
+
+/// Waits until `path` exists while `pid` lives (a daemon's pins appear).
+pub fn wait_for(pid: u32, path: &Path, timeout: Duration) -> Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if path.exists() {
+            return Ok(());
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("process {pid} exited before {} appeared", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{} did not appear within {timeout:?}", path.display())
 }
 
 /// Runs a command to completion, failing with its stderr.

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
@@ -243,6 +243,40 @@ impl Drop for Hooks {
     fn drop(&mut self) {
         self.unpin();
     }
+}
+
+/// The hand-off maps of a running daemon, opened from its pins
+/// ([`Hooks::pin_maps`]) by another process, to watch them return to their
+/// baseline (the benchmark's memory check does).
+pub struct PinnedHandoffs {
+    tcp: HashMap<MapData, Pod<RwTuple>, Pod<RwSock>>,
+    udp: HashMap<MapData, Pod<RwTuple>, Pod<RwUdpHandoff>>,
+}
+
+impl PinnedHandoffs {
+    /// Opens `rw_handoff` and `rw_udp_handoff` under a daemon's pin directory.
+    pub fn open(dir: &Path) -> Result<Self, HooksError> {
+        Ok(Self { tcp: open_pinned_lru(dir, "rw_handoff")?, udp: open_pinned_lru(dir, "rw_udp_handoff")? })
+    }
+
+    /// As [`Hooks::handoff_entries`].
+    pub fn tcp_entries(&self) -> usize {
+        self.tcp.keys().filter(Result::is_ok).count()
+    }
+
+    /// As [`Hooks::udp_handoff_entries`].
+    pub fn udp_entries(&self) -> usize {
+        self.udp.keys().filter(Result::is_ok).count()
+    }
+}
+
+fn open_pinned_lru<V>(dir: &Path, name: &'static str) -> Result<HashMap<MapData, Pod<RwTuple>, Pod<V>>, HooksError>
+where
+    Pod<V>: aya::Pod,
+{
+    MapData::from_pin(dir.join(name))
+        .and_then(|m| HashMap::try_from(Map::LruHashMap(m)))
+        .map_err(|source| HooksError::Map { name, source })
 }
 
 /// The kernel's event stream (redirects, deliveries, refusals).
