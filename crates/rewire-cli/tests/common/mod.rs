@@ -33,13 +33,24 @@ pub fn require_root() {
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
+/// Ports [`free_port`] and [`free_ports`] handed out: never the same twice
+/// in one test binary. The kernel may hand out a port it just gave (nothing
+/// holds it between the calls), and two services of one config, or two
+/// tests running at once, would then share it (seen: "its UDP ports overlap
+/// those of `audit`").
+static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
 /// A port free for TCP and UDP on both 127.0.0.1 and ::1 (best effort).
 pub fn free_port() -> u16 {
     for _ in 0..100 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let free = |ip: &str| UdpSocket::bind((ip, port)).is_ok();
-        if TcpListener::bind(("::1", port)).is_ok() && free("127.0.0.1") && free("::1") {
+        if TcpListener::bind(("::1", port)).is_ok()
+            && free("127.0.0.1")
+            && free("::1")
+            && GIVEN.lock().unwrap().insert(port)
+        {
             return port;
         }
     }
@@ -302,7 +313,10 @@ pub fn free_ports(n: u16) -> u16 {
             ["127.0.0.1", "::1"].iter().all(|ip| TcpListener::bind((*ip, p)).is_ok() && UdpSocket::bind((*ip, p)).is_ok())
         };
         if base.checked_add(n).is_some() && (1..n).all(|k| free(base + k)) {
-            return base;
+            let mut given = GIVEN.lock().unwrap();
+            if (1..n).all(|k| given.insert(base + k)) {
+                return base;
+            }
         }
     }
     panic!("no {n} consecutive free ports");
