@@ -250,6 +250,18 @@ impl Ctx {
         sys::spawn(c, place, false)
     }
 
+    /// Proxy `p{i+1}` of a config made by [`Ctx::config`], started in
+    /// `place`; returns once it listens on its port.
+    fn config_proxy(&self, place: &Placement, config: &Path, i: usize, relay: &str) -> Result<Child> {
+        let args = ["--name".into(), format!("p{}", i + 1), "--config".into(), config.display().to_string()];
+        let mut p = self.proxy(place, &args, relay)?;
+        if let Err(e) = sys::wait_listening(p.id(), [self.p1, self.p2][i], Duration::from_secs(5)) {
+            sys::stop(&mut p);
+            return Err(e);
+        }
+        Ok(p)
+    }
+
     /// The three tests of one scenario.
     fn tests(&self, name: &str, place: &Placement) -> Result<Figures> {
         let s = format!("{}", self.secs);
@@ -303,12 +315,7 @@ impl Ctx {
     /// that none inherits the TIME_WAIT sockets of the ones before it: tens
     /// of thousands of them slow the ephemeral port search of every connect,
     /// which made the later scenarios of a round look slower than they are.
-    fn rewire_scenario(
-        &self,
-        name: &str,
-        proxies: usize,
-        relay: &str,
-    ) -> Result<Figures> {
+    fn rewire_scenario(&self, name: &str, proxies: usize, relay: &str) -> Result<Figures> {
         let (cfg, path) = self.config(name, proxies)?;
         let ns = NetNs::create(&self.tag)?;
         let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
@@ -319,15 +326,8 @@ impl Ctx {
             let mut server = self.server(&outside)?;
             let mut children = vec![];
             let r = (|| {
-                for (i, port) in [self.p1, self.p2].iter().enumerate().take(proxies) {
-                    let p = self.proxy(
-                        &place,
-                        &["--name".into(), format!("p{}", i + 1), "--config".into(), path.display().to_string()],
-                        relay,
-                    )?;
-                    let pid = p.id();
-                    children.push(p);
-                    sys::wait_listening(pid, *port, Duration::from_secs(5))?;
+                for i in 0..proxies {
+                    children.push(self.config_proxy(&place, &path, i, relay)?);
                 }
                 let mut f = self.tests(name, &place)?;
                 let (total, by_program) = self.kernel_ns_per_conn(&place, &hooks)?;
@@ -414,14 +414,11 @@ impl Ctx {
             let outside = Placement { netns: Some(ns.path()), ..Default::default() };
             let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
             let mut server = self.server(&outside)?;
-            let r = self
-                .proxy(&place, &["--name".into(), "p1".into(), "--config".into(), path.display().to_string()], &self.args.relay)
-                .and_then(|mut proxy| {
-                    let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5))
-                        .and_then(|()| self.churn(&place, &maps, daemon.id(), proxy.id(), n));
-                    sys::stop(&mut proxy);
-                    r
-                });
+            let r = self.config_proxy(&place, &path, 0, &self.args.relay).and_then(|mut proxy| {
+                let r = self.churn(&place, &maps, daemon.id(), proxy.id(), n);
+                sys::stop(&mut proxy);
+                r
+            });
             sys::stop(&mut server);
             r
         })();

@@ -191,41 +191,39 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Polls `ready` every 20 ms until it holds, failing if `pid` exits first
+/// or `timeout` passes; `what` names the awaited state in the error.
+fn wait_until(pid: u32, timeout: Duration, what: &str, ready: impl Fn() -> bool) -> Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if ready() {
+            return Ok(());
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("process {pid} exited before {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("not {what} after {timeout:?}")
+}
+
 /// Waits until `pid` (in whatever network namespace it is) listens on
 /// 127.0.0.1:`port`, from /proc/PID/net/tcp.
 pub fn wait_listening(pid: u32, port: u16, timeout: Duration) -> Result<()> {
     let want = format!("0100007F:{port:04X}");
-    let t = Instant::now();
-    while t.elapsed() < timeout {
-        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")) {
-            if s.lines().skip(1).any(|l| {
+    wait_until(pid, timeout, &format!("listening on 127.0.0.1:{port}"), || {
+        std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|s| {
+            s.lines().skip(1).any(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
                 f.len() > 3 && f[1] == want && f[3] == "0A"
-            }) {
-                return Ok(());
-            }
-        }
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            bail!("process {pid} exited before listening on port {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}")
+            })
+        })
+    })
 }
 
 /// Waits until `path` exists while `pid` lives (a daemon's pins appear).
 pub fn wait_for(pid: u32, path: &Path, timeout: Duration) -> Result<()> {
-    let t = Instant::now();
-    while t.elapsed() < timeout {
-        if path.exists() {
-            return Ok(());
-        }
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            bail!("process {pid} exited before {} appeared", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("{} did not appear within {timeout:?}", path.display())
+    wait_until(pid, timeout, &format!("{} appeared", path.display()), || path.exists())
 }
 
 /// Runs a command to completion, failing with its stderr.
