@@ -149,7 +149,7 @@ pub async fn relay(mode: RelayMode, a: &mut TcpStream, b: &mut TcpStream) -> io:
         RelayMode::Splice | RelayMode::SpliceUnsupportedForTests => {
             let force_einval = mode == RelayMode::SpliceUnsupportedForTests;
             match splice_bidirectional(a, b, force_einval).await {
-                Err(e) if is_unsupported_marker(&e) => {
+                Err(e) if is_splice_unsupported(&e) => {
                     tracing::debug!("splice unsupported here, falling back to copy: {e}");
                     let mut s = copy(a, b).await?;
                     s.fell_back = true;
@@ -170,14 +170,21 @@ async fn copy(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<RelayStats> {
 /// moved in either direction: the whole relay then starts over with copy.
 struct NothingMoved;
 
-const UNSUPPORTED_MARKER: &str = "rewire-relay: splice unsupported, nothing moved";
+/// [`NothingMoved`] in both directions, carried through `try_join!` as an
+/// `io::Error` and recognised by its type (not its text).
+#[derive(Debug)]
+struct SpliceUnsupported;
 
-fn unsupported_marker(cause: &io::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::Unsupported, format!("{UNSUPPORTED_MARKER} ({cause})"))
+impl std::fmt::Display for SpliceUnsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the kernel refused splice for these sockets before any byte moved")
+    }
 }
 
-fn is_unsupported_marker(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::Unsupported && e.to_string().starts_with(UNSUPPORTED_MARKER)
+impl std::error::Error for SpliceUnsupported {}
+
+fn is_splice_unsupported(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<SpliceUnsupported>())
 }
 
 fn splice_refused(e: &io::Error) -> bool {
@@ -249,7 +256,7 @@ async fn one_way(
     match splice_one_way(src, dst, moved, force_einval).await {
         Ok(n) => Ok((n, false)),
         Err(Ok(NothingMoved)) if other.load(Ordering::Relaxed) == 0 => {
-            Err(unsupported_marker(&io::Error::from_raw_os_error(libc::EINVAL)))
+            Err(io::Error::new(io::ErrorKind::Unsupported, SpliceUnsupported))
         }
         Err(Ok(NothingMoved)) => {
             // The other direction already splices: go on in user space here only.

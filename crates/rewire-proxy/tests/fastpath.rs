@@ -276,7 +276,10 @@ async fn kernel_reports_a_reset_destination() {
         let (mut got_a, mut got_b) = (vec![0u8; a.len()], vec![0u8; b.len()]);
         let (r1, r2, r3, r4) =
             tokio::join!(aw.write_all(&a), sr.read_exact(&mut got_a), sw.write_all(&b), ar.read_exact(&mut got_b));
-        (r1.unwrap(), r2.unwrap(), r3.unwrap(), r4.unwrap());
+        r1.unwrap();
+        r2.unwrap();
+        r3.unwrap();
+        r4.unwrap();
         assert_eq!((sha(&got_a), sha(&got_b)), (sha(&a), sha(&b)));
         // The server's direction ends (FIN), so only the app's direction is
         // left in the kernel; then the server resets: SO_LINGER 0, close.
