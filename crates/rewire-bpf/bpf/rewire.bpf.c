@@ -54,6 +54,7 @@
 #define EISCONN 106
 #define ENOTCONN 107
 #define EADDRINUSE 98
+#define ECONNREFUSED 111
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -92,9 +93,12 @@ struct {
 	__type(value, struct rw_sock);
 } rw_sk SEC(".maps");
 
-/* Connections between connect and accept: bounded, self-evicting. */
+/* Connections between connect and accept. A plain hash, not an LRU: an
+ * entry leaves when the proxy accepts it or when its connecting socket
+ * closes (sockops state callback), so a flood by one user cannot push out
+ * another flow's entry; a full table is counted and reported. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct rw_tuple);
 	__type(value, struct rw_sock);
@@ -123,6 +127,39 @@ struct {
 	__type(key, struct rw_addr);
 	__type(value, __u16);
 } rw_svc_addr SEC(".maps");
+
+/* Who a service's processes are: cgroup id of <subtree>/services/<name>, or
+ * the service's uid -> service id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * RW_MAX_SERVICES);
+	__type(key, struct rw_ident_key);
+	__type(value, __u16);
+} rw_svc_id SEC(".maps");
+
+/* Sockets a service's own processes bound to its addresses (post_bind). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct rw_owner);
+} rw_owner SEC(".maps");
+
+/* Per-cause counters (RW_CNT_*): exact even when events are dropped. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RW_CNT_N);
+	__type(key, __u32);
+	__type(value, __u64);
+} rw_counters SEC(".maps");
+
+/* Scratch records (too big for the 512-byte stack next to the rest). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rw_records);
+} rw_scratch SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -183,12 +220,23 @@ static __always_inline int rw_addr_eq(const struct rw_addr *a, const struct rw_a
 	       x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
+static __always_inline void rw_count(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&rw_counters, &idx);
+	if (c)
+		*c += 1;
+}
+
 static __always_inline void rw_emit(__u32 kind, int err, const struct rw_records *rec,
 				    __u16 service_id, __u16 rule_id, __u16 hop_limit)
 {
 	struct rw_event *e = bpf_ringbuf_reserve(&rw_events, sizeof(*e), 0);
-	if (!e)
+	__u64 ug = bpf_get_current_uid_gid();
+
+	if (!e) {
+		rw_count(RW_CNT_EVENTS_LOST);
 		return;
+	}
 	__builtin_memset(e, 0, sizeof(*e));
 	e->kind = kind;
 	e->err = err;
@@ -199,6 +247,7 @@ static __always_inline void rw_emit(__u32 kind, int err, const struct rw_records
 	e->proto = rec->proto;
 	e->hop_limit = hop_limit;
 	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->uid = (__u32)ug;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	e->ts_ns = bpf_ktime_get_boot_ns();
 	e->orig_dst = rec->orig_dst;
@@ -209,7 +258,7 @@ static __always_inline void rw_emit(__u32 kind, int err, const struct rw_records
 /* ---- the rule walk ---- */
 
 struct rw_walk {
-	struct rw_addr dst;
+	struct rw_addr dst; /* the destination as the rules see it */
 	__u64 seen; /* bit per service id already in the chain */
 	__u64 cgroup_id;
 	__u32 uid;
@@ -267,7 +316,13 @@ static long rw_walk_rule(__u32 i, void *data)
 	return 1;
 }
 
-/* ---- helpers shared by the TCP and UDP paths ---- */
+static __always_inline void rw_walk(struct rw_walk *w)
+{
+	w->found = 0;
+	bpf_loop(RW_MAX_RULES, rw_walk_rule, w, 0);
+}
+
+/* ---- addresses ---- */
 
 static __always_inline void rw_ctx_addr(struct bpf_sock_addr *ctx, __u8 family, struct rw_addr *out)
 {
@@ -299,9 +354,77 @@ static __always_inline void rw_ctx_set(struct bpf_sock_addr *ctx, __u8 family, c
 	ctx->user_port = port_be;
 }
 
+/* IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) and back. */
+static __always_inline int rw_v4mapped(const struct rw_addr *a)
+{
+	const __u32 *d = (const __u32 *)a->addr;
+	return a->family == AF_INET6 && d[0] == 0 && d[1] == 0 && d[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void rw_unmap(struct rw_addr *a)
+{
+	__u32 *d = (__u32 *)a->addr;
+	d[0] = d[3];
+	d[1] = d[2] = d[3] = 0;
+	a->family = AF_INET;
+}
+
+static __always_inline void rw_map(struct rw_addr *a)
+{
+	__u32 *d = (__u32 *)a->addr;
+	if (a->family != AF_INET)
+		return;
+	d[3] = d[0];
+	d[0] = d[1] = 0;
+	d[2] = bpf_htonl(0xffff);
+	a->family = AF_INET6;
+}
+
+static __always_inline int rw_addr_is_any(const struct rw_addr *a)
+{
+	const __u32 *d = (const __u32 *)a->addr;
+	return (d[0] | d[1] | d[2] | d[3]) == 0;
+}
+
+/* A connect's or send's destination as the kernel will route it: an
+ * IPv4-mapped address on an IPv6 socket is the IPv4 address (*mapped = 1).
+ * This is the flow's original destination. */
+static __always_inline void rw_ctx_dst(struct bpf_sock_addr *ctx, __u8 family, struct rw_addr *orig, int *mapped)
+{
+	rw_ctx_addr(ctx, family, orig);
+	*mapped = rw_v4mapped(orig);
+	if (*mapped)
+		rw_unmap(orig);
+}
+
+/* What the rules see of a destination: the unspecified address reaches this
+ * host, so it is matched as loopback. */
+static __always_inline void rw_match_addr(const struct rw_addr *orig, struct rw_addr *m)
+{
+	*m = *orig;
+	if (rw_addr_is_any(m)) {
+		if (m->family == AF_INET)
+			*(__u32 *)m->addr = bpf_htonl(0x7f000001);
+		else
+			m->addr[15] = 1;
+	}
+}
+
+/* Points the connect/send at `t`: as an IPv4-mapped address on an IPv6
+ * socket when `t` is IPv4. */
+static __always_inline void rw_ctx_target(struct bpf_sock_addr *ctx, __u8 family, const struct rw_addr *t)
+{
+	struct rw_addr m = *t;
+
+	if (family == AF_INET6)
+		rw_map(&m);
+	rw_ctx_set(ctx, family, m.addr, m.port_be);
+}
+
 /* The service's address for `family`, as a struct rw_addr, and the size of
  * its UDP port range. */
-static __always_inline int rw_service_addr(__u16 service_id, __u8 family, struct rw_addr *out, __u16 *udp_ports)
+static __always_inline struct rw_service *rw_service_addr(__u16 service_id, __u8 family, struct rw_addr *out,
+							  __u16 *udp_ports)
 {
 	__u32 sid = service_id;
 	struct rw_service *svc = bpf_map_lookup_elem(&rw_services, &sid);
@@ -318,34 +441,14 @@ static __always_inline int rw_service_addr(__u16 service_id, __u8 family, struct
 		__builtin_memcpy(out->addr, svc->addr6, 16);
 	}
 	*udp_ports = svc->udp_ports ? svc->udp_ports : 1;
-	return 1;
+	return svc;
 }
 
-/* Walks the rules for a connect/send to `w->dst` by a socket that may carry
- * records; fills w->found/service_id/rule_id. */
-static __always_inline void rw_decide(struct rw_walk *w, const struct rw_sock *st, int has_rec,
-				      __u8 proto, const struct rw_conf *conf)
-{
-	if (has_rec) {
-		__u8 n = st->rec.n_chain;
-#pragma unroll
-		for (int i = 0; i < RW_MAX_CHAIN; i++)
-			if (i < n)
-				w->seen |= 1ULL << (st->rec.chain[i] & 63);
-		w->uid = st->rec.uid;
-		w->cgroup_id = st->rec.cgroup_id;
-	} else {
-		w->uid = (__u32)bpf_get_current_uid_gid();
-		w->cgroup_id = bpf_get_current_cgroup_id();
-	}
-	w->proto = proto;
-	w->n_rules = conf->n_rules;
-	bpf_loop(RW_MAX_RULES, rw_walk_rule, w, 0);
-}
-
-/* A fresh record for a flow's first redirect. */
+/* A fresh record for a flow's first redirect. A connect made by one of
+ * service `caller`'s processes without records (a proxy that does not carry
+ * them) starts with that service in its chain. */
 static __always_inline void rw_new_record(struct rw_records *rec, const struct rw_addr *dst, __u8 proto,
-					  __u64 cgroup_id)
+					  __u64 cgroup_id, __u16 caller)
 {
 	__u64 ug = bpf_get_current_uid_gid();
 
@@ -361,7 +464,56 @@ static __always_inline void rw_new_record(struct rw_records *rec, const struct r
 	rec->cgroup_id = cgroup_id;
 	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
 	rec->created_ns = bpf_ktime_get_boot_ns();
+	if (caller) {
+		rec->chain[0] = caller;
+		rec->n_chain = 1;
+	}
 }
+
+/* The records an event about a refused connect reports: the socket's, or a
+ * fresh one in per-CPU scratch space. */
+static __always_inline const struct rw_records *rw_event_rec(const struct rw_sock *st, int has_rec,
+							     const struct rw_addr *dst, __u8 proto)
+{
+	__u32 zero = 0;
+	struct rw_records *r;
+
+	if (has_rec && st)
+		return &st->rec;
+	r = bpf_map_lookup_elem(&rw_scratch, &zero);
+	if (r)
+		rw_new_record(r, dst, proto, bpf_get_current_cgroup_id(), 0);
+	return r;
+}
+
+/* Counts and reports a refusal (or a skip). A global function: the
+ * verifier checks it once, not at each of its call sites; its scalars are
+ * packed in two words (a global function takes at most five arguments, and
+ * a struct on the caller's stack would cost stack in every caller):
+ * what = kind | counter << 8 | (u32)err << 32,
+ * ids = service_id | rule_id << 16 | proto << 32 | has_rec << 40. */
+__attribute__((noinline)) int rw_report_(const struct rw_sock *st, const struct rw_addr *dst, __u64 what, __u64 ids)
+{
+	const struct rw_records *r;
+	struct rw_conf *conf = rw_get_conf();
+
+	if (!dst)
+		return 0;
+	rw_count((what >> 8) & 0xff);
+	r = rw_event_rec(st, (ids >> 40) & 1, dst, (ids >> 32) & 0xff);
+	if (r && conf)
+		rw_emit(what & 0xff, (__s32)(what >> 32), r, ids & 0xffff, (ids >> 16) & 0xffff, conf->hop_limit);
+	return 0;
+}
+
+#define rw_report(kind_, counter_, err_, st_, has_rec_, dst_, proto_, sid_, rule_, conf_)                     \
+	({                                                                                                \
+		(void)(conf_);                                                                            \
+		rw_report_((st_), (dst_),                                                                 \
+			   (__u64)(kind_) | ((__u64)(counter_) << 8) | ((__u64)(__u32)(err_) << 32),      \
+			   (__u64)(sid_) | ((__u64)(rule_) << 16) | ((__u64)(proto_) << 32) |             \
+				   ((__u64)!!(has_rec_) << 40));                                          \
+	})
 
 /* Fails the connect/sendmsg with -err (the program returns 0). */
 static __always_inline int rw_refuse(int err)
@@ -369,6 +521,11 @@ static __always_inline int rw_refuse(int err)
 	bpf_set_retval(-err);
 	return 0;
 }
+
+/* Socket storage, created if missing; a test's fault knob makes it fail. */
+#define rw_storage_create(map, sk, conf)                                                            \
+	(((conf)->faults & RW_FAULT_NO_STORAGE) ? 0 :                                               \
+						  bpf_sk_storage_get(map, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
 
 /* Builds an rw_addr from a socket's fields. Every field is read up front
  * with a volatile load: the verifier forbids pointer arithmetic on a socket,
@@ -414,51 +571,52 @@ static __always_inline void rw_sock_peer(struct bpf_sock *sk, __u8 family, struc
 	rw_addr_from(out, family, port, ip4, a0, a1, a2, a3);
 }
 
-static __always_inline int rw_addr_is_any(const struct rw_addr *a)
+/* Sets the source address of an unconnected send (sendmsg4/6 only). */
+static __always_inline void rw_ctx_set_src(struct bpf_sock_addr *ctx, __u8 family, const struct rw_addr *a)
 {
 	const __u32 *d = (const __u32 *)a->addr;
-	return (d[0] | d[1] | d[2] | d[3]) == 0;
-}
 
-/* Sets the source address of an unconnected send (sendmsg4/6 only). */
-static __always_inline void rw_ctx_set_src(struct bpf_sock_addr *ctx, __u8 family, const __u8 *addr)
-{
+	if (a->family != family)
+		return;
 	if (family == AF_INET) {
-		ctx->msg_src_ip4 = *(const __u32 *)addr;
+		ctx->msg_src_ip4 = d[0];
 	} else {
-		const __u32 *a = (const __u32 *)addr;
-		ctx->msg_src_ip6[0] = a[0];
-		ctx->msg_src_ip6[1] = a[1];
-		ctx->msg_src_ip6[2] = a[2];
-		ctx->msg_src_ip6[3] = a[3];
+		ctx->msg_src_ip6[0] = d[0];
+		ctx->msg_src_ip6[1] = d[1];
+		ctx->msg_src_ip6[2] = d[2];
+		ctx->msg_src_ip6[3] = d[3];
 	}
 }
 
-/* Whether the socket a datagram from `client` to `server` would reach is a
- * connected one: a proxy's flow socket owns that (source, service port). */
+static __always_inline __u32 rw_sk_tuple(struct bpf_sock_tuple *t, const struct rw_addr *from, const struct rw_addr *to)
+{
+	__builtin_memset(t, 0, sizeof(*t));
+	if (to->family == AF_INET) {
+		t->ipv4.saddr = *(const __u32 *)from->addr;
+		t->ipv4.sport = from->port_be;
+		t->ipv4.daddr = *(const __u32 *)to->addr;
+		t->ipv4.dport = to->port_be;
+		return sizeof(t->ipv4);
+	}
+	__builtin_memcpy(t->ipv6.saddr, from->addr, 16);
+	t->ipv6.sport = from->port_be;
+	__builtin_memcpy(t->ipv6.daddr, to->addr, 16);
+	t->ipv6.dport = to->port_be;
+	return sizeof(t->ipv6);
+}
+
 /* The UDP socket a datagram from `from` to `to` would reach (a reference the
  * caller releases), or NULL. */
 static __always_inline struct bpf_sock *rw_udp_receiver(void *ctx, const struct rw_addr *from, const struct rw_addr *to)
 {
-	struct bpf_sock_tuple t = {};
-	__u32 len;
+	struct bpf_sock_tuple t;
+	__u32 len = rw_sk_tuple(&t, from, to);
 
-	if (from->family == AF_INET) {
-		t.ipv4.saddr = *(const __u32 *)from->addr;
-		t.ipv4.sport = from->port_be;
-		t.ipv4.daddr = *(const __u32 *)to->addr;
-		t.ipv4.dport = to->port_be;
-		len = sizeof(t.ipv4);
-	} else {
-		__builtin_memcpy(t.ipv6.saddr, from->addr, 16);
-		t.ipv6.sport = from->port_be;
-		__builtin_memcpy(t.ipv6.daddr, to->addr, 16);
-		t.ipv6.dport = to->port_be;
-		len = sizeof(t.ipv6);
-	}
 	return bpf_sk_lookup_udp(ctx, &t, len, BPF_F_CURRENT_NETNS, 0);
 }
 
+/* Whether the socket a datagram from `client` to `server` would reach is a
+ * connected one: a proxy's flow socket owns that (source, service port). */
 static __always_inline int rw_udp_owned(void *ctx, const struct rw_addr *client, const struct rw_addr *server)
 {
 	struct bpf_sock *s = rw_udp_receiver(ctx, client, server);
@@ -471,58 +629,272 @@ static __always_inline int rw_udp_owned(void *ctx, const struct rw_addr *client,
 	return owned;
 }
 
+/* Whether service port `target` is still owned by a proxy flow socket
+ * connected to this socket's address (`local`; for an unbound socket or a
+ * wildcard address, the flow's source is the service's own address). A
+ * global function: its lookup's stack is not added to its callers'. */
+__attribute__((noinline)) int rw_udp_port_taken(struct bpf_sock_addr *ctx, const struct rw_addr *local,
+						const struct rw_addr *target, __u32 unbound)
+{
+	struct rw_addr client;
+
+	if (!ctx || !local || !target)
+		return 0;
+	client = unbound || rw_addr_is_any(local) ? *target : *local;
+	client.port_be = local->port_be;
+	return rw_udp_owned(ctx, &client, target);
+}
+
+/* ---- service identity ---- */
+
+/* The service whose process is running (its cgroup
+ * <subtree>/services/<name>, or its configured uid), or 0. */
+static __always_inline __u16 rw_caller_service(void)
+{
+	struct rw_ident_key k = { .kind = 0, .id = bpf_get_current_cgroup_id() };
+	__u16 *sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+
+	if (sid)
+		return *sid;
+	k.kind = 1;
+	k.id = (__u32)bpf_get_current_uid_gid();
+	sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+	return sid ? *sid : 0;
+}
+
+#define RW_OWNER_NONE 0     /* nothing listens there */
+#define RW_OWNER_SERVICE 1  /* a socket the service's own processes bound */
+#define RW_OWNER_IMPOSTOR 2 /* somebody else's socket */
+
+/* Who holds the service address `t` for `proto`: the socket a connection or
+ * datagram to it would reach right now. */
+__attribute__((noinline)) int rw_owner_of(struct bpf_sock_addr *ctx, __u32 proto, const struct rw_addr *t, __u32 sid)
+{
+	struct bpf_sock_tuple tup;
+	struct rw_addr from;
+	struct bpf_sock *s;
+	struct rw_owner *o;
+	__u32 len;
+	int r;
+
+	if (!ctx || !t)
+		return RW_OWNER_NONE;
+	from = *t;
+	from.port_be = 0; /* matches no connected socket: finds the listener */
+	len = rw_sk_tuple(&tup, &from, t);
+	if (proto == IPPROTO_TCP)
+		s = bpf_sk_lookup_tcp(ctx, &tup, len, BPF_F_CURRENT_NETNS, 0);
+	else
+		s = bpf_sk_lookup_udp(ctx, &tup, len, BPF_F_CURRENT_NETNS, 0);
+	if (!s)
+		return RW_OWNER_NONE;
+	o = bpf_sk_storage_get(&rw_owner, s, 0, 0);
+	r = o && o->service_id == sid ? RW_OWNER_SERVICE : RW_OWNER_IMPOSTOR;
+	bpf_sk_release(s);
+	return r;
+}
+
+/* ---- the decision shared by TCP and UDP ----
+ *
+ * rw_choose walks the rules for a connect/send of a socket (that may carry
+ * records) to `orig`, skipping the services already in the chain and, for a
+ * service's own record-less connect, that service and every one before it;
+ * it checks that the chosen service's address is held by the service's own
+ * socket and applies the service's fail policy when not; it checks the hop
+ * limit. Refusals are counted and reported here. */
+
+#define RW_PASS 0     /* not ours: the connect/send goes on untouched */
+#define RW_DELIVER 1  /* records set, no service left: to the original destination */
+#define RW_REDIRECT 2 /* to c->target, service c->w.service_id */
+#define RW_MAX_SKIPS 4 /* services skipped under fail = "open" in one decision */
+
+struct rw_choice {
+	struct rw_walk w;
+	struct rw_addr target; /* the chosen service's address */
+	__u16 nports;          /* its UDP port range */
+	__u16 caller;          /* the service making this connect, if any */
+	__u8 n;                /* chain length before this hop */
+	__u8 proto;            /* in: IPPROTO_TCP or IPPROTO_UDP */
+	__u8 has_rec;          /* in: the socket carries records */
+	__u8 _pad[3];
+};
+
+/* Records set on a socket may only take it to their own destination. */
+static __always_inline int rw_bind_check(const struct rw_sock *st, int has_rec, const struct rw_addr *orig,
+					 __u8 proto, const struct rw_conf *conf)
+{
+	if (has_rec && st && !rw_addr_eq(&st->rec.orig_dst, orig)) {
+		rw_report(RW_EV_MISMATCH, RW_CNT_MISMATCH, -EINVAL, st, has_rec, orig, proto, 0, 0, conf);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* A global function, verified once on its own: inlined into the UDP path,
+ * its walks and lookups multiplied the verifier's states past its limit. */
+__attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct rw_sock *st,
+					const struct rw_addr *orig, struct rw_choice *c)
+{
+	struct rw_conf *conf = rw_get_conf();
+	struct rw_service *svc;
+	struct rw_walk w = {};
+	int has_rec, verified = 0, r;
+	__u8 proto;
+
+	if (!ctx || !orig || !c || !conf)
+		return -ENOENT;
+	has_rec = c->has_rec && st;
+	proto = c->proto;
+	rw_match_addr(orig, &w.dst);
+	if (has_rec) {
+		__u8 n = st->rec.n_chain;
+#pragma unroll
+		for (int i = 0; i < RW_MAX_CHAIN; i++)
+			if (i < n)
+				w.seen |= 1ULL << (st->rec.chain[i] & 63);
+		w.uid = st->rec.uid;
+		w.cgroup_id = st->rec.cgroup_id;
+		c->n = n;
+	} else {
+		w.uid = (__u32)bpf_get_current_uid_gid();
+		w.cgroup_id = bpf_get_current_cgroup_id();
+	}
+	w.proto = proto;
+	w.n_rules = conf->n_rules;
+	rw_walk(&w);
+	if (!w.found) {
+		r = has_rec ? RW_DELIVER : RW_PASS;
+		goto out;
+	}
+
+	if (!has_rec) {
+		/* A service's own connect without records (it does not carry
+		 * them): it continues after that service, never back into it. */
+		c->caller = rw_caller_service();
+		if (c->caller) {
+			__u32 sid = c->caller;
+			svc = bpf_map_lookup_elem(&rw_services, &sid);
+			if (svc)
+				w.seen |= svc->upto_mask;
+			c->n = 1;
+			if (w.seen & (1ULL << (w.service_id & 63))) {
+				rw_walk(&w);
+				if (!w.found) {
+					r = RW_PASS;
+					goto out;
+				}
+			}
+		}
+	}
+
+	for (int i = 0; i <= RW_MAX_SKIPS; i++) {
+		int owner;
+		__u32 kind, counter;
+
+		if (verified || !w.found)
+			break;
+		svc = rw_service_addr(w.service_id, w.dst.family, &c->target, &c->nports);
+		if (!svc) {
+			r = -ENOENT;
+			goto out;
+		}
+		owner = rw_owner_of(ctx, proto, &c->target, w.service_id);
+		if (owner == RW_OWNER_SERVICE) {
+			verified = 1;
+			break;
+		}
+		kind = owner == RW_OWNER_NONE ? RW_EV_NO_LISTENER : RW_EV_IMPOSTOR;
+		counter = owner == RW_OWNER_NONE ? RW_CNT_NO_LISTENER : RW_CNT_IMPOSTOR;
+		if (!svc->fail_open || i == RW_MAX_SKIPS) {
+			rw_report(kind, counter, -ECONNREFUSED, st, has_rec, orig, proto, w.service_id, w.rule_id, conf);
+			r = -ECONNREFUSED;
+			goto out;
+		}
+		/* fail = "open": the flow goes on down the chain without it. */
+		rw_report(kind, counter, 0, st, has_rec, orig, proto, w.service_id, w.rule_id, conf);
+		rw_count(RW_CNT_FAIL_OPEN_SKIP);
+		w.seen |= 1ULL << (w.service_id & 63);
+		rw_walk(&w);
+	}
+	if (!verified) {
+		r = has_rec ? RW_DELIVER : RW_PASS;
+		goto out;
+	}
+	if (c->n >= conf->hop_limit || c->n >= RW_MAX_CHAIN) {
+		rw_report(RW_EV_HOP_LIMIT, RW_CNT_HOP_LIMIT, -ELOOP, st, has_rec, orig, proto, w.service_id, w.rule_id,
+			  conf);
+		r = -ELOOP;
+		goto out;
+	}
+	r = RW_REDIRECT;
+out:
+	c->w = w;
+	return r;
+}
+
+/* Appends this hop's service to a record. */
+static __always_inline void rw_append(struct rw_records *rec, __u8 n, __u16 service_id)
+{
+	rec->chain[n & (RW_MAX_CHAIN - 1)] = service_id;
+	rec->n_chain = n + 1;
+}
+
 /* ---- TCP connect ---- */
 
-static __always_inline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, struct rw_conf *conf)
+static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, struct rw_conf *conf)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct rw_sock *st;
-	struct rw_walk w = {};
-	struct rw_addr target;
-	__u16 nports;
-	__u8 n = 0;
-	int has_rec;
+	struct rw_choice c = {};
+	struct rw_addr orig;
+	int mapped, has_rec, r;
 
-	rw_ctx_addr(ctx, family, &w.dst);
+	rw_ctx_dst(ctx, family, &orig, &mapped);
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
-	if (has_rec && !rw_addr_eq(&st->rec.orig_dst, &w.dst)) {
-		/* Records of another flow: they may not let this socket skip proxies. */
-		rw_emit(RW_EV_MISMATCH, -EINVAL, &st->rec, 0, 0, conf->hop_limit);
-		return rw_refuse(EINVAL);
-	}
-	rw_decide(&w, st, has_rec, IPPROTO_TCP, conf);
-
-	if (!w.found) {
+	if (st) {
+		/* Every attempt starts from the records as set: a refused or
+		 * failed one changes nothing the next one sees. */
+		st->flags &= ~RW_F_REDIRECTED;
 		if (has_rec)
+			st->rec.n_chain = st->n_set;
+	}
+	r = rw_bind_check(st, has_rec, &orig, IPPROTO_TCP, conf);
+	if (r < 0)
+		return rw_refuse(-r);
+	c.proto = IPPROTO_TCP;
+	c.has_rec = has_rec;
+	r = rw_choose(ctx, st, &orig, &c);
+	if (r < 0)
+		return rw_refuse(-r);
+	if (r == RW_PASS)
+		return 1;
+	if (r == RW_DELIVER) {
+		if (st) {
+			rw_count(RW_CNT_DELIVER);
 			rw_emit(RW_EV_DELIVER, 0, &st->rec, 0, 0, conf->hop_limit);
+		}
 		return 1;
 	}
 	if (!st) {
-		st = bpf_sk_storage_get(&rw_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (!st)
-			return 1; /* out of memory: fail open rather than break the app */
+		st = rw_storage_create(&rw_sk, sk, conf);
+		if (!st) {
+			/* Nothing passes unrecorded: refuse rather than let it through. */
+			rw_report(RW_EV_INTERNAL, RW_CNT_NO_STORAGE, -ENOBUFS, 0, 0, &orig, IPPROTO_TCP,
+				  c.w.service_id, c.w.rule_id, conf);
+			return rw_refuse(ENOBUFS);
+		}
 	}
-	if (has_rec) {
-		n = st->rec.n_chain;
-	} else {
-		rw_new_record(&st->rec, &w.dst, IPPROTO_TCP, w.cgroup_id);
-	}
-	if (n >= conf->hop_limit || n >= RW_MAX_CHAIN) {
-		rw_emit(RW_EV_HOP_LIMIT, -ELOOP, &st->rec, w.service_id, w.rule_id, conf->hop_limit);
-		return rw_refuse(ELOOP);
-	}
-	if (!rw_service_addr(w.service_id, family, &target, &nports))
-		return 1;
-
-	st->rec.chain[n & (RW_MAX_CHAIN - 1)] = w.service_id;
-	st->rec.n_chain = n + 1;
+	if (!has_rec)
+		rw_new_record(&st->rec, &orig, IPPROTO_TCP, c.w.cgroup_id, c.caller);
+	rw_append(&st->rec, c.n, c.w.service_id);
 	st->flags |= RW_F_REDIRECTED;
-	st->service_id = w.service_id;
-	st->rule_id = w.rule_id;
+	st->service_id = c.w.service_id;
+	st->rule_id = c.w.rule_id;
 	st->redirected_ns = bpf_ktime_get_boot_ns();
-	rw_ctx_set(ctx, family, target.addr, target.port_be);
-	rw_emit(RW_EV_REDIRECT, 0, &st->rec, w.service_id, w.rule_id, conf->hop_limit);
+	rw_ctx_target(ctx, family, &c.target);
+	rw_count(RW_CNT_REDIRECT);
+	rw_emit(RW_EV_REDIRECT, 0, &st->rec, c.w.service_id, c.w.rule_id, conf->hop_limit);
 	return 1;
 }
 
@@ -551,35 +923,34 @@ static __always_inline void rw_udp_forget(struct rw_udp_sock *u, int keep)
 			u->slot[i].rec.magic = 0;
 }
 
-static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int is_connect,
-					struct rw_conf *conf)
+static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int is_connect,
+				   struct rw_conf *conf)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct rw_sock *st;
 	struct rw_udp_sock *u;
 	struct rw_udp_slot *sl;
-	struct rw_walk w = {};
-	struct rw_addr target;
+	struct rw_choice c = {};
+	struct rw_addr orig, local;
 	__u64 now = bpf_ktime_get_boot_ns();
-	int has_rec, free = -1;
+	int has_rec, free = -1, mapped, r;
 	__u32 used = 0; /* ports of the service's range this socket's live flows use */
-	__u16 base = 0, nports = 1;
-	struct rw_addr local;
+	__u16 base = 0;
 	int unbound;
-	__u8 n = 0;
 
-	rw_ctx_addr(ctx, family, &w.dst);
+	rw_ctx_dst(ctx, family, &orig, &mapped);
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
-	if (has_rec && !rw_addr_eq(&st->rec.orig_dst, &w.dst)) {
-		rw_emit(RW_EV_MISMATCH, -EINVAL, &st->rec, 0, 0, conf->hop_limit);
-		return rw_refuse(EINVAL);
-	}
+	r = rw_bind_check(st, has_rec, &orig, IPPROTO_UDP, conf);
+	if (r < 0)
+		return rw_refuse(-r);
 	/* An unbound socket's datagrams get a fixed source (the service's own
 	 * address), so the proxy's view of the flow, (source, service), is
 	 * known here and stays the same for every datagram. */
 	rw_sock_local(sk, family, &local);
 	unbound = !is_connect && rw_addr_is_any(&local);
+	if (rw_v4mapped(&local))
+		rw_unmap(&local);
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
 	if (u && !is_connect) {
 		/* Live flow: same service port as before, no rule walk. (An idle
@@ -587,49 +958,42 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 #pragma unroll
 		for (int i = 0; i < RW_UDP_SLOTS; i++) {
 			sl = &u->slot[i];
-			if (rw_slot_live(sl, now, conf) && rw_addr_eq(&sl->rec.orig_dst, &w.dst)) {
+			if (rw_slot_live(sl, now, conf) && rw_addr_eq(&sl->rec.orig_dst, &orig)) {
 				sl->last_ns = now;
 				if (sl->service_id) {
-					rw_ctx_set(ctx, family, sl->target.addr, sl->target.port_be);
+					rw_ctx_target(ctx, family, &sl->target);
 					if (unbound)
-						rw_ctx_set_src(ctx, family, sl->target.addr);
+						rw_ctx_set_src(ctx, family, &sl->target);
 				}
 				return 1;
 			}
 		}
 	}
 
-	rw_decide(&w, st, has_rec, IPPROTO_UDP, conf);
-	if (!w.found && !has_rec) {
+	c.proto = IPPROTO_UDP;
+	c.has_rec = has_rec;
+	r = rw_choose(ctx, st, &orig, &c);
+	if (r < 0)
+		return rw_refuse(-r);
+	if (r == RW_PASS) {
 		/* Not ours: no state, no event; a socket connecting elsewhere
 		 * leaves its earlier flow (one peer per connected socket). */
 		if (u && is_connect)
 			rw_udp_forget(u, -1);
 		return 1;
 	}
-
-	if (w.found) {
-		n = has_rec ? st->rec.n_chain : 0;
-		if (n >= conf->hop_limit || n >= RW_MAX_CHAIN) {
-			struct rw_records tmp;
-			if (has_rec)
-				tmp = st->rec;
-			else
-				rw_new_record(&tmp, &w.dst, IPPROTO_UDP, w.cgroup_id);
-			rw_emit(RW_EV_HOP_LIMIT, -ELOOP, &tmp, w.service_id, w.rule_id, conf->hop_limit);
-			return rw_refuse(ELOOP);
-		}
-		if (!rw_service_addr(w.service_id, family, &target, &nports))
-			return 1;
-		base = bpf_ntohs(target.port_be);
-	} else {
-		target = w.dst; /* records delivered: remember it so we emit once */
-	}
+	if (r == RW_REDIRECT)
+		base = bpf_ntohs(c.target.port_be);
+	else
+		c.target = orig; /* records delivered: remember it so we report once */
 
 	if (!u) {
-		u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (!u)
-			return 1; /* out of memory: fail open rather than break the app */
+		u = rw_storage_create(&rw_udp_sk, sk, conf);
+		if (!u) {
+			rw_report(RW_EV_INTERNAL, RW_CNT_NO_STORAGE, -ENOBUFS, st, has_rec, &orig, IPPROTO_UDP,
+				  c.w.service_id, c.w.rule_id, conf);
+			return rw_refuse(ENOBUFS);
+		}
 	}
 #pragma unroll
 	for (int i = 0; i < RW_UDP_SLOTS; i++) {
@@ -640,47 +1004,48 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 				free = i;
 			continue;
 		}
-		if (w.found && sl->service_id == w.service_id) {
+		if (r == RW_REDIRECT && sl->service_id == c.w.service_id) {
 			__u16 k = bpf_ntohs(sl->target.port_be) - base;
 			if (k < RW_MAX_UDP_PORTS)
 				used |= 1u << k;
 		}
 	}
-	if (w.found) {
-		/* The source the proxy will see, where known now: an unconnected
-		 * send's, or a bound socket's at connect (a wildcard address is
-		 * then routed; for a loopback service that is the service's). */
-		struct rw_addr client = unbound || rw_addr_is_any(&local) ? target : local;
+	if (r == RW_REDIRECT) {
+		/* The source the proxy will see is known now for an unconnected
+		 * send, or a bound socket's connect (a wildcard address is then
+		 * routed; for a loopback service that is the service's). */
 		int known = !is_connect || local.port_be;
 		int k = -1;
 
-		client.port_be = local.port_be;
 #pragma unroll
 		for (int i = 0; i < RW_MAX_UDP_PORTS; i++) {
-			if (k >= 0 || i >= nports || (used & (1u << i)))
+			if (k >= 0 || i >= c.nports || (used & (1u << i)))
 				continue;
 			/* A proxy flow socket still connected to this source on this
 			 * port (an earlier flow of a socket that reconnected or closed,
 			 * whose proxy has not expired it yet) owns it. */
-			target.port_be = bpf_htons(base + i);
-			if (known && rw_udp_owned(ctx, &client, &target))
+			c.target.port_be = bpf_htons(base + i);
+			if (known && rw_udp_port_taken(ctx, &local, &c.target, unbound))
 				continue;
 			k = i;
 		}
 		if (k < 0) {
 			/* Every port of the service carries a live flow of this socket. */
-			struct rw_records tmp;
-			rw_new_record(&tmp, &w.dst, IPPROTO_UDP, w.cgroup_id);
-			rw_emit(RW_EV_UDP_CONFLICT, -EADDRINUSE, &tmp, w.service_id, w.rule_id,
-				conf->hop_limit);
+			rw_report(RW_EV_UDP_CONFLICT, RW_CNT_UDP_CONFLICT, -EADDRINUSE, st, has_rec, &orig,
+				  IPPROTO_UDP, c.w.service_id, c.w.rule_id, conf);
 			return rw_refuse(EADDRINUSE);
 		}
-		target.port_be = bpf_htons(base + k);
+		c.target.port_be = bpf_htons(base + k);
+		/* The first port was checked by rw_choose; the others too. */
+		if (k && rw_owner_of(ctx, IPPROTO_UDP, &c.target, c.w.service_id) != RW_OWNER_SERVICE) {
+			rw_report(RW_EV_IMPOSTOR, RW_CNT_IMPOSTOR, -ECONNREFUSED, st, has_rec, &orig, IPPROTO_UDP,
+				  c.w.service_id, c.w.rule_id, conf);
+			return rw_refuse(ECONNREFUSED);
+		}
 	}
 	if (free < 0) {
-		struct rw_records tmp;
-		rw_new_record(&tmp, &w.dst, IPPROTO_UDP, w.cgroup_id);
-		rw_emit(RW_EV_UDP_CONFLICT, -ENOBUFS, &tmp, w.service_id, w.rule_id, conf->hop_limit);
+		rw_report(RW_EV_UDP_CONFLICT, RW_CNT_UDP_CONFLICT, -ENOBUFS, st, has_rec, &orig, IPPROTO_UDP,
+			  c.w.service_id, c.w.rule_id, conf);
 		return rw_refuse(ENOBUFS);
 	}
 	/* Forget the flows this one replaces: a connected socket's earlier one;
@@ -693,37 +1058,38 @@ static __always_inline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, 
 		for (int i = 0; i < RW_UDP_SLOTS; i++) {
 			sl = &u->slot[i];
 			if (i != free && sl->rec.magic == RW_MAGIC && !rw_slot_live(sl, now, conf) &&
-			    (rw_addr_eq(&sl->target, &target) || rw_addr_eq(&sl->rec.orig_dst, &w.dst)))
+			    (rw_addr_eq(&sl->target, &c.target) || rw_addr_eq(&sl->rec.orig_dst, &orig)))
 				sl->rec.magic = 0;
 		}
 	}
 	sl = &u->slot[free & (RW_UDP_SLOTS - 1)];
-	if (has_rec)
+	if (has_rec && st)
 		sl->rec = st->rec;
 	else
-		rw_new_record(&sl->rec, &w.dst, IPPROTO_UDP, w.cgroup_id);
-	sl->target = target;
+		rw_new_record(&sl->rec, &orig, IPPROTO_UDP, c.w.cgroup_id, c.caller);
+	sl->target = c.target;
 	__builtin_memset(&sl->src, 0, sizeof(sl->src));
 	sl->published = 0;
 	sl->last_ns = now;
 	sl->redirected_ns = now;
-	sl->service_id = w.service_id;
-	sl->rule_id = w.rule_id;
-	if (!w.found) {
+	sl->service_id = r == RW_REDIRECT ? c.w.service_id : 0;
+	sl->rule_id = c.w.rule_id;
+	if (r == RW_DELIVER) {
+		rw_count(RW_CNT_DELIVER);
 		rw_emit(RW_EV_DELIVER, 0, &sl->rec, 0, 0, conf->hop_limit);
 		return 1;
 	}
-	sl->rec.chain[n & (RW_MAX_CHAIN - 1)] = w.service_id;
-	sl->rec.n_chain = n + 1;
-	rw_ctx_set(ctx, family, target.addr, target.port_be);
+	rw_append(&sl->rec, c.n, c.w.service_id);
+	rw_ctx_target(ctx, family, &c.target);
 	if (!is_connect) {
 		/* The flow's source as the proxy will see it, kept for sock_release. */
-		sl->src = unbound ? target : local;
+		sl->src = unbound ? c.target : local;
 		sl->src.port_be = local.port_be;
 		if (unbound)
-			rw_ctx_set_src(ctx, family, target.addr);
+			rw_ctx_set_src(ctx, family, &c.target);
 	}
-	rw_emit(RW_EV_REDIRECT, 0, &sl->rec, w.service_id, w.rule_id, conf->hop_limit);
+	rw_count(RW_CNT_REDIRECT);
+	rw_emit(RW_EV_REDIRECT, 0, &sl->rec, c.w.service_id, c.w.rule_id, conf->hop_limit);
 	return 1;
 }
 
@@ -775,32 +1141,6 @@ int rw_sendmsg6(struct bpf_sock_addr *ctx)
 
 /* ---- UDP receive: replies look like the original server; listeners publish ---- */
 
-/* IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) and back. */
-static __always_inline int rw_v4mapped(const struct rw_addr *a)
-{
-	const __u32 *d = (const __u32 *)a->addr;
-	return d[0] == 0 && d[1] == 0 && d[2] == bpf_htonl(0xffff);
-}
-
-static __always_inline void rw_unmap(struct rw_addr *a)
-{
-	__u32 *d = (__u32 *)a->addr;
-	d[0] = d[3];
-	d[1] = d[2] = d[3] = 0;
-	a->family = AF_INET;
-}
-
-static __always_inline void rw_map(struct rw_addr *a)
-{
-	__u32 *d = (__u32 *)a->addr;
-	if (a->family != AF_INET)
-		return;
-	d[3] = d[0];
-	d[0] = d[1] = 0;
-	d[2] = bpf_htonl(0xffff);
-	a->family = AF_INET6;
-}
-
 /* The slot of `u` whose service sent a datagram from `src`. */
 static __always_inline struct rw_udp_slot *rw_slot_of_target(struct rw_udp_sock *u, const struct rw_addr *src)
 {
@@ -848,11 +1188,18 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 	struct rw_udp_sock *au;
 	struct rw_udp_slot *sl;
 	struct bpf_sock *app;
+	struct rw_owner *own;
+	__u16 *sid;
 
 	if (sk->state == BPF_TCP_ESTABLISHED)
 		return; /* a proxy's connected flow socket: already claimed */
 	rw_sock_local(sk, family, &local);
-	if (!bpf_map_lookup_elem(&rw_svc_addr, &local))
+	sid = bpf_map_lookup_elem(&rw_svc_addr, &local);
+	if (!sid)
+		return;
+	/* Only the service's own socket may learn whose flow this is. */
+	own = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
+	if (!own || own->service_id != *sid)
 		return;
 	/* Claimed already: a late datagram queued on the listener before the
 	 * proxy connected its flow socket (which now receives from `src`). */
@@ -881,30 +1228,21 @@ static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
 	struct bpf_sock *sk = ctx->sk;
 	struct rw_udp_sock *u;
 	struct rw_udp_slot *sl;
-	struct rw_addr src;
+	struct rw_addr src, key;
+	int mapped;
 
 	if (!conf || !conf->n_rules || !sk)
 		return 1;
 	rw_ctx_addr(ctx, family, &src);
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
 	if (u) {
-		/* A dual-stack IPv6 socket's IPv4 flows were routed by the IPv4
-		 * hook; their replies come here as ::ffff:a.b.c.d. */
-		int mapped = family == AF_INET6 && rw_v4mapped(&src);
-		struct rw_addr key = src;
-
-		if (mapped)
-			rw_unmap(&key);
+		/* A dual-stack IPv6 socket's IPv4 flows: their replies come
+		 * here as ::ffff:a.b.c.d and are shown the same way. */
+		rw_ctx_dst(ctx, family, &key, &mapped);
 		sl = rw_slot_of_target(u, &key);
 		if (sl) {
 			sl->last_ns = bpf_ktime_get_boot_ns();
-			if (mapped) {
-				struct rw_addr o = sl->rec.orig_dst;
-				rw_map(&o);
-				rw_ctx_set(ctx, family, o.addr, o.port_be);
-			} else {
-				rw_ctx_set(ctx, family, sl->rec.orig_dst.addr, sl->rec.orig_dst.port_be);
-			}
+			rw_ctx_target(ctx, family, &sl->rec.orig_dst);
 			return 1;
 		}
 	}
@@ -963,22 +1301,26 @@ static __always_inline int rw_peername(struct bpf_sock_addr *ctx, __u8 family)
 	struct rw_sock *st;
 	struct rw_udp_sock *u;
 	struct rw_udp_slot *sl;
-	struct rw_addr peer;
+	struct rw_addr peer, o;
+	int mapped;
 
 	if (!ctx->sk)
 		return 1;
 	st = bpf_sk_storage_get(&rw_sk, ctx->sk, 0, 0);
-	if (st && (st->flags & RW_F_REDIRECTED) && st->rec.orig_dst.family == family) {
-		rw_ctx_set(ctx, family, st->rec.orig_dst.addr, st->rec.orig_dst.port_be);
+	if (st && (st->flags & RW_F_REDIRECTED)) {
+		/* An IPv6 socket's IPv4 flow shows its destination mapped. */
+		rw_ctx_target(ctx, family, &st->rec.orig_dst);
 		return 1;
 	}
 	u = bpf_sk_storage_get(&rw_udp_sk, ctx->sk, 0, 0);
 	if (!u)
 		return 1;
-	rw_ctx_addr(ctx, family, &peer);
+	rw_ctx_dst(ctx, family, &peer, &mapped);
 	sl = rw_slot_of_target(u, &peer);
-	if (sl)
-		rw_ctx_set(ctx, family, sl->rec.orig_dst.addr, sl->rec.orig_dst.port_be);
+	if (sl) {
+		o = sl->rec.orig_dst;
+		rw_ctx_target(ctx, family, &o);
+	}
 	return 1;
 }
 
@@ -1023,11 +1365,27 @@ static __always_inline void rw_tuple_of(struct bpf_sock_ops *skops, struct rw_tu
 	t->sport = passive ? lport : rport;
 }
 
+/* An IPv6 socket's IPv4 connection has IPv4-mapped addresses on its side
+ * and plain IPv4 ones on an IPv4 listener's: both sides key it as IPv4. */
+static __always_inline void rw_tuple_unmap(struct rw_tuple *t)
+{
+	__u32 *c = (__u32 *)t->caddr, *s = (__u32 *)t->saddr;
+	__u32 m = bpf_htonl(0xffff);
+
+	if (t->family != AF_INET6 || c[0] || c[1] || c[2] != m || s[0] || s[1] || s[2] != m)
+		return;
+	t->family = AF_INET;
+	c[0] = c[3];
+	s[0] = s[3];
+	c[2] = c[3] = s[2] = s[3] = 0;
+}
+
 SEC("sockops")
 int rw_sock_ops(struct bpf_sock_ops *skops)
 {
 	struct rw_tuple t = {};
 	struct rw_sock *st, *v;
+	struct rw_conf *conf;
 	struct bpf_sock *sk;
 
 	if (skops->family != AF_INET && skops->family != AF_INET6)
@@ -1042,10 +1400,36 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 		if (!st || !(st->flags & RW_F_REDIRECTED))
 			return 1;
 		rw_tuple_of(skops, &t, 0);
-		bpf_map_update_elem(&rw_handoff, &t, st, BPF_ANY);
+		rw_tuple_unmap(&t);
+		st->cookie = bpf_get_socket_cookie(skops);
+		if (bpf_map_update_elem(&rw_handoff, &t, st, BPF_NOEXIST)) {
+			/* Full (or a stale twin): the proxy will find no records
+			 * and refuse the connection; never a misattributed flow. */
+			conf = rw_get_conf();
+			rw_count(RW_CNT_HANDOFF_FULL);
+			if (conf)
+				rw_emit(RW_EV_HANDOFF_FULL, -ENOBUFS, &st->rec, st->service_id, st->rule_id,
+					conf->hop_limit);
+			return 1;
+		}
+		/* Watch the socket: its entry goes when it closes unaccepted. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			return 1;
+		st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+		if (!st || !(st->flags & RW_F_REDIRECTED))
+			return 1;
+		rw_tuple_of(skops, &t, 0);
+		rw_tuple_unmap(&t);
+		v = bpf_map_lookup_elem(&rw_handoff, &t);
+		if (v && v->cookie == st->cookie)
+			bpf_map_delete_elem(&rw_handoff, &t);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		rw_tuple_of(skops, &t, 1);
+		rw_tuple_unmap(&t);
 		v = bpf_map_lookup_elem(&rw_handoff, &t);
 		if (!v)
 			return 1;
@@ -1061,6 +1445,56 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 		break;
 	}
 	return 1;
+}
+
+/* ---- a service's own sockets ----
+ *
+ * A socket bound to one of a service's addresses by one of that service's
+ * processes is marked as the service's: only such a socket receives the
+ * service's flows (rw_owner_of), and only it may learn their records. A
+ * socket bound there by anyone else stays unmarked, an impostor. */
+
+static __always_inline int rw_mark_owner(struct bpf_sock *sk, const struct rw_addr *a)
+{
+	struct rw_conf *conf = rw_get_conf();
+	struct rw_owner *o;
+	__u16 *sid;
+
+	if (!conf || !conf->n_rules)
+		return 1;
+	sid = bpf_map_lookup_elem(&rw_svc_addr, a);
+	if (!sid || *sid != rw_caller_service())
+		return 1;
+	o = bpf_sk_storage_get(&rw_owner, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (o)
+		o->service_id = *sid;
+	return 1;
+}
+
+SEC("cgroup/post_bind4")
+int rw_post_bind4(struct bpf_sock *sk)
+{
+	struct rw_addr a = {};
+
+	a.family = AF_INET;
+	a.port_be = bpf_htons((__u16)sk->src_port);
+	*(__u32 *)a.addr = sk->src_ip4;
+	return rw_mark_owner(sk, &a);
+}
+
+SEC("cgroup/post_bind6")
+int rw_post_bind6(struct bpf_sock *sk)
+{
+	struct rw_addr a = {};
+	__u32 *d = (__u32 *)a.addr;
+
+	a.family = AF_INET6;
+	a.port_be = bpf_htons((__u16)sk->src_port);
+	d[0] = sk->src_ip6[0];
+	d[1] = sk->src_ip6[1];
+	d[2] = sk->src_ip6[2];
+	d[3] = sk->src_ip6[3];
+	return rw_mark_owner(sk, &a);
 }
 
 /* ---- the three control codes as private socket options ---- */
@@ -1100,6 +1534,7 @@ static __always_inline struct rw_sock *rw_udp_claim(struct bpf_sock *sk, int *er
 	struct rw_udp_handoff *v;
 	struct rw_addr client, server;
 	struct rw_tuple key;
+	struct rw_owner *own;
 	struct rw_sock *st;
 	__u8 family = sk->family;
 
@@ -1113,6 +1548,11 @@ static __always_inline struct rw_sock *rw_udp_claim(struct bpf_sock *sk, int *er
 	v = bpf_map_lookup_elem(&rw_udp_handoff, &key);
 	if (!v) {
 		*err = ENOENT;
+		return 0;
+	}
+	own = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
+	if (!own || own->service_id != v->s.service_id) {
+		*err = ENOENT; /* not the service's own socket: no flow of its */
 		return 0;
 	}
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -1252,6 +1692,7 @@ int rw_setsockopt(struct bpf_sockopt *ctx)
 	if (!st)
 		return rw_set_fail(ENOBUFS);
 	st->rec = r;
+	st->n_set = r.n_chain;
 	st->flags = RW_F_HAS_RECORDS;
 	st->service_id = 0;
 	st->rule_id = 0;

@@ -50,6 +50,31 @@
 #define RW_EV_MISMATCH 4 /* refused: records belong to another destination (EINVAL) */
 #define RW_EV_UDP_CONFLICT 5 /* refused: the socket has a live flow to this service for
 			      * another destination (EADDRINUSE) or no free slot (ENOBUFS) */
+#define RW_EV_NO_LISTENER 6 /* the chosen service has no listener: refused (err
+			     * ECONNREFUSED, fail = "closed") or skipped (err 0, "open") */
+#define RW_EV_IMPOSTOR 7  /* the service's address is held by a socket that none of the
+			   * service's processes opened: refused or skipped, as above */
+#define RW_EV_INTERNAL 8  /* refused: the hook could not keep the flow's state
+			   * (socket storage allocation failed: ENOBUFS) */
+#define RW_EV_HANDOFF_FULL 9 /* the hand-off table is full: the proxy cannot claim this
+			      * connection, so it gets no records and refuses it */
+
+/* Counters (per-CPU array rw_counters, index): never lose a count. */
+#define RW_CNT_REDIRECT 0
+#define RW_CNT_DELIVER 1
+#define RW_CNT_HOP_LIMIT 2
+#define RW_CNT_MISMATCH 3
+#define RW_CNT_UDP_CONFLICT 4
+#define RW_CNT_NO_LISTENER 5
+#define RW_CNT_IMPOSTOR 6
+#define RW_CNT_FAIL_OPEN_SKIP 7
+#define RW_CNT_NO_STORAGE 8
+#define RW_CNT_HANDOFF_FULL 9
+#define RW_CNT_EVENTS_LOST 10
+#define RW_CNT_N 16
+
+/* rw_conf.faults: fault injection for tests (never set from a config file). */
+#define RW_FAULT_NO_STORAGE 1u /* every socket storage allocation fails */
 
 struct rw_addr {
 	__u8 family; /* AF_INET or AF_INET6; 0 = unset */
@@ -97,6 +122,10 @@ struct rw_sock {
 	__u16 service_id;
 	__u16 rule_id;
 	__u64 redirected_ns;
+	__u64 cookie; /* hand-off entry: socket cookie of the connecting socket */
+	__u8 n_set;   /* outbound socket: chain length of the records as set, the
+		       * start of every connect attempt on it */
+	__u8 _pad[7];
 	struct rw_records rec;
 };
 
@@ -116,9 +145,12 @@ struct rw_service {
 	__u16 port4_be;
 	__u16 port6_be;
 	__u8 udp_ports; /* UDP flows of one socket through this service at once (>= 1) */
-	__u8 _pad;
+	__u8 fail_open; /* no genuine listener: 1 = skip the service, 0 = refuse */
 	__u8 addr4[4];
 	__u8 addr6[16];
+	__u32 _pad2;
+	__u64 upto_mask; /* bits of this service and every service before it in
+			  * configured order: what its own onward connects skip */
 };
 
 struct rw_rule {
@@ -141,6 +173,8 @@ struct rw_conf {
 	__u32 hop_limit;
 	__u64 key[2]; /* SipHash key, random per load */
 	__u64 udp_idle_ns; /* a UDP flow idle this long is over */
+	__u32 faults;      /* RW_FAULT_*: tests only */
+	__u32 _pad;
 };
 
 /* One UDP flow of an application (or proxy outbound) socket. A datagram to
@@ -172,6 +206,20 @@ struct rw_udp_handoff {
 	__u64 published_ns;
 };
 
+/* Identity of a service's processes: key of rw_svc_id. */
+struct rw_ident_key {
+	__u32 kind; /* 0 = cgroup id (<subtree>/services/<name>), 1 = uid */
+	__u32 _pad;
+	__u64 id;
+};
+
+/* A socket opened by one of a service's processes and bound to one of its
+ * addresses (rw_owner SK_STORAGE value): only such sockets receive its flows. */
+struct rw_owner {
+	__u16 service_id;
+	__u16 _pad[3];
+};
+
 struct rw_access_key {
 	__u32 kind; /* 0 = uid, 1 = gid */
 	__u32 id;
@@ -188,7 +236,7 @@ struct rw_event {
 	__u16 hop_limit;
 	__u32 pid; /* process that made this connect */
 	char comm[16];
-	__u32 _pad;
+	__u32 uid; /* its uid */
 	__u64 ts_ns;
 	struct rw_addr orig_dst;
 	__u16 chain[RW_MAX_CHAIN];

@@ -34,6 +34,8 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_recvmsg4", "cgroup/recvmsg4"),
     ("rw_recvmsg6", "cgroup/recvmsg6"),
     ("rw_sock_release", "cgroup/sock_release"),
+    ("rw_post_bind4", "cgroup/post_bind4"),
+    ("rw_post_bind6", "cgroup/post_bind6"),
     ("rw_getpeername4", "cgroup/getpeername4"),
     ("rw_getpeername6", "cgroup/getpeername6"),
     ("rw_sock_ops", "sockops"),

@@ -40,11 +40,17 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = manage::EventFormat::Text)]
         events: manage::EventFormat,
     },
-    /// Run CMD inside the cgroup of a running `rewire daemon`.
+    /// Run CMD inside the cgroup of a running `rewire daemon` (or of the
+    /// `rewire run` it is started from), optionally as one of its services.
     Exec {
-        /// Configuration file the daemon was started with.
+        /// Configuration file the daemon was started with (default: $REWIRE_CONFIG).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Run CMD as service NAME: in the service's cgroup, so the service's
+        /// flows reach the sockets it listens on and its record-less onward
+        /// connects continue the chain after it (an unmodified proxy).
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
         /// The command and its arguments.
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
@@ -69,7 +75,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Run { config, events, cmd } => manage::run(&config, events, &cmd),
         Cmd::Daemon { config, events } => manage::daemon(&config, events).map(|()| 0),
-        Cmd::Exec { config, cmd } => manage::exec(&config, &cmd),
+        Cmd::Exec { config, service, cmd } => manage::exec(config.as_deref(), service.as_deref(), &cmd),
         Cmd::Proxy(a) => proxy::main(a).map(|()| 0),
         Cmd::Demo(a) => demo::main(a).map(|()| 0),
         Cmd::Probe(a) => probe::main(a).map(|()| 0),

@@ -186,18 +186,58 @@ pub fn daemon_pid(cfg: &Config) -> Option<u32> {
     Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
-/// `rewire exec`: join the daemon's cgroup and exec CMD (does not return on success).
-pub fn exec(config: &Path, cmd: &[String]) -> Result<i32> {
-    let cfg = Config::load(config)?;
-    if daemon_pid(&cfg).is_none() {
-        bail!("no rewire daemon serves cgroup `{}`: start `rewire daemon --config {}` first", cfg.cgroup, config.display());
+/// Moves this process into service `name`'s cgroup under `subtree`
+/// (`<subtree>/services/<name>`, made when the hooks were attached).
+pub fn join_service(subtree: &Path, name: &str) -> Result<()> {
+    let dir = rewire_control::hooks::service_cgroup(subtree, name);
+    if rewire_control::cgroup::cgroup_of(std::process::id())? == dir {
+        return Ok(());
     }
-    let cg = ManagedCgroup::existing(&cfg.cgroup)?;
-    rewire_control::cgroup::join(cg.path()).context("joining the managed cgroup (needs root)")?;
+    if !dir.is_dir() {
+        bail!("{} does not exist: is `{name}` a service of the config the hooks were attached with?", dir.display());
+    }
+    rewire_control::cgroup::join(&dir)
+        .with_context(|| format!("joining service `{name}`'s cgroup {} (needs root)", dir.display()))?;
+    tracing::info!("running as service `{name}` in {}", dir.display());
+    Ok(())
+}
+
+/// `rewire exec [--service NAME]`: join the daemon's cgroup (or, with a
+/// service, that service's cgroup in it) and exec CMD (does not return on
+/// success). Inside `rewire run` ($REWIRE_CGROUP set) it uses that subtree.
+pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Result<i32> {
+    let config = match (config, std::env::var_os(ENV_CONFIG)) {
+        (Some(c), _) => c.to_path_buf(),
+        (None, Some(c)) => PathBuf::from(c),
+        (None, None) => bail!("give --config FILE (or run inside `rewire run`, which sets ${ENV_CONFIG})"),
+    };
+    let cfg = Config::load(&config)?;
+    if let Some(name) = service {
+        if cfg.service_id(name).is_none() {
+            bail!("{}: no service named `{name}`", config.display());
+        }
+    }
+    let subtree = match std::env::var_os(ENV_CGROUP) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            if daemon_pid(&cfg).is_none() {
+                bail!(
+                    "no rewire daemon serves cgroup `{}`: start `rewire daemon --config {}` first",
+                    cfg.cgroup,
+                    config.display()
+                );
+            }
+            ManagedCgroup::existing(&cfg.cgroup)?.path().to_path_buf()
+        }
+    };
+    match service {
+        Some(name) => join_service(&subtree, name)?,
+        None => rewire_control::cgroup::join(&subtree).context("joining the managed cgroup (needs root)")?,
+    }
     let err = Command::new(&cmd[0])
         .args(&cmd[1..])
-        .env(ENV_CONFIG, std::fs::canonicalize(config)?)
-        .env(ENV_CGROUP, cg.path())
+        .env(ENV_CONFIG, std::fs::canonicalize(&config)?)
+        .env(ENV_CGROUP, &subtree)
         .exec();
     bail!("cannot run {}: {err}", cmd[0])
 }

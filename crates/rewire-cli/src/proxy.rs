@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use tokio::sync::{mpsc, watch};
 
-use rewire_control::{cgroup, Config};
+use rewire_control::Config;
 
 use crate::manage::{daemon_pid, ENV_CGROUP, ENV_CONFIG};
 
@@ -135,18 +135,17 @@ pub fn main(a: ProxyArgs) -> Result<()> {
     })
 }
 
-/// A proxy's own connects must pass through the hooks: when a daemon serves
-/// the config and this process is not inside its subtree yet, join it.
+/// A proxy is its service's process: it runs in the service's cgroup
+/// `<subtree>/services/<name>` (inside the hooks' subtree, so its own
+/// connects pass through them too). The kernel gives the service's flows
+/// only to sockets its processes opened, and a record-less onward connect
+/// of one of them continues the chain after the service. Started by `rewire
+/// run`/`exec` ($REWIRE_CGROUP) or next to a daemon, it moves there itself.
 fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
-    if std::env::var_os(ENV_CGROUP).is_some() || daemon_pid(cfg).is_none() {
-        return Ok(()); // started by rewire run/exec (already inside), or no daemon
-    }
-    let sub = rewire_control::ManagedCgroup::existing(&cfg.cgroup)?;
-    if cgroup::cgroup_of(std::process::id())?.starts_with(sub.path()) {
-        return Ok(());
-    }
-    let dir = sub.child(&format!("services/{name}"))?;
-    cgroup::join(&dir).context("joining the daemon's cgroup (needs root)")?;
-    tracing::info!("joined {}", dir.display());
-    Ok(())
+    let subtree = match std::env::var_os(ENV_CGROUP) {
+        Some(p) => PathBuf::from(p),
+        None if daemon_pid(cfg).is_some() => rewire_control::ManagedCgroup::existing(&cfg.cgroup)?.path().to_path_buf(),
+        None => return Ok(()), // standalone (e.g. behind nftables): nothing to join
+    };
+    crate::manage::join_service(&subtree, name)
 }

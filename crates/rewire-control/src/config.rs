@@ -11,12 +11,17 @@
 //! gids = ["proxies"]
 //!
 //! [[service]]                # checked in this order
-//! name = "audit"
+//! name = "audit"             # its processes: <subtree>/services/audit
 //! listen = ["127.0.0.1:15001", "[::1]:15001"]
+//! fail = "closed"            # no genuine listener: refuse ("closed", default)
+//!                            # or skip this service ("open")
+//! user = "audit"             # optional: this user's processes are the service too
 //! udp_ports = 3              # UDP listens on 15001..=15003: one socket may send to
 //!                            # 3 destinations through this service at once (default 1)
 //! [[service.match]]
-//! dst = ["127.0.0.0/8", "::1/128"]   # default: any address
+//! dst = ["127.0.0.0/8", "::1/128"]   # default: any address; "local" = every
+//!                                    # address of this host (loopback and the
+//!                                    # interfaces' addresses at load)
 //! ports = [80, "8000-8100"]          # default: any port
 //! protocol = "tcp"                   # "tcp" (default), "udp" or "any"
 //! uid = 1000                         # optional: only this user's flows
@@ -111,6 +116,54 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+/// What the kernel does with a flow whose service has no genuine listener
+/// (its proxy is down, or somebody else holds its address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailPolicy {
+    /// The connect fails with `ECONNREFUSED` (a datagram send with an error).
+    #[default]
+    Closed,
+    /// The service is skipped: the flow goes on down the chain.
+    Open,
+}
+
+/// A destination of a match rule: a network, or every address of this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dst {
+    /// A network (`127.0.0.0/8`, `::1/128`, `10.0.0.0/8`).
+    Net(IpNet),
+    /// `"local"`: loopback and every address of this host's interfaces (read at load).
+    Local,
+}
+
+impl<'de> Deserialize<'de> for Dst {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "local" {
+            return Ok(Dst::Local);
+        }
+        s.parse::<IpNet>()
+            .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+            .map(Dst::Net)
+            .map_err(|_| serde::de::Error::custom(format!("invalid destination `{s}` (a network like \"127.0.0.0/8\", an address, or \"local\")")))
+    }
+}
+
+/// Longest name accepted for `cgroup` and services: they become directory
+/// and file names (`<cgroup>-run-<pid>`, `/sys/fs/bpf/<cgroup>`,
+/// `/run/rewire/<cgroup>.pid`, `<subtree>/services/<name>`), well under
+/// the 255-byte limit of a file name.
+pub const MAX_NAME: usize = 64;
+
+/// Whether `name` can become every file and directory it is used as.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with('-')
+}
+
 /// A user or group, by number or name.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
@@ -138,7 +191,7 @@ fn one_or_many<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(d: D) 
 pub struct MatchRule {
     /// Destination networks; empty means any.
     #[serde(default, deserialize_with = "one_or_many")]
-    pub dst: Vec<IpNet>,
+    pub dst: Vec<Dst>,
     /// Destination ports; empty means any.
     #[serde(default, deserialize_with = "one_or_many")]
     pub ports: Vec<PortRange>,
@@ -164,6 +217,13 @@ pub struct Service {
     /// live UDP flows one application socket may have through this service.
     #[serde(default = "one")]
     pub udp_ports: u8,
+    /// What happens to its flows when it has no genuine listener.
+    #[serde(default)]
+    pub fail: FailPolicy,
+    /// A user whose processes are this service too (besides those in its
+    /// cgroup `<subtree>/services/<name>`).
+    #[serde(alias = "uid")]
+    pub user: Option<Principal>,
     /// Which connects it takes; checked in order.
     #[serde(rename = "match", deserialize_with = "one_or_many")]
     pub matches: Vec<MatchRule>,
@@ -263,8 +323,16 @@ impl Config {
             toml::from_str(text).map_err(|e| invalid(e.span(), None, e.message().trim().to_owned()))?;
         cfg.path = path.into();
 
-        if cfg.cgroup.is_empty() || cfg.cgroup.contains('/') || cfg.cgroup.starts_with('.') {
-            return Err(invalid(find_key(text, "cgroup"), Some("cgroup"), "must be a plain directory name".into()));
+        if !valid_name(&cfg.cgroup) {
+            return Err(invalid(
+                find_key(text, "cgroup"),
+                Some("cgroup"),
+                format!(
+                    "`{}` cannot name the cgroup, its bpffs pin directory and pid file: use 1 to {MAX_NAME} \
+                     letters, digits, '-' and '_' (not starting with '-')",
+                    cfg.cgroup.chars().take(80).collect::<String>()
+                ),
+            ));
         }
         let hl = *cfg.hop_limit.get_ref();
         if hl == 0 || hl as usize > RW_MAX_CHAIN {
@@ -288,8 +356,29 @@ impl Config {
         for (i, s) in cfg.services.iter().enumerate() {
             let here = Some(s.name.span());
             let name = s.name.get_ref();
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(invalid(here, Some("service.name"), "use letters, digits, '-' and '_'".into()));
+            if !valid_name(name) {
+                return Err(invalid(
+                    here,
+                    Some("service.name"),
+                    format!(
+                        "`{}` cannot name the service's cgroup: use 1 to {MAX_NAME} letters, digits, '-' and '_' \
+                         (not starting with '-')",
+                        name.chars().take(80).collect::<String>()
+                    ),
+                ));
+            }
+            if let Some(u) = &s.user {
+                match resolve_uid(u) {
+                    Ok(0) => {
+                        return Err(invalid(
+                            here,
+                            Some("service.user"),
+                            format!("service `{name}`: root cannot be a service's user (every root process would be the service)"),
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(invalid(here, Some("service.user"), format!("service `{name}`: {e}"))),
+                }
             }
             if cfg.services[..i].iter().any(|o| o.name.get_ref() == name) {
                 return Err(invalid(here, Some("service.name"), format!("duplicate service `{name}`")));
@@ -323,8 +412,12 @@ impl Config {
             }
             for m in &s.matches {
                 if let Some(c) = &m.cgroup {
-                    if c.is_empty() || c.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
-                        return Err(invalid(here, Some("service.match.cgroup"), format!("invalid cgroup path `{c}`")));
+                    if c.is_empty() || c.split('/').any(|p| !valid_name(p)) || c == "services" || c.starts_with("services/") {
+                        return Err(invalid(
+                            here,
+                            Some("service.match.cgroup"),
+                            format!("invalid cgroup path `{c}` (names of letters, digits, '-' and '_' joined by '/'; not under `services`, where the services' own processes live)"),
+                        ));
                     }
                 }
                 rules += m.dst.len().max(1) * m.ports.len().max(1);

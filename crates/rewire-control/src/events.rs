@@ -32,6 +32,17 @@ pub enum EventKind {
     /// in use by this socket's live flows (EADDRINUSE), or the socket has no
     /// free flow slot (ENOBUFS).
     UdpConflict,
+    /// The chosen service had no listener: refused (ECONNREFUSED,
+    /// `fail = "closed"`) or skipped (`fail = "open"`, errno 0).
+    NoListener,
+    /// The chosen service's address was held by a socket none of its
+    /// processes opened: refused or skipped, as above.
+    Impostor,
+    /// Refused: the hook could not allocate the flow's state (ENOBUFS).
+    Internal,
+    /// The hand-off table was full: the proxy gets no records for this
+    /// connection and refuses it.
+    HandoffFull,
 }
 
 /// One decision of the connect hook.
@@ -59,6 +70,11 @@ pub struct Event {
     pub errno: i32,
     /// The hop limit in force.
     pub hop_limit: u16,
+    /// The process's uid.
+    pub uid: u32,
+    /// Impostor events: who holds the service's address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener: Option<String>,
 }
 
 impl Event {
@@ -70,6 +86,10 @@ impl Event {
             abi::RW_EV_HOP_LIMIT => EventKind::HopLimit,
             abi::RW_EV_MISMATCH => EventKind::Mismatch,
             abi::RW_EV_UDP_CONFLICT => EventKind::UdpConflict,
+            abi::RW_EV_NO_LISTENER => EventKind::NoListener,
+            abi::RW_EV_IMPOSTOR => EventKind::Impostor,
+            abi::RW_EV_INTERNAL => EventKind::Internal,
+            abi::RW_EV_HANDOFF_FULL => EventKind::HandoffFull,
             _ => return None,
         };
         let n = (raw.n_chain as usize).min(raw.chain.len());
@@ -85,6 +105,15 @@ impl Event {
             r.chain[0] = 1;
             rewire::RedirectRecords::from_bytes(abi::pod_bytes(&r)).ok().map(|r| r.original_destination())
         };
+        let udp = raw.proto == libc::IPPROTO_UDP as u8;
+        let listener = (kind == EventKind::Impostor)
+            .then(|| {
+                let svc = config.services.get((raw.service_id as usize).checked_sub(1)?)?;
+                let v4 = dst.is_none_or(|d| d.is_ipv4());
+                let addr = if v4 { svc.listen_v4() } else { svc.listen_v6() }?;
+                crate::net::port_owner(addr, udp)
+            })
+            .flatten();
         Some(Self {
             kind,
             protocol: if raw.proto == libc::IPPROTO_UDP as u8 { "udp" } else { "tcp" },
@@ -98,6 +127,8 @@ impl Event {
             command: rewire::comm_to_string(&raw.comm),
             errno: -raw.err,
             hop_limit: raw.hop_limit,
+            uid: raw.uid,
+            listener,
         })
     }
 }
@@ -106,7 +137,13 @@ impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let dst = self.original_destination.map_or_else(|| "?".into(), |d| d.to_string());
         let chain = self.chain.join(" -> ");
-        let who = format!("{} (pid {})", self.command, self.pid);
+        let who = format!("{} (pid {}, uid {})", self.command, self.pid, self.uid);
+        let svc = self.service.as_deref().unwrap_or("?");
+        let outcome = if self.errno == 0 {
+            "skipped (fail = \"open\"): the flow goes on down the chain".to_owned()
+        } else {
+            format!("connect/send of {who} failed with ECONNREFUSED (fail = \"closed\")")
+        };
         let p = self.protocol;
         match self.kind {
             EventKind::Redirect => write!(
@@ -137,11 +174,42 @@ impl std::fmt::Display for Event {
                  use every UDP port of service {} (raise its udp_ports); EADDRINUSE until one is idle",
                 self.service.as_deref().unwrap_or("?")
             ),
+            EventKind::NoListener => {
+                write!(f, "{} {p} flow {} to {dst}: service {svc} has no listener; {outcome}", flag(self.errno), self.flow)
+            }
+            EventKind::Impostor => write!(
+                f,
+                "{} {p} flow {} to {dst}: IMPOSTOR on service {svc}'s address (held by {}, not by one of the \
+                 service's processes); {outcome}",
+                flag(self.errno),
+                self.flow,
+                self.listener.as_deref().unwrap_or("an unknown socket")
+            ),
+            EventKind::Internal => write!(
+                f,
+                "REFUSED {p} flow {} to {dst}: the kernel could not allocate the flow's state; connect/send of {who} \
+                 failed with ENOBUFS rather than pass uninspected",
+                self.flow
+            ),
+            EventKind::HandoffFull => write!(
+                f,
+                "REFUSED {p} flow {} to {dst}: the hand-off table is full; service {svc} gets no records for it \
+                 and refuses it",
+                self.flow
+            ),
             EventKind::UdpConflict => write!(
                 f,
                 "REFUSED udp send of {who} to {dst}: its socket has {} live flows already; send failed with ENOBUFS",
                 abi::RW_UDP_SLOTS
             ),
         }
+    }
+}
+
+fn flag(errno: i32) -> &'static str {
+    if errno == 0 {
+        "SKIPPED"
+    } else {
+        "REFUSED"
     }
 }

@@ -8,14 +8,16 @@ use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 
-use rewire::abi::{self, RwAccessKey, RwAddr, RwConf, RwEvent, RwRule, RwService, RwSock, RwTuple, RwUdpHandoff};
+use rewire::abi::{
+    self, RwAccessKey, RwAddr, RwConf, RwEvent, RwIdentKey, RwRule, RwService, RwSock, RwTuple, RwUdpHandoff,
+};
 
-use crate::config::{resolve_gid, resolve_uid, Config, Protocol};
+use crate::config::{resolve_gid, resolve_uid, Config, Dst, FailPolicy, Protocol};
 
 /// Loading or attaching failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +77,86 @@ unsafe impl aya::Pod for Pod<RwAddr> {}
 unsafe impl aya::Pod for Pod<RwTuple> {}
 unsafe impl aya::Pod for Pod<RwSock> {}
 unsafe impl aya::Pod for Pod<RwUdpHandoff> {}
+unsafe impl aya::Pod for Pod<RwIdentKey> {}
 
 /// Names of the maps, as pinned by the daemon.
-pub const MAPS: &[&str] =
-    &["rw_conf", "rw_rules", "rw_services", "rw_svc_addr", "rw_access", "rw_handoff", "rw_udp_handoff", "rw_events"];
+pub const MAPS: &[&str] = &[
+    "rw_conf",
+    "rw_rules",
+    "rw_services",
+    "rw_svc_addr",
+    "rw_svc_id",
+    "rw_access",
+    "rw_handoff",
+    "rw_udp_handoff",
+    "rw_counters",
+    "rw_events",
+];
+
+/// The kernel's per-cause counters (map `rw_counters`), summed over CPUs.
+/// Unlike events, which a full ring buffer drops, they never lose a count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Connects and new UDP flows redirected to a service.
+    pub redirect: u64,
+    /// Flows with records delivered to their original destination.
+    pub deliver: u64,
+    /// Refused at the hop limit (ELOOP).
+    pub hop_limit: u64,
+    /// Refused: records of another destination (EINVAL).
+    pub mismatch: u64,
+    /// UDP sends refused: no free service port or flow slot.
+    pub udp_conflict: u64,
+    /// A chosen service had no listener (refused or skipped by its fail policy).
+    pub no_listener: u64,
+    /// A chosen service's address was held by somebody else's socket.
+    pub impostor: u64,
+    /// Services skipped under `fail = "open"`.
+    pub fail_open_skip: u64,
+    /// Refused: the hook could not allocate the flow's state (ENOBUFS).
+    pub no_storage: u64,
+    /// Connections the hand-off table had no room for (the proxy refuses them).
+    pub handoff_full: u64,
+    /// Events the ring buffer had no room for.
+    pub events_lost: u64,
+}
+
+impl Counters {
+    fn from_slots(v: &[u64]) -> Self {
+        let g = |i: u32| v.get(i as usize).copied().unwrap_or(0);
+        Counters {
+            redirect: g(abi::RW_CNT_REDIRECT),
+            deliver: g(abi::RW_CNT_DELIVER),
+            hop_limit: g(abi::RW_CNT_HOP_LIMIT),
+            mismatch: g(abi::RW_CNT_MISMATCH),
+            udp_conflict: g(abi::RW_CNT_UDP_CONFLICT),
+            no_listener: g(abi::RW_CNT_NO_LISTENER),
+            impostor: g(abi::RW_CNT_IMPOSTOR),
+            fail_open_skip: g(abi::RW_CNT_FAIL_OPEN_SKIP),
+            no_storage: g(abi::RW_CNT_NO_STORAGE),
+            handoff_full: g(abi::RW_CNT_HANDOFF_FULL),
+            events_lost: g(abi::RW_CNT_EVENTS_LOST),
+        }
+    }
+}
+
+fn read_counters<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, u64>) -> Result<Counters, HooksError> {
+    let mut slots = vec![0u64; abi::RW_CNT_N as usize];
+    for (i, slot) in slots.iter_mut().enumerate() {
+        let per_cpu = arr.get(&(i as u32), 0).map_err(|source| HooksError::Map { name: "rw_counters", source })?;
+        *slot = per_cpu.iter().sum();
+    }
+    Ok(Counters::from_slots(&slots))
+}
+
+/// Fault injection for tests: makes the kernel programs take failure paths
+/// that a healthy machine does not reach on demand. Never set from a
+/// configuration file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Every socket-storage allocation fails (as under kernel memory pressure).
+    pub no_storage: bool,
+}
 
 /// Turns the kernel's BPF run-time statistics on (for every program on the
 /// machine) for as long as the returned descriptor stays open. They cost
@@ -115,9 +193,14 @@ impl Hooks {
     /// Loads the programs, fills the maps from `config` (resolving `cgroup`
     /// filters under `subtree`) and attaches every program to `subtree`.
     pub fn attach(config: &Config, subtree: &Path) -> Result<Self, HooksError> {
+        Self::attach_with_faults(config, subtree, Faults::default())
+    }
+
+    /// [`Hooks::attach`] with failure paths forced on (tests only).
+    pub fn attach_with_faults(config: &Config, subtree: &Path, faults: Faults) -> Result<Self, HooksError> {
         raise_memlock();
         let mut bpf = EbpfLoader::new().load(rewire_bpf::object())?;
-        fill_maps(&mut bpf, config, subtree)?;
+        fill_maps(&mut bpf, config, subtree, faults)?;
 
         let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;
         // bpf_link attachments are always multi-attach; the kernel refuses flags with them.
@@ -131,7 +214,7 @@ impl Hooks {
                     p.load().map_err(err)?;
                     p.attach(&cg, mode).map_err(err)?;
                 }
-                "cgroup/sock_release" => {
+                "cgroup/sock_release" | "cgroup/post_bind4" | "cgroup/post_bind6" => {
                     let p: &mut CgroupSock = prog.try_into().map_err(err)?;
                     p.load().map_err(err)?;
                     p.attach(&cg, mode).map_err(err)?;
@@ -175,6 +258,14 @@ impl Hooks {
                 Ok(ProgramStats { name, runs: info.run_count(), run_time: info.run_time() })
             })
             .collect()
+    }
+
+    /// The kernel's per-cause counters so far.
+    pub fn counters(&self) -> Result<Counters, HooksError> {
+        let map = self.bpf.map("rw_counters").ok_or_else(|| HooksError::Config("no rw_counters".into()))?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| HooksError::Map { name: "rw_counters", source })?;
+        read_counters(&arr)
     }
 
     /// TCP flows between connect and accept right now (hand-off entries);
@@ -339,7 +430,15 @@ pub fn compile_rules(config: &Config, subtree: &Path) -> Result<Vec<RwRule>, Hoo
                 Protocol::Udp => libc::IPPROTO_UDP as u8,
                 Protocol::Any => 0,
             };
-            let nets: Vec<Option<IpNet>> = if m.dst.is_empty() { vec![None] } else { m.dst.iter().copied().map(Some).collect() };
+            let nets: Vec<Option<IpNet>> = if m.dst.is_empty() {
+                vec![None]
+            } else {
+                let mut v = Vec::new();
+                for d in &m.dst {
+                    v.extend(expand_dst(d)?.into_iter().map(Some));
+                }
+                v
+            };
             let ports: Vec<(u16, u16)> =
                 if m.ports.is_empty() { vec![(0, u16::MAX)] } else { m.ports.iter().map(|p| (p.lo, p.hi)).collect() };
             for net in &nets {
@@ -382,6 +481,36 @@ pub fn compile_rules(config: &Config, subtree: &Path) -> Result<Vec<RwRule>, Hoo
     Ok(out)
 }
 
+/// The networks a match rule's destination stands for. `"local"` is every
+/// address of this host: loopback, the unspecified address's targets, and
+/// each interface address in this network namespace when the rules are
+/// loaded (an address added later needs a reload).
+pub fn expand_dst(d: &Dst) -> Result<Vec<IpNet>, HooksError> {
+    match d {
+        Dst::Net(n) => Ok(vec![*n]),
+        Dst::Local => {
+            let mut v: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+            let addrs = nix::ifaddrs::getifaddrs()
+                .map_err(|e| HooksError::Config(format!("dst = \"local\": listing this host's addresses: {e}")))?;
+            for a in addrs {
+                let Some(sa) = a.address else { continue };
+                let ip: IpAddr = if let Some(v4) = sa.as_sockaddr_in() {
+                    IpAddr::V4(v4.ip())
+                } else if let Some(v6) = sa.as_sockaddr_in6() {
+                    IpAddr::V6(v6.ip())
+                } else {
+                    continue;
+                };
+                let net = IpNet::from(ip);
+                if !v.iter().any(|n| n.contains(&ip)) {
+                    v.push(net);
+                }
+            }
+            Ok(v)
+        }
+    }
+}
+
 fn pad4(a: [u8; 4]) -> [u8; 16] {
     let mut o = [0u8; 16];
     o[..4].copy_from_slice(&a);
@@ -416,16 +545,44 @@ fn service_of(listen: &[SocketAddr]) -> RwService {
     s
 }
 
-fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Result<(), HooksError> {
+/// The cgroup of a service's own processes: `<subtree>/services/<name>`.
+pub fn service_cgroup(subtree: &Path, name: &str) -> PathBuf {
+    subtree.join("services").join(name)
+}
+
+fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults: Faults) -> Result<(), HooksError> {
     let rules = compile_rules(config, subtree)?;
     let map_err = |name| move |source| HooksError::Map { name, source };
 
     {
         let mut services: Array<&mut MapData, Pod<RwService>> =
             Array::try_from(bpf.map_mut("rw_services").expect("rw_services")).map_err(map_err("rw_services"))?;
+        let mut upto = 0u64;
         for (i, s) in config.services.iter().enumerate() {
-            let svc = RwService { udp_ports: s.udp_ports, ..service_of(&s.listen) };
+            upto |= 1u64 << (i + 1);
+            let svc = RwService {
+                udp_ports: s.udp_ports,
+                fail_open: (s.fail == FailPolicy::Open) as u8,
+                upto_mask: upto,
+                ..service_of(&s.listen)
+            };
             services.set(i as u32 + 1, Pod(svc), 0).map_err(map_err("rw_services"))?;
+        }
+    }
+    {
+        // Who each service's processes are: its cgroup, and its user if configured.
+        let mut ids: HashMap<&mut MapData, Pod<RwIdentKey>, u16> =
+            HashMap::try_from(bpf.map_mut("rw_svc_id").expect("rw_svc_id")).map_err(map_err("rw_svc_id"))?;
+        for (i, s) in config.services.iter().enumerate() {
+            let dir = service_cgroup(subtree, s.name.get_ref());
+            std::fs::create_dir_all(&dir).map_err(|source| HooksError::Io { path: dir.clone(), source })?;
+            let cg = crate::cgroup::cgroup_id(&dir).map_err(|e| HooksError::Config(e.to_string()))?;
+            ids.insert(Pod(RwIdentKey { kind: 0, _pad: 0, id: cg }), i as u16 + 1, 0).map_err(map_err("rw_svc_id"))?;
+            if let Some(u) = &s.user {
+                let uid = resolve_uid(u).map_err(HooksError::Config)?;
+                ids.insert(Pod(RwIdentKey { kind: 1, _pad: 0, id: uid.into() }), i as u16 + 1, 0)
+                    .map_err(map_err("rw_svc_id"))?;
+            }
         }
     }
     {
@@ -463,6 +620,8 @@ fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Result<(), Hook
         hop_limit: config.hop_limit(),
         key: [rand::random(), rand::random()],
         udp_idle_ns: config.udp_idle().as_nanos() as u64,
+        faults: if faults.no_storage { abi::RW_FAULT_NO_STORAGE } else { 0 },
+        _pad: 0,
     };
     let mut arr: Array<&mut MapData, Pod<RwConf>> =
         Array::try_from(bpf.map_mut("rw_conf").expect("rw_conf")).map_err(map_err("rw_conf"))?;

@@ -25,6 +25,25 @@ pub const RW_EV_DELIVER: u32 = 2;
 pub const RW_EV_HOP_LIMIT: u32 = 3;
 pub const RW_EV_MISMATCH: u32 = 4;
 pub const RW_EV_UDP_CONFLICT: u32 = 5;
+pub const RW_EV_NO_LISTENER: u32 = 6;
+pub const RW_EV_IMPOSTOR: u32 = 7;
+pub const RW_EV_INTERNAL: u32 = 8;
+pub const RW_EV_HANDOFF_FULL: u32 = 9;
+
+pub const RW_CNT_REDIRECT: u32 = 0;
+pub const RW_CNT_DELIVER: u32 = 1;
+pub const RW_CNT_HOP_LIMIT: u32 = 2;
+pub const RW_CNT_MISMATCH: u32 = 3;
+pub const RW_CNT_UDP_CONFLICT: u32 = 4;
+pub const RW_CNT_NO_LISTENER: u32 = 5;
+pub const RW_CNT_IMPOSTOR: u32 = 6;
+pub const RW_CNT_FAIL_OPEN_SKIP: u32 = 7;
+pub const RW_CNT_NO_STORAGE: u32 = 8;
+pub const RW_CNT_HANDOFF_FULL: u32 = 9;
+pub const RW_CNT_EVENTS_LOST: u32 = 10;
+pub const RW_CNT_N: u32 = 16;
+
+pub const RW_FAULT_NO_STORAGE: u32 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -79,9 +98,11 @@ pub struct RwService {
     pub port4_be: u16,
     pub port6_be: u16,
     pub udp_ports: u8,
-    pub _pad: u8,
+    pub fail_open: u8,
     pub addr4: [u8; 4],
     pub addr6: [u8; 16],
+    pub _pad2: u32,
+    pub upto_mask: u64,
 }
 
 #[repr(C)]
@@ -108,6 +129,8 @@ pub struct RwConf {
     pub hop_limit: u32,
     pub key: [u64; 2],
     pub udp_idle_ns: u64,
+    pub faults: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -117,6 +140,9 @@ pub struct RwSock {
     pub service_id: u16,
     pub rule_id: u16,
     pub redirected_ns: u64,
+    pub cookie: u64,
+    pub n_set: u8,
+    pub _pad: [u8; 7],
     pub rec: RwRecords,
 }
 
@@ -139,6 +165,15 @@ pub struct RwUdpHandoff {
     pub published_ns: u64,
 }
 
+/// Key of `rw_svc_id`: kind 0 = cgroup id, 1 = uid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RwIdentKey {
+    pub kind: u32,
+    pub _pad: u32,
+    pub id: u64,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RwAccessKey {
@@ -159,7 +194,7 @@ pub struct RwEvent {
     pub hop_limit: u16,
     pub pid: u32,
     pub comm: [u8; 16],
-    pub _pad: u32,
+    pub uid: u32,
     pub ts_ns: u64,
     pub orig_dst: RwAddr,
     pub chain: [u16; RW_MAX_CHAIN],
@@ -175,12 +210,13 @@ assert_layout!(RwAddr, 24, port_be @ 2, addr @ 8);
 assert_layout!(RwRecords, 128, flow_id @ 8, orig_dst @ 16, pid @ 40, cgroup_id @ 56, comm @ 64,
     created_ns @ 80, chain @ 88, tag @ 120);
 assert_layout!(RwContext, 152, service_id @ 4, hop @ 8, redirected_ns @ 16, records @ 24);
-assert_layout!(RwService, 28, addr4 @ 8, addr6 @ 12);
+assert_layout!(RwService, 40, addr4 @ 8, addr6 @ 12, upto_mask @ 32);
 assert_layout!(RwRule, 56, port_lo @ 8, uid @ 12, addr @ 16, mask @ 32, cgroup_id @ 48);
-assert_layout!(RwConf, 32, key @ 8, udp_idle_ns @ 24);
-assert_layout!(RwSock, 144, redirected_ns @ 8, rec @ 16);
+assert_layout!(RwConf, 40, key @ 8, udp_idle_ns @ 24, faults @ 32);
+assert_layout!(RwSock, 160, redirected_ns @ 8, cookie @ 16, n_set @ 24, rec @ 32);
 assert_layout!(RwTuple, 40, cport @ 4, caddr @ 8, saddr @ 24);
-assert_layout!(RwUdpHandoff, 152, published_ns @ 144);
+assert_layout!(RwUdpHandoff, 168, published_ns @ 160);
+assert_layout!(RwIdentKey, 16, id @ 8);
 assert_layout!(RwEvent, 112, pid @ 24, comm @ 28, ts_ns @ 48, orig_dst @ 56, chain @ 80);
 assert_layout!(RwAccessKey, 8);
 
