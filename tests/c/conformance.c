@@ -825,6 +825,28 @@ static void udp_socket_is_einval(void)
 	closesocket(u);
 }
 
+/* This program is both the application and the redirect service
+ * "conformance". The kernel gives a service's flows only to sockets one of
+ * its processes bound (its cgroup <subtree>/services/<name>), and a
+ * service's own connects skip it; so the program binds its service sockets
+ * as the service and connects as an application, moving between the two
+ * cgroups (it runs as root under `rewire run`, which sets REWIRE_CGROUP). */
+static void as_service(int on)
+{
+	const char *cg = getenv("REWIRE_CGROUP");
+	char path[4096];
+	FILE *f;
+
+	if (!cg)
+		return;
+	snprintf(path, sizeof path, "%s%s/cgroup.procs", cg, on ? "/services/conformance" : "");
+	f = fopen(path, "w");
+	if (!f || fprintf(f, "0\n") < 0 || fclose(f) != 0) {
+		fprintf(stderr, "cannot join %s: %s\n", path, strerror(errno));
+		exit(2);
+	}
+}
+
 /* UDP, the Linux way: the query works on a socket bound to the service
  * address and connected to the datagram's source (the flow's "accepted"
  * socket); SET works on an unconnected UDP socket before connect(). */
@@ -835,7 +857,9 @@ static void udp_flow_socket_query_and_set_succeed(void)
 	int one = 1, svclen = loopback(AF_INET, svc_port, &svc), dstlen = loopback(AF_INET, dst_port, &dst);
 	SOCKET l = socket(AF_INET, SOCK_DGRAM, 0), app = socket(AF_INET, SOCK_DGRAM, 0);
 	setsockopt(l, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+	as_service(1);
 	CHECK(bind(l, (struct sockaddr *)&svc, svclen) == 0);
+	as_service(0);
 	CHECK(sendto(app, "q", 1, 0, (struct sockaddr *)&dst, dstlen) == 1);
 	struct pollfd p = {.fd = l, .events = POLLIN};
 	char c;
@@ -849,7 +873,9 @@ static void udp_flow_socket_query_and_set_succeed(void)
 	EXPECT_FAIL(r, WSAEINVAL);
 	SOCKET f = socket(AF_INET, SOCK_DGRAM, 0);
 	setsockopt(f, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+	as_service(1);
 	CHECK(bind(f, (struct sockaddr *)&svc, svclen) == 0);
+	as_service(0);
 	CHECK(connect(f, (struct sockaddr *)&src, srclen) == 0);
 	r = ioc(f, QREC, NULL, 0, buf, sizeof buf);
 	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
@@ -1047,8 +1073,10 @@ int main(int argc, char **argv)
 	RUN(wspioctl_reports_through_lperrno);
 
 	if (managed) {
+		as_service(1);
 		l_svc4 = listener(AF_INET, svc_port);
 		l_svc6 = listener(AF_INET6, svc_port);
+		as_service(0);
 		l_dst4 = listener(AF_INET, dst_port);
 		l_dst6 = listener(AF_INET6, dst_port);
 		RUN(query_records_succeeds);

@@ -787,6 +787,14 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 		}
 	}
 
+	/* The hop limit holds whichever service would come next. */
+	if (c->n >= conf->hop_limit || c->n >= RW_MAX_CHAIN) {
+		rw_report(RW_EV_HOP_LIMIT, RW_CNT_HOP_LIMIT, -ELOOP, st, has_rec, orig, proto, w.service_id, w.rule_id,
+			  conf);
+		r = -ELOOP;
+		goto out;
+	}
+
 	for (int i = 0; i <= RW_MAX_SKIPS; i++) {
 		int owner;
 		__u32 kind, counter;
@@ -816,17 +824,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 		w.seen |= 1ULL << (w.service_id & 63);
 		rw_walk(&w);
 	}
-	if (!verified) {
-		r = has_rec ? RW_DELIVER : RW_PASS;
-		goto out;
-	}
-	if (c->n >= conf->hop_limit || c->n >= RW_MAX_CHAIN) {
-		rw_report(RW_EV_HOP_LIMIT, RW_CNT_HOP_LIMIT, -ELOOP, st, has_rec, orig, proto, w.service_id, w.rule_id,
-			  conf);
-		r = -ELOOP;
-		goto out;
-	}
-	r = RW_REDIRECT;
+	r = verified ? RW_REDIRECT : has_rec ? RW_DELIVER : RW_PASS;
 out:
 	c->w = w;
 	return r;

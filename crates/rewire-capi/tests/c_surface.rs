@@ -294,7 +294,7 @@ fn c_example_proxy_chains_with_rewire_proxy() {
         &script,
         format!(
             "set -u\n\
-             '{ex}' --name cexample 127.0.0.1:{pa} '[::1]:{pa}' & ex=$!\n\
+             '{rw}' exec --service cexample -- '{ex}' --name cexample 127.0.0.1:{pa} '[::1]:{pa}' & ex=$!\n\
              '{rw}' proxy --name audit --log '{log}' >/dev/null & au=$!\n\
              i=0\n\
              while [ ! -e '{go}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\n\

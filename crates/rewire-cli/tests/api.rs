@@ -26,7 +26,7 @@ fn run_child(child: &str, extra: &str) {
 
 /// Listens as the service, connects as an application, returns (listener, client, accepted, original dst).
 fn redirected_pair(port: u16, dst: SocketAddr) -> (TcpListener, TcpStream, TcpStream) {
-    let l = TcpListener::bind(SocketAddr::new(dst.ip(), port)).unwrap();
+    let l = as_service("probe", || TcpListener::bind(SocketAddr::new(dst.ip(), port)).unwrap());
     let c = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
     let (a, _) = l.accept().unwrap();
     (l, c, a)
@@ -144,11 +144,15 @@ fn granted_user_may_query_and_set() {
 fn child_granted_user_may_query_and_set() {
     let Some((port, dst_port)) = child_env() else { return };
     let dst: SocketAddr = format!("[::1]:{dst_port}").parse().unwrap();
+    // The service's socket is bound as the service (root may move the
+    // process into its cgroup); the calls are then made as user 65534.
+    let l = as_service("probe", || TcpListener::bind(SocketAddr::new(dst.ip(), port)).unwrap());
     let nobody = nix::unistd::Uid::from_raw(65534);
     let nogroup = nix::unistd::Gid::from_raw(65534);
     nix::unistd::setresgid(nogroup, nogroup, nogroup).unwrap();
     nix::unistd::setresuid(nobody, nobody, nobody).unwrap();
-    let (_l, _client, accepted) = redirected_pair(port, dst);
+    let _client = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+    let (accepted, _) = l.accept().unwrap();
     let rec = rewire::query_redirect_records(&accepted).unwrap();
     assert_eq!(rec.original_destination(), dst);
     let ctx = rewire::query_redirect_context(&accepted).unwrap();

@@ -245,7 +245,7 @@ fn child_udp_api() {
     for ip in ["127.0.0.1", "::1"] {
         let dst = SocketAddr::new(ip.parse().unwrap(), dst_port);
         let local = SocketAddr::new(dst.ip(), port);
-        let listener = rewire::udp::bind_listener(local).unwrap();
+        let listener = as_service("probe", || rewire::udp::bind_listener(local).unwrap());
         listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let app = UdpSocket::bind(SocketAddr::new(dst.ip(), 0)).unwrap();
         app.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -255,7 +255,7 @@ fn child_udp_api() {
         assert_eq!((&buf[..n], src), (&b"one"[..], app.local_addr().unwrap()));
         assert!(matches!(rewire::query_redirect_records(&listener), Err(Error::NotConnected)));
 
-        let flow = rewire::udp::accept(local, src).unwrap();
+        let flow = as_service("probe", || rewire::udp::accept(local, src).unwrap());
         let rec = rewire::query_redirect_records(&flow).unwrap();
         assert_eq!(rec.original_destination(), dst);
         assert_eq!(rec.chain(), [1]);
@@ -293,7 +293,7 @@ fn child_udp_api() {
         let (n, src) = listener.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], src.port()), (&b"bye"[..], app_port));
         assert_eq!(src.ip(), local.ip(), "an unbound sender's datagrams come from the service's own address");
-        let flow = rewire::udp::accept(local, src).unwrap();
+        let flow = as_service("probe", || rewire::udp::accept(local, src).unwrap());
         let rec = rewire::query_redirect_records(&flow).unwrap();
         assert_eq!(rec.original_destination(), dst);
     }
@@ -303,14 +303,14 @@ fn child_udp_api() {
     let dst = SocketAddr::new("127.0.0.1".parse().unwrap(), dst_port);
     let dst2 = SocketAddr::new("127.0.0.2".parse().unwrap(), dst_port);
     let local = SocketAddr::new(dst.ip(), port);
-    let listener = rewire::udp::bind_listener(local).unwrap();
+    let listener = as_service("probe", || rewire::udp::bind_listener(local).unwrap());
     listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let app = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut buf = [0u8; 64];
     let mut take = |expect: &[u8]| {
         let (n, src) = listener.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], expect);
-        let flow = rewire::udp::accept(local, src).unwrap();
+        let flow = as_service("probe", || rewire::udp::accept(local, src).unwrap());
         rewire::query_redirect_records(&flow).unwrap()
     };
     app.send_to(b"first", dst).unwrap();
@@ -329,13 +329,13 @@ fn child_udp_api() {
     // proxy's flow socket for its first destination is still open: that
     // (source, service port) belongs to the first flow, so with one service
     // port the reconnect is refused, and it succeeds once the proxy let go.
-    let listener = rewire::udp::bind_listener(local).unwrap();
+    let listener = as_service("probe", || rewire::udp::bind_listener(local).unwrap());
     listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let app = UdpSocket::bind("127.0.0.1:0").unwrap();
     app.connect(dst).unwrap();
     app.send(b"to one").unwrap();
     let (_, src) = listener.recv_from(&mut buf).unwrap();
-    let old = rewire::udp::accept(local, src).unwrap();
+    let old = as_service("probe", || rewire::udp::accept(local, src).unwrap());
     assert_eq!(rewire::query_redirect_records(&old).unwrap().original_destination(), dst);
     let e = app.connect(dst2).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{e}");
@@ -344,13 +344,13 @@ fn child_udp_api() {
     app.send(b"to two").unwrap();
     let (n, src) = listener.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"to two");
-    let new = rewire::udp::accept(local, src).unwrap();
+    let new = as_service("probe", || rewire::udp::accept(local, src).unwrap());
     assert_eq!(rewire::query_redirect_records(&new).unwrap().original_destination(), dst2);
     drop((listener, app, new));
 
     // A dual-stack IPv6 socket sending to an IPv4-mapped address: routed by
     // the IPv4 hook; the reply shows the original server, mapped back.
-    let listener = rewire::udp::bind_listener(local).unwrap();
+    let listener = as_service("probe", || rewire::udp::bind_listener(local).unwrap());
     listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let ds = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).unwrap();
     ds.set_only_v6(false).unwrap();
@@ -361,7 +361,7 @@ fn child_udp_api() {
     ds.send_to(b"mapped", mapped).unwrap();
     let (n, src) = listener.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"mapped");
-    let flow = rewire::udp::accept(local, src).unwrap();
+    let flow = as_service("probe", || rewire::udp::accept(local, src).unwrap());
     assert_eq!(rewire::query_redirect_records(&flow).unwrap().original_destination(), dst);
     flow.send(b"back").unwrap();
     let (n, from) = ds.recv_from(&mut buf).unwrap();
@@ -370,7 +370,7 @@ fn child_udp_api() {
 
     // Leave one published flow unclaimed for the parent's expiry check.
     let dst = SocketAddr::new("127.0.0.1".parse().unwrap(), dst_port);
-    let listener = rewire::udp::bind_listener(SocketAddr::new(dst.ip(), port)).unwrap();
+    let listener = as_service("probe", || rewire::udp::bind_listener(SocketAddr::new(dst.ip(), port)).unwrap());
     listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let app = UdpSocket::bind("127.0.0.1:0").unwrap();
     app.send_to(b"unclaimed", dst).unwrap();

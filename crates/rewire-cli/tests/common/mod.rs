@@ -391,3 +391,16 @@ pub fn child_env() -> Option<(u16, u16)> {
     let (a, b) = v.split_once(' ')?;
     Some((a.parse().ok()?, b.parse().ok()?))
 }
+
+/// In a child run, which is both the application and the service `name`:
+/// runs `f` (which binds the service's sockets) as the service, in its
+/// cgroup `<sandbox>/services/<name>`, then moves back to the sandbox root
+/// as an application. The kernel gives a service's flows only to sockets
+/// its own processes bound, and a service's own connects skip it.
+pub fn as_service<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    let cg = PathBuf::from(std::env::var_os("REWIRE_CGROUP").expect("a child runs inside a sandbox"));
+    std::fs::write(cg.join("services").join(name).join("cgroup.procs"), "0").unwrap();
+    let r = f();
+    std::fs::write(cg.join("cgroup.procs"), "0").unwrap();
+    r
+}
