@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use rewire_control::{cgroup, Config};
 
-use crate::manage::{daemon_pid, ENV_CGROUP, ENV_CONFIG};
+use crate::manage::{attached_subtree, pin_dir, ENV_CGROUP, ENV_CONFIG};
 
 #[derive(clap::Args, Debug)]
 pub struct ProxyArgs {
@@ -75,7 +75,9 @@ pub fn main(a: ProxyArgs) -> Result<()> {
             listen = svc.listen.clone();
         }
         udp_ports = udp_ports.or(Some(svc.udp_ports));
-        join_daemon_cgroup(cfg, &a.name)?;
+        if !a.original_dst {
+            join_daemon_cgroup(cfg, &a.name)?;
+        }
     }
     if listen.is_empty() {
         bail!("nothing to listen on: give --listen or a --config with service `{}`", a.name);
@@ -135,12 +137,19 @@ pub fn main(a: ProxyArgs) -> Result<()> {
     })
 }
 
-/// A proxy's own connects must pass through the hooks: when a daemon serves
-/// the config and this process is not inside its subtree yet, join it.
+/// A proxy's own connects must pass through the hooks: when a daemon's
+/// subtree exists for the config and this process is not inside it yet,
+/// join it, but only if its hooks are attached (else the proxy's connects
+/// would not be redirected, and nothing would tell).
 fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
-    if std::env::var_os(ENV_CGROUP).is_some() || daemon_pid(cfg).is_none() {
-        return Ok(()); // started by rewire run/exec (already inside), or no daemon
+    if std::env::var_os(ENV_CGROUP).is_some() {
+        return Ok(()); // started by rewire run/exec: already inside
     }
+    let cg = cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    if !cg.exists() && !pin_dir(cfg).exists() {
+        return Ok(()); // no daemon for this config: a standalone proxy
+    }
+    attached_subtree(cfg, &cfg.path).context("not joining the daemon's subtree")?;
     let sub = rewire_control::ManagedCgroup::existing(&cfg.cgroup)?;
     if cgroup::cgroup_of(std::process::id())?.starts_with(sub.path()) {
         return Ok(());
