@@ -422,8 +422,17 @@ impl Ctx {
             sys::stop(&mut server);
             r
         })();
-        // SIGTERM: the daemon detaches its hooks, removes its cgroup and pins.
+        // SIGTERM stops the daemon and leaves its hooks; `rewire down`
+        // removes hooks, cgroup and pins.
         sys::stop(&mut daemon);
+        let down = Command::new(&self.rewire)
+            .args(["down", "--grace", "2", "--config"])
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !down.is_ok_and(|s| s.success()) {
+            eprintln!("rewire-bench: `rewire down --config {}` failed", path.display());
+        }
         drop(ns);
         result
     }

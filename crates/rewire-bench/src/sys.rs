@@ -44,8 +44,8 @@ pub fn cleanup_on_signal(tag: String) -> Result<()> {
         STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
         // Twice: the main thread may be setting up a scenario in between.
         for _ in 0..2 {
-            // SIGTERM first, so that a `rewire daemon` detaches its hooks and
-            // removes its cgroup and pins itself; SIGKILL whoever is left.
+            // SIGTERM first, then SIGKILL whoever is left (a `rewire daemon`
+            // leaves its pinned hooks: removed below with its pins and cgroup).
             let pids: Vec<u32> = CHILDREN.lock().unwrap().drain(..).collect();
             for sig in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGKILL] {
                 for &pid in &pids {
@@ -53,7 +53,7 @@ pub fn cleanup_on_signal(tag: String) -> Result<()> {
                 }
                 std::thread::sleep(Duration::from_millis(1000));
             }
-            // Pins a daemon of ours left behind (killed before it could clean up).
+            // Pins a daemon of ours left behind (removing a link's pin detaches it).
             if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
                 for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{tag}-"))) {
                     let _ = std::fs::remove_dir_all(e.path());

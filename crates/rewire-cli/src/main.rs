@@ -31,7 +31,11 @@ enum Cmd {
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
-    /// Attach the hooks to the config's cgroup and serve until SIGINT/SIGTERM.
+    /// Attach the hooks to the config's cgroup (pinned: they outlive the
+    /// daemon) or adopt those a previous daemon left, and serve: print the
+    /// kernel's decisions, reload on SIGHUP. SIGINT/SIGTERM stop the daemon
+    /// and leave the hooks enforcing and the processes inside running; use
+    /// `rewire down` to remove everything.
     Daemon {
         /// Configuration file (TOML).
         #[arg(long, short)]
@@ -39,9 +43,33 @@ enum Cmd {
         /// How to print the kernel's decisions on stderr.
         #[arg(long, value_enum, default_value_t = manage::EventFormat::Text)]
         events: manage::EventFormat,
+        /// Replace the attached programs with this build's (atomic link
+        /// update) even when they are the same build and configuration
+        /// (otherwise they are kept as they are).
+        #[arg(long)]
+        replace_programs: bool,
     },
-    /// Run CMD inside the cgroup of a running `rewire daemon` (or of the
-    /// `rewire run` it is started from), optionally as one of its services.
+    /// Apply a changed configuration (services, rules) to the running
+    /// daemon atomically; an invalid one is refused and the running one stays.
+    Reload {
+        /// Configuration file (its `cgroup` names the daemon).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Take a daemon's subtree down on purpose: stop the daemon, SIGTERM the
+    /// processes inside (SIGKILL after --grace), remove the cgroup, detach
+    /// the hooks and remove the pins.
+    Down {
+        /// Configuration file the daemon was started with.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Seconds the processes inside get between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = 10.0)]
+        grace: f64,
+    },
+    /// Run CMD inside the cgroup of a `rewire daemon` (refused unless its
+    /// hooks are attached) or of the `rewire run` it is started from,
+    /// optionally as one of its services.
     Exec {
         /// Configuration file the daemon was started with (default: $REWIRE_CONFIG).
         #[arg(long, short)]
@@ -74,7 +102,13 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run { config, events, cmd } => manage::run(&config, events, &cmd),
-        Cmd::Daemon { config, events } => manage::daemon(&config, events).map(|()| 0),
+        Cmd::Daemon { config, events, replace_programs } => {
+            manage::daemon(&config, events, replace_programs).map(|()| 0)
+        }
+        Cmd::Reload { config } => manage::reload(&config).map(|()| 0),
+        Cmd::Down { config, grace } => {
+            manage::down(&config, std::time::Duration::from_secs_f64(grace.clamp(0.0, 3600.0))).map(|()| 0)
+        }
         Cmd::Exec { config, service, cmd } => manage::exec(config.as_deref(), service.as_deref(), &cmd),
         Cmd::Proxy(a) => proxy::main(a).map(|()| 0),
         Cmd::Demo(a) => demo::main(a).map(|()| 0),

@@ -1,17 +1,24 @@
-//! `rewire run`, `rewire daemon`, `rewire exec`: owning a cgroup subtree
-//! with the hooks attached, and placing commands inside it.
+//! `rewire run`, `rewire daemon`, `rewire exec`, `rewire reload`,
+//! `rewire down`: owning a cgroup subtree with the hooks attached, and
+//! placing commands inside it.
+//!
+//! The daemon's hooks are pinned (rewire_control::persist) and outlive it:
+//! SIGTERM/SIGINT/SIGKILL stop the daemon, not the enforcement; a new
+//! daemon adopts what the previous one left; `rewire down` removes it all.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
+use std::sync::{Arc, RwLock};
+
 use anyhow::{bail, Context, Result};
 use tokio::io::unix::AsyncFd;
 
 use rewire_control::events::Event;
 use rewire_control::hooks::Events;
-use rewire_control::{checks, Config, Hooks, ManagedCgroup};
+use rewire_control::{checks, persist, Config, Hooks, ManagedCgroup};
 
 /// Environment variables rewire sets for the commands it runs.
 pub const ENV_CONFIG: &str = "REWIRE_CONFIG";
@@ -24,12 +31,18 @@ pub enum EventFormat {
     Off,
 }
 
-/// Where the daemon of a config keeps its pins and pid file.
+/// Where the daemon of a config keeps its pins (`$REWIRE_BPFFS` or
+/// /sys/fs/bpf, then the cgroup's name).
 pub fn pin_dir(cfg: &Config) -> PathBuf {
-    Path::new("/sys/fs/bpf").join(&cfg.cgroup)
+    persist::pin_dir(&cfg.cgroup)
 }
+/// The daemon's pid file; the live daemon holds an exclusive lock on it
+/// (released by the kernel when it dies, even by SIGKILL).
 pub fn pid_file(cfg: &Config) -> PathBuf {
-    Path::new("/run/rewire").join(format!("{}.pid", cfg.cgroup))
+    run_file(cfg, "pid")
+}
+fn run_file(cfg: &Config, ext: &str) -> PathBuf {
+    Path::new("/run/rewire").join(format!("{}.{ext}", cfg.cgroup))
 }
 
 /// Loads the config and checks the machine, with actionable messages.
@@ -41,6 +54,15 @@ fn prepare(config: &Path) -> Result<Config> {
 
 /// Prints kernel events until the task is dropped.
 pub fn spawn_event_printer(events: Events, cfg: Config, format: EventFormat) -> tokio::task::JoinHandle<()> {
+    spawn_event_printer_shared(events, Arc::new(RwLock::new(cfg)), format)
+}
+
+/// The same with a configuration a reload may replace (service names).
+fn spawn_event_printer_shared(
+    events: Events,
+    cfg: Arc<RwLock<Config>>,
+    format: EventFormat,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // SAFETY: the ring buffer's fd is owned by `events`, which the AsyncFd
         // owns: it stays open for as long as it is registered.
@@ -48,7 +70,7 @@ pub fn spawn_event_printer(events: Events, cfg: Config, format: EventFormat) -> 
         loop {
             let Ok(mut guard) = fd.readable_mut().await else { return };
             while let Some(raw) = guard.get_inner_mut().next_event() {
-                let Some(ev) = Event::from_raw(&raw, &cfg) else { continue };
+                let Some(ev) = Event::from_raw(&raw, &cfg.read().unwrap_or_else(|e| e.into_inner())) else { continue };
                 match format {
                     EventFormat::Text => eprintln!("rewire: {ev}"),
                     EventFormat::Json => eprintln!("{}", serde_json::to_string(&ev).unwrap_or_default()),
@@ -132,58 +154,249 @@ fn exit_code(s: ExitStatus) -> i32 {
     s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
 }
 
-/// `rewire daemon`.
-pub fn daemon(config: &Path, format: EventFormat) -> Result<()> {
+/// `rewire daemon`: attach (or adopt) the pinned hooks and serve: print
+/// events, expire UDP hand-offs, reload on SIGHUP. SIGINT/SIGTERM end the
+/// daemon and leave the hooks attached and enforcing.
+pub fn daemon(config: &Path, format: EventFormat, replace_programs: bool) -> Result<()> {
     let cfg = prepare(config)?;
-    let mounted_bpffs = checks::ensure_bpffs()?;
-    let pidf = pid_file(&cfg);
-    if let Some(pid) = daemon_pid(&cfg) {
-        bail!("a rewire daemon (pid {pid}) already serves cgroup `{}`", cfg.cgroup);
-    }
-    let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
-    let mut hooks = Hooks::attach(&cfg, cgroup.path())?;
-    hooks.pin_maps(&pin_dir(&cfg))?;
-    std::fs::create_dir_all(pidf.parent().unwrap())?;
-    std::fs::write(&pidf, std::process::id().to_string())?;
-    let events = hooks.take_events().context("event ring buffer")?;
+    let abs_config = std::fs::canonicalize(config)?;
+    checks::ensure_bpffs_at(&persist::bpffs_root())?;
+    let lock = DaemonLock::acquire(&cfg)?;
+    let dir = pin_dir(&cfg);
+    let cg_path = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    let adopting = adoptable(&dir, &cg_path);
+    let mut cgroup = if adopting {
+        ManagedCgroup::existing(&cfg.cgroup)?
+    } else {
+        if dir.exists() && !cg_path.exists() {
+            // The cgroup is gone, so are its hooks: only stale pins are left.
+            let r = persist::remove_pins(&dir)?;
+            tracing::info!("removed {} stale pin(s) of a cgroup that no longer exists", r.links + r.maps);
+        }
+        ManagedCgroup::create(&cfg.cgroup)?
+    };
+    let (mut hooks, outcome) = match Hooks::persistent(&cfg, cgroup.path(), &dir, replace_programs) {
+        Ok(h) => h,
+        Err(e) => {
+            if !adopting {
+                let _ = persist::remove_pins(&dir); // the fresh cgroup goes with `cgroup`
+            }
+            return Err(e.into());
+        }
+    };
+    cgroup.keep();
+    tracing::info!("{outcome}");
     tracing::info!(
-        "serving {} service(s) on cgroup {} (maps pinned in {}); `rewire exec --config {}` runs commands inside",
+        "serving {} service(s) on cgroup {} (hooks and maps pinned in {}); `rewire exec --config {}` runs commands inside",
         cfg.services.len(),
         cgroup.path().display(),
-        pin_dir(&cfg).display(),
+        dir.display(),
         config.display()
     );
+    let mut status = Status::new(&cfg);
+    status.write(true, "started");
+    let events = hooks.take_events();
     let rt = runtime()?;
     let r = rt.block_on(async {
-        let printer = spawn_event_printer(events, cfg.clone(), format);
-        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = sigint.recv() => {},
-            _ = sigterm.recv() => {},
-            _ = expire_udp_handoffs(&mut hooks, cfg.udp_idle()) => {},
+        let shared = Arc::new(RwLock::new(cfg.clone()));
+        let printer = events.map(|ev| spawn_event_printer_shared(ev, shared.clone(), format));
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let mut cur = cfg.clone();
+        let mut cur_path = abs_config.clone();
+        let mut tick = tokio::time::interval((cur.udp_idle() / 2).max(Duration::from_millis(50)));
+        let sig = loop {
+            tokio::select! {
+                _ = sigint.recv() => break "SIGINT",
+                _ = sigterm.recv() => break "SIGTERM",
+                _ = sighup.recv() => {
+                    let path = take_reload_request(&cur).unwrap_or_else(|| cur_path.clone());
+                    match reload_in_daemon(&mut hooks, &cur, &path, &dir) {
+                        Ok((new, outcome)) => {
+                            let msg = format!(
+                                "reloaded {}: {} service(s); {outcome}",
+                                path.display(),
+                                new.services.len()
+                            );
+                            tracing::info!("{msg}");
+                            status.write(true, &msg);
+                            *shared.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+                            cur = new;
+                            cur_path = path;
+                        }
+                        Err(e) => {
+                            let msg = format!("reload of {} refused: {e:#}; the running configuration stays", path.display());
+                            tracing::warn!("{msg}");
+                            status.write(false, &msg);
+                        }
+                    }
+                }
+                _ = tick.tick() => match hooks.expire_udp_handoffs(cur.udp_idle()) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!("expired {n} unclaimed udp flow(s)"),
+                    Err(e) => tracing::warn!("expiring udp flows: {e}"),
+                },
+            }
+        };
+        if let Some(p) = printer {
+            p.abort();
         }
-        printer.abort();
-        anyhow::Ok(())
+        anyhow::Ok((sig, cur_path))
     });
     drop(rt);
-    let left = cgroup.pids();
-    if !left.is_empty() {
-        tracing::info!("stopping {} process(es) still in the managed cgroup", left.len());
-    }
-    let _ = std::fs::remove_file(&pidf);
-    cgroup.remove()?;
-    hooks.unpin();
-    drop(hooks);
-    checks::release_bpffs(mounted_bpffs);
-    tracing::info!("stopped; hooks detached, cgroup and pins removed");
-    r
+    let (sig, cur_path) = r?;
+    status.remove();
+    drop(lock);
+    tracing::info!(
+        "{sig}: daemon stopped; the hooks stay attached and enforcing on {} ({} process(es) inside keep running). \
+         `rewire daemon --config {}` takes over again; `rewire down --config {}` removes hooks, pins and cgroup",
+        cgroup.path().display(),
+        cgroup.pids().len(),
+        cur_path.display(),
+        cur_path.display()
+    );
+    Ok(())
 }
 
-/// The pid of the live daemon serving `cfg`, if any.
+/// Whether `dir` holds pins of a previous daemon whose links are attached
+/// to the cgroup at `cg` (which proves that rewire created that cgroup).
+fn adoptable(dir: &Path, cg: &Path) -> bool {
+    let Ok(id) = rewire_control::cgroup::cgroup_id(cg) else { return false };
+    persist::link_status(dir).is_ok_and(|links| links.values().any(|l| l.cgroup_id == id))
+}
+
+fn reload_in_daemon(hooks: &mut Hooks, cur: &Config, path: &Path, dir: &Path) -> Result<(Config, persist::Outcome)> {
+    let new = Config::load(path)?;
+    if new.cgroup != cur.cgroup {
+        bail!(
+            "{}: `cgroup` is `{}`, this daemon serves `{}`; a different cgroup needs its own daemon",
+            path.display(),
+            new.cgroup,
+            cur.cgroup
+        );
+    }
+    persist::check_service_ids(cur, &new).map_err(anyhow::Error::msg)?;
+    let outcome = hooks.reload(&new, dir)?;
+    Ok((new, outcome))
+}
+
+/// The config path `rewire reload` asked for (once), if any.
+fn take_reload_request(cfg: &Config) -> Option<PathBuf> {
+    let f = run_file(cfg, "reload");
+    let p = std::fs::read_to_string(&f).ok()?;
+    let _ = std::fs::remove_file(&f);
+    Some(PathBuf::from(p.trim()))
+}
+
+/// The daemon's last reload result, for `rewire reload`: `SEQ ok|error MESSAGE`.
+struct Status {
+    path: PathBuf,
+    seq: u64,
+}
+
+impl Status {
+    fn new(cfg: &Config) -> Self {
+        let path = run_file(cfg, "status");
+        // Continue the sequence a previous instance left, so a waiting `rewire reload` sees a change.
+        let seq = read_status(&path).map_or(0, |(s, _, _)| s);
+        Status { path, seq }
+    }
+    fn write(&mut self, ok: bool, msg: &str) {
+        self.seq += 1;
+        let tmp = self.path.with_extension("status.tmp");
+        let text = format!("{} {} {}\n", self.seq, if ok { "ok" } else { "error" }, msg.replace('\n', " "));
+        if std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.path)).is_err() {
+            tracing::warn!("cannot write {}", self.path.display());
+        }
+    }
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn read_status(path: &Path) -> Option<(u64, bool, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut it = text.trim_end().splitn(3, ' ');
+    let seq = it.next()?.parse().ok()?;
+    let ok = it.next()? == "ok";
+    Some((seq, ok, it.next().unwrap_or("").to_string()))
+}
+
+/// The exclusive lock on the pid file that marks the live daemon.
+struct DaemonLock {
+    // Held open for its lock: the kernel releases it when the daemon dies.
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl DaemonLock {
+    fn acquire(cfg: &Config) -> Result<Self> {
+        let path = pid_file(cfg);
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if !try_lock(&file, libc::LOCK_EX) {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "a rewire daemon (pid {}) already serves cgroup `{}`; `rewire reload --config FILE` applies a changed \
+                 configuration to it",
+                pid.trim(),
+                cfg.cgroup
+            );
+        }
+        // Unlocked: the pid in it (if any) is a daemon that died. Ours
+        // replaces it at once, so nobody signals that one.
+        use std::io::Write;
+        let mut f = &file;
+        f.set_len(0)?;
+        f.write_all(std::process::id().to_string().as_bytes())?;
+        Ok(DaemonLock { _file: file, path })
+    }
+}
+
+impl Drop for DaemonLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn try_lock(f: &std::fs::File, how: libc::c_int) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    unsafe { libc::flock(f.as_raw_fd(), how | libc::LOCK_NB) == 0 }
+}
+
+/// The pid of the live daemon serving `cfg`, if any (its pid file is
+/// locked; a pid file left by a daemon that died is not).
 pub fn daemon_pid(cfg: &Config) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file(cfg)).ok()?.trim().parse().ok()?;
-    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    let f = std::fs::File::open(pid_file(cfg)).ok()?;
+    if try_lock(&f, libc::LOCK_SH) {
+        return None;
+    }
+    std::fs::read_to_string(pid_file(cfg)).ok()?.trim().parse().ok()
+}
+
+/// The subtree of `cfg`, after checking that its hooks are attached (the
+/// pinned links and the kernel's link information, not a pid file).
+pub fn attached_subtree(cfg: &Config, config: &Path) -> Result<PathBuf> {
+    let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    let dir = pin_dir(cfg);
+    if let Err(e) = persist::check_attached(&dir, &cg) {
+        bail!(
+            "the hooks of cgroup `{}` are not attached ({e}), so nothing started there would be redirected; \
+             start them with `rewire daemon --config {}`",
+            cfg.cgroup,
+            config.display()
+        );
+    }
+    Ok(cg)
 }
 
 /// Moves this process into service `name`'s cgroup under `subtree`
@@ -219,16 +432,7 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
     }
     let subtree = match std::env::var_os(ENV_CGROUP) {
         Some(p) => PathBuf::from(p),
-        None => {
-            if daemon_pid(&cfg).is_none() {
-                bail!(
-                    "no rewire daemon serves cgroup `{}`: start `rewire daemon --config {}` first",
-                    cfg.cgroup,
-                    config.display()
-                );
-            }
-            ManagedCgroup::existing(&cfg.cgroup)?.path().to_path_buf()
-        }
+        None => attached_subtree(&cfg, &config)?,
     };
     match service {
         Some(name) => join_service(&subtree, name)?,
@@ -240,4 +444,104 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
         .env(ENV_CGROUP, &subtree)
         .exec();
     bail!("cannot run {}: {err}", cmd[0])
+}
+
+/// `rewire reload`: validate FILE, hand it to the live daemon (SIGHUP) and
+/// report what it did.
+pub fn reload(config: &Path) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let Some(pid) = daemon_pid(&cfg) else {
+        bail!(
+            "no rewire daemon serves cgroup `{}`; `rewire daemon --config {}` applies this configuration when it \
+             starts (it adopts the attached hooks)",
+            cfg.cgroup,
+            config.display()
+        );
+    };
+    let status = run_file(&cfg, "status");
+    let before = read_status(&status).map_or(0, |(s, _, _)| s);
+    let req = run_file(&cfg, "reload");
+    std::fs::write(&req, std::fs::canonicalize(config)?.to_string_lossy().as_bytes())?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGHUP)
+        .with_context(|| format!("signalling the daemon (pid {pid})"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Some((seq, ok, msg)) = read_status(&status) {
+            if seq > before {
+                if !ok {
+                    bail!("{msg}");
+                }
+                eprintln!("rewire: {msg}");
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("the daemon (pid {pid}) did not answer the reload within 30 s; see its log")
+}
+
+/// `rewire down`: stop the daemon if one runs, end the processes in the
+/// subtree (SIGTERM, `grace`, then SIGKILL), remove the cgroup, detach the
+/// hooks and remove the pins.
+pub fn down(config: &Path, grace: Duration) -> Result<()> {
+    let cfg = Config::load(config)?;
+    checks::preflight()?;
+    let mut did = false;
+    if let Some(pid) = daemon_pid(&cfg) {
+        eprintln!("rewire: stopping the daemon (pid {pid}) serving cgroup `{}`", cfg.cgroup);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while daemon_pid(&cfg).is_some() {
+            if std::time::Instant::now() > deadline {
+                bail!("the daemon (pid {pid}) did not stop within 10 s of SIGTERM; nothing was removed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        did = true;
+    }
+    let cg_path = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    if cg_path.exists() {
+        let mut cg = ManagedCgroup::existing(&cfg.cgroup)?;
+        let pids = cg.pids();
+        if !pids.is_empty() {
+            eprintln!(
+                "rewire: sending SIGTERM to {} process(es) in {} (pids {}); those still running after {} s get SIGKILL",
+                pids.len(),
+                cg.path().display(),
+                join_pids(&pids),
+                grace.as_secs_f64()
+            );
+            cg.signal_all(nix::sys::signal::SIGTERM);
+            if !cg.wait_empty(grace) {
+                let left = cg.pids();
+                eprintln!(
+                    "rewire: {} process(es) still running after {} s: SIGKILL (pids {})",
+                    left.len(),
+                    grace.as_secs_f64(),
+                    join_pids(&left)
+                );
+            }
+        }
+        // The hooks stay attached until the subtree is empty and removed.
+        cg.remove()?;
+        eprintln!("rewire: removed cgroup {}", cg.path().display());
+        did = true;
+    }
+    let dir = pin_dir(&cfg);
+    if dir.exists() {
+        let r = persist::remove_pins(&dir)?;
+        eprintln!("rewire: detached {} hook(s) and removed {} pinned map(s) in {}", r.links, r.maps, dir.display());
+        did = true;
+    }
+    for ext in ["status", "reload", "status.tmp"] {
+        let _ = std::fs::remove_file(run_file(&cfg, ext));
+    }
+    if !did {
+        eprintln!("rewire: nothing to remove for cgroup `{}`", cfg.cgroup);
+    }
+    Ok(())
+}
+
+fn join_pids(p: &[u32]) -> String {
+    p.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
 }

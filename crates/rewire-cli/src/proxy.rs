@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use rewire_control::Config;
 
-use crate::manage::{daemon_pid, ENV_CGROUP, ENV_CONFIG};
+use crate::manage::{attached_subtree, pin_dir, ENV_CGROUP, ENV_CONFIG};
 
 #[derive(clap::Args, Debug)]
 pub struct ProxyArgs {
@@ -75,7 +75,9 @@ pub fn main(a: ProxyArgs) -> Result<()> {
             listen = svc.listen.clone();
         }
         udp_ports = udp_ports.or(Some(svc.udp_ports));
-        join_daemon_cgroup(cfg, &a.name)?;
+        if !a.original_dst {
+            join_daemon_cgroup(cfg, &a.name)?;
+        }
     }
     if listen.is_empty() {
         bail!("nothing to listen on: give --listen or a --config with service `{}`", a.name);
@@ -140,12 +142,19 @@ pub fn main(a: ProxyArgs) -> Result<()> {
 /// connects pass through them too). The kernel gives the service's flows
 /// only to sockets its processes opened, and a record-less onward connect
 /// of one of them continues the chain after the service. Started by `rewire
-/// run`/`exec` ($REWIRE_CGROUP) or next to a daemon, it moves there itself.
+/// run`/`exec` ($REWIRE_CGROUP) or next to a daemon, it moves there itself,
+/// but only if the daemon's hooks are attached (else its connects would not
+/// be redirected, and nothing would tell).
 fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
     let subtree = match std::env::var_os(ENV_CGROUP) {
         Some(p) => PathBuf::from(p),
-        None if daemon_pid(cfg).is_some() => rewire_control::ManagedCgroup::existing(&cfg.cgroup)?.path().to_path_buf(),
-        None => return Ok(()), // standalone (e.g. behind nftables): nothing to join
+        None => {
+            let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+            if !cg.exists() && !pin_dir(cfg).exists() {
+                return Ok(()); // no daemon for this config: a standalone proxy
+            }
+            attached_subtree(cfg, &cfg.path).context("not joining the daemon's subtree")?
+        }
     };
     crate::manage::join_service(&subtree, name)
 }

@@ -1,5 +1,6 @@
-//! `rewire daemon` + `rewire exec` + a proxy that joins by itself, then a
-//! clean shutdown on SIGTERM that removes the cgroup and the pins.
+//! `rewire daemon` + `rewire exec` + a proxy that joins by itself; SIGTERM
+//! stops the daemon and leaves the hooks (cgroup and pins stay), then
+//! `rewire down` removes everything. (tests/lifecycle.rs has the rest.)
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 #[test]
-fn daemon_exec_proxy_and_clean_shutdown() {
+fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
     require_root();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let name = format!("rewire-test-daemon-{}", std::process::id());
@@ -70,13 +71,24 @@ fn daemon_exec_proxy_and_clean_shutdown() {
     if status.is_none() {
         let _ = daemon.kill();
     }
+    // SIGTERM left the hooks enforcing: cgroup, pinned links and maps stay.
+    let kept = (cg.exists(), pins.join("links/rw_connect4").exists(), pins.join("rw_conf").exists());
+    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg).output().unwrap();
     if let Some(mut p) = proxy {
         let _ = p.kill();
         let _ = p.wait();
     }
+    if cg.exists() {
+        if let Ok(mut c) = rewire_control::ManagedCgroup::existing(&name) {
+            let _ = c.remove();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&pins);
     let _ = std::fs::remove_dir_all(&dir);
     result.unwrap();
     assert!(status.is_some_and(|s| s.success()), "daemon exit {status:?}");
-    assert!(!cg.exists(), "daemon left its cgroup");
-    assert!(!pins.exists(), "daemon left its pins");
+    assert_eq!(kept, (true, true, true), "SIGTERM must leave cgroup, links and maps");
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    assert!(!cg.exists(), "down left the cgroup");
+    assert!(!pins.exists(), "down left the pins");
 }

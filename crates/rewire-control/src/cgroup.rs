@@ -99,6 +99,34 @@ impl ManagedCgroup {
         Ok(Self { path, remove_on_drop: false })
     }
 
+    /// Keeps the subtree when this value is dropped (the daemon's outlives
+    /// the daemon; `rewire down` removes it).
+    pub fn keep(&mut self) {
+        self.remove_on_drop = false;
+    }
+
+    /// Sends `sig` to every process in the subtree; returns how many got it.
+    pub fn signal_all(&self, sig: nix::sys::signal::Signal) -> usize {
+        self.pids()
+            .into_iter()
+            .filter(|&pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).is_ok())
+            .count()
+    }
+
+    /// Waits, at most `timeout`, until no process is left in the subtree.
+    pub fn wait_empty(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.pids().is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The subtree's directory.
     pub fn path(&self) -> &Path {
         &self.path

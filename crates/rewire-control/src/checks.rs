@@ -20,7 +20,7 @@ pub enum CheckError {
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
     /// No bpffs and it could not be mounted.
-    #[error("bpffs is not mounted at /sys/fs/bpf and mounting it failed ({0}); run: mount -t bpf bpf /sys/fs/bpf")]
+    #[error("bpffs is not mounted and mounting it failed ({0}); run: mount -t bpf bpf /sys/fs/bpf")]
     NoBpffs(String),
 }
 
@@ -73,13 +73,23 @@ pub fn preflight() -> Result<(), CheckError> {
 /// Makes sure bpffs is mounted at `/sys/fs/bpf` (for the daemon's pins).
 /// Returns whether this call mounted it, so the caller can undo it.
 pub fn ensure_bpffs() -> Result<bool, CheckError> {
+    ensure_bpffs_at(std::path::Path::new(BPFFS))
+}
+
+/// The same for another mount point (`$REWIRE_BPFFS`). The daemon never
+/// unmounts it again: its pins (and with them the hooks) live in it.
+pub fn ensure_bpffs_at(root: &std::path::Path) -> Result<bool, CheckError> {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf ")) {
+    let want = root.to_string_lossy();
+    if mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        f.nth(1) == Some(&*want) && f.next() == Some("bpf")
+    }) {
         return Ok(false);
     }
     use nix::mount::{mount, MsFlags};
-    mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>)
-        .map_err(|e| CheckError::NoBpffs(e.to_string()))?;
+    mount(Some("bpf"), root, Some("bpf"), MsFlags::empty(), None::<&str>)
+        .map_err(|e| CheckError::NoBpffs(format!("{}: {e}", root.display())))?;
     Ok(true)
 }
 

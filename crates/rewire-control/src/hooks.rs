@@ -1,8 +1,10 @@
 //! Loading rewire's kernel programs, filling their maps from a
 //! configuration, and attaching them to a cgroup rewire created.
 //!
-//! Attachments are bpf_links owned by [`Hooks`]: dropping it (or the
-//! process dying) detaches everything, so a crash leaves no hook behind.
+//! [`Hooks::attach`] (`rewire run`, tests): the bpf_links are owned by
+//! [`Hooks`]; dropping it (or the process dying) detaches everything.
+//! [`Hooks::persistent`] (`rewire daemon`, in [`crate::persist`]): the
+//! links and maps are pinned and outlive the process.
 
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
@@ -55,6 +57,14 @@ pub enum HooksError {
     /// BPF run-time statistics could not be turned on.
     #[error("enabling BPF run-time statistics: {0}")]
     Stats(std::io::Error),
+    /// A bpf(2) command of the persistent hooks failed (see [`crate::persist`]).
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was attempted.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// File system error (opening the cgroup).
     #[error("{path}: {source}")]
     Io {
@@ -67,7 +77,7 @@ pub enum HooksError {
 
 #[repr(transparent)]
 #[derive(Clone, Copy)]
-struct Pod<T>(T);
+pub(crate) struct Pod<T>(pub(crate) T);
 // SAFETY: the wrapped ABI structs are repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwConf> {}
 unsafe impl aya::Pod for Pod<RwRule> {}
@@ -178,9 +188,9 @@ pub struct ProgramStats {
 
 /// The loaded and attached kernel programs of one rewire instance.
 pub struct Hooks {
-    bpf: Ebpf,
-    cgroup: PathBuf,
-    pinned: Option<PathBuf>,
+    pub(crate) bpf: Ebpf,
+    pub(crate) cgroup: PathBuf,
+    pub(crate) pinned: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -401,7 +411,7 @@ pub fn boot_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn raise_memlock() {
+pub(crate) fn raise_memlock() {
     let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer; failure is harmless on
     // kernels that account BPF memory to the cgroup.
@@ -550,7 +560,7 @@ pub fn service_cgroup(subtree: &Path, name: &str) -> PathBuf {
     subtree.join("services").join(name)
 }
 
-fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults: Faults) -> Result<(), HooksError> {
+pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults: Faults) -> Result<(), HooksError> {
     let rules = compile_rules(config, subtree)?;
     let map_err = |name| move |source| HooksError::Map { name, source };
 

@@ -3,15 +3,19 @@
 //! - [`config`]: the TOML configuration, validated with file:line:key errors;
 //! - [`cgroup`]: the cgroup subtree rewire creates, owns and removes;
 //! - [`hooks`]: loading the BPF object, filling its maps, attaching it;
+//! - [`persist`]: hooks pinned in bpffs that outlive the daemon: adopt, reload, check, remove;
+//! - [`bpfsys`]: the bpf(2) link and info commands aya does not expose;
 //! - [`events`]: turning the kernel's event records into log lines;
 //! - [`checks`]: start-up checks with one actionable message each.
 
+pub mod bpfsys;
 pub mod cgroup;
 pub mod checks;
 pub mod config;
 pub mod events;
 pub mod hooks;
 pub mod net;
+pub mod persist;
 
 pub use cgroup::ManagedCgroup;
 pub use config::Config;

@@ -1,0 +1,529 @@
+//! Hooks that outlive the process that attached them (`rewire daemon`).
+//!
+//! Layout under `<bpffs>/<cgroup>/` (bpffs is `/sys/fs/bpf`, or
+//! `$REWIRE_BPFFS`):
+//!
+//! - `links/<program>`: one pinned cgroup bpf_link per program of
+//!   [`rewire_bpf::PROGRAMS`]. A pinned link stays attached when its
+//!   creator dies (even by SIGKILL); it detaches when the pin is removed
+//!   and nobody holds it, or when the cgroup is removed.
+//! - `<map>`: every map of the object. *State* maps (per-flow socket
+//!   storage, hand-offs, events, counters: everything not in
+//!   [`CONFIG_MAPS`]) are reused by every later load, so flows in progress
+//!   keep their state across restarts, reloads and upgrades. *Configuration*
+//!   maps are written fresh for each generation and published after it is
+//!   live; the SipHash key in `rw_conf` is carried over.
+//!
+//! A *generation* is one load of the programs with fresh configuration maps
+//! and the pinned state maps. It goes live program by program with
+//! `BPF_LINK_UPDATE`, which swaps a link's program atomically: every run of
+//! a hook sees either the old program with the old tables or the new one
+//! with the new tables, never a half-written table, and the hooks are never
+//! detached in between.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, MapData};
+use aya::programs::Program;
+use aya::{Ebpf, EbpfLoader};
+
+use rewire::abi::RwConf;
+
+use crate::bpfsys::{self, LinkInfo};
+use crate::config::Config;
+use crate::hooks::{fill_maps, raise_memlock, Hooks, HooksError, Pod};
+
+/// Maps `fill_maps` writes from the configuration: fresh for every
+/// generation. Every other map of the object is state and is reused. (A
+/// new map that `fill_maps` fills belongs here.)
+pub const CONFIG_MAPS: &[&str] = &["rw_conf", "rw_rules", "rw_services", "rw_svc_addr", "rw_svc_id", "rw_access"];
+
+/// Where bpffs is: `$REWIRE_BPFFS` if set (tests use a private mount),
+/// else `/sys/fs/bpf`.
+pub fn bpffs_root() -> PathBuf {
+    std::env::var_os("REWIRE_BPFFS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"))
+}
+
+/// The pin directory of the daemon that owns cgroup `name`.
+pub fn pin_dir(cgroup_name: &str) -> PathBuf {
+    bpffs_root().join(cgroup_name)
+}
+
+fn links_dir(dir: &Path) -> PathBuf {
+    dir.join("links")
+}
+
+fn stage_dir(dir: &Path) -> PathBuf {
+    dir.join("stage")
+}
+
+/// What [`Hooks::persistent`] or [`Hooks::reload`] did.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// A previous instance's pinned links were found and taken over.
+    pub adopted: bool,
+    /// The previous programs and tables were the same as this build and
+    /// configuration and were kept as they were.
+    pub unchanged: bool,
+    /// Programs attached with a new link.
+    pub attached: Vec<String>,
+    /// Programs whose link now runs the new build (`BPF_LINK_UPDATE`).
+    pub replaced: Vec<String>,
+    /// Links of programs this build no longer has, detached.
+    pub detached: Vec<String>,
+    /// State maps reused from the pins.
+    pub kept_maps: Vec<String>,
+    /// State maps whose layout changed: new ones replace them (flows in
+    /// progress lose what was in them).
+    pub fresh_maps: Vec<String>,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.unchanged {
+            return write!(f, "adopted the attached hooks unchanged (same build and configuration)");
+        }
+        let mut parts = vec![];
+        if self.adopted {
+            parts.push("adopted the attached hooks".to_string());
+        }
+        if !self.replaced.is_empty() {
+            parts.push(format!("replaced {} program(s) in place (link update)", self.replaced.len()));
+        }
+        if !self.attached.is_empty() {
+            parts.push(format!("attached {} program(s)", self.attached.len()));
+        }
+        if !self.detached.is_empty() {
+            parts.push(format!("detached {} program(s) this build no longer has ({})", self.detached.len(), self.detached.join(", ")));
+        }
+        if !self.kept_maps.is_empty() {
+            parts.push(format!("kept {} state map(s)", self.kept_maps.len()));
+        }
+        if !self.fresh_maps.is_empty() {
+            parts.push(format!(
+                "replaced {} state map(s) whose layout changed ({}): flows in progress lose their state",
+                self.fresh_maps.len(),
+                self.fresh_maps.join(", ")
+            ));
+        }
+        write!(f, "{}", parts.join("; "))
+    }
+}
+
+/// Why the hooks of a subtree are not (all) attached.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkCheckError {
+    /// Nothing pinned.
+    #[error("no hook is pinned in {0}")]
+    NoPins(PathBuf),
+    /// One program has no pinned link.
+    #[error("hook {name} is not pinned ({path} is missing)")]
+    Missing {
+        /// Program.
+        name: &'static str,
+        /// Expected pin.
+        path: PathBuf,
+    },
+    /// The link exists but is not attached to the cgroup.
+    #[error("hook {name} is not attached to {cgroup} (link {link_id}: cgroup id {found}, expected {expected})")]
+    NotAttached {
+        /// Program.
+        name: &'static str,
+        /// The subtree.
+        cgroup: PathBuf,
+        /// The link's id.
+        link_id: u32,
+        /// Cgroup id the link reports (0: detached).
+        found: u64,
+        /// The subtree's cgroup id.
+        expected: u64,
+    },
+    /// Reading a pin or the cgroup failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(io::Error) -> HooksError {
+    let what = what.into();
+    move |source| HooksError::Sys { what, source }
+}
+
+/// The pinned links of a pin directory: program name -> kernel information.
+pub fn link_status(dir: &Path) -> Result<BTreeMap<String, LinkInfo>, HooksError> {
+    let mut out = BTreeMap::new();
+    let Ok(rd) = fs::read_dir(links_dir(dir)) else { return Ok(out) };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let fd = bpfsys::obj_get(&e.path()).map_err(sys(format!("opening {}", e.path().display())))?;
+        out.insert(name, bpfsys::link_info(fd.as_fd()).map_err(sys("reading link info"))?);
+    }
+    Ok(out)
+}
+
+/// Checks that every program of this build has a pinned link in `dir`
+/// attached to `cgroup` (the kernel's link information, not a pid file).
+pub fn check_attached(dir: &Path, cgroup: &Path) -> Result<(), LinkCheckError> {
+    if !links_dir(dir).is_dir() {
+        return Err(LinkCheckError::NoPins(dir.into()));
+    }
+    let expected = crate::cgroup::cgroup_id(cgroup)
+        .map_err(|e| LinkCheckError::Io { path: cgroup.into(), source: io::Error::other(e.to_string()) })?;
+    for &(name, _) in rewire_bpf::PROGRAMS {
+        let path = links_dir(dir).join(name);
+        let fd = match bpfsys::obj_get(&path) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(LinkCheckError::Missing { name, path }),
+            Err(source) => return Err(LinkCheckError::Io { path, source }),
+        };
+        let info = bpfsys::link_info(fd.as_fd()).map_err(|source| LinkCheckError::Io { path: path.clone(), source })?;
+        if info.link_type != bpfsys::LINK_TYPE_CGROUP || info.cgroup_id != expected {
+            return Err(LinkCheckError::NotAttached {
+                name,
+                cgroup: cgroup.into(),
+                link_id: info.id,
+                found: info.cgroup_id,
+                expected,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads the pinned `rw_conf` (rule count, hop limit, SipHash key).
+pub fn read_pinned_conf(dir: &Path) -> Result<RwConf, HooksError> {
+    let fd = bpfsys::obj_get(&dir.join("rw_conf")).map_err(sys(format!("opening {}/rw_conf", dir.display())))?;
+    let size = bpfsys::map_info(fd.as_fd()).map_err(sys("reading rw_conf's info"))?.value_size as usize;
+    let v = bpfsys::map_lookup(&fd, &0u32.to_ne_bytes(), size).map_err(sys("reading rw_conf"))?;
+    if v.len() < 24 {
+        return Err(HooksError::Config(format!("rw_conf holds {size} bytes, too few for its key")));
+    }
+    // A layout with fields added at the end still has the key where it was.
+    let mut conf = RwConf::default();
+    let n = v.len().min(std::mem::size_of::<RwConf>());
+    // SAFETY: RwConf is repr(C) integers; n bytes fit in both.
+    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), &mut conf as *mut RwConf as *mut u8, n) };
+    Ok(conf)
+}
+
+/// What [`remove_pins`] removed.
+#[derive(Clone, Debug, Default)]
+pub struct Removed {
+    /// Links detached.
+    pub links: usize,
+    /// Other pins (maps) removed.
+    pub maps: usize,
+}
+
+/// Detaches every pinned link of `dir` (`BPF_LINK_DETACH`, so a process
+/// still holding one cannot keep it attached) and removes all pins and the
+/// directory.
+pub fn remove_pins(dir: &Path) -> Result<Removed, HooksError> {
+    let mut r = Removed::default();
+    if !dir.exists() {
+        return Ok(r);
+    }
+    if let Ok(rd) = fs::read_dir(links_dir(dir)) {
+        for e in rd.flatten() {
+            if let Ok(fd) = bpfsys::obj_get(&e.path()) {
+                let _ = bpfsys::link_detach(fd.as_fd());
+            }
+            fs::remove_file(e.path()).map_err(|e2| HooksError::Pin { path: e.path(), message: e2.to_string() })?;
+            r.links += 1;
+        }
+    }
+    for d in [stage_dir(dir), dir.to_path_buf()] {
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    fs::remove_file(e.path()).map_err(|e2| HooksError::Pin { path: e.path(), message: e2.to_string() })?;
+                    r.maps += 1;
+                }
+            }
+        }
+    }
+    for d in [links_dir(dir), stage_dir(dir), dir.to_path_buf()] {
+        match fs::remove_dir(&d) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(HooksError::Pin { path: d, message: e.to_string() }),
+            _ => {}
+        }
+    }
+    Ok(r)
+}
+
+/// Refuses a new configuration that would give a service that stays a
+/// different id: flows in progress carry service ids (positions in the
+/// config) in their records.
+pub fn check_service_ids(old: &Config, new: &Config) -> Result<(), String> {
+    for (i, s) in old.services.iter().enumerate() {
+        if let Some(j) = new.services.iter().position(|n| n.name.get_ref() == s.name.get_ref()) {
+            if i != j {
+                return Err(format!(
+                    "{}: service `{}` would move from position {} to {}; flows in progress name services by \
+                     position in their records, so keep the services that stay in their order (add new ones \
+                     at the end, remove from the end), or take everything down first (`rewire down`)",
+                    new.path.display(),
+                    s.name.get_ref(),
+                    i + 1,
+                    j + 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Hooks {
+    /// Attaches the hooks to `subtree` so that they outlive this process:
+    /// links and maps pinned under `dir`. What a previous instance left
+    /// there is adopted: its state maps are reused (flows in progress and
+    /// the SipHash key survive) and its links are kept as they are when
+    /// build and configuration are the same (unless `replace_programs`),
+    /// else updated in place to this build's programs and this
+    /// configuration. The hooks are never detached in between.
+    pub fn persistent(
+        config: &Config,
+        subtree: &Path,
+        dir: &Path,
+        replace_programs: bool,
+    ) -> Result<(Self, Outcome), HooksError> {
+        raise_memlock();
+        let links = links_dir(dir);
+        fs::create_dir_all(&links).map_err(|e| HooksError::Pin { path: links.clone(), message: e.to_string() })?;
+        let mut outcome = Outcome::default();
+        let existing = link_status(dir)?;
+        outcome.adopted = !existing.is_empty();
+        let bpf = load_generation(config, subtree, dir, &mut outcome)?;
+        let cg_id = crate::cgroup::cgroup_id(subtree).map_err(|e| HooksError::Config(e.to_string()))?;
+        if !replace_programs && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id)? {
+            let _ = fs::remove_dir_all(stage_dir(dir));
+            let outcome = Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, ..Default::default() };
+            return Ok((Self { bpf, cgroup: subtree.into(), pinned: None }, outcome));
+        }
+        switch(&bpf, subtree, cg_id, dir, &mut outcome)?;
+        publish(dir)?;
+        Ok((Self { bpf, cgroup: subtree.into(), pinned: None }, outcome))
+    }
+
+    /// Applies a new configuration to hooks made by [`Hooks::persistent`]:
+    /// a new generation (fresh tables, the same state maps and key) goes
+    /// live with link updates. On error the running generation stays.
+    pub fn reload(&mut self, config: &Config, dir: &Path) -> Result<Outcome, HooksError> {
+        let mut outcome = Outcome::default();
+        let bpf = load_generation(config, &self.cgroup, dir, &mut outcome)?;
+        let cg_id = crate::cgroup::cgroup_id(&self.cgroup).map_err(|e| HooksError::Config(e.to_string()))?;
+        switch(&bpf, &self.cgroup, cg_id, dir, &mut outcome)?;
+        publish(dir)?;
+        self.bpf = bpf;
+        Ok(outcome)
+    }
+}
+
+/// Loads one generation: the object with the pinned state maps (where
+/// their layout still fits), fresh configuration maps filled from
+/// `config` with the pinned SipHash key, every program loaded (not
+/// attached); every map staged under `<dir>/stage/`.
+fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Outcome) -> Result<Ebpf, HooksError> {
+    let object = rewire_bpf::object();
+    let obj = aya_obj::Object::parse(object).map_err(|e| HooksError::Config(format!("parsing rewire's BPF object: {e}")))?;
+    let stage = stage_dir(dir);
+    let _ = fs::remove_dir_all(&stage); // a crashed earlier attempt's
+    fs::create_dir_all(&stage).map_err(|e| HooksError::Pin { path: stage.clone(), message: e.to_string() })?;
+
+    let mut loader = EbpfLoader::new();
+    for (name, def) in &obj.maps {
+        if name.starts_with('.') || CONFIG_MAPS.contains(&name.as_str()) {
+            continue;
+        }
+        let path = dir.join(name);
+        match bpfsys::obj_get(&path) {
+            Ok(fd) => {
+                let info = bpfsys::map_info(fd.as_fd()).map_err(sys(format!("reading {}", path.display())))?;
+                let fits = info.map_type == def.map_type()
+                    && info.key_size == def.key_size()
+                    && info.value_size == def.value_size()
+                    && info.max_entries == def.max_entries();
+                if fits {
+                    loader.map_pin_path(name, path);
+                    outcome.kept_maps.push(name.clone());
+                } else {
+                    tracing::warn!(
+                        "map {name}: pinned layout (type {}, key {} B, value {} B, {} entries) differs from this \
+                         build's; it is replaced, flows in progress lose what was in it",
+                        info.map_type,
+                        info.key_size,
+                        info.value_size,
+                        info.max_entries
+                    );
+                    outcome.fresh_maps.push(name.clone());
+                }
+            }
+            // Not pinned yet: aya creates and pins it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                loader.map_pin_path(name, path);
+            }
+            Err(e) => return Err(sys(format!("opening {}", path.display()))(e)),
+        }
+    }
+    let mut bpf = loader.load(object)?;
+    fill_maps(&mut bpf, config, subtree, crate::hooks::Faults::default())?;
+    keep_key(&mut bpf, dir)?;
+    for &(name, _) in rewire_bpf::PROGRAMS {
+        let prog = bpf.program_mut(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
+        let err = |source| HooksError::Program { name, source };
+        match prog {
+            Program::CgroupSockAddr(p) => p.load().map_err(err)?,
+            Program::CgroupSock(p) => p.load().map_err(err)?,
+            Program::CgroupSockopt(p) => p.load().map_err(err)?,
+            Program::SockOps(p) => p.load().map_err(err)?,
+            Program::CgroupSkb(p) => p.load().map_err(err)?,
+            Program::CgroupSysctl(p) => p.load().map_err(err)?,
+            Program::CgroupDevice(p) => p.load().map_err(err)?,
+            _ => return Err(HooksError::Config(format!("program {name} is not a cgroup program"))),
+        }
+    }
+    for (name, map) in bpf.maps() {
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = stage.join(name);
+        map.pin(&path).map_err(|e| HooksError::Pin { path, message: e.to_string() })?;
+    }
+    Ok(bpf)
+}
+
+/// Carries the SipHash key of the pinned `rw_conf` (if any) into the new
+/// generation's, so records handed out before stay valid.
+fn keep_key(bpf: &mut Ebpf, dir: &Path) -> Result<(), HooksError> {
+    let Ok(old) = read_pinned_conf(dir) else { return Ok(()) };
+    let map = bpf.map_mut("rw_conf").ok_or_else(|| HooksError::Config("object lacks rw_conf".into()))?;
+    let mut arr: Array<&mut MapData, Pod<RwConf>> =
+        Array::try_from(map).map_err(|source| HooksError::Map { name: "rw_conf", source })?;
+    let mut conf = arr.get(&0, 0).map_err(|source| HooksError::Map { name: "rw_conf", source })?;
+    conf.0.key = old.key;
+    arr.set(0, conf, 0).map_err(|source| HooksError::Map { name: "rw_conf", source })
+}
+
+fn prog_fd<'a>(bpf: &'a Ebpf, name: &'static str) -> Result<std::os::fd::BorrowedFd<'a>, HooksError> {
+    let prog = bpf.program(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
+    Ok(prog.fd().map_err(|source| HooksError::Program { name, source })?.as_fd())
+}
+
+/// Whether the live links already run this generation's programs with
+/// tables of the same content (then nothing needs to change).
+fn same_as_live(bpf: &Ebpf, dir: &Path, existing: &BTreeMap<String, LinkInfo>, cg_id: u64) -> Result<bool, HooksError> {
+    if existing.len() != rewire_bpf::PROGRAMS.len() {
+        return Ok(false);
+    }
+    let mut pinned_ids = BTreeMap::new();
+    for &name in CONFIG_MAPS {
+        let Ok(fd) = bpfsys::obj_get(&dir.join(name)) else { return Ok(false) };
+        let id = bpfsys::map_info(fd.as_fd()).map_err(sys("map info"))?.id;
+        let staged = bpfsys::obj_get(&stage_dir(dir).join(name)).map_err(sys(format!("opening staged {name}")))?;
+        // Different tables: a reload is needed.
+        if bpfsys::map_dump(&fd).map_err(sys("reading a map"))? != bpfsys::map_dump(&staged).map_err(sys("reading a map"))? {
+            return Ok(false);
+        }
+        pinned_ids.insert(name.to_string(), id);
+    }
+    for &(name, _) in rewire_bpf::PROGRAMS {
+        let Some(link) = existing.get(name) else { return Ok(false) };
+        if link.link_type != bpfsys::LINK_TYPE_CGROUP || link.cgroup_id != cg_id {
+            return Ok(false);
+        }
+        let old = bpfsys::prog_by_id(link.prog_id).and_then(|fd| bpfsys::prog_info(fd.as_fd())).map_err(sys("program info"))?;
+        let new = bpfsys::prog_info(prog_fd(bpf, name)?).map_err(sys("program info"))?;
+        if old.tag != new.tag {
+            return Ok(false);
+        }
+        // The live program must use the pinned tables (a reload that died
+        // half-way may have left it on unpinned ones).
+        for id in old.map_ids {
+            let info = bpfsys::map_by_id(id).and_then(|fd| bpfsys::map_info(fd.as_fd())).map_err(sys("map info"))?;
+            if let Some(&pinned) = pinned_ids.get(&info.name) {
+                if pinned != id {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Puts a loaded generation live: every program's pinned link is updated
+/// in place (atomic per hook), programs without one get a new pinned
+/// link, and links of programs this build no longer has are detached.
+fn switch(bpf: &Ebpf, subtree: &Path, cg_id: u64, dir: &Path, outcome: &mut Outcome) -> Result<(), HooksError> {
+    let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;
+    let links = links_dir(dir);
+    for &(name, section) in rewire_bpf::PROGRAMS {
+        let prog = prog_fd(bpf, name)?;
+        let path = links.join(name);
+        match bpfsys::obj_get(&path) {
+            Ok(link) => {
+                let info = bpfsys::link_info(link.as_fd()).map_err(sys(format!("link {name}")))?;
+                if info.link_type == bpfsys::LINK_TYPE_CGROUP && info.cgroup_id == cg_id {
+                    bpfsys::link_update(link.as_fd(), prog).map_err(sys(format!("updating link {name}")))?;
+                    outcome.replaced.push(name.to_string());
+                    continue;
+                }
+                // Detached (or elsewhere): replace it with a new link.
+                let _ = bpfsys::link_detach(link.as_fd());
+                fs::remove_file(&path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(sys(format!("opening {}", path.display()))(e)),
+        }
+        let attach_type = bpfsys::cgroup_attach_type(section)
+            .ok_or_else(|| HooksError::Config(format!("program {name}: unknown cgroup section {section}")))?;
+        let link: OwnedFd =
+            bpfsys::link_create(prog, cg.as_fd(), attach_type).map_err(sys(format!("attaching {name}")))?;
+        bpfsys::obj_pin(link.as_fd(), &path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
+        outcome.attached.push(name.to_string());
+    }
+    if let Ok(rd) = fs::read_dir(&links) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !rewire_bpf::PROGRAMS.iter().any(|&(p, _)| p == name) {
+                if let Ok(fd) = bpfsys::obj_get(&e.path()) {
+                    let _ = bpfsys::link_detach(fd.as_fd());
+                }
+                let _ = fs::remove_file(e.path());
+                outcome.detached.push(name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the staged maps of the generation now live the pinned ones
+/// (rename over the old pin; maps that are the same object stay).
+fn publish(dir: &Path) -> Result<(), HooksError> {
+    let stage = stage_dir(dir);
+    let rd = fs::read_dir(&stage).map_err(|e| HooksError::Pin { path: stage.clone(), message: e.to_string() })?;
+    for e in rd.flatten() {
+        let target = dir.join(e.file_name());
+        let same = match (bpfsys::obj_get(&e.path()), bpfsys::obj_get(&target)) {
+            (Ok(a), Ok(b)) => {
+                let (a, b) = (bpfsys::map_info(a.as_fd()), bpfsys::map_info(b.as_fd()));
+                matches!((a, b), (Ok(a), Ok(b)) if a.id == b.id)
+            }
+            _ => false,
+        };
+        if same {
+            let _ = fs::remove_file(e.path());
+        } else {
+            fs::rename(e.path(), &target).map_err(|err| HooksError::Pin { path: target.clone(), message: err.to_string() })?;
+        }
+    }
+    let _ = fs::remove_dir(&stage);
+    Ok(())
+}
