@@ -168,6 +168,9 @@ pub struct Faults {
     pub no_storage: bool,
 }
 
+/// How many programs the hooks attach (each gets a link).
+pub const PROGRAM_COUNT: usize = rewire_bpf::PROGRAMS.len();
+
 /// Turns the kernel's BPF run-time statistics on (for every program on the
 /// machine) for as long as the returned descriptor stays open. They cost
 /// two clock reads per program run, so measure with them, not under them.
