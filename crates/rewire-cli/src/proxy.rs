@@ -142,11 +142,11 @@ pub fn main(a: ProxyArgs) -> Result<()> {
         tracing::info!("proxy {} listening on {:?} (tcp), {:?} (udp)", a.name, listen, udp_listen);
         let budget = rewire_proxy::limits::Budget::for_this_process();
         tracing::info!(
-            "{}: descriptor budget {} (a spliced flow takes 6, a copied one 2: room for about {} spliced flows; \
-             beyond that flows are copied, then accepting waits for flows to end)",
+            "{}: descriptor budget {} (a flow holds 2, and a pipe of 2 more per direction while a chunk is in flight: room for about {} flows; \
+             beyond that, new connections wait in the listen backlog)",
             a.name,
             budget.total(),
-            budget.total() / 6
+            budget.total() / 2
         );
         let proxy = rewire_proxy::Proxy::new(opts, budget);
         let (tx, mut rx) = mpsc::unbounded_channel();

@@ -52,7 +52,7 @@ pub mod relay;
 pub mod udp;
 pub use relay::RelayMode;
 
-use limits::{Budget, Tally, TCP_FLOW_FDS};
+use limits::{Budget, Tally, ACCEPT_HEADROOM, TCP_FLOW_FDS};
 
 /// Live flows get this long to end after the proxy was told to stop, unless told otherwise.
 pub const DEFAULT_GRACE: Duration = Duration::from_millis(5000);
@@ -613,13 +613,13 @@ async fn accept_loop(
 ) {
     loop {
         // Room for one more flow, or wait: the kernel's backlog holds new connections meanwhile.
-        let grant = match proxy.budget.try_take(TCP_FLOW_FDS) {
+        let grant = match proxy.budget.try_take_leaving(TCP_FLOW_FDS, ACCEPT_HEADROOM) {
             Some(g) => g,
             None => {
                 let b = &proxy.budget;
                 proxy.accept_paused.note(format_args!("{} of {} descriptors held by flows", b.used(), b.total()));
                 tokio::select! {
-                    g = b.take(TCP_FLOW_FDS) => g,
+                    g = b.take_leaving(TCP_FLOW_FDS, ACCEPT_HEADROOM) => g,
                     _ = reached(&mut phase, Phase::Drain) => break,
                 }
             }

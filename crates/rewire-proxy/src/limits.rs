@@ -5,21 +5,25 @@
 //! # Per-flow budget
 //!
 //! **Descriptors.** A TCP flow holds the accepted socket and its onward
-//! socket ([`TCP_FLOW_FDS`] = 2), plus one pipe (2 descriptors) per
-//! direction while it splices ([`PIPE_FDS`]; a spliced flow costs 6 in all),
-//! or one epoll descriptor per direction handed to the kernel fast path
-//! (`--relay kernel`: 4). A UDP flow holds its flow socket and its onward
-//! socket ([`UDP_FLOW_FDS`] = 2). The proxy raises its soft
-//! `RLIMIT_NOFILE` to the hard limit at start ([`raise_nofile`]); its
-//! [`Budget`] is that limit minus what is open when it starts serving and
-//! [`SPARE_FDS`] for everything else (the log, tokio's own descriptors, the
-//! kernel fast path's BPF object). Near the end of the budget it degrades
-//! step by step and says so:
+//! socket ([`TCP_FLOW_FDS`] = 2). Splice needs a pipe ([`PIPE_FDS`] = 2)
+//! only while a chunk is in flight: pipes come from a per-thread pool of
+//! at most 8 idle pipes (16 descriptors per relaying thread) and go back
+//! when drained, so an idle spliced flow costs 2 descriptors and one whose
+//! destination is slow to take a chunk costs up to 6 (a pipe per
+//! direction). A direction handed to the kernel fast path (`--relay
+//! kernel`) holds an epoll set ([`FAST_PATH_FDS`] = 1). A UDP flow holds
+//! its flow socket and its onward socket ([`UDP_FLOW_FDS`] = 2). The proxy
+//! raises its soft `RLIMIT_NOFILE` to the hard limit at start
+//! ([`raise_nofile`]); its [`Budget`] is that limit minus what is open when
+//! it starts serving and [`SPARE_FDS`] for everything else (the log,
+//! tokio's own descriptors, the raw ICMP sockets, the kernel fast path's
+//! BPF object). Near the end of the budget it degrades step by step and
+//! says so:
 //!
-//! 1. a direction whose pipe cannot be had (budget exhausted, or
-//!    `pipe2` failed with `EMFILE`/`ENFILE`) is relayed with a user-space
-//!    copy instead (the flow line says `relay_fell_back`);
-//! 2. when the budget cannot hold one more copied flow, the proxy stops
+//! 1. a chunk for which no pipe can be had (budget exhausted, or `pipe2`
+//!    failed with `EMFILE`/`ENFILE`) is relayed with a user-space copy
+//!    instead (the flow line says `relay_fell_back`);
+//! 2. when the budget cannot hold one more flow's sockets, the proxy stops
 //!    accepting: new connections wait in the kernel's listen backlog (the
 //!    kernel applies backpressure: clients see a slow handshake, then
 //!    refusals only once the backlog is full) and accepting resumes as soon
@@ -57,6 +61,9 @@ pub const UDP_FLOW_FDS: usize = 2;
 pub const PIPE_FDS: usize = 2;
 /// Descriptors of one direction handed to the kernel fast path (its epoll set).
 pub const FAST_PATH_FDS: usize = 1;
+/// Descriptors a new connection must leave free in the budget to be
+/// accepted: room for the pipes of two chunks in flight.
+pub const ACCEPT_HEADROOM: usize = 2 * PIPE_FDS;
 /// Descriptors kept out of the budget for everything that is not a flow.
 pub const SPARE_FDS: usize = 64;
 
@@ -152,9 +159,14 @@ impl Budget {
 
     /// Takes `n` descriptors if the budget has them.
     pub fn try_take(self: &Arc<Self>, n: usize) -> Option<Grant> {
+        self.try_take_leaving(n, 0)
+    }
+
+    /// Takes `n` descriptors if the budget has them and `keep_free` more.
+    pub fn try_take_leaving(self: &Arc<Self>, n: usize, keep_free: usize) -> Option<Grant> {
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
-            if cur + n > self.total {
+            if cur + n + keep_free > self.total {
                 return None;
             }
             match self.used.compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed) {
@@ -167,13 +179,13 @@ impl Budget {
         }
     }
 
-    /// Waits until `n` descriptors are free and takes them.
-    pub async fn take(self: &Arc<Self>, n: usize) -> Grant {
+    /// Waits until `n` descriptors (and `keep_free` more) are free and takes `n`.
+    pub async fn take_leaving(self: &Arc<Self>, n: usize, keep_free: usize) -> Grant {
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(g) = self.try_take(n) {
+            if let Some(g) = self.try_take_leaving(n, keep_free) {
                 return g;
             }
             freed.await;
@@ -186,6 +198,13 @@ impl Budget {
 pub struct Grant {
     budget: Arc<Budget>,
     n: usize,
+}
+
+impl Grant {
+    /// Whether it was taken from `budget`.
+    pub fn is_of(&self, budget: &Arc<Budget>) -> bool {
+        Arc::ptr_eq(&self.budget, budget)
+    }
 }
 
 impl Drop for Grant {
@@ -302,7 +321,7 @@ mod tests {
         let b = Budget::new(2);
         let g = b.try_take(2).unwrap();
         let b2 = b.clone();
-        let waiter = tokio::spawn(async move { b2.take(2).await });
+        let waiter = tokio::spawn(async move { b2.take_leaving(2, 0).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished(), "take must wait while the budget is used up");
         drop(g);

@@ -29,10 +29,14 @@
 //! the sockets (logged once as a warning), and when the other side has
 //! already half-closed the flow (sockmaps take established sockets only).
 //!
-//! Descriptors: a spliced direction needs a pipe (two descriptors). When
-//! the proxy's descriptor [`Budget`] has none left, or `pipe2` fails with
-//! `EMFILE`/`ENFILE`, the flow is relayed with the copy relay instead (as
-//! for a refused splice); [`Progress::pipes_refused`] tells the caller.
+//! Descriptors: a spliced chunk needs a pipe (two descriptors). The relay
+//! moves one chunk at a time and drains the pipe before it reads the next,
+//! so a pipe is taken from a small per-thread pool for the chunk and given
+//! back when it is empty: an idle spliced flow holds no pipe, only its two
+//! sockets, and only flows whose destination is slow to take a chunk hold
+//! one. When the proxy's descriptor [`Budget`] has none left, or `pipe2`
+//! fails with `EMFILE`/`ENFILE`, that chunk goes through user space
+//! instead; [`Progress::pipes_refused`] tells the caller.
 //!
 //! Memory: the copy relay keeps no buffer of its own while a flow is
 //! idle. It reads into one scratch buffer per thread and writes at once;
@@ -237,10 +241,15 @@ pub async fn relay_with(
             }
         }
     };
-    if r.as_ref().is_ok_and(|s| s.fell_back) {
+    // Chunks copied for want of a pipe: a fallback did some of the work.
+    let refused = p.pipes_refused.load(Ordering::Relaxed);
+    if refused || r.as_ref().is_ok_and(|s| s.fell_back) {
         p.fell_back.store(true, Ordering::Relaxed);
     }
-    r
+    r.map(|mut s| {
+        s.fell_back |= refused;
+        s
+    })
 }
 
 async fn copy(a: &TcpStream, b: &TcpStream, ab: Way<'_>, ba: Way<'_>) -> io::Result<RelayStats> {
@@ -286,6 +295,11 @@ struct Pipe {
 }
 
 impl Pipe {
+    /// Whether its descriptors are counted in `budget`.
+    fn of(&self, budget: &Arc<Budget>) -> bool {
+        self._grant.is_of(budget)
+    }
+
     /// A pipe, or `None` when the budget or the system has no descriptors for it.
     fn new(budget: &Arc<Budget>) -> io::Result<Option<Self>> {
         let Some(grant) = budget.try_take(PIPE_FDS) else { return Ok(None) };
@@ -365,6 +379,38 @@ async fn one_way(
     }
 }
 
+/// Idle pipes kept per thread for the next chunk.
+const POOL_MAX: usize = 8;
+
+thread_local! {
+    /// Empty pipes ready for the next chunk of any flow on this thread.
+    static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty pipe from the thread's pool (one of `budget`'s), or a new one;
+/// `None` when neither the budget nor the system has descriptors for it.
+fn take_pipe(budget: &Arc<Budget>) -> io::Result<Option<Pipe>> {
+    let pooled = PIPES.with_borrow_mut(|pool| pool.iter().rposition(|p| p.of(budget)).map(|i| pool.swap_remove(i)));
+    match pooled {
+        Some(p) => Ok(Some(p)),
+        None => Pipe::new(budget),
+    }
+}
+
+/// Gives an empty pipe back to the thread's pool (or closes it).
+fn put_pipe(p: Pipe) {
+    PIPES.with_borrow_mut(|pool| {
+        if pool.len() < POOL_MAX {
+            pool.push(p);
+        }
+    });
+}
+
+/// One direction with splice, chunk by chunk: each chunk goes from the
+/// source into a pipe and from the pipe into the destination before the
+/// next is read, so a pipe is only held while its chunk is in flight and
+/// then goes back to the thread's pool: an idle spliced flow holds no pipe.
+/// A chunk for which no pipe can be had goes through user space instead.
 async fn splice_one_way(
     src: &TcpStream,
     dst: &TcpStream,
@@ -372,29 +418,44 @@ async fn splice_one_way(
     force_einval: bool,
     way: Way<'_>,
 ) -> Result<u64, Result<NothingMoved, io::Error>> {
-    let Some(pipe) = Pipe::new(way.budget).map_err(Err)? else {
-        way.refused.store(true, Ordering::Relaxed);
-        return Err(Ok(NothingMoved));
-    };
-    let (sfd, dfd, pr, pw) = (src.as_raw_fd(), dst.as_raw_fd(), pipe.r.as_raw_fd(), pipe.w.as_raw_fd());
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut total = 0u64;
+    let mut pending = Vec::new();
     loop {
         // Socket to pipe: wait until the source has data (or EOF).
-        let n = loop {
-            src.readable().await.map_err(Err)?;
-            let r = if force_einval && total == 0 {
-                Err(io::Error::from_raw_os_error(libc::EINVAL))
-            } else {
-                src.try_io(Interest::READABLE, || splice(sfd, pw, CHUNK))
-            };
-            match r {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if total == 0 && splice_refused(&e) => return Err(Ok(NothingMoved)),
-                Err(e) => return Err(Err(e)),
+        src.readable().await.map_err(Err)?;
+        let Some(pipe) = take_pipe(way.budget).map_err(Err)? else {
+            way.refused.store(true, Ordering::Relaxed);
+            match copy_chunk(src, dst, way, &mut pending).map_err(Err)? {
+                None => continue,
+                Some(0) => {
+                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                    return Ok(total);
+                }
+                Some(n) => {
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    total += n as u64;
+                    flush_pending(dst, way, &mut pending).await.map_err(Err)?;
+                    continue;
+                }
             }
         };
+        let r = if force_einval && total == 0 {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        } else {
+            src.try_io(Interest::READABLE, || splice(sfd, pipe.w.as_raw_fd(), CHUNK))
+        };
+        let n = match r {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                put_pipe(pipe);
+                continue;
+            }
+            Err(e) if total == 0 && splice_refused(&e) => return Err(Ok(NothingMoved)),
+            Err(e) => return Err(Err(e)),
+        };
         if n == 0 {
+            put_pipe(pipe);
             let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
             return Ok(total);
         }
@@ -403,7 +464,7 @@ async fn splice_one_way(
         let mut left = n;
         while left > 0 {
             dst.writable().await.map_err(Err)?;
-            match dst.try_io(Interest::WRITABLE, || splice(pr, dfd, left)) {
+            match dst.try_io(Interest::WRITABLE, || splice(pipe.r.as_raw_fd(), dfd, left)) {
                 Ok(m) => {
                     left -= m;
                     way.done.fetch_add(m as u64, Ordering::Relaxed);
@@ -412,6 +473,7 @@ async fn splice_one_way(
                 Err(e) => return Err(Err(e)),
             }
         }
+        put_pipe(pipe); // empty again
         total += n as u64;
     }
 }
@@ -424,6 +486,40 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; COPY_CHUNK]);
 }
 
+/// One read from `src` into the thread's scratch buffer, written to `dst`
+/// at once; what `dst` did not take is appended to `pending`. `None`: nothing
+/// to read (the readiness is cleared); `Some(0)`: end-of-file.
+fn copy_chunk(src: &TcpStream, dst: &TcpStream, way: Way<'_>, pending: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let n = match src.try_read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(Some(0));
+        }
+        let w = match dst.try_write(&buf[..n]) {
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        way.done.fetch_add(w as u64, Ordering::Relaxed);
+        pending.extend_from_slice(&buf[w..n]);
+        Ok(Some(n))
+    })
+}
+
+/// Writes what [`copy_chunk`] left over, and frees it.
+async fn flush_pending(dst: &TcpStream, way: Way<'_>, pending: &mut Vec<u8>) -> io::Result<()> {
+    if !pending.is_empty() {
+        write_all(dst, pending).await?;
+        way.done.fetch_add(pending.len() as u64, Ordering::Relaxed);
+        *pending = Vec::new();
+    }
+    Ok(())
+}
+
 /// One direction in user space until end-of-file, then `shutdown(SHUT_WR)`
 /// on `dst`. Reads into the thread's scratch buffer and writes at once;
 /// keeps (in memory of its own) only what `dst` did not take, and frees it
@@ -432,33 +528,8 @@ async fn copy_one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, way: 
     let mut total = 0u64;
     let mut pending: Vec<u8> = Vec::new();
     loop {
-        if !pending.is_empty() {
-            write_all(dst, &pending).await?;
-            way.done.fetch_add(pending.len() as u64, Ordering::Relaxed);
-            pending = Vec::new();
-        }
         src.readable().await?;
-        let got = SCRATCH.with_borrow_mut(|buf| -> io::Result<Option<usize>> {
-            let n = match src.try_read(buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                return Ok(Some(0));
-            }
-            let w = match dst.try_write(&buf[..n]) {
-                Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
-            };
-            way.done.fetch_add(w as u64, Ordering::Relaxed);
-            if w < n {
-                pending.extend_from_slice(&buf[w..n]);
-            }
-            Ok(Some(n))
-        })?;
-        match got {
+        match copy_chunk(src, dst, way, &mut pending)? {
             None => continue,
             Some(0) => {
                 let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
@@ -467,6 +538,7 @@ async fn copy_one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, way: 
             Some(n) => {
                 moved.fetch_add(n as u64, Ordering::Relaxed);
                 total += n as u64;
+                flush_pending(dst, way, &mut pending).await?;
             }
         }
     }
