@@ -140,7 +140,7 @@ pub fn main(a: ProxyArgs) -> Result<()> {
             tracing::warn!("{}: closing a socket the service manager passed for no listen address of ours: {s}", a.name);
         }
         tracing::info!("proxy {} listening on {:?} (tcp), {:?} (udp)", a.name, listen, udp_listen);
-        let budget = rewire_proxy::limits::Budget::for_this_process();
+        let budget = rewire_proxy::limits::Budget::for_this_process(a.threads.into());
         tracing::info!(
             "{}: descriptor budget {} (a flow holds 2, and a pipe of 2 more per direction while a chunk is in flight: room for about {} flows; \
              beyond that, new connections wait in the listen backlog)",

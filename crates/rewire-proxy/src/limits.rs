@@ -7,8 +7,9 @@
 //! **Descriptors.** A TCP flow holds the accepted socket and its onward
 //! socket ([`TCP_FLOW_FDS`] = 2). Splice needs a pipe ([`PIPE_FDS`] = 2)
 //! only while a chunk is in flight: pipes come from a per-thread pool of
-//! at most 8 idle pipes (16 descriptors per relaying thread) and go back
-//! when drained, so an idle spliced flow costs 2 descriptors and one whose
+//! at most 4 idle pipes (8 descriptors per relaying thread, set aside
+//! outside the flows' budget) and go back when drained, so an idle spliced
+//! flow costs 2 descriptors and one whose
 //! destination is slow to take a chunk costs up to 6 (a pipe per
 //! direction). A direction handed to the kernel fast path (`--relay
 //! kernel`) holds an epoll set ([`FAST_PATH_FDS`] = 1). A UDP flow holds
@@ -131,10 +132,13 @@ impl Budget {
     }
 
     /// The budget of this process: the soft `RLIMIT_NOFILE`, less what is
-    /// open now and [`SPARE_FDS`]. Call it after binding the listeners.
-    pub fn for_this_process() -> Arc<Self> {
+    /// open now, [`SPARE_FDS`], and the idle pipes of `threads` relaying
+    /// threads' pools ([`POOL_FDS`](crate::relay::POOL_FDS) each). Call it
+    /// after binding the listeners.
+    pub fn for_this_process(threads: usize) -> Arc<Self> {
         let open = open_fds().unwrap_or(64);
-        Self::new((nofile_limit() as usize).saturating_sub(open + SPARE_FDS))
+        let aside = open + SPARE_FDS + threads.max(1) * crate::relay::POOL_FDS;
+        Self::new((nofile_limit() as usize).saturating_sub(aside))
     }
 
     /// A budget nothing exhausts (for relays used outside a proxy).
@@ -198,13 +202,6 @@ impl Budget {
 pub struct Grant {
     budget: Arc<Budget>,
     n: usize,
-}
-
-impl Grant {
-    /// Whether it was taken from `budget`.
-    pub fn is_of(&self, budget: &Arc<Budget>) -> bool {
-        Arc::ptr_eq(&self.budget, budget)
-    }
 }
 
 impl Drop for Grant {

@@ -290,19 +290,17 @@ const PIPE_SIZE: libc::c_int = 1 << 20;
 struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
-    /// Its two descriptors in the budget (declared last: given back after closing).
+}
+
+/// A pipe in use by a chunk, its descriptors counted in a flow's budget.
+struct Lent {
+    pipe: Option<Pipe>,
     _grant: Grant,
 }
 
 impl Pipe {
-    /// Whether its descriptors are counted in `budget`.
-    fn of(&self, budget: &Arc<Budget>) -> bool {
-        self._grant.is_of(budget)
-    }
-
-    /// A pipe, or `None` when the budget or the system has no descriptors for it.
-    fn new(budget: &Arc<Budget>) -> io::Result<Option<Self>> {
-        let Some(grant) = budget.try_take(PIPE_FDS) else { return Ok(None) };
+    /// A new pipe, or `None` when the system has no descriptors for it.
+    fn new() -> io::Result<Option<Self>> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 fills two fds on success; we own them from then on.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -310,7 +308,7 @@ impl Pipe {
             return if out_of_descriptors(&e) { Ok(None) } else { Err(e) };
         }
         // SAFETY: fresh fds returned by pipe2, owned by nobody else.
-        let p = unsafe { Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]), _grant: grant } };
+        let p = unsafe { Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]) } };
         // A larger pipe means fewer splice calls for bulk flows; an
         // unprivileged process may be limited by fs.pipe-max-size: best effort.
         // SAFETY: plain fcntl on an fd we own.
@@ -379,31 +377,51 @@ async fn one_way(
     }
 }
 
-/// Idle pipes kept per thread for the next chunk.
-const POOL_MAX: usize = 8;
+/// Idle pipes kept per relaying thread for the next chunk. They are not
+/// in any flow's budget (a proxy sets [`POOL_FDS`] per thread aside).
+pub const POOL_MAX: usize = 4;
+/// Descriptors the idle pipes of one thread's pool may hold.
+pub const POOL_FDS: usize = POOL_MAX * PIPE_FDS;
 
 thread_local! {
     /// Empty pipes ready for the next chunk of any flow on this thread.
     static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// An empty pipe from the thread's pool (one of `budget`'s), or a new one;
-/// `None` when neither the budget nor the system has descriptors for it.
-fn take_pipe(budget: &Arc<Budget>) -> io::Result<Option<Pipe>> {
-    let pooled = PIPES.with_borrow_mut(|pool| pool.iter().rposition(|p| p.of(budget)).map(|i| pool.swap_remove(i)));
-    match pooled {
-        Some(p) => Ok(Some(p)),
-        None => Pipe::new(budget),
+/// An empty pipe for a chunk, from the thread's pool or new, counted in
+/// `budget` while lent; `None` when the budget or the system has no
+/// descriptors for it.
+fn take_pipe(budget: &Arc<Budget>) -> io::Result<Option<Lent>> {
+    let Some(grant) = budget.try_take(PIPE_FDS) else { return Ok(None) };
+    let pipe = match PIPES.with_borrow_mut(Vec::pop) {
+        Some(p) => p,
+        None => match Pipe::new()? {
+            Some(p) => p,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(Lent { pipe: Some(pipe), _grant: grant }))
+}
+
+/// Gives an empty pipe back to the thread's pool (or closes it), and its
+/// descriptors back to the budget.
+fn put_pipe(mut lent: Lent) {
+    if let Some(p) = lent.pipe.take() {
+        PIPES.with_borrow_mut(|pool| {
+            if pool.len() < POOL_MAX {
+                pool.push(p);
+            }
+        });
     }
 }
 
-/// Gives an empty pipe back to the thread's pool (or closes it).
-fn put_pipe(p: Pipe) {
-    PIPES.with_borrow_mut(|pool| {
-        if pool.len() < POOL_MAX {
-            pool.push(p);
-        }
-    });
+impl Lent {
+    fn r(&self) -> RawFd {
+        self.pipe.as_ref().map_or(-1, |p| p.r.as_raw_fd())
+    }
+    fn w(&self) -> RawFd {
+        self.pipe.as_ref().map_or(-1, |p| p.w.as_raw_fd())
+    }
 }
 
 /// One direction with splice, chunk by chunk: each chunk goes from the
@@ -443,7 +461,7 @@ async fn splice_one_way(
         let r = if force_einval && total == 0 {
             Err(io::Error::from_raw_os_error(libc::EINVAL))
         } else {
-            src.try_io(Interest::READABLE, || splice(sfd, pipe.w.as_raw_fd(), CHUNK))
+            src.try_io(Interest::READABLE, || splice(sfd, pipe.w(), CHUNK))
         };
         let n = match r {
             Ok(n) => n,
@@ -464,7 +482,7 @@ async fn splice_one_way(
         let mut left = n;
         while left > 0 {
             dst.writable().await.map_err(Err)?;
-            match dst.try_io(Interest::WRITABLE, || splice(pipe.r.as_raw_fd(), dfd, left)) {
+            match dst.try_io(Interest::WRITABLE, || splice(pipe.r(), dfd, left)) {
                 Ok(m) => {
                     left -= m;
                     way.done.fetch_add(m as u64, Ordering::Relaxed);
