@@ -83,7 +83,7 @@ pub fn raise_nofile() -> io::Result<(u64, u64)> {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok((old as u64, lim.rlim_cur as u64))
+    Ok((old, lim.rlim_cur))
 }
 
 /// The soft `RLIMIT_NOFILE`.
@@ -91,7 +91,7 @@ pub fn nofile_limit() -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_cur as u64
+        lim.rlim_cur
     } else {
         1024
     }
