@@ -376,7 +376,7 @@ impl Proxy {
             no_records: t("connections without records refused"),
             udp_no_records: t("udp datagrams without records dropped"),
             udp_over_capacity: t("udp datagrams of new flows refused over capacity"),
-            accept_paused: t("pauses in accepting: the descriptor budget is used up, new connections wait in the listen backlog"),
+            accept_paused: t("pauses in accepting (descriptor budget used up; new connections wait in the listen backlog)"),
             pipes_refused: t("flows relayed by copy instead of splice for want of descriptors"),
             accept_errors: t("failed accepts"),
             flow_errors: t("flows failed"),

@@ -59,9 +59,13 @@ struct Rig {
 }
 
 async fn rig(grace: Duration, budget: Arc<Budget>, destination: Destination) -> Rig {
+    rig_on("127.0.0.1", grace, budget, destination).await
+}
+
+async fn rig_on(ip: &str, grace: Duration, budget: Arc<Budget>, destination: Destination) -> Rig {
     // A port free for TCP and UDP.
     let (listeners, udp, addr) = loop {
-        let t = rewire_proxy::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+        let t = rewire_proxy::bind(&[SocketAddr::new(ip.parse().unwrap(), 0)]).unwrap();
         let addr = t[0].local_addr().unwrap();
         if let Ok(u) = rewire_proxy::udp::bind(&[addr]) {
             break (t, u, addr);
@@ -299,23 +303,26 @@ async fn udp_over_capacity_is_counted_and_the_sender_told() {
     );
     bounded(async {
         let server = echo().await;
-        // Room for one UDP flow.
-        let mut rig = rig(Duration::from_millis(100), Budget::new(2), Destination::FixedForTests(server)).await;
-        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        a.connect(rig.addr).await.unwrap();
-        a.send(b"a").await.unwrap();
-        let mut b = [0u8; 16];
-        assert_eq!(a.recv(&mut b).await.unwrap(), 1, "the first flow is relayed");
-        let over = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        over.connect(rig.addr).await.unwrap();
-        over.send(b"b").await.unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(5), over.recv(&mut b)).await.expect("no answer at all");
-        let e = r.expect_err("a refused flow must not get an answer");
-        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-        assert_eq!(rig.proxy.udp_over_capacity.total(), 1);
-        rig.phase.send(Phase::Drain).unwrap();
-        let lines = rig.stopped().await;
-        assert_eq!(lines.len(), 1, "{lines:#?}");
+        for ip in ["127.0.0.1", "::1"] {
+            // Room for one UDP flow.
+            let mut rig = rig_on(ip, Duration::from_millis(100), Budget::new(2), Destination::FixedForTests(server)).await;
+            let local = SocketAddr::new(ip.parse().unwrap(), 0);
+            let a = UdpSocket::bind(local).await.unwrap();
+            a.connect(rig.addr).await.unwrap();
+            a.send(b"a").await.unwrap();
+            let mut b = [0u8; 16];
+            assert_eq!(a.recv(&mut b).await.unwrap(), 1, "the first flow is relayed ({ip})");
+            let over = UdpSocket::bind(local).await.unwrap();
+            over.connect(rig.addr).await.unwrap();
+            over.send(b"b").await.unwrap();
+            let r = tokio::time::timeout(Duration::from_secs(5), over.recv(&mut b)).await.expect("no answer at all");
+            let e = r.expect_err("a refused flow must not get an answer");
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{ip}: {e}");
+            assert_eq!(rig.proxy.udp_over_capacity.total(), 1);
+            rig.phase.send(Phase::Drain).unwrap();
+            let lines = rig.stopped().await;
+            assert_eq!(lines.len(), 1, "{lines:#?}");
+        }
     })
     .await;
 }
