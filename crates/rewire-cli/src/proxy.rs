@@ -1,4 +1,12 @@
 //! `rewire proxy`: the reference inspection proxy as a command.
+//!
+//! Lifecycle: on the first SIGTERM/SIGINT it closes its listeners, gives
+//! live flows `--grace-ms` to end, cuts the rest and exits once every
+//! flow's line is written (a second signal cuts at once). It takes its
+//! listening sockets from systemd socket activation when it is given them
+//! (`LISTEN_FDS`), so a restart refuses no connection. It raises its
+//! descriptor limit to the hard limit at start and degrades rather than
+//! fails when descriptors run short (`rewire_proxy::limits`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -59,9 +67,25 @@ pub struct ProxyArgs {
     /// many busy flows.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
+    /// After SIGTERM/SIGINT: milliseconds live flows get to end on their own
+    /// (the listeners are closed at once); flows still live then are cut,
+    /// and their lines say "cut": "shutdown". A second signal cuts at once.
+    #[arg(long, default_value_t = rewire_proxy::DEFAULT_GRACE.as_millis() as u64)]
+    pub grace_ms: u64,
+    /// Relay every flow to this address without asking for or setting
+    /// records (tests and measurements of the proxy without kernel hooks).
+    #[arg(long, hide = true, conflicts_with = "original_dst")]
+    pub fixed_destination_for_tests: Option<SocketAddr>,
 }
 
 pub fn main(a: ProxyArgs) -> Result<()> {
+    // Before any thread starts: this removes the variables from the environment.
+    let mut inherited = rewire_proxy::activation::take().context("socket activation (LISTEN_FDS)")?;
+    match rewire_proxy::limits::raise_nofile() {
+        Ok((old, new)) if old != new => tracing::info!("descriptor limit raised from {old} to {new} (the hard limit)"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not raise the descriptor limit to the hard limit: {e}"),
+    }
     let cfg = a.config.as_deref().map(Config::load).transpose()?;
     let mut listen = a.listen.clone();
     let mut udp_ports = a.udp_ports;
@@ -87,7 +111,12 @@ pub fn main(a: ProxyArgs) -> Result<()> {
         listen: listen.clone(),
         service_names: names,
         relay: a.relay.parse::<rewire_proxy::RelayMode>().map_err(anyhow::Error::msg)?.with_inspect(a.inspect_bytes),
-        original_dst: a.original_dst,
+        destination: match (a.fixed_destination_for_tests, a.original_dst) {
+            (Some(dst), _) => rewire_proxy::Destination::FixedForTests(dst),
+            (None, true) => rewire_proxy::Destination::OriginalDst,
+            (None, false) => rewire_proxy::Destination::Records,
+        },
+        grace: std::time::Duration::from_millis(a.grace_ms),
         udp_idle: match (a.udp_idle_ms, &cfg) {
             (Some(ms), _) => std::time::Duration::from_millis(ms),
             (None, Some(cfg)) => cfg.udp_idle(),
@@ -99,40 +128,75 @@ pub fn main(a: ProxyArgs) -> Result<()> {
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n.into()).enable_all().build()?,
     };
     rt.block_on(async move {
-        // UDP first: once the TCP listener shows up, both are ready (tests and the demo wait for it).
-        let udp_listen = rewire_control::config::Service::expand_udp(&listen, udp_ports.unwrap_or(1));
-        let udp = rewire_proxy::udp::bind(&udp_listen).with_context(|| format!("listen on {udp_listen:?} (udp)"))?;
-        let listeners = rewire_proxy::bind(&listen).with_context(|| format!("listen on {listen:?} (tcp)"))?;
-        tracing::info!("proxy {} listening on {:?} (tcp), {:?} (udp)", a.name, listen, udp_listen);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let udp_server = tokio::spawn(rewire_proxy::udp::serve(opts.clone().into(), udp, tx.clone(), stop_rx.clone()));
-        let server = tokio::spawn(rewire_proxy::serve(opts, listeners, tx, stop_rx));
         let mut out: Box<dyn Write + Send> = match &a.log {
             Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
             None => Box::new(std::io::stdout()),
         };
+        // UDP first: once the TCP listener shows up, both are ready (tests and the demo wait for it).
+        let udp_listen = rewire_control::config::Service::expand_udp(&listen, udp_ports.unwrap_or(1));
+        let udp = rewire_proxy::udp::bind_or_inherit(&udp_listen, &mut inherited)
+            .with_context(|| format!("listen on {udp_listen:?} (udp)"))?;
+        let listeners = rewire_proxy::bind_or_inherit(&listen, &mut inherited)
+            .with_context(|| format!("listen on {listen:?} (tcp)"))?;
+        for s in inherited.drain(..) {
+            tracing::warn!("{}: closing a socket the service manager passed for no listen address of ours: {s}", a.name);
+        }
+        tracing::info!("proxy {} listening on {:?} (tcp), {:?} (udp)", a.name, listen, udp_listen);
+        let budget = rewire_proxy::limits::Budget::for_this_process(a.threads.into());
+        tracing::info!(
+            "{}: descriptor budget {} (a flow holds 2, and a pipe of 2 more per direction while a chunk is in flight: room for about {} flows; \
+             beyond that, new connections wait in the listen backlog)",
+            a.name,
+            budget.total(),
+            budget.total() / 2
+        );
+        let proxy = rewire_proxy::Proxy::new(opts, budget);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (phase_tx, phase_rx) = watch::channel(rewire_proxy::Phase::Serve);
+        let udp_server = tokio::spawn(rewire_proxy::udp::serve(proxy.clone(), udp, tx.clone(), phase_rx.clone()));
+        let server = tokio::spawn(rewire_proxy::serve(proxy.clone(), listeners, tx, phase_rx));
+        let housekeeping = tokio::spawn(proxy.clone().housekeeping());
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut n = 0u64;
+        let mut stopping = false;
+        let stop = |why: &str, stopping: &mut bool| {
+            if !*stopping {
+                *stopping = true;
+                let (tcp, udp) = proxy.live();
+                tracing::info!(
+                    "{}: {why}: stopping (listeners closed; {tcp} tcp and {udp} udp flows live, up to {} ms to end)",
+                    a.name,
+                    a.grace_ms
+                );
+                let _ = phase_tx.send(rewire_proxy::Phase::Drain);
+            } else {
+                tracing::info!("{}: {why} again: cutting live flows now", a.name);
+                let _ = phase_tx.send(rewire_proxy::Phase::Cut);
+            }
+        };
+        // Until every flow's line is written: the channel closes when the
+        // servers and all their flows are done.
         loop {
             tokio::select! {
-                Some(line) = rx.recv() => {
-                    if let Some(e) = &line.error {
-                        tracing::warn!("{}: flow from {}: {e}", a.name, line.peer);
-                    }
+                line = rx.recv() => {
+                    let Some(line) = line else { break };
                     writeln!(out, "{}", serde_json::to_string(&line)?)?;
                     out.flush()?;
                     n += 1;
-                    if a.max_flows.is_some_and(|m| n >= m) { break; }
+                    if a.max_flows.is_some_and(|m| n >= m) && !stopping {
+                        stop(&format!("{n} flows done (--max-flows)"), &mut stopping);
+                    }
                 }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
+                _ = sigint.recv() => stop("SIGINT", &mut stopping),
+                _ = sigterm.recv() => stop("SIGTERM", &mut stopping),
             }
         }
-        let _ = stop_tx.send(true);
         let _ = server.await;
         let _ = udp_server.await;
+        housekeeping.abort();
+        proxy.flush_reports(true);
+        tracing::info!("proxy {} stopped: {n} flow lines written; {}", a.name, proxy.summary());
         anyhow::Ok(())
     })
 }

@@ -201,7 +201,7 @@ impl Offload {
     }
 
     /// Bytes the program redirected so far.
-    fn forwarded(&self) -> io::Result<u64> {
+    pub(crate) fn forwarded(&self) -> io::Result<u64> {
         self.fp.maps().bytes.get(&self.cookie, 0).map_err(|e| io::Error::other(format!("fp_bytes: {e}")))
     }
 

@@ -7,20 +7,127 @@
 //! every matching service has seen it), relay both directions with correct
 //! half-close, and write one JSON line when the flow ends. UDP flows go
 //! the same way, datagram by datagram ([`udp`]).
+//!
+//! # Lifecycle
+//!
+//! A proxy runs in [`Phase`]s, told by a `watch` channel. In
+//! [`Phase::Serve`] it accepts. At [`Phase::Drain`] (the command's first
+//! SIGTERM/SIGINT) it closes its listeners at once (with socket activation
+//! ([`activation`]) the service manager keeps them open, and connections
+//! wait in the backlog for the next proxy) and gives live flows
+//! [`ProxyOptions::grace`] to end on their own; then, or at
+//! [`Phase::Cut`] (a second signal), it cuts the rest. Every flow it
+//! handled gets its JSON line, a cut one with `"cut": "shutdown"` and the
+//! bytes (UDP: datagrams) it had relayed; [`serve`] and [`udp::serve`]
+//! return only when every line has been sent.
+//!
+//! # Connections without records
+//!
+//! A connection whose records cannot be queried (a direct connection to
+//! the listener, not redirected by rewire: a port scan, a health check)
+//! is closed and counted, not logged one by one: it gets no flow line (it
+//! is no flow: nothing was relayed) and a warning summarises such refusals
+//! at most once a second ([`limits::Tally`]); the total is in
+//! [`Proxy::summary`]. The same holds for UDP datagrams without records.
+//!
+//! # Limits
+//!
+//! Descriptors and memory per flow, and how the proxy degrades when they
+//! run short: [`limits`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
+pub mod activation;
 mod fastpath;
+pub mod limits;
 pub mod relay;
 pub mod udp;
 pub use relay::RelayMode;
+
+use limits::{Budget, Tally, ACCEPT_HEADROOM, TCP_FLOW_FDS};
+
+/// Live flows get this long to end after the proxy was told to stop, unless told otherwise.
+pub const DEFAULT_GRACE: Duration = Duration::from_millis(5000);
+
+/// How long cut flows may take to hand in their lines before the proxy
+/// gives up on them (they only have to notice the cut).
+const CUT_WAIT: Duration = Duration::from_secs(5);
+
+/// Where a flow goes onward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Destination {
+    /// The original destination in the flow's redirect records; the records
+    /// are set on the onward socket (the rewire way).
+    #[default]
+    Records,
+    /// Netfilter's `SO_ORIGINAL_DST` (behind an nftables `redirect` rule, as
+    /// the benchmark's comparison runs); no records are set onward. TCP only.
+    OriginalDst,
+    /// Every flow to this address, no records asked or set: for tests and
+    /// measurements of the proxy itself without kernel hooks.
+    #[doc(hidden)]
+    FixedForTests(SocketAddr),
+}
+
+/// What a proxy is told to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Accept and relay.
+    #[default]
+    Serve,
+    /// Close the listeners; live flows get the grace period, then are cut.
+    Drain,
+    /// Cut the live flows now.
+    Cut,
+}
+
+/// Why a flow failed (its line's `error`).
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// The accepted socket has no records: not redirected by rewire (or the
+    /// query was refused). Not a flow: counted, no line.
+    #[error("query records: {0}")]
+    NoRecords(rewire::Error),
+    /// `SO_ORIGINAL_DST` failed.
+    #[error("SO_ORIGINAL_DST: {0}")]
+    OriginalDst(std::io::Error),
+    /// The onward connect with the records failed.
+    #[error("connect onward to {dst}: {source}")]
+    ConnectOnward {
+        /// The original destination.
+        dst: SocketAddr,
+        /// Why.
+        source: rewire::Error,
+    },
+    /// The onward connect (without records) failed.
+    #[error("connect onward to {dst}: {source}")]
+    Connect {
+        /// Where to.
+        dst: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Relaying failed.
+    #[error("relay: {0}")]
+    Relay(std::io::Error),
+    /// The flow was still live when the proxy stopped and was cut.
+    #[error("cut at shutdown: still live when the grace period of {grace_ms} ms ended")]
+    Cut {
+        /// The grace period.
+        grace_ms: u64,
+    },
+    /// UDP: the flow socket could not be made.
+    #[error("accept udp flow: {0}")]
+    UdpAccept(rewire::Error),
+}
 
 /// How a proxy is set up.
 #[derive(Clone, Debug)]
@@ -33,12 +140,14 @@ pub struct ProxyOptions {
     pub service_names: Vec<String>,
     /// How bytes are relayed (default: zero-copy splice, falling back to copy).
     pub relay: RelayMode,
-    /// Take the destination from netfilter's `SO_ORIGINAL_DST` instead of
-    /// the redirect records (to run behind an nftables `redirect` rule, as
+    /// Where flows go onward: the redirect records, or netfilter's
+    /// `SO_ORIGINAL_DST` (to run behind an nftables `redirect` rule, as
     /// the benchmark's comparison does); no records are set onward.
-    pub original_dst: bool,
+    pub destination: Destination,
     /// A UDP flow without datagrams this long is over (its line is written).
     pub udp_idle: Duration,
+    /// After the proxy was told to stop, live flows get this long to end on their own.
+    pub grace: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -48,8 +157,9 @@ impl Default for ProxyOptions {
             listen: vec![],
             service_names: vec![],
             relay: RelayMode::default(),
-            original_dst: false,
+            destination: Destination::Records,
             udp_idle: Duration::from_millis(rewire::abi::RW_DEFAULT_UDP_IDLE_MS),
+            grace: DEFAULT_GRACE,
         }
     }
 }
@@ -102,6 +212,10 @@ pub struct FlowLog {
     pub ended_at: f64,
     /// Why the flow failed, if it did.
     pub error: Option<String>,
+    /// Set when the proxy ended the flow itself: `"shutdown"` (still live
+    /// when the grace period ended). The counts are what it had relayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut: Option<&'static str>,
 }
 
 impl FlowLog {
@@ -128,6 +242,7 @@ impl FlowLog {
             duration_ms: 0.0,
             ended_at: 0.0,
             error: None,
+            cut: None,
         }
     }
 
@@ -180,11 +295,229 @@ pub fn wait_flow_lines(path: &std::path::Path, n: usize, timeout: Duration) -> s
     }
 }
 
+/// Live flows of one kind, and a way to wait until there are none.
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    n: AtomicUsize,
+    peak: AtomicUsize,
+    started: AtomicU64,
+    ended: AtomicU64,
+    idle: Notify,
+}
+
+impl Live {
+    pub(crate) fn enter(self: &Arc<Self>) -> LiveGuard {
+        let n = self.n.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak.fetch_max(n, Ordering::Relaxed);
+        self.started.fetch_add(1, Ordering::Relaxed);
+        LiveGuard(self.clone())
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.n.load(Ordering::Acquire)
+    }
+
+    async fn wait_none(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// One live flow; ends it on drop (send the flow's line before).
+pub(crate) struct LiveGuard(Arc<Live>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::Relaxed);
+        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A running proxy: its options, its descriptor budget, and what it counts.
+#[derive(Debug)]
+pub struct Proxy {
+    /// How it is set up.
+    pub opts: ProxyOptions,
+    /// Descriptors its flows may hold.
+    pub budget: Arc<Budget>,
+    pub(crate) tcp_live: Arc<Live>,
+    pub(crate) udp_live: Arc<Live>,
+    pub(crate) cut: AtomicU64,
+    /// Connections refused because they have no records.
+    pub no_records: Tally,
+    /// UDP datagrams dropped because they have no records.
+    pub udp_no_records: Tally,
+    /// UDP datagrams of new flows dropped because the proxy is at capacity.
+    pub udp_over_capacity: Tally,
+    /// Times accepting paused because the descriptor budget was used up.
+    pub accept_paused: Tally,
+    /// Flows relayed by copy because no descriptors were left for pipes.
+    pub pipes_refused: Tally,
+    /// Failed accept calls.
+    pub accept_errors: Tally,
+    /// Flows that ended with an error (each also has its line).
+    pub flow_errors: Tally,
+}
+
+impl Proxy {
+    /// A proxy with these options and descriptor budget.
+    pub fn new(opts: ProxyOptions, budget: Arc<Budget>) -> Arc<Self> {
+        let t = |what| Tally::new(&opts.name, what);
+        Arc::new(Proxy {
+            no_records: t("connections without records refused"),
+            udp_no_records: t("udp datagrams without records dropped"),
+            udp_over_capacity: t("udp datagrams of new flows refused over capacity"),
+            accept_paused: t("pauses in accepting (descriptor budget used up; new connections wait in the listen backlog)"),
+            pipes_refused: t("flows relayed by copy instead of splice for want of descriptors"),
+            accept_errors: t("failed accepts"),
+            flow_errors: t("flows failed"),
+            tcp_live: Arc::default(),
+            udp_live: Arc::default(),
+            cut: AtomicU64::new(0),
+            budget,
+            opts,
+        })
+    }
+
+    fn tallies(&self) -> [&Tally; 7] {
+        [
+            &self.no_records,
+            &self.udp_no_records,
+            &self.udp_over_capacity,
+            &self.accept_paused,
+            &self.pipes_refused,
+            &self.accept_errors,
+            &self.flow_errors,
+        ]
+    }
+
+    /// Writes the pending summaries of the rate-limited warnings (`force`:
+    /// even if the last one is less than a second old).
+    pub fn flush_reports(&self, force: bool) {
+        for t in self.tallies() {
+            t.flush(force);
+        }
+    }
+
+    /// Live flows now (TCP, UDP).
+    pub fn live(&self) -> (usize, usize) {
+        (self.tcp_live.count(), self.udp_live.count())
+    }
+
+    /// Every second: the rate-limited warnings' summaries, and memory back
+    /// to the system when many flows have ended. Runs until dropped.
+    pub async fn housekeeping(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ended = 0;
+        loop {
+            tick.tick().await;
+            self.flush_reports(false);
+            let now_ended = self.tcp_live.ended.load(Ordering::Relaxed) + self.udp_live.ended.load(Ordering::Relaxed);
+            let live = self.tcp_live.count() + self.udp_live.count();
+            let peak = self.tcp_live.peak.load(Ordering::Relaxed) + self.udp_live.peak.load(Ordering::Relaxed);
+            // Flows ended and at most half of the recent peak is left: trim.
+            if now_ended != ended && live <= peak / 2 {
+                limits::trim_memory();
+                self.tcp_live.peak.store(self.tcp_live.count(), Ordering::Relaxed);
+                self.udp_live.peak.store(self.udp_live.count(), Ordering::Relaxed);
+            }
+            ended = now_ended;
+        }
+    }
+
+    /// What the proxy did, for its last words.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            tcp_flows: self.tcp_live.started.load(Ordering::Relaxed).saturating_sub(self.no_records.total()),
+            udp_flows: self.udp_live.started.load(Ordering::Relaxed),
+            cut: self.cut.load(Ordering::Relaxed),
+            refused_without_records: self.no_records.total(),
+            udp_dropped_without_records: self.udp_no_records.total(),
+            udp_refused_over_capacity: self.udp_over_capacity.total(),
+            accept_pauses: self.accept_paused.total(),
+            copied_for_want_of_descriptors: self.pipes_refused.total(),
+            descriptor_budget: self.budget.total(),
+            descriptor_peak: self.budget.peak(),
+        }
+    }
+}
+
+/// Totals of a proxy's run (see [`Proxy::summary`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    /// TCP flows handled (each has its line).
+    pub tcp_flows: u64,
+    /// UDP flows handled (each has its line).
+    pub udp_flows: u64,
+    /// Flows cut at shutdown.
+    pub cut: u64,
+    /// Connections refused because they had no records (no lines).
+    pub refused_without_records: u64,
+    /// UDP datagrams dropped because they had no records (no lines).
+    pub udp_dropped_without_records: u64,
+    /// UDP datagrams of new flows refused over capacity.
+    pub udp_refused_over_capacity: u64,
+    /// Times accepting paused for want of descriptors.
+    pub accept_pauses: u64,
+    /// Flows relayed by copy for want of descriptors.
+    pub copied_for_want_of_descriptors: u64,
+    /// Descriptors flows could hold.
+    pub descriptor_budget: usize,
+    /// The most descriptors flows held at once.
+    pub descriptor_peak: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} tcp and {} udp flows ({} cut at shutdown); {} connections and {} udp datagrams without records refused; \
+             {} udp datagrams refused over capacity; accepting paused {} times; {} flows copied for want of \
+             descriptors; descriptors: peak {} of a budget of {}",
+            self.tcp_flows,
+            self.udp_flows,
+            self.cut,
+            self.refused_without_records,
+            self.udp_dropped_without_records,
+            self.udp_refused_over_capacity,
+            self.accept_pauses,
+            self.copied_for_want_of_descriptors,
+            self.descriptor_peak,
+            self.descriptor_budget
+        )
+    }
+}
+
 /// Binds the listeners (IPv6 ones IPv6-only, so each family has its own socket).
 pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    bind_or_inherit(addrs, &mut vec![])
+}
+
+/// Binds the listeners, taking the socket of an address from `inherited`
+/// (socket activation: [`activation::take`]) where there is one.
+pub fn bind_or_inherit(
+    addrs: &[SocketAddr],
+    inherited: &mut Vec<activation::Inherited>,
+) -> std::io::Result<Vec<TcpListener>> {
     addrs
         .iter()
         .map(|a| {
+            if let Some(s) = activation::claim(inherited, activation::Transport::Tcp, *a) {
+                tracing::info!("listening on {a} (tcp) with the socket passed by the service manager ({s})");
+                let l = std::net::TcpListener::from(s.fd);
+                l.set_nonblocking(true)?;
+                return TcpListener::from_std(l);
+            }
             let s = socket2::Socket::new(socket2::Domain::for_address(*a), socket2::Type::STREAM, None)?;
             if a.is_ipv6() {
                 s.set_only_v6(true)?;
@@ -192,89 +525,198 @@ pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
             s.set_reuse_address(true)?;
             s.set_nonblocking(true)?;
             s.bind(&(*a).into())?;
-            s.listen(1024)?;
+            s.listen(4096)?;
             TcpListener::from_std(s.into())
         })
         .collect()
 }
 
-/// Runs the proxy on bound listeners until `shutdown` turns true; every
-/// finished flow is sent to `logs`.
+/// Waits until the phase is at least `p` (forever if the sender is gone:
+/// nobody can tell the proxy to stop any more, as before).
+pub(crate) async fn reached(phase: &mut watch::Receiver<Phase>, p: Phase) {
+    if phase.wait_for(|x| *x >= p).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// After the listeners are closed: live flows get the grace period (or
+/// until [`Phase::Cut`]), then the rest are cut and handed in their lines.
+pub(crate) async fn wind_down(
+    proxy: &Proxy,
+    what: &str,
+    live: &Live,
+    phase: &mut watch::Receiver<Phase>,
+    cut: &watch::Sender<bool>,
+) {
+    let n = live.count();
+    if n == 0 {
+        return;
+    }
+    let grace = proxy.opts.grace;
+    tracing::info!("{}: {n} live {what} flows get up to {} ms to end", proxy.opts.name, grace.as_millis());
+    tokio::select! {
+        _ = live.wait_none() => return,
+        _ = tokio::time::sleep(grace) => {}
+        _ = reached(phase, Phase::Cut) => {}
+    }
+    let n = live.count();
+    if n == 0 {
+        return;
+    }
+    tracing::info!("{}: cutting {n} {what} flows still live", proxy.opts.name);
+    let _ = cut.send(true);
+    if tokio::time::timeout(CUT_WAIT, live.wait_none()).await.is_err() {
+        tracing::error!(
+            "{}: {} {what} flows did not end within {} s of being cut; their lines are lost",
+            proxy.opts.name,
+            live.count(),
+            CUT_WAIT.as_secs()
+        );
+    }
+}
+
+/// Waits until the flow is cut.
+pub(crate) async fn cut_signal(cut: &mut watch::Receiver<bool>) {
+    if cut.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Runs the TCP side of a proxy on bound listeners. At [`Phase::Drain`] the
+/// listeners are closed, live flows get the grace period and are cut after
+/// it (or at [`Phase::Cut`]); returns when every flow's line was sent to
+/// `logs`. New connections wait in the listen backlog while the proxy's
+/// descriptor budget has no room for another flow.
 pub async fn serve(
-    opts: ProxyOptions,
+    proxy: Arc<Proxy>,
     listeners: Vec<TcpListener>,
     logs: mpsc::UnboundedSender<FlowLog>,
-    mut shutdown: watch::Receiver<bool>,
+    mut phase: watch::Receiver<Phase>,
 ) {
-    let opts = Arc::new(opts);
-    let mut tasks = tokio::task::JoinSet::new();
+    let (cut_tx, cut_rx) = watch::channel(false);
+    let mut acceptors = tokio::task::JoinSet::new();
     for l in listeners {
-        let (opts, logs, mut shutdown) = (opts.clone(), logs.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            loop {
+        acceptors.spawn(accept_loop(proxy.clone(), l, logs.clone(), phase.clone(), cut_rx.clone()));
+    }
+    drop(logs);
+    while acceptors.join_next().await.is_some() {}
+    wind_down(&proxy, "tcp", &proxy.tcp_live, &mut phase, &cut_tx).await;
+}
+
+/// Accepts on one listener until [`Phase::Drain`], then closes it.
+async fn accept_loop(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    logs: mpsc::UnboundedSender<FlowLog>,
+    mut phase: watch::Receiver<Phase>,
+    cut: watch::Receiver<bool>,
+) {
+    loop {
+        // Room for one more flow, or wait: the kernel's backlog holds new connections meanwhile.
+        let grant = match proxy.budget.try_take_leaving(TCP_FLOW_FDS, ACCEPT_HEADROOM) {
+            Some(g) => g,
+            None => {
+                let b = &proxy.budget;
+                proxy.accept_paused.note(format_args!("{} of {} descriptors held by flows", b.used(), b.total()));
                 tokio::select! {
-                    r = l.accept() => match r {
-                        Ok((s, peer)) => {
-                            let (opts, logs) = (opts.clone(), logs.clone());
-                            tokio::spawn(async move {
-                                let _ = logs.send(handle(&opts, s, peer).await);
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!("accept: {e}");
-                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        }
-                    },
-                    _ = shutdown.changed() => break,
+                    g = b.take_leaving(TCP_FLOW_FDS, ACCEPT_HEADROOM) => g,
+                    _ = reached(&mut phase, Phase::Drain) => break,
                 }
             }
-        });
+        };
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, peer)) => {
+                    let (proxy2, logs, cut, live) = (proxy.clone(), logs.clone(), cut.clone(), proxy.tcp_live.enter());
+                    tokio::spawn(async move {
+                        let _grant = grant;
+                        if let Some(line) = handle(&proxy2, s, peer, cut).await {
+                            let _ = logs.send(line);
+                        }
+                        drop(live);
+                    });
+                }
+                Err(e) => {
+                    let pause = if limits::out_of_descriptors(&e) { 100 } else { 10 };
+                    proxy.accept_errors.note(&e);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+            },
+            _ = reached(&mut phase, Phase::Drain) => break,
+        }
     }
-    let _ = shutdown.wait_for(|s| *s).await;
-    tasks.abort_all();
+    drop(listener);
 }
 
-/// Handles one accepted connection and returns its log line.
-pub async fn handle(opts: &ProxyOptions, mut client: TcpStream, peer: SocketAddr) -> FlowLog {
+/// Handles one accepted connection until it ends or is cut; returns its
+/// line, or `None` for a connection without records (counted instead).
+pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut cut: watch::Receiver<bool>) -> Option<FlowLog> {
     let start = Instant::now();
+    let opts = &proxy.opts;
     let mut log = FlowLog::new(opts, peer, "tcp");
-    if let Err(e) = relay(opts, &mut client, &mut log).await {
-        log.error = Some(e);
-        let _ = client.shutdown().await;
+    let progress = relay::Progress::default();
+    let r = tokio::select! {
+        r = flow(proxy, &mut client, &mut log, &progress) => r,
+        _ = cut_signal(&mut cut) => Err(FlowError::Cut { grace_ms: opts.grace.as_millis() as u64 }),
+    };
+    let s = progress.stats();
+    log.bytes_to_server = s.a_to_b;
+    log.bytes_to_client = s.b_to_a;
+    if matches!(opts.relay, RelayMode::Kernel { .. }) {
+        log.kernel_bytes_to_server = Some(s.kernel_a_to_b);
+        log.kernel_bytes_to_client = Some(s.kernel_b_to_a);
+    }
+    log.relay_fell_back = s.fell_back;
+    if progress.pipes_refused.load(Ordering::Relaxed) {
+        proxy.pipes_refused.note(format_args!("flow from {peer}"));
+    }
+    match r {
+        Ok(()) => {}
+        Err(FlowError::NoRecords(e)) => {
+            proxy.no_records.note(format_args!("from {peer}: {e}"));
+            return None;
+        }
+        Err(e) => {
+            if let FlowError::Cut { .. } = e {
+                log.cut = Some("shutdown");
+                proxy.cut.fetch_add(1, Ordering::Relaxed);
+            } else {
+                proxy.flow_errors.note(format_args!("flow from {peer}: {e}"));
+            }
+            log.error = Some(e.to_string());
+            let _ = client.shutdown().await;
+        }
     }
     log.finish(start);
-    log
+    Some(log)
 }
 
-async fn relay(opts: &ProxyOptions, client: &mut TcpStream, log: &mut FlowLog) -> Result<(), String> {
-    if opts.original_dst {
-        let dst = relay::netfilter_original_dst(client).map_err(|e| format!("SO_ORIGINAL_DST: {e}"))?;
-        log.original_destination = Some(dst);
-        let mut upstream = TcpStream::connect(dst).await.map_err(|e| format!("connect onward to {dst}: {e}"))?;
-        return relay_bytes(opts, client, &mut upstream, log).await;
-    }
-    let records = rewire::query_redirect_records(client).map_err(|e| format!("query records: {e}"))?;
-    let ctx = rewire::query_redirect_context(client).map_err(|e| tracing::debug!("no context: {e}")).ok();
-    log.fill(opts, &records, ctx);
-    let mut upstream = rewire::asynchronous::connect_onward(&records)
-        .await
-        .map_err(|e| format!("connect onward to {}: {e}", records.original_destination()))?;
-    relay_bytes(opts, client, &mut upstream, log).await
-}
-
-async fn relay_bytes(
-    opts: &ProxyOptions,
+async fn flow(
+    proxy: &Proxy,
     client: &mut TcpStream,
-    upstream: &mut TcpStream,
     log: &mut FlowLog,
-) -> Result<(), String> {
-    let stats = relay::relay(opts.relay, client, upstream).await.map_err(|e| format!("relay: {e}"))?;
-    log.bytes_to_server = stats.a_to_b;
-    log.bytes_to_client = stats.b_to_a;
-    if matches!(opts.relay, RelayMode::Kernel { .. }) {
-        log.kernel_bytes_to_server = Some(stats.kernel_a_to_b);
-        log.kernel_bytes_to_client = Some(stats.kernel_b_to_a);
-    }
-    log.relay_fell_back = stats.fell_back;
+    progress: &relay::Progress,
+) -> Result<(), FlowError> {
+    let opts = &proxy.opts;
+    let mut upstream = match opts.destination {
+        Destination::OriginalDst | Destination::FixedForTests(_) => {
+            let dst = match opts.destination {
+                Destination::FixedForTests(a) => a,
+                _ => relay::netfilter_original_dst(client).map_err(FlowError::OriginalDst)?,
+            };
+            log.original_destination = Some(dst);
+            TcpStream::connect(dst).await.map_err(|source| FlowError::Connect { dst, source })?
+        }
+        Destination::Records => {
+            let records = rewire::query_redirect_records(client).map_err(FlowError::NoRecords)?;
+            let ctx = rewire::query_redirect_context(client).map_err(|e| tracing::debug!("no context: {e}")).ok();
+            log.fill(opts, &records, ctx);
+            let dst = records.original_destination();
+            rewire::asynchronous::connect_onward(&records)
+                .await
+                .map_err(|source| FlowError::ConnectOnward { dst, source })?
+        }
+    };
+    relay::relay_with(opts.relay, client, &mut upstream, progress, &proxy.budget).await.map_err(FlowError::Relay)?;
     Ok(())
 }

@@ -29,6 +29,23 @@
 //! the sockets (logged once as a warning), and when the other side has
 //! already half-closed the flow (sockmaps take established sockets only).
 //!
+//! Descriptors: a spliced chunk needs a pipe (two descriptors). The relay
+//! moves one chunk at a time and drains the pipe before it reads the next,
+//! so a pipe is taken from a small per-thread pool for the chunk and given
+//! back when it is empty: an idle spliced flow holds no pipe, only its two
+//! sockets, and only flows whose destination is slow to take a chunk hold
+//! one. When the proxy's descriptor [`Budget`] has none left, or `pipe2`
+//! fails with `EMFILE`/`ENFILE`, that chunk goes through user space
+//! instead; [`Progress::pipes_refused`] tells the caller.
+//!
+//! Memory: the copy relay keeps no buffer of its own while a flow is
+//! idle. It reads into one scratch buffer per thread and writes at once;
+//! only what the destination did not take is kept (at most one read,
+//! 64 KiB), until it is written.
+//!
+//! [`relay_with`] also keeps running totals in a [`Progress`], so a caller
+//! that cuts a flow (drops the relay future) still knows what it moved.
+//!
 //! This module also reads the `SO_ORIGINAL_DST` of a socket redirected by
 //! netfilter (`REDIRECT`/`DNAT`), for the proxy's `--original-dst` mode
 //! (used to compare rewire with an nftables set-up).
@@ -36,10 +53,13 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use crate::limits::{out_of_descriptors, Budget, Grant, FAST_PATH_FDS, PIPE_FDS};
 
 /// Bytes of each direction relayed through user space (at least) before
 /// [`RelayMode::Kernel`] hands the direction to the kernel, unless told
@@ -134,35 +154,107 @@ pub struct RelayStats {
     pub kernel_b_to_a: u64,
 }
 
+/// What a relay has done so far, readable while it runs and after its
+/// future was dropped (a flow cut at shutdown).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes from `a` written to `b` (or forwarded by the kernel).
+    pub a_to_b: AtomicU64,
+    /// Bytes from `b` written to `a` (or forwarded by the kernel).
+    pub b_to_a: AtomicU64,
+    /// Of `a_to_b`, bytes the kernel fast path forwarded.
+    pub kernel_a_to_b: AtomicU64,
+    /// Of `b_to_a`, bytes the kernel fast path forwarded.
+    pub kernel_b_to_a: AtomicU64,
+    /// A fallback did (some of) the work (as [`RelayStats::fell_back`]).
+    pub fell_back: AtomicBool,
+    /// Splice (or the fast path) was given up for want of descriptors.
+    pub pipes_refused: AtomicBool,
+}
+
+impl Progress {
+    /// The totals so far.
+    pub fn stats(&self) -> RelayStats {
+        RelayStats {
+            a_to_b: self.a_to_b.load(Ordering::Relaxed),
+            b_to_a: self.b_to_a.load(Ordering::Relaxed),
+            fell_back: self.fell_back.load(Ordering::Relaxed),
+            kernel_a_to_b: self.kernel_a_to_b.load(Ordering::Relaxed),
+            kernel_b_to_a: self.kernel_b_to_a.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The counters of one direction.
+#[derive(Clone, Copy)]
+struct Way<'a> {
+    /// Bytes written to the destination.
+    done: &'a AtomicU64,
+    /// Of them, forwarded by the kernel.
+    kernel: &'a AtomicU64,
+    /// The flow's descriptor budget.
+    budget: &'a Arc<Budget>,
+    /// Set when a pipe or epoll set was refused for want of descriptors.
+    refused: &'a AtomicBool,
+}
+
 /// Relays both directions between `a` and `b` until both reached
 /// end-of-file (each end-of-file is passed on as a `shutdown(SHUT_WR)`),
 /// or until an error.
 pub async fn relay(mode: RelayMode, a: &mut TcpStream, b: &mut TcpStream) -> io::Result<RelayStats> {
+    relay_with(mode, a, b, &Progress::default(), &Budget::unlimited()).await
+}
+
+/// [`relay`], counting into `progress` as bytes move, with pipes (and the
+/// fast path's epoll sets) taken from `budget`.
+pub async fn relay_with(
+    mode: RelayMode,
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    progress: &Progress,
+    budget: &Arc<Budget>,
+) -> io::Result<RelayStats> {
     // The endpoints already chose how to segment their writes: do not add
     // Nagle's delay on top in the middle of the path.
     let _ = a.set_nodelay(true);
     let _ = b.set_nodelay(true);
-    match mode {
-        RelayMode::Copy => copy(a, b).await,
-        RelayMode::Kernel { inspect } => kernel_bidirectional(a, b, inspect, false).await,
-        RelayMode::KernelUnavailableForTests { inspect } => kernel_bidirectional(a, b, inspect, true).await,
+    let p = progress;
+    let ab = Way { done: &p.a_to_b, kernel: &p.kernel_a_to_b, budget, refused: &p.pipes_refused };
+    let ba = Way { done: &p.b_to_a, kernel: &p.kernel_b_to_a, budget, refused: &p.pipes_refused };
+    let r = match mode {
+        RelayMode::Copy => copy(a, b, ab, ba).await,
+        RelayMode::Kernel { inspect } => kernel_bidirectional(a, b, inspect, false, ab, ba, &p.fell_back).await,
+        RelayMode::KernelUnavailableForTests { inspect } => {
+            kernel_bidirectional(a, b, inspect, true, ab, ba, &p.fell_back).await
+        }
         RelayMode::Splice | RelayMode::SpliceUnsupportedForTests => {
             let force_einval = mode == RelayMode::SpliceUnsupportedForTests;
-            match splice_bidirectional(a, b, force_einval).await {
+            match splice_bidirectional(a, b, force_einval, ab, ba, &p.fell_back).await {
                 Err(e) if is_splice_unsupported(&e) => {
-                    tracing::debug!("splice unsupported here, falling back to copy: {e}");
-                    let mut s = copy(a, b).await?;
+                    tracing::debug!("splice not used here, falling back to copy: {e}");
+                    p.fell_back.store(true, Ordering::Relaxed);
+                    let mut s = copy(a, b, ab, ba).await?;
                     s.fell_back = true;
                     Ok(s)
                 }
                 r => r,
             }
         }
+    };
+    // Chunks copied for want of a pipe: a fallback did some of the work.
+    let refused = p.pipes_refused.load(Ordering::Relaxed);
+    if refused || r.as_ref().is_ok_and(|s| s.fell_back) {
+        p.fell_back.store(true, Ordering::Relaxed);
     }
+    r.map(|mut s| {
+        s.fell_back |= refused;
+        s
+    })
 }
 
-async fn copy(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<RelayStats> {
-    let (a_to_b, b_to_a) = tokio::io::copy_bidirectional(a, b).await?;
+async fn copy(a: &TcpStream, b: &TcpStream, ab: Way<'_>, ba: Way<'_>) -> io::Result<RelayStats> {
+    let (moved_ab, moved_ba) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (a_to_b, b_to_a) = tokio::try_join!(copy_one_way(a, b, &moved_ab, ab), copy_one_way(b, a, &moved_ba, ba))?;
     Ok(RelayStats { a_to_b, b_to_a, ..Default::default() })
 }
 
@@ -200,12 +292,20 @@ struct Pipe {
     w: OwnedFd,
 }
 
+/// A pipe in use by a chunk, its descriptors counted in a flow's budget.
+struct Lent {
+    pipe: Option<Pipe>,
+    _grant: Grant,
+}
+
 impl Pipe {
-    fn new() -> io::Result<Self> {
+    /// A new pipe, or `None` when the system has no descriptors for it.
+    fn new() -> io::Result<Option<Self>> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 fills two fds on success; we own them from then on.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            return if out_of_descriptors(&e) { Ok(None) } else { Err(e) };
         }
         // SAFETY: fresh fds returned by pipe2, owned by nobody else.
         let p = unsafe { Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]) } };
@@ -213,7 +313,7 @@ impl Pipe {
         // unprivileged process may be limited by fs.pipe-max-size: best effort.
         // SAFETY: plain fcntl on an fd we own.
         unsafe { libc::fcntl(p.w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
-        Ok(p)
+        Ok(Some(p))
     }
 }
 
@@ -236,10 +336,17 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-async fn splice_bidirectional(a: &TcpStream, b: &TcpStream, force_einval: bool) -> io::Result<RelayStats> {
+async fn splice_bidirectional(
+    a: &TcpStream,
+    b: &TcpStream,
+    force_einval: bool,
+    way_ab: Way<'_>,
+    way_ba: Way<'_>,
+    fell_back: &AtomicBool,
+) -> io::Result<RelayStats> {
     let (moved_ab, moved_ba) = (AtomicU64::new(0), AtomicU64::new(0));
-    let ab = one_way(a, b, &moved_ab, &moved_ba, force_einval);
-    let ba = one_way(b, a, &moved_ba, &moved_ab, force_einval);
+    let ab = one_way(a, b, &moved_ab, &moved_ba, force_einval, way_ab, fell_back);
+    let ba = one_way(b, a, &moved_ba, &moved_ab, force_einval, way_ba, fell_back);
     let (ab, ba) = tokio::try_join!(ab, ba)?;
     Ok(RelayStats { a_to_b: ab.0, b_to_a: ba.0, fell_back: ab.1 || ba.1, ..Default::default() })
 }
@@ -252,47 +359,121 @@ async fn one_way(
     moved: &AtomicU64,
     other: &AtomicU64,
     force_einval: bool,
+    way: Way<'_>,
+    fell_back: &AtomicBool,
 ) -> io::Result<(u64, bool)> {
-    match splice_one_way(src, dst, moved, force_einval).await {
+    match splice_one_way(src, dst, moved, force_einval, way).await {
         Ok(n) => Ok((n, false)),
         Err(Ok(NothingMoved)) if other.load(Ordering::Relaxed) == 0 => {
             Err(io::Error::new(io::ErrorKind::Unsupported, SpliceUnsupported))
         }
         Err(Ok(NothingMoved)) => {
             // The other direction already splices: go on in user space here only.
-            let n = copy_one_way(src, dst, moved).await?;
+            fell_back.store(true, Ordering::Relaxed);
+            let n = copy_one_way(src, dst, moved, way).await?;
             Ok((n, true))
         }
         Err(Err(e)) => Err(e),
     }
 }
 
+/// Idle pipes kept per relaying thread for the next chunk. They are not
+/// in any flow's budget (a proxy sets [`POOL_FDS`] per thread aside).
+pub const POOL_MAX: usize = 4;
+/// Descriptors the idle pipes of one thread's pool may hold.
+pub const POOL_FDS: usize = POOL_MAX * PIPE_FDS;
+
+thread_local! {
+    /// Empty pipes ready for the next chunk of any flow on this thread.
+    static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty pipe for a chunk, from the thread's pool or new, counted in
+/// `budget` while lent; `None` when the budget or the system has no
+/// descriptors for it.
+fn take_pipe(budget: &Arc<Budget>) -> io::Result<Option<Lent>> {
+    let Some(grant) = budget.try_take(PIPE_FDS) else { return Ok(None) };
+    let pipe = match PIPES.with_borrow_mut(Vec::pop) {
+        Some(p) => p,
+        None => match Pipe::new()? {
+            Some(p) => p,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(Lent { pipe: Some(pipe), _grant: grant }))
+}
+
+/// Gives an empty pipe back to the thread's pool (or closes it), and its
+/// descriptors back to the budget.
+fn put_pipe(mut lent: Lent) {
+    if let Some(p) = lent.pipe.take() {
+        PIPES.with_borrow_mut(|pool| {
+            if pool.len() < POOL_MAX {
+                pool.push(p);
+            }
+        });
+    }
+}
+
+impl Lent {
+    fn r(&self) -> RawFd {
+        self.pipe.as_ref().map_or(-1, |p| p.r.as_raw_fd())
+    }
+    fn w(&self) -> RawFd {
+        self.pipe.as_ref().map_or(-1, |p| p.w.as_raw_fd())
+    }
+}
+
+/// One direction with splice, chunk by chunk: each chunk goes from the
+/// source into a pipe and from the pipe into the destination before the
+/// next is read, so a pipe is only held while its chunk is in flight and
+/// then goes back to the thread's pool: an idle spliced flow holds no pipe.
+/// A chunk for which no pipe can be had goes through user space instead.
 async fn splice_one_way(
     src: &TcpStream,
     dst: &TcpStream,
     moved: &AtomicU64,
     force_einval: bool,
+    way: Way<'_>,
 ) -> Result<u64, Result<NothingMoved, io::Error>> {
-    let pipe = Pipe::new().map_err(Err)?;
-    let (sfd, dfd, pr, pw) = (src.as_raw_fd(), dst.as_raw_fd(), pipe.r.as_raw_fd(), pipe.w.as_raw_fd());
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut total = 0u64;
+    let mut pending = Vec::new();
     loop {
         // Socket to pipe: wait until the source has data (or EOF).
-        let n = loop {
-            src.readable().await.map_err(Err)?;
-            let r = if force_einval && total == 0 {
-                Err(io::Error::from_raw_os_error(libc::EINVAL))
-            } else {
-                src.try_io(Interest::READABLE, || splice(sfd, pw, CHUNK))
-            };
-            match r {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if total == 0 && splice_refused(&e) => return Err(Ok(NothingMoved)),
-                Err(e) => return Err(Err(e)),
+        src.readable().await.map_err(Err)?;
+        let Some(pipe) = take_pipe(way.budget).map_err(Err)? else {
+            way.refused.store(true, Ordering::Relaxed);
+            match copy_chunk(src, dst, way, &mut pending).map_err(Err)? {
+                None => continue,
+                Some(0) => {
+                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                    return Ok(total);
+                }
+                Some(n) => {
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    total += n as u64;
+                    flush_pending(dst, way, &mut pending).await.map_err(Err)?;
+                    continue;
+                }
             }
         };
+        let r = if force_einval && total == 0 {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        } else {
+            src.try_io(Interest::READABLE, || splice(sfd, pipe.w(), CHUNK))
+        };
+        let n = match r {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                put_pipe(pipe);
+                continue;
+            }
+            Err(e) if total == 0 && splice_refused(&e) => return Err(Ok(NothingMoved)),
+            Err(e) => return Err(Err(e)),
+        };
         if n == 0 {
+            put_pipe(pipe);
             let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
             return Ok(total);
         }
@@ -301,28 +482,83 @@ async fn splice_one_way(
         let mut left = n;
         while left > 0 {
             dst.writable().await.map_err(Err)?;
-            match dst.try_io(Interest::WRITABLE, || splice(pr, dfd, left)) {
-                Ok(m) => left -= m,
+            match dst.try_io(Interest::WRITABLE, || splice(pipe.r(), dfd, left)) {
+                Ok(m) => {
+                    left -= m;
+                    way.done.fetch_add(m as u64, Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(Err(e)),
             }
         }
+        put_pipe(pipe); // empty again
         total += n as u64;
     }
 }
 
-async fn copy_one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<u64> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = read_some(src, &mut buf).await?;
+/// Bytes one read of the copy relay asks for.
+const COPY_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// The copy relay's read buffer, one per thread (never held across an await).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; COPY_CHUNK]);
+}
+
+/// One read from `src` into the thread's scratch buffer, written to `dst`
+/// at once; what `dst` did not take is appended to `pending`. `None`: nothing
+/// to read (the readiness is cleared); `Some(0)`: end-of-file.
+fn copy_chunk(src: &TcpStream, dst: &TcpStream, way: Way<'_>, pending: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let n = match src.try_read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
         if n == 0 {
-            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-            return Ok(total);
+            return Ok(Some(0));
         }
-        moved.fetch_add(n as u64, Ordering::Relaxed);
-        write_all(dst, &buf[..n]).await?;
-        total += n as u64;
+        let w = match dst.try_write(&buf[..n]) {
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        way.done.fetch_add(w as u64, Ordering::Relaxed);
+        pending.extend_from_slice(&buf[w..n]);
+        Ok(Some(n))
+    })
+}
+
+/// Writes what [`copy_chunk`] left over, and frees it.
+async fn flush_pending(dst: &TcpStream, way: Way<'_>, pending: &mut Vec<u8>) -> io::Result<()> {
+    if !pending.is_empty() {
+        write_all(dst, pending).await?;
+        way.done.fetch_add(pending.len() as u64, Ordering::Relaxed);
+        *pending = Vec::new();
+    }
+    Ok(())
+}
+
+/// One direction in user space until end-of-file, then `shutdown(SHUT_WR)`
+/// on `dst`. Reads into the thread's scratch buffer and writes at once;
+/// keeps (in memory of its own) only what `dst` did not take, and frees it
+/// as soon as it is written.
+async fn copy_one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, way: Way<'_>) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        src.readable().await?;
+        match copy_chunk(src, dst, way, &mut pending)? {
+            None => continue,
+            Some(0) => {
+                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                return Ok(total);
+            }
+            Some(n) => {
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+                total += n as u64;
+                flush_pending(dst, way, &mut pending).await?;
+            }
+        }
     }
 }
 
@@ -368,7 +604,13 @@ const DRAIN_MAX: usize = 4 << 20;
 /// empty queue has no partly read skb: either nothing is left to read, or
 /// a read asked for more than was queued and came back short (TCP only
 /// stops a read early when it runs out of data).
-async fn copy_prefix(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, inspect: u64) -> io::Result<(u64, bool)> {
+async fn copy_prefix(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    inspect: u64,
+    done: &AtomicU64,
+) -> io::Result<(u64, bool)> {
     let mut buf = Vec::new();
     let mut total = 0u64;
     loop {
@@ -388,6 +630,7 @@ async fn copy_prefix(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, inspec
         }
         moved.fetch_add(n as u64, Ordering::Relaxed);
         write_all(dst, &buf[..n]).await?;
+        done.fetch_add(n as u64, Ordering::Relaxed);
         total += n as u64;
         if total >= inspect && n < want {
             return Ok((total, false));
@@ -424,9 +667,12 @@ async fn kernel_bidirectional(
     b: &TcpStream,
     inspect: usize,
     unavailable: bool,
+    way_ab: Way<'_>,
+    way_ba: Way<'_>,
+    fell_back: &AtomicBool,
 ) -> io::Result<RelayStats> {
-    let ab = kernel_one_way(a, b, inspect as u64, unavailable);
-    let ba = kernel_one_way(b, a, inspect as u64, unavailable);
+    let ab = kernel_one_way(a, b, inspect as u64, unavailable, way_ab, fell_back);
+    let ba = kernel_one_way(b, a, inspect as u64, unavailable, way_ba, fell_back);
     let (ab, ba) = tokio::try_join!(ab, ba)?;
     Ok(RelayStats {
         a_to_b: ab.total,
@@ -447,31 +693,71 @@ struct KernelWay {
 /// One direction: the first `inspect` bytes in user space, then the
 /// kernel fast path (or splice) until end-of-file, then `shutdown(SHUT_WR)`
 /// on `dst`.
-async fn kernel_one_way(src: &TcpStream, dst: &TcpStream, inspect: u64, unavailable: bool) -> io::Result<KernelWay> {
+async fn kernel_one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    inspect: u64,
+    unavailable: bool,
+    way: Way<'_>,
+    fell_back: &AtomicBool,
+) -> io::Result<KernelWay> {
     let moved = AtomicU64::new(0);
-    let (seen, eof) = copy_prefix(src, dst, &moved, inspect).await?;
+    let (seen, eof) = copy_prefix(src, dst, &moved, inspect, way.done).await?;
     if eof {
         return Ok(KernelWay { total: seen, kernel: 0, fell_back: false });
     }
+    // The epoll set that watches the offloaded direction is a descriptor too.
+    let grant = way.budget.try_take(FAST_PATH_FDS);
     let offload = if unavailable {
         Err(io::Error::new(io::ErrorKind::Unsupported, "disabled for this test"))
+    } else if grant.is_none() {
+        way.refused.store(true, Ordering::Relaxed);
+        Err(io::Error::new(io::ErrorKind::Unsupported, "no descriptor left in the proxy's budget"))
     } else {
         crate::fastpath::offload(src, dst)
     };
     match offload {
         Ok(offload) => {
+            // Counts the kernel's share also when this future is dropped (a cut flow).
+            let mut share = KernelShare { offload: &offload, way, counted: false };
             let kernel = offload.forward_until_eof(src, dst).await?;
+            share.counted = true;
+            way.done.fetch_add(kernel, Ordering::Relaxed);
+            way.kernel.fetch_add(kernel, Ordering::Relaxed);
             let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
             Ok(KernelWay { total: seen + kernel, kernel, fell_back: false })
         }
         Err(e) => {
+            drop(grant);
             fast_path_refused(&e);
-            let rest = match splice_one_way(src, dst, &moved, false).await {
+            fell_back.store(true, Ordering::Relaxed);
+            let rest = match splice_one_way(src, dst, &moved, false, way).await {
                 Ok(n) => n,
-                Err(Ok(NothingMoved)) => copy_one_way(src, dst, &moved).await?,
+                Err(Ok(NothingMoved)) => copy_one_way(src, dst, &moved, way).await?,
                 Err(Err(e)) => return Err(e),
             };
             Ok(KernelWay { total: seen + rest, kernel: 0, fell_back: true })
+        }
+    }
+}
+
+/// Adds what the kernel forwarded for an offloaded direction to its counters
+/// when the direction is dropped before it finished (declared after the
+/// [`Offload`](crate::fastpath::Offload), so it reads the count before the
+/// entries are removed).
+struct KernelShare<'a> {
+    offload: &'a crate::fastpath::Offload,
+    way: Way<'a>,
+    counted: bool,
+}
+
+impl Drop for KernelShare<'_> {
+    fn drop(&mut self) {
+        if !self.counted {
+            if let Ok(n) = self.offload.forwarded() {
+                self.way.done.fetch_add(n, Ordering::Relaxed);
+                self.way.kernel.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 }

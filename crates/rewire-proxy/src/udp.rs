@@ -11,30 +11,72 @@
 //! sockets are closed (which frees the kernel's per-flow state) and one
 //! JSON line is written. Datagrams of a known source that still reach the
 //! listener (sent before the flow socket existed) go the same way.
+//!
+//! At shutdown the listeners are closed and live flows get the grace
+//! period (a flow that is idle for `udp_idle` within it ends as usual),
+//! then they are cut; every flow's line has its datagram and byte counts.
+//!
+//! A flow keeps no buffer of its own: datagrams are read into one scratch
+//! buffer per thread and sent on at once (copied only when the socket
+//! cannot take them yet). A new flow that does not fit (descriptor
+//! budget, or [`MAX_FLOWS`]) is refused visibly: counted, a warning at
+//! most once a second, and an ICMP "port unreachable" to the sender where
+//! the proxy may send one (`CAP_NET_RAW`; at most [`ICMP_PER_SEC`] a
+//! second), which a connected sender sees as `ECONNREFUSED`.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-use crate::{FlowLog, ProxyOptions};
+use crate::limits::{Grant, UDP_FLOW_FDS};
+use crate::{cut_signal, reached, wind_down, Destination, FlowError, FlowLog, LiveGuard, Phase, Proxy};
 
 /// Largest datagram relayed (the UDP maximum).
 const MAX_DATAGRAM: usize = 65_536;
 
-/// Live UDP flows of one proxy at most (fewer if the file limit is lower);
-/// datagrams of new sources beyond it are dropped (with a warning at most
-/// once a second) until flows expire, so a flood of sources cannot grow the
-/// proxy without end.
+/// Live UDP flows of one proxy at most (fewer if the descriptor budget is
+/// smaller); a new flow beyond it is refused (see the module doc) until
+/// flows expire, so a flood of sources cannot grow the proxy without end.
 pub const MAX_FLOWS: usize = 4_096;
 
+/// ICMP errors sent to refused senders per second at most.
+pub const ICMP_PER_SEC: u32 = 100;
+
+thread_local! {
+    /// The flows' receive buffer, one per thread (never held across an await).
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_DATAGRAM]);
+}
+
 /// Binds the UDP listeners (IPv6 ones IPv6-only), sharable by flow sockets.
-pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<UdpSocket>> {
-    addrs.iter().map(|a| rewire::asynchronous::udp_bind_listener(*a).map_err(std::io::Error::from)).collect()
+pub fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<UdpSocket>> {
+    bind_or_inherit(addrs, &mut vec![])
+}
+
+/// Binds the UDP listeners, taking the socket of an address from
+/// `inherited` (socket activation) where there is one. An inherited socket
+/// gets `SO_REUSEPORT`, which the flow sockets need to share its port.
+pub fn bind_or_inherit(addrs: &[SocketAddr], inherited: &mut Vec<crate::activation::Inherited>) -> io::Result<Vec<UdpSocket>> {
+    addrs
+        .iter()
+        .map(|a| {
+            if let Some(s) = crate::activation::claim(inherited, crate::activation::Transport::Udp, *a) {
+                tracing::info!("listening on {a} (udp) with the socket passed by the service manager ({s})");
+                socket2::SockRef::from(&s.fd).set_reuse_port(true)?;
+                let u = std::net::UdpSocket::from(s.fd);
+                u.set_nonblocking(true)?;
+                return UdpSocket::from_std(u);
+            }
+            rewire::asynchronous::udp_bind_listener(*a).map_err(io::Error::from)
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -43,7 +85,7 @@ struct Counters {
     dgrams_up: AtomicU64,
     bytes_down: AtomicU64,
     dgrams_down: AtomicU64,
-    last_error: std::sync::Mutex<Option<String>>,
+    last_error: Mutex<Option<String>>,
 }
 
 impl Counters {
@@ -66,68 +108,59 @@ type Flow = mpsc::UnboundedSender<Vec<u8>>;
 
 /// What the flow tasks of one listener share with it.
 struct Shared {
-    opts: Arc<ProxyOptions>,
+    proxy: Arc<Proxy>,
     logs: mpsc::UnboundedSender<FlowLog>,
     /// Datagrams a flow socket received from another source (queued in the
     /// instant between its bind and its connect): dispatched again.
     stray: mpsc::UnboundedSender<(Vec<u8>, SocketAddr)>,
-    live: Arc<AtomicUsize>,
-    cap: usize,
+    cut: watch::Receiver<bool>,
+    icmp: Arc<Unreachable>,
 }
 
-/// Runs the UDP side of the proxy on bound listeners until `shutdown` turns
-/// true; every finished flow is sent to `logs`.
+/// Runs the UDP side of a proxy on bound listeners. At [`Phase::Drain`] the
+/// listeners are closed and live flows get the grace period, then are cut;
+/// returns when every flow's line was sent to `logs`.
 pub async fn serve(
-    opts: Arc<ProxyOptions>,
+    proxy: Arc<Proxy>,
     listeners: Vec<UdpSocket>,
     logs: mpsc::UnboundedSender<FlowLog>,
-    mut shutdown: watch::Receiver<bool>,
+    mut phase: watch::Receiver<Phase>,
 ) {
-    let live = Arc::new(AtomicUsize::new(0));
-    let cap = flow_cap();
+    let (cut_tx, cut_rx) = watch::channel(false);
+    let icmp = Arc::new(Unreachable::open());
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         let (stray, stray_rx) = mpsc::unbounded_channel();
-        let shared = Shared { opts: opts.clone(), logs: logs.clone(), stray, live: live.clone(), cap };
-        tasks.spawn(serve_one(shared, l, stray_rx, shutdown.clone()));
+        let shared = Shared { proxy: proxy.clone(), logs: logs.clone(), stray, cut: cut_rx.clone(), icmp: icmp.clone() };
+        tasks.spawn(serve_one(shared, l, stray_rx, phase.clone()));
     }
-    let _ = shutdown.wait_for(|s| *s).await;
-    tasks.abort_all();
-}
-
-/// Live flows of the whole proxy: [`MAX_FLOWS`], or fewer when the file
-/// limit would not hold two sockets per flow and the TCP side's too.
-fn flow_cap() -> usize {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: valid out-pointer.
-    let files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur as usize } else { 1024 };
-    MAX_FLOWS.min(files / 4).max(1)
+    drop(logs);
+    while tasks.join_next().await.is_some() {}
+    wind_down(&proxy, "udp", &proxy.udp_live, &mut phase, &cut_tx).await;
 }
 
 async fn serve_one(
     shared: Shared,
     listener: UdpSocket,
     mut stray: mpsc::UnboundedReceiver<(Vec<u8>, SocketAddr)>,
-    mut shutdown: watch::Receiver<bool>,
+    mut phase: watch::Receiver<Phase>,
 ) {
     let Ok(local) = listener.local_addr() else { return };
+    let proxy = &shared.proxy;
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
-    let mut flow_tasks = tokio::task::JoinSet::new();
-    let mut last_drop_warning: Option<Instant> = None;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (data, peer) = tokio::select! {
             r = listener.recv_from(&mut buf) => match r {
                 Ok((n, peer)) => (buf[..n].to_vec(), peer),
                 Err(e) => {
-                    tracing::warn!("{}: udp receive: {e}", shared.opts.name);
+                    tracing::warn!("{}: udp receive: {e}", proxy.opts.name);
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 }
             },
             Some(x) = stray.recv() => x,
-            Some(_) = flow_tasks.join_next(), if !flow_tasks.is_empty() => continue,
-            _ = shutdown.changed() => break,
+            _ = reached(&mut phase, Phase::Drain) => break,
         };
         // A known source: its flow task forwards it (and counts it).
         let data = match flows.get(&peer) {
@@ -139,31 +172,104 @@ async fn serve_one(
         };
         flows.remove(&peer);
         flows.retain(|_, f| !f.is_closed());
-        if shared.live.load(Ordering::Relaxed) >= shared.cap {
-            if last_drop_warning.is_none_or(|t| t.elapsed().as_secs() >= 1) {
-                tracing::warn!("{}: {} live udp flows: dropping datagrams of new flows", shared.opts.name, shared.cap);
-                last_drop_warning = Some(Instant::now());
-            }
+        let live = proxy.udp_live.count();
+        let grant = if live >= MAX_FLOWS { None } else { proxy.budget.try_take(UDP_FLOW_FDS) };
+        let Some(grant) = grant else {
+            let why = if live >= MAX_FLOWS { "flows" } else { "descriptors" };
+            let told = shared.icmp.send(peer, local, data.len());
+            proxy.udp_over_capacity.note(format_args!(
+                "from {peer} to {local}: {live} live udp flows, no room for more ({why}); {}",
+                if told { "ICMP port unreachable sent" } else { "sender not told (no ICMP: needs CAP_NET_RAW, or rate-limited)" }
+            ));
             continue;
-        }
-        match open(&shared.opts, local, peer) {
+        };
+        match open(proxy, local, peer) {
             Ok((client, upstream, log)) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let _ = tx.send(data);
                 flows.insert(peer, tx);
-                shared.live.fetch_add(1, Ordering::Relaxed);
-                let (opts, logs, stray, live) = (shared.opts.clone(), shared.logs.clone(), shared.stray.clone(), shared.live.clone());
-                flow_tasks.spawn(async move {
-                    let line = run_flow(&opts, client, upstream, rx, stray, log).await;
-                    live.fetch_sub(1, Ordering::Relaxed);
+                let live = proxy.udp_live.enter();
+                let (proxy, logs, stray, cut) = (proxy.clone(), shared.logs.clone(), shared.stray.clone(), shared.cut.clone());
+                tokio::spawn(async move {
+                    let line = run_flow(&proxy, client, upstream, rx, stray, cut, log, grant).await;
                     let _ = logs.send(line);
+                    drop::<LiveGuard>(live);
                 });
             }
-            Err(log) => {
-                let _ = shared.logs.send(*log);
+            Err(FlowError::NoRecords(e)) => proxy.udp_no_records.note(format_args!("from {peer} to {local}: {e}")),
+            Err(e) => {
+                // A flow that failed at its start: its line, with the error.
+                let mut log = FlowLog::new(&proxy.opts, peer, "udp");
+                if let FlowError::ConnectOnward { dst, .. } = &e {
+                    log.original_destination = Some(*dst);
+                }
+                proxy.flow_errors.note(format_args!("udp flow from {peer}: {e}"));
+                log.error = Some(e.to_string());
+                log.finish(Instant::now());
+                let _ = shared.logs.send(log);
+                drop(proxy.udp_live.enter()); // counted as a flow, ended at once
             }
         }
     }
+}
+
+/// Accepts the flow of `peer`, queries it and opens the outbound socket.
+fn open(proxy: &Proxy, local: SocketAddr, peer: SocketAddr) -> Result<(UdpSocket, UdpSocket, FlowLog), FlowError> {
+    let opts = &proxy.opts;
+    let mut log = FlowLog::new(opts, peer, "udp");
+    let client = rewire::asynchronous::udp_accept(local, peer).map_err(FlowError::UdpAccept)?;
+    if let Destination::FixedForTests(dst) = opts.destination {
+        let up = std::net::UdpSocket::bind(if dst.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" })
+            .and_then(|s| s.connect(dst).map(|()| s))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(UdpSocket::from_std)
+            .map_err(|source| FlowError::Connect { dst, source })?;
+        log.original_destination = Some(dst);
+        return Ok((client, up, log));
+    }
+    let records = rewire::query_redirect_records(&client).map_err(FlowError::NoRecords)?;
+    log.fill(opts, &records, rewire::query_redirect_context(&client).ok());
+    let dst = records.original_destination();
+    match rewire::asynchronous::udp_connect_onward(&records) {
+        Ok(up) => Ok((client, up, log)),
+        Err(source) => Err(FlowError::ConnectOnward { dst, source }),
+    }
+}
+
+/// What one read of a flow socket did.
+enum Moved {
+    /// Nothing was queued.
+    Nothing,
+    /// A datagram of this many bytes was passed on.
+    Sent(usize),
+    /// A datagram the destination could not take at once (sent later).
+    Later(Vec<u8>),
+    /// A datagram from another source (back to the listener's dispatch).
+    Stray(Vec<u8>, SocketAddr),
+    /// Receiving failed.
+    RecvFailed(io::Error),
+    /// Sending failed.
+    SendFailed(io::Error),
+}
+
+/// Reads one datagram from `from` (if `peer` is given, only that source's
+/// belong to the flow) and passes it to `to`, through the thread's scratch buffer.
+fn move_one(from: &UdpSocket, to: &UdpSocket, peer: Option<SocketAddr>) -> Moved {
+    SCRATCH.with_borrow_mut(|buf| {
+        let (n, src) = match from.try_recv_from(buf) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Moved::Nothing,
+            Err(e) => return Moved::RecvFailed(e),
+        };
+        if peer.is_some_and(|p| p != src) {
+            return Moved::Stray(buf[..n].to_vec(), src);
+        }
+        match to.try_send(&buf[..n]) {
+            Ok(m) => Moved::Sent(m),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Moved::Later(buf[..n].to_vec()),
+            Err(e) => Moved::SendFailed(e),
+        }
+    })
 }
 
 async fn forward(upstream: &UdpSocket, counters: &Counters, data: &[u8]) {
@@ -173,71 +279,55 @@ async fn forward(upstream: &UdpSocket, counters: &Counters, data: &[u8]) {
     }
 }
 
-/// Accepts the flow of `peer`, queries it and opens the outbound socket.
-fn open(opts: &ProxyOptions, local: SocketAddr, peer: SocketAddr) -> Result<(UdpSocket, UdpSocket, FlowLog), Box<FlowLog>> {
-    let mut log = FlowLog::new(opts, peer, "udp");
-    let fail = |mut log: FlowLog, e: String| {
-        log.error = Some(e);
-        log.finish(Instant::now());
-        Box::new(log)
-    };
-    let client = match rewire::asynchronous::udp_accept(local, peer) {
-        Ok(c) => c,
-        Err(e) => return Err(fail(log, format!("accept udp flow: {e}"))),
-    };
-    let records = match rewire::query_redirect_records(&client) {
-        Ok(r) => r,
-        Err(e) => return Err(fail(log, format!("query records: {e}"))),
-    };
-    log.fill(opts, &records, rewire::query_redirect_context(&client).ok());
-    match rewire::asynchronous::udp_connect_onward(&records) {
-        Ok(up) => Ok((client, up, log)),
-        Err(e) => Err(fail(log, format!("connect onward to {}: {e}", records.original_destination()))),
-    }
-}
-
-/// Relays one flow until it is idle for `opts.udp_idle`; returns its log line.
+/// Relays one flow until it is idle for `udp_idle`, or cut; returns its log line.
+#[allow(clippy::too_many_arguments)]
 async fn run_flow(
-    opts: &ProxyOptions,
+    proxy: &Proxy,
     client: UdpSocket,
     upstream: UdpSocket,
     mut from_listener: mpsc::UnboundedReceiver<Vec<u8>>,
     stray: mpsc::UnboundedSender<(Vec<u8>, SocketAddr)>,
+    mut cut: watch::Receiver<bool>,
     mut log: FlowLog,
+    grant: Grant,
 ) -> FlowLog {
+    let opts = &proxy.opts;
     let start = Instant::now();
     let counters = Counters::default();
     let peer = log.peer;
-    let mut a = vec![0u8; MAX_DATAGRAM];
-    let mut b = vec![0u8; MAX_DATAGRAM];
     let mut deadline = tokio::time::Instant::now() + opts.udp_idle;
+    let mut was_cut = false;
     loop {
         tokio::select! {
             Some(d) = from_listener.recv() => {
                 deadline = tokio::time::Instant::now() + opts.udp_idle;
                 forward(&upstream, &counters, &d).await;
             }
-            r = client.recv_from(&mut a) => match r {
-                Ok((n, src)) if src == peer => {
-                    deadline = tokio::time::Instant::now() + opts.udp_idle;
-                    forward(&upstream, &counters, &a[..n]).await;
-                }
+            r = client.readable() => match r.map(|()| move_one(&client, &upstream, Some(peer))) {
+                Ok(Moved::Nothing) => {}
+                Ok(Moved::Sent(n)) => { deadline = tokio::time::Instant::now() + opts.udp_idle; counters.up(n); }
+                Ok(Moved::Later(d)) => { deadline = tokio::time::Instant::now() + opts.udp_idle; forward(&upstream, &counters, &d).await; }
                 // Queued between the flow socket's bind and its connect: another flow's.
-                Ok((n, src)) => { let _ = stray.send((a[..n].to_vec(), src)); }
+                Ok(Moved::Stray(d, src)) => { let _ = stray.send((d, src)); }
+                Ok(Moved::SendFailed(e)) => counters.error(format!("send to server: {e}")),
                 // ICMP errors from the peer are reported on the next call; keep going.
-                Err(e) => counters.error(format!("receive from client: {e}")),
+                Ok(Moved::RecvFailed(e)) | Err(e) => counters.error(format!("receive from client: {e}")),
             },
-            r = upstream.recv(&mut b) => match r {
-                Ok(n) => {
+            r = upstream.readable() => match r.map(|()| move_one(&upstream, &client, None)) {
+                Ok(Moved::Nothing) => {}
+                Ok(Moved::Sent(n)) => { deadline = tokio::time::Instant::now() + opts.udp_idle; counters.down(n); }
+                Ok(Moved::Later(d)) | Ok(Moved::Stray(d, _)) => {
                     deadline = tokio::time::Instant::now() + opts.udp_idle;
-                    match client.send(&b[..n]).await {
+                    match client.send(&d).await {
                         Ok(n) => counters.down(n),
                         Err(e) => counters.error(format!("send to client: {e}")),
                     }
                 }
-                Err(e) => counters.error(format!("receive from server: {e}")),
+                Ok(Moved::SendFailed(e)) => counters.error(format!("send to client: {e}")),
+                Ok(Moved::RecvFailed(e)) | Err(e) => counters.error(format!("receive from server: {e}")),
             },
             _ = tokio::time::sleep_until(deadline) => break,
+            _ = cut_signal(&mut cut) => { was_cut = true; break; }
         }
     }
     // From here on the listener starts a new flow for this source.
@@ -245,11 +335,116 @@ async fn run_flow(
     while let Ok(d) = from_listener.try_recv() {
         forward(&upstream, &counters, &d).await;
     }
+    drop((client, upstream, grant));
     log.bytes_to_server = counters.bytes_up.load(Ordering::Relaxed);
     log.bytes_to_client = counters.bytes_down.load(Ordering::Relaxed);
     log.datagrams_to_server = Some(counters.dgrams_up.load(Ordering::Relaxed));
     log.datagrams_to_client = Some(counters.dgrams_down.load(Ordering::Relaxed));
     log.error = counters.last_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if was_cut {
+        log.cut = Some("shutdown");
+        proxy.cut.fetch_add(1, Ordering::Relaxed);
+        log.error = Some(FlowError::Cut { grace_ms: opts.grace.as_millis() as u64 }.to_string());
+    }
     log.finish(start);
     log
+}
+
+/// Raw ICMP sockets to tell a refused sender "port unreachable" (opened at
+/// start; `None` without `CAP_NET_RAW`), and their rate limit.
+struct Unreachable {
+    v4: Option<OwnedFd>,
+    v6: Option<OwnedFd>,
+    window: Mutex<(Instant, u32)>,
+}
+
+impl Unreachable {
+    fn open() -> Self {
+        let raw = |domain, proto| {
+            // SAFETY: plain socket(2); the descriptor is owned right away.
+            let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, proto) };
+            // SAFETY: a fresh descriptor nobody else owns.
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        let v4 = raw(libc::AF_INET, libc::IPPROTO_ICMP);
+        let v6 = raw(libc::AF_INET6, libc::IPPROTO_ICMPV6);
+        if v4.is_none() || v6.is_none() {
+            tracing::debug!("no raw ICMP socket (needs CAP_NET_RAW): refused udp senders are not told");
+        }
+        Unreachable { v4, v6, window: Mutex::new((Instant::now(), 0)) }
+    }
+
+    /// Sends "port unreachable" to `sender` for its datagram of `len` bytes
+    /// to `local` (unless rate-limited or impossible); whether it was sent.
+    fn send(&self, sender: SocketAddr, local: SocketAddr, len: usize) -> bool {
+        {
+            let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+            if w.0.elapsed().as_secs() >= 1 {
+                *w = (Instant::now(), 0);
+            }
+            if w.1 >= ICMP_PER_SEC {
+                return false;
+            }
+            w.1 += 1;
+        }
+        let udp_len = (8 + len).min(u16::MAX as usize) as u16;
+        let mut udp = [0u8; 8];
+        udp[0..2].copy_from_slice(&sender.port().to_be_bytes());
+        udp[2..4].copy_from_slice(&local.port().to_be_bytes());
+        udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+        let (fd, msg, dst): (_, Vec<u8>, socket2::SockAddr) = match (sender.ip(), local.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(l)) if !l.is_unspecified() => {
+                let Some(fd) = &self.v4 else { return false };
+                // The datagram as the sender sent it: IPv4 header, UDP header.
+                let mut ip = [0u8; 20];
+                ip[0] = 0x45;
+                ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+                ip[8] = 64;
+                ip[9] = libc::IPPROTO_UDP as u8;
+                ip[12..16].copy_from_slice(&s.octets());
+                ip[16..20].copy_from_slice(&l.octets());
+                let c = checksum(&ip);
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
+                let mut m = vec![3, 3, 0, 0, 0, 0, 0, 0]; // destination unreachable, port unreachable
+                m.extend_from_slice(&ip);
+                m.extend_from_slice(&udp);
+                let c = checksum(&m);
+                m[2..4].copy_from_slice(&c.to_be_bytes());
+                (fd, m, SocketAddr::new(IpAddr::V4(s), 0).into())
+            }
+            (IpAddr::V6(s), IpAddr::V6(l)) if !l.is_unspecified() => {
+                let Some(fd) = &self.v6 else { return false };
+                let mut ip = [0u8; 40];
+                ip[0] = 0x60;
+                ip[4..6].copy_from_slice(&udp_len.to_be_bytes());
+                ip[6] = libc::IPPROTO_UDP as u8;
+                ip[7] = 64;
+                ip[8..24].copy_from_slice(&s.octets());
+                ip[24..40].copy_from_slice(&l.octets());
+                // Destination unreachable, port unreachable; the kernel fills in the checksum.
+                let mut m = vec![1, 4, 0, 0, 0, 0, 0, 0];
+                m.extend_from_slice(&ip);
+                m.extend_from_slice(&udp);
+                (fd, m, SocketAddr::new(IpAddr::V6(s), 0).into())
+            }
+            _ => return false,
+        };
+        // SAFETY: sendto reads `msg` and the address for the duration of the call.
+        let r = unsafe {
+            libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT, dst.as_ptr(), dst.len())
+        };
+        r >= 0
+    }
+}
+
+/// The Internet checksum (RFC 1071).
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
