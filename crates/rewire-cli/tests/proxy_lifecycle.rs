@@ -255,7 +255,10 @@ async fn sigterm_closes_listeners_and_logs_every_flow_including_cut_ones() {
         let (code, took) = p.wait(Duration::from_secs(20)).await;
         assert_eq!(code, 0);
         assert!(took < Duration::from_millis(1500 + 3000), "exit took {took:?}");
-        let l = lines(&log);
+        let mut l = lines(&log);
+        // Connects of the polling loop above that the proxy accepted before
+        // its listener closed are flows too (empty ones): not the three here.
+        l.retain(|x| !(x["protocol"] == "tcp" && x["bytes_to_server"] == 0 && x["bytes_to_client"] == 0));
         assert_eq!(l.len(), 3, "{l:#?}");
         let find = |f: &dyn Fn(&serde_json::Value) -> bool| l.iter().find(|x| f(x)).cloned().unwrap_or_else(|| panic!("{l:#?}"));
         let done = find(&|x| x["protocol"] == "tcp" && x["cut"].is_null());

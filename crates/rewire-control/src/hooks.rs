@@ -166,6 +166,8 @@ fn read_counters<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, u64>) -> 
 pub struct Faults {
     /// Every socket-storage allocation fails (as under kernel memory pressure).
     pub no_storage: bool,
+    /// Size of the TCP hand-off table (default 65,536), to fill it on purpose.
+    pub handoff_entries: Option<u32>,
 }
 
 /// How many programs the hooks attach (each gets a link).
@@ -212,7 +214,11 @@ impl Hooks {
     /// [`Hooks::attach`] with failure paths forced on (tests only).
     pub fn attach_with_faults(config: &Config, subtree: &Path, faults: Faults) -> Result<Self, HooksError> {
         raise_memlock();
-        let mut bpf = EbpfLoader::new().load(rewire_bpf::object())?;
+        let mut loader = EbpfLoader::new();
+        if let Some(n) = faults.handoff_entries {
+            loader.map_max_entries("rw_handoff", n);
+        }
+        let mut bpf = loader.load(rewire_bpf::object())?;
         fill_maps(&mut bpf, config, subtree, faults)?;
 
         let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;

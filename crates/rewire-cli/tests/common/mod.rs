@@ -70,6 +70,11 @@ pub struct Sandbox {
 impl Sandbox {
     /// Writes `config` (TOML; `cgroup` is filled in) and attaches the hooks to a fresh cgroup.
     pub fn new(config: &str) -> Self {
+        Self::with_faults(config, rewire_control::hooks::Faults::default())
+    }
+
+    /// [`Sandbox::new`] with the kernel programs' failure paths forced on.
+    pub fn with_faults(config: &str, faults: rewire_control::hooks::Faults) -> Self {
         require_root();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let name = format!("rewire-test-{}-{n}", std::process::id());
@@ -80,7 +85,7 @@ impl Sandbox {
         std::fs::write(&config_path, format!("cgroup = \"{name}\"\n{config}")).unwrap();
         let cfg = Config::load(&config_path).unwrap();
         let cgroup = ManagedCgroup::create(&name).unwrap();
-        let hooks = Hooks::attach(&cfg, cgroup.path()).unwrap();
+        let hooks = Hooks::attach_with_faults(&cfg, cgroup.path(), faults).unwrap();
         Sandbox { dir, config_path, config: cfg, hooks: Some(hooks), cgroup: Some(cgroup), children: vec![] }
     }
 
@@ -123,6 +128,14 @@ impl Sandbox {
             wait_listening(*a);
         }
         log
+    }
+
+    /// Starts `cmd` (made with [`Sandbox::command`] or not) and ends it with the sandbox.
+    pub fn spawn(&mut self, mut cmd: Command) -> u32 {
+        let child = cmd.spawn().unwrap();
+        let pid = child.id();
+        self.children.push(child);
+        pid
     }
 
     /// Runs `rewire probe ARGS` in the cgroup and returns its JSON report and pid.
