@@ -4,6 +4,9 @@
 //! Then the loop protection: the records, and separately the hop limit.
 //! Then UDP: datagrams from connected and unconnected sockets through the
 //! same chain to a UDP echo server, replies coming back from the server.
+//! Last, service identity: an unmodified forwarder (socat, no records) in a
+//! chain without looping, and an impostor on a stopped proxy's address
+//! refused.
 //!
 //! The demo checks its own outcome and fails (exit 1) if anything did not
 //! happen as shown.
@@ -117,6 +120,11 @@ struct Stage {
 
 impl Stage {
     fn start(dir: &Path, tag: &str, toml: &str) -> Result<Self> {
+        Self::start_proxies(dir, tag, toml, None)
+    }
+
+    /// Starts the reference proxy for `only` (every service when None).
+    fn start_proxies(dir: &Path, tag: &str, toml: &str, only: Option<&[&str]>) -> Result<Self> {
         let path = dir.join(format!("{tag}.toml"));
         std::fs::write(&path, toml)?;
         let cfg = Config::load(&path)?;
@@ -126,6 +134,9 @@ impl Stage {
         let mut st = Stage { cfg, cgroup, _hooks: hooks, events, proxies: vec![], dir: dir.into() };
         for svc in st.cfg.services.clone() {
             let name = svc.name.get_ref();
+            if only.is_some_and(|o| !o.contains(&name.as_str())) {
+                continue;
+            }
             let log = st.log_path(name);
             let _ = std::fs::remove_file(&log);
             let child = st
@@ -219,7 +230,10 @@ pub fn main(a: DemoArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     match &r {
-        Ok(()) => println!("\ndemo passed: every TCP and UDP flow crossed audit then dlp exactly once; loops were stopped."),
+        Ok(()) => println!(
+            "\ndemo passed: every TCP and UDP flow crossed audit then dlp exactly once; loops were stopped;\n\
+             a forwarder without records chained without looping; an impostor got nothing."
+        ),
         Err(e) => println!("\ndemo FAILED: {e:#}"),
     }
     r
@@ -328,6 +342,72 @@ fn run(dir: &Path) -> Result<()> {
     println!("audit: {err}");
     ensure!(err.contains("hop limit"), "audit must report the hop limit, got `{err}`");
     ensure!(origin.peers.lock().unwrap().len() == 2, "the refused flow must not reach the origin");
+    st.stop()?;
+
+    identity_step(dir, &origin)?;
+    Ok(())
+}
+
+/// An unmodified forwarder (socat: accepts, connects to a fixed address,
+/// knows nothing of records) run as service `fwd` in front of `audit`; then
+/// audit's proxy stops and somebody else listens on its address.
+fn identity_step(dir: &Path, origin: &Origin) -> Result<()> {
+    heading("7. Service identity: a proxy that carries no records, and an impostor");
+    let port = origin.addrs[0].port();
+    let (fwd, audit) = (free_port()?, free_port()?);
+    let svc = |name: &str, p: u16| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nlisten = [\"127.0.0.1:{p}\", \"[::1]:{p}\"]\n\
+             [[service.match]]\ndst = [\"127.0.0.0/8\", \"::1/128\"]\nports = {port}\n"
+        )
+    };
+    let toml = format!("cgroup = \"rewire-demo-{}-id\"\n\n{}{}", std::process::id(), svc("fwd", fwd), svc("audit", audit));
+    println!(
+        "socat forwards to the origin without records, as service `fwd` (rewire exec --service fwd): its\n\
+         onward connect is fwd's own, so it continues after fwd instead of starting over (no loop)."
+    );
+    let mut st = Stage::start_proxies(dir, "identity", &toml, Some(&["audit"]))?;
+    let socat = st
+        .command(&std::env::current_exe()?)
+        .args(["exec", "--service", "fwd", "--config"])
+        .arg(dir.join("identity.toml"))
+        .args(["--", "socat"])
+        .arg(format!("TCP4-LISTEN:{fwd},bind=127.0.0.1,reuseaddr,fork"))
+        .arg(format!("TCP4:127.0.0.1:{port}"))
+        .env("REWIRE_LOG", "error")
+        .spawn()
+        .context("socat (apt-get install socat; scripts/setup.sh does)")?;
+    st.proxies.push(socat);
+    wait_listening(SocketAddr::from(([127, 0, 0, 1], fwd)))?;
+    let before = origin.peers.lock().unwrap().len();
+    let (rep, _) = st.client(origin.addrs[0], "/through-socat")?;
+    ensure!(rep["error"].is_null(), "client request failed: {}", rep["error"]);
+    println!("client: {} | getpeername() = {}", rep["status_line"].as_str().unwrap_or("?"), rep["peer"]);
+    for e in st.events() {
+        println!("  {e}");
+    }
+    let a = st.flows("audit", 1)?;
+    println!("audit: {}", a[0]);
+    ensure!(a[0]["chain"] == serde_json::json!(["fwd", "audit"]), "audit must see the flow after fwd: {}", a[0]);
+    ensure!(origin.peers.lock().unwrap().len() == before + 1, "the origin must be reached exactly once");
+
+    println!("\nsocat (service fwd) stops; another process listens on fwd's address 127.0.0.1:{fwd}:");
+    let mut socat = st.proxies.remove(1);
+    let _ = socat.kill();
+    let _ = socat.wait();
+    let impostor = TcpListener::bind(("127.0.0.1", fwd))?;
+    impostor.set_nonblocking(true)?;
+    let (rep, _) = st.client(origin.addrs[0], "/to-the-impostor")?;
+    println!("client: {}", rep["error"].as_str().unwrap_or("?"));
+    ensure!(rep["errno"] == libc::ECONNREFUSED, "the connect must be refused (fail = \"closed\"): {rep}");
+    let evs = st.events();
+    for e in &evs {
+        println!("  {e}");
+    }
+    ensure!(evs.iter().any(|e| e.kind == EventKind::Impostor), "the kernel must report the impostor");
+    ensure!(impostor.accept().is_err(), "the impostor must receive nothing");
+    ensure!(origin.peers.lock().unwrap().len() == before + 1, "the refused flow must not reach the origin");
+    println!("the impostor received nothing; with fail = \"open\" the flow would skip fwd instead.");
     st.stop()?;
     Ok(())
 }
