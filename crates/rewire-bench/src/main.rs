@@ -320,7 +320,7 @@ impl Ctx {
         let ns = NetNs::create(&self.tag)?;
         let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
         let result = (|| {
-            let hooks = Hooks::attach(&cfg, cgroup.path())?;
+            let hooks = attach_in(&ns.path(), &cfg, cgroup.path())?;
             let outside = Placement { netns: Some(ns.path()), ..Default::default() };
             let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
             let mut server = self.server(&outside)?;
@@ -405,7 +405,8 @@ impl Ctx {
         let mut c = Command::new(&self.rewire);
         c.args(["daemon", "--config"]).arg(&path).stderr(std::process::Stdio::null());
         c.env("REWIRE_LOG", "error");
-        let mut daemon = sys::spawn(c, &Placement::default(), false)?;
+        // The daemon serves the namespace it runs in.
+        let mut daemon = sys::spawn(c, &Placement { netns: Some(ns.path()), ..Default::default() }, false)?;
         let result = (|| {
             let pins = Path::new("/sys/fs/bpf").join(&cfg.cgroup);
             sys::wait_for(daemon.id(), &pins.join("rw_udp_handoff"), Duration::from_secs(10))?;
@@ -590,4 +591,18 @@ fn orchestrate(args: RunArgs) -> Result<()> {
 /// Path helper for report.rs.
 pub fn ensure_dir(p: &Path) -> Result<()> {
     std::fs::create_dir_all(p).with_context(|| format!("mkdir {}", p.display()))
+}
+
+/// Attaches the hooks from a thread inside network namespace `ns`: the
+/// hooks serve the namespace of the process (thread) that attaches them.
+fn attach_in(ns: &Path, cfg: &Config, cgroup: &Path) -> Result<Hooks> {
+    let f = std::fs::File::open(ns).with_context(|| format!("open {}", ns.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<Hooks> {
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(Hooks::attach(cfg, cgroup)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("attaching thread panicked"))?
+    })
 }

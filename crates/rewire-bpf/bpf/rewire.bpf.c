@@ -55,6 +55,13 @@
 #define ENOTCONN 107
 #define EADDRINUSE 98
 #define ECONNREFUSED 111
+#define EPROTONOSUPPORT 93
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#ifndef IPPROTO_MPTCP
+#define IPPROTO_MPTCP 262
+#endif
+#define IPPROTO_ICMPV6 58
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -766,6 +773,14 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 		r = has_rec ? RW_DELIVER : RW_PASS;
 		goto out;
 	}
+	/* Only in the network namespace rewire serves: elsewhere (a user's
+	 * own `unshare -rn`) nothing is redirected and no records are made. */
+	if (conf->netns_cookie && bpf_get_netns_cookie(ctx) != conf->netns_cookie) {
+		rw_report(RW_EV_FOREIGN_NETNS, RW_CNT_FOREIGN_NETNS, -EPERM, st, has_rec, orig, proto, w.service_id,
+			  w.rule_id, conf);
+		r = -EPERM;
+		goto out;
+	}
 
 	if (!has_rec) {
 		/* A service's own connect without records (it does not carry
@@ -1068,6 +1083,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	sl->target = c.target;
 	__builtin_memset(&sl->src, 0, sizeof(sl->src));
 	sl->published = 0;
+	sl->tag = bpf_get_prandom_u32() | 1;
 	sl->last_ns = now;
 	sl->redirected_ns = now;
 	sl->service_id = r == RW_REDIRECT ? c.w.service_id : 0;
@@ -1170,6 +1186,7 @@ static __always_inline void rw_udp_handoff_put(const struct rw_tuple *key, struc
 	v.s.rule_id = sl->rule_id;
 	v.s.redirected_ns = sl->redirected_ns;
 	v.s.rec = sl->rec;
+	v.s.tag = sl->tag;
 	v.published_ns = bpf_ktime_get_boot_ns();
 	sl->published = 1;
 	bpf_map_update_elem(&rw_udp_handoff, key, &v, BPF_ANY);
@@ -1511,6 +1528,18 @@ static __always_inline int rw_allowed(void)
 	return bpf_map_lookup_elem(&rw_access, &k) != 0;
 }
 
+/* Whether a records call runs in the network namespace rewire serves:
+ * records are never made or used elsewhere. */
+static __always_inline int rw_home_netns(struct bpf_sockopt *ctx)
+{
+	struct rw_conf *conf = rw_get_conf();
+
+	if (!conf || !conf->netns_cookie || bpf_get_netns_cookie(ctx) == conf->netns_cookie)
+		return 1;
+	rw_count(RW_CNT_FOREIGN_NETNS);
+	return 0;
+}
+
 /* 0 if the socket is one rewire serves; otherwise the errno to report. */
 static __always_inline int rw_check_socket(struct bpf_sock *sk)
 {
@@ -1575,7 +1604,7 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 
 	if (ctx->level != RW_SOL)
 		return 1;
-	if (!rw_allowed()) {
+	if (!rw_allowed() || !rw_home_netns(ctx)) {
 		ctx->retval = -EACCES;
 		return 1;
 	}
@@ -1663,7 +1692,7 @@ int rw_setsockopt(struct bpf_sockopt *ctx)
 
 	if (ctx->level != RW_SOL)
 		return 1;
-	if (!rw_allowed())
+	if (!rw_allowed() || !rw_home_netns(ctx))
 		return rw_set_fail(EACCES);
 	err = rw_check_socket(sk);
 	if (err)
@@ -1696,5 +1725,206 @@ int rw_setsockopt(struct bpf_sockopt *ctx)
 	st->rule_id = 0;
 	st->redirected_ns = 0;
 	ctx->optlen = -1; /* handled here: the kernel's own setsockopt is skipped */
+	return 1;
+}
+
+/* ---- transports: what a process in the subtree may open ----
+ *
+ * TCP and UDP are redirected; ICMP echo ("ping") sockets and raw sockets
+ * (root only) carry no flow to a service. Every other transport of the
+ * Internet families (UDP-Lite, SCTP, MPTCP, DCCP, anything unknown) would
+ * reach its destination unseen, so its socket is refused at creation with
+ * EPROTONOSUPPORT, as on a kernel without it (applications that try MPTCP
+ * fall back to TCP), and a `protocol` event. */
+
+SEC("cgroup/sock_create")
+int rw_sock_create(struct bpf_sock *sk)
+{
+	struct rw_conf *conf = rw_get_conf();
+	__u32 family = sk->family, type = sk->type, proto = sk->protocol;
+	__u32 zero = 0;
+	struct rw_records *r;
+
+	if (!conf || (family != AF_INET && family != AF_INET6))
+		return 1;
+	if ((type == SOCK_STREAM && proto == IPPROTO_TCP) || (type == SOCK_DGRAM && proto == IPPROTO_UDP))
+		return 1;
+	if (type == SOCK_DGRAM && (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6))
+		return 1;
+	if (type == 3 /* SOCK_RAW */)
+		return 1;
+	rw_count(RW_CNT_PROTOCOL);
+	r = bpf_map_lookup_elem(&rw_scratch, &zero);
+	if (r) {
+		__builtin_memset(r, 0, sizeof(*r));
+		r->proto = proto > 255 ? 255 : proto;
+		r->orig_dst.family = family;
+		r->orig_dst.port_be = proto; /* reported as the protocol number */
+		rw_emit(RW_EV_PROTOCOL, -EPROTONOSUPPORT, r, 0, 0, conf->hop_limit);
+	}
+	bpf_set_retval(-EPROTONOSUPPORT);
+	return 0;
+}
+
+/* ---- UDP datagrams: only a flow's own sockets speak for it ----
+ *
+ * Nothing in a datagram names its flow except its addresses, and any local
+ * process can send from any local address (IP_PKTINFO) on a port it bound
+ * elsewhere. So every UDP flow gets a random tag; its datagrams carry it as
+ * their packet mark, set on the way out by the flow's own sockets (the
+ * application's, by its slot; the proxy's flow socket, by its claimed
+ * state), and checked on the way in by the receiving socket of the flow.
+ * Nobody else can set a mark without CAP_NET_ADMIN, and a socket outside
+ * the subtree runs no egress program here. A datagram whose mark is not the
+ * flow's is dropped (counted, reported): a forged reply "from the original
+ * server", an injected request, a later socket on a closed flow's port. */
+
+/* The addresses of a UDP datagram (0 if it is not one). */
+static __always_inline int rw_skb_udp(struct __sk_buff *skb, struct rw_addr *src, struct rw_addr *dst)
+{
+	__u8 h[40];
+	__u16 ports[2];
+	__u32 l4;
+
+	__builtin_memset(src, 0, sizeof(*src));
+	__builtin_memset(dst, 0, sizeof(*dst));
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, 0, h, 20) || h[9] != IPPROTO_UDP)
+			return 0;
+		l4 = (h[0] & 0xf) * 4;
+		src->family = dst->family = AF_INET;
+		__builtin_memcpy(src->addr, &h[12], 4);
+		__builtin_memcpy(dst->addr, &h[16], 4);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, 0, h, 40) || h[6] != IPPROTO_UDP)
+			return 0;
+		l4 = 40;
+		src->family = dst->family = AF_INET6;
+		__builtin_memcpy(src->addr, &h[8], 16);
+		__builtin_memcpy(dst->addr, &h[24], 16);
+	} else {
+		return 0;
+	}
+	if (bpf_skb_load_bytes(skb, l4, ports, 4))
+		return 0;
+	src->port_be = ports[0];
+	dst->port_be = ports[1];
+	return 1;
+}
+
+static __always_inline struct bpf_sock *rw_skb_udp_sock(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	if (!sk)
+		return 0;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_UDP)
+		return 0;
+	return sk;
+}
+
+SEC("cgroup_skb/egress")
+int rw_skb_egress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = rw_skb_udp_sock(skb);
+	struct rw_addr src, dst;
+	struct rw_udp_sock *u;
+	struct rw_udp_slot *sl;
+	struct rw_sock *st;
+
+	if (!sk || !rw_skb_udp(skb, &src, &dst))
+		return 1;
+	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
+	if (u) {
+		sl = rw_slot_of_target(u, &dst);
+		if (sl && sl->tag) {
+			skb->mark = sl->tag;
+			return 1;
+		}
+	}
+	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+	if (st && (st->flags & RW_F_ACCEPTED) && st->tag)
+		skb->mark = st->tag;
+	return 1;
+}
+
+__attribute__((noinline)) int rw_forged(const struct rw_addr *src)
+{
+	struct rw_conf *conf = rw_get_conf();
+	__u32 zero = 0;
+	struct rw_records *r;
+
+	rw_count(RW_CNT_UDP_FORGED);
+	r = bpf_map_lookup_elem(&rw_scratch, &zero);
+	if (r && src && conf) {
+		__builtin_memset(r, 0, sizeof(*r));
+		r->proto = IPPROTO_UDP;
+		r->orig_dst = *src; /* reported: the address it claimed to come from */
+		rw_emit(RW_EV_UDP_FORGED, 0, r, 0, 0, conf->hop_limit);
+	}
+	return 0;
+}
+
+SEC("cgroup_skb/ingress")
+int rw_skb_ingress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = rw_skb_udp_sock(skb);
+	struct rw_addr src, dst;
+	struct rw_udp_handoff *h;
+	struct rw_udp_sock *u;
+	struct rw_udp_slot *sl;
+	struct rw_owner *own;
+	struct rw_sock *st;
+	struct rw_tuple key;
+	__u32 want = 0;
+
+	if (!sk || !rw_skb_udp(skb, &src, &dst))
+		return 1;
+	/* A proxy's flow socket: only its application's socket sends to it. */
+	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+	if (st && (st->flags & RW_F_ACCEPTED) && st->tag)
+		return skb->mark == st->tag ? 1 : rw_forged(&src);
+	/* An application's socket: a datagram from a service address it has a
+	 * flow with comes from that flow's proxy socket. */
+	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
+	if (u) {
+		sl = rw_slot_of_target(u, &src);
+		if (sl && sl->tag)
+			return skb->mark == sl->tag ? 1 : rw_forged(&src);
+	}
+	own = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
+	if (!own) {
+		/* Anyone else: nothing from a service's address (a flow that
+		 * ended, its port now somebody else's). */
+		if (bpf_map_lookup_elem(&rw_svc_addr, &src))
+			return rw_forged(&src);
+		return 1;
+	}
+	/* A service's listener: the first datagrams of a flow come from the
+	 * flow's application socket, with its tag (published already, or
+	 * still in the sender's slot). */
+	rw_udp_tuple(&key, &src, &dst);
+	h = bpf_map_lookup_elem(&rw_udp_handoff, &key);
+	if (h) {
+		want = h->s.tag;
+	} else {
+		struct bpf_sock_tuple t;
+		struct bpf_sock *app;
+		__u32 len = rw_sk_tuple(&t, &dst, &src);
+
+		app = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+		if (app) {
+			u = bpf_sk_storage_get(&rw_udp_sk, app, 0, 0);
+			if (u) {
+				sl = rw_slot_of_target(u, &dst);
+				if (sl)
+					want = sl->tag;
+			}
+			bpf_sk_release(app);
+		}
+	}
+	if (want && skb->mark != want)
+		return rw_forged(&src);
 	return 1;
 }

@@ -58,6 +58,12 @@
 			   * (socket storage allocation failed: ENOBUFS) */
 #define RW_EV_HANDOFF_FULL 9 /* the hand-off table is full: the proxy cannot claim this
 			      * connection, so it gets no records and refuses it */
+#define RW_EV_FOREIGN_NETNS 10 /* refused: a redirect or a records call in a network
+				* namespace other than the one rewire was set up in (EPERM) */
+#define RW_EV_PROTOCOL 11 /* refused at socket creation: a transport rewire cannot
+			   * redirect (UDP-Lite, SCTP, MPTCP, ...): EPROTONOSUPPORT */
+#define RW_EV_UDP_FORGED 12 /* dropped: a datagram claiming to belong to a UDP flow
+			     * that its flow's own socket did not send */
 
 /* Counters (per-CPU array rw_counters, index): never lose a count. */
 #define RW_CNT_REDIRECT 0
@@ -71,6 +77,9 @@
 #define RW_CNT_NO_STORAGE 8
 #define RW_CNT_HANDOFF_FULL 9
 #define RW_CNT_EVENTS_LOST 10
+#define RW_CNT_FOREIGN_NETNS 12
+#define RW_CNT_PROTOCOL 13
+#define RW_CNT_UDP_FORGED 14
 #define RW_CNT_N 16
 
 /* rw_conf.faults: fault injection for tests (never set from a config file). */
@@ -125,7 +134,8 @@ struct rw_sock {
 	__u64 cookie; /* hand-off entry: socket cookie of the connecting socket */
 	__u8 n_set;   /* outbound socket: chain length of the records as set, the
 		       * start of every connect attempt on it */
-	__u8 _pad[7];
+	__u8 _pad[3];
+	__u32 tag;    /* UDP flow socket of a proxy: its flow's tag (see rw_udp_slot) */
 	struct rw_records rec;
 };
 
@@ -175,6 +185,7 @@ struct rw_conf {
 	__u64 udp_idle_ns; /* a UDP flow idle this long is over */
 	__u32 faults;      /* RW_FAULT_*: tests only */
 	__u32 _pad;
+	__u64 netns_cookie; /* the network namespace rewire serves (0: any) */
 };
 
 /* One UDP flow of an application (or proxy outbound) socket. A datagram to
@@ -189,6 +200,9 @@ struct rw_udp_slot {
 	__u16 rule_id;
 	__u8 published;        /* a hand-off entry was made for it (by the listener or at close) */
 	__u8 _pad[3];
+	__u32 tag;             /* random, per flow: the packet mark its datagrams carry both
+				* ways, checked on arrival (only the flow's own sockets send it) */
+	__u32 _pad2;
 	struct rw_records rec; /* magic == 0: free slot */
 };
 

@@ -41,6 +41,9 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_sock_ops", "sockops"),
     ("rw_getsockopt", "cgroup/getsockopt"),
     ("rw_setsockopt", "cgroup/setsockopt"),
+    ("rw_sock_create", "cgroup/sock_create"),
+    ("rw_skb_egress", "cgroup_skb/egress"),
+    ("rw_skb_ingress", "cgroup_skb/ingress"),
 ];
 
 /// The ABI header, for tools and tests that compile C against it.

@@ -244,6 +244,8 @@ pub fn map_lookup(map: impl AsFd, key: &[u8], value_size: usize) -> io::Result<V
 /// None for sections rewire does not attach to cgroups.
 pub fn cgroup_attach_type(section: &str) -> Option<u32> {
     Some(match section {
+        "cgroup_skb/ingress" => 0,
+        "cgroup_skb/egress" => 1,
         "cgroup/sock_create" | "cgroup/sock" => 2,
         "sockops" => 3,
         "cgroup/bind4" => 8,

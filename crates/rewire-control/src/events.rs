@@ -43,6 +43,16 @@ pub enum EventKind {
     /// The hand-off table was full: the proxy gets no records for this
     /// connection and refuses it.
     HandoffFull,
+    /// Refused (EPERM/EACCES): a redirect or records call in a network
+    /// namespace other than the one rewire serves.
+    ForeignNetns,
+    /// Refused at socket creation (EPROTONOSUPPORT): a transport rewire
+    /// cannot redirect; `original_destination`'s port is the protocol number.
+    Protocol,
+    /// A UDP datagram dropped: it claimed to belong to a flow whose own
+    /// socket did not send it; `original_destination` is the address it
+    /// claimed to come from.
+    UdpForged,
 }
 
 /// One decision of the connect hook.
@@ -90,6 +100,9 @@ impl Event {
             abi::RW_EV_IMPOSTOR => EventKind::Impostor,
             abi::RW_EV_INTERNAL => EventKind::Internal,
             abi::RW_EV_HANDOFF_FULL => EventKind::HandoffFull,
+            abi::RW_EV_FOREIGN_NETNS => EventKind::ForeignNetns,
+            abi::RW_EV_PROTOCOL => EventKind::Protocol,
+            abi::RW_EV_UDP_FORGED => EventKind::UdpForged,
             _ => return None,
         };
         let n = (raw.n_chain as usize).min(raw.chain.len());
@@ -196,6 +209,21 @@ impl std::fmt::Display for Event {
                 "REFUSED {p} flow {} to {dst}: the hand-off table is full; service {svc} gets no records for it \
                  and refuses it",
                 self.flow
+            ),
+            EventKind::ForeignNetns => write!(
+                f,
+                "REFUSED {p} flow to {dst}: {who} is in a network namespace rewire does not serve; \
+                 nothing is redirected there (EPERM)"
+            ),
+            EventKind::Protocol => write!(
+                f,
+                "REFUSED a socket of protocol {} for {who}: rewire cannot redirect that transport \
+                 (EPROTONOSUPPORT; use TCP or UDP)",
+                self.original_destination.map_or(0, |d| d.port())
+            ),
+            EventKind::UdpForged => write!(
+                f,
+                "DROPPED a udp datagram claiming to come from {dst}: not sent by its flow's own socket"
             ),
             EventKind::UdpConflict => write!(
                 f,

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, CgroupSockopt, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 
@@ -129,6 +129,12 @@ pub struct Counters {
     pub handoff_full: u64,
     /// Events the ring buffer had no room for.
     pub events_lost: u64,
+    /// Redirects and records calls refused outside rewire's network namespace.
+    pub foreign_netns: u64,
+    /// Sockets of transports rewire cannot redirect, refused at creation.
+    pub protocol: u64,
+    /// UDP datagrams dropped: not sent by their flow's own socket.
+    pub udp_forged: u64,
 }
 
 impl Counters {
@@ -146,6 +152,9 @@ impl Counters {
             no_storage: g(abi::RW_CNT_NO_STORAGE),
             handoff_full: g(abi::RW_CNT_HANDOFF_FULL),
             events_lost: g(abi::RW_CNT_EVENTS_LOST),
+            foreign_netns: g(abi::RW_CNT_FOREIGN_NETNS),
+            protocol: g(abi::RW_CNT_PROTOCOL),
+            udp_forged: g(abi::RW_CNT_UDP_FORGED),
         }
     }
 }
@@ -233,7 +242,13 @@ impl Hooks {
                     p.load().map_err(err)?;
                     p.attach(&cg, mode).map_err(err)?;
                 }
-                "cgroup/sock_release" | "cgroup/post_bind4" | "cgroup/post_bind6" => {
+                "cgroup_skb/ingress" | "cgroup_skb/egress" => {
+                    let p: &mut CgroupSkb = prog.try_into().map_err(err)?;
+                    p.load().map_err(err)?;
+                    let t = if section.ends_with("ingress") { CgroupSkbAttachType::Ingress } else { CgroupSkbAttachType::Egress };
+                    p.attach(&cg, t, mode).map_err(err)?;
+                }
+                "cgroup/sock_release" | "cgroup/post_bind4" | "cgroup/post_bind6" | "cgroup/sock_create" => {
                     let p: &mut CgroupSock = prog.try_into().map_err(err)?;
                     p.load().map_err(err)?;
                     p.attach(&cg, mode).map_err(err)?;
@@ -418,6 +433,29 @@ pub fn boot_ns() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`):
+/// the namespace the hooks serve. Redirects and records calls anywhere else
+/// (a user's own `unshare -rn`) are refused.
+pub fn current_netns_cookie() -> Result<u64, HooksError> {
+    use std::os::fd::AsRawFd;
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .map_err(|e| HooksError::Config(format!("reading this network namespace's cookie: {e}")))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket, out-pointer and length.
+    let r = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
+    };
+    if r != 0 {
+        return Err(HooksError::Config(format!(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(cookie)
 }
 
 pub(crate) fn raise_memlock() {
@@ -641,6 +679,7 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
         udp_idle_ns: config.udp_idle().as_nanos() as u64,
         faults: if faults.no_storage { abi::RW_FAULT_NO_STORAGE } else { 0 },
         _pad: 0,
+        netns_cookie: current_netns_cookie()?,
     };
     let mut arr: Array<&mut MapData, Pod<RwConf>> =
         Array::try_from(bpf.map_mut("rw_conf").expect("rw_conf")).map_err(map_err("rw_conf"))?;

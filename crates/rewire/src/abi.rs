@@ -29,6 +29,9 @@ pub const RW_EV_NO_LISTENER: u32 = 6;
 pub const RW_EV_IMPOSTOR: u32 = 7;
 pub const RW_EV_INTERNAL: u32 = 8;
 pub const RW_EV_HANDOFF_FULL: u32 = 9;
+pub const RW_EV_FOREIGN_NETNS: u32 = 10;
+pub const RW_EV_PROTOCOL: u32 = 11;
+pub const RW_EV_UDP_FORGED: u32 = 12;
 
 pub const RW_CNT_REDIRECT: u32 = 0;
 pub const RW_CNT_DELIVER: u32 = 1;
@@ -41,6 +44,9 @@ pub const RW_CNT_FAIL_OPEN_SKIP: u32 = 7;
 pub const RW_CNT_NO_STORAGE: u32 = 8;
 pub const RW_CNT_HANDOFF_FULL: u32 = 9;
 pub const RW_CNT_EVENTS_LOST: u32 = 10;
+pub const RW_CNT_FOREIGN_NETNS: u32 = 12;
+pub const RW_CNT_PROTOCOL: u32 = 13;
+pub const RW_CNT_UDP_FORGED: u32 = 14;
 pub const RW_CNT_N: u32 = 16;
 
 pub const RW_FAULT_NO_STORAGE: u32 = 1;
@@ -131,6 +137,7 @@ pub struct RwConf {
     pub udp_idle_ns: u64,
     pub faults: u32,
     pub _pad: u32,
+    pub netns_cookie: u64,
 }
 
 #[repr(C)]
@@ -142,7 +149,8 @@ pub struct RwSock {
     pub redirected_ns: u64,
     pub cookie: u64,
     pub n_set: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    pub tag: u32,
     pub rec: RwRecords,
 }
 
@@ -212,8 +220,8 @@ assert_layout!(RwRecords, 128, flow_id @ 8, orig_dst @ 16, pid @ 40, cgroup_id @
 assert_layout!(RwContext, 152, service_id @ 4, hop @ 8, redirected_ns @ 16, records @ 24);
 assert_layout!(RwService, 40, addr4 @ 8, addr6 @ 12, upto_mask @ 32);
 assert_layout!(RwRule, 56, port_lo @ 8, uid @ 12, addr @ 16, mask @ 32, cgroup_id @ 48);
-assert_layout!(RwConf, 40, key @ 8, udp_idle_ns @ 24, faults @ 32);
-assert_layout!(RwSock, 160, redirected_ns @ 8, cookie @ 16, n_set @ 24, rec @ 32);
+assert_layout!(RwConf, 48, key @ 8, udp_idle_ns @ 24, faults @ 32, netns_cookie @ 40);
+assert_layout!(RwSock, 160, redirected_ns @ 8, cookie @ 16, n_set @ 24, tag @ 28, rec @ 32);
 assert_layout!(RwTuple, 40, cport @ 4, caddr @ 8, saddr @ 24);
 assert_layout!(RwUdpHandoff, 168, published_ns @ 160);
 assert_layout!(RwIdentKey, 16, id @ 8);
