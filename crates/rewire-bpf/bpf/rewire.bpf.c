@@ -280,8 +280,7 @@ static long rw_walk_rule(__u32 i, void *data)
 {
 	struct rw_walk *w = data;
 	struct rw_rule *r;
-	struct rw_service *s;
-	__u32 k = i, sid;
+	__u32 k = i;
 	const __u32 *d = (const __u32 *)w->dst.addr;
 	__u16 port;
 
@@ -310,13 +309,9 @@ static long rw_walk_rule(__u32 i, void *data)
 	/* Already in the chain: REDIRECTED_BY_SELF or PREVIOUSLY_REDIRECTED_BY_SELF. */
 	if (w->seen & (1ULL << (r->service_id & 63)))
 		return 0;
-	sid = r->service_id;
-	s = bpf_map_lookup_elem(&rw_services, &sid);
-	if (!s)
-		return 0;
-	if (w->dst.family == AF_INET ? !s->has_v4 : !s->has_v6)
-		return 0;
-	/* NOT_REDIRECTED or REDIRECTED_BY_OTHER: take it. */
+	/* NOT_REDIRECTED or REDIRECTED_BY_OTHER: take it. (A service with no
+	 * listener of this family is not skipped: it has no listener for the
+	 * flow, and its fail policy decides.) */
 	w->found = 1;
 	w->service_id = r->service_id;
 	w->rule_id = r->rule_id;
@@ -821,7 +816,10 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 			r = -ENOENT;
 			goto out;
 		}
-		owner = rw_owner_of(ctx, proto, &c->target, w.service_id);
+		if (w.dst.family == AF_INET ? svc->has_v4 : svc->has_v6)
+			owner = rw_owner_of(ctx, proto, &c->target, w.service_id);
+		else
+			owner = RW_OWNER_NONE; /* no listener of this family */
 		if (owner == RW_OWNER_SERVICE) {
 			verified = 1;
 			break;
@@ -1779,8 +1777,8 @@ int rw_sock_create(struct bpf_sock *sk)
  * flow's is dropped (counted, reported): a forged reply "from the original
  * server", an injected request, a later socket on a closed flow's port. */
 
-/* The addresses of a UDP datagram (0 if it is not one). */
-static __always_inline int rw_skb_udp(struct __sk_buff *skb, struct rw_addr *src, struct rw_addr *dst)
+/* The addresses of a UDP datagram or TCP segment (`proto`; 0 if it is not one). */
+static __always_inline int rw_skb_l4(struct __sk_buff *skb, __u8 proto, struct rw_addr *src, struct rw_addr *dst)
 {
 	__u8 h[40];
 	__u16 ports[2];
@@ -1789,14 +1787,14 @@ static __always_inline int rw_skb_udp(struct __sk_buff *skb, struct rw_addr *src
 	__builtin_memset(src, 0, sizeof(*src));
 	__builtin_memset(dst, 0, sizeof(*dst));
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		if (bpf_skb_load_bytes(skb, 0, h, 20) || h[9] != IPPROTO_UDP)
+		if (bpf_skb_load_bytes(skb, 0, h, 20) || h[9] != proto)
 			return 0;
 		l4 = (h[0] & 0xf) * 4;
 		src->family = dst->family = AF_INET;
 		__builtin_memcpy(src->addr, &h[12], 4);
 		__builtin_memcpy(dst->addr, &h[16], 4);
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		if (bpf_skb_load_bytes(skb, 0, h, 40) || h[6] != IPPROTO_UDP)
+		if (bpf_skb_load_bytes(skb, 0, h, 40) || h[6] != proto)
 			return 0;
 		l4 = 40;
 		src->family = dst->family = AF_INET6;
@@ -1812,33 +1810,62 @@ static __always_inline int rw_skb_udp(struct __sk_buff *skb, struct rw_addr *src
 	return 1;
 }
 
-static __always_inline struct bpf_sock *rw_skb_udp_sock(struct __sk_buff *skb)
+#define rw_skb_udp(skb, src, dst) rw_skb_l4(skb, IPPROTO_UDP, src, dst)
+
+static __always_inline struct bpf_sock *rw_skb_sock(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk = skb->sk;
 
 	if (!sk)
 		return 0;
-	sk = bpf_sk_fullsock(sk);
-	if (!sk || sk->protocol != IPPROTO_UDP)
+	return bpf_sk_fullsock(sk);
+}
+
+/* Whether the socket a datagram from `src` to `dst` reaches is service
+ * `sid`'s own (a global function: its lookup's stack is its own). */
+__attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const struct rw_addr *src,
+					      const struct rw_addr *dst, __u32 sid)
+{
+	struct bpf_sock_tuple t;
+	struct bpf_sock *r;
+	struct rw_owner *o;
+	__u32 len;
+	int ok;
+
+	if (!skb || !src || !dst)
 		return 0;
-	return sk;
+	len = rw_sk_tuple(&t, src, dst);
+	r = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+	if (!r)
+		return 1; /* nobody: the datagram is dropped by the kernel (ICMP unreachable) */
+	o = bpf_sk_storage_get(&rw_owner, r, 0, 0);
+	ok = o && o->service_id == sid;
+	bpf_sk_release(r);
+	return ok;
 }
 
 SEC("cgroup_skb/egress")
 int rw_skb_egress(struct __sk_buff *skb)
 {
-	struct bpf_sock *sk = rw_skb_udp_sock(skb);
+	struct bpf_sock *sk = rw_skb_sock(skb);
 	struct rw_addr src, dst;
 	struct rw_udp_sock *u;
 	struct rw_udp_slot *sl;
 	struct rw_sock *st;
 
-	if (!sk || !rw_skb_udp(skb, &src, &dst))
+	if (!sk || sk->protocol != IPPROTO_UDP || !rw_skb_udp(skb, &src, &dst))
 		return 1;
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
 	if (u) {
 		sl = rw_slot_of_target(u, &dst);
 		if (sl && sl->tag) {
+			/* Every datagram, connected socket or not, goes only to the
+			 * service's own socket: a proxy that died and an impostor
+			 * that took its port get nothing (the send fails). */
+			if (!rw_udp_dst_owned(skb, &src, &dst, sl->service_id)) {
+				rw_count(RW_CNT_IMPOSTOR);
+				return 0;
+			}
 			skb->mark = sl->tag;
 			return 1;
 		}
@@ -1866,10 +1893,36 @@ __attribute__((noinline)) int rw_forged(const struct rw_addr *src)
 	return 0;
 }
 
+/* A redirected TCP connect's answer (SYN-ACK) must come from the service's
+ * own listener: the connect hook checked who held the service's address,
+ * but a SYN the kernel retransmits later (a full accept queue, a restart)
+ * may meet somebody else there by then. The lookup of the answering
+ * connection finds its listener (a request socket's listener). */
+__attribute__((noinline)) int rw_tcp_answer_owned(struct __sk_buff *skb, __u32 sid)
+{
+	struct rw_addr src, dst;
+	struct bpf_sock_tuple t;
+	struct bpf_sock *l;
+	struct rw_owner *o;
+	__u32 len;
+	int ok;
+
+	if (!skb || !rw_skb_l4(skb, IPPROTO_TCP, &src, &dst))
+		return 1;
+	len = rw_sk_tuple(&t, &dst, &src); /* as the client's segments go */
+	l = bpf_sk_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+	if (!l)
+		return 0;
+	o = bpf_sk_storage_get(&rw_owner, l, 0, 0);
+	ok = o && o->service_id == sid;
+	bpf_sk_release(l);
+	return ok;
+}
+
 SEC("cgroup_skb/ingress")
 int rw_skb_ingress(struct __sk_buff *skb)
 {
-	struct bpf_sock *sk = rw_skb_udp_sock(skb);
+	struct bpf_sock *sk = rw_skb_sock(skb);
 	struct rw_addr src, dst;
 	struct rw_udp_handoff *h;
 	struct rw_udp_sock *u;
@@ -1879,7 +1932,20 @@ int rw_skb_ingress(struct __sk_buff *skb)
 	struct rw_tuple key;
 	__u32 want = 0;
 
-	if (!sk || !rw_skb_udp(skb, &src, &dst))
+	if (!sk)
+		return 1;
+	if (sk->protocol == IPPROTO_TCP) {
+		if (sk->state != BPF_TCP_SYN_SENT)
+			return 1;
+		st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+		if (!st || !(st->flags & RW_F_REDIRECTED) || !st->service_id)
+			return 1;
+		if (rw_tcp_answer_owned(skb, st->service_id))
+			return 1;
+		rw_count(RW_CNT_IMPOSTOR);
+		return 0; /* never established with an impostor: the connect times out */
+	}
+	if (sk->protocol != IPPROTO_UDP || !rw_skb_udp(skb, &src, &dst))
 		return 1;
 	/* A proxy's flow socket: only its application's socket sends to it. */
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);

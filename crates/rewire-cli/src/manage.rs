@@ -103,6 +103,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// `rewire run`: returns the command's exit code.
 pub fn run(config: &Path, format: EventFormat, cmd: &[String]) -> Result<i32> {
     let cfg = prepare(config)?;
+    drop_inherited_inet_sockets();
     let name = format!("{}-run-{}", cfg.cgroup, std::process::id());
     let mut cgroup = ManagedCgroup::create(&name)?;
     let mut hooks = Hooks::attach(&cfg, cgroup.path())?;
@@ -399,6 +400,38 @@ pub fn attached_subtree(cfg: &Config, config: &Path) -> Result<PathBuf> {
     Ok(cg)
 }
 
+/// Keeps Internet sockets this process inherited from outside the managed
+/// cgroup from reaching the command it starts there: a socket belongs to the
+/// cgroup it was created in, so the hooks never see its connects and sends.
+/// They are marked close-on-exec (and named in one warning line). A service
+/// (`--service`) is trusted and keeps them (e.g. sockets from systemd).
+pub fn drop_inherited_inet_sockets() {
+    use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+    let mut dropped = vec![];
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
+    for fd in fds {
+        let Ok(addr) = getsockname::<SockaddrStorage>(fd) else { continue };
+        if !matches!(addr.family(), Some(AddressFamily::Inet | AddressFamily::Inet6)) {
+            continue;
+        }
+        // SAFETY: fcntl on a descriptor of this process; only its flags change.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+            dropped.push(format!("{fd} ({})", addr));
+        }
+    }
+    if !dropped.is_empty() {
+        tracing::warn!(
+            "not passing inherited Internet socket(s) {} to the command: made outside the managed cgroup, \
+             they would bypass its hooks",
+            dropped.join(", ")
+        );
+    }
+}
+
 /// Moves this process into service `name`'s cgroup under `subtree`
 /// (`<subtree>/services/<name>`, made when the hooks were attached).
 pub fn join_service(subtree: &Path, name: &str) -> Result<()> {
@@ -436,7 +469,10 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
     };
     match service {
         Some(name) => join_service(&subtree, name)?,
-        None => rewire_control::cgroup::join(&subtree).context("joining the managed cgroup (needs root)")?,
+        None => {
+            drop_inherited_inet_sockets();
+            rewire_control::cgroup::join(&subtree).context("joining the managed cgroup (needs root)")?
+        }
     }
     let err = Command::new(&cmd[0])
         .args(&cmd[1..])

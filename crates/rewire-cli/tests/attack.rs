@@ -293,8 +293,14 @@ fn child_udplite() {
     let Some(dst) = env::<SocketAddr>("RW_DST") else { return };
     nix::unistd::setresgid(65534.into(), 65534.into(), 65534.into()).unwrap();
     nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into()).unwrap();
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::from(libc::IPPROTO_UDPLITE)))
-        .unwrap();
+    let s = match socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::from(libc::IPPROTO_UDPLITE))) {
+        Ok(s) => s,
+        Err(e) => {
+            assert_eq!(e.raw_os_error(), Some(libc::EPROTONOSUPPORT), "refused with a specific error: {e}");
+            println!("udplite refused: {e}");
+            return;
+        }
+    };
     let r = s.send_to(b"udplite past audit", &dst.into());
     println!("udplite send: {r:?}");
 }
@@ -482,6 +488,11 @@ fn child_inherited_socket() {
     let (Some(fd), Some(dst)) = (env::<i32>("RW_FD"), env::<SocketAddr>("RW_DST")) else { return };
     let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     println!("running in {}", cg.trim());
+    // SAFETY: fcntl only asks whether the descriptor exists.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        println!("the inherited socket was not passed on: {}", std::io::Error::last_os_error());
+        return;
+    }
     // SAFETY: the descriptor was handed down by the parent for this.
     let s = unsafe { UdpSocket::from_raw_fd(fd) };
     let r = s.send_to(b"inherited socket", dst);
