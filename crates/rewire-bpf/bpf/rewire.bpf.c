@@ -144,7 +144,7 @@ struct {
 	__type(value, __u16);
 } rw_svc_id SEC(".maps");
 
-/* Sockets a service's own processes bound to its addresses (post_bind). */
+/* Sockets a service's own processes bound to its addresses (cgroup/bind4,6). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -1463,7 +1463,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 /* ---- a service's own sockets ----
  *
  * A socket bound to one of a service's addresses by one of that service's
- * processes is marked as the service's: only such a socket receives the
+ * processes is marked as the service's (cgroup/bind4,6): only such a socket receives the
  * service's flows (rw_owner_of), and only it may learn their records. A
  * socket bound there by anyone else stays unmarked, an impostor. */
 
@@ -1484,30 +1484,30 @@ static __always_inline int rw_mark_owner(struct bpf_sock *sk, const struct rw_ad
 	return 1;
 }
 
-SEC("cgroup/post_bind4")
-int rw_post_bind4(struct bpf_sock *sk)
+/* At bind, before the kernel hashes the socket under its address (the
+ * post_bind hook runs after, leaving a window in which a lookup finds the
+ * socket unmarked). A bind that then fails leaves a mark that no lookup of
+ * a service address can find. */
+static __always_inline int rw_bind(struct bpf_sock_addr *ctx, __u8 family)
 {
-	struct rw_addr a = {};
+	struct rw_addr a;
 
-	a.family = AF_INET;
-	a.port_be = bpf_htons((__u16)sk->src_port);
-	*(__u32 *)a.addr = sk->src_ip4;
-	return rw_mark_owner(sk, &a);
+	if (!ctx->sk)
+		return 1;
+	rw_ctx_addr(ctx, family, &a);
+	return rw_mark_owner(ctx->sk, &a);
 }
 
-SEC("cgroup/post_bind6")
-int rw_post_bind6(struct bpf_sock *sk)
+SEC("cgroup/bind4")
+int rw_bind4(struct bpf_sock_addr *ctx)
 {
-	struct rw_addr a = {};
-	__u32 *d = (__u32 *)a.addr;
+	return rw_bind(ctx, AF_INET);
+}
 
-	a.family = AF_INET6;
-	a.port_be = bpf_htons((__u16)sk->src_port);
-	d[0] = sk->src_ip6[0];
-	d[1] = sk->src_ip6[1];
-	d[2] = sk->src_ip6[2];
-	d[3] = sk->src_ip6[3];
-	return rw_mark_owner(sk, &a);
+SEC("cgroup/bind6")
+int rw_bind6(struct bpf_sock_addr *ctx)
+{
+	return rw_bind(ctx, AF_INET6);
 }
 
 /* ---- the three control codes as private socket options ---- */
@@ -1738,14 +1738,15 @@ int rw_setsockopt(struct bpf_sockopt *ctx)
 SEC("cgroup/sock_create")
 int rw_sock_create(struct bpf_sock *sk)
 {
-	struct rw_conf *conf = rw_get_conf();
 	__u32 family = sk->family, type = sk->type, proto = sk->protocol;
+	struct rw_conf *conf;
 	__u32 zero = 0;
 	struct rw_records *r;
 
-	if (!conf || (family != AF_INET && family != AF_INET6))
-		return 1;
 	if ((type == SOCK_STREAM && proto == IPPROTO_TCP) || (type == SOCK_DGRAM && proto == IPPROTO_UDP))
+		return 1;
+	conf = rw_get_conf();
+	if (!conf || (family != AF_INET && family != AF_INET6))
 		return 1;
 	if (type == SOCK_DGRAM && (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6))
 		return 1;
@@ -1812,6 +1813,27 @@ static __always_inline int rw_skb_l4(struct __sk_buff *skb, __u8 proto, struct r
 
 #define rw_skb_udp(skb, src, dst) rw_skb_l4(skb, IPPROTO_UDP, src, dst)
 
+/* The packet's transport protocol, read in place (no helper call: these
+ * programs run for every packet of the subtree, so the common case, a TCP
+ * segment, must cost next to nothing); 0 when not in the linear part. */
+static __always_inline __u8 rw_skb_proto(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	__u8 *h = data;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (data + 20 > end)
+			return 0;
+		return h[9];
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		if (data + 40 > end)
+			return 0;
+		return h[6];
+	}
+	return 0;
+}
+
 static __always_inline struct bpf_sock *rw_skb_sock(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk = skb->sk;
@@ -1847,12 +1869,16 @@ __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const stru
 SEC("cgroup_skb/egress")
 int rw_skb_egress(struct __sk_buff *skb)
 {
-	struct bpf_sock *sk = rw_skb_sock(skb);
+	struct bpf_sock *sk;
 	struct rw_addr src, dst;
 	struct rw_udp_sock *u;
 	struct rw_udp_slot *sl;
 	struct rw_sock *st;
+	__u8 proto = rw_skb_proto(skb);
 
+	if (proto == IPPROTO_TCP)
+		return 1;
+	sk = rw_skb_sock(skb);
 	if (!sk || sk->protocol != IPPROTO_UDP || !rw_skb_udp(skb, &src, &dst))
 		return 1;
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
@@ -1922,7 +1948,7 @@ __attribute__((noinline)) int rw_tcp_answer_owned(struct __sk_buff *skb, __u32 s
 SEC("cgroup_skb/ingress")
 int rw_skb_ingress(struct __sk_buff *skb)
 {
-	struct bpf_sock *sk = rw_skb_sock(skb);
+	struct bpf_sock *sk = skb->sk;
 	struct rw_addr src, dst;
 	struct rw_udp_handoff *h;
 	struct rw_udp_sock *u;
@@ -1930,13 +1956,16 @@ int rw_skb_ingress(struct __sk_buff *skb)
 	struct rw_owner *own;
 	struct rw_sock *st;
 	struct rw_tuple key;
+	__u8 proto = rw_skb_proto(skb);
 	__u32 want = 0;
 
+	/* TCP: only the answer to a connect (the socket is in SYN_SENT). */
+	if (!sk || (proto == IPPROTO_TCP && sk->state != BPF_TCP_SYN_SENT))
+		return 1;
+	sk = bpf_sk_fullsock(sk);
 	if (!sk)
 		return 1;
 	if (sk->protocol == IPPROTO_TCP) {
-		if (sk->state != BPF_TCP_SYN_SENT)
-			return 1;
 		st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 		if (!st || !(st->flags & RW_F_REDIRECTED) || !st->service_id)
 			return 1;

@@ -248,7 +248,7 @@ impl Hooks {
                     let t = if section.ends_with("ingress") { CgroupSkbAttachType::Ingress } else { CgroupSkbAttachType::Egress };
                     p.attach(&cg, t, mode).map_err(err)?;
                 }
-                "cgroup/sock_release" | "cgroup/post_bind4" | "cgroup/post_bind6" | "cgroup/sock_create" => {
+                "cgroup/sock_release" | "cgroup/sock_create" => {
                     let p: &mut CgroupSock = prog.try_into().map_err(err)?;
                     p.load().map_err(err)?;
                     p.attach(&cg, mode).map_err(err)?;
