@@ -427,7 +427,8 @@ fn five_reloads_adding_and_removing_a_service() {
         let out = life.run(&["reload", "--config", path.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "reload {i}: {err}");
-        let replaced = format!("replaced {} program(s)", rewire_control::hooks::PROGRAM_COUNT);
+        let cfg = rewire_control::Config::load(&path).unwrap();
+        let replaced = format!("replaced {} program(s)", rewire_control::hooks::programs_for(&cfg).len());
         assert!(err.contains(&replaced), "{err}");
         assert_eq!(life.n_rules(), rules, "reload {i}");
         if i == 4 {
@@ -459,7 +460,8 @@ fn five_upgrades_replace_the_programs_in_place() {
         let st = life.signal_daemon(nix::sys::signal::SIGTERM);
         assert!(st.success());
         let text = life.start_daemon(&["--replace-programs"]);
-        let replaced = format!("replaced {} program(s) in place", rewire_control::hooks::PROGRAM_COUNT);
+        let cfg = rewire_control::Config::load(&life.cfg).unwrap();
+        let replaced = format!("replaced {} program(s) in place", rewire_control::hooks::programs_for(&cfg).len());
         assert!(text.contains(&replaced), "upgrade {i}:\n{text}");
         let after = life.prog_ids();
         assert_eq!(before.len(), after.len());

@@ -179,8 +179,21 @@ pub struct Faults {
     pub handoff_entries: Option<u32>,
 }
 
-/// How many programs the hooks attach (each gets a link).
-pub const PROGRAM_COUNT: usize = rewire_bpf::PROGRAMS.len();
+/// Programs attached only when the configuration needs them: the UDP
+/// datagram tagger runs for every packet the subtree sends, so a
+/// configuration without UDP rules does not pay for it.
+pub const OPTIONAL_PROGRAMS: &[&str] = &["rw_skb_egress"];
+
+/// Whether any rule of `config` can match UDP.
+pub fn has_udp_rules(config: &Config) -> bool {
+    config.services.iter().flat_map(|s| &s.matches).any(|m| m.protocol != Protocol::Tcp)
+}
+
+/// The programs `config` needs attached, as `(function, section)`.
+pub fn programs_for(config: &Config) -> Vec<(&'static str, &'static str)> {
+    let udp = has_udp_rules(config);
+    rewire_bpf::PROGRAMS.iter().copied().filter(|(name, _)| udp || !OPTIONAL_PROGRAMS.contains(name)).collect()
+}
 
 /// Turns the kernel's BPF run-time statistics on (for every program on the
 /// machine) for as long as the returned descriptor stays open. They cost
@@ -233,7 +246,11 @@ impl Hooks {
         let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;
         // bpf_link attachments are always multi-attach; the kernel refuses flags with them.
         let mode = CgroupAttachMode::Single;
+        let wanted = programs_for(config);
         for &(name, section) in rewire_bpf::PROGRAMS {
+            if !wanted.iter().any(|&(w, _)| w == name) {
+                continue; // not needed by this configuration (see OPTIONAL_PROGRAMS)
+            }
             let prog = bpf.program_mut(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
             let err = |source| HooksError::Program { name, source };
             match section {
@@ -286,6 +303,7 @@ impl Hooks {
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>, HooksError> {
         rewire_bpf::PROGRAMS
             .iter()
+            .filter(|&&(name, _)| self.bpf.program(name).is_some_and(|p| p.fd().is_ok()))
             .map(|&(name, _)| {
                 let prog = self.bpf.program(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
                 let info = prog.info().map_err(|source| HooksError::Program { name, source })?;

@@ -181,6 +181,8 @@ pub fn check_attached(dir: &Path, cgroup: &Path) -> Result<(), LinkCheckError> {
         let path = links_dir(dir).join(name);
         let fd = match bpfsys::obj_get(&path) {
             Ok(fd) => fd,
+            // Attached only when the configuration needs it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && crate::hooks::OPTIONAL_PROGRAMS.contains(&name) => continue,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(LinkCheckError::Missing { name, path }),
             Err(source) => return Err(LinkCheckError::Io { path, source }),
         };
@@ -303,12 +305,13 @@ impl Hooks {
         outcome.adopted = !existing.is_empty();
         let bpf = load_generation(config, subtree, dir, &mut outcome)?;
         let cg_id = crate::cgroup::cgroup_id(subtree).map_err(|e| HooksError::Config(e.to_string()))?;
-        if !replace_programs && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id)? {
+        let wanted = crate::hooks::programs_for(config);
+        if !replace_programs && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id, &wanted)? {
             let _ = fs::remove_dir_all(stage_dir(dir));
             let outcome = Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, ..Default::default() };
             return Ok((Self { bpf, cgroup: subtree.into(), pinned: None }, outcome));
         }
-        switch(&bpf, subtree, cg_id, dir, &mut outcome)?;
+        switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
         publish(dir)?;
         Ok((Self { bpf, cgroup: subtree.into(), pinned: None }, outcome))
     }
@@ -320,7 +323,7 @@ impl Hooks {
         let mut outcome = Outcome::default();
         let bpf = load_generation(config, &self.cgroup, dir, &mut outcome)?;
         let cg_id = crate::cgroup::cgroup_id(&self.cgroup).map_err(|e| HooksError::Config(e.to_string()))?;
-        switch(&bpf, &self.cgroup, cg_id, dir, &mut outcome)?;
+        switch(&bpf, &self.cgroup, cg_id, dir, &crate::hooks::programs_for(config), &mut outcome)?;
         publish(dir)?;
         self.bpf = bpf;
         Ok(outcome)
@@ -419,8 +422,14 @@ fn prog_fd<'a>(bpf: &'a Ebpf, name: &'static str) -> Result<std::os::fd::Borrowe
 
 /// Whether the live links already run this generation's programs with
 /// tables of the same content (then nothing needs to change).
-fn same_as_live(bpf: &Ebpf, dir: &Path, existing: &BTreeMap<String, LinkInfo>, cg_id: u64) -> Result<bool, HooksError> {
-    if existing.len() != rewire_bpf::PROGRAMS.len() {
+fn same_as_live(
+    bpf: &Ebpf,
+    dir: &Path,
+    existing: &BTreeMap<String, LinkInfo>,
+    cg_id: u64,
+    wanted: &[(&'static str, &'static str)],
+) -> Result<bool, HooksError> {
+    if existing.len() != wanted.len() {
         return Ok(false);
     }
     let mut pinned_ids = BTreeMap::new();
@@ -434,7 +443,7 @@ fn same_as_live(bpf: &Ebpf, dir: &Path, existing: &BTreeMap<String, LinkInfo>, c
         }
         pinned_ids.insert(name.to_string(), id);
     }
-    for &(name, _) in rewire_bpf::PROGRAMS {
+    for &(name, _) in wanted {
         let Some(link) = existing.get(name) else { return Ok(false) };
         if link.link_type != bpfsys::LINK_TYPE_CGROUP || link.cgroup_id != cg_id {
             return Ok(false);
@@ -461,10 +470,17 @@ fn same_as_live(bpf: &Ebpf, dir: &Path, existing: &BTreeMap<String, LinkInfo>, c
 /// Puts a loaded generation live: every program's pinned link is updated
 /// in place (atomic per hook), programs without one get a new pinned
 /// link, and links of programs this build no longer has are detached.
-fn switch(bpf: &Ebpf, subtree: &Path, cg_id: u64, dir: &Path, outcome: &mut Outcome) -> Result<(), HooksError> {
+fn switch(
+    bpf: &Ebpf,
+    subtree: &Path,
+    cg_id: u64,
+    dir: &Path,
+    wanted: &[(&'static str, &'static str)],
+    outcome: &mut Outcome,
+) -> Result<(), HooksError> {
     let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;
     let links = links_dir(dir);
-    for &(name, section) in rewire_bpf::PROGRAMS {
+    for &(name, section) in wanted {
         let prog = prog_fd(bpf, name)?;
         let path = links.join(name);
         match bpfsys::obj_get(&path) {
@@ -492,7 +508,7 @@ fn switch(bpf: &Ebpf, subtree: &Path, cg_id: u64, dir: &Path, outcome: &mut Outc
     if let Ok(rd) = fs::read_dir(&links) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !rewire_bpf::PROGRAMS.iter().any(|&(p, _)| p == name) {
+            if !wanted.iter().any(|&(p, _)| p == name) {
                 if let Ok(fd) = bpfsys::obj_get(&e.path()) {
                     let _ = bpfsys::link_detach(fd.as_fd());
                 }
