@@ -129,7 +129,7 @@ fn flood(format: &str, secs: f64) -> Flood {
     assert!(!run.cgroup.as_ref().unwrap().exists(), "rewire run removed its cgroup");
     let report = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("REPORT "))
+        .find_map(|l| l.split_once("REPORT ").map(|(_, r)| r))
         .unwrap_or_else(|| panic!("no report from the child:\n{stdout}"));
     let report: Value = serde_json::from_str(report).unwrap();
     Flood { report, output, dir }
@@ -299,12 +299,13 @@ fn child_flood() {
         .map(|c| {
             let out = String::from_utf8_lossy(&wait_output(c, Duration::from_secs(30) + Duration::from_secs_f64(secs)))
                 .into_owned();
-            let line = out.lines().find_map(|l| l.strip_prefix("FLOODER ")).unwrap_or_else(|| panic!("{out}"));
+            let line = out.lines().find_map(|l| l.split_once("FLOODER ").map(|(_, r)| r)).unwrap_or_else(|| panic!("{out}"));
             serde_json::from_str(line).unwrap()
         })
         .collect();
     let report = serde_json::json!({ "witness_pid": std::process::id(), "witness_refused": refused, "flooders": reports });
-    println!("REPORT {report}");
+    // On a line of its own (the harness's "test child_flood ... " has no newline).
+    println!("\nREPORT {report}");
 }
 
 /// A flooder (user 65534): refused datagrams in a tight loop until RW_SECS
@@ -328,5 +329,5 @@ fn child_flooder() {
         }
     }
     let r = serde_json::json!({ "pid": std::process::id(), "uid": uid, "refused": refused, "other": other });
-    println!("FLOODER {r}");
+    println!("\nFLOODER {r}");
 }
