@@ -478,7 +478,8 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
     let dir = pin_dir(&cfg);
     let counters = CountersReader::open_pinned(&dir).and_then(|r| r.read()).with_context(|| {
         format!(
-            "reading the counters pinned in {}: the hooks of cgroup `{}` are not there; start them with              `rewire daemon --config {}`",
+            "reading the counters pinned in {}: the hooks of cgroup `{}` are not there; start them with \
+             `rewire daemon --config {}`",
             dir.display(),
             cfg.cgroup,
             config.display()

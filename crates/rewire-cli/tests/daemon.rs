@@ -85,6 +85,7 @@ fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
     let kept = (cg.exists(), pins.join("links/rw_connect4").exists(), pins.join("rw_conf").exists());
     let status_after = Command::new(REWIRE).args(["status", "--config"]).arg(&cfg).output().unwrap();
     let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg).output().unwrap();
+    let gone = Command::new(REWIRE).args(["status", "--config"]).arg(&cfg).output().unwrap();
     if let Some(mut p) = proxy {
         let _ = p.kill();
         let _ = p.wait();
@@ -104,8 +105,8 @@ fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
     assert!(text.contains("hooks attached") && text.contains("daemon: none running"), "{text}");
     assert!(text.lines().any(|l| l.split_whitespace().eq(["redirect", "1"])), "{text}");
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
-    let gone = Command::new(REWIRE).args(["status", "--config"]).arg(&cfg).output().unwrap();
-    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("rewire daemon --config"));
+    let gone_err = String::from_utf8_lossy(&gone.stderr);
+    assert!(!gone.status.success() && gone_err.contains("start them with `rewire daemon --config"), "{gone_err}");
     assert!(!cg.exists(), "down left the cgroup");
     assert!(!pins.exists(), "down left the pins");
 }

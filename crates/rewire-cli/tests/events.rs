@@ -1,5 +1,5 @@
-//! Events cannot be drowned: under `rewire run` (the production printer),
-//! two unprivileged processes send refused datagrams in a tight loop while
+//! Events cannot be drowned: under `rewire run` and `rewire daemon` (the
+//! production printer), two unprivileged processes send refused datagrams in a tight loop while
 //! a witness makes exactly K refused connects. The kernel's per-cause
 //! counters count every refusal exactly (flooders' refused sends + K); the
 //! printer's output stays small (rate limits per process and kind, one
@@ -24,14 +24,17 @@ const K: u64 = 50;
 /// Output budget for a whole flood.
 const MAX_OUTPUT: u64 = 200 * 1024;
 
-/// `rewire run` of this binary's `child_flood` in a fresh cgroup of its own;
-/// killed, and its cgroup removed, on drop (also when the test fails).
-struct Run {
+/// A `rewire run` or `rewire daemon` the test started: on drop (also when
+/// the test fails) SIGTERM, then SIGKILL; a daemon's hooks, pins and cgroup
+/// are removed with `rewire down`, `rewire run`'s cgroup directly.
+struct Started {
     child: Option<Child>,
     cgroup: Option<PathBuf>,
+    /// A daemon's config, for `rewire down`.
+    down: Option<PathBuf>,
 }
 
-impl Run {
+impl Started {
     fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + limit;
         let child = self.child.as_mut().unwrap();
@@ -40,23 +43,32 @@ impl Run {
                 self.child = None;
                 return s;
             }
-            assert!(Instant::now() < deadline, "rewire run did not finish within {limit:?}");
+            assert!(Instant::now() < deadline, "rewire did not finish within {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
 }
 
-impl Drop for Run {
+impl Drop for Started {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM first: `rewire run` then stops its command and removes its cgroup.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        self.terminate();
+        if let Some(cfg) = self.down.take() {
+            let _ = Command::new(REWIRE).args(["down", "--grace", "2", "--config"]).arg(cfg).output();
         }
         if let Some(cg) = self.cgroup.take().filter(|p| p.exists()) {
             let name = cg.file_name().unwrap().to_string_lossy().into_owned();
@@ -67,12 +79,23 @@ impl Drop for Run {
     }
 }
 
-/// What one flood under `rewire run --events FORMAT` produced.
+/// Who prints the events.
+#[derive(Clone, Copy, PartialEq)]
+enum Printer {
+    /// `rewire run -- CHILD`.
+    Run,
+    /// `rewire daemon`, with `rewire exec -- CHILD`.
+    Daemon,
+}
+
+/// What one flood produced.
 struct Flood {
     /// The child's report: witness pid and refusals, each flooder's pid, refused and other sends.
     report: Value,
-    /// The printer's output (stderr of `rewire run`).
+    /// The printer's output (stderr of `rewire run` or `rewire daemon`).
     output: String,
+    /// `rewire status --json` after the flood (daemon only).
+    status: Option<Value>,
     dir: PathBuf,
 }
 
@@ -82,10 +105,11 @@ impl Drop for Flood {
     }
 }
 
-fn flood(format: &str, secs: f64) -> Flood {
+fn flood(printer: Printer, format: &str, secs: f64) -> Flood {
     require_root();
     let dst_port = free_port(); // nobody listens there, and the service has no listener either
-    let name = format!("rewire-test-events-{format}-{}", std::process::id());
+    let kind = if printer == Printer::Run { "run" } else { "daemon" };
+    let name = format!("rewire-test-events-{kind}-{format}-{}", std::process::id());
     let dir = std::env::temp_dir().join(&name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -101,38 +125,80 @@ fn flood(format: &str, secs: f64) -> Flood {
     .unwrap();
     let stderr = std::fs::File::create(dir.join("stderr")).unwrap();
     let dst = SocketAddr::from(([127, 0, 0, 1], dst_port));
-    let child = Command::new(REWIRE)
-        .args(["run", "--events", format, "--config"])
-        .arg(&config)
-        .arg("--")
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "child_flood", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("RW_DST", dst.to_string())
-        .env("RW_SECS", secs.to_string())
-        .env("RW_K", K.to_string())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let cgroup = rewire_control::cgroup::cgroup2_mount().unwrap().join(format!("{name}-run-{}", child.id()));
-    let mut run = Run { child: Some(child), cgroup: Some(cgroup) };
-    let mut out = run.child.as_mut().unwrap().stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
-    let status = run.wait(Duration::from_secs(60) + Duration::from_secs_f64(secs));
-    let stdout = reader.join().unwrap();
-    let output = std::fs::read_to_string(dir.join("stderr")).unwrap();
-    assert!(status.success(), "rewire run: {status}\nstdout:\n{stdout}\nstderr (end):\n{}", tail(&output));
-    assert!(!run.cgroup.as_ref().unwrap().exists(), "rewire run removed its cgroup");
+    let cg_root = rewire_control::cgroup::cgroup2_mount().unwrap();
+    let child_cmd = |mut c: Command| {
+        c.arg("--")
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "child_flood", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("RW_DST", dst.to_string())
+            .env("RW_SECS", secs.to_string())
+            .env("RW_K", K.to_string())
+            .stdout(Stdio::piped());
+        c
+    };
+    let limit = Duration::from_secs(60) + Duration::from_secs_f64(secs);
+    let read_all = |mut out: std::process::ChildStdout| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut s);
+            s
+        })
+    };
+    let (stdout, status, output) = match printer {
+        Printer::Run => {
+            let mut cmd = Command::new(REWIRE);
+            cmd.args(["run", "--events", format, "--config"]).arg(&config).stderr(stderr);
+            let child = child_cmd(cmd).spawn().unwrap();
+            let cgroup = cg_root.join(format!("{name}-run-{}", child.id()));
+            let mut run = Started { child: Some(child), cgroup: Some(cgroup), down: None };
+            let reader = read_all(run.child.as_mut().unwrap().stdout.take().unwrap());
+            let exit = run.wait(limit);
+            let stdout = reader.join().unwrap();
+            let output = std::fs::read_to_string(dir.join("stderr")).unwrap();
+            assert!(exit.success(), "rewire run: {exit}\nstdout:\n{stdout}\nstderr (end):\n{}", tail(&output));
+            assert!(!run.cgroup.as_ref().unwrap().exists(), "rewire run removed its cgroup");
+            (stdout, None, output)
+        }
+        Printer::Daemon => {
+            let daemon = Command::new(REWIRE)
+                .args(["daemon", "--events", format, "--config"])
+                .arg(&config)
+                .stderr(stderr)
+                .spawn()
+                .unwrap();
+            let mut d = Started { child: Some(daemon), cgroup: Some(cg_root.join(&name)), down: Some(config.clone()) };
+            let pins = std::path::Path::new("/sys/fs/bpf").join(&name);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !pins.join("rw_conf").exists() {
+                assert!(Instant::now() < deadline, "the daemon did not pin its maps");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let mut cmd = Command::new(REWIRE);
+            cmd.args(["exec", "--config"]).arg(&config);
+            let exec = child_cmd(cmd).spawn().unwrap();
+            let mut e = Started { child: Some(exec), cgroup: None, down: None };
+            let reader = read_all(e.child.as_mut().unwrap().stdout.take().unwrap());
+            let exit = e.wait(limit);
+            let stdout = reader.join().unwrap();
+            assert!(exit.success(), "rewire exec: {exit}\nstdout:\n{stdout}");
+            let st = Command::new(REWIRE).args(["status", "--json", "--config"]).arg(&config).output().unwrap();
+            assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+            let status: Value = serde_json::from_slice(&st.stdout).unwrap();
+            let exit = d.terminate();
+            let output = std::fs::read_to_string(dir.join("stderr")).unwrap();
+            assert!(exit.is_some_and(|s| s.success()), "daemon: {exit:?}\nstderr (end):\n{}", tail(&output));
+            let down = Command::new(REWIRE).args(["down", "--grace", "2", "--config"]).arg(&config).output().unwrap();
+            assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+            d.down = None;
+            (stdout, Some(status), output)
+        }
+    };
     let report = stdout
         .lines()
         .find_map(|l| l.split_once("REPORT ").map(|(_, r)| r))
         .unwrap_or_else(|| panic!("no report from the child:\n{stdout}"));
     let report: Value = serde_json::from_str(report).unwrap();
-    Flood { report, output, dir }
+    Flood { report, output, status, dir }
 }
 
 fn tail(s: &str) -> &str {
@@ -157,11 +223,10 @@ fn checked_report(r: &Value) -> (u64, Vec<(u64, u64)>) {
     (r["witness_pid"].as_u64().unwrap(), flooders)
 }
 
-/// The whole flood's JSON output: accounted for exactly, small, summarised.
-#[test]
-fn a_flood_of_refusals_is_counted_exactly_and_printed_within_limits() {
-    let secs = 2.5;
-    let f = flood("json", secs);
+/// Checks a flood's JSON output: every refusal counted exactly, every
+/// event printed, summarised or counted as dropped, drops reported, the
+/// output small. Returns the final counters.
+fn check_json(f: &Flood, secs: f64) -> Value {
     let (witness, flooders) = checked_report(&f.report);
     let size = f.output.len() as u64;
 
@@ -169,7 +234,7 @@ fn a_flood_of_refusals_is_counted_exactly_and_printed_within_limits() {
     let mut suppressed: BTreeMap<Option<u64>, u64> = BTreeMap::new();
     let (mut lost_lines, mut lost) = (0, 0u64);
     let mut counters = None;
-    // Lines not from the printer (the test harness of the child) are not JSON objects.
+    // Lines not from the printer (the daemon's log, the harness of the child) are not JSON objects.
     for v in f.output.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str::<Value>(l).unwrap()) {
         if let Some(kind) = v["kind"].as_str() {
             assert_eq!(kind, "no_listener", "{v}");
@@ -229,13 +294,33 @@ fn a_flood_of_refusals_is_counted_exactly_and_printed_within_limits() {
     if n("events_lost") == 0 {
         assert_eq!(w, K, "{summary}");
     }
-    assert!(suppressed.get(&None).is_none(), "three processes stay far below the origin cap: {summary}");
+    assert!(!suppressed.contains_key(&None), "three processes stay far below the origin cap: {summary}");
+    c
+}
+
+/// `rewire run`: the whole flood's JSON output.
+#[test]
+fn a_flood_of_refusals_is_counted_exactly_and_printed_within_limits() {
+    let secs = 2.5;
+    check_json(&flood(Printer::Run, "json", secs), secs);
+}
+
+/// `rewire daemon` (counters read from its pins) and `rewire status`.
+#[test]
+fn the_daemon_log_stays_small_and_status_shows_every_refusal() {
+    let secs = 1.5;
+    let f = flood(Printer::Daemon, "json", secs);
+    let c = check_json(&f, secs);
+    let st = f.status.as_ref().unwrap();
+    assert_eq!(st["counters"], c, "rewire status shows what the daemon's printer counted: {st}");
+    assert_eq!(st["hooks_attached"], true, "{st}");
+    assert!(st["daemon_pid"].is_u64(), "{st}");
 }
 
 /// The same in text: the summary and drop lines as an administrator reads them.
 #[test]
 fn a_flood_in_text_shows_summaries_drops_and_counters() {
-    let f = flood("text", 1.5);
+    let f = flood(Printer::Run, "text", 1.5);
     let (_, flooders) = checked_report(&f.report);
     let out = &f.output;
     assert!((out.len() as u64) < MAX_OUTPUT, "{} bytes", out.len());
@@ -267,7 +352,7 @@ fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
 /// Inside `rewire run`'s cgroup: starts two flooders as user 65534, makes
 /// K refused connects as the witness meanwhile, and reports.
 #[test]
-#[ignore = "runs inside rewire run, started by the flood tests"]
+#[ignore = "runs inside rewire run or rewire exec, started by the flood tests"]
 fn child_flood() {
     let (Some(dst), Some(secs), Some(k)) = (env::<SocketAddr>("RW_DST"), env::<f64>("RW_SECS"), env::<u64>("RW_K")) else {
         return;
@@ -311,7 +396,7 @@ fn child_flood() {
 /// A flooder (user 65534): refused datagrams in a tight loop until RW_SECS
 /// are over; reports how many sends were refused and how many were not.
 #[test]
-#[ignore = "runs inside rewire run, started by child_flood"]
+#[ignore = "started by child_flood, inside its cgroup"]
 fn child_flooder() {
     let (Some(dst), Some(secs)) = (env::<SocketAddr>("RW_DST"), env::<f64>("RW_SECS")) else { return };
     let uid = nix::unistd::geteuid().as_raw();
