@@ -6,7 +6,9 @@
 //! ring buffer; the daemon and `rewire run` print them. A UDP flow's
 //! redirect or delivery is reported once, at its first datagram (or
 //! connect); a refusal is reported for every datagram refused (a full ring
-//! buffer drops events, never data).
+//! buffer drops events, never data; the kernel counts the drops in
+//! `events_lost`, see [`crate::hooks::Counters`]). The printers limit how
+//! many lines each process gets ([`crate::limiter`]).
 
 use std::net::SocketAddr;
 
