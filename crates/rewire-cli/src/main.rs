@@ -2,12 +2,14 @@
 
 mod demo;
 mod manage;
+mod printer;
 mod probe;
 mod proxy;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use rewire_control::limiter::Limits;
 
 /// rewire: chain local inspection proxies on Linux with WFP-style redirect records.
 #[derive(Parser, Debug)]
@@ -27,6 +29,8 @@ enum Cmd {
         /// How to print the kernel's decisions on stderr.
         #[arg(long, value_enum, default_value_t = manage::EventFormat::Text)]
         events: manage::EventFormat,
+        #[command(flatten)]
+        limits: EventLimits,
         /// The command and its arguments.
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
@@ -43,11 +47,24 @@ enum Cmd {
         /// How to print the kernel's decisions on stderr.
         #[arg(long, value_enum, default_value_t = manage::EventFormat::Text)]
         events: manage::EventFormat,
+        #[command(flatten)]
+        limits: EventLimits,
         /// Replace the attached programs with this build's (atomic link
         /// update) even when they are the same build and configuration
         /// (otherwise they are kept as they are).
         #[arg(long)]
         replace_programs: bool,
+    },
+    /// Show whether a daemon's hooks are attached, its live daemon, and the
+    /// kernel's per-cause counters (every redirect and refusal, counted even
+    /// when events are dropped or not printed).
+    Status {
+        /// Configuration file the daemon was started with.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Apply a changed configuration (services, rules) to the running
     /// daemon atomically; an invalid one is refused and the running one stays.
@@ -91,6 +108,25 @@ enum Cmd {
     Probe(probe::ProbeArgs),
 }
 
+/// Rate limits of the event lines.
+#[derive(clap::Args, Debug)]
+struct EventLimits {
+    /// At most this many event lines per second per process and event kind;
+    /// the rest are summarised once a second ("suppressed N ... events from
+    /// COMMAND (pid P, uid U)").
+    #[arg(long, value_name = "N", default_value_t = Limits::default().lines_per_origin)]
+    event_lines: u32,
+    /// At most this many event lines per second in all.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().lines_total)]
+    event_lines_total: u32,
+}
+
+impl EventLimits {
+    fn limits(&self) -> Limits {
+        Limits { lines_per_origin: self.event_lines, lines_total: self.event_lines_total, ..Limits::default() }
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -101,10 +137,11 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Run { config, events, cmd } => manage::run(&config, events, &cmd),
-        Cmd::Daemon { config, events, replace_programs } => {
-            manage::daemon(&config, events, replace_programs).map(|()| 0)
+        Cmd::Run { config, events, limits, cmd } => manage::run(&config, events, limits.limits(), &cmd),
+        Cmd::Daemon { config, events, limits, replace_programs } => {
+            manage::daemon(&config, events, limits.limits(), replace_programs).map(|()| 0)
         }
+        Cmd::Status { config, json } => manage::status(&config, json).map(|()| 0),
         Cmd::Reload { config } => manage::reload(&config).map(|()| 0),
         Cmd::Down { config, grace } => {
             manage::down(&config, std::time::Duration::from_secs_f64(grace.clamp(0.0, 3600.0))).map(|()| 0)

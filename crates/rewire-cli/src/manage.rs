@@ -14,11 +14,12 @@ use std::time::Duration;
 use std::sync::{Arc, RwLock};
 
 use anyhow::{bail, Context, Result};
-use tokio::io::unix::AsyncFd;
 
-use rewire_control::events::Event;
-use rewire_control::hooks::Events;
+use rewire_control::hooks::CountersReader;
+use rewire_control::limiter::Limits;
 use rewire_control::{checks, persist, Config, Hooks, ManagedCgroup};
+
+use crate::printer;
 
 /// Environment variables rewire sets for the commands it runs.
 pub const ENV_CONFIG: &str = "REWIRE_CONFIG";
@@ -52,34 +53,23 @@ fn prepare(config: &Path) -> Result<Config> {
     Ok(cfg)
 }
 
-/// Prints kernel events until the task is dropped.
-pub fn spawn_event_printer(events: Events, cfg: Config, format: EventFormat) -> tokio::task::JoinHandle<()> {
-    spawn_event_printer_shared(events, Arc::new(RwLock::new(cfg)), format)
+/// The counters of `hooks`, read through a descriptor of their own (for
+/// `rewire run`'s printer, which runs beside the task that owns the hooks).
+fn counters_of(hooks: &Hooks) -> printer::CountersFn {
+    match hooks.counters_reader() {
+        Ok(r) => Box::new(move || r.read().ok()),
+        Err(e) => {
+            tracing::warn!("cannot read the kernel's counters: {e}; ring-buffer drops will not be reported");
+            Box::new(|| None)
+        }
+    }
 }
 
-/// The same with a configuration a reload may replace (service names).
-fn spawn_event_printer_shared(
-    events: Events,
-    cfg: Arc<RwLock<Config>>,
-    format: EventFormat,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        // SAFETY: the ring buffer's fd is owned by `events`, which the AsyncFd
-        // owns: it stays open for as long as it is registered.
-        let Ok(mut fd) = (unsafe { AsyncFd::register(events) }) else { return };
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
-            while let Some(raw) = guard.get_inner_mut().next_event() {
-                let Some(ev) = Event::from_raw(&raw, &cfg.read().unwrap_or_else(|e| e.into_inner())) else { continue };
-                match format {
-                    EventFormat::Text => eprintln!("rewire: {ev}"),
-                    EventFormat::Json => eprintln!("{}", serde_json::to_string(&ev).unwrap_or_default()),
-                    EventFormat::Off => {}
-                }
-            }
-            guard.clear_ready();
-        }
-    })
+/// The counters pinned under a daemon's pin directory, opened at each
+/// reading (a reload may replace the map).
+fn pinned_counters(dir: &Path) -> printer::CountersFn {
+    let dir = dir.to_path_buf();
+    Box::new(move || CountersReader::open_pinned(&dir).and_then(|r| r.read()).ok())
 }
 
 /// Removes UDP hand-off entries no proxy claimed within the idle time
@@ -101,7 +91,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// `rewire run`: returns the command's exit code.
-pub fn run(config: &Path, format: EventFormat, cmd: &[String]) -> Result<i32> {
+pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -> Result<i32> {
     let cfg = prepare(config)?;
     drop_inherited_inet_sockets();
     let name = format!("{}-run-{}", cfg.cgroup, std::process::id());
@@ -111,14 +101,14 @@ pub fn run(config: &Path, format: EventFormat, cmd: &[String]) -> Result<i32> {
     let rt = runtime()?;
     let abs_config = std::fs::canonicalize(config)?;
     let status = rt.block_on(async {
-        let printer = spawn_event_printer(events, cfg.clone(), format);
+        let counters = counters_of(&hooks);
+        let printer = printer::spawn(events, Arc::new(RwLock::new(cfg.clone())), format, limits, counters);
         let r = tokio::select! {
             r = run_in(cgroup.path(), &abs_config, cmd) => r,
             _ = expire_udp_handoffs(&mut hooks, cfg.udp_idle()) => unreachable!("never returns"),
         };
-        // Let the last events drain before stopping the printer.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        printer.abort();
+        // The last events, summaries and the counters.
+        printer.stop().await;
         r
     });
     drop(rt);
@@ -158,7 +148,7 @@ fn exit_code(s: ExitStatus) -> i32 {
 /// `rewire daemon`: attach (or adopt) the pinned hooks and serve: print
 /// events, expire UDP hand-offs, reload on SIGHUP. SIGINT/SIGTERM end the
 /// daemon and leave the hooks attached and enforcing.
-pub fn daemon(config: &Path, format: EventFormat, replace_programs: bool) -> Result<()> {
+pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_programs: bool) -> Result<()> {
     let cfg = prepare(config)?;
     let abs_config = std::fs::canonicalize(config)?;
     checks::ensure_bpffs_at(&persist::bpffs_root())?;
@@ -200,7 +190,7 @@ pub fn daemon(config: &Path, format: EventFormat, replace_programs: bool) -> Res
     let rt = runtime()?;
     let r = rt.block_on(async {
         let shared = Arc::new(RwLock::new(cfg.clone()));
-        let printer = events.map(|ev| spawn_event_printer_shared(ev, shared.clone(), format));
+        let printer = events.map(|ev| printer::spawn(ev, shared.clone(), format, limits, pinned_counters(&dir)));
         use tokio::signal::unix::{signal, SignalKind};
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -242,7 +232,7 @@ pub fn daemon(config: &Path, format: EventFormat, replace_programs: bool) -> Res
             }
         };
         if let Some(p) = printer {
-            p.abort();
+            p.stop().await;
         }
         anyhow::Ok((sig, cur_path))
     });
@@ -514,6 +504,53 @@ pub fn reload(config: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!("the daemon (pid {pid}) did not answer the reload within 30 s; see its log")
+}
+
+/// `rewire status`: whether the hooks of a daemon's cgroup are attached,
+/// its live daemon, and the kernel's per-cause counters (from the pinned
+/// `rw_counters`), as text or JSON on stdout.
+pub fn status(config: &Path, json: bool) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let dir = pin_dir(&cfg);
+    let counters = CountersReader::open_pinned(&dir).and_then(|r| r.read()).with_context(|| {
+        format!(
+            "reading the counters pinned in {}: the hooks of cgroup `{}` are not there; start them with \
+             `rewire daemon --config {}`",
+            dir.display(),
+            cfg.cgroup,
+            config.display()
+        )
+    })?;
+    let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    let attached = persist::check_attached(&dir, &cg).map_err(|e| e.to_string());
+    let pid = daemon_pid(&cfg);
+    let last = read_status(&run_file(&cfg, "status")).map(|(_, _, msg)| msg).filter(|_| pid.is_some());
+    if json {
+        let v = serde_json::json!({
+            "cgroup": cfg.cgroup,
+            "pin_dir": dir,
+            "hooks_attached": attached.is_ok(),
+            "hooks_problem": attached.as_ref().err(),
+            "daemon_pid": pid,
+            "daemon_last": last,
+            "counters": counters,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    match &attached {
+        Ok(()) => println!("cgroup {}: hooks attached ({})", cfg.cgroup, cg.display()),
+        Err(e) => println!("cgroup {}: hooks NOT attached: {e}", cfg.cgroup),
+    }
+    match pid {
+        Some(p) => println!("daemon: pid {p}{}", last.map(|m| format!("; last: {m}")).unwrap_or_default()),
+        None => println!("daemon: none running (the attached hooks enforce without it; events are not printed)"),
+    }
+    println!("counters since the hooks were first attached (every decision, printed or not):");
+    for (name, v) in counters.fields() {
+        println!("  {name:<15} {v}");
+    }
+    Ok(())
 }
 
 /// `rewire down`: stop the daemon if one runs, end the processes in the

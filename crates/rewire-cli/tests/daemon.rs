@@ -23,6 +23,7 @@ fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
 
     let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg).stderr(Stdio::null()).spawn().unwrap();
     let mut proxy = None;
+    let daemon_pid = daemon.id();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !pins.join("rw_conf").exists() {
@@ -61,6 +62,15 @@ fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
         assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");
         let l = &read_log(&log, 1)[0];
         assert_eq!(l["chain"], serde_json::json!(["audit"]));
+        // `rewire status`: the hooks, this daemon, and the kernel's counters.
+        let st = Command::new(REWIRE).args(["status", "--json", "--config"]).arg(&cfg).output().unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+        assert_eq!(v["hooks_attached"], true, "{v}");
+        assert_eq!(v["daemon_pid"], daemon_pid, "{v}");
+        assert_eq!(v["counters"]["redirect"], 1, "the probe's connect: {v}");
+        assert!(v["counters"]["deliver"].as_u64() >= Some(1), "the proxy's onward connect: {v}");
+        assert_eq!(v["counters"]["events_lost"], 0, "{v}");
     }));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -73,7 +83,9 @@ fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
     }
     // SIGTERM left the hooks enforcing: cgroup, pinned links and maps stay.
     let kept = (cg.exists(), pins.join("links/rw_connect4").exists(), pins.join("rw_conf").exists());
+    let status_after = Command::new(REWIRE).args(["status", "--config"]).arg(&cfg).output().unwrap();
     let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg).output().unwrap();
+    let gone = Command::new(REWIRE).args(["status", "--config"]).arg(&cfg).output().unwrap();
     if let Some(mut p) = proxy {
         let _ = p.kill();
         let _ = p.wait();
@@ -88,7 +100,13 @@ fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
     result.unwrap();
     assert!(status.is_some_and(|s| s.success()), "daemon exit {status:?}");
     assert_eq!(kept, (true, true, true), "SIGTERM must leave cgroup, links and maps");
+    let text = String::from_utf8_lossy(&status_after.stdout);
+    assert!(status_after.status.success(), "{}", String::from_utf8_lossy(&status_after.stderr));
+    assert!(text.contains("hooks attached") && text.contains("daemon: none running"), "{text}");
+    assert!(text.lines().any(|l| l.split_whitespace().eq(["redirect", "1"])), "{text}");
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    let gone_err = String::from_utf8_lossy(&gone.stderr);
+    assert!(!gone.status.success() && gone_err.contains("start them with `rewire daemon --config"), "{gone_err}");
     assert!(!cg.exists(), "down left the cgroup");
     assert!(!pins.exists(), "down left the pins");
 }

@@ -6,7 +6,9 @@
 //! ring buffer; the daemon and `rewire run` print them. A UDP flow's
 //! redirect or delivery is reported once, at its first datagram (or
 //! connect); a refusal is reported for every datagram refused (a full ring
-//! buffer drops events, never data).
+//! buffer drops events, never data; the kernel counts the drops in
+//! `events_lost`, see [`crate::hooks::Counters`]). The printers limit how
+//! many lines each process gets ([`crate::limiter`]).
 
 use std::net::SocketAddr;
 
@@ -17,7 +19,7 @@ use rewire::abi::{self, RwEvent};
 use crate::config::Config;
 
 /// What the hook did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A connect was redirected to a service.
@@ -87,10 +89,10 @@ pub struct Event {
     pub listener: Option<String>,
 }
 
-impl Event {
-    /// Decodes a kernel event, naming services from `config`.
-    pub fn from_raw(raw: &RwEvent, config: &Config) -> Option<Self> {
-        let kind = match raw.kind {
+impl EventKind {
+    /// The kind of a kernel event code (`RW_EV_*`), if known.
+    pub fn from_code(code: u32) -> Option<Self> {
+        Some(match code {
             abi::RW_EV_REDIRECT => EventKind::Redirect,
             abi::RW_EV_DELIVER => EventKind::Deliver,
             abi::RW_EV_HOP_LIMIT => EventKind::HopLimit,
@@ -104,7 +106,35 @@ impl Event {
             abi::RW_EV_PROTOCOL => EventKind::Protocol,
             abi::RW_EV_UDP_FORGED => EventKind::UdpForged,
             _ => return None,
-        };
+        })
+    }
+
+    /// Its name in JSON and in summaries (`no_listener`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Redirect => "redirect",
+            EventKind::Deliver => "deliver",
+            EventKind::HopLimit => "hop_limit",
+            EventKind::Mismatch => "mismatch",
+            EventKind::UdpConflict => "udp_conflict",
+            EventKind::NoListener => "no_listener",
+            EventKind::Impostor => "impostor",
+            EventKind::Internal => "internal",
+            EventKind::HandoffFull => "handoff_full",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Event {
+    /// Decodes a kernel event, naming services from `config`.
+    pub fn from_raw(raw: &RwEvent, config: &Config) -> Option<Self> {
+        let kind = EventKind::from_code(raw.kind)?;
         let n = (raw.n_chain as usize).min(raw.chain.len());
         let dst = {
             // Reuse the records decoder for the address.

@@ -159,6 +159,61 @@ impl Counters {
     }
 }
 
+impl Counters {
+    /// Each counter with its name, in a fixed order.
+    pub fn fields(&self) -> [(&'static str, u64); 11] {
+        [
+            ("redirect", self.redirect),
+            ("deliver", self.deliver),
+            ("hop_limit", self.hop_limit),
+            ("mismatch", self.mismatch),
+            ("udp_conflict", self.udp_conflict),
+            ("no_listener", self.no_listener),
+            ("impostor", self.impostor),
+            ("fail_open_skip", self.fail_open_skip),
+            ("no_storage", self.no_storage),
+            ("handoff_full", self.handoff_full),
+            ("events_lost", self.events_lost),
+        ]
+    }
+}
+
+/// `redirect=1 deliver=0 ...`: every counter, on one line.
+impl std::fmt::Display for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, v)) in self.fields().iter().enumerate() {
+            write!(f, "{}{name}={v}", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
+    }
+}
+
+/// A handle on the `rw_counters` map of its own, to read the counters from
+/// another task than the one that owns the [`Hooks`] (the event printer),
+/// or from another process ([`CountersReader::open_pinned`]: `rewire status`).
+pub struct CountersReader(PerCpuArray<MapData, u64>);
+
+impl std::fmt::Debug for CountersReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CountersReader")
+    }
+}
+
+impl CountersReader {
+    /// Opens the `rw_counters` pinned under a daemon's pin directory
+    /// ([`crate::persist::pin_dir`]).
+    pub fn open_pinned(dir: &Path) -> Result<Self, HooksError> {
+        let err = |source| HooksError::Map { name: "rw_counters", source };
+        let map = MapData::from_pin(dir.join("rw_counters")).map_err(err)?;
+        Ok(Self(PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(err)?))
+    }
+
+    /// The counters now.
+    pub fn read(&self) -> Result<Counters, HooksError> {
+        read_counters(&self.0)
+    }
+}
+
 fn read_counters<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, u64>) -> Result<Counters, HooksError> {
     let mut slots = vec![0u64; abi::RW_CNT_N as usize];
     for (i, slot) in slots.iter_mut().enumerate() {
@@ -318,6 +373,19 @@ impl Hooks {
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(|source| HooksError::Map { name: "rw_counters", source })?;
         read_counters(&arr)
+    }
+
+    /// A reader of the same counters that does not borrow the hooks (its
+    /// own descriptor of the map).
+    pub fn counters_reader(&self) -> Result<CountersReader, HooksError> {
+        let err = |source| HooksError::Map { name: "rw_counters", source };
+        let map = self.bpf.map("rw_counters").ok_or_else(|| HooksError::Config("no rw_counters".into()))?;
+        let id = match map {
+            Map::PerCpuArray(m) => m.info().map_err(err)?.id(),
+            _ => return Err(HooksError::Config("rw_counters is not a per-CPU array".into())),
+        };
+        let data = MapData::from_id(id).map_err(err)?;
+        Ok(CountersReader(PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(err)?))
     }
 
     /// TCP flows between connect and accept right now (hand-off entries);

@@ -14,6 +14,7 @@ pub mod checks;
 pub mod config;
 pub mod events;
 pub mod hooks;
+pub mod limiter;
 pub mod net;
 pub mod persist;
 
