@@ -121,6 +121,9 @@ impl EventKind {
             EventKind::Impostor => "impostor",
             EventKind::Internal => "internal",
             EventKind::HandoffFull => "handoff_full",
+            EventKind::ForeignNetns => "foreign_netns",
+            EventKind::Protocol => "protocol",
+            EventKind::UdpForged => "udp_forged",
         }
     }
 }
