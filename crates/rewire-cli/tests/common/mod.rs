@@ -40,17 +40,22 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 /// those of `audit`").
 static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
-/// A port free for TCP and UDP on both 127.0.0.1 and ::1 (best effort).
+/// A port free for TCP and UDP on both 127.0.0.1 and ::1 (best effort),
+/// below the kernel's ephemeral range (`ip_local_port_range`): the kernel
+/// never hands such a port to a socket that did not ask for it, so the
+/// applications and proxies of tests running at once cannot take a
+/// service's port between this check and the proxy's bind (seen: a UDP
+/// probe's ephemeral port was a service port a moment later).
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let free = |ip: &str| UdpSocket::bind((ip, port)).is_ok();
-        if TcpListener::bind(("::1", port)).is_ok()
-            && free("127.0.0.1")
-            && free("::1")
-            && GIVEN.lock().unwrap().insert(port)
-        {
+    let lo: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (start, end) = (lo.saturating_sub(12000).max(1024), lo.saturating_sub(1));
+    for _ in 0..1000 {
+        let port = start + (rand::random::<u16>() % (end - start));
+        let free = |ip: &str| TcpListener::bind((ip, port)).is_ok() && UdpSocket::bind((ip, port)).is_ok();
+        if free("127.0.0.1") && free("::1") && GIVEN.lock().unwrap().insert(port) {
             return port;
         }
     }
