@@ -84,7 +84,19 @@ impl Drop for Proc {
 
 /// A TCP echo server and a UDP echo server on one 127.0.0.1 port.
 async fn echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A port free for both: the TCP port the kernel picks may be some
+    // other test's UDP port at the moment (bounded retries).
+    let mut tries = 0;
+    let (l, u) = loop {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        match UdpSocket::bind(l.local_addr().unwrap()).await {
+            Ok(u) => break (l, u),
+            Err(e) => {
+                tries += 1;
+                assert!(tries < 100, "no port free for TCP and UDP: {e}");
+            }
+        }
+    };
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -94,7 +106,6 @@ async fn echo() -> SocketAddr {
             });
         }
     });
-    let u = UdpSocket::bind(addr).await.unwrap();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         while let Ok((n, from)) = u.recv_from(&mut buf).await {
