@@ -94,6 +94,9 @@ fn spawn_child(sb: &Sandbox, child: &str, env: &[(&str, String)]) -> std::proces
 fn child_result(out: Vec<u8>, child: &str) -> std::collections::BTreeMap<String, u64> {
     let text = String::from_utf8_lossy(&out).into_owned();
     assert!(text.contains("1 passed"), "child {child} failed:\n{text}");
+    for l in text.lines().filter(|l| l.contains("NOTE ")) {
+        println!("{child}: {}", &l[l.find("NOTE ").unwrap() + 5..]);
+    }
     // The harness may have printed the test's name on the same line.
     let line = text
         .lines()
@@ -478,7 +481,7 @@ fn child_udp_load() {
     #[derive(Debug)]
     enum Outcome {
         Served,
-        Refused(i32),
+        Refused(&'static str, i32),
         Lost { answered: u64 },
         Corrupted,
     }
@@ -490,22 +493,22 @@ fn child_udp_load() {
                     tokio::time::sleep_until(t0 + Duration::from_micros(i * 1_000_000 / RATE)).await;
                     let s = match tokio::net::UdpSocket::bind("127.0.0.1:0").await {
                         Ok(s) => s,
-                        Err(e) => return Outcome::Refused(e.raw_os_error().unwrap_or(-1)),
+                        Err(e) => return Outcome::Refused("bind", e.raw_os_error().unwrap_or(-1)),
                     };
                     if let Err(e) = s.connect(dst).await {
-                        return Outcome::Refused(e.raw_os_error().unwrap_or(-1));
+                        return Outcome::Refused("connect", e.raw_os_error().unwrap_or(-1));
                     }
                     let mut answered = 0;
                     let mut buf = vec![0u8; 2048];
                     for k in 0..DGRAMS {
                         let out = pattern(i * DGRAMS + k, LEN);
                         if let Err(e) = s.send(&out).await {
-                            return Outcome::Refused(e.raw_os_error().unwrap_or(-1));
+                            return Outcome::Refused("send", e.raw_os_error().unwrap_or(-1));
                         }
                         match tokio::time::timeout(Duration::from_millis(1500), s.recv(&mut buf)).await {
                             Ok(Ok(m)) if buf[..m] == out[..] => answered += 1,
                             Ok(Ok(_)) => return Outcome::Corrupted,
-                            Ok(Err(e)) => return Outcome::Refused(e.raw_os_error().unwrap_or(-1)),
+                            Ok(Err(e)) => return Outcome::Refused("recv", e.raw_os_error().unwrap_or(-1)),
                             Err(_) => {}
                         }
                     }
@@ -524,16 +527,25 @@ fn child_udp_load() {
         v
     });
     let count = |f: &dyn Fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+    let mut errnos = std::collections::BTreeMap::<(&str, i32), usize>::new();
+    for o in &outcomes {
+        if let Outcome::Refused(call, e) = o {
+            *errnos.entry((call, *e)).or_default() += 1;
+        }
+    }
+    let errnos: Vec<String> =
+        errnos.iter().map(|((call, e), n)| format!("{call}: {} x{n}", std::io::Error::from_raw_os_error(*e))).collect();
+    println!("NOTE refusals by error: {}", errnos.join(", "));
     println!(
         "RESULT served={} refused={} lost={} partial={} corrupted={} econnrefused={} eperm={} other_error={}",
         count(&|o| matches!(o, Outcome::Served)),
-        count(&|o| matches!(o, Outcome::Refused(_))),
+        count(&|o| matches!(o, Outcome::Refused(..))),
         count(&|o| matches!(o, Outcome::Lost { .. } | Outcome::Corrupted)),
         count(&|o| matches!(o, Outcome::Lost { answered } if *answered > 0)),
         count(&|o| matches!(o, Outcome::Corrupted)),
-        count(&|o| matches!(o, Outcome::Refused(e) if *e == libc::ECONNREFUSED)),
-        count(&|o| matches!(o, Outcome::Refused(e) if *e == libc::EPERM)),
-        count(&|o| matches!(o, Outcome::Refused(e) if *e != libc::ECONNREFUSED && *e != libc::EPERM)),
+        count(&|o| matches!(o, Outcome::Refused(_, e) if *e == libc::ECONNREFUSED)),
+        count(&|o| matches!(o, Outcome::Refused(_, e) if *e == libc::EPERM)),
+        count(&|o| matches!(o, Outcome::Refused(_, e) if *e != libc::ECONNREFUSED && *e != libc::EPERM)),
     );
 }
 
