@@ -410,6 +410,92 @@ fn child_tcp_load() {
 
 // ---- UDP: 10,000 concurrent flows through one proxy ------------------------
 
+/// Datagrams the kernel dropped (receive buffer full) on the UDP sockets
+/// that `pick(local port, remote port)` selects, and how many sockets (from
+/// `/proc/net/udp{,6}`, the `drops` column).
+fn udp_drops(pick: impl Fn(u16, u16) -> bool) -> (u64, u64) {
+    let (mut drops, mut sockets) = (0, 0);
+    for file in ["/proc/net/udp", "/proc/net/udp6"] {
+        for l in std::fs::read_to_string(file).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()).unwrap_or(0);
+            if f.len() > 12 && pick(port(f[1]), port(f[2])) {
+                sockets += 1;
+                drops += f[12].parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    (drops, sockets)
+}
+
+/// A UDP echo outside the cgroup with large socket buffers (so that it
+/// drops nothing itself), on two threads; counts datagrams and sources.
+struct BigUdpEcho {
+    addr: SocketAddr,
+    datagrams: Arc<AtomicU64>,
+    sources: Arc<Mutex<std::collections::HashSet<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BigUdpEcho {
+    fn start() -> Self {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+            let size: libc::c_int = 32 << 20;
+            // SAFETY: setsockopt with a valid int option value.
+            let r = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        }
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let addr = s.local_addr().unwrap();
+        let (datagrams, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let sources: Arc<Mutex<std::collections::HashSet<SocketAddr>>> = Arc::default();
+        let threads = (0..2)
+            .map(|_| {
+                let (s, n, src, stop) = (s.try_clone().unwrap(), datagrams.clone(), Arc::clone(&sources), stop.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    // Bounded: stopped when the echo is dropped.
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((len, from)) = s.recv_from(&mut buf) {
+                            n.fetch_add(1, Ordering::Relaxed);
+                            src.lock().unwrap().insert(from);
+                            let _ = s.send_to(&buf[..len], from);
+                        }
+                    }
+                })
+            })
+            .collect();
+        BigUdpEcho { addr, datagrams, sources, stop, threads }
+    }
+}
+
+impl Drop for BigUdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The system's UDP `RcvbufErrors` (`/proc/net/snmp`; every process's).
+fn udp_rcvbuf_errors() -> u64 {
+    let s = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let rows: Vec<Vec<&str>> = s.lines().filter(|l| l.starts_with("Udp: ")).map(|l| l.split_whitespace().collect()).collect();
+    let Some(i) = rows.first().and_then(|h| h.iter().position(|k| *k == "RcvbufErrors")) else { return 0 };
+    rows.get(1).and_then(|v| v.get(i)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 /// 10,000 UDP flows at once through one proxy, one connected socket per
 /// flow, three datagrams each to a UDP echo outside the cgroup. A flow is
 /// served (every datagram echoed intact), refused with a signal (a send or
@@ -421,9 +507,10 @@ fn child_tcp_load() {
 fn udp_ten_thousand_concurrent_flows_through_one_proxy() {
     let _g = heavy();
     raise_nofile();
-    const N: u64 = 10_000;
-    let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
-    let mut sb = Sandbox::new(&format!("udp_idle_ms = 5000\n{}", udp_service("audit", free_port(), echo.addr.port())));
+    // REWIRE_LOAD_UDP_FLOWS: another count, for experiments.
+    let n: u64 = env("REWIRE_LOAD_UDP_FLOWS").unwrap_or(10_000);
+    let echo = BigUdpEcho::start();
+    let mut sb = Sandbox::new(&format!("udp_idle_ms = 8000\n{}", udp_service("audit", free_port(), echo.addr.port())));
     let (pid, log) = start_proxy(&mut sb, "audit", &[]);
     std::thread::sleep(Duration::from_millis(300));
     let (fd0, rss0) = (fd_count(pid), rss_kib(pid));
@@ -439,15 +526,32 @@ fn udp_ten_thousand_concurrent_flows_through_one_proxy() {
         })
     };
     let t0 = Instant::now();
-    let child = spawn_child(&sb, "child_udp_load", &[("RW_N", N.to_string()), ("RW_DST", echo.addr.to_string())]);
+    let svc = sb.config.services[0].listen[0].port();
+    let rcvbuf0 = udp_rcvbuf_errors();
+    let child = spawn_child(
+        &sb,
+        "child_udp_load",
+        &[("RW_N", n.to_string()), ("RW_DST", echo.addr.to_string()), ("RW_SVC", svc.to_string())],
+    );
     let r = child_result(wait_output(child, Duration::from_secs(90)), "child_udp_load");
     let ran = t0.elapsed();
+    // The proxy's flows are still live (idle time 8 s): its sockets' drops.
+    let (listener_in, _) = udp_drops(|local, remote| local == svc && remote == 0);
+    let (flows_in, flow_socks) = udp_drops(|local, remote| local == svc && remote != 0);
+    let (onward_in, _) = udp_drops(|_, remote| remote == echo.addr.port());
+    let (echo_in, _) = udp_drops(|local, _| local == echo.addr.port());
+    println!(
+        "kernel drops (receive buffer full): the proxy's listener {listener_in}, its {flow_socks} flow sockets {flows_in}, its \
+         onward sockets {onward_in}, the echo's {echo_in}, the clients' {}; UDP RcvbufErrors of the whole system +{}",
+        r["client_drops"],
+        udp_rcvbuf_errors() - rcvbuf0
+    );
     stop.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
     let served_lines = wait_lines(&log, r["served"] as usize, Duration::from_secs(20));
     let (served, refused, lost) = (r["served"], r["refused"], r["lost"]);
     println!(
-        "UDP through audit: {N} flows, {served} served, {refused} refused with a signal (ECONNREFUSED {}, EPERM {}, other {}), \
+        "UDP through audit: {n} flows, {served} served, {refused} refused with a signal (ECONNREFUSED {}, EPERM {}, other {}), \
          {lost} lost ({} of them got some answers first); {} corrupted; echo saw {} datagrams from {} sources; in {ran:.1?}",
         r["econnrefused"],
         r["eperm"],
@@ -455,7 +559,7 @@ fn udp_ten_thousand_concurrent_flows_through_one_proxy() {
         r["partial"],
         r["corrupted"],
         echo.datagrams.load(Ordering::Relaxed),
-        echo.sources().len()
+        echo.sources.lock().unwrap().len()
     );
     println!(
         "audit: descriptors before {fd0}, peak {}; RSS KiB before {rss0}, now {}; {served_lines} flow lines; udp::MAX_FLOWS = {}",
@@ -463,7 +567,7 @@ fn udp_ten_thousand_concurrent_flows_through_one_proxy() {
         rss_kib(pid),
         rewire_proxy::udp::MAX_FLOWS
     );
-    assert_eq!(served + refused + lost, N, "{r:?}");
+    assert_eq!(served + refused + lost, n, "{r:?}");
     assert_eq!(r["corrupted"], 0, "{r:?}");
     assert!(served > 0, "{r:?}");
     assert_eq!(lost, 0, "flows the proxy did not take must be refused with an error, not dropped in silence: {r:?}");
@@ -476,8 +580,11 @@ fn child_udp_load() {
     raise_nofile();
     const DGRAMS: u64 = 3;
     const LEN: usize = 200;
-    /// New flows a second: all 10,000 start within 2 s, well inside the idle time.
-    const RATE: u64 = 5_000;
+    /// New flows a second: all 10,000 start within 4 s, well inside the idle time (8 s).
+    const RATE: u64 = 2_500;
+    static FINISHED: AtomicU64 = AtomicU64::new(0);
+    static CLIENT_DROPS: AtomicU64 = AtomicU64::new(0);
+    static DROPS_READ: AtomicBool = AtomicBool::new(false);
     #[derive(Debug)]
     enum Outcome {
         Served,
@@ -485,38 +592,52 @@ fn child_udp_load() {
         Lost { answered: u64 },
         Corrupted,
     }
-    let outcomes = runtime(2).block_on(async move {
+    let svc: u16 = env("RW_SVC").unwrap_or(0);
+    let (outcomes, client_drops) = runtime(2).block_on(async move {
         let t0 = tokio::time::Instant::now();
         let tasks: Vec<_> = (0..n)
             .map(|i| {
                 tokio::spawn(async move {
                     tokio::time::sleep_until(t0 + Duration::from_micros(i * 1_000_000 / RATE)).await;
-                    let s = match tokio::net::UdpSocket::bind("127.0.0.1:0").await {
-                        Ok(s) => s,
-                        Err(e) => return Outcome::Refused("bind", e.raw_os_error().unwrap_or(-1)),
-                    };
-                    if let Err(e) = s.connect(dst).await {
-                        return Outcome::Refused("connect", e.raw_os_error().unwrap_or(-1));
-                    }
-                    let mut answered = 0;
-                    let mut buf = vec![0u8; 2048];
-                    for k in 0..DGRAMS {
-                        let out = pattern(i * DGRAMS + k, LEN);
-                        if let Err(e) = s.send(&out).await {
-                            return Outcome::Refused("send", e.raw_os_error().unwrap_or(-1));
+                    let (outcome, socket) = async {
+                        let s = match tokio::net::UdpSocket::bind("127.0.0.1:0").await {
+                            Ok(s) => s,
+                            Err(e) => return (Outcome::Refused("bind", e.raw_os_error().unwrap_or(-1)), None),
+                        };
+                        if let Err(e) = s.connect(dst).await {
+                            return (Outcome::Refused("connect", e.raw_os_error().unwrap_or(-1)), Some(s));
                         }
-                        match tokio::time::timeout(Duration::from_millis(1500), s.recv(&mut buf)).await {
-                            Ok(Ok(m)) if buf[..m] == out[..] => answered += 1,
-                            Ok(Ok(_)) => return Outcome::Corrupted,
-                            Ok(Err(e)) => return Outcome::Refused("recv", e.raw_os_error().unwrap_or(-1)),
-                            Err(_) => {}
+                        let mut answered = 0;
+                        let mut buf = vec![0u8; 2048];
+                        for k in 0..DGRAMS {
+                            let out = pattern(i * DGRAMS + k, LEN);
+                            if let Err(e) = s.send(&out).await {
+                                return (Outcome::Refused("send", e.raw_os_error().unwrap_or(-1)), Some(s));
+                            }
+                            match tokio::time::timeout(Duration::from_millis(1500), s.recv(&mut buf)).await {
+                                Ok(Ok(m)) if buf[..m] == out[..] => answered += 1,
+                                Ok(Ok(_)) => return (Outcome::Corrupted, Some(s)),
+                                Ok(Err(e)) => return (Outcome::Refused("recv", e.raw_os_error().unwrap_or(-1)), Some(s)),
+                                Err(_) => {}
+                            }
                         }
+                        let o = if answered == DGRAMS { Outcome::Served } else { Outcome::Lost { answered } };
+                        (o, Some(s))
                     }
-                    if answered == DGRAMS {
-                        Outcome::Served
+                    .await;
+                    // Every socket stays open until all flows are done; the
+                    // last one reads the drops of every client socket.
+                    if FINISHED.fetch_add(1, Ordering::AcqRel) + 1 == n {
+                        CLIENT_DROPS.store(udp_drops(|_, remote| remote == svc).0, Ordering::Relaxed);
+                        DROPS_READ.store(true, Ordering::Release);
                     } else {
-                        Outcome::Lost { answered }
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                        while !DROPS_READ.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                     }
+                    drop(socket);
+                    outcome
                 })
             })
             .collect();
@@ -524,7 +645,8 @@ fn child_udp_load() {
         for t in tasks {
             v.push(tokio::time::timeout(Duration::from_secs(60), t).await.expect("bounded").unwrap());
         }
-        v
+        // The sockets are closed now: what their receive queues dropped was read before.
+        (v, CLIENT_DROPS.load(Ordering::Relaxed))
     });
     let count = |f: &dyn Fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
     let mut errnos = std::collections::BTreeMap::<(&str, i32), usize>::new();
@@ -537,7 +659,7 @@ fn child_udp_load() {
         errnos.iter().map(|((call, e), n)| format!("{call}: {} x{n}", std::io::Error::from_raw_os_error(*e))).collect();
     println!("NOTE refusals by error: {}", errnos.join(", "));
     println!(
-        "RESULT served={} refused={} lost={} partial={} corrupted={} econnrefused={} eperm={} other_error={}",
+        "RESULT served={} refused={} lost={} partial={} corrupted={} econnrefused={} eperm={} other_error={} client_drops={client_drops}",
         count(&|o| matches!(o, Outcome::Served)),
         count(&|o| matches!(o, Outcome::Refused(..))),
         count(&|o| matches!(o, Outcome::Lost { .. } | Outcome::Corrupted)),
