@@ -197,7 +197,7 @@ fn dst_text(d: &Dst) -> String {
 
 fn port_text(p: &PortRange, i: usize) -> String {
     // Singles alternately as numbers and as strings.
-    if p.lo == p.hi && i % 2 == 0 {
+    if p.lo == p.hi && i.is_multiple_of(2) {
         p.lo.to_string()
     } else if p.lo == p.hi {
         q(p.lo)
