@@ -580,8 +580,8 @@ fn child_udp_load() {
     raise_nofile();
     const DGRAMS: u64 = 3;
     const LEN: usize = 200;
-    /// New flows a second: all 10,000 start within 4 s, well inside the idle time (8 s).
-    const RATE: u64 = 2_500;
+    // New flows a second: all 10,000 start within 4 s, well inside the idle time (8 s).
+    let rate: u64 = env("REWIRE_LOAD_UDP_RATE").unwrap_or(2_500);
     static FINISHED: AtomicU64 = AtomicU64::new(0);
     static CLIENT_DROPS: AtomicU64 = AtomicU64::new(0);
     static DROPS_READ: AtomicBool = AtomicBool::new(false);
@@ -598,7 +598,7 @@ fn child_udp_load() {
         let tasks: Vec<_> = (0..n)
             .map(|i| {
                 tokio::spawn(async move {
-                    tokio::time::sleep_until(t0 + Duration::from_micros(i * 1_000_000 / RATE)).await;
+                    tokio::time::sleep_until(t0 + Duration::from_micros(i * 1_000_000 / rate)).await;
                     let (outcome, socket) = async {
                         let s = match tokio::net::UdpSocket::bind("127.0.0.1:0").await {
                             Ok(s) => s,
