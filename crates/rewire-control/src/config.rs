@@ -319,8 +319,11 @@ impl Config {
             let key = key.map(str::to_owned).unwrap_or_else(|| key_at(text, start));
             ConfigError::Invalid { file: path.into(), line, key, message }
         };
-        let mut cfg: Config =
-            toml::from_str(text).map_err(|e| invalid(e.span(), None, e.message().trim().to_owned()))?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            // The toml crate gives no message for some syntax errors (`a = ` at the end).
+            let m = e.message().trim();
+            invalid(e.span(), None, if m.is_empty() { "expected a value".to_owned() } else { m.to_owned() })
+        })?;
         cfg.path = path.into();
 
         if !valid_name(&cfg.cgroup) {
@@ -496,13 +499,23 @@ fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
 }
 
 /// The key written on the line holding byte `pos` (`a` in `a = 1`, or a table header).
+/// A line that names none (a syntax error such as `= 1` or `[`) names the
+/// table it is in, or `(top level)`: an error always names a key.
 fn key_at(text: &str, pos: usize) -> String {
     let start = text[..pos].rfind('\n').map_or(0, |i| i + 1);
     let line = text[start..].lines().next().unwrap_or("").trim();
-    match line.split_once('=') {
-        Some((k, _)) => k.trim().to_owned(),
-        None => line.trim_matches(|c| c == '[' || c == ']').to_owned(),
+    let key = match line.split_once('=') {
+        Some((k, _)) => k.trim(),
+        None => line.trim_matches(|c| c == '[' || c == ']').trim(),
+    };
+    if !key.is_empty() {
+        return key.to_owned();
     }
+    let table = text[..start].lines().rev().map(str::trim).find_map(|l| {
+        let name = l.strip_prefix('[')?.split(']').next()?.trim_matches(|c| c == '[' || c == ' ');
+        (!name.is_empty()).then_some(name)
+    });
+    table.unwrap_or("(top level)").to_owned()
 }
 
 impl fmt::Display for Protocol {
