@@ -622,11 +622,17 @@ static __always_inline struct bpf_sock *rw_udp_receiver(void *ctx, const struct 
 static __always_inline int rw_udp_owned(void *ctx, const struct rw_addr *client, const struct rw_addr *server)
 {
 	struct bpf_sock *s = rw_udp_receiver(ctx, client, server);
-	int owned;
+	struct rw_addr peer;
+	int owned = 0;
 
 	if (!s)
 		return 0;
-	owned = s->state == BPF_TCP_ESTABLISHED;
+	/* Connected to this very source (not a flow socket of another client
+	 * that a lookup of the reuseport group returned). */
+	if (s->state == BPF_TCP_ESTABLISHED) {
+		rw_sock_peer(s, client->family, &peer);
+		owned = rw_addr_eq(&peer, client);
+	}
 	bpf_sk_release(s);
 	return owned;
 }

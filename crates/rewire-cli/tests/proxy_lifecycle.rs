@@ -575,6 +575,8 @@ async fn load_8000_concurrent_connections() {
         }
         let all_open = t0.elapsed();
         let concurrent = verified.load(Ordering::Relaxed);
+        // Read at the moment every flow is open (the sampler may miss it).
+        peak_fd.fetch_max(fd_count(pid), Ordering::Relaxed);
         release_tx.send(true).unwrap();
         let mut lost = 0;
         for t in tasks {

@@ -45,10 +45,30 @@ const MAX_DATAGRAM: usize = 65_536;
 /// Live UDP flows of one proxy at most (fewer if the descriptor budget is
 /// smaller); a new flow beyond it is refused (see the module doc) until
 /// flows expire, so a flood of sources cannot grow the proxy without end.
-pub const MAX_FLOWS: usize = 4_096;
+pub const MAX_FLOWS: usize = 16_384;
 
 /// ICMP errors sent to refused senders per second at most.
-pub const ICMP_PER_SEC: u32 = 100;
+pub const ICMP_PER_SEC: u32 = 10_000;
+
+/// Receive buffer asked for each listener: a burst of new flows waits here
+/// while the proxy opens their sockets (a full buffer drops datagrams with
+/// no sign to anyone).
+pub const LISTENER_RCVBUF: usize = 8 << 20;
+
+/// A listener's receive buffer raised to [`LISTENER_RCVBUF`]
+/// (`SO_RCVBUFFORCE` as root, else as far as `rmem_max` allows).
+fn raise_rcvbuf(s: &UdpSocket) {
+    let r = socket2::SockRef::from(s);
+    if r.set_recv_buffer_size(LISTENER_RCVBUF).is_ok() && r.recv_buffer_size().unwrap_or(0) >= LISTENER_RCVBUF {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let v = LISTENER_RCVBUF as libc::c_int;
+    // SAFETY: a valid socket and an int option value.
+    unsafe {
+        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&v as *const libc::c_int).cast(), 4);
+    }
+}
 
 thread_local! {
     /// The flows' receive buffer, one per thread (never held across an await).
@@ -72,9 +92,13 @@ pub fn bind_or_inherit(addrs: &[SocketAddr], inherited: &mut Vec<crate::activati
                 socket2::SockRef::from(&s.fd).set_reuse_port(true)?;
                 let u = std::net::UdpSocket::from(s.fd);
                 u.set_nonblocking(true)?;
-                return UdpSocket::from_std(u);
+                let u = UdpSocket::from_std(u)?;
+                raise_rcvbuf(&u);
+                return Ok(u);
             }
-            rewire::asynchronous::udp_bind_listener(*a).map_err(io::Error::from)
+            let u = rewire::asynchronous::udp_bind_listener(*a).map_err(io::Error::from)?;
+            raise_rcvbuf(&u);
+            Ok(u)
         })
         .collect()
 }
@@ -171,8 +195,12 @@ async fn serve_one(
             None => data,
         };
         flows.remove(&peer);
-        flows.retain(|_, f| !f.is_closed());
         let live = proxy.udp_live.count();
+        // Forget ended flows now and then, not at every new flow (that made
+        // a burst of new flows quadratic and the listener's queue overflow).
+        if flows.len() > 2 * live + 64 {
+            flows.retain(|_, f| !f.is_closed());
+        }
         let grant = if live >= MAX_FLOWS { None } else { proxy.budget.try_take(UDP_FLOW_FDS) };
         let Some(grant) = grant else {
             let why = if live >= MAX_FLOWS { "flows" } else { "descriptors" };
@@ -196,7 +224,11 @@ async fn serve_one(
                     drop::<LiveGuard>(live);
                 });
             }
-            Err(FlowError::NoRecords(e)) => proxy.udp_no_records.note(format_args!("from {peer} to {local}: {e}")),
+            Err(FlowError::NoRecords(e)) => {
+                // Refused: tell the sender where the kernel allows.
+                shared.icmp.send(peer, local, data.len());
+                proxy.udp_no_records.note(format_args!("from {peer} to {local}: {e}"))
+            }
             Err(e) => {
                 // A flow that failed at its start: its line, with the error.
                 let mut log = FlowLog::new(&proxy.opts, peer, "udp");
