@@ -99,6 +99,7 @@ pub const MAPS: &[&str] = &[
     "rw_access",
     "rw_handoff",
     "rw_udp_handoff",
+    "rw_link",
     "rw_counters",
     "rw_events",
 ];
@@ -129,6 +130,9 @@ pub struct Counters {
     pub handoff_full: u64,
     /// Events the ring buffer had no room for.
     pub events_lost: u64,
+    /// Record-less onward connects of an unmodified transparent proxy that
+    /// carried on the flow whose SO_ORIGINAL_DST it had queried.
+    pub link: u64,
 }
 
 impl Counters {
@@ -146,6 +150,7 @@ impl Counters {
             no_storage: g(abi::RW_CNT_NO_STORAGE),
             handoff_full: g(abi::RW_CNT_HANDOFF_FULL),
             events_lost: g(abi::RW_CNT_EVENTS_LOST),
+            link: g(abi::RW_CNT_LINK),
         }
     }
 }
