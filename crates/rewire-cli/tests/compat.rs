@@ -178,8 +178,8 @@ fn start_mitmdump(sb: &mut Sandbox, name: &str, listen: &[SocketAddr]) -> PathBu
 /// How a proxy's own log shows that it connected to `dst`.
 fn shows(log_of: &str, dst: SocketAddr) -> String {
     match log_of {
-        // sslsplit's connect log: "tcp [src]:port [dst]:port ..."
-        "sslsplit" => format!("[{}]:{}", dst.ip(), dst.port()),
+        // sslsplit's connect log: "DATE TIME UTC tcp SRC SPORT DST DPORT" per connection.
+        "sslsplit" => format!(" {} {}\n", dst.ip(), dst.port()),
         // mitmdump's flow lines name the URL it fetched.
         _ => format!("{dst}/"),
     }
@@ -195,6 +195,7 @@ fn chain_with(kind: &str, start: Start, unmodified_first: bool, families: &[bool
     let (su, sa) = (svc(kind, &lu, &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
     let cfg = if unmodified_first { format!("{su}{sa}") } else { format!("{sa}{su}") };
     let mut sb = Sandbox::new(&cfg);
+    let mut events = sb.take_events();
     let seen = start(&mut sb, kind, &lu);
     let audit = sb.proxy("audit");
 
@@ -207,14 +208,17 @@ fn chain_with(kind: &str, start: Start, unmodified_first: bool, families: &[bool
         }
     }
     let n = expect.len();
-    let order = if unmodified_first { json!([kind, "audit"]) } else { json!(["audit", kind]) };
+    // audit logs the chain as of its own hop; the whole chain is in the
+    // flow's deliver event (made by the last service's onward connect).
+    let order = if unmodified_first { vec![kind, "audit"] } else { vec!["audit", kind] };
+    let at_audit = if unmodified_first { json!([kind, "audit"]) } else { json!(["audit"]) };
     let lines = read_log(&audit, n);
     for (pid, dst) in &expect {
         let line = lines
             .iter()
             .find(|l| l["client_pid"] == *pid)
             .unwrap_or_else(|| panic!("{kind}: no audit line with curl's pid {pid} (the origin's): {lines:#?}"));
-        assert_eq!(line["chain"], order, "{line}");
+        assert_eq!(line["chain"], at_audit, "{line}");
         assert_eq!(line["original_destination"], dst.to_string(), "{line}");
         assert_eq!(line["client_command"], "curl", "{line}");
         assert_eq!(line["error"], Value::Null, "{line}");
@@ -228,8 +232,26 @@ fn chain_with(kind: &str, start: Start, unmodified_first: bool, families: &[bool
     assert_eq!(reached, n, "the origin is reached once per request");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(read_log(&audit, n).len(), n, "audit saw each request once");
+    // Each request is one flow from curl's connect to the origin: its id at
+    // audit is the id delivered at the end of the whole chain.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut ev = vec![];
+    while let Some(raw) = events.next_event() {
+        ev.push(rewire_control::events::Event::from_raw(&raw, &sb.config).unwrap());
+    }
+    for line in &lines {
+        let flow = line["flow"].as_str().unwrap();
+        let delivered: Vec<_> = ev
+            .iter()
+            .filter(|e| e.flow == flow && e.kind == rewire_control::events::EventKind::Deliver)
+            .collect();
+        assert_eq!(delivered.len(), 1, "flow {flow} is delivered once: {ev:#?}");
+        assert_eq!(delivered[0].chain, order, "flow {flow} passed both services in order: {ev:#?}");
+        assert_eq!(delivered[0].original_destination.map(|a| a.to_string()), line["original_destination"].as_str().map(str::to_owned));
+    }
     let c = sb.hooks().counters().unwrap();
     assert_eq!(c.link, n as u64, "every onward connect of {kind} was linked to its flow: {c:?}");
+    assert_eq!((c.redirect, c.deliver), (2 * n as u64, n as u64), "two redirects and one delivery per request: {c:?}");
     assert_eq!((c.hop_limit, c.mismatch, c.no_listener, c.impostor), (0, 0, 0, 0), "{c:?}");
 }
 
