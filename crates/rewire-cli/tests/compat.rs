@@ -180,8 +180,8 @@ fn shows(log_of: &str, dst: SocketAddr) -> String {
     match log_of {
         // sslsplit's connect log: "DATE TIME UTC tcp SRC SPORT DST DPORT" per connection.
         "sslsplit" => format!(" {} {}\n", dst.ip(), dst.port()),
-        // mitmdump's flow lines name the URL it fetched.
-        _ => format!("{dst}/"),
+        // mitmdump: "[time][client] server connect DST" per connection.
+        _ => format!("server connect {dst}\n"),
     }
 }
 
