@@ -278,8 +278,9 @@ fn reference_proxy_first_then_mitmproxy_ipv4_and_ipv6() {
 // ---- an unmodified proxy with an upstream of its own ---------------------
 
 /// redsocks (Debian) asks `SO_ORIGINAL_DST` (its `iptables` redirector) and
-/// hands the request to an upstream HTTP proxy of its own (`http-relay`),
-/// here socat outside rewire's cgroup forwarding to the origin. Its connect
+/// hands the connection to an upstream SOCKS5 proxy of its own, here
+/// microsocks (Debian) outside rewire's cgroup, which connects to the
+/// original destination redsocks names in its request. redsocks' connect
 /// to the upstream is not to the original destination, so nothing links it:
 /// it is a new flow of redsocks'. With redsocks first, audit (after it)
 /// sees that new flow, to the upstream; with audit first, audit sees the
@@ -295,12 +296,9 @@ fn upstream_of_its_own(redsocks_first: bool) {
     let mut sb = Sandbox::new(&cfg);
 
     // The upstream, outside the cgroup (its connect is not hooked).
-    let mut socat = Command::new(program("socat", None));
-    socat
-        .arg(format!("TCP4-LISTEN:{pu},bind=127.0.0.1,reuseaddr,fork"))
-        .arg(format!("TCP4:{}", origin.addr(false)))
-        .stderr(Stdio::inherit());
-    sb.spawn(socat);
+    let mut socks = Command::new(program("microsocks", None));
+    socks.args(["-i", "127.0.0.1", "-p", &pu.to_string()]).stdout(Stdio::null()).stderr(Stdio::inherit());
+    sb.spawn(socks);
     wait_listening(upstream);
 
     let conf = sb.dir.join("redsocks.conf");
@@ -309,7 +307,7 @@ fn upstream_of_its_own(redsocks_first: bool) {
         format!(
             "base {{ log_debug = off; log_info = on; log = stderr; daemon = off; redirector = iptables; \
              user = nobody; group = nogroup; }}\n\
-             redsocks {{ local_ip = 127.0.0.1; local_port = {pr}; ip = 127.0.0.1; port = {pu}; type = http-relay; }}\n"
+             redsocks {{ local_ip = 127.0.0.1; local_port = {pr}; ip = 127.0.0.1; port = {pu}; type = socks5; }}\n"
         ),
     )
     .unwrap();
@@ -353,8 +351,7 @@ fn upstream_of_its_own(redsocks_first: bool) {
     let c = sb.hooks().counters().unwrap();
     assert_eq!(c.link, 0, "a connect elsewhere than the original destination is never linked: {c:?}");
     assert_eq!(c.hop_limit, 0, "{c:?}");
-    let expect_redirects = if redsocks_first { 2 * rounds } else { 2 * rounds };
-    assert_eq!(c.redirect, expect_redirects as u64, "two redirects per request, no more: {c:?}");
+    assert_eq!(c.redirect, 2 * rounds as u64, "two redirects per request, no more: {c:?}");
 }
 
 #[test]
