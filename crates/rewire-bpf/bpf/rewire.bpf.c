@@ -1690,7 +1690,7 @@ static __always_inline struct rw_sock *rw_udp_claim(struct bpf_sock *sk, int *er
  * SOL_IP works on an IPv6 socket carrying an IPv4 flow, SOL_IPV6 does not).
  * It leaves the length as the caller gave it, as netfilter does. SOL_IPV6
  * on an IPv4 socket is refused by the kernel before netfilter
- * (ENOPROTOOPT): that answer stands. Any other socket keeps the kernel's
+ * (EOPNOTSUPP): that answer stands. Any other socket keeps the kernel's
  * own answer (a NAT redirect's, or its error). No privilege is needed, as
  * with netfilter: the answer is about the caller's own connection. */
 
