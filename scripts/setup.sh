@@ -3,8 +3,8 @@
 # machine (run as root): clang and the libbpf headers for the BPF programs,
 # iproute2/nftables for the benchmarks, a C compiler for the C surface, and
 # the unmodified transparent proxies the compatibility tests run
-# (crates/rewire-cli/tests/compat.rs): sslsplit, redsocks and microsocks
-# from Debian, mitmproxy from PyPI in its own venv under
+# (crates/rewire-cli/tests/compat.rs): squid, redsocks, microsocks and
+# sslsplit from Debian, mitmproxy from PyPI in its own venv under
 # $REWIRE_COMPAT_PREFIX (default /opt/rewire-compat), curl as their client.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
@@ -25,6 +25,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v sslsplit >/dev/null || need+=(sslsplit)
 command -v redsocks >/dev/null || need+=(redsocks)
 command -v microsocks >/dev/null || need+=(microsocks)
+[ -x /usr/sbin/squid ] || need+=(squid)
 compat=${REWIRE_COMPAT_PREFIX:-/opt/rewire-compat}
 mitmproxy_version=11.0.2 # the newest release for Debian 12's Python 3.11
 [ -x "$compat/mitmproxy/bin/mitmdump" ] || { [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; } || need+=(python3 python3-venv)
@@ -38,6 +39,10 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
+  # The tests start squid themselves; the package's system-wide instance is not wanted.
+  if [[ " ${need[*]} " == *" squid "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now squid.service >/dev/null 2>&1 || true
+  fi
 fi
 
 if [ ! -x "$compat/mitmproxy/bin/mitmdump" ]; then
