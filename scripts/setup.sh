@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building and running rewire needs on a fresh Debian/Ubuntu
 # machine (run as root): clang and the libbpf headers for the BPF programs,
-# iproute2/nftables for the benchmarks, a C compiler for the C surface.
+# iproute2/nftables for the benchmarks, a C compiler for the C surface, and
+# the unmodified transparent proxies the compatibility tests run
+# (crates/rewire-cli/tests/compat.rs): squid, redsocks, microsocks and
+# sslsplit from Debian, mitmproxy from PyPI in its own venv under
+# $REWIRE_COMPAT_PREFIX (default /opt/rewire-compat), curl as their client.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -17,6 +21,14 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 command -v socat >/dev/null || need+=(socat)
 [ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)
+command -v curl >/dev/null || need+=(curl)
+command -v sslsplit >/dev/null || need+=(sslsplit)
+command -v redsocks >/dev/null || need+=(redsocks)
+command -v microsocks >/dev/null || need+=(microsocks)
+[ -x /usr/sbin/squid ] || need+=(squid)
+compat=${REWIRE_COMPAT_PREFIX:-/opt/rewire-compat}
+mitmproxy_version=11.0.2 # the newest release for Debian 12's Python 3.11
+[ -x "$compat/mitmproxy/bin/mitmdump" ] || { [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; } || need+=(python3 python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -27,6 +39,21 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
+  # The tests start squid themselves; the package's system-wide instance is not wanted.
+  if [[ " ${need[*]} " == *" squid "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now squid.service >/dev/null 2>&1 || true
+  fi
+fi
+
+if [ ! -x "$compat/mitmproxy/bin/mitmdump" ]; then
+  if [ "$(id -u)" -ne 0 ] && [ ! -w "$(dirname "$compat")" ]; then
+    echo "setup: mitmproxy missing in $compat; run as root (sudo) so it can be installed" >&2
+    exit 1
+  fi
+  echo "setup: installing mitmproxy $mitmproxy_version (PyPI) into $compat/mitmproxy"
+  mkdir -p "$compat"
+  /usr/bin/python3 -m venv "$compat/mitmproxy"
+  "$compat/mitmproxy/bin/pip" install -q --disable-pip-version-check "mitmproxy==$mitmproxy_version"
 fi
 
 if ! command -v cargo >/dev/null; then

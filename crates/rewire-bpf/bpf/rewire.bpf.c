@@ -16,7 +16,10 @@
  *   sockops               hand the flow record from the client socket to the
  *                         proxy's accepted socket (keyed by the 4-tuple)
  *   cgroup/getpeername4,6 the client sees its original destination
- *   cgroup/getsockopt     RW_SOL/RW_OPT_RECORDS, RW_OPT_CONTEXT: the queries
+ *   cgroup/getsockopt     RW_SOL/RW_OPT_RECORDS, RW_OPT_CONTEXT: the queries;
+ *                         SO_ORIGINAL_DST on a redirected accepted socket, as
+ *                         netfilter answers it, for unmodified proxies (and
+ *                         the link of their onward connect to the flow)
  *   cgroup/setsockopt     RW_SOL/RW_OPT_RECORDS: the set call
  *
  * All per-flow state lives in socket-local storage, which the kernel frees
@@ -62,6 +65,11 @@
 #define IPPROTO_MPTCP 262
 #endif
 #define IPPROTO_ICMPV6 58
+#define EFAULT 14
+
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define SO_ORIGINAL_DST 80 /* = IP6T_SO_ORIGINAL_DST at SOL_IPV6 */
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -151,6 +159,16 @@ struct {
 	__type(key, int);
 	__type(value, struct rw_owner);
 } rw_owner SEC(".maps");
+
+/* Flows an unmodified transparent proxy queried SO_ORIGINAL_DST of and has
+ * not connected onward yet (linking; see rw_link_offer). An LRU: bounded,
+ * and entries also age out after RW_LINK_MAX_AGE_NS. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, RW_LINK_ENTRIES);
+	__type(key, struct rw_link_key);
+	__type(value, struct rw_link);
+} rw_link SEC(".maps");
 
 /* Per-cause counters (RW_CNT_*): exact even when events are dropped. */
 struct {
@@ -724,8 +742,85 @@ struct rw_choice {
 	__u8 n;                /* chain length before this hop */
 	__u8 proto;            /* in: IPPROTO_TCP or IPPROTO_UDP */
 	__u8 has_rec;          /* in: the socket carries records */
-	__u8 _pad[3];
+	__u8 linked;           /* the caller's connect continues a flow it queried (rw_link) */
+	__u8 _pad[2];
+	__u64 link_flow;       /* that flow's id */
 };
+
+/* ---- linking an unmodified proxy's onward connect to its flow ----
+ *
+ * A proxy that does not carry records but asks SO_ORIGINAL_DST of the
+ * socket it accepted (every netfilter-based transparent proxy does) leaves
+ * an rw_link entry keyed by (its process, the flow's original destination).
+ * Its next record-less connect to that destination continues that flow:
+ * same records (flow id, origin, chain) as if it had set them. Only when
+ * exactly one such flow is pending: with two or more, nobody can tell which
+ * connect belongs to which, and the connect starts from the proxy's
+ * position in the configured order as before. */
+
+/* A connect of service `c->caller` to `orig` without records: if it
+ * continues a flow (see above), marks `c` linked and lets the walk see that
+ * flow's chain and origin. A global function (its key's stack is not added
+ * to its callers'), called only on that path. */
+__attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw_choice *c, struct rw_walk *w)
+{
+	struct rw_link_key k = {};
+	struct rw_link *l;
+	__u64 seen = 0;
+	__u8 n;
+
+	if (!orig || !c || !w)
+		return 0;
+	k.tgid = bpf_get_current_pid_tgid() >> 32;
+	k.dst = *orig;
+	l = bpf_map_lookup_elem(&rw_link, &k);
+	if (!l)
+		return 0;
+	if (bpf_ktime_get_boot_ns() - l->ts_ns > RW_LINK_MAX_AGE_NS || l->service_id != c->caller) {
+		bpf_map_delete_elem(&rw_link, &k);
+		return 0;
+	}
+	if (l->count != 1 || l->ambiguous) {
+		/* One of several: which, nobody knows. It drains as they connect. */
+		if (l->count > 1)
+			l->count--;
+		else
+			bpf_map_delete_elem(&rw_link, &k);
+		return 0;
+	}
+	n = l->rec.n_chain;
+#pragma unroll
+	for (int i = 0; i < RW_MAX_CHAIN; i++)
+		if (i < n)
+			seen |= 1ULL << (l->rec.chain[i] & 63);
+	w->seen = seen;
+	w->uid = l->rec.uid;
+	w->cgroup_id = l->rec.cgroup_id;
+	c->n = n;
+	c->linked = 1;
+	c->link_flow = l->rec.flow_id;
+	return 1;
+}
+
+/* Takes the linked flow's records into `out` (the onward socket's) and
+ * removes the entry; 0 if it changed since rw_link_peek. */
+__attribute__((noinline)) int rw_link_claim(const struct rw_addr *orig, __u64 flow_id, struct rw_records *out)
+{
+	struct rw_link_key k = {};
+	struct rw_link *l;
+
+	if (!orig || !out)
+		return 0;
+	k.tgid = bpf_get_current_pid_tgid() >> 32;
+	k.dst = *orig;
+	l = bpf_map_lookup_elem(&rw_link, &k);
+	if (!l || l->rec.flow_id != flow_id || l->count != 1 || l->ambiguous)
+		return 0;
+	*out = l->rec;
+	bpf_map_delete_elem(&rw_link, &k);
+	rw_count(RW_CNT_LINK);
+	return 1;
+}
 
 /* Records set on a socket may only take it to their own destination. */
 static __always_inline int rw_bind_check(const struct rw_sock *st, int has_rec, const struct rw_addr *orig,
@@ -785,18 +880,21 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 
 	if (!has_rec) {
 		/* A service's own connect without records (it does not carry
-		 * them): it continues after that service, never back into it. */
+		 * them): it continues the flow it asked SO_ORIGINAL_DST of
+		 * (linked), else after that service, never back into it. */
 		c->caller = rw_caller_service();
 		if (c->caller) {
 			__u32 sid = c->caller;
-			svc = bpf_map_lookup_elem(&rw_services, &sid);
-			if (svc)
-				w.seen |= svc->upto_mask;
-			c->n = 1;
+			if (proto != IPPROTO_TCP || !rw_link_peek(orig, c, &w)) {
+				svc = bpf_map_lookup_elem(&rw_services, &sid);
+				if (svc)
+					w.seen |= svc->upto_mask;
+				c->n = 1;
+			}
 			if (w.seen & (1ULL << (w.service_id & 63))) {
 				rw_walk(&w);
 				if (!w.found) {
-					r = RW_PASS;
+					r = c->linked ? RW_DELIVER : RW_PASS;
 					goto out;
 				}
 			}
@@ -843,7 +941,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 		w.seen |= 1ULL << (w.service_id & 63);
 		rw_walk(&w);
 	}
-	r = verified ? RW_REDIRECT : has_rec ? RW_DELIVER : RW_PASS;
+	r = verified ? RW_REDIRECT : (has_rec || c->linked) ? RW_DELIVER : RW_PASS;
 out:
 	c->w = w;
 	return r;
@@ -886,7 +984,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 		return rw_refuse(-r);
 	if (r == RW_PASS)
 		return 1;
-	if (r == RW_DELIVER) {
+	if (r == RW_DELIVER && !c.linked) {
 		if (st) {
 			rw_count(RW_CNT_DELIVER);
 			rw_emit(RW_EV_DELIVER, 0, &st->rec, 0, 0, conf->hop_limit);
@@ -896,13 +994,28 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	if (!st) {
 		st = rw_storage_create(&rw_sk, sk, conf);
 		if (!st) {
+			if (r == RW_DELIVER)
+				return 1; /* a linked flow whose chain is complete: it goes on as it is */
 			/* Nothing passes unrecorded: refuse rather than let it through. */
 			rw_report(RW_EV_INTERNAL, RW_CNT_NO_STORAGE, -ENOBUFS, 0, 0, &orig, IPPROTO_TCP,
 				  c.w.service_id, c.w.rule_id, conf);
 			return rw_refuse(ENOBUFS);
 		}
 	}
-	if (!has_rec)
+	if (c.linked && !rw_link_claim(&orig, c.link_flow, &st->rec)) {
+		/* The entry changed since the decision (another flow queried):
+		 * the proxy's own position, as without a link. */
+		c.linked = 0;
+		c.n = 1;
+	}
+	if (r == RW_DELIVER) {
+		if (c.linked) {
+			rw_count(RW_CNT_DELIVER);
+			rw_emit(RW_EV_DELIVER, 0, &st->rec, 0, 0, conf->hop_limit);
+		}
+		return 1;
+	}
+	if (!has_rec && !c.linked)
 		rw_new_record(&st->rec, &orig, IPPROTO_TCP, c.w.cgroup_id, c.caller);
 	rw_append(&st->rec, c.n, c.w.service_id);
 	st->flags |= RW_F_REDIRECTED;
@@ -1597,6 +1710,133 @@ static __always_inline struct rw_sock *rw_udp_claim(struct bpf_sock *sk, int *er
 	return st;
 }
 
+/* ---- SO_ORIGINAL_DST for unmodified transparent proxies ----
+ *
+ * netfilter answers getsockopt(SOL_IP, SO_ORIGINAL_DST) with a struct
+ * sockaddr_in and getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) with a struct
+ * sockaddr_in6 from the connection's conntrack entry
+ * (net/netfilter/nf_conntrack_proto.c, getorigdst and ipv6_getorigdst).
+ * On a socket rewire redirected and a proxy accepted, this program gives
+ * the same answer from the flow's record, with netfilter's errors: EINVAL
+ * for a buffer shorter than the structure; ENOENT when the family asked
+ * for is not the flow's (netfilter finds no conntrack entry for the tuple:
+ * SOL_IP works on an IPv6 socket carrying an IPv4 flow, SOL_IPV6 does not).
+ * It leaves the length as the caller gave it, as netfilter does. SOL_IPV6
+ * on an IPv4 socket is refused by the kernel before netfilter
+ * (EOPNOTSUPP): that answer stands. Any other socket keeps the kernel's
+ * own answer (a NAT redirect's, or its error). No privilege is needed, as
+ * with netfilter: the answer is about the caller's own connection. */
+
+struct rw_sin {
+	__u16 family;
+	__u16 port_be;
+	__u32 addr;
+	__u8 zero[8];
+};
+
+struct rw_sin6 {
+	__u16 family;
+	__u16 port_be;
+	__u32 flowinfo;
+	__u8 addr[16];
+	__u32 scope_id;
+};
+
+/* The querying process is the service this accepted socket belongs to:
+ * remember the flow for its onward connect (rw_link_peek). */
+__attribute__((noinline)) int rw_link_offer(const struct rw_sock *st)
+{
+	struct rw_link_key k = {};
+	struct rw_link v = {};
+	struct rw_link *l;
+	__u16 caller;
+	__u64 now;
+
+	if (!st)
+		return 0;
+	caller = rw_caller_service();
+	if (!caller || caller != st->service_id)
+		return 0;
+	now = bpf_ktime_get_boot_ns();
+	k.tgid = bpf_get_current_pid_tgid() >> 32;
+	k.dst = st->rec.orig_dst;
+	l = bpf_map_lookup_elem(&rw_link, &k);
+	if (l && now - l->ts_ns <= RW_LINK_MAX_AGE_NS && l->service_id == caller) {
+		if (l->rec.flow_id != st->rec.flow_id) {
+			if (l->count < 255)
+				l->count++;
+			l->ambiguous = 1;
+		}
+		l->ts_ns = now;
+		return 0;
+	}
+	v.ts_ns = now;
+	v.service_id = caller;
+	v.count = 1;
+	v.rec = st->rec;
+	bpf_map_update_elem(&rw_link, &k, &v, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int rw_origdst(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct rw_sock *st;
+	void *p, *end;
+	int v6;
+
+	if (!sk || sk->protocol != IPPROTO_TCP)
+		return 1;
+	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+	if (!st || !(st->flags & RW_F_ACCEPTED))
+		return 1;
+	v6 = ctx->level == SOL_IPV6;
+	if (v6 && sk->family != AF_INET6)
+		return 1;
+	if (ctx->optlen < (v6 ? (int)sizeof(struct rw_sin6) : (int)sizeof(struct rw_sin))) {
+		ctx->retval = -EINVAL;
+		return 1;
+	}
+	if (st->rec.orig_dst.family != (v6 ? AF_INET6 : AF_INET)) {
+		ctx->retval = -ENOENT;
+		return 1;
+	}
+	p = ctx->optval;
+	end = ctx->optval_end;
+	if (v6) {
+		struct rw_sin6 a = {};
+		if (p + sizeof(a) > end) {
+			ctx->retval = -EFAULT;
+			return 1;
+		}
+		a.family = AF_INET6;
+		a.port_be = st->rec.orig_dst.port_be;
+		__builtin_memcpy(a.addr, st->rec.orig_dst.addr, 16);
+		/* Link-local: the scope is the socket's device, as the kernel's
+		 * ipv6_iface_scope_id gives it. */
+		if (a.addr[0] == 0xfe && (a.addr[1] & 0xc0) == 0x80)
+			a.scope_id = sk->bound_dev_if;
+		__builtin_memcpy(p, &a, sizeof(a));
+		if (ctx->optlen > end - p) /* longer than the page the kernel lets us see */
+			RW_READ(ctx->optlen) = sizeof(a); /* volatile: never merged with retval's store */
+	} else {
+		struct rw_sin a = {};
+		if (p + sizeof(a) > end) {
+			ctx->retval = -EFAULT;
+			return 1;
+		}
+		a.family = AF_INET;
+		a.port_be = st->rec.orig_dst.port_be;
+		a.addr = *(const __u32 *)st->rec.orig_dst.addr;
+		__builtin_memcpy(p, &a, sizeof(a));
+		if (ctx->optlen > end - p)
+			RW_READ(ctx->optlen) = sizeof(a);
+	}
+	ctx->retval = 0;
+	rw_link_offer(st);
+	return 1;
+}
+
 SEC("cgroup/getsockopt")
 int rw_getsockopt(struct bpf_sockopt *ctx)
 {
@@ -1606,6 +1846,8 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 	void *end;
 	int err;
 
+	if (ctx->level == SOL_IP || ctx->level == SOL_IPV6)
+		return ctx->optname == SO_ORIGINAL_DST ? rw_origdst(ctx) : 1;
 	if (ctx->level != RW_SOL)
 		return 1;
 	if (!rw_allowed() || !rw_home_netns(ctx)) {
@@ -1651,7 +1893,7 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 		}
 		r.tag = rw_tag(&r, conf);
 		__builtin_memcpy(p, &r, sizeof(r));
-		ctx->optlen = sizeof(r);
+		RW_READ(ctx->optlen) = sizeof(r); /* volatile: two 4-byte stores, never one 8-byte */
 		ctx->retval = 0;
 		return 1;
 	} else {
@@ -1672,7 +1914,7 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 		c.records = st->rec;
 		c.records.tag = rw_tag(&c.records, conf);
 		__builtin_memcpy(p, &c, sizeof(c));
-		ctx->optlen = sizeof(c);
+		RW_READ(ctx->optlen) = sizeof(c);
 		ctx->retval = 0;
 		return 1;
 	}

@@ -80,6 +80,8 @@
 #define RW_CNT_FOREIGN_NETNS 12
 #define RW_CNT_PROTOCOL 13
 #define RW_CNT_UDP_FORGED 14
+#define RW_CNT_LINK 11 /* a record-less onward connect carried on the flow whose
+			* SO_ORIGINAL_DST its process queried (linking) */
 #define RW_CNT_N 16
 
 /* rw_conf.faults: fault injection for tests (never set from a config file). */
@@ -232,6 +234,30 @@ struct rw_ident_key {
 struct rw_owner {
 	__u16 service_id;
 	__u16 _pad[3];
+};
+
+/* Linking an unmodified transparent proxy's onward connect to the flow it
+ * accepted: its SO_ORIGINAL_DST query on an accepted socket leaves an entry
+ * (map rw_link) keyed by the querying process and the flow's original
+ * destination; that process's next record-less connect to the same
+ * destination carries the flow's records on when exactly one such flow is
+ * pending and the entry is younger than RW_LINK_MAX_AGE_NS. */
+#define RW_LINK_MAX_AGE_NS (30ULL * 1000000000ULL)
+#define RW_LINK_ENTRIES 4096
+
+struct rw_link_key {
+	__u32 tgid; /* the querying process */
+	__u32 _pad;
+	struct rw_addr dst; /* the flow's original destination */
+};
+
+struct rw_link {
+	__u64 ts_ns;      /* CLOCK_BOOTTIME of the last query */
+	__u16 service_id; /* the querying service (its accepted socket's) */
+	__u8 count;       /* distinct flows queried and not yet connected onward */
+	__u8 ambiguous;   /* more than one was pending at some time: no link until it drains */
+	__u32 _pad;
+	struct rw_records rec; /* the (last) queried flow's records */
 };
 
 struct rw_access_key {

@@ -99,6 +99,7 @@ pub const MAPS: &[&str] = &[
     "rw_access",
     "rw_handoff",
     "rw_udp_handoff",
+    "rw_link",
     "rw_counters",
     "rw_events",
 ];
@@ -135,6 +136,9 @@ pub struct Counters {
     pub protocol: u64,
     /// UDP datagrams dropped: not sent by their flow's own socket.
     pub udp_forged: u64,
+    /// Record-less onward connects of an unmodified transparent proxy that
+    /// carried on the flow whose SO_ORIGINAL_DST it had queried.
+    pub link: u64,
 }
 
 impl Counters {
@@ -155,13 +159,14 @@ impl Counters {
             foreign_netns: g(abi::RW_CNT_FOREIGN_NETNS),
             protocol: g(abi::RW_CNT_PROTOCOL),
             udp_forged: g(abi::RW_CNT_UDP_FORGED),
+            link: g(abi::RW_CNT_LINK),
         }
     }
 }
 
 impl Counters {
     /// Each counter with its name, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, u64); 11] {
+    pub fn fields(&self) -> [(&'static str, u64); 15] {
         [
             ("redirect", self.redirect),
             ("deliver", self.deliver),
@@ -174,6 +179,10 @@ impl Counters {
             ("no_storage", self.no_storage),
             ("handoff_full", self.handoff_full),
             ("events_lost", self.events_lost),
+            ("link", self.link),
+            ("foreign_netns", self.foreign_netns),
+            ("protocol", self.protocol),
+            ("udp_forged", self.udp_forged),
         ]
     }
 }

@@ -47,6 +47,7 @@ pub const RW_CNT_EVENTS_LOST: u32 = 10;
 pub const RW_CNT_FOREIGN_NETNS: u32 = 12;
 pub const RW_CNT_PROTOCOL: u32 = 13;
 pub const RW_CNT_UDP_FORGED: u32 = 14;
+pub const RW_CNT_LINK: u32 = 11;
 pub const RW_CNT_N: u32 = 16;
 
 pub const RW_FAULT_NO_STORAGE: u32 = 1;
@@ -182,6 +183,33 @@ pub struct RwIdentKey {
     pub id: u64,
 }
 
+/// Key of `rw_link`: the process that queried SO_ORIGINAL_DST and the flow's
+/// original destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RwLinkKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub dst: RwAddr,
+}
+
+/// Value of `rw_link`: a flow an unmodified proxy asked SO_ORIGINAL_DST of.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwLink {
+    pub ts_ns: u64,
+    pub service_id: u16,
+    pub count: u8,
+    pub ambiguous: u8,
+    pub _pad: u32,
+    pub rec: RwRecords,
+}
+
+/// How long a pending link is kept (`RW_LINK_MAX_AGE_NS`).
+pub const RW_LINK_MAX_AGE_NS: u64 = 30_000_000_000;
+/// Entries of `rw_link` (`RW_LINK_ENTRIES`).
+pub const RW_LINK_ENTRIES: u32 = 4096;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RwAccessKey {
@@ -227,6 +255,8 @@ assert_layout!(RwUdpHandoff, 168, published_ns @ 160);
 assert_layout!(RwIdentKey, 16, id @ 8);
 assert_layout!(RwEvent, 112, pid @ 24, comm @ 28, ts_ns @ 48, orig_dst @ 56, chain @ 80);
 assert_layout!(RwAccessKey, 8);
+assert_layout!(RwLinkKey, 32, dst @ 8);
+assert_layout!(RwLink, 144, service_id @ 8, count @ 10, ambiguous @ 11, rec @ 16);
 
 /// Plain-old-data marker: every bit pattern is a valid value.
 ///

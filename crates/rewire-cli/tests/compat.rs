@@ -1,0 +1,607 @@
+//! Unmodified transparent proxies in a chain (issue 14): programs written
+//! for an iptables/nftables `REDIRECT` rule, installed unmodified from
+//! Debian (squid, redsocks, sslsplit) and PyPI (mitmproxy) by scripts/setup.sh,
+//! run as rewire services with `rewire exec --service NAME -- CMD`. They ask
+//! the accepted socket for `SO_ORIGINAL_DST`; rewire's getsockopt program
+//! answers as netfilter would, and links their record-less onward connect
+//! to the flow they asked about, so the services after them see the
+//! origin's flow (its id, pid and command), not a new one of the proxy's.
+//!
+//! Every test talks to loopback only; each external program is started by
+//! the sandbox (killed and reaped with it, also on failure), every wait is
+//! bounded.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Where scripts/setup.sh installs what PyPI provides (a venv per program).
+fn compat_prefix() -> PathBuf {
+    std::env::var_os("REWIRE_COMPAT_PREFIX").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/opt/rewire-compat"))
+}
+
+/// A program the tests need: found (on PATH or at `path`), or the test fails saying how to get it.
+fn program(name: &str, path: Option<PathBuf>) -> PathBuf {
+    let found = match path {
+        Some(p) => p.is_file().then_some(p),
+        None => std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file())
+        }),
+    };
+    found.unwrap_or_else(|| panic!("`{name}` is not installed: run `bash scripts/setup.sh` (as root)"))
+}
+
+fn mitmdump() -> PathBuf {
+    program("mitmdump", Some(compat_prefix().join("mitmproxy/bin/mitmdump")))
+}
+
+/// A service block: `name` listening on `listen` (one or more addresses), matching `ports` on loopback.
+fn svc(name: &str, listen: &[SocketAddr], ports: &str) -> String {
+    let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[[service]]\nname = \"{name}\"\nlisten = [{}]\n[[service.match]]\ndst = [\"127.0.0.0/8\", \"::1/128\"]\nports = {ports}\n",
+        listen.join(", ")
+    )
+}
+
+fn v4(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn v6(port: u16) -> SocketAddr {
+    SocketAddr::new("::1".parse().unwrap(), port)
+}
+
+/// The file's text, or "" (a log not written yet).
+fn text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Waits (bounded) until `path` contains every one of `needles`; returns its text.
+fn wait_contains(path: &Path, needles: &[String], limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let t = text(path);
+        if needles.iter().all(|n| t.contains(n.as_str())) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{} lacks one of {needles:?} after {limit:?}:\n{t}", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An HTTP request by an unmodified client (curl), run inside the sandbox's
+/// cgroup as an application: (response body, curl's pid).
+fn curl(sb: &Sandbox, url: &str) -> (String, u32) {
+    let child = sb
+        .command(program("curl", None))
+        .args(["-sS", "--noproxy", "*", "--max-time", "20", url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = wait_output(child, Duration::from_secs(30));
+    (String::from_utf8_lossy(&out).into_owned(), pid)
+}
+
+/// The origin: an HTTP server on 127.0.0.1 and ::1, same port, outside the cgroup.
+struct Origin {
+    s4: Server,
+    s6: Server,
+}
+
+impl Origin {
+    fn start() -> Self {
+        for _ in 0..20 {
+            let s4 = Server::start(v4(0), Mode::Http);
+            if TcpListener::bind(v6(s4.addr.port())).is_ok() {
+                let s6 = Server::start(v6(s4.addr.port()), Mode::Http);
+                return Origin { s4, s6 };
+            }
+        }
+        panic!("no port free on both 127.0.0.1 and ::1 for the origin");
+    }
+    fn port(&self) -> u16 {
+        self.s4.addr.port()
+    }
+    fn addr(&self, ipv6: bool) -> SocketAddr {
+        if ipv6 {
+            self.s6.addr
+        } else {
+            self.s4.addr
+        }
+    }
+    fn url(&self, ipv6: bool) -> String {
+        format!("http://{}/", self.addr(ipv6))
+    }
+}
+
+/// An unmodified transparent proxy, started as service `name`; returns the
+/// file in which it says which destinations it connected to.
+type Start = fn(&mut Sandbox, &str, &[SocketAddr]) -> PathBuf;
+
+/// sslsplit (Debian): `tcp ADDR PORT` proxyspecs without a destination use
+/// its default NAT engine, netfilter: `getsockopt(SOL_IP, SO_ORIGINAL_DST)`
+/// for IPv4 and `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` for IPv6
+/// (`sslsplit -V` lists "netfilter: IP6T_SO_ORIGINAL_DST"). Started as
+/// root, it drops to `nobody` before serving: the query needs no privilege.
+fn start_sslsplit(sb: &mut Sandbox, name: &str, listen: &[SocketAddr]) -> PathBuf {
+    let log = sb.dir.join(format!("{name}-connect.log"));
+    std::fs::write(&log, "").unwrap();
+    std::fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let mut cmd = sb.command(REWIRE);
+    cmd.args(["exec", "--service", name, "--"]).arg(program("sslsplit", None)).arg("-l").arg(&log);
+    for a in listen {
+        cmd.arg("tcp").arg(a.ip().to_string()).arg(a.port().to_string());
+    }
+    cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+    sb.spawn(cmd);
+    for a in listen {
+        wait_listening(*a);
+    }
+    log
+}
+
+/// mitmproxy (PyPI) in `--mode transparent`: `mitmproxy.platform.linux.original_addr`
+/// asks `SOL_IP, SO_ORIGINAL_DST` (16 bytes) when the accepted socket's own
+/// address has a dot (IPv4, also IPv4-mapped) and `SOL_IPV6, SO_ORIGINAL_DST`
+/// (28 bytes) otherwise.
+fn start_mitmdump(sb: &mut Sandbox, name: &str, listen: &[SocketAddr]) -> PathBuf {
+    let out = sb.dir.join(format!("{name}-flows.log"));
+    let conf = sb.dir.join(format!("{name}-confdir"));
+    std::fs::create_dir_all(&conf).unwrap();
+    let mut cmd = sb.command(REWIRE);
+    cmd.args(["exec", "--service", name, "--"]).arg(mitmdump());
+    for a in listen {
+        cmd.arg("--mode").arg(format!("transparent@{}:{}", a.ip(), a.port()));
+    }
+    cmd.arg("--set").arg(format!("confdir={}", conf.display()));
+    cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(Stdio::inherit());
+    sb.spawn(cmd);
+    for a in listen {
+        assert!(
+            rewire_control::net::wait_listening(*a, Duration::from_secs(60)),
+            "mitmdump does not listen on {a} after 60 s:\n{}",
+            text(&out)
+        );
+    }
+    out
+}
+
+/// squid (Debian) with `http_port ... intercept`: `Ip::Intercept::NetfilterInterception`
+/// asks `IPPROTO_IP, SO_ORIGINAL_DST` (IPv4) or `IPPROTO_IPV6,
+/// IP6T_SO_ORIGINAL_DST` (IPv6) and forwards to that address
+/// (`client_dst_passthru`, the default). Started as root, it drops to the
+/// `proxy` user. One process, no helpers (no cache, no pinger).
+fn start_squid(sb: &mut Sandbox, name: &str, listen: &[SocketAddr]) -> PathBuf {
+    let dir = sb.dir.join(format!("{name}-squid"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let access = dir.join("access.log");
+    let mut conf = String::new();
+    for a in listen {
+        conf += &format!("http_port {a} intercept\n");
+    }
+    // squid wants one plain forward-proxy port besides the intercepting ones.
+    conf += &format!("http_port {}\n", v4(free_port()));
+    conf += &format!(
+        "http_access allow all\ncache deny all\npinger_enable off\nshutdown_lifetime 0 seconds\n\
+         visible_hostname rewire-compat-test\npid_filename {d}/squid.pid\naccess_log stdio:{a}\n\
+         cache_log {d}/cache.log\ncache_store_log none\ncoredump_dir {d}\n",
+        d = dir.display(),
+        a = access.display()
+    );
+    let conf_path = dir.join("squid.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut cmd = sb.command(REWIRE);
+    cmd.args(["exec", "--service", name, "--"])
+        .arg(program("squid", Some(PathBuf::from("/usr/sbin/squid"))))
+        .args(["-N", "-f"])
+        .arg(&conf_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    sb.spawn(cmd);
+    for a in listen {
+        assert!(
+            rewire_control::net::wait_listening(*a, Duration::from_secs(30)),
+            "squid does not listen on {a} after 30 s:\n{}",
+            text(&dir.join("cache.log"))
+        );
+    }
+    access
+}
+
+/// How a proxy's own log shows that it connected to `dst`.
+fn shows(log_of: &str, dst: SocketAddr) -> String {
+    match log_of {
+        // sslsplit's connect log: "DATE TIME UTC tcp SRC SPORT DST DPORT" per connection.
+        "sslsplit" => format!(" {} {}\n", dst.ip(), dst.port()),
+        // squid's access log: "... GET http://DST/ - ORIGINAL_DST/IP ..." per request.
+        "squid" => format!("http://{dst}/ - ORIGINAL_DST/{}", dst.ip()),
+        // mitmdump: "[time][client] server connect DST" per connection.
+        _ => format!("server connect {dst}\n"),
+    }
+}
+
+/// One unmodified proxy (`kind`) and the reference proxy `audit` in a chain
+/// in the given order; `rounds` sequential curl requests per family.
+fn chain_with(kind: &str, start: Start, unmodified_first: bool, families: &[bool], rounds: usize) {
+    let origin = Origin::start();
+    let ports = origin.port().to_string();
+    let (pu, pa) = (free_port(), free_port());
+    let lu = [v4(pu), v6(pu)];
+    let (su, sa) = (svc(kind, &lu, &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
+    let cfg = if unmodified_first { format!("{su}{sa}") } else { format!("{sa}{su}") };
+    let mut sb = Sandbox::new(&cfg);
+    let mut events = sb.take_events();
+    // The reference proxy first: it also binds UDP on its ports, which the
+    // other proxy's own ephemeral sockets (DNS, helpers) could take meanwhile.
+    let audit = sb.proxy("audit");
+    let seen = start(&mut sb, kind, &lu);
+
+    let mut expect = vec![]; // (pid, destination)
+    for &ipv6 in families {
+        for _ in 0..rounds {
+            let (body, pid) = curl(&sb, &origin.url(ipv6));
+            if !body.starts_with("hello ") {
+                let mut ev = vec![];
+                while let Some(raw) = events.next_event() {
+                    ev.push(rewire_control::events::Event::from_raw(&raw, &sb.config).unwrap().to_string());
+                }
+                panic!(
+                    "{kind}: curl (pid {pid}) got {body:?} from {}\n{kind} says:\n{}\naudit says:\n{}\nevents:\n{}",
+                    origin.url(ipv6),
+                    text(&seen),
+                    text(&audit),
+                    ev.join("\n")
+                );
+            }
+            expect.push((pid, origin.addr(ipv6)));
+        }
+    }
+    let n = expect.len();
+    // audit logs the chain as of its own hop; the whole chain is in the
+    // flow's deliver event (made by the last service's onward connect).
+    let order = if unmodified_first { vec![kind, "audit"] } else { vec!["audit", kind] };
+    let at_audit = if unmodified_first { json!([kind, "audit"]) } else { json!(["audit"]) };
+    let lines = read_log(&audit, n);
+    for (pid, dst) in &expect {
+        let line = lines
+            .iter()
+            .find(|l| l["client_pid"] == *pid)
+            .unwrap_or_else(|| panic!("{kind}: no audit line with curl's pid {pid} (the origin's): {lines:#?}"));
+        assert_eq!(line["chain"], at_audit, "{line}");
+        assert_eq!(line["original_destination"], dst.to_string(), "{line}");
+        assert_eq!(line["client_command"], "curl", "{line}");
+        assert_eq!(line["error"], Value::Null, "{line}");
+        assert_eq!(line["hop"], if unmodified_first { 2 } else { 1 }, "{line}");
+    }
+    let needles: Vec<String> = expect.iter().map(|(_, d)| shows(kind, *d)).collect();
+    wait_contains(&seen, &needles, Duration::from_secs(15));
+    // Exactly once through each proxy: the origin was reached once per
+    // request, audit logged once per request (no flow of the proxy's own).
+    let reached = origin.s4.peers().len() + origin.s6.peers().len();
+    assert_eq!(reached, n, "the origin is reached once per request");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(read_log(&audit, n).len(), n, "audit saw each request once");
+    // Each request is one flow from curl's connect to the origin: its id at
+    // audit is the id delivered at the end of the whole chain.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut ev = vec![];
+    while let Some(raw) = events.next_event() {
+        ev.push(rewire_control::events::Event::from_raw(&raw, &sb.config).unwrap());
+    }
+    for line in &lines {
+        let flow = line["flow"].as_str().unwrap();
+        let delivered: Vec<_> = ev
+            .iter()
+            .filter(|e| e.flow == flow && e.kind == rewire_control::events::EventKind::Deliver)
+            .collect();
+        assert_eq!(delivered.len(), 1, "flow {flow} is delivered once: {ev:#?}");
+        assert_eq!(delivered[0].chain, order, "flow {flow} passed both services in order: {ev:#?}");
+        assert_eq!(delivered[0].original_destination.map(|a| a.to_string()), line["original_destination"].as_str().map(str::to_owned));
+    }
+    let c = sb.hooks().counters().unwrap();
+    assert_eq!(c.link, n as u64, "every onward connect of {kind} was linked to its flow: {c:?}");
+    assert_eq!((c.redirect, c.deliver), (2 * n as u64, n as u64), "two redirects and one delivery per request: {c:?}");
+    assert_eq!((c.hop_limit, c.mismatch, c.no_listener, c.impostor), (0, 0, 0, 0), "{c:?}");
+}
+
+/// Why the sslsplit tests do not run by default: sslsplit 0.5.5 connects
+/// onward for a plain `tcp` proxyspec from its listener thread, on the event
+/// base of a worker thread. The worker's event loop can apply a stale change
+/// list over the listener's (strace: the listener sets EPOLLIN|EPOLLOUT on
+/// the new socket, the worker sets it back to EPOLLIN), so sslsplit never
+/// learns that the connect completed (or takes a spurious EOF) and the
+/// connection hangs. It does so whether or not rewire links its connect (7
+/// of 15 runs hung with linking compiled out), in either order; the
+/// answers and links it got were right in every run. Run them by hand:
+/// `cargo test -p rewire-cli --test compat -- --ignored sslsplit`.
+
+#[test]
+#[ignore = "sslsplit 0.5.5's own cross-thread libevent race hangs some connections (see the comment above)"]
+fn sslsplit_first_then_reference_proxy_ipv4_and_ipv6() {
+    chain_with("sslsplit", start_sslsplit, true, &[false, true], 2);
+}
+
+#[test]
+#[ignore = "sslsplit 0.5.5's own cross-thread libevent race hangs some connections (see the comment above)"]
+fn reference_proxy_first_then_sslsplit_ipv4_and_ipv6() {
+    chain_with("sslsplit", start_sslsplit, false, &[false, true], 2);
+}
+
+#[test]
+fn mitmproxy_first_then_reference_proxy_ipv4_and_ipv6() {
+    chain_with("mitmproxy", start_mitmdump, true, &[false, true], 2);
+}
+
+#[test]
+fn reference_proxy_first_then_mitmproxy_ipv4_and_ipv6() {
+    chain_with("mitmproxy", start_mitmdump, false, &[false, true], 2);
+}
+
+#[test]
+fn squid_first_then_reference_proxy_ipv4_and_ipv6() {
+    chain_with("squid", start_squid, true, &[false, true], 2);
+}
+
+#[test]
+fn reference_proxy_first_then_squid_ipv4_and_ipv6() {
+    chain_with("squid", start_squid, false, &[false, true], 2);
+}
+
+// ---- an unmodified proxy with an upstream of its own ---------------------
+
+/// redsocks (Debian) asks `SO_ORIGINAL_DST` (its `iptables` redirector) and
+/// hands the connection to an upstream SOCKS5 proxy of its own, here
+/// microsocks (Debian) outside rewire's cgroup, which connects to the
+/// original destination redsocks names in its request. redsocks' connect
+/// to the upstream is not to the original destination, so nothing links it:
+/// it is a new flow of redsocks'. With redsocks first, audit (after it)
+/// sees that new flow, to the upstream; with audit first, audit sees the
+/// request's flow and redsocks' connect to the upstream passes (no service
+/// after it). Either way the origin is reached once, nothing loops.
+fn upstream_of_its_own(redsocks_first: bool) {
+    let origin = Origin::start();
+    let (pr, pa, pu) = (free_port(), free_port(), free_port());
+    let upstream = v4(pu);
+    let ports = format!("[{}, {pu}]", origin.port());
+    let (sr, sa) = (svc("redsocks", &[v4(pr)], &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
+    let cfg = if redsocks_first { format!("{sr}{sa}") } else { format!("{sa}{sr}") };
+    let mut sb = Sandbox::new(&cfg);
+    let audit = sb.proxy("audit");
+
+    // The upstream, outside the cgroup (its connect is not hooked).
+    let mut socks = Command::new(program("microsocks", None));
+    socks.args(["-i", "127.0.0.1", "-p", &pu.to_string()]).stdout(Stdio::null()).stderr(Stdio::inherit());
+    sb.spawn(socks);
+    wait_listening(upstream);
+
+    let conf = sb.dir.join("redsocks.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "base {{ log_debug = off; log_info = on; log = stderr; daemon = off; redirector = iptables; \
+             user = nobody; group = nogroup; }}\n\
+             redsocks {{ local_ip = 127.0.0.1; local_port = {pr}; ip = 127.0.0.1; port = {pu}; type = socks5; }}\n"
+        ),
+    )
+    .unwrap();
+    let log = sb.dir.join("redsocks.log");
+    let mut cmd = sb.command(REWIRE);
+    cmd.args(["exec", "--service", "redsocks", "--"])
+        .arg(program("redsocks", None))
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    sb.spawn(cmd);
+    wait_listening(v4(pr));
+
+    let rounds = 2;
+    let mut pids = vec![];
+    for _ in 0..rounds {
+        let (body, pid) = curl(&sb, &origin.url(false));
+        assert!(body.starts_with("hello "), "curl got {body:?}; redsocks said:\n{}", text(&log));
+        pids.push(pid);
+    }
+    // redsocks saw the original destination (its log names it per connection).
+    wait_contains(&log, &[format!("->{}", origin.addr(false))], Duration::from_secs(10));
+    assert_eq!(origin.s4.peers().len(), rounds, "the origin is reached once per request");
+    let lines = read_log(&audit, rounds);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(read_log(&audit, rounds).len(), rounds, "audit saw each request once");
+    for (line, pid) in lines.iter().zip(&pids) {
+        if redsocks_first {
+            // redsocks' own flow to its upstream: its pid, not curl's.
+            assert_eq!(line["chain"], json!(["redsocks", "audit"]), "{line}");
+            assert_eq!(line["original_destination"], upstream.to_string(), "{line}");
+            assert_eq!(line["client_command"], "redsocks", "{line}");
+        } else {
+            assert_eq!(line["chain"], json!(["audit"]), "{line}");
+            assert_eq!(line["original_destination"], origin.addr(false).to_string(), "{line}");
+            assert_eq!(line["client_pid"], *pid, "{line}");
+        }
+    }
+    let c = sb.hooks().counters().unwrap();
+    assert_eq!(c.link, 0, "a connect elsewhere than the original destination is never linked: {c:?}");
+    assert_eq!(c.hop_limit, 0, "{c:?}");
+    assert_eq!(c.redirect, 2 * rounds as u64, "two redirects per request, no more: {c:?}");
+}
+
+#[test]
+fn redsocks_first_connects_to_its_own_upstream_as_a_new_flow() {
+    upstream_of_its_own(true);
+}
+
+#[test]
+fn reference_proxy_first_then_redsocks_with_its_own_upstream() {
+    upstream_of_its_own(false);
+}
+
+// ---- the answer itself, and the link's rules -----------------------------
+
+/// A getsockopt with a buffer of `len` bytes: (result, bytes, length after).
+fn origdst(s: &impl std::os::fd::AsRawFd, level: libc::c_int, len: usize) -> (Result<(), i32>, Vec<u8>, usize) {
+    let mut buf = vec![0xa5u8; len.max(1)];
+    let mut l = len as libc::socklen_t;
+    // SAFETY: buf holds `len` bytes; l tells the kernel so.
+    let r = unsafe { libc::getsockopt(s.as_raw_fd(), level, 80, buf.as_mut_ptr().cast(), &mut l) };
+    let res = if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error().raw_os_error().unwrap()) };
+    (res, buf, l as usize)
+}
+
+fn sockaddr_in_of(a: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(a) = a else { unreachable!() };
+    let mut v = (libc::AF_INET as u16).to_ne_bytes().to_vec();
+    v.extend(a.port().to_be_bytes());
+    v.extend(a.ip().octets());
+    v.extend([0u8; 8]);
+    v
+}
+
+fn sockaddr_in6_of(a: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V6(a) = a else { unreachable!() };
+    let mut v = (libc::AF_INET6 as u16).to_ne_bytes().to_vec();
+    v.extend(a.port().to_be_bytes());
+    v.extend([0u8; 4]); // flowinfo
+    v.extend(a.ip().octets());
+    v.extend([0u8; 4]); // scope id (not link-local)
+    v
+}
+
+/// The answer byte for byte as netfilter gives it, its errors, the kernel's
+/// own answer on sockets rewire did not redirect, and the link: one pending
+/// flow is carried on (same flow id at the next service), two at once are
+/// not (each onward connect is a new flow).
+#[test]
+fn original_dst_answer_and_link_rules() {
+    let origin = Origin::start();
+    let (pf, pa) = (free_port(), free_port());
+    let ports = origin.port().to_string();
+    let cfg = format!("{}{}", svc("fwd", &[v4(pf), v6(pf)], &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
+    let mut sb = Sandbox::new(&cfg);
+    let audit = sb.proxy("audit");
+    run_child_in(&sb, "child_original_dst", pf, origin.port());
+    let linked: Vec<String> =
+        text(&sb.dir.join("child-linked.txt")).lines().map(str::to_owned).collect();
+    let unlinked: Vec<String> =
+        text(&sb.dir.join("child-unlinked.txt")).lines().map(str::to_owned).collect();
+    assert_eq!((linked.len(), unlinked.len()), (2, 2), "the child reports its flows");
+    let lines = read_log(&audit, 4);
+    let flows: Vec<String> = lines.iter().map(|l| l["flow"].as_str().unwrap().to_owned()).collect();
+    for f in &linked {
+        assert!(flows.contains(f), "linked flow {f} reached audit with its own id: {lines:#?}");
+    }
+    for f in &unlinked {
+        assert!(!flows.contains(f), "ambiguous flow {f} was not carried on: {lines:#?}");
+    }
+    for l in &lines {
+        assert_eq!(l["chain"], json!(["fwd", "audit"]), "{l}");
+    }
+    let c = sb.hooks().counters().unwrap();
+    assert_eq!(c.link, 2, "{c:?}");
+}
+
+/// In the sandbox: service `fwd` (an unmodified proxy written here) and its
+/// applications, in one process. Writes the flow ids it expects audit to see
+/// (linked) and not to see (ambiguous) beside the config.
+#[test]
+#[ignore = "runs inside the test cgroup, started by original_dst_answer_and_link_rules"]
+fn child_original_dst() {
+    let Some((pf, dport)) = child_env() else { return };
+    let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
+    let (d4, d6) = (v4(dport), v6(dport));
+    let (l4, l6) = as_service("fwd", || (TcpListener::bind(v4(pf)).unwrap(), TcpListener::bind(v6(pf)).unwrap()));
+    let accept = |l: &TcpListener| {
+        l.set_nonblocking(false).unwrap();
+        l.accept().unwrap().0
+    };
+    let enoent_or_enoprotoopt = |r: Result<(), i32>| matches!(r, Err(libc::ENOENT) | Err(libc::ENOPROTOOPT));
+    let mut linked = vec![];
+
+    // IPv4. The application's own socket was redirected but not accepted:
+    // the kernel's answer (no conntrack entry, or no netfilter at all).
+    let app = TcpStream::connect(d4).unwrap();
+    let a = accept(&l4);
+    let (r, _, _) = origdst(&app, libc::SOL_IP, 16);
+    assert!(enoent_or_enoprotoopt(r), "not an accepted socket: the kernel answers, got {r:?}");
+    as_service("fwd", || {
+        let (r, b, l) = origdst(&a, libc::SOL_IP, 16);
+        assert_eq!((r, &b[..], l), (Ok(()), &sockaddr_in_of(d4)[..], 16));
+        // A longer buffer: 16 bytes written, the length left as given (netfilter's way).
+        let (r, b, l) = origdst(&a, libc::SOL_IP, 40);
+        assert_eq!((r, &b[..16], l), (Ok(()), &sockaddr_in_of(d4)[..], 40));
+        assert_eq!(origdst(&a, libc::SOL_IP, 15).0, Err(libc::EINVAL), "shorter than sockaddr_in");
+        // SOL_IPV6 on an IPv4 socket: refused by the kernel before netfilter; that answer stands.
+        let kernels = origdst(&app, libc::SOL_IPV6, 28).0;
+        assert!(kernels.is_err(), "{kernels:?}");
+        assert_eq!(origdst(&a, libc::SOL_IPV6, 28).0, kernels, "SOL_IPV6 on an IPv4 socket");
+        linked.push(format!("{:016x}", rewire::query_redirect_records(&a).unwrap().flow_id()));
+        // Onward without records: the flow goes on, same id, to audit.
+        let mut up = TcpStream::connect(d4).unwrap();
+        relay_once(&a, &app, &mut up);
+    });
+
+    // IPv6.
+    let app6 = TcpStream::connect(d6).unwrap();
+    let b = accept(&l6);
+    as_service("fwd", || {
+        let (r, buf, l) = origdst(&b, libc::SOL_IPV6, 28);
+        assert_eq!((r, &buf[..], l), (Ok(()), &sockaddr_in6_of(d6)[..], 28));
+        assert_eq!(origdst(&b, libc::SOL_IPV6, 27).0, Err(libc::EINVAL), "shorter than sockaddr_in6");
+        assert_eq!(origdst(&b, libc::SOL_IP, 16).0, Err(libc::ENOENT), "SOL_IP on an IPv6 flow");
+        linked.push(format!("{:016x}", rewire::query_redirect_records(&b).unwrap().flow_id()));
+        let mut up = TcpStream::connect(d6).unwrap();
+        relay_once(&b, &app6, &mut up);
+    });
+
+    // Two flows to one destination queried before either goes on: which
+    // connect is whose cannot be told, so neither is carried on.
+    let (x, y) = (TcpStream::connect(d4).unwrap(), TcpStream::connect(d4).unwrap());
+    let (mut ax, mut ay) = (accept(&l4), accept(&l4));
+    if ax.peer_addr().unwrap() != x.local_addr().unwrap() {
+        std::mem::swap(&mut ax, &mut ay);
+    }
+    let mut unlinked = vec![];
+    as_service("fwd", || {
+        for s in [&ax, &ay] {
+            assert_eq!(origdst(s, libc::SOL_IP, 16).0, Ok(()));
+            unlinked.push(format!("{:016x}", rewire::query_redirect_records(s).unwrap().flow_id()));
+        }
+        let mut ux = TcpStream::connect(d4).unwrap();
+        let mut uy = TcpStream::connect(d4).unwrap();
+        relay_once(&ax, &x, &mut ux);
+        relay_once(&ay, &y, &mut uy);
+    });
+    std::fs::write(dir.join("child-linked.txt"), linked.join("\n")).unwrap();
+    std::fs::write(dir.join("child-unlinked.txt"), unlinked.join("\n")).unwrap();
+}
+
+/// One HTTP exchange from `app` through the accepted socket `acc` and the
+/// onward socket `up` to the origin and back (bounded by timeouts).
+fn relay_once(acc: &TcpStream, mut app: &TcpStream, up: &mut TcpStream) {
+    use std::io::{Read, Write};
+    for s in [acc, app, &*up] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    app.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut buf = [0u8; 512];
+    let mut acc_r = acc;
+    let n = acc_r.read(&mut buf).unwrap();
+    up.write_all(&buf[..n]).unwrap();
+    let mut answer = vec![];
+    up.read_to_end(&mut answer).unwrap();
+    acc_r.write_all(&answer).unwrap();
+    acc.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = vec![];
+    app.read_to_end(&mut got).unwrap();
+    assert!(String::from_utf8_lossy(&got).contains("hello "), "{}", String::from_utf8_lossy(&got));
+}
