@@ -2092,14 +2092,18 @@ static __always_inline struct bpf_sock *rw_skb_sock(struct __sk_buff *skb)
 }
 
 /* Whether the socket a datagram from `src` to `dst` reaches is service
- * `sid`'s own (a global function: its lookup's stack is its own). */
+ * `sid`'s own and, if it is a proxy's flow socket, this flow's (`tag`): a
+ * flow socket left from an earlier flow of the same source (a closed
+ * client whose port this socket got) would drop the datagram, so the send
+ * fails instead, visibly. (A global function: its lookup's stack is its own.) */
 __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const struct rw_addr *src,
-					      const struct rw_addr *dst, __u32 sid)
+					      const struct rw_addr *dst, __u64 sid_tag)
 {
 	struct bpf_sock_tuple t;
 	struct bpf_sock *r;
 	struct rw_owner *o;
-	__u32 len;
+	struct rw_sock *st;
+	__u32 len, sid = sid_tag >> 32, tag = (__u32)sid_tag;
 	int ok;
 
 	if (!skb || !src || !dst)
@@ -2110,6 +2114,11 @@ __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const stru
 		return 1; /* nobody: the datagram is dropped by the kernel (ICMP unreachable) */
 	o = bpf_sk_storage_get(&rw_owner, r, 0, 0);
 	ok = o && o->service_id == sid;
+	if (ok) {
+		st = bpf_sk_storage_get(&rw_sk, r, 0, 0);
+		if (st && (st->flags & RW_F_ACCEPTED) && st->tag && st->tag != tag)
+			ok = 0;
+	}
 	bpf_sk_release(r);
 	return ok;
 }
@@ -2136,7 +2145,7 @@ int rw_skb_egress(struct __sk_buff *skb)
 			/* Every datagram, connected socket or not, goes only to the
 			 * service's own socket: a proxy that died and an impostor
 			 * that took its port get nothing (the send fails). */
-			if (!rw_udp_dst_owned(skb, &src, &dst, sl->service_id)) {
+			if (!rw_udp_dst_owned(skb, &src, &dst, ((__u64)sl->service_id << 32) | sl->tag)) {
 				rw_count(RW_CNT_IMPOSTOR);
 				return 0;
 			}

@@ -567,6 +567,7 @@ fn udp_ten_thousand_concurrent_flows_through_one_proxy() {
         rss_kib(pid),
         rewire_proxy::udp::MAX_FLOWS
     );
+    println!("kernel counters: {}", sb.hooks().counters().unwrap());
     assert_eq!(served + refused + lost, n, "{r:?}");
     assert_eq!(r["corrupted"], 0, "{r:?}");
     assert!(served > 0, "{r:?}");

@@ -55,6 +55,9 @@ pub const ICMP_PER_SEC: u32 = 10_000;
 /// no sign to anyone).
 pub const LISTENER_RCVBUF: usize = 8 << 20;
 
+/// Receive buffer asked for each flow socket (capped by `rmem_max`).
+pub const FLOW_RCVBUF: usize = 1 << 20;
+
 /// A listener's receive buffer raised to [`LISTENER_RCVBUF`]
 /// (`SO_RCVBUFFORCE` as root, else as far as `rmem_max` allows).
 fn raise_rcvbuf(s: &UdpSocket) {
@@ -250,6 +253,8 @@ fn open(proxy: &Proxy, local: SocketAddr, peer: SocketAddr) -> Result<(UdpSocket
     let opts = &proxy.opts;
     let mut log = FlowLog::new(opts, peer, "udp");
     let client = rewire::asynchronous::udp_accept(local, peer).map_err(FlowError::UdpAccept)?;
+    // Room for a burst of the flow's datagrams while its task is busy.
+    let _ = socket2::SockRef::from(&client).set_recv_buffer_size(FLOW_RCVBUF);
     if let Destination::FixedForTests(dst) = opts.destination {
         let up = std::net::UdpSocket::bind(if dst.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" })
             .and_then(|s| s.connect(dst).map(|()| s))
