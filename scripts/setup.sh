@@ -57,6 +57,6 @@ if [ ! -x "$compat/mitmproxy/bin/mitmdump" ]; then
 fi
 
 if ! command -v cargo >/dev/null; then
-  echo "setup: cargo (Rust 1.80+) is required: install it with rustup or your distribution" >&2
+  echo "setup: cargo (Rust 1.88+) is required: install it with rustup or your distribution" >&2
   exit 1
 fi
