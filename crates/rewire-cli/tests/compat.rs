@@ -314,6 +314,45 @@ fn chain_with(kind: &str, start: Start, unmodified_first: bool, families: &[bool
     assert_eq!((c.hop_limit, c.mismatch, c.no_listener, c.impostor), (0, 0, 0, 0), "{c:?}");
 }
 
+/// An unmodified proxy in the middle: audit (records) -> squid (none, linked
+/// by its SO_ORIGINAL_DST query) -> dlp (records). dlp sees the whole chain
+/// and curl as the origin; the origin is reached once per request.
+#[test]
+fn squid_in_the_middle_of_two_reference_proxies() {
+    let origin = Origin::start();
+    let ports = origin.port().to_string();
+    let (pa, ps, pd) = (free_port(), free_port(), free_port());
+    let ls = [v4(ps), v6(ps)];
+    let cfg = format!(
+        "{}{}{}",
+        svc("audit", &[v4(pa), v6(pa)], &ports),
+        svc("squid", &ls, &ports),
+        svc("dlp", &[v4(pd), v6(pd)], &ports)
+    );
+    let mut sb = Sandbox::new(&cfg);
+    let audit = sb.proxy("audit");
+    let dlp = sb.proxy("dlp");
+    let seen = start_squid(&mut sb, "squid", &ls);
+    let mut expect = vec![];
+    for ipv6 in [false, true] {
+        let (body, pid) = curl(&sb, &origin.url(ipv6));
+        assert!(body.starts_with("hello "), "curl got {body:?}\nsquid says:\n{}", text(&seen));
+        expect.push((pid, origin.addr(ipv6)));
+    }
+    let (a, d) = (read_log(&audit, 2), read_log(&dlp, 2));
+    for (pid, dst) in &expect {
+        let at = |lines: &[Value]| lines.iter().find(|l| l["client_pid"] == *pid).cloned().unwrap_or_else(|| panic!("{lines:#?}"));
+        let (la, ld) = (at(&a), at(&d));
+        assert_eq!(la["chain"], json!(["audit"]), "{la}");
+        assert_eq!(ld["chain"], json!(["audit", "squid", "dlp"]), "{ld}");
+        assert_eq!(ld["client_command"], "curl", "{ld}");
+        assert_eq!(ld["original_destination"], dst.to_string(), "{ld}");
+        assert_eq!(la["flow"], ld["flow"], "one flow from curl to the origin");
+    }
+    assert_eq!(origin.s4.peers().len() + origin.s6.peers().len(), 2, "the origin is reached once per request");
+    assert_eq!(sb.hooks().counters().unwrap().link, 2);
+}
+
 /// Why the sslsplit tests do not run by default: sslsplit 0.5.5 connects
 /// onward for a plain `tcp` proxyspec from its listener thread, on the event
 /// base of a worker thread. The worker's event loop can apply a stale change
