@@ -423,6 +423,12 @@ impl Ctx {
             sys::stop(&mut server);
             r
         })();
+        // The kernel's counters of the churn (refusals by cause), for the record.
+        if let Ok(out) = Command::new(&self.rewire).args(["status", "--config"]).arg(&path).output() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let counters: Vec<&str> = text.lines().filter(|l| l.starts_with("  ") && !l.trim_end().ends_with(" 0")).collect();
+            eprintln!("rewire-bench: churn kernel counters (non-zero): {}", counters.iter().map(|l| l.trim()).collect::<Vec<_>>().join(", "));
+        }
         // SIGTERM stops the daemon and leaves its hooks; `rewire down`
         // removes hooks, cgroup and pins.
         sys::stop(&mut daemon);

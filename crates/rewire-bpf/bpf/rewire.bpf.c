@@ -2195,7 +2195,7 @@ __attribute__((noinline)) int rw_tcp_answer_owned(struct __sk_buff *skb, __u32 s
 	len = rw_sk_tuple(&t, &dst, &src); /* as the client's segments go */
 	l = bpf_sk_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 	if (!l)
-		return 0;
+		return 1; /* no full socket answers (a time-wait twin): no impostor to name */
 	o = bpf_sk_storage_get(&rw_owner, l, 0, 0);
 	ok = o && o->service_id == sid;
 	bpf_sk_release(l);
