@@ -353,6 +353,81 @@ fn squid_in_the_middle_of_two_reference_proxies() {
     assert_eq!(sb.hooks().counters().unwrap().link, 2);
 }
 
+/// The C example proxy (examples/c/redirect_proxy.c: a Windows-style
+/// redirect service through the WSAIoctl surface), built against the
+/// workspace's librewire_wsa (`cargo build --workspace` makes it).
+fn c_example(dir: &Path) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>/deps/<test>
+    assert!(
+        target.join("librewire_wsa.so").exists(),
+        "librewire_wsa.so not in {}: run `cargo build --workspace` first",
+        target.display()
+    );
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = dir.join("redirect_proxy");
+    let o = Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()))
+        .args(["-std=c11", "-O1", "-I"])
+        .arg(ws.join("include"))
+        .arg(ws.join("examples/c/redirect_proxy.c"))
+        .arg("-o")
+        .arg(&out)
+        .arg(format!("-L{}", target.display()))
+        .arg("-lrewire_wsa")
+        .arg(format!("-Wl,-rpath,{}", target.display()))
+        .arg("-lpthread")
+        .output()
+        .expect("the system C compiler `cc` is needed");
+    assert!(o.status.success(), "cc redirect_proxy.c:\n{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// The C example proxy, squid (unmodified) and the reference proxy in one
+/// chain: the C proxy sets the records, squid is linked by its
+/// SO_ORIGINAL_DST query, audit sees all three and curl as the origin.
+#[test]
+fn c_example_then_squid_then_reference_proxy() {
+    let origin = Origin::start();
+    let ports = origin.port().to_string();
+    let (pc, ps, pa) = (free_port(), free_port(), free_port());
+    let ls = [v4(ps), v6(ps)];
+    let cfg = format!(
+        "{}{}{}",
+        svc("cexample", &[v4(pc), v6(pc)], &ports),
+        svc("squid", &ls, &ports),
+        svc("audit", &[v4(pa), v6(pa)], &ports)
+    );
+    let mut sb = Sandbox::new(&cfg);
+    let audit = sb.proxy("audit");
+    let seen = start_squid(&mut sb, "squid", &ls);
+    let example = c_example(&sb.dir);
+    let mut cmd = sb.command(REWIRE);
+    cmd.args(["exec", "--service", "cexample", "--"])
+        .arg(&example)
+        .args(["--name", "cexample"])
+        .arg(v4(pc).to_string())
+        .arg(v6(pc).to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    sb.spawn(cmd);
+    wait_listening(v4(pc));
+    let mut expect = vec![];
+    for ipv6 in [false, true] {
+        let (body, pid) = curl(&sb, &origin.url(ipv6));
+        assert!(body.starts_with("hello "), "curl got {body:?}\nsquid says:\n{}", text(&seen));
+        expect.push((pid, origin.addr(ipv6)));
+    }
+    let lines = read_log(&audit, 2);
+    for (pid, dst) in &expect {
+        let l = lines.iter().find(|l| l["client_pid"] == *pid).cloned().unwrap_or_else(|| panic!("{lines:#?}"));
+        assert_eq!(l["chain"], json!(["cexample", "squid", "audit"]), "{l}");
+        assert_eq!(l["client_command"], "curl", "{l}");
+        assert_eq!(l["original_destination"], dst.to_string(), "{l}");
+    }
+    assert_eq!(origin.s4.peers().len() + origin.s6.peers().len(), 2, "the origin is reached once per request");
+    assert_eq!(sb.hooks().counters().unwrap().link, 2, "squid's onward connects were linked");
+}
+
 /// Why the sslsplit tests do not run by default: sslsplit 0.5.5 connects
 /// onward for a plain `tcp` proxyspec from its listener thread, on the event
 /// base of a worker thread. The worker's event loop can apply a stale change
