@@ -410,6 +410,14 @@ impl Ctx {
         let result = (|| {
             let pins = Path::new("/sys/fs/bpf").join(&cfg.cgroup);
             sys::wait_for(daemon.id(), &pins.join("rw_udp_handoff"), Duration::from_secs(10))?;
+            // The map pins appear when the daemon loads; proxies must bind only
+            // once every hook is attached (the owner mark is made at bind).
+            let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while rewire_control::persist::check_attached(&pins, &cg).is_err() {
+                anyhow::ensure!(Instant::now() < deadline, "the daemon did not attach its hooks within 30 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let maps = PinnedHandoffs::open(&pins)?;
             let cgroup = ManagedCgroup::existing(&cfg.cgroup)?;
             let outside = Placement { netns: Some(ns.path()), ..Default::default() };

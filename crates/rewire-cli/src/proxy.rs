@@ -211,7 +211,16 @@ pub fn main(a: ProxyArgs) -> Result<()> {
 /// be redirected, and nothing would tell).
 fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
     let subtree = match std::env::var_os(ENV_CGROUP) {
-        Some(p) => PathBuf::from(p),
+        Some(p) => {
+            let p = PathBuf::from(p);
+            // A daemon's subtree: its hooks must be attached before this
+            // proxy binds, or the kernel never learns that the sockets are
+            // the service's (the mark is made at bind) and refuses its flows.
+            if p == rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup) && pin_dir(cfg).exists() {
+                wait_attached(cfg)?;
+            }
+            p
+        }
         None => {
             let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
             if !cg.exists() && !pin_dir(cfg).exists() {
@@ -221,4 +230,18 @@ fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
         }
     };
     crate::manage::join_service(&subtree, name)
+}
+
+/// Waits (at most 30 s) until the daemon of `cfg` has attached every hook.
+fn wait_attached(cfg: &Config) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match attached_subtree(cfg, &cfg.path) {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(e.context("the daemon's hooks are still not attached after 30 s"))
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
 }
