@@ -444,18 +444,9 @@ async fn splice_one_way(
         src.readable().await.map_err(Err)?;
         let Some(pipe) = take_pipe(way.budget).map_err(Err)? else {
             way.refused.store(true, Ordering::Relaxed);
-            match copy_chunk(src, dst, way, &mut pending).map_err(Err)? {
+            match copy_step(src, dst, moved, way, &mut pending, &mut total).await.map_err(Err)? {
+                Some(total) => return Ok(total),
                 None => continue,
-                Some(0) => {
-                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-                    return Ok(total);
-                }
-                Some(n) => {
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
-                    total += n as u64;
-                    flush_pending(dst, way, &mut pending).await.map_err(Err)?;
-                    continue;
-                }
             }
         };
         let r = if force_einval && total == 0 {
@@ -547,17 +538,34 @@ async fn copy_one_way(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, way: 
     let mut pending: Vec<u8> = Vec::new();
     loop {
         src.readable().await?;
-        match copy_chunk(src, dst, way, &mut pending)? {
-            None => continue,
-            Some(0) => {
-                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-                return Ok(total);
-            }
-            Some(n) => {
-                moved.fetch_add(n as u64, Ordering::Relaxed);
-                total += n as u64;
-                flush_pending(dst, way, &mut pending).await?;
-            }
+        if let Some(total) = copy_step(src, dst, moved, way, &mut pending, &mut total).await? {
+            return Ok(total);
+        }
+    }
+}
+
+/// One chunk of a direction through user space (the source was readable):
+/// `Some(total)` at end-of-file, once `dst`'s write half is shut; `None` to
+/// go on. Shared by the copy relay and the splice relay's pipe-less chunks.
+async fn copy_step(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    way: Way<'_>,
+    pending: &mut Vec<u8>,
+    total: &mut u64,
+) -> io::Result<Option<u64>> {
+    match copy_chunk(src, dst, way, pending)? {
+        None => Ok(None),
+        Some(0) => {
+            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            Ok(Some(*total))
+        }
+        Some(n) => {
+            moved.fetch_add(n as u64, Ordering::Relaxed);
+            *total += n as u64;
+            flush_pending(dst, way, pending).await?;
+            Ok(None)
         }
     }
 }
