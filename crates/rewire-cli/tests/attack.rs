@@ -7,57 +7,10 @@ mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// In a child: a value passed by the parent.
-fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::var(name).ok()?.parse().ok()
-}
-
-/// The ignored test `child` of this binary, with extra environment.
-fn child_cmd(program_in: Option<&Sandbox>, child: &str, env: &[(&str, String)]) -> Command {
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = match program_in {
-        Some(sb) => sb.command(exe),
-        None => Command::new(exe),
-    };
-    cmd.args(["--exact", child, "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-fn finish(child: Child, name: &str) -> String {
-    let text = String::from_utf8_lossy(&wait_output(child, Duration::from_secs(60))).into_owned();
-    assert!(text.contains("1 passed"), "child {name} failed:\n{text}");
-    text
-}
-
-fn wait_file(path: &Path, want: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = std::fs::read_to_string(path).unwrap_or_default();
-        if s.starts_with(want) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {want} in {}", path.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A sync file the parent and an unprivileged child both write.
-fn sync_file(sb: &Sandbox, name: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&sb.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let p = sb.dir.join(name);
-    std::fs::write(&p, "").unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
-    p
-}
 
 /// A UDP tool run as user 65534 outside the managed cgroup: binds `RW_BIND`,
 /// optionally sends `RW_MSG` to `RW_SEND`, then for `RW_SECS` seconds counts
@@ -65,7 +18,7 @@ fn sync_file(sb: &Sandbox, name: &str) -> PathBuf {
 /// the count.
 fn udp_tool_unprivileged(sb: &Sandbox, bind: SocketAddr, send: Option<SocketAddr>, fwd: Option<SocketAddr>, secs: u64) -> Child {
     use std::os::unix::process::CommandExt;
-    let ready = sync_file(sb, "udp-tool-ready");
+    let ready = sync_file(&sb.dir, "udp-tool-ready");
     let mut e = vec![("RW_BIND", bind.to_string()), ("RW_SECS", secs.to_string()), ("RW_READY", ready.display().to_string())];
     if let Some(s) = send {
         e.push(("RW_SEND", s.to_string()));
@@ -79,7 +32,7 @@ fn udp_tool_unprivileged(sb: &Sandbox, bind: SocketAddr, send: Option<SocketAddr
 }
 
 fn udp_tool_count(child: Child) -> u64 {
-    let out = finish(child, "child_udp_tool");
+    let out = child_passed(child, "child_udp_tool");
     let n = out.split("udp_tool got ").nth(1).unwrap_or_else(|| panic!("{out}"));
     n.split_whitespace().next().unwrap().parse().unwrap()
 }
@@ -158,7 +111,7 @@ fn udp_live_flow_does_not_follow_an_impostor_after_proxy_restart() {
     let dst = echo.addr;
     let pa = free_port();
     let sb = Sandbox::new(&format!("udp_idle_ms = 30000\n{}", udp_service("dns", pa, dst.port())));
-    let sync = sync_file(&sb, "sticky");
+    let sync = sync_file(&sb.dir, "sticky");
     let child = child_cmd(
         Some(&sb),
         "child_udp_sticky",
@@ -169,7 +122,7 @@ fn udp_live_flow_does_not_follow_an_impostor_after_proxy_restart() {
     wait_file(&sync, "down");
     let imp = udp_tool_unprivileged(&sb, SocketAddr::from(([127, 0, 0, 1], pa)), None, Some(dst), 3);
     std::fs::write(&sync, "impostor").unwrap();
-    finish(child, "child_udp_sticky");
+    child_passed(child, "child_udp_sticky");
     let got = udp_tool_count(imp);
     assert_eq!(got, 0, "the impostor on the dead service's port received {got} datagrams of live flows");
     assert_eq!(echo.datagrams.load(std::sync::atomic::Ordering::SeqCst), 0, "datagrams reached the destination past dns");
@@ -221,7 +174,7 @@ fn udp_flow_identity_does_not_pass_to_the_next_owner_of_its_source_port() {
     let pa = free_port();
     let mut sb = Sandbox::new(&format!("udp_idle_ms = 8000\n{}", udp_service("dns", pa, dst.port())));
     let log = sb.proxy("dns");
-    let sync = sync_file(&sb, "victim");
+    let sync = sync_file(&sb.dir, "victim");
     let victim = child_cmd(
         Some(&sb),
         "child_udp_victim",
@@ -229,7 +182,7 @@ fn udp_flow_identity_does_not_pass_to_the_next_owner_of_its_source_port() {
     )
     .spawn()
     .unwrap();
-    finish(victim, "child_udp_victim");
+    child_passed(victim, "child_udp_victim");
     let src: SocketAddr = wait_file(&sync, "port ")["port ".len()..].trim().parse().unwrap();
     assert_eq!(echo.datagrams.load(std::sync::atomic::Ordering::SeqCst), 1);
     // The victim's socket is closed: its port is free for anybody.
@@ -281,7 +234,7 @@ fn udplite_does_not_pass_a_protocol_any_rule() {
     let mut sb = Sandbox::new(&cfg);
     sb.proxy("audit");
     let child = child_cmd(Some(&sb), "child_udplite", &[("RW_DST", dst.to_string())]).spawn().unwrap();
-    finish(child, "child_udplite");
+    child_passed(child, "child_udplite");
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
     let got = rx.recv_from(&mut buf).ok().map(|(n, from)| (n, from.as_socket()));
     assert!(got.is_none(), "a UDP-Lite datagram reached {dst} past audit: {got:?}");
@@ -364,8 +317,8 @@ fn tcp_syn_retransmission_does_not_reach_an_impostor() {
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let pa = free_port();
     let sb = Sandbox::new(&service("audit", pa, server.addr.port()));
-    let sync = sync_file(&sb, "syn");
-    let ready = sync_file(&sb, "tcp-impostor-ready");
+    let sync = sync_file(&sb.dir, "syn");
+    let ready = sync_file(&sb.dir, "tcp-impostor-ready");
     let imp = child_cmd(
         None,
         "child_tcp_impostor",
@@ -383,7 +336,7 @@ fn tcp_syn_retransmission_does_not_reach_an_impostor() {
     )
     .spawn()
     .unwrap();
-    let out = finish(child, "child_tcp_syn_retry");
+    let out = child_passed(child, "child_tcp_syn_retry");
     let imp_out = String::from_utf8_lossy(&wait_output(imp, Duration::from_secs(60))).into_owned();
     let n: u64 = imp_out
         .split("tcp impostor accepted ")
@@ -475,7 +428,7 @@ fn socket_made_outside_the_cgroup_does_not_pass_the_rules() {
     let child = cmd.spawn().unwrap();
     // SAFETY: as above.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let out = finish(child, "child_inherited_socket");
+    let out = child_passed(child, "child_inherited_socket");
     std::thread::sleep(Duration::from_millis(300));
     let direct = echo.sources().contains(&outside.local_addr().unwrap());
     assert!(!direct, "a process in the managed cgroup sent to {} past dns with an inherited socket:\n{out}", echo.addr);

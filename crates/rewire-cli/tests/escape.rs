@@ -40,19 +40,7 @@ fn kinds(ev: &[Event]) -> Vec<EventKind> {
 /// Runs the ignored test `child` of this binary inside `sb`'s cgroup with
 /// extra environment; fails unless it passed.
 fn run_child(sb: &Sandbox, child: &str, env: &[(&str, String)]) {
-    let mut cmd = sb.command(std::env::current_exe().unwrap());
-    cmd.args(["--exact", child, "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.spawn().unwrap();
-    let text = String::from_utf8_lossy(&wait_output(out, Duration::from_secs(60))).into_owned();
-    assert!(text.contains("1 passed"), "child {child} failed:\n{text}");
-}
-
-/// In a child: a port or address passed by the parent.
-fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::var(name).ok()?.parse().ok()
+    child_passed(child_cmd(Some(sb), child, env).spawn().unwrap(), child);
 }
 
 const UDP_IDLE: &str = "udp_idle_ms = 500\n";
@@ -420,18 +408,6 @@ fn stale_handoff_cannot_be_claimed_from_the_same_source_port() {
     assert_eq!(sb.hooks().handoff_entries().unwrap(), 0, "back to the baseline");
 }
 
-fn wait_file(path: &std::path::Path, want: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = std::fs::read_to_string(path).unwrap_or_default();
-        if s.starts_with(want) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {want}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 #[ignore = "runs inside the test cgroup, started by stale_handoff_cannot_be_claimed_from_the_same_source_port"]
 fn child_stale_handoff() {
@@ -498,12 +474,8 @@ fn handoff_flood_is_counted_and_drains() {
     let mut sb = Sandbox::with_faults(&cfg, Faults { handoff_entries: Some(8), ..Default::default() });
     let mut events = sb.take_events();
     let log = sb.proxy("audit");
-    let sync = sb.dir.join("flood");
     // The flooder writes it after dropping to user 65534.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&sb.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    std::fs::write(&sync, "").unwrap();
-    std::fs::set_permissions(&sync, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let sync = sync_file(&sb.dir, "flood");
     let mut cmd = sb.command(std::env::current_exe().unwrap());
     cmd.args(["--exact", "child_flooder", "--ignored", "--nocapture", "--test-threads=1"])
         .env("RW_PA", pa.to_string())

@@ -345,9 +345,6 @@ fn a_flood_in_text_shows_summaries_drops_and_counters() {
 
 // ---- children ----------------------------------------------------------
 
-fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::var(name).ok()?.parse().ok()
-}
 
 /// Inside `rewire run`'s cgroup: starts two flooders as user 65534, makes
 /// K refused connects as the witness meanwhile, and reports.

@@ -12,8 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use rewire_control::events::{Event, EventKind};
@@ -71,12 +70,7 @@ struct Sync(PathBuf);
 
 impl Sync {
     fn new(dir: &Path, name: &str) -> Self {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let p = dir.join(name);
-        std::fs::write(&p, "").unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
-        Sync(p)
+        Sync(sync_file(dir, name))
     }
     fn from_env() -> Option<Self> {
         std::env::var_os("RW_SYNC").map(|p| Sync(p.into()))
@@ -86,30 +80,15 @@ impl Sync {
     }
     /// Waits (bounded) until the file starts with `prefix`; returns the rest.
     fn wait(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = std::fs::read_to_string(&self.0).unwrap_or_default();
-            if let Some(rest) = s.strip_prefix(prefix) {
-                return rest.trim().to_owned();
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for `{prefix}` (have `{s}`)");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_file(&self.0, prefix)[prefix.len()..].trim().to_owned()
     }
 }
 
-fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::var(name).ok()?.parse().ok()
-}
 
 /// This test binary's ignored test `name`, with environment, as user 65534
 /// outside the managed cgroup (`outside`) or inside `sb`'s cgroup.
 fn child(sb: &Sandbox, name: &str, env: &[(&str, String)], outside: bool, uid: Option<u32>) -> std::process::Child {
-    let mut cmd = if outside { std::process::Command::new(std::env::current_exe().unwrap()) } else { sb.command(std::env::current_exe().unwrap()) };
-    cmd.args(["--exact", name, "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    let mut cmd = child_cmd(if outside { None } else { Some(sb) }, name, env);
     // Inside, the cgroup is joined before exec, as root: the child drops
     // to the user itself (RW_UID). Outside, the kernel does it at exec.
     match (uid, outside) {
@@ -122,11 +101,6 @@ fn child(sb: &Sandbox, name: &str, env: &[(&str, String)], outside: bool, uid: O
         (None, _) => {}
     }
     cmd.spawn().unwrap()
-}
-
-fn passed(c: std::process::Child, what: &str) {
-    let text = String::from_utf8_lossy(&wait_output(c, Duration::from_secs(60))).into_owned();
-    assert!(text.contains("1 passed"), "{what} failed:\n{text}");
 }
 
 fn events(ev: &mut rewire_control::hooks::Events, sb: &Sandbox) -> Vec<Event> {
@@ -199,7 +173,7 @@ fn attacker(sb: &Sandbox, bind: SocketAddr, to: SocketAddr, from: &str, payload:
         outside,
         Some(65534),
     );
-    passed(c, "the attacker");
+    child_passed(c, "the attacker");
 }
 
 struct Scene {
@@ -237,7 +211,7 @@ fn forged_reply_from_the_service_address_is_dropped() {
         true,
     );
     s.sync.say("then listen");
-    passed(app, "the application");
+    child_passed(app, "the application");
     assert!(s.sb.hooks().counters().unwrap().udp_forged >= 3);
     let ev = events(&mut s.ev, &s.sb);
     assert!(ev.iter().any(|e| e.kind == EventKind::UdpForged), "{ev:?}");
@@ -261,7 +235,7 @@ fn datagram_injected_into_another_flow_is_dropped() {
         true,
     );
     s.sync.say("then listen");
-    passed(app, "the application");
+    child_passed(app, "the application");
     // The application's own "again" is the only datagram the server got since.
     assert_eq!(s.echo.datagrams.load(std::sync::atomic::Ordering::SeqCst), before + 1);
     assert!(s.sb.hooks().counters().unwrap().udp_forged >= 3);
@@ -276,7 +250,7 @@ fn closed_clients_flow_cannot_be_taken_over() {
     let app = child(&s.sb, "child_app", &[("RW_DST", s.echo.addr.to_string()), ("RW_SYNC", s.sync.0.display().to_string())], false, None);
     let port: u16 = s.sync.wait("port ").parse().unwrap();
     s.sync.say("then close");
-    passed(app, "the application");
+    child_passed(app, "the application");
     let before = s.echo.datagrams.load(std::sync::atomic::Ordering::SeqCst);
     for outside in [false, true] {
         attacker(
@@ -305,10 +279,10 @@ fn port_reuse_is_not_spliced_into_an_old_flow() {
     let app = child(&s.sb, "child_app", &[("RW_DST", s.echo.addr.to_string()), ("RW_SYNC", s.sync.0.display().to_string())], false, None);
     let port: u16 = s.sync.wait("port ").parse().unwrap();
     s.sync.say("then close");
-    passed(app, "the first application");
+    child_passed(app, "the first application");
     let before = s.echo.datagrams.load(std::sync::atomic::Ordering::SeqCst);
     let c = child(&s.sb, "child_reuser", &[("RW_PORT", port.to_string()), ("RW_DST", s.echo.addr.to_string())], false, None);
-    passed(c, "the second application");
+    child_passed(c, "the second application");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.echo.datagrams.load(std::sync::atomic::Ordering::SeqCst), before, "the old flow's server got nothing");
 }
@@ -359,7 +333,7 @@ fn private_namespace_gets_no_redirects_and_no_records() {
     ));
     let mut ev = sb.take_events();
     let c = child(&sb, "child_private_ns", &[("RW_SVC", svc.to_string()), ("RW_PORT", port.to_string())], false, None);
-    passed(c, "the user in its own namespace");
+    child_passed(c, "the user in its own namespace");
     let evs = events(&mut ev, &sb);
     assert!(evs.iter().any(|e| e.kind == EventKind::ForeignNetns), "{evs:?}");
     assert!(sb.hooks().counters().unwrap().foreign_netns >= 2);

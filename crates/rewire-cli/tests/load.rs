@@ -109,10 +109,6 @@ fn child_result(out: Vec<u8>, child: &str) -> std::collections::BTreeMap<String,
         .collect()
 }
 
-/// In a child: a value passed by the parent.
-fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::var(name).ok()?.parse().ok()
-}
 
 /// The bytes client `i` sends: distinct for every connection.
 fn pattern(i: u64, len: usize) -> Vec<u8> {

@@ -422,3 +422,55 @@ pub fn as_service<T>(name: &str, f: impl FnOnce() -> T) -> T {
     std::fs::write(cg.join("cgroup.procs"), "0").unwrap();
     r
 }
+
+/// In a child test: a value its parent passed in the environment.
+pub fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+/// The ignored test `child` of this test binary with extra environment,
+/// inside `sb`'s cgroup (it joins before it starts) or, with `None`,
+/// wherever this process is; stdout piped for [`child_passed`].
+pub fn child_cmd(sb: Option<&Sandbox>, child: &str, env: &[(&str, String)]) -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = match sb {
+        Some(sb) => sb.command(exe),
+        None => Command::new(exe),
+    };
+    cmd.args(["--exact", child, "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Waits (bounded) for a child test; fails unless it passed; its output.
+pub fn child_passed(child: Child, name: &str) -> String {
+    let text = String::from_utf8_lossy(&wait_output(child, Duration::from_secs(60))).into_owned();
+    assert!(text.contains("1 passed"), "child {name} failed:\n{text}");
+    text
+}
+
+/// A file a test and its children (one may run as user 65534) write
+/// their steps into: world-writable, in a world-writable `dir`.
+pub fn sync_file(dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, "").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+    p
+}
+
+/// Waits (at most 20 s) until `path` starts with `want`; its content.
+pub fn wait_file(path: &Path, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = std::fs::read_to_string(path).unwrap_or_default();
+        if s.starts_with(want) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for `{want}` in {} (have `{s}`)", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
