@@ -526,9 +526,8 @@ __attribute__((noinline)) int rw_report_(const struct rw_sock *st, const struct 
 	return 0;
 }
 
-#define rw_report(kind_, counter_, err_, st_, has_rec_, dst_, proto_, sid_, rule_, conf_)                     \
+#define rw_report(kind_, counter_, err_, st_, has_rec_, dst_, proto_, sid_, rule_)                            \
 	({                                                                                                \
-		(void)(conf_);                                                                            \
 		rw_report_((st_), (dst_),                                                                 \
 			   (__u64)(kind_) | ((__u64)(counter_) << 8) | ((__u64)(__u32)(err_) << 32),      \
 			   (__u64)(sid_) | ((__u64)(rule_) << 16) | ((__u64)(proto_) << 32) |             \
@@ -688,6 +687,14 @@ static __always_inline __u16 rw_caller_service(void)
 	return sid ? *sid : 0;
 }
 
+/* Whether `sk` is one of service `sid`'s own sockets (marked at bind). */
+static __always_inline int rw_sock_of_service(struct bpf_sock *sk, __u32 sid)
+{
+	struct rw_owner *o = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
+
+	return o && o->service_id == sid;
+}
+
 #define RW_OWNER_NONE 0     /* nothing listens there */
 #define RW_OWNER_SERVICE 1  /* a socket the service's own processes bound */
 #define RW_OWNER_IMPOSTOR 2 /* somebody else's socket */
@@ -699,7 +706,6 @@ __attribute__((noinline)) int rw_owner_of(struct bpf_sock_addr *ctx, __u32 proto
 	struct bpf_sock_tuple tup;
 	struct rw_addr from;
 	struct bpf_sock *s;
-	struct rw_owner *o;
 	__u32 len;
 	int r;
 
@@ -714,8 +720,7 @@ __attribute__((noinline)) int rw_owner_of(struct bpf_sock_addr *ctx, __u32 proto
 		s = bpf_sk_lookup_udp(ctx, &tup, len, BPF_F_CURRENT_NETNS, 0);
 	if (!s)
 		return RW_OWNER_NONE;
-	o = bpf_sk_storage_get(&rw_owner, s, 0, 0);
-	r = o && o->service_id == sid ? RW_OWNER_SERVICE : RW_OWNER_IMPOSTOR;
+	r = rw_sock_of_service(s, sid) ? RW_OWNER_SERVICE : RW_OWNER_IMPOSTOR;
 	bpf_sk_release(s);
 	return r;
 }
@@ -824,10 +829,10 @@ __attribute__((noinline)) int rw_link_claim(const struct rw_addr *orig, __u64 fl
 
 /* Records set on a socket may only take it to their own destination. */
 static __always_inline int rw_bind_check(const struct rw_sock *st, int has_rec, const struct rw_addr *orig,
-					 __u8 proto, const struct rw_conf *conf)
+					 __u8 proto)
 {
 	if (has_rec && st && !rw_addr_eq(&st->rec.orig_dst, orig)) {
-		rw_report(RW_EV_MISMATCH, RW_CNT_MISMATCH, -EINVAL, st, has_rec, orig, proto, 0, 0, conf);
+		rw_report(RW_EV_MISMATCH, RW_CNT_MISMATCH, -EINVAL, st, has_rec, orig, proto, 0, 0);
 		return -EINVAL;
 	}
 	return 0;
@@ -873,7 +878,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 	 * own `unshare -rn`) nothing is redirected and no records are made. */
 	if (conf->netns_cookie && bpf_get_netns_cookie(ctx) != conf->netns_cookie) {
 		rw_report(RW_EV_FOREIGN_NETNS, RW_CNT_FOREIGN_NETNS, -EPERM, st, has_rec, orig, proto, w.service_id,
-			  w.rule_id, conf);
+			  w.rule_id);
 		r = -EPERM;
 		goto out;
 	}
@@ -903,8 +908,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 
 	/* The hop limit holds whichever service would come next. */
 	if (c->n >= conf->hop_limit || c->n >= RW_MAX_CHAIN) {
-		rw_report(RW_EV_HOP_LIMIT, RW_CNT_HOP_LIMIT, -ELOOP, st, has_rec, orig, proto, w.service_id, w.rule_id,
-			  conf);
+		rw_report(RW_EV_HOP_LIMIT, RW_CNT_HOP_LIMIT, -ELOOP, st, has_rec, orig, proto, w.service_id, w.rule_id);
 		r = -ELOOP;
 		goto out;
 	}
@@ -931,12 +935,12 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 		kind = owner == RW_OWNER_NONE ? RW_EV_NO_LISTENER : RW_EV_IMPOSTOR;
 		counter = owner == RW_OWNER_NONE ? RW_CNT_NO_LISTENER : RW_CNT_IMPOSTOR;
 		if (!svc->fail_open || i == RW_MAX_SKIPS) {
-			rw_report(kind, counter, -ECONNREFUSED, st, has_rec, orig, proto, w.service_id, w.rule_id, conf);
+			rw_report(kind, counter, -ECONNREFUSED, st, has_rec, orig, proto, w.service_id, w.rule_id);
 			r = -ECONNREFUSED;
 			goto out;
 		}
 		/* fail = "open": the flow goes on down the chain without it. */
-		rw_report(kind, counter, 0, st, has_rec, orig, proto, w.service_id, w.rule_id, conf);
+		rw_report(kind, counter, 0, st, has_rec, orig, proto, w.service_id, w.rule_id);
 		rw_count(RW_CNT_FAIL_OPEN_SKIP);
 		w.seen |= 1ULL << (w.service_id & 63);
 		rw_walk(&w);
@@ -974,7 +978,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 		if (has_rec)
 			st->rec.n_chain = st->n_set;
 	}
-	r = rw_bind_check(st, has_rec, &orig, IPPROTO_TCP, conf);
+	r = rw_bind_check(st, has_rec, &orig, IPPROTO_TCP);
 	if (r < 0)
 		return rw_refuse(-r);
 	c.proto = IPPROTO_TCP;
@@ -998,7 +1002,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 				return 1; /* a linked flow whose chain is complete: it goes on as it is */
 			/* Nothing passes unrecorded: refuse rather than let it through. */
 			rw_report(RW_EV_INTERNAL, RW_CNT_NO_STORAGE, -ENOBUFS, 0, 0, &orig, IPPROTO_TCP,
-				  c.w.service_id, c.w.rule_id, conf);
+				  c.w.service_id, c.w.rule_id);
 			return rw_refuse(ENOBUFS);
 		}
 	}
@@ -1071,7 +1075,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	rw_ctx_dst(ctx, family, &orig, &mapped);
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
-	r = rw_bind_check(st, has_rec, &orig, IPPROTO_UDP, conf);
+	r = rw_bind_check(st, has_rec, &orig, IPPROTO_UDP);
 	if (r < 0)
 		return rw_refuse(-r);
 	/* An unbound socket's datagrams get a fixed source (the service's own
@@ -1121,7 +1125,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 		u = rw_storage_create(&rw_udp_sk, sk, conf);
 		if (!u) {
 			rw_report(RW_EV_INTERNAL, RW_CNT_NO_STORAGE, -ENOBUFS, st, has_rec, &orig, IPPROTO_UDP,
-				  c.w.service_id, c.w.rule_id, conf);
+				  c.w.service_id, c.w.rule_id);
 			return rw_refuse(ENOBUFS);
 		}
 	}
@@ -1162,20 +1166,20 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 		if (k < 0) {
 			/* Every port of the service carries a live flow of this socket. */
 			rw_report(RW_EV_UDP_CONFLICT, RW_CNT_UDP_CONFLICT, -EADDRINUSE, st, has_rec, &orig,
-				  IPPROTO_UDP, c.w.service_id, c.w.rule_id, conf);
+				  IPPROTO_UDP, c.w.service_id, c.w.rule_id);
 			return rw_refuse(EADDRINUSE);
 		}
 		c.target.port_be = bpf_htons(base + k);
 		/* The first port was checked by rw_choose; the others too. */
 		if (k && rw_owner_of(ctx, IPPROTO_UDP, &c.target, c.w.service_id) != RW_OWNER_SERVICE) {
 			rw_report(RW_EV_IMPOSTOR, RW_CNT_IMPOSTOR, -ECONNREFUSED, st, has_rec, &orig, IPPROTO_UDP,
-				  c.w.service_id, c.w.rule_id, conf);
+				  c.w.service_id, c.w.rule_id);
 			return rw_refuse(ECONNREFUSED);
 		}
 	}
 	if (free < 0) {
 		rw_report(RW_EV_UDP_CONFLICT, RW_CNT_UDP_CONFLICT, -ENOBUFS, st, has_rec, &orig, IPPROTO_UDP,
-			  c.w.service_id, c.w.rule_id, conf);
+			  c.w.service_id, c.w.rule_id);
 		return rw_refuse(ENOBUFS);
 	}
 	/* Forget the flows this one replaces: a connected socket's earlier one;
@@ -1320,7 +1324,6 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 	struct rw_udp_sock *au;
 	struct rw_udp_slot *sl;
 	struct bpf_sock *app;
-	struct rw_owner *own;
 	__u16 *sid;
 
 	if (sk->state == BPF_TCP_ESTABLISHED)
@@ -1330,8 +1333,7 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 	if (!sid)
 		return;
 	/* Only the service's own socket may learn whose flow this is. */
-	own = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
-	if (!own || own->service_id != *sid)
+	if (!rw_sock_of_service(sk, *sid))
 		return;
 	/* Claimed already: a late datagram queued on the listener before the
 	 * proxy connected its flow socket (which now receives from `src`). */
@@ -1678,7 +1680,6 @@ static __always_inline struct rw_sock *rw_udp_claim(struct bpf_sock *sk, int *er
 	struct rw_udp_handoff *v;
 	struct rw_addr client, server;
 	struct rw_tuple key;
-	struct rw_owner *own;
 	struct rw_sock *st;
 	__u8 family = sk->family;
 
@@ -1694,8 +1695,7 @@ static __always_inline struct rw_sock *rw_udp_claim(struct bpf_sock *sk, int *er
 		*err = ENOENT;
 		return 0;
 	}
-	own = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
-	if (!own || own->service_id != v->s.service_id) {
+	if (!rw_sock_of_service(sk, v->s.service_id)) {
 		*err = ENOENT; /* not the service's own socket: no flow of its */
 		return 0;
 	}
@@ -2101,7 +2101,6 @@ __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const stru
 {
 	struct bpf_sock_tuple t;
 	struct bpf_sock *r;
-	struct rw_owner *o;
 	struct rw_sock *st;
 	__u32 len, sid = sid_tag >> 32, tag = (__u32)sid_tag;
 	int ok;
@@ -2112,8 +2111,7 @@ __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const stru
 	r = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 	if (!r)
 		return 1; /* nobody: the datagram is dropped by the kernel (ICMP unreachable) */
-	o = bpf_sk_storage_get(&rw_owner, r, 0, 0);
-	ok = o && o->service_id == sid;
+	ok = rw_sock_of_service(r, sid);
 	if (ok) {
 		st = bpf_sk_storage_get(&rw_sk, r, 0, 0);
 		if (st && (st->flags & RW_F_ACCEPTED) && st->tag && st->tag != tag)
@@ -2186,7 +2184,6 @@ __attribute__((noinline)) int rw_tcp_answer_owned(struct __sk_buff *skb, __u32 s
 	struct rw_addr src, dst;
 	struct bpf_sock_tuple t;
 	struct bpf_sock *l;
-	struct rw_owner *o;
 	__u32 len;
 	int ok;
 
@@ -2196,8 +2193,7 @@ __attribute__((noinline)) int rw_tcp_answer_owned(struct __sk_buff *skb, __u32 s
 	l = bpf_sk_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 	if (!l)
 		return 1; /* no full socket answers (a time-wait twin): no impostor to name */
-	o = bpf_sk_storage_get(&rw_owner, l, 0, 0);
-	ok = o && o->service_id == sid;
+	ok = rw_sock_of_service(l, sid);
 	bpf_sk_release(l);
 	return ok;
 }
