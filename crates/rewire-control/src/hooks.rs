@@ -241,6 +241,8 @@ pub struct Faults {
     pub no_storage: bool,
     /// Size of the TCP hand-off table (default 65,536), to fill it on purpose.
     pub handoff_entries: Option<u32>,
+    /// Size of the UDP hand-off table (default 65,536), to overflow it on purpose.
+    pub udp_handoff_entries: Option<u32>,
 }
 
 /// Programs attached only when the configuration needs them: the UDP
@@ -303,6 +305,9 @@ impl Hooks {
         let mut loader = EbpfLoader::new();
         if let Some(n) = faults.handoff_entries {
             loader.map_max_entries("rw_handoff", n);
+        }
+        if let Some(n) = faults.udp_handoff_entries {
+            loader.map_max_entries("rw_udp_handoff", n);
         }
         let mut bpf = loader.load(rewire_bpf::object())?;
         fill_maps(&mut bpf, config, subtree, faults)?;
