@@ -133,6 +133,7 @@ fn flood(printer: Printer, format: &str, secs: f64) -> Flood {
             .env("RW_DST", dst.to_string())
             .env("RW_SECS", secs.to_string())
             .env("RW_K", K.to_string())
+            .env("RW_EXE", exe_for_all(&dir))
             .stdout(Stdio::piped());
         c
     };
@@ -356,7 +357,7 @@ fn child_flood() {
     };
     let flooders: Vec<Child> = (0..2)
         .map(|_| {
-            Command::new(std::env::current_exe().unwrap())
+            Command::new(std::env::var("RW_EXE").unwrap())
                 .args(["--exact", "child_flooder", "--ignored", "--nocapture", "--test-threads=1"])
                 .uid(65534)
                 .gid(65534)

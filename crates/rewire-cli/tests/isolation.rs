@@ -88,7 +88,11 @@ impl Sync {
 /// This test binary's ignored test `name`, with environment, as user 65534
 /// outside the managed cgroup (`outside`) or inside `sb`'s cgroup.
 fn child(sb: &Sandbox, name: &str, env: &[(&str, String)], outside: bool, uid: Option<u32>) -> std::process::Child {
-    let mut cmd = child_cmd(if outside { None } else { Some(sb) }, name, env);
+    let mut cmd = if outside {
+        child_cmd_exe(&exe_for_all(&sb.dir), None, name, env)
+    } else {
+        child_cmd(Some(sb), name, env)
+    };
     // Inside, the cgroup is joined before exec, as root: the child drops
     // to the user itself (RW_UID). Outside, the kernel does it at exec.
     match (uid, outside) {
@@ -392,7 +396,8 @@ fn private_namespace_gets_no_redirects_and_no_records() {
          match = {{ dst = \"127.0.0.0/8\", ports = {port} }}\n"
     ));
     let mut ev = sb.take_events();
-    let c = child(&sb, "child_private_ns", &[("RW_SVC", svc.to_string()), ("RW_PORT", port.to_string())], false, None);
+    let exe = exe_for_all(&sb.dir).display().to_string();
+    let c = child(&sb, "child_private_ns", &[("RW_SVC", svc.to_string()), ("RW_PORT", port.to_string()), ("RW_EXE", exe)], false, None);
     child_passed(c, "the user in its own namespace");
     let evs = events(&mut ev, &sb);
     assert!(evs.iter().any(|e| e.kind == EventKind::ForeignNetns), "{evs:?}");
@@ -411,7 +416,7 @@ fn child_private_ns() {
     nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into()).unwrap();
     let out = std::process::Command::new("unshare")
         .arg("-rn")
-        .arg(std::env::current_exe().unwrap())
+        .arg(std::env::var("RW_EXE").unwrap())
         .args(["--exact", "child_private_ns_inner", "--ignored", "--nocapture", "--test-threads=1"])
         .output()
         .unwrap();

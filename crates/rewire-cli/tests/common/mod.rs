@@ -432,7 +432,11 @@ pub fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
 /// inside `sb`'s cgroup (it joins before it starts) or, with `None`,
 /// wherever this process is; stdout piped for [`child_passed`].
 pub fn child_cmd(sb: Option<&Sandbox>, child: &str, env: &[(&str, String)]) -> Command {
-    let exe = std::env::current_exe().unwrap();
+    child_cmd_exe(&std::env::current_exe().unwrap(), sb, child, env)
+}
+
+/// [`child_cmd`] with this test binary at `exe` (e.g. [`exe_for_all`]).
+pub fn child_cmd_exe(exe: &Path, sb: Option<&Sandbox>, child: &str, env: &[(&str, String)]) -> Command {
     let mut cmd = match sb {
         Some(sb) => sb.command(exe),
         None => Command::new(exe),
@@ -473,4 +477,21 @@ pub fn wait_file(path: &Path, want: &str) -> String {
         assert!(Instant::now() < deadline, "timed out waiting for `{want}` in {} (have `{s}`)", path.display());
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// This test binary, copied into `dir` (removed with its sandbox) where any
+/// user may run it: children started as user 65534 cannot run it where
+/// cargo built it when the checkout lies under a private directory
+/// (`/root` is mode 700 on a fresh Debian).
+pub fn exe_for_all(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().unwrap();
+    let copy = dir.join(exe.file_name().unwrap());
+    if !copy.exists() {
+        std::fs::copy(&exe, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o755)).unwrap();
+    copy
 }
