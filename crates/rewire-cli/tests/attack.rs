@@ -26,7 +26,7 @@ fn udp_tool_unprivileged(sb: &Sandbox, bind: SocketAddr, send: Option<SocketAddr
     if let Some(f) = fwd {
         e.push(("RW_FWD", f.to_string()));
     }
-    let child = child_cmd_exe(&exe_for_all(&sb.dir), None, "child_udp_tool", &e).uid(65534).gid(65534).spawn().unwrap();
+    let child = spawn_exe(child_cmd_exe(&exe_for_all(&sb.dir), None, "child_udp_tool", &e).uid(65534).gid(65534));
     wait_file(&ready, "ready");
     child
 }
@@ -319,16 +319,14 @@ fn tcp_syn_retransmission_does_not_reach_an_impostor() {
     let sb = Sandbox::new(&service("audit", pa, server.addr.port()));
     let sync = sync_file(&sb.dir, "syn");
     let ready = sync_file(&sb.dir, "tcp-impostor-ready");
-    let imp = child_cmd_exe(
+    let mut imp = child_cmd_exe(
         &exe_for_all(&sb.dir),
         None,
         "child_tcp_impostor",
         &[("RW_ADDR", format!("127.0.0.1:{pa}")), ("RW_SECS", "10".into()), ("RW_READY", ready.display().to_string()), ("RW_SYNC", sync.display().to_string())],
-    )
-    .uid(65534)
-    .gid(65534)
-    .spawn()
-    .unwrap();
+    );
+    imp.uid(65534).gid(65534);
+    let imp = spawn_exe(&mut imp);
     wait_file(&ready, "ready");
     let child = child_cmd(
         Some(&sb),

@@ -255,16 +255,16 @@ fn impostor(sb: &Sandbox, addr: SocketAddr, secs: u64) -> std::process::Child {
     let ready = sb.dir.join("impostor-ready");
     let _ = std::fs::remove_file(&ready);
     std::fs::set_permissions(&sb.dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    let child = std::process::Command::new(exe_for_all(&sb.dir))
-        .args(["--exact", "child_impostor", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("RW_ADDR", addr.to_string())
-        .env("RW_SECS", secs.to_string())
-        .env("RW_READY", &ready)
-        .uid(65534)
-        .gid(65534)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_exe(
+        std::process::Command::new(exe_for_all(&sb.dir))
+            .args(["--exact", "child_impostor", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("RW_ADDR", addr.to_string())
+            .env("RW_SECS", secs.to_string())
+            .env("RW_READY", &ready)
+            .uid(65534)
+            .gid(65534)
+            .stdout(Stdio::piped()),
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while !ready.exists() {
         assert!(Instant::now() < deadline, "the impostor did not start");

@@ -357,13 +357,13 @@ fn child_flood() {
     };
     let flooders: Vec<Child> = (0..2)
         .map(|_| {
-            Command::new(std::env::var("RW_EXE").unwrap())
-                .args(["--exact", "child_flooder", "--ignored", "--nocapture", "--test-threads=1"])
-                .uid(65534)
-                .gid(65534)
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
+            spawn_exe(
+                Command::new(std::env::var("RW_EXE").unwrap())
+                    .args(["--exact", "child_flooder", "--ignored", "--nocapture", "--test-threads=1"])
+                    .uid(65534)
+                    .gid(65534)
+                    .stdout(Stdio::piped()),
+            )
         })
         .collect();
     // The flood is under way; the witness's connects fall in the middle of it.

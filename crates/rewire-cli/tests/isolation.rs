@@ -104,7 +104,7 @@ fn child(sb: &Sandbox, name: &str, env: &[(&str, String)], outside: bool, uid: O
         }
         (None, _) => {}
     }
-    cmd.spawn().unwrap()
+    spawn_exe(&mut cmd)
 }
 
 fn events(ev: &mut rewire_control::hooks::Events, sb: &Sandbox) -> Vec<Event> {

@@ -495,3 +495,16 @@ pub fn exe_for_all(dir: &Path) -> PathBuf {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o755)).unwrap();
     copy
 }
+
+/// Spawns `cmd`, retrying (bounded) while the kernel says ETXTBSY: a copy
+/// made by [`exe_for_all`] is briefly held open for writing by any child
+/// another test thread forks meanwhile, until that child's exec.
+pub fn spawn_exe(cmd: &mut Command) -> Child {
+    for _ in 0..100 {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => std::thread::sleep(Duration::from_millis(20)),
+            r => return r.unwrap(),
+        }
+    }
+    panic!("{cmd:?} stays busy (ETXTBSY)");
+}
