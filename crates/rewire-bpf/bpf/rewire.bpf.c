@@ -590,6 +590,22 @@ static __always_inline void rw_sock_peer(struct bpf_sock *sk, __u8 family, struc
 	rw_addr_from(out, family, port, ip4, a0, a1, a2, a3);
 }
 
+/* Whether `sk` is connected to `peer`. A proxy's UDP flow socket receives
+ * its peer's datagrams and, rarely, a stray: a datagram of another source
+ * that the kernel's lookup gave it in the instant between its bind and its
+ * connect (a new member of a reuseport group with connected members gets
+ * every unmatched datagram meanwhile). A stray is judged as the listener
+ * would judge it, never as a forgery of the socket's own flow. */
+static __always_inline int rw_sock_peer_is(struct bpf_sock *sk, const struct rw_addr *peer)
+{
+	struct rw_addr p;
+
+	if (sk->state != BPF_TCP_ESTABLISHED)
+		return 0;
+	rw_sock_peer(sk, peer->family, &p);
+	return rw_addr_eq(&p, peer);
+}
+
 /* Sets the source address of an unconnected send (sendmsg4/6 only). */
 static __always_inline void rw_ctx_set_src(struct bpf_sock_addr *ctx, __u8 family, const struct rw_addr *a)
 {
@@ -1326,8 +1342,11 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 	struct bpf_sock *app;
 	__u16 *sid;
 
-	if (sk->state == BPF_TCP_ESTABLISHED)
-		return; /* a proxy's connected flow socket: already claimed */
+	/* A proxy's connected flow socket: its own peer's flow is claimed
+	 * already. A stray (see rw_sock_peer_is) is published like any other
+	 * first datagram: the proxy hands it back to its listener. */
+	if (rw_sock_peer_is(sk, src))
+		return;
 	rw_sock_local(sk, family, &local);
 	sid = bpf_map_lookup_elem(&rw_svc_addr, &local);
 	if (!sid)
@@ -2114,7 +2133,7 @@ __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const stru
 	ok = rw_sock_of_service(r, sid);
 	if (ok) {
 		st = bpf_sk_storage_get(&rw_sk, r, 0, 0);
-		if (st && (st->flags & RW_F_ACCEPTED) && st->tag && st->tag != tag)
+		if (st && (st->flags & RW_F_ACCEPTED) && st->tag && st->tag != tag && rw_sock_peer_is(r, src))
 			ok = 0;
 	}
 	bpf_sk_release(r);
@@ -2229,9 +2248,10 @@ int rw_skb_ingress(struct __sk_buff *skb)
 	}
 	if (sk->protocol != IPPROTO_UDP || !rw_skb_udp(skb, &src, &dst))
 		return 1;
-	/* A proxy's flow socket: only its application's socket sends to it. */
+	/* A proxy's flow socket: only its application's socket sends to it
+	 * (a stray from another source is judged below, as at the listener). */
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
-	if (st && (st->flags & RW_F_ACCEPTED) && st->tag)
+	if (st && (st->flags & RW_F_ACCEPTED) && st->tag && rw_sock_peer_is(sk, &src))
 		return skb->mark == st->tag ? 1 : rw_forged(&src);
 	/* An application's socket: a datagram from a service address it has a
 	 * flow with comes from that flow's proxy socket. */

@@ -49,8 +49,13 @@ pub fn bind_listener(addr: SocketAddr) -> Result<UdpSocket> {
 /// queries answer for that flow and which receives the flow's next datagrams.
 ///
 /// Between its bind and its connect the socket may receive a datagram of
-/// another source; read it with `recv_from` and hand such datagrams back to
-/// the listener's dispatch (the reference proxy does).
+/// another source (a "stray": on current kernels a connected UDP socket
+/// leaves its reuseport group, so a newly bound member, alone in a group of
+/// its own, takes every unmatched datagram until it connects; a steering
+/// program on the listener's group cannot prevent it). Read with
+/// `recv_from` and hand such datagrams back to the listener's dispatch (the
+/// reference proxy does): the kernel publishes a stray's records like those
+/// of any first datagram, and never drops it as a forgery of this flow.
 pub fn accept(local: SocketAddr, peer: SocketAddr) -> Result<UdpSocket> {
     let s = new_socket(local)?;
     s.set_reuse_port(true).map_err(Error::from_io)?;
