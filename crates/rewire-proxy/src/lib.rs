@@ -21,11 +21,16 @@
 //! bytes (UDP: datagrams) it had relayed; [`serve`] and [`udp::serve`]
 //! return only when every line has been sent.
 //!
+//! A TCP flow that fails (its onward connect refused because the next
+//! service is closed and gone, cut at shutdown, an upstream error) ends
+//! with a reset to the client, never an orderly close: an application must
+//! not take a failed inspection for an empty answer.
+//!
 //! # Connections without records
 //!
 //! A connection whose records cannot be queried (a direct connection to
 //! the listener, not redirected by rewire: a port scan, a health check)
-//! is closed and counted, not logged one by one: it gets no flow line (it
+//! is reset and counted, not logged one by one: it gets no flow line (it
 //! is no flow: nothing was relayed) and a warning summarises such refusals
 //! at most once a second ([`limits::Tally`]); the total is in
 //! [`Proxy::summary`]. The same holds for UDP datagrams without records.
@@ -41,7 +46,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -674,6 +678,7 @@ pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut 
         Ok(()) => {}
         Err(FlowError::NoRecords(e)) => {
             proxy.no_records.note(format_args!("from {peer}: {e}"));
+            reset(&client);
             return None;
         }
         Err(e) => {
@@ -684,11 +689,23 @@ pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut 
                 proxy.flow_errors.note(format_args!("flow from {peer}: {e}"));
             }
             log.error = Some(e.to_string());
-            let _ = client.shutdown().await;
+            reset(&client);
         }
     }
     log.finish(start);
     Some(log)
+}
+
+/// Ends a failed flow's client connection with a reset: the application
+/// gets `ECONNRESET`, never an orderly end of stream (FIN) that it could
+/// take for a complete answer (an onward connect refused by a closed
+/// service, a transfer cut at shutdown, an upstream that failed mid-stream).
+/// `SO_LINGER` with a zero timeout makes the close that follows (when the
+/// caller drops the stream) send the reset.
+fn reset(client: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!("SO_LINGER 0 on a failed flow's client socket: {e}");
+    }
 }
 
 async fn flow(
