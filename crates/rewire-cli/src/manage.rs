@@ -164,7 +164,13 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
             let r = persist::remove_pins(&dir)?;
             tracing::info!("removed {} stale pin(s) of a cgroup that no longer exists", r.links + r.maps);
         }
-        ManagedCgroup::create(&cfg.cgroup)?
+        // The pin directory before the cgroup: a `rewire proxy` that sees
+        // the subtree also sees that a daemon is attaching to it, and waits
+        // for the hooks before it binds (see proxy::join_daemon_cgroup).
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        ManagedCgroup::create(&cfg.cgroup).inspect_err(|_| {
+            let _ = persist::remove_pins(&dir);
+        })?
     };
     let (mut hooks, outcome) = match Hooks::persistent(&cfg, cgroup.path(), &dir, replace_programs) {
         Ok(h) => h,

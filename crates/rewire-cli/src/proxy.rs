@@ -235,9 +235,14 @@ fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
 /// Waits (at most 30 s) until the daemon of `cfg` has attached every hook.
 fn wait_attached(cfg: &Config) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut told = false;
     loop {
         match attached_subtree(cfg, &cfg.path) {
             Ok(_) => return Ok(()),
+            Err(e) if !told => {
+                tracing::info!("waiting (at most 30 s) for the daemon to attach its hooks before binding: {e:#}");
+                told = true;
+            }
             Err(e) if std::time::Instant::now() >= deadline => {
                 return Err(e.context("the daemon's hooks are still not attached after 30 s"))
             }

@@ -519,3 +519,52 @@ fn after_kill9_exec_still_redirects_and_down_removes_everything() {
     assert!(err.contains("are not attached"), "{err}");
     println!("without hooks: exec and proxy refused: {}", err.trim());
 }
+
+/// A proxy started in the daemon's subtree before the daemon has attached
+/// its hooks (a unit that starts both at once) waits for them before it
+/// binds: the kernel marks a service's sockets at bind, so a socket bound
+/// earlier would not be the service's and its flows would be refused. Once
+/// the hooks are there it binds and serves; a flow through it has records.
+#[test]
+fn proxy_started_before_the_hooks_waits_for_them() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    // What a daemon makes first, before its subtree: its pin directory. The
+    // proxy is told the subtree it belongs to (as a unit started with the
+    // daemon's is) and joins it itself.
+    std::fs::create_dir_all(life.pins()).unwrap();
+    let log = life.dir.join("audit.jsonl");
+    let err = life.dir.join("audit.err");
+    let child = life
+        .rewire()
+        .env("REWIRE_CONFIG", &life.cfg)
+        .env("REWIRE_CGROUP", &life.cg)
+        .args(["proxy", "--name", "audit", "--log"])
+        .arg(&log)
+        .env("REWIRE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    life.children.push(child);
+    std::thread::sleep(Duration::from_millis(1000));
+    let e = TcpStream::connect_timeout(&listen, Duration::from_secs(2)).expect_err("bound before the hooks were attached");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let text = std::fs::read_to_string(&err).unwrap();
+    assert!(text.contains("waiting (at most 30 s) for the daemon to attach its hooks"), "{text}");
+    life.start_daemon(&[]);
+    wait_listening(listen);
+    let out = life
+        .rewire()
+        .args(["exec", "--config", life.cfg.to_str().unwrap(), "--", REWIRE, "probe", &server.addr.to_string(), "--send", "4096"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");
+    let line = &read_log(&log, 1)[0];
+    assert_eq!(line["chain"], json!(["audit"]), "{line}");
+    println!("a proxy started before the hooks waited, then served: {line}");
+}
