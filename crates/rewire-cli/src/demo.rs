@@ -330,7 +330,7 @@ fn run(dir: &Path) -> Result<()> {
     let mut st = Stage::start(dir, "hoplimit", &toml2)?;
     let (rep, _) = st.client(origin.addrs[0], "/too-many-hops")?;
     println!(
-        "client: received {} bytes (the connection was closed by audit: {})",
+        "client: received {} bytes (audit reset the connection: {})",
         rep["received"],
         rep["error"].as_str().unwrap_or("no response")
     );
