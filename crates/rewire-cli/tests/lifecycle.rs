@@ -177,6 +177,19 @@ impl Life {
         log
     }
 
+    /// `rewire exec -- rewire probe DST --send 4096` (no daemon needed):
+    /// must succeed with every byte echoed.
+    fn exec_probe(&self, dst: SocketAddr) {
+        let out = self
+            .rewire()
+            .args(["exec", "--config", self.cfg.to_str().unwrap(), "--", REWIRE, "probe", &dst.to_string(), "--send", "4096"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");
+    }
+
     fn key(&self) -> [u64; 2] {
         rewire_control::persist::read_pinned_conf(&self.pins()).unwrap().key
     }
@@ -484,14 +497,7 @@ fn after_kill9_exec_still_redirects_and_down_removes_everything() {
     life.signal_daemon(nix::sys::signal::SIGKILL);
 
     // No daemon: exec still runs inside and the flow is still redirected.
-    let out = life
-        .rewire()
-        .args(["exec", "--config", life.cfg.to_str().unwrap(), "--", REWIRE, "probe", &server.addr.to_string(), "--send", "4096"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");
+    life.exec_probe(server.addr);
     assert_eq!(read_log(&log, 1)[0]["chain"], json!(["audit"]));
     println!("after kill -9: exec ran, 1 flow through audit");
 
@@ -556,14 +562,7 @@ fn proxy_started_before_the_hooks_waits_for_them() {
     assert!(text.contains("waiting (at most 30 s) for the daemon to attach its hooks"), "{text}");
     life.start_daemon(&[]);
     wait_listening(listen);
-    let out = life
-        .rewire()
-        .args(["exec", "--config", life.cfg.to_str().unwrap(), "--", REWIRE, "probe", &server.addr.to_string(), "--send", "4096"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");
+    life.exec_probe(server.addr);
     let line = &read_log(&log, 1)[0];
     assert_eq!(line["chain"], json!(["audit"]), "{line}");
     println!("a proxy started before the hooks waited, then served: {line}");
