@@ -1314,10 +1314,15 @@ static __always_inline void rw_udp_tuple(struct rw_tuple *t, const struct rw_add
 	__builtin_memcpy(t->saddr, server->addr, 16);
 }
 
-static __always_inline void rw_udp_handoff_put(const struct rw_tuple *key, struct rw_udp_slot *sl)
+/* Publishes a flow for the proxy's claim. A global function: its value's
+ * stack (168 bytes) is not added to its callers' (cgroup_skb/ingress is
+ * near the verifier's 512-byte limit). */
+__attribute__((noinline)) int rw_udp_handoff_put(const struct rw_tuple *key, struct rw_udp_slot *sl)
 {
 	struct rw_udp_handoff v = {};
 
+	if (!key || !sl)
+		return 0;
 	v.s.flags = RW_F_ACCEPTED;
 	v.s.service_id = sl->service_id;
 	v.s.rule_id = sl->rule_id;
@@ -1327,6 +1332,7 @@ static __always_inline void rw_udp_handoff_put(const struct rw_tuple *key, struc
 	v.published_ns = bpf_ktime_get_boot_ns();
 	sl->published = 1;
 	bpf_map_update_elem(&rw_udp_handoff, key, &v, BPF_ANY);
+	return 0;
 }
 
 /* A service's listener received a datagram from `src`: if the sending socket
@@ -1367,9 +1373,11 @@ static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf
 	au = bpf_sk_storage_get(&rw_udp_sk, app, 0, 0);
 	if (au) {
 		sl = rw_slot_of_target(au, &local);
-		/* Publish unless this very flow is published already (an entry of
-		 * an earlier flow on the same source and port is replaced). */
-		if (sl && !(v && v->s.rec.flow_id == sl->rec.flow_id))
+		/* Only where nothing is published: an entry was made by the
+		 * datagram's arrival (cgroup_skb/ingress, tag-checked) or by its
+		 * sender's close, and the datagram carried that flow's tag; the
+		 * socket holding the source port now may be somebody else. */
+		if (sl && !v)
 			rw_udp_handoff_put(&key, sl);
 	}
 	bpf_sk_release(app);
@@ -2286,8 +2294,16 @@ int rw_skb_ingress(struct __sk_buff *skb)
 			u = bpf_sk_storage_get(&rw_udp_sk, app, 0, 0);
 			if (u) {
 				sl = rw_slot_of_target(u, &dst);
-				if (sl)
+				if (sl) {
 					want = sl->tag;
+					/* Published now, by the datagram that proves
+					 * whose flow it is (its mark is the slot's tag):
+					 * not later from whoever holds the source port
+					 * when the proxy reads it (the sender may have
+					 * closed and another socket bound its port). */
+					if (skb->mark == want)
+						rw_udp_handoff_put(&key, sl);
+				}
 			}
 			bpf_sk_release(app);
 		}

@@ -169,7 +169,8 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         // for the hooks before it binds (see proxy::join_daemon_cgroup).
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         ManagedCgroup::create(&cfg.cgroup).inspect_err(|_| {
-            let _ = persist::remove_pins(&dir);
+            // Only the directory, and only if empty: pins in it are not ours to remove.
+            let _ = std::fs::remove_dir(&dir);
         })?
     };
     let (mut hooks, outcome) = match Hooks::persistent(&cfg, cgroup.path(), &dir, replace_programs) {

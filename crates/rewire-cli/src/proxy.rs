@@ -216,10 +216,18 @@ fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
             // A daemon's subtree: its hooks must be attached before this
             // proxy binds, or the kernel never learns that the sockets are
             // the service's (the mark is made at bind) and refuses its flows.
-            if p == rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup) && pin_dir(cfg).exists() {
+            // The daemon makes its pin directory before the subtree, so a
+            // subtree that exists by the time of the join shows its pins
+            // then: checked before (the subtree may not exist yet) and after.
+            let daemons = p == rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+            if daemons && pin_dir(cfg).exists() {
                 wait_attached(cfg)?;
             }
-            p
+            crate::manage::join_service(&p, name)?;
+            if daemons && pin_dir(cfg).exists() {
+                wait_attached(cfg)?;
+            }
+            return Ok(());
         }
         None => {
             let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
