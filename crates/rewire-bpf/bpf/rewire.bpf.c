@@ -670,6 +670,16 @@ static __always_inline int rw_udp_owned(void *ctx, const struct rw_addr *client,
 	return owned;
 }
 
+static __always_inline void rw_udp_tuple(struct rw_tuple *t, const struct rw_addr *client, const struct rw_addr *server)
+{
+	__builtin_memset(t, 0, sizeof(*t));
+	t->family = client->family;
+	t->cport = bpf_ntohs(client->port_be);
+	t->sport = bpf_ntohs(server->port_be);
+	__builtin_memcpy(t->caddr, client->addr, 16);
+	__builtin_memcpy(t->saddr, server->addr, 16);
+}
+
 /* Whether service port `target` is still owned by a proxy flow socket
  * connected to this socket's address (`local`; for an unbound socket or a
  * wildcard address, the flow's source is the service's own address). A
@@ -678,11 +688,19 @@ __attribute__((noinline)) int rw_udp_port_taken(struct bpf_sock_addr *ctx, const
 						const struct rw_addr *target, __u32 unbound)
 {
 	struct rw_addr client;
+	struct rw_tuple key;
 
 	if (!ctx || !local || !target)
 		return 0;
 	client = unbound || rw_addr_is_any(local) ? *target : *local;
 	client.port_be = local->port_be;
+	/* A flow of this source published there and not claimed yet (a
+	 * socket that reconnects before the proxy took its first flow, or a
+	 * closed sender's flow on a port now someone else's): its datagrams
+	 * carry that flow's tag, a new flow's would be dropped on arrival. */
+	rw_udp_tuple(&key, &client, target);
+	if (bpf_map_lookup_elem(&rw_udp_handoff, &key))
+		return 1;
 	return rw_udp_owned(ctx, &client, target);
 }
 
@@ -1304,83 +1322,35 @@ static __always_inline struct rw_udp_slot *rw_slot_of_target(struct rw_udp_sock 
 	return 0;
 }
 
-static __always_inline void rw_udp_tuple(struct rw_tuple *t, const struct rw_addr *client, const struct rw_addr *server)
-{
-	__builtin_memset(t, 0, sizeof(*t));
-	t->family = client->family;
-	t->cport = bpf_ntohs(client->port_be);
-	t->sport = bpf_ntohs(server->port_be);
-	__builtin_memcpy(t->caddr, client->addr, 16);
-	__builtin_memcpy(t->saddr, server->addr, 16);
-}
-
-/* Publishes a flow for the proxy's claim. A global function: its value's
- * stack (168 bytes) is not added to its callers' (cgroup_skb/ingress is
- * near the verifier's 512-byte limit). */
-__attribute__((noinline)) int rw_udp_handoff_put(const struct rw_tuple *key, struct rw_udp_slot *sl)
+/* Publishes slot `sl`'s flow for the proxy's claim, unless an entry is
+ * there already: an entry is never replaced (the datagrams that reach the
+ * proxy from that source were checked against the entry's tag on arrival;
+ * another flow's records must not take its place). With `want` (the tag a
+ * datagram's mark proved), only that flow: the slot may be rewritten
+ * meanwhile by its socket's own hooks (a new flow), so the tag is read
+ * before and after the copy. A global function: its value's stack (168
+ * bytes) is not added to its callers' (cgroup_skb/ingress is near the
+ * verifier's 512-byte limit). */
+__attribute__((noinline)) int rw_udp_handoff_put(const struct rw_tuple *key, struct rw_udp_slot *sl, __u32 want)
 {
 	struct rw_udp_handoff v = {};
 
 	if (!key || !sl)
 		return 0;
+	v.s.tag = *(volatile __u32 *)&sl->tag;
+	asm volatile("" ::: "memory");
 	v.s.flags = RW_F_ACCEPTED;
 	v.s.service_id = sl->service_id;
 	v.s.rule_id = sl->rule_id;
 	v.s.redirected_ns = sl->redirected_ns;
 	v.s.rec = sl->rec;
-	v.s.tag = sl->tag;
+	asm volatile("" ::: "memory");
+	if (want && (v.s.tag != want || *(volatile __u32 *)&sl->tag != want))
+		return 0;
 	v.published_ns = bpf_ktime_get_boot_ns();
 	sl->published = 1;
-	bpf_map_update_elem(&rw_udp_handoff, key, &v, BPF_ANY);
+	bpf_map_update_elem(&rw_udp_handoff, key, &v, BPF_NOEXIST);
 	return 0;
-}
-
-/* A service's listener received a datagram from `src`: if the sending socket
- * has a flow redirected to this address, publish its record for the proxy. */
-static __always_inline void rw_udp_publish(struct bpf_sock_addr *ctx, struct bpf_sock *sk, __u8 family,
-					   const struct rw_addr *src)
-{
-	struct rw_udp_handoff *v;
-	struct rw_addr local;
-	struct rw_tuple key;
-	struct rw_udp_sock *au;
-	struct rw_udp_slot *sl;
-	struct bpf_sock *app;
-	__u16 *sid;
-
-	/* A proxy's connected flow socket: its own peer's flow is claimed
-	 * already. A stray (see rw_sock_peer_is) is published like any other
-	 * first datagram: the proxy hands it back to its listener. */
-	if (rw_sock_peer_is(sk, src))
-		return;
-	rw_sock_local(sk, family, &local);
-	sid = bpf_map_lookup_elem(&rw_svc_addr, &local);
-	if (!sid)
-		return;
-	/* Only the service's own socket may learn whose flow this is. */
-	if (!rw_sock_of_service(sk, *sid))
-		return;
-	/* Claimed already: a late datagram queued on the listener before the
-	 * proxy connected its flow socket (which now receives from `src`). */
-	if (rw_udp_owned(ctx, src, &local))
-		return;
-	rw_udp_tuple(&key, src, &local);
-	v = bpf_map_lookup_elem(&rw_udp_handoff, &key);
-	/* The socket a datagram from us back to `src` would reach is the sender. */
-	app = rw_udp_receiver(ctx, &local, src);
-	if (!app)
-		return; /* gone: what its close published (if anything) stands */
-	au = bpf_sk_storage_get(&rw_udp_sk, app, 0, 0);
-	if (au) {
-		sl = rw_slot_of_target(au, &local);
-		/* Only where nothing is published: an entry was made by the
-		 * datagram's arrival (cgroup_skb/ingress, tag-checked) or by its
-		 * sender's close, and the datagram carried that flow's tag; the
-		 * socket holding the source port now may be somebody else. */
-		if (sl && !v)
-			rw_udp_handoff_put(&key, sl);
-	}
-	bpf_sk_release(app);
 }
 
 static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
@@ -1407,7 +1377,6 @@ static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
 			return 1;
 		}
 	}
-	rw_udp_publish(ctx, sk, family, &src);
 	return 1;
 }
 
@@ -1450,7 +1419,7 @@ int rw_sock_release(struct bpf_sock *sk)
 		if (sl->rec.magic != RW_MAGIC || !sl->service_id || sl->published || !sl->src.family)
 			continue;
 		rw_udp_tuple(&key, &sl->src, &sl->target);
-		rw_udp_handoff_put(&key, sl);
+		rw_udp_handoff_put(&key, sl, 0);
 	}
 	return 1;
 }
@@ -2302,7 +2271,7 @@ int rw_skb_ingress(struct __sk_buff *skb)
 					 * when the proxy reads it (the sender may have
 					 * closed and another socket bound its port). */
 					if (skb->mark == want)
-						rw_udp_handoff_put(&key, sl);
+						rw_udp_handoff_put(&key, sl, want);
 				}
 			}
 			bpf_sk_release(app);

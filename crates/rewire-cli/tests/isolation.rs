@@ -325,7 +325,7 @@ fn child_reuser() {
 // ---- a full UDP hand-off table ---------------------------------------
 
 /// The UDP hand-off table (an LRU) made tiny and overflowed: four flows are
-/// published by their service's listener before any is claimed. A flow
+/// published on arrival at their service's listener before any is claimed. A flow
 /// whose entry was evicted gets no records (its proxy refuses it); a flow
 /// that is claimed gets its own records, never another flow's.
 #[test]
@@ -360,7 +360,7 @@ fn child_full_udp_handoff() {
         sent.insert(a.local_addr().unwrap(), dst);
         apps.push(a);
     }
-    // The listener reads all four (each read publishes its flow) before any claim.
+    // All four are published on arrival; the listener reads them before any claim.
     let mut sources = vec![];
     let mut b = [0u8; 16];
     for _ in 0..4 {

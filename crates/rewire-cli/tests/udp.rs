@@ -380,11 +380,12 @@ fn child_udp_api() {
 
 /// A stray: the first datagram of flow B queued on a proxy's new flow socket
 /// in the instant between its bind and its connect (made deterministic
-/// here: the socket is left unconnected while B sends). Read on that
-/// socket after it has connected to someone else, the kernel still
-/// publishes B's records, so the proxy can hand the datagram back to its
-/// listener's dispatch and accept B like any flow (before the fix B had no
-/// records: its first datagram was refused as a flow without records).
+/// here: the socket is left unconnected while B sends). The kernel
+/// published B's records when the stray arrived (the socket is the
+/// service's own), so after the socket connected to someone else the proxy
+/// can still hand the datagram back to its listener's dispatch and accept B
+/// like any flow (before the fix B had no records: its first datagram was
+/// refused as a flow without records).
 #[test]
 fn stray_on_a_new_flow_socket_keeps_its_records() {
     let port = free_port();
@@ -467,10 +468,14 @@ fn child_udp_stray() {
 /// sender closes and another socket binds its port before the proxy reads
 /// the datagram: the kernel publishes the records when the datagram
 /// arrives (its mark proves whose it is), not when the proxy reads it from
-/// whoever holds the port then. The newcomer's own datagram from that
-/// address is dropped as not the published flow's (found by review: before,
-/// the proxy got the newcomer's records, and relayed the first sender's
-/// datagram to the newcomer's destination).
+/// whoever holds the port then, and an entry is never replaced. While that
+/// flow is published and unclaimed, its (source, service port) is taken:
+/// the newcomer's send through the service, like a quick reconnect of one
+/// socket, fails with EADDRINUSE (one service port) instead of having its
+/// datagrams dropped on arrival. (Found by review: before, the proxy got
+/// the newcomer's records and relayed the first sender's datagram to the
+/// newcomer's destination; a newcomer that closed could also overwrite the
+/// entry with its own.)
 #[test]
 fn records_go_with_the_sender_not_the_next_owner_of_its_port() {
     let port = free_port();
@@ -478,7 +483,8 @@ fn records_go_with_the_sender_not_the_next_owner_of_its_port() {
     let sb = Sandbox::new(&format!("{IDLE}{}", udp_service("probe", port, dst_port)));
     run_child_in(&sb, "child_udp_next_owner", port, dst_port);
     let c = sb.hooks().counters().unwrap();
-    assert_eq!(c.udp_forged, 1, "the newcomer's datagram was dropped as not the published flow's: {c}");
+    assert_eq!((c.udp_forged, c.impostor), (0, 0), "nothing reached the wire to be dropped: {c}");
+    assert_eq!(c.udp_conflict, 2, "the newcomer's and the reconnect's refusals: {c}");
 }
 
 #[test]
@@ -496,16 +502,31 @@ fn child_udp_next_owner() {
     sender.send(b"first sender").unwrap();
     let addr = sender.local_addr().unwrap();
     drop(sender);
-    // The next owner of its port sends to another destination through the same service.
+    // The next owner of its port sends to another destination through the
+    // same service: refused while the first sender's flow waits for the
+    // proxy; then it closes (its close publishes nothing over that flow).
     let next = UdpSocket::bind(addr).unwrap();
-    next.send_to(b"next owner", dst2).unwrap();
+    let e = next.send_to(b"next owner", dst2).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{e}");
+    drop(next);
+    // A socket that reconnects elsewhere before the proxy took its first flow.
+    let quick = UdpSocket::bind("127.0.0.1:0").unwrap();
+    quick.connect(dst).unwrap();
+    quick.send(b"quick one").unwrap();
+    let e = quick.connect(dst2).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{e}");
     let mut buf = [0u8; 64];
     let (n, src) = listener.recv_from(&mut buf).unwrap();
     assert_eq!((&buf[..n], src), (&b"first sender"[..], addr));
     let flow = as_service("probe", || rewire::udp::accept(local, src).unwrap());
     let rec = rewire::query_redirect_records(&flow).unwrap();
     assert_eq!(rec.original_destination(), dst, "the first sender's datagram carries the first sender's records");
+    // The quick socket's first flow, with its records.
+    let (n, src) = listener.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], src), (&b"quick one"[..], quick.local_addr().unwrap()));
+    let flow = as_service("probe", || rewire::udp::accept(local, src).unwrap());
+    assert_eq!(rewire::query_redirect_records(&flow).unwrap().original_destination(), dst);
     listener.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let more = listener.recv_from(&mut buf).ok().map(|(n, s)| (buf[..n].to_vec(), s));
-    assert_eq!(more, None, "the next owner's datagram must not reach the listener as that flow's");
+    assert_eq!(more, None, "nothing else reached the listener");
 }

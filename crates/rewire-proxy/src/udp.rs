@@ -214,7 +214,7 @@ async fn serve_one(
             ));
             continue;
         };
-        match open(proxy, local, peer) {
+        match open(proxy, local, peer, &shared.stray) {
             Ok((client, upstream, log)) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let _ = tx.send(data);
@@ -249,12 +249,51 @@ async fn serve_one(
 }
 
 /// Accepts the flow of `peer`, queries it and opens the outbound socket.
-fn open(proxy: &Proxy, local: SocketAddr, peer: SocketAddr) -> Result<(UdpSocket, UdpSocket, FlowLog), FlowError> {
-    let opts = &proxy.opts;
-    let mut log = FlowLog::new(opts, peer, "udp");
+/// If the flow fails after its socket was made, the datagrams of other
+/// sources queued on that socket (strays, see [`Moved::Stray`]) go back to
+/// the listener's dispatch through `strays` before the socket is closed.
+fn open(
+    proxy: &Proxy,
+    local: SocketAddr,
+    peer: SocketAddr,
+    strays: &mpsc::UnboundedSender<(Vec<u8>, SocketAddr)>,
+) -> Result<(UdpSocket, UdpSocket, FlowLog), FlowError> {
     let client = rewire::asynchronous::udp_accept(local, peer).map_err(FlowError::UdpAccept)?;
     // Room for a burst of the flow's datagrams while its task is busy.
     let _ = socket2::SockRef::from(&client).set_recv_buffer_size(FLOW_RCVBUF);
+    match onward(proxy, &client, peer) {
+        Ok((up, log)) => Ok((client, up, log)),
+        Err(e) => {
+            SCRATCH.with_borrow_mut(|buf| {
+                // A plain non-blocking read (tokio's try_recv_from would
+                // wait for a readiness event this new socket has not had).
+                // Bounded: what the socket holds (it is connected, nothing
+                // new arrives from others), at most a receive buffer's worth.
+                let sock = socket2::SockRef::from(&client);
+                for _ in 0..4096 {
+                    let got = {
+                        // SAFETY: u8 and MaybeUninit<u8> have the same layout; recv only writes initialised bytes.
+                        let raw = unsafe { &mut *(buf.as_mut_slice() as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+                        sock.recv_from(raw)
+                    };
+                    let Ok((n, src)) = got else { break };
+                    match src.as_socket() {
+                        Some(src) if src != peer => {
+                            let _ = strays.send((buf[..n].to_vec(), src));
+                        }
+                        _ => {}
+                    }
+                }
+            });
+            Err(e)
+        }
+    }
+}
+
+/// Queries the flow on its accepted socket and opens the outbound socket.
+fn onward(proxy: &Proxy, client: &UdpSocket, peer: SocketAddr) -> Result<(UdpSocket, FlowLog), FlowError> {
+    let opts = &proxy.opts;
+    let mut log = FlowLog::new(opts, peer, "udp");
     if let Destination::FixedForTests(dst) = opts.destination {
         let up = std::net::UdpSocket::bind(if dst.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" })
             .and_then(|s| s.connect(dst).map(|()| s))
@@ -262,13 +301,13 @@ fn open(proxy: &Proxy, local: SocketAddr, peer: SocketAddr) -> Result<(UdpSocket
             .and_then(UdpSocket::from_std)
             .map_err(|source| FlowError::Connect { dst, source })?;
         log.original_destination = Some(dst);
-        return Ok((client, up, log));
+        return Ok((up, log));
     }
-    let records = rewire::query_redirect_records(&client).map_err(FlowError::NoRecords)?;
-    log.fill(opts, &records, rewire::query_redirect_context(&client).ok());
+    let records = rewire::query_redirect_records(client).map_err(FlowError::NoRecords)?;
+    log.fill(opts, &records, rewire::query_redirect_context(client).ok());
     let dst = records.original_destination();
     match rewire::asynchronous::udp_connect_onward(&records) {
-        Ok(up) => Ok((client, up, log)),
+        Ok(up) => Ok((up, log)),
         Err(source) => Err(FlowError::ConnectOnward { dst, source }),
     }
 }
