@@ -680,10 +680,11 @@ static __always_inline void rw_udp_tuple(struct rw_tuple *t, const struct rw_add
 	__builtin_memcpy(t->saddr, server->addr, 16);
 }
 
-/* Whether service port `target` is still owned by a proxy flow socket
- * connected to this socket's address (`local`; for an unbound socket or a
- * wildcard address, the flow's source is the service's own address). A
- * global function: its lookup's stack is not added to its callers'. */
+/* Whether service port `target` is still owned by a flow of this socket's
+ * address (`local`; for an unbound socket or a wildcard address, the flow's
+ * source is the service's own address): a proxy flow socket connected to
+ * it, or a published flow not claimed yet. A global function: its lookup's
+ * stack is not added to its callers'. */
 __attribute__((noinline)) int rw_udp_port_taken(struct bpf_sock_addr *ctx, const struct rw_addr *local,
 						const struct rw_addr *target, __u32 unbound)
 {
@@ -1359,12 +1360,14 @@ static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
 	struct bpf_sock *sk = ctx->sk;
 	struct rw_udp_sock *u;
 	struct rw_udp_slot *sl;
-	struct rw_addr src, key;
+	struct rw_addr key;
 	int mapped;
 
 	if (!conf || !conf->n_rules || !sk)
 		return 1;
-	rw_ctx_addr(ctx, family, &src);
+	/* An application's reply: shown from the original destination. (A
+	 * service's socket publishes nothing here: its flows are published
+	 * when their datagrams arrive, see cgroup_skb/ingress.) */
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
 	if (u) {
 		/* A dual-stack IPv6 socket's IPv4 flows: their replies come
@@ -1374,7 +1377,6 @@ static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
 		if (sl) {
 			sl->last_ns = bpf_ktime_get_boot_ns();
 			rw_ctx_target(ctx, family, &sl->rec.orig_dst);
-			return 1;
 		}
 	}
 	return 1;
