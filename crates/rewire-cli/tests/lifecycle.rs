@@ -567,3 +567,25 @@ fn proxy_started_before_the_hooks_waits_for_them() {
     assert_eq!(line["chain"], json!(["audit"]), "{line}");
     println!("a proxy started before the hooks waited, then served: {line}");
 }
+
+/// A daemon refused because its cgroup exists and is not one it can adopt
+/// (someone else's, or one whose pins it cannot read) leaves what is in
+/// the pin directory alone (pinned links of another instance keep
+/// enforcing), and removes only the empty pin directory it made itself.
+#[test]
+fn refused_daemon_start_leaves_the_pins_alone() {
+    let life = Life::new(&service("audit", free_port(), free_port()));
+    std::fs::create_dir(&life.cg).unwrap(); // not made by rewire: no links of ours on it
+    let held = life.pins().join("links");
+    std::fs::create_dir_all(&held).unwrap();
+    let daemon = |life: &Life| {
+        let out = life.run(&["daemon", "--events", "off", "--config", life.cfg.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && err.contains("already exists"), "{err}");
+    };
+    daemon(&life);
+    assert!(held.exists(), "a refused start removed {}", held.display());
+    std::fs::remove_dir_all(life.pins()).unwrap();
+    daemon(&life);
+    assert!(!life.pins().exists(), "the empty pin directory the refused start made is left behind");
+}

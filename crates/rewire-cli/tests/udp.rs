@@ -479,25 +479,37 @@ fn child_udp_stray() {
 #[test]
 fn records_go_with_the_sender_not_the_next_owner_of_its_port() {
     let port = free_port();
-    let dst_port = free_port();
-    let sb = Sandbox::new(&format!("{IDLE}{}", udp_service("probe", port, dst_port)));
+    // Two destination ports through the one service, on IPv4 and IPv6.
+    let dst_port = free_ports(2);
+    let cfg = format!(
+        "{IDLE}[[service]]\nname = \"probe\"\nlisten = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]\nudp_ports = 1\n\
+         [[service.match]]\nprotocol = \"udp\"\ndst = [\"127.0.0.0/8\", \"::1/128\"]\nports = \"{dst_port}-{}\"\n",
+        dst_port + 1
+    );
+    let sb = Sandbox::new(&cfg);
     run_child_in(&sb, "child_udp_next_owner", port, dst_port);
     let c = sb.hooks().counters().unwrap();
     assert_eq!((c.udp_forged, c.impostor), (0, 0), "nothing reached the wire to be dropped: {c}");
-    assert_eq!(c.udp_conflict, 2, "the newcomer's and the reconnect's refusals: {c}");
+    assert_eq!(c.udp_conflict, 4, "the newcomer's and the reconnect's refusals, both families: {c}");
 }
 
 #[test]
 #[ignore = "runs inside the test cgroup, started by records_go_with_the_sender_not_the_next_owner_of_its_port"]
 fn child_udp_next_owner() {
     let Some((port, dst_port)) = child_env() else { return };
-    let dst: SocketAddr = format!("127.0.0.1:{dst_port}").parse().unwrap();
-    let dst2: SocketAddr = format!("127.0.0.2:{dst_port}").parse().unwrap();
-    let local = SocketAddr::new(dst.ip(), port);
+    for ip in ["127.0.0.1", "::1"] {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        next_owner_in(ip, port, SocketAddr::new(ip, dst_port), SocketAddr::new(ip, dst_port + 1));
+    }
+}
+
+fn next_owner_in(ip: std::net::IpAddr, port: u16, dst: SocketAddr, dst2: SocketAddr) {
+    let any = SocketAddr::new(ip, 0);
+    let local = SocketAddr::new(ip, port);
     let listener = as_service("probe", || rewire::udp::bind_listener(local).unwrap());
     listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     // The sender: one datagram to `dst`, then closed before the proxy reads.
-    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sender = UdpSocket::bind(any).unwrap();
     sender.connect(dst).unwrap();
     sender.send(b"first sender").unwrap();
     let addr = sender.local_addr().unwrap();
@@ -510,7 +522,7 @@ fn child_udp_next_owner() {
     assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{e}");
     drop(next);
     // A socket that reconnects elsewhere before the proxy took its first flow.
-    let quick = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let quick = UdpSocket::bind(any).unwrap();
     quick.connect(dst).unwrap();
     quick.send(b"quick one").unwrap();
     let e = quick.connect(dst2).unwrap_err();
