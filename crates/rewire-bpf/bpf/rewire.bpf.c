@@ -407,13 +407,12 @@ static __always_inline int rw_addr_is_any(const struct rw_addr *a)
 }
 
 /* A connect's or send's destination as the kernel will route it: an
- * IPv4-mapped address on an IPv6 socket is the IPv4 address (*mapped = 1).
- * This is the flow's original destination. */
-static __always_inline void rw_ctx_dst(struct bpf_sock_addr *ctx, __u8 family, struct rw_addr *orig, int *mapped)
+ * IPv4-mapped address on an IPv6 socket is the IPv4 address. This is the
+ * flow's original destination. */
+static __always_inline void rw_ctx_dst(struct bpf_sock_addr *ctx, __u8 family, struct rw_addr *orig)
 {
 	rw_ctx_addr(ctx, family, orig);
-	*mapped = rw_v4mapped(orig);
-	if (*mapped)
+	if (rw_v4mapped(orig))
 		rw_unmap(orig);
 }
 
@@ -655,17 +654,13 @@ static __always_inline struct bpf_sock *rw_udp_receiver(void *ctx, const struct 
 static __always_inline int rw_udp_owned(void *ctx, const struct rw_addr *client, const struct rw_addr *server)
 {
 	struct bpf_sock *s = rw_udp_receiver(ctx, client, server);
-	struct rw_addr peer;
-	int owned = 0;
+	int owned;
 
 	if (!s)
 		return 0;
 	/* Connected to this very source (not a flow socket of another client
 	 * that a lookup of the reuseport group returned). */
-	if (s->state == BPF_TCP_ESTABLISHED) {
-		rw_sock_peer(s, client->family, &peer);
-		owned = rw_addr_eq(&peer, client);
-	}
+	owned = rw_sock_peer_is(s, client);
 	bpf_sk_release(s);
 	return owned;
 }
@@ -1001,9 +996,9 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	struct rw_sock *st;
 	struct rw_choice c = {};
 	struct rw_addr orig;
-	int mapped, has_rec, r;
+	int has_rec, r;
 
-	rw_ctx_dst(ctx, family, &orig, &mapped);
+	rw_ctx_dst(ctx, family, &orig);
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
 	if (st) {
@@ -1102,12 +1097,12 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	struct rw_choice c = {};
 	struct rw_addr orig, local;
 	__u64 now = bpf_ktime_get_boot_ns();
-	int has_rec, free = -1, mapped, r;
+	int has_rec, free = -1, r;
 	__u32 used = 0; /* ports of the service's range this socket's live flows use */
 	__u16 base = 0;
 	int unbound;
 
-	rw_ctx_dst(ctx, family, &orig, &mapped);
+	rw_ctx_dst(ctx, family, &orig);
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
 	r = rw_bind_check(st, has_rec, &orig, IPPROTO_UDP);
@@ -1361,7 +1356,6 @@ static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
 	struct rw_udp_sock *u;
 	struct rw_udp_slot *sl;
 	struct rw_addr key;
-	int mapped;
 
 	if (!conf || !conf->n_rules || !sk)
 		return 1;
@@ -1372,7 +1366,7 @@ static __always_inline int rw_recvmsg(struct bpf_sock_addr *ctx, __u8 family)
 	if (u) {
 		/* A dual-stack IPv6 socket's IPv4 flows: their replies come
 		 * here as ::ffff:a.b.c.d and are shown the same way. */
-		rw_ctx_dst(ctx, family, &key, &mapped);
+		rw_ctx_dst(ctx, family, &key);
 		sl = rw_slot_of_target(u, &key);
 		if (sl) {
 			sl->last_ns = bpf_ktime_get_boot_ns();
@@ -1433,8 +1427,7 @@ static __always_inline int rw_peername(struct bpf_sock_addr *ctx, __u8 family)
 	struct rw_sock *st;
 	struct rw_udp_sock *u;
 	struct rw_udp_slot *sl;
-	struct rw_addr peer, o;
-	int mapped;
+	struct rw_addr peer;
 
 	if (!ctx->sk)
 		return 1;
@@ -1447,12 +1440,10 @@ static __always_inline int rw_peername(struct bpf_sock_addr *ctx, __u8 family)
 	u = bpf_sk_storage_get(&rw_udp_sk, ctx->sk, 0, 0);
 	if (!u)
 		return 1;
-	rw_ctx_dst(ctx, family, &peer, &mapped);
+	rw_ctx_dst(ctx, family, &peer);
 	sl = rw_slot_of_target(u, &peer);
-	if (sl) {
-		o = sl->rec.orig_dst;
-		rw_ctx_target(ctx, family, &o);
-	}
+	if (sl)
+		rw_ctx_target(ctx, family, &sl->rec.orig_dst);
 	return 1;
 }
 
@@ -1469,6 +1460,21 @@ int rw_getpeername6(struct bpf_sock_addr *ctx)
 }
 
 /* ---- sockops: hand the record to the accepted socket ---- */
+
+/* An IPv6 socket's IPv4 connection has IPv4-mapped addresses on its side
+ * and plain IPv4 ones on an IPv4 listener's: both sides key it as IPv4. */
+static __always_inline void rw_tuple_unmap(struct rw_tuple *t)
+{
+	__u32 *c = (__u32 *)t->caddr, *s = (__u32 *)t->saddr;
+	__u32 m = bpf_htonl(0xffff);
+
+	if (t->family != AF_INET6 || c[0] || c[1] || c[2] != m || s[0] || s[1] || s[2] != m)
+		return;
+	t->family = AF_INET;
+	c[0] = c[3];
+	s[0] = s[3];
+	c[2] = c[3] = s[2] = s[3] = 0;
+}
 
 static __always_inline void rw_tuple_of(struct bpf_sock_ops *skops, struct rw_tuple *t, int passive)
 {
@@ -1495,21 +1501,7 @@ static __always_inline void rw_tuple_of(struct bpf_sock_ops *skops, struct rw_tu
 	}
 	t->cport = passive ? rport : lport;
 	t->sport = passive ? lport : rport;
-}
-
-/* An IPv6 socket's IPv4 connection has IPv4-mapped addresses on its side
- * and plain IPv4 ones on an IPv4 listener's: both sides key it as IPv4. */
-static __always_inline void rw_tuple_unmap(struct rw_tuple *t)
-{
-	__u32 *c = (__u32 *)t->caddr, *s = (__u32 *)t->saddr;
-	__u32 m = bpf_htonl(0xffff);
-
-	if (t->family != AF_INET6 || c[0] || c[1] || c[2] != m || s[0] || s[1] || s[2] != m)
-		return;
-	t->family = AF_INET;
-	c[0] = c[3];
-	s[0] = s[3];
-	c[2] = c[3] = s[2] = s[3] = 0;
+	rw_tuple_unmap(t);
 }
 
 SEC("sockops")
@@ -1532,7 +1524,6 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 		if (!st || !(st->flags & RW_F_REDIRECTED))
 			return 1;
 		rw_tuple_of(skops, &t, 0);
-		rw_tuple_unmap(&t);
 		st->cookie = bpf_get_socket_cookie(skops);
 		if (bpf_map_update_elem(&rw_handoff, &t, st, BPF_NOEXIST)) {
 			/* Full (or a stale twin): the proxy will find no records
@@ -1554,14 +1545,12 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 		if (!st || !(st->flags & RW_F_REDIRECTED))
 			return 1;
 		rw_tuple_of(skops, &t, 0);
-		rw_tuple_unmap(&t);
 		v = bpf_map_lookup_elem(&rw_handoff, &t);
 		if (v && v->cookie == st->cookie)
 			bpf_map_delete_elem(&rw_handoff, &t);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		rw_tuple_of(skops, &t, 1);
-		rw_tuple_unmap(&t);
 		v = bpf_map_lookup_elem(&rw_handoff, &t);
 		if (!v)
 			return 1;
@@ -2097,16 +2086,14 @@ static __always_inline struct bpf_sock *rw_skb_sock(struct __sk_buff *skb)
 __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const struct rw_addr *src,
 					      const struct rw_addr *dst, __u64 sid_tag)
 {
-	struct bpf_sock_tuple t;
 	struct bpf_sock *r;
 	struct rw_sock *st;
-	__u32 len, sid = sid_tag >> 32, tag = (__u32)sid_tag;
+	__u32 sid = sid_tag >> 32, tag = (__u32)sid_tag;
 	int ok;
 
 	if (!skb || !src || !dst)
 		return 0;
-	len = rw_sk_tuple(&t, src, dst);
-	r = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+	r = rw_udp_receiver(skb, src, dst);
 	if (!r)
 		return 1; /* nobody: the datagram is dropped by the kernel (ICMP unreachable) */
 	ok = rw_sock_of_service(r, sid);
@@ -2256,11 +2243,9 @@ int rw_skb_ingress(struct __sk_buff *skb)
 	if (h) {
 		want = h->s.tag;
 	} else {
-		struct bpf_sock_tuple t;
-		struct bpf_sock *app;
-		__u32 len = rw_sk_tuple(&t, &dst, &src);
+		/* The socket a datagram back to `src` would reach: the sender. */
+		struct bpf_sock *app = rw_udp_receiver(skb, &dst, &src);
 
-		app = bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 		if (app) {
 			u = bpf_sk_storage_get(&rw_udp_sk, app, 0, 0);
 			if (u) {
