@@ -132,13 +132,6 @@ impl ManagedCgroup {
         &self.path
     }
 
-    /// A child cgroup (created if missing), e.g. `clients` or `services/audit`.
-    pub fn child(&self, rel: &str) -> Result<PathBuf, CgroupError> {
-        let p = self.path.join(rel);
-        fs::create_dir_all(&p).map_err(io_err("mkdir", &p))?;
-        Ok(p)
-    }
-
     /// Processes anywhere in the subtree.
     pub fn pids(&self) -> Vec<u32> {
         let mut out = Vec::new();

@@ -70,40 +70,23 @@ pub fn preflight() -> Result<(), CheckError> {
     Ok(())
 }
 
-/// Makes sure bpffs is mounted at `/sys/fs/bpf` (for the daemon's pins).
-/// Returns whether this call mounted it, so the caller can undo it.
-pub fn ensure_bpffs() -> Result<bool, CheckError> {
-    ensure_bpffs_at(std::path::Path::new(BPFFS))
-}
-
-/// The same for another mount point (`$REWIRE_BPFFS`). The daemon never
-/// unmounts it again: its pins (and with them the hooks) live in it.
-pub fn ensure_bpffs_at(root: &std::path::Path) -> Result<bool, CheckError> {
+/// Makes sure bpffs is mounted at `root` (`/sys/fs/bpf`, or
+/// `$REWIRE_BPFFS`) for the daemon's pins. The daemon never unmounts it
+/// again: its pins (and with them the hooks) live in it.
+pub fn ensure_bpffs_at(root: &std::path::Path) -> Result<(), CheckError> {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
     let want = root.to_string_lossy();
     if mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         f.nth(1) == Some(&*want) && f.next() == Some("bpf")
     }) {
-        return Ok(false);
+        return Ok(());
     }
     use nix::mount::{mount, MsFlags};
     mount(Some("bpf"), root, Some("bpf"), MsFlags::empty(), None::<&str>)
         .map_err(|e| CheckError::NoBpffs(format!("{}: {e}", root.display())))?;
-    Ok(true)
+    Ok(())
 }
-
-/// Unmounts a bpffs that [`ensure_bpffs`] mounted (the kernel's own
-/// `maps.debug`/`progs.debug` iterators would otherwise stay behind).
-pub fn release_bpffs(mounted_here: bool) {
-    if mounted_here {
-        if let Err(e) = nix::mount::umount(BPFFS) {
-            tracing::warn!("unmounting {BPFFS}: {e}");
-        }
-    }
-}
-
-const BPFFS: &str = "/sys/fs/bpf";
 
 #[cfg(test)]
 mod tests {

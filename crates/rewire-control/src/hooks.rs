@@ -89,21 +89,6 @@ unsafe impl aya::Pod for Pod<RwSock> {}
 unsafe impl aya::Pod for Pod<RwUdpHandoff> {}
 unsafe impl aya::Pod for Pod<RwIdentKey> {}
 
-/// Names of the maps, as pinned by the daemon.
-pub const MAPS: &[&str] = &[
-    "rw_conf",
-    "rw_rules",
-    "rw_services",
-    "rw_svc_addr",
-    "rw_svc_id",
-    "rw_access",
-    "rw_handoff",
-    "rw_udp_handoff",
-    "rw_link",
-    "rw_counters",
-    "rw_events",
-];
-
 /// The kernel's per-cause counters (map `rw_counters`), summed over CPUs.
 /// Unlike events, which a full ring buffer drops, they never lose a count.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -283,7 +268,6 @@ pub struct ProgramStats {
 pub struct Hooks {
     pub(crate) bpf: Ebpf,
     pub(crate) cgroup: PathBuf,
-    pub(crate) pinned: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -315,11 +299,8 @@ impl Hooks {
         let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;
         // bpf_link attachments are always multi-attach; the kernel refuses flags with them.
         let mode = CgroupAttachMode::Single;
-        let wanted = programs_for(config);
-        for &(name, section) in rewire_bpf::PROGRAMS {
-            if !wanted.iter().any(|&(w, _)| w == name) {
-                continue; // not needed by this configuration (see OPTIONAL_PROGRAMS)
-            }
+        // Only the programs this configuration needs (see OPTIONAL_PROGRAMS).
+        for (name, section) in programs_for(config) {
             let prog = bpf.program_mut(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
             let err = |source| HooksError::Program { name, source };
             match section {
@@ -351,7 +332,7 @@ impl Hooks {
                 }
             }
         }
-        Ok(Self { bpf, cgroup: subtree.into(), pinned: None })
+        Ok(Self { bpf, cgroup: subtree.into() })
     }
 
     /// The cgroup the programs are attached to.
@@ -439,39 +420,10 @@ impl Hooks {
         let map = self.bpf.map(name).ok_or_else(|| HooksError::Config(format!("no {name}")))?;
         HashMap::try_from(map).map_err(|source| HooksError::Map { name, source })
     }
-
-    /// Pins the maps under `dir` (created; removed again by [`Hooks::unpin`] or drop).
-    pub fn pin_maps(&mut self, dir: &Path) -> Result<(), HooksError> {
-        std::fs::create_dir_all(dir).map_err(|e| HooksError::Pin { path: dir.into(), message: e.to_string() })?;
-        self.pinned = Some(dir.into());
-        for &name in MAPS {
-            if let Some(m) = self.bpf.map(name) {
-                let path = dir.join(name);
-                m.pin(&path).map_err(|e| HooksError::Pin { path, message: e.to_string() })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes the pins made by [`Hooks::pin_maps`].
-    pub fn unpin(&mut self) {
-        if let Some(dir) = self.pinned.take() {
-            for name in MAPS {
-                let _ = std::fs::remove_file(dir.join(name));
-            }
-            let _ = std::fs::remove_dir(&dir);
-        }
-    }
-}
-
-impl Drop for Hooks {
-    fn drop(&mut self) {
-        self.unpin();
-    }
 }
 
 /// The hand-off maps of a running daemon, opened from its pins
-/// ([`Hooks::pin_maps`]) by another process, to watch them return to their
+/// ([`crate::persist`]) by another process, to watch them return to their
 /// baseline (the benchmark's memory check does).
 pub struct PinnedHandoffs {
     tcp: HashMap<MapData, Pod<RwTuple>, Pod<RwSock>>,

@@ -309,11 +309,11 @@ impl Hooks {
         if !replace_programs && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id, &wanted)? {
             let _ = fs::remove_dir_all(stage_dir(dir));
             let outcome = Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, ..Default::default() };
-            return Ok((Self { bpf, cgroup: subtree.into(), pinned: None }, outcome));
+            return Ok((Self { bpf, cgroup: subtree.into() }, outcome));
         }
         switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
         publish(dir)?;
-        Ok((Self { bpf, cgroup: subtree.into(), pinned: None }, outcome))
+        Ok((Self { bpf, cgroup: subtree.into() }, outcome))
     }
 
     /// Applies a new configuration to hooks made by [`Hooks::persistent`]:
