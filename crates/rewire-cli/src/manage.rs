@@ -78,11 +78,16 @@ async fn expire_udp_handoffs(hooks: &mut Hooks, idle: Duration) {
     let mut tick = tokio::time::interval((idle / 2).max(Duration::from_millis(50)));
     loop {
         tick.tick().await;
-        match hooks.expire_udp_handoffs(idle) {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!("expired {n} unclaimed udp flow(s)"),
-            Err(e) => tracing::warn!("expiring udp flows: {e}"),
-        }
+        expire_once(hooks, idle);
+    }
+}
+
+/// One pass of [`expire_udp_handoffs`] (the daemon runs it in its own loop).
+fn expire_once(hooks: &mut Hooks, idle: Duration) {
+    match hooks.expire_udp_handoffs(idle) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!("expired {n} unclaimed udp flow(s)"),
+        Err(e) => tracing::warn!("expiring udp flows: {e}"),
     }
 }
 
@@ -231,11 +236,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                         }
                     }
                 }
-                _ = tick.tick() => match hooks.expire_udp_handoffs(cur.udp_idle()) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!("expired {n} unclaimed udp flow(s)"),
-                    Err(e) => tracing::warn!("expiring udp flows: {e}"),
-                },
+                _ = tick.tick() => expire_once(&mut hooks, cur.udp_idle()),
             }
         };
         if let Some(p) = printer {

@@ -152,10 +152,7 @@ impl ManagedCgroup {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
             }
         }
-        let deadline = Instant::now() + timeout;
-        while !self.pids().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.wait_empty(timeout);
     }
 
     /// Removes the subtree: ends what is left inside, then removes the

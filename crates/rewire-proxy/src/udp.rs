@@ -90,16 +90,15 @@ pub fn bind_or_inherit(addrs: &[SocketAddr], inherited: &mut Vec<crate::activati
     addrs
         .iter()
         .map(|a| {
-            if let Some(s) = crate::activation::claim(inherited, crate::activation::Transport::Udp, *a) {
+            let u = if let Some(s) = crate::activation::claim(inherited, crate::activation::Transport::Udp, *a) {
                 tracing::info!("listening on {a} (udp) with the socket passed by the service manager ({s})");
                 socket2::SockRef::from(&s.fd).set_reuse_port(true)?;
                 let u = std::net::UdpSocket::from(s.fd);
                 u.set_nonblocking(true)?;
-                let u = UdpSocket::from_std(u)?;
-                raise_rcvbuf(&u);
-                return Ok(u);
-            }
-            let u = rewire::asynchronous::udp_bind_listener(*a).map_err(io::Error::from)?;
+                UdpSocket::from_std(u)?
+            } else {
+                rewire::asynchronous::udp_bind_listener(*a).map_err(io::Error::from)?
+            };
             raise_rcvbuf(&u);
             Ok(u)
         })
