@@ -294,6 +294,21 @@ struct rw_walk {
 	__u16 rule_id;
 };
 
+/* The walk continues the flow of `rec`: its chain's services are seen,
+ * its origin is the one rules match on. Returns the chain's length. */
+static __always_inline __u8 rw_walk_from(struct rw_walk *w, const struct rw_records *rec)
+{
+	__u8 n = rec->n_chain;
+
+#pragma unroll
+	for (int i = 0; i < RW_MAX_CHAIN; i++)
+		if (i < n)
+			w->seen |= 1ULL << (rec->chain[i] & 63);
+	w->uid = rec->uid;
+	w->cgroup_id = rec->cgroup_id;
+	return n;
+}
+
 static long rw_walk_rule(__u32 i, void *data)
 {
 	struct rw_walk *w = data;
@@ -801,8 +816,6 @@ __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw
 {
 	struct rw_link_key k = {};
 	struct rw_link *l;
-	__u64 seen = 0;
-	__u8 n;
 
 	if (!orig || !c || !w)
 		return 0;
@@ -823,15 +836,8 @@ __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw
 			bpf_map_delete_elem(&rw_link, &k);
 		return 0;
 	}
-	n = l->rec.n_chain;
-#pragma unroll
-	for (int i = 0; i < RW_MAX_CHAIN; i++)
-		if (i < n)
-			seen |= 1ULL << (l->rec.chain[i] & 63);
-	w->seen = seen;
-	w->uid = l->rec.uid;
-	w->cgroup_id = l->rec.cgroup_id;
-	c->n = n;
+	w->seen = 0;
+	c->n = rw_walk_from(w, &l->rec);
 	c->linked = 1;
 	c->link_flow = l->rec.flow_id;
 	return 1;
@@ -885,14 +891,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 	proto = c->proto;
 	rw_match_addr(orig, &w.dst);
 	if (has_rec) {
-		__u8 n = st->rec.n_chain;
-#pragma unroll
-		for (int i = 0; i < RW_MAX_CHAIN; i++)
-			if (i < n)
-				w.seen |= 1ULL << (st->rec.chain[i] & 63);
-		w.uid = st->rec.uid;
-		w.cgroup_id = st->rec.cgroup_id;
-		c->n = n;
+		c->n = rw_walk_from(&w, &st->rec);
 	} else {
 		w.uid = (__u32)bpf_get_current_uid_gid();
 		w.cgroup_id = bpf_get_current_cgroup_id();
