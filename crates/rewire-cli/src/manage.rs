@@ -263,7 +263,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
 /// to the cgroup at `cg` (which proves that rewire created that cgroup).
 fn adoptable(dir: &Path, cg: &Path) -> bool {
     let Ok(id) = rewire_control::cgroup::cgroup_id(cg) else { return false };
-    persist::link_status(dir).is_ok_and(|links| links.values().any(|l| l.cgroup_id == id))
+    persist::link_status(dir).is_ok_and(|links| links.values().any(|l| l.attached_to(id)))
 }
 
 fn reload_in_daemon(hooks: &mut Hooks, cur: &Config, path: &Path, dir: &Path) -> Result<(Config, persist::Outcome)> {

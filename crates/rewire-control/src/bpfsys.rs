@@ -123,6 +123,13 @@ pub struct LinkInfo {
     pub attach_type: u32,
 }
 
+impl LinkInfo {
+    /// Whether this is a cgroup link attached to the cgroup with id `cgroup_id`.
+    pub fn attached_to(&self, cgroup_id: u64) -> bool {
+        self.link_type == LINK_TYPE_CGROUP && self.cgroup_id == cgroup_id
+    }
+}
+
 /// Reads a link's information.
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     let mut b = [0u8; 128];
@@ -215,11 +222,8 @@ pub fn map_dump(map: impl AsFd) -> io::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e),
         }
-        let mut value = vec![0u8; vs];
-        let mut a = Attr::new();
-        a.u32(0, fd.as_raw_fd() as u32).u64(8, next.as_ptr() as u64).u64(16, value.as_mut_ptr() as u64);
-        match sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut a) {
-            Ok(_) => {
+        match map_lookup(fd, &next, vs) {
+            Ok(value) => {
                 out.insert(next.clone(), value);
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {} // deleted meanwhile

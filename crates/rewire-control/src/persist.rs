@@ -187,7 +187,7 @@ pub fn check_attached(dir: &Path, cgroup: &Path) -> Result<(), LinkCheckError> {
             Err(source) => return Err(LinkCheckError::Io { path, source }),
         };
         let info = bpfsys::link_info(fd.as_fd()).map_err(|source| LinkCheckError::Io { path: path.clone(), source })?;
-        if info.link_type != bpfsys::LINK_TYPE_CGROUP || info.cgroup_id != expected {
+        if !info.attached_to(expected) {
             return Err(LinkCheckError::NotAttached {
                 name,
                 cgroup: cgroup.into(),
@@ -445,7 +445,7 @@ fn same_as_live(
     }
     for &(name, _) in wanted {
         let Some(link) = existing.get(name) else { return Ok(false) };
-        if link.link_type != bpfsys::LINK_TYPE_CGROUP || link.cgroup_id != cg_id {
+        if !link.attached_to(cg_id) {
             return Ok(false);
         }
         let old = bpfsys::prog_by_id(link.prog_id).and_then(|fd| bpfsys::prog_info(fd.as_fd())).map_err(sys("program info"))?;
@@ -486,7 +486,7 @@ fn switch(
         match bpfsys::obj_get(&path) {
             Ok(link) => {
                 let info = bpfsys::link_info(link.as_fd()).map_err(sys(format!("link {name}")))?;
-                if info.link_type == bpfsys::LINK_TYPE_CGROUP && info.cgroup_id == cg_id {
+                if info.attached_to(cg_id) {
                     bpfsys::link_update(link.as_fd(), prog).map_err(sys(format!("updating link {name}")))?;
                     outcome.replaced.push(name.to_string());
                     continue;
