@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and running rewire needs on a fresh Debian/Ubuntu
 # machine (run as root): clang and the libbpf headers for the BPF programs,
+# libseccomp for the filter on the commands rewire starts,
 # iproute2/nftables for the benchmarks, a C compiler for the C surface, and
 # the unmodified transparent proxies the compatibility tests run
 # (crates/rewire-cli/tests/compat.rs): squid, redsocks, microsocks and
@@ -12,6 +13,7 @@ set -euo pipefail
 need=()
 command -v clang >/dev/null || need+=(clang)
 [ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+[ -f /usr/include/seccomp.h ] || need+=(libseccomp-dev)
 [ -d "/usr/include/$(uname -m)-linux-gnu/asm" ] || need+=(linux-libc-dev)
 command -v cc >/dev/null || need+=(gcc)
 [ -f /usr/include/stdio.h ] || need+=(libc6-dev)

@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::{bail, Context, Result};
 
+use rewire_control::confine::Confinement;
 use rewire_control::hooks::CountersReader;
 use rewire_control::limiter::Limits;
 use rewire_control::{checks, persist, Config, Hooks, ManagedCgroup};
@@ -133,14 +134,21 @@ async fn run_in(cgroup: &Path, config: &Path, cmd: &[String]) -> Result<ExitStat
     }
 }
 
-/// Spawns `cmd` inside `cgroup` (it joins before exec, so nothing it does escapes the hooks).
+/// Spawns `cmd` inside `cgroup` (it joins before exec, so nothing it does
+/// escapes the hooks), confined ([`rewire_control::confine`]: no
+/// `pidfd_getfd`, `ptrace`, `process_vm_writev` to borrow a socket made
+/// outside).
 pub fn spawn_in(cgroup: &Path, config: &Path, cmd: &[String]) -> Result<tokio::process::Child> {
     let mut c = tokio::process::Command::new(&cmd[0]);
     c.args(&cmd[1..]).env(ENV_CONFIG, config).env(ENV_CGROUP, cgroup);
     let procs = cgroup.join("cgroup.procs");
-    // SAFETY: only async-signal-safe work (one write) between fork and exec.
+    let confinement = Confinement::new()?;
+    // SAFETY: only async-signal-safe work (one write, one seccomp call) between fork and exec.
     unsafe {
-        c.pre_exec(move || std::fs::write(&procs, b"0"));
+        c.pre_exec(move || {
+            std::fs::write(&procs, b"0")?;
+            confinement.apply()
+        });
     }
     c.spawn().with_context(|| format!("cannot start {}", cmd[0]))
 }
@@ -469,7 +477,11 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
         Some(name) => join_service(&subtree, name)?,
         None => {
             drop_inherited_inet_sockets();
-            rewire_control::cgroup::join(&subtree).context("joining the managed cgroup (needs root)")?
+            let confinement = Confinement::new()?;
+            rewire_control::cgroup::join(&subtree).context("joining the managed cgroup (needs root)")?;
+            // A service is trusted (root put it there) and keeps what it needs;
+            // an application may not borrow a socket made outside the subtree.
+            confinement.apply().context("installing the seccomp filter (needs root)")?;
         }
     }
     let err = Command::new(&cmd[0])

@@ -6,12 +6,14 @@
 //! - [`persist`]: hooks pinned in bpffs that outlive the daemon: adopt, reload, check, remove;
 //! - [`bpfsys`]: the bpf(2) link and info commands aya does not expose;
 //! - [`events`]: turning the kernel's event records into log lines;
+//! - [`confine`]: what the commands rewire starts may not do to processes outside;
 //! - [`checks`]: start-up checks with one actionable message each.
 
 pub mod bpfsys;
 pub mod cgroup;
 pub mod checks;
 pub mod config;
+pub mod confine;
 pub mod events;
 pub mod hooks;
 pub mod limiter;
