@@ -24,7 +24,14 @@
 //! A TCP flow that fails (its onward connect refused because the next
 //! service is closed and gone, cut at shutdown, an upstream error) ends
 //! with a reset to the client, never an orderly close: an application must
-//! not take a failed inspection for an empty answer.
+//! not take a failed inspection for an empty answer. The same holds when
+//! the proxy itself dies (SIGKILL, a crash, the OOM killer): both sockets
+//! of a flow are abortive (`SO_LINGER` on with a zero timeout) from the
+//! moment they exist until the flow has finished in both directions, so
+//! any close before that, the kernel's close of a dead process's
+//! descriptors included, sends a reset instead of a FIN.
+//! Half-close is unaffected (`shutdown(SHUT_WR)` still sends a FIN); only
+//! the final close of an unfinished flow is.
 //!
 //! # Connections without records
 //!
@@ -658,6 +665,8 @@ pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut 
     let start = Instant::now();
     let opts = &proxy.opts;
     let mut log = FlowLog::new(opts, peer, "tcp");
+    // From here until the flow has finished, any close resets the client.
+    abortive(&client, true);
     let progress = relay::Progress::default();
     let r = tokio::select! {
         r = flow(proxy, &mut client, &mut log, &progress) => r,
@@ -678,7 +687,6 @@ pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut 
         Ok(()) => {}
         Err(FlowError::NoRecords(e)) => {
             proxy.no_records.note(format_args!("from {peer}: {e}"));
-            reset(&client);
             return None;
         }
         Err(e) => {
@@ -689,22 +697,27 @@ pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut 
                 proxy.flow_errors.note(format_args!("flow from {peer}: {e}"));
             }
             log.error = Some(e.to_string());
-            reset(&client);
         }
     }
     log.finish(start);
     Some(log)
 }
 
-/// Ends a failed flow's client connection with a reset: the application
-/// gets `ECONNRESET`, never an orderly end of stream (FIN) that it could
-/// take for a complete answer (an onward connect refused by a closed
-/// service, a transfer cut at shutdown, an upstream that failed mid-stream).
-/// `SO_LINGER` with a zero timeout makes the close that follows (when the
-/// caller drops the stream) send the reset.
-fn reset(client: &TcpStream) {
-    if let Err(e) = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO)) {
-        tracing::debug!("SO_LINGER 0 on a failed flow's client socket: {e}");
+/// Makes the close of `sock` abortive (`on`: `SO_LINGER` on, timeout 0,
+/// the close sends a reset) or orderly again (`SO_LINGER` off, a FIN).
+///
+/// Both sockets of a flow are abortive until the flow has finished in both
+/// directions: the application then gets `ECONNRESET`, never an orderly end
+/// of stream that it could take for a complete answer, whatever ends the
+/// flow early: an onward connect refused by a closed service, a transfer
+/// cut at shutdown, an upstream that failed mid-stream, or the proxy's own
+/// death (the kernel closes a dead process's sockets as `close(2)` would,
+/// with a FIN when nothing is unread, unless linger says otherwise).
+/// `shutdown(SHUT_WR)` is not affected, so half-close is still relayed.
+fn abortive(sock: &TcpStream, on: bool) {
+    let linger = on.then_some(Duration::ZERO);
+    if let Err(e) = socket2::SockRef::from(sock).set_linger(linger) {
+        tracing::debug!("SO_LINGER {linger:?} on a flow's socket: {e}");
     }
 }
 
@@ -734,6 +747,11 @@ async fn flow(
                 .map_err(|source| FlowError::ConnectOnward { dst, source })?
         }
     };
+    // Connected: until the relay has finished, a close resets the next hop too.
+    abortive(&upstream, true);
     relay::relay_with(opts.relay, client, &mut upstream, progress, &proxy.budget).await.map_err(FlowError::Relay)?;
+    // Both directions ended with their FIN passed on: an orderly close now.
+    abortive(&upstream, false);
+    abortive(client, false);
     Ok(())
 }
