@@ -152,10 +152,13 @@ struct {
 	__type(value, __u16);
 } rw_svc_id SEC(".maps");
 
-/* Sockets a service's own processes bound to its addresses (cgroup/bind4,6). */
+/* Sockets a service's own processes bound to its addresses (cgroup/bind4,6).
+ * Cloned: a connection accepted on a marked listener carries the listener's
+ * mark from its creation (sk_clone_lock), so sockops can tell a socket
+ * accepted on the service's own listener from any other (rw_handoff_take). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
 	__type(key, int);
 	__type(value, struct rw_owner);
 } rw_owner SEC(".maps");
@@ -1503,6 +1506,25 @@ static __always_inline void rw_tuple_of(struct bpf_sock_ops *skops, struct rw_tu
 	rw_tuple_unmap(t);
 }
 
+/* Whether the accepted socket `sk` may take a hand-off of service `sid`:
+ * it lives in the namespace rewire serves and was accepted on a listener the
+ * service's own processes bound (rw_owner, cloned from the listener). The
+ * hand-off is keyed by 4-tuple alone, and a 4-tuple is unique only within a
+ * namespace: in a private one (`unshare -rn`) anybody can listen on the
+ * service's address and connect from a pending flow's source port. */
+static __always_inline int rw_handoff_claimable(struct bpf_sock_ops *skops, struct bpf_sock *sk, __u16 sid)
+{
+	struct rw_conf *conf = rw_get_conf();
+	struct rw_owner *o;
+
+	if (!conf)
+		return 0;
+	if (conf->netns_cookie && bpf_get_netns_cookie(skops) != conf->netns_cookie)
+		return 0;
+	o = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
+	return o && o->service_id == sid;
+}
+
 SEC("sockops")
 int rw_sock_ops(struct bpf_sock_ops *skops)
 {
@@ -1553,6 +1575,17 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 		v = bpf_map_lookup_elem(&rw_handoff, &t);
 		if (!v)
 			return 1;
+		if (!rw_handoff_claimable(skops, sk, v->service_id)) {
+			/* Somebody else's socket with the flow's 4-tuple (its own
+			 * namespace, its own listener): it gets nothing, and the
+			 * entry stays for the flow's own SYN (retransmitted). */
+			conf = rw_get_conf();
+			rw_count(RW_CNT_HANDOFF_REFUSED);
+			if (conf)
+				rw_emit(RW_EV_HANDOFF_REFUSED, -EACCES, &v->rec, v->service_id, v->rule_id,
+					conf->hop_limit);
+			return 1;
+		}
 		st = bpf_sk_storage_get(&rw_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (st) {
 			st->service_id = v->service_id;
@@ -1775,6 +1808,9 @@ static __always_inline int rw_origdst(struct bpf_sockopt *ctx)
 		return 1;
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 	if (!st || !(st->flags & RW_F_ACCEPTED))
+		return 1;
+	/* Answered only where rewire serves, as the records calls are. */
+	if (!rw_home_netns(ctx))
 		return 1;
 	v6 = ctx->level == SOL_IPV6;
 	if (v6 && sk->family != AF_INET6)

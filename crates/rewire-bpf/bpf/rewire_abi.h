@@ -64,6 +64,9 @@
 			   * redirect (UDP-Lite, SCTP, MPTCP, ...): EPROTONOSUPPORT */
 #define RW_EV_UDP_FORGED 12 /* dropped: a datagram claiming to belong to a UDP flow
 			     * that its flow's own socket did not send */
+#define RW_EV_HANDOFF_REFUSED 13 /* refused: a socket not accepted on the service's own
+				  * listener in rewire's namespace tried to take a pending
+				  * TCP hand-off (same 4-tuple); the entry stays */
 
 /* Counters (per-CPU array rw_counters, index): never lose a count. */
 #define RW_CNT_REDIRECT 0
@@ -80,6 +83,7 @@
 #define RW_CNT_FOREIGN_NETNS 12
 #define RW_CNT_PROTOCOL 13
 #define RW_CNT_UDP_FORGED 14
+#define RW_CNT_HANDOFF_REFUSED 15 /* see RW_EV_HANDOFF_REFUSED */
 #define RW_CNT_LINK 11 /* a record-less onward connect carried on the flow whose
 			* SO_ORIGINAL_DST its process queried (linking) */
 #define RW_CNT_N 16

@@ -429,7 +429,175 @@ fn child_private_ns() {
 fn child_private_ns_inner() {
     use std::net::{TcpListener, TcpStream};
     let (Some(svc), Some(port)) = (env::<u16>("RW_SVC"), env::<u16>("RW_PORT")) else { return };
-    // lo up: SIOCSIFFLAGS as the namespace's root.
+    lo_up();
+    // Its own "service" and "destination" in the private namespace.
+    let l = TcpListener::bind(("127.0.0.1", svc)).unwrap();
+    let _d = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let e = TcpStream::connect(("127.0.0.1", port)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "no redirect outside rewire's namespace: {e}");
+    // Records calls are refused too: on a direct connection to its listener.
+    let c = TcpStream::connect(("127.0.0.1", svc)).unwrap();
+    let (a, _) = l.accept().unwrap();
+    assert!(matches!(rewire::query_redirect_records(&a), Err(rewire::Error::AccessDenied)));
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    assert!(matches!(rewire::raw_set(s.as_raw_fd(), &[0u8; 128]), Err(rewire::Error::AccessDenied)));
+    drop(c);
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on `fd`: the answer or the errno.
+fn original_dst_v4(fd: i32) -> Result<SocketAddrV4, i32> {
+    // SAFETY: a zeroed sockaddr_in and its length, filled by the kernel.
+    unsafe {
+        let mut a: libc::sockaddr_in = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::getsockopt(fd, libc::SOL_IP, libc::SO_ORIGINAL_DST, &mut a as *mut _ as *mut libc::c_void, &mut len) != 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        Ok(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), u16::from_be(a.sin_port)))
+    }
+}
+
+/// A flow's hand-off waits between its connect and the proxy's accept (the
+/// proxy's accept queue is full, the application's SYN waits for its
+/// retransmission). A user in the cgroup (granted the records calls) makes
+/// a private namespace (`unshare -rn`), listens there on the service's
+/// address and connects from the waiting flow's source port: the 4-tuple is
+/// the flow's. Its accepted socket gets neither the flow's original
+/// destination (`SO_ORIGINAL_DST`) nor its records; the attempt is counted
+/// and reported; the flow itself still reaches its proxy with its records.
+#[test]
+fn pending_handoff_is_not_claimed_from_a_private_namespace() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let svc = free_port();
+    let mut sb = Sandbox::new(&format!("[access]\nuids = [65534]\n{}", service("audit", svc, server.addr.port())));
+    let mut ev = sb.take_events();
+    let exe = exe_for_all(&sb.dir).display().to_string();
+    let port_file = sync_file(&sb.dir, "victim-port");
+    let go = sync_file(&sb.dir, "attack-done");
+    let victim = child_cmd(
+        Some(&sb),
+        "child_handoff_victim",
+        &[
+            ("RW_SVC", svc.to_string()),
+            ("RW_DST", server.addr.to_string()),
+            ("RW_PORT_FILE", port_file.display().to_string()),
+            ("RW_GO", go.display().to_string()),
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let vport = wait_file(&port_file, "port ");
+    let vport: u16 = vport.trim().trim_start_matches("port ").parse().unwrap();
+    let attacker = child_cmd(
+        Some(&sb),
+        "child_handoff_attacker",
+        &[("RW_SVC", svc.to_string()), ("RW_VPORT", vport.to_string()), ("RW_EXE", exe)],
+    )
+    .spawn()
+    .unwrap();
+    let att = String::from_utf8_lossy(&wait_output(attacker, Duration::from_secs(60))).into_owned();
+    std::fs::write(&go, "go").unwrap();
+    let out = String::from_utf8_lossy(&wait_output(victim, Duration::from_secs(60))).into_owned();
+    assert!(att.contains(&format!("attacker accepted 127.0.0.1:{vport}")), "the attack did not take place:\n{att}");
+    assert!(
+        att.contains("attacker SO_ORIGINAL_DST: refused"),
+        "the private namespace learnt the flow's original destination:\n{att}"
+    );
+    assert!(att.contains("attacker records: refused"), "the private namespace got the flow's records:\n{att}");
+    assert!(out.contains("victim records ok") && out.contains("1 passed"), "the flow at its proxy:\n{out}");
+    assert!(sb.hooks().counters().unwrap().handoff_refused >= 1, "{}", sb.hooks().counters().unwrap());
+    let evs = events(&mut ev, &sb);
+    assert!(evs.iter().any(|e| e.kind == EventKind::HandoffRefused), "{evs:?}");
+}
+
+#[test]
+#[ignore = "runs inside the cgroup, started by pending_handoff_is_not_claimed_from_a_private_namespace"]
+fn child_handoff_victim() {
+    use std::net::TcpStream;
+    let (Some(svc), Some(dst), Some(port_file), Some(go)) =
+        (env::<u16>("RW_SVC"), env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_PORT_FILE"), env::<PathBuf>("RW_GO"))
+    else {
+        return;
+    };
+    // The service's listener with an accept queue of one that it does not drain yet (a busy proxy).
+    let l = as_service("audit", || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], svc)).into()).unwrap();
+        s.listen(0).unwrap();
+        s
+    });
+    let filler = TcpStream::connect(dst).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    // The application: redirected to audit, its SYN dropped (queue full): the hand-off waits.
+    let victim = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    victim.set_nonblocking(true).unwrap();
+    let e = victim.connect(&dst.into()).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINPROGRESS), "{e}");
+    let me = victim.local_addr().unwrap().as_socket().unwrap();
+    std::fs::write(&port_file, format!("port {}", me.port())).unwrap();
+    wait_file(&go, "go");
+    // The proxy drains its queue: the filler, then the application's
+    // connection at its next SYN retransmission.
+    l.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "the application's connection never reached its proxy");
+        let Ok((a, peer)) = l.accept() else { continue };
+        if peer.as_socket() != Some(me) {
+            continue;
+        }
+        let a = std::net::TcpStream::from(a);
+        let r = rewire::query_redirect_records(&a);
+        assert!(r.is_ok(), "the application's flow reached its proxy without records: {r:?}");
+        assert_eq!(r.unwrap().original_destination(), dst);
+        assert_eq!(original_dst_v4(a.as_raw_fd()).map(SocketAddr::V4), Ok(dst));
+        println!("victim records ok");
+        break;
+    }
+    drop(filler);
+}
+
+#[test]
+#[ignore = "runs inside the cgroup, started by pending_handoff_is_not_claimed_from_a_private_namespace"]
+fn child_handoff_attacker() {
+    if env::<u16>("RW_SVC").is_none() {
+        return;
+    }
+    nix::unistd::setresgid(65534.into(), 65534.into(), 65534.into()).unwrap();
+    nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into()).unwrap();
+    let out = std::process::Command::new("unshare")
+        .arg("-rn")
+        .arg(std::env::var("RW_EXE").unwrap())
+        .args(["--exact", "child_handoff_attacker_inner", "--ignored", "--nocapture", "--test-threads=1"])
+        .output()
+        .unwrap();
+    println!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+#[ignore = "runs in a private namespace, started by child_handoff_attacker"]
+fn child_handoff_attacker_inner() {
+    let (Some(svc), Some(vport)) = (env::<u16>("RW_SVC"), env::<u16>("RW_VPORT")) else { return };
+    lo_up();
+    // The service's address and the waiting flow's source port, here.
+    let l = std::net::TcpListener::bind(("127.0.0.1", svc)).unwrap();
+    let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    c.bind(&SocketAddr::from(([127, 0, 0, 1], vport)).into()).unwrap();
+    c.connect(&SocketAddr::from(([127, 0, 0, 1], svc)).into()).unwrap();
+    let (a, peer) = l.accept().unwrap();
+    println!("attacker accepted {peer}");
+    match original_dst_v4(a.as_raw_fd()) {
+        Ok(d) => println!("attacker SO_ORIGINAL_DST: answered {d}"),
+        Err(e) => println!("attacker SO_ORIGINAL_DST: refused (errno {e})"),
+    }
+    match rewire::query_redirect_records(&a) {
+        Ok(r) => println!("attacker records: got flow to {}", r.original_destination()),
+        Err(e) => println!("attacker records: refused ({e})"),
+    }
+}
+
+/// In a private network namespace (as its root): loopback up.
+fn lo_up() {
     let fd = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
         nix::sys::socket::SockType::Datagram,
@@ -446,18 +614,6 @@ fn child_private_ns_inner() {
         ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         assert_eq!(libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr), 0, "lo up: {}", std::io::Error::last_os_error());
     }
-    // Its own "service" and "destination" in the private namespace.
-    let l = TcpListener::bind(("127.0.0.1", svc)).unwrap();
-    let _d = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    let e = TcpStream::connect(("127.0.0.1", port)).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "no redirect outside rewire's namespace: {e}");
-    // Records calls are refused too: on a direct connection to its listener.
-    let c = TcpStream::connect(("127.0.0.1", svc)).unwrap();
-    let (a, _) = l.accept().unwrap();
-    assert!(matches!(rewire::query_redirect_records(&a), Err(rewire::Error::AccessDenied)));
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    assert!(matches!(rewire::raw_set(s.as_raw_fd(), &[0u8; 128]), Err(rewire::Error::AccessDenied)));
-    drop(c);
 }
 
 // ---- transports -------------------------------------------------------

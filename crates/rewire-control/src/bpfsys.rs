@@ -185,6 +185,8 @@ pub struct MapInfo {
     pub value_size: u32,
     /// Capacity.
     pub max_entries: u32,
+    /// `BPF_F_*` flags it was created with.
+    pub map_flags: u32,
     /// The map's name (at most 15 bytes).
     pub name: String,
 }
@@ -201,6 +203,7 @@ pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
         key_size: rd32(&b, 8),
         value_size: rd32(&b, 12),
         max_entries: rd32(&b, 16),
+        map_flags: rd32(&b, 20),
         name: String::from_utf8_lossy(&name[..end]).into_owned(),
     })
 }

@@ -55,6 +55,13 @@ pub enum EventKind {
     /// socket did not send it; `original_destination` is the address it
     /// claimed to come from.
     UdpForged,
+    /// A pending TCP hand-off was refused to a socket with its flow's
+    /// 4-tuple that was not accepted on the service's own listener in the
+    /// namespace rewire serves (e.g. a user's private `unshare -rn`
+    /// namespace); the entry stays for the flow's own connection. The pid,
+    /// uid and command are those the kernel ran on when it happened (it
+    /// runs on packet arrival), not necessarily the claimant's.
+    HandoffRefused,
 }
 
 /// One decision of the connect hook.
@@ -105,6 +112,7 @@ impl EventKind {
             abi::RW_EV_FOREIGN_NETNS => EventKind::ForeignNetns,
             abi::RW_EV_PROTOCOL => EventKind::Protocol,
             abi::RW_EV_UDP_FORGED => EventKind::UdpForged,
+            abi::RW_EV_HANDOFF_REFUSED => EventKind::HandoffRefused,
             _ => return None,
         })
     }
@@ -124,6 +132,7 @@ impl EventKind {
             EventKind::ForeignNetns => "foreign_netns",
             EventKind::Protocol => "protocol",
             EventKind::UdpForged => "udp_forged",
+            EventKind::HandoffRefused => "handoff_refused",
         }
     }
 }
@@ -257,6 +266,12 @@ impl std::fmt::Display for Event {
             EventKind::UdpForged => write!(
                 f,
                 "DROPPED a udp datagram claiming to come from {dst}: not sent by its flow's own socket"
+            ),
+            EventKind::HandoffRefused => write!(
+                f,
+                "REFUSED a claim of tcp flow {} to {dst} (service {svc}) by a socket not accepted on the \
+                 service's own listener in rewire's network namespace; the flow keeps its records",
+                self.flow
             ),
             EventKind::UdpConflict => write!(
                 f,

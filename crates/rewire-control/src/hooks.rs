@@ -124,6 +124,9 @@ pub struct Counters {
     /// Record-less onward connects of an unmodified transparent proxy that
     /// carried on the flow whose SO_ORIGINAL_DST it had queried.
     pub link: u64,
+    /// Pending TCP hand-offs refused to a socket not accepted on the
+    /// service's own listener in rewire's namespace.
+    pub handoff_refused: u64,
 }
 
 impl Counters {
@@ -145,13 +148,14 @@ impl Counters {
             protocol: g(abi::RW_CNT_PROTOCOL),
             udp_forged: g(abi::RW_CNT_UDP_FORGED),
             link: g(abi::RW_CNT_LINK),
+            handoff_refused: g(abi::RW_CNT_HANDOFF_REFUSED),
         }
     }
 }
 
 impl Counters {
     /// Each counter with its name, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, u64); 15] {
+    pub fn fields(&self) -> [(&'static str, u64); 16] {
         [
             ("redirect", self.redirect),
             ("deliver", self.deliver),
@@ -168,6 +172,7 @@ impl Counters {
             ("foreign_netns", self.foreign_netns),
             ("protocol", self.protocol),
             ("udp_forged", self.udp_forged),
+            ("handoff_refused", self.handoff_refused),
         ]
     }
 }

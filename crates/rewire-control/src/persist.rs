@@ -353,18 +353,21 @@ fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Ou
                 let fits = info.map_type == def.map_type()
                     && info.key_size == def.key_size()
                     && info.value_size == def.value_size()
-                    && info.max_entries == def.max_entries();
+                    && info.max_entries == def.max_entries()
+                    // e.g. rw_owner's BPF_F_CLONE: the kernel's behaviour, not only the layout.
+                    && info.map_flags == def.map_flags();
                 if fits {
                     loader.map_pin_path(name, path);
                     outcome.kept_maps.push(name.clone());
                 } else {
                     tracing::warn!(
-                        "map {name}: pinned layout (type {}, key {} B, value {} B, {} entries) differs from this \
-                         build's; it is replaced, flows in progress lose what was in it",
+                        "map {name}: pinned layout (type {}, key {} B, value {} B, {} entries, flags {:#x}) differs \
+                         from this build's; it is replaced, flows in progress lose what was in it",
                         info.map_type,
                         info.key_size,
                         info.value_size,
-                        info.max_entries
+                        info.max_entries,
+                        info.map_flags
                     );
                     outcome.fresh_maps.push(name.clone());
                 }

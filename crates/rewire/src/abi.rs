@@ -32,6 +32,7 @@ pub const RW_EV_HANDOFF_FULL: u32 = 9;
 pub const RW_EV_FOREIGN_NETNS: u32 = 10;
 pub const RW_EV_PROTOCOL: u32 = 11;
 pub const RW_EV_UDP_FORGED: u32 = 12;
+pub const RW_EV_HANDOFF_REFUSED: u32 = 13;
 
 pub const RW_CNT_REDIRECT: u32 = 0;
 pub const RW_CNT_DELIVER: u32 = 1;
@@ -47,6 +48,7 @@ pub const RW_CNT_EVENTS_LOST: u32 = 10;
 pub const RW_CNT_FOREIGN_NETNS: u32 = 12;
 pub const RW_CNT_PROTOCOL: u32 = 13;
 pub const RW_CNT_UDP_FORGED: u32 = 14;
+pub const RW_CNT_HANDOFF_REFUSED: u32 = 15;
 pub const RW_CNT_LINK: u32 = 11;
 pub const RW_CNT_N: u32 = 16;
 
