@@ -1,6 +1,8 @@
 //! Compiles the BPF objects with clang for embedding: `bpf/rewire.bpf.c`
-//! (the hooks) and `bpf/fastpath.bpf.c` (the proxy's kernel fast path, a
-//! separate object because only the proxy loads it, and without the hooks).
+//! (the hooks), `bpf/fastpath.bpf.c` (the proxy's kernel fast path, a
+//! separate object because only the proxy loads it, and without the hooks)
+//! and `bpf/guard.bpf.c` (the borrowed-socket guard, attached at an
+//! ancestor of the subtree and loaded with libbpf).
 //!
 //! The objects are built for the host's byte order (`bpfel` on x86_64 and
 //! aarch64). `CLANG` overrides the compiler; `scripts/setup.sh` installs it.
@@ -17,7 +19,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", src_dir.display());
     println!("cargo:rerun-if-env-changed=CLANG");
-    for name in ["rewire", "fastpath"] {
+    for name in ["rewire", "fastpath", "guard"] {
         compile(&src_dir, &src_dir.join(format!("{name}.bpf.c")), &out_dir.join(format!("{name}.bpf.o")));
     }
 }

@@ -67,6 +67,9 @@
 #define RW_EV_HANDOFF_REFUSED 13 /* refused: a socket not accepted on the service's own
 				  * listener in rewire's namespace tried to take a pending
 				  * TCP hand-off (same 4-tuple); the entry stays */
+#define RW_EV_BORROWED 16 /* refused (EPERM): a process in the subtree connects or sends
+			   * with a socket made outside it (taken with pidfd_getfd or
+			   * SCM_RIGHTS); reported by the guard (guard.bpf.c) */
 
 /* Counters (per-CPU array rw_counters, index): never lose a count. */
 #define RW_CNT_REDIRECT 0
@@ -86,7 +89,8 @@
 #define RW_CNT_HANDOFF_REFUSED 15 /* see RW_EV_HANDOFF_REFUSED */
 #define RW_CNT_LINK 11 /* a record-less onward connect carried on the flow whose
 			* SO_ORIGINAL_DST its process queried (linking) */
-#define RW_CNT_N 16
+#define RW_CNT_BORROWED 18 /* see RW_EV_BORROWED */
+#define RW_CNT_N 24
 
 /* rw_conf.faults: fault injection for tests (never set from a config file). */
 #define RW_FAULT_NO_STORAGE 1u /* every socket storage allocation fails */

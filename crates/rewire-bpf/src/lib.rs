@@ -25,6 +25,24 @@ pub fn fastpath_object() -> &'static [u8] {
     &FASTPATH_ALIGNED.0
 }
 
+static GUARD_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/guard.bpf.o")));
+
+/// The BPF ELF object of the borrowed-socket guard (`bpf/guard.bpf.c`):
+/// sock_addr programs attached at an ancestor of the subtree that refuse a
+/// subtree process's connect and send on a socket made outside it. Loaded
+/// with libbpf (it calls a kfunc), sharing the hooks' counters and events.
+pub fn guard_object() -> &'static [u8] {
+    &GUARD_ALIGNED.0
+}
+
+/// The guard's programs, as `(function, section)`.
+pub const GUARD_PROGRAMS: &[(&str, &str)] = &[
+    ("rw_guard_connect4", "cgroup/connect4"),
+    ("rw_guard_connect6", "cgroup/connect6"),
+    ("rw_guard_sendmsg4", "cgroup/sendmsg4"),
+    ("rw_guard_sendmsg6", "cgroup/sendmsg6"),
+];
+
 /// Names of the programs in the object, as `(function, section)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_connect4", "cgroup/connect4"),

@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::{bail, Context, Result};
 
 use rewire_control::confine::Confinement;
+use rewire_control::guard::Guard;
 use rewire_control::hooks::CountersReader;
 use rewire_control::limiter::Limits;
 use rewire_control::{checks, persist, Config, Hooks, ManagedCgroup};
@@ -103,6 +104,13 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
     let name = format!("{}-run-{}", cfg.cgroup, std::process::id());
     let mut cgroup = ManagedCgroup::create(&name)?;
     let mut hooks = Hooks::attach(&cfg, cgroup.path())?;
+    let _guard = match rewire_control::guard::configured(&cfg)? {
+        Some(at) => Some(Guard::attach(&hooks, &at)?),
+        None => {
+            tracing::warn!("{}", rewire_control::guard::UNGUARDED);
+            None
+        }
+    };
     let events = hooks.take_events().context("event ring buffer")?;
     let rt = runtime()?;
     let abs_config = std::fs::canonicalize(config)?;
@@ -197,6 +205,15 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     };
     cgroup.keep();
     tracing::info!("{outcome}");
+    match rewire_control::guard::configured(&cfg)? {
+        Some(at) => tracing::info!("{}", Guard::persistent(cgroup.path(), &dir, &at)?),
+        None => {
+            if rewire_control::guard::remove_pinned(&dir)? > 0 {
+                tracing::info!("detached the borrowed-socket guard a previous configuration had");
+            }
+            tracing::warn!("{}", rewire_control::guard::UNGUARDED);
+        }
+    }
     tracing::info!(
         "serving {} service(s) on cgroup {} (hooks and maps pinned in {}); `rewire exec --config {}` runs commands inside",
         cfg.services.len(),
@@ -565,6 +582,13 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
     match pid {
         Some(p) => println!("daemon: pid {p}{}", last.map(|m| format!("; last: {m}")).unwrap_or_default()),
         None => println!("daemon: none running (the attached hooks enforce without it; events are not printed)"),
+    }
+    let guard = rewire_control::guard::pinned_status(&dir);
+    if guard.is_empty() {
+        println!("borrowed-socket guard: none (no `guard` configured)");
+    } else {
+        let ids: std::collections::BTreeSet<u64> = guard.iter().map(|&(_, id)| id).collect();
+        println!("borrowed-socket guard: {} program(s), attached at cgroup id(s) {ids:?}", guard.len());
     }
     println!("counters since the hooks were first attached (every decision, printed or not):");
     for (name, v) in counters.fields() {

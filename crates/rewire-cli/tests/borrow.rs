@@ -80,3 +80,268 @@ fn child_borrow_syscalls() {
     assert_eq!(write, Some(libc::EPERM), "process_vm_writev into an outside process must be refused");
     println!("all refused");
 }
+
+/// A test's own cgroup tree: `<parent>/sub` is the managed subtree (the
+/// hooks attached there), `<parent>/outside` a sibling where a socket's
+/// owner runs, and the guard attached at `<parent>`, their common ancestor.
+struct Tree {
+    dir: std::path::PathBuf,
+    sub: std::path::PathBuf,
+    outside: std::path::PathBuf,
+    children: Vec<std::process::Child>,
+    guard: Option<rewire_control::guard::Guard>,
+    hooks: Option<rewire_control::Hooks>,
+    parent: Option<rewire_control::ManagedCgroup>,
+}
+
+static TREES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Tree {
+    /// `config`: services and rules; `guarded`: attach the guard at the parent.
+    fn new(config: &str, guarded: bool) -> Self {
+        require_root();
+        let n = TREES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("rewire-test-{}-guard{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rewire.toml");
+        std::fs::write(&path, format!("cgroup = \"{name}\"\n{config}")).unwrap();
+        let cfg = rewire_control::Config::load(&path).unwrap();
+        let parent = rewire_control::ManagedCgroup::create(&name).unwrap();
+        let (sub, outside) = (parent.path().join("sub"), parent.path().join("outside"));
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        let mut tree = Tree { dir, sub: sub.clone(), outside, children: vec![], guard: None, hooks: None, parent: Some(parent) };
+        let hooks = rewire_control::Hooks::attach(&cfg, &sub).unwrap();
+        if guarded {
+            let at = tree.parent.as_ref().unwrap().path().to_path_buf();
+            tree.guard = Some(rewire_control::guard::Guard::attach(&hooks, &at).unwrap());
+        }
+        tree.hooks = Some(hooks);
+        tree
+    }
+
+    /// The ignored test `child` of this binary, in cgroup `cg`.
+    fn child(&mut self, cg: &std::path::Path, child: &str, env: &[(&str, String)]) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let mut c = child_cmd(None, child, env);
+        let procs = cg.join("cgroup.procs");
+        // SAFETY: a single write between fork and exec.
+        unsafe {
+            c.pre_exec(move || std::fs::write(&procs, b"0"));
+        }
+        c.spawn().unwrap()
+    }
+
+    fn counters(&self) -> rewire_control::hooks::Counters {
+        self.hooks.as_ref().unwrap().counters().unwrap()
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut cg) = self.parent.take() {
+            let _ = cg.remove();
+        }
+        self.guard.take();
+        self.hooks.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// TCP and UDP to `dst_port` on loopback go to service `web` (nothing
+/// listens there: a flow that the hooks see is refused, fail = "closed").
+fn tcp_udp_rule(dst_port: u16) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:{}\"]\n[[service.match]]\nprotocol = \"any\"\n\
+         dst = [\"127.0.0.0/8\"]\nports = {dst_port}\n",
+        free_port()
+    )
+}
+
+/// How the process in the subtree gets the outside process's sockets.
+#[derive(Clone, Copy)]
+enum Borrow {
+    PidfdGetfd,
+    ScmRights,
+}
+
+/// The attack of issue 18 item 2, against the guard at the tree's parent:
+/// an outside process (the sibling cgroup, same uid) makes a TCP and a UDP
+/// socket; a process in the subtree takes both and connects / sends to a
+/// matched destination. Neither may reach the server; both calls fail with
+/// EPERM; a `borrowed` event and counter say so. The owner, outside, still
+/// uses its own socket freely afterwards.
+fn borrowed_sockets_are_refused(how: Borrow) {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let echo = UdpEcho::start(server.addr);
+    let mut tree = Tree::new(&tcp_udp_rule(server.addr.port()), true);
+    let mut events = tree.hooks.as_mut().unwrap().take_events().unwrap();
+    let before = tree.counters().borrowed;
+    let sync = sync_file(&tree.dir, "owner");
+    let unix = tree.dir.join("fds.sock");
+    let dst = server.addr.to_string();
+    let mut env = vec![("RW_SYNC", sync.display().to_string()), ("RW_DST", dst.clone())];
+    if let Borrow::ScmRights = how {
+        env.push(("RW_UNIX", unix.display().to_string()));
+    }
+    let borrower_env = env.clone();
+    let (outside, sub) = (tree.outside.clone(), tree.sub.clone());
+    if let Borrow::ScmRights = how {
+        // The receiver listens first; the owner connects and hands its sockets over.
+        let b = tree.child(&sub, "child_borrower", &borrower_env);
+        tree.children.push(b);
+        wait_for_path(&unix);
+        let o = tree.child(&outside, "child_owner", &env);
+        tree.children.push(o);
+    } else {
+        let o = tree.child(&outside, "child_owner", &env);
+        tree.children.push(o);
+        wait_contains(&sync, "pid ");
+        let b = tree.child(&sub, "child_borrower", &borrower_env);
+        tree.children.push(b);
+    }
+    // The borrower's report, then the owner's own connect on its TCP socket.
+    let report = wait_contains(&sync, "borrowed tcp=");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let peers: Vec<String> = server.peers().iter().map(|p| p.to_string()).collect();
+    assert!(
+        report.contains("borrowed tcp=1 udp=1"),
+        "connect/sendto on borrowed sockets were not refused with EPERM; server saw {peers:?}, udp server {:?}\n{report}",
+        echo.sources()
+    );
+    let text = wait_contains(&sync, "owner connected from ");
+    let owner = text.lines().find_map(|l| l.strip_prefix("owner connected from ")).unwrap().to_owned();
+    // The server saw the owner's own connect, and nothing else.
+    let peers: Vec<String> = server.peers().iter().map(|p| p.to_string()).collect();
+    assert_eq!(peers, vec![owner], "a borrowed socket connected past the rules\n{text}");
+    assert!(echo.sources().is_empty(), "a borrowed UDP socket reached the server: {:?}\n{report}", echo.sources());
+    let after = tree.counters().borrowed;
+    assert!(after >= before + 2, "counter borrowed went from {before} to {after}\n{report}");
+    let mut seen = 0;
+    while let Some(e) = events.next_event() {
+        if e.kind == rewire::abi::RW_EV_BORROWED {
+            assert_eq!(-e.err, libc::EPERM);
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "{seen} borrowed event(s)\n{report}");
+}
+
+/// Waits (at most 20 s) until `path` contains `needle`; its content.
+fn wait_contains(path: &std::path::Path, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = std::fs::read_to_string(path).unwrap_or_default();
+        if s.contains(needle) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for `{needle}` in {} (have `{s}`)", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn wait_for_path(p: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !p.exists() {
+        assert!(std::time::Instant::now() < deadline, "{} did not appear", p.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn socket_taken_with_pidfd_getfd_cannot_connect_or_send() {
+    borrowed_sockets_are_refused(Borrow::PidfdGetfd);
+}
+
+#[test]
+fn socket_received_over_scm_rights_cannot_connect_or_send() {
+    borrowed_sockets_are_refused(Borrow::ScmRights);
+}
+
+fn append(path: &str, line: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    writeln!(f, "{line}").unwrap();
+}
+
+#[test]
+#[ignore = "the owner, outside the subtree, started by the borrowed-socket tests"]
+fn child_owner() {
+    use std::os::fd::AsRawFd;
+    let (Some(sync), Some(dst)) = (env::<String>("RW_SYNC"), env::<std::net::SocketAddr>("RW_DST")) else { return };
+    let tcp = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let udp = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    if let Some(path) = env::<String>("RW_UNIX") {
+        // Hand both over, as a cooperating process (or a careless one) would.
+        let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let fds = [tcp.as_raw_fd(), udp.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(b"fds")];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        nix::sys::socket::sendmsg::<()>(s.as_raw_fd(), &iov, &cmsg, nix::sys::socket::MsgFlags::empty(), None).unwrap();
+    }
+    append(&sync, &format!("pid {} {} {}", std::process::id(), tcp.as_raw_fd(), udp.as_raw_fd()));
+    // Wait for the borrower's report, then use the TCP socket ourselves.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&sync).unwrap().contains("borrowed tcp=") {
+        assert!(std::time::Instant::now() < deadline, "no report from the borrower");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    tcp.connect(&dst.into()).unwrap();
+    append(&sync, &format!("owner connected from {}", tcp.local_addr().unwrap().as_socket().unwrap()));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+}
+
+#[test]
+#[ignore = "the borrower, inside the subtree, started by the borrowed-socket tests"]
+fn child_borrower() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (Some(sync), Some(dst)) = (env::<String>("RW_SYNC"), env::<std::net::SocketAddr>("RW_DST")) else { return };
+    let (tcp, udp): (OwnedFd, OwnedFd) = if let Some(path) = env::<String>("RW_UNIX") {
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 8];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        use std::os::fd::AsRawFd;
+        let msg = nix::sys::socket::recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), nix::sys::socket::MsgFlags::empty()).unwrap();
+        let mut fds = vec![];
+        for c in msg.cmsgs().unwrap() {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(v) = c {
+                fds.extend(v);
+            }
+        }
+        assert_eq!(fds.len(), 2, "received {fds:?}");
+        // SAFETY: descriptors just received, owned by nobody else here.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    } else {
+        let text = std::fs::read_to_string(&sync).unwrap();
+        let line: Vec<i32> = text.lines().find_map(|l| l.strip_prefix("pid ")).unwrap().split(' ').map(|x| x.parse().unwrap()).collect();
+        // SAFETY: plain system calls; the descriptors they return are ours.
+        unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, line[0], 0);
+            assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+            let take = |fd: i32| {
+                let r = libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, fd, 0);
+                assert!(r >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+                OwnedFd::from_raw_fd(r as i32)
+            };
+            (take(line[1]), take(line[2]))
+        }
+    };
+    println!("running in {}", std::fs::read_to_string("/proc/self/cgroup").unwrap().trim());
+    let tcp = socket2::Socket::from(tcp);
+    let udp = socket2::Socket::from(udp);
+    let c = tcp.connect(&dst.into());
+    let s = udp.send_to(b"borrowed", &dst.into());
+    println!("connect: {c:?}, sendto: {s:?}");
+    let refused = |e: &std::io::Error| e.raw_os_error() == Some(libc::EPERM);
+    let (t, u) = (c.as_ref().err().is_some_and(refused), s.as_ref().err().is_some_and(refused));
+    append(&sync, &format!("borrowed tcp={} udp={}", t as u8, u as u8));
+    assert!(t && u, "connect {c:?} and sendto {s:?} on borrowed sockets must fail with EPERM");
+}

@@ -5,6 +5,10 @@
 //! cgroup = "rewire"          # subtree under the cgroup2 mount that rewire owns
 //! hop_limit = 8              # redirects one flow may take (1..=16)
 //! udp_idle_ms = 30000        # a UDP flow without datagrams this long is over
+//! guard = "/"                # optional: the cgroup (path under the cgroup2
+//!                            # mount, "/" = the root) where the borrowed-socket
+//!                            # guard is attached; an ancestor of the subtree.
+//!                            # Default: none (see SECURITY.md)
 //!
 //! [access]                   # besides root, who may query/set records
 //! uids = [1000, "proxyuser"]
@@ -293,6 +297,12 @@ pub struct Config {
     /// Milliseconds without a datagram after which a UDP flow is over.
     #[serde(default = "default_udp_idle_ms")]
     pub udp_idle_ms: Spanned<u64>,
+    /// Where the borrowed-socket guard is attached ([`crate::guard`]): a
+    /// cgroup path under the cgroup2 mount (`"/"` is its root), an ancestor
+    /// of the subtree. Its programs run for every connect and unconnected
+    /// send below it, so it is never chosen for the administrator.
+    #[serde(default)]
+    pub guard: Option<Spanned<String>>,
     /// Who may call query/set besides root.
     #[serde(default)]
     pub access: Access,
@@ -326,6 +336,20 @@ impl Config {
         })?;
         cfg.path = path.into();
 
+        if let Some(g) = &cfg.guard {
+            let ok = g.get_ref().starts_with('/')
+                && g.get_ref().split('/').filter(|c| !c.is_empty()).all(|c| c != "." && c != ".." && !c.contains('\0'));
+            if !ok {
+                return Err(invalid(
+                    Some(g.span()),
+                    Some("guard"),
+                    format!(
+                        "`{}` is not a cgroup path: give the path under the cgroup2 mount, starting with '/' (\"/\" is the root cgroup)",
+                        g.get_ref()
+                    ),
+                ));
+            }
+        }
         if !valid_name(&cfg.cgroup) {
             return Err(invalid(
                 find_key(text, "cgroup"),

@@ -62,6 +62,10 @@ pub enum EventKind {
     /// uid and command are those the kernel ran on when it happened (it
     /// runs on packet arrival), not necessarily the claimant's.
     HandoffRefused,
+    /// Refused (EPERM) by the guard: a process inside the subtree connected
+    /// or sent with a socket made outside it (taken with `pidfd_getfd`,
+    /// received over `SCM_RIGHTS`).
+    Borrowed,
 }
 
 /// One decision of the connect hook.
@@ -113,6 +117,7 @@ impl EventKind {
             abi::RW_EV_PROTOCOL => EventKind::Protocol,
             abi::RW_EV_UDP_FORGED => EventKind::UdpForged,
             abi::RW_EV_HANDOFF_REFUSED => EventKind::HandoffRefused,
+            abi::RW_EV_BORROWED => EventKind::Borrowed,
             _ => return None,
         })
     }
@@ -133,6 +138,7 @@ impl EventKind {
             EventKind::Protocol => "protocol",
             EventKind::UdpForged => "udp_forged",
             EventKind::HandoffRefused => "handoff_refused",
+            EventKind::Borrowed => "borrowed",
         }
     }
 }
@@ -272,6 +278,11 @@ impl std::fmt::Display for Event {
                 "REFUSED a claim of tcp flow {} to {dst} (service {svc}) by a socket not accepted on the \
                  service's own listener in rewire's network namespace; the flow keeps its records",
                 self.flow
+            ),
+            EventKind::Borrowed => write!(
+                f,
+                "REFUSED {p} connect/send of {who} to {dst}: the socket was made outside the managed cgroup \
+                 (borrowed: pidfd_getfd, SCM_RIGHTS), so no rule would see it; failed with EPERM"
             ),
             EventKind::UdpConflict => write!(
                 f,

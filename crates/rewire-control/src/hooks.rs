@@ -127,6 +127,9 @@ pub struct Counters {
     /// Pending TCP hand-offs refused to a socket not accepted on the
     /// service's own listener in rewire's namespace.
     pub handoff_refused: u64,
+    /// Connects and sends refused by the guard: a process in the subtree
+    /// used a socket made outside it.
+    pub borrowed: u64,
 }
 
 impl Counters {
@@ -149,13 +152,14 @@ impl Counters {
             udp_forged: g(abi::RW_CNT_UDP_FORGED),
             link: g(abi::RW_CNT_LINK),
             handoff_refused: g(abi::RW_CNT_HANDOFF_REFUSED),
+            borrowed: g(abi::RW_CNT_BORROWED),
         }
     }
 }
 
 impl Counters {
     /// Each counter with its name, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, u64); 16] {
+    pub fn fields(&self) -> [(&'static str, u64); 17] {
         [
             ("redirect", self.redirect),
             ("deliver", self.deliver),
@@ -173,6 +177,7 @@ impl Counters {
             ("protocol", self.protocol),
             ("udp_forged", self.udp_forged),
             ("handoff_refused", self.handoff_refused),
+            ("borrowed", self.borrowed),
         ]
     }
 }
@@ -338,6 +343,19 @@ impl Hooks {
             }
         }
         Ok(Self { bpf, cgroup: subtree.into() })
+    }
+
+    /// Descriptors of `rw_counters` and `rw_events`, for the guard that
+    /// shares them ([`crate::guard`]); before [`Hooks::take_events`].
+    pub(crate) fn shared_map_fds(&self) -> Result<(std::os::fd::BorrowedFd<'_>, std::os::fd::BorrowedFd<'_>), HooksError> {
+        use std::os::fd::AsFd;
+        let fd = |name: &'static str| -> Result<std::os::fd::BorrowedFd<'_>, HooksError> {
+            match self.bpf.map(name) {
+                Some(Map::PerCpuArray(d)) | Some(Map::RingBuf(d)) => Ok(d.fd().as_fd()),
+                _ => Err(HooksError::Config(format!("{name} is not there (taken already?)"))),
+            }
+        };
+        Ok((fd("rw_counters")?, fd("rw_events")?))
     }
 
     /// The cgroup the programs are attached to.

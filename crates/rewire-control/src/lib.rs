@@ -7,6 +7,7 @@
 //! - [`bpfsys`]: the bpf(2) link and info commands aya does not expose;
 //! - [`events`]: turning the kernel's event records into log lines;
 //! - [`confine`]: what the commands rewire starts may not do to processes outside;
+//! - [`guard`]: the borrowed-socket guard at an ancestor of the subtree;
 //! - [`checks`]: start-up checks with one actionable message each.
 
 pub mod bpfsys;
@@ -15,6 +16,7 @@ pub mod checks;
 pub mod config;
 pub mod confine;
 pub mod events;
+pub mod guard;
 pub mod hooks;
 pub mod limiter;
 pub mod net;

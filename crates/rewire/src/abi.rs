@@ -33,6 +33,7 @@ pub const RW_EV_FOREIGN_NETNS: u32 = 10;
 pub const RW_EV_PROTOCOL: u32 = 11;
 pub const RW_EV_UDP_FORGED: u32 = 12;
 pub const RW_EV_HANDOFF_REFUSED: u32 = 13;
+pub const RW_EV_BORROWED: u32 = 16;
 
 pub const RW_CNT_REDIRECT: u32 = 0;
 pub const RW_CNT_DELIVER: u32 = 1;
@@ -50,7 +51,8 @@ pub const RW_CNT_PROTOCOL: u32 = 13;
 pub const RW_CNT_UDP_FORGED: u32 = 14;
 pub const RW_CNT_HANDOFF_REFUSED: u32 = 15;
 pub const RW_CNT_LINK: u32 = 11;
-pub const RW_CNT_N: u32 = 16;
+pub const RW_CNT_BORROWED: u32 = 18;
+pub const RW_CNT_N: u32 = 24;
 
 pub const RW_FAULT_NO_STORAGE: u32 = 1;
 

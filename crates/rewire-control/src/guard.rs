@@ -1,0 +1,311 @@
+//! The borrowed-socket guard (`bpf/guard.bpf.c`): sock_addr programs at an
+//! ancestor of the managed subtree that refuse (`EPERM`, event `borrowed`,
+//! counter `borrowed`) a connect or send by a process inside the subtree on
+//! a socket made outside it.
+//!
+//! Why an ancestor: the kernel runs the cgroup programs of the *socket's*
+//! cgroup, so a socket taken from outside (`pidfd_getfd`, `SCM_RIGHTS`)
+//! runs none of the subtree's hooks. Programs at a cgroup above both run
+//! for it, and they judge by the calling process. Attaching there affects
+//! every process below that cgroup, so the place is always named
+//! explicitly (the config's `guard`, or a test's own parent cgroup), and
+//! the programs return at once for a caller outside the subtree.
+//!
+//! Loaded with libbpf, not aya: the programs read the socket's cgroup
+//! through `bpf_cast_to_kern_ctx`, a kfunc, which aya does not resolve.
+//! They share the hooks' `rw_counters` and `rw_events` (their descriptors
+//! are handed to libbpf before loading), so the printer and `rewire status`
+//! see their refusals like any other.
+//!
+//! Two lifetimes, as for the hooks: [`Guard::attach`] owns its links (they
+//! go with the value or the process: `rewire run`, tests);
+//! [`Guard::persistent`] pins them under `<pin dir>/guard/` (the daemon),
+//! updating links that are already attached there in place.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use crate::bpfsys;
+
+/// The guard's configuration (map `rw_guard_conf`), as in `guard.bpf.c`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuardConf {
+    /// cgroup id of the managed subtree.
+    pub subtree_id: u64,
+    /// cgroup id of `<subtree>/services` (0: none).
+    pub services_id: u64,
+    /// The subtree's depth below the cgroup2 root (root = 0).
+    pub level: u32,
+    _pad: u32,
+}
+
+/// Loading or attaching the guard failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// libbpf could not open or load the object.
+    #[error("loading the borrowed-socket guard: {what}: {source}")]
+    Load {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// `guard` does not name an ancestor of the subtree.
+    #[error("guard cgroup {guard} is not an ancestor of the managed subtree {subtree}")]
+    NotAncestor {
+        /// The configured place.
+        guard: PathBuf,
+        /// The subtree.
+        subtree: PathBuf,
+    },
+    /// A bpf(2) or file operation failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was attempted.
+        what: String,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(io::Error) -> GuardError {
+    let what = what.into();
+    move |source| GuardError::Sys { what, source }
+}
+
+/// The loaded guard object (programs loaded, not attached).
+struct Object(NonNull<libbpf_sys::bpf_object>);
+
+impl Drop for Object {
+    fn drop(&mut self) {
+        // SAFETY: the object was opened by bpf_object__open_mem and is closed once.
+        unsafe { libbpf_sys::bpf_object__close(self.0.as_ptr()) };
+    }
+}
+
+impl Object {
+    fn load(conf: GuardConf, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> Result<Self, GuardError> {
+        crate::hooks::raise_memlock();
+        let bytes = rewire_bpf::guard_object();
+        let name = CString::new("rewire_guard").unwrap();
+        // SAFETY: zeroed opts with sz set is how libbpf wants them; the buffer is 'static.
+        let obj = unsafe {
+            let mut opts: libbpf_sys::bpf_object_open_opts = std::mem::zeroed();
+            opts.sz = std::mem::size_of::<libbpf_sys::bpf_object_open_opts>() as _;
+            opts.object_name = name.as_ptr();
+            libbpf_sys::bpf_object__open_mem(bytes.as_ptr().cast(), bytes.len() as _, &opts)
+        };
+        let obj = NonNull::new(obj)
+            .ok_or_else(|| GuardError::Load { what: "open", source: io::Error::last_os_error() })?;
+        let obj = Object(obj);
+        for (map, fd) in [("rw_counters", counters), ("rw_events", events)] {
+            let m = obj.map(map)?;
+            // SAFETY: a map of this object and a valid descriptor (libbpf dups it).
+            let r = unsafe { libbpf_sys::bpf_map__reuse_fd(m, fd.as_raw_fd()) };
+            if r < 0 {
+                return Err(GuardError::Load { what: "sharing the hooks' maps", source: io::Error::from_raw_os_error(-r) });
+            }
+        }
+        // SAFETY: an opened object.
+        let r = unsafe { libbpf_sys::bpf_object__load(obj.0.as_ptr()) };
+        if r < 0 {
+            return Err(GuardError::Load { what: "load (verifier, kernel BTF)", source: io::Error::from_raw_os_error(-r) });
+        }
+        let m = obj.map("rw_guard_conf")?;
+        let key = 0u32;
+        // SAFETY: key and value have the map's sizes (u32, struct rw_guard_conf).
+        let r = unsafe {
+            libbpf_sys::bpf_map_update_elem(
+                libbpf_sys::bpf_map__fd(m),
+                (&key as *const u32).cast(),
+                (&conf as *const GuardConf).cast(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(GuardError::Load { what: "writing rw_guard_conf", source: io::Error::last_os_error() });
+        }
+        Ok(obj)
+    }
+
+    fn map(&self, name: &str) -> Result<*mut libbpf_sys::bpf_map, GuardError> {
+        let c = CString::new(name).unwrap();
+        // SAFETY: a live object and a NUL-terminated name.
+        let m = unsafe { libbpf_sys::bpf_object__find_map_by_name(self.0.as_ptr(), c.as_ptr()) };
+        if m.is_null() {
+            return Err(GuardError::Load { what: "the object lacks a map", source: io::Error::other(name.to_string()) });
+        }
+        Ok(m)
+    }
+
+    fn prog_fd(&self, name: &str) -> Result<BorrowedFd<'_>, GuardError> {
+        let c = CString::new(name).unwrap();
+        // SAFETY: a live object and a NUL-terminated name.
+        let p = unsafe { libbpf_sys::bpf_object__find_program_by_name(self.0.as_ptr(), c.as_ptr()) };
+        // SAFETY: p is checked; the fd lives as long as the object.
+        let fd = if p.is_null() { -1 } else { unsafe { libbpf_sys::bpf_program__fd(p) } };
+        if fd < 0 {
+            return Err(GuardError::Load { what: "the object lacks a program", source: io::Error::other(name.to_string()) });
+        }
+        // SAFETY: owned by the object, which outlives the borrow.
+        Ok(unsafe { BorrowedFd::borrow_raw(fd) })
+    }
+}
+
+/// The configuration for a subtree: its id and depth, its services' cgroup.
+pub fn conf_for(subtree: &Path) -> Result<GuardConf, GuardError> {
+    let root = crate::cgroup::cgroup2_mount().map_err(|e| GuardError::Sys { what: "cgroup2".into(), source: io::Error::other(e.to_string()) })?;
+    let rel = subtree.strip_prefix(&root).map_err(|_| GuardError::NotAncestor { guard: root.clone(), subtree: subtree.into() })?;
+    let id = |p: &Path| crate::cgroup::cgroup_id(p).map_err(|e| GuardError::Sys { what: format!("{}", p.display()), source: io::Error::other(e.to_string()) });
+    let services = subtree.join("services");
+    Ok(GuardConf {
+        subtree_id: id(subtree)?,
+        services_id: if services.is_dir() { id(&services)? } else { 0 },
+        level: rel.components().count() as u32,
+        _pad: 0,
+    })
+}
+
+/// Checks that `guard` is a proper ancestor of `subtree` (both under the cgroup2 mount).
+pub fn check_ancestor(guard: &Path, subtree: &Path) -> Result<(), GuardError> {
+    let err = || GuardError::NotAncestor { guard: guard.into(), subtree: subtree.into() };
+    let g = fs::canonicalize(guard).map_err(|_| err())?;
+    let s = fs::canonicalize(subtree).map_err(|_| err())?;
+    if s != g && s.starts_with(&g) {
+        Ok(())
+    } else {
+        Err(err())
+    }
+}
+
+/// The guard with links owned by this value (detached when it is dropped).
+pub struct Guard {
+    _links: Vec<OwnedFd>,
+    _obj: Object,
+    at: PathBuf,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard").field("at", &self.at).finish()
+    }
+}
+
+impl Guard {
+    /// Loads the guard for `subtree` (sharing `hooks`' counters and event
+    /// ring) and attaches it at `at`, an ancestor of `subtree`. Call before
+    /// [`crate::Hooks::take_events`].
+    pub fn attach(hooks: &crate::Hooks, at: &Path) -> Result<Self, GuardError> {
+        let (counters, events) = hooks.shared_map_fds().map_err(|e| GuardError::Sys { what: "the hooks' maps".into(), source: io::Error::other(e.to_string()) })?;
+        Self::attach_with(hooks.cgroup(), at, counters, events)
+    }
+
+    fn attach_with(subtree: &Path, at: &Path, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> Result<Self, GuardError> {
+        check_ancestor(at, subtree)?;
+        let obj = Object::load(conf_for(subtree)?, counters, events)?;
+        let cg = File::open(at).map_err(sys(format!("opening {}", at.display())))?;
+        let mut links = vec![];
+        for &(name, section) in rewire_bpf::GUARD_PROGRAMS {
+            let t = bpfsys::cgroup_attach_type(section).expect("sock_addr section");
+            links.push(bpfsys::link_create(obj.prog_fd(name)?, cg.as_fd(), t).map_err(sys(format!("attaching {name} at {}", at.display())))?);
+        }
+        Ok(Guard { _links: links, _obj: obj, at: at.into() })
+    }
+
+    /// The cgroup it is attached at.
+    pub fn at(&self) -> &Path {
+        &self.at
+    }
+
+    /// The daemon's guard: loaded for `subtree` with the maps pinned in
+    /// `dir`, its links pinned in `<dir>/guard/`. Links already attached at
+    /// `at` are updated in place (no moment without the guard); others are
+    /// replaced. Returns what it did, for the log.
+    pub fn persistent(subtree: &Path, dir: &Path, at: &Path) -> Result<String, GuardError> {
+        check_ancestor(at, subtree)?;
+        let counters = bpfsys::obj_get(&dir.join("rw_counters")).map_err(sys("opening the pinned rw_counters"))?;
+        let events = bpfsys::obj_get(&dir.join("rw_events")).map_err(sys("opening the pinned rw_events"))?;
+        let obj = Object::load(conf_for(subtree)?, counters.as_fd(), events.as_fd())?;
+        let at_id = crate::cgroup::cgroup_id(at).map_err(|e| GuardError::Sys { what: at.display().to_string(), source: io::Error::other(e.to_string()) })?;
+        let cg = File::open(at).map_err(sys(format!("opening {}", at.display())))?;
+        let gdir = guard_dir(dir);
+        fs::create_dir_all(&gdir).map_err(sys(format!("creating {}", gdir.display())))?;
+        let (mut updated, mut attached) = (0, 0);
+        for &(name, section) in rewire_bpf::GUARD_PROGRAMS {
+            let prog = obj.prog_fd(name)?;
+            let path = gdir.join(name);
+            if let Ok(link) = bpfsys::obj_get(&path) {
+                if bpfsys::link_info(link.as_fd()).is_ok_and(|i| i.attached_to(at_id)) {
+                    bpfsys::link_update(link.as_fd(), prog).map_err(sys(format!("updating guard link {name}")))?;
+                    updated += 1;
+                    continue;
+                }
+                let _ = bpfsys::link_detach(link.as_fd());
+                fs::remove_file(&path).map_err(sys(format!("removing {}", path.display())))?;
+            }
+            let t = bpfsys::cgroup_attach_type(section).expect("sock_addr section");
+            let link = bpfsys::link_create(prog, cg.as_fd(), t).map_err(sys(format!("attaching {name} at {}", at.display())))?;
+            bpfsys::obj_pin(link.as_fd(), &path).map_err(sys(format!("pinning {}", path.display())))?;
+            attached += 1;
+        }
+        Ok(format!(
+            "borrowed-socket guard at {}: {attached} program(s) attached, {updated} updated in place",
+            at.display()
+        ))
+    }
+}
+
+/// The cgroup a configuration's `guard` names (under the cgroup2 mount), if any.
+pub fn configured(cfg: &crate::Config) -> Result<Option<PathBuf>, GuardError> {
+    let Some(g) = &cfg.guard else { return Ok(None) };
+    let root = crate::cgroup::cgroup2_mount()
+        .map_err(|e| GuardError::Sys { what: "cgroup2".into(), source: io::Error::other(e.to_string()) })?;
+    Ok(Some(root.join(g.get_ref().trim_start_matches('/'))))
+}
+
+/// The line said at start when no guard is configured.
+pub const UNGUARDED: &str = "no `guard` configured: a process in the subtree that gets a socket made outside it \
+     (SCM_RIGHTS, or pidfd_getfd/ptrace from a process rewire did not start) connects and sends past the rules; \
+     set `guard` to an ancestor cgroup of the subtree (see SECURITY.md)";
+
+/// Where the daemon pins the guard's links.
+pub fn guard_dir(dir: &Path) -> PathBuf {
+    dir.join("guard")
+}
+
+/// Detaches and unpins a daemon's guard (if any); how many links.
+pub fn remove_pinned(dir: &Path) -> Result<usize, GuardError> {
+    let gdir = guard_dir(dir);
+    let mut n = 0;
+    if let Ok(rd) = fs::read_dir(&gdir) {
+        for e in rd.flatten() {
+            if let Ok(fd) = bpfsys::obj_get(&e.path()) {
+                let _ = bpfsys::link_detach(fd.as_fd());
+            }
+            fs::remove_file(e.path()).map_err(sys(format!("removing {}", e.path().display())))?;
+            n += 1;
+        }
+        match fs::remove_dir(&gdir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(sys(format!("removing {}", gdir.display()))(e)),
+            _ => {}
+        }
+    }
+    Ok(n)
+}
+
+/// The cgroup each pinned guard link is attached to (0: detached), for `rewire status`.
+pub fn pinned_status(dir: &Path) -> Vec<(String, u64)> {
+    let Ok(rd) = fs::read_dir(guard_dir(dir)) else { return vec![] };
+    rd.flatten()
+        .filter_map(|e| {
+            let fd = bpfsys::obj_get(&e.path()).ok()?;
+            let info = bpfsys::link_info(fd.as_fd()).ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), info.cgroup_id))
+        })
+        .collect()
+}
