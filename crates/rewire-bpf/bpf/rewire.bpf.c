@@ -173,6 +173,16 @@ struct {
 	__type(value, struct rw_link);
 } rw_link SEC(".maps");
 
+/* The host's directed broadcast addresses (IPv4, network order), read with
+ * the interface addresses when the rules are loaded: a datagram to one of
+ * them is delivered to many receivers, this host's included. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RW_MAX_BROADCAST);
+	__type(key, __u32);
+	__type(value, __u8);
+} rw_bcast SEC(".maps");
+
 /* Per-cause counters (RW_CNT_*): exact even when events are dropped. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -295,6 +305,8 @@ struct rw_walk {
 	__u8 found;
 	__u16 service_id;
 	__u16 rule_id;
+	__u8 any_dst; /* a broadcast/multicast send: every rule's destination
+		       * applies, and only a rule that does not let it pass is found */
 };
 
 /* The walk continues the flow of `rec`: its chain's services are seen,
@@ -336,7 +348,12 @@ static long rw_walk_rule(__u32 i, void *data)
 		return 0;
 	if (r->has_cgroup && r->cgroup_id != w->cgroup_id)
 		return 0;
-	{
+	if (w->any_dst) {
+		/* One datagram to many receivers reaches whatever any rule's
+		 * destination names; a rule that lets it pass is no objection. */
+		if (r->flags & RW_RULE_BROADCAST_PASS)
+			return 0;
+	} else {
 		const __u32 *a = (const __u32 *)r->addr, *m = (const __u32 *)r->mask;
 		if ((d[0] & m[0]) != a[0] || (d[1] & m[1]) != a[1] || (d[2] & m[2]) != a[2] ||
 		    (d[3] & m[3]) != a[3])
@@ -983,6 +1000,60 @@ out:
 	return r;
 }
 
+/* ---- broadcast and multicast ----
+ *
+ * A datagram to a broadcast or multicast address goes to many receivers at
+ * once: hosts on the link and, through the kernel's loopback copy, this
+ * host's own sockets (every address a rule can name, "local" included). No
+ * proxy can stand in for all of them (it would receive it once, answer for
+ * everyone, and its onward copy would go out as its own), so such a send
+ * is never redirected: it is refused when any rule could apply to it (the
+ * rule's protocol, port, family, uid and cgroup match; its destination
+ * cannot be told apart), unless every such rule lets it pass
+ * (`broadcast = "pass"`), and then it goes out as sent. */
+
+/* Limited (255.255.255.255) and directed (rw_bcast) broadcast, IPv4
+ * multicast (224.0.0.0/4), IPv6 multicast (ff00::/8, every scope). */
+static __always_inline int rw_is_fanout(const struct rw_addr *a)
+{
+	__u32 ip4 = *(const __u32 *)a->addr;
+
+	if (a->family == AF_INET6)
+		return a->addr[0] == 0xff;
+	if (ip4 == 0xffffffff || (a->addr[0] & 0xf0) == 0xe0)
+		return 1;
+	return bpf_map_lookup_elem(&rw_bcast, &ip4) != 0;
+}
+
+/* A UDP send or connect to `orig`: 0 when it is not a broadcast/multicast
+ * destination (the usual decision follows), 1 when it is one that may pass
+ * untouched (no rule applies, or every rule that does lets it pass),
+ * -EPERM (counted, reported) when it is refused. A global function: the
+ * verifier checks it once. */
+__attribute__((noinline)) int rw_fanout(const struct rw_sock *st, const struct rw_addr *orig, __u32 has_rec)
+{
+	struct rw_conf *conf = rw_get_conf();
+	struct rw_walk w = {};
+
+	if (!orig || !conf || !rw_is_fanout(orig))
+		return 0;
+	w.dst = *orig;
+	w.any_dst = 1;
+	if (has_rec && st) {
+		rw_walk_from(&w, &st->rec);
+	} else {
+		w.uid = (__u32)bpf_get_current_uid_gid();
+		w.cgroup_id = bpf_get_current_cgroup_id();
+	}
+	w.proto = IPPROTO_UDP;
+	w.n_rules = conf->n_rules;
+	rw_walk(&w);
+	if (!w.found)
+		return 1;
+	rw_report(RW_EV_BROADCAST, RW_CNT_BROADCAST, -EPERM, st, has_rec, orig, IPPROTO_UDP, w.service_id, w.rule_id);
+	return -EPERM;
+}
+
 /* Appends this hop's service to a record. */
 static __always_inline void rw_append(struct rw_records *rec, __u8 n, __u16 service_id)
 {
@@ -1110,6 +1181,15 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	r = rw_bind_check(st, has_rec, &orig, IPPROTO_UDP);
 	if (r < 0)
 		return rw_refuse(-r);
+	/* To many receivers at once: refused, or passed as sent. */
+	r = rw_fanout(st, &orig, has_rec);
+	if (r < 0)
+		return rw_refuse(-r);
+	if (r > 0) {
+		if (is_connect && (u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0)))
+			rw_udp_forget(u, -1); /* one peer per connected socket */
+		return 1;
+	}
 	/* An unbound socket's datagrams get a fixed source (the service's own
 	 * address), so the proxy's view of the flow, (source, service), is
 	 * known here and stays the same for every datagram. */

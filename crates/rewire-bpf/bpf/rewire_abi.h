@@ -70,6 +70,9 @@
 #define RW_EV_BORROWED 16 /* refused (EPERM): a process in the subtree connects or sends
 			   * with a socket made outside it (taken with pidfd_getfd or
 			   * SCM_RIGHTS); reported by the guard (guard.bpf.c) */
+#define RW_EV_BROADCAST 17 /* refused (EPERM): a UDP send or connect to a broadcast or
+			    * multicast address (one datagram to many receivers, which no
+			    * proxy can stand in for) that a rule could apply to */
 
 /* Counters (per-CPU array rw_counters, index): never lose a count. */
 #define RW_CNT_REDIRECT 0
@@ -87,6 +90,7 @@
 #define RW_CNT_PROTOCOL 13
 #define RW_CNT_UDP_FORGED 14
 #define RW_CNT_HANDOFF_REFUSED 15 /* see RW_EV_HANDOFF_REFUSED */
+#define RW_CNT_BROADCAST 19 /* broadcast/multicast sends refused (RW_EV_BROADCAST) */
 #define RW_CNT_LINK 11 /* a record-less onward connect carried on the flow whose
 			* SO_ORIGINAL_DST its process queried (linking) */
 #define RW_CNT_BORROWED 18 /* see RW_EV_BORROWED */
@@ -186,7 +190,14 @@ struct rw_rule {
 	__u8 addr[16];    /* network prefix, masked */
 	__u8 mask[16];
 	__u64 cgroup_id;
+	__u32 flags;      /* RW_RULE_* */
+	__u32 _pad;
 };
+
+/* rw_rule.flags */
+#define RW_RULE_BROADCAST_PASS 1u /* a broadcast/multicast send this rule applies to may
+				   * pass, unredirected (config `broadcast = "pass"`) */
+#define RW_MAX_BROADCAST 256 /* directed broadcast addresses of the host (map rw_bcast) */
 
 struct rw_conf {
 	__u32 n_rules;

@@ -9,6 +9,9 @@
 //!                            # mount, "/" = the root) where the borrowed-socket
 //!                            # guard is attached; an ancestor of the subtree.
 //!                            # Default: none (see SECURITY.md)
+//! broadcast = "refuse"       # UDP to a broadcast/multicast address a rule applies
+//!                            # to: refused ("refuse", default) or sent as it is
+//!                            # ("pass"); a match rule may say otherwise
 //!
 //! [access]                   # besides root, who may query/set records
 //! uids = [1000, "proxyuser"]
@@ -30,6 +33,7 @@
 //! protocol = "tcp"                   # "tcp" (default), "udp" or "any"
 //! uid = 1000                         # optional: only this user's flows
 //! cgroup = "clients"                 # optional: only processes in <subtree>/clients
+//! broadcast = "pass"                 # optional: overrides the global `broadcast`
 //! ```
 //!
 //! Every error names the file, the line and the key.
@@ -132,6 +136,21 @@ pub enum FailPolicy {
     Open,
 }
 
+/// What happens to a UDP send or connect to a broadcast or multicast
+/// address (one datagram to many receivers, this host's own sockets
+/// included) that a rule applies to. No proxy can stand in for many
+/// receivers, so such a send is never redirected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BroadcastPolicy {
+    /// The send fails with `EPERM`, with a `broadcast` event and counter.
+    #[default]
+    Refuse,
+    /// The datagram goes out as sent, to every receiver, unredirected and
+    /// uninspected.
+    Pass,
+}
+
 /// A destination of a match rule: a network, or every address of this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dst {
@@ -206,6 +225,9 @@ pub struct MatchRule {
     pub uid: Option<Principal>,
     /// Only flows of processes directly in this cgroup (relative to the subtree).
     pub cgroup: Option<String>,
+    /// Broadcast/multicast sends this rule applies to (any destination
+    /// address); default: the configuration's `broadcast`.
+    pub broadcast: Option<BroadcastPolicy>,
 }
 
 /// A redirect service: a proxy's listening addresses and what it inspects.
@@ -303,6 +325,9 @@ pub struct Config {
     /// send below it, so it is never chosen for the administrator.
     #[serde(default)]
     pub guard: Option<Spanned<String>>,
+    /// Broadcast/multicast sends a rule applies to, unless the rule says.
+    #[serde(default)]
+    pub broadcast: BroadcastPolicy,
     /// Who may call query/set besides root.
     #[serde(default)]
     pub access: Access,
@@ -466,6 +491,11 @@ impl Config {
         std::time::Duration::from_millis(*self.udp_idle_ms.get_ref())
     }
 
+    /// What a broadcast/multicast send that `m` applies to gets.
+    pub fn broadcast_policy(&self, m: &MatchRule) -> BroadcastPolicy {
+        m.broadcast.unwrap_or(self.broadcast)
+    }
+
     /// The 1-based id of a service by name.
     pub fn service_id(&self, name: &str) -> Option<u16> {
         self.services.iter().position(|s| s.name.get_ref() == name).map(|i| i as u16 + 1)
@@ -595,6 +625,12 @@ match = { ports = 8080 }
         assert_eq!(udp.services[0].matches[0].protocol, Protocol::Udp);
         assert_eq!(udp.udp_idle().as_millis(), 1500);
         assert_eq!(udp.services[0].udp_listen(), ["127.0.0.1:5353".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.broadcast, BroadcastPolicy::Refuse);
+        assert_eq!(c.broadcast_policy(&c.services[0].matches[0]), BroadcastPolicy::Refuse);
+        let b = parse("broadcast = \"pass\"\n[[service]]\nname = \"d\"\nlisten = \"127.0.0.1:9\"\n\
+                       [[service.match]]\nports = 1\n[[service.match]]\nports = 2\nbroadcast = \"refuse\"\n").unwrap();
+        assert_eq!(b.broadcast_policy(&b.services[0].matches[0]), BroadcastPolicy::Pass);
+        assert_eq!(b.broadcast_policy(&b.services[0].matches[1]), BroadcastPolicy::Refuse);
         let three = parse("[[service]]\nname = \"dns\"\nlisten = [\"127.0.0.1:5353\", \"[::1]:5353\"]\nudp_ports = 3\nmatch = {}\n").unwrap();
         assert_eq!(three.services[0].udp_listen().len(), 6);
         assert_eq!(three.services[0].udp_listen()[5], "[::1]:5355".parse::<SocketAddr>().unwrap());

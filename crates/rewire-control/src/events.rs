@@ -66,6 +66,11 @@ pub enum EventKind {
     /// or sent with a socket made outside it (taken with `pidfd_getfd`,
     /// received over `SCM_RIGHTS`).
     Borrowed,
+    /// Refused (EPERM): a UDP send or connect to a broadcast or multicast
+    /// address (one datagram to many receivers) that a rule applies to and
+    /// does not let pass (`broadcast = "pass"`); `service` and `rule` name
+    /// the first such rule.
+    Broadcast,
 }
 
 /// One decision of the connect hook.
@@ -118,6 +123,7 @@ impl EventKind {
             abi::RW_EV_UDP_FORGED => EventKind::UdpForged,
             abi::RW_EV_HANDOFF_REFUSED => EventKind::HandoffRefused,
             abi::RW_EV_BORROWED => EventKind::Borrowed,
+            abi::RW_EV_BROADCAST => EventKind::Broadcast,
             _ => return None,
         })
     }
@@ -139,6 +145,7 @@ impl EventKind {
             EventKind::UdpForged => "udp_forged",
             EventKind::HandoffRefused => "handoff_refused",
             EventKind::Borrowed => "borrowed",
+            EventKind::Broadcast => "broadcast",
         }
     }
 }
@@ -283,6 +290,12 @@ impl std::fmt::Display for Event {
                 f,
                 "REFUSED {p} connect/send of {who} to {dst}: the socket was made outside the managed cgroup \
                  (borrowed: pidfd_getfd, SCM_RIGHTS), so no rule would see it; failed with EPERM"
+            EventKind::Broadcast => write!(
+                f,
+                "REFUSED udp send of {who} to {dst}: a broadcast/multicast datagram reaches many receivers, \
+                 which no proxy can stand in for, and rule {} (service {svc}) applies to it; send failed with \
+                 EPERM (broadcast = \"pass\" lets it go out uninspected)",
+                self.rule
             ),
             EventKind::UdpConflict => write!(
                 f,

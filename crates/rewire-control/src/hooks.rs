@@ -19,7 +19,7 @@ use rewire::abi::{
     self, RwAccessKey, RwAddr, RwConf, RwEvent, RwIdentKey, RwRule, RwService, RwSock, RwTuple, RwUdpHandoff,
 };
 
-use crate::config::{resolve_gid, resolve_uid, Config, Dst, FailPolicy, Protocol};
+use crate::config::{resolve_gid, resolve_uid, BroadcastPolicy, Config, Dst, FailPolicy, Protocol};
 
 /// Loading or attaching failed.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +130,9 @@ pub struct Counters {
     /// Connects and sends refused by the guard: a process in the subtree
     /// used a socket made outside it.
     pub borrowed: u64,
+    /// UDP sends and connects to a broadcast or multicast address refused
+    /// (a rule applies and does not let them pass).
+    pub broadcast: u64,
 }
 
 impl Counters {
@@ -153,13 +156,14 @@ impl Counters {
             link: g(abi::RW_CNT_LINK),
             handoff_refused: g(abi::RW_CNT_HANDOFF_REFUSED),
             borrowed: g(abi::RW_CNT_BORROWED),
+            broadcast: g(abi::RW_CNT_BROADCAST),
         }
     }
 }
 
 impl Counters {
     /// Each counter with its name, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, u64); 17] {
+    pub fn fields(&self) -> [(&'static str, u64); 18] {
         [
             ("redirect", self.redirect),
             ("deliver", self.deliver),
@@ -178,6 +182,7 @@ impl Counters {
             ("udp_forged", self.udp_forged),
             ("handoff_refused", self.handoff_refused),
             ("borrowed", self.borrowed),
+            ("broadcast", self.broadcast),
         ]
     }
 }
@@ -585,6 +590,7 @@ pub fn compile_rules(config: &Config, subtree: &Path) -> Result<Vec<RwRule>, Hoo
                         uid: uid.unwrap_or(0),
                         has_cgroup: cgroup_id.is_some() as u8,
                         cgroup_id: cgroup_id.unwrap_or(0),
+                        flags: if config.broadcast_policy(m) == BroadcastPolicy::Pass { abi::RW_RULE_BROADCAST_PASS } else { 0 },
                         ..Default::default()
                     };
                     if let Some(net) = net {
@@ -641,6 +647,34 @@ pub fn expand_dst(d: &Dst) -> Result<Vec<IpNet>, HooksError> {
             Ok(v)
         }
     }
+}
+
+/// The host's directed IPv4 broadcast addresses in this network namespace
+/// when the rules are loaded: each interface address's broadcast address
+/// (`brd`) and its subnet's all-ones address (the kernel adds a broadcast
+/// route for both, for prefixes shorter than /31). Loopback's
+/// (127.255.255.255) is one of them. An address added later needs a reload,
+/// as for `dst = "local"`.
+pub fn broadcast_addrs() -> Result<Vec<std::net::Ipv4Addr>, HooksError> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| HooksError::Config(format!("listing this host's broadcast addresses: {e}")))?;
+    let mut v = Vec::new();
+    for a in addrs {
+        let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) else { continue };
+        if let Some(b) = a.broadcast.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) {
+            v.push(b);
+        }
+        if let Some(mask) = a.netmask.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) {
+            if u32::from(mask).count_ones() < 31 {
+                v.push((u32::from(ip) | !u32::from(mask)).into());
+            }
+        }
+    }
+    v.retain(|b| !b.is_broadcast() && !b.is_unspecified());
+    v.sort();
+    v.dedup();
+    v.truncate(abi::RW_MAX_BROADCAST);
+    Ok(v)
 }
 
 fn pad4(a: [u8; 4]) -> [u8; 16] {
@@ -732,6 +766,14 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
             Array::try_from(bpf.map_mut("rw_rules").expect("rw_rules")).map_err(map_err("rw_rules"))?;
         for (i, r) in rules.iter().enumerate() {
             arr.set(i as u32, Pod(*r), 0).map_err(map_err("rw_rules"))?;
+        }
+    }
+    {
+        // Directed broadcast addresses: sends to them are never redirected.
+        let mut bcast: HashMap<&mut MapData, u32, u8> =
+            HashMap::try_from(bpf.map_mut("rw_bcast").expect("rw_bcast")).map_err(map_err("rw_bcast"))?;
+        for b in broadcast_addrs()? {
+            bcast.insert(u32::from_ne_bytes(b.octets()), 1, 0).map_err(map_err("rw_bcast"))?;
         }
     }
     {

@@ -40,7 +40,7 @@ use crate::hooks::{fill_maps, raise_memlock, Hooks, HooksError, Pod};
 /// Maps `fill_maps` writes from the configuration: fresh for every
 /// generation. Every other map of the object is state and is reused. (A
 /// new map that `fill_maps` fills belongs here.)
-pub const CONFIG_MAPS: &[&str] = &["rw_conf", "rw_rules", "rw_services", "rw_svc_addr", "rw_svc_id", "rw_access"];
+pub const CONFIG_MAPS: &[&str] = &["rw_conf", "rw_rules", "rw_services", "rw_svc_addr", "rw_svc_id", "rw_access", "rw_bcast"];
 
 /// Where bpffs is: `$REWIRE_BPFFS` if set (tests use a private mount),
 /// else `/sys/fs/bpf`.

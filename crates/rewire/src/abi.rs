@@ -34,6 +34,7 @@ pub const RW_EV_PROTOCOL: u32 = 11;
 pub const RW_EV_UDP_FORGED: u32 = 12;
 pub const RW_EV_HANDOFF_REFUSED: u32 = 13;
 pub const RW_EV_BORROWED: u32 = 16;
+pub const RW_EV_BROADCAST: u32 = 17;
 
 pub const RW_CNT_REDIRECT: u32 = 0;
 pub const RW_CNT_DELIVER: u32 = 1;
@@ -50,6 +51,7 @@ pub const RW_CNT_FOREIGN_NETNS: u32 = 12;
 pub const RW_CNT_PROTOCOL: u32 = 13;
 pub const RW_CNT_UDP_FORGED: u32 = 14;
 pub const RW_CNT_HANDOFF_REFUSED: u32 = 15;
+pub const RW_CNT_BROADCAST: u32 = 19;
 pub const RW_CNT_LINK: u32 = 11;
 pub const RW_CNT_BORROWED: u32 = 18;
 pub const RW_CNT_N: u32 = 24;
@@ -131,7 +133,14 @@ pub struct RwRule {
     pub addr: [u8; 16],
     pub mask: [u8; 16],
     pub cgroup_id: u64,
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// `RwRule::flags`: a broadcast/multicast send this rule applies to may pass.
+pub const RW_RULE_BROADCAST_PASS: u32 = 1;
+/// Directed broadcast addresses the kernel knows (map `rw_bcast`).
+pub const RW_MAX_BROADCAST: usize = 256;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -251,7 +260,7 @@ assert_layout!(RwRecords, 128, flow_id @ 8, orig_dst @ 16, pid @ 40, cgroup_id @
     created_ns @ 80, chain @ 88, tag @ 120);
 assert_layout!(RwContext, 152, service_id @ 4, hop @ 8, redirected_ns @ 16, records @ 24);
 assert_layout!(RwService, 40, addr4 @ 8, addr6 @ 12, upto_mask @ 32);
-assert_layout!(RwRule, 56, port_lo @ 8, uid @ 12, addr @ 16, mask @ 32, cgroup_id @ 48);
+assert_layout!(RwRule, 64, port_lo @ 8, uid @ 12, addr @ 16, mask @ 32, cgroup_id @ 48, flags @ 56);
 assert_layout!(RwConf, 48, key @ 8, udp_idle_ns @ 24, faults @ 32, netns_cookie @ 40);
 assert_layout!(RwSock, 160, redirected_ns @ 8, cookie @ 16, n_set @ 24, tag @ 28, rec @ 32);
 assert_layout!(RwTuple, 40, cport @ 4, caddr @ 8, saddr @ 24);
