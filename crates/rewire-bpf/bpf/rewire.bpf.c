@@ -1181,15 +1181,6 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	r = rw_bind_check(st, has_rec, &orig, IPPROTO_UDP);
 	if (r < 0)
 		return rw_refuse(-r);
-	/* To many receivers at once: refused, or passed as sent. */
-	r = rw_fanout(st, &orig, has_rec);
-	if (r < 0)
-		return rw_refuse(-r);
-	if (r > 0) {
-		if (is_connect && (u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0)))
-			rw_udp_forget(u, -1); /* one peer per connected socket */
-		return 1;
-	}
 	/* An unbound socket's datagrams get a fixed source (the service's own
 	 * address), so the proxy's view of the flow, (source, service), is
 	 * known here and stays the same for every datagram. */
@@ -1214,6 +1205,17 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 				return 1;
 			}
 		}
+	}
+
+	/* To many receivers at once: refused, or passed as sent. (After the
+	 * live flows: a slot is never made for such a destination.) */
+	r = rw_fanout(st, &orig, has_rec);
+	if (r < 0)
+		return rw_refuse(-r);
+	if (r > 0) {
+		if (u && is_connect)
+			rw_udp_forget(u, -1); /* one peer per connected socket */
+		return 1;
 	}
 
 	c.proto = IPPROTO_UDP;

@@ -115,7 +115,11 @@ struct rw_records {
 	__u8 _pad[3];
 	__u64 flow_id; /* random, assigned at the first redirect */
 	struct rw_addr orig_dst;
-	__u32 pid; /* the originating application */
+	/* The origin. pid (thread-group id), uid, gid and cgroup_id are the
+	 * kernel's (bpf_get_current_*) at the connect or send: vouched for.
+	 * comm is the thread's name, which the process sets itself
+	 * (prctl(PR_SET_NAME)): a label, never an identity. */
+	__u32 pid;
 	__u32 uid;
 	__u32 gid;
 	__u32 _pad2;

@@ -673,7 +673,14 @@ pub fn broadcast_addrs() -> Result<Vec<std::net::Ipv4Addr>, HooksError> {
     v.retain(|b| !b.is_broadcast() && !b.is_unspecified());
     v.sort();
     v.dedup();
-    v.truncate(abi::RW_MAX_BROADCAST);
+    if v.len() > abi::RW_MAX_BROADCAST {
+        // Truncating would let sends to the rest pass as ordinary addresses.
+        return Err(HooksError::Config(format!(
+            "this host has {} directed broadcast addresses; rewire knows at most {}",
+            v.len(),
+            abi::RW_MAX_BROADCAST
+        )));
+    }
     Ok(v)
 }
 

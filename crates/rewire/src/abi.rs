@@ -78,11 +78,16 @@ pub struct RwRecords {
     pub _pad: [u8; 3],
     pub flow_id: u64,
     pub orig_dst: RwAddr,
+    /// Kernel-vouched (`bpf_get_current_pid_tgid`) at the connect or send.
     pub pid: u32,
+    /// Kernel-vouched.
     pub uid: u32,
+    /// Kernel-vouched.
     pub gid: u32,
     pub _pad2: u32,
+    /// Kernel-vouched (cgroup v2 id).
     pub cgroup_id: u64,
+    /// The thread's `comm`: chosen by the process (`prctl(PR_SET_NAME)`).
     pub comm: [u8; 16],
     pub created_ns: u64,
     pub chain: [u16; RW_MAX_CHAIN],

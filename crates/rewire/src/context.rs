@@ -1,4 +1,23 @@
 //! The redirect context: what the hook knew when it redirected the flow.
+//!
+//! # What the kernel vouches for, and what the process chose
+//!
+//! Every field is written by rewire's kernel programs and tagged, so no
+//! process can alter it after the fact. But not every field is a fact about
+//! *who* the origin is:
+//!
+//! | field | source | trust |
+//! |---|---|---|
+//! | `pid` | the kernel: thread-group id of the process that made the connect or send | vouched (the process may have exited since, and its pid been reused) |
+//! | `uid`, `gid` | the kernel: that process's credentials at the connect or send | vouched |
+//! | `cgroup_id` | the kernel: that process's cgroup (v2) | vouched: only root moves processes between cgroups |
+//! | `flow_id`, `chain`, `hop`, `service_id`, `rule_id`, times | the kernel programs | vouched |
+//! | `original_destination` | the address the process asked for (normalised: IPv4-mapped is IPv4) | the process's choice, as with any destination |
+//! | `command` | the thread's `comm`: the executable's name at `exec`, but **set by the process itself** at any time (`prctl(PR_SET_NAME)`, `/proc/self/comm`), at most 15 bytes | **chosen by the process**: a label for logs, never an identity for policy |
+//!
+//! Decide on uid, gid, cgroup (and pid for correlation); show `command` as
+//! what the process calls itself. [`RedirectContext::kernel_identity`]
+//! returns just the vouched identity.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
@@ -25,15 +44,18 @@ pub struct RedirectContext {
     pub hop: u8,
     /// Identifier of the flow, the same at every hop.
     pub flow_id: u64,
-    /// Process id of the application that opened the flow.
+    /// Process id (thread-group id) of the application that opened the
+    /// flow. Vouched for by the kernel.
     pub pid: u32,
-    /// Its user id.
+    /// Its user id. Vouched for by the kernel.
     pub uid: u32,
-    /// Its group id.
+    /// Its group id. Vouched for by the kernel.
     pub gid: u32,
-    /// Its cgroup id (cgroup v2 inode number).
+    /// Its cgroup id (cgroup v2 inode number). Vouched for by the kernel.
     pub cgroup_id: u64,
-    /// Its command name (`comm`, at most 15 bytes).
+    /// Its command name (the thread's `comm`, at most 15 bytes). **Chosen
+    /// by the process** (`prctl(PR_SET_NAME)` renames it at will): a label
+    /// for logs, never an identity to base a decision on.
     pub command: String,
     /// Services that handled the flow so far, including this one.
     pub chain: Vec<u16>,
@@ -43,7 +65,28 @@ pub struct RedirectContext {
     pub flow_started_at: SystemTime,
 }
 
+/// The origin's identity as the kernel vouches for it (see the module
+/// documentation): what a policy may rely on. The process's self-chosen
+/// `command` is deliberately not part of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct KernelIdentity {
+    /// Process id (thread-group id) that made the connect or send.
+    pub pid: u32,
+    /// Its user id.
+    pub uid: u32,
+    /// Its group id.
+    pub gid: u32,
+    /// Its cgroup id (cgroup v2 inode number).
+    pub cgroup_id: u64,
+}
+
 impl RedirectContext {
+    /// The origin's kernel-vouched identity (pid, uid, gid, cgroup), without
+    /// the self-chosen `command`.
+    pub fn kernel_identity(&self) -> KernelIdentity {
+        KernelIdentity { pid: self.pid, uid: self.uid, gid: self.gid, cgroup_id: self.cgroup_id }
+    }
+
     pub(crate) fn from_raw(raw: &RwContext) -> Option<Self> {
         let rec = &raw.records;
         Some(Self {
