@@ -290,6 +290,7 @@ impl std::fmt::Display for Event {
                 f,
                 "REFUSED {p} connect/send of {who} to {dst}: the socket was made outside the managed cgroup \
                  (borrowed: pidfd_getfd, SCM_RIGHTS), so no rule would see it; failed with EPERM"
+            ),
             EventKind::Broadcast => write!(
                 f,
                 "REFUSED udp send of {who} to {dst}: a broadcast/multicast datagram reaches many receivers, \
