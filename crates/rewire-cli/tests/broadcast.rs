@@ -149,7 +149,7 @@ impl Drop for Sink {
 }
 
 /// What the sender tries, by payload; each goes to the rule's port.
-const SENDS: [&str; 5] = ["v4-directed", "v4-limited", "v4-multicast", "v6-multicast", "v4-connected"];
+const SENDS: [&str; 6] = ["v4-directed", "v4-limited", "v4-multicast", "v6-multicast", "v4-connected", "v4-mapped"];
 
 /// One configuration's case: a UDP service `audit` (proxy running) with
 /// `rule` (its match table, port filled in), the sender as uid 65534 in the
@@ -296,6 +296,10 @@ fn child_bcast_sender() {
     check("v4-multicast", v4.send_to(b"v4-multicast", ("224.0.0.1", port)));
     let all_nodes = SocketAddrV6::new("ff02::1".parse().unwrap(), port, 0, ifindex);
     check("v6-multicast", v6.send_to(b"v6-multicast", all_nodes));
+    // A dual-stack IPv6 socket to an IPv4-mapped broadcast address.
+    let d = UdpSocket::bind("[::]:0").unwrap();
+    d.set_broadcast(true).unwrap();
+    check("v4-mapped", d.send_to(b"v4-mapped", ("::ffff:10.78.0.255", port)));
     // A connected socket: refused at connect.
     let c = UdpSocket::bind("0.0.0.0:0").unwrap();
     c.set_broadcast(true).unwrap();
