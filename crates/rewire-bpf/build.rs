@@ -2,7 +2,8 @@
 //! (the hooks), `bpf/fastpath.bpf.c` (the proxy's kernel fast path, a
 //! separate object because only the proxy loads it, and without the hooks)
 //! and `bpf/guard.bpf.c` (the borrowed-socket guard, attached at an
-//! ancestor of the subtree and loaded with libbpf).
+//! ancestor of the subtree and loaded with libbpf), `bpf/lsm.bpf.c` (the
+//! same boundary in the BPF LSM, where the kernel loads it).
 //!
 //! The objects are built for the host's byte order (`bpfel` on x86_64 and
 //! aarch64). `CLANG` overrides the compiler; `scripts/setup.sh` installs it.
@@ -19,7 +20,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", src_dir.display());
     println!("cargo:rerun-if-env-changed=CLANG");
-    for name in ["rewire", "fastpath", "guard"] {
+    for name in ["rewire", "fastpath", "guard", "lsm"] {
         compile(&src_dir, &src_dir.join(format!("{name}.bpf.c")), &out_dir.join(format!("{name}.bpf.o")));
     }
 }

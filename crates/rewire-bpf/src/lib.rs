@@ -43,6 +43,20 @@ pub const GUARD_PROGRAMS: &[(&str, &str)] = &[
     ("rw_guard_sendmsg6", "cgroup/sendmsg6"),
 ];
 
+static LSM_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/lsm.bpf.o")));
+
+/// The BPF ELF object of the BPF LSM part (`bpf/lsm.bpf.c`): `file_receive`
+/// and `ptrace_access_check` refuse a subtree process a socket made outside
+/// it and tracing an outside process. Loaded with libbpf where the kernel
+/// allows it.
+pub fn lsm_object() -> &'static [u8] {
+    &LSM_ALIGNED.0
+}
+
+/// The LSM programs, as `(function, section)`.
+pub const LSM_PROGRAMS: &[(&str, &str)] =
+    &[("rw_lsm_file_receive", "lsm/file_receive"), ("rw_lsm_ptrace_access_check", "lsm/ptrace_access_check")];
+
 /// Names of the programs in the object, as `(function, section)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_connect4", "cgroup/connect4"),

@@ -111,6 +111,8 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
             None
         }
     };
+    let lsm = rewire_control::guard::lsm_attach_for(&hooks);
+    tracing::info!("{}", lsm.describe());
     let events = hooks.take_events().context("event ring buffer")?;
     let rt = runtime()?;
     let abs_config = std::fs::canonicalize(config)?;
@@ -214,6 +216,8 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
             tracing::warn!("{}", rewire_control::guard::UNGUARDED);
         }
     }
+    let lsm = rewire_control::guard::lsm_persistent(cgroup.path(), &dir);
+    tracing::info!("{}", lsm.describe());
     tracing::info!(
         "serving {} service(s) on cgroup {} (hooks and maps pinned in {}); `rewire exec --config {}` runs commands inside",
         cfg.services.len(),
@@ -571,6 +575,8 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
             "daemon_pid": pid,
             "daemon_last": last,
             "counters": counters,
+            "guard_links": rewire_control::guard::pinned_status(&dir).len(),
+            "lsm_attached": rewire_control::guard::lsm_pinned(&dir),
         });
         println!("{v}");
         return Ok(());
@@ -590,6 +596,14 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
         let ids: std::collections::BTreeSet<u64> = guard.iter().map(|&(_, id)| id).collect();
         println!("borrowed-socket guard: {} program(s), attached at cgroup id(s) {ids:?}", guard.len());
     }
+    println!(
+        "BPF LSM: {}",
+        if rewire_control::guard::lsm_pinned(&dir) {
+            "attached (file_receive, ptrace_access_check)"
+        } else {
+            "not attached (the kernel would not load it when the daemon started; see its log)"
+        }
+    );
     println!("counters since the hooks were first attached (every decision, printed or not):");
     for (name, v) in counters.fields() {
         println!("  {name:<15} {v}");

@@ -90,6 +90,7 @@ struct Tree {
     outside: std::path::PathBuf,
     children: Vec<std::process::Child>,
     guard: Option<rewire_control::guard::Guard>,
+    lsm: Option<rewire_control::guard::LsmState>,
     hooks: Option<rewire_control::Hooks>,
     parent: Option<rewire_control::ManagedCgroup>,
 }
@@ -112,7 +113,7 @@ impl Tree {
         let (sub, outside) = (parent.path().join("sub"), parent.path().join("outside"));
         std::fs::create_dir(&sub).unwrap();
         std::fs::create_dir(&outside).unwrap();
-        let mut tree = Tree { dir, sub: sub.clone(), outside, children: vec![], guard: None, hooks: None, parent: Some(parent) };
+        let mut tree = Tree { dir, sub: sub.clone(), outside, children: vec![], guard: None, lsm: None, hooks: None, parent: Some(parent) };
         let hooks = rewire_control::Hooks::attach(&cfg, &sub).unwrap();
         if guarded {
             let at = tree.parent.as_ref().unwrap().path().to_path_buf();
@@ -149,6 +150,7 @@ impl Drop for Tree {
             let _ = cg.remove();
         }
         self.guard.take();
+        self.lsm.take();
         self.hooks.take();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -344,4 +346,37 @@ fn child_borrower() {
     let (t, u) = (c.as_ref().err().is_some_and(refused), s.as_ref().err().is_some_and(refused));
     append(&sync, &format!("borrowed tcp={} udp={}", t as u8, u as u8));
     assert!(t && u, "connect {c:?} and sendto {s:?} on borrowed sockets must fail with EPERM");
+}
+
+/// The BPF LSM part, where this kernel loads it (the one skip this suite
+/// allows: some kernels list the BPF LSM and refuse every LSM program). A
+/// process in the subtree may not take a descriptor of, trace, or write
+/// into a process outside it, whoever started it (here: not rewire, so no
+/// seccomp filter), and with no guard attached.
+#[test]
+fn lsm_refuses_taking_and_tracing_outside_processes_where_the_kernel_loads_it() {
+    let mut tree = Tree::new(&tcp_udp_rule(free_port()), false);
+    let state = rewire_control::guard::lsm_attach_for(tree.hooks.as_ref().unwrap());
+    if let rewire_control::guard::LsmState::Unavailable(why) = &state {
+        println!("skipped: the BPF LSM does not load on this kernel ({why})");
+        return;
+    }
+    tree.lsm = Some(state);
+    let before = tree.counters().borrowed;
+    let outside = tree.outside.clone();
+    let sub = tree.sub.clone();
+    let target = tree.child(&outside, "child_sleeper", &[("RW_SLEEP", "30".into())]);
+    let pid = target.id();
+    tree.children.push(target);
+    let c = tree.child(&sub, "child_borrow_syscalls", &[("RW_PID", pid.to_string())]);
+    let out = child_passed(c, "child_borrow_syscalls (BPF LSM)");
+    assert!(out.contains("all refused"), "{out}");
+    assert!(tree.counters().borrowed > before, "no borrowed count for the LSM's refusals");
+}
+
+#[test]
+#[ignore = "an outside process to be traced, started by the LSM test"]
+fn child_sleeper() {
+    let Some(secs) = env::<u64>("RW_SLEEP") else { return };
+    std::thread::sleep(std::time::Duration::from_secs(secs));
 }

@@ -55,6 +55,14 @@ pub enum GuardError {
         /// Why.
         source: io::Error,
     },
+    /// libbpf could not load the LSM programs (see [`LsmState`]).
+    #[error("loading the BPF LSM programs: {what}: {source}")]
+    Lsm {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
     /// `guard` does not name an ancestor of the subtree.
     #[error("guard cgroup {guard} is not an ancestor of the managed subtree {subtree}")]
     NotAncestor {
@@ -90,9 +98,18 @@ impl Drop for Object {
 
 impl Object {
     fn load(conf: GuardConf, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> Result<Self, GuardError> {
+        Self::load_bytes(rewire_bpf::guard_object(), "rewire_guard", conf, counters, events)
+    }
+
+    fn load_bytes(
+        bytes: &'static [u8],
+        name: &str,
+        conf: GuardConf,
+        counters: BorrowedFd<'_>,
+        events: BorrowedFd<'_>,
+    ) -> Result<Self, GuardError> {
         crate::hooks::raise_memlock();
-        let bytes = rewire_bpf::guard_object();
-        let name = CString::new("rewire_guard").unwrap();
+        let name = CString::new(name).unwrap();
         // SAFETY: zeroed opts with sz set is how libbpf wants them; the buffer is 'static.
         let obj = unsafe {
             let mut opts: libbpf_sys::bpf_object_open_opts = std::mem::zeroed();
@@ -141,6 +158,16 @@ impl Object {
             return Err(GuardError::Load { what: "the object lacks a map", source: io::Error::other(name.to_string()) });
         }
         Ok(m)
+    }
+
+    fn prog(&self, name: &str) -> Result<*mut libbpf_sys::bpf_program, GuardError> {
+        let c = CString::new(name).unwrap();
+        // SAFETY: a live object and a NUL-terminated name.
+        let p = unsafe { libbpf_sys::bpf_object__find_program_by_name(self.0.as_ptr(), c.as_ptr()) };
+        if p.is_null() {
+            return Err(GuardError::Load { what: "the object lacks a program", source: io::Error::other(name.to_string()) });
+        }
+        Ok(p)
     }
 
     fn prog_fd(&self, name: &str) -> Result<BorrowedFd<'_>, GuardError> {
@@ -308,4 +335,140 @@ pub fn pinned_status(dir: &Path) -> Vec<(String, u64)> {
             Some((e.file_name().to_string_lossy().into_owned(), info.cgroup_id))
         })
         .collect()
+}
+
+/// The BPF LSM part ([`rewire_bpf::lsm_object`]): `file_receive` and
+/// `ptrace_access_check` programs for the subtree, attached (global LSM
+/// links that act only for the subtree's processes) while this value lives.
+pub struct Lsm {
+    _links: Vec<OwnedFd>,
+    _obj: Object,
+}
+
+impl std::fmt::Debug for Lsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lsm")
+    }
+}
+
+/// Whether the BPF LSM part holds on this kernel, as said at start.
+#[derive(Debug)]
+pub enum LsmState {
+    /// Loaded and attached.
+    Attached(Lsm),
+    /// The kernel would not load or attach it (why).
+    Unavailable(String),
+}
+
+impl LsmState {
+    /// One line for the log and `rewire status`.
+    pub fn describe(&self) -> String {
+        match self {
+            LsmState::Attached(_) => "BPF LSM: attached (file_receive, ptrace_access_check): a process in the subtree \
+                                      can neither receive a socket made outside it nor trace an outside process"
+                .into(),
+            LsmState::Unavailable(why) => format!(
+                "BPF LSM: not available on this kernel ({why}); borrowed sockets are held back by seccomp on the \
+                 commands rewire starts and by the guard (if configured) only"
+            ),
+        }
+    }
+}
+
+/// Loads and attaches the LSM programs for `subtree`, sharing the given
+/// counters and events; any failure (the kernel refuses LSM programs, no
+/// BTF) is [`LsmState::Unavailable`], never an error: the rest of rewire
+/// works without it. libbpf's own messages are silenced meanwhile.
+pub fn lsm_attach(subtree: &Path, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> LsmState {
+    match lsm_try(subtree, counters, events) {
+        Ok(l) => LsmState::Attached(l),
+        Err(e) => LsmState::Unavailable(e.to_string()),
+    }
+}
+
+/// [`lsm_attach`] with the hooks' maps.
+pub fn lsm_attach_for(hooks: &crate::Hooks) -> LsmState {
+    match hooks.shared_map_fds() {
+        Ok((c, e)) => lsm_attach(hooks.cgroup(), c, e),
+        Err(e) => LsmState::Unavailable(e.to_string()),
+    }
+}
+
+/// [`lsm_attach`] with the maps pinned in a daemon's pin directory; the
+/// links are pinned in `<dir>/lsm/` (replacing earlier ones).
+pub fn lsm_persistent(subtree: &Path, dir: &Path) -> LsmState {
+    let run = || -> Result<Lsm, GuardError> {
+        let counters = bpfsys::obj_get(&dir.join("rw_counters")).map_err(sys("opening the pinned rw_counters"))?;
+        let events = bpfsys::obj_get(&dir.join("rw_events")).map_err(sys("opening the pinned rw_events"))?;
+        let lsm = lsm_try(subtree, counters.as_fd(), events.as_fd())?;
+        remove_pinned_lsm(dir)?;
+        let ldir = dir.join("lsm");
+        fs::create_dir_all(&ldir).map_err(sys(format!("creating {}", ldir.display())))?;
+        for (link, &(name, _)) in lsm._links.iter().zip(rewire_bpf::LSM_PROGRAMS) {
+            bpfsys::obj_pin(link.as_fd(), &ldir.join(name)).map_err(sys(format!("pinning LSM link {name}")))?;
+        }
+        Ok(lsm)
+    };
+    match run() {
+        Ok(lsm) => LsmState::Attached(lsm),
+        Err(e) => LsmState::Unavailable(e.to_string()),
+    }
+}
+
+fn lsm_try(subtree: &Path, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> Result<Lsm, GuardError> {
+    // SAFETY: libbpf_set_print only swaps a function pointer.
+    let old = unsafe { libbpf_sys::libbpf_set_print(None) };
+    let r = Object::load_bytes(rewire_bpf::lsm_object(), "rewire_lsm", conf_for(subtree)?, counters, events);
+    // SAFETY: as above, restoring the previous printer.
+    unsafe { libbpf_sys::libbpf_set_print(old) };
+    let obj = r.map_err(|e| match e {
+        GuardError::Load { what, source } => GuardError::Lsm { what, source },
+        e => e,
+    })?;
+    let mut links = vec![];
+    for &(name, _) in rewire_bpf::LSM_PROGRAMS {
+        let p = obj.prog(name)?;
+        // SAFETY: a loaded program of a live object.
+        let link = unsafe { libbpf_sys::bpf_program__attach_lsm(p) };
+        // SAFETY: libbpf returns a pointer or NULL with errno set.
+        if link.is_null() {
+            return Err(GuardError::Lsm { what: "attaching a program", source: io::Error::last_os_error() });
+        }
+        // Keep the link as a descriptor of our own; libbpf's wrapper goes.
+        // SAFETY: a live link; dup gives us an independent descriptor.
+        let fd = unsafe { libc::dup(libbpf_sys::bpf_link__fd(link)) };
+        // SAFETY: disconnect so destroying the wrapper does not detach the link.
+        unsafe {
+            libbpf_sys::bpf_link__disconnect(link);
+            libbpf_sys::bpf_link__destroy(link);
+        }
+        if fd < 0 {
+            return Err(GuardError::Lsm { what: "keeping a link", source: io::Error::last_os_error() });
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        links.push(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
+    Ok(Lsm { _links: links, _obj: obj })
+}
+
+/// Detaches and unpins a daemon's LSM links (if any); how many.
+pub fn remove_pinned_lsm(dir: &Path) -> Result<usize, GuardError> {
+    let ldir = dir.join("lsm");
+    let mut n = 0;
+    if let Ok(rd) = fs::read_dir(&ldir) {
+        for e in rd.flatten() {
+            if let Ok(fd) = bpfsys::obj_get(&e.path()) {
+                let _ = bpfsys::link_detach(fd.as_fd());
+            }
+            fs::remove_file(e.path()).map_err(sys(format!("removing {}", e.path().display())))?;
+            n += 1;
+        }
+        let _ = fs::remove_dir(&ldir);
+    }
+    Ok(n)
+}
+
+/// Whether a daemon's LSM links are pinned (for `rewire status`).
+pub fn lsm_pinned(dir: &Path) -> bool {
+    fs::read_dir(dir.join("lsm")).is_ok_and(|mut rd| rd.next().is_some())
 }

@@ -234,6 +234,7 @@ pub fn remove_pins(dir: &Path) -> Result<Removed, HooksError> {
         return Ok(r);
     }
     r.links += crate::guard::remove_pinned(dir).map_err(|e| HooksError::Pin { path: dir.join("guard"), message: e.to_string() })?;
+    r.links += crate::guard::remove_pinned_lsm(dir).map_err(|e| HooksError::Pin { path: dir.join("lsm"), message: e.to_string() })?;
     if let Ok(rd) = fs::read_dir(links_dir(dir)) {
         for e in rd.flatten() {
             if let Ok(fd) = bpfsys::obj_get(&e.path()) {

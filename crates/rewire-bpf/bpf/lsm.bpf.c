@@ -1,0 +1,194 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0)
+/*
+ * The borrowed-socket boundary in the BPF LSM, where the kernel loads it:
+ *
+ *   lsm/file_receive         a process inside the managed subtree may not
+ *                            receive a socket made outside it: SCM_RIGHTS
+ *                            and pidfd_getfd both install the descriptor
+ *                            through receive_fd(), which asks this hook
+ *   lsm/ptrace_access_check  a process inside the subtree may not ptrace,
+ *                            pidfd_getfd, process_vm_writev or write the
+ *                            /proc/PID/mem of a process outside it (every
+ *                            one of those asks ptrace_may_access)
+ *
+ * Unlike the cgroup guard (guard.bpf.c) this stops the socket at the door,
+ * so a borrowed socket that its owner had already connected cannot send
+ * either. LSM programs are global: each returns at once unless the calling
+ * task is inside the subtree (one map lookup, one helper call). A
+ * service's processes are trusted, as in the hooks.
+ *
+ * Refusals are reported as RW_EV_BORROWED with no destination, counted in
+ * RW_CNT_BORROWED. Some kernels list the BPF LSM as active and still refuse
+ * every trampoline program (EPERM before the verifier); rewire detects that
+ * at start by loading this object and says which boundary holds.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "rewire_abi.h"
+
+#define EPERM 1
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+/* Same layout as guard.bpf.c's (rewire_control::guard::GuardConf). */
+struct rw_guard_conf {
+	__u64 subtree_id;
+	__u64 services_id;
+	__u32 level;
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rw_guard_conf);
+} rw_guard_conf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RW_CNT_N);
+	__type(key, __u32);
+	__type(value, __u64);
+} rw_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} rw_events SEC(".maps");
+
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+struct cgroup;
+struct cgroup_subsys_state {
+	struct cgroup *cgroup;
+	struct cgroup_subsys_state *parent;
+} __attribute__((preserve_access_index));
+struct cgroup {
+	struct cgroup_subsys_state self;
+	int level;
+	struct kernfs_node *kn;
+} __attribute__((preserve_access_index));
+struct sock_cgroup_data {
+	struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+struct sock {
+	struct sock_cgroup_data sk_cgrp_data;
+} __attribute__((preserve_access_index));
+struct socket {
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+struct css_set {
+	struct cgroup *dfl_cgrp;
+} __attribute__((preserve_access_index));
+struct task_struct {
+	struct css_set *cgroups;
+} __attribute__((preserve_access_index));
+struct file;
+
+#define RW_GUARD_MAX_DEPTH 64
+
+static __always_inline int rw_cgroup_in(struct cgroup *cg, __u32 level, __u64 id)
+{
+	for (int i = 0; i < RW_GUARD_MAX_DEPTH; i++) {
+		struct cgroup_subsys_state *parent;
+		int l;
+
+		if (!cg)
+			return 0;
+		l = cg->level;
+		if (l < (int)level)
+			return 0;
+		if (l == (int)level) {
+			struct kernfs_node *kn = cg->kn;
+			return kn && kn->id == id;
+		}
+		parent = cg->self.parent;
+		if (!parent)
+			return 0;
+		cg = parent->cgroup;
+	}
+	return 0;
+}
+
+/* The conf when the calling task is inside the subtree and not a service's. */
+static __always_inline struct rw_guard_conf *rw_caller_inside(void)
+{
+	__u32 k = 0;
+	struct rw_guard_conf *conf = bpf_map_lookup_elem(&rw_guard_conf, &k);
+
+	if (!conf || !conf->subtree_id)
+		return 0;
+	if (bpf_get_current_ancestor_cgroup_id(conf->level) != conf->subtree_id)
+		return 0;
+	if (conf->services_id && bpf_get_current_ancestor_cgroup_id(conf->level + 1) == conf->services_id)
+		return 0;
+	return conf;
+}
+
+static __always_inline void rw_lsm_report(void)
+{
+	__u32 idx = RW_CNT_BORROWED;
+	__u64 *c = bpf_map_lookup_elem(&rw_counters, &idx);
+	struct rw_event *e;
+	__u64 ug = bpf_get_current_uid_gid();
+
+	if (c)
+		*c += 1;
+	e = bpf_ringbuf_reserve(&rw_events, sizeof(*e), 0);
+	if (!e) {
+		idx = RW_CNT_EVENTS_LOST;
+		c = bpf_map_lookup_elem(&rw_counters, &idx);
+		if (c)
+			*c += 1;
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->kind = RW_EV_BORROWED;
+	e->err = -EPERM;
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->uid = (__u32)ug;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->ts_ns = bpf_ktime_get_boot_ns();
+	bpf_ringbuf_submit(e, 0);
+}
+
+SEC("lsm/file_receive")
+int rw_lsm_file_receive(unsigned long long *ctx)
+{
+	struct file *file = (struct file *)ctx[0];
+	struct rw_guard_conf *conf = rw_caller_inside();
+	int ret = (int)ctx[1]; /* an earlier LSM's verdict */
+	struct socket *sock;
+	struct sock *sk;
+
+	if (ret || !conf)
+		return ret;
+	sock = bpf_sock_from_file(file);
+	if (!sock)
+		return 0; /* not a socket */
+	sk = sock->sk;
+	if (!sk || rw_cgroup_in(sk->sk_cgrp_data.cgroup, conf->level, conf->subtree_id))
+		return 0;
+	rw_lsm_report();
+	return -EPERM;
+}
+
+SEC("lsm/ptrace_access_check")
+int rw_lsm_ptrace_access_check(unsigned long long *ctx)
+{
+	struct task_struct *child = (struct task_struct *)ctx[0];
+	struct rw_guard_conf *conf = rw_caller_inside();
+	int ret = (int)ctx[2]; /* an earlier LSM's verdict */
+	struct css_set *cs;
+
+	if (ret || !conf)
+		return ret;
+	cs = child->cgroups;
+	if (cs && rw_cgroup_in(cs->dfl_cgrp, conf->level, conf->subtree_id))
+		return 0;
+	rw_lsm_report();
+	return -EPERM;
+}
