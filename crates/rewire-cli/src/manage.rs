@@ -153,6 +153,7 @@ pub fn spawn_in(cgroup: &Path, config: &Path, cmd: &[String]) -> Result<tokio::p
     c.args(&cmd[1..]).env(ENV_CONFIG, config).env(ENV_CGROUP, cgroup);
     let procs = cgroup.join("cgroup.procs");
     let confinement = Confinement::new()?;
+    tracing::info!("{}", confinement.describe());
     // SAFETY: only async-signal-safe work (one write, one seccomp call) between fork and exec.
     unsafe {
         c.pre_exec(move || {
@@ -499,10 +500,11 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
         None => {
             drop_inherited_inet_sockets();
             let confinement = Confinement::new()?;
+            tracing::debug!("{}", confinement.describe());
             rewire_control::cgroup::join(&subtree).context("joining the managed cgroup (needs root)")?;
             // A service is trusted (root put it there) and keeps what it needs;
             // an application may not borrow a socket made outside the subtree.
-            confinement.apply().context("installing the seccomp filter (needs root)")?;
+            confinement.apply().context("installing the seccomp filter and Landlock domain (needs root)")?;
         }
     }
     let err = Command::new(&cmd[0])

@@ -74,10 +74,13 @@ fn child_borrow_syscalls() {
     // An address that is surely not mapped in the target: refused before that matters.
     let remote = libc::iovec { iov_base: 8 as *mut _, iov_len: 1 };
     let write = errno(unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) } as libc::c_long);
-    println!("ptrace attach: {attach:?}, pidfd_getfd: {getfd:?}, process_vm_writev: {write:?}");
+    // The same permission through the file system, which seccomp cannot see.
+    let mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/mem")).map(drop).map_err(|e| e.raw_os_error());
+    println!("ptrace attach: {attach:?}, pidfd_getfd: {getfd:?}, process_vm_writev: {write:?}, /proc/PID/mem: {mem:?}");
     assert_eq!(attach, Some(libc::EPERM), "PTRACE_ATTACH to an outside process must be refused");
     assert_eq!(getfd, Some(libc::EPERM), "pidfd_getfd from an outside process must be refused");
     assert_eq!(write, Some(libc::EPERM), "process_vm_writev into an outside process must be refused");
+    assert!(mem.is_err(), "/proc/{pid}/mem of an outside process must not open for writing");
     println!("all refused");
 }
 
