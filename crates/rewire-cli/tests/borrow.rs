@@ -183,7 +183,9 @@ enum Borrow {
 /// EPERM; a `borrowed` event and counter say so. The owner, outside, still
 /// uses its own socket freely afterwards.
 fn borrowed_sockets_are_refused(how: Borrow) {
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    // One port for both (free for TCP and UDP, below the ephemeral range).
+    let port = free_port();
+    let server = Server::start(std::net::SocketAddr::from(([127, 0, 0, 1], port)), Mode::Echo);
     let echo = UdpEcho::start(server.addr);
     let mut tree = Tree::new(&tcp_udp_rule(server.addr.port()), true);
     let mut events = tree.hooks.as_mut().unwrap().take_events().unwrap();
