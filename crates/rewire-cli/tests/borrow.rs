@@ -96,6 +96,8 @@ struct Tree {
     lsm: Option<rewire_control::guard::LsmState>,
     hooks: Option<rewire_control::Hooks>,
     parent: Option<rewire_control::ManagedCgroup>,
+    /// The daemon's way: hooks and guard pinned in this bpffs directory.
+    pins: Option<std::path::PathBuf>,
 }
 
 static TREES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -103,6 +105,15 @@ static TREES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::n
 impl Tree {
     /// `config`: services and rules; `guarded`: attach the guard at the parent.
     fn new(config: &str, guarded: bool) -> Self {
+        Self::make(config, guarded, false)
+    }
+
+    /// Hooks and guard pinned, as the daemon attaches them.
+    fn persistent(config: &str) -> Self {
+        Self::make(config, true, true)
+    }
+
+    fn make(config: &str, guarded: bool, persistent: bool) -> Self {
         require_root();
         let n = TREES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let name = format!("rewire-test-{}-guard{n}", std::process::id());
@@ -116,7 +127,19 @@ impl Tree {
         let (sub, outside) = (parent.path().join("sub"), parent.path().join("outside"));
         std::fs::create_dir(&sub).unwrap();
         std::fs::create_dir(&outside).unwrap();
-        let mut tree = Tree { dir, sub: sub.clone(), outside, children: vec![], guard: None, lsm: None, hooks: None, parent: Some(parent) };
+        let mut tree = Tree { dir, sub: sub.clone(), outside, children: vec![], guard: None, lsm: None, hooks: None, parent: Some(parent), pins: None };
+        if persistent {
+            // As `rewire daemon` does, with a pin directory of the test's own.
+            let pins = rewire_control::persist::bpffs_root().join(&name);
+            let _ = rewire_control::persist::remove_pins(&pins);
+            tree.pins = Some(pins.clone());
+            let (hooks, _) = rewire_control::Hooks::persistent(&cfg, &sub, &pins, false).unwrap();
+            let at = tree.parent.as_ref().unwrap().path().to_path_buf();
+            let said = rewire_control::guard::Guard::persistent(&sub, &pins, &at).unwrap();
+            assert!(said.contains("4 program(s) attached"), "{said}");
+            tree.hooks = Some(hooks);
+            return tree;
+        }
         let hooks = rewire_control::Hooks::attach(&cfg, &sub).unwrap();
         if guarded {
             let at = tree.parent.as_ref().unwrap().path().to_path_buf();
@@ -155,6 +178,9 @@ impl Drop for Tree {
         self.guard.take();
         self.lsm.take();
         self.hooks.take();
+        if let Some(p) = self.pins.take() {
+            let _ = rewire_control::persist::remove_pins(&p);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -185,9 +211,14 @@ enum Borrow {
 fn borrowed_sockets_are_refused(how: Borrow) {
     // One port for both (free for TCP and UDP, below the ephemeral range).
     let port = free_port();
+    let mut tree = Tree::new(&tcp_udp_rule(port), true);
+    attack(&mut tree, port, how);
+}
+
+/// The attack against `tree` (guard attached), servers on `port`.
+fn attack(tree: &mut Tree, port: u16, how: Borrow) {
     let server = Server::start(std::net::SocketAddr::from(([127, 0, 0, 1], port)), Mode::Echo);
     let echo = UdpEcho::start(server.addr);
-    let mut tree = Tree::new(&tcp_udp_rule(server.addr.port()), true);
     let mut events = tree.hooks.as_mut().unwrap().take_events().unwrap();
     let before = tree.counters().borrowed;
     let sync = sync_file(&tree.dir, "owner");
@@ -269,6 +300,36 @@ fn socket_taken_with_pidfd_getfd_cannot_connect_or_send() {
 #[test]
 fn socket_received_over_scm_rights_cannot_connect_or_send() {
     borrowed_sockets_are_refused(Borrow::ScmRights);
+}
+
+/// The daemon's guard: pinned under `<pins>/guard/`, it holds after the
+/// process that attached it let go of everything (a daemon that exited),
+/// a restart updates the same links in place, and `rewire down`'s
+/// remove_pins detaches it.
+#[test]
+fn daemon_guard_is_pinned_updated_in_place_and_removed() {
+    let port = free_port();
+    let mut tree = Tree::persistent(&tcp_udp_rule(port));
+    let pins = tree.pins.clone().unwrap();
+    let at = tree.parent.as_ref().unwrap().path().to_path_buf();
+    let ids = |pins: &std::path::Path| {
+        let mut v = rewire_control::guard::pinned_status(pins);
+        v.sort();
+        v
+    };
+    let first = ids(&pins);
+    assert_eq!(first.len(), 4, "{first:?}");
+    let at_id = rewire_control::cgroup::cgroup_id(&at).unwrap();
+    assert!(first.iter().all(|&(_, id)| id == at_id), "{first:?} not at {at_id}");
+    // A restart: the same links, their programs replaced.
+    let said = rewire_control::guard::Guard::persistent(&tree.sub, &pins, &at).unwrap();
+    assert!(said.contains("0 program(s) attached, 4 updated in place"), "{said}");
+    assert_eq!(ids(&pins), first);
+    // The restarted guard, held only by its pins, refuses the attack.
+    attack(&mut tree, port, Borrow::PidfdGetfd);
+    // Down: everything detached and removed.
+    rewire_control::persist::remove_pins(&pins).unwrap();
+    assert!(!pins.exists(), "{} is still there", pins.display());
 }
 
 fn append(path: &str, line: &str) {
