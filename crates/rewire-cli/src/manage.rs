@@ -307,7 +307,21 @@ fn reload_in_daemon(hooks: &mut Hooks, cur: &Config, path: &Path, dir: &Path) ->
         );
     }
     persist::check_service_ids(cur, &new).map_err(anyhow::Error::msg)?;
+    let new_guard = rewire_control::guard::configured(&new)?;
+    if let Some(at) = &new_guard {
+        rewire_control::guard::check_ancestor(at, hooks.cgroup())?;
+    }
     let outcome = hooks.reload(&new, dir)?;
+    // The guard follows the configuration (its place may have changed).
+    if new.guard.as_ref().map(|g| g.get_ref()) != cur.guard.as_ref().map(|g| g.get_ref()) {
+        match new_guard {
+            Some(at) => tracing::info!("{}", Guard::persistent(hooks.cgroup(), dir, &at)?),
+            None => {
+                rewire_control::guard::remove_pinned(dir)?;
+                tracing::warn!("{}", rewire_control::guard::UNGUARDED);
+            }
+        }
+    }
     Ok((new, outcome))
 }
 
