@@ -64,7 +64,8 @@ pub enum EventKind {
     HandoffRefused,
     /// Refused (EPERM) by the guard: a process inside the subtree connected
     /// or sent with a socket made outside it (taken with `pidfd_getfd`,
-    /// received over `SCM_RIGHTS`).
+    /// received over `SCM_RIGHTS`); or, by the BPF LSM (no destination),
+    /// received such a socket or accessed a process outside the subtree.
     Borrowed,
     /// Refused (EPERM): a UDP send or connect to a broadcast or multicast
     /// address (one datagram to many receivers) that a rule applies to and
@@ -286,6 +287,11 @@ impl std::fmt::Display for Event {
                  service's own listener in rewire's network namespace; the flow keeps its records",
                 self.flow
             ),
+            EventKind::Borrowed if self.original_destination.is_none() => write!(
+                f,
+                "REFUSED {who} a socket made outside the managed cgroup (SCM_RIGHTS, pidfd_getfd) or access to a \
+                 process outside it (ptrace, /proc/PID/mem): BPF LSM, EPERM"
+            ),
             EventKind::Borrowed => write!(
                 f,
                 "REFUSED {p} connect/send of {who} to {dst}: the socket was made outside the managed cgroup \
@@ -312,5 +318,29 @@ fn flag(errno: i32) -> &'static str {
         "SKIPPED"
     } else {
         "REFUSED"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn borrowed_events_read_as_the_guard_or_the_lsm_said_them() {
+        let cfg = Config::parse("cgroup = \"x\"\n", std::path::Path::new("t.toml")).unwrap();
+        let mut raw = RwEvent { kind: abi::RW_EV_BORROWED, err: -libc::EPERM, pid: 7, uid: 1000, proto: 6, ..Default::default() };
+        raw.comm[..3].copy_from_slice(b"bad");
+        raw.orig_dst.family = libc::AF_INET as u8;
+        raw.orig_dst.port_be = 80u16.to_be();
+        raw.orig_dst.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let e = Event::from_raw(&raw, &cfg).unwrap();
+        assert_eq!(e.kind, EventKind::Borrowed);
+        assert_eq!(e.errno, libc::EPERM);
+        let line = e.to_string();
+        assert!(line.contains("127.0.0.1:80") && line.contains("made outside") && line.contains("bad (pid 7"), "{line}");
+        // The LSM's refusals carry no destination.
+        raw.orig_dst = Default::default();
+        let line = Event::from_raw(&raw, &cfg).unwrap().to_string();
+        assert!(line.contains("BPF LSM"), "{line}");
     }
 }
