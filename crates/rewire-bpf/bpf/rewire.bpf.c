@@ -183,6 +183,25 @@ struct {
 	__type(value, __u8);
 } rw_bcast SEC(".maps");
 
+/* Per service: its side doors and the depth of its recent flows (see
+ * struct rw_svc_state). A state map: survives reloads like the hand-offs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, RW_MAX_SERVICES + 1);
+	__type(key, __u32);
+	__type(value, struct rw_svc_state);
+} rw_svc_state SEC(".maps");
+
+/* TCP sockets a service's process bound (cgroup/bind4,6), any address:
+ * cloned into every connection such a listener accepts, so sockops knows a
+ * connection that reached the service without a hand-off (a side door). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct rw_svc_sock);
+} rw_svc_sock SEC(".maps");
+
 /* Per-cause counters (RW_CNT_*): exact even when events are dropped. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -813,9 +832,47 @@ struct rw_choice {
 	__u8 proto;            /* in: IPPROTO_TCP or IPPROTO_UDP */
 	__u8 has_rec;          /* in: the socket carries records */
 	__u8 linked;           /* the caller's connect continues a flow it queried (rw_link) */
-	__u8 _pad[2];
+	__u8 depth;            /* the flow's depth (rw_records.depth): counts towards the hop limit */
+	__u8 _pad;
 	__u64 link_flow;       /* that flow's id */
 };
+
+/* ---- side doors: connections that reached a service another way ----
+ *
+ * A service's record-less onward connect may serve any client of the
+ * service. Only while every connection it has is a flow rewire handed to
+ * it (no side door open, none opened or closed within
+ * RW_SIDE_DOOR_QUIET_NS) can the kernel tell that the connect serves one
+ * of those flows: only then is it linked to a queried flow, or continued
+ * after the service. Otherwise it is the service's own new flow and walks
+ * the whole chain again, only that service excluded. */
+
+/* Whether service `sid` had no side door open and none opened or closed
+ * from `since_ns - RW_SIDE_DOOR_QUIET_NS` until now. */
+__attribute__((noinline)) int rw_svc_quiet(__u32 sid, __u64 since_ns)
+{
+	struct rw_svc_state *s;
+	__u32 k = sid;
+
+	s = bpf_map_lookup_elem(&rw_svc_state, &k);
+	if (!s || s->side_open)
+		return 0;
+	return !s->side_ns || s->side_ns + RW_SIDE_DOOR_QUIET_NS <= since_ns;
+}
+
+/* The depth a new flow of service `sid` starts at: the deepest flow handed
+ * to it recently (it may be serving that one), so that restarts through
+ * record-less services still reach the hop limit. */
+__attribute__((noinline)) int rw_svc_depth(__u32 sid)
+{
+	struct rw_svc_state *s;
+	__u32 k = sid;
+
+	s = bpf_map_lookup_elem(&rw_svc_state, &k);
+	if (!s || bpf_ktime_get_boot_ns() - s->depth_ns > RW_SIDE_DOOR_QUIET_NS)
+		return 0;
+	return s->depth;
+}
 
 /* ---- linking an unmodified proxy's onward connect to its flow ----
  *
@@ -848,6 +905,13 @@ __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw
 		bpf_map_delete_elem(&rw_link, &k);
 		return 0;
 	}
+	if (!rw_svc_quiet(c->caller, l->ts_ns)) {
+		/* A side door was open or used since (or shortly before) the
+		 * query: this connect may be for that client. */
+		bpf_map_delete_elem(&rw_link, &k);
+		rw_count(RW_CNT_SIDE_DOOR);
+		return 0;
+	}
 	if (l->count != 1 || l->ambiguous) {
 		/* One of several: which, nobody knows. It drains as they connect. */
 		if (l->count > 1)
@@ -858,6 +922,7 @@ __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw
 	}
 	w->seen = 0;
 	c->n = rw_walk_from(w, &l->rec);
+	c->depth = l->rec.depth;
 	c->linked = 1;
 	c->link_flow = l->rec.flow_id;
 	return 1;
@@ -912,6 +977,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 	rw_match_addr(orig, &w.dst);
 	if (has_rec) {
 		c->n = rw_walk_from(&w, &st->rec);
+		c->depth = st->rec.depth;
 	} else {
 		w.uid = (__u32)bpf_get_current_uid_gid();
 		w.cgroup_id = bpf_get_current_cgroup_id();
@@ -935,15 +1001,24 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 	if (!has_rec) {
 		/* A service's own connect without records (it does not carry
 		 * them): it continues the flow it asked SO_ORIGINAL_DST of
-		 * (linked), else after that service, never back into it. */
+		 * (linked); else, if every client it has came through the chain
+		 * (no side door, see rw_svc_quiet), after that service; else
+		 * through the whole chain again without it. Never back into it.
+		 * UDP side doors are not tracked: UDP continues after it. */
 		c->caller = rw_caller_service();
 		if (c->caller) {
 			__u32 sid = c->caller;
 			if (proto != IPPROTO_TCP || !rw_link_peek(orig, c, &w)) {
 				svc = bpf_map_lookup_elem(&rw_services, &sid);
-				if (svc)
+				if (svc && (proto != IPPROTO_TCP || svc->continue_unlinked ||
+					    rw_svc_quiet(sid, bpf_ktime_get_boot_ns()))) {
 					w.seen |= svc->upto_mask;
+				} else {
+					w.seen |= 1ULL << (sid & 63);
+					rw_count(RW_CNT_SIDE_DOOR);
+				}
 				c->n = 1;
+				c->depth = rw_svc_depth(sid);
 			}
 			if (w.seen & (1ULL << (w.service_id & 63))) {
 				rw_walk(&w);
@@ -956,7 +1031,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 	}
 
 	/* The hop limit holds whichever service would come next. */
-	if (c->n >= conf->hop_limit || c->n >= RW_MAX_CHAIN) {
+	if ((__u32)c->n + c->depth >= conf->hop_limit || c->n >= RW_MAX_CHAIN) {
 		rw_report(RW_EV_HOP_LIMIT, RW_CNT_HOP_LIMIT, -ELOOP, st, has_rec, orig, proto, w.service_id, w.rule_id);
 		r = -ELOOP;
 		goto out;
@@ -1111,7 +1186,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	}
 	if (c.linked && !rw_link_claim(&orig, c.link_flow, &st->rec)) {
 		/* The entry changed since the decision (another flow queried):
-		 * the proxy's own position, as without a link. */
+		 * a new flow of the proxy's, as without a link. */
 		c.linked = 0;
 		c.n = 1;
 	}
@@ -1122,8 +1197,10 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 		}
 		return 1;
 	}
-	if (!has_rec && !c.linked)
+	if (!has_rec && !c.linked) {
 		rw_new_record(&st->rec, &orig, IPPROTO_TCP, c.w.cgroup_id, c.caller);
+		st->rec.depth = c.depth;
+	}
 	rw_append(&st->rec, c.n, c.w.service_id);
 	st->flags |= RW_F_REDIRECTED;
 	st->service_id = c.w.service_id;
@@ -1313,8 +1390,10 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	sl = &u->slot[free & (RW_UDP_SLOTS - 1)];
 	if (has_rec && st)
 		sl->rec = st->rec;
-	else
+	else {
 		rw_new_record(&sl->rec, &orig, IPPROTO_UDP, c.w.cgroup_id, c.caller);
+		sl->rec.depth = c.depth;
+	}
 	sl->target = c.target;
 	__builtin_memset(&sl->src, 0, sizeof(sl->src));
 	sl->published = 0;
@@ -1607,6 +1686,54 @@ static __always_inline int rw_handoff_claimable(struct bpf_sock_ops *skops, stru
 	return o && o->service_id == sid;
 }
 
+/* A connection accepted with a hand-off: a flow of service `sid` with
+ * `total` hops (its depth and chain). Raises the service's depth. */
+__attribute__((noinline)) int rw_svc_handed(__u32 sid, __u32 total)
+{
+	struct rw_svc_state *s;
+	__u32 k = sid;
+	__u64 now;
+
+	s = bpf_map_lookup_elem(&rw_svc_state, &k);
+	if (!s)
+		return 0;
+	now = bpf_ktime_get_boot_ns();
+	if (total > 255)
+		total = 255;
+	if (total >= s->depth || now - s->depth_ns > RW_SIDE_DOOR_QUIET_NS) {
+		s->depth = total;
+		s->depth_ns = now;
+	}
+	return 0;
+}
+
+/* A side door opens (`open`, on a connection accepted without a hand-off
+ * on a socket a service's process bound) or closes: counted in the
+ * service's rw_svc_state until the connection closes. */
+static __always_inline void rw_side_door(struct bpf_sock_ops *skops, struct bpf_sock *sk, int open)
+{
+	struct rw_svc_state *s;
+	struct rw_svc_sock *o;
+	__u32 k;
+
+	o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, 0);
+	if (!o || !o->service_id || o->side_door == open)
+		return;
+	k = o->service_id;
+	s = bpf_map_lookup_elem(&rw_svc_state, &k);
+	if (!s)
+		return;
+	if (open) {
+		__sync_fetch_and_add(&s->side_open, 1);
+		/* Watch it: the count goes down when it closes. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	} else if (s->side_open) {
+		__sync_fetch_and_add(&s->side_open, -1);
+	}
+	o->side_door = open;
+	s->side_ns = bpf_ktime_get_boot_ns();
+}
+
 SEC("sockops")
 int rw_sock_ops(struct bpf_sock_ops *skops)
 {
@@ -1644,6 +1771,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			return 1;
+		rw_side_door(skops, sk, 0);
 		st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 		if (!st || !(st->flags & RW_F_REDIRECTED))
 			return 1;
@@ -1655,12 +1783,17 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		rw_tuple_of(skops, &t, 1);
 		v = bpf_map_lookup_elem(&rw_handoff, &t);
-		if (!v)
+		if (!v) {
+			/* Reached a service's socket another way: a side door. */
+			rw_side_door(skops, sk, 1);
 			return 1;
+		}
 		if (!rw_handoff_claimable(skops, sk, v->service_id)) {
 			/* Somebody else's socket with the flow's 4-tuple (its own
 			 * namespace, its own listener): it gets nothing, and the
-			 * entry stays for the flow's own SYN (retransmitted). */
+			 * entry stays for the flow's own SYN (retransmitted). No
+			 * hand-off: a side door if the socket is a service's. */
+			rw_side_door(skops, sk, 1);
 			conf = rw_get_conf();
 			rw_count(RW_CNT_HANDOFF_REFUSED);
 			if (conf)
@@ -1668,6 +1801,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 					conf->hop_limit);
 			return 1;
 		}
+		rw_svc_handed(v->service_id, (__u32)v->rec.depth + v->rec.n_chain);
 		st = bpf_sk_storage_get(&rw_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (st) {
 			st->service_id = v->service_id;
@@ -1712,10 +1846,24 @@ static __always_inline int rw_mark_owner(struct bpf_sock *sk, const struct rw_ad
  * a service address can find. */
 static __always_inline int rw_bind(struct bpf_sock_addr *ctx, __u8 family)
 {
+	struct rw_svc_sock *o;
 	struct rw_addr a;
+	__u16 sid;
 
 	if (!ctx->sk)
 		return 1;
+	/* Any TCP socket a service's process binds: what its listeners accept
+	 * is the service's (side doors, rw_side_door). Unmarked, a side door
+	 * would go unseen: no storage, no bind. */
+	if (ctx->sk->protocol == IPPROTO_TCP) {
+		sid = rw_caller_service();
+		if (sid) {
+			o = bpf_sk_storage_get(&rw_svc_sock, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			if (!o)
+				return 0;
+			o->service_id = sid;
+		}
+	}
 	rw_ctx_addr(ctx, family, &a);
 	return rw_mark_owner(ctx->sk, &a);
 }
@@ -1861,6 +2009,12 @@ __attribute__((noinline)) int rw_link_offer(const struct rw_sock *st)
 	now = bpf_ktime_get_boot_ns();
 	k.tgid = bpf_get_current_pid_tgid() >> 32;
 	k.dst = st->rec.orig_dst;
+	if (!rw_svc_quiet(caller, now)) {
+		/* A side door is open or was used recently: no connect of this
+		 * process to that destination can be told to be this flow's. */
+		bpf_map_delete_elem(&rw_link, &k);
+		return 0;
+	}
 	l = bpf_map_lookup_elem(&rw_link, &k);
 	if (l && now - l->ts_ns <= RW_LINK_MAX_AGE_NS && l->service_id == caller) {
 		if (l->rec.flow_id != st->rec.flow_id) {

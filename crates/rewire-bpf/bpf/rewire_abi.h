@@ -94,6 +94,8 @@
 #define RW_CNT_LINK 11 /* a record-less onward connect carried on the flow whose
 			* SO_ORIGINAL_DST its process queried (linking) */
 #define RW_CNT_BORROWED 18 /* see RW_EV_BORROWED */
+#define RW_CNT_SIDE_DOOR 20 /* a service's record-less connect not linked, or walked the
+			     * whole chain again, because it had a side door (rw_svc_state) */
 #define RW_CNT_N 24
 
 /* rw_conf.faults: fault injection for tests (never set from a config file). */
@@ -112,7 +114,11 @@ struct rw_records {
 	__u8 version;  /* RW_VERSION */
 	__u8 n_chain;  /* services that handled the flow, in order */
 	__u8 proto;    /* IPPROTO_TCP / IPPROTO_UDP */
-	__u8 _pad[3];
+	__u8 depth;    /* hops of the flows this one was started for: a service's
+			* record-less onward connect that is not linked starts a new
+			* flow at the deepest of its recent flows, so the hop limit
+			* also counts hops across such restarts (0: an application's) */
+	__u8 _pad[2];
 	__u64 flow_id; /* random, assigned at the first redirect */
 	struct rw_addr orig_dst;
 	/* The origin. pid (thread-group id), uid, gid and cgroup_id are the
@@ -176,7 +182,10 @@ struct rw_service {
 	__u8 fail_open; /* no genuine listener: 1 = skip the service, 0 = refuse */
 	__u8 addr4[4];
 	__u8 addr6[16];
-	__u32 _pad2;
+	__u8 continue_unlinked; /* config `continue_unlinked`: its record-less connects that
+				 * are not linked continue after it even while it has side
+				 * doors (the behaviour before issue 18) */
+	__u8 _pad2[3];
 	__u64 upto_mask; /* bits of this service and every service before it in
 			  * configured order: what its own onward connects skip */
 };
@@ -283,6 +292,30 @@ struct rw_link {
 	struct rw_records rec; /* the (last) queried flow's records */
 };
 
+/* Per service (array rw_svc_state, index = service id): its side doors, TCP
+ * connections accepted on a socket one of its processes bound that came with
+ * no hand-off (a forward-proxy or admin port, a direct connection), and the
+ * deepest of the flows handed to it recently. A service is quiet when no
+ * side door is open and none opened or closed within RW_SIDE_DOOR_QUIET_NS:
+ * only then is its record-less onward connect linked to a flow it queried,
+ * or continued after it. */
+#define RW_SIDE_DOOR_QUIET_NS RW_LINK_MAX_AGE_NS
+struct rw_svc_state {
+	__u32 side_open;  /* side-door connections open now */
+	__u32 _pad;
+	__u64 side_ns;    /* CLOCK_BOOTTIME of the last side-door open or close (0: never) */
+	__u64 depth_ns;   /* when `depth` was last raised */
+	__u8 depth;       /* deepest (depth + chain length) of a flow handed to it within
+			   * RW_SIDE_DOOR_QUIET_NS of depth_ns */
+	__u8 _pad2[7];
+};
+/* SK_STORAGE value (map rw_svc_sock, cloned to accepted sockets) of a TCP
+ * socket a service's process bound: its listeners' connections are its. */
+struct rw_svc_sock {
+	__u16 service_id;
+	__u8 side_door; /* an accepted connection counted in side_open until it closes */
+	__u8 _pad[5];
+};
 struct rw_access_key {
 	__u32 kind; /* 0 = uid, 1 = gid */
 	__u32 id;

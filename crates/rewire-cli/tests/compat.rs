@@ -181,6 +181,11 @@ fn start_mitmdump(sb: &mut Sandbox, name: &str, listen: &[SocketAddr]) -> PathBu
 /// (`client_dst_passthru`, the default). Started as root, it drops to the
 /// `proxy` user. One process, no helpers (no cache, no pinger).
 fn start_squid(sb: &mut Sandbox, name: &str, listen: &[SocketAddr]) -> PathBuf {
+    start_squid_with(sb, name, listen, v4(free_port()))
+}
+
+/// [`start_squid`] with its plain forward-proxy port at `forward`.
+fn start_squid_with(sb: &mut Sandbox, name: &str, listen: &[SocketAddr], forward: SocketAddr) -> PathBuf {
     let dir = sb.dir.join(format!("{name}-squid"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
@@ -190,7 +195,7 @@ fn start_squid(sb: &mut Sandbox, name: &str, listen: &[SocketAddr]) -> PathBuf {
         conf += &format!("http_port {a} intercept\n");
     }
     // squid wants one plain forward-proxy port besides the intercepting ones.
-    conf += &format!("http_port {}\n", v4(free_port()));
+    conf += &format!("http_port {forward}\n");
     conf += &format!(
         "http_access allow all\ncache deny all\npinger_enable off\nshutdown_lifetime 0 seconds\n\
          visible_hostname rewire-compat-test\npid_filename {d}/squid.pid\naccess_log stdio:{a}\n\
@@ -208,7 +213,7 @@ fn start_squid(sb: &mut Sandbox, name: &str, listen: &[SocketAddr]) -> PathBuf {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     sb.spawn(cmd);
-    for a in listen {
+    for a in listen.iter().chain([&forward]) {
         assert!(
             rewire_control::net::wait_listening(*a, Duration::from_secs(30)),
             "squid does not listen on {a} after 30 s:\n{}",
@@ -558,6 +563,225 @@ fn redsocks_first_connects_to_its_own_upstream_as_a_new_flow() {
 #[test]
 fn reference_proxy_first_then_redsocks_with_its_own_upstream() {
     upstream_of_its_own(false);
+}
+
+// ---- side doors: squid's forward-proxy port --------------------------------
+
+/// A command run as user `uid` (the test starts it as root; setpriv drops
+/// every privilege before exec). With `sb`, inside its cgroup.
+fn as_user(sb: Option<&Sandbox>, uid: u32, program: &Path) -> Command {
+    let mut cmd = match sb {
+        Some(sb) => sb.command("setpriv"),
+        None => Command::new("setpriv"),
+    };
+    cmd.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups").arg("--").arg(program);
+    cmd
+}
+
+/// A request through squid's forward-proxy port (`-x`) by curl: (body, exit ok).
+fn curl_via(cmd: &mut Command, proxy: SocketAddr, url: &str) -> String {
+    let child = cmd
+        .args(["-sS", "--max-time", "20", "-x"])
+        .arg(format!("http://{proxy}"))
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    String::from_utf8_lossy(&wait_output(child, Duration::from_secs(30))).into_owned()
+}
+
+/// All of a proxy's JSON lines once at least `n` are there and no more
+/// came for a moment (a missing flow shows as a shorter list).
+fn settled_log(path: &Path, n: usize) -> Vec<Value> {
+    let mut lines = read_log(path, n);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let again = rewire_proxy::wait_flow_lines(path, lines.len(), Duration::from_secs(1)).unwrap();
+        if again.len() == lines.len() {
+            return again;
+        }
+        lines = again;
+    }
+}
+
+/// Issue 18, item 3. squid (unmodified) with its intercept port and a
+/// plain forward-proxy port, then audit. A victim (uid 1000, in the cgroup)
+/// connects to the origin and waits; squid accepts it and asks
+/// SO_ORIGINAL_DST (a pending link). Meanwhile another user (uid 65534,
+/// outside the cgroup) asks squid's forward port for the same origin:
+/// squid's onward connect for it must not carry the victim's flow (before:
+/// it was linked to the victim's query, so audit logged the attacker's
+/// request with the victim's flow id, pid and uid). Both requests reach
+/// audit: the forward port was used while the victim's flow waited, so
+/// neither onward connect can be told apart and both walk the chain again.
+#[test]
+fn squid_forward_port_never_takes_a_waiting_flows_identity() {
+    let origin = Origin::start();
+    let d = origin.addr(false);
+    let ports = origin.port().to_string();
+    let (ps, pa, pf) = (free_port(), free_port(), free_port());
+    let ls = [v4(ps), v6(ps)];
+    let cfg = format!("{}{}", svc("squid", &ls, &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
+    let mut sb = Sandbox::new(&cfg);
+    let mut events = sb.take_events();
+    let audit = sb.proxy("audit");
+    let access = start_squid_with(&mut sb, "squid", &ls, v4(pf));
+
+    // The victim connects and waits until told to send.
+    let sync = sync_file(&sb.dir, "victim-sync");
+    let mut victim = child_cmd_exe(
+        &exe_for_all(&sb.dir),
+        Some(&sb),
+        "child_slow_victim",
+        &[("RW_DST", d.to_string()), ("RW_SYNC", sync.display().to_string()), ("RW_UID", "1000".into())],
+    );
+    let victim = spawn_exe(&mut victim);
+    let victim_pid = victim.id();
+    wait_file(&sync, "connected");
+    // squid accepted it and asked for its original destination.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sb.hooks().pending_links().unwrap() == 0 {
+        assert!(Instant::now() < deadline, "squid did not ask SO_ORIGINAL_DST of the victim's connection");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The other user, through the forward port, for the same origin; a
+    // long path tells its request apart at audit (bytes to the server).
+    let pad = "a".repeat(2000);
+    let body = curl_via(&mut as_user(None, 65534, &program("curl", None)), v4(pf), &format!("http://{d}/attacker-{pad}"));
+    assert!(body.starts_with("hello "), "the forward port answers: {body:?}\nsquid: {}", text(&access));
+    std::fs::write(&sync, "connected\ngo\n").unwrap();
+    child_passed(victim, "child_slow_victim");
+
+    let mut ev = vec![];
+    let lines = settled_log(&audit, 1);
+    while let Some(raw) = events.next_event() {
+        ev.push(rewire_control::events::Event::from_raw(&raw, &sb.config).unwrap());
+    }
+    let victim_flow = ev
+        .iter()
+        .find(|e| e.pid == victim_pid && e.kind == rewire_control::events::EventKind::Redirect)
+        .unwrap_or_else(|| panic!("no redirect of the victim's connect: {ev:#?}"))
+        .flow
+        .clone();
+    let attacker = lines
+        .iter()
+        .find(|l| l["bytes_to_server"].as_u64().unwrap_or(0) > 2000)
+        .unwrap_or_else(|| panic!("audit never saw the forward-port request: {lines:#?}"));
+    assert_ne!(attacker["flow"], json!(victim_flow), "the other user's request took the victim's flow: {attacker}");
+    assert_ne!(attacker["client_uid"], json!(1000), "the other user's request took the victim's uid: {attacker}");
+    assert_ne!(attacker["client_pid"], json!(victim_pid), "{attacker}");
+    assert_eq!(attacker["chain"], json!(["squid", "audit"]), "{attacker}");
+    // The victim's own request was not skipped past audit either.
+    let own = lines
+        .iter()
+        .filter(|l| l["bytes_to_server"].as_u64().unwrap_or(0) <= 2000)
+        .count();
+    assert_eq!(own, 1, "audit saw the victim's request once: {lines:#?}");
+    assert_eq!(origin.s4.peers().len(), 2, "the origin is reached once per request");
+    let c = sb.hooks().counters().unwrap();
+    assert_eq!(c.link, 0, "nothing was linked while the forward port was in use: {c:?}");
+    assert!(c.side_door >= 2, "{c:?}");
+}
+
+/// The slow victim of `squid_forward_port_never_takes_a_waiting_flows_identity`:
+/// connects to RW_DST as user RW_UID, says so in RW_SYNC, sends its request
+/// only once told to.
+#[test]
+#[ignore = "an application, started by squid_forward_port_never_takes_a_waiting_flows_identity"]
+fn child_slow_victim() {
+    use std::io::{Read, Write};
+    let (Some(dst), Some(sync), Some(uid)) = (env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_SYNC"), env::<u32>("RW_UID"))
+    else {
+        return;
+    };
+    nix::unistd::setgroups(&[uid.into()]).unwrap();
+    nix::unistd::setresgid(uid.into(), uid.into(), uid.into()).unwrap();
+    nix::unistd::setresuid(uid.into(), uid.into(), uid.into()).unwrap();
+    let mut s = TcpStream::connect(dst).unwrap();
+    std::fs::write(&sync, "connected\n").unwrap();
+    wait_file(&sync, "connected\ngo");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET /victim HTTP/1.0\r\nHost: {dst}\r\n\r\n").unwrap();
+    let mut got = vec![];
+    s.read_to_end(&mut got).unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("hello "), "{got}");
+}
+
+/// Issue 18, item 4. audit first, squid second (the README's order
+/// swapped). Malware in the cgroup asks squid's forward port, which no rule
+/// matches, for a matched destination: squid's record-less onward connect
+/// must go through audit (before: it continued after squid, and audit never
+/// saw the request, which reached the origin).
+#[test]
+fn squid_forward_port_from_the_cgroup_does_not_skip_audit() {
+    let origin = Origin::start();
+    let d = origin.addr(false);
+    let ports = origin.port().to_string();
+    let (ps, pa, pf) = (free_port(), free_port(), free_port());
+    let ls = [v4(ps), v6(ps)];
+    let cfg = format!("{}{}", svc("audit", &[v4(pa), v6(pa)], &ports), svc("squid", &ls, &ports));
+    let mut sb = Sandbox::new(&cfg);
+    let audit = sb.proxy("audit");
+    let access = start_squid_with(&mut sb, "squid", &ls, v4(pf));
+
+    let body = curl_via(&mut as_user(Some(&sb), 65534, &program("curl", None)), v4(pf), &format!("http://{d}/malware"));
+    assert!(body.starts_with("hello "), "the forward port answers: {body:?}\nsquid: {}", text(&access));
+    assert_eq!(origin.s4.peers().len(), 1, "the origin is reached once");
+    let lines = settled_log(&audit, 1);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let l = &lines[0];
+    assert_eq!(l["original_destination"], d.to_string(), "{l}");
+    assert_eq!(l["chain"], json!(["squid", "audit"]), "squid's own new flow, through audit: {l}");
+    assert_eq!(l["error"], Value::Null, "{l}");
+    let c = sb.hooks().counters().unwrap();
+    assert_eq!((c.side_door, c.link), (1, 0), "{c:?}");
+}
+
+/// Two record-less forwarders (socat, which never asks SO_ORIGINAL_DST, so
+/// it is never linked), the second with a side door in use: another user
+/// holds a connection to a second listener of its service. Each onward
+/// connect of the second walks the whole chain again and reaches the
+/// first, whose connect continues after it and reaches the second: the
+/// flow comes back over and over. Each such new flow starts at the depth of
+/// the deepest flow its service was handed, so the hop limit ends the
+/// cycle with ELOOP: the request fails, the origin is never reached,
+/// nothing hangs.
+#[test]
+fn record_less_forwarders_around_a_side_door_end_at_the_hop_limit() {
+    let origin = Origin::start();
+    let d = origin.addr(false);
+    let ports = origin.port().to_string();
+    let (p1, p2, pside) = (free_port(), free_port(), free_port());
+    let cfg = format!("{}{}", svc("fwd1", &[v4(p1)], &ports), svc("fwd2", &[v4(p2)], &ports));
+    let mut sb = Sandbox::new(&cfg);
+    let elsewhere = Server::start(v4(0), Mode::Echo); // no rule matches its port
+    for (service, port, to) in [("fwd1", p1, d), ("fwd2", p2, d), ("fwd2", pside, elsewhere.addr)] {
+        let mut socat = sb.command(REWIRE);
+        socat
+            .args(["exec", "--service", service, "--", "socat"])
+            .arg(format!("TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+            .arg(format!("TCP4:{to}"))
+            .stderr(Stdio::null());
+        sb.spawn(socat);
+        wait_listening(v4(port));
+    }
+    // Another user's connection to fwd2's other listener, outside the cgroup, held open.
+    let held = TcpStream::connect(v4(pside)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while elsewhere.peers().is_empty() {
+        assert!(Instant::now() < deadline, "the side door's own connection did not go through");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let (body, _) = curl(&sb, &origin.url(false));
+    assert!(!body.contains("hello "), "a cycle cannot deliver: {body:?}");
+    assert!(origin.s4.peers().is_empty(), "the origin is never reached");
+    let c = sb.hooks().counters().unwrap();
+    assert_eq!((c.redirect, c.hop_limit), (4, 1), "app -> fwd1 -> fwd2 -> fwd1 -> fwd2, then ELOOP: {c:?}");
+    drop(held);
 }
 
 // ---- the answer itself, and the link's rules -----------------------------

@@ -25,6 +25,9 @@
 //! user = "audit"             # optional: this user's processes are the service too
 //! udp_ports = 3              # UDP listens on 15001..=15003: one socket may send to
 //!                            # 3 destinations through this service at once (default 1)
+//! continue_unlinked = false  # true: its record-less connects always continue after
+//!                            # it, even while clients reach it another way (a side
+//!                            # door): only for a proxy nothing else can reach
 //! [[service.match]]
 //! dst = ["127.0.0.0/8", "::1/128"]   # default: any address; "local" = every
 //!                                    # address of this host (loopback and the
@@ -246,6 +249,14 @@ pub struct Service {
     /// What happens to its flows when it has no genuine listener.
     #[serde(default)]
     pub fail: FailPolicy,
+    /// Its record-less onward connects that are not linked to a flow it
+    /// queried continue after it even while it has side doors (connections
+    /// that reached it without a hand-off): the behaviour before issue 18.
+    /// Off by default: such a connect then walks the whole chain again
+    /// without this service, since it may serve a client that skipped the
+    /// services before it.
+    #[serde(default)]
+    pub continue_unlinked: bool,
     /// A user whose processes are this service too (besides those in its
     /// cgroup `<subtree>/services/<name>`).
     #[serde(alias = "uid")]

@@ -16,7 +16,8 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 
 use rewire::abi::{
-    self, RwAccessKey, RwAddr, RwConf, RwEvent, RwIdentKey, RwRule, RwService, RwSock, RwTuple, RwUdpHandoff,
+    self, RwAccessKey, RwAddr, RwConf, RwEvent, RwIdentKey, RwLink, RwLinkKey, RwRule, RwService, RwSock, RwTuple,
+    RwUdpHandoff,
 };
 
 use crate::config::{resolve_gid, resolve_uid, BroadcastPolicy, Config, Dst, FailPolicy, Protocol};
@@ -88,6 +89,8 @@ unsafe impl aya::Pod for Pod<RwTuple> {}
 unsafe impl aya::Pod for Pod<RwSock> {}
 unsafe impl aya::Pod for Pod<RwUdpHandoff> {}
 unsafe impl aya::Pod for Pod<RwIdentKey> {}
+unsafe impl aya::Pod for Pod<RwLinkKey> {}
+unsafe impl aya::Pod for Pod<RwLink> {}
 
 /// The kernel's per-cause counters (map `rw_counters`), summed over CPUs.
 /// Unlike events, which a full ring buffer drops, they never lose a count.
@@ -133,6 +136,10 @@ pub struct Counters {
     /// UDP sends and connects to a broadcast or multicast address refused
     /// (a rule applies and does not let them pass).
     pub broadcast: u64,
+    /// Record-less onward connects of a service not linked, or walked
+    /// through the whole chain again, because it had a side door open or
+    /// used recently (a connection that reached it without a hand-off).
+    pub side_door: u64,
 }
 
 impl Counters {
@@ -157,13 +164,14 @@ impl Counters {
             handoff_refused: g(abi::RW_CNT_HANDOFF_REFUSED),
             borrowed: g(abi::RW_CNT_BORROWED),
             broadcast: g(abi::RW_CNT_BROADCAST),
+            side_door: g(abi::RW_CNT_SIDE_DOOR),
         }
     }
 }
 
 impl Counters {
     /// Each counter with its name, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
+    pub fn fields(&self) -> [(&'static str, u64); 19] {
         [
             ("redirect", self.redirect),
             ("deliver", self.deliver),
@@ -183,6 +191,7 @@ impl Counters {
             ("handoff_refused", self.handoff_refused),
             ("borrowed", self.borrowed),
             ("broadcast", self.broadcast),
+            ("side_door", self.side_door),
         ]
     }
 }
@@ -415,6 +424,15 @@ impl Hooks {
     /// returns to its baseline when connections complete or fail.
     pub fn handoff_entries(&self) -> Result<usize, HooksError> {
         Ok(self.hash::<RwSock>("rw_handoff")?.keys().filter(Result::is_ok).count())
+    }
+
+    /// Flows an unmodified proxy asked `SO_ORIGINAL_DST` of whose onward
+    /// connect has not taken them yet (pending links, `rw_link`).
+    pub fn pending_links(&self) -> Result<usize, HooksError> {
+        let map = self.bpf.map("rw_link").ok_or_else(|| HooksError::Config("no rw_link".into()))?;
+        let h: HashMap<&MapData, Pod<RwLinkKey>, Pod<RwLink>> =
+            HashMap::try_from(map).map_err(|source| HooksError::Map { name: "rw_link", source })?;
+        Ok(h.keys().filter(Result::is_ok).count())
     }
 
     /// UDP flows a proxy's listener received but no proxy socket claimed yet.
@@ -736,6 +754,7 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
             let svc = RwService {
                 udp_ports: s.udp_ports,
                 fail_open: (s.fail == FailPolicy::Open) as u8,
+                continue_unlinked: s.continue_unlinked as u8,
                 upto_mask: upto,
                 ..service_of(&s.listen)
             };

@@ -54,6 +54,7 @@ pub const RW_CNT_HANDOFF_REFUSED: u32 = 15;
 pub const RW_CNT_BROADCAST: u32 = 19;
 pub const RW_CNT_LINK: u32 = 11;
 pub const RW_CNT_BORROWED: u32 = 18;
+pub const RW_CNT_SIDE_DOOR: u32 = 20;
 pub const RW_CNT_N: u32 = 24;
 
 pub const RW_FAULT_NO_STORAGE: u32 = 1;
@@ -75,7 +76,8 @@ pub struct RwRecords {
     pub version: u8,
     pub n_chain: u8,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub depth: u8,
+    pub _pad: [u8; 2],
     pub flow_id: u64,
     pub orig_dst: RwAddr,
     /// Kernel-vouched (`bpf_get_current_pid_tgid`) at the connect or send.
@@ -119,7 +121,8 @@ pub struct RwService {
     pub fail_open: u8,
     pub addr4: [u8; 4],
     pub addr6: [u8; 16],
-    pub _pad2: u32,
+    pub continue_unlinked: u8,
+    pub _pad2: [u8; 3],
     pub upto_mask: u64,
 }
 
