@@ -717,18 +717,7 @@ fn child_slow_victim() {
 /// saw the request, which reached the origin).
 #[test]
 fn squid_forward_port_from_the_cgroup_does_not_skip_audit() {
-    let origin = Origin::start();
-    let d = origin.addr(false);
-    let ports = origin.port().to_string();
-    let (ps, pa, pf) = (free_port(), free_port(), free_port());
-    let ls = [v4(ps), v6(ps)];
-    let cfg = format!("{}{}", svc("audit", &[v4(pa), v6(pa)], &ports), svc("squid", &ls, &ports));
-    let mut sb = Sandbox::new(&cfg);
-    let audit = sb.proxy("audit");
-    let access = start_squid_with(&mut sb, "squid", &ls, v4(pf));
-
-    let body = curl_via(&mut as_user(Some(&sb), 65534, &program("curl", None)), v4(pf), &format!("http://{d}/malware"));
-    assert!(body.starts_with("hello "), "the forward port answers: {body:?}\nsquid: {}", text(&access));
+    let (origin, d, sb, audit) = forward_port_from_the_cgroup(false);
     assert_eq!(origin.s4.peers().len(), 1, "the origin is reached once");
     let lines = settled_log(&audit, 1);
     assert_eq!(lines.len(), 1, "{lines:#?}");
@@ -737,7 +726,40 @@ fn squid_forward_port_from_the_cgroup_does_not_skip_audit() {
     assert_eq!(l["chain"], json!(["squid", "audit"]), "squid's own new flow, through audit: {l}");
     assert_eq!(l["error"], Value::Null, "{l}");
     let c = sb.hooks().counters().unwrap();
-    assert_eq!((c.side_door, c.link), (1, 0), "{c:?}");
+    assert_eq!((c.side_door, c.link, c.redirect), (1, 0, 1), "{c:?}");
+}
+
+/// The same with `continue_unlinked = true` on squid: what the setting
+/// risks, as documented. squid's connect continues after it, past audit.
+#[test]
+fn continue_unlinked_lets_a_side_door_skip_the_services_before() {
+    let (origin, _, sb, _audit) = forward_port_from_the_cgroup(true);
+    assert_eq!(origin.s4.peers().len(), 1, "the origin is reached once");
+    let c = sb.hooks().counters().unwrap();
+    assert_eq!((c.side_door, c.link, c.redirect), (0, 0, 0), "nothing redirected, audit skipped: {c:?}");
+}
+
+/// audit, then squid (`continue_unlinked` as given); a request by user
+/// 65534 in the cgroup through squid's forward port. (origin, its address,
+/// sandbox, audit's log).
+fn forward_port_from_the_cgroup(continue_unlinked: bool) -> (Origin, SocketAddr, Sandbox, PathBuf) {
+    let origin = Origin::start();
+    let d = origin.addr(false);
+    let ports = origin.port().to_string();
+    let (ps, pa, pf) = (free_port(), free_port(), free_port());
+    let ls = [v4(ps), v6(ps)];
+    let mut squid = svc("squid", &ls, &ports);
+    if continue_unlinked {
+        squid = squid.replace("[[service.match]]", "continue_unlinked = true\n[[service.match]]");
+    }
+    let cfg = format!("{}{squid}", svc("audit", &[v4(pa), v6(pa)], &ports));
+    let mut sb = Sandbox::new(&cfg);
+    let audit = sb.proxy("audit");
+    let access = start_squid_with(&mut sb, "squid", &ls, v4(pf));
+
+    let body = curl_via(&mut as_user(Some(&sb), 65534, &program("curl", None)), v4(pf), &format!("http://{d}/malware"));
+    assert!(body.starts_with("hello "), "the forward port answers: {body:?}\nsquid: {}", text(&access));
+    (origin, d, sb, audit)
 }
 
 /// Two record-less forwarders (socat, which never asks SO_ORIGINAL_DST, so
