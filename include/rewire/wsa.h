@@ -15,11 +15,26 @@
  * hooks redirect connections and answer the queries.
  *
  * Differences from Windows, all deliberate:
- *  - SOCKET is a Linux file descriptor (int). Use closesocket() for sockets
- *    that may have overlapped operations pending, so they are cancelled.
- *  - A socket is overlapped when created with WSASocket(..., WSA_FLAG_OVERLAPPED)
- *    or marked with rewire_wsa_set_overlapped(); sockets from socket() and
- *    accept() are not overlapped until marked.
+ *  - SOCKET is a Linux file descriptor (int). Per-socket state (the
+ *    overlapped attribute, pending operations) is bound to the socket itself
+ *    (its kernel cookie), not to the number: after close() the number's next
+ *    socket starts fresh, and an operation whose socket was closed (with
+ *    close() or closesocket()) completes with WSA_OPERATION_ABORTED. It never
+ *    runs on whatever file the number names later.
+ *  - As on Windows, sockets from socket() and accept() are overlapped;
+ *    WSASocket() without WSA_FLAG_OVERLAPPED makes a non-overlapped one.
+ *    rewire_wsa_set_overlapped() changes one socket,
+ *    rewire_wsa_set_default_overlapped(FALSE) makes unmarked sockets
+ *    non-overlapped.
+ *  - fork(): the parent's pending operations complete in the parent. The
+ *    child inherits none: in the child's memory each is reported
+ *    WSA_OPERATION_ABORTED (Internal set, event signalled; a completion
+ *    routine only if the forking thread issued it). The child's own
+ *    operations work as usual.
+ *  - Thread exit: operations the thread issued that have not started are
+ *    aborted (Internal = WSA_OPERATION_ABORTED, event signalled); its
+ *    completion routines are dropped, and never run on another thread, even
+ *    one that gets the same thread id.
  *  - A too-small output buffer fails with WSAEINVAL and *lpcbBytesReturned = 0
  *    (as the SET page of the specification says; the query pages' alternative
  *    ERROR_INSUFFICIENT_BUFFER is not used). Size buffers with
@@ -103,26 +118,143 @@ typedef struct _WSATHREADID {
 #endif
 #define HasOverlappedIoCompleted(lpOverlapped) ((lpOverlapped)->Internal != STATUS_PENDING)
 
-/* ---- Control codes (mstcpip.h: _WSAIOW(IOC_VENDOR, N)) ----------------- */
+/* A socket as the HANDLE that CancelIo()/CancelIoEx() take ((HANDLE)s on Windows). */
+#define REWIRE_SOCKET_HANDLE(s) ((HANDLE)(intptr_t)(s))
 
+/* ---- Control codes ------------------------------------------------------ */
+
+/*
+ * Built as in winsock2.h. The Windows IOC_IN/IOC_OUT/IOC_VOID names are not
+ * defined here: Linux's <sys/ioctl.h> defines them with other values.
+ */
+#define REWIRE_IOC_VOID 0x20000000u
+#define REWIRE_IOC_OUT 0x40000000u
+#define REWIRE_IOC_IN 0x80000000u
+#define REWIRE_IOC_INOUT (REWIRE_IOC_IN | REWIRE_IOC_OUT)
+#define IOC_UNIX 0x00000000u
+#define IOC_WS2 0x08000000u
+#define IOC_PROTOCOL 0x10000000u
+#define IOC_VENDOR 0x18000000u
+#define _WSAIO(x, y) ((DWORD)(REWIRE_IOC_VOID | (x) | (y)))
+#define _WSAIOR(x, y) ((DWORD)(REWIRE_IOC_OUT | (x) | (y)))
+#define _WSAIOW(x, y) ((DWORD)(REWIRE_IOC_IN | (x) | (y)))
+#define _WSAIORW(x, y) ((DWORD)(REWIRE_IOC_INOUT | (x) | (y)))
+
+/* Served (mstcpip.h: _WSAIOW(IOC_VENDOR, N)). */
 #define SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS ((DWORD)0x980000DC) /* N = 220 */
 #define SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT ((DWORD)0x980000DD) /* N = 221 */
 #define SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS ((DWORD)0x980000DE)   /* N = 222 */
+/* Served: aborts the socket's pending operations (0x28000004). */
+#define SIO_FLUSH _WSAIO(IOC_WS2, 4)
+
+/*
+ * Defined by Windows, not served: WSAIoctl answers WSAEOPNOTSUPP. Any other
+ * value is no control code: WSAEINVAL. FIONBIO, FIONREAD, FIOASYNC and
+ * SIOCATMARK are defined only if <sys/ioctl.h> has not defined them; their
+ * Linux values get WSAEOPNOTSUPP too (use fcntl(O_NONBLOCK), ioctl(FIONREAD)).
+ */
+#ifndef FIONBIO
+#define FIONBIO ((DWORD)0x8004667E)    /* _IOW('f', 126, u_long) */
+#endif
+#ifndef FIONREAD
+#define FIONREAD ((DWORD)0x4004667F)   /* _IOR('f', 127, u_long) */
+#endif
+#ifndef FIOASYNC
+#define FIOASYNC ((DWORD)0x8004667D)   /* _IOW('f', 125, u_long) */
+#endif
+#ifndef SIOCATMARK
+#define SIOCATMARK ((DWORD)0x40047307) /* _IOR('s', 7, u_long) */
+#endif
+#define SIOCSHIWAT ((DWORD)0x80047300) /* _IOW('s', 0, u_long) */
+#define SIOCGHIWAT ((DWORD)0x40047301) /* _IOR('s', 1, u_long) */
+#define SIOCSLOWAT ((DWORD)0x80047302) /* _IOW('s', 2, u_long) */
+#define SIOCGLOWAT ((DWORD)0x40047303) /* _IOR('s', 3, u_long) */
+#define SIO_ASSOCIATE_HANDLE _WSAIOW(IOC_WS2, 1)
+#define SIO_ENABLE_CIRCULAR_QUEUEING _WSAIO(IOC_WS2, 2)
+#define SIO_FIND_ROUTE _WSAIOR(IOC_WS2, 3)
+#define SIO_GET_BROADCAST_ADDRESS _WSAIOR(IOC_WS2, 5)
+#define SIO_GET_EXTENSION_FUNCTION_POINTER _WSAIORW(IOC_WS2, 6) /* 0xC8000006 */
+#define SIO_GET_QOS _WSAIORW(IOC_WS2, 7)
+#define SIO_GET_GROUP_QOS _WSAIORW(IOC_WS2, 8)
+#define SIO_MULTIPOINT_LOOPBACK _WSAIOW(IOC_WS2, 9)
+#define SIO_MULTICAST_SCOPE _WSAIOW(IOC_WS2, 10)
+#define SIO_SET_QOS _WSAIOW(IOC_WS2, 11)
+#define SIO_SET_GROUP_QOS _WSAIOW(IOC_WS2, 12)
+#define SIO_TRANSLATE_HANDLE _WSAIORW(IOC_WS2, 13)
+#define SIO_ROUTING_INTERFACE_QUERY _WSAIORW(IOC_WS2, 20)
+#define SIO_ROUTING_INTERFACE_CHANGE _WSAIOW(IOC_WS2, 21)
+#define SIO_ADDRESS_LIST_QUERY _WSAIOR(IOC_WS2, 22)
+#define SIO_ADDRESS_LIST_CHANGE _WSAIO(IOC_WS2, 23)
+#define SIO_QUERY_TARGET_PNP_HANDLE _WSAIOR(IOC_WS2, 24)
+#define SIO_ADDRESS_LIST_SORT _WSAIORW(IOC_WS2, 25)
+#define SIO_BSP_HANDLE _WSAIOR(IOC_WS2, 27)
+#define SIO_BSP_HANDLE_SELECT _WSAIOR(IOC_WS2, 28)
+#define SIO_BSP_HANDLE_POLL _WSAIOR(IOC_WS2, 29)
+#define SIO_EXT_SELECT _WSAIORW(IOC_WS2, 30)
+#define SIO_EXT_POLL _WSAIORW(IOC_WS2, 31)
+#define SIO_EXT_SENDMSG _WSAIORW(IOC_WS2, 32)
+#define SIO_BASE_HANDLE _WSAIOR(IOC_WS2, 34)
+#define SIO_QUERY_RSS_PROCESSOR_INFO _WSAIOR(IOC_WS2, 37)
+#define SIO_GET_INTERFACE_LIST ((DWORD)0x4004747F)    /* _IOR('t', 127, u_long) */
+#define SIO_GET_INTERFACE_LIST_EX ((DWORD)0x4004747E) /* _IOR('t', 126, u_long) */
+#define SIO_SET_MULTICAST_FILTER ((DWORD)0x8004747D)  /* _IOW('t', 125, u_long) */
+#define SIO_IDEAL_SEND_BACKLOG_QUERY ((DWORD)0x4004747B) /* _IOR('t', 123, u_long) */
+#define SIO_IDEAL_SEND_BACKLOG_CHANGE ((DWORD)0x2000747A) /* _IO('t', 122) */
+#define SIO_RCVALL _WSAIOW(IOC_VENDOR, 1)
+#define SIO_RCVALL_MCAST _WSAIOW(IOC_VENDOR, 2)
+#define SIO_RCVALL_IGMPMCAST _WSAIOW(IOC_VENDOR, 3)
+#define SIO_KEEPALIVE_VALS _WSAIOW(IOC_VENDOR, 4) /* 0x98000004 */
+#define SIO_ABSORB_RTRALERT _WSAIOW(IOC_VENDOR, 5)
+#define SIO_UCAST_IF _WSAIOW(IOC_VENDOR, 6)
+#define SIO_LIMIT_BROADCASTS _WSAIOW(IOC_VENDOR, 7)
+#define SIO_INDEX_BIND _WSAIOW(IOC_VENDOR, 8)
+#define SIO_INDEX_MCASTIF _WSAIOW(IOC_VENDOR, 9)
+#define SIO_INDEX_ADD_MCAST _WSAIOW(IOC_VENDOR, 10)
+#define SIO_INDEX_DEL_MCAST _WSAIOW(IOC_VENDOR, 11)
+#define SIO_RCVALL_MCAST_IF _WSAIOW(IOC_VENDOR, 13)
+#define SIO_RCVALL_IF _WSAIOW(IOC_VENDOR, 14)
+#define SIO_LOOPBACK_FAST_PATH _WSAIOW(IOC_VENDOR, 16)
+#define SIO_TCP_INITIAL_RTO _WSAIOW(IOC_VENDOR, 17)
+#define SIO_APPLY_TRANSPORT_SETTING _WSAIOW(IOC_VENDOR, 19)
+#define SIO_QUERY_TRANSPORT_SETTING _WSAIOW(IOC_VENDOR, 20)
+#define SIO_CPU_AFFINITY _WSAIOW(IOC_VENDOR, 21)
+#define SIO_TCP_SET_ICW _WSAIOW(IOC_VENDOR, 22)
+#define SIO_TCP_SET_ACK_FREQUENCY _WSAIOW(IOC_VENDOR, 23)
+#define SIO_SET_PRIORITY_HINT _WSAIOW(IOC_VENDOR, 24)
+#define SIO_TCP_INFO _WSAIORW(IOC_VENDOR, 39)
+#define SIO_ACQUIRE_PORT_RESERVATION _WSAIOW(IOC_VENDOR, 100)
+#define SIO_RELEASE_PORT_RESERVATION _WSAIOW(IOC_VENDOR, 101)
+#define SIO_ASSOCIATE_PORT_RESERVATION _WSAIOW(IOC_VENDOR, 102)
+#define SIO_SET_SECURITY _WSAIOW(IOC_VENDOR, 200)
+#define SIO_QUERY_SECURITY _WSAIORW(IOC_VENDOR, 201)
+#define SIO_SET_PEER_TARGET_NAME _WSAIOW(IOC_VENDOR, 202)
+#define SIO_DELETE_PEER_TARGET_NAME _WSAIOW(IOC_VENDOR, 203)
+#define SIO_SOCKET_USAGE_NOTIFICATION _WSAIOW(IOC_VENDOR, 204)
+#define SIO_QUERY_WFP_ALE_ENDPOINT_HANDLE _WSAIOR(IOC_VENDOR, 205)
+#define SIO_QUERY_RSS_SCALABILITY_INFO _WSAIOR(IOC_VENDOR, 210)
+#define SIO_TIMESTAMPING _WSAIOW(IOC_VENDOR, 235)
 
 /* ---- Error codes -------------------------------------------------------- */
 
 #define WSA_INVALID_HANDLE 6        /* not an event handle of this library */
+#ifndef ERROR_INVALID_HANDLE
+#define ERROR_INVALID_HANDLE 6      /* CancelIo/CancelIoEx: the handle is not a socket */
+#endif
+#ifndef ERROR_NOT_FOUND
+#define ERROR_NOT_FOUND 1168        /* CancelIo/CancelIoEx: nothing pending to cancel */
+#endif
 #define WSA_INVALID_PARAMETER 87    /* e.g. event count 0 or > WSA_MAXIMUM_WAIT_EVENTS */
-#define WSA_OPERATION_ABORTED 995   /* overlapped operation cancelled by closesocket() */
+#define WSA_OPERATION_ABORTED 995   /* cancelled: socket closed, SIO_FLUSH, CancelIo(Ex), issuing thread exited */
 #define WSA_IO_INCOMPLETE 996       /* WSAGetOverlappedResult(fWait = FALSE) on a pending operation */
 #define WSA_IO_PENDING 997          /* overlapped operation started; completes later */
 #define WSAEINTR 10004
 #define WSAEACCES 10013             /* caller is neither root nor granted in the config's [access] */
 #define WSAEFAULT 10014             /* a pointer argument is NULL or not wholly in valid memory */
-#define WSAEINVAL 10022             /* bad control code, bad input, wrong socket type/state, buffer too small */
+#define WSAEINVAL 10022             /* no control code, bad input, wrong socket type/state, buffer too small */
 #define WSAEINPROGRESS 10036
 #define WSAENOTSOCK 10038           /* s is not a (open) socket */
-#define WSAEOPNOTSUPP 10045         /* transport cannot carry records (Unix socket), or no rewire hooks serve s */
+#define WSAEOPNOTSUPP 10045         /* a Windows control code rewire does not serve; transport cannot carry
+                                       records (Unix socket); or no rewire hooks serve s */
 #define WSAENETDOWN 10050
 
 /* ---- Events and waits --------------------------------------------------- */
@@ -211,37 +343,56 @@ _Static_assert(sizeof(WSAOVERLAPPED) == 32, "WSAOVERLAPPED layout");
 /* ---- Functions ---------------------------------------------------------- */
 
 /*
- * WSAIoctl: one of the three WFP redirect control codes on socket s.
+ * WSAIoctl: one of the three WFP redirect control codes, or SIO_FLUSH, on
+ * socket s.
  *
- * QUERY_RECORDS / QUERY_CONTEXT (on the accepted socket): lpvInBuffer and
- *   cbInBuffer are ignored; the answer (128 / 152 bytes) is written to
- *   lpvOutBuffer, which must hold at least REWIRE_WFP_MAX_RECORDS_SIZE /
- *   REWIRE_WFP_MAX_CONTEXT_SIZE bytes (else WSAEINVAL, which also covers
- *   cbOutBuffer < sizeof(ULONG)).
- * SET_RECORDS (on a new, not yet connected TCP socket): lpvInBuffer /
- *   cbInBuffer hold the blob from the query; cbOutBuffer must be 0 (else
- *   WSAEINVAL); lpvOutBuffer is ignored. On success *lpcbBytesReturned is
- *   the number of input bytes taken (128).
+ * QUERY_RECORDS / QUERY_CONTEXT (on the accepted TCP socket, or a UDP flow
+ *   socket: bound to the service address and connected to the datagram's
+ *   source): lpvInBuffer and cbInBuffer are ignored; the answer (128 / 152
+ *   bytes) is written to lpvOutBuffer, which must hold at least
+ *   REWIRE_WFP_MAX_RECORDS_SIZE / REWIRE_WFP_MAX_CONTEXT_SIZE bytes (else
+ *   WSAEINVAL, which also covers cbOutBuffer < sizeof(ULONG)).
+ * SET_RECORDS (on a new TCP or UDP socket, before connect()/sendto()):
+ *   lpvInBuffer / cbInBuffer hold the blob from the query; cbOutBuffer must
+ *   be 0 (else WSAEINVAL); lpvOutBuffer is ignored. On success
+ *   *lpcbBytesReturned is the number of input bytes taken (128).
+ * SIO_FLUSH: buffers ignored. Cancels the socket's pending overlapped
+ *   operations that have not started (each completes with
+ *   WSA_OPERATION_ABORTED; one already executing completes normally); the
+ *   socket stays usable. Returns 0 with *lpcbBytesReturned = 0, at once
+ *   even when overlapped (the completion is then also reported through
+ *   lpOverlapped: Internal 0, event signalled or routine queued).
  *
- * Returns 0 on success with *lpcbBytesReturned > 0. Otherwise returns
- * SOCKET_ERROR, sets WSAGetLastError() and leaves *lpcbBytesReturned = 0.
- * Checks, in order: lpcbBytesReturned writable if given (WSAEFAULT); s a
- * socket (WSAENOTSOCK); lpcbBytesReturned given unless overlapped
- * (WSAEFAULT); control code known (WSAEINVAL); buffers (NULL or invalid ->
- * WSAEFAULT; sizes -> WSAEINVAL); then the kernel decides: WSAEACCES
- * (caller not root or granted), WSAEOPNOTSUPP (Unix socket, or socket not
- * in a rewire cgroup), WSAEINVAL (not a redirected connection, not TCP,
- * already connected, blob altered/truncated/from another flow).
+ * Returns 0 on success with *lpcbBytesReturned > 0 (SIO_FLUSH: 0). Otherwise
+ * returns SOCKET_ERROR, sets WSAGetLastError() and leaves
+ * *lpcbBytesReturned = 0. Checks, in order: lpcbBytesReturned writable if
+ * given (WSAEFAULT); s a socket (WSAENOTSOCK); lpcbBytesReturned given unless
+ * the call is overlapped (WSAEFAULT); the control code (WSAEOPNOTSUPP for a
+ * Windows code rewire does not serve, listed above; WSAEINVAL for a value
+ * that is no code); buffers (NULL or invalid -> WSAEFAULT; sizes ->
+ * WSAEINVAL; SET: a blob that is not a records blob -- wrong length
+ * (cbInBuffer must be 128), magic, version, chain or address family -> WSAEINVAL,
+ * on any socket, before the kernel is asked); the socket type (an IP socket
+ * that is not TCP or UDP, e.g. raw, or a listening socket -> WSAEINVAL); for
+ * an overlapped call lpOverlapped/lpCompletionRoutine (WSAEFAULT) and hEvent
+ * (WSA_INVALID_HANDLE); then the kernel decides: WSAEACCES (caller not root
+ * or granted), WSAEOPNOTSUPP (Unix socket, or socket not in a rewire
+ * cgroup), WSAEINVAL (not a redirected connection, a UDP socket not
+ * connected to its flow, SET after connect(), blob altered or from another
+ * flow: the kernel checks its keyed tag).
  *
- * Overlapped: if s is overlapped and lpOverlapped is not NULL, the buffers
- * and lpOverlapped/lpCompletionRoutine are checked at once, then the call
- * returns SOCKET_ERROR with WSA_IO_PENDING and *lpcbBytesReturned = 0. At
+ * Overlapped: if s is overlapped (the default, see above) and lpOverlapped
+ * is not NULL, the arguments are checked at once, then the call returns
+ * SOCKET_ERROR with WSA_IO_PENDING and *lpcbBytesReturned = 0. At
  * completion Internal/InternalHigh are set and, if lpCompletionRoutine is
  * NULL, lpOverlapped->hEvent (if not NULL; it is reset at the start) is
  * signalled; otherwise the routine is queued to the calling thread and runs
  * during its next alertable WSAWaitForMultipleEvents()/SleepEx(). The
- * buffers and *lpOverlapped must stay valid until then. On a non-overlapped
- * socket lpOverlapped and lpCompletionRoutine are ignored.
+ * buffers and *lpOverlapped must stay valid until then. The operation runs
+ * on the socket s named when it was issued, never on another: if s is
+ * closed first, it completes with WSA_OPERATION_ABORTED. On a
+ * non-overlapped socket lpOverlapped and lpCompletionRoutine are ignored
+ * (the routine is never queued).
  */
 int WSAAPI WSAIoctl(SOCKET s, DWORD dwIoControlCode, LPVOID lpvInBuffer, DWORD cbInBuffer, LPVOID lpvOutBuffer,
 		    DWORD cbOutBuffer, LPDWORD lpcbBytesReturned, LPWSAOVERLAPPED lpOverlapped,
@@ -303,25 +454,51 @@ DWORD WSAAPI SleepEx(DWORD dwMilliseconds, BOOL bAlertable);
 /*
  * closesocket: cancels the socket's pending overlapped operations (they
  * complete with WSA_OPERATION_ABORTED: event signalled / routine queued),
- * waits for one already executing, forgets the overlapped mark, and closes
- * the descriptor. Returns 0, or SOCKET_ERROR with WSAENOTSOCK if s is not
- * a socket.
+ * waits for one already executing, forgets the overlapped attribute, and
+ * closes the descriptor. Returns 0, or SOCKET_ERROR with WSAENOTSOCK if s
+ * is not a socket. A plain close() also works: operations of a closed
+ * socket are aborted when their turn comes (within about 100 ms).
  */
 int WSAAPI closesocket(SOCKET s);
 
 /*
- * WSASocket: socket(af, type, protocol); with dwFlags = WSA_FLAG_OVERLAPPED
- * the socket is overlapped. lpProtocolInfo must be NULL and g 0 (else
- * WSAEINVAL). Returns INVALID_SOCKET on failure.
+ * CancelIoEx: cancels the pending overlapped operation of socket
+ * REWIRE_SOCKET_HANDLE(s) issued with lpOverlapped, or every pending one of
+ * the socket if lpOverlapped is NULL, whichever thread issued it. CancelIo:
+ * those the calling thread issued. Cancelled operations complete with
+ * WSA_OPERATION_ABORTED (event signalled / routine queued) before the call
+ * returns; one already executing completes normally. Returns TRUE if any
+ * was found; FALSE with WSAGetLastError() == ERROR_NOT_FOUND if none, or
+ * ERROR_INVALID_HANDLE if the handle is not a socket. The usual pattern for
+ * a timed query: WSAWaitForMultipleEvents(..., timeout) == WSA_WAIT_TIMEOUT
+ * -> CancelIoEx(h, &ov) -> WSAGetOverlappedResult(s, &ov, ..., TRUE, ...).
+ */
+BOOL WSAAPI CancelIoEx(HANDLE hFile, LPWSAOVERLAPPED lpOverlapped);
+BOOL WSAAPI CancelIo(HANDLE hFile);
+
+/*
+ * WSASocket: socket(af, type, protocol); overlapped if dwFlags has
+ * WSA_FLAG_OVERLAPPED, else non-overlapped (lpOverlapped then ignored).
+ * lpProtocolInfo must be NULL and g 0 (else WSAEINVAL). Returns
+ * INVALID_SOCKET on failure.
  */
 SOCKET WSAAPI WSASocket(int af, int type, int protocol, void *lpProtocolInfo, unsigned int g, DWORD dwFlags);
 
 /*
- * rewire_wsa_set_overlapped: marks (TRUE) or unmarks (FALSE) an existing
- * socket, e.g. one from accept(), as overlapped. Returns 0, or
+ * rewire_wsa_set_overlapped: makes an existing socket overlapped (TRUE) or
+ * non-overlapped (FALSE), e.g. one from accept(). Bound to the socket: a
+ * later socket with the same number does not inherit it. Returns 0, or
  * SOCKET_ERROR with WSAENOTSOCK.
  */
 int rewire_wsa_set_overlapped(SOCKET s, BOOL fOverlapped);
+
+/*
+ * rewire_wsa_set_default_overlapped: whether sockets that neither WSASocket()
+ * nor rewire_wsa_set_overlapped() marked (those from socket(), accept()) are
+ * overlapped. TRUE by default, as on Windows, so a port that waits for the
+ * completion of an overlapped call never hangs. Returns the previous setting.
+ */
+BOOL rewire_wsa_set_default_overlapped(BOOL fOverlapped);
 
 /*
  * rewire_wsa_set_completion_delay: overlapped operations queued from now on

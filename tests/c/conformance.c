@@ -29,6 +29,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -337,7 +339,7 @@ static void overlapped_argument_checks_are_synchronous(void)
 
 static void non_overlapped_socket_ignores_lpoverlapped(void)
 {
-	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, 0);
 	unsigned char buf[256];
 	WSAOVERLAPPED ov;
 	memset(&ov, 0, sizeof ov);
@@ -559,6 +561,538 @@ static void wspioctl_reports_through_lperrno(void)
 	CHECK_EQ(ret, SOCKET_ERROR);
 	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
 	close(fd);
+	closesocket(s);
+}
+
+/* ---- Descriptor identity, fork, threads (item: state bound to the socket) */
+
+/* An overlapped call on s with an event; returns the WSAIoctl result. */
+static int start_query(SOCKET s, WSAOVERLAPPED *ov, unsigned char *buf, DWORD delay_ms)
+{
+	DWORD n = 0xDEADBEEF;
+	memset(ov, 0, sizeof *ov);
+	ov->hEvent = WSACreateEvent();
+	rewire_wsa_set_completion_delay(delay_ms);
+	WSASetLastError(0);
+	int ret = WSAIoctl(s, QREC, NULL, 0, buf, 256, &n, ov, NULL);
+	rewire_wsa_set_completion_delay(0);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(n, 0);
+	return ret;
+}
+
+/* The error an overlapped operation finished with (0 on success), waiting for it. */
+static int finish(SOCKET s, WSAOVERLAPPED *ov)
+{
+	DWORD t = 77, fl = 77;
+	WSASetLastError(0);
+	BOOL ok = WSAGetOverlappedResult(s, ov, &t, TRUE, &fl);
+	int err = ok ? 0 : WSAGetLastError();
+	if (ov->hEvent)
+		WSACloseEvent(ov->hEvent);
+	return err;
+}
+
+static void closed_number_reused_starts_fresh(void)
+{
+	unsigned char buf[256];
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	/* an overlapped socket closed with close(); a non-overlapped one gets its number */
+	SOCKET s1 = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	CHECK(s1 >= 0);
+	close(s1);
+	SOCKET s2 = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, 0);
+	CHECK_EQ(s2, s1);
+	DWORD n = 0xDEADBEEF;
+	WSASetLastError(0);
+	int ret = WSAIoctl(s2, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), plain_tcp_code()); /* synchronous: nothing carried over */
+	CHECK_EQ(ov.Internal, 0);
+	close(s2);
+	/* a socket made non-overlapped, closed; socket() on its number is overlapped by default */
+	SOCKET s3 = socket(AF_INET, SOCK_STREAM, 0);
+	CHECK_EQ(rewire_wsa_set_overlapped(s3, FALSE), 0);
+	close(s3);
+	SOCKET s4 = socket(AF_INET6, SOCK_STREAM, 0);
+	CHECK_EQ(s4, s3);
+	start_query(s4, &ov, buf, 0);
+	CHECK_EQ(finish(s4, &ov), plain_tcp_code());
+	closesocket(s4);
+	/* with the default switched off, an overlapped socket's number does not pass its mark on */
+	CHECK_EQ(rewire_wsa_set_default_overlapped(FALSE), TRUE);
+	SOCKET s5 = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	close(s5);
+	SOCKET s6 = socket(AF_INET, SOCK_STREAM, 0);
+	CHECK_EQ(s6, s5);
+	memset(&ov, 0, sizeof ov);
+	n = 0xDEADBEEF;
+	WSASetLastError(0);
+	ret = WSAIoctl(s6, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), plain_tcp_code());
+	CHECK_EQ(ov.Internal, 0);
+	CHECK_EQ(rewire_wsa_set_default_overlapped(TRUE), FALSE);
+	closesocket(s6);
+}
+
+static void pending_operation_of_closed_socket_is_aborted(void)
+{
+	unsigned char buf[256];
+	WSAOVERLAPPED ov;
+	/* closed, and the number reopened as a file: the operation must not run on the file */
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	start_query(s, &ov, buf, 300);
+	close(s);
+	int fd = open("/dev/null", O_RDONLY);
+	CHECK_EQ(fd, s);
+	CHECK_EQ(finish(s, &ov), WSA_OPERATION_ABORTED);
+	CHECK_EQ(ov.InternalHigh, 0);
+	close(fd);
+	/* closed, and the number reopened as another socket: not run on that one either */
+	s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	start_query(s, &ov, buf, 300);
+	close(s);
+	SOCKET other = socket(AF_INET6, SOCK_DGRAM, 0);
+	CHECK_EQ(other, s);
+	CHECK_EQ(finish(s, &ov), WSA_OPERATION_ABORTED);
+	/* closed and not reused */
+	s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	start_query(s, &ov, buf, 300);
+	close(s);
+	CHECK_EQ(finish(s, &ov), WSA_OPERATION_ABORTED);
+	closesocket(other);
+}
+
+static void fork_child_runs_its_own_operations(void)
+{
+	unsigned char buf[256], cbuf[256];
+	WSAOVERLAPPED ov;
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	start_query(s, &ov, buf, 1000); /* still pending at the fork */
+	fflush(NULL);
+	pid_t pid = fork();
+	if (pid == 0) {
+		alarm(20);
+		test_ok = 1;
+		/* the parent's pending operation is not the child's: reported aborted here */
+		CHECK_EQ(ov.Internal, WSA_OPERATION_ABORTED);
+		CHECK_EQ(WSAWaitForMultipleEvents(1, &ov.hEvent, TRUE, 0, FALSE), WSA_WAIT_EVENT_0);
+		/* the child's own operations complete */
+		WSAOVERLAPPED cov;
+		SOCKET c = WSASocket(AF_INET6, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+		start_query(c, &cov, cbuf, 0);
+		CHECK_EQ(WSAWaitForMultipleEvents(1, &cov.hEvent, TRUE, 10000, FALSE), WSA_WAIT_EVENT_0);
+		CHECK_EQ(finish(c, &cov), plain_tcp_code());
+		/* and again, after a second fork in the child */
+		pid_t g = fork();
+		if (g == 0) {
+			test_ok = 1;
+			start_query(c, &cov, cbuf, 0);
+			CHECK_EQ(WSAWaitForMultipleEvents(1, &cov.hEvent, TRUE, 10000, FALSE), WSA_WAIT_EVENT_0);
+			CHECK_EQ(finish(c, &cov), plain_tcp_code());
+			_exit(test_ok ? 0 : 1);
+		}
+		int gs = -1;
+		CHECK(g > 0 && waitpid(g, &gs, 0) == g && WIFEXITED(gs) && WEXITSTATUS(gs) == 0);
+		_exit(test_ok ? 0 : 1);
+	}
+	int status = -1;
+	CHECK(pid > 0 && waitpid(pid, &status, 0) == pid);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	/* the parent's operation survives the fork and completes with its real result */
+	CHECK_EQ(finish(s, &ov), plain_tcp_code());
+	closesocket(s);
+}
+
+struct thread_op {
+	SOCKET s;
+	WSAOVERLAPPED ov;
+	unsigned char buf[256];
+	int ret, err;
+	int use_routine;
+};
+
+static void *issue_and_exit(void *arg)
+{
+	struct thread_op *t = arg;
+	DWORD n = 0xDEADBEEF;
+	rewire_wsa_set_completion_delay(3000);
+	t->ret = WSAIoctl(t->s, QREC, NULL, 0, t->buf, sizeof t->buf, &n, &t->ov, t->use_routine ? completion : NULL);
+	rewire_wsa_set_completion_delay(0);
+	t->err = WSAGetLastError();
+	return NULL; /* exits with the operation pending */
+}
+
+static void exited_thread_operations_are_aborted(void)
+{
+	static struct thread_op t1, t2;
+	pthread_t th;
+	cr_calls = 0;
+	/* a completion routine's operation */
+	memset(&t1, 0, sizeof t1);
+	t1.s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	t1.use_routine = 1;
+	CHECK(pthread_create(&th, NULL, issue_and_exit, &t1) == 0);
+	pthread_join(th, NULL);
+	CHECK_EQ(t1.ret, SOCKET_ERROR);
+	CHECK_EQ(t1.err, WSA_IO_PENDING);
+	CHECK_EQ(finish(t1.s, &t1.ov), WSA_OPERATION_ABORTED);
+	/* an event's operation: the event is signalled with the abort */
+	memset(&t2, 0, sizeof t2);
+	t2.s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	t2.ov.hEvent = WSACreateEvent();
+	CHECK(pthread_create(&th, NULL, issue_and_exit, &t2) == 0);
+	pthread_join(th, NULL);
+	CHECK_EQ(t2.err, WSA_IO_PENDING);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &t2.ov.hEvent, TRUE, 0, FALSE), WSA_WAIT_EVENT_0);
+	CHECK_EQ(finish(t2.s, &t2.ov), WSA_OPERATION_ABORTED);
+	/* the exited thread's routine never runs, on this thread or any other */
+	CHECK_EQ(SleepEx(0, TRUE), 0);
+	CHECK_EQ(cr_calls, 0);
+	closesocket(t1.s);
+	closesocket(t2.s);
+}
+
+/* ---- SIO_FLUSH and CancelIo/CancelIoEx ---------------------------------- */
+
+static void sio_flush_aborts_pending_and_socket_stays_usable(void)
+{
+	unsigned char b1[256], b2[256], b3[256];
+	WSAOVERLAPPED o1, o2, o3;
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	SOCKET bystander = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	start_query(s, &o1, b1, 5000);
+	start_query(bystander, &o3, b3, 300);
+	/* a second one with a completion routine */
+	memset(&o2, 0, sizeof o2);
+	DWORD n = 0xDEADBEEF;
+	cr_calls = 0;
+	rewire_wsa_set_completion_delay(5000);
+	CHECK_EQ(WSAIoctl(s, QCTX, NULL, 0, b2, sizeof b2, &n, &o2, completion), SOCKET_ERROR);
+	rewire_wsa_set_completion_delay(0);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	struct res r = ioc(s, SIO_FLUSH, NULL, 0, NULL, 0);
+	CHECK_EQ(r.ret, 0);
+	CHECK_EQ(r.bytes, 0);
+	/* both aborted before SIO_FLUSH returned */
+	CHECK_EQ(o1.Internal, WSA_OPERATION_ABORTED);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &o1.hEvent, TRUE, 0, FALSE), WSA_WAIT_EVENT_0);
+	CHECK_EQ(finish(s, &o1), WSA_OPERATION_ABORTED);
+	CHECK_EQ(SleepEx(0, TRUE), WAIT_IO_COMPLETION);
+	CHECK_EQ(cr_calls, 1);
+	CHECK_EQ(cr_err, WSA_OPERATION_ABORTED);
+	CHECK(cr_ov == &o2);
+	/* another socket's operation is untouched */
+	CHECK_EQ(finish(bystander, &o3), plain_tcp_code());
+	/* the socket stays usable, overlapped and not */
+	start_query(s, &o1, b1, 0);
+	CHECK_EQ(finish(s, &o1), plain_tcp_code());
+	r = ioc(s, QREC, NULL, 0, b1, sizeof b1);
+	EXPECT_FAIL(r, plain_tcp_code());
+	/* overlapped SIO_FLUSH: done at once, and its completion is reported too */
+	WSAOVERLAPPED fo;
+	memset(&fo, 0, sizeof fo);
+	fo.hEvent = WSACreateEvent();
+	n = 0xDEADBEEF;
+	CHECK_EQ(WSAIoctl(s, SIO_FLUSH, NULL, 0, NULL, 0, &n, &fo, NULL), 0);
+	CHECK_EQ(n, 0);
+	CHECK_EQ(fo.Internal, 0);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &fo.hEvent, TRUE, 0, FALSE), WSA_WAIT_EVENT_0);
+	WSACloseEvent(fo.hEvent);
+	/* SIO_FLUSH with nothing pending, and on a non-socket */
+	r = ioc(s, SIO_FLUSH, NULL, 0, NULL, 0);
+	CHECK_EQ(r.ret, 0);
+	int fd = open("/dev/null", O_RDONLY);
+	r = ioc(fd, SIO_FLUSH, NULL, 0, NULL, 0);
+	EXPECT_FAIL(r, WSAENOTSOCK);
+	close(fd);
+	closesocket(bystander);
+	closesocket(s);
+}
+
+static void *cancel_io_elsewhere(void *arg)
+{
+	SOCKET s = *(SOCKET *)arg;
+	WSASetLastError(0);
+	BOOL ok = CancelIo(REWIRE_SOCKET_HANDLE(s)); /* this thread issued nothing */
+	return (void *)(intptr_t)(ok == FALSE && WSAGetLastError() == ERROR_NOT_FOUND);
+}
+
+static void cancel_io_aborts_pending_operations(void)
+{
+	unsigned char b1[256], b2[256];
+	WSAOVERLAPPED o1, o2;
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	HANDLE h = REWIRE_SOCKET_HANDLE(s);
+	start_query(s, &o1, b1, 5000);
+	start_query(s, &o2, b2, 5000);
+	/* CancelIoEx with an OVERLAPPED cancels that one only */
+	CHECK_EQ(CancelIoEx(h, &o1), TRUE);
+	CHECK_EQ(o1.Internal, WSA_OPERATION_ABORTED);
+	CHECK_EQ(o2.Internal, STATUS_PENDING);
+	CHECK_EQ(finish(s, &o1), WSA_OPERATION_ABORTED);
+	/* CancelIo on another thread leaves this thread's operation alone */
+	pthread_t th;
+	void *ok = NULL;
+	CHECK(pthread_create(&th, NULL, cancel_io_elsewhere, &s) == 0);
+	pthread_join(th, &ok);
+	CHECK(ok != NULL);
+	CHECK_EQ(o2.Internal, STATUS_PENDING);
+	/* CancelIo on the issuing thread cancels it */
+	CHECK_EQ(CancelIo(h), TRUE);
+	CHECK_EQ(finish(s, &o2), WSA_OPERATION_ABORTED);
+	/* nothing left */
+	WSASetLastError(0);
+	CHECK_EQ(CancelIoEx(h, NULL), FALSE);
+	CHECK_EQ(WSAGetLastError(), ERROR_NOT_FOUND);
+	/* CancelIoEx(NULL) cancels all; the socket stays usable */
+	start_query(s, &o1, b1, 5000);
+	start_query(s, &o2, b2, 5000);
+	CHECK_EQ(CancelIoEx(h, NULL), TRUE);
+	CHECK_EQ(finish(s, &o1), WSA_OPERATION_ABORTED);
+	CHECK_EQ(finish(s, &o2), WSA_OPERATION_ABORTED);
+	start_query(s, &o1, b1, 0);
+	CHECK_EQ(finish(s, &o1), plain_tcp_code());
+	/* not a socket */
+	int fd = open("/dev/null", O_RDONLY);
+	WSASetLastError(0);
+	CHECK_EQ(CancelIoEx(REWIRE_SOCKET_HANDLE(fd), NULL), FALSE);
+	CHECK_EQ(WSAGetLastError(), ERROR_INVALID_HANDLE);
+	close(fd);
+	closesocket(s);
+}
+
+/* ---- Control codes ------------------------------------------------------ */
+
+static void control_code_values(void)
+{
+	CHECK_EQ(SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS, 0x980000DCu);
+	CHECK_EQ(SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT, 0x980000DDu);
+	CHECK_EQ(SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS, 0x980000DEu);
+	CHECK_EQ(SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS, _WSAIOW(IOC_VENDOR, 220));
+	CHECK_EQ(SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT, _WSAIOW(IOC_VENDOR, 221));
+	CHECK_EQ(SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS, _WSAIOW(IOC_VENDOR, 222));
+	CHECK_EQ(SIO_FLUSH, 0x28000004u);
+	CHECK_EQ(SIO_GET_EXTENSION_FUNCTION_POINTER, 0xC8000006u);
+	CHECK_EQ(SIO_KEEPALIVE_VALS, 0x98000004u);
+	CHECK_EQ(FIONBIO, 0x8004667Eu);
+	CHECK_EQ(SIO_ADDRESS_LIST_QUERY, 0x48000016u);
+	CHECK_EQ(SIO_TCP_INFO, 0xD8000027u);
+}
+
+static const DWORD unserved[] = {
+	FIONBIO, FIONREAD, FIOASYNC, SIOCATMARK, SIOCSHIWAT, SIOCGHIWAT, SIOCSLOWAT, SIOCGLOWAT,
+	0x5421 /* Linux FIONBIO */, 0x541B /* Linux FIONREAD */, 0x5452 /* Linux FIOASYNC */,
+	0x8905 /* Linux SIOCATMARK */,
+	SIO_ASSOCIATE_HANDLE, SIO_ENABLE_CIRCULAR_QUEUEING, SIO_FIND_ROUTE, SIO_GET_BROADCAST_ADDRESS,
+	SIO_GET_EXTENSION_FUNCTION_POINTER, SIO_GET_QOS, SIO_GET_GROUP_QOS, SIO_MULTIPOINT_LOOPBACK,
+	SIO_MULTICAST_SCOPE, SIO_SET_QOS, SIO_SET_GROUP_QOS, SIO_TRANSLATE_HANDLE, SIO_ROUTING_INTERFACE_QUERY,
+	SIO_ROUTING_INTERFACE_CHANGE, SIO_ADDRESS_LIST_QUERY, SIO_ADDRESS_LIST_CHANGE, SIO_QUERY_TARGET_PNP_HANDLE,
+	SIO_ADDRESS_LIST_SORT, SIO_BSP_HANDLE, SIO_BSP_HANDLE_SELECT, SIO_BSP_HANDLE_POLL, SIO_EXT_SELECT,
+	SIO_EXT_POLL, SIO_EXT_SENDMSG, SIO_BASE_HANDLE, SIO_QUERY_RSS_PROCESSOR_INFO, SIO_GET_INTERFACE_LIST,
+	SIO_GET_INTERFACE_LIST_EX, SIO_SET_MULTICAST_FILTER, SIO_IDEAL_SEND_BACKLOG_QUERY,
+	SIO_IDEAL_SEND_BACKLOG_CHANGE, SIO_RCVALL, SIO_RCVALL_MCAST, SIO_RCVALL_IGMPMCAST, SIO_KEEPALIVE_VALS,
+	SIO_ABSORB_RTRALERT, SIO_UCAST_IF, SIO_LIMIT_BROADCASTS, SIO_INDEX_BIND, SIO_INDEX_MCASTIF,
+	SIO_INDEX_ADD_MCAST, SIO_INDEX_DEL_MCAST, SIO_RCVALL_MCAST_IF, SIO_RCVALL_IF, SIO_LOOPBACK_FAST_PATH,
+	SIO_TCP_INITIAL_RTO, SIO_APPLY_TRANSPORT_SETTING, SIO_QUERY_TRANSPORT_SETTING, SIO_CPU_AFFINITY,
+	SIO_TCP_SET_ICW, SIO_TCP_SET_ACK_FREQUENCY, SIO_SET_PRIORITY_HINT, SIO_TCP_INFO,
+	SIO_ACQUIRE_PORT_RESERVATION, SIO_RELEASE_PORT_RESERVATION, SIO_ASSOCIATE_PORT_RESERVATION,
+	SIO_SET_SECURITY, SIO_QUERY_SECURITY, SIO_SET_PEER_TARGET_NAME, SIO_DELETE_PEER_TARGET_NAME,
+	SIO_SOCKET_USAGE_NOTIFICATION, SIO_QUERY_WFP_ALE_ENDPOINT_HANDLE, SIO_QUERY_RSS_SCALABILITY_INFO,
+	SIO_TIMESTAMPING,
+};
+
+static void unserved_windows_codes_are_eopnotsupp(void)
+{
+	unsigned char in[64], out[256];
+	memset(in, 0, sizeof in);
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	for (unsigned i = 0; i < sizeof unserved / sizeof unserved[0]; i++) {
+		struct res r = ioc(s, unserved[i], in, sizeof in, out, sizeof out);
+		if (r.err != WSAEOPNOTSUPP)
+			fprintf(stderr, "    code 0x%08X\n", unserved[i]);
+		EXPECT_FAIL(r, WSAEOPNOTSUPP);
+	}
+	/* values that are no control code */
+	DWORD nocode[] = {0, 1, 0x980000DF, 0x98000000, 0x28000000, 0x12345678, 0xFFFFFFFF};
+	for (unsigned i = 0; i < sizeof nocode / sizeof nocode[0]; i++) {
+		struct res r = ioc(s, nocode[i], in, sizeof in, out, sizeof out);
+		EXPECT_FAIL(r, WSAEINVAL);
+	}
+	closesocket(s);
+}
+
+static void malformed_blob_is_einval_on_any_socket(void)
+{
+	static unsigned char big[8192];
+	unsigned char bad[REWIRE_WFP_MAX_RECORDS_SIZE + 1];
+	REWIRE_WFP_RECORDS rec;
+	SOCKET socks[3] = {socket(AF_INET, SOCK_STREAM, 0), socket(AF_INET6, SOCK_STREAM, 0),
+			   socket(AF_INET, SOCK_DGRAM, 0)};
+	for (int i = 0; i < 3; i++) {
+		SOCKET s = socks[i];
+		struct res r;
+		memcpy(bad, sample_blob, sizeof sample_blob);
+		bad[sizeof sample_blob] = 0;
+		r = ioc(s, SETR, bad, sizeof sample_blob + 1, NULL, 0); /* one byte too long */
+		EXPECT_FAIL(r, WSAEINVAL);
+		r = ioc(s, SETR, bad, sizeof sample_blob - 1, NULL, 0); /* one byte short */
+		EXPECT_FAIL(r, WSAEINVAL);
+		r = ioc(s, SETR, bad, 4, NULL, 0);
+		EXPECT_FAIL(r, WSAEINVAL);
+		memcpy(big, sample_blob, sizeof sample_blob);
+		r = ioc(s, SETR, big, 4097, NULL, 0); /* larger than the maximum */
+		EXPECT_FAIL(r, WSAEINVAL);
+		r = ioc(s, SETR, big, sizeof big, NULL, 0);
+		EXPECT_FAIL(r, WSAEINVAL);
+		memcpy(&rec, sample_blob, sizeof rec);
+		rec.magic = 0x1234;
+		r = ioc(s, SETR, &rec, sizeof rec, NULL, 0);
+		EXPECT_FAIL(r, WSAEINVAL);
+		memcpy(&rec, sample_blob, sizeof rec);
+		rec.version = 9;
+		r = ioc(s, SETR, &rec, sizeof rec, NULL, 0);
+		EXPECT_FAIL(r, WSAEINVAL);
+		memcpy(&rec, sample_blob, sizeof rec);
+		rec.n_chain = 0;
+		r = ioc(s, SETR, &rec, sizeof rec, NULL, 0);
+		EXPECT_FAIL(r, WSAEINVAL);
+		rec.n_chain = 17;
+		r = ioc(s, SETR, &rec, sizeof rec, NULL, 0);
+		EXPECT_FAIL(r, WSAEINVAL);
+		memcpy(&rec, sample_blob, sizeof rec);
+		rec.orig_dst.family = 99;
+		r = ioc(s, SETR, &rec, sizeof rec, NULL, 0);
+		EXPECT_FAIL(r, WSAEINVAL);
+		closesocket(s);
+	}
+}
+
+static void listening_socket_is_einval(void)
+{
+	unsigned char buf[256];
+	SOCKET l = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in a;
+	memset(&a, 0, sizeof a);
+	a.sin_family = AF_INET;
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0 && listen(l, 4) == 0);
+	struct res r = ioc(l, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(l, QCTX, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(l, SETR, sample_blob, sizeof sample_blob, NULL, 0);
+	EXPECT_FAIL(r, WSAEINVAL);
+	closesocket(l);
+}
+
+/* ---- Overlapped by default ---------------------------------------------- */
+
+static void sockets_are_overlapped_by_default(void)
+{
+	unsigned char buf[256];
+	WSAOVERLAPPED ov;
+	/* socket() */
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	start_query(s, &ov, buf, 0);
+	CHECK_EQ(WSAWaitForMultipleEvents(1, &ov.hEvent, TRUE, 5000, FALSE), WSA_WAIT_EVENT_0);
+	CHECK_EQ(finish(s, &ov), plain_tcp_code());
+	/* accept() */
+	SOCKET l = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in a;
+	socklen_t alen = sizeof a;
+	memset(&a, 0, sizeof a);
+	a.sin_family = AF_INET;
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0 && listen(l, 4) == 0);
+	CHECK(getsockname(l, (struct sockaddr *)&a, &alen) == 0);
+	SOCKET c = socket(AF_INET, SOCK_STREAM, 0);
+	CHECK(connect(c, (struct sockaddr *)&a, sizeof a) == 0);
+	SOCKET acc = accept(l, NULL, NULL);
+	CHECK(acc >= 0);
+	start_query(acc, &ov, buf, 0);
+	CHECK_EQ(finish(acc, &ov), managed ? WSAEINVAL : WSAEOPNOTSUPP);
+	/* lpcbBytesReturned may be NULL on an overlapped call */
+	memset(&ov, 0, sizeof ov);
+	WSASetLastError(0);
+	CHECK_EQ(WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, NULL, &ov, NULL), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(finish(s, &ov), plain_tcp_code());
+	/* the switch: unmarked sockets non-overlapped; WSASocket's flag still counts */
+	CHECK_EQ(rewire_wsa_set_default_overlapped(FALSE), TRUE);
+	memset(&ov, 0, sizeof ov);
+	DWORD n = 0xDEADBEEF;
+	WSASetLastError(0);
+	CHECK_EQ(WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), plain_tcp_code());
+	CHECK_EQ(ov.Internal, 0);
+	SOCKET o = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	start_query(o, &ov, buf, 0);
+	CHECK_EQ(finish(o, &ov), plain_tcp_code());
+	CHECK_EQ(rewire_wsa_set_overlapped(s, TRUE), 0);
+	start_query(s, &ov, buf, 0);
+	CHECK_EQ(finish(s, &ov), plain_tcp_code());
+	CHECK_EQ(rewire_wsa_set_default_overlapped(TRUE), FALSE);
+	/* and a socket made non-overlapped stays so under the default */
+	CHECK_EQ(rewire_wsa_set_overlapped(o, FALSE), 0);
+	memset(&ov, 0, sizeof ov);
+	WSASetLastError(0);
+	CHECK_EQ(WSAIoctl(o, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), plain_tcp_code());
+	closesocket(o);
+	closesocket(acc);
+	closesocket(c);
+	closesocket(l);
+	closesocket(s);
+}
+
+/* ---- Rules of the page not checked elsewhere ---------------------------- */
+
+static void completion_routine_ignored_on_non_overlapped_socket(void)
+{
+	unsigned char buf[256];
+	SOCKET s = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, 0);
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	cr_calls = 0;
+	DWORD n = 0xDEADBEEF;
+	WSASetLastError(0);
+	CHECK_EQ(WSAIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, &ov, completion), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), plain_tcp_code());
+	CHECK_EQ(n, 0);
+	CHECK_EQ(SleepEx(0, TRUE), 0); /* nothing queued */
+	CHECK_EQ(cr_calls, 0);
+	CHECK_EQ(ov.Internal, 0);
+	/* SET too */
+	n = 0xDEADBEEF;
+	CHECK_EQ(WSAIoctl(s, SETR, sample_blob, sizeof sample_blob, NULL, 0, &n, &ov, completion), SOCKET_ERROR);
+	CHECK(WSAGetLastError() != WSA_IO_PENDING);
+	CHECK_EQ(SleepEx(0, TRUE), 0);
+	CHECK_EQ(cr_calls, 0);
+	closesocket(s);
+}
+
+static void unreadable_thread_id_is_efault(void)
+{
+	unsigned char buf[256];
+	unsigned char *p = guard_page();
+	long ps = page();
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	DWORD n = 0xDEADBEEF;
+	int e = 0;
+	WSASetLastError(0);
+	int ret = WSPIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, NULL, NULL, (LPWSATHREADID)(p + ps - 8), &e);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(e, WSAEFAULT);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	e = 0;
+	ret = WSPIoctl(s, QREC, NULL, 0, buf, sizeof buf, &n, NULL, NULL, (LPWSATHREADID)(p + ps), &e);
+	CHECK_EQ(ret, SOCKET_ERROR);
+	CHECK_EQ(e, WSAEFAULT);
+	munmap(p, ps);
 	closesocket(s);
 }
 
@@ -858,7 +1392,10 @@ static void udp_flow_socket_query_and_set_succeed(void)
 	SOCKET l = socket(AF_INET, SOCK_DGRAM, 0), app = socket(AF_INET, SOCK_DGRAM, 0);
 	setsockopt(l, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
 	as_service(1);
-	CHECK(bind(l, (struct sockaddr *)&svc, svclen) == 0);
+	if (bind(l, (struct sockaddr *)&svc, svclen) != 0) {
+		fprintf(stderr, "    bind UDP service port %d: %s\n", svc_port, strerror(errno));
+		test_ok = 0;
+	}
 	as_service(0);
 	CHECK(sendto(app, "q", 1, 0, (struct sockaddr *)&dst, dstlen) == 1);
 	struct pollfd p = {.fd = l, .events = POLLIN};
@@ -1039,6 +1576,229 @@ static void overlapped_failure_in_kernel_completes_with_error(void)
 	closesocket(s);
 }
 
+
+/* ---- Kernel mode: descriptor identity on real flows, flush, socket types */
+
+/* A pending query whose socket is closed and whose number then names
+ * another redirected flow's socket must not return that flow's records. */
+static void closed_socket_query_never_reads_another_flow(void)
+{
+	SOCKET c1, a1, c2, a2;
+	if (!redirected_pair(AF_INET, &c1, &a1))
+		return;
+	unsigned char buf[REWIRE_WFP_MAX_RECORDS_SIZE];
+	memset(buf, 0, sizeof buf);
+	CHECK_EQ(rewire_wsa_set_overlapped(a1, TRUE), 0);
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	ov.hEvent = WSACreateEvent();
+	DWORD n = 0xDEADBEEF;
+	rewire_wsa_set_completion_delay(500);
+	CHECK_EQ(WSAIoctl(a1, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL), SOCKET_ERROR);
+	rewire_wsa_set_completion_delay(0);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	SOCKET old = a1;
+	close(a1);
+	close(c1);
+	/* the next flow's accepted socket takes the closed number */
+	if (!redirected_pair(AF_INET, &c2, &a2))
+		return;
+	if (a2 != old) {
+		fprintf(stderr, "    accepted socket got %d, closed one was %d\n", a2, old);
+		test_ok = 0;
+	}
+	CHECK_EQ(finish(old, &ov), WSA_OPERATION_ABORTED);
+	REWIRE_WFP_RECORDS zero;
+	memset(&zero, 0, sizeof zero);
+	CHECK(memcmp(buf, &zero, sizeof buf) == 0); /* nothing of the other flow written */
+	/* the new flow's own query works */
+	struct res r = ioc(a2, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	closesocket(a2);
+	closesocket(c2);
+}
+
+/* A pending SET whose socket is closed must not put the records on the
+ * socket that next gets the number: that socket's connect is redirected
+ * like any application's, not let through as the flow's onward connection. */
+static void closed_socket_set_never_marks_another_socket(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET, &c, &a))
+		return;
+	unsigned char blob[REWIRE_WFP_MAX_RECORDS_SIZE];
+	struct res r = ioc(a, QREC, NULL, 0, blob, sizeof blob);
+	EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+	SOCKET out = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	DWORD n = 0xDEADBEEF;
+	rewire_wsa_set_completion_delay(500);
+	CHECK_EQ(WSAIoctl(out, SETR, blob, sizeof blob, NULL, 0, &n, &ov, NULL), SOCKET_ERROR);
+	rewire_wsa_set_completion_delay(0);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	close(out);
+	SOCKET other = socket(AF_INET, SOCK_STREAM, 0);
+	CHECK_EQ(other, out);
+	CHECK_EQ(finish(out, &ov), WSA_OPERATION_ABORTED);
+	struct sockaddr_storage ss;
+	int len = loopback(AF_INET, dst_port, &ss);
+	CHECK(connect(other, (struct sockaddr *)&ss, len) == 0);
+	SOCKET at_svc = accept_within(l_svc4, 5000);
+	SOCKET at_dst = accept_within(l_dst4, 0);
+	CHECK(at_svc >= 0); /* redirected: it carries no records */
+	CHECK(at_dst < 0);
+	if (at_svc >= 0)
+		close(at_svc);
+	if (at_dst >= 0)
+		close(at_dst);
+	closesocket(other);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void sio_flush_on_redirected_socket_keeps_it_usable(void)
+{
+	SOCKET c, a;
+	if (!redirected_pair(AF_INET6, &c, &a))
+		return;
+	unsigned char buf[REWIRE_WFP_MAX_CONTEXT_SIZE];
+	CHECK_EQ(rewire_wsa_set_overlapped(a, TRUE), 0);
+	WSAOVERLAPPED ov;
+	memset(&ov, 0, sizeof ov);
+	ov.hEvent = WSACreateEvent();
+	DWORD n = 0xDEADBEEF;
+	rewire_wsa_set_completion_delay(5000);
+	CHECK_EQ(WSAIoctl(a, QCTX, NULL, 0, buf, sizeof buf, &n, &ov, NULL), SOCKET_ERROR);
+	rewire_wsa_set_completion_delay(0);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	struct res r = ioc(a, SIO_FLUSH, NULL, 0, NULL, 0);
+	CHECK_EQ(r.ret, 0);
+	CHECK_EQ(finish(a, &ov), WSA_OPERATION_ABORTED);
+	/* usable: synchronous and overlapped queries answer */
+	r = ioc(a, QCTX, NULL, 0, buf, sizeof buf);
+	EXPECT_OK(r, REWIRE_WFP_MAX_CONTEXT_SIZE);
+	memset(&ov, 0, sizeof ov);
+	ov.hEvent = WSACreateEvent();
+	CHECK_EQ(WSAIoctl(a, QREC, NULL, 0, buf, sizeof buf, &n, &ov, NULL), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+	CHECK_EQ(finish(a, &ov), 0);
+	CHECK_EQ(ov.InternalHigh, REWIRE_WFP_MAX_RECORDS_SIZE);
+	closesocket(a);
+	closesocket(c);
+}
+
+static void raw_and_listening_sockets_are_einval(void)
+{
+	unsigned char buf[256];
+	int types[][2] = {{AF_INET, IPPROTO_TCP}, {AF_INET, IPPROTO_UDP}, {AF_INET6, IPPROTO_TCP}};
+	for (int i = 0; i < 3; i++) {
+		SOCKET s = socket(types[i][0], SOCK_RAW, types[i][1]);
+		CHECK(s >= 0);
+		if (s < 0)
+			continue;
+		struct res r = ioc(s, QREC, NULL, 0, buf, sizeof buf);
+		EXPECT_FAIL(r, WSAEINVAL);
+		r = ioc(s, QCTX, NULL, 0, buf, sizeof buf);
+		EXPECT_FAIL(r, WSAEINVAL);
+		r = ioc(s, SETR, sample_blob, sizeof sample_blob, NULL, 0);
+		EXPECT_FAIL(r, WSAEINVAL);
+		closesocket(s);
+	}
+	/* the service's own listener */
+	struct res r = ioc(l_svc4, QREC, NULL, 0, buf, sizeof buf);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(l_svc6, SETR, sample_blob, sizeof sample_blob, NULL, 0);
+	EXPECT_FAIL(r, WSAEINVAL);
+}
+
+/* Thread ids are reused: a completion routine of an exited thread must
+ * never run on a later thread that gets the same id. The test makes the
+ * reuse happen in a pid namespace of its own, where it sets the next id
+ * (ns_last_pid of that namespace; the machine's own is not touched). */
+static pid_t a_tid;
+static WSAOVERLAPPED reuse_ov;
+static unsigned char reuse_buf[256];
+static SOCKET reuse_sock;
+
+static void *issue_with_routine_and_exit(void *arg)
+{
+	(void)arg;
+	DWORD n;
+	a_tid = gettid();
+	rewire_wsa_set_completion_delay(500);
+	WSAIoctl(reuse_sock, QREC, NULL, 0, reuse_buf, sizeof reuse_buf, &n, &reuse_ov, completion);
+	rewire_wsa_set_completion_delay(0);
+	return NULL;
+}
+
+static void *same_tid_waits_alertably(void *arg)
+{
+	(void)arg;
+	if (gettid() != a_tid)
+		return (void *)1;
+	if (SleepEx(0, TRUE) != 0)
+		return (void *)2;
+	return NULL;
+}
+
+static int tid_reuse_child(void)
+{
+	pthread_t t;
+	void *res = (void *)9;
+	reuse_sock = WSASocket(AF_INET, SOCK_STREAM, 0, NULL, 0, WSA_FLAG_OVERLAPPED);
+	memset(&reuse_ov, 0, sizeof reuse_ov);
+	cr_calls = 0;
+	if (pthread_create(&t, NULL, issue_with_routine_and_exit, NULL) != 0)
+		return 10;
+	pthread_join(t, NULL);
+	DWORD x, fl;
+	/* the operation is over before the id is reused (aborted with its thread) */
+	BOOL done = WSAGetOverlappedResult(reuse_sock, &reuse_ov, &x, TRUE, &fl);
+	int err = done ? 0 : WSAGetLastError();
+	FILE *f = fopen("/proc/sys/kernel/ns_last_pid", "w");
+	if (!f || fprintf(f, "%d", a_tid - 1) < 0 || fclose(f) != 0)
+		return 12;
+	if (pthread_create(&t, NULL, same_tid_waits_alertably, NULL) != 0)
+		return 13;
+	pthread_join(t, &res);
+	if (res != NULL)
+		return 14 + (int)(intptr_t)res;
+	if (cr_calls != 0)
+		return 20; /* the exited thread's routine ran on the new one */
+	return err == WSA_OPERATION_ABORTED ? 0 : 11;
+}
+
+static void routine_never_runs_on_thread_reusing_id(void)
+{
+	fflush(NULL);
+	pid_t p1 = fork();
+	if (p1 == 0) {
+		if (unshare(CLONE_NEWPID) != 0)
+			_exit(3);
+		pid_t p2 = fork(); /* pid 1 of the new namespace */
+		if (p2 == 0)
+			_exit(tid_reuse_child());
+		int st = -1;
+		if (p2 < 0 || waitpid(p2, &st, 0) != p2)
+			_exit(4);
+		_exit(WIFEXITED(st) ? WEXITSTATUS(st) : 5);
+	}
+	int status = -1;
+	for (int i = 0; i < 400; i++) { /* 20 s */
+		if (waitpid(p1, &status, WNOHANG) == p1)
+			break;
+		usleep(50000);
+		if (i == 399) {
+			kill(p1, SIGKILL);
+			waitpid(p1, &status, 0);
+		}
+	}
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		fprintf(stderr, "    child status %d (exit %d)\n", status, WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 int main(int argc, char **argv)
 {
 	alarm(120); /* the whole suite is bounded */
@@ -1071,6 +1831,19 @@ int main(int argc, char **argv)
 	RUN(events_and_waits);
 	RUN(closesocket_and_overlapped_mark_need_a_socket);
 	RUN(wspioctl_reports_through_lperrno);
+	RUN(closed_number_reused_starts_fresh);
+	RUN(pending_operation_of_closed_socket_is_aborted);
+	RUN(fork_child_runs_its_own_operations);
+	RUN(exited_thread_operations_are_aborted);
+	RUN(sio_flush_aborts_pending_and_socket_stays_usable);
+	RUN(cancel_io_aborts_pending_operations);
+	RUN(control_code_values);
+	RUN(unserved_windows_codes_are_eopnotsupp);
+	RUN(malformed_blob_is_einval_on_any_socket);
+	RUN(listening_socket_is_einval);
+	RUN(sockets_are_overlapped_by_default);
+	RUN(completion_routine_ignored_on_non_overlapped_socket);
+	RUN(unreadable_thread_id_is_efault);
 
 	if (managed) {
 		as_service(1);
@@ -1091,6 +1864,11 @@ int main(int argc, char **argv)
 		RUN(overlapped_query_completes_through_event);
 		RUN(overlapped_context_query_runs_completion_routine);
 		RUN(overlapped_failure_in_kernel_completes_with_error);
+		RUN(closed_socket_query_never_reads_another_flow);
+		RUN(closed_socket_set_never_marks_another_socket);
+		RUN(sio_flush_on_redirected_socket_keeps_it_usable);
+		RUN(raw_and_listening_sockets_are_einval);
+		RUN(routine_never_runs_on_thread_reusing_id);
 	}
 	printf("# %d failed\n", failures);
 	return failures ? 1 : 0;
