@@ -44,8 +44,8 @@
  *  - WSAEINPROGRESS and WSAEINTR exist for source compatibility; the calls
  *    never block, so they are not returned in practice.
  *
- * Pointer arguments are probed with process_vm_readv/process_vm_writev on
- * the calling process, never dereferenced: a NULL pointer where data is
+ * Pointer arguments are copied by the kernel (read(2)/write(2) through a
+ * private pipe), never dereferenced: a NULL pointer where data is
  * needed, or a range not wholly inside valid (readable; for outputs,
  * writable) memory, fails with WSAEFAULT instead of crashing.
  */

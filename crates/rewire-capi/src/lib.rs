@@ -7,9 +7,8 @@
 //!
 //! Every call is built on [`rewire::raw_query`] / [`rewire::raw_set`] and
 //! reports errors as [`rewire::Error::wsa_code`]. Pointer arguments are
-//! never dereferenced directly: they are read and written with
-//! `process_vm_readv`/`process_vm_writev` on the calling process, so a bad
-//! pointer yields `WSAEFAULT` instead of a crash.
+//! never dereferenced directly: the kernel copies them (through a pipe, see
+//! `vm_io`), so a bad pointer yields `WSAEFAULT` instead of a crash.
 //!
 //! Overlapped operations run on one library-owned worker thread; their
 //! completion is reported in the caller's `WSAOVERLAPPED` (`Internal`,
@@ -248,6 +247,60 @@ const _: () = assert!(OV_SIZE == 32 && OV_INTERNAL == 0 && OV_INTERNAL_HIGH == 8
 // ---------------------------------------------------------------------------
 // Safe access to caller memory.
 
+// Caller memory is copied by the kernel through a pipe of this thread:
+// write(2) from a caller address reads it, read(2) to a caller address
+// writes it, and either fails with EFAULT (or stops short) instead of
+// crashing when the range is not valid memory. process_vm_readv/writev
+// would do the same, but rewire run/exec refuse process_vm_writev to the
+// commands they start (seccomp, crates/rewire-control/src/confine.rs).
+
+/// Bytes moved through the pipe at a time (well below its 64 KiB capacity).
+const PIPE_CHUNK: usize = 16 * 1024;
+
+/// This thread's pipe (read end, write end), non-blocking, above the low descriptor numbers.
+struct CopyPipe(OwnedFd, OwnedFd);
+
+thread_local! {
+    static COPY_PIPE: RefCell<Option<CopyPipe>> = const { RefCell::new(None) };
+}
+
+fn copy_pipe() -> Option<CopyPipe> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: fds is a valid out-array of two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return None;
+    }
+    // SAFETY: both are fresh descriptors owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Move them up so the caller's next socket() still gets the number it expects.
+    Some(CopyPipe(dup_private(r.as_raw_fd()).unwrap_or(r), dup_private(w.as_raw_fd()).unwrap_or(w)))
+}
+
+/// Moves `len` bytes from `src` to `dst` through the pipe; false unless all arrived.
+fn pipe_copy(p: &CopyPipe, src: usize, dst: usize, len: usize) -> bool {
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(PIPE_CHUNK);
+        // SAFETY: the kernel copies from src (reporting EFAULT, never crashing); the pipe is ours and empty.
+        let w = unsafe { libc::write(p.1.as_raw_fd(), (src + off) as *const c_void, n) };
+        let got = if w > 0 {
+            // SAFETY: as above, the kernel copies into dst.
+            unsafe { libc::read(p.0.as_raw_fd(), (dst + off) as *mut c_void, w as usize) }
+        } else {
+            -1
+        };
+        if w != n as isize || got != w {
+            // Leave the pipe empty for the next copy.
+            let mut scratch = [0u8; 4096];
+            // SAFETY: reading into our own buffer.
+            while unsafe { libc::read(p.0.as_raw_fd(), scratch.as_mut_ptr().cast(), scratch.len()) } > 0 {}
+            return false;
+        }
+        off += n;
+    }
+    true
+}
+
 fn vm_io(addr: usize, local: *mut u8, len: usize, write: bool) -> bool {
     if len == 0 {
         return true;
@@ -255,18 +308,19 @@ fn vm_io(addr: usize, local: *mut u8, len: usize, write: bool) -> bool {
     if addr == 0 || addr.checked_add(len).is_none() {
         return false;
     }
-    let l = libc::iovec { iov_base: local.cast(), iov_len: len };
-    let r = libc::iovec { iov_base: addr as *mut c_void, iov_len: len };
-    // SAFETY: the local iovec is our own buffer; the remote one is only
-    // touched by the kernel, which reports faults instead of crashing.
-    let n = unsafe {
-        if write {
-            libc::process_vm_writev(libc::getpid(), &l, 1, &r, 1, 0)
-        } else {
-            libc::process_vm_readv(libc::getpid(), &l, 1, &r, 1, 0)
+    let (src, dst) = if write { (local as usize, addr) } else { (addr, local as usize) };
+    let done = COPY_PIPE.try_with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = copy_pipe();
         }
-    };
-    n == len as isize
+        slot.as_ref().map(|p| pipe_copy(p, src, dst, len))
+    });
+    match done {
+        Ok(Some(ok)) => ok,
+        // No pipe (descriptor limit, or the thread is exiting): a private one for this copy.
+        _ => copy_pipe().is_some_and(|p| pipe_copy(&p, src, dst, len)),
+    }
 }
 
 /// Copies `out.len()` bytes from caller address `addr`; false if not all readable.
@@ -600,6 +654,8 @@ extern "C" fn at_fork_parent() {
 
 extern "C" fn at_fork_child() {
     let Some(mut g) = FORK_GUARD.with(|f| f.borrow_mut().take()) else { return };
+    // The copy pipe is shared with the parent: the child needs its own.
+    let _ = COPY_PIPE.try_with(|p| p.borrow_mut().take());
     let me = this_thread_if_known();
     g.worker_pid = None;
     g.apcs.clear();

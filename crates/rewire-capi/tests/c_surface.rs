@@ -160,12 +160,14 @@ fn listening(port: u16) -> bool {
 }
 
 fn wait_listening(ports: &[u16], child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Generous: `rewire run` loads and verifies every program first, which
+    // takes long on a loaded machine (another `rewire run` in parallel).
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !ports.iter().all(|&p| listening(p)) {
         if let Some(s) = child.try_wait().unwrap() {
             panic!("rewire run exited early: {s}");
         }
-        assert!(Instant::now() < deadline, "services did not listen on {ports:?} within 20 s");
+        assert!(Instant::now() < deadline, "services did not listen on {ports:?} within 60 s");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -212,7 +214,7 @@ fn conformance_on_the_kernel_hooks() {
     std::fs::write(
         &config,
         format!(
-            "cgroup = \"rewire-capi\"\n\
+            "cgroup = \"rewire-capi-conformance\"\n\
              [[service]]\nname = \"conformance\"\nlisten = [\"127.0.0.1:{svc}\", \"[::1]:{svc}\"]\n\
              match = {{ dst = [\"127.0.0.0/8\", \"::1/128\"], ports = {dst}, protocol = \"any\" }}\n"
         ),
@@ -279,7 +281,7 @@ fn c_example_proxy_chains_with_rewire_proxy() {
     std::fs::write(
         &config,
         format!(
-            "cgroup = \"rewire-capi\"\n\
+            "cgroup = \"rewire-capi-chain\"\n\
              [[service]]\nname = \"cexample\"\nlisten = [\"127.0.0.1:{pa}\", \"[::1]:{pa}\"]\n\
              match = {{ dst = [\"127.0.0.0/8\"], ports = {port} }}\n\
              [[service]]\nname = \"audit\"\nlisten = [\"127.0.0.1:{pb}\", \"[::1]:{pb}\"]\n\
