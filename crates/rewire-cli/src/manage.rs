@@ -102,6 +102,9 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
     let cfg = prepare(config)?;
     drop_inherited_inet_sockets();
     let name = format!("{}-run-{}", cfg.cgroup, std::process::id());
+    if let Some(at) = rewire_control::guard::configured(&cfg)? {
+        rewire_control::guard::check_place(&at, &rewire_control::cgroup::cgroup2_mount()?.join(&name))?;
+    }
     let mut cgroup = ManagedCgroup::create(&name)?;
     let mut hooks = Hooks::attach(&cfg, cgroup.path())?;
     let _guard = match rewire_control::guard::configured(&cfg)? {
@@ -179,6 +182,9 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     let lock = DaemonLock::acquire(&cfg)?;
     let dir = pin_dir(&cfg);
     let cg_path = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    if let Some(at) = rewire_control::guard::configured(&cfg)? {
+        rewire_control::guard::check_place(&at, &cg_path)?;
+    }
     let adopting = adoptable(&dir, &cg_path);
     let mut cgroup = if adopting {
         ManagedCgroup::existing(&cfg.cgroup)?

@@ -295,6 +295,20 @@ pub fn configured(cfg: &crate::Config) -> Result<Option<PathBuf>, GuardError> {
     Ok(Some(root.join(g.get_ref().trim_start_matches('/'))))
 }
 
+/// Checks, before the subtree exists, that `at` (from [`configured`]) is
+/// an existing cgroup above `subtree` (a path under the cgroup2 mount), so
+/// nothing is attached when the guard could not be.
+pub fn check_place(at: &Path, subtree: &Path) -> Result<(), GuardError> {
+    let err = || GuardError::NotAncestor { guard: at.into(), subtree: subtree.into() };
+    let at_c = fs::canonicalize(at).map_err(|_| err())?;
+    let parent = subtree.parent().and_then(|p| fs::canonicalize(p).ok()).ok_or_else(err)?;
+    if parent.starts_with(&at_c) && at_c.join("cgroup.procs").exists() {
+        Ok(())
+    } else {
+        Err(err())
+    }
+}
+
 /// The line said at start when no guard is configured.
 pub const UNGUARDED: &str = "no `guard` configured: a process in the subtree that gets a socket made outside it \
      (SCM_RIGHTS, or pidfd_getfd/ptrace from a process rewire did not start) connects and sends past the rules; \
