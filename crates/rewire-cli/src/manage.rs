@@ -5,6 +5,10 @@
 //! The daemon's hooks are pinned (rewire_control::persist) and outlive it:
 //! SIGTERM/SIGINT/SIGKILL stop the daemon, not the enforcement; a new
 //! daemon adopts what the previous one left; `rewire down` removes it all.
+//! While it runs, the daemon also holds its own descriptors of the links
+//! and puts back pins that disappear, so removing them detaches nothing;
+//! a cgroup it made carries a mark, so a restart after pins were lost
+//! attaches to it again.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -186,7 +190,8 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         rewire_control::guard::check_place(&at, &cg_path)?;
     }
     let adopting = adoptable(&dir, &cg_path);
-    let mut cgroup = if adopting {
+    let reattaching = !adopting && hooks_lost(&dir, &cg_path)?;
+    let mut cgroup = if adopting || reattaching {
         ManagedCgroup::existing(&cfg.cgroup)?
     } else {
         if dir.exists() && !cg_path.exists() {
@@ -213,6 +218,18 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         }
     };
     cgroup.keep();
+    // Marks the cgroup as this daemon's (also one adopted from a build that
+    // did not mark), so a restart after lost pins may attach to it again.
+    if let Err(e) = rewire_control::cgroup::mark_owned(cgroup.path(), &dir) {
+        tracing::warn!("{e}: if the pins in {} are lost while no daemon runs, a restart will need `rewire down` first", dir.display());
+    }
+    if reattaching {
+        tracing::warn!(
+            "cgroup {} is rewire's own (marked when a daemon made it) but its hooks were gone: their pins were removed \
+             while no daemon held them, and processes inside ran without hooks until now; attached them again",
+            cgroup.path().display()
+        );
+    }
     tracing::info!("{outcome}");
     match rewire_control::guard::configured(&cfg)? {
         Some(at) => tracing::info!("{}", Guard::persistent(cgroup.path(), &dir, &at)?),
@@ -246,6 +263,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         let mut cur = cfg.clone();
         let mut cur_path = abs_config.clone();
         let mut tick = tokio::time::interval((cur.udp_idle() / 2).max(Duration::from_millis(50)));
+        let mut pins_tick = tokio::time::interval(PINS_CHECK);
         let sig = loop {
             tokio::select! {
                 _ = sigint.recv() => break "SIGINT",
@@ -273,6 +291,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                     }
                 }
                 _ = tick.tick() => expire_once(&mut hooks, cur.udp_idle()),
+                _ = pins_tick.tick() => restore_pins(&hooks, &dir),
             }
         };
         if let Some(p) = printer {
@@ -283,7 +302,21 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     drop(rt);
     let (sig, cur_path) = r?;
     status.remove();
+    // What outlives the daemon is what is pinned: put back what is missing,
+    // then say what the kernel says.
+    restore_pins(&hooks, &dir);
+    let pinned = persist::check_attached(&dir, cgroup.path());
     drop(lock);
+    if let Err(e) = pinned {
+        tracing::error!(
+            "{sig}: daemon stopped, but its hooks are not all pinned ({e}): they detach as it exits, and the {} \
+             process(es) inside {} are no longer redirected. `rewire daemon --config {}` attaches them again",
+            cgroup.pids().len(),
+            cgroup.path().display(),
+            cur_path.display()
+        );
+        bail!("the hooks of cgroup `{}` do not outlive this daemon: {e}", cfg.cgroup);
+    }
     tracing::info!(
         "{sig}: daemon stopped; the hooks stay attached and enforcing on {} ({} process(es) inside keep running). \
          `rewire daemon --config {}` takes over again; `rewire down --config {}` removes hooks, pins and cgroup",
@@ -293,6 +326,52 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         cur_path.display()
     );
     Ok(())
+}
+
+/// How often the daemon checks that its pins are still there.
+const PINS_CHECK: Duration = Duration::from_secs(1);
+
+/// Puts back pins a root process removed (`rm -r <bpffs>/<cgroup>`): the
+/// daemon's own references kept the hooks attached meanwhile, but without
+/// pins they would detach when it exits. Says so when it did.
+fn restore_pins(hooks: &Hooks, dir: &Path) {
+    match hooks.restore_pins() {
+        Ok(r) if r.is_empty() => {}
+        Ok(r) => tracing::warn!(
+            "pins under {} were removed ({} link(s), {} map(s)); pinned them again from the daemon's own references \
+             (the hooks stayed attached meanwhile)",
+            dir.display(),
+            r.links.len(),
+            r.maps.len()
+        ),
+        Err(e) => tracing::error!(
+            "pins under {} were removed and cannot be restored ({e}): the hooks stay attached while this daemon runs \
+             and detach when it exits",
+            dir.display()
+        ),
+    }
+}
+
+/// Whether `cg` is a cgroup a daemon of this pin directory made (its
+/// [`rewire_control::cgroup::OWNER_XATTR`] mark) whose hooks are gone: no
+/// link of ours is attached (pins lost while no daemon held them), and no
+/// program of anybody else is attached either. Such a cgroup is attached to
+/// again; a marked cgroup with programs attached that are not pinned here
+/// is refused (something else holds hooks there).
+fn hooks_lost(dir: &Path, cg: &Path) -> Result<bool> {
+    if !cg.exists() || rewire_control::cgroup::owner_mark(cg).as_deref() != Some(dir) {
+        return Ok(false);
+    }
+    let n = persist::attached_programs(cg)?;
+    if n > 0 {
+        bail!(
+            "cgroup {} is rewire's, but {n} program(s) are attached to it that are not pinned in {}; \
+             `rewire down --config FILE` removes the cgroup and everything attached to it",
+            cg.display(),
+            dir.display()
+        );
+    }
+    Ok(true)
 }
 
 /// Whether `dir` holds pins of a previous daemon whose links are attached

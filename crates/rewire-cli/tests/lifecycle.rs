@@ -482,6 +482,72 @@ fn five_upgrades_replace_the_programs_in_place() {
     });
 }
 
+/// Waits (at most 10 s) until every hook of `life` is pinned and attached again.
+fn wait_pinned(life: &Life) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if rewire_control::persist::check_attached(&life.pins(), &life.cg).is_ok() && life.pins().join("rw_conf").exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Root removes the daemon's pin directory (`rm -r <bpffs>/<cgroup>`) five
+/// times under a stream of connects: the daemon's own references keep
+/// the hooks attached (no connect escapes), it pins everything again and
+/// says so; SIGTERM then says the hooks stay enforcing, and they do.
+#[test]
+fn pins_removed_under_a_running_daemon_are_restored() {
+    stream_under("pin removal", "", |life, i| {
+        std::fs::remove_dir_all(life.pins()).unwrap();
+        assert!(wait_pinned(life), "removal {i}: the daemon did not pin its hooks again");
+        let log = std::fs::read_to_string(life.dir.join(format!("daemon-{}.log", life.daemon_runs))).unwrap();
+        let n = log.matches("pinned them again from the daemon's own references").count();
+        assert_eq!(n, i + 1, "removal {i}: the daemon's log:\n{log}");
+    });
+}
+
+/// The pins are removed and the daemon dies before it can put them back
+/// (stopped, then SIGKILL): the hooks are gone, the cgroup is left. A new
+/// daemon attaches to that cgroup again (it is rewire's own: the daemon
+/// marked it when it made it) instead of refusing, says so, and flows are
+/// redirected again. SIGTERM of a daemon whose pins are intact says the
+/// hooks stay, and they do.
+#[test]
+fn restart_after_lost_pins_attaches_again() {
+    use nix::sys::signal::{kill, Signal};
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    life.start_daemon(&[]);
+    let pid = nix::unistd::Pid::from_raw(life.daemon.as_ref().unwrap().id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    std::fs::remove_dir_all(life.pins()).unwrap();
+    life.signal_daemon(Signal::SIGKILL);
+    assert!(life.cg.exists(), "the cgroup is left");
+    assert_eq!(rewire_control::persist::attached_programs(&life.cg).unwrap(), 0, "the hooks went with the pins");
+
+    let text = life.start_daemon(&[]);
+    assert!(text.contains("attached them again"), "{text}");
+    assert!(wait_pinned(&life));
+    // Listeners bound before lost their mark with the maps: the proxy starts after.
+    let log = life.proxy("audit", listen);
+    life.exec_probe(server.addr);
+    assert_eq!(read_log(&log, 1)[0]["chain"], json!(["audit"]));
+
+    // A cgroup rewire did not make is still refused (refused_daemon_start_leaves_the_pins_alone);
+    // a daemon that stops with its pins in place says the hooks stay, and they do.
+    let st = life.signal_daemon(Signal::SIGTERM);
+    assert!(st.success());
+    let text = std::fs::read_to_string(life.dir.join(format!("daemon-{}.log", life.daemon_runs))).unwrap();
+    assert!(text.contains("the hooks stay attached and enforcing"), "{text}");
+    life.exec_probe(server.addr);
+    assert_eq!(read_log(&log, 2).len(), 2);
+}
+
 #[test]
 fn after_kill9_exec_still_redirects_and_down_removes_everything() {
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);

@@ -20,6 +20,7 @@ const BPF_OBJ_GET: u32 = 7;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_MAP_GET_FD_BY_ID: u32 = 14;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_PROG_QUERY: u32 = 16;
 const BPF_LINK_CREATE: u32 = 28;
 const BPF_LINK_UPDATE: u32 = 29;
 const BPF_LINK_DETACH: u32 = 34;
@@ -93,6 +94,16 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
 /// Detaches a link now, whoever else holds it (`BPF_LINK_DETACH`).
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     sys_bpf(BPF_LINK_DETACH, Attr::new().u32(0, link.as_raw_fd() as u32)).map(drop)
+}
+
+/// How many programs are attached directly to a cgroup at one attach
+/// type (`BPF_PROG_QUERY` without `BPF_F_QUERY_EFFECTIVE`: links and
+/// legacy attachments of this cgroup, not those inherited from ancestors).
+pub fn prog_query_count(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<u32> {
+    let mut a = Attr::new();
+    a.u32(0, cgroup.as_raw_fd() as u32).u32(4, attach_type);
+    sys_bpf(BPF_PROG_QUERY, &mut a)?;
+    Ok(rd32(&a.0, 24)) // prog_cnt
 }
 
 fn info_by_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {

@@ -73,6 +73,40 @@ pub fn cgroup_of(pid: u32) -> Result<PathBuf, CgroupError> {
     Ok(cgroup2_mount()?.join(rel.trim_start_matches('/')))
 }
 
+/// The extended attribute a daemon leaves on the cgroup it created (and on
+/// one it adopted): `trusted.*`, which only `CAP_SYS_ADMIN` can set or read,
+/// on the cgroup itself, so it goes with the cgroup. Its value is the pin
+/// directory of the daemon that owns it.
+pub const OWNER_XATTR: &str = "trusted.rewire.pins";
+
+/// Marks `cgroup` as rewire's own, served with pins in `pins`.
+pub fn mark_owned(cgroup: &Path, pins: &Path) -> Result<(), CgroupError> {
+    let p = std::ffi::CString::new(cgroup.as_os_str().as_encoded_bytes()).map_err(|e| io_err("setxattr", cgroup)(io::Error::other(e)))?;
+    let n = std::ffi::CString::new(OWNER_XATTR).unwrap();
+    let v = pins.as_os_str().as_encoded_bytes();
+    // SAFETY: NUL-terminated path and name, a value buffer of its length.
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    if r != 0 {
+        return Err(io_err("setxattr", cgroup)(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The pin directory `cgroup` was marked with by [`mark_owned`], if any.
+pub fn owner_mark(cgroup: &Path) -> Option<PathBuf> {
+    let p = std::ffi::CString::new(cgroup.as_os_str().as_encoded_bytes()).ok()?;
+    let n = std::ffi::CString::new(OWNER_XATTR).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: NUL-terminated path and name, a writable buffer of its length.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return None;
+    }
+    buf.truncate(r as usize);
+    use std::os::unix::ffi::OsStringExt;
+    Some(PathBuf::from(std::ffi::OsString::from_vec(buf)))
+}
+
 /// A cgroup subtree created (and removed) by rewire.
 #[derive(Debug)]
 pub struct ManagedCgroup {

@@ -292,6 +292,11 @@ pub struct ProgramStats {
 pub struct Hooks {
     pub(crate) bpf: Ebpf,
     pub(crate) cgroup: PathBuf,
+    /// Persistent hooks: this process's own references to the pinned links
+    /// (so removing a pin does not detach a hook while it runs) and their
+    /// pin directory. Empty for [`Hooks::attach`] (aya owns those links).
+    pub(crate) held: Vec<(&'static str, std::os::fd::OwnedFd)>,
+    pub(crate) pins: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -356,7 +361,7 @@ impl Hooks {
                 }
             }
         }
-        Ok(Self { bpf, cgroup: subtree.into() })
+        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], pins: None })
     }
 
     /// Descriptors of `rw_counters` and `rw_events`, for the guard that

@@ -114,6 +114,38 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// What [`Hooks::restore_pins`] put back.
+#[derive(Clone, Debug, Default)]
+pub struct Restored {
+    /// Links pinned again (program names).
+    pub links: Vec<String>,
+    /// Maps pinned again.
+    pub maps: Vec<String>,
+}
+
+impl Restored {
+    /// Nothing was missing.
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty() && self.maps.is_empty()
+    }
+}
+
+/// How many programs are attached directly to the cgroup at `cgroup` at
+/// any attach type rewire uses (links or legacy attachments, whoever made
+/// them). A cgroup rewire marked as its own but whose pins are gone may be
+/// attached again only when this is 0: nothing else holds hooks there.
+pub fn attached_programs(cgroup: &Path) -> Result<u32, HooksError> {
+    let cg = File::open(cgroup).map_err(|source| HooksError::Io { path: cgroup.into(), source })?;
+    let mut types: Vec<u32> = rewire_bpf::PROGRAMS.iter().filter_map(|&(_, s)| bpfsys::cgroup_attach_type(s)).collect();
+    types.sort_unstable();
+    types.dedup();
+    let mut n = 0;
+    for t in types {
+        n += bpfsys::prog_query_count(cg.as_fd(), t).map_err(sys(format!("querying the programs on {}", cgroup.display())))?;
+    }
+    Ok(n)
+}
+
 /// Why the hooks of a subtree are not (all) attached.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkCheckError {
@@ -311,11 +343,50 @@ impl Hooks {
         if !replace_programs && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id, &wanted)? {
             let _ = fs::remove_dir_all(stage_dir(dir));
             let outcome = Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, ..Default::default() };
-            return Ok((Self { bpf, cgroup: subtree.into() }, outcome));
+            let mut held = vec![];
+            for &(name, _) in &wanted {
+                let path = links.join(name);
+                held.push((name, bpfsys::obj_get(&path).map_err(sys(format!("opening {}", path.display())))?));
+            }
+            return Ok((Self { bpf, cgroup: subtree.into(), held, pins: Some(dir.into()) }, outcome));
         }
-        switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
+        let held = switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
         publish(dir)?;
-        Ok((Self { bpf, cgroup: subtree.into() }, outcome))
+        Ok((Self { bpf, cgroup: subtree.into(), held, pins: Some(dir.into()) }, outcome))
+    }
+
+    /// Puts back what is missing of the pins under the pin directory of
+    /// hooks made by [`Hooks::persistent`] (a root process removed them,
+    /// e.g. `rm -r <bpffs>/<cgroup>`): the links from this process's own
+    /// references, the maps from the live generation. While this process
+    /// runs, its references keep the hooks attached; without the pins they
+    /// would detach when it exits.
+    pub fn restore_pins(&self) -> Result<Restored, HooksError> {
+        let mut r = Restored::default();
+        let Some(dir) = &self.pins else { return Ok(r) };
+        let links = links_dir(dir);
+        let maps = || self.bpf.maps().filter(|(name, _)| !name.starts_with('.'));
+        let missing = self.held.iter().any(|(name, _)| !links.join(name).exists())
+            || maps().any(|(name, _)| !dir.join(name).exists());
+        if !missing {
+            return Ok(r);
+        }
+        fs::create_dir_all(&links).map_err(|e| HooksError::Pin { path: links.clone(), message: e.to_string() })?;
+        for (name, fd) in &self.held {
+            let path = links.join(name);
+            if !path.exists() {
+                bpfsys::obj_pin(fd.as_fd(), &path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
+                r.links.push(name.to_string());
+            }
+        }
+        for (name, map) in maps() {
+            let path = dir.join(name);
+            if !path.exists() {
+                map.pin(&path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
+                r.maps.push(name.to_string());
+            }
+        }
+        Ok(r)
     }
 
     /// Applies a new configuration to hooks made by [`Hooks::persistent`]:
@@ -325,9 +396,11 @@ impl Hooks {
         let mut outcome = Outcome::default();
         let bpf = load_generation(config, &self.cgroup, dir, &mut outcome)?;
         let cg_id = crate::cgroup::cgroup_id(&self.cgroup).map_err(|e| HooksError::Config(e.to_string()))?;
-        switch(&bpf, &self.cgroup, cg_id, dir, &crate::hooks::programs_for(config), &mut outcome)?;
+        let held = switch(&bpf, &self.cgroup, cg_id, dir, &crate::hooks::programs_for(config), &mut outcome)?;
         publish(dir)?;
         self.bpf = bpf;
+        self.held = held;
+        self.pins = Some(dir.into());
         Ok(outcome)
     }
 }
@@ -475,6 +548,7 @@ fn same_as_live(
 /// Puts a loaded generation live: every program's pinned link is updated
 /// in place (atomic per hook), programs without one get a new pinned
 /// link, and links of programs this build no longer has are detached.
+/// Returns a reference to each live link.
 fn switch(
     bpf: &Ebpf,
     subtree: &Path,
@@ -482,9 +556,10 @@ fn switch(
     dir: &Path,
     wanted: &[(&'static str, &'static str)],
     outcome: &mut Outcome,
-) -> Result<(), HooksError> {
+) -> Result<Vec<(&'static str, OwnedFd)>, HooksError> {
     let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;
     let links = links_dir(dir);
+    let mut held = vec![];
     for &(name, section) in wanted {
         let prog = prog_fd(bpf, name)?;
         let path = links.join(name);
@@ -494,6 +569,7 @@ fn switch(
                 if info.attached_to(cg_id) {
                     bpfsys::link_update(link.as_fd(), prog).map_err(sys(format!("updating link {name}")))?;
                     outcome.replaced.push(name.to_string());
+                    held.push((name, link));
                     continue;
                 }
                 // Detached (or elsewhere): replace it with a new link.
@@ -509,6 +585,7 @@ fn switch(
             bpfsys::link_create(prog, cg.as_fd(), attach_type).map_err(sys(format!("attaching {name}")))?;
         bpfsys::obj_pin(link.as_fd(), &path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
         outcome.attached.push(name.to_string());
+        held.push((name, link));
     }
     if let Ok(rd) = fs::read_dir(&links) {
         for e in rd.flatten() {
@@ -522,7 +599,7 @@ fn switch(
             }
         }
     }
-    Ok(())
+    Ok(held)
 }
 
 /// Makes the staged maps of the generation now live the pinned ones
