@@ -242,6 +242,8 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     }
     let lsm = rewire_control::guard::lsm_persistent(cgroup.path(), &dir);
     tracing::info!("{}", lsm.describe());
+    // The guard's and the LSM part's links are held and restored like the hooks' own.
+    hooks.hold_guard_links()?;
     tracing::info!(
         "serving {} service(s) on cgroup {} (hooks and maps pinned in {}); `rewire exec --config {}` runs commands inside",
         cfg.services.len(),
@@ -297,15 +299,15 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         if let Some(p) = printer {
             p.stop().await;
         }
-        anyhow::Ok((sig, cur_path))
+        anyhow::Ok((sig, cur_path, cur))
     });
     drop(rt);
-    let (sig, cur_path) = r?;
+    let (sig, cur_path, cur) = r?;
     status.remove();
     // What outlives the daemon is what is pinned: put back what is missing,
     // then say what the kernel says.
     restore_pins(&hooks, &dir);
-    let pinned = persist::check_attached(&dir, cgroup.path());
+    let pinned = persist::check_attached(&dir, cgroup.path()).map_err(|e| e.to_string()).and_then(|()| guard_pinned(&cur, &dir));
     drop(lock);
     if let Err(e) = pinned {
         tracing::error!(
@@ -326,6 +328,16 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         cur_path.display()
     );
     Ok(())
+}
+
+/// Whether the configured borrowed-socket guard (if any) has every link
+/// pinned and attached at its cgroup.
+fn guard_pinned(cfg: &Config, dir: &Path) -> std::result::Result<(), String> {
+    let Ok(Some(at)) = rewire_control::guard::configured(cfg) else { return Ok(()) };
+    match rewire_control::guard::pinned_at(dir, &at) {
+        (n, all) if n < all => Err(format!("{n} of the borrowed-socket guard's {all} links are pinned and attached at {}", at.display())),
+        _ => Ok(()),
+    }
 }
 
 /// How often the daemon checks that its pins are still there.

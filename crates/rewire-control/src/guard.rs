@@ -486,3 +486,12 @@ pub fn remove_pinned_lsm(dir: &Path) -> Result<usize, GuardError> {
 pub fn lsm_pinned(dir: &Path) -> bool {
     fs::read_dir(dir.join("lsm")).is_ok_and(|mut rd| rd.next().is_some())
 }
+
+/// How many of the guard's programs have a pinned link in `dir` attached
+/// at `at`, and how many it has (the daemon's check before it says the
+/// guard stays).
+pub fn pinned_at(dir: &Path, at: &Path) -> (usize, usize) {
+    let id = crate::cgroup::cgroup_id(at).unwrap_or(0);
+    let n = pinned_status(dir).iter().filter(|&&(_, cg)| id != 0 && cg == id).count();
+    (n, rewire_bpf::GUARD_PROGRAMS.len())
+}

@@ -296,6 +296,9 @@ pub struct Hooks {
     /// (so removing a pin does not detach a hook while it runs) and their
     /// pin directory. Empty for [`Hooks::attach`] (aya owns those links).
     pub(crate) held: Vec<(&'static str, std::os::fd::OwnedFd)>,
+    /// The same for the guard's and the LSM part's links (`guard/<program>`,
+    /// `lsm/<program>` under the pin directory).
+    pub(crate) held_guard: Vec<(String, std::os::fd::OwnedFd)>,
     pub(crate) pins: Option<PathBuf>,
 }
 
@@ -361,7 +364,7 @@ impl Hooks {
                 }
             }
         }
-        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], pins: None })
+        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], held_guard: vec![], pins: None })
     }
 
     /// Descriptors of `rw_counters` and `rw_events`, for the guard that

@@ -348,11 +348,29 @@ impl Hooks {
                 let path = links.join(name);
                 held.push((name, bpfsys::obj_get(&path).map_err(sys(format!("opening {}", path.display())))?));
             }
-            return Ok((Self { bpf, cgroup: subtree.into(), held, pins: Some(dir.into()) }, outcome));
+            return Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()) }, outcome));
         }
         let held = switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
         publish(dir)?;
-        Ok((Self { bpf, cgroup: subtree.into(), held, pins: Some(dir.into()) }, outcome))
+        Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()) }, outcome))
+    }
+
+    /// Holds a descriptor of each link pinned under `<pins>/guard/` (the
+    /// borrowed-socket guard, [`crate::guard::Guard::persistent`]) and
+    /// `<pins>/lsm/` (the BPF LSM part, [`crate::guard::lsm_persistent`]),
+    /// so that [`Hooks::restore_pins`] keeps and restores them as the hooks'
+    /// own. Returns how many.
+    pub fn hold_guard_links(&mut self) -> Result<usize, HooksError> {
+        self.held_guard.clear();
+        let Some(dir) = &self.pins else { return Ok(0) };
+        for sub in ["guard", "lsm"] {
+            let Ok(rd) = fs::read_dir(dir.join(sub)) else { continue };
+            for e in rd.flatten() {
+                let fd = bpfsys::obj_get(&e.path()).map_err(sys(format!("opening {}", e.path().display())))?;
+                self.held_guard.push((format!("{sub}/{}", e.file_name().to_string_lossy()), fd));
+            }
+        }
+        Ok(self.held_guard.len())
     }
 
     /// Puts back what is missing of the pins under the pin directory of
@@ -366,18 +384,23 @@ impl Hooks {
         let Some(dir) = &self.pins else { return Ok(r) };
         let links = links_dir(dir);
         let maps = || self.bpf.maps().filter(|(name, _)| !name.starts_with('.'));
-        let missing = self.held.iter().any(|(name, _)| !links.join(name).exists())
-            || maps().any(|(name, _)| !dir.join(name).exists());
+        let held = || {
+            let hooks = self.held.iter().map(|(name, fd)| (links.join(name), *name, fd));
+            hooks.chain(self.held_guard.iter().map(|(name, fd)| (dir.join(name), name.as_str(), fd)))
+        };
+        let missing = held().any(|(path, _, _)| !path.exists()) || maps().any(|(name, _)| !dir.join(name).exists());
         if !missing {
             return Ok(r);
         }
-        fs::create_dir_all(&links).map_err(|e| HooksError::Pin { path: links.clone(), message: e.to_string() })?;
-        for (name, fd) in &self.held {
-            let path = links.join(name);
-            if !path.exists() {
-                bpfsys::obj_pin(fd.as_fd(), &path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
-                r.links.push(name.to_string());
+        for (path, name, fd) in held() {
+            if path.exists() {
+                continue;
             }
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).map_err(|e| HooksError::Pin { path: parent.into(), message: e.to_string() })?;
+            }
+            bpfsys::obj_pin(fd.as_fd(), &path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
+            r.links.push(name.to_string());
         }
         for (name, map) in maps() {
             let path = dir.join(name);
