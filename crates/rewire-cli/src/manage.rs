@@ -419,6 +419,10 @@ fn reload_in_daemon(hooks: &mut Hooks, cur: &Config, path: &Path, dir: &Path) ->
             }
         }
     }
+    // Hold (and restore) the guard's links as they are now, not the old ones.
+    if let Err(e) = hooks.hold_guard_links() {
+        tracing::warn!("the guard's links are not held by the daemon: {e}; removing their pins would detach them");
+    }
     Ok((new, outcome))
 }
 
