@@ -302,6 +302,37 @@ fn socket_received_over_scm_rights_cannot_connect_or_send() {
     borrowed_sockets_are_refused(Borrow::ScmRights);
 }
 
+/// A service's processes are trusted as everywhere in rewire (root put
+/// them in `<subtree>/services/<name>`): the guard lets them use a socket
+/// made outside (systemd socket activation), so it only ever judges
+/// applications.
+#[test]
+fn a_service_keeps_sockets_it_was_given() {
+    let port = free_port();
+    let server = Server::start(std::net::SocketAddr::from(([127, 0, 0, 1], port)), Mode::Echo);
+    let echo = UdpEcho::start(server.addr);
+    let mut tree = Tree::new(&tcp_udp_rule(port), true);
+    let sync = sync_file(&tree.dir, "owner");
+    let env = vec![
+        ("RW_SYNC", sync.display().to_string()),
+        ("RW_DST", server.addr.to_string()),
+        ("RW_EXPECT", "pass".to_string()),
+    ];
+    let (outside, service) = (tree.outside.clone(), tree.sub.join("services").join("web"));
+    let o = tree.child(&outside, "child_owner", &env);
+    tree.children.push(o);
+    wait_contains(&sync, "pid ");
+    let b = tree.child(&service, "child_borrower", &env);
+    let out = child_passed(b, "child_borrower (as the service)");
+    assert!(out.contains("connect: Ok"), "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.peers().is_empty() || echo.sources().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the service's connect and send did not arrive\n{out}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(tree.counters().borrowed, 0);
+}
+
 /// The daemon's guard: pinned under `<pins>/guard/`, it holds after the
 /// process that attached it let go of everything (a daemon that exited),
 /// a restart updates the same links in place, and `rewire down`'s
@@ -360,6 +391,9 @@ fn child_owner() {
         assert!(std::time::Instant::now() < deadline, "no report from the borrower");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    if env::<String>("RW_EXPECT").as_deref() == Some("pass") {
+        return; // the borrower used it: nothing for the owner to show
+    }
     tcp.connect(&dst.into()).unwrap();
     append(&sync, &format!("owner connected from {}", tcp.local_addr().unwrap().as_socket().unwrap()));
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -411,6 +445,10 @@ fn child_borrower() {
     let refused = |e: &std::io::Error| e.raw_os_error() == Some(libc::EPERM);
     let (t, u) = (c.as_ref().err().is_some_and(refused), s.as_ref().err().is_some_and(refused));
     append(&sync, &format!("borrowed tcp={} udp={}", t as u8, u as u8));
+    if env::<String>("RW_EXPECT").as_deref() == Some("pass") {
+        assert!(c.is_ok() && s.is_ok(), "a service keeps sockets it was given: connect {c:?}, sendto {s:?}");
+        return;
+    }
     assert!(t && u, "connect {c:?} and sendto {s:?} on borrowed sockets must fail with EPERM");
 }
 
