@@ -17,6 +17,7 @@
  *                         proxy's accepted socket (keyed by the 4-tuple)
  *   cgroup/getpeername4,6 the client sees its original destination
  *   cgroup/getsockopt     RW_SOL/RW_OPT_RECORDS, RW_OPT_CONTEXT: the queries;
+ *                         RW_OPT_UDP_PEER: has a UDP flow's sender closed;
  *                         SO_ORIGINAL_DST on a redirected accepted socket, as
  *                         netfilter answers it, for unmodified proxies (and
  *                         the link of their onward connect to the flow)
@@ -134,6 +135,20 @@ struct {
 	__type(key, struct rw_tuple);
 	__type(value, struct rw_udp_handoff);
 } rw_udp_handoff SEC(".maps");
+
+/* UDP flows whose sending socket has closed (key: flow id, value: when,
+ * CLOCK_BOOTTIME): marked by cgroup/sock_release, read by the proxy's
+ * RW_OPT_UDP_PEER query on its flow socket, so a proxy ends the flow at once
+ * instead of keeping its sockets for udp_idle_ms (a user who opens and
+ * closes thousands of sockets would otherwise hold thousands of proxy
+ * descriptors and ephemeral ports). An LRU: under a flood of closes the
+ * oldest marks go first, and their flows end by idleness as before. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u64);
+} rw_udp_gone SEC(".maps");
 
 /* Service listen addresses (port in network order) -> service id. */
 struct {
@@ -1560,6 +1575,16 @@ int rw_recvmsg6(struct bpf_sock_addr *ctx)
  * sendmsg hook recorded: unconnected sockets only. (A connected socket's
  * port does not exist yet when its connect hook runs.) */
 
+/* The flow `flow_id` of a closing socket is over: its proxies (each hop's
+ * flow socket carries the same flow id) learn it with RW_OPT_UDP_PEER. */
+__attribute__((noinline)) int rw_udp_gone_mark(__u64 flow_id)
+{
+	__u64 now = bpf_ktime_get_boot_ns();
+
+	bpf_map_update_elem(&rw_udp_gone, &flow_id, &now, BPF_ANY);
+	return 0;
+}
+
 SEC("cgroup/sock_release")
 int rw_sock_release(struct bpf_sock *sk)
 {
@@ -1575,7 +1600,10 @@ int rw_sock_release(struct bpf_sock *sk)
 #pragma unroll
 	for (int i = 0; i < RW_UDP_SLOTS; i++) {
 		struct rw_udp_slot *sl = &u->slot[i];
-		if (sl->rec.magic != RW_MAGIC || !sl->service_id || sl->published || !sl->src.family)
+		if (sl->rec.magic != RW_MAGIC || !sl->service_id)
+			continue;
+		rw_udp_gone_mark(sl->rec.flow_id);
+		if (sl->published || !sl->src.family)
 			continue;
 		rw_udp_tuple(&key, &sl->src, &sl->target);
 		rw_udp_handoff_put(&key, sl, 0);
@@ -2122,7 +2150,7 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 		ctx->retval = -EOPNOTSUPP;
 		return 1;
 	}
-	if (ctx->optname != RW_OPT_RECORDS && ctx->optname != RW_OPT_CONTEXT) {
+	if (ctx->optname != RW_OPT_RECORDS && ctx->optname != RW_OPT_CONTEXT && ctx->optname != RW_OPT_UDP_PEER) {
 		ctx->retval = -EINVAL;
 		return 1;
 	}
@@ -2141,6 +2169,23 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 	}
 	end = ctx->optval_end;
 
+	if (ctx->optname == RW_OPT_UDP_PEER) {
+		__u32 *p = ctx->optval;
+		__u64 id = st->rec.flow_id;
+
+		if (sk->protocol != IPPROTO_UDP) {
+			ctx->retval = -EOPNOTSUPP;
+			return 1;
+		}
+		if (ctx->optlen < (int)sizeof(*p) || (void *)(p + 1) > end) {
+			ctx->retval = -ENOBUFS;
+			return 1;
+		}
+		*p = bpf_map_lookup_elem(&rw_udp_gone, &id) ? 1 : 0;
+		RW_READ(ctx->optlen) = sizeof(*p);
+		ctx->retval = 0;
+		return 1;
+	}
 	if (ctx->optname == RW_OPT_RECORDS) {
 		struct rw_records r = st->rec;
 		void *p = ctx->optval;

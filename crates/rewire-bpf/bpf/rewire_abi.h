@@ -17,6 +17,8 @@
 #define RW_SOL 0x5257 /* 'R' 'W' */
 #define RW_OPT_RECORDS 1 /* get on accepted socket; set on outbound socket */
 #define RW_OPT_CONTEXT 2 /* get on accepted socket */
+#define RW_OPT_UDP_PEER 3 /* get on a proxy's UDP flow socket: a __u32, 1 when the
+			   * flow's sending socket has closed (the flow is over) */
 /* UDP has no accept: a proxy "accepts" a flow by connecting a socket bound to
  * its service address to the datagram's source; the queries then work on that
  * connected socket exactly as on an accepted TCP socket. */

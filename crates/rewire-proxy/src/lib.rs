@@ -227,6 +227,10 @@ pub struct FlowLog {
     /// when the grace period ended). The counts are what it had relayed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cut: Option<&'static str>,
+    /// UDP: why the flow ended before it was idle for `udp_idle`:
+    /// `"client closed"` (the kernel said the application's socket closed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<&'static str>,
 }
 
 impl FlowLog {
@@ -254,6 +258,7 @@ impl FlowLog {
             ended_at: 0.0,
             error: None,
             cut: None,
+            ended: None,
         }
     }
 
@@ -397,6 +402,13 @@ impl Proxy {
             budget,
             opts,
         })
+    }
+
+    /// Live UDP flows at most: [`udp::MAX_FLOWS`], and no more than half
+    /// the descriptor budget holds, so UDP never starves TCP (whose flows
+    /// may use the whole budget).
+    pub fn udp_max_flows(&self) -> usize {
+        (self.budget.total() / 2 / limits::UDP_FLOW_FDS).clamp(1, udp::MAX_FLOWS)
     }
 
     fn tallies(&self) -> [&Tally; 7] {

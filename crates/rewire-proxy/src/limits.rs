@@ -30,7 +30,9 @@
 //!    refusals only once the backlog is full) and accepting resumes as soon
 //!    as flows end;
 //! 3. a new UDP flow that does not fit (descriptors, or
-//!    [`udp::MAX_FLOWS`](crate::udp::MAX_FLOWS) live flows) is refused: counted, reported
+//!    [`Proxy::udp_max_flows`](crate::Proxy::udp_max_flows) live flows: at
+//!    most [`udp::MAX_FLOWS`](crate::udp::MAX_FLOWS), and no more than half
+//!    the budget holds, so UDP never starves TCP) is refused: counted, reported
 //!    in a warning at most once a second, and answered with an ICMP "port
 //!    unreachable" where the proxy may send one (`CAP_NET_RAW`), so a
 //!    connected sender's next call fails with `ECONNREFUSED` instead of

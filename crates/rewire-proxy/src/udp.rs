@@ -7,9 +7,12 @@
 //! records set ([`rewire::udp::connect_onward`]: the kernel sends it to the
 //! next service or to the original destination) and forwards the datagram.
 //! Each flow then runs in its own task, datagram for datagram in both
-//! directions, until it has been idle for the configured time; then its
-//! sockets are closed (which frees the kernel's per-flow state) and one
-//! JSON line is written. Datagrams of a known source that still reach the
+//! directions, until it has been idle for the configured time, or until the
+//! kernel says the application's socket has closed (asked while the flow is
+//! quiet, [`PEER_CHECK_FIRST`] then doubling to [`PEER_CHECK_MAX`]: a user
+//! who sends from thousands of short-lived sockets must not hold the
+//! proxy's descriptors for the idle time); then its sockets are closed
+//! (which frees the kernel's per-flow state) and one JSON line is written. Datagrams of a known source that still reach the
 //! listener (sent before the flow socket existed) go the same way.
 //!
 //! At shutdown the listeners are closed and live flows get the grace
@@ -19,7 +22,8 @@
 //! A flow keeps no buffer of its own: datagrams are read into one scratch
 //! buffer per thread and sent on at once (copied only when the socket
 //! cannot take them yet). A new flow that does not fit (descriptor
-//! budget, or [`MAX_FLOWS`]) is refused visibly: counted, a warning at
+//! budget, or [`Proxy::udp_max_flows`]: UDP holds at most half the budget)
+//! is refused visibly: counted, a warning at
 //! most once a second, and an ICMP "port unreachable" to the sender where
 //! the proxy may send one (`CAP_NET_RAW`; at most [`ICMP_PER_SEC`] a
 //! second), which a connected sender sees as `ECONNREFUSED`.
@@ -46,6 +50,13 @@ const MAX_DATAGRAM: usize = 65_536;
 /// smaller); a new flow beyond it is refused (see the module doc) until
 /// flows expire, so a flood of sources cannot grow the proxy without end.
 pub const MAX_FLOWS: usize = 16_384;
+
+/// A quiet flow first asks whether its application's socket has closed
+/// after this long (see [`rewire::udp::peer_closed`]).
+pub const PEER_CHECK_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A quiet flow asks at doubling intervals, at most this far apart.
+pub const PEER_CHECK_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// ICMP errors sent to refused senders per second at most.
 pub const ICMP_PER_SEC: u32 = 10_000;
@@ -203,9 +214,10 @@ async fn serve_one(
         if flows.len() > 2 * live + 64 {
             flows.retain(|_, f| !f.is_closed());
         }
-        let grant = if live >= MAX_FLOWS { None } else { proxy.budget.try_take(UDP_FLOW_FDS) };
+        let max = proxy.udp_max_flows();
+        let grant = if live >= max { None } else { proxy.budget.try_take(UDP_FLOW_FDS) };
         let Some(grant) = grant else {
-            let why = if live >= MAX_FLOWS { "flows" } else { "descriptors" };
+            let why = if live >= max { "flows: UDP may hold half the descriptor budget" } else { "descriptors" };
             let told = shared.icmp.send(peer, local, data.len());
             proxy.udp_over_capacity.note(format_args!(
                 "from {peer} to {local}: {live} live udp flows, no room for more ({why}); {}",
@@ -372,15 +384,36 @@ async fn run_flow(
     let peer = log.peer;
     let mut deadline = tokio::time::Instant::now() + opts.udp_idle;
     let mut was_cut = false;
+    // Whether the application's socket has closed: asked while the flow is
+    // quiet from the client's side, first after PEER_CHECK_FIRST, then at
+    // doubling intervals up to PEER_CHECK_MAX (only flows with records: the
+    // kernel answers for those).
+    let ask_peer = matches!(opts.destination, Destination::Records);
+    let mut check_every = PEER_CHECK_FIRST;
+    let mut next_check = tokio::time::Instant::now() + check_every;
+    let mut peer_closed = false;
     loop {
         tokio::select! {
             Some(d) = from_listener.recv() => {
                 deadline = tokio::time::Instant::now() + opts.udp_idle;
+                (check_every, next_check) = (PEER_CHECK_FIRST, tokio::time::Instant::now() + PEER_CHECK_FIRST);
                 forward(&upstream, &counters, &d).await;
+            }
+            _ = tokio::time::sleep_until(next_check), if ask_peer => {
+                if rewire::udp::peer_closed(&client).unwrap_or(false) {
+                    peer_closed = true;
+                    break;
+                }
+                check_every = (check_every * 2).min(PEER_CHECK_MAX);
+                next_check = tokio::time::Instant::now() + check_every;
             }
             r = client.readable() => match r.map(|()| move_one(&client, &upstream, Some(peer))) {
                 Ok(Moved::Nothing) => {}
-                Ok(Moved::Sent(n)) => { deadline = tokio::time::Instant::now() + opts.udp_idle; counters.up(n); }
+                Ok(Moved::Sent(n)) => {
+                    deadline = tokio::time::Instant::now() + opts.udp_idle;
+                    (check_every, next_check) = (PEER_CHECK_FIRST, tokio::time::Instant::now() + PEER_CHECK_FIRST);
+                    counters.up(n);
+                }
                 Ok(Moved::Later(d)) => { deadline = tokio::time::Instant::now() + opts.udp_idle; forward(&upstream, &counters, &d).await; }
                 // Queued between the flow socket's bind and its connect: another flow's.
                 Ok(Moved::Stray(d, src)) => { let _ = stray.send((d, src)); }
@@ -410,7 +443,21 @@ async fn run_flow(
     while let Ok(d) = from_listener.try_recv() {
         forward(&upstream, &counters, &d).await;
     }
+    // What the client sent before it closed may still be queued: pass it on.
+    if peer_closed {
+        for _ in 0..4096 {
+            match move_one(&client, &upstream, Some(peer)) {
+                Moved::Sent(n) => counters.up(n),
+                Moved::Later(d) => forward(&upstream, &counters, &d).await,
+                Moved::Stray(d, src) => {
+                    let _ = stray.send((d, src));
+                }
+                _ => break,
+            }
+        }
+    }
     drop((client, upstream, grant));
+    log.ended = peer_closed.then_some("client closed");
     log.bytes_to_server = counters.bytes_up.load(Ordering::Relaxed);
     log.bytes_to_client = counters.bytes_down.load(Ordering::Relaxed);
     log.datagrams_to_server = Some(counters.dgrams_up.load(Ordering::Relaxed));

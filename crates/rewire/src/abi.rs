@@ -9,6 +9,8 @@
 pub const RW_SOL: libc::c_int = 0x5257;
 pub const RW_OPT_RECORDS: libc::c_int = 1;
 pub const RW_OPT_CONTEXT: libc::c_int = 2;
+/// Get on a proxy's UDP flow socket: a `u32`, 1 once the flow's sending socket has closed.
+pub const RW_OPT_UDP_PEER: libc::c_int = 3;
 pub const RW_MAGIC: u16 = 0x5752;
 pub const RW_VERSION: u8 = 1;
 pub const RW_MAX_CHAIN: usize = 16;

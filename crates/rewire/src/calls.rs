@@ -23,6 +23,7 @@ pub fn raw_query(fd: RawFd, optname: libc::c_int, buf: &mut [u8]) -> Result<usiz
     let needed = match optname {
         abi::RW_OPT_RECORDS => RedirectRecords::ENCODED_LEN,
         abi::RW_OPT_CONTEXT => std::mem::size_of::<RwContext>(),
+        abi::RW_OPT_UDP_PEER => std::mem::size_of::<u32>(),
         _ => return Err(Error::InvalidRecords),
     };
     let mut len = buf.len() as libc::socklen_t;

@@ -74,3 +74,19 @@ pub fn connect_onward(records: &RedirectRecords) -> Result<UdpSocket> {
     s.connect(&dst.into()).map_err(Error::from_io)?;
     Ok(s.into())
 }
+
+/// Whether the application socket that sent this flow has closed: asked on
+/// a proxy's flow socket (made by [`accept`], its records queried). The
+/// kernel marks a flow over when its sending socket is released
+/// (`cgroup/sock_release`); a proxy that asks now and then while a flow is
+/// idle can close the flow's sockets at once instead of after `udp_idle_ms`,
+/// so a user who sends from thousands of short-lived sockets holds no
+/// descriptors of the proxy's for long. `false` is also the answer when the
+/// kernel no longer remembers (the mark is kept in an LRU table of 65,536
+/// entries): such a flow ends by idleness, as before.
+pub fn peer_closed(flow_socket: &impl std::os::fd::AsFd) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 4];
+    let n = crate::calls::raw_query(flow_socket.as_fd().as_raw_fd(), crate::abi::RW_OPT_UDP_PEER, &mut buf)?;
+    Ok(n == 4 && u32::from_ne_bytes(buf) == 1)
+}
