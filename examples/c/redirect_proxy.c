@@ -19,7 +19,7 @@
  *            './redirect_proxy 127.0.0.1:15001 [::1]:15001 & exec my-app'
  * (the listen addresses are the service's `listen` in the config).
  *
- * Usage: redirect_proxy [--name NAME] ADDR:PORT... ; one line per flow on stderr.
+ * Usage: redirect_proxy [--name NAME] [--sockaddr-context] ADDR:PORT... ; one line per flow on stderr.
  */
 #define _GNU_SOURCE
 #include <rewire/wsa.h>
@@ -41,6 +41,27 @@
 #define IDLE_TIMEOUT_MS 120000
 
 static const char *name = "cexample";
+/* --sockaddr-context: read the context in the layout of Microsoft's sample
+ * callout (two SOCKADDR_STORAGE: original remote, original local), as a port
+ * of a service written for such a callout does. */
+static int sockaddr_context;
+
+/* "addr:port" of a sockaddr, for the log. */
+static void format_sockaddr(const struct sockaddr_storage *ss, char *out, size_t n)
+{
+	char ip[INET6_ADDRSTRLEN] = "?";
+	if (ss->ss_family == AF_INET) {
+		const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+		inet_ntop(AF_INET, &a->sin_addr, ip, sizeof ip);
+		snprintf(out, n, "%s:%u", ip, ntohs(a->sin_port));
+	} else if (ss->ss_family == AF_INET6) {
+		const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+		inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof ip);
+		snprintf(out, n, "[%s]:%u", ip, ntohs(a->sin6_port));
+	} else {
+		snprintf(out, n, "?");
+	}
+}
 
 static int parse_addr(const char *text, struct sockaddr_storage *ss, socklen_t *len)
 {
@@ -184,9 +205,13 @@ static void *serve(void *arg)
 	SOCKET client = (SOCKET)(intptr_t)arg;
 	unsigned char records[REWIRE_WFP_MAX_RECORDS_SIZE];
 	REWIRE_WFP_CONTEXT ctx;
+	struct sockaddr_storage addrs[2]; /* the two-address layout */
+	REWIRE_WFP_RECORDS rec;           /* the blob, read for the log only */
 	DWORD bytes = 0;
 	SOCKET upstream = INVALID_SOCKET;
-	char dst[64] = "?";
+	char dst[64] = "?", local[64] = "";
+	struct sockaddr_storage ss;
+	socklen_t sslen;
 
 	/* 2. the flow's redirect records: an opaque blob to hand on */
 	if (WSAIoctl(client, SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS, NULL, 0, records, sizeof records, &bytes,
@@ -196,17 +221,28 @@ static void *serve(void *arg)
 	}
 	DWORD records_len = bytes;
 
+	memcpy(&rec, records, sizeof rec);
+
 	/* 3. the redirect context: original destination and the application */
-	if (WSAIoctl(client, SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT, NULL, 0, &ctx, sizeof ctx, &bytes, NULL,
+	void *ctx_buf = sockaddr_context ? (void *)addrs : (void *)&ctx;
+	DWORD ctx_len = sockaddr_context ? (DWORD)sizeof addrs : (DWORD)sizeof ctx;
+	if (WSAIoctl(client, SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT, NULL, 0, ctx_buf, ctx_len, &bytes, NULL,
 		     NULL) == SOCKET_ERROR) {
 		fprintf(stderr, "%s: query context: error %d\n", name, WSAGetLastError());
 		goto out;
 	}
-	format_addr(&ctx.records.orig_dst, dst, sizeof dst);
+	if (sockaddr_context) {
+		ss = addrs[0];
+		sslen = ss.ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+		format_sockaddr(&addrs[0], dst, sizeof dst);
+		strcpy(local, " local ");
+		format_sockaddr(&addrs[1], local + 7, sizeof local - 7);
+	} else {
+		sslen = to_sockaddr(&ctx.records.orig_dst, &ss);
+		format_addr(&ctx.records.orig_dst, dst, sizeof dst);
+	}
 
 	/* 4. the outbound socket carries the records */
-	struct sockaddr_storage ss;
-	socklen_t sslen = to_sockaddr(&ctx.records.orig_dst, &ss);
 	upstream = socket(ss.ss_family, SOCK_STREAM, IPPROTO_TCP);
 	if (upstream == INVALID_SOCKET) {
 		perror("socket");
@@ -228,12 +264,12 @@ static void *serve(void *arg)
 	unsigned long long up = 0, down = 0;
 	int rc = relay(client, upstream, &up, &down);
 	char comm[17];
-	memcpy(comm, ctx.records.comm, 16);
+	memcpy(comm, rec.comm, 16);
 	comm[16] = 0;
-	fprintf(stderr, "%s: flow %016llx from %s (pid %u) to %s, hop %u, chain [", name,
-		(unsigned long long)ctx.records.flow_id, comm, ctx.records.pid, dst, ctx.hop);
-	for (unsigned i = 0; i < ctx.records.n_chain && i < 16; i++)
-		fprintf(stderr, "%s%u", i ? "," : "", ctx.records.chain[i]);
+	fprintf(stderr, "%s: flow %016llx from %s (pid %u)%s to %s, hop %u, chain [", name,
+		(unsigned long long)rec.flow_id, comm, rec.pid, local, dst, sockaddr_context ? rec.n_chain : ctx.hop);
+	for (unsigned i = 0; i < rec.n_chain && i < 16; i++)
+		fprintf(stderr, "%s%u", i ? "," : "", rec.chain[i]);
 	fprintf(stderr, "], %llu bytes up, %llu down%s\n", up, down, rc ? ", aborted" : "");
 out:
 	if (upstream != INVALID_SOCKET)
@@ -252,10 +288,15 @@ int main(int argc, char **argv)
 			name = argv[++i];
 			continue;
 		}
+		if (strcmp(argv[i], "--sockaddr-context") == 0) {
+			sockaddr_context = 1;
+			rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS);
+			continue;
+		}
 		struct sockaddr_storage ss;
 		socklen_t len;
 		if (n == MAX_LISTEN || parse_addr(argv[i], &ss, &len) != 0) {
-			fprintf(stderr, "usage: %s [--name NAME] ADDR:PORT... (e.g. 127.0.0.1:15001 [::1]:15001)\n",
+			fprintf(stderr, "usage: %s [--name NAME] [--sockaddr-context] ADDR:PORT... (e.g. 127.0.0.1:15001 [::1]:15001)\n",
 				argv[0]);
 			return 2;
 		}
@@ -273,7 +314,7 @@ int main(int argc, char **argv)
 		n++;
 	}
 	if (n == 0) {
-		fprintf(stderr, "usage: %s [--name NAME] ADDR:PORT...\n", argv[0]);
+		fprintf(stderr, "usage: %s [--name NAME] [--sockaddr-context] ADDR:PORT...\n", argv[0]);
 		return 2;
 	}
 	fprintf(stderr, "%s: listening on %d address(es)\n", name, n);

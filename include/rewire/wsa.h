@@ -277,6 +277,21 @@ typedef struct _WSATHREADID {
 /* Size of the context: a buffer this big always holds the context answer. */
 #define REWIRE_WFP_MAX_CONTEXT_SIZE 152
 
+/*
+ * Context layouts, chosen per process with rewire_wsa_set_context_layout():
+ * REWIRE: a REWIRE_WFP_CONTEXT (152 bytes, the default).
+ * SOCKADDRS: the layout of Microsoft's sample callout and of ports written
+ *   for it, two SOCKADDR_STORAGE (256 bytes): [0] the original remote
+ *   address (where the application connected), [1] the original local
+ *   address: the application's socket as the service sees it (the accepted
+ *   socket's peer). Its port is the application's; its address is the one
+ *   the redirected connect used (loopback for a local service), not the
+ *   interface address a direct connection would have had.
+ */
+#define REWIRE_WFP_CONTEXT_LAYOUT_REWIRE 0
+#define REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS 1
+#define REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE 256
+
 /* Redirect states (FWP_CONNECTION_REDIRECT_STATE). */
 #define REWIRE_WFP_NOT_REDIRECTED 0
 #define REWIRE_WFP_REDIRECTED_BY_SELF 1
@@ -303,7 +318,8 @@ typedef struct rewire_wfp_records {
 	uint8_t version;  /* 1 */
 	uint8_t n_chain;  /* services that handled the flow so far */
 	uint8_t proto;    /* IPPROTO_TCP or IPPROTO_UDP */
-	uint8_t _pad[3];
+	uint8_t depth;    /* hops of the flows this one was started for (counted by the hop limit) */
+	uint8_t _pad[2];
 	uint64_t flow_id; /* random, the same at every hop */
 	REWIRE_WFP_ADDR orig_dst; /* where the application connected */
 	uint32_t pid;     /* the application */
@@ -349,8 +365,9 @@ _Static_assert(sizeof(WSAOVERLAPPED) == 32, "WSAOVERLAPPED layout");
  * QUERY_RECORDS / QUERY_CONTEXT (on the accepted TCP socket, or a UDP flow
  *   socket: bound to the service address and connected to the datagram's
  *   source): lpvInBuffer and cbInBuffer are ignored; the answer (128 / 152
- *   bytes) is written to lpvOutBuffer, which must hold at least
- *   REWIRE_WFP_MAX_RECORDS_SIZE / REWIRE_WFP_MAX_CONTEXT_SIZE bytes (else
+ *   bytes; the context 256 in the SOCKADDRS layout) is written to
+ *   lpvOutBuffer, which must hold at least REWIRE_WFP_MAX_RECORDS_SIZE /
+ *   REWIRE_WFP_MAX_CONTEXT_SIZE (REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE) bytes (else
  *   WSAEINVAL, which also covers cbOutBuffer < sizeof(ULONG)).
  * SET_RECORDS (on a new TCP or UDP socket, before connect()/sendto()):
  *   lpvInBuffer / cbInBuffer hold the blob from the query; cbOutBuffer must
@@ -499,6 +516,16 @@ int rewire_wsa_set_overlapped(SOCKET s, BOOL fOverlapped);
  * completion of an overlapped call never hangs. Returns the previous setting.
  */
 BOOL rewire_wsa_set_default_overlapped(BOOL fOverlapped);
+
+/*
+ * rewire_wsa_set_context_layout: the layout SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT
+ * answers in, for every socket of this process, from the next call on
+ * (REWIRE_WFP_CONTEXT_LAYOUT_REWIRE or _SOCKADDRS, see above; with SOCKADDRS
+ * the output buffer must hold REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE bytes, else
+ * WSAEINVAL). Returns the previous layout, or SOCKET_ERROR with WSAEINVAL
+ * for an unknown one.
+ */
+int rewire_wsa_set_context_layout(int layout);
 
 /*
  * rewire_wsa_set_completion_delay: overlapped operations queued from now on

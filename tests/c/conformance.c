@@ -1096,6 +1096,24 @@ static void unreadable_thread_id_is_efault(void)
 	closesocket(s);
 }
 
+static void context_layout_switch(void)
+{
+	unsigned char buf[512];
+	WSASetLastError(0);
+	CHECK_EQ(rewire_wsa_set_context_layout(7), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEINVAL);
+	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS), REWIRE_WFP_CONTEXT_LAYOUT_REWIRE);
+	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
+	struct res r = ioc(s, QCTX, NULL, 0, buf, REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE - 1);
+	EXPECT_FAIL(r, WSAEINVAL); /* 152 bytes no longer suffice */
+	r = ioc(s, QCTX, NULL, 0, buf, REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE);
+	EXPECT_FAIL(r, plain_tcp_code());
+	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_REWIRE), REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS);
+	r = ioc(s, QCTX, NULL, 0, buf, REWIRE_WFP_MAX_CONTEXT_SIZE);
+	EXPECT_FAIL(r, plain_tcp_code());
+	closesocket(s);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Rules that need a real redirected connection (kernel mode).              */
 
@@ -1712,6 +1730,63 @@ static void raw_and_listening_sockets_are_einval(void)
 	EXPECT_FAIL(r, WSAEINVAL);
 }
 
+/* The two-address context layout of Microsoft's sample callout. */
+static void context_in_two_address_layout(void)
+{
+	int fams[2] = {AF_INET, AF_INET6};
+	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS), REWIRE_WFP_CONTEXT_LAYOUT_REWIRE);
+	for (int i = 0; i < 2; i++) {
+		SOCKET c, a;
+		if (!redirected_pair(fams[i], &c, &a))
+			break;
+		struct sockaddr_storage ctx[2], app;
+		socklen_t alen = sizeof app;
+		CHECK_EQ(sizeof ctx, REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE);
+		memset(ctx, 0xAA, sizeof ctx);
+		struct res r = ioc(a, QCTX, NULL, 0, ctx, sizeof ctx);
+		EXPECT_OK(r, REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE);
+		CHECK(getsockname(c, (struct sockaddr *)&app, &alen) == 0);
+		if (fams[i] == AF_INET) {
+			struct sockaddr_in *rem = (struct sockaddr_in *)&ctx[0], *loc = (struct sockaddr_in *)&ctx[1];
+			CHECK_EQ(rem->sin_family, AF_INET);
+			CHECK_EQ(ntohs(rem->sin_port), dst_port);
+			CHECK_EQ(ntohl(rem->sin_addr.s_addr), INADDR_LOOPBACK);
+			CHECK_EQ(loc->sin_family, AF_INET);
+			CHECK_EQ(loc->sin_port, ((struct sockaddr_in *)&app)->sin_port);
+			CHECK_EQ(loc->sin_addr.s_addr, ((struct sockaddr_in *)&app)->sin_addr.s_addr);
+		} else {
+			struct sockaddr_in6 *rem = (struct sockaddr_in6 *)&ctx[0], *loc = (struct sockaddr_in6 *)&ctx[1];
+			CHECK_EQ(rem->sin6_family, AF_INET6);
+			CHECK_EQ(ntohs(rem->sin6_port), dst_port);
+			CHECK(memcmp(&rem->sin6_addr, &in6addr_loopback, 16) == 0);
+			CHECK_EQ(loc->sin6_family, AF_INET6);
+			CHECK_EQ(loc->sin6_port, ((struct sockaddr_in6 *)&app)->sin6_port);
+			CHECK(memcmp(&loc->sin6_addr, &((struct sockaddr_in6 *)&app)->sin6_addr, 16) == 0);
+		}
+		/* the records query is unchanged */
+		unsigned char rec[REWIRE_WFP_MAX_RECORDS_SIZE];
+		r = ioc(a, QREC, NULL, 0, rec, sizeof rec);
+		EXPECT_OK(r, REWIRE_WFP_MAX_RECORDS_SIZE);
+		/* a buffer for rewire's layout is too small for this one */
+		r = ioc(a, QCTX, NULL, 0, ctx, REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE - 1);
+		EXPECT_FAIL(r, WSAEINVAL);
+		/* overlapped too */
+		WSAOVERLAPPED ov;
+		memset(&ov, 0, sizeof ov);
+		memset(ctx, 0, sizeof ctx);
+		DWORD n;
+		CHECK_EQ(rewire_wsa_set_overlapped(a, TRUE), 0);
+		CHECK_EQ(WSAIoctl(a, QCTX, NULL, 0, ctx, sizeof ctx, &n, &ov, NULL), SOCKET_ERROR);
+		CHECK_EQ(WSAGetLastError(), WSA_IO_PENDING);
+		CHECK_EQ(finish(a, &ov), 0);
+		CHECK_EQ(ov.InternalHigh, REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE);
+		CHECK_EQ(ctx[0].ss_family, fams[i]);
+		closesocket(a);
+		closesocket(c);
+	}
+	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_REWIRE), REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS);
+}
+
 /* Thread ids are reused: a completion routine of an exited thread must
  * never run on a later thread that gets the same id. The test makes the
  * reuse happen in a pid namespace of its own, where it sets the next id
@@ -1844,6 +1919,7 @@ int main(int argc, char **argv)
 	RUN(sockets_are_overlapped_by_default);
 	RUN(completion_routine_ignored_on_non_overlapped_socket);
 	RUN(unreadable_thread_id_is_efault);
+	RUN(context_layout_switch);
 
 	if (managed) {
 		as_service(1);
@@ -1869,6 +1945,7 @@ int main(int argc, char **argv)
 		RUN(sio_flush_on_redirected_socket_keeps_it_usable);
 		RUN(raw_and_listening_sockets_are_einval);
 		RUN(routine_never_runs_on_thread_reusing_id);
+		RUN(context_in_two_address_layout);
 	}
 	printf("# %d failed\n", failures);
 	return failures ? 1 : 0;

@@ -180,6 +180,13 @@ pub const REWIRE_WFP_MAX_RECORDS_SIZE: usize = std::mem::size_of::<RwRecords>();
 /// Size of the context (`struct rw_context`).
 pub const REWIRE_WFP_MAX_CONTEXT_SIZE: usize = std::mem::size_of::<RwContext>();
 const _: () = assert!(REWIRE_WFP_MAX_RECORDS_SIZE == 128 && REWIRE_WFP_MAX_CONTEXT_SIZE == 152);
+/// Context layouts (`rewire_wsa_set_context_layout`): rewire's `struct rw_context` (default).
+pub const REWIRE_WFP_CONTEXT_LAYOUT_REWIRE: c_int = 0;
+/// The layout of Microsoft's sample callout: two `SOCKADDR_STORAGE`, original remote then original local.
+pub const REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS: c_int = 1;
+/// Size of the two-address context.
+pub const REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE: usize = 2 * std::mem::size_of::<libc::sockaddr_storage>();
+const _: () = assert!(REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE == 256);
 /// Largest SET input passed to the kernel (its sockopt buffer is one page).
 const MAX_SET_INPUT: usize = 4096;
 
@@ -523,7 +530,8 @@ fn thread_exited(t: u64) {
 type Routine = unsafe extern "C" fn(DWORD, DWORD, *mut WSAOVERLAPPED, DWORD);
 
 enum OpKind {
-    Query { optname: c_int, needed: usize, out: usize },
+    /// `needed`: bytes the answer takes in the caller's buffer; `sockaddrs`: the two-address layout.
+    Query { optname: c_int, needed: usize, out: usize, sockaddrs: bool },
     Set { blob: Vec<u8> },
 }
 
@@ -567,6 +575,8 @@ struct State {
     marks: HashMap<c_int, (u64, bool)>,
     /// Whether a socket without a mark (from socket(), accept()) is overlapped. Windows: yes.
     default_overlapped: bool,
+    /// Context query answers in the two-address layout.
+    sockaddr_context: bool,
     events: HashMap<usize, bool>,
     next_event: usize,
     queue: VecDeque<Op>,
@@ -585,6 +595,7 @@ impl Default for State {
         State {
             marks: HashMap::new(),
             default_overlapped: true,
+            sockaddr_context: false,
             events: HashMap::new(),
             next_event: 0,
             queue: VecDeque::new(),
@@ -683,7 +694,17 @@ fn drain_where(q: &mut VecDeque<Op>, mut f: impl FnMut(&Op) -> bool) -> Vec<Op> 
 /// Runs one operation now, on the calling thread: (WSA code or 0, bytes).
 fn execute(fd: c_int, kind: &OpKind) -> (c_int, usize) {
     match kind {
-        OpKind::Query { optname, needed, out } => {
+        OpKind::Query { optname, out, sockaddrs: true, .. } => match sockaddr_context(fd, *optname) {
+            Ok(answer) => {
+                if write_user(*out, &answer) {
+                    (0, answer.len())
+                } else {
+                    (WSAEFAULT, 0)
+                }
+            }
+            Err(code) => (code, 0),
+        },
+        OpKind::Query { optname, needed, out, sockaddrs: false } => {
             let mut buf = [0u8; REWIRE_WFP_MAX_CONTEXT_SIZE];
             match rewire::raw_query(fd, *optname, &mut buf[..*needed]) {
                 Ok(n) if n > 0 => {
@@ -702,6 +723,38 @@ fn execute(fd: c_int, kind: &OpKind) -> (c_int, usize) {
             Err(e) => (e.wsa_code(), 0),
         },
     }
+}
+
+/// The context in the two-address layout: the original remote address (the
+/// flow's original destination, from the kernel's context) and the original
+/// local address (the application's socket as the service sees it: the
+/// accepted socket's peer).
+fn sockaddr_context(fd: c_int, optname: c_int) -> Result<[u8; REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE], c_int> {
+    let mut buf = [0u8; REWIRE_WFP_MAX_CONTEXT_SIZE];
+    let n = rewire::raw_query(fd, optname, &mut buf).map_err(|e| e.wsa_code())?;
+    let ctx: RwContext = rewire::abi::read_pod(&buf[..n]).ok_or(WSAEINVAL)?;
+    let remote = rewire::RedirectRecords::from_bytes(rewire::abi::pod_bytes(&ctx.records))
+        .map_err(|_| WSAEINVAL)?
+        .original_destination();
+    let mut out = [0u8; REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE];
+    let half = REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE / 2;
+    let remote = socket2::SockAddr::from(remote);
+    out[..remote.len() as usize].copy_from_slice(sockaddr_bytes(&remote));
+    let mut local: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid out-pointers of the sizes given.
+    if unsafe { libc::getpeername(fd, (&mut local as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+        return Err(rewire::Error::from_errno(errno()).wsa_code());
+    }
+    // SAFETY: sockaddr_storage is plain bytes; len <= its size.
+    let bytes = unsafe { std::slice::from_raw_parts((&local as *const libc::sockaddr_storage).cast::<u8>(), len as usize) };
+    out[half..half + bytes.len()].copy_from_slice(bytes);
+    Ok(out)
+}
+
+fn sockaddr_bytes(a: &socket2::SockAddr) -> &[u8] {
+    // SAFETY: a SockAddr holds a valid sockaddr of a.len() bytes.
+    unsafe { std::slice::from_raw_parts(a.as_ptr().cast::<u8>(), a.len() as usize) }
 }
 
 /// Reports the outcome of an overlapped operation (state lock held): in
@@ -824,8 +877,11 @@ fn ioctl(
     }
     let request = match code {
         SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS | SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT => {
+            let sockaddrs = code == SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT && lock().sockaddr_context;
             let (optname, needed) = if code == SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS {
                 (RW_OPT_RECORDS, REWIRE_WFP_MAX_RECORDS_SIZE)
+            } else if sockaddrs {
+                (RW_OPT_CONTEXT, REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE)
             } else {
                 (RW_OPT_CONTEXT, REWIRE_WFP_MAX_CONTEXT_SIZE)
             };
@@ -839,7 +895,7 @@ fn ioctl(
             if !probe_readable(outb, cb_out as usize) || !probe_writable(outb, needed) {
                 return Err(WSAEFAULT);
             }
-            Request::Op(OpKind::Query { optname, needed, out: outb })
+            Request::Op(OpKind::Query { optname, needed, out: outb, sockaddrs })
         }
         SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS => {
             if cb_out != 0 {
@@ -1248,6 +1304,27 @@ pub extern "C" fn rewire_wsa_set_default_overlapped(fOverlapped: BOOL) -> BOOL {
         TRUE
     } else {
         FALSE
+    }
+}
+
+/// Chooses the layout of the context query's answer for this process; returns
+/// the previous layout, or `SOCKET_ERROR` (`WSAEINVAL`) for an unknown one.
+#[no_mangle]
+pub extern "C" fn rewire_wsa_set_context_layout(layout: c_int) -> c_int {
+    let sockaddrs = match layout {
+        REWIRE_WFP_CONTEXT_LAYOUT_REWIRE => false,
+        REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS => true,
+        _ => {
+            set_last_error(WSAEINVAL);
+            return SOCKET_ERROR;
+        }
+    };
+    let mut g = lock();
+    let old = std::mem::replace(&mut g.sockaddr_context, sockaddrs);
+    if old {
+        REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS
+    } else {
+        REWIRE_WFP_CONTEXT_LAYOUT_REWIRE
     }
 }
 

@@ -189,8 +189,8 @@ fn check_suite(o: &Output, expected: usize, what: &str) {
     );
 }
 
-const BASIC_TESTS: usize = 32;
-const KERNEL_TESTS: usize = 17;
+const BASIC_TESTS: usize = 33;
+const KERNEL_TESTS: usize = 18;
 
 #[test]
 fn conformance_without_hooks_dynamic_and_static() {
@@ -268,6 +268,25 @@ impl Echo {
 
 #[test]
 fn c_example_proxy_chains_with_rewire_proxy() {
+    chain_through_c_example("", 1_000_000, "chain [1], 1000000 bytes up, 1000000 down");
+}
+
+/// The example reads the context in the two-address layout (original
+/// remote, original local), as a port of a service written for Microsoft's
+/// sample callout does, and connects onward to the original remote.
+#[test]
+fn c_example_reads_the_two_address_context() {
+    let err = chain_through_c_example("--sockaddr-context", 100_000, "chain [1], 100000 bytes up, 100000 down");
+    let line = err.lines().find(|l| l.starts_with("cexample: flow")).unwrap_or_default().to_string();
+    // original local: the application's socket (rewire probe's), on loopback
+    assert!(line.contains(" local 127.0.0.1:"), "{line}\n{err}");
+    assert!(!line.contains(" local 127.0.0.1:0 "), "{line}");
+}
+
+/// Runs the C example as service `cexample` (with `extra` arguments), then
+/// `rewire proxy` as `audit`, and sends `bytes` through both to an echo
+/// server; checks the flow and returns the chain's stderr.
+fn chain_through_c_example(extra: &str, bytes: u64, flow_line: &str) -> String {
     require_root();
     let rewire = rewire_bin();
     let tmp = TempDir::new("chain");
@@ -296,11 +315,11 @@ fn c_example_proxy_chains_with_rewire_proxy() {
         &script,
         format!(
             "set -u\n\
-             '{rw}' exec --service cexample -- '{ex}' --name cexample 127.0.0.1:{pa} '[::1]:{pa}' & ex=$!\n\
+             '{rw}' exec --service cexample -- '{ex}' --name cexample {extra} 127.0.0.1:{pa} '[::1]:{pa}' & ex=$!\n\
              '{rw}' proxy --name audit --log '{log}' >/dev/null & au=$!\n\
              i=0\n\
              while [ ! -e '{go}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\n\
-             '{rw}' probe 127.0.0.1:{port} --send 1000000 --timeout 60\n\
+             '{rw}' probe 127.0.0.1:{port} --send {bytes} --timeout 60\n\
              rc=$?\n\
              kill $ex $au 2>/dev/null\n\
              wait\n\
@@ -335,19 +354,20 @@ fn c_example_proxy_chains_with_rewire_proxy() {
 
     let report: serde_json::Value =
         serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("probe JSON: {e}\n{ctx}"));
-    assert_eq!(report["sent"], 1_000_000, "{ctx}");
-    assert_eq!(report["received"], 1_000_000, "{ctx}");
+    assert_eq!(report["sent"], bytes, "{ctx}");
+    assert_eq!(report["received"], bytes, "{ctx}");
     assert!(report["sent_sha256"].is_string(), "{ctx}");
     assert_eq!(report["sent_sha256"], report["received_sha256"], "{ctx}");
     // The client still believes it talks to the server.
     assert_eq!(report["peer"], echo.addr.to_string(), "{ctx}");
     // One connection reached the server, after both services.
     assert_eq!(*echo.conns.lock().unwrap(), 1, "{ctx}");
-    assert!(err.contains("cexample: flow") && err.contains("chain [1], 1000000 bytes up, 1000000 down"), "{ctx}");
+    assert!(err.contains("cexample: flow") && err.contains(flow_line), "{ctx}");
     let log = std::fs::read_to_string(&audit_log).unwrap_or_default();
     let line: serde_json::Value =
         serde_json::from_str(log.lines().next().unwrap_or("")).unwrap_or_else(|e| panic!("audit log {e}: {log}\n{ctx}"));
     assert_eq!(line["chain"], serde_json::json!(["cexample", "audit"]), "{log}\n{ctx}");
-    assert_eq!(line["bytes_to_server"], 1_000_000, "{log}");
-    assert_eq!(line["bytes_to_client"], 1_000_000, "{log}");
+    assert_eq!(line["bytes_to_server"], bytes, "{log}");
+    assert_eq!(line["bytes_to_client"], bytes, "{log}");
+    err
 }
