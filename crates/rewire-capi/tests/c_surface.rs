@@ -1,8 +1,11 @@
 //! Builds the C conformance suite (`tests/c/conformance.c`) and the C
 //! example proxy (`examples/c/redirect_proxy.c`) with the system `cc`
 //! against this crate's cdylib and staticlib, and runs them: the suite
-//! without hooks, then on the real kernel hooks under `rewire run`, and the
-//! example in a chain with `rewire proxy` carrying 1 MB both ways.
+//! without hooks, then on the real kernel hooks under `rewire run` (as root:
+//! this part also covers descriptor reuse on real flows, raw sockets, thread
+//! id reuse in a pid namespace of its own, and the two-address context), and
+//! the example in a chain with `rewire proxy` carrying 1 MB both ways, once
+//! more reading the context in the two-address layout.
 //!
 //! The kernel tests need root and `target/<profile>/rewire` (built by
 //! `cargo build -p rewire-cli`, or by `cargo test --workspace`); they fail,
