@@ -217,6 +217,16 @@ struct {
 	__type(value, struct rw_svc_sock);
 } rw_svc_sock SEC(".maps");
 
+/* The scope id of the link-local address the current connect6/sendmsg6
+ * names, left by the scope program (scope.bpf.c) that runs before the hooks
+ * in the same call (see rw_scope_of). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rw_scope_stash);
+} rw_scope SEC(".maps");
+
 /* Per-cause counters (RW_CNT_*): exact even when events are dropped. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -483,6 +493,26 @@ static __always_inline void rw_ctx_dst(struct bpf_sock_addr *ctx, __u8 family, s
 	rw_ctx_addr(ctx, family, orig);
 	if (rw_v4mapped(orig))
 		rw_unmap(orig);
+}
+
+/* An IPv6 link-local destination's scope id (the sockaddr's sin6_scope_id,
+ * which the sock_addr context does not show): taken from what the scope
+ * program left for this socket in this call, and consumed. A global
+ * function: verified once. */
+__attribute__((noinline)) int rw_scope_of(struct bpf_sock_addr *ctx, struct rw_addr *a)
+{
+	__u32 zero = 0;
+	struct rw_scope_stash *s;
+
+	if (!ctx || !a || a->family != AF_INET6 || a->addr[0] != 0xfe || (a->addr[1] & 0xc0) != 0x80)
+		return 0;
+	s = bpf_map_lookup_elem(&rw_scope, &zero);
+	if (!s || !s->cookie)
+		return 0;
+	if (s->cookie == bpf_get_socket_cookie(ctx))
+		a->scope_id = s->scope_id;
+	s->cookie = 0;
+	return 0;
 }
 
 /* What the rules see of a destination: the unspecified address reaches this
@@ -1162,6 +1192,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	int has_rec, r;
 
 	rw_ctx_dst(ctx, family, &orig);
+	rw_scope_of(ctx, &orig);
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
 	if (st) {
@@ -1268,6 +1299,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	int unbound;
 
 	rw_ctx_dst(ctx, family, &orig);
+	rw_scope_of(ctx, &orig);
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
 	r = rw_bind_check(st, has_rec, &orig, IPPROTO_UDP);
@@ -2098,10 +2130,11 @@ static __always_inline int rw_origdst(struct bpf_sockopt *ctx)
 		a.family = AF_INET6;
 		a.port_be = st->rec.orig_dst.port_be;
 		__builtin_memcpy(a.addr, st->rec.orig_dst.addr, 16);
-		/* Link-local: the scope is the socket's device, as the kernel's
+		/* Link-local: the interface the application named (kept in the
+		 * records), else the socket's device, as the kernel's
 		 * ipv6_iface_scope_id gives it. */
 		if (a.addr[0] == 0xfe && (a.addr[1] & 0xc0) == 0x80)
-			a.scope_id = sk->bound_dev_if;
+			a.scope_id = st->rec.orig_dst.scope_id ? st->rec.orig_dst.scope_id : sk->bound_dev_if;
 		__builtin_memcpy(p, &a, sizeof(a));
 		if (ctx->optlen > end - p) /* longer than the page the kernel lets us see */
 			RW_READ(ctx->optlen) = sizeof(a); /* volatile: never merged with retval's store */

@@ -107,8 +107,19 @@ struct rw_addr {
 	__u8 family; /* AF_INET or AF_INET6; 0 = unset */
 	__u8 _pad;
 	__u16 port_be;
-	__u32 _pad2;
+	__u32 scope_id; /* IPv6 link-local: the interface the application named
+			 * (sin6_scope_id), where the scope program could read it; else 0.
+			 * Not compared: an address is the same whatever its scope id. */
 	__u8 addr[16]; /* IPv4 in the first 4 bytes, network order */
+};
+
+/* The scope id of the IPv6 link-local address a connect6/sendmsg6 names,
+ * passed from the scope program (scope.bpf.c, run first) to the hooks in
+ * the same call, per CPU (map rw_scope). */
+struct rw_scope_stash {
+	__u64 cookie; /* the socket's cookie; 0 = nothing */
+	__u32 scope_id;
+	__u32 _pad;
 };
 
 struct rw_records {

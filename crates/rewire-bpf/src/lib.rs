@@ -43,6 +43,20 @@ pub const GUARD_PROGRAMS: &[(&str, &str)] = &[
     ("rw_guard_sendmsg6", "cgroup/sendmsg6"),
 ];
 
+static SCOPE_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/scope.bpf.o")));
+
+/// The BPF ELF object of the scope program (`bpf/scope.bpf.c`): connect6
+/// and sendmsg6 programs run before the hooks (`BPF_F_PREORDER`) that pass
+/// an IPv6 link-local destination's scope id to them through the hooks' map
+/// `rw_scope`. Loaded with libbpf (it calls a kfunc).
+pub fn scope_object() -> &'static [u8] {
+    &SCOPE_ALIGNED.0
+}
+
+/// The scope programs, as `(function, section)`.
+pub const SCOPE_PROGRAMS: &[(&str, &str)] =
+    &[("rw_scope_connect6", "cgroup/connect6"), ("rw_scope_sendmsg6", "cgroup/sendmsg6")];
+
 static LSM_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/lsm.bpf.o")));
 
 /// The BPF ELF object of the BPF LSM part (`bpf/lsm.bpf.c`): `file_receive`

@@ -111,6 +111,9 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
     }
     let mut cgroup = ManagedCgroup::create(&name)?;
     let mut hooks = Hooks::attach(&cfg, cgroup.path())?;
+    if let Some(why) = hooks.scope_unavailable() {
+        tracing::warn!("{why}; IPv6 link-local destinations lose their scope id (see SECURITY.md)");
+    }
     let _guard = match rewire_control::guard::configured(&cfg)? {
         Some(at) => Some(Guard::attach(&hooks, &at)?),
         None => {
@@ -231,6 +234,9 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         );
     }
     tracing::info!("{outcome}");
+    if let Some(why) = hooks.scope_unavailable() {
+        tracing::warn!("{why}; IPv6 link-local destinations lose their scope id (see SECURITY.md)");
+    }
     match rewire_control::guard::configured(&cfg)? {
         Some(at) => tracing::info!("{}", Guard::persistent(cgroup.path(), &dir, &at)?),
         None => {

@@ -1,4 +1,7 @@
-//! Broadcast and multicast on the real hooks (issue 18, item 1): one
+//! Broadcast, multicast and link-local destinations on the real hooks
+//! (issue 18, item 1, and the scope id of its "also seen").
+//!
+//! Broadcast and multicast: one
 //! datagram to many receivers, this host's own sockets included (the
 //! kernel loops a copy back), cannot be redirected to one proxy. A UDP send
 //! or connect to a directed or limited broadcast address, IPv4 multicast
@@ -6,6 +9,10 @@
 //! `broadcast` event and counter, whatever the rule's destination (`local`
 //! or `0.0.0.0/0`); `broadcast = "pass"` (global or per rule) lets it go out
 //! as sent.
+//!
+//! Link-local: a connect to `fe80::1%rwb0` keeps its scope id through
+//! rewire (records, context, `SO_ORIGINAL_DST`), so a proxy's onward
+//! connect reaches it.
 //!
 //! Each test runs its body in a network namespace of its own (`unshare
 //! --net`, made and gone with the process) with a veth pair: 10.78.0.1/24
@@ -319,4 +326,95 @@ fn child_bcast_one() {
     v4.set_broadcast(true).unwrap();
     let e = v4.send_to(b"x", ("10.78.0.255", port)).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+}
+
+// ---- link-local: the scope id ------------------------------------------
+
+/// An application connects to `[fe80::1%rwb0]:P` (a server outside the
+/// cgroup on the veth's link-local address), a rule sends it through the
+/// reference proxy: the proxy's onward connect needs the scope id, which
+/// the records carry; an unmodified proxy's `SO_ORIGINAL_DST` and the
+/// context name it too.
+#[test]
+fn link_local_destination_keeps_its_scope_id() {
+    in_private_netns("inner_link_local");
+}
+
+#[test]
+#[ignore = "runs in a private network namespace, started by link_local_destination_keeps_its_scope_id"]
+fn inner_link_local() {
+    if std::env::var_os(IN_NS).is_none() {
+        return;
+    }
+    let ifindex = setup_link();
+    let server = Server::start(SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 0, 0, ifindex)), Mode::Echo);
+    let port = server.addr.port();
+    let config = |svc: u16| {
+        format!(
+            "[[service]]\nname = \"audit\"\nlisten = [\"127.0.0.1:{svc}\", \"[::1]:{svc}\"]\n\
+             match = {{ dst = \"fe80::/10\", ports = {port} }}\n"
+        )
+    };
+    // Through the reference proxy: its onward connect uses the records.
+    let mut sb = Sandbox::new(&config(free_port()));
+    assert_eq!(sb.hooks().scope_unavailable(), None, "the scope program is attached");
+    let log = sb.proxy("audit");
+    let c = spawn_exe(&mut child_cmd(
+        Some(&sb),
+        "child_link_local_app",
+        &[("RW_DST", format!("[fe80::1%{ifindex}]:{port}"))],
+    ));
+    child_passed(c, "the application through the proxy");
+    let lines = read_log(&log, 1);
+    assert_eq!(server.peers().len(), 1, "the server saw the proxy's onward connect once");
+    println!("proxy line: {}", lines[0]);
+    drop(sb);
+    // An unmodified proxy's SO_ORIGINAL_DST and the context.
+    let svc = free_port();
+    let sb = Sandbox::new(&config(svc));
+    let c = spawn_exe(&mut child_cmd(
+        Some(&sb),
+        "child_link_local_origdst",
+        &[("RW_DST", format!("[fe80::1%{ifindex}]:{port}")), ("RW_SVC", svc.to_string())],
+    ));
+    child_passed(c, "SO_ORIGINAL_DST and the context");
+}
+
+#[test]
+#[ignore = "the application of link_local_destination_keeps_its_scope_id"]
+fn child_link_local_app() {
+    use std::io::{Read, Write};
+    let Some(dst) = env::<SocketAddr>("RW_DST") else { return };
+    let mut s = std::net::TcpStream::connect(dst).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"hello over the link").unwrap();
+    let mut b = [0u8; 19];
+    s.read_exact(&mut b).expect("the echo comes back through the proxy");
+    assert_eq!(&b, b"hello over the link");
+}
+
+#[test]
+#[ignore = "the service and application of link_local_destination_keeps_its_scope_id"]
+fn child_link_local_origdst() {
+    use std::os::fd::AsRawFd;
+    let (Some(dst), Some(svc)) = (env::<SocketAddr>("RW_DST"), env::<u16>("RW_SVC")) else { return };
+    let SocketAddr::V6(want) = dst else { panic!("{dst}") };
+    let l = as_service("audit", || std::net::TcpListener::bind(("::1", svc)).unwrap());
+    let _c = std::net::TcpStream::connect(dst).unwrap();
+    let (a, _) = l.accept().unwrap();
+    // SAFETY: a zeroed sockaddr_in6 and its length for getsockopt.
+    let (r, sin6) = unsafe {
+        let mut sin6: libc::sockaddr_in6 = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        let r = libc::getsockopt(a.as_raw_fd(), libc::SOL_IPV6, 80, (&mut sin6 as *mut libc::sockaddr_in6).cast(), &mut len);
+        (r, sin6)
+    };
+    assert_eq!(r, 0, "SO_ORIGINAL_DST: {}", std::io::Error::last_os_error());
+    assert_eq!(sin6.sin6_addr.s6_addr, want.ip().octets());
+    assert_eq!(u16::from_be(sin6.sin6_port), want.port());
+    assert_eq!(sin6.sin6_scope_id, want.scope_id(), "SO_ORIGINAL_DST keeps the scope id");
+    let ctx = rewire::query_redirect_context(&a).unwrap();
+    assert_eq!(ctx.original_destination, dst, "the context keeps the scope id");
+    let rec = rewire::query_redirect_records(&a).unwrap();
+    assert_eq!(rec.original_destination(), dst, "the records keep the scope id");
 }

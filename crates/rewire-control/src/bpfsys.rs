@@ -85,6 +85,15 @@ pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u3
     )
 }
 
+/// [`link_create`] with `flags` (`BPF_F_PREORDER`: run before the
+/// cgroup's other programs).
+pub fn link_create_flags(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32, flags: u32) -> io::Result<OwnedFd> {
+    sys_bpf_fd(
+        BPF_LINK_CREATE,
+        Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, cgroup.as_raw_fd() as u32).u32(8, attach_type).u32(12, flags),
+    )
+}
+
 /// Atomically replaces a link's program (`BPF_LINK_UPDATE`): every run of
 /// the hook sees either the old or the new program.
 pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {

@@ -300,6 +300,10 @@ pub struct Hooks {
     /// `lsm/<program>` under the pin directory).
     pub(crate) held_guard: Vec<(String, std::os::fd::OwnedFd)>,
     pub(crate) pins: Option<PathBuf>,
+    /// The link-local scope program ([`crate::scope`]): its links (owned;
+    /// `None` when pinned by the daemon), or why it is not there
+    /// (link-local destinations then lose their scope id).
+    pub(crate) scope: Result<Option<crate::scope::Scope>, String>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -364,7 +368,20 @@ impl Hooks {
                 }
             }
         }
-        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], held_guard: vec![], pins: None })
+        let scope = match bpf.map("rw_scope") {
+            Some(Map::PerCpuArray(d)) => {
+                use std::os::fd::AsFd;
+                crate::scope::Scope::attach(d.fd().as_fd(), subtree).map(Some)
+            }
+            _ => Err("the object lacks rw_scope".to_owned()),
+        };
+        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], held_guard: vec![], pins: None, scope })
+    }
+
+    /// Why IPv6 link-local destinations lose their scope id under these
+    /// hooks (the scope program could not be loaded or attached), if they do.
+    pub fn scope_unavailable(&self) -> Option<&str> {
+        self.scope.as_ref().err().map(String::as_str)
     }
 
     /// Descriptors of `rw_counters` and `rw_events`, for the guard that

@@ -8,6 +8,7 @@
 //! - [`events`]: turning the kernel's event records into log lines;
 //! - [`confine`]: what the commands rewire starts may not do to processes outside;
 //! - [`guard`]: the borrowed-socket guard at an ancestor of the subtree;
+//! - [`scope`]: the program that keeps a link-local destination's scope id;
 //! - [`checks`]: start-up checks with one actionable message each.
 
 pub mod bpfsys;
@@ -21,6 +22,7 @@ pub mod hooks;
 pub mod limiter;
 pub mod net;
 pub mod persist;
+pub mod scope;
 
 pub use cgroup::ManagedCgroup;
 pub use config::Config;

@@ -265,6 +265,7 @@ pub fn remove_pins(dir: &Path) -> Result<Removed, HooksError> {
     if !dir.exists() {
         return Ok(r);
     }
+    r.links += crate::scope::remove_pinned(dir).map_err(|e| HooksError::Pin { path: dir.join("scope"), message: e.to_string() })?;
     r.links += crate::guard::remove_pinned(dir).map_err(|e| HooksError::Pin { path: dir.join("guard"), message: e.to_string() })?;
     r.links += crate::guard::remove_pinned_lsm(dir).map_err(|e| HooksError::Pin { path: dir.join("lsm"), message: e.to_string() })?;
     if let Ok(rd) = fs::read_dir(links_dir(dir)) {
@@ -348,22 +349,25 @@ impl Hooks {
                 let path = links.join(name);
                 held.push((name, bpfsys::obj_get(&path).map_err(sys(format!("opening {}", path.display())))?));
             }
-            return Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()) }, outcome));
+            let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
+            return Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope }, outcome));
         }
         let held = switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
         publish(dir)?;
-        Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()) }, outcome))
+        let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
+        Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope }, outcome))
     }
 
     /// Holds a descriptor of each link pinned under `<pins>/guard/` (the
-    /// borrowed-socket guard, [`crate::guard::Guard::persistent`]) and
-    /// `<pins>/lsm/` (the BPF LSM part, [`crate::guard::lsm_persistent`]),
+    /// borrowed-socket guard, [`crate::guard::Guard::persistent`]),
+    /// `<pins>/lsm/` (the BPF LSM part, [`crate::guard::lsm_persistent`]) and
+    /// `<pins>/scope/` (the link-local scope program, [`crate::scope`]),
     /// so that [`Hooks::restore_pins`] keeps and restores them as the hooks'
     /// own. Returns how many.
     pub fn hold_guard_links(&mut self) -> Result<usize, HooksError> {
         self.held_guard.clear();
         let Some(dir) = &self.pins else { return Ok(0) };
-        for sub in ["guard", "lsm"] {
+        for sub in ["guard", "lsm", "scope"] {
             let Ok(rd) = fs::read_dir(dir.join(sub)) else { continue };
             for e in rd.flatten() {
                 let fd = bpfsys::obj_get(&e.path()).map_err(sys(format!("opening {}", e.path().display())))?;

@@ -67,8 +67,17 @@ pub struct RwAddr {
     pub family: u8,
     pub _pad: u8,
     pub port_be: u16,
-    pub _pad2: u32,
+    /// IPv6 link-local: the interface the application named (`sin6_scope_id`), else 0.
+    pub scope_id: u32,
     pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwScopeStash {
+    pub cookie: u64,
+    pub scope_id: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -265,7 +274,8 @@ macro_rules! assert_layout {
         $(const _: () = assert!(core::mem::offset_of!($t, $field) == $off);)*
     };
 }
-assert_layout!(RwAddr, 24, port_be @ 2, addr @ 8);
+assert_layout!(RwAddr, 24, port_be @ 2, scope_id @ 4, addr @ 8);
+assert_layout!(RwScopeStash, 16, scope_id @ 8);
 assert_layout!(RwRecords, 128, flow_id @ 8, orig_dst @ 16, pid @ 40, cgroup_id @ 56, comm @ 64,
     created_ns @ 80, chain @ 88, tag @ 120);
 assert_layout!(RwContext, 152, service_id @ 4, hop @ 8, redirected_ns @ 16, records @ 24);

@@ -142,7 +142,7 @@ pub(crate) fn addr_from_raw(a: &RwAddr) -> Option<SocketAddr> {
             let ip = Ipv4Addr::new(a.addr[0], a.addr[1], a.addr[2], a.addr[3]);
             Some(SocketAddr::new(IpAddr::V4(ip), port))
         }
-        libc::AF_INET6 => Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(a.addr)), port)),
+        libc::AF_INET6 => Some(SocketAddr::V6(std::net::SocketAddrV6::new(Ipv6Addr::from(a.addr), port, 0, a.scope_id))),
         _ => None,
     }
 }
@@ -159,6 +159,9 @@ pub fn addr_to_raw(sa: SocketAddr) -> RwAddr {
             a.family = libc::AF_INET6 as u8;
             a.addr = ip.octets();
         }
+    }
+    if let SocketAddr::V6(v6) = sa {
+        a.scope_id = v6.scope_id();
     }
     a
 }

@@ -70,12 +70,14 @@ fn verdict(b: &[u8]) -> Result<(), ParseError> {
 /// The original destination a well-formed blob names.
 fn destination(b: &[u8]) -> SocketAddr {
     let port = u16::from_be_bytes([b[18], b[19]]);
-    let ip = if b[16] == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(b[24], b[25], b[26], b[27]))
+    if b[16] == AF_INET {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(b[24], b[25], b[26], b[27])), port)
     } else {
-        IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&b[24..40]).unwrap()))
-    };
-    SocketAddr::new(ip, port)
+        // An IPv6 address carries its scope id (bytes 20..24, host order).
+        let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&b[24..40]).unwrap());
+        let scope = u32::from_ne_bytes(b[20..24].try_into().unwrap());
+        SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope))
+    }
 }
 
 /// Fields of a well-formed blob.
@@ -173,12 +175,13 @@ proptest! {
         prop_assert_eq!(r.as_bytes(), &b[..]);
         prop_assert_eq!(r.flow_id(), f.flow_id);
         prop_assert_eq!(r.chain(), &f.chain[..f.n_chain as usize]);
-        let ip = if f.family == AF_INET {
+        prop_assert_eq!(r.original_destination(), destination(&b));
+        prop_assert_eq!(r.original_destination().ip(), if f.family == AF_INET {
             IpAddr::V4(Ipv4Addr::new(f.addr[0], f.addr[1], f.addr[2], f.addr[3]))
         } else {
             IpAddr::V6(Ipv6Addr::from(f.addr))
-        };
-        prop_assert_eq!(r.original_destination(), SocketAddr::new(ip, f.port));
+        });
+        prop_assert_eq!(r.original_destination().port(), f.port);
         prop_assert_eq!(RedirectRecords::from_hex(&r.to_hex()), Ok(r.clone()));
         prop_assert_eq!(RedirectRecords::from_hex(&r.to_hex().to_uppercase()), Ok(r.clone()));
         let json = serde_json::to_string(&r).unwrap();

@@ -1,0 +1,169 @@
+//! The scope program (`bpf/scope.bpf.c`): keeps the scope id (`%eth0`) of
+//! an IPv6 link-local original destination.
+//!
+//! The hooks' sock_addr context has no `sin6_scope_id`; these two programs
+//! read it from the kernel's copy of the address (`bpf_cast_to_kern_ctx`, a
+//! kfunc, so loaded with libbpf as the guard is) and leave it in the hooks'
+//! per-CPU map `rw_scope` for the same call. They are attached to the
+//! hooks' cgroup with `BPF_F_PREORDER` (Linux 6.15+), which runs them before
+//! the hooks' own connect6/sendmsg6 whatever the attach order. They refuse
+//! nothing: where they cannot be loaded or attached, link-local
+//! destinations are recorded with scope id 0 (as before) and the caller is
+//! told why.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use crate::bpfsys;
+
+/// `BPF_F_PREORDER` (not in every system's headers yet).
+const BPF_F_PREORDER: u32 = 1 << 6;
+
+/// The loaded and attached scope programs; detached when dropped.
+pub struct Scope {
+    _links: Vec<OwnedFd>,
+    _obj: Object,
+}
+
+impl std::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scope")
+    }
+}
+
+struct Object(NonNull<libbpf_sys::bpf_object>);
+
+impl Drop for Object {
+    fn drop(&mut self) {
+        // SAFETY: opened by bpf_object__open_mem, closed once.
+        unsafe { libbpf_sys::bpf_object__close(self.0.as_ptr()) };
+    }
+}
+
+fn err(what: &str, e: io::Error) -> String {
+    format!("the link-local scope program: {what}: {e}")
+}
+
+impl Scope {
+    /// Loads the programs with the hooks' `rw_scope` map and attaches them
+    /// to `cgroup` (the hooks' own) ahead of the hooks.
+    pub fn attach(rw_scope: BorrowedFd<'_>, cgroup: &Path) -> Result<Self, String> {
+        let obj = Object::load(rw_scope)?;
+        let cg = File::open(cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), e))?;
+        let mut links = vec![];
+        for &(prog, section) in rewire_bpf::SCOPE_PROGRAMS {
+            let t = bpfsys::cgroup_attach_type(section).expect("sock_addr section");
+            let link = bpfsys::link_create_flags(obj.prog_fd(prog)?, cg.as_fd(), t, BPF_F_PREORDER)
+                .map_err(|e| err(&format!("attaching {prog} ahead of the hooks (BPF_F_PREORDER, Linux 6.15+)"), e))?;
+            links.push(link);
+        }
+        Ok(Scope { _links: links, _obj: obj })
+    }
+
+    /// The daemon's: loaded with the `rw_scope` pinned in `dir`, links
+    /// pinned in `<dir>/scope/`; links already attached to `cgroup` are
+    /// updated in place, others replaced.
+    pub fn persistent(cgroup: &Path, dir: &Path) -> Result<(), String> {
+        let map = bpfsys::obj_get(&dir.join("rw_scope")).map_err(|e| err("opening the pinned rw_scope", e))?;
+        let obj = Object::load(map.as_fd())?;
+        let cg_id = crate::cgroup::cgroup_id(cgroup).map_err(|e| err("the cgroup's id", io::Error::other(e.to_string())))?;
+        let cg = File::open(cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), e))?;
+        let sdir = scope_dir(dir);
+        std::fs::create_dir_all(&sdir).map_err(|e| err(&format!("creating {}", sdir.display()), e))?;
+        for &(prog, section) in rewire_bpf::SCOPE_PROGRAMS {
+            let fd = obj.prog_fd(prog)?;
+            let path = sdir.join(prog);
+            if let Ok(link) = bpfsys::obj_get(&path) {
+                if bpfsys::link_info(link.as_fd()).is_ok_and(|i| i.attached_to(cg_id)) {
+                    bpfsys::link_update(link.as_fd(), fd).map_err(|e| err(&format!("updating {prog}"), e))?;
+                    continue;
+                }
+                let _ = bpfsys::link_detach(link.as_fd());
+                std::fs::remove_file(&path).map_err(|e| err(&format!("removing {}", path.display()), e))?;
+            }
+            let t = bpfsys::cgroup_attach_type(section).expect("sock_addr section");
+            let link = bpfsys::link_create_flags(fd, cg.as_fd(), t, BPF_F_PREORDER)
+                .map_err(|e| err(&format!("attaching {prog} ahead of the hooks (BPF_F_PREORDER, Linux 6.15+)"), e))?;
+            bpfsys::obj_pin(link.as_fd(), &path).map_err(|e| err(&format!("pinning {}", path.display()), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the daemon pins the scope program's links.
+pub fn scope_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("scope")
+}
+
+/// Detaches and unpins a daemon's scope links; how many.
+pub fn remove_pinned(dir: &Path) -> io::Result<usize> {
+    let sdir = scope_dir(dir);
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(&sdir) {
+        for e in rd.flatten() {
+            if let Ok(fd) = bpfsys::obj_get(&e.path()) {
+                let _ = bpfsys::link_detach(fd.as_fd());
+            }
+            std::fs::remove_file(e.path())?;
+            n += 1;
+        }
+        match std::fs::remove_dir(&sdir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(n)
+}
+
+impl Object {
+    fn load(rw_scope: BorrowedFd<'_>) -> Result<Self, String> {
+        crate::hooks::raise_memlock();
+        let bytes = rewire_bpf::scope_object();
+        let name = CString::new("rewire_scope").unwrap();
+        // SAFETY: zeroed opts with sz set; the buffer is 'static.
+        let obj = unsafe {
+            let mut opts: libbpf_sys::bpf_object_open_opts = std::mem::zeroed();
+            opts.sz = std::mem::size_of::<libbpf_sys::bpf_object_open_opts>() as _;
+            opts.object_name = name.as_ptr();
+            libbpf_sys::bpf_object__open_mem(bytes.as_ptr().cast(), bytes.len() as _, &opts)
+        };
+        let obj = Object(NonNull::new(obj).ok_or_else(|| err("open", io::Error::last_os_error()))?);
+        let map_name = CString::new("rw_scope").unwrap();
+        // SAFETY: a live object and a NUL-terminated name.
+        let m = unsafe { libbpf_sys::bpf_object__find_map_by_name(obj.0.as_ptr(), map_name.as_ptr()) };
+        if m.is_null() {
+            return Err(err("the object lacks rw_scope", io::Error::from(io::ErrorKind::NotFound)));
+        }
+        // SAFETY: a map of this object and a valid descriptor (libbpf dups it).
+        let r = unsafe { libbpf_sys::bpf_map__reuse_fd(m, rw_scope.as_raw_fd()) };
+        if r < 0 {
+            return Err(err("sharing the hooks' rw_scope", io::Error::from_raw_os_error(-r)));
+        }
+        // SAFETY: an opened object.
+        let r = unsafe { libbpf_sys::bpf_object__load(obj.0.as_ptr()) };
+        if r < 0 {
+            return Err(err("load (verifier, kernel BTF)", io::Error::from_raw_os_error(-r)));
+        }
+        Ok(obj)
+    }
+
+    fn prog_fd(&self, prog: &str) -> Result<BorrowedFd<'_>, String> {
+        let c = CString::new(prog).unwrap();
+        // SAFETY: a live object and a NUL-terminated name.
+        let p = unsafe { libbpf_sys::bpf_object__find_program_by_name(self.0.as_ptr(), c.as_ptr()) };
+        if p.is_null() {
+            return Err(err(&format!("the object lacks {prog}"), io::Error::from(io::ErrorKind::NotFound)));
+        }
+        // SAFETY: a loaded program of the live object.
+        let fd = unsafe { libbpf_sys::bpf_program__fd(p) };
+        if fd < 0 {
+            return Err(err(&format!("{prog} not loaded"), io::Error::from_raw_os_error(-fd)));
+        }
+        // SAFETY: the descriptor lives as long as the object (&self).
+        Ok(unsafe { BorrowedFd::borrow_raw(fd) })
+    }
+}
