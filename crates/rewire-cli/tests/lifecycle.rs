@@ -550,6 +550,40 @@ fn restart_after_lost_pins_attaches_again() {
     assert_eq!(read_log(&log, 2).len(), 2);
 }
 
+/// SIGTERM says what the kernel says: the pins are removed and one link's
+/// pin cannot be put back (a directory took its name) while the daemon is
+/// stopped; on SIGTERM it restores what it can, finds that hook not pinned,
+/// says it detaches as the daemon exits, and exits 1 (it used to say the
+/// hooks stay enforcing and exit 0).
+#[test]
+fn sigterm_says_when_the_hooks_do_not_outlive_the_daemon() {
+    use nix::sys::signal::{kill, Signal};
+    let mut life = Life::new(&service("audit", free_port(), free_port()));
+    life.start_daemon(&[]);
+    let pid = nix::unistd::Pid::from_raw(life.daemon.as_ref().unwrap().id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    std::fs::remove_dir_all(life.pins()).unwrap();
+    std::fs::create_dir_all(life.pins().join("links/rw_connect4")).unwrap();
+    kill(pid, Signal::SIGTERM).unwrap();
+    kill(pid, Signal::SIGCONT).unwrap();
+    let mut d = life.daemon.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = d.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "daemon did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let text = std::fs::read_to_string(life.dir.join(format!("daemon-{}.log", life.daemon_runs))).unwrap();
+    assert!(!text.contains("the hooks stay attached and enforcing"), "{text}");
+    assert!(text.contains("hooks are not all pinned") && text.contains("rw_connect4"), "{text}");
+    assert!(!st.success(), "{st}");
+    // The others were pinned again and stay; that one is gone.
+    assert!(life.pins().join("links/rw_connect6").exists());
+    let _ = std::fs::remove_dir(life.pins().join("links/rw_connect4"));
+}
+
 #[test]
 fn after_kill9_exec_still_redirects_and_down_removes_everything() {
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
