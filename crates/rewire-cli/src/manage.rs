@@ -250,6 +250,14 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     tracing::info!("{}", lsm.describe());
     // The guard's and the LSM part's links are held and restored like the hooks' own.
     hooks.hold_guard_links()?;
+    // The signal handlers before "serving": a SIGTERM right after it must
+    // reach the orderly stop (and its report), not the default action.
+    let rt = runtime()?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut sigint, mut sigterm, mut sighup) = {
+        let _in_runtime = rt.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?, signal(SignalKind::hangup())?)
+    };
     tracing::info!(
         "serving {} service(s) on cgroup {} (hooks and maps pinned in {}); `rewire exec --config {}` runs commands inside",
         cfg.services.len(),
@@ -260,14 +268,9 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     let mut status = Status::new(&cfg);
     status.write(true, "started");
     let events = hooks.take_events();
-    let rt = runtime()?;
     let r = rt.block_on(async {
         let shared = Arc::new(RwLock::new(cfg.clone()));
         let printer = events.map(|ev| printer::spawn(ev, shared.clone(), format, limits, pinned_counters(&dir)));
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sighup = signal(SignalKind::hangup())?;
         let mut cur = cfg.clone();
         let mut cur_path = abs_config.clone();
         let mut tick = tokio::time::interval((cur.udp_idle() / 2).max(Duration::from_millis(50)));

@@ -484,6 +484,24 @@ fn five_upgrades_replace_the_programs_in_place() {
     });
 }
 
+/// SIGSTOP to `pid`, then waits (at most 10 s) until every thread of it
+/// has stopped: kill(2) returns before the signal is acted on.
+fn stop(pid: nix::unistd::Pid) {
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stopped = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+        });
+        if stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits (at most 10 s) until every hook of `life` is pinned and attached again.
 fn wait_pinned(life: &Life) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -526,7 +544,7 @@ fn restart_after_lost_pins_attaches_again() {
     let mut life = Life::new(&service("audit", port, server.addr.port()));
     life.start_daemon(&[]);
     let pid = nix::unistd::Pid::from_raw(life.daemon.as_ref().unwrap().id() as i32);
-    kill(pid, Signal::SIGSTOP).unwrap();
+    stop(pid);
     std::fs::remove_dir_all(life.pins()).unwrap();
     life.signal_daemon(Signal::SIGKILL);
     assert!(life.cg.exists(), "the cgroup is left");
@@ -561,7 +579,7 @@ fn sigterm_says_when_the_hooks_do_not_outlive_the_daemon() {
     let mut life = Life::new(&service("audit", free_port(), free_port()));
     life.start_daemon(&[]);
     let pid = nix::unistd::Pid::from_raw(life.daemon.as_ref().unwrap().id() as i32);
-    kill(pid, Signal::SIGSTOP).unwrap();
+    stop(pid);
     std::fs::remove_dir_all(life.pins()).unwrap();
     std::fs::create_dir_all(life.pins().join("links/rw_connect4")).unwrap();
     kill(pid, Signal::SIGTERM).unwrap();
