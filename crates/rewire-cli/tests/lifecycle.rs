@@ -537,7 +537,7 @@ fn pins_removed_under_a_running_daemon_are_restored() {
 /// hooks stay, and they do.
 #[test]
 fn restart_after_lost_pins_attaches_again() {
-    use nix::sys::signal::{kill, Signal};
+    use nix::sys::signal::Signal;
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
