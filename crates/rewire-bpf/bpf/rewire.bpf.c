@@ -2615,5 +2615,14 @@ int rw_skb_ingress(struct __sk_buff *skb)
 	}
 	if (want && skb->mark != want)
 		return rw_forged(&src);
+	/* No flow of the subtree sent it (no published hand-off, no sender's
+	 * slot): it has no records, and the proxy could only refuse it. Dropped
+	 * here, counted, before it takes the listener's buffer or the proxy's
+	 * time: a flood of them from outside once filled the listener's queue
+	 * and the first datagrams of genuine flows were lost unseen. */
+	if (!want) {
+		rw_count(RW_CNT_UDP_NO_FLOW);
+		return 0;
+	}
 	return 1;
 }

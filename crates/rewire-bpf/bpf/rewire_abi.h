@@ -98,6 +98,8 @@
 #define RW_CNT_BORROWED 18 /* see RW_EV_BORROWED */
 #define RW_CNT_SIDE_DOOR 20 /* a service's record-less connect not linked, or walked the
 			     * whole chain again, because it had a side door (rw_svc_state) */
+#define RW_CNT_UDP_NO_FLOW 21 /* datagrams to a service's UDP socket that belong to no flow
+				* (no records: e.g. a flood from outside), dropped on arrival */
 #define RW_CNT_N 24
 
 /* rw_conf.faults: fault injection for tests (never set from a config file). */

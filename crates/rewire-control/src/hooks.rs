@@ -140,6 +140,10 @@ pub struct Counters {
     /// through the whole chain again, because it had a side door open or
     /// used recently (a connection that reached it without a hand-off).
     pub side_door: u64,
+    /// Datagrams to a service's UDP socket that belong to no flow of the
+    /// subtree (no records), dropped on arrival before they take the
+    /// proxy's time or its listener's buffer.
+    pub udp_no_flow: u64,
 }
 
 impl Counters {
@@ -165,13 +169,14 @@ impl Counters {
             borrowed: g(abi::RW_CNT_BORROWED),
             broadcast: g(abi::RW_CNT_BROADCAST),
             side_door: g(abi::RW_CNT_SIDE_DOOR),
+            udp_no_flow: g(abi::RW_CNT_UDP_NO_FLOW),
         }
     }
 }
 
 impl Counters {
     /// Each counter with its name, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, u64); 19] {
+    pub fn fields(&self) -> [(&'static str, u64); 20] {
         [
             ("redirect", self.redirect),
             ("deliver", self.deliver),
@@ -192,6 +197,7 @@ impl Counters {
             ("borrowed", self.borrowed),
             ("broadcast", self.broadcast),
             ("side_door", self.side_door),
+            ("udp_no_flow", self.udp_no_flow),
         ]
     }
 }

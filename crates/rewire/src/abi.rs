@@ -57,6 +57,7 @@ pub const RW_CNT_BROADCAST: u32 = 19;
 pub const RW_CNT_LINK: u32 = 11;
 pub const RW_CNT_BORROWED: u32 = 18;
 pub const RW_CNT_SIDE_DOOR: u32 = 20;
+pub const RW_CNT_UDP_NO_FLOW: u32 = 21;
 pub const RW_CNT_N: u32 = 24;
 
 pub const RW_FAULT_NO_STORAGE: u32 = 1;
