@@ -104,7 +104,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// `rewire run`: returns the command's exit code.
 pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -> Result<i32> {
     let cfg = prepare(config)?;
-    drop_inherited_inet_sockets();
+    drop_inherited_outside_descriptors();
     let name = format!("{}-run-{}", cfg.cgroup, std::process::id());
     if let Some(at) = rewire_control::guard::configured(&cfg)? {
         rewire_control::guard::check_place(&at, &rewire_control::cgroup::cgroup2_mount()?.join(&name))?;
@@ -552,36 +552,57 @@ pub fn attached_subtree(cfg: &Config, config: &Path) -> Result<PathBuf> {
     Ok(cg)
 }
 
-/// Keeps Internet sockets this process inherited from outside the managed
-/// cgroup from reaching the command it starts there: a socket belongs to the
-/// cgroup it was created in, so the hooks never see its connects and sends.
-/// They are marked close-on-exec (and named in one warning line). A service
-/// (`--service`) is trusted and keeps them (e.g. sockets from systemd).
-pub fn drop_inherited_inet_sockets() {
+/// Keeps Internet sockets and io_uring rings this process inherited from
+/// outside the managed cgroup from reaching the command it starts there.
+/// A socket belongs to the cgroup it was created in, so the hooks never see
+/// its connects and sends. A ring set up with `IORING_SETUP_SQPOLL` runs its
+/// requests on its owner's kernel thread: a socket it makes (IORING_OP_SOCKET,
+/// CONNECT, SEND) is made and used outside the subtree, by a caller outside
+/// it, so neither the hooks nor the guard see it (SECURITY.md, known limits).
+/// Both are marked close-on-exec, and named in one warning line each. A
+/// service (`--service`) is trusted and keeps them (e.g. sockets from systemd).
+pub fn drop_inherited_outside_descriptors() {
     use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
-    let mut dropped = vec![];
+    let (mut sockets, mut rings) = (vec![], vec![]);
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
     let fds: Vec<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
     for fd in fds {
-        let Ok(addr) = getsockname::<SockaddrStorage>(fd) else { continue };
-        if !matches!(addr.family(), Some(AddressFamily::Inet | AddressFamily::Inet6)) {
-            continue;
-        }
+        let what = match getsockname::<SockaddrStorage>(fd) {
+            Ok(addr) if matches!(addr.family(), Some(AddressFamily::Inet | AddressFamily::Inet6)) => {
+                Some((&mut sockets, format!("{fd} ({addr})")))
+            }
+            Ok(_) => None,
+            Err(_) if is_io_uring(fd) => Some((&mut rings, fd.to_string())),
+            Err(_) => None,
+        };
+        let Some((list, name)) = what else { continue };
         // SAFETY: fcntl on a descriptor of this process; only its flags change.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
         if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
             // SAFETY: as above.
             unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
-            dropped.push(format!("{fd} ({})", addr));
+            list.push(name);
         }
     }
-    if !dropped.is_empty() {
+    if !sockets.is_empty() {
         tracing::warn!(
             "not passing inherited Internet socket(s) {} to the command: made outside the managed cgroup, \
              they would bypass its hooks",
-            dropped.join(", ")
+            sockets.join(", ")
         );
     }
+    if !rings.is_empty() {
+        tracing::warn!(
+            "not passing inherited io_uring ring(s) {} to the command: made outside the managed cgroup, a ring's \
+             SQPOLL thread would make and use sockets outside it, past its hooks and the guard",
+            rings.join(", ")
+        );
+    }
+}
+
+/// Whether descriptor `fd` of this process is an io_uring ring.
+fn is_io_uring(fd: i32) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok_and(|t| t.as_os_str() == "anon_inode:[io_uring]")
 }
 
 /// Moves this process into service `name`'s cgroup under `subtree`
@@ -622,7 +643,7 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
     match service {
         Some(name) => join_service(&subtree, name)?,
         None => {
-            drop_inherited_inet_sockets();
+            drop_inherited_outside_descriptors();
             let confinement = Confinement::new()?;
             tracing::debug!("{}", confinement.describe());
             rewire_control::cgroup::join(&subtree).context("joining the managed cgroup (needs root)")?;
