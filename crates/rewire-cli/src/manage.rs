@@ -123,6 +123,7 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
     };
     let lsm = rewire_control::guard::lsm_attach_for(&hooks);
     tracing::info!("{}", lsm.describe());
+    warn_io_uring_gap(_guard.is_some(), &lsm);
     let events = hooks.take_events().context("event ring buffer")?;
     let rt = runtime()?;
     let abs_config = std::fs::canonicalize(config)?;
@@ -177,6 +178,15 @@ pub fn spawn_in(cgroup: &Path, config: &Path, cmd: &[String]) -> Result<tokio::p
 fn exit_code(s: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+}
+
+/// Says (one warning line) when an io_uring ring borrowed from outside the
+/// subtree can make sockets that no hook sees (see [`rewire_control::guard::io_uring_gap`]).
+fn warn_io_uring_gap(guarded: bool, lsm: &rewire_control::guard::LsmState) {
+    let loaded = matches!(lsm, rewire_control::guard::LsmState::Attached(_));
+    if let Some(line) = rewire_control::guard::io_uring_gap(rewire_control::guard::IoUringAccess::current(), guarded, loaded) {
+        tracing::warn!("{line}");
+    }
 }
 
 /// `rewire daemon`: attach (or adopt) the pinned hooks and serve: print
@@ -248,6 +258,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     }
     let lsm = rewire_control::guard::lsm_persistent(cgroup.path(), &dir);
     tracing::info!("{}", lsm.describe());
+    warn_io_uring_gap(!rewire_control::guard::pinned_status(&dir).is_empty(), &lsm);
     // The guard's and the LSM part's links are held and restored like the hooks' own.
     hooks.hold_guard_links()?;
     // The signal handlers before "serving": a SIGTERM right after it must
@@ -713,6 +724,11 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
     let attached = persist::check_attached(&dir, &cg).map_err(|e| e.to_string());
     let pid = daemon_pid(&cfg);
     let last = read_status(&run_file(&cfg, "status")).map(|(_, _, msg)| msg).filter(|_| pid.is_some());
+    let io_uring_gap = rewire_control::guard::io_uring_gap(
+        rewire_control::guard::IoUringAccess::current(),
+        !rewire_control::guard::pinned_status(&dir).is_empty(),
+        rewire_control::guard::lsm_pinned(&dir),
+    );
     if json {
         let v = serde_json::json!({
             "cgroup": cfg.cgroup,
@@ -724,6 +740,7 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
             "counters": counters,
             "guard_links": rewire_control::guard::pinned_status(&dir).len(),
             "lsm_attached": rewire_control::guard::lsm_pinned(&dir),
+            "io_uring_gap": io_uring_gap,
         });
         println!("{v}");
         return Ok(());
@@ -751,6 +768,9 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
             "not attached (the kernel would not load it when the daemon started; see its log)"
         }
     );
+    if let Some(line) = &io_uring_gap {
+        println!("io_uring: {line}");
+    }
     println!("counters since the hooks were first attached (every decision, printed or not):");
     for (name, v) in counters.fields() {
         println!("  {name:<15} {v}");

@@ -597,3 +597,30 @@ fn child_inherited_ring() {
     let n = if c == 0 { run(opcode::Send::new(types::Fd(s), buf, 8).build()) } else { c };
     println!("through the inherited ring: socket {s}, connect {c}, send {n}");
 }
+
+/// Where io_uring is allowed (kernel.io_uring_disabled 0 or 1) and the BPF
+/// LSM does not load, `rewire run` says at start, in one warning line, that
+/// a ring borrowed from outside passes unseen and how an administrator
+/// closes it; where io_uring is off (2) or the LSM holds, it says nothing.
+#[test]
+fn run_warns_where_a_borrowed_sqpoll_ring_passes_unseen() {
+    let sb = Sandbox::new(&service("web", free_port(), free_port()));
+    let out = Command::new(REWIRE)
+        .args(["run", "--events", "off", "--config"])
+        .arg(&sb.config_path)
+        .args(["--", "true"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+    assert!(stderr.contains("BPF LSM: "), "the LSM's line at start:\n{stderr}");
+    let want = sysctl.trim() != "2" && !stderr.contains("BPF LSM: attached");
+    let said: Vec<&str> = stderr.lines().filter(|l| l.contains("SQPOLL ring")).collect();
+    println!("io_uring_disabled={} LSM loaded={}\n{said:#?}", sysctl.trim(), stderr.contains("BPF LSM: attached"));
+    assert_eq!(said.len(), usize::from(want), "{stderr}");
+    if want {
+        assert!(said[0].contains("WARN") && said[0].contains("kernel.io_uring_disabled=2"), "{}", said[0]);
+    }
+}

@@ -71,6 +71,13 @@ fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
         assert_eq!(v["counters"]["redirect"], 1, "the probe's connect: {v}");
         assert!(v["counters"]["deliver"].as_u64() >= Some(1), "the proxy's onward connect: {v}");
         assert_eq!(v["counters"]["events_lost"], 0, "{v}");
+        // A ring borrowed from outside passes unseen where io_uring is allowed and the LSM is not loaded.
+        let io_uring_on = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").is_ok_and(|s| s.trim() != "2");
+        let gap = io_uring_on && v["lsm_attached"] == false;
+        assert_eq!(v["io_uring_gap"].is_string(), gap, "{v}");
+        if gap {
+            assert!(v["io_uring_gap"].as_str().unwrap().contains("kernel.io_uring_disabled=2"), "{v}");
+        }
     }));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -314,6 +314,63 @@ pub const UNGUARDED: &str = "no `guard` configured: a process in the subtree tha
      (SCM_RIGHTS, or pidfd_getfd/ptrace from a process rewire did not start) connects and sends past the rules; \
      set `guard` to an ancestor cgroup of the subtree (see SECURITY.md)";
 
+/// Who may set up io_uring rings, from `/proc/sys/kernel/io_uring_disabled`
+/// (read, never changed: it is the administrator's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoUringAccess {
+    /// 0 (or a kernel with io_uring and no such sysctl): every process.
+    Everyone,
+    /// 1: processes with CAP_SYS_ADMIN or in `kernel.io_uring_group`.
+    GroupOnly,
+    /// 2: no process.
+    Nobody,
+}
+
+impl IoUringAccess {
+    /// The running kernel's setting; `None` when the kernel has no io_uring
+    /// at all (no `io_uring_setup` system call).
+    pub fn current() -> Option<Self> {
+        match fs::read_to_string("/proc/sys/kernel/io_uring_disabled").map(|s| s.trim().to_owned()).as_deref() {
+            Ok("0") => Some(Self::Everyone),
+            Ok("1") => Some(Self::GroupOnly),
+            Ok("2") => Some(Self::Nobody),
+            // No sysctl (before 6.6): enabled if the system call exists.
+            _ => {
+                // SAFETY: io_uring_setup with a null parameter block only fails (EFAULT, or ENOSYS without io_uring).
+                let r = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, std::ptr::null_mut::<u8>()) };
+                let errno = io::Error::last_os_error().raw_os_error();
+                (r >= 0 || errno != Some(libc::ENOSYS)).then_some(Self::Everyone)
+            }
+        }
+    }
+}
+
+/// The line said at start (and by `rewire status`) when a ring borrowed from
+/// outside the subtree can make sockets that no hook of rewire sees: io_uring
+/// is allowed (`access`) and the BPF LSM, which refuses such a ring at the
+/// door, is not loaded. A ring set up with IORING_SETUP_SQPOLL runs what is
+/// submitted to it on its owner's kernel thread, so a socket it makes is
+/// made, and connected, by a caller outside the subtree: neither the hooks
+/// nor the guard (`guarded`) run for it.
+pub fn io_uring_gap(access: Option<IoUringAccess>, guarded: bool, lsm_loaded: bool) -> Option<String> {
+    let who = match access? {
+        _ if lsm_loaded => return None,
+        IoUringAccess::Nobody => return None,
+        IoUringAccess::Everyone => "every process may set up io_uring rings (kernel.io_uring_disabled=0)",
+        IoUringAccess::GroupOnly => {
+            "processes with CAP_SYS_ADMIN or in kernel.io_uring_group may set up io_uring rings \
+             (kernel.io_uring_disabled=1)"
+        }
+    };
+    let unseen = if guarded { "neither the hooks nor the guard see" } else { "the hooks do not see" };
+    Some(format!(
+        "{who} and the BPF LSM is not loaded: a process in the subtree that is handed an SQPOLL ring made outside \
+         it (SCM_RIGHTS from a cooperating process) has the ring's owner thread make and connect sockets outside \
+         the subtree, which {unseen}; an administrator closes this with sysctl kernel.io_uring_disabled=2, or =1 \
+         with kernel.io_uring_group naming a group only trusted processes are in (see SECURITY.md)"
+    ))
+}
+
 /// Where the daemon pins the guard's links.
 pub fn guard_dir(dir: &Path) -> PathBuf {
     dir.join("guard")
@@ -494,4 +551,26 @@ pub fn pinned_at(dir: &Path, at: &Path) -> (usize, usize) {
     let id = crate::cgroup::cgroup_id(at).unwrap_or(0);
     let n = pinned_status(dir).iter().filter(|&&(_, cg)| id != 0 && cg == id).count();
     (n, rewire_bpf::GUARD_PROGRAMS.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_uring_gap_is_said_only_where_a_borrowed_ring_passes_unseen() {
+        use IoUringAccess::*;
+        for guarded in [false, true] {
+            let line = io_uring_gap(Some(Everyone), guarded, false).expect("io_uring open to all, no LSM");
+            assert!(line.contains("io_uring_disabled=0") && line.contains("kernel.io_uring_disabled=2"), "{line}");
+            assert_eq!(line.contains("nor the guard"), guarded, "{line}");
+            let line = io_uring_gap(Some(GroupOnly), guarded, false).expect("io_uring for a group, no LSM");
+            assert!(line.contains("io_uring_group"), "{line}");
+            for access in [Some(Everyone), Some(GroupOnly), Some(Nobody), None] {
+                assert_eq!(io_uring_gap(access, guarded, true), None, "the LSM refuses the ring: {access:?}");
+            }
+            assert_eq!(io_uring_gap(Some(Nobody), guarded, false), None);
+            assert_eq!(io_uring_gap(None, guarded, false), None);
+        }
+    }
 }
