@@ -47,6 +47,7 @@
 #define SOCK_STREAM 1
 #define SOCK_DGRAM 2
 
+#define EAGAIN 11
 #define EPERM 1
 #define ENOENT 2
 #define ENOBUFS 105
@@ -149,6 +150,19 @@ struct {
 	__type(key, __u64);
 	__type(value, __u64);
 } rw_udp_gone SEC(".maps");
+
+/* New UDP flows per user (key: uid; value: the GCRA's theoretical arrival
+ * time, CLOCK_BOOTTIME): a user who starts flows faster than
+ * rw_conf.udp_flows_per_user a second (beyond a burst of two seconds' worth)
+ * is refused with EAGAIN, so one user's burst cannot fill a proxy's listener
+ * queue ahead of everyone else's flows. An LRU: a user evicted starts with a
+ * full burst again. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u64);
+} rw_udp_rate SEC(".maps");
 
 /* Service listen addresses (port in network order) -> service id. */
 struct {
@@ -1283,6 +1297,29 @@ static __always_inline void rw_udp_forget(struct rw_udp_sock *u, int keep)
 			u->slot[i].rec.magic = 0;
 }
 
+/* Whether `uid` may start one more UDP flow now (at most `per_sec` a second,
+ * bursts of two seconds' worth; 0: no limit). Approximate across CPUs: two
+ * flows started at once may both see the same arrival time. */
+__attribute__((noinline)) int rw_udp_rate_ok(__u32 uid, __u32 per_sec)
+{
+	__u64 now = bpf_ktime_get_boot_ns(), cost, tat, *p;
+
+	if (!per_sec)
+		return 1;
+	cost = 1000000000ULL / per_sec;
+	p = bpf_map_lookup_elem(&rw_udp_rate, &uid);
+	if (!p) {
+		tat = now + cost;
+		bpf_map_update_elem(&rw_udp_rate, &uid, &tat, BPF_ANY);
+		return 1;
+	}
+	tat = *p > now ? *p : now;
+	if (tat - now > 2000000000ULL)
+		return 0;
+	*p = tat + cost;
+	return 1;
+}
+
 static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int is_connect,
 				   struct rw_conf *conf)
 {
@@ -1381,6 +1418,12 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 			if (k < RW_MAX_UDP_PORTS)
 				used |= 1u << k;
 		}
+	}
+	/* A new flow an application starts (not one a proxy continues with
+	 * its records): within its user's rate. */
+	if (r == RW_REDIRECT && !has_rec && !rw_udp_rate_ok((__u32)bpf_get_current_uid_gid(), conf->udp_flows_per_user)) {
+		rw_count(RW_CNT_UDP_RATE);
+		return rw_refuse(EAGAIN);
 	}
 	if (r == RW_REDIRECT) {
 		/* The source the proxy will see is known now for an unconnected

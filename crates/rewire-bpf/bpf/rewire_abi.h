@@ -33,6 +33,7 @@
 #define RW_UDP_SLOTS 8 /* live UDP flows one socket may have */
 #define RW_MAX_UDP_PORTS 8 /* UDP listener ports of one service (base port .. base + n - 1) */
 #define RW_DEFAULT_UDP_IDLE_MS 30000
+#define RW_DEFAULT_UDP_FLOWS_PER_USER 2000 /* new UDP flows a second one user may start (burst: 2 s worth) */
 
 /* Redirect states, as numbered by WFP (FWP_CONNECTION_REDIRECT_STATE). */
 #define RW_STATE_NOT_REDIRECTED 0
@@ -100,6 +101,8 @@
 			     * whole chain again, because it had a side door (rw_svc_state) */
 #define RW_CNT_UDP_NO_FLOW 21 /* datagrams to a service's UDP socket that belong to no flow
 				* (no records: e.g. a flood from outside), dropped on arrival */
+#define RW_CNT_UDP_RATE 22 /* new UDP flows refused (EAGAIN): their user started more
+			     * than udp_flows_per_user a second */
 #define RW_CNT_N 24
 
 /* rw_conf.faults: fault injection for tests (never set from a config file). */
@@ -233,7 +236,7 @@ struct rw_conf {
 	__u64 key[2]; /* SipHash key, random per load */
 	__u64 udp_idle_ns; /* a UDP flow idle this long is over */
 	__u32 faults;      /* RW_FAULT_*: tests only */
-	__u32 _pad;
+	__u32 udp_flows_per_user; /* new UDP flows a second per uid (0: no limit) */
 	__u64 netns_cookie; /* the network namespace rewire serves (0: any) */
 };
 

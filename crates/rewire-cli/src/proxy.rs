@@ -60,6 +60,11 @@ pub struct ProxyArgs {
     /// (default: the service's udp_ports from the config, else 1).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=rewire::abi::RW_MAX_UDP_PORTS as i64))]
     pub udp_ports: Option<u8>,
+    /// Percent of the descriptor budget UDP flows may hold (the rest is kept
+    /// for TCP, so a flood of UDP flows never starves TCP's); 100 for a
+    /// UDP-only service.
+    #[arg(long, default_value_t = rewire_proxy::DEFAULT_UDP_SHARE_PERCENT, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub udp_share: u8,
     /// Threads that relay flows. One event loop splices at memory speed and
     /// leaves the other cores to the applications whose flows it relays (on
     /// a 2-vCPU machine it had 14 % more connections per second and a lower
@@ -117,6 +122,7 @@ pub fn main(a: ProxyArgs) -> Result<()> {
             (None, false) => rewire_proxy::Destination::Records,
         },
         grace: std::time::Duration::from_millis(a.grace_ms),
+        udp_share_percent: a.udp_share,
         udp_idle: match (a.udp_idle_ms, &cfg) {
             (Some(ms), _) => std::time::Duration::from_millis(ms),
             (None, Some(cfg)) => cfg.udp_idle(),

@@ -508,7 +508,9 @@ fn udp_ten_thousand_concurrent_flows_through_one_proxy() {
     let n: u64 = env("REWIRE_LOAD_UDP_FLOWS").unwrap_or(10_000);
     let echo = BigUdpEcho::start();
     let mut sb = Sandbox::new(&format!("udp_idle_ms = 8000\n{}", udp_service("audit", free_port(), echo.addr.port())));
-    let (pid, log) = start_proxy(&mut sb, "audit", &[]);
+    // A UDP-only service: its flows may hold the whole descriptor budget
+    // (by default half is kept for TCP).
+    let (pid, log) = start_proxy(&mut sb, "audit", &["--udp-share", "100"]);
     std::thread::sleep(Duration::from_millis(300));
     let (fd0, rss0) = (fd_count(pid), rss_kib(pid));
     let peak = Arc::new(AtomicU64::new(fd0));
@@ -1145,9 +1147,11 @@ fn closed_udp_flows_of_one_user_do_not_starve_another() {
     let flood_lines: Vec<_> = lines.iter().filter(|l| l["client_uid"] == 65534).collect();
     let closed = flood_lines.iter().filter(|l| l["ended"] == "client closed").count();
     println!(
-        "user 65534: {} one-datagram sockets in {flood_secs:.1} s ({} sends failed); proxy: {} of their flows ended, \
-         {closed} of them because the client closed, {} descriptors open at the victim's end",
+        "user 65534: {} one-datagram sockets in {flood_secs:.1} s ({} refused with EAGAIN over the user's flow rate, \
+         {} failed otherwise); proxy: {} of their flows ended, {closed} of them because the client closed, {} descriptors \
+         open at the victim's end",
         f["sent"],
+        f["rate_limited"],
         f["failed"],
         flood_lines.len(),
         fds
@@ -1164,7 +1168,12 @@ fn closed_udp_flows_of_one_user_do_not_starve_another() {
     println!("counters: {:?}", sb.hooks().counters().unwrap());
     let forged = drain.finish().iter().filter(|e| e.kind == EventKind::UdpForged).count();
     println!("udp_forged events: {forged} (the flood's own sockets: a reply to a closed socket's port reaches its successor)");
-    assert_eq!(f["sent"], 14_000, "{f:?}");
+    assert_eq!(f["sent"] + f["rate_limited"], 14_000, "every send went out or was refused visibly: {f:?}");
+    assert!(f["sent"] > 0, "{f:?}");
+    // The flooding user's own datagrams are not lost unseen either: its new
+    // flows beyond its rate were refused at the send (EAGAIN), so the
+    // proxy's listener never had to drop one for want of buffer.
+    assert_eq!(drops_after_flood, 0, "the proxy's listener overflowed under one user's burst");
     assert_eq!(v["tcp_ok"], v["tcp"], "the other user's TCP flows must be served: {v:?}");
     assert_eq!(v["udp_ok"], v["udp"], "the other user's UDP flows must be served: {v:?}");
 }
@@ -1178,16 +1187,20 @@ fn child_closed_udp_flood() {
     // Joined the cgroup as root; the flood is another user's.
     nix::unistd::setgid(nix::unistd::Gid::from_raw(65534)).unwrap();
     nix::unistd::setuid(nix::unistd::Uid::from_raw(65534)).unwrap();
-    let (mut sent, mut failed) = (0u64, 0u64);
+    let (mut sent, mut rate_limited, mut failed) = (0u64, 0u64, 0u64);
     for i in 0..14_000u64 {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         match s.send_to(&pattern(i, 32), dst) {
             Ok(_) => sent += 1,
-            Err(_) => failed += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => rate_limited += 1,
+            Err(e) => {
+                eprintln!("send {i}: {e}");
+                failed += 1
+            }
         }
         drop(s);
     }
-    println!("RESULT sent={sent} failed={failed}");
+    println!("RESULT sent={sent} rate_limited={rate_limited} failed={failed}");
 }
 
 #[test]

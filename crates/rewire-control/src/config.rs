@@ -5,6 +5,7 @@
 //! cgroup = "rewire"          # subtree under the cgroup2 mount that rewire owns
 //! hop_limit = 8              # redirects one flow may take (1..=16)
 //! udp_idle_ms = 30000        # a UDP flow without datagrams this long is over
+//! udp_flows_per_user = 2000  # new UDP flows a second one user may start (0: no limit)
 //! guard = "/"                # optional: the cgroup (path under the cgroup2
 //!                            # mount, "/" = the root) where the borrowed-socket
 //!                            # guard is attached; an ancestor of the subtree.
@@ -50,7 +51,7 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use rewire::abi::{
-    RW_DEFAULT_HOP_LIMIT, RW_DEFAULT_UDP_IDLE_MS, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES, RW_MAX_UDP_PORTS,
+    RW_DEFAULT_HOP_LIMIT, RW_DEFAULT_UDP_FLOWS_PER_USER, RW_DEFAULT_UDP_IDLE_MS, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES, RW_MAX_UDP_PORTS,
 };
 
 /// Bounds of `udp_idle_ms`.
@@ -316,6 +317,9 @@ fn default_hop_limit() -> Spanned<u32> {
 fn default_udp_idle_ms() -> Spanned<u64> {
     Spanned::new(0..0, RW_DEFAULT_UDP_IDLE_MS)
 }
+fn default_udp_flows_per_user() -> Spanned<u32> {
+    Spanned::new(0..0, RW_DEFAULT_UDP_FLOWS_PER_USER)
+}
 
 /// A whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -330,6 +334,11 @@ pub struct Config {
     /// Milliseconds without a datagram after which a UDP flow is over.
     #[serde(default = "default_udp_idle_ms")]
     pub udp_idle_ms: Spanned<u64>,
+    /// New UDP flows a second one user (uid) may start in the subtree
+    /// (bursts of two seconds' worth); beyond, the send or connect fails
+    /// with `EAGAIN` (counter `udp_rate`). 0: no limit.
+    #[serde(default = "default_udp_flows_per_user")]
+    pub udp_flows_per_user: Spanned<u32>,
     /// Where the borrowed-socket guard is attached ([`crate::guard`]): a
     /// cgroup path under the cgroup2 mount (`"/"` is its root), an ancestor
     /// of the subtree. Its programs run for every connect and unconnected

@@ -144,6 +144,9 @@ pub struct Counters {
     /// subtree (no records), dropped on arrival before they take the
     /// proxy's time or its listener's buffer.
     pub udp_no_flow: u64,
+    /// New UDP flows refused (`EAGAIN`): their user started more than
+    /// `udp_flows_per_user` a second.
+    pub udp_rate: u64,
 }
 
 impl Counters {
@@ -170,13 +173,14 @@ impl Counters {
             broadcast: g(abi::RW_CNT_BROADCAST),
             side_door: g(abi::RW_CNT_SIDE_DOOR),
             udp_no_flow: g(abi::RW_CNT_UDP_NO_FLOW),
+            udp_rate: g(abi::RW_CNT_UDP_RATE),
         }
     }
 }
 
 impl Counters {
     /// Each counter with its name, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, u64); 20] {
+    pub fn fields(&self) -> [(&'static str, u64); 21] {
         [
             ("redirect", self.redirect),
             ("deliver", self.deliver),
@@ -198,6 +202,7 @@ impl Counters {
             ("broadcast", self.broadcast),
             ("side_door", self.side_door),
             ("udp_no_flow", self.udp_no_flow),
+            ("udp_rate", self.udp_rate),
         ]
     }
 }
@@ -852,7 +857,7 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
         key: [rand::random(), rand::random()],
         udp_idle_ns: config.udp_idle().as_nanos() as u64,
         faults: if faults.no_storage { abi::RW_FAULT_NO_STORAGE } else { 0 },
-        _pad: 0,
+        udp_flows_per_user: *config.udp_flows_per_user.get_ref(),
         netns_cookie: current_netns_cookie()?,
     };
     let mut arr: Array<&mut MapData, Pod<RwConf>> =

@@ -65,6 +65,9 @@ pub use relay::RelayMode;
 
 use limits::{Budget, Tally, ACCEPT_HEADROOM, TCP_FLOW_FDS};
 
+/// Percent of the descriptor budget UDP flows may hold, unless told otherwise.
+pub const DEFAULT_UDP_SHARE_PERCENT: u8 = 50;
+
 /// Live flows get this long to end after the proxy was told to stop, unless told otherwise.
 pub const DEFAULT_GRACE: Duration = Duration::from_millis(5000);
 
@@ -159,6 +162,9 @@ pub struct ProxyOptions {
     pub udp_idle: Duration,
     /// After the proxy was told to stop, live flows get this long to end on their own.
     pub grace: Duration,
+    /// Percent (1..=100) of the descriptor budget UDP flows may hold; TCP
+    /// flows may use the whole budget, so the rest is always TCP's.
+    pub udp_share_percent: u8,
 }
 
 impl Default for ProxyOptions {
@@ -171,6 +177,7 @@ impl Default for ProxyOptions {
             destination: Destination::Records,
             udp_idle: Duration::from_millis(rewire::abi::RW_DEFAULT_UDP_IDLE_MS),
             grace: DEFAULT_GRACE,
+            udp_share_percent: DEFAULT_UDP_SHARE_PERCENT,
         }
     }
 }
@@ -404,11 +411,13 @@ impl Proxy {
         })
     }
 
-    /// Live UDP flows at most: [`udp::MAX_FLOWS`], and no more than half
-    /// the descriptor budget holds, so UDP never starves TCP (whose flows
-    /// may use the whole budget).
+    /// Live UDP flows at most: [`udp::MAX_FLOWS`], and no more than
+    /// [`ProxyOptions::udp_share_percent`] of the descriptor budget holds
+    /// (default half), so UDP never starves TCP (whose flows may use the
+    /// whole budget).
     pub fn udp_max_flows(&self) -> usize {
-        (self.budget.total() / 2 / limits::UDP_FLOW_FDS).clamp(1, udp::MAX_FLOWS)
+        let share = self.opts.udp_share_percent.clamp(1, 100) as usize;
+        (self.budget.total() / 100 * share / limits::UDP_FLOW_FDS).clamp(1, udp::MAX_FLOWS)
     }
 
     fn tallies(&self) -> [&Tally; 7] {

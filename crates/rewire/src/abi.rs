@@ -20,6 +20,8 @@ pub const RW_DEFAULT_HOP_LIMIT: u32 = 8;
 pub const RW_UDP_SLOTS: usize = 8;
 pub const RW_MAX_UDP_PORTS: usize = 8;
 pub const RW_DEFAULT_UDP_IDLE_MS: u64 = 30_000;
+/// New UDP flows a second one user may start, unless configured (`udp_flows_per_user`).
+pub const RW_DEFAULT_UDP_FLOWS_PER_USER: u32 = 2_000;
 pub const RW_TAGGED_LEN: usize = 120;
 
 pub const RW_EV_REDIRECT: u32 = 1;
@@ -58,6 +60,7 @@ pub const RW_CNT_LINK: u32 = 11;
 pub const RW_CNT_BORROWED: u32 = 18;
 pub const RW_CNT_SIDE_DOOR: u32 = 20;
 pub const RW_CNT_UDP_NO_FLOW: u32 = 21;
+pub const RW_CNT_UDP_RATE: u32 = 22;
 pub const RW_CNT_N: u32 = 24;
 
 pub const RW_FAULT_NO_STORAGE: u32 = 1;
@@ -170,7 +173,7 @@ pub struct RwConf {
     pub key: [u64; 2],
     pub udp_idle_ns: u64,
     pub faults: u32,
-    pub _pad: u32,
+    pub udp_flows_per_user: u32,
     pub netns_cookie: u64,
 }
 
