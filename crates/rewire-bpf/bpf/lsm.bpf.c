@@ -6,6 +6,10 @@
  *                            receive a socket made outside it: SCM_RIGHTS
  *                            and pidfd_getfd both install the descriptor
  *                            through receive_fd(), which asks this hook
+ *                            nor an io_uring ring set up with SQPOLL
+ *                            whose kernel thread runs outside it (the
+ *                            thread makes and uses sockets for whoever
+ *                            submits: outside the subtree, past every hook)
  *   lsm/ptrace_access_check  a process inside the subtree may not ptrace,
  *                            pidfd_getfd, process_vm_writev or write the
  *                            /proc/PID/mem of a process outside it (every
@@ -24,6 +28,7 @@
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
 
 #include "rewire_abi.h"
 
@@ -86,7 +91,41 @@ struct css_set {
 struct task_struct {
 	struct css_set *cgroups;
 } __attribute__((preserve_access_index));
-struct file;
+/* io_uring's ring file: an anonymous inode named "[io_uring]" whose
+ * private_data is the ring (struct io_ring_ctx). io_uring_fops is static
+ * and not a ksym on kernels without CONFIG_KALLSYMS_ALL, so the file is
+ * recognised by its filesystem and name. Read with CO-RE probe reads
+ * (private_data is a void pointer to the verifier). */
+struct qstr {
+	const unsigned char *name;
+} __attribute__((preserve_access_index));
+struct dentry {
+	struct qstr d_name;
+} __attribute__((preserve_access_index));
+struct path {
+	struct dentry *dentry;
+} __attribute__((preserve_access_index));
+struct super_block {
+	unsigned long s_magic;
+} __attribute__((preserve_access_index));
+struct inode {
+	struct super_block *i_sb;
+} __attribute__((preserve_access_index));
+struct file {
+	struct path f_path;
+	struct inode *f_inode;
+	void *private_data;
+} __attribute__((preserve_access_index));
+struct io_sq_data {
+	struct task_struct *thread;
+} __attribute__((preserve_access_index));
+struct io_ring_ctx {
+	unsigned int flags;
+	struct io_sq_data *sq_data;
+} __attribute__((preserve_access_index));
+
+#define RW_ANON_INODE_FS_MAGIC 0x09041934
+#define RW_IORING_SETUP_SQPOLL (1U << 1)
 
 #define RW_GUARD_MAX_DEPTH 64
 
@@ -111,6 +150,59 @@ static __always_inline int rw_cgroup_in(struct cgroup *cg, __u32 level, __u64 id
 		cg = parent->cgroup;
 	}
 	return 0;
+}
+
+/* rw_cgroup_in through probe reads, for a cgroup pointer the verifier
+ * does not know as one (reached through a void pointer). */
+static __always_inline int rw_cgroup_in_probed(struct cgroup *cg, __u32 level, __u64 id)
+{
+	for (int i = 0; i < RW_GUARD_MAX_DEPTH && cg; i++) {
+		int l = BPF_CORE_READ(cg, level);
+
+		if (l < (int)level)
+			return 0;
+		if (l == (int)level)
+			return BPF_CORE_READ(cg, kn, id) == id;
+		cg = BPF_CORE_READ(cg, self.parent, cgroup);
+	}
+	return 0;
+}
+
+/* 1 when `file` is an io_uring ring set up with SQPOLL whose kernel thread
+ * is not inside the subtree (or is not known): what is submitted to such a
+ * ring runs on that thread, so the sockets it makes are made and used
+ * outside. A ring without SQPOLL runs requests in the submitting task (and
+ * its own io-wq workers), inside: it passes. */
+static __always_inline int rw_outside_sqpoll_ring(struct file *file, struct rw_guard_conf *conf)
+{
+	static const char want[] = "[io_uring]";
+	char name[sizeof(want) + 1] = {};
+	const unsigned char *np;
+	struct io_ring_ctx *ring;
+	struct io_sq_data *sqd;
+	struct task_struct *thread;
+	struct css_set *cs;
+
+	if (!bpf_core_type_exists(struct io_ring_ctx))
+		return 0; /* a kernel without io_uring */
+	if (BPF_CORE_READ(file, f_inode, i_sb, s_magic) != RW_ANON_INODE_FS_MAGIC)
+		return 0;
+	np = BPF_CORE_READ(file, f_path.dentry, d_name.name);
+	/* sizeof(want) + 1 bytes: a longer name reads as longer, not as a match. */
+	if (!np || bpf_probe_read_kernel_str(name, sizeof(name), np) != sizeof(want))
+		return 0;
+	for (int i = 0; i < (int)sizeof(want); i++)
+		if (name[i] != want[i])
+			return 0;
+	ring = BPF_CORE_READ(file, private_data);
+	if (!ring || !(BPF_CORE_READ(ring, flags) & RW_IORING_SETUP_SQPOLL))
+		return 0;
+	sqd = BPF_CORE_READ(ring, sq_data);
+	thread = sqd ? BPF_CORE_READ(sqd, thread) : 0;
+	cs = thread ? BPF_CORE_READ(thread, cgroups) : 0;
+	if (!cs)
+		return 1; /* the thread is not known: refuse */
+	return !rw_cgroup_in_probed(BPF_CORE_READ(cs, dfl_cgrp), conf->level, conf->subtree_id);
 }
 
 /* The conf when the calling task is inside the subtree and not a service's. */
@@ -167,8 +259,12 @@ int rw_lsm_file_receive(unsigned long long *ctx)
 	if (ret || !conf)
 		return ret;
 	sock = bpf_sock_from_file(file);
-	if (!sock)
-		return 0; /* not a socket */
+	if (!sock) {
+		if (!rw_outside_sqpoll_ring(file, conf))
+			return 0; /* neither a socket nor an outside SQPOLL ring */
+		rw_lsm_report();
+		return -EPERM;
+	}
 	sk = sock->sk;
 	if (!sk || rw_cgroup_in(sk->sk_cgrp_data.cgroup, conf->level, conf->subtree_id))
 		return 0;
