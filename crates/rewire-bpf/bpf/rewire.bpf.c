@@ -192,15 +192,38 @@ struct {
 	__type(value, struct rw_owner);
 } rw_owner SEC(".maps");
 
-/* Flows an unmodified transparent proxy queried SO_ORIGINAL_DST of and has
- * not connected onward yet (linking; see rw_link_offer). An LRU: bounded,
- * and entries also age out after RW_LINK_MAX_AGE_NS. */
+/* Accepted sockets an unmodified transparent proxy queried SO_ORIGINAL_DST
+ * of and has not released yet, per (process, destination) (linking; see
+ * rw_link_offer). A plain hash, not an LRU, and no age: an entry leaves only
+ * when its last socket is released, so nothing (time, a flood of other
+ * entries) makes it forget a flow that waits. When it is full, the socket
+ * is counted in its service's link_unrecorded and nothing of that service
+ * is linked until it is released. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, RW_LINK_ENTRIES);
 	__type(key, struct rw_link_key);
 	__type(value, struct rw_link);
 } rw_link SEC(".maps");
+
+/* An accepted socket counted by rw_link_offer: where to count it down when
+ * it is released (rw_link_release). Set once, atomically: a socket is
+ * counted once however often and from however many threads it is queried. */
+#define RW_LINK_COUNTED (1ULL << 32)    /* in rw_link under (tgid, its destination) */
+#define RW_LINK_UNRECORDED (1ULL << 33) /* in its service's link_unrecorded */
+struct rw_link_sk {
+	__u64 state;      /* the querying tgid (low 32 bits) | RW_LINK_COUNTED or RW_LINK_UNRECORDED */
+	__u16 service_id; /* whose link_unrecorded */
+	__u8 _pad[6];
+	struct rw_addr dst; /* the entry's destination (the socket's records may be set anew) */
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct rw_link_sk);
+} rw_link_sk SEC(".maps");
 
 /* The host's directed broadcast addresses (IPv4, network order), read with
  * the interface addresses when the rules are loaded: a datagram to one of
@@ -936,47 +959,50 @@ __attribute__((noinline)) int rw_svc_depth(__u32 sid)
 /* ---- linking an unmodified proxy's onward connect to its flow ----
  *
  * A proxy that does not carry records but asks SO_ORIGINAL_DST of the
- * socket it accepted (every netfilter-based transparent proxy does) leaves
- * an rw_link entry keyed by (its process, the flow's original destination).
- * Its next record-less connect to that destination continues that flow:
- * same records (flow id, origin, chain) as if it had set them. Only when
- * exactly one such flow is pending: with two or more, nobody can tell which
- * connect belongs to which, and the connect starts from the proxy's
- * position in the configured order as before. */
+ * socket it accepted (every netfilter-based transparent proxy does) counts
+ * that socket as pending in an rw_link entry keyed by (its process, the
+ * flow's original destination) until it releases the socket. Its
+ * record-less connect to that destination continues that flow (same
+ * records, flow id, origin, chain, as if it had set them) only while that
+ * socket is the only one ever pending in the entry: with two or more alive,
+ * nobody can tell which connect belongs to which, and the connect is the
+ * proxy's own new flow, until every one of them is released. A linked flow
+ * stays pending: it may connect again (a second request, a retry), and a
+ * flow queried meanwhile must not become "the only one". */
+
+/* Whether a connect of service `sid` may be linked to entry `l`. */
+static __always_inline int rw_link_usable(const struct rw_link *l, __u32 sid)
+{
+	return l->pending == 1 && !l->ambiguous && l->service_id == sid;
+}
 
 /* A connect of service `c->caller` to `orig` without records: if it
  * continues a flow (see above), marks `c` linked and lets the walk see that
  * flow's chain and origin. A global function (its key's stack is not added
- * to its callers'), called only on that path. */
+ * to its callers'), called only on that path. Deletes nothing: an entry is
+ * the memory of flows that wait. */
 __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw_choice *c, struct rw_walk *w)
 {
 	struct rw_link_key k = {};
+	struct rw_svc_state *s;
 	struct rw_link *l;
+	__u32 sid;
 
 	if (!orig || !c || !w)
 		return 0;
+	sid = c->caller;
+	s = bpf_map_lookup_elem(&rw_svc_state, &sid);
+	if (!s || s->link_unrecorded)
+		return 0; /* a queried flow the table had no room for may be waiting */
 	k.tgid = bpf_get_current_pid_tgid() >> 32;
 	k.dst = *orig;
 	l = bpf_map_lookup_elem(&rw_link, &k);
-	if (!l)
+	if (!l || !rw_link_usable(l, sid))
 		return 0;
-	if (bpf_ktime_get_boot_ns() - l->ts_ns > RW_LINK_MAX_AGE_NS || l->service_id != c->caller) {
-		bpf_map_delete_elem(&rw_link, &k);
-		return 0;
-	}
-	if (!rw_svc_quiet(c->caller, l->ts_ns)) {
+	if (!rw_svc_quiet(sid, l->ts_ns)) {
 		/* A side door was open or used since (or shortly before) the
 		 * query: this connect may be for that client. */
-		bpf_map_delete_elem(&rw_link, &k);
 		rw_count(RW_CNT_SIDE_DOOR);
-		return 0;
-	}
-	if (l->count != 1 || l->ambiguous) {
-		/* One of several: which, nobody knows. It drains as they connect. */
-		if (l->count > 1)
-			l->count--;
-		else
-			bpf_map_delete_elem(&rw_link, &k);
 		return 0;
 	}
 	w->seen = 0;
@@ -987,9 +1013,9 @@ __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw
 	return 1;
 }
 
-/* Takes the linked flow's records into `out` (the onward socket's) and
- * removes the entry; 0 if it changed since rw_link_peek. */
-__attribute__((noinline)) int rw_link_claim(const struct rw_addr *orig, __u64 flow_id, struct rw_records *out)
+/* Copies the linked flow's records into `out` (the onward socket's); 0 if
+ * the entry changed since rw_link_peek. The entry stays (see above). */
+__attribute__((noinline)) int rw_link_claim(const struct rw_addr *orig, __u64 flow_id, __u32 sid, struct rw_records *out)
 {
 	struct rw_link_key k = {};
 	struct rw_link *l;
@@ -999,10 +1025,9 @@ __attribute__((noinline)) int rw_link_claim(const struct rw_addr *orig, __u64 fl
 	k.tgid = bpf_get_current_pid_tgid() >> 32;
 	k.dst = *orig;
 	l = bpf_map_lookup_elem(&rw_link, &k);
-	if (!l || l->rec.flow_id != flow_id || l->count != 1 || l->ambiguous)
+	if (!l || l->rec.flow_id != flow_id || !rw_link_usable(l, sid))
 		return 0;
 	*out = l->rec;
-	bpf_map_delete_elem(&rw_link, &k);
 	rw_count(RW_CNT_LINK);
 	return 1;
 }
@@ -1244,7 +1269,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 			return rw_refuse(ENOBUFS);
 		}
 	}
-	if (c.linked && !rw_link_claim(&orig, c.link_flow, &st->rec)) {
+	if (c.linked && !rw_link_claim(&orig, c.link_flow, c.caller, &st->rec)) {
 		/* The entry changed since the decision (another flow queried):
 		 * a new flow of the proxy's, as without a link. */
 		c.linked = 0;
@@ -1660,6 +1685,45 @@ __attribute__((noinline)) int rw_udp_gone_mark(__u64 flow_id)
 	return 0;
 }
 
+/* A TCP socket is released: if rw_link_offer counted it, it is pending no
+ * more; the entry goes with its last socket. */
+static __always_inline void rw_link_release(struct bpf_sock *sk)
+{
+	struct rw_link_key k = {};
+	struct rw_svc_state *s;
+	struct rw_link_sk *m;
+	struct rw_link *l;
+	struct rw_sock *st;
+	__u32 sid;
+
+	m = bpf_sk_storage_get(&rw_link_sk, sk, 0, 0);
+	if (!m || !m->state) {
+		st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+		if (st && (st->flags & RW_F_LINK_LOST)) {
+			sid = st->service_id;
+			s = bpf_map_lookup_elem(&rw_svc_state, &sid);
+			if (s && s->link_unrecorded)
+				__sync_fetch_and_add(&s->link_unrecorded, -1);
+			st->flags &= ~RW_F_LINK_LOST;
+		}
+		return;
+	}
+	if (m->state & RW_LINK_UNRECORDED) {
+		sid = m->service_id;
+		s = bpf_map_lookup_elem(&rw_svc_state, &sid);
+		if (s && s->link_unrecorded)
+			__sync_fetch_and_add(&s->link_unrecorded, -1);
+	} else {
+		k.tgid = (__u32)m->state;
+		k.dst = m->dst;
+		l = bpf_map_lookup_elem(&rw_link, &k);
+		/* Nobody counts an entry up from 0: the one that takes it to 0 deletes it. */
+		if (l && __sync_fetch_and_add(&l->pending, -1) == 1)
+			bpf_map_delete_elem(&rw_link, &k);
+	}
+	m->state = 0;
+}
+
 SEC("cgroup/sock_release")
 int rw_sock_release(struct bpf_sock *sk)
 {
@@ -1667,7 +1731,13 @@ int rw_sock_release(struct bpf_sock *sk)
 	struct rw_tuple key;
 	__u8 family = sk->family;
 
-	if (sk->protocol != IPPROTO_UDP || (family != AF_INET && family != AF_INET6))
+	if (family != AF_INET && family != AF_INET6)
+		return 1;
+	if (sk->protocol == IPPROTO_TCP) {
+		rw_link_release(sk);
+		return 1;
+	}
+	if (sk->protocol != IPPROTO_UDP)
 		return 1;
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
 	if (!u)
@@ -2095,44 +2165,72 @@ struct rw_sin6 {
 };
 
 /* The querying process is the service this accepted socket belongs to:
- * remember the flow for its onward connect (rw_link_peek). */
-__attribute__((noinline)) int rw_link_offer(const struct rw_sock *st)
+ * count the socket as pending under (this process, the flow's destination)
+ * until it is released (rw_link_release), once. An entry is never replaced
+ * or deleted here, whatever its age or the service's side doors: a second
+ * socket makes it ambiguous. No room: the socket is counted in the
+ * service's link_unrecorded instead, which stops its links while it lasts.
+ * `m`: the socket's rw_link_sk (0 if it could not be made). */
+__attribute__((noinline)) int rw_link_offer(struct rw_link_sk *m, struct rw_sock *st)
 {
 	struct rw_link_key k = {};
 	struct rw_link v = {};
+	struct rw_svc_state *s;
 	struct rw_link *l;
+	__u64 tgid, old;
+	__u32 sid;
 	__u16 caller;
-	__u64 now;
 
 	if (!st)
 		return 0;
 	caller = rw_caller_service();
 	if (!caller || caller != st->service_id)
 		return 0;
-	now = bpf_ktime_get_boot_ns();
-	k.tgid = bpf_get_current_pid_tgid() >> 32;
-	k.dst = st->rec.orig_dst;
-	if (!rw_svc_quiet(caller, now)) {
-		/* A side door is open or was used recently: no connect of this
-		 * process to that destination can be told to be this flow's. */
-		bpf_map_delete_elem(&rw_link, &k);
+	sid = caller;
+	s = bpf_map_lookup_elem(&rw_svc_state, &sid);
+	if (!s)
 		return 0;
-	}
-	l = bpf_map_lookup_elem(&rw_link, &k);
-	if (l && now - l->ts_ns <= RW_LINK_MAX_AGE_NS && l->service_id == caller) {
-		if (l->rec.flow_id != st->rec.flow_id) {
-			if (l->count < 255)
-				l->count++;
-			l->ambiguous = 1;
+	if (!m) {
+		/* No room for the socket's own mark: counted where nothing can
+		 * push it out, until the socket is released. */
+		if (!(st->flags & RW_F_LINK_LOST)) {
+			st->flags |= RW_F_LINK_LOST;
+			__sync_fetch_and_add(&s->link_unrecorded, 1);
 		}
-		l->ts_ns = now;
 		return 0;
 	}
-	v.ts_ns = now;
+	tgid = bpf_get_current_pid_tgid() >> 32;
+	if (__sync_val_compare_and_swap(&m->state, 0, tgid | RW_LINK_COUNTED) != 0)
+		return 0; /* counted already */
+	m->service_id = caller;
+	m->dst = st->rec.orig_dst;
+	k.tgid = tgid;
+	k.dst = st->rec.orig_dst;
+	v.ts_ns = bpf_ktime_get_boot_ns();
+	v.pending = 1;
 	v.service_id = caller;
-	v.count = 1;
 	v.rec = st->rec;
-	bpf_map_update_elem(&rw_link, &k, &v, BPF_ANY);
+	if (!bpf_map_update_elem(&rw_link, &k, &v, BPF_NOEXIST))
+		return 0;
+	l = bpf_map_lookup_elem(&rw_link, &k);
+	if (l) {
+		/* Another flow pending under the key: which connect is whose
+		 * cannot be told any more. Marked before it is counted, so no
+		 * reader ever sees one pending and not ambiguous meanwhile. */
+		l->ambiguous = 1;
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			old = l->pending;
+			if (!old)
+				break; /* its last socket is going: the entry is being deleted */
+			if (__sync_val_compare_and_swap(&l->pending, old, old + 1) == old)
+				return 0;
+		}
+	}
+	/* Full, or the entry is going away under us: count it where nothing
+	 * can push it out. */
+	m->state = tgid | RW_LINK_UNRECORDED;
+	__sync_fetch_and_add(&s->link_unrecorded, 1);
 	return 0;
 }
 
@@ -2195,7 +2293,7 @@ static __always_inline int rw_origdst(struct bpf_sockopt *ctx)
 			RW_READ(ctx->optlen) = sizeof(a);
 	}
 	ctx->retval = 0;
-	rw_link_offer(st);
+	rw_link_offer(bpf_sk_storage_get(&rw_link_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE), st);
 	return 1;
 }
 
@@ -2362,6 +2460,28 @@ int rw_setsockopt(struct bpf_sockopt *ctx)
  * EPROTONOSUPPORT, as on a kernel without it (applications that try MPTCP
  * fall back to TCP), and a `protocol` event. */
 
+/* Every TCP socket a service's process creates is the service's (side
+ * doors, rw_side_door): whatever it listens on, bound or not (listen()
+ * without bind() picks a port where no bind hook runs), its accepted
+ * connections carry the mark. Separate from rw_owner, which only the
+ * service's own sockets on its configured addresses get (at bind). No
+ * storage, no socket: an unmarked listener would hide its side doors. */
+static __always_inline int rw_svc_sock_mark(struct bpf_sock *sk)
+{
+	struct rw_svc_sock *o;
+	__u16 sid = rw_caller_service();
+
+	if (!sid)
+		return 1;
+	o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!o) {
+		bpf_set_retval(-ENOBUFS);
+		return 0;
+	}
+	o->service_id = sid;
+	return 1;
+}
+
 SEC("cgroup/sock_create")
 int rw_sock_create(struct bpf_sock *sk)
 {
@@ -2370,7 +2490,9 @@ int rw_sock_create(struct bpf_sock *sk)
 	__u32 zero = 0;
 	struct rw_records *r;
 
-	if ((type == SOCK_STREAM && proto == IPPROTO_TCP) || (type == SOCK_DGRAM && proto == IPPROTO_UDP))
+	if (type == SOCK_STREAM && proto == IPPROTO_TCP)
+		return rw_svc_sock_mark(sk);
+	if (type == SOCK_DGRAM && proto == IPPROTO_UDP)
 		return 1;
 	conf = rw_get_conf();
 	if (!conf || (family != AF_INET && family != AF_INET6))

@@ -45,6 +45,8 @@
 #define RW_F_HAS_RECORDS 1u  /* outbound socket: a verified blob was set */
 #define RW_F_REDIRECTED 2u   /* connect was redirected: getpeername lies, handoff on SYN */
 #define RW_F_ACCEPTED 4u     /* accepted socket that received a flow record */
+#define RW_F_LINK_LOST 8u    /* accepted socket queried when no link mark could be made: counted
+			      * in its service's link_unrecorded until released */
 
 /* Event kinds (ring buffer to the daemon). */
 #define RW_EV_REDIRECT 1 /* connect redirected to a service */
@@ -287,13 +289,14 @@ struct rw_owner {
 };
 
 /* Linking an unmodified transparent proxy's onward connect to the flow it
- * accepted: its SO_ORIGINAL_DST query on an accepted socket leaves an entry
- * (map rw_link) keyed by the querying process and the flow's original
- * destination; that process's next record-less connect to the same
- * destination carries the flow's records on when exactly one such flow is
- * pending and the entry is younger than RW_LINK_MAX_AGE_NS. */
-#define RW_LINK_MAX_AGE_NS (30ULL * 1000000000ULL)
-#define RW_LINK_ENTRIES 4096
+ * accepted: its SO_ORIGINAL_DST query on an accepted socket counts that
+ * socket as pending in an entry (map rw_link) keyed by the querying process
+ * and the flow's original destination, until the socket is released
+ * (cgroup/sock_release); that process's record-less connect to the same
+ * destination carries the flow's records on only while exactly one socket
+ * was ever pending in the entry. No age: a flow that waits is never
+ * forgotten while its socket lives. */
+#define RW_LINK_ENTRIES 65536
 
 struct rw_link_key {
 	__u32 tgid; /* the querying process */
@@ -302,12 +305,14 @@ struct rw_link_key {
 };
 
 struct rw_link {
-	__u64 ts_ns;      /* CLOCK_BOOTTIME of the last query */
+	__u64 ts_ns;      /* CLOCK_BOOTTIME of the query that made the entry */
+	__u64 pending;    /* queried accepted sockets not released yet (atomic; an
+			   * entry at 0 is being deleted and is never counted up again) */
 	__u16 service_id; /* the querying service (its accepted socket's) */
-	__u8 count;       /* distinct flows queried and not yet connected onward */
-	__u8 ambiguous;   /* more than one was pending at some time: no link until it drains */
-	__u32 _pad;
-	struct rw_records rec; /* the (last) queried flow's records */
+	__u8 ambiguous;   /* more than one was pending at some time: no link until
+			   * every one is released and the entry is gone */
+	__u8 _pad[5];
+	struct rw_records rec; /* the flow of the query that made the entry */
 };
 
 /* Per service (array rw_svc_state, index = service id): its side doors, TCP
@@ -317,10 +322,12 @@ struct rw_link {
  * side door is open and none opened or closed within RW_SIDE_DOOR_QUIET_NS:
  * only then is its record-less onward connect linked to a flow it queried,
  * or continued after it. */
-#define RW_SIDE_DOOR_QUIET_NS RW_LINK_MAX_AGE_NS
+#define RW_SIDE_DOOR_QUIET_NS (30ULL * 1000000000ULL)
 struct rw_svc_state {
 	__u32 side_open;  /* side-door connections open now */
-	__u32 _pad;
+	__u32 link_unrecorded; /* queried sockets not released yet that rw_link had no
+				* room for: while any is, no connect of the service is
+				* linked (one of them may be waiting) */
 	__u64 side_ns;    /* CLOCK_BOOTTIME of the last side-door open or close (0: never) */
 	__u64 depth_ns;   /* when `depth` was last raised */
 	__u8 depth;       /* deepest (depth + chain length) of a flow handed to it within

@@ -229,22 +229,21 @@ pub struct RwLinkKey {
     pub dst: RwAddr,
 }
 
-/// Value of `rw_link`: a flow an unmodified proxy asked SO_ORIGINAL_DST of.
+/// Value of `rw_link`: the queried accepted sockets of one process to one
+/// destination that are not released yet, and the first one's flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RwLink {
     pub ts_ns: u64,
+    pub pending: u64,
     pub service_id: u16,
-    pub count: u8,
     pub ambiguous: u8,
-    pub _pad: u32,
+    pub _pad: [u8; 5],
     pub rec: RwRecords,
 }
 
-/// How long a pending link is kept (`RW_LINK_MAX_AGE_NS`).
-pub const RW_LINK_MAX_AGE_NS: u64 = 30_000_000_000;
 /// Entries of `rw_link` (`RW_LINK_ENTRIES`).
-pub const RW_LINK_ENTRIES: u32 = 4096;
+pub const RW_LINK_ENTRIES: u32 = 65536;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -293,7 +292,7 @@ assert_layout!(RwIdentKey, 16, id @ 8);
 assert_layout!(RwEvent, 112, pid @ 24, comm @ 28, ts_ns @ 48, orig_dst @ 56, chain @ 80);
 assert_layout!(RwAccessKey, 8);
 assert_layout!(RwLinkKey, 32, dst @ 8);
-assert_layout!(RwLink, 144, service_id @ 8, count @ 10, ambiguous @ 11, rec @ 16);
+assert_layout!(RwLink, 152, pending @ 8, service_id @ 16, ambiguous @ 18, rec @ 24);
 
 /// Plain-old-data marker: every bit pattern is a valid value.
 ///
