@@ -263,6 +263,8 @@ pub struct Faults {
     pub handoff_entries: Option<u32>,
     /// Size of the UDP hand-off table (default 65,536), to overflow it on purpose.
     pub udp_handoff_entries: Option<u32>,
+    /// Size of the pending-link table `rw_link` (default 65,536), to fill it on purpose.
+    pub link_entries: Option<u32>,
 }
 
 /// Programs attached only when the configuration needs them: the UDP
@@ -339,6 +341,9 @@ impl Hooks {
         }
         if let Some(n) = faults.udp_handoff_entries {
             loader.map_max_entries("rw_udp_handoff", n);
+        }
+        if let Some(n) = faults.link_entries {
+            loader.map_max_entries("rw_link", n);
         }
         let mut bpf = loader.load(rewire_bpf::object())?;
         fill_maps(&mut bpf, config, subtree, faults)?;
