@@ -48,6 +48,7 @@
 //! run short: [`limits`].
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -548,6 +549,7 @@ pub fn bind_or_inherit(
                 tracing::info!("listening on {a} (tcp) with the socket passed by the service manager ({s})");
                 let l = std::net::TcpListener::from(s.fd);
                 l.set_nonblocking(true)?;
+                socket2::SockRef::from(&l).set_linger(Some(Duration::ZERO))?;
                 return TcpListener::from_std(l);
             }
             let s = socket2::Socket::new(socket2::Domain::for_address(*a), socket2::Type::STREAM, None)?;
@@ -556,6 +558,8 @@ pub fn bind_or_inherit(
             }
             s.set_reuse_address(true)?;
             s.set_nonblocking(true)?;
+            // Accepted sockets inherit it: abortive from their first moment (see `abortive`).
+            s.set_linger(Some(Duration::ZERO))?;
             s.bind(&(*a).into())?;
             s.listen(4096)?;
             TcpListener::from_std(s.into())
@@ -686,7 +690,9 @@ pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut 
     let start = Instant::now();
     let opts = &proxy.opts;
     let mut log = FlowLog::new(opts, peer, "tcp");
-    // From here until the flow has finished, any close resets the client.
+    // From its accept until the flow has finished, any close resets the
+    // client: the listener is abortive, and an accepted socket inherits
+    // its linger (set again here for a listener that is not ours).
     abortive(&client, true);
     let progress = relay::Progress::default();
     let r = tokio::select! {
@@ -735,7 +741,11 @@ pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut 
 /// death (the kernel closes a dead process's sockets as `close(2)` would,
 /// with a FIN when nothing is unread, unless linger says otherwise).
 /// `shutdown(SHUT_WR)` is not affected, so half-close is still relayed.
-fn abortive(sock: &TcpStream, on: bool) {
+/// Set before a socket can carry anything: on the listener (an accepted
+/// socket is a clone of its listener and inherits its linger, so there is
+/// no moment between accept and this call) and on the onward socket
+/// before its connect.
+fn abortive(sock: &impl AsFd, on: bool) {
     let linger = on.then_some(Duration::ZERO);
     if let Err(e) = socket2::SockRef::from(sock).set_linger(linger) {
         tracing::debug!("SO_LINGER {linger:?} on a flow's socket: {e}");
@@ -756,20 +766,24 @@ async fn flow(
                 _ => relay::netfilter_original_dst(client).map_err(FlowError::OriginalDst)?,
             };
             log.original_destination = Some(dst);
-            TcpStream::connect(dst).await.map_err(|source| FlowError::Connect { dst, source })?
+            let sock = if dst.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+                .map_err(|source| FlowError::Connect { dst, source })?;
+            abortive(&sock, true);
+            sock.connect(dst).await.map_err(|source| FlowError::Connect { dst, source })?
         }
         Destination::Records => {
             let records = rewire::query_redirect_records(client).map_err(FlowError::NoRecords)?;
             let ctx = rewire::query_redirect_context(client).map_err(|e| tracing::debug!("no context: {e}")).ok();
             log.fill(opts, &records, ctx);
             let dst = records.original_destination();
-            rewire::asynchronous::connect_onward(&records)
+            let sock =
+                rewire::asynchronous::onward_socket(&records).map_err(|source| FlowError::ConnectOnward { dst, source })?;
+            abortive(&sock, true);
+            sock.connect(dst)
                 .await
-                .map_err(|source| FlowError::ConnectOnward { dst, source })?
+                .map_err(|source| FlowError::ConnectOnward { dst, source: rewire::Error::from_io(source) })?
         }
     };
-    // Connected: until the relay has finished, a close resets the next hop too.
-    abortive(&upstream, true);
     relay::relay_with(opts.relay, client, &mut upstream, progress, &proxy.budget).await.map_err(FlowError::Relay)?;
     // Both directions ended with their FIN passed on: an orderly close now.
     abortive(&upstream, false);

@@ -15,10 +15,20 @@ use crate::{set_redirect_records, Error, RedirectRecords, Result};
 /// kernel refuses for the records' sake is reported as a typed error
 /// ([`Error::HopLimit`], [`Error::InvalidRecords`]).
 pub async fn connect_onward(records: &RedirectRecords) -> Result<TcpStream> {
+    let sock = onward_socket(records)?;
+    sock.connect(records.original_destination()).await.map_err(Error::from_io)
+}
+
+/// The socket [`connect_onward`] connects: new, of the original
+/// destination's family, with the records set, not connected yet. For a
+/// proxy that sets its own options before the connect (e.g. `SO_LINGER`);
+/// connect it to [`RedirectRecords::original_destination`] and map the
+/// error with [`Error::from_io`].
+pub fn onward_socket(records: &RedirectRecords) -> Result<TcpSocket> {
     let dst = records.original_destination();
     let sock = if dst.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(Error::from_io)?;
     set_redirect_records(&sock, records)?;
-    sock.connect(dst).await.map_err(Error::from_io)
+    Ok(sock)
 }
 
 fn to_tokio(s: std::net::UdpSocket) -> Result<UdpSocket> {
