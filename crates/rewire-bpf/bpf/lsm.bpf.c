@@ -5,7 +5,7 @@
  *   lsm/file_receive         a process inside the managed subtree may not
  *                            receive a socket made outside it: SCM_RIGHTS
  *                            and pidfd_getfd both install the descriptor
- *                            through receive_fd(), which asks this hook
+ *                            through receive_fd(), which asks this hook),
  *                            nor an io_uring ring set up with SQPOLL
  *                            whose kernel thread runs outside it (the
  *                            thread makes and uses sockets for whoever
@@ -30,58 +30,10 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 
-#include "rewire_abi.h"
-
-#define EPERM 1
+#include "subtree.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
-/* Same layout as guard.bpf.c's (rewire_control::guard::GuardConf). */
-struct rw_guard_conf {
-	__u64 subtree_id;
-	__u64 services_id;
-	__u32 level;
-	__u32 _pad;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct rw_guard_conf);
-} rw_guard_conf SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, RW_CNT_N);
-	__type(key, __u32);
-	__type(value, __u64);
-} rw_counters SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
-} rw_events SEC(".maps");
-
-struct kernfs_node {
-	__u64 id;
-} __attribute__((preserve_access_index));
-struct cgroup;
-struct cgroup_subsys_state {
-	struct cgroup *cgroup;
-	struct cgroup_subsys_state *parent;
-} __attribute__((preserve_access_index));
-struct cgroup {
-	struct cgroup_subsys_state self;
-	int level;
-	struct kernfs_node *kn;
-} __attribute__((preserve_access_index));
-struct sock_cgroup_data {
-	struct cgroup *cgroup;
-} __attribute__((preserve_access_index));
-struct sock {
-	struct sock_cgroup_data sk_cgrp_data;
-} __attribute__((preserve_access_index));
 struct socket {
 	struct sock *sk;
 } __attribute__((preserve_access_index));
@@ -126,31 +78,6 @@ struct io_ring_ctx {
 
 #define RW_ANON_INODE_FS_MAGIC 0x09041934
 #define RW_IORING_SETUP_SQPOLL (1U << 1)
-
-#define RW_GUARD_MAX_DEPTH 64
-
-static __always_inline int rw_cgroup_in(struct cgroup *cg, __u32 level, __u64 id)
-{
-	for (int i = 0; i < RW_GUARD_MAX_DEPTH; i++) {
-		struct cgroup_subsys_state *parent;
-		int l;
-
-		if (!cg)
-			return 0;
-		l = cg->level;
-		if (l < (int)level)
-			return 0;
-		if (l == (int)level) {
-			struct kernfs_node *kn = cg->kn;
-			return kn && kn->id == id;
-		}
-		parent = cg->self.parent;
-		if (!parent)
-			return 0;
-		cg = parent->cgroup;
-	}
-	return 0;
-}
 
 /* rw_cgroup_in through probe reads, for a cgroup pointer the verifier
  * does not know as one (reached through a void pointer). */
@@ -205,46 +132,12 @@ static __always_inline int rw_outside_sqpoll_ring(struct file *file, struct rw_g
 	return !rw_cgroup_in_probed(BPF_CORE_READ(cs, dfl_cgrp), conf->level, conf->subtree_id);
 }
 
-/* The conf when the calling task is inside the subtree and not a service's. */
-static __always_inline struct rw_guard_conf *rw_caller_inside(void)
-{
-	__u32 k = 0;
-	struct rw_guard_conf *conf = bpf_map_lookup_elem(&rw_guard_conf, &k);
-
-	if (!conf || !conf->subtree_id)
-		return 0;
-	if (bpf_get_current_ancestor_cgroup_id(conf->level) != conf->subtree_id)
-		return 0;
-	if (conf->services_id && bpf_get_current_ancestor_cgroup_id(conf->level + 1) == conf->services_id)
-		return 0;
-	return conf;
-}
-
 static __always_inline void rw_lsm_report(void)
 {
-	__u32 idx = RW_CNT_BORROWED;
-	__u64 *c = bpf_map_lookup_elem(&rw_counters, &idx);
-	struct rw_event *e;
-	__u64 ug = bpf_get_current_uid_gid();
+	struct rw_event *e = rw_borrowed_event();
 
-	if (c)
-		*c += 1;
-	e = bpf_ringbuf_reserve(&rw_events, sizeof(*e), 0);
-	if (!e) {
-		idx = RW_CNT_EVENTS_LOST;
-		c = bpf_map_lookup_elem(&rw_counters, &idx);
-		if (c)
-			*c += 1;
-		return;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-	e->kind = RW_EV_BORROWED;
-	e->err = -EPERM;
-	e->pid = bpf_get_current_pid_tgid() >> 32;
-	e->uid = (__u32)ug;
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	e->ts_ns = bpf_ktime_get_boot_ns();
-	bpf_ringbuf_submit(e, 0);
+	if (e)
+		bpf_ringbuf_submit(e, 0);
 }
 
 SEC("lsm/file_receive")
