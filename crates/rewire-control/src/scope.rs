@@ -37,6 +37,11 @@ impl std::fmt::Debug for Scope {
 
 struct Object(NonNull<libbpf_sys::bpf_object>);
 
+// SAFETY: a bpf_object has no thread affinity, and it is only used through
+// `&self` (no shared mutation): it may move to another thread (the hooks are
+// attached on a worker thread in rewire-bench), not be shared (no Sync).
+unsafe impl Send for Object {}
+
 impl Drop for Object {
     fn drop(&mut self) {
         // SAFETY: opened by bpf_object__open_mem, closed once.
