@@ -22,14 +22,13 @@
 //! [`Guard::persistent`] pins them under `<pin dir>/guard/` (the daemon),
 //! updating links that are already attached there in place.
 
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 
 use crate::bpfsys;
+use crate::libbpf::Object;
 
 /// The guard's configuration (map `rw_guard_conf`), as in `guard.bpf.c`.
 #[repr(C)]
@@ -86,102 +85,37 @@ fn sys(what: impl Into<String>) -> impl FnOnce(io::Error) -> GuardError {
     move |source| GuardError::Sys { what, source }
 }
 
-/// The loaded guard object (programs loaded, not attached).
-struct Object(NonNull<libbpf_sys::bpf_object>);
-
-impl Drop for Object {
-    fn drop(&mut self) {
-        // SAFETY: the object was opened by bpf_object__open_mem and is closed once.
-        unsafe { libbpf_sys::bpf_object__close(self.0.as_ptr()) };
+impl From<crate::libbpf::LoadError> for GuardError {
+    fn from(e: crate::libbpf::LoadError) -> Self {
+        GuardError::Load { what: e.what, source: e.source }
     }
 }
 
-impl Object {
-    fn load(conf: GuardConf, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> Result<Self, GuardError> {
-        Self::load_bytes(rewire_bpf::guard_object(), "rewire_guard", conf, counters, events)
+/// Loads `bytes` (the guard or the LSM object) with the hooks' counters and
+/// events, and writes its configuration.
+fn load_object(
+    bytes: &'static [u8],
+    name: &str,
+    conf: GuardConf,
+    counters: BorrowedFd<'_>,
+    events: BorrowedFd<'_>,
+) -> Result<Object, GuardError> {
+    let obj = Object::load(bytes, name, &[("rw_counters", counters), ("rw_events", events)])?;
+    let m = obj.map("rw_guard_conf")?;
+    let key = 0u32;
+    // SAFETY: key and value have the map's sizes (u32, struct rw_guard_conf).
+    let r = unsafe {
+        libbpf_sys::bpf_map_update_elem(
+            libbpf_sys::bpf_map__fd(m),
+            (&key as *const u32).cast(),
+            (&conf as *const GuardConf).cast(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(GuardError::Load { what: "writing rw_guard_conf", source: io::Error::last_os_error() });
     }
-
-    fn load_bytes(
-        bytes: &'static [u8],
-        name: &str,
-        conf: GuardConf,
-        counters: BorrowedFd<'_>,
-        events: BorrowedFd<'_>,
-    ) -> Result<Self, GuardError> {
-        crate::hooks::raise_memlock();
-        let name = CString::new(name).unwrap();
-        // SAFETY: zeroed opts with sz set is how libbpf wants them; the buffer is 'static.
-        let obj = unsafe {
-            let mut opts: libbpf_sys::bpf_object_open_opts = std::mem::zeroed();
-            opts.sz = std::mem::size_of::<libbpf_sys::bpf_object_open_opts>() as _;
-            opts.object_name = name.as_ptr();
-            libbpf_sys::bpf_object__open_mem(bytes.as_ptr().cast(), bytes.len() as _, &opts)
-        };
-        let obj = NonNull::new(obj)
-            .ok_or_else(|| GuardError::Load { what: "open", source: io::Error::last_os_error() })?;
-        let obj = Object(obj);
-        for (map, fd) in [("rw_counters", counters), ("rw_events", events)] {
-            let m = obj.map(map)?;
-            // SAFETY: a map of this object and a valid descriptor (libbpf dups it).
-            let r = unsafe { libbpf_sys::bpf_map__reuse_fd(m, fd.as_raw_fd()) };
-            if r < 0 {
-                return Err(GuardError::Load { what: "sharing the hooks' maps", source: io::Error::from_raw_os_error(-r) });
-            }
-        }
-        // SAFETY: an opened object.
-        let r = unsafe { libbpf_sys::bpf_object__load(obj.0.as_ptr()) };
-        if r < 0 {
-            return Err(GuardError::Load { what: "load (verifier, kernel BTF)", source: io::Error::from_raw_os_error(-r) });
-        }
-        let m = obj.map("rw_guard_conf")?;
-        let key = 0u32;
-        // SAFETY: key and value have the map's sizes (u32, struct rw_guard_conf).
-        let r = unsafe {
-            libbpf_sys::bpf_map_update_elem(
-                libbpf_sys::bpf_map__fd(m),
-                (&key as *const u32).cast(),
-                (&conf as *const GuardConf).cast(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(GuardError::Load { what: "writing rw_guard_conf", source: io::Error::last_os_error() });
-        }
-        Ok(obj)
-    }
-
-    fn map(&self, name: &str) -> Result<*mut libbpf_sys::bpf_map, GuardError> {
-        let c = CString::new(name).unwrap();
-        // SAFETY: a live object and a NUL-terminated name.
-        let m = unsafe { libbpf_sys::bpf_object__find_map_by_name(self.0.as_ptr(), c.as_ptr()) };
-        if m.is_null() {
-            return Err(GuardError::Load { what: "the object lacks a map", source: io::Error::other(name.to_string()) });
-        }
-        Ok(m)
-    }
-
-    fn prog(&self, name: &str) -> Result<*mut libbpf_sys::bpf_program, GuardError> {
-        let c = CString::new(name).unwrap();
-        // SAFETY: a live object and a NUL-terminated name.
-        let p = unsafe { libbpf_sys::bpf_object__find_program_by_name(self.0.as_ptr(), c.as_ptr()) };
-        if p.is_null() {
-            return Err(GuardError::Load { what: "the object lacks a program", source: io::Error::other(name.to_string()) });
-        }
-        Ok(p)
-    }
-
-    fn prog_fd(&self, name: &str) -> Result<BorrowedFd<'_>, GuardError> {
-        let c = CString::new(name).unwrap();
-        // SAFETY: a live object and a NUL-terminated name.
-        let p = unsafe { libbpf_sys::bpf_object__find_program_by_name(self.0.as_ptr(), c.as_ptr()) };
-        // SAFETY: p is checked; the fd lives as long as the object.
-        let fd = if p.is_null() { -1 } else { unsafe { libbpf_sys::bpf_program__fd(p) } };
-        if fd < 0 {
-            return Err(GuardError::Load { what: "the object lacks a program", source: io::Error::other(name.to_string()) });
-        }
-        // SAFETY: owned by the object, which outlives the borrow.
-        Ok(unsafe { BorrowedFd::borrow_raw(fd) })
-    }
+    Ok(obj)
 }
 
 /// The configuration for a subtree: its id and depth, its services' cgroup.
@@ -234,7 +168,7 @@ impl Guard {
 
     fn attach_with(subtree: &Path, at: &Path, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> Result<Self, GuardError> {
         check_ancestor(at, subtree)?;
-        let obj = Object::load(conf_for(subtree)?, counters, events)?;
+        let obj = load_object(rewire_bpf::guard_object(), "rewire_guard", conf_for(subtree)?, counters, events)?;
         let cg = File::open(at).map_err(sys(format!("opening {}", at.display())))?;
         let mut links = vec![];
         for &(name, section) in rewire_bpf::GUARD_PROGRAMS {
@@ -257,7 +191,7 @@ impl Guard {
         check_ancestor(at, subtree)?;
         let counters = bpfsys::obj_get(&dir.join("rw_counters")).map_err(sys("opening the pinned rw_counters"))?;
         let events = bpfsys::obj_get(&dir.join("rw_events")).map_err(sys("opening the pinned rw_events"))?;
-        let obj = Object::load(conf_for(subtree)?, counters.as_fd(), events.as_fd())?;
+        let obj = load_object(rewire_bpf::guard_object(), "rewire_guard", conf_for(subtree)?, counters.as_fd(), events.as_fd())?;
         let at_id = crate::cgroup::cgroup_id(at).map_err(|e| GuardError::Sys { what: at.display().to_string(), source: io::Error::other(e.to_string()) })?;
         let cg = File::open(at).map_err(sys(format!("opening {}", at.display())))?;
         let gdir = guard_dir(dir);
@@ -489,7 +423,7 @@ pub fn lsm_persistent(subtree: &Path, dir: &Path) -> LsmState {
 fn lsm_try(subtree: &Path, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> Result<Lsm, GuardError> {
     // SAFETY: libbpf_set_print only swaps a function pointer.
     let old = unsafe { libbpf_sys::libbpf_set_print(None) };
-    let r = Object::load_bytes(rewire_bpf::lsm_object(), "rewire_lsm", conf_for(subtree)?, counters, events);
+    let r = load_object(rewire_bpf::lsm_object(), "rewire_lsm", conf_for(subtree)?, counters, events);
     // SAFETY: as above, restoring the previous printer.
     unsafe { libbpf_sys::libbpf_set_print(old) };
     let obj = r.map_err(|e| match e {

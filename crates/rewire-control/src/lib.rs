@@ -19,6 +19,7 @@ pub mod confine;
 pub mod events;
 pub mod guard;
 pub mod hooks;
+mod libbpf;
 pub mod limiter;
 pub mod net;
 pub mod persist;

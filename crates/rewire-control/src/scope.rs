@@ -11,14 +11,13 @@
 //! destinations are recorded with scope id 0 (as before) and the caller is
 //! told why.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::ptr::NonNull;
 
 use crate::bpfsys;
+use crate::libbpf::Object;
 
 /// `BPF_F_PREORDER` (not in every system's headers yet).
 const BPF_F_PREORDER: u32 = 1 << 6;
@@ -35,20 +34,6 @@ impl std::fmt::Debug for Scope {
     }
 }
 
-struct Object(NonNull<libbpf_sys::bpf_object>);
-
-// SAFETY: a bpf_object has no thread affinity, and it is only used through
-// `&self` (no shared mutation): it may move to another thread (the hooks are
-// attached on a worker thread in rewire-bench), not be shared (no Sync).
-unsafe impl Send for Object {}
-
-impl Drop for Object {
-    fn drop(&mut self) {
-        // SAFETY: opened by bpf_object__open_mem, closed once.
-        unsafe { libbpf_sys::bpf_object__close(self.0.as_ptr()) };
-    }
-}
-
 fn err(what: &str, e: io::Error) -> String {
     format!("the link-local scope program: {what}: {e}")
 }
@@ -57,12 +42,12 @@ impl Scope {
     /// Loads the programs with the hooks' `rw_scope` map and attaches them
     /// to `cgroup` (the hooks' own) ahead of the hooks.
     pub fn attach(rw_scope: BorrowedFd<'_>, cgroup: &Path) -> Result<Self, String> {
-        let obj = Object::load(rw_scope)?;
+        let obj = load(rw_scope)?;
         let cg = File::open(cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), e))?;
         let mut links = vec![];
         for &(prog, section) in rewire_bpf::SCOPE_PROGRAMS {
             let t = bpfsys::cgroup_attach_type(section).expect("sock_addr section");
-            let link = bpfsys::link_create_flags(obj.prog_fd(prog)?, cg.as_fd(), t, BPF_F_PREORDER)
+            let link = bpfsys::link_create_flags(prog_fd(&obj, prog)?, cg.as_fd(), t, BPF_F_PREORDER)
                 .map_err(|e| err(&format!("attaching {prog} ahead of the hooks (BPF_F_PREORDER, Linux 6.15+)"), e))?;
             links.push(link);
         }
@@ -74,13 +59,13 @@ impl Scope {
     /// updated in place, others replaced.
     pub fn persistent(cgroup: &Path, dir: &Path) -> Result<(), String> {
         let map = bpfsys::obj_get(&dir.join("rw_scope")).map_err(|e| err("opening the pinned rw_scope", e))?;
-        let obj = Object::load(map.as_fd())?;
+        let obj = load(map.as_fd())?;
         let cg_id = crate::cgroup::cgroup_id(cgroup).map_err(|e| err("the cgroup's id", io::Error::other(e.to_string())))?;
         let cg = File::open(cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), e))?;
         let sdir = scope_dir(dir);
         std::fs::create_dir_all(&sdir).map_err(|e| err(&format!("creating {}", sdir.display()), e))?;
         for &(prog, section) in rewire_bpf::SCOPE_PROGRAMS {
-            let fd = obj.prog_fd(prog)?;
+            let fd = prog_fd(&obj, prog)?;
             let path = sdir.join(prog);
             if let Ok(link) = bpfsys::obj_get(&path) {
                 if bpfsys::link_info(link.as_fd()).is_ok_and(|i| i.attached_to(cg_id)) {
@@ -124,51 +109,12 @@ pub fn remove_pinned(dir: &Path) -> io::Result<usize> {
     Ok(n)
 }
 
-impl Object {
-    fn load(rw_scope: BorrowedFd<'_>) -> Result<Self, String> {
-        crate::hooks::raise_memlock();
-        let bytes = rewire_bpf::scope_object();
-        let name = CString::new("rewire_scope").unwrap();
-        // SAFETY: zeroed opts with sz set; the buffer is 'static.
-        let obj = unsafe {
-            let mut opts: libbpf_sys::bpf_object_open_opts = std::mem::zeroed();
-            opts.sz = std::mem::size_of::<libbpf_sys::bpf_object_open_opts>() as _;
-            opts.object_name = name.as_ptr();
-            libbpf_sys::bpf_object__open_mem(bytes.as_ptr().cast(), bytes.len() as _, &opts)
-        };
-        let obj = Object(NonNull::new(obj).ok_or_else(|| err("open", io::Error::last_os_error()))?);
-        let map_name = CString::new("rw_scope").unwrap();
-        // SAFETY: a live object and a NUL-terminated name.
-        let m = unsafe { libbpf_sys::bpf_object__find_map_by_name(obj.0.as_ptr(), map_name.as_ptr()) };
-        if m.is_null() {
-            return Err(err("the object lacks rw_scope", io::Error::from(io::ErrorKind::NotFound)));
-        }
-        // SAFETY: a map of this object and a valid descriptor (libbpf dups it).
-        let r = unsafe { libbpf_sys::bpf_map__reuse_fd(m, rw_scope.as_raw_fd()) };
-        if r < 0 {
-            return Err(err("sharing the hooks' rw_scope", io::Error::from_raw_os_error(-r)));
-        }
-        // SAFETY: an opened object.
-        let r = unsafe { libbpf_sys::bpf_object__load(obj.0.as_ptr()) };
-        if r < 0 {
-            return Err(err("load (verifier, kernel BTF)", io::Error::from_raw_os_error(-r)));
-        }
-        Ok(obj)
-    }
+/// Loads the scope object with the hooks' `rw_scope` map.
+fn load(rw_scope: BorrowedFd<'_>) -> Result<Object, String> {
+    Object::load(rewire_bpf::scope_object(), "rewire_scope", &[("rw_scope", rw_scope)]).map_err(|e| err(e.what, e.source))
+}
 
-    fn prog_fd(&self, prog: &str) -> Result<BorrowedFd<'_>, String> {
-        let c = CString::new(prog).unwrap();
-        // SAFETY: a live object and a NUL-terminated name.
-        let p = unsafe { libbpf_sys::bpf_object__find_program_by_name(self.0.as_ptr(), c.as_ptr()) };
-        if p.is_null() {
-            return Err(err(&format!("the object lacks {prog}"), io::Error::from(io::ErrorKind::NotFound)));
-        }
-        // SAFETY: a loaded program of the live object.
-        let fd = unsafe { libbpf_sys::bpf_program__fd(p) };
-        if fd < 0 {
-            return Err(err(&format!("{prog} not loaded"), io::Error::from_raw_os_error(-fd)));
-        }
-        // SAFETY: the descriptor lives as long as the object (&self).
-        Ok(unsafe { BorrowedFd::borrow_raw(fd) })
-    }
+/// The loaded program `prog`'s descriptor.
+fn prog_fd<'a>(obj: &'a Object, prog: &str) -> Result<BorrowedFd<'a>, String> {
+    obj.prog_fd(prog).map_err(|e| err(e.what, e.source))
 }
