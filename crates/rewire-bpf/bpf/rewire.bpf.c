@@ -388,6 +388,8 @@ struct rw_walk {
 	__u16 rule_id;
 	__u8 any_dst; /* a broadcast/multicast send: every rule's destination
 		       * applies, and only a rule that does not let it pass is found */
+	__u8 any_origin; /* the origin is not proven (a service's connect without
+			  * records of its own): uid and cgroup conditions match */
 };
 
 /* The walk continues the flow of `rec`: its chain's services are seen,
@@ -425,9 +427,11 @@ static long rw_walk_rule(__u32 i, void *data)
 	port = bpf_ntohs(w->dst.port_be);
 	if (port < r->port_lo || port > r->port_hi)
 		return 0;
-	if (r->has_uid && r->uid != w->uid)
+	/* An unproven origin may be anybody's: a rule scoped to a user or
+	 * cgroup takes it rather than let that user's flow pass unseen. */
+	if (r->has_uid && !w->any_origin && r->uid != w->uid)
 		return 0;
-	if (r->has_cgroup && r->cgroup_id != w->cgroup_id)
+	if (r->has_cgroup && !w->any_origin && r->cgroup_id != w->cgroup_id)
 		return 0;
 	if (w->any_dst) {
 		/* One datagram to many receivers reaches whatever any rule's
@@ -970,6 +974,54 @@ __attribute__((noinline)) int rw_svc_depth(__u32 sid)
  * stays pending: it may connect again (a second request, a retry), and a
  * flow queried meanwhile must not become "the only one". */
 
+/* Per service, its queried sockets not released yet (rw_svc_state.link_live):
+ * a connect is linked only while exactly one is live in the whole service
+ * and no two were live at once since the count was last 0. The entry's key
+ * (process, destination) cannot tell flows apart: a connect to another
+ * flow's destination (a proxy routing by Host), or a flow handed to another
+ * process (fork, SCM_RIGHTS, pidfd_getfd), would find another flow alone
+ * under its key. One word, changed only by compare-and-swap, so the count
+ * never goes above 1 without the ambiguity set first. */
+static __always_inline void rw_live_up(struct rw_svc_state *s)
+{
+	__u64 old, new;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		old = s->link_live;
+		new = old + 1;
+		if ((__u32)old)
+			new |= RW_LIVE_AMBIGUOUS;
+		if (__sync_val_compare_and_swap(&s->link_live, old, new) == old)
+			return;
+	}
+	/* Contended: ambiguous (until the count is 0 again), then counted. */
+	__sync_fetch_and_or(&s->link_live, RW_LIVE_AMBIGUOUS);
+	__sync_fetch_and_add(&s->link_live, 1);
+}
+
+static __always_inline void rw_live_down(struct rw_svc_state *s)
+{
+	__u64 old, new;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		old = s->link_live;
+		if (!(__u32)old)
+			return; /* counted in a state map since replaced */
+		new = (__u32)old == 1 ? 0 : old - 1; /* back to 0: unambiguous again */
+		if (__sync_val_compare_and_swap(&s->link_live, old, new) == old)
+			return;
+	}
+	__sync_fetch_and_add(&s->link_live, -1); /* stays ambiguous until a later 0 */
+}
+
+/* Whether exactly one queried socket is live in service `s`, unambiguously. */
+static __always_inline int rw_live_one(const struct rw_svc_state *s)
+{
+	return s->link_live == 1;
+}
+
 /* Whether a connect of service `sid` may be linked to entry `l`. */
 static __always_inline int rw_link_usable(const struct rw_link *l, __u32 sid)
 {
@@ -994,6 +1046,8 @@ __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw
 	s = bpf_map_lookup_elem(&rw_svc_state, &sid);
 	if (!s || s->link_unrecorded)
 		return 0; /* a queried flow the table had no room for may be waiting */
+	if (!rw_live_one(s))
+		return 0; /* another flow of the service is (or was) waiting too */
 	k.tgid = bpf_get_current_pid_tgid() >> 32;
 	k.dst = *orig;
 	l = bpf_map_lookup_elem(&rw_link, &k);
@@ -1018,9 +1072,13 @@ __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw
 __attribute__((noinline)) int rw_link_claim(const struct rw_addr *orig, __u64 flow_id, __u32 sid, struct rw_records *out)
 {
 	struct rw_link_key k = {};
+	struct rw_svc_state *s;
 	struct rw_link *l;
 
 	if (!orig || !out)
+		return 0;
+	s = bpf_map_lookup_elem(&rw_svc_state, &sid);
+	if (!s || s->link_unrecorded || !rw_live_one(s))
 		return 0;
 	k.tgid = bpf_get_current_pid_tgid() >> 32;
 	k.dst = *orig;
@@ -1065,6 +1123,12 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 	} else {
 		w.uid = (__u32)bpf_get_current_uid_gid();
 		w.cgroup_id = bpf_get_current_cgroup_id();
+		/* A service's connect without records may serve any of its
+		 * clients: its own uid and cgroup say nothing of whose flow it
+		 * is, nor does a link (only the service's own records would), so
+		 * no rule's uid or cgroup condition may narrow its walk. */
+		c->caller = rw_caller_service();
+		w.any_origin = !!c->caller;
 	}
 	w.proto = proto;
 	w.n_rules = conf->n_rules;
@@ -1088,8 +1152,8 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 		 * (linked); else, if every client it has came through the chain
 		 * (no side door, see rw_svc_quiet), after that service; else
 		 * through the whole chain again without it. Never back into it.
-		 * UDP side doors are not tracked: UDP continues after it. */
-		c->caller = rw_caller_service();
+		 * UDP side doors are not tracked: UDP continues after it.
+		 * (c->caller was found before the first walk.) */
 		if (c->caller) {
 			__u32 sid = c->caller;
 			if (proto != IPPROTO_TCP || !rw_link_peek(orig, c, &w)) {
@@ -1708,9 +1772,11 @@ static __always_inline void rw_link_release(struct bpf_sock *sk)
 		}
 		return;
 	}
+	sid = m->service_id;
+	s = bpf_map_lookup_elem(&rw_svc_state, &sid);
+	if (s)
+		rw_live_down(s);
 	if (m->state & RW_LINK_UNRECORDED) {
-		sid = m->service_id;
-		s = bpf_map_lookup_elem(&rw_svc_state, &sid);
 		if (s && s->link_unrecorded)
 			__sync_fetch_and_add(&s->link_unrecorded, -1);
 	} else {
@@ -2203,6 +2269,7 @@ __attribute__((noinline)) int rw_link_offer(struct rw_link_sk *m, struct rw_sock
 	if (__sync_val_compare_and_swap(&m->state, 0, tgid | RW_LINK_COUNTED) != 0)
 		return 0; /* counted already */
 	m->service_id = caller;
+	rw_live_up(s);
 	m->dst = st->rec.orig_dst;
 	k.tgid = tgid;
 	k.dst = st->rec.orig_dst;

@@ -333,7 +333,12 @@ struct rw_svc_state {
 	__u8 depth;       /* deepest (depth + chain length) of a flow handed to it within
 			   * RW_SIDE_DOOR_QUIET_NS of depth_ns */
 	__u8 _pad2[7];
+	__u64 link_live;  /* queried sockets of the service not released yet (low 32
+			   * bits) | RW_LIVE_AMBIGUOUS (two or more were live at once
+			   * since the count was last 0): a connect is linked only
+			   * when this is exactly 1 (rw_link_live_one) */
 };
+#define RW_LIVE_AMBIGUOUS (1ULL << 32)
 /* SK_STORAGE value (map rw_svc_sock, cloned to accepted sockets) of a TCP
  * socket a service's process bound: its listeners' connections are its. */
 struct rw_svc_sock {

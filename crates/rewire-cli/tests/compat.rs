@@ -909,6 +909,9 @@ fn child_original_dst() {
         let mut up = TcpStream::connect(d4).unwrap();
         relay_once(&a, &app, &mut up);
     });
+    // Released before the next flow is queried: a link needs the flow to
+    // be the only queried socket live in the service.
+    drop((a, app));
 
     // IPv6.
     let app6 = TcpStream::connect(d6).unwrap();
@@ -922,6 +925,7 @@ fn child_original_dst() {
         let mut up = TcpStream::connect(d6).unwrap();
         relay_once(&b, &app6, &mut up);
     });
+    drop((b, app6));
 
     // Two flows to one destination queried before either goes on: which
     // connect is whose cannot be told, so neither is carried on.
@@ -1224,4 +1228,237 @@ fn child_full_link_table() {
     let (v, fv) = accept_and_query(&l4);
     fwd_one_request(&v, &app_v, d4, "v", 9000);
     std::fs::write(dir.join("child-full.txt"), format!("{fa}\n{fb}\n{fz}\n{fw}\n{fv}\n")).unwrap();
+}
+
+/// [`accept_and_query`] for a flow accepted on an IPv6 listener.
+fn accept_and_query6(l: &TcpListener) -> (TcpStream, String) {
+    let s = l.accept().unwrap().0;
+    let flow = as_service("fwd", || {
+        assert_eq!(origdst(&s, libc::SOL_IPV6, 28).0, Ok(()));
+        format!("{:016x}", rewire::query_redirect_records(&s).unwrap().flow_id())
+    });
+    (s, flow)
+}
+
+/// fwd then audit on the origin's port; audit only for `audit_uid` when given.
+fn fwd_audit_sandbox(origin: &Origin, audit_uid: Option<u32>) -> (Sandbox, PathBuf, u16) {
+    let (pf, pa) = (free_port(), free_port());
+    let ports = origin.port().to_string();
+    let mut audit = svc("audit", &[v4(pa), v6(pa)], &ports);
+    if let Some(uid) = audit_uid {
+        audit += &format!("uid = {uid}\n");
+    }
+    let mut sb = Sandbox::new(&format!("{}{}", svc("fwd", &[v4(pf), v6(pf)], &ports), audit));
+    let log = sb.proxy("audit");
+    (sb, log, pf)
+}
+
+/// The flow ids a child wrote to `file` beside its config.
+fn child_ids(sb: &Sandbox, file: &str) -> Vec<String> {
+    text(&sb.dir.join(file)).lines().map(str::to_owned).collect()
+}
+
+/// Runs `f` on a thread of its own with real and effective uid `uid` (a raw
+/// setresuid: that thread only), as a proxy's worker of another user would.
+fn on_thread_as_uid<T: Send + 'static>(uid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: setresuid on this thread only; no memory is touched.
+        assert_eq!(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, 0) }, 0);
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Issue 18, second attack review (B1). The link key (process, destination)
+/// cannot tell flows apart when a proxy connects somewhere other than the
+/// flow's destination (one that routes by the request's Host). Victim V
+/// queried on 127.0.0.1:d waits; attacker A, queried on [::1]:d, asks for
+/// host 127.0.0.1: the proxy's connect for A goes to 127.0.0.1:d, where V
+/// was alone under its key. It must not carry V's flow: with two queried
+/// sockets live in the service nothing is linked.
+#[test]
+fn a_connect_to_another_flows_destination_never_takes_its_identity() {
+    let origin = Origin::start();
+    let (sb, audit, pf) = fwd_audit_sandbox(&origin, None);
+    run_child_in(&sb, "child_host_routing", pf, origin.port());
+    let [fv, fa] = &child_ids(&sb, "child-host.txt")[..] else { panic!("two flow ids") };
+    let lines = settled_log(&audit, 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let a = line_by_size(&lines, 2000, 4000);
+    let v = line_by_size(&lines, 0, 2000);
+    assert_ne!(a["flow"], json!(fv), "A's request took the flow of V, waiting on the address A named: {a}");
+    assert_ne!(v["flow"], json!(fa), "{v}");
+    for l in &lines {
+        assert_eq!(l["chain"], json!(["fwd", "audit"]), "{l}");
+    }
+    assert_eq!(sb.hooks().counters().unwrap().link, 0, "two queried flows live: nothing is linked");
+}
+
+#[test]
+#[ignore = "runs inside the test cgroup, started by a_connect_to_another_flows_destination_never_takes_its_identity"]
+fn child_host_routing() {
+    let Some((pf, dport)) = child_env() else { return };
+    let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
+    let (l4, l6) = as_service("fwd", || (TcpListener::bind(v4(pf)).unwrap(), TcpListener::bind(v6(pf)).unwrap()));
+    let vic = TcpStream::connect(v4(dport)).unwrap();
+    let (v, fv) = accept_and_query(&l4);
+    let att = TcpStream::connect(v6(dport)).unwrap();
+    let (a, fa) = accept_and_query6(&l6);
+    std::fs::write(dir.join("child-host.txt"), format!("{fv}\n{fa}\n")).unwrap();
+    // A's request names host 127.0.0.1: the proxy connects there for A.
+    fwd_one_request(&a, &att, v4(dport), "attacker", 3000);
+    fwd_one_request(&v, &vic, v4(dport), "victim", 100);
+}
+
+/// Issue 18, second attack review (B2). A flow's socket handed to another
+/// process of the service (fork here; SCM_RIGHTS and pidfd_getfd alike):
+/// Y accepts and queries A, forks X; X queries V (alone under X's pid and
+/// the destination) and relays A's request to A's own destination. A's
+/// onward connect must not carry V's flow, nor V's carry A's.
+#[test]
+fn a_flow_handed_to_another_process_of_the_service_is_not_linked() {
+    let origin = Origin::start();
+    let (sb, audit, pf) = fwd_audit_sandbox(&origin, None);
+    run_child_in(&sb, "child_fork_hand_over", pf, origin.port());
+    let [fa, fv] = &child_ids(&sb, "child-fork.txt")[..] else { panic!("two flow ids") };
+    let lines = settled_log(&audit, 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let a = line_by_size(&lines, 2000, 4000);
+    let v = line_by_size(&lines, 0, 2000);
+    assert_ne!(a["flow"], json!(fv), "A's request, relayed by the forked process, took V's flow: {a}");
+    assert_ne!(v["flow"], json!(fa), "{v}");
+    assert_eq!(sb.hooks().counters().unwrap().link, 0, "two queried flows live: nothing is linked");
+}
+
+/// Y queries A, forks X; X queries V and relays A then V. With
+/// `victim_uid`, V's application runs as that user and A's as root; A's
+/// request is padded to `pad` bytes, V's to 100.
+fn fork_hand_over(file: &str, victim_uid: Option<u32>, pad: usize) {
+    let Some((pf, dport)) = child_env() else { return };
+    let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
+    let d4 = v4(dport);
+    let l4 = as_service("fwd", || TcpListener::bind(v4(pf)).unwrap());
+    let att = TcpStream::connect(d4).unwrap();
+    let (a, fa) = accept_and_query(&l4);
+    // SAFETY: the forked child does socket and file work only, then _exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let vic = match victim_uid {
+                Some(uid) => on_thread_as_uid(uid, move || TcpStream::connect(d4).unwrap()),
+                None => TcpStream::connect(d4).unwrap(),
+            };
+            let (v, fv) = accept_and_query(&l4);
+            std::fs::write(dir.join(file), format!("{fa}\n{fv}\n")).unwrap();
+            fwd_one_request(&a, &att, d4, "attacker", pad);
+            fwd_one_request(&v, &vic, d4, "victim", 100);
+        }));
+        // SAFETY: ends the forked child without running the parent's destructors.
+        unsafe { libc::_exit(if r.is_ok() { 0 } else { 1 }) };
+    }
+    let mut st = 0;
+    // SAFETY: waits for the child forked above.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+    assert_eq!(st, 0, "the forked process failed");
+}
+
+#[test]
+#[ignore = "runs inside the test cgroup, started by a_flow_handed_to_another_process_of_the_service_is_not_linked"]
+fn child_fork_hand_over() {
+    fork_hand_over("child-fork.txt", None, 3000);
+}
+
+/// Issue 18, second attack review (B3). Through B1 and B2 a link gave the
+/// watched user's request (uid 0) the origin of an unwatched one (uid
+/// 65534), and audit, restricted to uid 0, was skipped. Both ways, the
+/// watched user's request must reach audit. Control: A relayed to its own
+/// destination reaches audit too.
+#[test]
+fn a_uid_scoped_service_is_never_skipped_through_a_link() {
+    let origin = Origin::start();
+    let (sb, audit, pf) = fwd_audit_sandbox(&origin, Some(0));
+    run_child_in(&sb, "child_scoped_host_routing", pf, origin.port());
+    let [_, fa, fc] = &child_ids(&sb, "child-scoped-host.txt")[..] else { panic!("three flow ids") };
+    run_child_in(&sb, "child_scoped_fork", pf, origin.port());
+    let [ff, _] = &child_ids(&sb, "child-scoped-fork.txt")[..] else { panic!("two flow ids") };
+    let lines = settled_log(&audit, 3);
+    let seen = |size: (u64, u64)| lines.iter().any(|l| (size.0..size.1).contains(&l["bytes_to_server"].as_u64().unwrap_or(0)));
+    assert!(seen((5000, 6000)), "control: uid 0's request to its own destination skipped audit ({fc}): {lines:#?}");
+    assert!(seen((2000, 4000)), "uid 0's request to another flow's destination skipped audit ({fa}): {lines:#?}");
+    assert!(seen((7000, 8000)), "uid 0's flow handed to another process skipped audit ({ff}): {lines:#?}");
+}
+
+#[test]
+#[ignore = "runs inside the test cgroup, started by a_uid_scoped_service_is_never_skipped_through_a_link"]
+fn child_scoped_host_routing() {
+    let Some((pf, dport)) = child_env() else { return };
+    let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
+    let (l4, l6) = as_service("fwd", || (TcpListener::bind(v4(pf)).unwrap(), TcpListener::bind(v6(pf)).unwrap()));
+    // V: uid 65534, not watched, waits on 127.0.0.1:d.
+    let vic = on_thread_as_uid(65534, move || TcpStream::connect(v4(dport)).unwrap());
+    let (v, fv) = accept_and_query(&l4);
+    // A: uid 0, watched, on [::1]:d, asks for host 127.0.0.1.
+    let att = TcpStream::connect(v6(dport)).unwrap();
+    let (a, fa) = accept_and_query6(&l6);
+    fwd_one_request(&a, &att, v4(dport), "attacker", 3000);
+    fwd_one_request(&v, &vic, v4(dport), "victim", 100);
+    drop((v, vic, a, att));
+    // Control: C (uid 0) alone, relayed to its own destination.
+    let app_c = TcpStream::connect(v6(dport)).unwrap();
+    let (c, fc) = accept_and_query6(&l6);
+    fwd_one_request(&c, &app_c, v6(dport), "control", 5000);
+    std::fs::write(dir.join("child-scoped-host.txt"), format!("{fv}\n{fa}\n{fc}\n")).unwrap();
+}
+
+#[test]
+#[ignore = "runs inside the test cgroup, started by a_uid_scoped_service_is_never_skipped_through_a_link"]
+fn child_scoped_fork() {
+    fork_hand_over("child-scoped-fork.txt", Some(65534), 7500);
+}
+
+/// Issue 18, second attack review (B4). A record-less onward connect that
+/// is not linked (two flows of uid 0 at once: the proxy's own new flows)
+/// walked the rules with the proxy's own uid (65534 here), so audit,
+/// restricted to uid 0, was skipped for every busy flow. A service's
+/// connect proves no origin: uid and cgroup conditions match it.
+#[test]
+fn an_unlinked_onward_connect_still_passes_uid_scoped_services() {
+    let origin = Origin::start();
+    let (sb, audit, pf) = fwd_audit_sandbox(&origin, Some(0));
+    run_child_in(&sb, "child_unlinked_as_proxy_user", pf, origin.port());
+    let lines = settled_log(&audit, 2);
+    assert_eq!(lines.len(), 2, "both of uid 0's requests reach audit: {lines:#?}");
+    for l in &lines {
+        assert_eq!(l["chain"], json!(["fwd", "audit"]), "{l}");
+    }
+}
+
+#[test]
+#[ignore = "runs inside the test cgroup, started by an_unlinked_onward_connect_still_passes_uid_scoped_services"]
+fn child_unlinked_as_proxy_user() {
+    let Some((pf, dport)) = child_env() else { return };
+    let d4 = v4(dport);
+    let l4 = as_service("fwd", || TcpListener::bind(v4(pf)).unwrap());
+    let app1 = TcpStream::connect(d4).unwrap();
+    let (s1, _) = accept_and_query(&l4);
+    let app2 = TcpStream::connect(d4).unwrap();
+    let (s2, _) = accept_and_query(&l4);
+    for (s, app, pad) in [(&s1, &app1, 1000), (&s2, &app2, 3000)] {
+        use std::io::{Read, Write};
+        // The proxy's worker runs as its own user.
+        let mut up = as_service("fwd", || on_thread_as_uid(65534, move || TcpStream::connect(d4).unwrap()));
+        for x in [s, app, &up] {
+            x.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        let req = format!("GET /{} HTTP/1.0\r\n\r\n", "a".repeat(pad));
+        (&*app).write_all(req.as_bytes()).unwrap();
+        let mut got = vec![0u8; req.len()];
+        (&*s).read_exact(&mut got).unwrap();
+        up.write_all(&got).unwrap();
+        let mut answer = vec![];
+        up.read_to_end(&mut answer).unwrap();
+        assert!(String::from_utf8_lossy(&answer).contains("hello "));
+    }
 }
