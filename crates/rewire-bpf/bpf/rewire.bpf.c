@@ -968,7 +968,8 @@ __attribute__((noinline)) int rw_svc_depth(__u32 sid)
  * flow's original destination) until it releases the socket. Its
  * record-less connect to that destination continues that flow (same
  * records, flow id, origin, chain, as if it had set them) only while that
- * socket is the only one ever pending in the entry: with two or more alive,
+ * socket is the only queried one live in the whole service (rw_live_one)
+ * and the only one ever pending in the entry: with two or more alive,
  * nobody can tell which connect belongs to which, and the connect is the
  * proxy's own new flow, until every one of them is released. A linked flow
  * stays pending: it may connect again (a second request, a retry), and a
@@ -1774,8 +1775,6 @@ static __always_inline void rw_link_release(struct bpf_sock *sk)
 	}
 	sid = m->service_id;
 	s = bpf_map_lookup_elem(&rw_svc_state, &sid);
-	if (s)
-		rw_live_down(s);
 	if (m->state & RW_LINK_UNRECORDED) {
 		if (s && s->link_unrecorded)
 			__sync_fetch_and_add(&s->link_unrecorded, -1);
@@ -1787,6 +1786,10 @@ static __always_inline void rw_link_release(struct bpf_sock *sk)
 		if (l && __sync_fetch_and_add(&l->pending, -1) == 1)
 			bpf_map_delete_elem(&rw_link, &k);
 	}
+	/* Last: until its entry is gone, the socket still counts as live, so
+	 * no other flow is "the only one" while this one can still be found. */
+	if (s)
+		rw_live_down(s);
 	m->state = 0;
 }
 
