@@ -1003,7 +1003,7 @@ fn accept_and_query(l: &TcpListener) -> (TcpStream, String) {
 }
 
 /// The audit line of the request padded to between `lo` and `hi` bytes.
-fn line_by_size<'a>(lines: &'a [Value], lo: u64, hi: u64) -> &'a Value {
+fn line_by_size(lines: &[Value], lo: u64, hi: u64) -> &Value {
     lines
         .iter()
         .find(|l| (lo..hi).contains(&l["bytes_to_server"].as_u64().unwrap_or(0)))
