@@ -2690,6 +2690,41 @@ __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const stru
 	return ok;
 }
 
+/* Whether the socket a reply of a proxy's flow socket (`src` -> `dst`)
+ * reaches holds that flow (a slot with its `tag`): the application's
+ * socket, or the previous proxy's onward socket. UDP address reuse checks
+ * no owner: a socket of any user bound more specifically to the flow's
+ * address, beside an application socket that set SO_REUSEADDR on the
+ * wildcard, would take the reply, and sockets outside the subtree run no
+ * ingress check of ours. Then the reply is dropped (the proxy's send
+ * fails) and counted as an impostor. (A global function: its lookup's
+ * stack is its own.) */
+__attribute__((noinline)) int rw_udp_reply_owned(struct __sk_buff *skb, const struct rw_addr *src,
+						const struct rw_addr *dst, __u32 tag)
+{
+	struct rw_udp_sock *u;
+	struct bpf_sock *r;
+	int ok = 0;
+
+	if (!skb || !src || !dst)
+		return 0;
+	r = rw_udp_receiver(skb, src, dst);
+	if (!r)
+		return 1; /* nobody: the datagram is dropped by the kernel (ICMP unreachable) */
+	u = bpf_sk_storage_get(&rw_udp_sk, r, 0, 0);
+	if (u) {
+#pragma unroll
+		for (int i = 0; i < RW_UDP_SLOTS; i++) {
+			if (u->slot[i].rec.magic == RW_MAGIC && u->slot[i].tag == tag) {
+				ok = 1;
+				break;
+			}
+		}
+	}
+	bpf_sk_release(r);
+	return ok;
+}
+
 SEC("cgroup_skb/egress")
 int rw_skb_egress(struct __sk_buff *skb)
 {
@@ -2721,8 +2756,14 @@ int rw_skb_egress(struct __sk_buff *skb)
 		}
 	}
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
-	if (st && (st->flags & RW_F_ACCEPTED) && st->tag)
+	if (st && (st->flags & RW_F_ACCEPTED) && st->tag) {
+		/* A proxy's reply goes only to the flow's own socket. */
+		if (!rw_udp_reply_owned(skb, &src, &dst, st->tag)) {
+			rw_count(RW_CNT_IMPOSTOR);
+			return 0;
+		}
 		skb->mark = st->tag;
+	}
 	return 1;
 }
 
