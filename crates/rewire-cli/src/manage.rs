@@ -106,15 +106,14 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
     let cfg = prepare(config)?;
     drop_inherited_outside_descriptors();
     let name = format!("{}-run-{}", cfg.cgroup, std::process::id());
-    if let Some(at) = rewire_control::guard::configured(&cfg)? {
-        rewire_control::guard::check_place(&at, &rewire_control::cgroup::cgroup2_mount()?.join(&name))?;
+    let guard_at = rewire_control::guard::configured(&cfg)?;
+    if let Some(at) = &guard_at {
+        rewire_control::guard::check_place(at, &rewire_control::cgroup::cgroup2_mount()?.join(&name))?;
     }
     let mut cgroup = ManagedCgroup::create(&name)?;
     let mut hooks = Hooks::attach(&cfg, cgroup.path())?;
-    if let Some(why) = hooks.scope_unavailable() {
-        tracing::warn!("{why}; IPv6 link-local destinations lose their scope id (see SECURITY.md)");
-    }
-    let _guard = match rewire_control::guard::configured(&cfg)? {
+    warn_scope_unavailable(&hooks);
+    let _guard = match guard_at {
         Some(at) => Some(Guard::attach(&hooks, &at)?),
         None => {
             tracing::warn!("{}", rewire_control::guard::UNGUARDED);
@@ -180,6 +179,14 @@ fn exit_code(s: ExitStatus) -> i32 {
     s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
 }
 
+/// Says (one warning line) when the link-local scope program could not be
+/// attached beside the hooks.
+fn warn_scope_unavailable(hooks: &Hooks) {
+    if let Some(why) = hooks.scope_unavailable() {
+        tracing::warn!("{why}; IPv6 link-local destinations lose their scope id (see SECURITY.md)");
+    }
+}
+
 /// Says (one warning line) when an io_uring ring borrowed from outside the
 /// subtree can make sockets that no hook sees (see [`rewire_control::guard::io_uring_gap`]).
 fn warn_io_uring_gap(guarded: bool, lsm: &rewire_control::guard::LsmState) {
@@ -199,8 +206,9 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     let lock = DaemonLock::acquire(&cfg)?;
     let dir = pin_dir(&cfg);
     let cg_path = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
-    if let Some(at) = rewire_control::guard::configured(&cfg)? {
-        rewire_control::guard::check_place(&at, &cg_path)?;
+    let guard_at = rewire_control::guard::configured(&cfg)?;
+    if let Some(at) = &guard_at {
+        rewire_control::guard::check_place(at, &cg_path)?;
     }
     let adopting = adoptable(&dir, &cg_path);
     let reattaching = !adopting && hooks_lost(&dir, &cg_path)?;
@@ -244,11 +252,9 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         );
     }
     tracing::info!("{outcome}");
-    if let Some(why) = hooks.scope_unavailable() {
-        tracing::warn!("{why}; IPv6 link-local destinations lose their scope id (see SECURITY.md)");
-    }
-    match rewire_control::guard::configured(&cfg)? {
-        Some(at) => tracing::info!("{}", Guard::persistent(cgroup.path(), &dir, &at)?),
+    warn_scope_unavailable(&hooks);
+    match &guard_at {
+        Some(at) => tracing::info!("{}", Guard::persistent(cgroup.path(), &dir, at)?),
         None => {
             if rewire_control::guard::remove_pinned(&dir)? > 0 {
                 tracing::info!("detached the borrowed-socket guard a previous configuration had");
