@@ -344,6 +344,8 @@ pub fn free_ports(n: u16) -> u16 {
 pub struct UdpEcho {
     pub addr: SocketAddr,
     pub sources: Arc<Mutex<BTreeSet<SocketAddr>>>,
+    /// The source of every datagram, in arrival order.
+    pub arrivals: Arc<Mutex<Vec<SocketAddr>>>,
     pub datagrams: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -355,8 +357,9 @@ impl UdpEcho {
         let addr = s.local_addr().unwrap();
         s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let sources: Arc<Mutex<BTreeSet<SocketAddr>>> = Arc::default();
+        let arrivals: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
         let (datagrams, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
-        let (src, n, st) = (Arc::clone(&sources), datagrams.clone(), stop.clone());
+        let (src, arr, n, st) = (Arc::clone(&sources), Arc::clone(&arrivals), datagrams.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             // Bounded: the test drops the server (stop) within its own time limit.
@@ -364,15 +367,20 @@ impl UdpEcho {
                 if let Ok((len, from)) = s.recv_from(&mut buf) {
                     n.fetch_add(1, Ordering::SeqCst);
                     src.lock().unwrap().insert(from);
+                    arr.lock().unwrap().push(from);
                     let _ = s.send_to(&buf[..len], from);
                 }
             }
         });
-        UdpEcho { addr, sources, datagrams, stop, thread: Some(thread) }
+        UdpEcho { addr, sources, arrivals, datagrams, stop, thread: Some(thread) }
     }
 
     pub fn sources(&self) -> BTreeSet<SocketAddr> {
         self.sources.lock().unwrap().clone()
+    }
+
+    pub fn arrivals(&self) -> Vec<SocketAddr> {
+        self.arrivals.lock().unwrap().clone()
     }
 }
 
