@@ -45,14 +45,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 /// Runs one test: `connect` (count connections: connect, 1-byte echo, close),
 /// `churn` (the same on `threads` threads, no latencies kept), `rr`
 /// (request/response on one connection), `bulk` (one stream to the sink).
-pub fn worker(
-    test: &str,
-    target: SocketAddr,
-    count: u64,
-    secs: f64,
-    bytes: u64,
-    threads: usize,
-) -> Result<WorkerResult> {
+pub fn worker(test: &str, target: SocketAddr, count: u64, secs: f64, bytes: u64, threads: usize) -> Result<WorkerResult> {
     let deadline = Duration::from_secs_f64(secs);
     let t0 = Instant::now();
     let mut r = WorkerResult { test: test.into(), ..Default::default() };

@@ -24,10 +24,7 @@ use rewire_control::{Config, Hooks, ManagedCgroup};
 use sys::{NetNs, Placement};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "rewire-bench",
-    about = "rewire vs direct vs nftables REDIRECT, side by side on loopback (needs root)"
-)]
+#[command(name = "rewire-bench", about = "rewire vs direct vs nftables REDIRECT, side by side on loopback (needs root)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Sub>,
@@ -91,8 +88,7 @@ fn main() {
     let r = match cli.cmd {
         Some(Sub::Serve { echo, sink }) => load::serve(echo, sink),
         Some(Sub::Worker { test, target, count, secs, bytes, threads }) => {
-            load::worker(&test, target, count, secs, bytes, threads)
-                .map(|r| println!("{}", serde_json::to_string(&r).unwrap()))
+            load::worker(&test, target, count, secs, bytes, threads).map(|r| println!("{}", serde_json::to_string(&r).unwrap()))
         }
         None => orchestrate(cli.run),
     };
@@ -266,8 +262,7 @@ impl Ctx {
     fn tests(&self, name: &str, place: &Placement) -> Result<Figures> {
         let s = format!("{}", self.secs);
         let mut f = Figures { scenario: name.into(), ..Default::default() };
-        let c =
-            self.worker(place, "connect", self.echo, &["--secs".into(), s.clone(), "--count".into(), "500000".into()])?;
+        let c = self.worker(place, "connect", self.echo, &["--secs".into(), s.clone(), "--count".into(), "500000".into()])?;
         f.conns_per_s = c.ops as f64 / c.secs;
         f.connect_p50_us = c.connect_p50_us;
         f.connect_p99_us = c.connect_p99_us;
@@ -275,14 +270,12 @@ impl Ctx {
         f.first_byte_p99_us = c.first_byte_p99_us;
         f.errors += c.errors;
         f.first_error = c.first_error;
-        let r =
-            self.worker(place, "rr", self.echo, &["--secs".into(), s.clone(), "--count".into(), "10000000".into()])?;
+        let r = self.worker(place, "rr", self.echo, &["--secs".into(), s.clone(), "--count".into(), "10000000".into()])?;
         f.rr_per_s = r.ops as f64 / r.secs;
         f.rr_p50_us = r.rr_p50_us;
         f.rr_p99_us = r.rr_p99_us;
         let cpu0 = sys::machine_cpu()?;
-        let b =
-            self.worker(place, "bulk", self.sink, &["--secs".into(), s, "--bytes".into(), (200u64 << 30).to_string()])?;
+        let b = self.worker(place, "bulk", self.sink, &["--secs".into(), s, "--bytes".into(), (200u64 << 30).to_string()])?;
         let cpu1 = sys::machine_cpu()?;
         let gb = b.bytes as f64 / 1e9;
         f.bulk_gb_per_s = gb / b.secs;
@@ -435,16 +428,16 @@ impl Ctx {
         if let Ok(out) = Command::new(&self.rewire).args(["status", "--config"]).arg(&path).output() {
             let text = String::from_utf8_lossy(&out.stdout);
             let counters: Vec<&str> = text.lines().filter(|l| l.starts_with("  ") && !l.trim_end().ends_with(" 0")).collect();
-            eprintln!("rewire-bench: churn kernel counters (non-zero): {}", counters.iter().map(|l| l.trim()).collect::<Vec<_>>().join(", "));
+            eprintln!(
+                "rewire-bench: churn kernel counters (non-zero): {}",
+                counters.iter().map(|l| l.trim()).collect::<Vec<_>>().join(", ")
+            );
         }
         // SIGTERM stops the daemon and leaves its hooks; `rewire down`
         // removes hooks, cgroup and pins.
         sys::stop(&mut daemon);
-        let down = Command::new(&self.rewire)
-            .args(["down", "--grace", "2", "--config"])
-            .arg(&path)
-            .stderr(std::process::Stdio::null())
-            .status();
+        let down =
+            Command::new(&self.rewire).args(["down", "--grace", "2", "--config"]).arg(&path).stderr(std::process::Stdio::null()).status();
         if !down.is_ok_and(|s| s.success()) {
             eprintln!("rewire-bench: `rewire down --config {}` failed", path.display());
         }
@@ -497,17 +490,10 @@ impl Ctx {
             let as_nobody = Placement { netns: Some(ns.path()), uid: Some(uid), ..Default::default() };
             let mut proxy = self.proxy(
                 &as_nobody,
-                &[
-                    "--name".into(),
-                    "nft".into(),
-                    "--original-dst".into(),
-                    "--listen".into(),
-                    self.target(self.p1).to_string(),
-                ],
+                &["--name".into(), "nft".into(), "--original-dst".into(), "--listen".into(), self.target(self.p1).to_string()],
                 &self.args.relay,
             )?;
-            let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5))
-                .and_then(|()| self.tests("nft", &inside));
+            let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5)).and_then(|()| self.tests("nft", &inside));
             sys::stop(&mut proxy);
             r
         })();
@@ -544,8 +530,7 @@ fn orchestrate(args: RunArgs) -> Result<()> {
     let tmp = std::env::temp_dir().join(&tag);
     std::fs::create_dir_all(&tmp)?;
     let b = args.base_port;
-    let ctx =
-        Ctx { me, rewire, secs, echo: b, sink: b + 1, p1: b + 2, p2: b + 3, tag, tmp: tmp.clone(), args: args.clone() };
+    let ctx = Ctx { me, rewire, secs, echo: b, sink: b + 1, p1: b + 2, p2: b + 3, tag, tmp: tmp.clone(), args: args.clone() };
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let started = Instant::now();
 

@@ -25,10 +25,7 @@ fn machine() -> Machine {
         .unwrap_or_default();
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
         .unwrap_or_default();
     Machine { kernel, nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), cpu_model }
 }
@@ -91,10 +88,7 @@ pub fn write(
     }
     let mut ratios = serde_json::Map::new();
     if let Some(d) = direct {
-        writeln!(
-            t,
-            "\nratio to direct (conn/s, bulk GB/s, rr/s: higher is better; latencies and CPU s/GB: lower is better):"
-        )?;
+        writeln!(t, "\nratio to direct (conn/s, bulk GB/s, rr/s: higher is better; latencies and CPU s/GB: lower is better):")?;
         for f in figs {
             write!(t, "{:<9}", f.scenario)?;
             let mut r = serde_json::Map::new();
@@ -130,8 +124,7 @@ pub fn write(
             let ns = f.kernel_ns_per_conn.unwrap_or_default();
             let share = direct_us.map(|us| format!(" = {:.2} % of a direct connection ({us:.1} us)", ns / 10.0 / us)).unwrap_or_default();
             writeln!(t, "  {:<9} {:>7.2} us{share}", f.scenario, ns / 1000.0)?;
-            let parts: Vec<String> =
-                f.kernel_by_program.iter().map(|(p, (runs, ns))| format!("{p} {runs}x {:.0} ns", ns)).collect();
+            let parts: Vec<String> = f.kernel_by_program.iter().map(|(p, (runs, ns))| format!("{p} {runs}x {:.0} ns", ns)).collect();
             writeln!(t, "            ({})", parts.join(", "))?;
         }
     }
@@ -189,10 +182,8 @@ fn load_font() -> Result<(), String> {
         "/usr/share/fonts/TTF/DejaVuSans.ttf",
         "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
     ];
-    let bytes = CANDIDATES
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .ok_or("no TrueType font found (apt-get install -y fonts-dejavu-core)")?;
+    let bytes =
+        CANDIDATES.iter().find_map(|p| std::fs::read(p).ok()).ok_or("no TrueType font found (apt-get install -y fonts-dejavu-core)")?;
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| "invalid font".to_string())
 }
@@ -225,10 +216,7 @@ fn chart(path: &Path, figs: &[Figures], m: &Machine) -> Result<(), String> {
         let max = figs.iter().map(get).fold(0.0, f64::max).max(1e-9) * 1.15;
         let n = figs.len();
         let mut c = ChartBuilder::on(area)
-            .caption(
-                format!("{heading} ({})", if *higher { "higher is better" } else { "lower is better" }),
-                ("sans-serif", 18),
-            )
+            .caption(format!("{heading} ({})", if *higher { "higher is better" } else { "lower is better" }), ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(28)
             .y_label_area_size(60)
@@ -244,17 +232,10 @@ fn chart(path: &Path, figs: &[Figures], m: &Machine) -> Result<(), String> {
         for (i, f) in figs.iter().enumerate() {
             let v = get(f);
             let color = COLORS[i % COLORS.len()];
-            c.draw_series(std::iter::once(Rectangle::new(
-                [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, v)],
-                color.filled(),
-            )))
-            .map_err(|x| e(&x))?;
-            c.draw_series(std::iter::once(Text::new(
-                fmt(v),
-                (i as f64 + 0.2, v + max * 0.02),
-                ("sans-serif", 13).into_font(),
-            )))
-            .map_err(|x| e(&x))?;
+            c.draw_series(std::iter::once(Rectangle::new([(i as f64 + 0.15, 0.0), (i as f64 + 0.85, v)], color.filled())))
+                .map_err(|x| e(&x))?;
+            c.draw_series(std::iter::once(Text::new(fmt(v), (i as f64 + 0.2, v + max * 0.02), ("sans-serif", 13).into_font())))
+                .map_err(|x| e(&x))?;
             c.draw_series(std::iter::once(Text::new(
                 f.scenario.clone(),
                 (i as f64 + 0.15, -max * 0.015),

@@ -60,11 +60,7 @@ pub fn cleanup_on_signal(tag: String) -> Result<()> {
                 }
             }
             if let Ok(rd) = rewire_control::cgroup::cgroup2_mount().and_then(|root| {
-                std::fs::read_dir(&root).map_err(|source| rewire_control::cgroup::CgroupError::Io {
-                    op: "read",
-                    path: root,
-                    source,
-                })
+                std::fs::read_dir(&root).map_err(|source| rewire_control::cgroup::CgroupError::Io { op: "read", path: root, source })
             }) {
                 for e in rd.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
@@ -183,11 +179,7 @@ fn clk_tck() -> f64 {
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
         .unwrap_or(0)
 }
 
@@ -233,9 +225,7 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
     if stdin.is_some() {
         c.stdin(Stdio::piped());
     }
-    let mut child = c
-        .spawn()
-        .with_context(|| format!("cannot run {program} (install it: apt-get install -y nftables iproute2)"))?;
+    let mut child = c.spawn().with_context(|| format!("cannot run {program} (install it: apt-get install -y nftables iproute2)"))?;
     if let Some(text) = stdin {
         use std::io::Write;
         child.stdin.take().unwrap().write_all(text.as_bytes())?;

@@ -7,16 +7,14 @@
 #[repr(C, align(8))]
 struct Aligned<T: ?Sized>(T);
 
-static OBJECT_ALIGNED: &Aligned<[u8]> =
-    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/rewire.bpf.o")));
+static OBJECT_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/rewire.bpf.o")));
 
 /// The BPF ELF object holding every rewire program and map.
 pub fn object() -> &'static [u8] {
     &OBJECT_ALIGNED.0
 }
 
-static FASTPATH_ALIGNED: &Aligned<[u8]> =
-    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/fastpath.bpf.o")));
+static FASTPATH_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/fastpath.bpf.o")));
 
 /// The BPF ELF object of the reference proxy's kernel fast path
 /// (`bpf/fastpath.bpf.c`: the sockmap verdict program and its maps), loaded
@@ -54,8 +52,7 @@ pub fn scope_object() -> &'static [u8] {
 }
 
 /// The scope programs, as `(function, section)`.
-pub const SCOPE_PROGRAMS: &[(&str, &str)] =
-    &[("rw_scope_connect6", "cgroup/connect6"), ("rw_scope_sendmsg6", "cgroup/sendmsg6")];
+pub const SCOPE_PROGRAMS: &[(&str, &str)] = &[("rw_scope_connect6", "cgroup/connect6"), ("rw_scope_sendmsg6", "cgroup/sendmsg6")];
 
 static LSM_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/lsm.bpf.o")));
 

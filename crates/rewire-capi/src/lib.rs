@@ -531,8 +531,15 @@ type Routine = unsafe extern "C" fn(DWORD, DWORD, *mut WSAOVERLAPPED, DWORD);
 
 enum OpKind {
     /// `needed`: bytes the answer takes in the caller's buffer; `sockaddrs`: the two-address layout.
-    Query { optname: c_int, needed: usize, out: usize, sockaddrs: bool },
-    Set { blob: Vec<u8> },
+    Query {
+        optname: c_int,
+        needed: usize,
+        out: usize,
+        sockaddrs: bool,
+    },
+    Set {
+        blob: Vec<u8>,
+    },
 }
 
 /// Where and how an overlapped operation reports its outcome.
@@ -733,13 +740,12 @@ fn sockaddr_context(fd: c_int, optname: c_int) -> Result<[u8; REWIRE_WFP_SOCKADD
     let mut buf = [0u8; REWIRE_WFP_MAX_CONTEXT_SIZE];
     let n = rewire::raw_query(fd, optname, &mut buf).map_err(|e| e.wsa_code())?;
     let ctx: RwContext = rewire::abi::read_pod(&buf[..n]).ok_or(WSAEINVAL)?;
-    let remote = rewire::RedirectRecords::from_bytes(rewire::abi::pod_bytes(&ctx.records))
-        .map_err(|_| WSAEINVAL)?
-        .original_destination();
+    let remote = rewire::RedirectRecords::from_bytes(rewire::abi::pod_bytes(&ctx.records)).map_err(|_| WSAEINVAL)?.original_destination();
     let mut out = [0u8; REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE];
     let half = REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE / 2;
     let remote = socket2::SockAddr::from(remote);
     out[..remote.len() as usize].copy_from_slice(sockaddr_bytes(&remote));
+    // SAFETY: an all-zero sockaddr_storage is a valid (unspecified) address.
     let mut local: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: valid out-pointers of the sizes given.
@@ -1084,10 +1090,7 @@ pub unsafe extern "C" fn WSAGetOverlappedResult(
     // Under the lock: completions write Internal/InternalHigh with it held,
     // and the writability probe writes the same bytes back.
     let mut g = lock();
-    if !probe_writable(ov, OV_INTERNAL_HIGH + 8)
-        || !probe_writable(lpcbTransfer as usize, 4)
-        || !probe_writable(lpdwFlags as usize, 4)
-    {
+    if !probe_writable(ov, OV_INTERNAL_HIGH + 8) || !probe_writable(lpcbTransfer as usize, 4) || !probe_writable(lpdwFlags as usize, 4) {
         set_last_error(WSAEFAULT);
         return FALSE;
     }
@@ -1196,10 +1199,8 @@ pub unsafe extern "C" fn WSAWaitForMultipleEvents(
         set_last_error(WSAEFAULT);
         return WSA_WAIT_FAILED;
     }
-    let handles: Vec<usize> = raw
-        .chunks_exact(std::mem::size_of::<usize>())
-        .map(|c| usize::from_ne_bytes(c.try_into().expect("chunk size")))
-        .collect();
+    let handles: Vec<usize> =
+        raw.chunks_exact(std::mem::size_of::<usize>()).map(|c| usize::from_ne_bytes(c.try_into().expect("chunk size"))).collect();
     let end = deadline(dwTimeout);
     let mut g = lock();
     loop {
@@ -1336,14 +1337,7 @@ pub extern "C" fn rewire_wsa_set_completion_delay(dwMilliseconds: DWORD) {
 
 /// `socket()` with the overlapped attribute of `dwFlags`. See `wsa.h`.
 #[no_mangle]
-pub extern "C" fn WSASocket(
-    af: c_int,
-    type_: c_int,
-    protocol: c_int,
-    lpProtocolInfo: *mut c_void,
-    g: u32,
-    dwFlags: DWORD,
-) -> SOCKET {
+pub extern "C" fn WSASocket(af: c_int, type_: c_int, protocol: c_int, lpProtocolInfo: *mut c_void, g: u32, dwFlags: DWORD) -> SOCKET {
     if !lpProtocolInfo.is_null() || g != 0 || dwFlags & !WSA_FLAG_OVERLAPPED != 0 {
         set_last_error(WSAEINVAL);
         return INVALID_SOCKET;

@@ -52,11 +52,7 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn new(tag: &str) -> Self {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "rewire-capi-{tag}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
+        let d = std::env::temp_dir().join(format!("rewire-capi-{tag}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         TempDir(d)
@@ -80,18 +76,10 @@ fn compile(src: &str, out: &Path, link: Link) {
     let target = target_dir();
     let ws = workspace();
     let mut c = Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()));
-    c.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
-        .arg("-I")
-        .arg(ws.join("include"))
-        .arg(ws.join(src))
-        .arg("-o")
-        .arg(out);
+    c.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1"]).arg("-I").arg(ws.join("include")).arg(ws.join(src)).arg("-o").arg(out);
     match link {
         Link::Dynamic => {
-            c.arg(format!("-L{}", target.display()))
-                .arg("-lrewire_wsa")
-                .arg(format!("-Wl,-rpath,{}", target.display()))
-                .arg("-lpthread");
+            c.arg(format!("-L{}", target.display())).arg("-lrewire_wsa").arg(format!("-Wl,-rpath,{}", target.display())).arg("-lpthread");
         }
         Link::Static => {
             c.arg(target.join("librewire_wsa.a")).args(["-lpthread", "-ldl", "-lm", "-lrt", "-lutil", "-lgcc_s"]);

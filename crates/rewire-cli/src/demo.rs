@@ -317,10 +317,7 @@ fn run(dir: &Path) -> Result<()> {
         println!("  {who:16} connect: audit={:?}, dlp={:?} -> {to}", s(audit_id), s(dlp_id));
     }
     let kinds: Vec<_> = evs.iter().map(|e| e.kind).collect();
-    ensure!(
-        kinds.iter().filter(|k| **k == EventKind::Deliver).count() == 2,
-        "every flow must be delivered once: {kinds:?}"
-    );
+    ensure!(kinds.iter().filter(|k| **k == EventKind::Deliver).count() == 2, "every flow must be delivered once: {kinds:?}");
     udp_step(&mut st, &origin.addrs, &udp_sources)?;
     st.stop()?;
 
@@ -329,11 +326,7 @@ fn run(dir: &Path) -> Result<()> {
     println!("Same services with hop_limit = 1: a flow may be redirected only once, so dlp cannot take it.");
     let mut st = Stage::start(dir, "hoplimit", &toml2)?;
     let (rep, _) = st.client(origin.addrs[0], "/too-many-hops")?;
-    println!(
-        "client: received {} bytes (audit reset the connection: {})",
-        rep["received"],
-        rep["error"].as_str().unwrap_or("no response")
-    );
+    println!("client: received {} bytes (audit reset the connection: {})", rep["received"], rep["error"].as_str().unwrap_or("no response"));
     let evs = st.events();
     let refused = evs.iter().find(|e| e.kind == EventKind::HopLimit).context("expected a hop-limit refusal")?;
     println!("kernel: {refused}");

@@ -129,9 +129,7 @@ impl EventLimits {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REWIRE_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("REWIRE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
@@ -143,9 +141,7 @@ fn main() {
         }
         Cmd::Status { config, json } => manage::status(&config, json).map(|()| 0),
         Cmd::Reload { config } => manage::reload(&config).map(|()| 0),
-        Cmd::Down { config, grace } => {
-            manage::down(&config, std::time::Duration::from_secs_f64(grace.clamp(0.0, 3600.0))).map(|()| 0)
-        }
+        Cmd::Down { config, grace } => manage::down(&config, std::time::Duration::from_secs_f64(grace.clamp(0.0, 3600.0))).map(|()| 0),
         Cmd::Exec { config, service, cmd } => manage::exec(config.as_deref(), service.as_deref(), &cmd),
         Cmd::Proxy(a) => proxy::main(a).map(|()| 0),
         Cmd::Demo(a) => demo::main(a).map(|()| 0),

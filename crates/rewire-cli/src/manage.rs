@@ -632,8 +632,7 @@ pub fn join_service(subtree: &Path, name: &str) -> Result<()> {
     if !dir.is_dir() {
         bail!("{} does not exist: is `{name}` a service of the config the hooks were attached with?", dir.display());
     }
-    rewire_control::cgroup::join(&dir)
-        .with_context(|| format!("joining service `{name}`'s cgroup {} (needs root)", dir.display()))?;
+    rewire_control::cgroup::join(&dir).with_context(|| format!("joining service `{name}`'s cgroup {} (needs root)", dir.display()))?;
     tracing::info!("running as service `{name}` in {}", dir.display());
     Ok(())
 }
@@ -669,11 +668,7 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
             confinement.apply().context("installing the seccomp filter and Landlock domain (needs root)")?;
         }
     }
-    let err = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .env(ENV_CONFIG, std::fs::canonicalize(&config)?)
-        .env(ENV_CGROUP, &subtree)
-        .exec();
+    let err = Command::new(&cmd[0]).args(&cmd[1..]).env(ENV_CONFIG, std::fs::canonicalize(&config)?).env(ENV_CGROUP, &subtree).exec();
     bail!("cannot run {}: {err}", cmd[0])
 }
 

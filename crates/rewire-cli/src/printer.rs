@@ -56,16 +56,7 @@ impl<W: Write> Printer<W> {
     /// A printer writing to `out`; reads the counters once as the baseline.
     pub fn new(cfg: Arc<RwLock<Config>>, format: EventFormat, limits: Limits, mut counters: CountersFn, out: W) -> Self {
         let last = counters();
-        Printer {
-            cfg,
-            format,
-            limiter: EventLimiter::new(limits),
-            counters,
-            last,
-            window: Instant::now(),
-            buf: Vec::new(),
-            out,
-        }
+        Printer { cfg, format, limiter: EventLimiter::new(limits), counters, last, window: Instant::now(), buf: Vec::new(), out }
     }
 
     /// The interval of the rate limits and counter checks.
@@ -184,13 +175,7 @@ impl PrinterHandle {
 }
 
 /// Prints the kernel's events to stderr until stopped.
-pub fn spawn(
-    events: Events,
-    cfg: Arc<RwLock<Config>>,
-    format: EventFormat,
-    limits: Limits,
-    counters: CountersFn,
-) -> PrinterHandle {
+pub fn spawn(events: Events, cfg: Arc<RwLock<Config>>, format: EventFormat, limits: Limits, counters: CountersFn) -> PrinterHandle {
     let (stop, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let printer = Printer::new(cfg, format, limits, counters, std::io::stderr());
@@ -263,9 +248,7 @@ mod tests {
 
     /// A counters source the test moves: `events_lost` as given.
     fn counters(lost: Arc<std::sync::atomic::AtomicU64>) -> CountersFn {
-        Box::new(move || {
-            Some(Counters { events_lost: lost.load(std::sync::atomic::Ordering::SeqCst), ..Default::default() })
-        })
+        Box::new(move || Some(Counters { events_lost: lost.load(std::sync::atomic::Ordering::SeqCst), ..Default::default() }))
     }
 
     fn run(format: EventFormat) -> String {

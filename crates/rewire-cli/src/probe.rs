@@ -198,7 +198,11 @@ fn probe_udp(a: &ProbeArgs, n: u64, r: &mut Report) -> std::io::Result<()> {
             while u.sent < n && u.sent - u.received < WINDOW {
                 let d = datagram(u.sent, size);
                 let to = dests[(u.sent % dests.len() as u64) as usize];
-                if a.unconnected { s.send_to(&d, to)? } else { s.send(&d)? };
+                if a.unconnected {
+                    s.send_to(&d, to)?
+                } else {
+                    s.send(&d)?
+                };
                 sent_hash.update(&d);
                 u.sent += 1;
             }

@@ -40,8 +40,7 @@ fn udp_tool_count(child: Child) -> u64 {
 #[test]
 #[ignore = "a UDP tool, started by the tests below as user 65534 outside the cgroup"]
 fn child_udp_tool() {
-    let (Some(bind), Some(secs), Some(ready)) = (env::<SocketAddr>("RW_BIND"), env::<u64>("RW_SECS"), env::<PathBuf>("RW_READY"))
-    else {
+    let (Some(bind), Some(secs), Some(ready)) = (env::<SocketAddr>("RW_BIND"), env::<u64>("RW_SECS"), env::<PathBuf>("RW_READY")) else {
         return;
     };
     let s = UdpSocket::bind(bind).unwrap();
@@ -88,11 +87,7 @@ fn ipv6_flow_does_not_skip_a_v4_only_service() {
     let log = sb.proxy("audit");
     let (r, _) = sb.probe(&[&server.addr.to_string(), "--send", "100", "--timeout", "5"]);
     let inspected = rewire_proxy::wait_flow_lines(&log, 1, Duration::from_secs(2)).map(|v| v.len()).unwrap_or(0);
-    assert!(
-        server.peers().is_empty() || inspected == 1,
-        "an IPv6 flow matching audit's rule reached {} without audit: {r}",
-        server.addr
-    );
+    assert!(server.peers().is_empty() || inspected == 1, "an IPv6 flow matching audit's rule reached {} without audit: {r}", server.addr);
 }
 
 // ---- 2. UDP: the owner check happens once per flow -------------------------
@@ -175,13 +170,8 @@ fn udp_flow_identity_does_not_pass_to_the_next_owner_of_its_source_port() {
     let mut sb = Sandbox::new(&format!("udp_idle_ms = 8000\n{}", udp_service("dns", pa, dst.port())));
     let log = sb.proxy("dns");
     let sync = sync_file(&sb.dir, "victim");
-    let victim = child_cmd(
-        Some(&sb),
-        "child_udp_victim",
-        &[("RW_DST", dst.to_string()), ("RW_SYNC", sync.display().to_string())],
-    )
-    .spawn()
-    .unwrap();
+    let victim =
+        child_cmd(Some(&sb), "child_udp_victim", &[("RW_DST", dst.to_string()), ("RW_SYNC", sync.display().to_string())]).spawn().unwrap();
     child_passed(victim, "child_udp_victim");
     let src: SocketAddr = wait_file(&sync, "port ")["port ".len()..].trim().parse().unwrap();
     assert_eq!(echo.datagrams.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -220,8 +210,8 @@ fn child_udp_victim() {
 /// Secure: refused (or redirected), never delivered past audit.
 #[test]
 fn udplite_does_not_pass_a_protocol_any_rule() {
-    let rx = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::from(libc::IPPROTO_UDPLITE)))
-        .unwrap();
+    let rx =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::from(libc::IPPROTO_UDPLITE))).unwrap();
     rx.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
     let dst = rx.local_addr().unwrap().as_socket().unwrap();
     rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -323,7 +313,12 @@ fn tcp_syn_retransmission_does_not_reach_an_impostor() {
         &exe_for_all(&sb.dir),
         None,
         "child_tcp_impostor",
-        &[("RW_ADDR", format!("127.0.0.1:{pa}")), ("RW_SECS", "10".into()), ("RW_READY", ready.display().to_string()), ("RW_SYNC", sync.display().to_string())],
+        &[
+            ("RW_ADDR", format!("127.0.0.1:{pa}")),
+            ("RW_SECS", "10".into()),
+            ("RW_READY", ready.display().to_string()),
+            ("RW_SYNC", sync.display().to_string()),
+        ],
     );
     imp.uid(65534).gid(65534);
     let imp = spawn_exe(&mut imp);

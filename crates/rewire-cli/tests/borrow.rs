@@ -59,20 +59,24 @@ fn child_borrow_syscalls() {
     let errno = |r: libc::c_long| if r < 0 { std::io::Error::last_os_error().raw_os_error() } else { None };
     // SAFETY: the calls below only name another process; none touches our memory except
     // process_vm_writev, which reads `buf` (valid) and is expected to fail.
+    // SAFETY: plain syscalls on a pid this test started; no memory is shared.
     let attach = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) };
     let attach = errno(attach);
     if attach.is_none() {
         // SAFETY: detach what we attached, so the target keeps running.
         unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) };
     }
+    // SAFETY: plain syscalls with integer arguments.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    // SAFETY: as above.
     let getfd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, 1, 0) };
     let getfd = errno(getfd);
     let buf = [0u8; 1];
     let local = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: 1 };
     // An address that is surely not mapped in the target: refused before that matters.
     let remote = libc::iovec { iov_base: 8 as *mut _, iov_len: 1 };
+    // SAFETY: the local iovec points at a live buffer; the remote one is the target's (refused).
     let write = errno(unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) } as libc::c_long);
     // The same permission through the file system, which seccomp cannot see.
     let mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/mem")).map(drop).map_err(|e| e.raw_os_error());
@@ -127,7 +131,17 @@ impl Tree {
         let (sub, outside) = (parent.path().join("sub"), parent.path().join("outside"));
         std::fs::create_dir(&sub).unwrap();
         std::fs::create_dir(&outside).unwrap();
-        let mut tree = Tree { dir, sub: sub.clone(), outside, children: vec![], guard: None, lsm: None, hooks: None, parent: Some(parent), pins: None };
+        let mut tree = Tree {
+            dir,
+            sub: sub.clone(),
+            outside,
+            children: vec![],
+            guard: None,
+            lsm: None,
+            hooks: None,
+            parent: Some(parent),
+            pins: None,
+        };
         if persistent {
             // As `rewire daemon` does, with a pin directory of the test's own.
             let pins = rewire_control::persist::bpffs_root().join(&name);
@@ -313,11 +327,7 @@ fn a_service_keeps_sockets_it_was_given() {
     let echo = UdpEcho::start(server.addr);
     let mut tree = Tree::new(&tcp_udp_rule(port), true);
     let sync = sync_file(&tree.dir, "owner");
-    let env = vec![
-        ("RW_SYNC", sync.display().to_string()),
-        ("RW_DST", server.addr.to_string()),
-        ("RW_EXPECT", "pass".to_string()),
-    ];
+    let env = vec![("RW_SYNC", sync.display().to_string()), ("RW_DST", server.addr.to_string()), ("RW_EXPECT", "pass".to_string())];
     let (outside, service) = (tree.outside.clone(), tree.sub.join("services").join("web"));
     let o = tree.child(&outside, "child_owner", &env);
     tree.children.push(o);

@@ -186,8 +186,7 @@ fn case(global: &str, rule: &str, refused: bool, ifindex: u32) {
     // A port no rule covers: broadcast there is none of rewire's business.
     sink.wait_for(other, "other-port");
     let counters = sb.hooks().counters().unwrap();
-    let events: Vec<Event> =
-        std::iter::from_fn(|| ev.next_event()).filter_map(|r| Event::from_raw(&r, &sb.config)).collect();
+    let events: Vec<Event> = std::iter::from_fn(|| ev.next_event()).filter_map(|r| Event::from_raw(&r, &sb.config)).collect();
     let bcast: Vec<&Event> = events.iter().filter(|e| e.kind == EventKind::Broadcast).collect();
     if refused {
         sink.settle(&[port, other]);
@@ -359,11 +358,7 @@ fn inner_link_local() {
     let mut sb = Sandbox::new(&config(free_port()));
     assert_eq!(sb.hooks().scope_unavailable(), None, "the scope program is attached");
     let log = sb.proxy("audit");
-    let c = spawn_exe(&mut child_cmd(
-        Some(&sb),
-        "child_link_local_app",
-        &[("RW_DST", format!("[fe80::1%{ifindex}]:{port}"))],
-    ));
+    let c = spawn_exe(&mut child_cmd(Some(&sb), "child_link_local_app", &[("RW_DST", format!("[fe80::1%{ifindex}]:{port}"))]));
     child_passed(c, "the application through the proxy");
     let lines = read_log(&log, 1);
     assert_eq!(server.peers().len(), 1, "the server saw the proxy's onward connect once");

@@ -162,8 +162,7 @@ fn hop_limit_refuses_with_a_clear_error() {
     let err = l["error"].as_str().unwrap();
     assert!(err.contains("hop limit"), "{err}");
     assert!(server.peers().is_empty(), "the flow must not reach the server");
-    let evs: Vec<Event> =
-        std::iter::from_fn(|| events.next_event()).filter_map(|e| Event::from_raw(&e, &sb.config)).collect();
+    let evs: Vec<Event> = std::iter::from_fn(|| events.next_event()).filter_map(|e| Event::from_raw(&e, &sb.config)).collect();
     let refused = evs.iter().find(|e| e.kind == EventKind::HopLimit).expect("hop-limit event");
     assert_eq!(refused.errno, libc::ELOOP);
     assert_eq!(refused.chain, ["audit"]);
@@ -184,10 +183,8 @@ fn records_stop_the_loop_and_deliver_once() {
     let (r, _) = sb.probe(&[&server.addr.to_string(), "--send", "1000"]);
     assert_eq!(r["sent_sha256"], r["received_sha256"]);
     std::thread::sleep(Duration::from_millis(100));
-    let kinds: Vec<EventKind> = std::iter::from_fn(|| events.next_event())
-        .filter_map(|e| Event::from_raw(&e, &sb.config))
-        .map(|e| e.kind)
-        .collect();
+    let kinds: Vec<EventKind> =
+        std::iter::from_fn(|| events.next_event()).filter_map(|e| Event::from_raw(&e, &sb.config)).map(|e| e.kind).collect();
     assert_eq!(kinds, [EventKind::Redirect, EventKind::Redirect, EventKind::Deliver]);
 }
 

@@ -30,9 +30,7 @@ fn compat_prefix() -> PathBuf {
 fn program(name: &str, path: Option<PathBuf>) -> PathBuf {
     let found = match path {
         Some(p) => p.is_file().then_some(p),
-        None => std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file())
-        }),
+        None => std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file())),
     };
     found.unwrap_or_else(|| panic!("`{name}` is not installed: run `bash scripts/setup.sh` (as root)"))
 }
@@ -305,10 +303,7 @@ fn chain_with(kind: &str, start: Start, unmodified_first: bool, families: &[bool
     }
     for line in &lines {
         let flow = line["flow"].as_str().unwrap();
-        let delivered: Vec<_> = ev
-            .iter()
-            .filter(|e| e.flow == flow && e.kind == rewire_control::events::EventKind::Deliver)
-            .collect();
+        let delivered: Vec<_> = ev.iter().filter(|e| e.flow == flow && e.kind == rewire_control::events::EventKind::Deliver).collect();
         assert_eq!(delivered.len(), 1, "flow {flow} is delivered once: {ev:#?}");
         assert_eq!(delivered[0].chain, order, "flow {flow} passed both services in order: {ev:#?}");
         assert_eq!(delivered[0].original_destination.map(|a| a.to_string()), line["original_destination"].as_str().map(str::to_owned));
@@ -328,12 +323,7 @@ fn squid_in_the_middle_of_two_reference_proxies() {
     let ports = origin.port().to_string();
     let (pa, ps, pd) = (free_port(), free_port(), free_port());
     let ls = [v4(ps), v6(ps)];
-    let cfg = format!(
-        "{}{}{}",
-        svc("audit", &[v4(pa), v6(pa)], &ports),
-        svc("squid", &ls, &ports),
-        svc("dlp", &[v4(pd), v6(pd)], &ports)
-    );
+    let cfg = format!("{}{}{}", svc("audit", &[v4(pa), v6(pa)], &ports), svc("squid", &ls, &ports), svc("dlp", &[v4(pd), v6(pd)], &ports));
     let mut sb = Sandbox::new(&cfg);
     let audit = sb.proxy("audit");
     let dlp = sb.proxy("dlp");
@@ -364,11 +354,7 @@ fn squid_in_the_middle_of_two_reference_proxies() {
 fn c_example(dir: &Path) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let target = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>/deps/<test>
-    assert!(
-        target.join("librewire_wsa.so").exists(),
-        "librewire_wsa.so not in {}: run `cargo build --workspace` first",
-        target.display()
-    );
+    assert!(target.join("librewire_wsa.so").exists(), "librewire_wsa.so not in {}: run `cargo build --workspace` first", target.display());
     let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = dir.join("redirect_proxy");
     let o = Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()))
@@ -396,12 +382,8 @@ fn c_example_then_squid_then_reference_proxy() {
     let ports = origin.port().to_string();
     let (pc, ps, pa) = (free_port(), free_port(), free_port());
     let ls = [v4(ps), v6(ps)];
-    let cfg = format!(
-        "{}{}{}",
-        svc("cexample", &[v4(pc), v6(pc)], &ports),
-        svc("squid", &ls, &ports),
-        svc("audit", &[v4(pa), v6(pa)], &ports)
-    );
+    let cfg =
+        format!("{}{}{}", svc("cexample", &[v4(pc), v6(pc)], &ports), svc("squid", &ls, &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
     let mut sb = Sandbox::new(&cfg);
     let audit = sb.proxy("audit");
     let seen = start_squid(&mut sb, "squid", &ls);
@@ -674,10 +656,7 @@ fn squid_forward_port_never_takes_a_waiting_flows_identity() {
     assert_ne!(attacker["client_pid"], json!(victim_pid), "{attacker}");
     assert_eq!(attacker["chain"], json!(["squid", "audit"]), "{attacker}");
     // The victim's own request was not skipped past audit either.
-    let own = lines
-        .iter()
-        .filter(|l| l["bytes_to_server"].as_u64().unwrap_or(0) <= 2000)
-        .count();
+    let own = lines.iter().filter(|l| l["bytes_to_server"].as_u64().unwrap_or(0) <= 2000).count();
     assert_eq!(own, 1, "audit saw the victim's request once: {lines:#?}");
     assert_eq!(origin.s4.peers().len(), 2, "the origin is reached once per request");
     let c = sb.hooks().counters().unwrap();
@@ -692,8 +671,7 @@ fn squid_forward_port_never_takes_a_waiting_flows_identity() {
 #[ignore = "an application, started by squid_forward_port_never_takes_a_waiting_flows_identity"]
 fn child_slow_victim() {
     use std::io::{Read, Write};
-    let (Some(dst), Some(sync), Some(uid)) = (env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_SYNC"), env::<u32>("RW_UID"))
-    else {
+    let (Some(dst), Some(sync), Some(uid)) = (env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_SYNC"), env::<u32>("RW_UID")) else {
         return;
     };
     nix::unistd::setgroups(&[uid.into()]).unwrap();
@@ -850,10 +828,8 @@ fn original_dst_answer_and_link_rules() {
     let mut sb = Sandbox::new(&cfg);
     let audit = sb.proxy("audit");
     run_child_in(&sb, "child_original_dst", pf, origin.port());
-    let linked: Vec<String> =
-        text(&sb.dir.join("child-linked.txt")).lines().map(str::to_owned).collect();
-    let unlinked: Vec<String> =
-        text(&sb.dir.join("child-unlinked.txt")).lines().map(str::to_owned).collect();
+    let linked: Vec<String> = text(&sb.dir.join("child-linked.txt")).lines().map(str::to_owned).collect();
+    let unlinked: Vec<String> = text(&sb.dir.join("child-unlinked.txt")).lines().map(str::to_owned).collect();
     assert_eq!((linked.len(), unlinked.len()), (2, 2), "the child reports its flows");
     let lines = read_log(&audit, 4);
     let flows: Vec<String> = lines.iter().map(|l| l["flow"].as_str().unwrap().to_owned()).collect();

@@ -142,11 +142,7 @@ fn retry_after_refused_connect_keeps_the_refused_service() {
     let (pa, pb) = (free_port(), free_port());
     let rule = format!("dst = \"127.0.0.0/8\"\nports = {port}");
     let sb = Sandbox::new(&format!("{}{}", svc("audit", pa, &rule, ""), svc("dlp", pb, &rule, "")));
-    run_child(
-        &sb,
-        "child_retry",
-        &[("RW_PA", pa.to_string()), ("RW_PB", pb.to_string()), ("RW_DST", server.addr.to_string())],
-    );
+    run_child(&sb, "child_retry", &[("RW_PA", pa.to_string()), ("RW_PB", pb.to_string()), ("RW_DST", server.addr.to_string())]);
     assert!(server.peers().is_empty(), "nothing reached the destination past dlp: {:?}", server.peers());
 }
 
@@ -224,8 +220,7 @@ fn record_less_forwarder_chains_without_looping() {
     assert_eq!(line["original_destination"], server.addr.to_string(), "{line}");
     assert_eq!(server.peers().len(), 1, "the origin is reached exactly once");
     let ev = drain(&mut events, &sb);
-    let redirects: Vec<_> =
-        ev.iter().filter(|e| e.kind == EventKind::Redirect).map(|e| e.service.clone().unwrap()).collect();
+    let redirects: Vec<_> = ev.iter().filter(|e| e.kind == EventKind::Redirect).map(|e| e.service.clone().unwrap()).collect();
     assert_eq!(redirects, ["fwd", "audit"], "each service took the flow once: {ev:?}");
     assert_eq!(kinds(&ev).iter().filter(|k| **k == EventKind::Deliver).count(), 1, "{ev:?}");
 }
@@ -411,9 +406,7 @@ fn stale_handoff_cannot_be_claimed_from_the_same_source_port() {
 #[test]
 #[ignore = "runs inside the test cgroup, started by stale_handoff_cannot_be_claimed_from_the_same_source_port"]
 fn child_stale_handoff() {
-    let (Some(pa), Some(dst), Some(sync)) =
-        (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<std::path::PathBuf>("RW_SYNC"))
-    else {
+    let (Some(pa), Some(dst), Some(sync)) = (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<std::path::PathBuf>("RW_SYNC")) else {
         return;
     };
     // The service's listener, with an accept queue of one that nobody drains.
@@ -507,9 +500,7 @@ fn handoff_flood_is_counted_and_drains() {
 #[test]
 #[ignore = "runs inside the test cgroup, started by handoff_flood_is_counted_and_drains"]
 fn child_flooder() {
-    let (Some(pa), Some(dst), Some(sync)) =
-        (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<std::path::PathBuf>("RW_SYNC"))
-    else {
+    let (Some(pa), Some(dst), Some(sync)) = (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<std::path::PathBuf>("RW_SYNC")) else {
         return;
     };
     let l = as_service("sink", || {
@@ -606,6 +597,7 @@ fn child_other_paths() {
     let mut msgs: Vec<libc::mmsghdr> = iov
         .iter_mut()
         .map(|v| {
+            // SAFETY: an all-zero mmsghdr is valid; its pointers are set below.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_name = ua.as_ptr() as *mut _;
             m.msg_hdr.msg_namelen = ua.len();
@@ -659,9 +651,7 @@ fn unprivileged_attempts_fail_with_specific_errors() {
 #[test]
 #[ignore = "runs inside the test cgroup, started by unprivileged_attempts_fail_with_specific_errors"]
 fn child_unprivileged() {
-    let (Some(pa), Some(dst), Some(root_procs)) =
-        (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<String>("RW_ROOT_PROCS"))
-    else {
+    let (Some(pa), Some(dst), Some(root_procs)) = (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<String>("RW_ROOT_PROCS")) else {
         return;
     };
     nix::unistd::setresgid(65534.into(), 65534.into(), 65534.into()).unwrap();
@@ -670,11 +660,8 @@ fn child_unprivileged() {
     // Leaving the cgroup: the kernel refuses the write.
     let e = std::fs::write(&root_procs, std::process::id().to_string()).unwrap_err();
     assert!(matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)), "{e}");
-    let e = std::fs::write(
-        std::path::Path::new(&std::env::var("REWIRE_CGROUP").unwrap()).join("services/audit/cgroup.procs"),
-        "0",
-    )
-    .unwrap_err();
+    let e = std::fs::write(std::path::Path::new(&std::env::var("REWIRE_CGROUP").unwrap()).join("services/audit/cgroup.procs"), "0")
+        .unwrap_err();
     assert!(matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)), "joining a service: {e}");
 
     // A real flow through audit, as this user.

@@ -161,12 +161,7 @@ fn flood(printer: Printer, format: &str, secs: f64) -> Flood {
             (stdout, None, output)
         }
         Printer::Daemon => {
-            let daemon = Command::new(REWIRE)
-                .args(["daemon", "--events", format, "--config"])
-                .arg(&config)
-                .stderr(stderr)
-                .spawn()
-                .unwrap();
+            let daemon = Command::new(REWIRE).args(["daemon", "--events", format, "--config"]).arg(&config).stderr(stderr).spawn().unwrap();
             let mut d = Started { child: Some(daemon), cgroup: Some(cg_root.join(&name)), down: Some(config.clone()) };
             let pins = std::path::Path::new("/sys/fs/bpf").join(&name);
             let deadline = Instant::now() + Duration::from_secs(15);
@@ -334,9 +329,7 @@ fn a_flood_in_text_shows_summaries_drops_and_counters() {
         );
     }
     let last = out.lines().rev().find(|l| l.starts_with("rewire: counters: ")).unwrap_or_else(|| panic!("{}", tail(out)));
-    let field = |k: &str| -> u64 {
-        last.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap().parse().unwrap()
-    };
+    let field = |k: &str| -> u64 { last.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap().parse().unwrap() };
     let flooded: u64 = flooders.iter().map(|&(_, n)| n).sum();
     assert_eq!(field("no_listener"), flooded + K, "{last}");
     let drops = out.lines().filter(|l| l.starts_with("rewire: the kernel dropped ")).count();
@@ -345,7 +338,6 @@ fn a_flood_in_text_shows_summaries_drops_and_counters() {
 }
 
 // ---- children ----------------------------------------------------------
-
 
 /// Inside `rewire run`'s cgroup: starts two flooders as user 65534, makes
 /// K refused connects as the witness meanwhile, and reports.
@@ -380,8 +372,7 @@ fn child_flood() {
     let reports: Vec<Value> = flooders
         .into_iter()
         .map(|c| {
-            let out = String::from_utf8_lossy(&wait_output(c, Duration::from_secs(30) + Duration::from_secs_f64(secs)))
-                .into_owned();
+            let out = String::from_utf8_lossy(&wait_output(c, Duration::from_secs(30) + Duration::from_secs_f64(secs))).into_owned();
             let line = out.lines().find_map(|l| l.split_once("FLOODER ").map(|(_, r)| r)).unwrap_or_else(|| panic!("{out}"));
             serde_json::from_str(line).unwrap()
         })

@@ -84,15 +84,10 @@ impl Sync {
     }
 }
 
-
 /// This test binary's ignored test `name`, with environment, as user 65534
 /// outside the managed cgroup (`outside`) or inside `sb`'s cgroup.
 fn child(sb: &Sandbox, name: &str, env: &[(&str, String)], outside: bool, uid: Option<u32>) -> std::process::Child {
-    let mut cmd = if outside {
-        child_cmd_exe(&exe_for_all(&sb.dir), None, name, env)
-    } else {
-        child_cmd(Some(sb), name, env)
-    };
+    let mut cmd = if outside { child_cmd_exe(&exe_for_all(&sb.dir), None, name, env) } else { child_cmd(Some(sb), name, env) };
     // Inside, the cgroup is joined before exec, as root: the child drops
     // to the user itself (RW_UID). Outside, the kernel does it at exec.
     match (uid, outside) {
@@ -310,9 +305,7 @@ fn child_reuser() {
     let range: u32 = (u32::from(port) << 16) | u32::from(port);
     const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
     // SAFETY: valid socket and a u32 option value.
-    let r = unsafe {
-        libc::setsockopt(u.as_raw_fd(), libc::IPPROTO_IP, IP_LOCAL_PORT_RANGE, (&range as *const u32).cast(), 4)
-    };
+    let r = unsafe { libc::setsockopt(u.as_raw_fd(), libc::IPPROTO_IP, IP_LOCAL_PORT_RANGE, (&range as *const u32).cast(), 4) };
     assert_eq!(r, 0, "IP_LOCAL_PORT_RANGE: {}", std::io::Error::last_os_error());
     if u.connect(dst).is_err() {
         return; // refused: fine, nothing spliced
@@ -494,21 +487,15 @@ fn pending_handoff_is_not_claimed_from_a_private_namespace() {
     .unwrap();
     let vport = wait_file(&port_file, "port ");
     let vport: u16 = vport.trim().trim_start_matches("port ").parse().unwrap();
-    let attacker = child_cmd(
-        Some(&sb),
-        "child_handoff_attacker",
-        &[("RW_SVC", svc.to_string()), ("RW_VPORT", vport.to_string()), ("RW_EXE", exe)],
-    )
-    .spawn()
-    .unwrap();
+    let attacker =
+        child_cmd(Some(&sb), "child_handoff_attacker", &[("RW_SVC", svc.to_string()), ("RW_VPORT", vport.to_string()), ("RW_EXE", exe)])
+            .spawn()
+            .unwrap();
     let att = String::from_utf8_lossy(&wait_output(attacker, Duration::from_secs(60))).into_owned();
     std::fs::write(&go, "go").unwrap();
     let out = String::from_utf8_lossy(&wait_output(victim, Duration::from_secs(60))).into_owned();
     assert!(att.contains(&format!("attacker accepted 127.0.0.1:{vport}")), "the attack did not take place:\n{att}");
-    assert!(
-        att.contains("attacker SO_ORIGINAL_DST: refused"),
-        "the private namespace learnt the flow's original destination:\n{att}"
-    );
+    assert!(att.contains("attacker SO_ORIGINAL_DST: refused"), "the private namespace learnt the flow's original destination:\n{att}");
     assert!(att.contains("attacker records: refused"), "the private namespace got the flow's records:\n{att}");
     assert!(out.contains("victim records ok") && out.contains("1 passed"), "the flow at its proxy:\n{out}");
     assert!(sb.hooks().counters().unwrap().handoff_refused >= 1, "{}", sb.hooks().counters().unwrap());

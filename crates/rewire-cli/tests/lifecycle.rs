@@ -392,8 +392,7 @@ fn stream_under(what: &str, extra_config: &str, mut disturb: impl FnMut(&mut Lif
     let through = s.ok - escaped.min(s.ok);
     let long_ok = s.long.iter().filter(|l| l.3).count();
     let long_bytes: u64 = s.long.iter().map(|l| l.2).sum();
-    let spanning: Vec<usize> =
-        times.iter().map(|&t| s.long.iter().filter(|l| l.0 < t && l.1 > t && l.3).count()).collect();
+    let spanning: Vec<usize> = times.iter().map(|&t| s.long.iter().filter(|l| l.0 < t && l.1 > t && l.3).count()).collect();
     let echo_errors = s.errors.len() as u64 - s.refused;
     println!(
         "{what}: sent {} = through the proxy {through} + refused {}; escaped {escaped}; echo errors {echo_errors}; \
@@ -430,14 +429,10 @@ fn five_reloads_adding_and_removing_a_service() {
     );
     let mut base = None;
     stream_under("reload", "", |life, i| {
-        let (base, base_rules) =
-            base.get_or_insert_with(|| (std::fs::read_to_string(&life.cfg).unwrap(), life.n_rules())).clone();
+        let (base, base_rules) = base.get_or_insert_with(|| (std::fs::read_to_string(&life.cfg).unwrap(), life.n_rules())).clone();
         let body = base.split_once('\n').unwrap().1.to_string();
-        let (path, rules) = if i % 2 == 0 {
-            (life.dir.join("with-spare.toml"), base_rules + 1)
-        } else {
-            (life.dir.join("without-spare.toml"), base_rules)
-        };
+        let (path, rules) =
+            if i % 2 == 0 { (life.dir.join("with-spare.toml"), base_rules + 1) } else { (life.dir.join("without-spare.toml"), base_rules) };
         life.write_config(&path, &if i % 2 == 0 { format!("{body}{spare_block}") } else { body.clone() });
         let out = life.run(&["reload", "--config", path.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&out.stderr);

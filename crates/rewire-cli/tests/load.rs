@@ -43,11 +43,7 @@ fn fd_count(pid: u32) -> u64 {
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// Starts `rewire proxy --name NAME` in the sandbox's cgroup (ended with the
@@ -99,17 +95,13 @@ fn child_result(out: Vec<u8>, child: &str) -> std::collections::BTreeMap<String,
         println!("{child}: {}", &l[l.find("NOTE ").unwrap() + 5..]);
     }
     // The harness may have printed the test's name on the same line.
-    let line = text
-        .lines()
-        .find_map(|l| l.find("RESULT ").map(|i| &l[i..]))
-        .unwrap_or_else(|| panic!("no RESULT from {child}:\n{text}"));
+    let line = text.lines().find_map(|l| l.find("RESULT ").map(|i| &l[i..])).unwrap_or_else(|| panic!("no RESULT from {child}:\n{text}"));
     line.split_whitespace()
         .skip(1)
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or_else(|_| panic!("{line}"))))
         .collect()
 }
-
 
 /// The bytes client `i` sends: distinct for every connection.
 fn pattern(i: u64, len: usize) -> Vec<u8> {
@@ -527,11 +519,8 @@ fn udp_ten_thousand_concurrent_flows_through_one_proxy() {
     let t0 = Instant::now();
     let svc = sb.config.services[0].listen[0].port();
     let rcvbuf0 = udp_rcvbuf_errors();
-    let child = spawn_child(
-        &sb,
-        "child_udp_load",
-        &[("RW_N", n.to_string()), ("RW_DST", echo.addr.to_string()), ("RW_SVC", svc.to_string())],
-    );
+    let child =
+        spawn_child(&sb, "child_udp_load", &[("RW_N", n.to_string()), ("RW_DST", echo.addr.to_string()), ("RW_SVC", svc.to_string())]);
     let r = child_result(wait_output(child, Duration::from_secs(90)), "child_udp_load");
     let ran = t0.elapsed();
     // The proxy's flows are still live (idle time 8 s): its sockets' drops.
@@ -629,9 +618,7 @@ fn child_udp_load() {
                                     Ok(Ok(m)) if buf[..m] == out[..] => answered += 1,
                                     Ok(Ok(m)) if (0..k).any(|j| buf[..m] == pattern(i * DGRAMS + j, LEN)[..]) => continue,
                                     Ok(Ok(_)) => return (Outcome::Corrupted, Some(s)),
-                                    Ok(Err(e)) => {
-                                        return (Outcome::Refused("recv", e.raw_os_error().unwrap_or(-1)), Some(s))
-                                    }
+                                    Ok(Err(e)) => return (Outcome::Refused("recv", e.raw_os_error().unwrap_or(-1)), Some(s)),
                                     Err(_) => {}
                                 }
                                 break;

@@ -415,21 +415,14 @@ async fn restart_on_passed_sockets_refuses_no_connection() {
         assert_eq!(logged as u64, v, "every flow has its line");
         assert!(per.iter().all(|&n| n > 0), "every proxy relayed flows: {per:?}");
         // The socket is still the same one, and still works without a proxy queueing.
-        assert_eq!(
-            socket2::SockRef::from(&tcp).local_addr().unwrap().as_socket(),
-            Some(addr)
-        );
+        assert_eq!(socket2::SockRef::from(&tcp).local_addr().unwrap().as_socket(), Some(addr));
     })
     .await;
 }
 
 fn proc_status(pid: i32, key: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 fn fd_count(pid: i32) -> u64 {
@@ -621,4 +614,3 @@ async fn load_8000_concurrent_connections() {
     })
     .await;
 }
-

@@ -115,11 +115,7 @@ fn one_unconnected_socket_many_destinations() {
     let port = ea.addr.port();
     let ea2 = UdpEcho::start(format!("127.0.0.2:{port}").parse().unwrap());
     let (eb, ec) = (UdpEcho::start("127.0.0.1:0".parse().unwrap()), UdpEcho::start("127.0.0.1:0".parse().unwrap()));
-    let cfg = format!(
-        "{IDLE}{}{}",
-        udp_service_ports("audit", free_ports(2), 2, port),
-        udp_service("dlp", free_port(), eb.addr.port())
-    );
+    let cfg = format!("{IDLE}{}{}", udp_service_ports("audit", free_ports(2), 2, port), udp_service("dlp", free_port(), eb.addr.port()));
     let mut sb = Sandbox::new(&cfg);
     let mut events = sb.take_events();
     let (la, ld) = (sb.proxy("audit"), sb.proxy("dlp"));

@@ -79,10 +79,7 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 
 /// Attaches a program to a cgroup as a bpf_link (`BPF_LINK_CREATE`).
 pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
-    sys_bpf_fd(
-        BPF_LINK_CREATE,
-        Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, cgroup.as_raw_fd() as u32).u32(8, attach_type),
-    )
+    sys_bpf_fd(BPF_LINK_CREATE, Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, cgroup.as_raw_fd() as u32).u32(8, attach_type))
 }
 
 /// [`link_create`] with `flags` (`BPF_F_PREORDER`: run before the

@@ -18,7 +18,9 @@ pub enum CgroupError {
     #[error("no cgroup2 filesystem is mounted (rewire needs cgroup v2: mount -t cgroup2 none /sys/fs/cgroup/unified)")]
     NoCgroup2,
     /// The cgroup already exists (another rewire instance owns it).
-    #[error("cgroup {0} already exists: another rewire instance (daemon or run) uses this name; stop it or pick another `cgroup` in the config")]
+    #[error(
+        "cgroup {0} already exists: another rewire instance (daemon or run) uses this name; stop it or pick another `cgroup` in the config"
+    )]
     Exists(PathBuf),
     /// A filesystem operation failed.
     #[error("{op} {path}: {source}")]
@@ -141,10 +143,7 @@ impl ManagedCgroup {
 
     /// Sends `sig` to every process in the subtree; returns how many got it.
     pub fn signal_all(&self, sig: nix::sys::signal::Signal) -> usize {
-        self.pids()
-            .into_iter()
-            .filter(|&pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).is_ok())
-            .count()
+        self.pids().into_iter().filter(|&pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).is_ok()).count()
     }
 
     /// Waits, at most `timeout`, until no process is left in the subtree.

@@ -34,19 +34,13 @@ pub fn privileged() -> bool {
         return true;
     }
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()).unwrap_or(0);
     [CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF].iter().all(|c| eff & (1 << c) != 0)
 }
 
 /// The running kernel's (major, minor) version and release string.
 pub fn kernel_version() -> ((u32, u32), String) {
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     (parse_version(&release), release)
 }
 

@@ -51,7 +51,8 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use rewire::abi::{
-    RW_DEFAULT_HOP_LIMIT, RW_DEFAULT_UDP_FLOWS_PER_USER, RW_DEFAULT_UDP_IDLE_MS, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES, RW_MAX_UDP_PORTS,
+    RW_DEFAULT_HOP_LIMIT, RW_DEFAULT_UDP_FLOWS_PER_USER, RW_DEFAULT_UDP_IDLE_MS, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES,
+    RW_MAX_UDP_PORTS,
 };
 
 /// Bounds of `udp_idle_ms`.
@@ -170,10 +171,9 @@ impl<'de> Deserialize<'de> for Dst {
         if s == "local" {
             return Ok(Dst::Local);
         }
-        s.parse::<IpNet>()
-            .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-            .map(Dst::Net)
-            .map_err(|_| serde::de::Error::custom(format!("invalid destination `{s}` (a network like \"127.0.0.0/8\", an address, or \"local\")")))
+        s.parse::<IpNet>().or_else(|_| s.parse::<IpAddr>().map(IpNet::from)).map(Dst::Net).map_err(|_| {
+            serde::de::Error::custom(format!("invalid destination `{s}` (a network like \"127.0.0.0/8\", an address, or \"local\")"))
+        })
     }
 }
 
@@ -408,11 +408,7 @@ impl Config {
         }
         let hl = *cfg.hop_limit.get_ref();
         if hl == 0 || hl as usize > RW_MAX_CHAIN {
-            return Err(invalid(
-                Some(cfg.hop_limit.span()),
-                Some("hop_limit"),
-                format!("must be between 1 and {RW_MAX_CHAIN}"),
-            ));
+            return Err(invalid(Some(cfg.hop_limit.span()), Some("hop_limit"), format!("must be between 1 and {RW_MAX_CHAIN}")));
         }
         if !UDP_IDLE_MS.contains(cfg.udp_idle_ms.get_ref()) {
             return Err(invalid(
@@ -536,11 +532,9 @@ impl Config {
 pub fn resolve_uid(p: &Principal) -> Result<u32, String> {
     match p {
         Principal::Id(n) => Ok(*n),
-        Principal::Name(n) => nix::unistd::User::from_name(n)
-            .ok()
-            .flatten()
-            .map(|u| u.uid.as_raw())
-            .ok_or_else(|| format!("unknown user `{n}`")),
+        Principal::Name(n) => {
+            nix::unistd::User::from_name(n).ok().flatten().map(|u| u.uid.as_raw()).ok_or_else(|| format!("unknown user `{n}`"))
+        }
     }
 }
 
@@ -548,11 +542,9 @@ pub fn resolve_uid(p: &Principal) -> Result<u32, String> {
 pub fn resolve_gid(p: &Principal) -> Result<u32, String> {
     match p {
         Principal::Id(n) => Ok(*n),
-        Principal::Name(n) => nix::unistd::Group::from_name(n)
-            .ok()
-            .flatten()
-            .map(|g| g.gid.as_raw())
-            .ok_or_else(|| format!("unknown group `{n}`")),
+        Principal::Name(n) => {
+            nix::unistd::Group::from_name(n).ok().flatten().map(|g| g.gid.as_raw()).ok_or_else(|| format!("unknown group `{n}`"))
+        }
     }
 }
 
@@ -641,17 +633,24 @@ match = { ports = 8080 }
         assert_eq!(c.services[1].listen_v6(), None);
         assert_eq!(c.access.uids, [Principal::Id(65534)]);
         assert_eq!(c.udp_idle(), std::time::Duration::from_millis(RW_DEFAULT_UDP_IDLE_MS));
-        let udp = parse("udp_idle_ms = 1500\n[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:5353\"\nmatch = { protocol = \"udp\", ports = 53 }\n").unwrap();
+        let udp = parse(
+            "udp_idle_ms = 1500\n[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:5353\"\nmatch = { protocol = \"udp\", ports = 53 }\n",
+        )
+        .unwrap();
         assert_eq!(udp.services[0].matches[0].protocol, Protocol::Udp);
         assert_eq!(udp.udp_idle().as_millis(), 1500);
         assert_eq!(udp.services[0].udp_listen(), ["127.0.0.1:5353".parse::<SocketAddr>().unwrap()]);
         assert_eq!(c.broadcast, BroadcastPolicy::Refuse);
         assert_eq!(c.broadcast_policy(&c.services[0].matches[0]), BroadcastPolicy::Refuse);
-        let b = parse("broadcast = \"pass\"\n[[service]]\nname = \"d\"\nlisten = \"127.0.0.1:9\"\n\
-                       [[service.match]]\nports = 1\n[[service.match]]\nports = 2\nbroadcast = \"refuse\"\n").unwrap();
+        let b = parse(
+            "broadcast = \"pass\"\n[[service]]\nname = \"d\"\nlisten = \"127.0.0.1:9\"\n\
+                       [[service.match]]\nports = 1\n[[service.match]]\nports = 2\nbroadcast = \"refuse\"\n",
+        )
+        .unwrap();
         assert_eq!(b.broadcast_policy(&b.services[0].matches[0]), BroadcastPolicy::Pass);
         assert_eq!(b.broadcast_policy(&b.services[0].matches[1]), BroadcastPolicy::Refuse);
-        let three = parse("[[service]]\nname = \"dns\"\nlisten = [\"127.0.0.1:5353\", \"[::1]:5353\"]\nudp_ports = 3\nmatch = {}\n").unwrap();
+        let three =
+            parse("[[service]]\nname = \"dns\"\nlisten = [\"127.0.0.1:5353\", \"[::1]:5353\"]\nudp_ports = 3\nmatch = {}\n").unwrap();
         assert_eq!(three.services[0].udp_listen().len(), 6);
         assert_eq!(three.services[0].udp_listen()[5], "[::1]:5355".parse::<SocketAddr>().unwrap());
     }

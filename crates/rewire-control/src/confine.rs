@@ -71,18 +71,14 @@ const LANDLOCK_ACCESS_FS_MAKE_BLOCK: u64 = 1 << 11;
 /// and nothing else, or the errno that says why there is none.
 fn landlock_ruleset() -> (Option<OwnedFd>, Result<i32, i32>) {
     // SAFETY: the version query takes no attribute.
-    let abi = unsafe {
-        libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u64>(), 0usize, LANDLOCK_CREATE_RULESET_VERSION)
-    };
+    let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u64>(), 0usize, LANDLOCK_CREATE_RULESET_VERSION) };
     if abi < 0 {
         return (None, Err(io::Error::last_os_error().raw_os_error().unwrap_or(0)));
     }
     // struct landlock_ruleset_attr's first field, the ABI 1 size.
     let handled_access_fs: u64 = LANDLOCK_ACCESS_FS_MAKE_BLOCK;
     // SAFETY: a valid 8-byte attribute; the kernel returns a new descriptor (O_CLOEXEC).
-    let fd = unsafe {
-        libc::syscall(libc::SYS_landlock_create_ruleset, &handled_access_fs as *const u64, 8usize, 0 as libc::c_uint)
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, &handled_access_fs as *const u64, 8usize, 0 as libc::c_uint) };
     if fd < 0 {
         return (None, Err(io::Error::last_os_error().raw_os_error().unwrap_or(0)));
     }
@@ -160,9 +156,7 @@ impl Confinement {
         }
         let prog = libc::sock_fprog { len: self.filter.len() as u16, filter: self.filter.as_ptr() as *mut libc::sock_filter };
         // SAFETY: prog points at a valid filter that outlives the call.
-        let r = unsafe {
-            libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog as *const libc::sock_fprog)
-        };
+        let r = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog as *const libc::sock_fprog) };
         if r == 0 {
             Ok(())
         } else {

@@ -277,10 +277,7 @@ impl std::fmt::Display for Event {
                  (EPROTONOSUPPORT; use TCP or UDP)",
                 self.original_destination.map_or(0, |d| d.port())
             ),
-            EventKind::UdpForged => write!(
-                f,
-                "DROPPED a udp datagram claiming to come from {dst}: not sent by its flow's own socket"
-            ),
+            EventKind::UdpForged => write!(f, "DROPPED a udp datagram claiming to come from {dst}: not sent by its flow's own socket"),
             EventKind::HandoffRefused => write!(
                 f,
                 "REFUSED a claim of tcp flow {} to {dst} (service {svc}) by a socket not accepted on the \

@@ -105,12 +105,7 @@ fn load_object(
     let key = 0u32;
     // SAFETY: key and value have the map's sizes (u32, struct rw_guard_conf).
     let r = unsafe {
-        libbpf_sys::bpf_map_update_elem(
-            libbpf_sys::bpf_map__fd(m),
-            (&key as *const u32).cast(),
-            (&conf as *const GuardConf).cast(),
-            0,
-        )
+        libbpf_sys::bpf_map_update_elem(libbpf_sys::bpf_map__fd(m), (&key as *const u32).cast(), (&conf as *const GuardConf).cast(), 0)
     };
     if r < 0 {
         return Err(GuardError::Load { what: "writing rw_guard_conf", source: io::Error::last_os_error() });
@@ -120,9 +115,13 @@ fn load_object(
 
 /// The configuration for a subtree: its id and depth, its services' cgroup.
 pub fn conf_for(subtree: &Path) -> Result<GuardConf, GuardError> {
-    let root = crate::cgroup::cgroup2_mount().map_err(|e| GuardError::Sys { what: "cgroup2".into(), source: io::Error::other(e.to_string()) })?;
+    let root =
+        crate::cgroup::cgroup2_mount().map_err(|e| GuardError::Sys { what: "cgroup2".into(), source: io::Error::other(e.to_string()) })?;
     let rel = subtree.strip_prefix(&root).map_err(|_| GuardError::NotAncestor { guard: root.clone(), subtree: subtree.into() })?;
-    let id = |p: &Path| crate::cgroup::cgroup_id(p).map_err(|e| GuardError::Sys { what: format!("{}", p.display()), source: io::Error::other(e.to_string()) });
+    let id = |p: &Path| {
+        crate::cgroup::cgroup_id(p)
+            .map_err(|e| GuardError::Sys { what: format!("{}", p.display()), source: io::Error::other(e.to_string()) })
+    };
     let services = subtree.join("services");
     Ok(GuardConf {
         subtree_id: id(subtree)?,
@@ -162,7 +161,9 @@ impl Guard {
     /// ring) and attaches it at `at`, an ancestor of `subtree`. Call before
     /// [`crate::Hooks::take_events`].
     pub fn attach(hooks: &crate::Hooks, at: &Path) -> Result<Self, GuardError> {
-        let (counters, events) = hooks.shared_map_fds().map_err(|e| GuardError::Sys { what: "the hooks' maps".into(), source: io::Error::other(e.to_string()) })?;
+        let (counters, events) = hooks
+            .shared_map_fds()
+            .map_err(|e| GuardError::Sys { what: "the hooks' maps".into(), source: io::Error::other(e.to_string()) })?;
         Self::attach_with(hooks.cgroup(), at, counters, events)
     }
 
@@ -173,7 +174,9 @@ impl Guard {
         let mut links = vec![];
         for &(name, section) in rewire_bpf::GUARD_PROGRAMS {
             let t = bpfsys::cgroup_attach_type(section).expect("sock_addr section");
-            links.push(bpfsys::link_create(obj.prog_fd(name)?, cg.as_fd(), t).map_err(sys(format!("attaching {name} at {}", at.display())))?);
+            links.push(
+                bpfsys::link_create(obj.prog_fd(name)?, cg.as_fd(), t).map_err(sys(format!("attaching {name} at {}", at.display())))?,
+            );
         }
         Ok(Guard { _links: links, _obj: obj, at: at.into() })
     }
@@ -192,7 +195,8 @@ impl Guard {
         let counters = bpfsys::obj_get(&dir.join("rw_counters")).map_err(sys("opening the pinned rw_counters"))?;
         let events = bpfsys::obj_get(&dir.join("rw_events")).map_err(sys("opening the pinned rw_events"))?;
         let obj = load_object(rewire_bpf::guard_object(), "rewire_guard", conf_for(subtree)?, counters.as_fd(), events.as_fd())?;
-        let at_id = crate::cgroup::cgroup_id(at).map_err(|e| GuardError::Sys { what: at.display().to_string(), source: io::Error::other(e.to_string()) })?;
+        let at_id = crate::cgroup::cgroup_id(at)
+            .map_err(|e| GuardError::Sys { what: at.display().to_string(), source: io::Error::other(e.to_string()) })?;
         let cg = File::open(at).map_err(sys(format!("opening {}", at.display())))?;
         let gdir = guard_dir(dir);
         fs::create_dir_all(&gdir).map_err(sys(format!("creating {}", gdir.display())))?;
@@ -214,18 +218,15 @@ impl Guard {
             bpfsys::obj_pin(link.as_fd(), &path).map_err(sys(format!("pinning {}", path.display())))?;
             attached += 1;
         }
-        Ok(format!(
-            "borrowed-socket guard at {}: {attached} program(s) attached, {updated} updated in place",
-            at.display()
-        ))
+        Ok(format!("borrowed-socket guard at {}: {attached} program(s) attached, {updated} updated in place", at.display()))
     }
 }
 
 /// The cgroup a configuration's `guard` names (under the cgroup2 mount), if any.
 pub fn configured(cfg: &crate::Config) -> Result<Option<PathBuf>, GuardError> {
     let Some(g) = &cfg.guard else { return Ok(None) };
-    let root = crate::cgroup::cgroup2_mount()
-        .map_err(|e| GuardError::Sys { what: "cgroup2".into(), source: io::Error::other(e.to_string()) })?;
+    let root =
+        crate::cgroup::cgroup2_mount().map_err(|e| GuardError::Sys { what: "cgroup2".into(), source: io::Error::other(e.to_string()) })?;
     Ok(Some(root.join(g.get_ref().trim_start_matches('/'))))
 }
 

@@ -16,8 +16,7 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 
 use rewire::abi::{
-    self, RwAccessKey, RwAddr, RwConf, RwEvent, RwIdentKey, RwLink, RwLinkKey, RwRule, RwService, RwSock, RwTuple,
-    RwUdpHandoff,
+    self, RwAccessKey, RwAddr, RwConf, RwEvent, RwIdentKey, RwLink, RwLinkKey, RwRule, RwService, RwSock, RwTuple, RwUdpHandoff,
 };
 
 use crate::config::{resolve_gid, resolve_uid, BroadcastPolicy, Config, Dst, FailPolicy, Protocol};
@@ -76,20 +75,31 @@ pub enum HooksError {
     },
 }
 
+/// An ABI struct as a map key or value (aya needs its own Pod marker).
 #[repr(transparent)]
 #[derive(Clone, Copy)]
 pub(crate) struct Pod<T>(pub(crate) T);
-// SAFETY: the wrapped ABI structs are repr(C) integers and arrays (see rewire::abi).
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwConf> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwRule> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwService> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwAccessKey> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwAddr> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwTuple> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwSock> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwUdpHandoff> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwIdentKey> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwLinkKey> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwLink> {}
 
 /// The kernel's per-cause counters (map `rw_counters`), summed over CPUs.
@@ -490,12 +500,8 @@ impl Hooks {
         let map = self.bpf.map_mut("rw_udp_handoff").ok_or_else(|| HooksError::Config("no rw_udp_handoff".into()))?;
         let mut h: HashMap<&mut MapData, Pod<RwTuple>, Pod<RwUdpHandoff>> =
             HashMap::try_from(map).map_err(|source| HooksError::Map { name: "rw_udp_handoff", source })?;
-        let old: Vec<Pod<RwTuple>> = h
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| now.saturating_sub(v.0.published_ns) >= idle)
-            .map(|(k, _)| k)
-            .collect();
+        let old: Vec<Pod<RwTuple>> =
+            h.iter().filter_map(Result::ok).filter(|(_, v)| now.saturating_sub(v.0.published_ns) >= idle).map(|(k, _)| k).collect();
         // An entry claimed meanwhile is gone already: not an error.
         Ok(old.iter().filter(|k| h.remove(k).is_ok()).count())
     }
@@ -538,9 +544,7 @@ fn open_pinned_lru<V>(dir: &Path, name: &'static str) -> Result<HashMap<MapData,
 where
     Pod<V>: aya::Pod,
 {
-    MapData::from_pin(dir.join(name))
-        .and_then(|m| HashMap::try_from(Map::LruHashMap(m)))
-        .map_err(|source| HooksError::Map { name, source })
+    MapData::from_pin(dir.join(name)).and_then(|m| HashMap::try_from(Map::LruHashMap(m))).map_err(|source| HooksError::Map { name, source })
 }
 
 /// The kernel's event stream (redirects, deliveries, refusals).
@@ -585,9 +589,7 @@ pub fn current_netns_cookie() -> Result<u64, HooksError> {
     let mut cookie = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid socket, out-pointer and length.
-    let r = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
-    };
+    let r = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
     if r != 0 {
         return Err(HooksError::Config(format!(
             "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {}",
@@ -715,8 +717,7 @@ pub fn expand_dst(d: &Dst) -> Result<Vec<IpNet>, HooksError> {
 /// (127.255.255.255) is one of them. An address added later needs a reload,
 /// as for `dst = "local"`.
 pub fn broadcast_addrs() -> Result<Vec<std::net::Ipv4Addr>, HooksError> {
-    let addrs = nix::ifaddrs::getifaddrs()
-        .map_err(|e| HooksError::Config(format!("listing this host's broadcast addresses: {e}")))?;
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| HooksError::Config(format!("listing this host's broadcast addresses: {e}")))?;
     let mut v = Vec::new();
     for a in addrs {
         let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) else { continue };
@@ -813,8 +814,7 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
             ids.insert(Pod(RwIdentKey { kind: 0, _pad: 0, id: cg }), i as u16 + 1, 0).map_err(map_err("rw_svc_id"))?;
             if let Some(u) = &s.user {
                 let uid = resolve_uid(u).map_err(HooksError::Config)?;
-                ids.insert(Pod(RwIdentKey { kind: 1, _pad: 0, id: uid.into() }), i as u16 + 1, 0)
-                    .map_err(map_err("rw_svc_id"))?;
+                ids.insert(Pod(RwIdentKey { kind: 1, _pad: 0, id: uid.into() }), i as u16 + 1, 0).map_err(map_err("rw_svc_id"))?;
             }
         }
     }

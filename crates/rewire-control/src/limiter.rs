@@ -131,10 +131,7 @@ impl EventLimiter {
             self.count_overflow(origin.kind);
             return false;
         }
-        let st = self
-            .origins
-            .entry(origin)
-            .or_insert(State { comm: *comm, seen: 0, printed: 0, suppressed: 0 });
+        let st = self.origins.entry(origin).or_insert(State { comm: *comm, seen: 0, printed: 0, suppressed: 0 });
         st.seen += 1;
         st.comm = *comm;
         if total_ok && st.printed < per_origin {
@@ -196,14 +193,7 @@ impl EventLimiter {
         out.sort_by_key(|(o, _)| *o);
         let mut out: Vec<Suppressed> = out.into_iter().map(|(_, s)| s).collect();
         self.overflow.sort_by_key(|(k, _)| *k);
-        out.extend(self.overflow.drain(..).map(|(kind, count)| Suppressed {
-            kind,
-            count,
-            command: None,
-            pid: None,
-            uid: None,
-            seconds,
-        }));
+        out.extend(self.overflow.drain(..).map(|(kind, count)| Suppressed { kind, count, command: None, pid: None, uid: None, seconds }));
         self.origins.retain(|_, s| s.seen > 0);
         for s in self.origins.values_mut() {
             *s = State { seen: 0, printed: 0, suppressed: 0, ..*s };

@@ -50,9 +50,7 @@ pub fn port_owner(addr: SocketAddr, udp: bool) -> Option<String> {
     let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let fds = std::fs::read_dir(e.path().join("fd")).ok()?;
-        fds.flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()))
-            .then_some(pid)
+        fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str())).then_some(pid)
     });
     Some(match pid {
         Some(pid) => {

@@ -220,13 +220,7 @@ pub fn check_attached(dir: &Path, cgroup: &Path) -> Result<(), LinkCheckError> {
         };
         let info = bpfsys::link_info(fd.as_fd()).map_err(|source| LinkCheckError::Io { path: path.clone(), source })?;
         if !info.attached_to(expected) {
-            return Err(LinkCheckError::NotAttached {
-                name,
-                cgroup: cgroup.into(),
-                link_id: info.id,
-                found: info.cgroup_id,
-                expected,
-            });
+            return Err(LinkCheckError::NotAttached { name, cgroup: cgroup.into(), link_id: info.id, found: info.cgroup_id, expected });
         }
     }
     Ok(())
@@ -326,12 +320,7 @@ impl Hooks {
     /// build and configuration are the same (unless `replace_programs`),
     /// else updated in place to this build's programs and this
     /// configuration. The hooks are never detached in between.
-    pub fn persistent(
-        config: &Config,
-        subtree: &Path,
-        dir: &Path,
-        replace_programs: bool,
-    ) -> Result<(Self, Outcome), HooksError> {
+    pub fn persistent(config: &Config, subtree: &Path, dir: &Path, replace_programs: bool) -> Result<(Self, Outcome), HooksError> {
         raise_memlock();
         let links = links_dir(dir);
         fs::create_dir_all(&links).map_err(|e| HooksError::Pin { path: links.clone(), message: e.to_string() })?;
@@ -513,8 +502,7 @@ fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Ou
 fn keep_key(bpf: &mut Ebpf, dir: &Path) -> Result<(), HooksError> {
     let Ok(old) = read_pinned_conf(dir) else { return Ok(()) };
     let map = bpf.map_mut("rw_conf").ok_or_else(|| HooksError::Config("object lacks rw_conf".into()))?;
-    let mut arr: Array<&mut MapData, Pod<RwConf>> =
-        Array::try_from(map).map_err(|source| HooksError::Map { name: "rw_conf", source })?;
+    let mut arr: Array<&mut MapData, Pod<RwConf>> = Array::try_from(map).map_err(|source| HooksError::Map { name: "rw_conf", source })?;
     let mut conf = arr.get(&0, 0).map_err(|source| HooksError::Map { name: "rw_conf", source })?;
     conf.0.key = old.key;
     arr.set(0, conf, 0).map_err(|source| HooksError::Map { name: "rw_conf", source })
@@ -608,8 +596,7 @@ fn switch(
         }
         let attach_type = bpfsys::cgroup_attach_type(section)
             .ok_or_else(|| HooksError::Config(format!("program {name}: unknown cgroup section {section}")))?;
-        let link: OwnedFd =
-            bpfsys::link_create(prog, cg.as_fd(), attach_type).map_err(sys(format!("attaching {name}")))?;
+        let link: OwnedFd = bpfsys::link_create(prog, cg.as_fd(), attach_type).map_err(sys(format!("attaching {name}")))?;
         bpfsys::obj_pin(link.as_fd(), &path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
         outcome.attached.push(name.to_string());
         held.push((name, link));

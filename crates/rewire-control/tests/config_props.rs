@@ -36,13 +36,72 @@ fn check_error(text: &str, e: &ConfigError) -> Result<(usize, String), TestCaseE
 
 fn fragment() -> impl Strategy<Value = String> {
     let words: Vec<&'static str> = vec![
-        "[[service]]\n", "[[service.match]]\n", "[access]\n", "[service]\n", "name = ", "listen = ", "hop_limit = ",
-        "udp_idle_ms = ", "cgroup = ", "udp_ports = ", "fail = ", "user = ", "match = ", "ports = ", "dst = ",
-        "protocol = ", "uid = ", "uids = ", "gids = ", "\"audit\"", "\"127.0.0.1:15001\"", "\"[::1]:15001\"",
-        "[\"127.0.0.1:1\", \"[::1]:1\"]", "\"local\"", "\"10.0.0.0/8\"", "\"8000-8100\"", "\"9-1\"", "\"udp\"", "\"any\"",
-        "\"open\"", "\"closed\"", "\"sctp\"", "{", "}", "{ ports = 80 }", "[", "]", "\"", "'", "'''", "\"\"\"", "=", ",",
-        ".", "#", "\n", "\n", "\n", " ", "\t", "\r\n", "0", "1", "8", "17", "65535", "65536", "-1", "3.5", "true",
-        "1979-05-27", "\u{e9}", "\u{1F600}", "\\", "\\u00e9", "\u{0}",
+        "[[service]]\n",
+        "[[service.match]]\n",
+        "[access]\n",
+        "[service]\n",
+        "name = ",
+        "listen = ",
+        "hop_limit = ",
+        "udp_idle_ms = ",
+        "cgroup = ",
+        "udp_ports = ",
+        "fail = ",
+        "user = ",
+        "match = ",
+        "ports = ",
+        "dst = ",
+        "protocol = ",
+        "uid = ",
+        "uids = ",
+        "gids = ",
+        "\"audit\"",
+        "\"127.0.0.1:15001\"",
+        "\"[::1]:15001\"",
+        "[\"127.0.0.1:1\", \"[::1]:1\"]",
+        "\"local\"",
+        "\"10.0.0.0/8\"",
+        "\"8000-8100\"",
+        "\"9-1\"",
+        "\"udp\"",
+        "\"any\"",
+        "\"open\"",
+        "\"closed\"",
+        "\"sctp\"",
+        "{",
+        "}",
+        "{ ports = 80 }",
+        "[",
+        "]",
+        "\"",
+        "'",
+        "'''",
+        "\"\"\"",
+        "=",
+        ",",
+        ".",
+        "#",
+        "\n",
+        "\n",
+        "\n",
+        " ",
+        "\t",
+        "\r\n",
+        "0",
+        "1",
+        "8",
+        "17",
+        "65535",
+        "65536",
+        "-1",
+        "3.5",
+        "true",
+        "1979-05-27",
+        "\u{e9}",
+        "\u{1F600}",
+        "\\",
+        "\\u00e9",
+        "\u{0}",
     ];
     prop_oneof![
         4 => proptest::sample::select(words).prop_map(str::to_owned),
@@ -115,9 +174,10 @@ fn rule() -> impl Strategy<Value = Rule> {
         proptest::collection::vec(port_range(), 0..3),
         proptest::option::of(prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp), Just(Protocol::Any)]),
         proptest::option::of(any::<u32>()),
-        proptest::option::of("[a-z0-9_][a-z0-9_-]{0,8}(/[a-z0-9_][a-z0-9_-]{0,8}){0,2}".prop_filter("not services", |c| {
-            c != "services" && !c.starts_with("services/")
-        })),
+        proptest::option::of(
+            "[a-z0-9_][a-z0-9_-]{0,8}(/[a-z0-9_][a-z0-9_-]{0,8}){0,2}"
+                .prop_filter("not services", |c| c != "services" && !c.starts_with("services/")),
+        ),
     )
         .prop_map(|(dst, ports, protocol, uid, cgroup)| Rule { dst, ports, protocol, uid, cgroup })
 }
@@ -233,12 +293,11 @@ fn render(c: &Cfg) -> (String, Vec<usize>) {
         out.push("[[service]]".into());
         out.push(format!("name = {}", q(&s.name)));
         name_lines.push(out.len());
-        let listen: Vec<String> = s
-            .v4
-            .map(|a| q(SocketAddr::new(IpAddr::V4(a), s.port)))
-            .into_iter()
-            .chain(s.v6.map(|a| q(SocketAddr::new(IpAddr::V6(a), s.port))))
-            .collect();
+        let listen: Vec<String> =
+            s.v4.map(|a| q(SocketAddr::new(IpAddr::V4(a), s.port)))
+                .into_iter()
+                .chain(s.v6.map(|a| q(SocketAddr::new(IpAddr::V6(a), s.port))))
+                .collect();
         out.push(format!("listen = {}", list(&listen, c.bare)));
         if let Some(u) = s.udp_ports {
             out.push(format!("udp_ports = {u}"));

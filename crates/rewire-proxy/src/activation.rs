@@ -116,11 +116,8 @@ pub fn take() -> Result<Vec<Inherited>, ActivationError> {
             socket2::Type::DGRAM => Transport::Udp,
             _ => return Err(ActivationError::Unsupported { fd, name: label }),
         };
-        let addr = sock
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .ok_or_else(|| ActivationError::Unsupported { fd, name: label.clone() })?;
+        let addr =
+            sock.local_addr().ok().and_then(|a| a.as_socket()).ok_or_else(|| ActivationError::Unsupported { fd, name: label.clone() })?;
         out.push(Inherited { fd: owned, transport, addr, name });
     }
     Ok(out)

@@ -104,18 +104,14 @@ fn fast_path() -> Result<&'static FastPath, &'static str> {
 }
 
 fn load() -> Result<FastPath, String> {
-    let mut bpf =
-        EbpfLoader::new().load(rewire_bpf::fastpath_object()).map_err(|e| format!("loading its BPF object: {e}"))?;
+    let mut bpf = EbpfLoader::new().load(rewire_bpf::fastpath_object()).map_err(|e| format!("loading its BPF object: {e}"))?;
     let mut take = |name: &str| bpf.take_map(name).ok_or_else(|| format!("its BPF object lacks the map {name}"));
     let (ingress, peer, bytes) = (take("fp_ingress")?, take("fp_peer")?, take("fp_bytes")?);
     let ingress: SockHash<MapData, u64> = ingress.try_into().map_err(|e| format!("fp_ingress: {e}"))?;
     let peer = peer.try_into().map_err(|e| format!("fp_peer: {e}"))?;
     let bytes = bytes.try_into().map_err(|e| format!("fp_bytes: {e}"))?;
-    let prog: &mut SkSkb = bpf
-        .program_mut("fp_verdict")
-        .ok_or("its BPF object lacks fp_verdict")?
-        .try_into()
-        .map_err(|e| format!("fp_verdict: {e}"))?;
+    let prog: &mut SkSkb =
+        bpf.program_mut("fp_verdict").ok_or("its BPF object lacks fp_verdict")?.try_into().map_err(|e| format!("fp_verdict: {e}"))?;
     prog.load().map_err(|e| format!("loading fp_verdict: {e}"))?;
     prog.attach(ingress.fd()).map_err(|e| format!("attaching fp_verdict to fp_ingress: {e}"))?;
     Ok(FastPath { maps: Mutex::new(Maps { ingress, peer, bytes }), _bpf: Mutex::new(bpf) })
@@ -174,10 +170,7 @@ pub(crate) fn offload(src: &TcpStream, dst: &TcpStream) -> io::Result<Offload> {
 /// established TCP sockets into a sockmap, so a direction whose sockets
 /// saw a FIN already (one side half-closed first) stays with splice.
 fn half_closed() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotConnected,
-        "a socket of the flow is half-closed (sockmaps take established sockets only)",
-    )
+    io::Error::new(io::ErrorKind::NotConnected, "a socket of the flow is half-closed (sockmaps take established sockets only)")
 }
 
 /// Whether [`offload`] refused because the flow was half-closed (an
@@ -234,9 +227,7 @@ impl Offload {
             let r = unsafe { libc::recv(src, (&mut b as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
             match r {
                 0 => return Ok(()),
-                r if r > 0 => {
-                    return Err(io::Error::other("kernel fast path: the source has data the kernel did not forward"))
-                }
+                r if r > 0 => return Err(io::Error::other("kernel fast path: the source has data the kernel did not forward")),
                 _ => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
@@ -351,9 +342,7 @@ fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `info`.
-    let r = unsafe {
-        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
-    };
+    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -366,13 +355,7 @@ fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
 fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: setsockopt reads one int.
     let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
+        libc::setsockopt(fd, level, name, (&value as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
     };
     if r != 0 {
         Err(io::Error::last_os_error())

@@ -310,7 +310,10 @@ pub fn wait_flow_lines(path: &std::path::Path, n: usize, timeout: Duration) -> s
         let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
         let lines = complete
             .lines()
-            .map(|l| serde_json::from_str(l).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}: {l}", path.display()))))
+            .map(|l| {
+                serde_json::from_str(l)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}: {l}", path.display())))
+            })
             .collect::<std::io::Result<Vec<_>>>()?;
         if lines.len() >= n || Instant::now() > deadline {
             return Ok(lines);
@@ -538,10 +541,7 @@ pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
 
 /// Binds the listeners, taking the socket of an address from `inherited`
 /// (socket activation: [`activation::take`]) where there is one.
-pub fn bind_or_inherit(
-    addrs: &[SocketAddr],
-    inherited: &mut Vec<activation::Inherited>,
-) -> std::io::Result<Vec<TcpListener>> {
+pub fn bind_or_inherit(addrs: &[SocketAddr], inherited: &mut Vec<activation::Inherited>) -> std::io::Result<Vec<TcpListener>> {
     addrs
         .iter()
         .map(|a| {
@@ -577,13 +577,7 @@ pub(crate) async fn reached(phase: &mut watch::Receiver<Phase>, p: Phase) {
 
 /// After the listeners are closed: live flows get the grace period (or
 /// until [`Phase::Cut`]), then the rest are cut and handed in their lines.
-pub(crate) async fn wind_down(
-    proxy: &Proxy,
-    what: &str,
-    live: &Live,
-    phase: &mut watch::Receiver<Phase>,
-    cut: &watch::Sender<bool>,
-) {
+pub(crate) async fn wind_down(proxy: &Proxy, what: &str, live: &Live, phase: &mut watch::Receiver<Phase>, cut: &watch::Sender<bool>) {
     let n = live.count();
     if n == 0 {
         return;
@@ -752,12 +746,7 @@ fn abortive(sock: &impl AsFd, on: bool) {
     }
 }
 
-async fn flow(
-    proxy: &Proxy,
-    client: &mut TcpStream,
-    log: &mut FlowLog,
-    progress: &relay::Progress,
-) -> Result<(), FlowError> {
+async fn flow(proxy: &Proxy, client: &mut TcpStream, log: &mut FlowLog, progress: &relay::Progress) -> Result<(), FlowError> {
     let opts = &proxy.opts;
     let mut upstream = match opts.destination {
         Destination::OriginalDst | Destination::FixedForTests(_) => {
@@ -776,12 +765,9 @@ async fn flow(
             let ctx = rewire::query_redirect_context(client).map_err(|e| tracing::debug!("no context: {e}")).ok();
             log.fill(opts, &records, ctx);
             let dst = records.original_destination();
-            let sock =
-                rewire::asynchronous::onward_socket(&records).map_err(|source| FlowError::ConnectOnward { dst, source })?;
+            let sock = rewire::asynchronous::onward_socket(&records).map_err(|source| FlowError::ConnectOnward { dst, source })?;
             abortive(&sock, true);
-            sock.connect(dst)
-                .await
-                .map_err(|source| FlowError::ConnectOnward { dst, source: rewire::Error::from_io(source) })?
+            sock.connect(dst).await.map_err(|source| FlowError::ConnectOnward { dst, source: rewire::Error::from_io(source) })?
         }
     };
     relay::relay_with(opts.relay, client, &mut upstream, progress, &proxy.budget).await.map_err(FlowError::Relay)?;

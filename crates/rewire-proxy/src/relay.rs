@@ -224,9 +224,7 @@ pub async fn relay_with(
     let r = match mode {
         RelayMode::Copy => copy(a, b, ab, ba).await,
         RelayMode::Kernel { inspect } => kernel_bidirectional(a, b, inspect, false, ab, ba, &p.fell_back).await,
-        RelayMode::KernelUnavailableForTests { inspect } => {
-            kernel_bidirectional(a, b, inspect, true, ab, ba, &p.fell_back).await
-        }
+        RelayMode::KernelUnavailableForTests { inspect } => kernel_bidirectional(a, b, inspect, true, ab, ba, &p.fell_back).await,
         RelayMode::Splice | RelayMode::SpliceUnsupportedForTests => {
             let force_einval = mode == RelayMode::SpliceUnsupportedForTests;
             match splice_bidirectional(a, b, force_einval, ab, ba, &p.fell_back).await {
@@ -319,16 +317,8 @@ impl Pipe {
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: splice with null offsets on fds that stay open for the call.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
+    let n =
+        unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -364,9 +354,7 @@ async fn one_way(
 ) -> io::Result<(u64, bool)> {
     match splice_one_way(src, dst, moved, force_einval, way).await {
         Ok(n) => Ok((n, false)),
-        Err(Ok(NothingMoved)) if other.load(Ordering::Relaxed) == 0 => {
-            Err(io::Error::new(io::ErrorKind::Unsupported, SpliceUnsupported))
-        }
+        Err(Ok(NothingMoved)) if other.load(Ordering::Relaxed) == 0 => Err(io::Error::new(io::ErrorKind::Unsupported, SpliceUnsupported)),
         Err(Ok(NothingMoved)) => {
             // The other direction already splices: go on in user space here only.
             fell_back.store(true, Ordering::Relaxed);
@@ -612,13 +600,7 @@ const DRAIN_MAX: usize = 4 << 20;
 /// empty queue has no partly read skb: either nothing is left to read, or
 /// a read asked for more than was queued and came back short (TCP only
 /// stops a read early when it runs out of data).
-async fn copy_prefix(
-    src: &TcpStream,
-    dst: &TcpStream,
-    moved: &AtomicU64,
-    inspect: u64,
-    done: &AtomicU64,
-) -> io::Result<(u64, bool)> {
+async fn copy_prefix(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, inspect: u64, done: &AtomicU64) -> io::Result<(u64, bool)> {
     let mut buf = Vec::new();
     let mut total = 0u64;
     loop {
@@ -653,12 +635,7 @@ async fn copy_prefix(
 fn queued(sock: &TcpStream) -> io::Result<usize> {
     // SAFETY: with MSG_TRUNC the kernel copies nothing into the (null) buffer.
     let n = unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            std::ptr::null_mut(),
-            i32::MAX as usize,
-            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-        )
+        libc::recv(sock.as_raw_fd(), std::ptr::null_mut(), i32::MAX as usize, libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT)
     };
     if n >= 0 {
         return Ok(n as usize);

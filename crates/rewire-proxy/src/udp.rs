@@ -157,12 +157,7 @@ struct Shared {
 /// Runs the UDP side of a proxy on bound listeners. At [`Phase::Drain`] the
 /// listeners are closed and live flows get the grace period, then are cut;
 /// returns when every flow's line was sent to `logs`.
-pub async fn serve(
-    proxy: Arc<Proxy>,
-    listeners: Vec<UdpSocket>,
-    logs: mpsc::UnboundedSender<FlowLog>,
-    mut phase: watch::Receiver<Phase>,
-) {
+pub async fn serve(proxy: Arc<Proxy>, listeners: Vec<UdpSocket>, logs: mpsc::UnboundedSender<FlowLog>, mut phase: watch::Receiver<Phase>) {
     let (cut_tx, cut_rx) = watch::channel(false);
     let icmp = Arc::new(Unreachable::open());
     let mut tasks = tokio::task::JoinSet::new();
@@ -552,9 +547,7 @@ impl Unreachable {
             _ => return false,
         };
         // SAFETY: sendto reads `msg` and the address for the duration of the call.
-        let r = unsafe {
-            libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT, dst.as_ptr(), dst.len())
-        };
+        let r = unsafe { libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_DONTWAIT, dst.as_ptr(), dst.len()) };
         r >= 0
     }
 }

@@ -29,13 +29,9 @@ const UNAVAILABLE: RelayMode = RelayMode::KernelUnavailableForTests { inspect: I
 /// No test may take longer than this.
 const LIMIT: Duration = Duration::from_secs(60);
 
-
-
 async fn bounded<T>(f: impl Future<Output = T>) -> T {
     tokio::time::timeout(LIMIT, f).await.expect("test took longer than its limit")
 }
-
-
 
 /// Sends `send` while receiving `expect` bytes; then shuts the write half
 /// and checks that end-of-file follows. Nobody half-closes before both
@@ -122,7 +118,6 @@ async fn kernel_relays_flows_at_the_inspected_prefix() {
     }
 }
 
-
 /// The request goes through the kernel; the answer, which starts after the
 /// relay passed the app's half-close on, cannot (the sockets are no longer
 /// established) and is spliced.
@@ -147,12 +142,8 @@ async fn kernel_keeps_half_close_when_both_directions_are_offloaded() {
             let (up, down) = (pattern(len, 10 + i), pattern(len, 20 + i));
             let (mut got_up, mut got_down) = (vec![0u8; len], vec![0u8; len]);
             let ((mut app_r, mut app_w), (mut srv_r, mut srv_w)) = (app.split(), server.split());
-            let (a, b, c, d) = tokio::join!(
-                app_w.write_all(&up),
-                srv_w.write_all(&down),
-                srv_r.read_exact(&mut got_up),
-                app_r.read_exact(&mut got_down)
-            );
+            let (a, b, c, d) =
+                tokio::join!(app_w.write_all(&up), srv_w.write_all(&down), srv_r.read_exact(&mut got_up), app_r.read_exact(&mut got_down));
             a.unwrap();
             b.unwrap();
             c.unwrap();
@@ -274,8 +265,7 @@ async fn kernel_reports_a_reset_destination() {
         // Past the inspected prefix both ways, so both directions are offloaded.
         let (a, b) = (pattern(64 * 1024, 7), pattern(64 * 1024, 8));
         let (mut got_a, mut got_b) = (vec![0u8; a.len()], vec![0u8; b.len()]);
-        let (r1, r2, r3, r4) =
-            tokio::join!(aw.write_all(&a), sr.read_exact(&mut got_a), sw.write_all(&b), ar.read_exact(&mut got_b));
+        let (r1, r2, r3, r4) = tokio::join!(aw.write_all(&a), sr.read_exact(&mut got_a), sw.write_all(&b), ar.read_exact(&mut got_b));
         r1.unwrap();
         r2.unwrap();
         r3.unwrap();

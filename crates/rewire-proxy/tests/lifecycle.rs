@@ -152,8 +152,7 @@ async fn drain_writes_a_line_for_every_flow_including_cut_ones() {
         assert!(took >= grace && took < grace + Duration::from_secs(3), "stopped after {took:?}");
         // A connect of the polling loop above that the proxy accepted just
         // before its listener closed is a flow too (an empty one): not one of these.
-        let tcp: Vec<_> =
-            lines.iter().filter(|l| l.protocol == "tcp" && (l.bytes_to_server, l.bytes_to_client) != (0, 0)).collect();
+        let tcp: Vec<_> = lines.iter().filter(|l| l.protocol == "tcp" && (l.bytes_to_server, l.bytes_to_client) != (0, 0)).collect();
         let udp: Vec<_> = lines.iter().filter(|l| l.protocol == "udp").collect();
         let empty = (lines.len() - tcp.len() - udp.len()) as u64;
         assert_eq!((tcp.len(), udp.len()), (3, 1), "{lines:#?}");
@@ -275,9 +274,7 @@ async fn splice_without_descriptors_for_pipes_copies_instead() {
         let (mut proxy_out, mut server) = common::pair("127.0.0.1:0").await;
         let progress = Arc::new(Progress::default());
         let p = progress.clone();
-        let relay = tokio::spawn(async move {
-            relay_with(RelayMode::Splice, &mut proxy_in, &mut proxy_out, &p, &Budget::new(0)).await
-        });
+        let relay = tokio::spawn(async move { relay_with(RelayMode::Splice, &mut proxy_in, &mut proxy_out, &p, &Budget::new(0)).await });
         let up = common::pattern(1 << 20, 7);
         let down = common::pattern(1 << 20, 8);
         let (u, d) = (up.clone(), down.clone());
@@ -306,10 +303,7 @@ async fn splice_without_descriptors_for_pipes_copies_instead() {
 /// Both families: a connected sender over capacity is told (ECONNREFUSED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_over_capacity_is_counted_and_the_sender_told() {
-    assert!(
-        nix_is_root(),
-        "this test sends ICMP errors from a raw socket (CAP_NET_RAW) and must run as root"
-    );
+    assert!(nix_is_root(), "this test sends ICMP errors from a raw socket (CAP_NET_RAW) and must run as root");
     bounded(async {
         let server = echo().await;
         for ip in ["127.0.0.1", "::1"] {

@@ -3,7 +3,6 @@
 //! and half-close: one side shuts its write half, the other still sends and
 //! everything arrives.
 
-
 mod common;
 
 use common::{half_close, pattern, sha, topology};
@@ -12,10 +11,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TEN_MB: usize = 10 * 1024 * 1024;
-
-
-
-
 
 async fn both_ways(mode: RelayMode) -> RelayStats {
     let (app, server, relay) = topology(mode, "127.0.0.1:0").await;
@@ -59,7 +54,6 @@ async fn fallback_relays_10mb_each_way() {
 async fn copy_relays_10mb_each_way() {
     both_ways(RelayMode::Copy).await;
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn splice_keeps_half_close() {

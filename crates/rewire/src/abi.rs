@@ -299,10 +299,15 @@ assert_layout!(RwLink, 152, pending @ 8, service_id @ 16, ambiguous @ 18, rec @ 
 /// # Safety
 /// Implement only for `repr(C)` structs made of integers and arrays of them.
 pub unsafe trait Pod: Copy + Default {}
+// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
 unsafe impl Pod for RwRecords {}
+// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
 unsafe impl Pod for RwContext {}
+// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
 unsafe impl Pod for RwEvent {}
+// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
 unsafe impl Pod for RwTuple {}
+// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
 unsafe impl Pod for RwUdpHandoff {}
 
 /// Reads a `Pod` value from the start of `bytes`, if long enough.

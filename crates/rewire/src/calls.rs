@@ -59,9 +59,7 @@ fn refine(fd: RawFd, errno: i32) -> Error {
 /// Raw set: `setsockopt(fd, RW_SOL, RW_OPT_RECORDS, blob)`.
 pub fn raw_set(fd: RawFd, blob: &[u8]) -> Result<()> {
     // SAFETY: blob is valid for its length.
-    let rc = unsafe {
-        libc::setsockopt(fd, abi::RW_SOL, abi::RW_OPT_RECORDS, blob.as_ptr().cast(), blob.len() as libc::socklen_t)
-    };
+    let rc = unsafe { libc::setsockopt(fd, abi::RW_SOL, abi::RW_OPT_RECORDS, blob.as_ptr().cast(), blob.len() as libc::socklen_t) };
     if rc != 0 {
         return Err(refine(fd, std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
     }

@@ -122,15 +122,10 @@ impl Error {
     /// The closest `std::io::ErrorKind`.
     pub fn kind(&self) -> io::ErrorKind {
         match self {
-            Error::InvalidRecords | Error::BufferTooSmall { .. } | Error::WrongState | Error::NotConnected => {
-                io::ErrorKind::InvalidInput
-            }
+            Error::InvalidRecords | Error::BufferTooSmall { .. } | Error::WrongState | Error::NotConnected => io::ErrorKind::InvalidInput,
             Error::AccessDenied => io::ErrorKind::PermissionDenied,
             Error::NotRedirected => io::ErrorKind::NotFound,
-            Error::NotASocket
-            | Error::UnsupportedTransport
-            | Error::NotManaged
-            | Error::WrongSocketType => io::ErrorKind::Unsupported,
+            Error::NotASocket | Error::UnsupportedTransport | Error::NotManaged | Error::WrongSocketType => io::ErrorKind::Unsupported,
             Error::HopLimit => io::ErrorKind::ConnectionRefused,
             Error::Fault => io::ErrorKind::InvalidInput,
             Error::Io(e) => e.kind(),

@@ -7,8 +7,8 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,10 +25,7 @@ pub const REWIRE: &str = env!("CARGO_BIN_EXE_rewire");
 
 /// Privileged tests must fail, not skip, without root.
 pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "these integration tests load BPF programs into a test cgroup and must run as root"
-    );
+    assert!(nix::unistd::geteuid().is_root(), "these integration tests load BPF programs into a test cgroup and must run as root");
 }
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -327,9 +324,7 @@ pub fn udp_service_ports(name: &str, port: u16, udp_ports: u16, dst_port: u16) -
 pub fn free_ports(n: u16) -> u16 {
     for _ in 0..100 {
         let base = free_port();
-        let free = |p: u16| {
-            ["127.0.0.1", "::1"].iter().all(|ip| TcpListener::bind((*ip, p)).is_ok() && UdpSocket::bind((*ip, p)).is_ok())
-        };
+        let free = |p: u16| ["127.0.0.1", "::1"].iter().all(|ip| TcpListener::bind((*ip, p)).is_ok() && UdpSocket::bind((*ip, p)).is_ok());
         if base.checked_add(n).is_some() && (1..n).all(|k| free(base + k)) {
             let mut given = GIVEN.lock().unwrap();
             if (1..n).all(|k| given.insert(base + k)) {

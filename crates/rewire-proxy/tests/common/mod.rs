@@ -37,10 +37,7 @@ pub async fn pair(addr: &str) -> (TcpStream, TcpStream) {
 }
 
 /// app <-> (proxy_in | relay | proxy_out) <-> server; returns (app, server, relay task).
-pub async fn topology(
-    mode: RelayMode,
-    addr: &str,
-) -> (TcpStream, TcpStream, tokio::task::JoinHandle<std::io::Result<RelayStats>>) {
+pub async fn topology(mode: RelayMode, addr: &str) -> (TcpStream, TcpStream, tokio::task::JoinHandle<std::io::Result<RelayStats>>) {
     let (app, mut proxy_in) = pair(addr).await;
     let (mut proxy_out, server) = pair(addr).await;
     let h = tokio::spawn(async move { relay(mode, &mut proxy_in, &mut proxy_out).await });
