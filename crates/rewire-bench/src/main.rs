@@ -239,9 +239,9 @@ impl Ctx {
     fn proxy(&self, place: &Placement, args: &[String], relay: &str) -> Result<Child> {
         let mut c = Command::new(&self.rewire);
         c.arg("proxy").args(args).args(["--log", "/dev/null", "--relay", relay]);
-        c.env("REWIRE_LOG", "error");
+        c.env(rewire_control::paths::ENV_LOG, "error");
         if let Some(cg) = &place.cgroup {
-            c.env("REWIRE_CGROUP", cg);
+            c.env(rewire_control::paths::ENV_CGROUP, cg);
         }
         sys::spawn(c, place, false)
     }
@@ -397,11 +397,11 @@ impl Ctx {
         let ns = NetNs::create(&self.tag)?;
         let mut c = Command::new(&self.rewire);
         c.args(["daemon", "--config"]).arg(&path).stderr(std::process::Stdio::null());
-        c.env("REWIRE_LOG", "error");
+        c.env(rewire_control::paths::ENV_LOG, "error");
         // The daemon serves the namespace it runs in.
         let mut daemon = sys::spawn(c, &Placement { netns: Some(ns.path()), ..Default::default() }, false)?;
         let result = (|| {
-            let pins = Path::new("/sys/fs/bpf").join(&cfg.cgroup);
+            let pins = rewire_control::paths::pin_dir(&cfg.cgroup);
             sys::wait_for(daemon.id(), &pins.join("rw_udp_handoff"), Duration::from_secs(10))?;
             // The map pins appear when the daemon loads; proxies must bind only
             // once every hook is attached (the owner mark is made at bind).

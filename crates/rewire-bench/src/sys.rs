@@ -29,7 +29,7 @@ pub fn forget(pid: u32) {
 
 /// Blocks SIGINT and SIGTERM in this process and starts a thread that, on
 /// either, ends our children (SIGTERM, then SIGKILL), removes our cgroups
-/// (`<cgroup2>/<tag>-*`), pins (`/sys/fs/bpf/<tag>-*`) and
+/// (`<cgroup2>/<tag>-*`), pins (`<bpffs>/<tag>-*`) and
 /// network namespace (`<tag>`), then exits. Children get the signals
 /// unblocked again before exec.
 pub fn cleanup_on_signal(tag: String) -> Result<()> {
@@ -54,7 +54,7 @@ pub fn cleanup_on_signal(tag: String) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(1000));
             }
             // Pins a daemon of ours left behind (removing a link's pin detaches it).
-            if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+            if let Ok(rd) = std::fs::read_dir(rewire_control::paths::bpffs_root()) {
                 for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{tag}-"))) {
                     let _ = std::fs::remove_dir_all(e.path());
                 }

@@ -145,7 +145,7 @@ impl Stage {
                 .arg(&path)
                 .arg("--log")
                 .arg(&log)
-                .env("REWIRE_LOG", "error")
+                .env(rewire_control::paths::ENV_LOG, "error")
                 .stdout(Stdio::null())
                 .spawn()?;
             st.proxies.push(child);
@@ -163,7 +163,7 @@ impl Stage {
     fn command(&self, program: &Path) -> Command {
         let mut c = Command::new(program);
         let procs = self.cgroup.path().join("cgroup.procs");
-        c.env(crate::manage::ENV_CGROUP, self.cgroup.path());
+        c.env(rewire_control::paths::ENV_CGROUP, self.cgroup.path());
         // SAFETY: one write between fork and exec.
         unsafe {
             c.pre_exec(move || std::fs::write(&procs, b"0"));
@@ -367,7 +367,7 @@ fn identity_step(dir: &Path, origin: &Origin) -> Result<()> {
         .args(["--", "socat"])
         .arg(format!("TCP4-LISTEN:{fwd},bind=127.0.0.1,reuseaddr,fork"))
         .arg(format!("TCP4:127.0.0.1:{port}"))
-        .env("REWIRE_LOG", "error")
+        .env(rewire_control::paths::ENV_LOG, "error")
         .spawn()
         .context("socat (apt-get install socat; scripts/setup.sh does)")?;
     st.proxies.push(socat);

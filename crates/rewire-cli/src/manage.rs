@@ -27,9 +27,7 @@ use rewire_control::{checks, persist, Config, Hooks, ManagedCgroup};
 
 use crate::printer;
 
-/// Environment variables rewire sets for the commands it runs.
-pub const ENV_CONFIG: &str = "REWIRE_CONFIG";
-pub const ENV_CGROUP: &str = "REWIRE_CGROUP";
+use rewire_control::paths::{self, ENV_CGROUP, ENV_CONFIG};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum EventFormat {
@@ -38,18 +36,9 @@ pub enum EventFormat {
     Off,
 }
 
-/// Where the daemon of a config keeps its pins (`$REWIRE_BPFFS` or
-/// /sys/fs/bpf, then the cgroup's name).
+/// Where the daemon of a config keeps its pins.
 pub fn pin_dir(cfg: &Config) -> PathBuf {
-    persist::pin_dir(&cfg.cgroup)
-}
-/// The daemon's pid file; the live daemon holds an exclusive lock on it
-/// (released by the kernel when it dies, even by SIGKILL).
-pub fn pid_file(cfg: &Config) -> PathBuf {
-    run_file(cfg, "pid")
-}
-fn run_file(cfg: &Config, ext: &str) -> PathBuf {
-    Path::new("/run/rewire").join(format!("{}.{ext}", cfg.cgroup))
+    paths::pin_dir(&cfg.cgroup)
 }
 
 /// Loads the config and checks the machine, with actionable messages.
@@ -105,7 +94,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -> Result<i32> {
     let cfg = prepare(config)?;
     drop_inherited_outside_descriptors();
-    let name = format!("{}-run-{}", cfg.cgroup, std::process::id());
+    let name = paths::run_cgroup_name(&cfg.cgroup, std::process::id());
     let guard_at = rewire_control::guard::configured(&cfg)?;
     if let Some(at) = &guard_at {
         rewire_control::guard::check_place(at, &rewire_control::cgroup::cgroup2_mount()?.join(&name))?;
@@ -202,7 +191,7 @@ fn warn_io_uring_gap(guarded: bool, lsm: &rewire_control::guard::LsmState) {
 pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_programs: bool) -> Result<()> {
     let cfg = prepare(config)?;
     let abs_config = std::fs::canonicalize(config)?;
-    checks::ensure_bpffs_at(&persist::bpffs_root())?;
+    checks::ensure_bpffs_at(&paths::bpffs_root())?;
     let lock = DaemonLock::acquire(&cfg)?;
     let dir = pin_dir(&cfg);
     let cg_path = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
@@ -454,7 +443,7 @@ fn reload_in_daemon(hooks: &mut Hooks, cur: &Config, path: &Path, dir: &Path) ->
 
 /// The config path `rewire reload` asked for (once), if any.
 fn take_reload_request(cfg: &Config) -> Option<PathBuf> {
-    let f = run_file(cfg, "reload");
+    let f = paths::reload_file(&cfg.cgroup);
     let p = std::fs::read_to_string(&f).ok()?;
     let _ = std::fs::remove_file(&f);
     Some(PathBuf::from(p.trim()))
@@ -463,21 +452,21 @@ fn take_reload_request(cfg: &Config) -> Option<PathBuf> {
 /// The daemon's last reload result, for `rewire reload`: `SEQ ok|error MESSAGE`.
 struct Status {
     path: PathBuf,
+    tmp: PathBuf,
     seq: u64,
 }
 
 impl Status {
     fn new(cfg: &Config) -> Self {
-        let path = run_file(cfg, "status");
+        let path = paths::status_file(&cfg.cgroup);
         // Continue the sequence a previous instance left, so a waiting `rewire reload` sees a change.
         let seq = read_status(&path).map_or(0, |(s, _, _)| s);
-        Status { path, seq }
+        Status { path, tmp: paths::status_tmp_file(&cfg.cgroup), seq }
     }
     fn write(&mut self, ok: bool, msg: &str) {
         self.seq += 1;
-        let tmp = self.path.with_extension("status.tmp");
         let text = format!("{} {} {}\n", self.seq, if ok { "ok" } else { "error" }, msg.replace('\n', " "));
-        if std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.path)).is_err() {
+        if std::fs::write(&self.tmp, text).and_then(|()| std::fs::rename(&self.tmp, &self.path)).is_err() {
             tracing::warn!("cannot write {}", self.path.display());
         }
     }
@@ -503,7 +492,7 @@ struct DaemonLock {
 
 impl DaemonLock {
     fn acquire(cfg: &Config) -> Result<Self> {
-        let path = pid_file(cfg);
+        let path = paths::pid_file(&cfg.cgroup);
         std::fs::create_dir_all(path.parent().unwrap())?;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -546,11 +535,11 @@ fn try_lock(f: &std::fs::File, how: libc::c_int) -> bool {
 /// The pid of the live daemon serving `cfg`, if any (its pid file is
 /// locked; a pid file left by a daemon that died is not).
 pub fn daemon_pid(cfg: &Config) -> Option<u32> {
-    let f = std::fs::File::open(pid_file(cfg)).ok()?;
+    let f = std::fs::File::open(paths::pid_file(&cfg.cgroup)).ok()?;
     if try_lock(&f, libc::LOCK_SH) {
         return None;
     }
-    std::fs::read_to_string(pid_file(cfg)).ok()?.trim().parse().ok()
+    std::fs::read_to_string(paths::pid_file(&cfg.cgroup)).ok()?.trim().parse().ok()
 }
 
 /// The subtree of `cfg`, after checking that its hooks are attached (the
@@ -625,7 +614,7 @@ fn is_io_uring(fd: i32) -> bool {
 /// Moves this process into service `name`'s cgroup under `subtree`
 /// (`<subtree>/services/<name>`, made when the hooks were attached).
 pub fn join_service(subtree: &Path, name: &str) -> Result<()> {
-    let dir = rewire_control::hooks::service_cgroup(subtree, name);
+    let dir = paths::service_cgroup(subtree, name);
     if rewire_control::cgroup::cgroup_of(std::process::id())? == dir {
         return Ok(());
     }
@@ -684,9 +673,9 @@ pub fn reload(config: &Path) -> Result<()> {
             config.display()
         );
     };
-    let status = run_file(&cfg, "status");
+    let status = paths::status_file(&cfg.cgroup);
     let before = read_status(&status).map_or(0, |(s, _, _)| s);
-    let req = run_file(&cfg, "reload");
+    let req = paths::reload_file(&cfg.cgroup);
     std::fs::write(&req, std::fs::canonicalize(config)?.to_string_lossy().as_bytes())?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGHUP)
         .with_context(|| format!("signalling the daemon (pid {pid})"))?;
@@ -724,7 +713,7 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
     let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
     let attached = persist::check_attached(&dir, &cg).map_err(|e| e.to_string());
     let pid = daemon_pid(&cfg);
-    let last = read_status(&run_file(&cfg, "status")).map(|(_, _, msg)| msg).filter(|_| pid.is_some());
+    let last = read_status(&paths::status_file(&cfg.cgroup)).map(|(_, _, msg)| msg).filter(|_| pid.is_some());
     let io_uring_gap = rewire_control::guard::io_uring_gap(
         rewire_control::guard::IoUringAccess::current(),
         !rewire_control::guard::pinned_status(&dir).is_empty(),
@@ -832,8 +821,8 @@ pub fn down(config: &Path, grace: Duration) -> Result<()> {
         eprintln!("rewire: detached {} hook(s) and removed {} pinned map(s) in {}", r.links, r.maps, dir.display());
         did = true;
     }
-    for ext in ["status", "reload", "status.tmp"] {
-        let _ = std::fs::remove_file(run_file(&cfg, ext));
+    for f in [paths::status_file(&cfg.cgroup), paths::reload_file(&cfg.cgroup), paths::status_tmp_file(&cfg.cgroup)] {
+        let _ = std::fs::remove_file(f);
     }
     if !did {
         eprintln!("rewire: nothing to remove for cgroup `{}`", cfg.cgroup);

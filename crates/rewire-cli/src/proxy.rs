@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, watch};
 
 use rewire_control::Config;
 
-use crate::manage::{attached_subtree, pin_dir, ENV_CGROUP, ENV_CONFIG};
+use crate::manage::{attached_subtree, pin_dir};
+use rewire_control::paths::{ENV_CGROUP, ENV_CONFIG};
 
 #[derive(clap::Args, Debug)]
 pub struct ProxyArgs {

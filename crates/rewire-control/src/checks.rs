@@ -64,8 +64,7 @@ pub fn preflight() -> Result<(), CheckError> {
     Ok(())
 }
 
-/// Makes sure bpffs is mounted at `root` (`/sys/fs/bpf`, or
-/// `$REWIRE_BPFFS`) for the daemon's pins. The daemon never unmounts it
+/// Makes sure bpffs is mounted at `root` ([`crate::paths::bpffs_root`]) for the daemon's pins. The daemon never unmounts it
 /// again: its pins (and with them the hooks) live in it.
 pub fn ensure_bpffs_at(root: &std::path::Path) -> Result<(), CheckError> {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();

@@ -54,6 +54,7 @@ use rewire::abi::{
     RW_DEFAULT_HOP_LIMIT, RW_DEFAULT_UDP_FLOWS_PER_USER, RW_DEFAULT_UDP_IDLE_MS, RW_MAX_CHAIN, RW_MAX_RULES, RW_MAX_SERVICES,
     RW_MAX_UDP_PORTS,
 };
+use rewire::ServiceId;
 
 /// Bounds of `udp_idle_ms`.
 const UDP_IDLE_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
@@ -480,7 +481,7 @@ impl Config {
             }
             for m in &s.matches {
                 if let Some(c) = &m.cgroup {
-                    if c.is_empty() || c.split('/').any(|p| !valid_name(p)) || c == "services" || c.starts_with("services/") {
+                    if c.is_empty() || c.split('/').any(|p| !valid_name(p)) || c.split('/').next() == Some(crate::paths::SERVICES_DIR) {
                         return Err(invalid(
                             here,
                             Some("service.match.cgroup"),
@@ -512,14 +513,19 @@ impl Config {
         m.broadcast.unwrap_or(self.broadcast)
     }
 
-    /// The 1-based id of a service by name.
-    pub fn service_id(&self, name: &str) -> Option<u16> {
-        self.services.iter().position(|s| s.name.get_ref() == name).map(|i| i as u16 + 1)
+    /// The services with their ids, in configuration order.
+    pub fn services_by_id(&self) -> impl Iterator<Item = (ServiceId, &Service)> {
+        ServiceId::all().zip(&self.services)
     }
 
-    /// The name of a service by 1-based id.
+    /// The id of a service by name (as the kernel writes it).
+    pub fn service_id(&self, name: &str) -> Option<u16> {
+        self.services_by_id().find(|(_, s)| s.name.get_ref() == name).map(|(id, _)| id.get())
+    }
+
+    /// The name of a service by id (as the kernel writes it).
     pub fn service_name(&self, id: u16) -> Option<&str> {
-        self.services.get((id as usize).checked_sub(1)?).map(|s| s.name.get_ref().as_str())
+        self.services.get(ServiceId::new(id)?.index()).map(|s| s.name.get_ref().as_str())
     }
 
     /// Names of a chain of service ids (unknown ids as `#N`).

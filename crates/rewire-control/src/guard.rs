@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bpfsys;
 use crate::libbpf::Object;
+use crate::paths::guard_dir;
 
 /// The guard's configuration (map `rw_guard_conf`), as in `guard.bpf.c`.
 #[repr(C)]
@@ -122,7 +123,7 @@ pub fn conf_for(subtree: &Path) -> Result<GuardConf, GuardError> {
         crate::cgroup::cgroup_id(p)
             .map_err(|e| GuardError::Sys { what: format!("{}", p.display()), source: io::Error::other(e.to_string()) })
     };
-    let services = subtree.join("services");
+    let services = crate::paths::services_cgroup(subtree);
     Ok(GuardConf {
         subtree_id: id(subtree)?,
         services_id: if services.is_dir() { id(&services)? } else { 0 },
@@ -306,11 +307,6 @@ pub fn io_uring_gap(access: Option<IoUringAccess>, guarded: bool, lsm_loaded: bo
     ))
 }
 
-/// Where the daemon pins the guard's links.
-pub fn guard_dir(dir: &Path) -> PathBuf {
-    dir.join("guard")
-}
-
 /// Detaches and unpins a daemon's guard (if any); how many links.
 pub fn remove_pinned(dir: &Path) -> Result<usize, GuardError> {
     let gdir = guard_dir(dir);
@@ -408,7 +404,7 @@ pub fn lsm_persistent(subtree: &Path, dir: &Path) -> LsmState {
         let events = bpfsys::obj_get(&dir.join("rw_events")).map_err(sys("opening the pinned rw_events"))?;
         let lsm = lsm_try(subtree, counters.as_fd(), events.as_fd())?;
         remove_pinned_lsm(dir)?;
-        let ldir = dir.join("lsm");
+        let ldir = crate::paths::lsm_dir(dir);
         fs::create_dir_all(&ldir).map_err(sys(format!("creating {}", ldir.display())))?;
         for (link, &(name, _)) in lsm._links.iter().zip(rewire_bpf::LSM_PROGRAMS) {
             bpfsys::obj_pin(link.as_fd(), &ldir.join(name)).map_err(sys(format!("pinning LSM link {name}")))?;
@@ -459,7 +455,7 @@ fn lsm_try(subtree: &Path, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> 
 
 /// Detaches and unpins a daemon's LSM links (if any); how many.
 pub fn remove_pinned_lsm(dir: &Path) -> Result<usize, GuardError> {
-    let ldir = dir.join("lsm");
+    let ldir = crate::paths::lsm_dir(dir);
     let mut n = 0;
     if let Ok(rd) = fs::read_dir(&ldir) {
         for e in rd.flatten() {
@@ -476,7 +472,7 @@ pub fn remove_pinned_lsm(dir: &Path) -> Result<usize, GuardError> {
 
 /// Whether a daemon's LSM links are pinned (for `rewire status`).
 pub fn lsm_pinned(dir: &Path) -> bool {
-    fs::read_dir(dir.join("lsm")).is_ok_and(|mut rd| rd.next().is_some())
+    fs::read_dir(crate::paths::lsm_dir(dir)).is_ok_and(|mut rd| rd.next().is_some())
 }
 
 /// How many of the guard's programs have a pinned link in `dir` attached

@@ -610,8 +610,8 @@ pub(crate) fn raise_memlock() {
 pub fn compile_rules(config: &Config, subtree: &Path) -> Result<Vec<RwRule>, HooksError> {
     let mut out = Vec::new();
     let mut rule_id = 0u16;
-    for (i, svc) in config.services.iter().enumerate() {
-        let service_id = i as u16 + 1;
+    for (id, svc) in config.services_by_id() {
+        let service_id = id.get();
         for m in &svc.matches {
             rule_id += 1;
             let uid = m.uid.as_ref().map(resolve_uid).transpose().map_err(HooksError::Config)?;
@@ -778,11 +778,6 @@ fn service_of(listen: &[SocketAddr]) -> RwService {
     s
 }
 
-/// The cgroup of a service's own processes: `<subtree>/services/<name>`.
-pub fn service_cgroup(subtree: &Path, name: &str) -> PathBuf {
-    subtree.join("services").join(name)
-}
-
 pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults: Faults) -> Result<(), HooksError> {
     let rules = compile_rules(config, subtree)?;
     let map_err = |name| move |source| HooksError::Map { name, source };
@@ -791,8 +786,8 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
         let mut services: Array<&mut MapData, Pod<RwService>> =
             Array::try_from(bpf.map_mut("rw_services").expect("rw_services")).map_err(map_err("rw_services"))?;
         let mut upto = 0u64;
-        for (i, s) in config.services.iter().enumerate() {
-            upto |= 1u64 << (i + 1);
+        for (id, s) in config.services_by_id() {
+            upto |= 1u64 << id.get();
             let svc = RwService {
                 udp_ports: s.udp_ports,
                 fail_open: (s.fail == FailPolicy::Open) as u8,
@@ -800,21 +795,21 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
                 upto_mask: upto,
                 ..service_of(&s.listen)
             };
-            services.set(i as u32 + 1, Pod(svc), 0).map_err(map_err("rw_services"))?;
+            services.set(id.get().into(), Pod(svc), 0).map_err(map_err("rw_services"))?;
         }
     }
     {
         // Who each service's processes are: its cgroup, and its user if configured.
         let mut ids: HashMap<&mut MapData, Pod<RwIdentKey>, u16> =
             HashMap::try_from(bpf.map_mut("rw_svc_id").expect("rw_svc_id")).map_err(map_err("rw_svc_id"))?;
-        for (i, s) in config.services.iter().enumerate() {
-            let dir = service_cgroup(subtree, s.name.get_ref());
+        for (id, s) in config.services_by_id() {
+            let dir = crate::paths::service_cgroup(subtree, s.name.get_ref());
             std::fs::create_dir_all(&dir).map_err(|source| HooksError::Io { path: dir.clone(), source })?;
             let cg = crate::cgroup::cgroup_id(&dir).map_err(|e| HooksError::Config(e.to_string()))?;
-            ids.insert(Pod(RwIdentKey { kind: 0, _pad: 0, id: cg }), i as u16 + 1, 0).map_err(map_err("rw_svc_id"))?;
+            ids.insert(Pod(RwIdentKey { kind: 0, _pad: 0, id: cg }), id.get(), 0).map_err(map_err("rw_svc_id"))?;
             if let Some(u) = &s.user {
                 let uid = resolve_uid(u).map_err(HooksError::Config)?;
-                ids.insert(Pod(RwIdentKey { kind: 1, _pad: 0, id: uid.into() }), i as u16 + 1, 0).map_err(map_err("rw_svc_id"))?;
+                ids.insert(Pod(RwIdentKey { kind: 1, _pad: 0, id: uid.into() }), id.get(), 0).map_err(map_err("rw_svc_id"))?;
             }
         }
     }
@@ -822,9 +817,9 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
         // Lets the receive hook recognise a service's listener (UDP hand-off).
         let mut addrs: HashMap<&mut MapData, Pod<RwAddr>, u16> =
             HashMap::try_from(bpf.map_mut("rw_svc_addr").expect("rw_svc_addr")).map_err(map_err("rw_svc_addr"))?;
-        for (i, s) in config.services.iter().enumerate() {
+        for (id, s) in config.services_by_id() {
             for a in &s.udp_listen() {
-                addrs.insert(Pod(rw_addr(a)), i as u16 + 1, 0).map_err(map_err("rw_svc_addr"))?;
+                addrs.insert(Pod(rw_addr(a)), id.get(), 0).map_err(map_err("rw_svc_addr"))?;
             }
         }
     }

@@ -9,7 +9,8 @@
 //! - [`confine`]: what the commands rewire starts may not do to processes outside;
 //! - [`guard`]: the borrowed-socket guard at an ancestor of the subtree;
 //! - [`scope`]: the program that keeps a link-local destination's scope id;
-//! - [`checks`]: start-up checks with one actionable message each.
+//! - [`checks`]: start-up checks with one actionable message each;
+//! - [`paths`]: every name on disk and every environment variable.
 
 pub mod bpfsys;
 pub mod cgroup;
@@ -22,6 +23,7 @@ pub mod hooks;
 mod libbpf;
 pub mod limiter;
 pub mod net;
+pub mod paths;
 pub mod persist;
 pub mod scope;
 

@@ -1,7 +1,6 @@
 //! Hooks that outlive the process that attached them (`rewire daemon`).
 //!
-//! Layout under `<bpffs>/<cgroup>/` (bpffs is `/sys/fs/bpf`, or
-//! `$REWIRE_BPFFS`):
+//! Layout under `<bpffs>/<cgroup>/` ([`crate::paths::pin_dir`]):
 //!
 //! - `links/<program>`: one pinned cgroup bpf_link per program of
 //!   [`rewire_bpf::PROGRAMS`]. A pinned link stays attached when its
@@ -42,24 +41,9 @@ use crate::hooks::{fill_maps, raise_memlock, Hooks, HooksError, Pod};
 /// new map that `fill_maps` fills belongs here.)
 pub const CONFIG_MAPS: &[&str] = &["rw_conf", "rw_rules", "rw_services", "rw_svc_addr", "rw_svc_id", "rw_access", "rw_bcast"];
 
-/// Where bpffs is: `$REWIRE_BPFFS` if set (tests use a private mount),
-/// else `/sys/fs/bpf`.
-pub fn bpffs_root() -> PathBuf {
-    std::env::var_os("REWIRE_BPFFS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"))
-}
-
-/// The pin directory of the daemon that owns cgroup `name`.
-pub fn pin_dir(cgroup_name: &str) -> PathBuf {
-    bpffs_root().join(cgroup_name)
-}
-
-fn links_dir(dir: &Path) -> PathBuf {
-    dir.join("links")
-}
-
-fn stage_dir(dir: &Path) -> PathBuf {
-    dir.join("stage")
-}
+// Kept while tests still name it here; the home of these names is `paths`.
+pub use crate::paths::bpffs_root;
+use crate::paths::{links_dir, stage_dir};
 
 /// What [`Hooks::persistent`] or [`Hooks::reload`] did.
 #[derive(Clone, Debug, Default)]
@@ -294,17 +278,17 @@ pub fn remove_pins(dir: &Path) -> Result<Removed, HooksError> {
 /// different id: flows in progress carry service ids (positions in the
 /// config) in their records.
 pub fn check_service_ids(old: &Config, new: &Config) -> Result<(), String> {
-    for (i, s) in old.services.iter().enumerate() {
-        if let Some(j) = new.services.iter().position(|n| n.name.get_ref() == s.name.get_ref()) {
-            if i != j {
+    for (was, s) in old.services_by_id() {
+        if let Some((now, _)) = new.services_by_id().find(|(_, n)| n.name.get_ref() == s.name.get_ref()) {
+            if was != now {
                 return Err(format!(
                     "{}: service `{}` would move from position {} to {}; flows in progress name services by \
                      position in their records, so keep the services that stay in their order (add new ones \
                      at the end, remove from the end), or take everything down first (`rewire down`)",
                     new.path.display(),
                     s.name.get_ref(),
-                    i + 1,
-                    j + 1
+                    was,
+                    now
                 ));
             }
         }

@@ -18,6 +18,7 @@ use std::path::Path;
 
 use crate::bpfsys;
 use crate::libbpf::Object;
+use crate::paths::scope_dir;
 
 /// `BPF_F_PREORDER` (not in every system's headers yet).
 const BPF_F_PREORDER: u32 = 1 << 6;
@@ -82,11 +83,6 @@ impl Scope {
         }
         Ok(())
     }
-}
-
-/// Where the daemon pins the scope program's links.
-pub fn scope_dir(dir: &Path) -> std::path::PathBuf {
-    dir.join("scope")
 }
 
 /// Detaches and unpins a daemon's scope links; how many.

@@ -277,7 +277,9 @@ impl FlowLog {
         self.chain = records
             .chain()
             .iter()
-            .map(|&id| opts.service_names.get(id as usize - 1).cloned().unwrap_or_else(|| format!("#{id}")))
+            .map(|&id| {
+                rewire::ServiceId::new(id).and_then(|s| opts.service_names.get(s.index())).cloned().unwrap_or_else(|| format!("#{id}"))
+            })
             .collect();
         // No context is an expected outcome, not a failure (as on Windows).
         if let Some(ctx) = ctx {

@@ -30,6 +30,7 @@ mod calls;
 mod context;
 mod error;
 mod records;
+mod service;
 mod state;
 pub mod udp;
 
@@ -43,4 +44,5 @@ pub use calls::{
 pub use context::{boot_ns_to_system_time, comm_to_string, KernelIdentity, RedirectContext};
 pub use error::{wsa, Error, Result};
 pub use records::{addr_to_raw, ParseError, RedirectRecords};
+pub use service::ServiceId;
 pub use state::RedirectState;
