@@ -1,0 +1,257 @@
+/* SPDX-License-Identifier: (MIT OR GPL-2.0) */
+/*
+ * Services and their identity: a service's addresses, who its processes are,
+ * which sockets are its own (marked at bind), who holds its address now, its
+ * side doors and recent depth.
+ *
+ * API: maps rw_services, rw_svc_addr, rw_svc_id, rw_owner, rw_svc_state,
+ * rw_svc_sock; rw_service_addr, rw_caller_service, rw_sock_of_service,
+ * rw_owner_of (RW_OWNER_*), rw_svc_quiet, rw_svc_depth, rw_bind (the bind
+ * hook's logic), rw_svc_sock_mark (a TCP socket a service's process made).
+ */
+#pragma once
+
+#include "addr.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, RW_MAX_SERVICES + 1);
+	__type(key, __u32);
+	__type(value, struct rw_service);
+} rw_services SEC(".maps");
+
+/* Service listen addresses (port in network order) -> service id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * RW_MAX_SERVICES * RW_MAX_UDP_PORTS);
+	__type(key, struct rw_addr);
+	__type(value, __u16);
+} rw_svc_addr SEC(".maps");
+
+/* Who a service's processes are: cgroup id of <subtree>/services/<name>, or
+ * the service's uid -> service id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * RW_MAX_SERVICES);
+	__type(key, struct rw_ident_key);
+	__type(value, __u16);
+} rw_svc_id SEC(".maps");
+
+/* Sockets a service's own processes bound to its addresses (cgroup/bind4,6).
+ * Cloned: a connection accepted on a marked listener carries the listener's
+ * mark from its creation (sk_clone_lock), so sockops can tell a socket
+ * accepted on the service's own listener from any other (rw_handoff_take). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct rw_owner);
+} rw_owner SEC(".maps");
+
+/* Per service: its side doors and the depth of its recent flows (see
+ * struct rw_svc_state). A state map: survives reloads like the hand-offs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, RW_MAX_SERVICES + 1);
+	__type(key, __u32);
+	__type(value, struct rw_svc_state);
+} rw_svc_state SEC(".maps");
+
+/* TCP sockets a service's process bound (cgroup/bind4,6), any address:
+ * cloned into every connection such a listener accepts, so sockops knows a
+ * connection that reached the service without a hand-off (a side door). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct rw_svc_sock);
+} rw_svc_sock SEC(".maps");
+
+/* The service's address for `family`, as a struct rw_addr, and the size of
+ * its UDP port range. */
+static __always_inline struct rw_service *rw_service_addr(__u16 service_id, __u8 family, struct rw_addr *out,
+							  __u16 *udp_ports)
+{
+	__u32 sid = service_id;
+	struct rw_service *svc = bpf_map_lookup_elem(&rw_services, &sid);
+
+	if (!svc)
+		return 0;
+	__builtin_memset(out, 0, sizeof(*out));
+	out->family = family;
+	if (family == AF_INET) {
+		out->port_be = svc->port4_be;
+		__builtin_memcpy(out->addr, svc->addr4, 4);
+	} else {
+		out->port_be = svc->port6_be;
+		__builtin_memcpy(out->addr, svc->addr6, 16);
+	}
+	*udp_ports = svc->udp_ports ? svc->udp_ports : 1;
+	return svc;
+}
+
+/* ---- service identity ---- */
+
+/* The service whose process is running (its cgroup
+ * <subtree>/services/<name>, or its configured uid), or 0. */
+static __always_inline __u16 rw_caller_service(void)
+{
+	struct rw_ident_key k = { .kind = 0, .id = bpf_get_current_cgroup_id() };
+	__u16 *sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+
+	if (sid)
+		return *sid;
+	k.kind = 1;
+	k.id = (__u32)bpf_get_current_uid_gid();
+	sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+	return sid ? *sid : 0;
+}
+
+/* Whether `sk` is one of service `sid`'s own sockets (marked at bind). */
+static __always_inline int rw_sock_of_service(struct bpf_sock *sk, __u32 sid)
+{
+	struct rw_owner *o = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
+
+	return o && o->service_id == sid;
+}
+
+#define RW_OWNER_NONE 0     /* nothing listens there */
+#define RW_OWNER_SERVICE 1  /* a socket the service's own processes bound */
+#define RW_OWNER_IMPOSTOR 2 /* somebody else's socket */
+
+/* Who holds the service address `t` for `proto`: the socket a connection or
+ * datagram to it would reach right now. */
+__attribute__((noinline)) int rw_owner_of(struct bpf_sock_addr *ctx, __u32 proto, const struct rw_addr *t, __u32 sid)
+{
+	struct bpf_sock_tuple tup;
+	struct rw_addr from;
+	struct bpf_sock *s;
+	__u32 len;
+	int r;
+
+	if (!ctx || !t)
+		return RW_OWNER_NONE;
+	from = *t;
+	from.port_be = 0; /* matches no connected socket: finds the listener */
+	len = rw_sk_tuple(&tup, &from, t);
+	if (proto == IPPROTO_TCP)
+		s = bpf_sk_lookup_tcp(ctx, &tup, len, BPF_F_CURRENT_NETNS, 0);
+	else
+		s = bpf_sk_lookup_udp(ctx, &tup, len, BPF_F_CURRENT_NETNS, 0);
+	if (!s)
+		return RW_OWNER_NONE;
+	r = rw_sock_of_service(s, sid) ? RW_OWNER_SERVICE : RW_OWNER_IMPOSTOR;
+	bpf_sk_release(s);
+	return r;
+}
+
+/* ---- side doors: connections that reached a service another way ----
+ *
+ * A service's record-less onward connect may serve any client of the
+ * service. Only while every connection it has is a flow rewire handed to
+ * it (no side door open, none opened or closed within
+ * RW_SIDE_DOOR_QUIET_NS) can the kernel tell that the connect serves one
+ * of those flows: only then is it linked to a queried flow, or continued
+ * after the service. Otherwise it is the service's own new flow and walks
+ * the whole chain again, only that service excluded. */
+
+/* Whether service `sid` had no side door open and none opened or closed
+ * from `since_ns - RW_SIDE_DOOR_QUIET_NS` until now. */
+__attribute__((noinline)) int rw_svc_quiet(__u32 sid, __u64 since_ns)
+{
+	struct rw_svc_state *s;
+	__u32 k = sid;
+
+	s = bpf_map_lookup_elem(&rw_svc_state, &k);
+	if (!s || s->side_open)
+		return 0;
+	return !s->side_ns || s->side_ns + RW_SIDE_DOOR_QUIET_NS <= since_ns;
+}
+
+/* The depth a new flow of service `sid` starts at: the deepest flow handed
+ * to it recently (it may be serving that one), so that restarts through
+ * record-less services still reach the hop limit. */
+__attribute__((noinline)) int rw_svc_depth(__u32 sid)
+{
+	struct rw_svc_state *s;
+	__u32 k = sid;
+
+	s = bpf_map_lookup_elem(&rw_svc_state, &k);
+	if (!s || bpf_ktime_get_boot_ns() - s->depth_ns > RW_SIDE_DOOR_QUIET_NS)
+		return 0;
+	return s->depth;
+}
+
+/* ---- a service's own sockets ----
+ *
+ * A socket bound to one of a service's addresses by one of that service's
+ * processes is marked as the service's (cgroup/bind4,6): only such a socket receives the
+ * service's flows (rw_owner_of), and only it may learn their records. A
+ * socket bound there by anyone else stays unmarked, an impostor. */
+
+static __always_inline int rw_mark_owner(struct bpf_sock *sk, const struct rw_addr *a)
+{
+	struct rw_conf *conf = rw_get_conf();
+	struct rw_owner *o;
+	__u16 *sid;
+
+	if (!conf || !conf->n_rules)
+		return 1;
+	sid = bpf_map_lookup_elem(&rw_svc_addr, a);
+	if (!sid || *sid != rw_caller_service())
+		return 1;
+	o = bpf_sk_storage_get(&rw_owner, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (o)
+		o->service_id = *sid;
+	return 1;
+}
+
+/* At bind, before the kernel hashes the socket under its address (the
+ * post_bind hook runs after, leaving a window in which a lookup finds the
+ * socket unmarked). A bind that then fails leaves a mark that no lookup of
+ * a service address can find. */
+static __always_inline int rw_bind(struct bpf_sock_addr *ctx, __u8 family)
+{
+	struct rw_svc_sock *o;
+	struct rw_addr a;
+	__u16 sid;
+
+	if (!ctx->sk)
+		return 1;
+	/* Any TCP socket a service's process binds: what its listeners accept
+	 * is the service's (side doors, rw_side_door). Unmarked, a side door
+	 * would go unseen: no storage, no bind. */
+	if (ctx->sk->protocol == IPPROTO_TCP) {
+		sid = rw_caller_service();
+		if (sid) {
+			o = bpf_sk_storage_get(&rw_svc_sock, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			if (!o)
+				return 0;
+			o->service_id = sid;
+		}
+	}
+	rw_ctx_addr(ctx, family, &a);
+	return rw_mark_owner(ctx->sk, &a);
+}
+
+/* Every TCP socket a service's process creates is the service's (side
+ * doors, rw_side_door): whatever it listens on, bound or not (listen()
+ * without bind() picks a port where no bind hook runs), its accepted
+ * connections carry the mark. Separate from rw_owner, which only the
+ * service's own sockets on its configured addresses get (at bind). No
+ * storage, no socket: an unmarked listener would hide its side doors. */
+static __always_inline int rw_svc_sock_mark(struct bpf_sock *sk)
+{
+	struct rw_svc_sock *o;
+	__u16 sid = rw_caller_service();
+
+	if (!sid)
+		return 1;
+	o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!o) {
+		bpf_set_retval(-ENOBUFS);
+		return 0;
+	}
+	o->service_id = sid;
+	return 1;
+}
