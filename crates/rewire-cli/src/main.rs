@@ -1,10 +1,13 @@
 //! The `rewire` command: the one tool users and tests drive rewire with.
 
+mod admin;
+mod daemon;
 mod demo;
 mod manage;
 mod printer;
 mod probe;
 mod proxy;
+mod run;
 
 use std::path::PathBuf;
 
@@ -27,8 +30,8 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
         /// How to print the kernel's decisions on stderr.
-        #[arg(long, value_enum, default_value_t = manage::EventFormat::Text)]
-        events: manage::EventFormat,
+        #[arg(long, value_enum, default_value_t = printer::EventFormat::Text)]
+        events: printer::EventFormat,
         #[command(flatten)]
         limits: EventLimits,
         /// The command and its arguments.
@@ -45,8 +48,8 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
         /// How to print the kernel's decisions on stderr.
-        #[arg(long, value_enum, default_value_t = manage::EventFormat::Text)]
-        events: manage::EventFormat,
+        #[arg(long, value_enum, default_value_t = printer::EventFormat::Text)]
+        events: printer::EventFormat,
         #[command(flatten)]
         limits: EventLimits,
         /// Replace the attached programs with this build's (atomic link
@@ -135,14 +138,14 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Run { config, events, limits, cmd } => manage::run(&config, events, limits.limits(), &cmd),
+        Cmd::Run { config, events, limits, cmd } => run::run(&config, events, limits.limits(), &cmd),
         Cmd::Daemon { config, events, limits, replace_programs } => {
-            manage::daemon(&config, events, limits.limits(), replace_programs).map(|()| 0)
+            daemon::daemon(&config, events, limits.limits(), replace_programs).map(|()| 0)
         }
-        Cmd::Status { config, json } => manage::status(&config, json).map(|()| 0),
-        Cmd::Reload { config } => manage::reload(&config).map(|()| 0),
-        Cmd::Down { config, grace } => manage::down(&config, std::time::Duration::from_secs_f64(grace.clamp(0.0, 3600.0))).map(|()| 0),
-        Cmd::Exec { config, service, cmd } => manage::exec(config.as_deref(), service.as_deref(), &cmd),
+        Cmd::Status { config, json } => admin::status(&config, json).map(|()| 0),
+        Cmd::Reload { config } => admin::reload(&config).map(|()| 0),
+        Cmd::Down { config, grace } => admin::down(&config, std::time::Duration::from_secs_f64(grace.clamp(0.0, 3600.0))).map(|()| 0),
+        Cmd::Exec { config, service, cmd } => admin::exec(config.as_deref(), service.as_deref(), &cmd),
         Cmd::Proxy(a) => proxy::main(a).map(|()| 0),
         Cmd::Demo(a) => demo::main(a).map(|()| 0),
         Cmd::Probe(a) => probe::main(a).map(|()| 0),

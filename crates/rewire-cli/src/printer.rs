@@ -18,7 +18,13 @@ use rewire_control::hooks::{Counters, Events};
 use rewire_control::limiter::{EventLimiter, Limits, Origin, Suppressed};
 use rewire_control::Config;
 
-use crate::manage::EventFormat;
+/// How `rewire run` and `rewire daemon` print the kernel's events.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum EventFormat {
+    Text,
+    Json,
+    Off,
+}
 
 /// Reads the kernel's counters; None when they cannot be read right now.
 pub type CountersFn = Box<dyn FnMut() -> Option<Counters> + Send>;

@@ -219,14 +219,14 @@ fn tcp_max_concurrent_connections_through_two_proxies() {
     }
     use rewire_proxy::limits::{ACCEPT_HEADROOM, SPARE_FDS, TCP_FLOW_FDS};
     let open_at_start = ua.lock().unwrap().fds[0].max(ud.lock().unwrap().fds[0]) as usize;
-    let budget = (hard as usize).saturating_sub(open_at_start + SPARE_FDS + rewire_proxy::relay::POOL_FDS);
+    let budget = (hard as usize).saturating_sub(open_at_start + SPARE_FDS + rewire_proxy::limits::POOL_FDS);
     let per_proxy = budget.saturating_sub(ACCEPT_HEADROOM) / TCP_FLOW_FDS;
     let n = (per_proxy - per_proxy / 100).min(10_000);
     println!(
         "descriptor bound: RLIMIT_NOFILE {hard} (hard; proxies raise their soft limit to it) - {open_at_start} open - {SPARE_FDS} spare \
          - {} pipe pool = budget {budget}; ({budget} - {ACCEPT_HEADROOM}) / {TCP_FLOW_FDS} per flow = {per_proxy} flows per proxy; \
          N = {n} (1% kept for pipes in flight, at most 10,000)",
-        rewire_proxy::relay::POOL_FDS
+        rewire_proxy::limits::POOL_FDS
     );
     assert!(n >= 1000, "a descriptor limit of {hard} leaves room for too few flows ({n})");
 

@@ -292,3 +292,12 @@ pub fn cgroup_attach_type(section: &str) -> Option<u32> {
         _ => return None,
     })
 }
+
+/// Lifts the locked-memory limit for BPF maps and programs (kernels before
+/// 5.11 charge them to it).
+pub(crate) fn raise_memlock() {
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer; failure is harmless on
+    // kernels that account BPF memory to the cgroup.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}

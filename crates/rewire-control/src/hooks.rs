@@ -344,7 +344,7 @@ impl Hooks {
 
     /// [`Hooks::attach`] with failure paths forced on (tests only).
     pub fn attach_with_faults(config: &Config, subtree: &Path, faults: Faults) -> Result<Self, HooksError> {
-        raise_memlock();
+        crate::bpfsys::raise_memlock();
         let mut loader = EbpfLoader::new();
         if let Some(n) = faults.handoff_entries {
             loader.map_max_entries("rw_handoff", n);
@@ -597,13 +597,6 @@ pub fn current_netns_cookie() -> Result<u64, HooksError> {
         )));
     }
     Ok(cookie)
-}
-
-pub(crate) fn raise_memlock() {
-    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: plain syscall with a valid pointer; failure is harmless on
-    // kernels that account BPF memory to the cgroup.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
 }
 
 /// The kernel rules for a configuration, in walk order.

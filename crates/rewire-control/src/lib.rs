@@ -6,6 +6,7 @@
 //! - [`persist`]: hooks pinned in bpffs that outlive the daemon: adopt, reload, check, remove;
 //! - [`bpfsys`]: the bpf(2) link and info commands aya does not expose;
 //! - [`events`]: turning the kernel's event records into log lines;
+//! - [`daemon`]: the daemon's run files and signals, as both sides use them;
 //! - [`confine`]: what the commands rewire starts may not do to processes outside;
 //! - [`guard`]: the borrowed-socket guard at an ancestor of the subtree;
 //! - [`scope`]: the program that keeps a link-local destination's scope id;
@@ -17,6 +18,7 @@ pub mod cgroup;
 pub mod checks;
 pub mod config;
 pub mod confine;
+pub mod daemon;
 pub mod events;
 pub mod guard;
 pub mod hooks;

@@ -45,7 +45,7 @@ impl Object {
     /// Opens `bytes` as object `name`, makes each map named in `shared`
     /// use the given descriptor (the hooks' own maps), and loads it.
     pub(crate) fn load(bytes: &'static [u8], name: &str, shared: &[(&str, BorrowedFd<'_>)]) -> Result<Self, LoadError> {
-        crate::hooks::raise_memlock();
+        crate::bpfsys::raise_memlock();
         let name = CString::new(name).expect("object name without NUL");
         // SAFETY: zeroed opts with sz set is how libbpf wants them; the buffer is 'static.
         let obj = unsafe {

@@ -32,9 +32,10 @@ use aya::{Ebpf, EbpfLoader};
 
 use rewire::abi::RwConf;
 
+use crate::bpfsys::raise_memlock;
 use crate::bpfsys::{self, LinkInfo};
 use crate::config::Config;
-use crate::hooks::{fill_maps, raise_memlock, Hooks, HooksError, Pod};
+use crate::hooks::{fill_maps, Hooks, HooksError, Pod};
 
 /// Maps `fill_maps` writes from the configuration: fresh for every
 /// generation. Every other map of the object is state and is reused. (A

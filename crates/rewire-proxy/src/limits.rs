@@ -64,6 +64,11 @@ pub const UDP_FLOW_FDS: usize = 2;
 pub const PIPE_FDS: usize = 2;
 /// Descriptors of one direction handed to the kernel fast path (its epoll set).
 pub const FAST_PATH_FDS: usize = 1;
+/// Idle pipes kept per relaying thread for the next chunk. They are not
+/// in any flow's budget (a proxy sets [`POOL_FDS`] per thread aside).
+pub const POOL_MAX: usize = 4;
+/// Descriptors the idle pipes of one thread's pool may hold.
+pub const POOL_FDS: usize = POOL_MAX * PIPE_FDS;
 /// Descriptors a new connection must leave free in the budget to be
 /// accepted: room for the pipes of two chunks in flight.
 pub const ACCEPT_HEADROOM: usize = 2 * PIPE_FDS;
@@ -135,11 +140,11 @@ impl Budget {
 
     /// The budget of this process: the soft `RLIMIT_NOFILE`, less what is
     /// open now, [`SPARE_FDS`], and the idle pipes of `threads` relaying
-    /// threads' pools ([`POOL_FDS`](crate::relay::POOL_FDS) each). Call it
+    /// threads' pools ([`POOL_FDS`] each). Call it
     /// after binding the listeners.
     pub fn for_this_process(threads: usize) -> Arc<Self> {
         let open = open_fds().unwrap_or(64);
-        let aside = open + SPARE_FDS + threads.max(1) * crate::relay::POOL_FDS;
+        let aside = open + SPARE_FDS + threads.max(1) * POOL_FDS;
         Self::new((nofile_limit() as usize).saturating_sub(aside))
     }
 

@@ -59,7 +59,7 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::limits::{out_of_descriptors, Budget, Grant, FAST_PATH_FDS, PIPE_FDS};
+use crate::limits::{out_of_descriptors, Budget, Grant, FAST_PATH_FDS, PIPE_FDS, POOL_MAX};
 
 /// Bytes of each direction relayed through user space (at least) before
 /// [`RelayMode::Kernel`] hands the direction to the kernel, unless told
@@ -364,12 +364,6 @@ async fn one_way(
         Err(Err(e)) => Err(e),
     }
 }
-
-/// Idle pipes kept per relaying thread for the next chunk. They are not
-/// in any flow's budget (a proxy sets [`POOL_FDS`] per thread aside).
-pub const POOL_MAX: usize = 4;
-/// Descriptors the idle pipes of one thread's pool may hold.
-pub const POOL_FDS: usize = POOL_MAX * PIPE_FDS;
 
 thread_local! {
     /// Empty pipes ready for the next chunk of any flow on this thread.

@@ -1,0 +1,210 @@
+//! `rewire exec`, `reload`, `status`, `down`: the commands that act on a
+//! daemon's subtree from outside it, through its pins and the daemon's run
+//! files ([`rewire_control::daemon`]).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use rewire_control::confine::Confinement;
+use rewire_control::daemon::{daemon_pid, last_status};
+use rewire_control::hooks::CountersReader;
+use rewire_control::paths::{ENV_CGROUP, ENV_CONFIG};
+use rewire_control::{checks, persist, Config, ManagedCgroup};
+
+use crate::manage::{attached_subtree, drop_inherited_outside_descriptors, join_service, pin_dir};
+
+/// `rewire exec [--service NAME]`: join the daemon's cgroup (or, with a
+/// service, that service's cgroup in it) and exec CMD (does not return on
+/// success). Inside `rewire run` ($REWIRE_CGROUP set) it uses that subtree.
+pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Result<i32> {
+    let config = match (config, std::env::var_os(ENV_CONFIG)) {
+        (Some(c), _) => c.to_path_buf(),
+        (None, Some(c)) => PathBuf::from(c),
+        (None, None) => bail!("give --config FILE (or run inside `rewire run`, which sets ${ENV_CONFIG})"),
+    };
+    let cfg = Config::load(&config)?;
+    if let Some(name) = service {
+        if cfg.service_id(name).is_none() {
+            bail!("{}: no service named `{name}`", config.display());
+        }
+    }
+    let subtree = match std::env::var_os(ENV_CGROUP) {
+        Some(p) => PathBuf::from(p),
+        None => attached_subtree(&cfg, &config)?,
+    };
+    match service {
+        Some(name) => join_service(&subtree, name)?,
+        None => {
+            drop_inherited_outside_descriptors();
+            let confinement = Confinement::new()?;
+            tracing::debug!("{}", confinement.describe());
+            rewire_control::cgroup::join(&subtree).context("joining the managed cgroup (needs root)")?;
+            // A service is trusted (root put it there) and keeps what it needs;
+            // an application may not borrow a socket made outside the subtree.
+            confinement.apply().context("installing the seccomp filter and Landlock domain (needs root)")?;
+        }
+    }
+    let err = Command::new(&cmd[0]).args(&cmd[1..]).env(ENV_CONFIG, std::fs::canonicalize(&config)?).env(ENV_CGROUP, &subtree).exec();
+    bail!("cannot run {}: {err}", cmd[0])
+}
+
+/// `rewire reload`: validate FILE, hand it to the live daemon (SIGHUP) and
+/// report what it did.
+pub fn reload(config: &Path) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let Some(pid) = daemon_pid(&cfg.cgroup) else {
+        bail!(
+            "no rewire daemon serves cgroup `{}`; `rewire daemon --config {}` applies this configuration when it \
+             starts (it adopts the attached hooks)",
+            cfg.cgroup,
+            config.display()
+        );
+    };
+    let answer = rewire_control::daemon::request_reload(&cfg.cgroup, pid, &std::fs::canonicalize(config)?, Duration::from_secs(30))?;
+    if !answer.ok {
+        bail!("{}", answer.message);
+    }
+    eprintln!("rewire: {}", answer.message);
+    Ok(())
+}
+
+/// `rewire status`: whether the hooks of a daemon's cgroup are attached,
+/// its live daemon, and the kernel's per-cause counters (from the pinned
+/// `rw_counters`), as text or JSON on stdout.
+pub fn status(config: &Path, json: bool) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let dir = pin_dir(&cfg);
+    let counters = CountersReader::open_pinned(&dir).and_then(|r| r.read()).with_context(|| {
+        format!(
+            "reading the counters pinned in {}: the hooks of cgroup `{}` are not there; start them with \
+             `rewire daemon --config {}`",
+            dir.display(),
+            cfg.cgroup,
+            config.display()
+        )
+    })?;
+    let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    let attached = persist::check_attached(&dir, &cg).map_err(|e| e.to_string());
+    let pid = daemon_pid(&cfg.cgroup);
+    let last = last_status(&cfg.cgroup).map(|s| s.message).filter(|_| pid.is_some());
+    let io_uring_gap = rewire_control::guard::io_uring_gap(
+        rewire_control::guard::IoUringAccess::current(),
+        !rewire_control::guard::pinned_status(&dir).is_empty(),
+        rewire_control::guard::lsm_pinned(&dir),
+    );
+    if json {
+        let v = serde_json::json!({
+            "cgroup": cfg.cgroup,
+            "pin_dir": dir,
+            "hooks_attached": attached.is_ok(),
+            "hooks_problem": attached.as_ref().err(),
+            "daemon_pid": pid,
+            "daemon_last": last,
+            "counters": counters,
+            "guard_links": rewire_control::guard::pinned_status(&dir).len(),
+            "lsm_attached": rewire_control::guard::lsm_pinned(&dir),
+            "io_uring_gap": io_uring_gap,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    match &attached {
+        Ok(()) => println!("cgroup {}: hooks attached ({})", cfg.cgroup, cg.display()),
+        Err(e) => println!("cgroup {}: hooks NOT attached: {e}", cfg.cgroup),
+    }
+    match pid {
+        Some(p) => println!("daemon: pid {p}{}", last.map(|m| format!("; last: {m}")).unwrap_or_default()),
+        None => println!("daemon: none running (the attached hooks enforce without it; events are not printed)"),
+    }
+    let guard = rewire_control::guard::pinned_status(&dir);
+    if guard.is_empty() {
+        println!("borrowed-socket guard: none (no `guard` configured)");
+    } else {
+        let ids: std::collections::BTreeSet<u64> = guard.iter().map(|&(_, id)| id).collect();
+        println!("borrowed-socket guard: {} program(s), attached at cgroup id(s) {ids:?}", guard.len());
+    }
+    println!(
+        "BPF LSM: {}",
+        if rewire_control::guard::lsm_pinned(&dir) {
+            "attached (file_receive, ptrace_access_check)"
+        } else {
+            "not attached (the kernel would not load it when the daemon started; see its log)"
+        }
+    );
+    if let Some(line) = &io_uring_gap {
+        println!("io_uring: {line}");
+    }
+    println!("counters since the hooks were first attached (every decision, printed or not):");
+    for (name, v) in counters.fields() {
+        println!("  {name:<15} {v}");
+    }
+    Ok(())
+}
+
+/// `rewire down`: stop the daemon if one runs, end the processes in the
+/// subtree (SIGTERM, `grace`, then SIGKILL), remove the cgroup, detach the
+/// hooks and remove the pins.
+pub fn down(config: &Path, grace: Duration) -> Result<()> {
+    let cfg = Config::load(config)?;
+    checks::preflight()?;
+    let mut did = false;
+    if let Some(pid) = daemon_pid(&cfg.cgroup) {
+        eprintln!("rewire: stopping the daemon (pid {pid}) serving cgroup `{}`", cfg.cgroup);
+        let _ = rewire_control::daemon::signal(pid, nix::sys::signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while daemon_pid(&cfg.cgroup).is_some() {
+            if std::time::Instant::now() > deadline {
+                bail!("the daemon (pid {pid}) did not stop within 10 s of SIGTERM; nothing was removed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        did = true;
+    }
+    let cg_path = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    if cg_path.exists() {
+        let mut cg = ManagedCgroup::existing(&cfg.cgroup)?;
+        let pids = cg.pids();
+        if !pids.is_empty() {
+            eprintln!(
+                "rewire: sending SIGTERM to {} process(es) in {} (pids {}); those still running after {} s get SIGKILL",
+                pids.len(),
+                cg.path().display(),
+                join_pids(&pids),
+                grace.as_secs_f64()
+            );
+            cg.signal_all(nix::sys::signal::SIGTERM);
+            if !cg.wait_empty(grace) {
+                let left = cg.pids();
+                eprintln!(
+                    "rewire: {} process(es) still running after {} s: SIGKILL (pids {})",
+                    left.len(),
+                    grace.as_secs_f64(),
+                    join_pids(&left)
+                );
+            }
+        }
+        // The hooks stay attached until the subtree is empty and removed.
+        cg.remove()?;
+        eprintln!("rewire: removed cgroup {}", cg.path().display());
+        did = true;
+    }
+    let dir = pin_dir(&cfg);
+    if dir.exists() {
+        let r = persist::remove_pins(&dir)?;
+        eprintln!("rewire: detached {} hook(s) and removed {} pinned map(s) in {}", r.links, r.maps, dir.display());
+        did = true;
+    }
+    rewire_control::daemon::remove_run_files(&cfg.cgroup);
+    if !did {
+        eprintln!("rewire: nothing to remove for cgroup `{}`", cfg.cgroup);
+    }
+    Ok(())
+}
+
+fn join_pids(p: &[u32]) -> String {
+    p.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+}
