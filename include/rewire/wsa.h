@@ -54,6 +54,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -146,6 +147,8 @@ typedef struct _WSATHREADID {
 #define SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS ((DWORD)0x980000DE)   /* N = 222 */
 /* Served: aborts the socket's pending operations (0x28000004). */
 #define SIO_FLUSH _WSAIO(IOC_WS2, 4)
+/* Served: WSARecvMsg / WSASendMsg by GUID (0xC8000006), see below. */
+#define SIO_GET_EXTENSION_FUNCTION_POINTER _WSAIORW(IOC_WS2, 6)
 
 /*
  * Defined by Windows, not served: WSAIoctl answers WSAEOPNOTSUPP. Any other
@@ -173,7 +176,6 @@ typedef struct _WSATHREADID {
 #define SIO_ENABLE_CIRCULAR_QUEUEING _WSAIO(IOC_WS2, 2)
 #define SIO_FIND_ROUTE _WSAIOR(IOC_WS2, 3)
 #define SIO_GET_BROADCAST_ADDRESS _WSAIOR(IOC_WS2, 5)
-#define SIO_GET_EXTENSION_FUNCTION_POINTER _WSAIORW(IOC_WS2, 6) /* 0xC8000006 */
 #define SIO_GET_QOS _WSAIORW(IOC_WS2, 7)
 #define SIO_GET_GROUP_QOS _WSAIORW(IOC_WS2, 8)
 #define SIO_MULTIPOINT_LOOPBACK _WSAIOW(IOC_WS2, 9)
@@ -251,8 +253,10 @@ typedef struct _WSATHREADID {
 #define WSAEACCES 10013             /* caller is neither root nor granted in the config's [access] */
 #define WSAEFAULT 10014             /* a pointer argument is NULL or not wholly in valid memory */
 #define WSAEINVAL 10022             /* no control code, bad input, wrong socket type/state, buffer too small */
+#define WSAEWOULDBLOCK 10035         /* WSARecvMsg on a non-blocking socket: no datagram queued */
 #define WSAEINPROGRESS 10036
 #define WSAENOTSOCK 10038           /* s is not a (open) socket */
+#define WSAEMSGSIZE 10040           /* WSARecvMsg: the datagram was larger than the buffers (rest discarded) */
 #define WSAEOPNOTSUPP 10045         /* a Windows control code rewire does not serve; transport cannot carry
                                        records (Unix socket); or no rewire hooks serve s */
 #define WSAENETDOWN 10050
@@ -355,6 +359,74 @@ _Static_assert(sizeof(REWIRE_WFP_RECORDS) == REWIRE_WFP_MAX_RECORDS_SIZE, "recor
 _Static_assert(sizeof(REWIRE_WFP_CONTEXT) == REWIRE_WFP_MAX_CONTEXT_SIZE, "context layout");
 _Static_assert(sizeof(WSAOVERLAPPED) == 32, "WSAOVERLAPPED layout");
 #endif
+
+/* ---- UDP: WSARecvMsg / WSASendMsg and the WFP control messages ----------- */
+
+/* ws2ipdef.h: at level IPPROTO_IP (IPv4 flows) and IPPROTO_IPV6 (IPv6 flows). */
+#define IP_WFP_REDIRECT_RECORDS 60
+#define IP_WFP_REDIRECT_CONTEXT 70
+#define IPV6_WFP_REDIRECT_RECORDS 60
+#define IPV6_WFP_REDIRECT_CONTEXT 70
+
+#ifndef GUID_DEFINED
+#define GUID_DEFINED
+typedef struct _GUID {
+	uint32_t Data1;
+	uint16_t Data2;
+	uint16_t Data3;
+	uint8_t Data4[8];
+} GUID;
+#endif
+
+/* mswsock.h */
+#define WSAID_WSARECVMSG { 0xf689d7c8, 0x6f1f, 0x436b, { 0x8a, 0x53, 0xe5, 0x4f, 0xe3, 0x51, 0xc3, 0x22 } }
+#define WSAID_WSASENDMSG { 0xa441e712, 0x754f, 0x43ca, { 0x84, 0xa7, 0x0d, 0xee, 0x44, 0xcf, 0x60, 0x6d } }
+/* Defined by Windows, not served: SIO_GET_EXTENSION_FUNCTION_POINTER answers WSAEOPNOTSUPP. */
+#define WSAID_ACCEPTEX { 0xb5367df1, 0xcbac, 0x11cf, { 0x95, 0xca, 0x00, 0x80, 0x5f, 0x48, 0xa1, 0x92 } }
+#define WSAID_CONNECTEX { 0x25a207b9, 0xddf3, 0x4660, { 0x8e, 0xe9, 0x76, 0xe5, 0x8c, 0x74, 0x06, 0x3e } }
+#define WSAID_DISCONNECTEX { 0x7fda2e11, 0x8630, 0x436f, { 0xa0, 0x31, 0xf5, 0x36, 0xa6, 0xee, 0xc1, 0x57 } }
+#define WSAID_GETACCEPTEXSOCKADDRS { 0xb5367df2, 0xcbac, 0x11cf, { 0x95, 0xca, 0x00, 0x80, 0x5f, 0x48, 0xa1, 0x92 } }
+#define WSAID_TRANSMITFILE { 0xb5367df0, 0xcbac, 0x11cf, { 0x95, 0xca, 0x00, 0x80, 0x5f, 0x48, 0xa1, 0x92 } }
+#define WSAID_TRANSMITPACKETS { 0xd9689da0, 0x1f90, 0x11d3, { 0x99, 0x71, 0x00, 0xc0, 0x4f, 0x68, 0xc8, 0x76 } }
+
+typedef struct _WSABUF {
+	ULONG len;
+	char *buf;
+} WSABUF, *LPWSABUF;
+
+typedef struct _WSAMSG {
+	struct sockaddr *name; /* source (receive) / destination (send); may be NULL */
+	INT namelen;
+	LPWSABUF lpBuffers;
+	ULONG dwBufferCount;
+	WSABUF Control;        /* control messages */
+	ULONG dwFlags;         /* receive: out MSG_TRUNC / MSG_CTRUNC (the Linux values of <sys/socket.h>) */
+} WSAMSG, *LPWSAMSG;
+
+typedef struct _WSACMSGHDR {
+	size_t cmsg_len; /* header and data */
+	INT cmsg_level;
+	INT cmsg_type;
+} WSACMSGHDR, *LPWSACMSGHDR;
+
+/* As in ws2def.h. */
+#define WSA_CMSGHDR_ALIGN(length) (((length) + sizeof(size_t) - 1) & ~(sizeof(size_t) - 1))
+#define WSA_CMSGDATA_ALIGN(length) (((length) + sizeof(void *) - 1) & ~(sizeof(void *) - 1))
+#define WSA_CMSG_FIRSTHDR(msg) (((msg)->Control.len >= sizeof(WSACMSGHDR)) ? (LPWSACMSGHDR)(msg)->Control.buf : (LPWSACMSGHDR)NULL)
+#define WSA_CMSG_NXTHDR(msg, cmsg)                                                                              \
+	(((cmsg) == NULL) ? WSA_CMSG_FIRSTHDR(msg)                                                                \
+	 : (((unsigned char *)(cmsg) + WSA_CMSGHDR_ALIGN((cmsg)->cmsg_len) + sizeof(WSACMSGHDR) >               \
+	     (unsigned char *)((msg)->Control.buf) + (msg)->Control.len)                                        \
+		    ? (LPWSACMSGHDR)NULL                                                                      \
+		    : (LPWSACMSGHDR)((unsigned char *)(cmsg) + WSA_CMSGHDR_ALIGN((cmsg)->cmsg_len))))
+#define WSA_CMSG_DATA(cmsg) ((unsigned char *)(cmsg) + WSA_CMSGDATA_ALIGN(sizeof(WSACMSGHDR)))
+#define WSA_CMSG_SPACE(length) (WSA_CMSGDATA_ALIGN(sizeof(WSACMSGHDR) + WSA_CMSGHDR_ALIGN(length)))
+#define WSA_CMSG_LEN(length) (WSA_CMSGDATA_ALIGN(sizeof(WSACMSGHDR)) + (length))
+
+typedef INT(WSAAPI *LPFN_WSARECVMSG)(SOCKET s, LPWSAMSG lpMsg, LPDWORD lpdwNumberOfBytesRecvd, LPWSAOVERLAPPED lpOverlapped,
+				      LPWSAOVERLAPPED_COMPLETION_ROUTINE lpCompletionRoutine);
+typedef INT(WSAAPI *LPFN_WSASENDMSG)(SOCKET s, LPWSAMSG lpMsg, DWORD dwFlags, LPDWORD lpNumberOfBytesSent,
+				      LPWSAOVERLAPPED lpOverlapped, LPWSAOVERLAPPED_COMPLETION_ROUTINE lpCompletionRoutine);
 
 /* ---- Functions ---------------------------------------------------------- */
 
@@ -534,6 +606,67 @@ int rewire_wsa_set_context_layout(int layout);
  * WSAGetOverlappedResult(fWait = FALSE) see the operation pending.
  */
 void rewire_wsa_set_completion_delay(DWORD dwMilliseconds);
+
+/*
+ * UDP redirect services, the Windows way. Get the functions with
+ * WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &guid, sizeof(GUID), &fn,
+ * sizeof(fn), &bytes, NULL, NULL) and WSAID_WSARECVMSG / WSAID_WSASENDMSG
+ * (an output smaller than a pointer or a NULL buffer: WSAEFAULT; cbInBuffer
+ * not sizeof(GUID): WSAEINVAL; another Windows extension GUID, listed above:
+ * WSAEOPNOTSUPP; any other GUID: WSAEINVAL). Then:
+ *
+ * rewire_wsa_setsockopt(l, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS / _CONTEXT, &(DWORD){TRUE}, sizeof(DWORD))
+ *   on the service's UDP socket l (IPPROTO_IPV6 / IPV6_WFP_* for an IPv6
+ *   one), before bind(): WSARecvMsg then adds that control message. It also
+ *   sets SO_REUSEPORT on l, which the flow sockets below need. Other options
+ *   are passed to setsockopt(2). (Linux's setsockopt() does not know the two
+ *   options: call this one, or #define setsockopt rewire_wsa_setsockopt.)
+ *
+ * WSARecvMsg(l, &msg, &n, ...) on l: one datagram, its source in msg.name,
+ *   and for a flow rewire redirected, control messages at level IPPROTO_IP
+ *   (IPPROTO_IPV6 for an IPv6 source): IP_WFP_REDIRECT_RECORDS (the records
+ *   blob, REWIRE_WFP_MAX_RECORDS_SIZE bytes) then IP_WFP_REDIRECT_CONTEXT (the
+ *   context in the process's layout), each only if enabled. Walk them with
+ *   WSA_CMSG_FIRSTHDR/NXTHDR; size Control with WSA_CMSG_SPACE(). How it
+ *   works: rewire answers a UDP flow on a socket bound to l's address and
+ *   connected to the source, which then receives the flow's datagrams; the
+ *   library makes that socket at a source's first datagram and WSARecvMsg
+ *   waits on l and those sockets together. A control buffer too small for a
+ *   message: the messages that fit, dwFlags |= MSG_CTRUNC, Control.len = the
+ *   bytes written. A datagram larger than the buffers: the part that fits,
+ *   dwFlags |= MSG_TRUNC, SOCKET_ERROR with WSAEMSGSIZE. msg.name too small:
+ *   WSAEFAULT. Input dwFlags other than 0 (MSG_PEEK ...): WSAEOPNOTSUPP. A
+ *   non-blocking l without a datagram: WSAEWOULDBLOCK. A connected UDP
+ *   socket (an onward one) receives its own datagrams, without control data.
+ *   Not a UDP socket: WSAEOPNOTSUPP. Flow sockets are closed once rewire says
+ *   the application's socket closed, or after 60 s without a datagram.
+ *   poll()/select() on l do not see datagrams queued on its flow sockets:
+ *   wait in WSARecvMsg (a thread), as a blocking Windows receive loop does.
+ *
+ * WSASendMsg(l, &msg, 0, &n, ...) with msg.name a flow's source: the reply,
+ *   sent through the flow's socket (the only one rewire lets answer the
+ *   flow; the application sees it come from its original destination).
+ *
+ * WSASendMsg(o, &msg, 0, &n, ...) on a new UDP socket o with an
+ *   IP_WFP_REDIRECT_RECORDS (IPV6_WFP_REDIRECT_RECORDS) control message
+ *   holding the records from WSARecvMsg and msg.name the original
+ *   destination: the records are set on o, o is connected there (rewire
+ *   sends it to the next service or the destination), and the datagram
+ *   sent. Later datagrams of the flow on o carry the same records (another
+ *   blob on o: WSAEINVAL, one flow per socket); replies arrive on o. A
+ *   malformed blob: WSAEINVAL; another control message: WSAEOPNOTSUPP;
+ *   dwFlags other than 0: WSAEOPNOTSUPP.
+ *
+ * Both run synchronously (blocking, as with lpOverlapped NULL); given an
+ * lpOverlapped on an overlapped socket, the completion is also reported
+ * through it (Internal 0, event signalled or routine queued), as Windows
+ * does for an overlapped call that completed at once.
+ */
+int WSAAPI rewire_wsa_recvmsg(SOCKET s, LPWSAMSG lpMsg, LPDWORD lpdwNumberOfBytesRecvd, LPWSAOVERLAPPED lpOverlapped,
+			      LPWSAOVERLAPPED_COMPLETION_ROUTINE lpCompletionRoutine);
+int WSAAPI WSASendMsg(SOCKET Handle, LPWSAMSG lpMsg, DWORD dwFlags, LPDWORD lpNumberOfBytesSent, LPWSAOVERLAPPED lpOverlapped,
+		      LPWSAOVERLAPPED_COMPLETION_ROUTINE lpCompletionRoutine);
+int rewire_wsa_setsockopt(SOCKET s, int level, int optname, const void *optval, int optlen);
 
 #ifdef __cplusplus
 }

@@ -888,7 +888,7 @@ static const DWORD unserved[] = {
 	0x5421 /* Linux FIONBIO */, 0x541B /* Linux FIONREAD */, 0x5452 /* Linux FIOASYNC */,
 	0x8905 /* Linux SIOCATMARK */,
 	SIO_ASSOCIATE_HANDLE, SIO_ENABLE_CIRCULAR_QUEUEING, SIO_FIND_ROUTE, SIO_GET_BROADCAST_ADDRESS,
-	SIO_GET_EXTENSION_FUNCTION_POINTER, SIO_GET_QOS, SIO_GET_GROUP_QOS, SIO_MULTIPOINT_LOOPBACK,
+	SIO_GET_QOS, SIO_GET_GROUP_QOS, SIO_MULTIPOINT_LOOPBACK,
 	SIO_MULTICAST_SCOPE, SIO_SET_QOS, SIO_SET_GROUP_QOS, SIO_TRANSLATE_HANDLE, SIO_ROUTING_INTERFACE_QUERY,
 	SIO_ROUTING_INTERFACE_CHANGE, SIO_ADDRESS_LIST_QUERY, SIO_ADDRESS_LIST_CHANGE, SIO_QUERY_TARGET_PNP_HANDLE,
 	SIO_ADDRESS_LIST_SORT, SIO_BSP_HANDLE, SIO_BSP_HANDLE_SELECT, SIO_BSP_HANDLE_POLL, SIO_EXT_SELECT,
@@ -1874,6 +1874,374 @@ static void routine_never_runs_on_thread_reusing_id(void)
 	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
 
+/* ---- WSARecvMsg / WSASendMsg (UDP, the WFP control messages) ------------ */
+
+static LPFN_WSARECVMSG get_recvmsg(SOCKET s)
+{
+	GUID id = WSAID_WSARECVMSG;
+	LPFN_WSARECVMSG fn = NULL;
+	struct res r = ioc(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &id, sizeof id, &fn, sizeof fn);
+	EXPECT_OK(r, sizeof fn);
+	return fn;
+}
+
+static LPFN_WSASENDMSG get_sendmsg(SOCKET s)
+{
+	GUID id = WSAID_WSASENDMSG;
+	LPFN_WSASENDMSG fn = NULL;
+	struct res r = ioc(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &id, sizeof id, &fn, sizeof fn);
+	EXPECT_OK(r, sizeof fn);
+	return fn;
+}
+
+/* The lookup: the two GUIDs served, the other extension GUIDs WSAEOPNOTSUPP,
+ * anything else WSAEINVAL; sizes and pointers checked first. */
+static void extension_function_pointers(void)
+{
+	SOCKET s = socket(AF_INET, SOCK_DGRAM, 0);
+	CHECK(get_recvmsg(s) == (LPFN_WSARECVMSG)rewire_wsa_recvmsg);
+	CHECK(get_sendmsg(s) == (LPFN_WSASENDMSG)WSASendMsg);
+	void *fn = NULL;
+	GUID bad = {0x12345678, 1, 2, {3, 4, 5, 6, 7, 8, 9, 10}};
+	struct res r = ioc(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &bad, sizeof bad, &fn, sizeof fn);
+	EXPECT_FAIL(r, WSAEINVAL);
+	GUID unserved_ids[] = {WSAID_ACCEPTEX, WSAID_CONNECTEX, WSAID_DISCONNECTEX, WSAID_GETACCEPTEXSOCKADDRS,
+			       WSAID_TRANSMITFILE, WSAID_TRANSMITPACKETS};
+	for (unsigned i = 0; i < sizeof unserved_ids / sizeof unserved_ids[0]; i++) {
+		r = ioc(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &unserved_ids[i], sizeof(GUID), &fn, sizeof fn);
+		EXPECT_FAIL(r, WSAEOPNOTSUPP);
+	}
+	GUID id = WSAID_WSARECVMSG;
+	r = ioc(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &id, sizeof id - 1, &fn, sizeof fn);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = ioc(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &id, sizeof id, &fn, sizeof fn - 1);
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, SIO_GET_EXTENSION_FUNCTION_POINTER, NULL, sizeof id, &fn, sizeof fn);
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &id, sizeof id, NULL, sizeof fn);
+	EXPECT_FAIL(r, WSAEFAULT);
+	r = ioc(s, SIO_GET_EXTENSION_FUNCTION_POINTER, guard_page() + sysconf(_SC_PAGESIZE) - 4, sizeof id, &fn, sizeof fn);
+	EXPECT_FAIL(r, WSAEFAULT);
+	closesocket(s);
+}
+
+struct rmsg {
+	int ret, err;
+	DWORD bytes;
+	WSAMSG msg;
+	struct sockaddr_storage from;
+	char data[64];
+	char control[WSA_CMSG_SPACE(REWIRE_WFP_MAX_RECORDS_SIZE) + WSA_CMSG_SPACE(REWIRE_WFP_MAX_CONTEXT_SIZE)];
+};
+
+/* WSARecvMsg into r (data buffer `cap`, control buffer `ctl` bytes). */
+static void recv_msg(LPFN_WSARECVMSG fn, SOCKET s, struct rmsg *r, ULONG cap, ULONG ctl)
+{
+	static WSABUF b;
+	b.len = cap;
+	b.buf = r->data;
+	memset(&r->msg, 0, sizeof r->msg);
+	r->msg.name = (struct sockaddr *)&r->from;
+	r->msg.namelen = sizeof r->from;
+	r->msg.lpBuffers = &b;
+	r->msg.dwBufferCount = 1;
+	r->msg.Control.len = ctl;
+	r->msg.Control.buf = r->control;
+	r->bytes = 0xDEADBEEF;
+	WSASetLastError(0);
+	r->ret = fn(s, &r->msg, &r->bytes, NULL, NULL);
+	r->err = WSAGetLastError();
+}
+
+/* WSASendMsg of `len` bytes to `to` with control data `ctl` (ctl_len bytes). */
+static struct res send_msg(LPFN_WSASENDMSG fn, SOCKET s, const void *data, ULONG len, struct sockaddr_storage *to,
+			   int tolen, void *ctl, ULONG ctl_len, DWORD flags)
+{
+	WSABUF b = {len, (char *)data};
+	WSAMSG m = {(struct sockaddr *)to, tolen, &b, 1, {ctl_len, ctl}, 0};
+	struct res r;
+	r.bytes = 0xDEADBEEF;
+	WSASetLastError(0);
+	r.ret = fn(s, &m, flags, &r.bytes, NULL, NULL);
+	r.err = WSAGetLastError();
+	return r;
+}
+
+/* A records control message around `blob` in buf; its size. */
+static ULONG records_cmsg(char *buf, const void *blob, size_t len, int level, int type)
+{
+	memset(buf, 0, WSA_CMSG_SPACE(len));
+	WSACMSGHDR *c = (WSACMSGHDR *)buf;
+	c->cmsg_len = WSA_CMSG_LEN(len);
+	c->cmsg_level = level;
+	c->cmsg_type = type;
+	memcpy(WSA_CMSG_DATA(c), blob, len);
+	return (ULONG)WSA_CMSG_SPACE(len);
+}
+
+static SOCKET udp_bound(int family, int port, int enable)
+{
+	struct sockaddr_storage a;
+	int len = loopback(family, port, &a);
+	SOCKET s = socket(family, SOCK_DGRAM, IPPROTO_UDP);
+	DWORD on = TRUE;
+	int level = family == AF_INET ? IPPROTO_IP : IPPROTO_IPV6;
+	if (enable) {
+		CHECK_EQ(rewire_wsa_setsockopt(s, level, IP_WFP_REDIRECT_RECORDS, &on, sizeof on), 0);
+		CHECK_EQ(rewire_wsa_setsockopt(s, level, IP_WFP_REDIRECT_CONTEXT, &on, sizeof on), 0);
+	}
+	if (bind(s, (struct sockaddr *)&a, len) != 0) {
+		fprintf(stderr, "    bind UDP port %d: %s\n", port, strerror(errno));
+		test_ok = 0;
+	}
+	return s;
+}
+
+static int port_of(SOCKET s)
+{
+	struct sockaddr_storage a;
+	socklen_t len = sizeof a;
+	getsockname(s, (struct sockaddr *)&a, &len);
+	return ntohs(a.ss_family == AF_INET ? ((struct sockaddr_in *)&a)->sin_port : ((struct sockaddr_in6 *)&a)->sin6_port);
+}
+
+static int same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+	if (a->ss_family != b->ss_family)
+		return 0;
+	if (a->ss_family == AF_INET) {
+		const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+		return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+	}
+	const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+	return x->sin6_port == y->sin6_port && memcmp(&x->sin6_addr, &y->sin6_addr, 16) == 0;
+}
+
+/* Without hooks: datagrams of one source, before and after its flow socket
+ * exists, all come through WSARecvMsg on the listener (no control data: not
+ * redirected); the reply goes back from the listener's address; the size,
+ * flag, non-blocking and argument rules. */
+static void recvmsg_rules_without_hooks(void)
+{
+	SOCKET l = udp_bound(AF_INET, 0, 1), app = socket(AF_INET, SOCK_DGRAM, 0);
+	LPFN_WSARECVMSG rfn = get_recvmsg(l);
+	LPFN_WSASENDMSG sfn = get_sendmsg(l);
+	struct sockaddr_storage la, aa;
+	int lalen = loopback(AF_INET, port_of(l), &la);
+	static struct rmsg r;
+	for (int i = 0; i < 3; i++) {
+		CHECK(sendto(app, "hello", 5, 0, (struct sockaddr *)&la, lalen) == 5);
+		recv_msg(rfn, l, &r, sizeof r.data, sizeof r.control);
+		CHECK_EQ(r.ret, 0);
+		CHECK_EQ(r.bytes, 5);
+		CHECK(memcmp(r.data, "hello", 5) == 0);
+		CHECK_EQ(r.msg.Control.len, 0);
+		CHECK_EQ(r.msg.dwFlags, 0);
+		CHECK_EQ(r.msg.namelen, sizeof(struct sockaddr_in));
+	}
+	socklen_t aalen = sizeof aa;
+	getsockname(app, (struct sockaddr *)&aa, &aalen);
+	CHECK_EQ(((struct sockaddr_in *)&r.from)->sin_port, ((struct sockaddr_in *)&aa)->sin_port);
+	/* the reply, from the listener's address */
+	struct res s = send_msg(sfn, l, "back", 4, &r.from, r.msg.namelen, NULL, 0, 0);
+	EXPECT_OK(s, 4);
+	struct sockaddr_storage from;
+	socklen_t fromlen = sizeof from;
+	char buf[16];
+	struct pollfd p = {.fd = app, .events = POLLIN};
+	CHECK(poll(&p, 1, 5000) == 1 && recvfrom(app, buf, sizeof buf, 0, (struct sockaddr *)&from, &fromlen) == 4);
+	CHECK(same_addr(&from, &la));
+	/* a datagram larger than the buffer: the part that fits, MSG_TRUNC, WSAEMSGSIZE */
+	CHECK(sendto(app, "0123456789", 10, 0, (struct sockaddr *)&la, lalen) == 10);
+	recv_msg(rfn, l, &r, 4, sizeof r.control);
+	CHECK_EQ(r.ret, SOCKET_ERROR);
+	CHECK_EQ(r.err, WSAEMSGSIZE);
+	CHECK_EQ(r.bytes, 4);
+	CHECK(memcmp(r.data, "0123", 4) == 0);
+	CHECK(r.msg.dwFlags & MSG_TRUNC);
+	/* non-blocking, nothing queued */
+	fcntl(l, F_SETFL, fcntl(l, F_GETFL) | O_NONBLOCK);
+	recv_msg(rfn, l, &r, sizeof r.data, sizeof r.control);
+	CHECK_EQ(r.ret, SOCKET_ERROR);
+	CHECK_EQ(r.err, WSAEWOULDBLOCK);
+	CHECK_EQ(r.bytes, 0);
+	/* input flags (MSG_PEEK): not served */
+	WSABUF b = {sizeof r.data, r.data};
+	WSAMSG m = {NULL, 0, &b, 1, {0, NULL}, MSG_PEEK};
+	DWORD n = 7;
+	CHECK_EQ(rfn(l, &m, &n, NULL, NULL), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEOPNOTSUPP);
+	CHECK_EQ(n, 0);
+	/* a bad WSAMSG, a non-socket, a TCP socket */
+	CHECK_EQ(rfn(l, (LPWSAMSG)(guard_page() + sysconf(_SC_PAGESIZE) - 8), &n, NULL, NULL), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	m.dwFlags = 0;
+	int fd = open("/dev/null", O_RDONLY);
+	CHECK_EQ(rfn(fd, &m, &n, NULL, NULL), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAENOTSOCK);
+	close(fd);
+	SOCKET t = socket(AF_INET, SOCK_STREAM, 0);
+	CHECK_EQ(rfn(t, &m, &n, NULL, NULL), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEOPNOTSUPP);
+	/* the options: a DWORD on a UDP socket */
+	DWORD on = TRUE;
+	CHECK_EQ(rewire_wsa_setsockopt(t, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS, &on, sizeof on), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEINVAL);
+	CHECK_EQ(rewire_wsa_setsockopt(l, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS, &on, 2), SOCKET_ERROR);
+	CHECK_EQ(WSAGetLastError(), WSAEFAULT);
+	closesocket(t);
+	closesocket(app);
+	closesocket(l);
+}
+
+/* WSASendMsg's checks, before anything is sent: control messages and flags. */
+static void sendmsg_rules_without_hooks(void)
+{
+	SOCKET o = socket(AF_INET, SOCK_DGRAM, 0), d = udp_bound(AF_INET, 0, 0);
+	LPFN_WSASENDMSG sfn = get_sendmsg(o);
+	struct sockaddr_storage da;
+	int dalen = loopback(AF_INET, port_of(d), &da);
+	char ctl[WSA_CMSG_SPACE(REWIRE_WFP_MAX_RECORDS_SIZE)];
+	unsigned char bad[REWIRE_WFP_MAX_RECORDS_SIZE];
+	memcpy(bad, sample_blob, sizeof bad);
+	bad[0] ^= 0xFF; /* magic */
+	ULONG cl = records_cmsg(ctl, bad, sizeof bad, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS);
+	struct res r = send_msg(sfn, o, "x", 1, &da, dalen, ctl, cl, 0);
+	EXPECT_FAIL(r, WSAEINVAL);
+	cl = records_cmsg(ctl, sample_blob, 100, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS); /* truncated */
+	r = send_msg(sfn, o, "x", 1, &da, dalen, ctl, cl, 0);
+	EXPECT_FAIL(r, WSAEINVAL);
+	cl = records_cmsg(ctl, sample_blob, sizeof sample_blob, IPPROTO_IP, IP_WFP_REDIRECT_CONTEXT); /* another message */
+	r = send_msg(sfn, o, "x", 1, &da, dalen, ctl, cl, 0);
+	EXPECT_FAIL(r, WSAEOPNOTSUPP);
+	cl = records_cmsg(ctl, sample_blob, sizeof sample_blob, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS);
+	((WSACMSGHDR *)ctl)->cmsg_len = 4096; /* longer than the buffer */
+	r = send_msg(sfn, o, "x", 1, &da, dalen, ctl, cl, 0);
+	EXPECT_FAIL(r, WSAEINVAL);
+	r = send_msg(sfn, o, "x", 1, &da, dalen, NULL, 0, MSG_DONTROUTE);
+	EXPECT_FAIL(r, WSAEOPNOTSUPP);
+	/* well-formed records on a socket no rewire hooks serve: the kernel's answer */
+	cl = records_cmsg(ctl, sample_blob, sizeof sample_blob, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS);
+	r = send_msg(sfn, o, "x", 1, &da, dalen, ctl, cl, 0);
+	EXPECT_FAIL(r, managed ? WSAEINVAL : WSAEOPNOTSUPP);
+	/* no control data: a plain sendto */
+	SOCKET o2 = socket(AF_INET, SOCK_DGRAM, 0);
+	r = send_msg(sfn, o2, "hi", 2, &da, dalen, NULL, 0, 0);
+	EXPECT_OK(r, 2);
+	char buf[8];
+	struct pollfd p = {.fd = d, .events = POLLIN};
+	CHECK(poll(&p, 1, 5000) == 1 && recv(d, buf, sizeof buf, 0) == 2);
+	closesocket(o2);
+	closesocket(o);
+	closesocket(d);
+}
+
+/* Under rewire: WSARecvMsg on the service's UDP socket returns the flow's
+ * records and context as IP_WFP_REDIRECT_RECORDS / _CONTEXT control messages
+ * (MSG_CTRUNC when they do not fit); WSASendMsg with the records carries the
+ * datagram to the original destination, and the reply sent with WSASendMsg
+ * on the service socket reaches the application from that destination. */
+static void udp_control_messages_carry_a_flow(void)
+{
+	as_service(1);
+	SOCKET l = udp_bound(AF_INET, svc_port, 1);
+	as_service(0);
+	SOCKET app = socket(AF_INET, SOCK_DGRAM, 0), dst = udp_bound(AF_INET, dst_port, 0);
+	LPFN_WSARECVMSG rfn = get_recvmsg(l);
+	LPFN_WSASENDMSG sfn = get_sendmsg(l);
+	struct sockaddr_storage da;
+	int dalen = loopback(AF_INET, dst_port, &da);
+	static struct rmsg r;
+	CHECK(sendto(app, "ping", 4, 0, (struct sockaddr *)&da, dalen) == 4);
+	as_service(1);
+	recv_msg(rfn, l, &r, sizeof r.data, sizeof r.control);
+	CHECK_EQ(r.ret, 0);
+	CHECK_EQ(r.bytes, 4);
+	CHECK_EQ(r.msg.dwFlags, 0);
+	CHECK_EQ(r.msg.Control.len, WSA_CMSG_SPACE(REWIRE_WFP_MAX_RECORDS_SIZE) + WSA_CMSG_LEN(REWIRE_WFP_MAX_CONTEXT_SIZE));
+	unsigned char records[REWIRE_WFP_MAX_RECORDS_SIZE];
+	int got = 0;
+	for (WSACMSGHDR *c = WSA_CMSG_FIRSTHDR(&r.msg); c; c = WSA_CMSG_NXTHDR(&r.msg, c)) {
+		CHECK_EQ(c->cmsg_level, IPPROTO_IP);
+		if (c->cmsg_type == IP_WFP_REDIRECT_RECORDS) {
+			CHECK_EQ(c->cmsg_len, WSA_CMSG_LEN(REWIRE_WFP_MAX_RECORDS_SIZE));
+			memcpy(records, WSA_CMSG_DATA(c), sizeof records);
+			REWIRE_WFP_RECORDS rec;
+			memcpy(&rec, records, sizeof rec);
+			CHECK_EQ(rec.proto, IPPROTO_UDP);
+			CHECK_EQ(ntohs(rec.orig_dst.port_be), dst_port);
+			CHECK_EQ(rec.pid, getpid());
+			got |= 1;
+		} else if (c->cmsg_type == IP_WFP_REDIRECT_CONTEXT) {
+			CHECK_EQ(c->cmsg_len, WSA_CMSG_LEN(REWIRE_WFP_MAX_CONTEXT_SIZE));
+			REWIRE_WFP_CONTEXT ctx;
+			memcpy(&ctx, WSA_CMSG_DATA(c), sizeof ctx);
+			CHECK_EQ(ctx.state, REWIRE_WFP_REDIRECTED_BY_SELF);
+			CHECK_EQ(ctx.records.proto, IPPROTO_UDP);
+			got |= 2;
+		}
+	}
+	CHECK_EQ(got, 3);
+	/* room for the records only; then none */
+	as_service(0);
+	CHECK(sendto(app, "p2", 2, 0, (struct sockaddr *)&da, dalen) == 2);
+	CHECK(sendto(app, "p3", 2, 0, (struct sockaddr *)&da, dalen) == 2);
+	as_service(1);
+	recv_msg(rfn, l, &r, sizeof r.data, WSA_CMSG_SPACE(REWIRE_WFP_MAX_RECORDS_SIZE));
+	CHECK_EQ(r.ret, 0);
+	CHECK(r.msg.dwFlags & MSG_CTRUNC);
+	CHECK_EQ(r.msg.Control.len, WSA_CMSG_SPACE(REWIRE_WFP_MAX_RECORDS_SIZE));
+	CHECK_EQ(((WSACMSGHDR *)r.control)->cmsg_type, IP_WFP_REDIRECT_RECORDS);
+	recv_msg(rfn, l, &r, sizeof r.data, 0);
+	CHECK_EQ(r.ret, 0);
+	CHECK_EQ(r.bytes, 2);
+	CHECK(r.msg.dwFlags & MSG_CTRUNC);
+	CHECK_EQ(r.msg.Control.len, 0);
+	/* onward with the records: reaches the destination */
+	SOCKET o = socket(AF_INET, SOCK_DGRAM, IPPROTO_UDP);
+	char ctl[WSA_CMSG_SPACE(REWIRE_WFP_MAX_RECORDS_SIZE)];
+	ULONG cl = records_cmsg(ctl, records, sizeof records, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS);
+	struct res s = send_msg(sfn, o, "ping", 4, &da, dalen, ctl, cl, 0);
+	EXPECT_OK(s, 4);
+	s = send_msg(sfn, o, "ping", 4, &da, dalen, ctl, cl, 0); /* the same records again */
+	EXPECT_OK(s, 4);
+	cl = records_cmsg(ctl, sample_blob, sizeof sample_blob, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS);
+	s = send_msg(sfn, o, "ping", 4, &da, dalen, ctl, cl, 0); /* other records on the same socket */
+	EXPECT_FAIL(s, WSAEINVAL);
+	/* the records reach the kernel, which checks their tag */
+	SOCKET o3 = socket(AF_INET, SOCK_DGRAM, IPPROTO_UDP);
+	unsigned char tampered[REWIRE_WFP_MAX_RECORDS_SIZE];
+	memcpy(tampered, records, sizeof tampered);
+	tampered[sizeof tampered - 1] ^= 1;
+	cl = records_cmsg(ctl, tampered, sizeof tampered, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS);
+	s = send_msg(sfn, o3, "ping", 4, &da, dalen, ctl, cl, 0);
+	EXPECT_FAIL(s, WSAEINVAL);
+	closesocket(o3);
+	as_service(0);
+	char buf[16];
+	struct sockaddr_storage from;
+	socklen_t fromlen = sizeof from;
+	struct pollfd p = {.fd = dst, .events = POLLIN};
+	CHECK(poll(&p, 1, 5000) == 1 && recvfrom(dst, buf, sizeof buf, 0, (struct sockaddr *)&from, &fromlen) == 4);
+	CHECK(sendto(dst, "pong", 4, 0, (struct sockaddr *)&from, fromlen) == 4);
+	as_service(1);
+	p.fd = o;
+	CHECK(poll(&p, 1, 5000) == 1 && recv(o, buf, sizeof buf, 0) == 4);
+	/* the reply to the application, through the service socket */
+	s = send_msg(sfn, l, "pong", 4, &r.from, r.msg.namelen, NULL, 0, 0);
+	EXPECT_OK(s, 4);
+	as_service(0);
+	fromlen = sizeof from;
+	p.fd = app;
+	CHECK(poll(&p, 1, 5000) == 1 && recvfrom(app, buf, sizeof buf, 0, (struct sockaddr *)&from, &fromlen) == 4);
+	CHECK(memcmp(buf, "pong", 4) == 0);
+	CHECK(same_addr(&from, &da)); /* from the original destination */
+	closesocket(o);
+	closesocket(dst);
+	closesocket(app);
+	closesocket(l);
+}
+
 int main(int argc, char **argv)
 {
 	alarm(120); /* the whole suite is bounded */
@@ -1920,6 +2288,9 @@ int main(int argc, char **argv)
 	RUN(completion_routine_ignored_on_non_overlapped_socket);
 	RUN(unreadable_thread_id_is_efault);
 	RUN(context_layout_switch);
+	RUN(extension_function_pointers);
+	RUN(recvmsg_rules_without_hooks);
+	RUN(sendmsg_rules_without_hooks);
 
 	if (managed) {
 		as_service(1);
@@ -1946,6 +2317,7 @@ int main(int argc, char **argv)
 		RUN(raw_and_listening_sockets_are_einval);
 		RUN(routine_never_runs_on_thread_reusing_id);
 		RUN(context_in_two_address_layout);
+		RUN(udp_control_messages_carry_a_flow);
 	}
 	printf("# %d failed\n", failures);
 	return failures ? 1 : 0;

@@ -14,6 +14,9 @@ pub const SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT: DWORD = 0x9800_00DD;
 /// `_WSAIOW(IOC_VENDOR, 222)`.
 pub const SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS: DWORD = 0x9800_00DE;
 
+/// `_WSAIORW(IOC_WS2, 6)`: the address of a Winsock extension function, by GUID (`WSARecvMsg`, `WSASendMsg`).
+pub const SIO_GET_EXTENSION_FUNCTION_POINTER: DWORD = wsaiorw(IOC_WS2, 6);
+
 /// `_WSAIO(IOC_WS2, 4)`: cancel the socket's pending overlapped operations.
 pub const SIO_FLUSH: DWORD = 0x2800_0004;
 
@@ -59,7 +62,6 @@ pub const UNSERVED_CODES: &[(&str, DWORD)] = &[
     ("SIO_ENABLE_CIRCULAR_QUEUEING", wsaio(IOC_WS2, 2)),
     ("SIO_FIND_ROUTE", wsaior(IOC_WS2, 3)),
     ("SIO_GET_BROADCAST_ADDRESS", wsaior(IOC_WS2, 5)),
-    ("SIO_GET_EXTENSION_FUNCTION_POINTER", wsaiorw(IOC_WS2, 6)),
     ("SIO_GET_QOS", wsaiorw(IOC_WS2, 7)),
     ("SIO_GET_GROUP_QOS", wsaiorw(IOC_WS2, 8)),
     ("SIO_MULTIPOINT_LOOPBACK", wsaiow(IOC_WS2, 9)),

@@ -69,3 +69,16 @@ pub extern "C" fn rewire_wsa_set_context_layout(layout: c_int) -> c_int {
         REWIRE_WFP_CONTEXT_LAYOUT_REWIRE
     }
 }
+
+/// The context of the flow on `fd` in the process's layout (what the context query answers).
+pub(crate) fn context_answer(fd: c_int) -> Result<Vec<u8>, c_int> {
+    if lock().sockaddr_context {
+        return sockaddr_context(fd, RW_OPT_CONTEXT).map(|a| a.to_vec());
+    }
+    let mut buf = [0u8; REWIRE_WFP_MAX_CONTEXT_SIZE];
+    match rewire::raw_query(fd, RW_OPT_CONTEXT, &mut buf) {
+        Ok(n) if n > 0 => Ok(buf[..n].to_vec()),
+        Ok(_) => Err(WSAEINVAL),
+        Err(e) => Err(e.wsa_code()),
+    }
+}

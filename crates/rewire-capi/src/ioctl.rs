@@ -13,6 +13,8 @@ pub(crate) const MAX_SET_INPUT: usize = 4096;
 pub(crate) enum Request {
     Op(OpKind),
     Flush,
+    /// `SIO_GET_EXTENSION_FUNCTION_POINTER`: done, this many bytes written.
+    Extension(DWORD),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -83,6 +85,7 @@ pub(crate) fn ioctl(
             Request::Op(OpKind::Set { blob })
         }
         SIO_FLUSH => Request::Flush,
+        SIO_GET_EXTENSION_FUNCTION_POINTER => Request::Extension(extension_pointer(inb, cb_in, outb, cb_out)?),
         c if unserved_code(c).is_some() => return Err(WSAEOPNOTSUPP),
         _ => return Err(WSAEINVAL),
     };
@@ -117,6 +120,15 @@ pub(crate) fn ioctl(
                 complete(&mut g, &report, 0, 0);
             }
             return Ok(0);
+        }
+        Request::Extension(bytes) => {
+            if lpcb != 0 && !write_dword(lpcb, bytes) {
+                return Err(WSAEFAULT);
+            }
+            if overlapped {
+                complete(&mut lock(), &report, 0, bytes as usize);
+            }
+            return Ok(bytes);
         }
         Request::Op(kind) => kind,
     };

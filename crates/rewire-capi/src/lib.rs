@@ -36,7 +36,10 @@
 mod codes;
 mod completion;
 mod context;
+mod extension;
 mod ioctl;
+mod msg;
+mod msg_send;
 mod overlapped;
 mod socket;
 mod state;
@@ -58,7 +61,10 @@ pub use rewire::wsa::*;
 pub use codes::*;
 pub use completion::*;
 pub use context::*;
+pub use extension::*;
 pub use ioctl::*;
+pub use msg::*;
+pub use msg_send::*;
 pub use overlapped::*;
 pub use socket::*;
 use state::*;
@@ -113,13 +119,15 @@ mod tests {
             SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT,
             SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS,
             SIO_FLUSH,
+            SIO_GET_EXTENSION_FUNCTION_POINTER,
         ];
         let mut seen = HashSet::new();
         for &(name, code) in UNSERVED_CODES {
             assert!(seen.insert(code), "{name} listed twice");
             assert!(!served.contains(&code), "{name} is served");
         }
-        assert_eq!(unserved_code(0xC800_0006), Some("SIO_GET_EXTENSION_FUNCTION_POINTER"));
+        assert_eq!(unserved_code(0xC800_0006), None);
+        assert_eq!(SIO_GET_EXTENSION_FUNCTION_POINTER, 0xC800_0006);
         assert_eq!(unserved_code(0x9800_0004), Some("SIO_KEEPALIVE_VALS"));
         assert_eq!(unserved_code(0x9800_00DF), None);
         assert_eq!(SIO_FLUSH, wsaio(IOC_WS2, 4));

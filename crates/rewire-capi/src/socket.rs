@@ -100,6 +100,7 @@ pub extern "C" fn closesocket(s: SOCKET) -> c_int {
     }
     g.marks.remove(&s);
     drop(g);
+    forget_socket(s);
     // SAFETY: closing a descriptor the caller owns.
     if unsafe { libc::close(s) } != 0 {
         set_last_error(rewire::Error::from_errno(errno()).wsa_code());

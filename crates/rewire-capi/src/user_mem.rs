@@ -142,3 +142,15 @@ pub(crate) fn read_usize(addr: usize) -> Option<usize> {
 pub(crate) fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
+
+/// Copies a plain-data structure (integers and pointers only) from caller address `addr`.
+pub(crate) fn read_struct<T: Copy>(addr: usize) -> Option<T> {
+    let mut v = std::mem::MaybeUninit::<T>::zeroed();
+    // SAFETY: the slice covers exactly v's bytes, which outlive it.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of::<T>()) };
+    if !read_user(addr, bytes) {
+        return None;
+    }
+    // SAFETY: T is plain data (the callers' repr(C) structs of integers and raw pointers): any bytes are a valid T.
+    Some(unsafe { v.assume_init() })
+}
