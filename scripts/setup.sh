@@ -6,7 +6,11 @@
 # the unmodified transparent proxies the compatibility tests run
 # (crates/rewire-cli/tests/compat.rs): squid, redsocks, microsocks and
 # sslsplit from Debian, mitmproxy from PyPI in its own venv under
-# $REWIRE_COMPAT_PREFIX (default /opt/rewire-compat), curl as their client.
+# $REWIRE_COMPAT_PREFIX (default /opt/rewire-compat), curl as their client;
+# systemd's tools (systemd-analyze verify for deploy/systemd,
+# systemd-socket-activate for the socket activation tests; no service
+# manager needs to run) and kubernetes-validate from PyPI in its own venv
+# (the DaemonSet in deploy/kubernetes, validated offline).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
@@ -28,9 +32,11 @@ command -v sslsplit >/dev/null || need+=(sslsplit)
 command -v redsocks >/dev/null || need+=(redsocks)
 command -v microsocks >/dev/null || need+=(microsocks)
 [ -x /usr/sbin/squid ] || need+=(squid)
+{ command -v systemd-analyze && command -v systemd-socket-activate; } >/dev/null || need+=(systemd)
 compat=${REWIRE_COMPAT_PREFIX:-/opt/rewire-compat}
 mitmproxy_version=11.0.2 # the newest release for Debian 12's Python 3.11
-[ -x "$compat/mitmproxy/bin/mitmdump" ] || { [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; } || need+=(python3 python3-venv)
+kubernetes_validate_version=1.37.0
+{ [ -x "$compat/mitmproxy/bin/mitmdump" ] && [ -x "$compat/kubernetes-validate/bin/kubernetes-validate" ]; } || { [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; } || need+=(python3 python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -56,6 +62,17 @@ if [ ! -x "$compat/mitmproxy/bin/mitmdump" ]; then
   mkdir -p "$compat"
   /usr/bin/python3 -m venv "$compat/mitmproxy"
   "$compat/mitmproxy/bin/pip" install -q --disable-pip-version-check "mitmproxy==$mitmproxy_version"
+fi
+
+if [ ! -x "$compat/kubernetes-validate/bin/kubernetes-validate" ]; then
+  if [ "$(id -u)" -ne 0 ] && [ ! -w "$(dirname "$compat")" ]; then
+    echo "setup: kubernetes-validate missing in $compat; run as root (sudo) so it can be installed" >&2
+    exit 1
+  fi
+  echo "setup: installing kubernetes-validate $kubernetes_validate_version (PyPI) into $compat/kubernetes-validate"
+  mkdir -p "$compat"
+  /usr/bin/python3 -m venv "$compat/kubernetes-validate"
+  "$compat/kubernetes-validate/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$kubernetes_validate_version"
 fi
 
 if ! command -v cargo >/dev/null; then
