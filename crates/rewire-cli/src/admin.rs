@@ -34,7 +34,11 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
     }
     let subtree = match std::env::var_os(ENV_CGROUP) {
         Some(p) => PathBuf::from(p),
-        None => attached_subtree(&cfg, &config)?,
+        // A daemon that is starting (or starts in this instant) is waited for.
+        None => match crate::readiness::wait_for_hooks(&cfg, crate::readiness::DAEMON_APPEAR)? {
+            Some(cg) => cg,
+            None => attached_subtree(&cfg, &config)?,
+        },
     };
     match service {
         Some(name) => join_service(&subtree, name)?,
@@ -72,23 +76,51 @@ pub fn reload(config: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Exit code of `rewire status` when the hooks are not (all) attached.
+pub const NOT_ATTACHED: i32 = 3;
+
 /// `rewire status`: whether the hooks of a daemon's cgroup are attached,
 /// its live daemon, and the kernel's per-cause counters (from the pinned
-/// `rw_counters`), as text or JSON on stdout.
-pub fn status(config: &Path, json: bool) -> Result<()> {
+/// `rw_counters`), as text or JSON on stdout. With `wait`, first waits (at
+/// most that long) for the hooks. Returns 0 when they are attached (and
+/// the configured guard), [`NOT_ATTACHED`] otherwise.
+pub fn status(config: &Path, json: bool, wait: Option<Duration>) -> Result<i32> {
     let cfg = Config::load(config)?;
+    if let Some(timeout) = wait {
+        if !crate::readiness::status_wait(&cfg, timeout) {
+            return Ok(NOT_ATTACHED);
+        }
+    }
     let dir = pin_dir(&cfg);
-    let counters = CountersReader::open_pinned(&dir).and_then(|r| r.read()).with_context(|| {
-        format!(
-            "reading the counters pinned in {}: the hooks of cgroup `{}` are not there; start them with \
-             `rewire daemon --config {}`",
-            dir.display(),
-            cfg.cgroup,
-            config.display()
-        )
-    })?;
     let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
-    let attached = persist::check_attached(&dir, &cg).map_err(|e| e.to_string());
+    let attached = crate::readiness::attached(&cfg).map(|_| ());
+    let code = if attached.is_ok() { 0 } else { NOT_ATTACHED };
+    let counters = match CountersReader::open_pinned(&dir).and_then(|r| r.read()) {
+        Ok(c) => c,
+        Err(e) => {
+            // Nothing pinned at all: no hooks, no counters.
+            let problem = format!(
+                "{} (no counters pinned in {}: {e}); start them with `rewire daemon --config {}`",
+                attached.err().unwrap_or_default(),
+                dir.display(),
+                config.display()
+            );
+            if json {
+                let v = serde_json::json!({
+                    "cgroup": cfg.cgroup,
+                    "pin_dir": dir,
+                    "hooks_attached": false,
+                    "hooks_problem": problem,
+                    "daemon_pid": daemon_pid(&cfg.cgroup),
+                    "counters": null,
+                });
+                println!("{v}");
+            } else {
+                println!("cgroup {}: hooks NOT attached: {problem}", cfg.cgroup);
+            }
+            return Ok(NOT_ATTACHED);
+        }
+    };
     let pid = daemon_pid(&cfg.cgroup);
     let last = last_status(&cfg.cgroup).map(|s| s.message).filter(|_| pid.is_some());
     let io_uring_gap = rewire_control::guard::io_uring_gap(
@@ -110,7 +142,7 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
             "io_uring_gap": io_uring_gap,
         });
         println!("{v}");
-        return Ok(());
+        return Ok(code);
     }
     match &attached {
         Ok(()) => println!("cgroup {}: hooks attached ({})", cfg.cgroup, cg.display()),
@@ -142,7 +174,7 @@ pub fn status(config: &Path, json: bool) -> Result<()> {
     for (name, v) in counters.fields() {
         println!("  {name:<15} {v}");
     }
-    Ok(())
+    Ok(code)
 }
 
 /// `rewire down`: stop the daemon if one runs, end the processes in the

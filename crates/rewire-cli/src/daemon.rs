@@ -28,6 +28,7 @@ use crate::printer::{self, EventFormat};
 /// events, expire UDP hand-offs, reload on SIGHUP. SIGINT/SIGTERM end the
 /// daemon and leave the hooks attached and enforcing.
 pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_programs: bool) -> Result<()> {
+    let started = std::time::Instant::now();
     let cfg = prepare(config)?;
     let abs_config = std::fs::canonicalize(config)?;
     checks::ensure_bpffs_at(&paths::bpffs_root())?;
@@ -57,6 +58,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
             let _ = std::fs::remove_dir(&dir);
         })?
     };
+    crate::notify::status(if adopting { "adopting the pinned hooks" } else { "attaching the hooks" });
     let (mut hooks, outcome) = match Hooks::persistent(&cfg, cgroup.path(), &dir, replace_programs) {
         Ok(h) => h,
         Err(e) => {
@@ -103,15 +105,17 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         let _in_runtime = rt.enter();
         (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?, signal(SignalKind::hangup())?)
     };
+    let attach_time = format!("hooks {} in {:.2} s", if adopting { "adopted" } else { "attached" }, started.elapsed().as_secs_f64());
     tracing::info!(
-        "serving {} service(s) on cgroup {} (hooks and maps pinned in {}); `rewire exec --config {}` runs commands inside",
+        "serving {} service(s) on cgroup {} (hooks and maps pinned in {}; {attach_time}); `rewire exec --config {}` runs commands inside",
         cfg.services.len(),
         cgroup.path().display(),
         dir.display(),
         config.display()
     );
     let mut status = StatusWriter::new(&cfg.cgroup);
-    report(&mut status, true, "started");
+    report(&mut status, true, &format!("started; {attach_time}"));
+    crate::notify::ready(&format!("serving {} service(s); {attach_time}", cfg.services.len()));
     let events = hooks.take_events();
     let r = rt.block_on(async {
         let shared = Arc::new(RwLock::new(cfg.clone()));
@@ -126,6 +130,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                 _ = sigterm.recv() => break "SIGTERM",
                 _ = sighup.recv() => {
                     let path = rewire_control::daemon::take_reload_request(&cur.cgroup).unwrap_or_else(|| cur_path.clone());
+                    crate::notify::reloading(&format!("reloading {}", path.display()));
                     match reload_in_daemon(&mut hooks, &cur, &path, &dir) {
                         Ok((new, outcome)) => {
                             let msg = format!(
@@ -135,6 +140,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                             );
                             tracing::info!("{msg}");
                             report(&mut status, true, &msg);
+                            crate::notify::ready(&msg);
                             *shared.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
                             cur = new;
                             cur_path = path;
@@ -143,6 +149,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                             let msg = format!("reload of {} refused: {e:#}; the running configuration stays", path.display());
                             tracing::warn!("{msg}");
                             report(&mut status, false, &msg);
+                            crate::notify::ready(&msg);
                         }
                     }
                 }
@@ -157,11 +164,13 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     });
     drop(rt);
     let (sig, cur_path, cur) = r?;
+    crate::notify::stopping(&format!("{sig}: stopping; the hooks stay"));
     status.remove();
     // What outlives the daemon is what is pinned: put back what is missing,
     // then say what the kernel says.
     restore_pins(&hooks, &dir);
-    let pinned = persist::check_attached(&dir, cgroup.path()).map_err(|e| e.to_string()).and_then(|()| guard_pinned(&cur, &dir));
+    let pinned =
+        persist::check_attached(&dir, cgroup.path()).map_err(|e| e.to_string()).and_then(|()| crate::readiness::guard_pinned(&cur, &dir));
     drop(lock);
     if let Err(e) = pinned {
         tracing::error!(
@@ -188,16 +197,6 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
 fn report(status: &mut StatusWriter, ok: bool, msg: &str) {
     if let Err(e) = status.write(ok, msg) {
         tracing::warn!("cannot write the daemon's status: {e}");
-    }
-}
-
-/// Whether the configured borrowed-socket guard (if any) has every link
-/// pinned and attached at its cgroup.
-fn guard_pinned(cfg: &Config, dir: &Path) -> std::result::Result<(), String> {
-    let Ok(Some(at)) = rewire_control::guard::configured(cfg) else { return Ok(()) };
-    match rewire_control::guard::pinned_at(dir, &at) {
-        (n, all) if n < all => Err(format!("{n} of the borrowed-socket guard's {all} links are pinned and attached at {}", at.display())),
-        _ => Ok(()),
     }
 }
 

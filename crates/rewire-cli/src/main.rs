@@ -4,9 +4,11 @@ mod admin;
 mod daemon;
 mod demo;
 mod manage;
+mod notify;
 mod printer;
 mod probe;
 mod proxy;
+mod readiness;
 mod run;
 
 use std::path::PathBuf;
@@ -60,7 +62,8 @@ enum Cmd {
     },
     /// Show whether a daemon's hooks are attached, its live daemon, and the
     /// kernel's per-cause counters (every redirect and refusal, counted even
-    /// when events are dropped or not printed).
+    /// when events are dropped or not printed). Exits 0 when the hooks (and
+    /// the configured guard) are attached, 3 when they are not, 1 on error.
     Status {
         /// Configuration file the daemon was started with.
         #[arg(long, short)]
@@ -68,6 +71,14 @@ enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Wait until the hooks are attached (a readiness check: a daemon
+        /// that is starting); after --timeout, one line says why not and the
+        /// exit code is 3.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds --wait waits at most.
+        #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "wait")]
+        timeout: f64,
     },
     /// Apply a changed configuration (services, rules) to the running
     /// daemon atomically; an invalid one is refused and the running one stays.
@@ -142,7 +153,9 @@ fn main() {
         Cmd::Daemon { config, events, limits, replace_programs } => {
             daemon::daemon(&config, events, limits.limits(), replace_programs).map(|()| 0)
         }
-        Cmd::Status { config, json } => admin::status(&config, json).map(|()| 0),
+        Cmd::Status { config, json, wait, timeout } => {
+            admin::status(&config, json, wait.then(|| std::time::Duration::from_secs_f64(timeout.clamp(0.0, 86400.0))))
+        }
         Cmd::Reload { config } => admin::reload(&config).map(|()| 0),
         Cmd::Down { config, grace } => admin::down(&config, std::time::Duration::from_secs_f64(grace.clamp(0.0, 3600.0))).map(|()| 0),
         Cmd::Exec { config, service, cmd } => admin::exec(config.as_deref(), service.as_deref(), &cmd),

@@ -237,31 +237,28 @@ fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
             return Ok(());
         }
         None => {
-            let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
-            if !cg.exists() && !pin_dir(cfg).exists() {
-                return Ok(()); // no daemon for this config: a standalone proxy
+            // A daemon that is starting (or starts in this instant) is
+            // waited for: binding before its hooks would leave this proxy's
+            // sockets unmarked and its flows refused.
+            match crate::readiness::wait_for_hooks(cfg, crate::readiness::DAEMON_APPEAR)? {
+                Some(cg) => cg,
+                None if rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup).exists() => {
+                    attached_subtree(cfg, &cfg.path).context("not joining the daemon's subtree")?
+                }
+                None => {
+                    tracing::info!("no rewire daemon serves cgroup `{}`: running as a standalone proxy", cfg.cgroup);
+                    return Ok(());
+                }
             }
-            attached_subtree(cfg, &cfg.path).context("not joining the daemon's subtree")?
         }
     };
     crate::manage::join_service(&subtree, name)
 }
 
-/// Waits (at most 30 s) until the daemon of `cfg` has attached every hook.
+/// Waits (at most [`crate::readiness::HOOKS_WAIT`]) until the daemon of `cfg` has attached every hook.
 fn wait_attached(cfg: &Config) -> Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut told = false;
-    loop {
-        match attached_subtree(cfg, &cfg.path) {
-            Ok(_) => return Ok(()),
-            Err(e) if !told => {
-                tracing::info!("waiting (at most 30 s) for the daemon to attach its hooks before binding: {e:#}");
-                told = true;
-            }
-            Err(e) if std::time::Instant::now() >= deadline => {
-                return Err(e.context("the daemon's hooks are still not attached after 30 s"))
-            }
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
-        }
+    match crate::readiness::wait_for_hooks(cfg, std::time::Duration::ZERO)? {
+        Some(_) => Ok(()),
+        None => attached_subtree(cfg, &cfg.path).map(|_| ()).context("the daemon's hooks are not attached"),
     }
 }

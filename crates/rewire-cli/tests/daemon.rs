@@ -112,8 +112,10 @@ fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
     assert!(text.contains("hooks attached") && text.contains("daemon: none running"), "{text}");
     assert!(text.lines().any(|l| l.split_whitespace().eq(["redirect", "1"])), "{text}");
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
-    let gone_err = String::from_utf8_lossy(&gone.stderr);
-    assert!(!gone.status.success() && gone_err.contains("start them with `rewire daemon --config"), "{gone_err}");
+    // Nothing attached: exit code 3, and how to start them.
+    let gone_out = String::from_utf8_lossy(&gone.stdout);
+    assert_eq!(gone.status.code(), Some(3), "{gone_out}{}", String::from_utf8_lossy(&gone.stderr));
+    assert!(gone_out.contains("hooks NOT attached") && gone_out.contains("start them with `rewire daemon --config"), "{gone_out}");
     assert!(!cg.exists(), "down left the cgroup");
     assert!(!pins.exists(), "down left the pins");
 }
