@@ -282,8 +282,19 @@ typedef struct _WSATHREADID {
 #define REWIRE_WFP_MAX_CONTEXT_SIZE 152
 
 /*
- * Context layouts, chosen per process with rewire_wsa_set_context_layout():
- * REWIRE: a REWIRE_WFP_CONTEXT (152 bytes, the default).
+ * Context layouts. Each service's comes from its `context` in the config
+ * (context = "rewire" | "sockaddrs" | { hex = ".." } | { base64 = ".." });
+ * a process may override it for all its sockets with
+ * rewire_wsa_set_context_layout():
+ * SERVICE: the layout the config gives the service the flow was redirected
+ *   to (the default; rewire's struct if the config says nothing). The library
+ *   reads the config file `rewire run`/`rewire exec` name in $REWIRE_CONFIG
+ *   (again when it changes) and looks the service up by the id the kernel
+ *   wrote in the flow's context. Vendor bytes: the answer is exactly the
+ *   configured bytes (1 to REWIRE_WFP_MAX_VENDOR_CONTEXT_SIZE), the same for
+ *   every flow of the service, and only for a flow rewire redirected;
+ *   cbOutBuffer must hold them (else WSAEINVAL).
+ * REWIRE: a REWIRE_WFP_CONTEXT (152 bytes).
  * SOCKADDRS: the layout of Microsoft's sample callout and of ports written
  *   for it, two SOCKADDR_STORAGE (256 bytes): [0] the original remote
  *   address (where the application connected), [1] the original local
@@ -294,7 +305,9 @@ typedef struct _WSATHREADID {
  */
 #define REWIRE_WFP_CONTEXT_LAYOUT_REWIRE 0
 #define REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS 1
+#define REWIRE_WFP_CONTEXT_LAYOUT_SERVICE 2
 #define REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE 256
+#define REWIRE_WFP_MAX_VENDOR_CONTEXT_SIZE 1024
 
 /* Redirect states (FWP_CONNECTION_REDIRECT_STATE). */
 #define REWIRE_WFP_NOT_REDIRECTED 0
@@ -437,9 +450,10 @@ typedef INT(WSAAPI *LPFN_WSASENDMSG)(SOCKET s, LPWSAMSG lpMsg, DWORD dwFlags, LP
  * QUERY_RECORDS / QUERY_CONTEXT (on the accepted TCP socket, or a UDP flow
  *   socket: bound to the service address and connected to the datagram's
  *   source): lpvInBuffer and cbInBuffer are ignored; the answer (128 / 152
- *   bytes; the context 256 in the SOCKADDRS layout) is written to
- *   lpvOutBuffer, which must hold at least REWIRE_WFP_MAX_RECORDS_SIZE /
- *   REWIRE_WFP_MAX_CONTEXT_SIZE (REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE) bytes (else
+ *   bytes; the context 256 in the SOCKADDRS layout, the configured bytes in
+ *   a vendor layout) is written to lpvOutBuffer, which must hold at least
+ *   REWIRE_WFP_MAX_RECORDS_SIZE / REWIRE_WFP_MAX_CONTEXT_SIZE
+ *   (REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE, the vendor bytes' length) bytes (else
  *   WSAEINVAL, which also covers cbOutBuffer < sizeof(ULONG)).
  * SET_RECORDS (on a new TCP or UDP socket, before connect()/sendto()):
  *   lpvInBuffer / cbInBuffer hold the blob from the query; cbOutBuffer must
@@ -591,11 +605,12 @@ BOOL rewire_wsa_set_default_overlapped(BOOL fOverlapped);
 
 /*
  * rewire_wsa_set_context_layout: the layout SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT
- * answers in, for every socket of this process, from the next call on
- * (REWIRE_WFP_CONTEXT_LAYOUT_REWIRE or _SOCKADDRS, see above; with SOCKADDRS
- * the output buffer must hold REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE bytes, else
- * WSAEINVAL). Returns the previous layout, or SOCKET_ERROR with WSAEINVAL
- * for an unknown one.
+ * (and WSARecvMsg's IP_WFP_REDIRECT_CONTEXT) answers in, for every socket of
+ * this process, from the next call on: REWIRE_WFP_CONTEXT_LAYOUT_SERVICE
+ * (each service's as configured, the default), _REWIRE or _SOCKADDRS (see
+ * above; with SOCKADDRS the output buffer must hold
+ * REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE bytes, else WSAEINVAL). Returns the
+ * previous choice, or SOCKET_ERROR with WSAEINVAL for an unknown one.
  */
 int rewire_wsa_set_context_layout(int layout);
 

@@ -1102,7 +1102,7 @@ static void context_layout_switch(void)
 	WSASetLastError(0);
 	CHECK_EQ(rewire_wsa_set_context_layout(7), SOCKET_ERROR);
 	CHECK_EQ(WSAGetLastError(), WSAEINVAL);
-	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS), REWIRE_WFP_CONTEXT_LAYOUT_REWIRE);
+	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS), REWIRE_WFP_CONTEXT_LAYOUT_SERVICE);
 	SOCKET s = socket(AF_INET, SOCK_STREAM, 0);
 	struct res r = ioc(s, QCTX, NULL, 0, buf, REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE - 1);
 	EXPECT_FAIL(r, WSAEINVAL); /* 152 bytes no longer suffice */
@@ -1111,6 +1111,9 @@ static void context_layout_switch(void)
 	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_REWIRE), REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS);
 	r = ioc(s, QCTX, NULL, 0, buf, REWIRE_WFP_MAX_CONTEXT_SIZE);
 	EXPECT_FAIL(r, plain_tcp_code());
+	/* back to each service's configured layout (the default) */
+	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SERVICE), REWIRE_WFP_CONTEXT_LAYOUT_REWIRE);
+	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SERVICE), REWIRE_WFP_CONTEXT_LAYOUT_SERVICE);
 	closesocket(s);
 }
 
@@ -1734,7 +1737,7 @@ static void raw_and_listening_sockets_are_einval(void)
 static void context_in_two_address_layout(void)
 {
 	int fams[2] = {AF_INET, AF_INET6};
-	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS), REWIRE_WFP_CONTEXT_LAYOUT_REWIRE);
+	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS), REWIRE_WFP_CONTEXT_LAYOUT_SERVICE);
 	for (int i = 0; i < 2; i++) {
 		SOCKET c, a;
 		if (!redirected_pair(fams[i], &c, &a))
@@ -1784,7 +1787,7 @@ static void context_in_two_address_layout(void)
 		closesocket(a);
 		closesocket(c);
 	}
-	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_REWIRE), REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS);
+	CHECK_EQ(rewire_wsa_set_context_layout(REWIRE_WFP_CONTEXT_LAYOUT_SERVICE), REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS);
 }
 
 /* Thread ids are reused: a completion routine of an exited thread must

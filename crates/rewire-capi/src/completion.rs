@@ -10,30 +10,11 @@ use super::*;
 /// Runs one operation now, on the calling thread: (WSA code or 0, bytes).
 pub(crate) fn execute(fd: c_int, kind: &OpKind) -> (c_int, usize) {
     match kind {
-        OpKind::Query { optname, out, sockaddrs: true, .. } => match sockaddr_context(fd, *optname) {
-            Ok(answer) => {
-                if write_user(*out, &answer) {
-                    (0, answer.len())
-                } else {
-                    (WSAEFAULT, 0)
-                }
-            }
+        OpKind::Query { optname, out, layout } => match answer(fd, *optname, layout) {
+            Ok(bytes) if write_user(*out, &bytes) => (0, bytes.len()),
+            Ok(_) => (WSAEFAULT, 0),
             Err(code) => (code, 0),
         },
-        OpKind::Query { optname, needed, out, sockaddrs: false } => {
-            let mut buf = [0u8; REWIRE_WFP_MAX_CONTEXT_SIZE];
-            match rewire::raw_query(fd, *optname, &mut buf[..*needed]) {
-                Ok(n) if n > 0 => {
-                    if write_user(*out, &buf[..n]) {
-                        (0, n)
-                    } else {
-                        (WSAEFAULT, 0)
-                    }
-                }
-                Ok(_) => (WSAEINVAL, 0),
-                Err(e) => (e.wsa_code(), 0),
-            }
-        }
         OpKind::Set { blob } => match rewire::raw_set(fd, blob) {
             Ok(()) => (0, blob.len()),
             Err(e) => (e.wsa_code(), 0),

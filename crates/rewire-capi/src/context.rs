@@ -1,8 +1,13 @@
 //! Context layouts: what `SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT` answers.
 //!
 //! Windows leaves the context's format to the callout, and ports read the
-//! layout their own callout wrote; rewire's struct is the default, and this
-//! module builds the others from the kernel's answer.
+//! layout their own callout wrote. Each service's layout comes from its
+//! `context` in the config (`rewire::ContextLayout`: rewire's struct, the
+//! default; the two-address layout; or opaque vendor bytes), read from the
+//! file `rewire run`/`exec` name in `$REWIRE_CONFIG` and looked up by the
+//! service id the kernel wrote in the flow's context; a process may override
+//! it for all its sockets (`rewire_wsa_set_context_layout`). This module
+//! resolves the layout and builds the answer from the kernel's context.
 
 use super::*;
 
@@ -15,6 +20,10 @@ const _: () = assert!(REWIRE_WFP_MAX_RECORDS_SIZE == 128 && REWIRE_WFP_MAX_CONTE
 pub const REWIRE_WFP_CONTEXT_LAYOUT_REWIRE: c_int = 0;
 /// The layout of Microsoft's sample callout: two `SOCKADDR_STORAGE`, original remote then original local.
 pub const REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS: c_int = 1;
+/// The layout the service's config names (`context = ...`; the default).
+pub const REWIRE_WFP_CONTEXT_LAYOUT_SERVICE: c_int = 2;
+/// Most vendor context bytes a service's config may give.
+pub const REWIRE_WFP_MAX_VENDOR_CONTEXT_SIZE: usize = rewire::MAX_VENDOR_CONTEXT;
 /// Size of the two-address context.
 pub const REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE: usize = 2 * std::mem::size_of::<libc::sockaddr_storage>();
 const _: () = assert!(REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE == 256);
@@ -49,36 +58,100 @@ pub(crate) fn sockaddr_bytes(a: &socket2::SockAddr) -> &[u8] {
     unsafe { std::slice::from_raw_parts(a.as_ptr().cast::<u8>(), a.len() as usize) }
 }
 
-/// Chooses the layout of the context query's answer for this process; returns
-/// the previous layout, or `SOCKET_ERROR` (`WSAEINVAL`) for an unknown one.
+/// Chooses the layout of the context query's answer for every socket of
+/// this process (`REWIRE_WFP_CONTEXT_LAYOUT_SERVICE`: each service's as
+/// configured, the default); returns the previous choice, or
+/// `SOCKET_ERROR` (`WSAEINVAL`) for an unknown one.
 #[no_mangle]
 pub extern "C" fn rewire_wsa_set_context_layout(layout: c_int) -> c_int {
-    let sockaddrs = match layout {
-        REWIRE_WFP_CONTEXT_LAYOUT_REWIRE => false,
-        REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS => true,
-        _ => {
-            set_last_error(WSAEINVAL);
-            return SOCKET_ERROR;
-        }
-    };
-    let mut g = lock();
-    let old = std::mem::replace(&mut g.sockaddr_context, sockaddrs);
-    if old {
-        REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS
-    } else {
-        REWIRE_WFP_CONTEXT_LAYOUT_REWIRE
+    if !matches!(layout, REWIRE_WFP_CONTEXT_LAYOUT_REWIRE | REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS | REWIRE_WFP_CONTEXT_LAYOUT_SERVICE) {
+        set_last_error(WSAEINVAL);
+        return SOCKET_ERROR;
+    }
+    std::mem::replace(&mut lock().context_layout, layout)
+}
+
+/// The flow's context as the kernel holds it (the flow must be one rewire redirected).
+fn kernel_context(fd: c_int) -> Result<RwContext, c_int> {
+    let mut buf = [0u8; REWIRE_WFP_MAX_CONTEXT_SIZE];
+    let n = rewire::raw_query(fd, RW_OPT_CONTEXT, &mut buf).map_err(|e| e.wsa_code())?;
+    rewire::abi::read_pod(&buf[..n]).ok_or(WSAEINVAL)
+}
+
+/// The services' layouts from `$REWIRE_CONFIG`, in config order (re-read when the file changes).
+fn configured(service_id: u16) -> rewire::ContextLayout {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        service: Vec<Svc>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Svc {
+        #[serde(default)]
+        context: rewire::ContextLayout,
+    }
+    type Cache = Option<(std::path::PathBuf, Option<std::time::SystemTime>, Vec<rewire::ContextLayout>)>;
+    static CACHE: Mutex<Cache> = Mutex::new(None);
+    let Some(index) = rewire::ServiceId::new(service_id).map(rewire::ServiceId::index) else { return Default::default() };
+    let Some(path) = std::env::var_os("REWIRE_CONFIG").map(std::path::PathBuf::from) else { return Default::default() };
+    let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let fresh = matches!(&*cache, Some((p, t, _)) if *p == path && *t == mtime);
+    if !fresh {
+        let layouts = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| toml::from_str::<File>(&text).ok())
+            .map(|f| f.service.into_iter().map(|s| s.context).collect())
+            .unwrap_or_default();
+        *cache = Some((path, mtime, layouts));
+    }
+    cache.as_ref().and_then(|(_, _, l)| l.get(index).cloned()).unwrap_or_default()
+}
+
+/// The layout the context query answers on socket `fd`: the process's
+/// choice, else the configured layout of the service the flow was
+/// redirected to (rewire's struct where that cannot be known: the query
+/// then fails as it would anyway).
+pub(crate) fn layout_for(fd: c_int) -> rewire::ContextLayout {
+    match lock().context_layout {
+        REWIRE_WFP_CONTEXT_LAYOUT_REWIRE => rewire::ContextLayout::Rewire,
+        REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS => rewire::ContextLayout::Sockaddrs,
+        _ => kernel_context(fd).map(|c| configured(c.service_id)).unwrap_or_default(),
     }
 }
 
-/// The context of the flow on `fd` in the process's layout (what the context query answers).
+/// Bytes the answer takes in the caller's buffer.
+pub(crate) fn answer_size(optname: c_int, layout: &rewire::ContextLayout) -> usize {
+    match layout {
+        _ if optname == RW_OPT_RECORDS => REWIRE_WFP_MAX_RECORDS_SIZE,
+        rewire::ContextLayout::Rewire => REWIRE_WFP_MAX_CONTEXT_SIZE,
+        rewire::ContextLayout::Sockaddrs => REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE,
+        rewire::ContextLayout::Vendor(b) => b.len(),
+    }
+}
+
+/// The answer of a records (`RW_OPT_RECORDS`) or context query on `fd` in `layout`.
+pub(crate) fn answer(fd: c_int, optname: c_int, layout: &rewire::ContextLayout) -> Result<Vec<u8>, c_int> {
+    match layout {
+        rewire::ContextLayout::Sockaddrs if optname == RW_OPT_CONTEXT => sockaddr_context(fd, optname).map(|a| a.to_vec()),
+        rewire::ContextLayout::Vendor(bytes) if optname == RW_OPT_CONTEXT => {
+            // Only for a flow rewire redirected, as any context answer.
+            kernel_context(fd)?;
+            Ok(bytes.clone())
+        }
+        _ => {
+            let mut buf = [0u8; REWIRE_WFP_MAX_CONTEXT_SIZE];
+            let want = answer_size(optname, &rewire::ContextLayout::Rewire);
+            match rewire::raw_query(fd, optname, &mut buf[..want]) {
+                Ok(n) if n > 0 => Ok(buf[..n].to_vec()),
+                Ok(_) => Err(WSAEINVAL),
+                Err(e) => Err(e.wsa_code()),
+            }
+        }
+    }
+}
+
+/// The context of the flow on `fd` as the query answers it (`WSARecvMsg`'s control message).
 pub(crate) fn context_answer(fd: c_int) -> Result<Vec<u8>, c_int> {
-    if lock().sockaddr_context {
-        return sockaddr_context(fd, RW_OPT_CONTEXT).map(|a| a.to_vec());
-    }
-    let mut buf = [0u8; REWIRE_WFP_MAX_CONTEXT_SIZE];
-    match rewire::raw_query(fd, RW_OPT_CONTEXT, &mut buf) {
-        Ok(n) if n > 0 => Ok(buf[..n].to_vec()),
-        Ok(_) => Err(WSAEINVAL),
-        Err(e) => Err(e.wsa_code()),
-    }
+    answer(fd, RW_OPT_CONTEXT, &layout_for(fd))
 }

@@ -43,14 +43,12 @@ pub(crate) fn ioctl(
     }
     let request = match code {
         SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS | SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT => {
-            let sockaddrs = code == SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT && lock().sockaddr_context;
-            let (optname, needed) = if code == SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS {
-                (RW_OPT_RECORDS, REWIRE_WFP_MAX_RECORDS_SIZE)
-            } else if sockaddrs {
-                (RW_OPT_CONTEXT, REWIRE_WFP_SOCKADDRS_CONTEXT_SIZE)
+            let (optname, layout) = if code == SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS {
+                (RW_OPT_RECORDS, rewire::ContextLayout::Rewire)
             } else {
-                (RW_OPT_CONTEXT, REWIRE_WFP_MAX_CONTEXT_SIZE)
+                (RW_OPT_CONTEXT, layout_for(s))
             };
+            let needed = answer_size(optname, &layout);
             if outb == 0 {
                 return Err(WSAEFAULT);
             }
@@ -61,7 +59,7 @@ pub(crate) fn ioctl(
             if !probe_readable(outb, cb_out as usize) || !probe_writable(outb, needed) {
                 return Err(WSAEFAULT);
             }
-            Request::Op(OpKind::Query { optname, needed, out: outb, sockaddrs })
+            Request::Op(OpKind::Query { optname, out: outb, layout })
         }
         SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS => {
             if cb_out != 0 {

@@ -9,12 +9,11 @@ use super::*;
 pub(crate) type Routine = unsafe extern "C" fn(DWORD, DWORD, *mut WSAOVERLAPPED, DWORD);
 
 pub(crate) enum OpKind {
-    /// `needed`: bytes the answer takes in the caller's buffer; `sockaddrs`: the two-address layout.
+    /// `layout`: of the context (records: `Rewire`).
     Query {
         optname: c_int,
-        needed: usize,
         out: usize,
-        sockaddrs: bool,
+        layout: rewire::ContextLayout,
     },
     Set {
         blob: Vec<u8>,
@@ -61,8 +60,8 @@ pub(crate) struct State {
     pub(crate) marks: HashMap<c_int, (u64, bool)>,
     /// Whether a socket without a mark (from socket(), accept()) is overlapped. Windows: yes.
     pub(crate) default_overlapped: bool,
-    /// Context query answers in the two-address layout.
-    pub(crate) sockaddr_context: bool,
+    /// The process's context layout (`REWIRE_WFP_CONTEXT_LAYOUT_*`; SERVICE: as configured).
+    pub(crate) context_layout: c_int,
     pub(crate) events: HashMap<usize, bool>,
     pub(crate) next_event: usize,
     pub(crate) queue: VecDeque<Op>,
@@ -81,7 +80,7 @@ impl Default for State {
         State {
             marks: HashMap::new(),
             default_overlapped: true,
-            sockaddr_context: false,
+            context_layout: REWIRE_WFP_CONTEXT_LAYOUT_SERVICE,
             events: HashMap::new(),
             next_event: 0,
             queue: VecDeque::new(),

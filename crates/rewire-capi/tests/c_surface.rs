@@ -510,3 +510,42 @@ fn c_udp_example_chains_with_rewire_proxy() {
     assert_eq!(line["hop"], 2, "{log}\n{ctx}");
     assert_eq!(line["original_destination"], echo.addr.to_string(), "{log}");
 }
+
+/// Context layouts from the config (`tests/c/context_config.c`): a service
+/// with `context = { hex = .. }` gets exactly those 300 vendor bytes from
+/// the context query and in WSARecvMsg's context control message; a service
+/// with `context = "sockaddrs"` gets the two-address layout; neither calls
+/// `rewire_wsa_set_context_layout`.
+#[test]
+fn context_layout_and_vendor_bytes_from_the_config() {
+    require_root();
+    let rewire = rewire_bin();
+    let tmp = TempDir::new("ctxcfg");
+    let (vs, vd, ps, pd) = (free_port(), free_port(), free_port(), free_port());
+    let vendor: Vec<u8> = (0..300u32).map(|i| (i * 7 + 3) as u8).collect();
+    let hex: String = vendor.iter().map(|b| format!("{b:02x}")).collect();
+    let config = tmp.0.join("rewire.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cgroup = \"rewire-capi-ctxcfg\"\n\
+             [[service]]\nname = \"vendor\"\nlisten = [\"127.0.0.1:{vs}\", \"[::1]:{vs}\"]\n\
+             context = {{ hex = \"{hex}\" }}\n\
+             match = {{ dst = [\"127.0.0.0/8\"], ports = {vd}, protocol = \"any\" }}\n\
+             [[service]]\nname = \"pair\"\nlisten = [\"127.0.0.1:{ps}\", \"[::1]:{ps}\"]\n\
+             context = \"sockaddrs\"\n\
+             match = {{ dst = [\"127.0.0.0/8\"], ports = {pd}, protocol = \"any\" }}\n"
+        ),
+    )
+    .unwrap();
+    let bin = tmp.0.join("context_config");
+    compile("tests/c/context_config.c", &bin, Link::Dynamic);
+    let mut cmd = Command::new(&rewire);
+    cmd.arg("run").arg("--config").arg(&config).arg("--").arg(&bin);
+    for a in [vs, vd, ps, pd] {
+        cmd.arg(a.to_string());
+    }
+    cmd.arg(&hex);
+    let o = run_bounded(cmd, Duration::from_secs(120));
+    check_suite(&o, 3, "context_config under rewire run");
+}

@@ -263,6 +263,11 @@ pub struct Service {
     /// cgroup `<subtree>/services/<name>`).
     #[serde(alias = "uid")]
     pub user: Option<Principal>,
+    /// What the C surface's context query answers it: `"rewire"` (default),
+    /// `"sockaddrs"`, or vendor bytes `{ hex = ".." }` / `{ base64 = ".." }`
+    /// (at most `rewire::MAX_VENDOR_CONTEXT`); see `rewire::ContextLayout`.
+    #[serde(default)]
+    pub context: rewire::ContextLayout,
     /// Which connects it takes; checked in order.
     #[serde(rename = "match", deserialize_with = "one_or_many")]
     pub matches: Vec<MatchRule>,

@@ -28,6 +28,7 @@
 pub mod abi;
 mod calls;
 mod context;
+mod context_layout;
 mod error;
 mod records;
 mod service;
@@ -42,6 +43,7 @@ pub use calls::{
     MAX_ANSWER_LEN,
 };
 pub use context::{boot_ns_to_system_time, comm_to_string, KernelIdentity, RedirectContext};
+pub use context_layout::{ContextLayout, MAX_VENDOR_CONTEXT};
 pub use error::{wsa, Error, Result};
 pub use records::{addr_to_raw, ParseError, RedirectRecords};
 pub use service::ServiceId;
