@@ -210,9 +210,9 @@ static void *serve(void *arg)
 			fresh = 1;
 		}
 		SOCKET onward = f->onward;
-		pthread_mutex_unlock(&flows_lock);
 
-		/* 4. onward, with the records */
+		/* 4. onward, with the records (under the lock: the flow's reply
+		 * thread may end the flow, closing its socket, meanwhile) */
 		char cbuf[WSA_CMSG_SPACE(REWIRE_WFP_MAX_RECORDS_SIZE)];
 		memset(cbuf, 0, sizeof cbuf);
 		WSACMSGHDR *c = (WSACMSGHDR *)cbuf;
@@ -223,7 +223,9 @@ static void *serve(void *arg)
 		WSABUF out = { n, buf };
 		WSAMSG smsg = { (struct sockaddr *)&dst, (INT)dst_len, &out, 1, { sizeof cbuf, cbuf }, 0 };
 		DWORD sent = 0;
-		if (pWSASendMsg(onward, &smsg, 0, &sent, NULL, NULL) != 0) {
+		int rc = pWSASendMsg(onward, &smsg, 0, &sent, NULL, NULL);
+		pthread_mutex_unlock(&flows_lock);
+		if (rc != 0) {
 			fprintf(stderr, "%s: onward: WSASendMsg: %d\n", name, WSAGetLastError());
 			continue;
 		}

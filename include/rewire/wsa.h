@@ -8,6 +8,9 @@
  *   WSAIoctl(s, SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT, ...)  on the accepted socket
  *   WSAIoctl(s, SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS, ...)    on its new outbound socket
  *
+ * and, for UDP, WSARecvMsg / WSASendMsg (from SIO_GET_EXTENSION_FUNCTION_POINTER)
+ * with the IP_WFP_REDIRECT_RECORDS / IP_WFP_REDIRECT_CONTEXT control messages.
+ *
  * This header declares the same calls, types, control codes and error codes
  * for Linux, served by librewire_wsa (link with `-lrewire_wsa`, or
  * `pkg-config --libs rewire-wsa`). The sockets must be created inside a
@@ -444,8 +447,8 @@ typedef INT(WSAAPI *LPFN_WSASENDMSG)(SOCKET s, LPWSAMSG lpMsg, DWORD dwFlags, LP
 /* ---- Functions ---------------------------------------------------------- */
 
 /*
- * WSAIoctl: one of the three WFP redirect control codes, or SIO_FLUSH, on
- * socket s.
+ * WSAIoctl: one of the three WFP redirect control codes, SIO_FLUSH or
+ * SIO_GET_EXTENSION_FUNCTION_POINTER (with UDP below), on socket s.
  *
  * QUERY_RECORDS / QUERY_CONTEXT (on the accepted TCP socket, or a UDP flow
  *   socket: bound to the service address and connected to the datagram's
