@@ -2144,16 +2144,17 @@ static void sendmsg_rules_without_hooks(void)
  * (MSG_CTRUNC when they do not fit); WSASendMsg with the records carries the
  * datagram to the original destination, and the reply sent with WSASendMsg
  * on the service socket reaches the application from that destination. */
-static void udp_control_messages_carry_a_flow(void)
+static void udp_control_messages_one_family(int fam)
 {
+	int lvl = fam == AF_INET ? IPPROTO_IP : IPPROTO_IPV6;
 	as_service(1);
-	SOCKET l = udp_bound(AF_INET, svc_port, 1);
+	SOCKET l = udp_bound(fam, svc_port, 1);
 	as_service(0);
-	SOCKET app = socket(AF_INET, SOCK_DGRAM, 0), dst = udp_bound(AF_INET, dst_port, 0);
+	SOCKET app = socket(fam, SOCK_DGRAM, 0), dst = udp_bound(fam, dst_port, 0);
 	LPFN_WSARECVMSG rfn = get_recvmsg(l);
 	LPFN_WSASENDMSG sfn = get_sendmsg(l);
 	struct sockaddr_storage da;
-	int dalen = loopback(AF_INET, dst_port, &da);
+	int dalen = loopback(fam, dst_port, &da);
 	static struct rmsg r;
 	CHECK(sendto(app, "ping", 4, 0, (struct sockaddr *)&da, dalen) == 4);
 	as_service(1);
@@ -2165,7 +2166,7 @@ static void udp_control_messages_carry_a_flow(void)
 	unsigned char records[REWIRE_WFP_MAX_RECORDS_SIZE];
 	int got = 0;
 	for (WSACMSGHDR *c = WSA_CMSG_FIRSTHDR(&r.msg); c; c = WSA_CMSG_NXTHDR(&r.msg, c)) {
-		CHECK_EQ(c->cmsg_level, IPPROTO_IP);
+		CHECK_EQ(c->cmsg_level, lvl);
 		if (c->cmsg_type == IP_WFP_REDIRECT_RECORDS) {
 			CHECK_EQ(c->cmsg_len, WSA_CMSG_LEN(REWIRE_WFP_MAX_RECORDS_SIZE));
 			memcpy(records, WSA_CMSG_DATA(c), sizeof records);
@@ -2201,22 +2202,22 @@ static void udp_control_messages_carry_a_flow(void)
 	CHECK(r.msg.dwFlags & MSG_CTRUNC);
 	CHECK_EQ(r.msg.Control.len, 0);
 	/* onward with the records: reaches the destination */
-	SOCKET o = socket(AF_INET, SOCK_DGRAM, IPPROTO_UDP);
+	SOCKET o = socket(fam, SOCK_DGRAM, IPPROTO_UDP);
 	char ctl[WSA_CMSG_SPACE(REWIRE_WFP_MAX_RECORDS_SIZE)];
-	ULONG cl = records_cmsg(ctl, records, sizeof records, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS);
+	ULONG cl = records_cmsg(ctl, records, sizeof records, lvl, IP_WFP_REDIRECT_RECORDS);
 	struct res s = send_msg(sfn, o, "ping", 4, &da, dalen, ctl, cl, 0);
 	EXPECT_OK(s, 4);
 	s = send_msg(sfn, o, "ping", 4, &da, dalen, ctl, cl, 0); /* the same records again */
 	EXPECT_OK(s, 4);
-	cl = records_cmsg(ctl, sample_blob, sizeof sample_blob, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS);
+	cl = records_cmsg(ctl, sample_blob, sizeof sample_blob, lvl, IP_WFP_REDIRECT_RECORDS);
 	s = send_msg(sfn, o, "ping", 4, &da, dalen, ctl, cl, 0); /* other records on the same socket */
 	EXPECT_FAIL(s, WSAEINVAL);
 	/* the records reach the kernel, which checks their tag */
-	SOCKET o3 = socket(AF_INET, SOCK_DGRAM, IPPROTO_UDP);
+	SOCKET o3 = socket(fam, SOCK_DGRAM, IPPROTO_UDP);
 	unsigned char tampered[REWIRE_WFP_MAX_RECORDS_SIZE];
 	memcpy(tampered, records, sizeof tampered);
 	tampered[sizeof tampered - 1] ^= 1;
-	cl = records_cmsg(ctl, tampered, sizeof tampered, IPPROTO_IP, IP_WFP_REDIRECT_RECORDS);
+	cl = records_cmsg(ctl, tampered, sizeof tampered, lvl, IP_WFP_REDIRECT_RECORDS);
 	s = send_msg(sfn, o3, "ping", 4, &da, dalen, ctl, cl, 0);
 	EXPECT_FAIL(s, WSAEINVAL);
 	closesocket(o3);
@@ -2243,6 +2244,12 @@ static void udp_control_messages_carry_a_flow(void)
 	closesocket(dst);
 	closesocket(app);
 	closesocket(l);
+}
+
+static void udp_control_messages_carry_a_flow(void)
+{
+	udp_control_messages_one_family(AF_INET);
+	udp_control_messages_one_family(AF_INET6);
 }
 
 int main(int argc, char **argv)
