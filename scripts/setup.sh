@@ -28,6 +28,7 @@ command -v nft >/dev/null || need+=(nftables)
 command -v socat >/dev/null || need+=(socat)
 [ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)
 command -v curl >/dev/null || need+=(curl)
+command -v groff >/dev/null || need+=(groff-base) # renders the man pages in the tests
 command -v sslsplit >/dev/null || need+=(sslsplit)
 command -v redsocks >/dev/null || need+=(redsocks)
 command -v microsocks >/dev/null || need+=(microsocks)

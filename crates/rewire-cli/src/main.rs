@@ -3,6 +3,7 @@
 mod admin;
 mod daemon;
 mod demo;
+mod gen;
 mod manage;
 mod notify;
 mod printer;
@@ -26,7 +27,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create a fresh cgroup, attach the hooks, run CMD inside, tear down when it exits.
+    /// Run a command under the hooks, in a fresh cgroup removed when it exits
+    ///
+    /// Creates a fresh cgroup, attaches the hooks, runs CMD inside and tears
+    /// everything down when it exits.
     Run {
         /// Configuration file (TOML).
         #[arg(long, short)]
@@ -40,9 +44,11 @@ enum Cmd {
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
-    /// Attach the hooks to the config's cgroup (pinned: they outlive the
-    /// daemon) or adopt those a previous daemon left, and serve: print the
-    /// kernel's decisions, reload on SIGHUP. SIGINT/SIGTERM stop the daemon
+    /// Attach the hooks to a cgroup for good and serve them
+    ///
+    /// Attaches the hooks to the config's cgroup (pinned: they outlive the
+    /// daemon) or adopts those a previous daemon left, and serves: prints the
+    /// kernel's decisions, reloads on SIGHUP. SIGINT/SIGTERM stop the daemon
     /// and leave the hooks enforcing and the processes inside running; use
     /// `rewire down` to remove everything.
     Daemon {
@@ -60,7 +66,9 @@ enum Cmd {
         #[arg(long)]
         replace_programs: bool,
     },
-    /// Show whether a daemon's hooks are attached, its live daemon, and the
+    /// Show a daemon's hooks, its process and the kernel's counters
+    ///
+    /// Shows whether a daemon's hooks are attached, its live daemon, and the
     /// kernel's per-cause counters (every redirect and refusal, counted even
     /// when events are dropped or not printed). Exits 0 when the hooks (and
     /// the configured guard) are attached, 3 when they are not, 1 on error.
@@ -80,16 +88,20 @@ enum Cmd {
         #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "wait")]
         timeout: f64,
     },
-    /// Apply a changed configuration (services, rules) to the running
+    /// Apply a changed configuration to the running daemon atomically
+    ///
+    /// Applies a changed configuration (services, rules) to the running
     /// daemon atomically; an invalid one is refused and the running one stays.
     Reload {
         /// Configuration file (its `cgroup` names the daemon).
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Take a daemon's subtree down on purpose: stop the daemon, SIGTERM the
-    /// processes inside (SIGKILL after --grace), remove the cgroup, detach
-    /// the hooks and remove the pins.
+    /// Take a daemon's subtree down: processes, cgroup, hooks and pins
+    ///
+    /// Takes a daemon's subtree down on purpose: stops the daemon, sends the
+    /// processes inside SIGTERM (SIGKILL after --grace), removes the cgroup,
+    /// detaches the hooks and removes the pins.
     Down {
         /// Configuration file the daemon was started with.
         #[arg(long, short)]
@@ -98,7 +110,9 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         grace: f64,
     },
-    /// Run CMD inside the cgroup of a `rewire daemon` (refused unless its
+    /// Run a command inside a daemon's cgroup, optionally as a service
+    ///
+    /// Runs CMD inside the cgroup of a `rewire daemon` (refused unless its
     /// hooks are attached) or of the `rewire run` it is started from,
     /// optionally as one of its services.
     Exec {
@@ -116,10 +130,18 @@ enum Cmd {
     },
     /// Run the reference inspection proxy for one service.
     Proxy(proxy::ProxyArgs),
-    /// Show chained proxies at work: audit then dlp in front of a local HTTP server, then loop protection.
+    /// Show chained proxies at work (needs root)
+    ///
+    /// Shows chained proxies at work: audit then dlp in front of a local
+    /// HTTP server, then loop protection.
     Demo(demo::DemoArgs),
-    /// Connect somewhere and report what happened, as JSON (a test and diagnosis client).
+    /// Connect somewhere and report what happened, as JSON
+    ///
+    /// A test and diagnosis client: connects (or sends datagrams) and
+    /// reports what happened as one JSON object.
     Probe(probe::ProbeArgs),
+    /// Write the man pages or a shell's completions (for packagers)
+    Gen(gen::GenArgs),
 }
 
 /// Rate limits of the event lines.
@@ -162,6 +184,7 @@ fn main() {
         Cmd::Proxy(a) => proxy::main(a).map(|()| 0),
         Cmd::Demo(a) => demo::main(a).map(|()| 0),
         Cmd::Probe(a) => probe::main(a).map(|()| 0),
+        Cmd::Gen(a) => gen::main(a).map(|()| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),
