@@ -19,7 +19,7 @@
  *            './redirect_proxy 127.0.0.1:15001 [::1]:15001 & exec my-app'
  * (the listen addresses are the service's `listen` in the config).
  *
- * Usage: redirect_proxy [--name NAME] [--sockaddr-context] ADDR:PORT... ; one line per flow on stderr.
+ * Usage: redirect_proxy [--name NAME] [--sockaddr-context | --vendor-context] ADDR:PORT... ; one line per flow on stderr.
  */
 #define _GNU_SOURCE
 #include <rewire/wsa.h>
@@ -45,6 +45,10 @@ static const char *name = "cexample";
  * callout (two SOCKADDR_STORAGE: original remote, original local), as a port
  * of a service written for such a callout does. */
 static int sockaddr_context;
+/* --vendor-context: the service's config gives it opaque vendor bytes
+ * (context = { hex = ".." }): read them as they come, and take the original
+ * destination from the records instead. */
+static int vendor_context;
 
 /* "addr:port" of a sockaddr, for the log. */
 static void format_sockaddr(const struct sockaddr_storage *ss, char *out, size_t n)
@@ -206,7 +210,8 @@ static void *serve(void *arg)
 	unsigned char records[REWIRE_WFP_MAX_RECORDS_SIZE];
 	REWIRE_WFP_CONTEXT ctx;
 	struct sockaddr_storage addrs[2]; /* the two-address layout */
-	REWIRE_WFP_RECORDS rec;           /* the blob, read for the log only */
+	REWIRE_WFP_RECORDS rec;           /* the blob, read for the log (and the destination with vendor bytes) */
+	unsigned char vendor[REWIRE_WFP_MAX_VENDOR_CONTEXT_SIZE];
 	DWORD bytes = 0;
 	SOCKET upstream = INVALID_SOCKET;
 	char dst[64] = "?", local[64] = "";
@@ -224,14 +229,20 @@ static void *serve(void *arg)
 	memcpy(&rec, records, sizeof rec);
 
 	/* 3. the redirect context: original destination and the application */
-	void *ctx_buf = sockaddr_context ? (void *)addrs : (void *)&ctx;
-	DWORD ctx_len = sockaddr_context ? (DWORD)sizeof addrs : (DWORD)sizeof ctx;
+	void *ctx_buf = vendor_context ? (void *)vendor : sockaddr_context ? (void *)addrs : (void *)&ctx;
+	DWORD ctx_len = vendor_context ? (DWORD)sizeof vendor : sockaddr_context ? (DWORD)sizeof addrs : (DWORD)sizeof ctx;
 	if (WSAIoctl(client, SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT, NULL, 0, ctx_buf, ctx_len, &bytes, NULL,
 		     NULL) == SOCKET_ERROR) {
 		fprintf(stderr, "%s: query context: error %d\n", name, WSAGetLastError());
 		goto out;
 	}
-	if (sockaddr_context) {
+	if (vendor_context) {
+		sslen = to_sockaddr(&rec.orig_dst, &ss);
+		format_addr(&rec.orig_dst, dst, sizeof dst);
+		snprintf(local, sizeof local, " vendor context %u bytes", (unsigned)bytes);
+		for (DWORD i = 0; i < bytes && i < 8; i++)
+			snprintf(local + strlen(local), sizeof local - strlen(local), "%s%02x", i ? "" : " ", vendor[i]);
+	} else if (sockaddr_context) {
 		ss = addrs[0];
 		sslen = ss.ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
 		format_sockaddr(&addrs[0], dst, sizeof dst);
@@ -267,7 +278,7 @@ static void *serve(void *arg)
 	memcpy(comm, rec.comm, 16);
 	comm[16] = 0;
 	fprintf(stderr, "%s: flow %016llx from %s (pid %u)%s to %s, hop %u, chain [", name,
-		(unsigned long long)rec.flow_id, comm, rec.pid, local, dst, sockaddr_context ? rec.n_chain : ctx.hop);
+		(unsigned long long)rec.flow_id, comm, rec.pid, local, dst, sockaddr_context || vendor_context ? rec.n_chain : ctx.hop);
 	for (unsigned i = 0; i < rec.n_chain && i < 16; i++)
 		fprintf(stderr, "%s%u", i ? "," : "", rec.chain[i]);
 	fprintf(stderr, "], %llu bytes up, %llu down%s\n", up, down, rc ? ", aborted" : "");
@@ -286,6 +297,10 @@ int main(int argc, char **argv)
 	for (int i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--name") == 0 && i + 1 < argc) {
 			name = argv[++i];
+			continue;
+		}
+		if (strcmp(argv[i], "--vendor-context") == 0) {
+			vendor_context = 1;
 			continue;
 		}
 		if (strcmp(argv[i], "--sockaddr-context") == 0) {

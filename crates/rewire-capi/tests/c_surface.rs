@@ -263,7 +263,7 @@ impl Echo {
 
 #[test]
 fn c_example_proxy_chains_with_rewire_proxy() {
-    chain_through_c_example("", 1_000_000, "chain [1], 1000000 bytes up, 1000000 down");
+    chain_through_c_example("", "", 1_000_000, "chain [1], 1000000 bytes up, 1000000 down");
 }
 
 /// The example reads the context in the two-address layout (original
@@ -271,17 +271,33 @@ fn c_example_proxy_chains_with_rewire_proxy() {
 /// sample callout does, and connects onward to the original remote.
 #[test]
 fn c_example_reads_the_two_address_context() {
-    let err = chain_through_c_example("--sockaddr-context", 100_000, "chain [1], 100000 bytes up, 100000 down");
+    let err = chain_through_c_example("--sockaddr-context", "", 100_000, "chain [1], 100000 bytes up, 100000 down");
     let line = err.lines().find(|l| l.starts_with("cexample: flow")).unwrap_or_default().to_string();
     // original local: the application's socket (rewire probe's), on loopback
     assert!(line.contains(" local 127.0.0.1:"), "{line}\n{err}");
     assert!(!line.contains(" local 127.0.0.1:0 "), "{line}");
 }
 
-/// Runs the C example as service `cexample` (with `extra` arguments), then
-/// `rewire proxy` as `audit`, and sends `bytes` through both to an echo
-/// server; checks the flow and returns the chain's stderr.
-fn chain_through_c_example(extra: &str, bytes: u64, flow_line: &str) -> String {
+/// The example's service has vendor bytes as its context in the config
+/// (`context = { base64 = .. }`); the example reads them as they come (and
+/// the original destination from the records).
+#[test]
+fn c_example_reads_vendor_bytes_from_the_config() {
+    let err = chain_through_c_example(
+        "--vendor-context",
+        "context = { base64 = \"Vk5EUgEAAAAqKio=\" }\n",
+        100_000,
+        "chain [1], 100000 bytes up, 100000 down",
+    );
+    let line = err.lines().find(|l| l.starts_with("cexample: flow")).unwrap_or_default().to_string();
+    assert!(line.contains(" vendor context 11 bytes 564e445201000000 "), "{line}\n{err}");
+}
+
+/// Runs the C example as service `cexample` (with `extra` arguments, and
+/// `svc_extra` lines in its config entry), then `rewire proxy` as `audit`,
+/// and sends `bytes` through both to an echo server; checks the flow and
+/// returns the chain's stderr.
+fn chain_through_c_example(extra: &str, svc_extra: &str, bytes: u64, flow_line: &str) -> String {
     require_root();
     let rewire = rewire_bin();
     let tmp = TempDir::new("chain");
@@ -296,7 +312,7 @@ fn chain_through_c_example(extra: &str, bytes: u64, flow_line: &str) -> String {
         &config,
         format!(
             "cgroup = \"rewire-capi-chain\"\n\
-             [[service]]\nname = \"cexample\"\nlisten = [\"127.0.0.1:{pa}\", \"[::1]:{pa}\"]\n\
+             [[service]]\nname = \"cexample\"\nlisten = [\"127.0.0.1:{pa}\", \"[::1]:{pa}\"]\n{svc_extra}\
              match = {{ dst = [\"127.0.0.0/8\"], ports = {port} }}\n\
              [[service]]\nname = \"audit\"\nlisten = [\"127.0.0.1:{pb}\", \"[::1]:{pb}\"]\n\
              match = {{ dst = [\"127.0.0.0/8\"], ports = {port} }}\n"
