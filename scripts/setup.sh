@@ -34,6 +34,9 @@ command -v redsocks >/dev/null || need+=(redsocks)
 command -v microsocks >/dev/null || need+=(microsocks)
 [ -x /usr/sbin/squid ] || need+=(squid)
 { command -v systemd-analyze && command -v systemd-socket-activate; } >/dev/null || need+=(systemd)
+# promtool checks the daemon's /metrics text (crates/rewire-cli/tests/ops.rs);
+# Debian ships it only in the prometheus package.
+command -v promtool >/dev/null || need+=(prometheus)
 compat=${REWIRE_COMPAT_PREFIX:-/opt/rewire-compat}
 mitmproxy_version=11.0.2 # the newest release for Debian 12's Python 3.11
 kubernetes_validate_version=1.37.0
@@ -51,6 +54,10 @@ if [ ${#need[@]} -gt 0 ]; then
   # The tests start squid themselves; the package's system-wide instance is not wanted.
   if [[ " ${need[*]} " == *" squid "* ]] && command -v systemctl >/dev/null; then
     systemctl disable --now squid.service >/dev/null 2>&1 || true
+  fi
+  # Only promtool is wanted, not a Prometheus server on this machine.
+  if [[ " ${need[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
   fi
 fi
 

@@ -499,7 +499,7 @@ int rw_skb_egress(struct __sk_buff *skb)
 			 * service's own socket: a proxy that died and an impostor
 			 * that took its port get nothing (the send fails). */
 			if (!rw_udp_dst_owned(skb, &src, &dst, ((__u64)sl->service_id << 32) | sl->tag)) {
-				rw_count(RW_CNT_IMPOSTOR);
+				rw_count_svc(sl->service_id, RW_CNT_IMPOSTOR);
 				return 0;
 			}
 			skb->mark = sl->tag;
@@ -510,7 +510,7 @@ int rw_skb_egress(struct __sk_buff *skb)
 	if (st && (st->flags & RW_F_ACCEPTED) && st->tag) {
 		/* A proxy's reply goes only to the flow's own socket. */
 		if (!rw_udp_reply_owned(skb, &src, &dst, st->tag)) {
-			rw_count(RW_CNT_IMPOSTOR);
+			rw_count_svc(st->service_id, RW_CNT_IMPOSTOR);
 			return 0;
 		}
 		skb->mark = st->tag;
@@ -544,7 +544,7 @@ int rw_skb_ingress(struct __sk_buff *skb)
 			return 1;
 		if (rw_tcp_answer_owned(skb, st->service_id))
 			return 1;
-		rw_count(RW_CNT_IMPOSTOR);
+		rw_count_svc(st->service_id, RW_CNT_IMPOSTOR);
 		return 0; /* never established with an impostor: the connect times out */
 	}
 	if (sk->protocol != IPPROTO_UDP || !rw_skb_udp(skb, &src, &dst))

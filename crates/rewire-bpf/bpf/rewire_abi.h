@@ -106,6 +106,9 @@
 #define RW_CNT_UDP_RATE 22 /* new UDP flows refused (EAGAIN): their user started more
 			     * than udp_flows_per_user a second */
 #define RW_CNT_N 24
+/* Per-service counters (per-CPU array rw_svc_counters): index
+ * service_id * RW_CNT_N + RW_CNT_*, service ids 0..RW_MAX_SERVICES. */
+#define RW_SVC_CNT_N ((RW_MAX_SERVICES + 1) * RW_CNT_N)
 
 /* rw_conf.faults: fault injection for tests (never set from a config file). */
 #define RW_FAULT_NO_STORAGE 1u /* every socket storage allocation fails */

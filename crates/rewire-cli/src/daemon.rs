@@ -9,6 +9,7 @@
 //! them detaches nothing; a cgroup it made carries a mark, so a restart
 //! after pins were lost attaches to it again.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -27,7 +28,7 @@ use crate::printer::{self, EventFormat};
 /// `rewire daemon`: attach (or adopt) the pinned hooks and serve: print
 /// events, expire UDP hand-offs, reload on SIGHUP. SIGINT/SIGTERM end the
 /// daemon and leave the hooks attached and enforcing.
-pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_programs: bool) -> Result<()> {
+pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_programs: bool, metrics: Option<SocketAddr>) -> Result<()> {
     let started = std::time::Instant::now();
     let cfg = prepare(config)?;
     let abs_config = std::fs::canonicalize(config)?;
@@ -117,8 +118,13 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     report(&mut status, true, &format!("started; {attach_time}"));
     crate::notify::ready(&format!("serving {} service(s); {attach_time}", cfg.services.len()));
     let events = hooks.take_events();
+    let shared = Arc::new(RwLock::new(cfg.clone()));
+    let state = crate::metrics::DaemonState::new(dir.clone(), cgroup.path().to_path_buf(), shared.clone());
     let r = rt.block_on(async {
-        let shared = Arc::new(RwLock::new(cfg.clone()));
+        let metrics_task = match metrics {
+            Some(addr) => Some(crate::metrics::serve(addr, state.clone())?),
+            None => None,
+        };
         let printer = events.map(|ev| printer::spawn(ev, shared.clone(), format, limits, pinned_counters(&dir)));
         let mut cur = cfg.clone();
         let mut cur_path = abs_config.clone();
@@ -141,6 +147,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                             tracing::info!("{msg}");
                             report(&mut status, true, &msg);
                             crate::notify::ready(&msg);
+                            state.reloaded(true);
                             *shared.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
                             cur = new;
                             cur_path = path;
@@ -150,6 +157,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                             tracing::warn!("{msg}");
                             report(&mut status, false, &msg);
                             crate::notify::ready(&msg);
+                            state.reloaded(false);
                         }
                     }
                 }
@@ -159,6 +167,9 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         };
         if let Some(p) = printer {
             p.stop().await;
+        }
+        if let Some(t) = metrics_task {
+            t.abort();
         }
         anyhow::Ok((sig, cur_path, cur))
     });

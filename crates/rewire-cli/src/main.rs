@@ -5,6 +5,7 @@ mod daemon;
 mod demo;
 mod gen;
 mod manage;
+mod metrics;
 mod notify;
 mod printer;
 mod probe;
@@ -65,6 +66,10 @@ enum Cmd {
         /// (otherwise they are kept as they are).
         #[arg(long)]
         replace_programs: bool,
+        /// Serve Prometheus metrics (the kernel's counters by service and
+        /// cause, reloads, generation) at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Show a daemon's hooks, its process and the kernel's counters
     ///
@@ -172,8 +177,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run { config, events, limits, cmd } => run::run(&config, events, limits.limits(), &cmd),
-        Cmd::Daemon { config, events, limits, replace_programs } => {
-            daemon::daemon(&config, events, limits.limits(), replace_programs).map(|()| 0)
+        Cmd::Daemon { config, events, limits, replace_programs, metrics } => {
+            daemon::daemon(&config, events, limits.limits(), replace_programs, metrics).map(|()| 0)
         }
         Cmd::Status { config, json, wait, timeout } => {
             admin::status(&config, json, wait.then(|| std::time::Duration::from_secs_f64(timeout.clamp(0.0, 86400.0))))

@@ -160,7 +160,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn from_slots(v: &[u64]) -> Self {
+    pub(crate) fn from_slots(v: &[u64]) -> Self {
         let g = |i: u32| v.get(i as usize).copied().unwrap_or(0);
         Counters {
             redirect: g(abi::RW_CNT_REDIRECT),

@@ -10,6 +10,7 @@
 //! - [`confine`]: what the commands rewire starts may not do to processes outside;
 //! - [`guard`]: the borrowed-socket guard at an ancestor of the subtree;
 //! - [`scope`]: the program that keeps a link-local destination's scope id;
+//! - [`stats`]: per-service counters and the live generation, read from the pins;
 //! - [`checks`]: start-up checks with one actionable message each;
 //! - [`paths`]: every name on disk and every environment variable.
 
@@ -28,6 +29,7 @@ pub mod net;
 pub mod paths;
 pub mod persist;
 pub mod scope;
+pub mod stats;
 
 pub use cgroup::ManagedCgroup;
 pub use config::Config;

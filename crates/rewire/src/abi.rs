@@ -62,6 +62,9 @@ pub const RW_CNT_SIDE_DOOR: u32 = 20;
 pub const RW_CNT_UDP_NO_FLOW: u32 = 21;
 pub const RW_CNT_UDP_RATE: u32 = 22;
 pub const RW_CNT_N: u32 = 24;
+/// Entries of the per-service counters `rw_svc_counters`: index
+/// `service_id * RW_CNT_N + RW_CNT_*`, service ids 0 (none) to [`RW_MAX_SERVICES`].
+pub const RW_SVC_CNT_N: u32 = (RW_MAX_SERVICES as u32 + 1) * RW_CNT_N;
 
 pub const RW_FAULT_NO_STORAGE: u32 = 1;
 

@@ -133,7 +133,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 		}
 		/* fail = "open": the flow goes on down the chain without it. */
 		rw_report(kind, counter, 0, st, has_rec, orig, proto, w.service_id, w.rule_id);
-		rw_count(RW_CNT_FAIL_OPEN_SKIP);
+		rw_count_svc(w.service_id, RW_CNT_FAIL_OPEN_SKIP);
 		w.seen |= 1ULL << (w.service_id & 63);
 		rw_walk(&w);
 	}

@@ -2,8 +2,11 @@
 /*
  * Events and counters: what user space learns of each decision.
  *
- * API: map rw_counters (per-CPU, RW_CNT_*), map rw_events (ring buffer of
- * struct rw_event), rw_count(idx), rw_emit(kind, ...), rw_report(...)
+ * API: map rw_counters (per-CPU, RW_CNT_*), map rw_svc_counters (per-CPU,
+ * the same causes per service: index service id * RW_CNT_N + cause; id 0
+ * holds what no service is named for), map rw_events (ring buffer of
+ * struct rw_event), rw_count(idx), rw_count_svc(service_id, idx) (both
+ * counters), rw_emit(kind, ...), rw_report(...)
  * (count and report a refusal or a skip; a global function behind it,
  * rw_report_).
  */
@@ -19,6 +22,15 @@ struct {
 	__type(value, __u64);
 } rw_counters SEC(".maps");
 
+/* The same causes per service (what `rewire status` and /metrics show per
+ * service): one add more per count, in a per-CPU slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RW_SVC_CNT_N);
+	__type(key, __u32);
+	__type(value, __u64);
+} rw_svc_counters SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
@@ -29,6 +41,32 @@ static __always_inline void rw_count(__u32 idx)
 	__u64 *c = bpf_map_lookup_elem(&rw_counters, &idx);
 	if (c)
 		*c += 1;
+}
+
+/* Counts cause idx globally and for service_id (0, or an id out of range:
+ * counted for no service). */
+static __always_inline void rw_count_svc(__u32 service_id, __u32 idx)
+{
+	__u32 k;
+	__u64 *c;
+
+	rw_count(idx);
+	if (service_id > RW_MAX_SERVICES || idx >= RW_CNT_N)
+		service_id = 0;
+	k = service_id * RW_CNT_N + idx;
+	c = bpf_map_lookup_elem(&rw_svc_counters, &k);
+	if (c)
+		*c += 1;
+}
+
+/* The last service of a chain (the one that sent the flow on), 0 if none. */
+static __always_inline __u32 rw_last_service(const struct rw_records *rec)
+{
+	__u8 n = rec->n_chain;
+
+	if (n == 0 || n > RW_MAX_CHAIN)
+		return 0;
+	return rec->chain[(n - 1) & (RW_MAX_CHAIN - 1)];
 }
 
 static __always_inline void rw_emit(__u32 kind, int err, const struct rw_records *rec,
@@ -88,7 +126,7 @@ __attribute__((noinline)) int rw_report_(const struct rw_sock *st, const struct 
 
 	if (!dst)
 		return 0;
-	rw_count((what >> 8) & 0xff);
+	rw_count_svc(ids & 0xffff, (what >> 8) & 0xff);
 	r = rw_event_rec(st, (ids >> 40) & 1, dst, (ids >> 32) & 0xff);
 	if (r && conf)
 		rw_emit(what & 0xff, (__s32)(what >> 32), r, ids & 0xffff, (ids >> 16) & 0xffff, conf->hop_limit);

@@ -54,7 +54,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 		return 1;
 	if (r == RW_DELIVER && !c.linked) {
 		if (st) {
-			rw_count(RW_CNT_DELIVER);
+			rw_count_svc(rw_last_service(&st->rec), RW_CNT_DELIVER);
 			rw_emit(RW_EV_DELIVER, 0, &st->rec, 0, 0, conf->hop_limit);
 		}
 		return 1;
@@ -78,7 +78,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	}
 	if (r == RW_DELIVER) {
 		if (c.linked) {
-			rw_count(RW_CNT_DELIVER);
+			rw_count_svc(rw_last_service(&st->rec), RW_CNT_DELIVER);
 			rw_emit(RW_EV_DELIVER, 0, &st->rec, 0, 0, conf->hop_limit);
 		}
 		return 1;
@@ -93,7 +93,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	st->rule_id = c.w.rule_id;
 	st->redirected_ns = bpf_ktime_get_boot_ns();
 	rw_ctx_target(ctx, family, &c.target);
-	rw_count(RW_CNT_REDIRECT);
+	rw_count_svc(c.w.service_id, RW_CNT_REDIRECT);
 	rw_emit(RW_EV_REDIRECT, 0, &st->rec, c.w.service_id, c.w.rule_id, conf->hop_limit);
 	return 1;
 }

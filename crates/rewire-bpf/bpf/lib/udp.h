@@ -340,7 +340,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	sl->service_id = r == RW_REDIRECT ? c.w.service_id : 0;
 	sl->rule_id = c.w.rule_id;
 	if (r == RW_DELIVER) {
-		rw_count(RW_CNT_DELIVER);
+		rw_count_svc(rw_last_service(&sl->rec), RW_CNT_DELIVER);
 		rw_emit(RW_EV_DELIVER, 0, &sl->rec, 0, 0, conf->hop_limit);
 		return 1;
 	}
@@ -353,7 +353,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 		if (unbound)
 			rw_ctx_set_src(ctx, family, &c.target);
 	}
-	rw_count(RW_CNT_REDIRECT);
+	rw_count_svc(c.w.service_id, RW_CNT_REDIRECT);
 	rw_emit(RW_EV_REDIRECT, 0, &sl->rec, c.w.service_id, c.w.rule_id, conf->hop_limit);
 	return 1;
 }
