@@ -36,6 +36,7 @@
  *   lib/addr.h       addresses of contexts and sockets, scope ids
  *   lib/records.h    per-socket state, the records' MAC, new records
  *   lib/notify.h     events and counters, rw_report
+ *   lib/select.h     origin selectors: cgroup path prefix, executable
  *   lib/rules.h      the rule walk and the choice it feeds
  *   lib/service.h    services, their identity, own sockets, side doors
  *   lib/sockopt.h    who may use the private socket options
@@ -52,6 +53,7 @@
 #include "lib/addr.h"
 #include "lib/records.h"
 #include "lib/notify.h"
+#include "lib/select.h"
 #include "lib/rules.h"
 #include "lib/service.h"
 #include "lib/sockopt.h"

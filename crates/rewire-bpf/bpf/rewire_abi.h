@@ -151,7 +151,9 @@ struct rw_records {
 	__u32 pid;
 	__u32 uid;
 	__u32 gid;
-	__u32 _pad2;
+	__u32 origin_sel; /* bits of the origin selectors (map rw_sel: cgroup path prefix,
+			   * executable) the origin matched at the flow's first connect
+			   * or send; vouched for like pid and uid (tagged) */
 	__u64 cgroup_id;
 	char comm[16];
 	__u64 created_ns; /* CLOCK_BOOTTIME of the first redirect */
@@ -227,7 +229,9 @@ struct rw_rule {
 	__u8 mask[16];
 	__u64 cgroup_id;
 	__u32 flags;      /* RW_RULE_* */
-	__u32 _pad;
+	__u32 sel;        /* origin selectors (rw_sel bits) the flow's origin must match:
+			   * one of the cgroup ones (bits 0-15) if any, and one of the
+			   * executable ones (bits 16-31) if any; 0 = no condition */
 };
 
 /* rw_rule.flags */
@@ -243,6 +247,25 @@ struct rw_conf {
 	__u32 faults;      /* RW_FAULT_*: tests only */
 	__u32 udp_flows_per_user; /* new UDP flows a second per uid (0: no limit) */
 	__u64 netns_cookie; /* the network namespace rewire serves (0: any) */
+	__u32 n_sel;        /* entries of rw_sel in use (0: no rule selects by origin) */
+	__u32 _pad;
+};
+
+/* Origin selectors (array rw_sel): what a rule's `cgroup = "/path"` (the
+ * cgroup and everything below it) and `exe` conditions test. Evaluated once
+ * per new flow against the calling task; the flow's records carry the
+ * result (rw_records.origin_sel), so proxies further down the chain are
+ * matched on the origin's, not their own. */
+#define RW_MAX_SEL 32
+#define RW_SEL_EXE_BASE 16 /* exe selectors use bits 16..31, cgroup ones 0..15 */
+#define RW_SEL_CGROUP 1 /* id: cgroup id at depth `level` (an ancestor or the cgroup itself) */
+#define RW_SEL_EXE 2    /* id: inode number of the running binary (mm->exe_file),
+			 * dev: its super block's s_dev (kernel encoding MAJOR << 20 | MINOR) */
+struct rw_sel {
+	__u32 kind; /* 0 = unused */
+	__u32 level;
+	__u64 id;
+	__u64 dev;
 };
 
 /* One UDP flow of an application (or proxy outbound) socket. A datagram to

@@ -36,8 +36,23 @@
 //! ports = [80, "8000-8100"]          # default: any port
 //! protocol = "tcp"                   # "tcp" (default), "udp" or "any"
 //! uid = 1000                         # optional: only this user's flows
-//! cgroup = "clients"                 # optional: only processes in <subtree>/clients
+//! cgroup = "clients"                 # optional: only processes in <subtree>/clients;
+//!                                    # "/system.slice" (absolute, under the cgroup2
+//!                                    # mount): that cgroup and everything below it
+//! exe = ["/usr/bin/curl"]            # optional: only processes running this binary
+//!                                    # (its inode and device at load)
 //! broadcast = "pass"                 # optional: overrides the global `broadcast`
+//! ```
+//!
+//! Existing workloads (see [`crate::cover`]):
+//!
+//! ```toml
+//! cover = ["/system.slice", "/user.slice/user-1000.slice"]  # existing cgroups whose
+//!                            # processes' connects and sends go through the rules
+//!                            # too (each with everything below it)
+//! [[service]]
+//! cgroup = "/system.slice/squid.service"  # optional: the processes of this existing
+//!                            # cgroup are the service too
 //! ```
 //!
 //! Every error names the file, the line and the key.
@@ -228,8 +243,14 @@ pub struct MatchRule {
     pub protocol: Protocol,
     /// Only flows of this user.
     pub uid: Option<Principal>,
-    /// Only flows of processes directly in this cgroup (relative to the subtree).
+    /// Only flows of processes directly in this cgroup (relative to the
+    /// subtree), or, written as an absolute path under the cgroup2 mount
+    /// (`/system.slice`), in that cgroup or anywhere below it.
     pub cgroup: Option<String>,
+    /// Only flows of processes running one of these binaries (known by
+    /// inode and device when the rules are loaded).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub exe: Vec<PathBuf>,
     /// Broadcast/multicast sends this rule applies to (any destination
     /// address); default: the configuration's `broadcast`.
     pub broadcast: Option<BroadcastPolicy>,
@@ -268,6 +289,10 @@ pub struct Service {
     /// (at most `rewire::MAX_VENDOR_CONTEXT`); see `rewire::ContextLayout`.
     #[serde(default)]
     pub context: rewire::ContextLayout,
+    /// An existing cgroup (absolute path under the cgroup2 mount, e.g.
+    /// `/system.slice/squid.service`) whose processes are this service too.
+    #[serde(default)]
+    pub cgroup: Option<Spanned<String>>,
     /// Which connects it takes; checked in order.
     #[serde(rename = "match", deserialize_with = "one_or_many")]
     pub matches: Vec<MatchRule>,
@@ -351,6 +376,11 @@ pub struct Config {
     /// send below it, so it is never chosen for the administrator.
     #[serde(default)]
     pub guard: Option<Spanned<String>>,
+    /// Existing cgroups (absolute paths under the cgroup2 mount) whose
+    /// processes are covered too, each with everything below it
+    /// ([`crate::cover`]).
+    #[serde(default)]
+    pub cover: Vec<Spanned<String>>,
     /// Broadcast/multicast sends a rule applies to, unless the rule says.
     #[serde(default)]
     pub broadcast: BroadcastPolicy,
@@ -387,9 +417,17 @@ impl Config {
         })?;
         cfg.path = path.into();
 
+        for c in &cfg.cover {
+            if !is_cgroup_path(c.get_ref()) {
+                return Err(invalid(
+                    Some(c.span()),
+                    Some("cover"),
+                    format!("`{}` is not a cgroup path: give the path under the cgroup2 mount, starting with '/'", c.get_ref()),
+                ));
+            }
+        }
         if let Some(g) = &cfg.guard {
-            let ok = g.get_ref().starts_with('/')
-                && g.get_ref().split('/').filter(|c| !c.is_empty()).all(|c| c != "." && c != ".." && !c.contains('\0'));
+            let ok = is_cgroup_path(g.get_ref());
             if !ok {
                 return Err(invalid(
                     Some(g.span()),
@@ -484,8 +522,24 @@ impl Config {
             if s.matches.is_empty() {
                 return Err(invalid(here, Some("service.match"), format!("service `{name}` has no match rule")));
             }
+            if let Some(c) = &s.cgroup {
+                if !is_cgroup_path(c.get_ref()) || c.get_ref() == "/" {
+                    return Err(invalid(
+                        Some(c.span()),
+                        Some("service.cgroup"),
+                        format!(
+                            "service `{name}`: `{}` is not a cgroup path below the root (absolute, under the cgroup2 mount)",
+                            c.get_ref()
+                        ),
+                    ));
+                }
+            }
             for m in &s.matches {
-                if let Some(c) = &m.cgroup {
+                if let Some(c) = m.cgroup.as_deref().filter(|c| c.starts_with('/')) {
+                    if !is_cgroup_path(c) {
+                        return Err(invalid(here, Some("service.match.cgroup"), format!("invalid cgroup path `{c}`")));
+                    }
+                } else if let Some(c) = &m.cgroup {
                     if c.is_empty() || c.split('/').any(|p| !valid_name(p)) || c.split('/').next() == Some(crate::paths::SERVICES_DIR) {
                         return Err(invalid(
                             here,
@@ -493,6 +547,13 @@ impl Config {
                             format!("invalid cgroup path `{c}` (names of letters, digits, '-' and '_' joined by '/'; not under `services`, where the services' own processes live)"),
                         ));
                     }
+                }
+                if let Some(e) = m.exe.iter().find(|e| !e.is_absolute()) {
+                    return Err(invalid(
+                        here,
+                        Some("service.match.exe"),
+                        format!("service `{name}`: exe `{}` is not an absolute path", e.display()),
+                    ));
                 }
                 rules += m.dst.len().max(1) * m.ports.len().max(1);
             }
@@ -537,6 +598,12 @@ impl Config {
     pub fn chain_names(&self, chain: &[u16]) -> Vec<String> {
         chain.iter().map(|&id| self.service_name(id).map_or_else(|| format!("#{id}"), str::to_owned)).collect()
     }
+}
+
+/// Whether `p` is an absolute cgroup path (under the cgroup2 mount; `"/"`
+/// is its root): no `.`, `..` or NUL components.
+pub fn is_cgroup_path(p: &str) -> bool {
+    p.starts_with('/') && p.split('/').filter(|c| !c.is_empty()).all(|c| c != "." && c != ".." && !c.contains('\0'))
 }
 
 /// Resolves a user principal to a uid.

@@ -65,6 +65,9 @@ pub enum HooksError {
         /// Why.
         source: std::io::Error,
     },
+    /// A covered cgroup, a service's cgroup or a selector cannot be used.
+    #[error(transparent)]
+    Cover(#[from] crate::cover::CoverError),
     /// File system error (opening the cgroup).
     #[error("{path}: {source}")]
     Io {
@@ -101,6 +104,8 @@ unsafe impl aya::Pod for Pod<RwIdentKey> {}
 unsafe impl aya::Pod for Pod<RwLinkKey> {}
 // SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
 unsafe impl aya::Pod for Pod<RwLink> {}
+// SAFETY: the wrapped ABI struct is repr(C) integers and arrays (see rewire::abi).
+unsafe impl aya::Pod for Pod<abi::RwSel> {}
 
 /// The kernel's per-cause counters (map `rw_counters`), summed over CPUs.
 /// Unlike events, which a full ring buffer drops, they never lose a count.
@@ -358,39 +363,58 @@ impl Hooks {
         let mut bpf = loader.load(rewire_bpf::object())?;
         fill_maps(&mut bpf, config, subtree, faults)?;
 
-        let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;
-        // bpf_link attachments are always multi-attach; the kernel refuses flags with them.
+        // The subtree and every covered cgroup, none below another (see crate::cover).
+        let mut cgs = vec![];
+        for p in crate::cover::attach_points(config, subtree)? {
+            cgs.push((File::open(&p).map_err(|source| HooksError::Io { path: p.clone(), source })?, p));
+        }
+        // bpf_link attachments are always multi-attach (programs of other
+        // owners at a covered cgroup keep running); the kernel refuses flags with them.
         let mode = CgroupAttachMode::Single;
         // Only the programs this configuration needs (see OPTIONAL_PROGRAMS).
         for (name, section) in programs_for(config) {
             let prog = bpf.program_mut(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
             let err = |source| HooksError::Program { name, source };
+            let at = |path: &Path| {
+                let what = format!("attaching {name} to {} (beside the programs already there)", path.display());
+                move |source: aya::programs::ProgramError| HooksError::Sys { what, source: std::io::Error::other(source) }
+            };
             match section {
                 "sockops" => {
                     let p: &mut SockOps = prog.try_into().map_err(err)?;
                     p.load().map_err(err)?;
-                    p.attach(&cg, mode).map_err(err)?;
+                    for (cg, path) in &cgs {
+                        p.attach(cg, mode).map_err(at(path))?;
+                    }
                 }
                 "cgroup_skb/ingress" | "cgroup_skb/egress" => {
                     let p: &mut CgroupSkb = prog.try_into().map_err(err)?;
                     p.load().map_err(err)?;
                     let t = if section.ends_with("ingress") { CgroupSkbAttachType::Ingress } else { CgroupSkbAttachType::Egress };
-                    p.attach(&cg, t, mode).map_err(err)?;
+                    for (cg, path) in &cgs {
+                        p.attach(cg, t, mode).map_err(at(path))?;
+                    }
                 }
                 "cgroup/sock_release" | "cgroup/sock_create" => {
                     let p: &mut CgroupSock = prog.try_into().map_err(err)?;
                     p.load().map_err(err)?;
-                    p.attach(&cg, mode).map_err(err)?;
+                    for (cg, path) in &cgs {
+                        p.attach(cg, mode).map_err(at(path))?;
+                    }
                 }
                 "cgroup/getsockopt" | "cgroup/setsockopt" => {
                     let p: &mut CgroupSockopt = prog.try_into().map_err(err)?;
                     p.load().map_err(err)?;
-                    p.attach(&cg, mode).map_err(err)?;
+                    for (cg, path) in &cgs {
+                        p.attach(cg, mode).map_err(at(path))?;
+                    }
                 }
                 _ => {
                     let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
                     p.load().map_err(err)?;
-                    p.attach(&cg, mode).map_err(err)?;
+                    for (cg, path) in &cgs {
+                        p.attach(cg, mode).map_err(at(path))?;
+                    }
                 }
             }
         }
@@ -601,6 +625,7 @@ pub fn current_netns_cookie() -> Result<u64, HooksError> {
 
 /// The kernel rules for a configuration, in walk order.
 pub fn compile_rules(config: &Config, subtree: &Path) -> Result<Vec<RwRule>, HooksError> {
+    let sels = crate::cover::Selectors::of(config)?;
     let mut out = Vec::new();
     let mut rule_id = 0u16;
     for (id, svc) in config.services_by_id() {
@@ -609,13 +634,15 @@ pub fn compile_rules(config: &Config, subtree: &Path) -> Result<Vec<RwRule>, Hoo
             rule_id += 1;
             let uid = m.uid.as_ref().map(resolve_uid).transpose().map_err(HooksError::Config)?;
             let cgroup_id = match &m.cgroup {
-                Some(rel) => {
+                // Absolute: a selector (that cgroup and below), in `sel`.
+                Some(rel) if !rel.starts_with('/') => {
                     let p = subtree.join(rel);
                     std::fs::create_dir_all(&p).map_err(|source| HooksError::Io { path: p.clone(), source })?;
                     Some(crate::cgroup::cgroup_id(&p).map_err(|e| HooksError::Config(e.to_string()))?)
                 }
-                None => None,
+                _ => None,
             };
+            let sel = sels.rule_sel(m);
             let proto = match m.protocol {
                 Protocol::Tcp => libc::IPPROTO_TCP as u8,
                 Protocol::Udp => libc::IPPROTO_UDP as u8,
@@ -645,6 +672,7 @@ pub fn compile_rules(config: &Config, subtree: &Path) -> Result<Vec<RwRule>, Hoo
                         has_cgroup: cgroup_id.is_some() as u8,
                         cgroup_id: cgroup_id.unwrap_or(0),
                         flags: if config.broadcast_policy(m) == BroadcastPolicy::Pass { abi::RW_RULE_BROADCAST_PASS } else { 0 },
+                        sel,
                         ..Default::default()
                     };
                     if let Some(net) = net {
@@ -800,6 +828,13 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
             std::fs::create_dir_all(&dir).map_err(|source| HooksError::Io { path: dir.clone(), source })?;
             let cg = crate::cgroup::cgroup_id(&dir).map_err(|e| HooksError::Config(e.to_string()))?;
             ids.insert(Pod(RwIdentKey { kind: 0, _pad: 0, id: cg }), id.get(), 0).map_err(map_err("rw_svc_id"))?;
+            if let Some(c) = &s.cgroup {
+                // An existing cgroup (checked: only root moves processes into it).
+                let dir = crate::cover::resolve(c.get_ref())?;
+                crate::cover::check_confined(&dir)?;
+                let cg = crate::cgroup::cgroup_id(&dir).map_err(|e| HooksError::Config(e.to_string()))?;
+                ids.insert(Pod(RwIdentKey { kind: 0, _pad: 0, id: cg }), id.get(), 0).map_err(map_err("rw_svc_id"))?;
+            }
             if let Some(u) = &s.user {
                 let uid = resolve_uid(u).map_err(HooksError::Config)?;
                 ids.insert(Pod(RwIdentKey { kind: 1, _pad: 0, id: uid.into() }), id.get(), 0).map_err(map_err("rw_svc_id"))?;
@@ -821,6 +856,15 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
             Array::try_from(bpf.map_mut("rw_rules").expect("rw_rules")).map_err(map_err("rw_rules"))?;
         for (i, r) in rules.iter().enumerate() {
             arr.set(i as u32, Pod(*r), 0).map_err(map_err("rw_rules"))?;
+        }
+    }
+    let sels = crate::cover::Selectors::of(config)?;
+    {
+        // Origin selectors (cgroup path prefixes, executables) the rules name.
+        let mut arr: Array<&mut MapData, Pod<abi::RwSel>> =
+            Array::try_from(bpf.map_mut("rw_sel").expect("rw_sel")).map_err(map_err("rw_sel"))?;
+        for (i, sel) in sels.table.iter().enumerate() {
+            arr.set(i as u32, Pod(*sel), 0).map_err(map_err("rw_sel"))?;
         }
     }
     {
@@ -852,6 +896,8 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
         faults: if faults.no_storage { abi::RW_FAULT_NO_STORAGE } else { 0 },
         udp_flows_per_user: *config.udp_flows_per_user.get_ref(),
         netns_cookie: current_netns_cookie()?,
+        n_sel: sels.table.len() as u32,
+        _pad: 0,
     };
     let mut arr: Array<&mut MapData, Pod<RwConf>> =
         Array::try_from(bpf.map_mut("rw_conf").expect("rw_conf")).map_err(map_err("rw_conf"))?;

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the TOML configuration, validated with file:line:key errors;
 //! - [`cgroup`]: the cgroup subtree rewire creates, owns and removes;
+//! - [`cover`]: existing cgroups rewire covers, and selection by cgroup path and executable;
 //! - [`hooks`]: loading the BPF object, filling its maps, attaching it;
 //! - [`persist`]: hooks pinned in bpffs that outlive the daemon: adopt, reload, check, remove;
 //! - [`bpfsys`]: the bpf(2) link and info commands aya does not expose;
@@ -19,6 +20,7 @@ pub mod cgroup;
 pub mod checks;
 pub mod config;
 pub mod confine;
+pub mod cover;
 pub mod daemon;
 pub mod events;
 pub mod guard;

@@ -40,7 +40,7 @@ use crate::hooks::{fill_maps, Hooks, HooksError, Pod};
 /// Maps `fill_maps` writes from the configuration: fresh for every
 /// generation. Every other map of the object is state and is reused. (A
 /// new map that `fill_maps` fills belongs here.)
-pub const CONFIG_MAPS: &[&str] = &["rw_conf", "rw_rules", "rw_services", "rw_svc_addr", "rw_svc_id", "rw_access", "rw_bcast"];
+pub const CONFIG_MAPS: &[&str] = &["rw_conf", "rw_rules", "rw_services", "rw_svc_addr", "rw_svc_id", "rw_access", "rw_bcast", "rw_sel"];
 
 // Kept while tests still name it here; the home of these names is `paths`.
 pub use crate::paths::bpffs_root;

@@ -104,7 +104,9 @@ pub struct RwRecords {
     pub uid: u32,
     /// Kernel-vouched.
     pub gid: u32,
-    pub _pad2: u32,
+    /// Origin selectors (`rw_sel` bits: cgroup path prefix, executable) the
+    /// origin matched at the flow's first connect or send. Kernel-vouched.
+    pub origin_sel: u32,
     /// Kernel-vouched (cgroup v2 id).
     pub cgroup_id: u64,
     /// The thread's `comm`: chosen by the process (`prctl(PR_SET_NAME)`).
@@ -160,7 +162,9 @@ pub struct RwRule {
     pub mask: [u8; 16],
     pub cgroup_id: u64,
     pub flags: u32,
-    pub _pad: u32,
+    /// Origin selectors the flow's origin must match (bits of `rw_sel`):
+    /// one cgroup one (bits 0-15) if any, one executable one (16-31) if any.
+    pub sel: u32,
 }
 
 /// `RwRule::flags`: a broadcast/multicast send this rule applies to may pass.
@@ -178,6 +182,28 @@ pub struct RwConf {
     pub faults: u32,
     pub udp_flows_per_user: u32,
     pub netns_cookie: u64,
+    /// Entries of `rw_sel` in use.
+    pub n_sel: u32,
+    pub _pad: u32,
+}
+
+/// Origin selectors (`rw_sel` entries) at most.
+pub const RW_MAX_SEL: usize = 32;
+/// Executable selectors use bits 16..31 of a rule's `sel`, cgroup ones 0..15.
+pub const RW_SEL_EXE_BASE: usize = 16;
+/// `RwSel::kind`: the cgroup `id` at depth `level`, or below it.
+pub const RW_SEL_CGROUP: u32 = 1;
+/// `RwSel::kind`: the running binary's inode `id` on device `dev` (kernel encoding).
+pub const RW_SEL_EXE: u32 = 2;
+
+/// One origin selector (map `rw_sel`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RwSel {
+    pub kind: u32,
+    pub level: u32,
+    pub id: u64,
+    pub dev: u64,
 }
 
 #[repr(C)]
@@ -286,8 +312,9 @@ assert_layout!(RwRecords, 128, flow_id @ 8, orig_dst @ 16, pid @ 40, cgroup_id @
     created_ns @ 80, chain @ 88, tag @ 120);
 assert_layout!(RwContext, 152, service_id @ 4, hop @ 8, redirected_ns @ 16, records @ 24);
 assert_layout!(RwService, 40, addr4 @ 8, addr6 @ 12, upto_mask @ 32);
-assert_layout!(RwRule, 64, port_lo @ 8, uid @ 12, addr @ 16, mask @ 32, cgroup_id @ 48, flags @ 56);
-assert_layout!(RwConf, 48, key @ 8, udp_idle_ns @ 24, faults @ 32, netns_cookie @ 40);
+assert_layout!(RwRule, 64, port_lo @ 8, uid @ 12, addr @ 16, mask @ 32, cgroup_id @ 48, flags @ 56, sel @ 60);
+assert_layout!(RwConf, 56, key @ 8, udp_idle_ns @ 24, faults @ 32, netns_cookie @ 40, n_sel @ 48);
+assert_layout!(RwSel, 24, id @ 8, dev @ 16);
 assert_layout!(RwSock, 160, redirected_ns @ 8, cookie @ 16, n_set @ 24, tag @ 28, rec @ 32);
 assert_layout!(RwTuple, 40, cport @ 4, caddr @ 8, saddr @ 24);
 assert_layout!(RwUdpHandoff, 168, published_ns @ 160);

@@ -64,6 +64,7 @@ __attribute__((noinline)) int rw_fanout(const struct rw_sock *st, const struct r
 	} else {
 		w.uid = (__u32)bpf_get_current_uid_gid();
 		w.cgroup_id = bpf_get_current_cgroup_id();
+		w.origin = rw_origin_bits();
 	}
 	w.proto = IPPROTO_UDP;
 	w.n_rules = conf->n_rules;

@@ -43,6 +43,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 	} else {
 		w.uid = (__u32)bpf_get_current_uid_gid();
 		w.cgroup_id = bpf_get_current_cgroup_id();
+		w.origin = rw_origin_bits();
 		/* A service's connect without records may serve any of its
 		 * clients: its own uid and cgroup say nothing of whose flow it
 		 * is, nor does a link (only the service's own records would), so

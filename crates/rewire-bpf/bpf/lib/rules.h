@@ -10,6 +10,7 @@
 #pragma once
 
 #include "addr.h"
+#include "select.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -25,11 +26,14 @@ struct rw_walk {
 	__u64 seen; /* bit per service id already in the chain */
 	__u64 cgroup_id;
 	__u32 uid;
-	__u32 n_rules;
+	__u32 origin; /* the origin's selectors (rw_sel bits, select.h) */
+	__u16 rule_id;
+	__u8 service_id; /* 1..RW_MAX_SERVICES (63) */
+	__u8 n_rules;    /* at most RW_MAX_RULES (64) */
+	/* (56 bytes in all: it is on the stack of rw_choose and, in rw_choice,
+	 * of the UDP path, whose combined frames are at the verifier's 512) */
 	__u8 proto;
 	__u8 found;
-	__u16 service_id;
-	__u16 rule_id;
 	__u8 any_dst; /* a broadcast/multicast send: every rule's destination
 		       * applies, and only a rule that does not let it pass is found */
 	__u8 any_origin; /* the origin is not proven (a service's connect without
@@ -48,6 +52,7 @@ static __always_inline __u8 rw_walk_from(struct rw_walk *w, const struct rw_reco
 			w->seen |= 1ULL << (rec->chain[i] & 63);
 	w->uid = rec->uid;
 	w->cgroup_id = rec->cgroup_id;
+	w->origin = rec->origin_sel;
 	return n;
 }
 
@@ -76,6 +81,8 @@ static long rw_walk_rule(__u32 i, void *data)
 	if (r->has_uid && !w->any_origin && r->uid != w->uid)
 		return 0;
 	if (r->has_cgroup && !w->any_origin && r->cgroup_id != w->cgroup_id)
+		return 0;
+	if (r->sel && !w->any_origin && !rw_sel_match(r->sel, w->origin))
 		return 0;
 	if (w->any_dst) {
 		/* One datagram to many receivers reaches whatever any rule's

@@ -86,6 +86,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	if (!has_rec && !c.linked) {
 		rw_new_record(&st->rec, &orig, IPPROTO_TCP, c.w.cgroup_id, c.caller);
 		st->rec.depth = c.depth;
+		st->rec.origin_sel = c.w.origin;
 	}
 	rw_append(&st->rec, c.n, c.w.service_id);
 	st->flags |= RW_F_REDIRECTED;

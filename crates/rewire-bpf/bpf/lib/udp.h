@@ -330,6 +330,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	else {
 		rw_new_record(&sl->rec, &orig, IPPROTO_UDP, c.w.cgroup_id, c.caller);
 		sl->rec.depth = c.depth;
+		sl->rec.origin_sel = c.w.origin;
 	}
 	sl->target = c.target;
 	__builtin_memset(&sl->src, 0, sizeof(sl->src));
