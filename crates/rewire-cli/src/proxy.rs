@@ -217,6 +217,16 @@ pub fn main(a: ProxyArgs) -> Result<()> {
 /// but only if the daemon's hooks are attached (else its connects would not
 /// be redirected, and nothing would tell).
 fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
+    // A service identified by an existing cgroup (`[[service]] cgroup`, e.g.
+    // its systemd unit) whose process runs there already is the service
+    // where it is: it stays in its unit.
+    if let Some(c) = cfg.services.iter().find(|s| s.name.get_ref() == name).and_then(|s| s.cgroup.as_ref()) {
+        let own = rewire_control::cover::resolve(c.get_ref())?;
+        if rewire_control::cgroup::cgroup_of(std::process::id())? == own {
+            tracing::info!("running as service `{name}` in its own cgroup {}", own.display());
+            return Ok(());
+        }
+    }
     let subtree = match std::env::var_os(ENV_CGROUP) {
         Some(p) => {
             let p = PathBuf::from(p);

@@ -90,12 +90,18 @@ impl Host {
         }
         let mut cmd = child_cmd_exe(&exe, None, "child_app", &env);
         let procs = self.path(rel).join("cgroup.procs");
-        // SAFETY: a single write between fork and exec.
+        // Joins first (root moves it there), then becomes `uid`.
+        // SAFETY: a write and two set*id calls between fork and exec.
         unsafe {
-            cmd.pre_exec(move || std::fs::write(&procs, b"0"));
-        }
-        if let Some(u) = uid {
-            cmd.uid(u).gid(u);
+            cmd.pre_exec(move || {
+                std::fs::write(&procs, b"0")?;
+                if let Some(u) = uid {
+                    if libc::setgid(u) != 0 || libc::setuid(u) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
         cmd.stderr(Stdio::inherit());
         let child = spawn_exe(&mut cmd);
@@ -311,4 +317,138 @@ fn a_running_unit_is_covered_from_its_next_connect_beside_another_owners_program
     assert!(at_app.contains(&other.id()) && at_app.len() == 2, "{at_app:?}");
     drop(sb);
     assert_eq!(OtherProgram::connect4_at(&host.path(APP)), vec![other.id()], "only the other owner's program is left");
+}
+
+/// Selection by executable (the WFP application id), matched in the kernel
+/// by the running binary's inode and device: two copies of one program,
+/// same user, same cgroup, both running before rewire attached; only the
+/// copy the rule names goes through the service.
+#[test]
+fn only_the_selected_executable_is_redirected() {
+    let mut host = Host::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let a = exe_for_all(&host.dir);
+    let b = host.dir.join("other-copy");
+    std::fs::copy(&a, &b).unwrap();
+    let selected = host.app(APP, Some(&a), None, server.addr, None);
+    let other = host.app(APP, Some(&b), None, server.addr, None);
+    let cfg = format!(
+        "{}[[service]]\nname = \"audit\"\nlisten = \"127.0.0.1:{}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\nexe = \"{}\"\n",
+        cover(&[host.cg(APP)]),
+        free_port(),
+        server.addr.port(),
+        a.display()
+    );
+    let mut sb = Sandbox::new(&cfg);
+    let log = sb.proxy("audit");
+    let s = selected.go();
+    let o = other.go();
+    read_log(&log, 2);
+    assert_eq!(flows_of(&log, selected.pid), 2, "the selected binary's connects go through audit");
+    let peers = server.peers();
+    assert!(!peers.contains(&s.early.0) && !peers.contains(&s.fresh.0), "{peers:?}");
+    assert_eq!(flows_of(&log, other.pid), 0, "the other copy is not selected");
+    assert!(peers.contains(&o.early.0) && peers.contains(&o.fresh.0), "the other copy went direct: {peers:?}");
+}
+
+/// Selection by cgroup path: a rule with `cgroup = "/…/kubepods.slice"`
+/// takes the flows of every pod below it, not those of a unit beside it,
+/// though both are covered.
+#[test]
+fn a_cgroup_path_selects_everything_below_it_and_nothing_beside() {
+    let mut host = Host::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let pod = host.app(POD, None, None, server.addr, None);
+    let unit = host.app(APP, None, None, server.addr, None);
+    let cfg = format!(
+        "{}[[service]]\nname = \"audit\"\nlisten = \"127.0.0.1:{}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\ncgroup = \"{}\"\n",
+        cover(&[host.cg("kubepods.slice"), host.cg("system.slice")]),
+        free_port(),
+        server.addr.port(),
+        host.cg("kubepods.slice")
+    );
+    let mut sb = Sandbox::new(&cfg);
+    let log = sb.proxy("audit");
+    let p = pod.go();
+    let u = unit.go();
+    let lines = read_log(&log, 2);
+    assert_eq!(flows_of(&log, pod.pid), 2, "{lines:?}");
+    assert_eq!(p.fresh.1, server.addr);
+    assert_eq!(flows_of(&log, unit.pid), 0);
+    assert!(server.peers().contains(&u.fresh.0));
+}
+
+/// A delegated subtree (a user's `user@UID.service`): its user may move its
+/// processes between the cgroups below it. Covering a cgroup inside it is
+/// refused (a process could leave for a sibling it can write and connect
+/// uninspected); covering the delegated cgroup itself holds: a process of
+/// that user that moves itself to a sibling scope is still redirected.
+#[test]
+fn a_process_cannot_leave_the_cover_for_a_sibling_it_can_write() {
+    let mut host = Host::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = free_port();
+    // Refused: a scope inside the delegated subtree.
+    let name = format!("rewire-test-{}-deleg", std::process::id());
+    let path = host.dir.join("deleg.toml");
+    std::fs::write(&path, format!("cgroup = \"{name}\"\n{}{}", cover(&[host.cg(USER_A)]), service("audit", port, server.addr.port())))
+        .unwrap();
+    let cfg = rewire_control::Config::load(&path).unwrap();
+    let cg = ManagedCgroup::create(&name).unwrap();
+    let err = rewire_control::Hooks::attach(&cfg, cg.path()).expect_err("a cover inside a delegated subtree is refused").to_string();
+    drop(cg);
+    assert!(err.contains("user@1000.service") && err.contains("writable by uid 65534"), "{err}");
+
+    // Covering the delegated cgroup: moving between its scopes stays inside.
+    let exe = exe_for_all(&host.dir);
+    let mover = host.app(USER_A, Some(&exe), Some(USER), server.addr, Some(USER_B));
+    let mut sb = Sandbox::new(&format!("{}{}", cover(&[host.cg(USER_MGR)]), service("audit", port, server.addr.port())));
+    let log = sb.proxy("audit");
+    let seen = mover.go();
+    assert_eq!(rewire_control::cgroup::cgroup_of(mover.pid).unwrap(), host.path(USER_B), "the process moved itself");
+    read_log(&log, 2);
+    assert_eq!(flows_of(&log, mover.pid), 2, "both connects went through audit after the move");
+    assert!(!server.peers().contains(&seen.fresh.0));
+}
+
+/// A service identified by an existing cgroup (`squid.service`): its
+/// proxy, running in that unit, gets the flows after `audit` (the
+/// subtree's own service), and its onward connect continues the chain (it
+/// is known as the service: no loop, the server sees it once).
+#[test]
+fn a_service_identified_by_an_existing_unit_serves_its_flows() {
+    let mut host = Host::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let app = host.app(APP, None, None, server.addr, None);
+    let cfg = format!(
+        "{}{}[[service]]\nname = \"squid\"\ncgroup = \"{}\"\nlisten = \"127.0.0.1:{}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\n",
+        cover(&[host.cg(APP)]),
+        service("audit", free_port(), server.addr.port()),
+        host.cg(SQUID),
+        free_port(),
+        server.addr.port()
+    );
+    let mut sb = Sandbox::new(&cfg);
+    let audit = sb.proxy("audit");
+    // squid runs in its own unit, not in rewire's subtree.
+    let squid = sb.dir.join("squid.jsonl");
+    let mut cmd = Command::new(REWIRE);
+    cmd.args(["proxy", "--name", "squid", "--log"]).arg(&squid).env("REWIRE_CONFIG", &sb.config_path).stdout(Stdio::null());
+    let procs = host.path(SQUID).join("cgroup.procs");
+    // SAFETY: a single write between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+    }
+    let squid_pid = sb.spawn(cmd);
+    wait_listening(sb.config.services[1].listen[0]);
+    assert_eq!(rewire_control::cgroup::cgroup_of(squid_pid).unwrap(), host.path(SQUID), "squid stays in its unit");
+    let seen = app.go();
+    let a = read_log(&audit, 2);
+    let s = read_log(&squid, 2);
+    for l in a.iter().chain(&s) {
+        assert_eq!(l["client_pid"], app.pid, "{l}");
+    }
+    assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
+    assert_eq!(seen.fresh.1, server.addr);
+    assert_eq!(server.peers().len(), 2, "each flow reached the server once");
 }

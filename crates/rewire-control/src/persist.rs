@@ -411,6 +411,14 @@ impl Hooks {
 /// `config` with the pinned SipHash key, every program loaded (not
 /// attached); every map staged under `<dir>/stage/`.
 fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Outcome) -> Result<Ebpf, HooksError> {
+    // Pinned links live at the subtree only: a configuration that covers
+    // more would be served partly, so it is refused rather than half-applied.
+    if crate::cover::attach_points(config, subtree)? != [subtree] {
+        return Err(HooksError::Config(format!(
+            "{}: `cover` and a service's `cgroup` are served by `rewire run` only so far, not by the daemon",
+            config.path.display()
+        )));
+    }
     let object = rewire_bpf::object();
     let obj = aya_obj::Object::parse(object).map_err(|e| HooksError::Config(format!("parsing rewire's BPF object: {e}")))?;
     let stage = stage_dir(dir);
