@@ -160,7 +160,12 @@ fn child_app() {
     let sync: PathBuf = env("HOST_SYNC").unwrap();
     let early = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     std::fs::write(&sync, format!("ready {}", std::process::id())).unwrap();
-    wait_file(&sync, "go");
+    // Bounded, but long: a daemon's programs take over 20 s to load on a loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while !std::fs::read_to_string(&sync).unwrap_or_default().starts_with("go") {
+        assert!(std::time::Instant::now() < deadline, "no `go` after 240 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     if let Some(to) = env::<PathBuf>("HOST_MOVE_TO") {
         std::fs::write(to.join("cgroup.procs"), "0").unwrap();
     }
@@ -451,4 +456,97 @@ fn a_service_identified_by_an_existing_unit_serves_its_flows() {
     assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
     assert_eq!(seen.fresh.1, server.addr);
     assert_eq!(server.peers().len(), 2, "each flow reached the server once");
+}
+
+/// Polls (at most 120 s: loading the programs takes 2 s on an idle
+/// machine, over 20 s on a loaded one) until `f` holds.
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `rewire daemon` covers a running unit with pinned links beside another
+/// owner's program; `rewire reload` takes the cover away (the unit's next
+/// connect goes direct, only the other program is left there) and gives it
+/// back; SIGTERM leaves it enforcing; `rewire down` detaches rewire's links
+/// at the unit and leaves the unit and the other program.
+#[test]
+fn the_daemon_covers_a_unit_across_reload_and_down_leaves_it_as_it_was() {
+    let mut host = Host::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let other = OtherProgram::attach(&host.dir, &host.path(APP));
+    let name = format!("rewire-test-{}-hostd", std::process::id());
+    let svc = service("audit", free_port(), server.addr.port());
+    let (with, without) = (host.dir.join("with.toml"), host.dir.join("without.toml"));
+    std::fs::write(&with, format!("cgroup = \"{name}\"\n{}{svc}", cover(&[host.cg(APP)]))).unwrap();
+    std::fs::write(&without, format!("cgroup = \"{name}\"\n{svc}")).unwrap();
+    let first = host.app(APP, None, None, server.addr, None);
+    let second = host.app(APP, None, None, server.addr, None);
+    let app_cg = host.path(APP);
+    let ours_at_app = || OtherProgram::connect4_at(&app_cg).len() - 1;
+    let log = host.dir.join("audit.jsonl");
+
+    let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&with).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut proxy = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("the daemon attached at the unit", || ours_at_app() == 1);
+        let p = Command::new(REWIRE)
+            .args(["proxy", "--name", "audit", "--log"])
+            .arg(&log)
+            .arg("--config")
+            .arg(&with)
+            .env_remove("REWIRE_CGROUP")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        proxy = Some(p);
+        wait_listening(rewire_control::Config::load(&with).unwrap().services[0].listen[0]);
+        let before = other.count();
+        let s = first.go();
+        read_log(&log, 2);
+        assert_eq!(flows_of(&log, first.pid), 2);
+        assert_eq!(s.fresh.1, server.addr);
+        assert!(other.count() >= before + 2, "the other owner's program ran too");
+
+        // `rewire reload` waits 30 s for the daemon's answer; on a loaded
+        // machine the new generation may take longer: its effect is what counts.
+        let r = Command::new(REWIRE).args(["reload", "--config"]).arg(&without).output().unwrap();
+        let said = String::from_utf8_lossy(&r.stderr).into_owned();
+        assert!(r.status.success() || said.contains("did not answer"), "{said}");
+        wait_until("reload without the cover detached rewire's link at the unit", || ours_at_app() == 0);
+        let s = second.go();
+        assert!(server.peers().contains(&s.fresh.0), "an uncovered unit's connect goes direct");
+        assert_eq!(flows_of(&log, second.pid), 0);
+
+        let r = Command::new(REWIRE).args(["reload", "--config"]).arg(&with).output().unwrap();
+        let said = String::from_utf8_lossy(&r.stderr).into_owned();
+        assert!(r.status.success() || said.contains("did not answer"), "{said}");
+        wait_until("covered again", || ours_at_app() == 1);
+    }));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let kept = ours_at_app();
+    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&with).output().unwrap();
+    if let Some(mut p) = proxy {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let after = OtherProgram::connect4_at(&app_cg);
+    if let Ok(mut c) = ManagedCgroup::existing(&name) {
+        let _ = c.remove();
+    }
+    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
+    result.unwrap();
+    assert_eq!(kept, 1, "SIGTERM leaves the unit covered");
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    assert_eq!(after, vec![other.id()], "down leaves only the other owner's program at the unit");
+    assert!(app_cg.exists(), "the unit stays");
 }

@@ -246,6 +246,7 @@ pub fn remove_pins(dir: &Path) -> Result<Removed, HooksError> {
     }
     r.links += crate::scope::remove_pinned(dir).map_err(|e| HooksError::Pin { path: dir.join("scope"), message: e.to_string() })?;
     r.links += crate::guard::remove_pinned(dir).map_err(|e| HooksError::Pin { path: dir.join("guard"), message: e.to_string() })?;
+    r.links += crate::cover::remove_pinned(dir);
     r.links += crate::guard::remove_pinned_lsm(dir).map_err(|e| HooksError::Pin { path: dir.join("lsm"), message: e.to_string() })?;
     if let Ok(rd) = fs::read_dir(links_dir(dir)) {
         for e in rd.flatten() {
@@ -315,7 +316,9 @@ impl Hooks {
         let bpf = load_generation(config, subtree, dir, &mut outcome)?;
         let cg_id = crate::cgroup::cgroup_id(subtree).map_err(|e| HooksError::Config(e.to_string()))?;
         let wanted = crate::hooks::programs_for(config);
-        if !replace_programs && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id, &wanted)? {
+        // Covered cgroups (crate::cover): their links are always updated in place.
+        let covers = crate::cover::attach_points(config, subtree)?.len() > 1 || crate::cover::covers_dir(dir).exists();
+        if !replace_programs && !covers && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id, &wanted)? {
             let _ = fs::remove_dir_all(stage_dir(dir));
             let outcome = Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, ..Default::default() };
             let mut held = vec![];
@@ -327,6 +330,7 @@ impl Hooks {
             return Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope }, outcome));
         }
         let held = switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
+        crate::cover::switch_pinned(&bpf, config, subtree, dir, &wanted, &mut outcome)?;
         publish(dir)?;
         let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
         Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope }, outcome))
@@ -348,6 +352,8 @@ impl Hooks {
                 self.held_guard.push((format!("{sub}/{}", e.file_name().to_string_lossy()), fd));
             }
         }
+        // The links at covered cgroups, held and restored the same way.
+        self.held_guard.extend(crate::cover::pinned_links(dir).map_err(sys("opening the covered cgroups' links"))?);
         Ok(self.held_guard.len())
     }
 
@@ -397,7 +403,9 @@ impl Hooks {
         let mut outcome = Outcome::default();
         let bpf = load_generation(config, &self.cgroup, dir, &mut outcome)?;
         let cg_id = crate::cgroup::cgroup_id(&self.cgroup).map_err(|e| HooksError::Config(e.to_string()))?;
-        let held = switch(&bpf, &self.cgroup, cg_id, dir, &crate::hooks::programs_for(config), &mut outcome)?;
+        let wanted = crate::hooks::programs_for(config);
+        let held = switch(&bpf, &self.cgroup, cg_id, dir, &wanted, &mut outcome)?;
+        crate::cover::switch_pinned(&bpf, config, &self.cgroup, dir, &wanted, &mut outcome)?;
         publish(dir)?;
         self.bpf = bpf;
         self.held = held;
@@ -411,14 +419,6 @@ impl Hooks {
 /// `config` with the pinned SipHash key, every program loaded (not
 /// attached); every map staged under `<dir>/stage/`.
 fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Outcome) -> Result<Ebpf, HooksError> {
-    // Pinned links live at the subtree only: a configuration that covers
-    // more would be served partly, so it is refused rather than half-applied.
-    if crate::cover::attach_points(config, subtree)? != [subtree] {
-        return Err(HooksError::Config(format!(
-            "{}: `cover` and a service's `cgroup` are served by `rewire run` only so far, not by the daemon",
-            config.path.display()
-        )));
-    }
     let object = rewire_bpf::object();
     let obj = aya_obj::Object::parse(object).map_err(|e| HooksError::Config(format!("parsing rewire's BPF object: {e}")))?;
     let stage = stage_dir(dir);
@@ -501,7 +501,7 @@ fn keep_key(bpf: &mut Ebpf, dir: &Path) -> Result<(), HooksError> {
     arr.set(0, conf, 0).map_err(|source| HooksError::Map { name: "rw_conf", source })
 }
 
-fn prog_fd<'a>(bpf: &'a Ebpf, name: &'static str) -> Result<std::os::fd::BorrowedFd<'a>, HooksError> {
+pub(crate) fn prog_fd<'a>(bpf: &'a Ebpf, name: &'static str) -> Result<std::os::fd::BorrowedFd<'a>, HooksError> {
     let prog = bpf.program(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
     Ok(prog.fd().map_err(|source| HooksError::Program { name, source })?.as_fd())
 }
