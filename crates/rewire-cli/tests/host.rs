@@ -403,6 +403,21 @@ fn a_process_cannot_leave_the_cover_for_a_sibling_it_can_write() {
     let err = rewire_control::Hooks::attach(&cfg, cg.path()).expect_err("a cover inside a delegated subtree is refused").to_string();
     drop(cg);
     assert!(err.contains("user@1000.service") && err.contains("writable by uid 65534"), "{err}");
+    // The same for a service's own cgroup (its user could move anybody's
+    // processes of the subtree in) and for a selecting `cgroup`.
+    let svc_in = format!(
+        "[[service]]\nname = \"audit\"\nlisten = \"127.0.0.1:{port}\"\ncgroup = \"{}\"\n\
+         [[service.match]]\nports = {}\ncgroup = \"{}\"\n",
+        host.cg(USER_A),
+        server.addr.port(),
+        host.cg(USER_B)
+    );
+    std::fs::write(&path, format!("cgroup = \"{name}\"\n{svc_in}")).unwrap();
+    let cfg = rewire_control::Config::load(&path).unwrap();
+    let e = rewire_control::cover::named_cgroups(&cfg).expect_err("a service cgroup inside a delegated subtree").to_string();
+    assert!(e.contains("user@1000.service"), "{e}");
+    let e = rewire_control::cover::Selectors::of(&cfg).expect_err("a selecting cgroup inside a delegated subtree").to_string();
+    assert!(e.contains("user@1000.service"), "{e}");
 
     // Covering the delegated cgroup: moving between its scopes stays inside.
     let exe = exe_for_all(&host.dir);
