@@ -41,7 +41,13 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
         },
     };
     match service {
-        Some(name) => join_service(&subtree, name)?,
+        Some(name) => {
+            join_service(&subtree, name)?;
+            // Listeners the service manager bound and passed (socket activation) are re-made in the service.
+            if pin_dir(&cfg).exists() {
+                crate::manage::take_over_passed_listeners(&cfg, &rewire_control::listeners::passed_fds());
+            }
+        }
         None => {
             drop_inherited_outside_descriptors();
             let confinement = Confinement::new()?;

@@ -45,6 +45,27 @@ pub fn attached_subtree(cfg: &Config, config: &Path) -> Result<PathBuf> {
     Ok(cg)
 }
 
+/// Replaces the listening sockets the service manager passed to this
+/// process (`LISTEN_FDS`, bound outside the service) with listeners made in
+/// the service it has joined, after the checks of
+/// [`rewire_control::listeners`]; one line for each socket.
+pub fn take_over_passed_listeners(cfg: &Config, fds: &[std::os::fd::RawFd]) {
+    if fds.is_empty() {
+        return;
+    }
+    match rewire_control::listeners::take_over_passed(&pin_dir(cfg), fds) {
+        Ok(regs) => {
+            for r in regs {
+                match r.outcome {
+                    Ok(_) => tracing::info!("{r}"),
+                    Err(_) => tracing::warn!("{r}; the service's flows to it are refused"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!("the sockets the service manager passed cannot be taken over by the service: {e}"),
+    }
+}
+
 /// Moves this process into service `name`'s cgroup under `subtree`
 /// (`<subtree>/services/<name>`, made when the hooks were attached).
 pub fn join_service(subtree: &Path, name: &str) -> Result<()> {

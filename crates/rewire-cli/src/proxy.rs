@@ -85,6 +85,8 @@ pub struct ProxyArgs {
 }
 
 pub fn main(a: ProxyArgs) -> Result<()> {
+    // The sockets passed to this very process, before take() removes the variables.
+    let passed = rewire_control::listeners::passed_fds();
     // Before any thread starts: this removes the variables from the environment.
     let mut inherited = rewire_proxy::activation::take().context("socket activation (LISTEN_FDS)")?;
     match rewire_proxy::limits::raise_nofile() {
@@ -107,6 +109,9 @@ pub fn main(a: ProxyArgs) -> Result<()> {
         udp_ports = udp_ports.or(Some(svc.udp_ports));
         if !a.original_dst {
             join_daemon_cgroup(cfg, &a.name)?;
+            if pin_dir(cfg).exists() {
+                crate::manage::take_over_passed_listeners(cfg, &passed);
+            }
         }
     }
     if listen.is_empty() {

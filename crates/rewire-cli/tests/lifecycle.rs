@@ -887,3 +887,206 @@ fn proxy_and_exec_started_with_the_daemon_wait_for_its_hooks() {
         text.lines().filter(|l| l.contains("wait") || l.contains("attached")).collect::<Vec<_>>().join(" | ")
     );
 }
+
+/// Waits (at most 60 s) until `path` contains `what`; its text.
+fn wait_text(path: &Path, what: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(what) {
+            return text;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no `{what}` in {} after 60 s:\n{text}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `rewire exec -- rewire probe DST --send 16` from the subtree: its JSON report and exit code.
+fn probe_from_subtree(life: &Life, dst: SocketAddr) -> (Value, Option<i32>) {
+    let out = life
+        .rewire()
+        .args(["exec", "--config", life.cfg.to_str().unwrap(), "--", REWIRE, "probe", &dst.to_string(), "--send", "16"])
+        .output()
+        .unwrap();
+    (serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), out.status.code())
+}
+
+/// A proxy started the systemd way: `systemd-socket-activate` (the real
+/// one, package systemd) binds the service's address outside the service,
+/// and at the first connection execs `rewire exec --service audit --
+/// rewire proxy`, passing the socket (LISTEN_FDS). `rewire exec` makes the
+/// passed socket the service's listener (rewire_control::listeners), so the
+/// application's flows reach the proxy through it; before, the hooks
+/// refused them (the socket was not bound by the service: an impostor).
+#[test]
+fn a_socket_passed_by_systemd_socket_activate_serves_its_services_flows() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    life.start_daemon(&[]);
+    let (log, err) = (life.dir.join("audit.jsonl"), life.dir.join("activated.err"));
+    let cfg = life.cfg.to_str().unwrap().to_string();
+    // systemd-socket-activate passes only the variables given with -E.
+    let bpffs = format!("REWIRE_BPFFS={}", life.bpffs.display());
+    let child = Command::new("systemd-socket-activate")
+        .args([
+            "-E",
+            &bpffs,
+            "-E",
+            "REWIRE_LOG=info",
+            "-l",
+            &listen.to_string(),
+            REWIRE,
+            "exec",
+            "--config",
+            &cfg,
+            "--service",
+            "audit",
+            "--",
+            REWIRE,
+            "proxy",
+        ])
+        .args(["--name", "audit", "--config", &cfg, "--log"])
+        .arg(&log)
+        .env("REWIRE_BPFFS", &life.bpffs)
+        .env("REWIRE_LOG", "info")
+        .env_remove("REWIRE_CGROUP")
+        .env_remove("REWIRE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd; scripts/setup.sh installs it)");
+    let pid = child.id();
+    life.children.push(child);
+    wait_listening(listen);
+    // The service manager starts the service at the first connection (here
+    // one from outside the subtree, which the hooks do not redirect).
+    drop(TcpStream::connect(listen).unwrap());
+    let text = wait_text(&err, "proxy audit listening");
+    // The activated process is the service's (exec kept the pid).
+    assert!(rewire_control::cgroup::cgroup_of(pid).unwrap().ends_with("services/audit"));
+    let (r, code) = probe_from_subtree(&life, server.addr);
+    assert_eq!(code, Some(0), "{r}\n{text}");
+    assert!(text.contains("now a listener made in the service"), "{text}");
+    assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");
+    let line = &read_log(&log, 2).into_iter().find(|l| l["chain"] == json!(["audit"])).expect("the probe's flow");
+    assert_eq!(line["original_destination"], server.addr.to_string(), "{line}");
+    println!("socket activation: {}", text.lines().filter(|l| l.contains("descriptor 3")).collect::<Vec<_>>().join(" | "));
+}
+
+/// A TCP listener on `listen`, made in a thread acting as `euid` (its
+/// socket's owner), then owned by this process.
+fn listener_as(listen: SocketAddr, euid: u32) -> std::os::fd::OwnedFd {
+    std::thread::spawn(move || {
+        use std::os::fd::OwnedFd;
+        // SAFETY: setresuid for this thread only (the raw system call, not libc's
+        // process-wide wrapper); the saved uid stays 0, so it can return to root.
+        let set = |e: u32| unsafe { libc::syscall(libc::SYS_setresuid, -1i32, e as i32, -1i32) };
+        assert_eq!(set(euid), 0, "{}", std::io::Error::last_os_error());
+        let l = std::net::TcpListener::bind(listen);
+        assert_eq!(set(0), 0, "{}", std::io::Error::last_os_error());
+        let fd: OwnedFd = l.unwrap().into();
+        fd
+    })
+    .join()
+    .unwrap()
+}
+
+/// Starts `rewire exec --service audit -- PROG...` with `sock` at descriptor
+/// 3 and the socket-activation variables `env` (`LISTEN_PID=self`: the
+/// exec'd process's own pid); stderr in `err`. Its pid (kept through every exec).
+fn exec_service_with(life: &mut Life, sock: &std::os::fd::OwnedFd, env: &[(&str, &str)], prog: &[&str], err: &Path) -> u32 {
+    use std::os::fd::AsRawFd;
+    let cfg = life.cfg.to_str().unwrap().to_string();
+    let own_pid = env.iter().any(|&(k, v)| k == "LISTEN_PID" && v == "self");
+    let mut cmd = Command::new("/bin/sh");
+    let script = if own_pid { "LISTEN_PID=$$ exec \"$0\" \"$@\"" } else { "exec \"$0\" \"$@\"" };
+    cmd.arg("-c").arg(script).arg(REWIRE).args(["exec", "--config", &cfg, "--service", "audit", "--"]).args(prog);
+    for &(k, v) in env.iter().filter(|&&(_, v)| v != "self") {
+        cmd.env(k, v);
+    }
+    cmd.env("REWIRE_BPFFS", &life.bpffs).env("REWIRE_LOG", "info").env_remove("REWIRE_CGROUP").env_remove("REWIRE_CONFIG");
+    let fd = sock.as_raw_fd();
+    // SAFETY: only dup2 (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || if libc::dup2(fd, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(std::fs::File::create(err).unwrap()).spawn().unwrap();
+    let pid = child.id();
+    life.children.push(child);
+    pid
+}
+
+type Case<'a> = (&'a str, u32, &'a [(&'a str, &'a str)], &'a str);
+
+/// A socket that merely reaches a service's process is never the
+/// service's listener, though the process holds it listening on the
+/// service's address: made by another user (uid 65534) and passed by root
+/// with LISTEN_FDS to the service's own process; made by root and inherited
+/// without LISTEN_FDS; passed with a LISTEN_PID naming another process.
+/// Each time the application's connect is refused (fail = "closed": the
+/// socket is an impostor's). Control: the same root socket passed properly,
+/// to `rewire proxy`, serves the flow.
+#[test]
+fn a_socket_that_merely_reaches_a_service_never_gets_its_flows() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    life.start_daemon(&[]);
+    let cfg = life.cfg.to_str().unwrap().to_string();
+    let log = life.dir.join("audit.jsonl");
+    let proxy = [REWIRE, "proxy", "--name", "audit", "--config", &cfg, "--log", log.to_str().unwrap()];
+    let holder = ["sleep", "120"];
+    let cases: [Case; 4] = [
+        ("another user's socket passed with LISTEN_FDS", 65534, &[("LISTEN_FDS", "1"), ("LISTEN_PID", "self")], "made by uid 65534"),
+        ("root's socket inherited without LISTEN_FDS", 0, &[], ""),
+        ("root's socket with another process's LISTEN_PID", 0, &[("LISTEN_FDS", "1"), ("LISTEN_PID", "1")], ""),
+        (
+            "control: root's socket passed with LISTEN_FDS",
+            0,
+            &[("LISTEN_FDS", "1"), ("LISTEN_PID", "self")],
+            "now a listener made in the service",
+        ),
+    ];
+    for (i, (what, uid, env, says)) in cases.into_iter().enumerate() {
+        let control = i == 3;
+        let sock = listener_as(listen, uid);
+        let err = life.dir.join(format!("case{i}.err"));
+        let pid = exec_service_with(&mut life, &sock, env, if control { &proxy } else { &holder }, &err);
+        drop(sock);
+        let text = if control {
+            wait_text(&err, "proxy audit listening")
+        } else {
+            // Once the process is `sleep`, rewire exec has done all it does.
+            let t0 = Instant::now();
+            while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != "sleep" {
+                assert!(t0.elapsed() < Duration::from_secs(60), "{what}: exec did not run its command");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::fs::read_to_string(&err).unwrap()
+        };
+        assert!(text.contains(says), "{what}: {text}");
+        assert!(rewire_control::cgroup::cgroup_of(pid).unwrap().ends_with("services/audit"), "{what}");
+        assert!(rewire_control::net::is_listening(listen), "{what}");
+        let (r, code) = probe_from_subtree(&life, server.addr);
+        if control {
+            assert_eq!(code, Some(0), "{what}: {r}\n{text}");
+            assert_eq!(r["sent_sha256"], r["received_sha256"], "{what}: {r}");
+        } else {
+            assert_eq!(code, Some(2), "{what}: the flow went through: {r}\n{text}");
+            assert_eq!(r["errno"], libc::ECONNREFUSED, "{what}: {r}");
+        }
+        println!("{what}: {}", if control { "served".to_string() } else { format!("refused ({})", r["error"]) });
+        // The process (and with it the socket) goes before the next case.
+        let mut p = life.children.pop().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::SIGKILL).unwrap();
+        p.wait().unwrap();
+        let t0 = Instant::now();
+        while rewire_control::net::is_listening(listen) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the socket outlived its process");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

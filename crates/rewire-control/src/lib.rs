@@ -12,6 +12,7 @@
 //! - [`guard`]: the borrowed-socket guard at an ancestor of the subtree;
 //! - [`scope`]: the program that keeps a link-local destination's scope id;
 //! - [`stats`]: per-service counters and the live generation, read from the pins;
+//! - [`listeners`]: listeners a service manager passed to a service, re-made inside it;
 //! - [`checks`]: start-up checks with one actionable message each;
 //! - [`paths`]: every name on disk and every environment variable.
 
@@ -27,6 +28,7 @@ pub mod guard;
 pub mod hooks;
 mod libbpf;
 pub mod limiter;
+pub mod listeners;
 pub mod net;
 pub mod paths;
 pub mod persist;
