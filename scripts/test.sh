@@ -7,7 +7,7 @@
 # Needs root: privileged tests fail (they never skip) without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup-test.sh
 
 echo "== format and lints"
 cargo fmt --all --check

@@ -1,6 +1,6 @@
 //! Unmodified transparent proxies in a chain (issue 14): programs written
 //! for an iptables/nftables `REDIRECT` rule, installed unmodified from
-//! Debian (squid, redsocks, sslsplit) and PyPI (mitmproxy) by scripts/setup.sh,
+//! Debian (squid, redsocks, sslsplit) and PyPI (mitmproxy) by scripts/setup-test.sh,
 //! run as rewire services with `rewire exec --service NAME -- CMD`. They ask
 //! the accepted socket for `SO_ORIGINAL_DST`; rewire's getsockopt program
 //! answers as netfilter would, and links their record-less onward connect
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-/// Where scripts/setup.sh installs what PyPI provides (a venv per program).
+/// Where scripts/setup-test.sh installs what PyPI provides (a venv per program).
 fn compat_prefix() -> PathBuf {
     std::env::var_os("REWIRE_COMPAT_PREFIX").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/opt/rewire-compat"))
 }
@@ -32,7 +32,7 @@ fn program(name: &str, path: Option<PathBuf>) -> PathBuf {
         Some(p) => p.is_file().then_some(p),
         None => std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file())),
     };
-    found.unwrap_or_else(|| panic!("`{name}` is not installed: run `bash scripts/setup.sh` (as root)"))
+    found.unwrap_or_else(|| panic!("`{name}` is not installed: run `bash scripts/setup-test.sh` (as root)"))
 }
 
 fn mitmdump() -> PathBuf {

@@ -1,6 +1,6 @@
 //! What `deploy/` ships is accepted by the tools that will run it:
 //! `systemd-analyze verify` for the systemd units (`deploy/systemd`), and
-//! `kubernetes-validate` (PyPI, installed by scripts/setup.sh) against the
+//! `kubernetes-validate` (PyPI, installed by scripts/setup-test.sh) against the
 //! Kubernetes API schemas for the DaemonSet (`deploy/kubernetes`). Neither
 //! needs a running service manager or cluster. The configuration each ships
 //! is loaded by rewire's own parser too.
@@ -62,7 +62,7 @@ fn verify(dir: &Path, units: &[&str]) -> (bool, String) {
         // Units and drop-ins from here (the trailing ':' adds the built-in paths for the targets they name).
         .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
         .output()
-        .expect("systemd-analyze (package systemd; scripts/setup.sh installs it)");
+        .expect("systemd-analyze (package systemd; scripts/setup-test.sh installs it)");
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), said)
 }
@@ -123,7 +123,7 @@ fn validate(file: &Path) -> (bool, String) {
         .args(["--strict"])
         .arg(file)
         .output()
-        .expect("kubernetes-validate (scripts/setup.sh installs it from PyPI)");
+        .expect("kubernetes-validate (scripts/setup-test.sh installs it from PyPI)");
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
