@@ -140,7 +140,7 @@ fn promtool(text: &str, dir: &Path) -> String {
         .args(["check", "metrics"])
         .stdin(std::fs::File::open(&f).unwrap())
         .output()
-        .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
+        .expect("promtool (Debian package prometheus; scripts/setup-test.sh installs it)");
     assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
