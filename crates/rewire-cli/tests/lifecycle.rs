@@ -958,7 +958,7 @@ fn a_socket_passed_by_systemd_socket_activate_serves_its_services_flows() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
-        .expect("systemd-socket-activate (package systemd; scripts/setup.sh installs it)");
+        .expect("systemd-socket-activate (package systemd; scripts/setup-test.sh installs it)");
     let pid = child.id();
     life.children.push(child);
     wait_listening(listen);
