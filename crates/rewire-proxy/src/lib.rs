@@ -51,7 +51,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
@@ -59,8 +59,11 @@ use tokio::sync::{mpsc, watch, Notify};
 
 pub mod activation;
 mod fastpath;
+mod flowlog;
 pub mod limits;
+pub mod original_dst;
 pub mod relay;
+mod tcp;
 pub mod udp;
 pub use relay::RelayMode;
 
@@ -183,119 +186,8 @@ impl Default for ProxyOptions {
     }
 }
 
-/// The JSON line written for every finished flow.
-#[derive(Clone, Debug, Serialize)]
-pub struct FlowLog {
-    /// This proxy's service name.
-    pub service: String,
-    /// "tcp" or "udp".
-    pub protocol: &'static str,
-    /// Flow id (hex), the same at every proxy of the chain.
-    pub flow: Option<String>,
-    /// Where the application connected.
-    pub original_destination: Option<SocketAddr>,
-    /// Services that handled the flow up to and including this one.
-    pub chain: Vec<String>,
-    /// Hop number of this proxy in the chain.
-    pub hop: Option<u8>,
-    /// The application's pid.
-    pub client_pid: Option<u32>,
-    /// The application's command name.
-    pub client_command: Option<String>,
-    /// The application's uid.
-    pub client_uid: Option<u32>,
-    /// Address of the peer this proxy accepted (the app or the previous proxy).
-    pub peer: SocketAddr,
-    /// Bytes relayed towards the destination.
-    pub bytes_to_server: u64,
-    /// Bytes relayed back to the client.
-    pub bytes_to_client: u64,
-    /// TCP with `--relay kernel`: of `bytes_to_server`, those the kernel fast path forwarded.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kernel_bytes_to_server: Option<u64>,
-    /// TCP with `--relay kernel`: of `bytes_to_client`, those the kernel fast path forwarded.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kernel_bytes_to_client: Option<u64>,
-    /// TCP: the preferred relay was refused and a fallback did (some of) the work.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub relay_fell_back: bool,
-    /// UDP: datagrams relayed towards the destination.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub datagrams_to_server: Option<u64>,
-    /// UDP: datagrams relayed back to the client.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub datagrams_to_client: Option<u64>,
-    /// Duration of the flow in milliseconds.
-    pub duration_ms: f64,
-    /// Unix time the flow ended, in seconds.
-    pub ended_at: f64,
-    /// Why the flow failed, if it did.
-    pub error: Option<String>,
-    /// Set when the proxy ended the flow itself: `"shutdown"` (still live
-    /// when the grace period ended). The counts are what it had relayed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cut: Option<&'static str>,
-    /// UDP: why the flow ended before it was idle for `udp_idle`:
-    /// `"client closed"` (the kernel said the application's socket closed).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ended: Option<&'static str>,
-}
-
-impl FlowLog {
-    /// An empty line for a flow from `peer`.
-    pub fn new(opts: &ProxyOptions, peer: SocketAddr, protocol: &'static str) -> Self {
-        FlowLog {
-            service: opts.name.clone(),
-            protocol,
-            flow: None,
-            original_destination: None,
-            chain: vec![],
-            hop: None,
-            client_pid: None,
-            client_command: None,
-            client_uid: None,
-            peer,
-            bytes_to_server: 0,
-            bytes_to_client: 0,
-            kernel_bytes_to_server: None,
-            kernel_bytes_to_client: None,
-            relay_fell_back: false,
-            datagrams_to_server: None,
-            datagrams_to_client: None,
-            duration_ms: 0.0,
-            ended_at: 0.0,
-            error: None,
-            cut: None,
-            ended: None,
-        }
-    }
-
-    /// Fills in what the flow's records and context say.
-    pub fn fill(&mut self, opts: &ProxyOptions, records: &rewire::RedirectRecords, ctx: Option<rewire::RedirectContext>) {
-        self.flow = Some(format!("{:016x}", records.flow_id()));
-        self.original_destination = Some(records.original_destination());
-        self.chain = records
-            .chain()
-            .iter()
-            .map(|&id| {
-                rewire::ServiceId::new(id).and_then(|s| opts.service_names.get(s.index())).cloned().unwrap_or_else(|| format!("#{id}"))
-            })
-            .collect();
-        // No context is an expected outcome, not a failure (as on Windows).
-        if let Some(ctx) = ctx {
-            self.hop = Some(ctx.hop);
-            self.client_pid = Some(ctx.pid);
-            self.client_command = Some(ctx.command);
-            self.client_uid = Some(ctx.uid);
-        }
-    }
-
-    /// Stamps the duration since `start` and the end time.
-    pub fn finish(&mut self, start: Instant) {
-        self.duration_ms = start.elapsed().as_secs_f64() * 1e3;
-        self.ended_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    }
-}
+pub use flowlog::FlowLog;
+pub use tcp::{bind, bind_or_inherit, handle, serve};
 
 /// The lines a proxy wrote with `--log` (one JSON object per finished flow),
 /// waiting (blocking) up to `timeout` until there are at least `n`. Only complete lines
@@ -536,39 +428,6 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// Binds the listeners (IPv6 ones IPv6-only, so each family has its own socket).
-pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
-    bind_or_inherit(addrs, &mut vec![])
-}
-
-/// Binds the listeners, taking the socket of an address from `inherited`
-/// (socket activation: [`activation::take`]) where there is one.
-pub fn bind_or_inherit(addrs: &[SocketAddr], inherited: &mut Vec<activation::Inherited>) -> std::io::Result<Vec<TcpListener>> {
-    addrs
-        .iter()
-        .map(|a| {
-            if let Some(s) = activation::claim(inherited, activation::Transport::Tcp, *a) {
-                tracing::info!("listening on {a} (tcp) with the socket passed by the service manager ({s})");
-                let l = std::net::TcpListener::from(s.fd);
-                l.set_nonblocking(true)?;
-                socket2::SockRef::from(&l).set_linger(Some(Duration::ZERO))?;
-                return TcpListener::from_std(l);
-            }
-            let s = socket2::Socket::new(socket2::Domain::for_address(*a), socket2::Type::STREAM, None)?;
-            if a.is_ipv6() {
-                s.set_only_v6(true)?;
-            }
-            s.set_reuse_address(true)?;
-            s.set_nonblocking(true)?;
-            // Accepted sockets inherit it: abortive from their first moment (see `abortive`).
-            s.set_linger(Some(Duration::ZERO))?;
-            s.bind(&(*a).into())?;
-            s.listen(4096)?;
-            TcpListener::from_std(s.into())
-        })
-        .collect()
-}
-
 /// Waits until the phase is at least `p` (forever if the sender is gone:
 /// nobody can tell the proxy to stop any more, as before).
 pub(crate) async fn reached(phase: &mut watch::Receiver<Phase>, p: Phase) {
@@ -612,169 +471,4 @@ pub(crate) async fn cut_signal(cut: &mut watch::Receiver<bool>) {
     if cut.wait_for(|c| *c).await.is_err() {
         std::future::pending::<()>().await;
     }
-}
-
-/// Runs the TCP side of a proxy on bound listeners. At [`Phase::Drain`] the
-/// listeners are closed, live flows get the grace period and are cut after
-/// it (or at [`Phase::Cut`]); returns when every flow's line was sent to
-/// `logs`. New connections wait in the listen backlog while the proxy's
-/// descriptor budget has no room for another flow.
-pub async fn serve(
-    proxy: Arc<Proxy>,
-    listeners: Vec<TcpListener>,
-    logs: mpsc::UnboundedSender<FlowLog>,
-    mut phase: watch::Receiver<Phase>,
-) {
-    let (cut_tx, cut_rx) = watch::channel(false);
-    let mut acceptors = tokio::task::JoinSet::new();
-    for l in listeners {
-        acceptors.spawn(accept_loop(proxy.clone(), l, logs.clone(), phase.clone(), cut_rx.clone()));
-    }
-    drop(logs);
-    while acceptors.join_next().await.is_some() {}
-    wind_down(&proxy, "tcp", &proxy.tcp_live, &mut phase, &cut_tx).await;
-}
-
-/// Accepts on one listener until [`Phase::Drain`], then closes it.
-async fn accept_loop(
-    proxy: Arc<Proxy>,
-    listener: TcpListener,
-    logs: mpsc::UnboundedSender<FlowLog>,
-    mut phase: watch::Receiver<Phase>,
-    cut: watch::Receiver<bool>,
-) {
-    loop {
-        // Room for one more flow, or wait: the kernel's backlog holds new connections meanwhile.
-        let grant = match proxy.budget.try_take_leaving(TCP_FLOW_FDS, ACCEPT_HEADROOM) {
-            Some(g) => g,
-            None => {
-                let b = &proxy.budget;
-                proxy.accept_paused.note(format_args!("{} of {} descriptors held by flows", b.used(), b.total()));
-                tokio::select! {
-                    g = b.take_leaving(TCP_FLOW_FDS, ACCEPT_HEADROOM) => g,
-                    _ = reached(&mut phase, Phase::Drain) => break,
-                }
-            }
-        };
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, peer)) => {
-                    let (proxy2, logs, cut, live) = (proxy.clone(), logs.clone(), cut.clone(), proxy.tcp_live.enter());
-                    tokio::spawn(async move {
-                        let _grant = grant;
-                        if let Some(line) = handle(&proxy2, s, peer, cut).await {
-                            let _ = logs.send(line);
-                        }
-                        drop(live);
-                    });
-                }
-                Err(e) => {
-                    let pause = if limits::out_of_descriptors(&e) { 100 } else { 10 };
-                    proxy.accept_errors.note(&e);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                }
-            },
-            _ = reached(&mut phase, Phase::Drain) => break,
-        }
-    }
-    drop(listener);
-}
-
-/// Handles one accepted connection until it ends or is cut; returns its
-/// line, or `None` for a connection without records (counted instead).
-pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut cut: watch::Receiver<bool>) -> Option<FlowLog> {
-    let start = Instant::now();
-    let opts = &proxy.opts;
-    let mut log = FlowLog::new(opts, peer, "tcp");
-    // From its accept until the flow has finished, any close resets the
-    // client: the listener is abortive, and an accepted socket inherits
-    // its linger (set again here for a listener that is not ours).
-    abortive(&client, true);
-    let progress = relay::Progress::default();
-    let r = tokio::select! {
-        r = flow(proxy, &mut client, &mut log, &progress) => r,
-        _ = cut_signal(&mut cut) => Err(FlowError::Cut { grace_ms: opts.grace.as_millis() as u64 }),
-    };
-    let s = progress.stats();
-    log.bytes_to_server = s.a_to_b;
-    log.bytes_to_client = s.b_to_a;
-    if matches!(opts.relay, RelayMode::Kernel { .. }) {
-        log.kernel_bytes_to_server = Some(s.kernel_a_to_b);
-        log.kernel_bytes_to_client = Some(s.kernel_b_to_a);
-    }
-    log.relay_fell_back = s.fell_back;
-    if progress.pipes_refused.load(Ordering::Relaxed) {
-        proxy.pipes_refused.note(format_args!("flow from {peer}"));
-    }
-    match r {
-        Ok(()) => {}
-        Err(FlowError::NoRecords(e)) => {
-            proxy.no_records.note(format_args!("from {peer}: {e}"));
-            return None;
-        }
-        Err(e) => {
-            if let FlowError::Cut { .. } = e {
-                log.cut = Some("shutdown");
-                proxy.cut.fetch_add(1, Ordering::Relaxed);
-            } else {
-                proxy.flow_errors.note(format_args!("flow from {peer}: {e}"));
-            }
-            log.error = Some(e.to_string());
-        }
-    }
-    log.finish(start);
-    Some(log)
-}
-
-/// Makes the close of `sock` abortive (`on`: `SO_LINGER` on, timeout 0,
-/// the close sends a reset) or orderly again (`SO_LINGER` off, a FIN).
-///
-/// Both sockets of a flow are abortive until the flow has finished in both
-/// directions: the application then gets `ECONNRESET`, never an orderly end
-/// of stream that it could take for a complete answer, whatever ends the
-/// flow early: an onward connect refused by a closed service, a transfer
-/// cut at shutdown, an upstream that failed mid-stream, or the proxy's own
-/// death (the kernel closes a dead process's sockets as `close(2)` would,
-/// with a FIN when nothing is unread, unless linger says otherwise).
-/// `shutdown(SHUT_WR)` is not affected, so half-close is still relayed.
-/// Set before a socket can carry anything: on the listener (an accepted
-/// socket is a clone of its listener and inherits its linger, so there is
-/// no moment between accept and this call) and on the onward socket
-/// before its connect.
-fn abortive(sock: &impl AsFd, on: bool) {
-    let linger = on.then_some(Duration::ZERO);
-    if let Err(e) = socket2::SockRef::from(sock).set_linger(linger) {
-        tracing::debug!("SO_LINGER {linger:?} on a flow's socket: {e}");
-    }
-}
-
-async fn flow(proxy: &Proxy, client: &mut TcpStream, log: &mut FlowLog, progress: &relay::Progress) -> Result<(), FlowError> {
-    let opts = &proxy.opts;
-    let mut upstream = match opts.destination {
-        Destination::OriginalDst | Destination::FixedForTests(_) => {
-            let dst = match opts.destination {
-                Destination::FixedForTests(a) => a,
-                _ => relay::netfilter_original_dst(client).map_err(FlowError::OriginalDst)?,
-            };
-            log.original_destination = Some(dst);
-            let sock = if dst.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-                .map_err(|source| FlowError::Connect { dst, source })?;
-            abortive(&sock, true);
-            sock.connect(dst).await.map_err(|source| FlowError::Connect { dst, source })?
-        }
-        Destination::Records => {
-            let records = rewire::query_redirect_records(client).map_err(FlowError::NoRecords)?;
-            let ctx = rewire::query_redirect_context(client).map_err(|e| tracing::debug!("no context: {e}")).ok();
-            log.fill(opts, &records, ctx);
-            let dst = records.original_destination();
-            let sock = rewire::asynchronous::onward_socket(&records).map_err(|source| FlowError::ConnectOnward { dst, source })?;
-            abortive(&sock, true);
-            sock.connect(dst).await.map_err(|source| FlowError::ConnectOnward { dst, source: rewire::Error::from_io(source) })?
-        }
-    };
-    relay::relay_with(opts.relay, client, &mut upstream, progress, &proxy.budget).await.map_err(FlowError::Relay)?;
-    // Both directions ended with their FIN passed on: an orderly close now.
-    abortive(&upstream, false);
-    abortive(client, false);
-    Ok(())
 }
