@@ -99,7 +99,13 @@ pub fn main(a: ProxyArgs) -> Result<()> {
     let mut udp_ports = a.udp_ports;
     let mut names = vec![];
     if let Some(cfg) = &cfg {
-        names = cfg.services.iter().map(|s| s.name.get_ref().clone()).collect();
+        // Indexed by id - 1 (ids are positions, or configured).
+        for (id, s) in cfg.services_by_id() {
+            if names.len() <= id.index() {
+                names.resize(id.index() + 1, String::new());
+            }
+            names[id.index()] = s.name.get_ref().clone();
+        }
         let Some(svc) = cfg.services.iter().find(|s| s.name.get_ref() == &a.name) else {
             bail!("{}: no service named `{}`", cfg.path.display(), a.name);
         };

@@ -565,3 +565,150 @@ fn the_daemon_covers_a_unit_across_reload_and_down_leaves_it_as_it_was() {
     assert_eq!(after, vec![other.id()], "down leaves only the other owner's program at the unit");
     assert!(app_cg.exists(), "the unit stays");
 }
+
+/// A connect stream: until `HOST_STOP` exists (at most 5,000 rounds, 400
+/// s), connect to `HOST_DST`, 4 bytes echoed, one line `LOCAL` per round
+/// in `HOST_SYNC`'s `.rounds`; `done N` in `HOST_SYNC` (a failed round fails
+/// the child).
+#[test]
+#[ignore]
+fn child_stream() {
+    use std::io::{Read, Write};
+    let Some(dst) = env::<SocketAddr>("HOST_DST") else { return };
+    let sync: PathBuf = env("HOST_SYNC").unwrap();
+    let stop: PathBuf = env("HOST_STOP").unwrap();
+    let mut rounds = std::fs::File::create(sync.with_extension("rounds")).unwrap();
+    std::fs::write(&sync, format!("ready {}", std::process::id())).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(400);
+    let mut n = 0;
+    while !stop.exists() && n < 5000 && std::time::Instant::now() < deadline {
+        let mut t = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(10)).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        t.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        t.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+        writeln!(rounds, "{}", t.local_addr().unwrap()).unwrap();
+        n += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&sync, format!("done {n}")).unwrap();
+}
+
+/// `rewire reload` reorders the chain (services with configured ids)
+/// under a connect stream of a covered unit: the application never stops
+/// and no connect fails; every flow passes both services (escaped 0: the
+/// server never sees the application); flows before the reload go audit
+/// then dlp, after it dlp then audit.
+#[test]
+fn a_reload_reorders_the_chain_under_a_connect_stream() {
+    let host = Host::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let name = format!("rewire-test-{}-hostr", std::process::id());
+    let (pa, pd) = (free_port(), free_port());
+    let svc = |n: &str, id: u16, port: u16| {
+        format!(
+            "[[service]]\nname = \"{n}\"\nid = {id}\nlisten = \"127.0.0.1:{port}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\n",
+            server.addr.port()
+        )
+    };
+    let head = format!("cgroup = \"{name}\"\n{}", cover(&[host.cg(APP)]));
+    let (first, second) = (host.dir.join("first.toml"), host.dir.join("second.toml"));
+    std::fs::write(&first, format!("{head}{}{}", svc("audit", 1, pa), svc("dlp", 2, pd))).unwrap();
+    std::fs::write(&second, format!("{head}{}{}", svc("dlp", 2, pd), svc("audit", 1, pa))).unwrap();
+    let (sync, stop) = (sync_file(&host.dir, "stream"), host.dir.join("stop"));
+    let exe = exe_for_all(&host.dir);
+    let mut cmd = child_cmd_exe(
+        &exe,
+        None,
+        "child_stream",
+        &[("HOST_DST", server.addr.to_string()), ("HOST_SYNC", sync.display().to_string()), ("HOST_STOP", stop.display().to_string())],
+    );
+    let procs = host.path(APP).join("cgroup.procs");
+    // SAFETY: a single write between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+    }
+    let (logs, mut children) = (host.dir.clone(), vec![]);
+    let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&first).stderr(Stdio::inherit()).spawn().unwrap();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let app_cg = host.path(APP);
+        wait_until("the daemon attached at the unit", || OtherProgram::connect4_at(&app_cg).len() == 1);
+        for n in ["audit", "dlp"] {
+            let p = Command::new(REWIRE)
+                .args(["proxy", "--name", n, "--log"])
+                .arg(logs.join(format!("{n}.jsonl")))
+                .arg("--config")
+                .arg(&first)
+                .env_remove("REWIRE_CGROUP")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            children.push(p);
+        }
+        for p in [pa, pd] {
+            wait_listening(format!("127.0.0.1:{p}").parse().unwrap());
+        }
+        let stream = spawn_exe(&mut cmd);
+        let pid = stream.id();
+        children.push(stream);
+        wait_file(&sync, "ready");
+        let audit = logs.join("audit.jsonl");
+        let lines = |p: &Path| -> Vec<serde_json::Value> {
+            std::fs::read_to_string(p).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        };
+        wait_until("flows in the first order", || lines(&audit).iter().any(|l| l["chain"] == serde_json::json!(["audit"])));
+        let r = Command::new(REWIRE).args(["reload", "--config"]).arg(&second).output().unwrap();
+        let said = String::from_utf8_lossy(&r.stderr).into_owned();
+        assert!(r.status.success() || said.contains("did not answer"), "{said}");
+        wait_until("flows in the second order", || lines(&audit).iter().any(|l| l["chain"] == serde_json::json!(["dlp", "audit"])));
+        std::fs::write(&stop, "").unwrap();
+        let done = wait_file(&sync, "done");
+        let n: usize = done.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let locals: Vec<SocketAddr> =
+            std::fs::read_to_string(sync.with_extension("rounds")).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+        assert_eq!(locals.len(), n);
+        assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok() || n > 0);
+        // (Ports are reused over hundreds of connects: the server's peers
+        // cannot tell an escaped connect apart; the services' logs can.)
+        let (a, d) = (read_log(&audit, n), read_log(&logs.join("dlp.jsonl"), n));
+        let ids = |v: &[serde_json::Value]| {
+            let mut s: Vec<String> = v.iter().filter(|l| l["client_pid"] == pid).map(|l| l["flow"].as_str().unwrap().to_owned()).collect();
+            s.sort();
+            s
+        };
+        assert_eq!(ids(&a).len(), n, "audit saw every connect once (escaped 0)");
+        assert_eq!(ids(&a), ids(&d), "every flow passed both services");
+        assert_eq!(server.peers().len(), n, "each flow reached the server once, through the chain");
+        for l in a.iter().chain(&d) {
+            let c = &l["chain"];
+            assert!(
+                [
+                    serde_json::json!(["audit"]),
+                    serde_json::json!(["audit", "dlp"]),
+                    serde_json::json!(["dlp"]),
+                    serde_json::json!(["dlp", "audit"])
+                ]
+                .contains(c),
+                "{l}"
+            );
+        }
+    }));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&second).output();
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if let Ok(mut c) = ManagedCgroup::existing(&name) {
+        let _ = c.remove();
+    }
+    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
+    result.unwrap();
+}

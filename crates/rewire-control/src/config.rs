@@ -280,6 +280,12 @@ pub struct Service {
     /// services before it.
     #[serde(default)]
     pub continue_unlinked: bool,
+    /// Its id (1..=63), which flows in progress carry in their records:
+    /// given to every service (or to none: then ids are positions), it
+    /// stays when services are reordered, so a live reload may reorder,
+    /// add and remove services.
+    #[serde(default)]
+    pub id: Option<Spanned<u16>>,
     /// A user whose processes are this service too (besides those in its
     /// cgroup `<subtree>/services/<name>`).
     #[serde(alias = "uid")]
@@ -492,6 +498,25 @@ impl Config {
                     Err(e) => return Err(invalid(here, Some("service.user"), format!("service `{name}`: {e}"))),
                 }
             }
+            if s.id.is_some() != cfg.services[0].id.is_some() {
+                return Err(invalid(here, Some("service.id"), format!("service `{name}`: give every service an `id`, or none")));
+            }
+            if let Some(id) = &s.id {
+                if *id.get_ref() == 0 || *id.get_ref() as usize > RW_MAX_SERVICES {
+                    return Err(invalid(
+                        Some(id.span()),
+                        Some("service.id"),
+                        format!("service `{name}`: id must be 1..={RW_MAX_SERVICES}"),
+                    ));
+                }
+                if let Some(o) = cfg.services[..i].iter().find(|o| o.id.as_ref().map(|x| *x.get_ref()) == Some(*id.get_ref())) {
+                    return Err(invalid(
+                        Some(id.span()),
+                        Some("service.id"),
+                        format!("service `{name}`: id {} is `{}`'s already", id.get_ref(), o.name.get_ref()),
+                    ));
+                }
+            }
             if cfg.services[..i].iter().any(|o| o.name.get_ref() == name) {
                 return Err(invalid(here, Some("service.name"), format!("duplicate service `{name}`")));
             }
@@ -579,9 +604,10 @@ impl Config {
         m.broadcast.unwrap_or(self.broadcast)
     }
 
-    /// The services with their ids, in configuration order.
+    /// The services with their ids (configured, or positions), in
+    /// configuration order.
     pub fn services_by_id(&self) -> impl Iterator<Item = (ServiceId, &Service)> {
-        ServiceId::all().zip(&self.services)
+        ServiceId::all().zip(&self.services).map(|(pos, s)| (s.id.as_ref().and_then(|i| ServiceId::new(*i.get_ref())).unwrap_or(pos), s))
     }
 
     /// The id of a service by name (as the kernel writes it).
@@ -591,7 +617,7 @@ impl Config {
 
     /// The name of a service by id (as the kernel writes it).
     pub fn service_name(&self, id: u16) -> Option<&str> {
-        self.services.get(ServiceId::new(id)?.index()).map(|s| s.name.get_ref().as_str())
+        self.services_by_id().find(|(i, _)| i.get() == id).map(|(_, s)| s.name.get_ref().as_str())
     }
 
     /// Names of a chain of service ids (unknown ids as `#N`).

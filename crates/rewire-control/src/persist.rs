@@ -277,18 +277,33 @@ pub fn remove_pins(dir: &Path) -> Result<Removed, HooksError> {
 }
 
 /// Refuses a new configuration that would give a service that stays a
-/// different id: flows in progress carry service ids (positions in the
-/// config) in their records.
+/// different id, or a new service the id of one that goes: flows in
+/// progress carry service ids in their records (a flow that passed the old
+/// service would skip the new one). With an `id` on every service, the
+/// order may change freely.
 pub fn check_service_ids(old: &Config, new: &Config) -> Result<(), String> {
+    for (now, n) in new.services_by_id() {
+        if let Some((_, o)) = old.services_by_id().find(|(was, o)| *was == now && o.name.get_ref() != n.name.get_ref()) {
+            return Err(format!(
+                "{}: service `{}` would take id {}, which flows in progress may carry for `{}` (they would skip it); give it                  an id no service of the running configuration has, or take everything down first (`rewire down`)",
+                new.path.display(),
+                n.name.get_ref(),
+                now,
+                o.name.get_ref()
+            ));
+        }
+    }
     for (was, s) in old.services_by_id() {
         if let Some((now, _)) = new.services_by_id().find(|(_, n)| n.name.get_ref() == s.name.get_ref()) {
             if was != now {
                 return Err(format!(
-                    "{}: service `{}` would move from position {} to {}; flows in progress name services by \
-                     position in their records, so keep the services that stay in their order (add new ones \
-                     at the end, remove from the end), or take everything down first (`rewire down`)",
+                    "{}: service `{}` would {} from {} to {}; flows in progress name services by \
+                     id in their records (without `id`s, an id is the position: keep the services that stay in \
+                     their order, add new ones at the end, remove from the end; with an `id` on every service, \
+                     reorder freely), or take everything down first (`rewire down`)",
                     new.path.display(),
                     s.name.get_ref(),
+                    if s.id.is_some() { "change its id" } else { "move from position" },
                     was,
                     now
                 ));

@@ -104,7 +104,11 @@ impl FlowLog {
             .chain()
             .iter()
             .map(|&id| {
-                rewire::ServiceId::new(id).and_then(|s| opts.service_names.get(s.index())).cloned().unwrap_or_else(|| format!("#{id}"))
+                rewire::ServiceId::new(id)
+                    .and_then(|s| opts.service_names.get(s.index()))
+                    .filter(|n| !n.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{id}"))
             })
             .collect();
         // No context is an expected outcome, not a failure (as on Windows).
