@@ -282,17 +282,6 @@ pub fn remove_pins(dir: &Path) -> Result<Removed, HooksError> {
 /// service would skip the new one). With an `id` on every service, the
 /// order may change freely.
 pub fn check_service_ids(old: &Config, new: &Config) -> Result<(), String> {
-    for (now, n) in new.services_by_id() {
-        if let Some((_, o)) = old.services_by_id().find(|(was, o)| *was == now && o.name.get_ref() != n.name.get_ref()) {
-            return Err(format!(
-                "{}: service `{}` would take id {}, which flows in progress may carry for `{}` (they would skip it); give it                  an id no service of the running configuration has, or take everything down first (`rewire down`)",
-                new.path.display(),
-                n.name.get_ref(),
-                now,
-                o.name.get_ref()
-            ));
-        }
-    }
     for (was, s) in old.services_by_id() {
         if let Some((now, _)) = new.services_by_id().find(|(_, n)| n.name.get_ref() == s.name.get_ref()) {
             if was != now {
@@ -308,6 +297,18 @@ pub fn check_service_ids(old: &Config, new: &Config) -> Result<(), String> {
                     now
                 ));
             }
+        }
+    }
+    for (now, n) in new.services_by_id() {
+        if let Some((_, o)) = old.services_by_id().find(|(was, o)| *was == now && o.name.get_ref() != n.name.get_ref()) {
+            return Err(format!(
+                "{}: service `{}` would take id {}, which flows in progress may carry for `{}` (they would skip it); give it \
+                 an id no service of the running configuration has, or take everything down first (`rewire down`)",
+                new.path.display(),
+                n.name.get_ref(),
+                now,
+                o.name.get_ref()
+            ));
         }
     }
     Ok(())
