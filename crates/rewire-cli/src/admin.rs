@@ -134,8 +134,16 @@ pub fn status(config: &Path, json: bool, wait: Option<Duration>) -> Result<i32> 
         !rewire_control::guard::pinned_status(&dir).is_empty(),
         rewire_control::guard::lsm_pinned(&dir),
     );
+    let services = services_status(&cfg, &dir);
+    let handoff = rewire_control::stats::handoff_occupancy(&dir).ok();
     if json {
         let v = serde_json::json!({
+            "services": services,
+            "handoff": handoff.map(|(tcp, udp)| serde_json::json!({"tcp": tcp, "udp": udp})),
+            "events_dropped": counters.events_lost,
+            "hooks": rewire_control::stats::hooks(&dir),
+            "generation": rewire_control::stats::generation(&dir),
+            "build": rewire_control::stats::build(),
             "cgroup": cfg.cgroup,
             "pin_dir": dir,
             "hooks_attached": attached.is_ok(),
@@ -175,6 +183,39 @@ pub fn status(config: &Path, json: bool, wait: Option<Duration>) -> Result<i32> 
     );
     if let Some(line) = &io_uring_gap {
         println!("io_uring: {line}");
+    }
+    for sv in &services {
+        let listeners: Vec<String> = sv["listen"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                format!(
+                    "{} tcp {}{}",
+                    l["addr"].as_str().unwrap_or("?"),
+                    l["tcp"].as_str().unwrap_or("?"),
+                    l["udp"].as_str().map(|u| format!(" udp {u}")).unwrap_or_default()
+                )
+            })
+            .collect();
+        let nonzero: Vec<String> = sv["counters"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!(
+            "service {} (id {}, fail {}): {}; {}",
+            sv["name"].as_str().unwrap_or("?"),
+            sv["id"],
+            sv["fail"].as_str().unwrap_or("?"),
+            listeners.join(", "),
+            if nonzero.is_empty() { "no decisions yet".to_string() } else { nonzero.join(", ") }
+        );
+    }
+    if let Some((tcp, udp)) = handoff {
+        println!("hand-off tables: tcp {}/{}, udp {}/{}", tcp.entries, tcp.capacity, udp.entries, udp.capacity);
     }
     println!("counters since the hooks were first attached (every decision, printed or not):");
     for (name, v) in counters.fields() {
@@ -245,4 +286,45 @@ pub fn down(config: &Path, grace: Duration) -> Result<()> {
 
 fn join_pids(p: &[u32]) -> String {
     p.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+}
+
+/// Per service: its addresses and whether a genuine listener holds each
+/// (the kernel's own test, [`rewire_control::stats::listener`]), who its
+/// processes are, its fail policy and the kernel's counters for it.
+fn services_status(cfg: &Config, dir: &Path) -> Vec<serde_json::Value> {
+    let per = rewire_control::stats::ServiceCountersReader::open_pinned(dir).ok();
+    cfg.services
+        .iter()
+        .filter_map(|sv| {
+            let name = sv.name.get_ref();
+            let id = cfg.service_id(name)?;
+            let udp = sv.matches.iter().any(|m| m.protocol != rewire_control::config::Protocol::Tcp);
+            let listen: Vec<serde_json::Value> = sv
+                .listen
+                .iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "addr": a.to_string(),
+                        "tcp": rewire_control::stats::listener(dir, *a, false, id),
+                        "udp": udp.then(|| rewire_control::stats::listener(dir, *a, true, id)),
+                    })
+                })
+                .collect();
+            let counters = per.as_ref().and_then(|p| p.read(id).ok()).map(|c| {
+                c.fields().into_iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>()
+            });
+            Some(serde_json::json!({
+                "name": name,
+                "id": id,
+                "listen": listen,
+                "up": listen.iter().any(|l| l["tcp"] == "up" || l["udp"] == "up"),
+                "identity": {
+                    "cgroup": rewire_control::paths::service_cgroup(Path::new(&cfg.cgroup), name),
+                    "user": sv.user.as_ref().map(|u| rewire_control::config::resolve_uid(u).ok()),
+                },
+                "fail": format!("{:?}", sv.fail).to_lowercase(),
+                "counters": counters,
+            }))
+        })
+        .collect()
 }

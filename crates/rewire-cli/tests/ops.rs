@@ -87,6 +87,19 @@ impl Daemon {
         let out = wait_output(child, Duration::from_secs(60));
         serde_json::from_slice(&out).unwrap_or_else(|e| panic!("probe output {e}: {}", String::from_utf8_lossy(&out)))
     }
+
+    fn status_json(&self) -> Value {
+        let st = Command::new(REWIRE).args(["status", "--json", "--config"]).arg(&self.cfg).output().unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        serde_json::from_slice(&st.stdout).unwrap()
+    }
+
+    fn kill_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
 }
 
 impl Drop for Daemon {
@@ -186,4 +199,89 @@ fn metrics_show_exact_counts_per_service_and_cause() {
     assert!(sample(&text, "rewire_generation").is_some_and(|g| g > 0), "{text}");
     let complaints = promtool(&text, &d.dir);
     assert!(complaints.trim().is_empty(), "promtool: {complaints}");
+}
+
+/// `svc`'s counters in a `rewire status --json`: every cause `want` names
+/// has its value, every other is 0.
+fn expect_service(v: &Value, svc: &str, want: &[(&str, u64)]) {
+    let s = v["services"].as_array().unwrap().iter().find(|s| s["name"] == svc).unwrap_or_else(|| panic!("no {svc} in {v}"));
+    for (cause, n) in s["counters"].as_object().unwrap_or_else(|| panic!("no counters for {svc}: {v}")) {
+        let expected = want.iter().find(|(c, _)| c == cause).map_or(0, |&(_, n)| n);
+        assert_eq!(n.as_u64(), Some(expected), "{svc} {cause}: {s}");
+    }
+}
+
+fn service_of<'a>(v: &'a Value, svc: &str) -> &'a Value {
+    v["services"].as_array().unwrap().iter().find(|s| s["name"] == svc).unwrap()
+}
+
+/// `rewire status --json` per service: after three flows through audit and
+/// two refused for dlp (nobody listens), exactly those counts per service
+/// and cause, audit up and dlp down; a socket somebody else binds at dlp's
+/// address shows as an impostor; a killed proxy shows as down with its
+/// no_listener count; with the daemon killed, status still answers from the
+/// pinned maps.
+#[test]
+fn status_json_per_service_from_the_kernel() {
+    let a = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let b = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let (pa, pb) = (free_port(), free_port());
+    let services = format!("{}{}", service("audit", pa, a.addr.port()), service("dlp", pb, b.addr.port()));
+    let mut d = Daemon::start("status", &services, &[]);
+    let proxy = d.proxy("audit");
+    for _ in 0..3 {
+        let r = d.probe(&[&a.addr.to_string(), "--send", "1000"]);
+        assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");
+    }
+    for _ in 0..2 {
+        let r = d.probe(&[&b.addr.to_string(), "--send", "10"]);
+        assert!(r["error"].as_str().is_some_and(|e| e.contains("refused")), "dlp has no listener: {r}");
+    }
+    let v = d.status_json();
+    expect_service(&v, "audit", &[("redirect", 3), ("deliver", 3)]);
+    expect_service(&v, "dlp", &[("no_listener", 2)]);
+    let audit = service_of(&v, "audit");
+    assert_eq!(audit["up"], true, "{audit}");
+    assert_eq!(audit["listen"][0]["tcp"], "up", "{audit}");
+    assert_eq!(audit["fail"], "closed", "{audit}");
+    assert_eq!(service_of(&v, "dlp")["up"], false, "{v}");
+    assert_eq!(service_of(&v, "dlp")["listen"][0]["tcp"], "down", "{v}");
+    assert_eq!(v["events_dropped"], 0, "{v}");
+    assert_eq!(v["handoff"]["tcp"]["entries"], 0, "{v}");
+    assert_eq!(v["handoff"]["tcp"]["capacity"], 65536, "{v}");
+    let hooks = v["hooks"].as_array().unwrap();
+    assert!(
+        hooks.iter().any(|h| h["program"] == "rw_connect4" && h["attached"] == true && h["tag"].as_str().is_some_and(|t| t.len() == 16)),
+        "{v}"
+    );
+    let generation = v["generation"].as_u64().unwrap();
+    assert!(hooks.iter().any(|h| h["prog_id"] == generation), "{v}");
+
+    // Somebody else (this test, outside the subtree) holds dlp's address.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", pb)).unwrap();
+    let v = d.status_json();
+    assert_eq!(service_of(&v, "dlp")["listen"][0]["tcp"], "impostor", "{v}");
+    drop(squatter);
+
+    // audit's proxy dies: down, and its next flow is counted as no_listener.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(proxy as i32), nix::sys::signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rewire_control::net::is_listening(format!("127.0.0.1:{pa}").parse().unwrap()) {
+        assert!(Instant::now() < deadline, "the killed proxy still listens");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = d.probe(&[&a.addr.to_string(), "--send", "10"]);
+    assert!(r["error"].as_str().is_some_and(|e| e.contains("refused")), "audit is down: {r}");
+    let v = d.status_json();
+    expect_service(&v, "audit", &[("redirect", 3), ("deliver", 3), ("no_listener", 1)]);
+    assert_eq!(service_of(&v, "audit")["up"], false, "{v}");
+    assert_eq!(service_of(&v, "audit")["listen"][0]["tcp"], "down", "{v}");
+
+    // The daemon dies: the pinned maps still answer, with the same counts.
+    d.kill_daemon();
+    let after = d.status_json();
+    assert_eq!(after["daemon_pid"], Value::Null, "{after}");
+    assert_eq!(after["hooks_attached"], true, "{after}");
+    expect_service(&after, "audit", &[("redirect", 3), ("deliver", 3), ("no_listener", 1)]);
+    expect_service(&after, "dlp", &[("no_listener", 2)]);
 }
