@@ -37,7 +37,8 @@ impl Daemon {
         let err = std::fs::File::create(dir.join("daemon.err")).unwrap();
         let child = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg).args(extra).stderr(err).spawn().unwrap();
         let d = Daemon { name, dir, cfg, daemon: Some(child), children: vec![] };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Loading and verifying the programs takes seconds, more on a busy machine.
+        let deadline = Instant::now() + Duration::from_secs(180);
         while !d.stderr().contains("serving ") {
             assert!(Instant::now() < deadline, "daemon did not start: {}", d.stderr());
             std::thread::sleep(Duration::from_millis(20));
