@@ -2,8 +2,10 @@
 # Installs what building rewire and running it (and `rewire demo`) needs on
 # a fresh Debian/Ubuntu machine (run as root): clang and the libbpf headers
 # for the BPF programs, libseccomp for the filter on the commands rewire
-# starts, a C compiler for the C surface, pkg-config, and socat (the
-# demo's unmodified forwarder). scripts/demo.sh runs this; what only the
+# starts, a C compiler for the C surface, pkg-config, socat (the demo's
+# unmodified forwarder) and systemd-socket-activate from the systemd
+# package (the demo's socket-activated proxy; no service manager needs to
+# run). scripts/demo.sh runs this; what only the
 # tests and the benchmarks use is added by scripts/setup-test.sh.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
@@ -17,6 +19,7 @@ command -v cc >/dev/null || need+=(gcc)
 [ -f /usr/include/stdio.h ] || need+=(libc6-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v socat >/dev/null || need+=(socat)
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -6,7 +6,11 @@
 //! same chain to a UDP echo server, replies coming back from the server.
 //! Last, service identity: an unmodified forwarder (socat, no records) in a
 //! chain without looping, and an impostor on a stopped proxy's address
-//! refused.
+//! refused. Then a running application: started in a unit-like cgroup
+//! (`<demo>-host/system.slice/app.service`, made by the demo) before the
+//! hooks exist, it is covered (`cover`) and its next connect passes the
+//! chain without a restart; the chain's `dlp` is started by
+//! `systemd-socket-activate`, which binds its address and passes the socket.
 //!
 //! The demo checks its own outcome and fails (exit 1) if anything did not
 //! happen as shown.
@@ -31,6 +35,10 @@ pub struct DemoArgs {
     /// Keep the generated files (config, proxy logs) in this directory.
     #[arg(long)]
     pub keep: Option<PathBuf>,
+    /// (internal) Run as the demo's application: one HTTP request to ADDR
+    /// per line read from stdin, one result line on stdout each.
+    #[arg(long, hide = true, value_name = "ADDR")]
+    pub app: Option<SocketAddr>,
 }
 
 struct Origin {
@@ -221,6 +229,9 @@ fn heading(s: &str) {
 }
 
 pub fn main(a: DemoArgs) -> Result<()> {
+    if let Some(addr) = a.app {
+        return app(addr);
+    }
     checks::preflight()?;
     let tmp = std::env::temp_dir().join(format!("rewire-demo-{}", std::process::id()));
     let dir = a.keep.clone().unwrap_or(tmp.clone());
@@ -232,7 +243,8 @@ pub fn main(a: DemoArgs) -> Result<()> {
     match &r {
         Ok(()) => println!(
             "\ndemo passed: every TCP and UDP flow crossed audit then dlp exactly once; loops were stopped;\n\
-             a forwarder without records chained without looping; an impostor got nothing."
+             a forwarder without records chained without looping; an impostor got nothing;\n\
+             a running application was covered without a restart; a socket-activated proxy served its flows."
         ),
         Err(e) => println!("\ndemo FAILED: {e:#}"),
     }
@@ -338,7 +350,205 @@ fn run(dir: &Path) -> Result<()> {
     st.stop()?;
 
     identity_step(dir, &origin)?;
+    running_app_step(dir, &origin)?;
     Ok(())
+}
+
+/// The demo's application (`rewire demo --app ADDR`): the same process
+/// makes one HTTP request for each line on stdin (so the demo decides when
+/// its next connect happens), and ends at end of input (bounded: 100).
+fn app(addr: SocketAddr) -> Result<()> {
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for (n, line) in stdin.lock().lines().take(100).enumerate() {
+        line?;
+        let r = (|| -> std::io::Result<String> {
+            let c = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let local = c.local_addr()?;
+            write!(&c, "GET /app-{} HTTP/1.0\r\n\r\n", n + 1)?;
+            let mut status = String::new();
+            BufReader::new(&c).read_line(&mut status)?;
+            Ok(format!("{local} {}", status.trim()))
+        })();
+        let text = r.unwrap_or_else(|e| format!("- error: {e}"));
+        writeln!(out, "{text}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// What step 8 made, undone on every exit (also on failure): the
+/// application and `systemd-socket-activate` (by pid), the proxies, the
+/// pinned hooks, the stand-in host's cgroup and the subtree.
+struct Running {
+    host: ManagedCgroup,
+    app: Option<Child>,
+    activator: Option<Child>,
+    stage: Option<Stage>,
+    pins: Option<PathBuf>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for c in [self.app.as_mut(), self.activator.as_mut()].into_iter().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(st) = self.stage.take() {
+            let _ = st.stop();
+        }
+        if let Some(p) = &self.pins {
+            if let Err(e) = rewire_control::persist::remove_pins(p) {
+                eprintln!("demo cleanup: {e}");
+            }
+        }
+        if let Err(e) = self.host.remove() {
+            eprintln!("demo cleanup: {e}");
+        }
+    }
+}
+
+/// An application that already runs in a unit's cgroup is covered from
+/// its next connect; the chain's second proxy is socket-activated.
+fn running_app_step(dir: &Path, origin: &Origin) -> Result<()> {
+    heading("8. A running application covered without a restart; a socket-activated proxy");
+    let pid = std::process::id();
+    let port = origin.addrs[0].port();
+    let mut run =
+        Running { host: ManagedCgroup::create(&format!("rewire-demo-{pid}-host"))?, app: None, activator: None, stage: None, pins: None };
+    let unit = run.host.path().join("system.slice/app.service");
+    std::fs::create_dir_all(&unit)?;
+    let mount = rewire_control::cgroup::cgroup2_mount()?;
+    let unit_cg = format!("/{}", unit.strip_prefix(&mount)?.display());
+    println!("a stand-in host made by the demo: {unit_cg} (a unit-like cgroup, not one of this machine's)");
+    let procs = unit.join("cgroup.procs");
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["demo", "--app"]).arg(origin.addrs[0].to_string()).stdin(Stdio::piped()).stdout(Stdio::piped());
+    // SAFETY: one write between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+    }
+    let app = run.app.insert(cmd.spawn().context("starting the application")?);
+    let app_pid = app.id();
+    let mut app_in = app.stdin.take().context("app stdin")?;
+    let mut app_out = BufReader::new(app.stdout.take().context("app stdout")?);
+    let mut request = move || -> Result<String> {
+        writeln!(app_in)?;
+        let mut l = String::new();
+        app_out.read_line(&mut l)?;
+        Ok(l.trim().to_owned())
+    };
+    let first = request()?;
+    let direct = first.split(' ').next().unwrap_or_default().parse::<SocketAddr>().ok();
+    println!("application pid {app_pid} runs there before any hook exists: {first}");
+    ensure!(
+        direct.is_some_and(|d| origin.peers.lock().unwrap().contains(&d)),
+        "before the hooks, the application must reach the origin directly: {first}"
+    );
+    println!("  (the origin saw the application's own socket: no proxy in between)");
+
+    let (audit, dlp) = (free_port()?, free_port()?);
+    let subtree = format!("rewire-demo-{pid}-cover");
+    let toml = format!("cgroup = \"{subtree}\"\ncover = [\"{unit_cg}\"]\n\n{}", services(port, audit, dlp));
+    let path = dir.join("cover.toml");
+    std::fs::write(&path, &toml)?;
+    println!("configuration (cover names the running application's cgroup):\n{}", indent(&toml));
+    let cfg = Config::load(&path)?;
+    let cgroup = ManagedCgroup::create(&cfg.cgroup)?;
+    // Pinned (as the daemon does) so that `rewire exec --service` can re-make the passed socket in the service.
+    let pins = rewire_control::paths::pin_dir(&cfg.cgroup);
+    run.pins = Some(pins.clone());
+    let (mut hooks, _) = Hooks::persistent(&cfg, cgroup.path(), &pins, false)?;
+    let events = hooks.take_events().context("events")?;
+    let st = run.stage.insert(Stage { cfg, cgroup, _hooks: hooks, events, proxies: vec![], dir: dir.into() });
+    println!("hooks attached to {} and to the covered {unit_cg}", st.cgroup.path().display());
+    let audit_log = st.log_path("audit");
+    let dlp_log = st.log_path("dlp");
+    let child = st
+        .command(&std::env::current_exe()?)
+        .args(["proxy", "--name", "audit", "--config"])
+        .arg(&path)
+        .arg("--log")
+        .arg(&audit_log)
+        .env(rewire_control::paths::ENV_LOG, "error")
+        .stdout(Stdio::null())
+        .spawn()?;
+    st.proxies.push(child);
+    wait_listening(SocketAddr::from(([127, 0, 0, 1], audit)))?;
+    println!("proxy audit started as before; dlp by socket activation:");
+
+    let exe = std::env::current_exe()?;
+    let err = dir.join("cover-dlp.err");
+    let mut sa = Command::new("systemd-socket-activate");
+    sa.args(["-E", "REWIRE_LOG=info", "-l", &format!("127.0.0.1:{dlp}"), "-l", &format!("[::1]:{dlp}")]);
+    if let Some(b) = std::env::var_os(rewire_control::paths::ENV_BPFFS) {
+        sa.arg("-E").arg(format!("{}={}", rewire_control::paths::ENV_BPFFS, b.to_string_lossy()));
+    }
+    sa.arg(&exe).args(["exec", "--service", "dlp", "--config"]).arg(&path).arg("--").arg(&exe);
+    sa.args(["proxy", "--name", "dlp", "--config"]).arg(&path).arg("--log").arg(&dlp_log);
+    sa.env_remove(rewire_control::paths::ENV_CGROUP).env_remove(rewire_control::paths::ENV_CONFIG);
+    println!(
+        "  systemd-socket-activate -l 127.0.0.1:{dlp} -l [::1]:{dlp} rewire exec --service dlp --config cover.toml -- rewire proxy --name dlp ..."
+    );
+    sa.stdout(Stdio::null()).stderr(std::fs::File::create(&err)?);
+    run.activator = Some(sa.spawn().context("systemd-socket-activate (package systemd; scripts/setup.sh installs it)")?);
+    wait_listening(SocketAddr::from(([127, 0, 0, 1], dlp)))?;
+    // The service is started at the first connection (this one from outside every covered cgroup: not redirected).
+    drop(TcpStream::connect(("127.0.0.1", dlp)));
+    let taken = wait_text(&err, "proxy dlp listening")?;
+    // `rewire exec` and then the proxy each re-make the sockets and say so (one line per address shown).
+    let mut said = vec![];
+    for l in taken.lines().filter_map(|l| l.split_once("descriptor ").map(|(_, r)| r)) {
+        if !said.contains(&l) {
+            println!("  dlp: descriptor {l}");
+            said.push(l);
+        }
+    }
+    ensure!(taken.contains("now a listener made in the service"), "dlp must re-make the passed socket in the service:\n{taken}");
+
+    let peers_before = origin.peers.lock().unwrap().len();
+    let next = request()?;
+    println!("the same application (pid {app_pid}, not restarted), its next request: {next}");
+    ensure!(!next.contains("error"), "the application's next request failed: {next}");
+    let a = wait_line(&audit_log, |l| l["client_pid"] == app_pid).context("audit saw no flow of the application")?;
+    let flow = a["flow"].as_str().unwrap_or_default().to_owned();
+    let d = wait_line(&dlp_log, |l| l["flow"] == flow.as_str()).context("the application's flow is missing at dlp")?;
+    println!("  audit: {a}\n  dlp:   {d}");
+    ensure!(a["chain"] == serde_json::json!(["audit"]) && a["error"].is_null(), "audit: {a}");
+    ensure!(d["chain"] == serde_json::json!(["audit", "dlp"]) && d["error"].is_null(), "dlp: {d}");
+    ensure!(origin.peers.lock().unwrap().len() == peers_before + 1, "the origin must be reached exactly once");
+    println!(
+        "running application covered: flow {flow}: pid {app_pid} (already running) -> audit -> dlp (socket-activated) -> origin {}",
+        a["original_destination"].as_str().unwrap_or("?")
+    );
+    drop(run);
+    Ok(())
+}
+
+/// Waits (10 s at most) for a flow line of log `path` that `pick` picks.
+fn wait_line(path: &Path, pick: impl Fn(&Value) -> bool) -> Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(l) = rewire_proxy::wait_flow_lines(path, 0, Duration::ZERO)?.into_iter().find(&pick) {
+            return Ok(l);
+        }
+        ensure!(std::time::Instant::now() < deadline, "no such line in {} after 10 s", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (10 s at most) until file `path` contains `what`; its text.
+fn wait_text(path: &Path, what: &str) -> Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = std::fs::read_to_string(path).unwrap_or_default();
+        if t.contains(what) {
+            return Ok(t);
+        }
+        ensure!(std::time::Instant::now() < deadline, "`{what}` did not appear in {}:\n{t}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// An unmodified forwarder (socat: accepts, connects to a fixed address,

@@ -10,5 +10,9 @@ fn demo_passes() {
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("-> audit -> dlp -> origin"), "{text}");
     assert!(text.contains("hop limit 1 reached"), "{text}");
+    // A process that ran before the hooks, in a unit-like cgroup: covered from its next connect.
+    assert!(text.contains("(already running) -> audit -> dlp (socket-activated) -> origin"), "{text}");
+    // dlp started by systemd-socket-activate: the passed socket re-made in the service.
+    assert!(text.contains("now a listener made in the service"), "{text}");
     assert!(text.contains("demo passed"));
 }
