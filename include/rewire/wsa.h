@@ -291,9 +291,10 @@ typedef struct _WSATHREADID {
  * rewire_wsa_set_context_layout():
  * SERVICE: the layout the config gives the service the flow was redirected
  *   to (the default; rewire's struct if the config says nothing). The library
- *   reads the config file `rewire run`/`rewire exec` name in $REWIRE_CONFIG
- *   (again when it changes) and looks the service up by the id the kernel
- *   wrote in the flow's context. Vendor bytes: the answer is exactly the
+ *   reads the layouts rewire published for the configuration the kernel
+ *   runs (the file `rewire run`/`rewire exec` name in $REWIRE_LAYOUTS, again
+ *   when it is replaced; not the config file) and looks the service up by
+ *   the id the kernel wrote in the flow's context (not found: WSAEINVAL). Vendor bytes: the answer is exactly the
  *   configured bytes (1 to REWIRE_WFP_MAX_VENDOR_CONTEXT_SIZE), the same for
  *   every flow of the service, and only for a flow rewire redirected;
  *   cbOutBuffer must hold them (else WSAEINVAL).

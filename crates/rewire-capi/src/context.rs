@@ -4,8 +4,10 @@
 //! layout their own callout wrote. Each service's layout comes from its
 //! `context` in the config (`rewire::ContextLayout`: rewire's struct, the
 //! default; the two-address layout; or opaque vendor bytes), read from the
-//! file `rewire run`/`exec` name in `$REWIRE_CONFIG` and looked up by the
-//! service id the kernel wrote in the flow's context; a process may override
+//! layouts file the daemon or `rewire run` published for the configuration
+//! the kernel runs (`$REWIRE_LAYOUTS`, set by `rewire run`/`exec`; not the
+//! config file, which may be edited or refused by a reload) and looked up
+//! by the service id the kernel wrote in the flow's context; a process may override
 //! it for all its sockets (`rewire_wsa_set_context_layout`). This module
 //! resolves the layout and builds the answer from the kernel's context.
 
@@ -78,8 +80,13 @@ fn kernel_context(fd: c_int) -> Result<RwContext, c_int> {
     rewire::abi::read_pod(&buf[..n]).ok_or(WSAEINVAL)
 }
 
-/// The services' layouts from `$REWIRE_CONFIG`, in config order (re-read when the file changes).
-fn configured(service_id: u16) -> rewire::ContextLayout {
+/// The layout of service `service_id` in the configuration the kernel runs:
+/// the layouts file rewire published at the last accepted load or reload
+/// (`$REWIRE_LAYOUTS`, re-read when it is replaced), never the config file,
+/// which may have been edited since or refused. Without `$REWIRE_LAYOUTS`
+/// (not started by rewire) rewire's own struct; a file that cannot be read
+/// or has no entry for the id is `WSAEINVAL`, never another service's layout.
+fn configured(service_id: u16) -> Result<rewire::ContextLayout, c_int> {
     #[derive(serde::Deserialize)]
     struct File {
         #[serde(default)]
@@ -87,36 +94,48 @@ fn configured(service_id: u16) -> rewire::ContextLayout {
     }
     #[derive(serde::Deserialize)]
     struct Svc {
+        id: u16,
         #[serde(default)]
         context: rewire::ContextLayout,
     }
-    type Cache = Option<(std::path::PathBuf, Option<std::time::SystemTime>, Vec<rewire::ContextLayout>)>;
+    type Key = (u64, u64, Option<std::time::SystemTime>);
+    type Cache = Option<(std::path::PathBuf, Key, Option<Vec<(u16, rewire::ContextLayout)>>)>;
     static CACHE: Mutex<Cache> = Mutex::new(None);
-    let Some(index) = rewire::ServiceId::new(service_id).map(rewire::ServiceId::index) else { return Default::default() };
-    let Some(path) = std::env::var_os("REWIRE_CONFIG").map(std::path::PathBuf::from) else { return Default::default() };
-    let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    let Some(path) = std::env::var_os("REWIRE_LAYOUTS").map(std::path::PathBuf::from) else { return Ok(Default::default()) };
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&path).map_err(|_| WSAEINVAL)?;
+    // Replaced by rename: a new inode.
+    let key = (meta.dev(), meta.ino(), meta.modified().ok());
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    let fresh = matches!(&*cache, Some((p, t, _)) if *p == path && *t == mtime);
+    let fresh = matches!(&*cache, Some((p, k, _)) if *p == path && *k == key);
     if !fresh {
         let layouts = std::fs::read_to_string(&path)
             .ok()
             .and_then(|text| toml::from_str::<File>(&text).ok())
-            .map(|f| f.service.into_iter().map(|s| s.context).collect())
-            .unwrap_or_default();
-        *cache = Some((path, mtime, layouts));
+            .map(|f| f.service.into_iter().map(|s| (s.id, s.context)).collect());
+        *cache = Some((path, key, layouts));
     }
-    cache.as_ref().and_then(|(_, _, l)| l.get(index).cloned()).unwrap_or_default()
+    cache
+        .as_ref()
+        .and_then(|(_, _, l)| l.as_ref())
+        .and_then(|l| l.iter().find(|(id, _)| *id == service_id))
+        .map(|(_, c)| c.clone())
+        .ok_or(WSAEINVAL)
 }
 
 /// The layout the context query answers on socket `fd`: the process's
-/// choice, else the configured layout of the service the flow was
-/// redirected to (rewire's struct where that cannot be known: the query
-/// then fails as it would anyway).
-pub(crate) fn layout_for(fd: c_int) -> rewire::ContextLayout {
+/// choice, else the layout of the service the flow was redirected to in
+/// the configuration the kernel runs (rewire's struct where the flow has
+/// no context: the query then fails as it would anyway). `WSAEINVAL` when
+/// that service's layout cannot be known.
+pub(crate) fn layout_for(fd: c_int) -> Result<rewire::ContextLayout, c_int> {
     match lock().context_layout {
-        REWIRE_WFP_CONTEXT_LAYOUT_REWIRE => rewire::ContextLayout::Rewire,
-        REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS => rewire::ContextLayout::Sockaddrs,
-        _ => kernel_context(fd).map(|c| configured(c.service_id)).unwrap_or_default(),
+        REWIRE_WFP_CONTEXT_LAYOUT_REWIRE => Ok(rewire::ContextLayout::Rewire),
+        REWIRE_WFP_CONTEXT_LAYOUT_SOCKADDRS => Ok(rewire::ContextLayout::Sockaddrs),
+        _ => match kernel_context(fd) {
+            Ok(c) => configured(c.service_id),
+            Err(_) => Ok(Default::default()),
+        },
     }
 }
 
@@ -153,5 +172,5 @@ pub(crate) fn answer(fd: c_int, optname: c_int, layout: &rewire::ContextLayout) 
 
 /// The context of the flow on `fd` as the query answers it (`WSARecvMsg`'s control message).
 pub(crate) fn context_answer(fd: c_int) -> Result<Vec<u8>, c_int> {
-    answer(fd, RW_OPT_CONTEXT, &layout_for(fd))
+    answer(fd, RW_OPT_CONTEXT, &layout_for(fd)?)
 }

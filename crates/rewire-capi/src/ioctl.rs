@@ -46,7 +46,7 @@ pub(crate) fn ioctl(
             let (optname, layout) = if code == SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS {
                 (RW_OPT_RECORDS, rewire::ContextLayout::Rewire)
             } else {
-                (RW_OPT_CONTEXT, layout_for(s))
+                (RW_OPT_CONTEXT, layout_for(s)?)
             };
             let needed = answer_size(optname, &layout);
             if outb == 0 {

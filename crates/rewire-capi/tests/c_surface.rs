@@ -534,34 +534,60 @@ fn c_udp_example_chains_with_rewire_proxy() {
 /// `rewire_wsa_set_context_layout`.
 #[test]
 fn context_layout_and_vendor_bytes_from_the_config() {
+    context_config_suite("ctxcfg", false);
+}
+
+/// The layouts come from the configuration the kernel runs, not from the
+/// file: the file is edited under the running hooks (a new first service
+/// with other vendor bytes, as a reload that would be refused) before the
+/// program queries; each flow still gets its own service's layout.
+#[test]
+fn context_layout_stays_the_running_configurations_when_the_file_is_edited() {
+    context_config_suite("ctxedit", true);
+}
+
+fn context_config_suite(name: &str, edit_file: bool) {
     require_root();
     let rewire = rewire_bin();
-    let tmp = TempDir::new("ctxcfg");
+    let tmp = TempDir::new(name);
     let (vs, vd, ps, pd) = (free_port(), free_port(), free_port(), free_port());
     let vendor: Vec<u8> = (0..300u32).map(|i| (i * 7 + 3) as u8).collect();
     let hex: String = vendor.iter().map(|b| format!("{b:02x}")).collect();
     let config = tmp.0.join("rewire.toml");
+    let services = format!(
+        "[[service]]\nname = \"vendor\"\nlisten = [\"127.0.0.1:{vs}\", \"[::1]:{vs}\"]\n\
+         context = {{ hex = \"{hex}\" }}\n\
+         match = {{ dst = [\"127.0.0.0/8\"], ports = {vd}, protocol = \"any\" }}\n\
+         [[service]]\nname = \"pair\"\nlisten = [\"127.0.0.1:{ps}\", \"[::1]:{ps}\"]\n\
+         context = \"sockaddrs\"\n\
+         match = {{ dst = [\"127.0.0.0/8\"], ports = {pd}, protocol = \"any\" }}\n"
+    );
+    std::fs::write(&config, format!("cgroup = \"rewire-capi-{name}\"\n{services}")).unwrap();
+    // The same file with a service inserted first: every service id now names another service in it.
+    let edited = tmp.0.join("edited.toml");
     std::fs::write(
-        &config,
+        &edited,
         format!(
-            "cgroup = \"rewire-capi-ctxcfg\"\n\
-             [[service]]\nname = \"vendor\"\nlisten = [\"127.0.0.1:{vs}\", \"[::1]:{vs}\"]\n\
-             context = {{ hex = \"{hex}\" }}\n\
-             match = {{ dst = [\"127.0.0.0/8\"], ports = {vd}, protocol = \"any\" }}\n\
-             [[service]]\nname = \"pair\"\nlisten = [\"127.0.0.1:{ps}\", \"[::1]:{ps}\"]\n\
-             context = \"sockaddrs\"\n\
-             match = {{ dst = [\"127.0.0.0/8\"], ports = {pd}, protocol = \"any\" }}\n"
+            "cgroup = \"rewire-capi-{name}\"\n[[service]]\nname = \"intruder\"\nlisten = [\"127.0.0.1:{}\"]\n\
+             context = {{ hex = \"eeeeeeee\" }}\nmatch = {{ dst = [\"127.0.0.0/8\"], ports = {}, protocol = \"any\" }}\n{services}",
+            free_port(),
+            free_port()
         ),
     )
     .unwrap();
     let bin = tmp.0.join("context_config");
     compile("tests/c/context_config.c", &bin, Link::Dynamic);
     let mut cmd = Command::new(&rewire);
-    cmd.arg("run").arg("--config").arg(&config).arg("--").arg(&bin);
+    cmd.arg("run").arg("--config").arg(&config).arg("--");
+    if edit_file {
+        // Inside the running hooks, before any query: the file changes, the kernel's configuration does not.
+        cmd.args(["sh", "-c", "cp \"$1\" \"$2\" && shift 2 && exec \"$@\"", "sh"]).arg(&edited).arg(&config);
+    }
+    cmd.arg(&bin);
     for a in [vs, vd, ps, pd] {
         cmd.arg(a.to_string());
     }
     cmd.arg(&hex);
     let o = run_bounded(cmd, Duration::from_secs(120));
-    check_suite(&o, 3, "context_config under rewire run");
+    check_suite(&o, 3, &format!("context_config under rewire run (config file edited: {edit_file})"));
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use rewire_control::confine::Confinement;
 use rewire_control::daemon::{daemon_pid, last_status};
 use rewire_control::hooks::CountersReader;
-use rewire_control::paths::{ENV_CGROUP, ENV_CONFIG};
+use rewire_control::paths::{ENV_CGROUP, ENV_CONFIG, ENV_LAYOUTS};
 use rewire_control::{checks, persist, Config, ManagedCgroup};
 
 use crate::manage::{attached_subtree, drop_inherited_outside_descriptors, join_service, pin_dir};
@@ -58,7 +58,13 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
             confinement.apply().context("installing the seccomp filter and Landlock domain (needs root)")?;
         }
     }
-    let err = Command::new(&cmd[0]).args(&cmd[1..]).env(ENV_CONFIG, std::fs::canonicalize(&config)?).env(ENV_CGROUP, &subtree).exec();
+    let mut c = Command::new(&cmd[0]);
+    c.args(&cmd[1..]).env(ENV_CONFIG, std::fs::canonicalize(&config)?).env(ENV_CGROUP, &subtree);
+    // The layouts the daemon published for what the kernel runs (inside `rewire run`: its own, inherited).
+    if std::env::var_os(ENV_LAYOUTS).is_none() {
+        c.env(ENV_LAYOUTS, rewire_control::paths::layouts_file(&cfg.cgroup));
+    }
+    let err = c.exec();
     bail!("cannot run {}: {err}", cmd[0])
 }
 

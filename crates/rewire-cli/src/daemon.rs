@@ -115,6 +115,8 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         config.display()
     );
     let mut status = StatusWriter::new(&cfg.cgroup);
+    let mut generation = rewire_control::daemon::layouts_generation(&cfg.cgroup) + 1;
+    publish_layouts(&cfg, generation);
     report(&mut status, true, &format!("started; {attach_time}"));
     crate::notify::ready(&format!("serving {} service(s); {attach_time}", cfg.services.len()));
     let events = hooks.take_events();
@@ -149,6 +151,8 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                             crate::notify::ready(&msg);
                             state.reloaded(true);
                             *shared.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+                            generation += 1;
+                            publish_layouts(&new, generation);
                             cur = new;
                             cur_path = path;
                         }
@@ -208,6 +212,15 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
 fn report(status: &mut StatusWriter, ok: bool, msg: &str) {
     if let Err(e) = status.write(ok, msg) {
         tracing::warn!("cannot write the daemon's status: {e}");
+    }
+}
+
+/// Publishes the context layouts the kernel now runs (a failure is logged:
+/// the C surface then answers a context query with WSAEINVAL, never with
+/// another service's bytes).
+fn publish_layouts(cfg: &Config, generation: u64) {
+    if let Err(e) = rewire_control::daemon::publish_layouts(&cfg.cgroup, cfg, generation) {
+        tracing::warn!("cannot publish the services' context layouts: {e}; context queries of the C surface fail");
     }
 }
 

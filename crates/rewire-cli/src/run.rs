@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use rewire_control::confine::Confinement;
 use rewire_control::guard::Guard;
 use rewire_control::limiter::Limits;
-use rewire_control::paths::{self, ENV_CGROUP, ENV_CONFIG};
+use rewire_control::paths::{self, ENV_CGROUP, ENV_CONFIG, ENV_LAYOUTS};
 use rewire_control::{Hooks, ManagedCgroup};
 
 use crate::manage::{drop_inherited_outside_descriptors, expire_udp_handoffs, prepare, runtime, warn_io_uring_gap, warn_scope_unavailable};
@@ -42,11 +42,14 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
     let events = hooks.take_events().context("event ring buffer")?;
     let rt = runtime()?;
     let abs_config = std::fs::canonicalize(config)?;
+    // The layouts of the configuration loaded now, not of the file (which may change meanwhile).
+    rewire_control::daemon::publish_layouts(&name, &cfg, 1)?;
+    let layouts = paths::layouts_file(&name);
     let status = rt.block_on(async {
         let counters = counters_of(&hooks);
         let printer = printer::spawn(events, Arc::new(RwLock::new(cfg.clone())), format, limits, counters);
         let r = tokio::select! {
-            r = run_in(cgroup.path(), &abs_config, cmd) => r,
+            r = run_in(cgroup.path(), &abs_config, &layouts, cmd) => r,
             _ = expire_udp_handoffs(&mut hooks, cfg.udp_idle()) => unreachable!("never returns"),
         };
         // The last events, summaries and the counters.
@@ -54,13 +57,14 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
         r
     });
     drop(rt);
+    let _ = std::fs::remove_file(&layouts);
     cgroup.remove()?;
     drop(hooks);
     Ok(exit_code(status?))
 }
 
-async fn run_in(cgroup: &Path, config: &Path, cmd: &[String]) -> Result<ExitStatus> {
-    let mut child = spawn_in(cgroup, config, cmd)?;
+async fn run_in(cgroup: &Path, config: &Path, layouts: &Path, cmd: &[String]) -> Result<ExitStatus> {
+    let mut child = spawn_in(cgroup, config, layouts, cmd)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -74,9 +78,9 @@ async fn run_in(cgroup: &Path, config: &Path, cmd: &[String]) -> Result<ExitStat
 /// escapes the hooks), confined ([`rewire_control::confine`]: no
 /// `pidfd_getfd`, `ptrace`, `process_vm_writev` to borrow a socket made
 /// outside).
-pub fn spawn_in(cgroup: &Path, config: &Path, cmd: &[String]) -> Result<tokio::process::Child> {
+pub fn spawn_in(cgroup: &Path, config: &Path, layouts: &Path, cmd: &[String]) -> Result<tokio::process::Child> {
     let mut c = tokio::process::Command::new(&cmd[0]);
-    c.args(&cmd[1..]).env(ENV_CONFIG, config).env(ENV_CGROUP, cgroup);
+    c.args(&cmd[1..]).env(ENV_CONFIG, config).env(ENV_CGROUP, cgroup).env(ENV_LAYOUTS, layouts);
     let procs = cgroup.join("cgroup.procs");
     let confinement = Confinement::new()?;
     tracing::info!("{}", confinement.describe());

@@ -8,7 +8,11 @@
 //! - `<cgroup>.reload`: the configuration `rewire reload` asks for, read
 //!   (once) by the daemon on SIGHUP;
 //! - `<cgroup>.status`: the daemon's last result, `SEQ ok|error MESSAGE`,
-//!   replaced atomically; a waiting `rewire reload` sees SEQ grow.
+//!   replaced atomically; a waiting `rewire reload` sees SEQ grow;
+//! - `<cgroup>.layouts`: the context layout of each service id of the
+//!   configuration the kernel runs ([`publish_layouts`]), for the C surface.
+//!   Written only when a load or reload is accepted, so an edited config
+//!   file or a refused reload never changes what a flow's service id means.
 //!
 //! Both sides use this module, so they cannot disagree on a name or a format.
 
@@ -181,7 +185,51 @@ pub fn signal(pid: u32, sig: Signal) -> Result<(), DaemonError> {
 /// Removes the run files a daemon of `cgroup` leaves (not its pid file:
 /// that is the live daemon's).
 pub fn remove_run_files(cgroup: &str) {
-    for f in [paths::status_file(cgroup), paths::reload_file(cgroup), paths::status_tmp_file(cgroup)] {
+    for f in [
+        paths::status_file(cgroup),
+        paths::reload_file(cgroup),
+        paths::status_tmp_file(cgroup),
+        paths::layouts_file(cgroup),
+        paths::layouts_tmp_file(cgroup),
+    ] {
         let _ = std::fs::remove_file(f);
     }
+}
+
+/// Publishes the context layouts of `cfg`, the configuration the kernel now
+/// runs for cgroup name `cgroup`, as `[[service]]` tables of `id`, `name`
+/// and `context` (the config's own syntax; vendor bytes in hex) after a
+/// `generation` that grows with each publication. Atomic: written aside,
+/// then renamed, so a reader sees the old file or the new one.
+pub fn publish_layouts(cgroup: &str, cfg: &crate::Config, generation: u64) -> Result<(), DaemonError> {
+    use std::fmt::Write as _;
+    let mut text = format!("generation = {generation}\n");
+    for (id, s) in cfg.services_by_id() {
+        let context = match &s.context {
+            rewire::ContextLayout::Rewire => "\"rewire\"".to_string(),
+            rewire::ContextLayout::Sockaddrs => "\"sockaddrs\"".to_string(),
+            rewire::ContextLayout::Vendor(b) => {
+                format!(
+                    "{{ hex = \"{}\" }}",
+                    b.iter().fold(String::new(), |mut h, x| {
+                        let _ = write!(h, "{x:02x}");
+                        h
+                    })
+                )
+            }
+        };
+        let name = s.name.get_ref().replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = write!(text, "[[service]]\nid = {}\nname = \"{name}\"\ncontext = {context}\n", id.get());
+    }
+    std::fs::create_dir_all(paths::RUN_DIR).map_err(io_err(Path::new(paths::RUN_DIR)))?;
+    let (path, tmp) = (paths::layouts_file(cgroup), paths::layouts_tmp_file(cgroup));
+    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).map_err(io_err(&path))
+}
+
+/// The generation the layouts file of `cgroup` has now (0 if none).
+pub fn layouts_generation(cgroup: &str) -> u64 {
+    std::fs::read_to_string(paths::layouts_file(cgroup))
+        .ok()
+        .and_then(|t| t.lines().next()?.strip_prefix("generation = ")?.trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -10,7 +10,7 @@
 //! |---|---|
 //! | bpffs | `$REWIRE_BPFFS`, else `/sys/fs/bpf` |
 //! | a daemon's pins | `<bpffs>/<cgroup>/` (subdirectories `links`, `stage`, `guard`, `lsm`, `scope`) |
-//! | a daemon's run files | `/run/rewire/<cgroup>.{pid,reload,status}` |
+//! | a daemon's run files | `/run/rewire/<cgroup>.{pid,reload,status,layouts}` |
 //! | a service's processes | `<subtree>/services/<name>` |
 //! | `rewire run`'s subtree | `<cgroup>-run-<pid>` |
 
@@ -22,6 +22,8 @@ pub const ENV_BPFFS: &str = "REWIRE_BPFFS";
 pub const ENV_CONFIG: &str = "REWIRE_CONFIG";
 /// The cgroup subtree of the command rewire runs (set by `rewire run`/`exec`).
 pub const ENV_CGROUP: &str = "REWIRE_CGROUP";
+/// The services' context layouts as the kernel runs them (set by `rewire run`/`exec`; read by the C surface).
+pub const ENV_LAYOUTS: &str = "REWIRE_LAYOUTS";
 /// The log filter (`tracing_subscriber`'s syntax).
 pub const ENV_LOG: &str = "REWIRE_LOG";
 
@@ -85,6 +87,17 @@ pub fn status_file(cgroup_name: &str) -> PathBuf {
 /// Where the daemon writes a status before renaming it over [`status_file`].
 pub fn status_tmp_file(cgroup_name: &str) -> PathBuf {
     run_file(cgroup_name, "status.tmp")
+}
+
+/// The context layouts of the configuration the kernel runs for `cgroup_name`
+/// (service id, name, layout), replaced atomically at each accepted load or reload.
+pub fn layouts_file(cgroup_name: &str) -> PathBuf {
+    run_file(cgroup_name, "layouts")
+}
+
+/// Where a layouts file is written before it is renamed over [`layouts_file`].
+pub fn layouts_tmp_file(cgroup_name: &str) -> PathBuf {
+    run_file(cgroup_name, "layouts.tmp")
 }
 
 fn run_file(cgroup_name: &str, ext: &str) -> PathBuf {
