@@ -22,8 +22,19 @@ use rewire_control::limiter::Limits;
 #[derive(Parser, Debug)]
 #[command(name = "rewire", version, about, long_about = None)]
 struct Cli {
+    /// How rewire's own log lines are written on stderr: text (coloured
+    /// only when stderr is a terminal) or one JSON object a line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,12 +180,14 @@ impl EventLimits {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env(rewire_control::paths::ENV_LOG).unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env(rewire_control::paths::ENV_LOG).unwrap_or_else(|_| "info".into());
+    let log = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match cli.log_format {
+        LogFormat::Json => log.json().flatten_event(true).init(),
+        LogFormat::Text => log.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
+    let json_log = cli.log_format == LogFormat::Json;
     let result = match cli.cmd {
         Cmd::Run { config, events, limits, cmd } => run::run(&config, events, limits.limits(), &cmd),
         Cmd::Daemon { config, events, limits, replace_programs, metrics } => {
@@ -194,7 +207,11 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("rewire: error: {e:#}");
+            if json_log {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("rewire: error: {e:#}");
+            }
             std::process::exit(1);
         }
     }

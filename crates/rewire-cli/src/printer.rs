@@ -146,8 +146,15 @@ impl<W: Write> Printer<W> {
         self.buf.push(b'\n');
     }
 
+    /// One JSON line, with the wall-clock time it was written
+    /// (`timestamp_unix`, seconds since the epoch).
     fn json<T: Serialize>(&mut self, v: &T) {
-        if serde_json::to_writer(&mut self.buf, v).is_ok() {
+        let Ok(mut v) = serde_json::to_value(v) else { return };
+        if let Some(o) = v.as_object_mut() {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            o.insert("timestamp_unix".into(), serde_json::Value::from(now.as_secs_f64()));
+        }
+        if serde_json::to_writer(&mut self.buf, &v).is_ok() {
             self.buf.push(b'\n');
         }
     }

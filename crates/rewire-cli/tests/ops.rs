@@ -286,3 +286,42 @@ fn status_json_per_service_from_the_kernel() {
     expect_service(&after, "audit", &[("redirect", 3), ("deliver", 3), ("no_listener", 1)]);
     expect_service(&after, "dlp", &[("no_listener", 2)]);
 }
+
+/// `--log-format json --events json`: every line the daemon writes on
+/// stderr (to a file, not a terminal) is one JSON object, without colour
+/// escapes: its log lines (with a level) and the kernel's events (with a
+/// wall-clock timestamp).
+#[test]
+fn json_logs_cover_every_line() {
+    let b = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let services = service("dlp", free_port(), b.addr.port());
+    let mut d = Daemon::start("logs", &services, &["--log-format", "json", "--events", "json"]);
+    // A refused flow (nobody listens for dlp): a kernel event.
+    let r = d.probe(&[&b.addr.to_string(), "--send", "10"]);
+    assert!(r["error"].as_str().is_some_and(|e| e.contains("refused")), "{r}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.stderr().contains("no_listener") {
+        assert!(Instant::now() < deadline, "no event line: {}", d.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = d.daemon.as_ref().unwrap().id();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGTERM).unwrap();
+    let mut child = d.daemon.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "daemon did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = d.stderr();
+    assert!(!text.contains('\u{1b}'), "colour escapes in a file: {text}");
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(Value::is_object), "{text}");
+    assert!(lines.iter().any(|v| v["level"] == "INFO" && v["message"].as_str().is_some_and(|m| m.contains("serving "))), "{text}");
+    let event = lines.iter().find(|v| v.to_string().contains("no_listener")).unwrap();
+    assert!(event["timestamp_unix"].as_f64().is_some_and(|t| t > 1.6e9), "{event}");
+    assert!(lines.iter().any(|v| v["message"].as_str().is_some_and(|m| m.contains("daemon stopped"))), "{text}");
+}
