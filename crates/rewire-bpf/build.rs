@@ -7,6 +7,10 @@
 //!
 //! The objects are built for the host's byte order (`bpfel` on x86_64 and
 //! aarch64). `CLANG` overrides the compiler; `scripts/setup.sh` installs it.
+//!
+//! `rewire-test.bpf.o` is the hooks built with `RW_TEST_NO_STORAGE` (every
+//! socket storage allocation fails): the tests' fault, kept out of the
+//! production object.
 
 use std::{
     env,
@@ -21,17 +25,19 @@ fn main() {
     println!("cargo:rerun-if-changed={}", src_dir.display());
     println!("cargo:rerun-if-env-changed=CLANG");
     for name in ["rewire", "fastpath", "guard", "lsm", "scope"] {
-        compile(&src_dir, &src_dir.join(format!("{name}.bpf.c")), &out_dir.join(format!("{name}.bpf.o")));
+        compile(&src_dir, &src_dir.join(format!("{name}.bpf.c")), &out_dir.join(format!("{name}.bpf.o")), &[]);
     }
+    compile(&src_dir, &src_dir.join("rewire.bpf.c"), &out_dir.join("rewire-test.bpf.o"), &["-DRW_TEST_NO_STORAGE"]);
 }
 
-fn compile(src_dir: &Path, src: &Path, out: &Path) {
+fn compile(src_dir: &Path, src: &Path, out: &Path, defines: &[&str]) {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".into());
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap();
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
     let target = if env::var("CARGO_CFG_TARGET_ENDIAN").unwrap() == "big" { "bpfeb" } else { "bpfel" };
     let status = Command::new(&clang)
         .args(["-target", target, "-O2", "-g", "-Wall", "-Werror"])
+        .args(defines)
         .arg(format!("-I{multiarch}"))
         .arg("-I")
         .arg(src_dir)

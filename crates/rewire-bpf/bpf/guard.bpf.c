@@ -11,7 +11,7 @@
  * of every cgroup below it, and judge by the *calling* process:
  *
  *   caller inside the subtree, socket made outside it -> EPERM, event
- *   RW_EV_BORROWED, counter RW_CNT_BORROWED
+ *   reason RW_REASON_BORROWED (event and counter)
  *   anything else -> allowed, untouched
  *
  * A caller outside the subtree costs one map lookup and one helper call;

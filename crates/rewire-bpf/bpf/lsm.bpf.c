@@ -21,8 +21,8 @@
  * task is inside the subtree (one map lookup, one helper call). A
  * service's processes are trusted, as in the hooks.
  *
- * Refusals are reported as RW_EV_BORROWED with no destination, counted in
- * RW_CNT_BORROWED. Some kernels list the BPF LSM as active and still refuse
+ * Refusals are reported and counted as RW_REASON_BORROWED, with no
+ * destination. Some kernels list the BPF LSM as active and still refuse
  * every trampoline program (EPERM before the verifier); rewire detects that
  * at start by loading this object and says which boundary holds.
  */

@@ -28,7 +28,7 @@
  * LRU hashes whose entries are deleted when claimed, so nothing grows
  * without bound. A UDP socket holds at most RW_UDP_SLOTS live flows; a flow
  * idle for `udp_idle_ns` frees its slot. Blobs handed to user space carry a SipHash
- * tag under a per-load random key: user space cannot forge or edit them.
+ * MAC under a per-load random key: user space cannot forge or edit them.
  *
  * This file holds the entry points (the SEC programs) only; their logic
  * lives in lib/, one header per concern, each opening with what it offers:
@@ -220,10 +220,8 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 			/* Full (or a stale twin): the proxy will find no records
 			 * and refuse the connection; never a misattributed flow. */
 			conf = rw_get_conf();
-			rw_count(RW_CNT_HANDOFF_FULL);
-			if (conf)
-				rw_emit(RW_EV_HANDOFF_FULL, -ENOBUFS, &st->rec, st->service_id, st->rule_id,
-					conf->hop_limit);
+			rw_notify(RW_REASON_HANDOFF_FULL, -ENOBUFS, conf ? &st->rec : 0, st->service_id, st->rule_id,
+				  conf ? conf->hop_limit : 0);
 			return 1;
 		}
 		/* Watch the socket: its entry goes when it closes unaccepted. */
@@ -256,10 +254,8 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 			 * hand-off: a side door if the socket is a service's. */
 			rw_side_door(skops, sk, 1);
 			conf = rw_get_conf();
-			rw_count(RW_CNT_HANDOFF_REFUSED);
-			if (conf)
-				rw_emit(RW_EV_HANDOFF_REFUSED, -EACCES, &v->rec, v->service_id, v->rule_id,
-					conf->hop_limit);
+			rw_notify(RW_REASON_HANDOFF_REFUSED, -EACCES, conf ? &v->rec : 0, v->service_id, v->rule_id,
+				  conf ? conf->hop_limit : 0);
 			return 1;
 		}
 		rw_svc_handed(v->service_id, (__u32)v->rec.depth + v->rec.n_chain);
@@ -360,7 +356,7 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 			ctx->retval = -ENOBUFS;
 			return 1;
 		}
-		r.tag = rw_tag(&r, conf);
+		r.mac = rw_mac(&r, conf);
 		__builtin_memcpy(p, &r, sizeof(r));
 		RW_READ(ctx->optlen) = sizeof(r); /* volatile: two 4-byte stores, never one 8-byte */
 		ctx->retval = 0;
@@ -381,7 +377,7 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 		c.hop = st->rec.n_chain;
 		c.redirected_ns = st->redirected_ns;
 		c.records = st->rec;
-		c.records.tag = rw_tag(&c.records, conf);
+		c.records.mac = rw_mac(&c.records, conf);
 		__builtin_memcpy(p, &c, sizeof(c));
 		RW_READ(ctx->optlen) = sizeof(c);
 		ctx->retval = 0;
@@ -421,7 +417,7 @@ int rw_setsockopt(struct bpf_sockopt *ctx)
 	if (r.magic != RW_MAGIC || r.version != RW_VERSION || r.n_chain == 0 ||
 	    r.n_chain > RW_MAX_CHAIN || r.proto != sk->protocol)
 		return rw_set_fail(EINVAL);
-	if (rw_tag(&r, conf) != r.tag)
+	if (rw_mac(&r, conf) != r.mac)
 		return rw_set_fail(EINVAL);
 
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -465,15 +461,14 @@ int rw_sock_create(struct bpf_sock *sk)
 		return 1;
 	if (type == 3 /* SOCK_RAW */)
 		return 1;
-	rw_count(RW_CNT_PROTOCOL);
 	r = bpf_map_lookup_elem(&rw_scratch, &zero);
 	if (r) {
 		__builtin_memset(r, 0, sizeof(*r));
 		r->proto = proto > 255 ? 255 : proto;
 		r->orig_dst.family = family;
 		r->orig_dst.port_be = proto; /* reported as the protocol number */
-		rw_emit(RW_EV_PROTOCOL, -EPROTONOSUPPORT, r, 0, 0, conf->hop_limit);
 	}
+	rw_notify(RW_REASON_PROTOCOL, -EPROTONOSUPPORT, r, 0, 0, conf->hop_limit);
 	bpf_set_retval(-EPROTONOSUPPORT);
 	return 0;
 }
@@ -496,26 +491,26 @@ int rw_skb_egress(struct __sk_buff *skb)
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
 	if (u) {
 		sl = rw_slot_of_target(u, &dst);
-		if (sl && sl->tag) {
+		if (sl && sl->mark) {
 			/* Every datagram, connected socket or not, goes only to the
 			 * service's own socket: a proxy that died and an impostor
 			 * that took its port get nothing (the send fails). */
-			if (!rw_udp_dst_owned(skb, &src, &dst, ((__u64)sl->service_id << 32) | sl->tag)) {
-				rw_count_svc(sl->service_id, RW_CNT_IMPOSTOR);
+			if (!rw_udp_dst_owned(skb, &src, &dst, ((__u64)sl->service_id << 32) | sl->mark)) {
+				rw_count_svc(sl->service_id, RW_REASON_IMPOSTOR);
 				return 0;
 			}
-			skb->mark = sl->tag;
+			skb->mark = sl->mark;
 			return 1;
 		}
 	}
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
-	if (st && (st->flags & RW_F_ACCEPTED) && st->tag) {
+	if (st && (st->flags & RW_F_ACCEPTED) && st->mark) {
 		/* A proxy's reply goes only to the flow's own socket. */
-		if (!rw_udp_reply_owned(skb, &src, &dst, st->tag)) {
-			rw_count_svc(st->service_id, RW_CNT_IMPOSTOR);
+		if (!rw_udp_reply_owned(skb, &src, &dst, st->mark)) {
+			rw_count_svc(st->service_id, RW_REASON_IMPOSTOR);
 			return 0;
 		}
-		skb->mark = st->tag;
+		skb->mark = st->mark;
 	}
 	return 1;
 }
@@ -546,7 +541,7 @@ int rw_skb_ingress(struct __sk_buff *skb)
 			return 1;
 		if (rw_tcp_answer_owned(skb, st->service_id))
 			return 1;
-		rw_count_svc(st->service_id, RW_CNT_IMPOSTOR);
+		rw_count_svc(st->service_id, RW_REASON_IMPOSTOR);
 		return 0; /* never established with an impostor: the connect times out */
 	}
 	if (sk->protocol != IPPROTO_UDP || !rw_skb_udp(skb, &src, &dst))
@@ -554,15 +549,15 @@ int rw_skb_ingress(struct __sk_buff *skb)
 	/* A proxy's flow socket: only its application's socket sends to it
 	 * (a stray from another source is judged below, as at the listener). */
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
-	if (st && (st->flags & RW_F_ACCEPTED) && st->tag && rw_sock_peer_is(sk, &src))
-		return skb->mark == st->tag ? 1 : rw_forged(&src);
+	if (st && (st->flags & RW_F_ACCEPTED) && st->mark && rw_sock_peer_is(sk, &src))
+		return skb->mark == st->mark ? 1 : rw_forged(&src);
 	/* An application's socket: a datagram from a service address it has a
 	 * flow with comes from that flow's proxy socket. */
 	u = bpf_sk_storage_get(&rw_udp_sk, sk, 0, 0);
 	if (u) {
 		sl = rw_slot_of_target(u, &src);
-		if (sl && sl->tag)
-			return skb->mark == sl->tag ? 1 : rw_forged(&src);
+		if (sl && sl->mark)
+			return skb->mark == sl->mark ? 1 : rw_forged(&src);
 	}
 	own = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
 	if (!own) {
@@ -573,12 +568,12 @@ int rw_skb_ingress(struct __sk_buff *skb)
 		return 1;
 	}
 	/* A service's listener: the first datagrams of a flow come from the
-	 * flow's application socket, with its tag (published already, or
+	 * flow's application socket, with its mark (published already, or
 	 * still in the sender's slot). */
 	rw_udp_tuple(&key, &src, &dst);
 	h = bpf_map_lookup_elem(&rw_udp_handoff, &key);
 	if (h) {
-		want = h->s.tag;
+		want = h->s.mark;
 	} else {
 		/* The socket a datagram back to `src` would reach: the sender. */
 		struct bpf_sock *app = rw_udp_receiver(skb, &dst, &src);
@@ -588,9 +583,9 @@ int rw_skb_ingress(struct __sk_buff *skb)
 			if (u) {
 				sl = rw_slot_of_target(u, &dst);
 				if (sl) {
-					want = sl->tag;
+					want = sl->mark;
 					/* Published now, by the datagram that proves
-					 * whose flow it is (its mark is the slot's tag):
+					 * whose flow it is (its mark is the slot's mark):
 					 * not later from whoever holds the source port
 					 * when the proxy reads it (the sender may have
 					 * closed and another socket bound its port). */
@@ -609,7 +604,7 @@ int rw_skb_ingress(struct __sk_buff *skb)
 	 * time: a flood of them from outside once filled the listener's queue
 	 * and the first datagrams of genuine flows were lost unseen. */
 	if (!want) {
-		rw_count(RW_CNT_UDP_NO_FLOW);
+		rw_count(RW_REASON_UDP_NO_FLOW);
 		return 0;
 	}
 	return 1;

@@ -1,17 +1,29 @@
 /* SPDX-License-Identifier: (MIT OR Apache-2.0) */
 /*
- * rewire ABI: the structures shared by the kernel programs (rewire.bpf.c)
- * and user space (crates/rewire/src/abi.rs mirrors them field for field;
- * both sides assert the sizes and offsets below at compile time).
+ * rewire ABI: what the kernel programs (rewire.bpf.c, guard.bpf.c,
+ * lsm.bpf.c) and user space both read or write, and nothing else: socket
+ * option numbers, redirect states, reasons (events and counters), the
+ * blobs a proxy sees, the configuration tables, the keys and values of the
+ * maps user space reads. State only the kernel keeps is in lib/ (socket
+ * storage, per-service state) and may change freely.
+ *
+ * This header is the one source: crates/rewire/src/abi.rs is its Rust view,
+ * and crates/rewire-bpf/tests/abi_drift.rs fails on any difference between
+ * the two (every struct's size and field offsets, read from the BTF of this
+ * header compiled; every constant, evaluated by the C compiler; the map key
+ * and value types of the compiled object). The _Static_asserts at the end
+ * pin the layout on the C side.
  *
  * Every integer is in host byte order except where the name says `_be`.
  * A `struct rw_records` is the opaque blob that proxies query from their
  * accepted socket and set on their outbound socket; its last field is a
- * SipHash-2-4 tag under a key only the kernel programs know, so a blob that
+ * SipHash-2-4 MAC under a key only the kernel programs know, so a blob that
  * was altered or truncated is refused by the set call.
  */
 #ifndef REWIRE_ABI_H
 #define REWIRE_ABI_H
+
+#include <linux/types.h>
 
 /* Private socket option level served by the cgroup sockopt programs. */
 #define RW_SOL 0x5257 /* 'R' 'W' */
@@ -41,77 +53,59 @@
 #define RW_STATE_REDIRECTED_BY_OTHER 2
 #define RW_STATE_PREVIOUSLY_REDIRECTED_BY_SELF 3
 
-/* rw_sock.flags */
-#define RW_F_HAS_RECORDS 1u  /* outbound socket: a verified blob was set */
-#define RW_F_REDIRECTED 2u   /* connect was redirected: getpeername lies, handoff on SYN */
-#define RW_F_ACCEPTED 4u     /* accepted socket that received a flow record */
-#define RW_F_LINK_LOST 8u    /* accepted socket queried when no link mark could be made: counted
-			      * in its service's link_unrecorded until released */
-
-/* Event kinds (ring buffer to the daemon). */
-#define RW_EV_REDIRECT 1 /* connect redirected to a service */
-#define RW_EV_DELIVER 2  /* a socket with records reached its original destination */
-#define RW_EV_HOP_LIMIT 3 /* refused: the flow would exceed the hop limit (ELOOP) */
-#define RW_EV_MISMATCH 4 /* refused: records belong to another destination (EINVAL) */
-#define RW_EV_UDP_CONFLICT 5 /* refused: the socket has a live flow to this service for
-			      * another destination (EADDRINUSE) or no free slot (ENOBUFS) */
-#define RW_EV_NO_LISTENER 6 /* the chosen service has no listener: refused (err
-			     * ECONNREFUSED, fail = "closed") or skipped (err 0, "open") */
-#define RW_EV_IMPOSTOR 7  /* the service's address is held by a socket that none of the
-			   * service's processes opened: refused or skipped, as above */
-#define RW_EV_INTERNAL 8  /* refused: the hook could not keep the flow's state
-			   * (socket storage allocation failed: ENOBUFS) */
-#define RW_EV_HANDOFF_FULL 9 /* the hand-off table is full: the proxy cannot claim this
-			      * connection, so it gets no records and refuses it */
-#define RW_EV_FOREIGN_NETNS 10 /* refused: a redirect or a records call in a network
-				* namespace other than the one rewire was set up in (EPERM) */
-#define RW_EV_PROTOCOL 11 /* refused at socket creation: a transport rewire cannot
-			   * redirect (UDP-Lite, SCTP, MPTCP, ...): EPROTONOSUPPORT */
-#define RW_EV_UDP_FORGED 12 /* dropped: a datagram claiming to belong to a UDP flow
-			     * that its flow's own socket did not send */
-#define RW_EV_HANDOFF_REFUSED 13 /* refused: a socket not accepted on the service's own
-				  * listener in rewire's namespace tried to take a pending
-				  * TCP hand-off (same 4-tuple); the entry stays */
-#define RW_EV_BORROWED 16 /* refused (EPERM): a process in the subtree connects or sends
-			   * with a socket made outside it (taken with pidfd_getfd or
-			   * SCM_RIGHTS); reported by the guard (guard.bpf.c) */
-#define RW_EV_BROADCAST 17 /* refused (EPERM): a UDP send or connect to a broadcast or
-			    * multicast address (one datagram to many receivers, which no
-			    * proxy can stand in for) that a rule could apply to */
-
-/* Counters (per-CPU array rw_counters, index): never lose a count. */
-#define RW_CNT_REDIRECT 0
-#define RW_CNT_DELIVER 1
-#define RW_CNT_HOP_LIMIT 2
-#define RW_CNT_MISMATCH 3
-#define RW_CNT_UDP_CONFLICT 4
-#define RW_CNT_NO_LISTENER 5
-#define RW_CNT_IMPOSTOR 6
-#define RW_CNT_FAIL_OPEN_SKIP 7
-#define RW_CNT_NO_STORAGE 8
-#define RW_CNT_HANDOFF_FULL 9
-#define RW_CNT_EVENTS_LOST 10
-#define RW_CNT_FOREIGN_NETNS 12
-#define RW_CNT_PROTOCOL 13
-#define RW_CNT_UDP_FORGED 14
-#define RW_CNT_HANDOFF_REFUSED 15 /* see RW_EV_HANDOFF_REFUSED */
-#define RW_CNT_BROADCAST 19 /* broadcast/multicast sends refused (RW_EV_BROADCAST) */
-#define RW_CNT_LINK 11 /* a record-less onward connect carried on the flow whose
-			* SO_ORIGINAL_DST its process queried (linking) */
-#define RW_CNT_BORROWED 18 /* see RW_EV_BORROWED */
-#define RW_CNT_SIDE_DOOR 20 /* a service's record-less connect not linked, or walked the
-			     * whole chain again, because it had a side door (rw_svc_state) */
-#define RW_CNT_UDP_NO_FLOW 21 /* datagrams to a service's UDP socket that belong to no flow
-				* (no records: e.g. a flood from outside), dropped on arrival */
-#define RW_CNT_UDP_RATE 22 /* new UDP flows refused (EAGAIN): their user started more
-			     * than udp_flows_per_user a second */
-#define RW_CNT_N 24
+/* Reasons: what a hook did, or refused and why. One number drives both the
+ * counter (index in the per-CPU array rw_counters, never loses a count) and,
+ * for a reason that is reported, the event (rw_event.kind, ring buffer to
+ * the daemon; a full ring buffer drops events and counts
+ * RW_REASON_EVENTS_LOST). */
+#define RW_REASON_REDIRECT 1 /* connect or send redirected to a service */
+#define RW_REASON_DELIVER 2  /* a socket with records reached its original destination */
+#define RW_REASON_HOP_LIMIT 3 /* refused: the flow would exceed the hop limit (ELOOP) */
+#define RW_REASON_MISMATCH 4 /* refused: records belong to another destination (EINVAL) */
+#define RW_REASON_UDP_CONFLICT 5 /* refused: the socket has a live flow to this service for
+				  * another destination (EADDRINUSE) or no free slot (ENOBUFS) */
+#define RW_REASON_NO_LISTENER 6 /* the chosen service has no listener: refused (err
+				 * ECONNREFUSED, fail = "closed") or skipped (err 0, "open") */
+#define RW_REASON_IMPOSTOR 7 /* the service's address is held by a socket that none of the
+			      * service's processes opened: refused or skipped, as above;
+			      * also counted (no event) for a datagram or TCP answer a
+			      * flow's socket sent that would reach somebody else's socket */
+#define RW_REASON_NO_STORAGE 8 /* refused: the hook could not keep the flow's state
+				* (socket storage allocation failed: ENOBUFS); event "internal" */
+#define RW_REASON_HANDOFF_FULL 9 /* the hand-off table is full: the proxy cannot claim this
+				  * connection, so it gets no records and refuses it */
+#define RW_REASON_FOREIGN_NETNS 10 /* refused: a redirect or a records call in a network
+				    * namespace other than the one rewire was set up in (EPERM) */
+#define RW_REASON_PROTOCOL 11 /* refused at socket creation: a transport rewire cannot
+			       * redirect (UDP-Lite, SCTP, MPTCP, ...): EPROTONOSUPPORT */
+#define RW_REASON_UDP_FORGED 12 /* dropped: a datagram claiming to belong to a UDP flow
+				 * that its flow's own socket did not send */
+#define RW_REASON_HANDOFF_REFUSED 13 /* refused: a socket not accepted on the service's own
+				      * listener in rewire's namespace tried to take a pending
+				      * TCP hand-off (same 4-tuple); the entry stays */
+#define RW_REASON_FAIL_OPEN_SKIP 14 /* counter only: a service skipped under fail = "open" */
+#define RW_REASON_EVENTS_LOST 15 /* counter only: an event the full ring buffer dropped */
+#define RW_REASON_BORROWED 16 /* refused (EPERM): a process in the subtree connects or sends
+			       * with a socket made outside it (taken with pidfd_getfd or
+			       * SCM_RIGHTS); reported by the guard (guard.bpf.c, lsm.bpf.c) */
+#define RW_REASON_BROADCAST 17 /* refused (EPERM): a UDP send or connect to a broadcast or
+				* multicast address (one datagram to many receivers, which no
+				* proxy can stand in for) that a rule could apply to */
+#define RW_REASON_LINK 18 /* counter only: a record-less onward connect carried on the flow
+			   * whose SO_ORIGINAL_DST its process queried (linking) */
+#define RW_REASON_SIDE_DOOR 19 /* counter only: a service's record-less connect not linked, or
+				* walked the whole chain again, because it had a side door */
+#define RW_REASON_UDP_NO_FLOW 20 /* counter only: datagrams to a service's UDP socket that belong
+				  * to no flow (no records: e.g. a flood from outside), dropped */
+#define RW_REASON_UDP_RATE 21 /* counter only: new UDP flows refused (EAGAIN): their user
+			       * started more than udp_flows_per_user a second */
+#define RW_REASON_N 24 /* entries of rw_counters (index 0 and the rest unused) */
 /* Per-service counters (per-CPU array rw_svc_counters): index
- * service_id * RW_CNT_N + RW_CNT_*, service ids 0..RW_MAX_SERVICES. */
-#define RW_SVC_CNT_N ((RW_MAX_SERVICES + 1) * RW_CNT_N)
+ * service_id * RW_REASON_N + reason, service ids 0..RW_MAX_SERVICES. */
+#define RW_SVC_CNT_N ((RW_MAX_SERVICES + 1) * RW_REASON_N)
 
-/* rw_conf.faults: fault injection for tests (never set from a config file). */
-#define RW_FAULT_NO_STORAGE 1u /* every socket storage allocation fails */
+
+
 
 struct rw_addr {
 	__u8 family; /* AF_INET or AF_INET6; 0 = unset */
@@ -123,14 +117,6 @@ struct rw_addr {
 	__u8 addr[16]; /* IPv4 in the first 4 bytes, network order */
 };
 
-/* The scope id of the IPv6 link-local address a connect6/sendmsg6 names,
- * passed from the scope program (scope.bpf.c, run first) to the hooks in
- * the same call, per CPU (map rw_scope). */
-struct rw_scope_stash {
-	__u64 cookie; /* the socket's cookie; 0 = nothing */
-	__u32 scope_id;
-	__u32 _pad;
-};
 
 struct rw_records {
 	__u16 magic;   /* RW_MAGIC */
@@ -158,7 +144,7 @@ struct rw_records {
 	char comm[16];
 	__u64 created_ns; /* CLOCK_BOOTTIME of the first redirect */
 	__u16 chain[RW_MAX_CHAIN];
-	__u64 tag; /* SipHash-2-4 of the 120 bytes above, kernel key */
+	__u64 mac; /* SipHash-2-4 of the 120 bytes above, kernel key */
 };
 
 /* What RW_OPT_CONTEXT returns. */
@@ -184,7 +170,8 @@ struct rw_sock {
 	__u8 n_set;   /* outbound socket: chain length of the records as set, the
 		       * start of every connect attempt on it */
 	__u8 _pad[3];
-	__u32 tag;    /* UDP flow socket of a proxy: its flow's tag (see rw_udp_slot) */
+	__u32 mark;   /* UDP flow socket of a proxy: its flow's packet mark (see
+		       * rw_udp_slot in lib/udp.h) */
 	struct rw_records rec;
 };
 
@@ -244,7 +231,7 @@ struct rw_conf {
 	__u32 hop_limit;
 	__u64 key[2]; /* SipHash key, random per load */
 	__u64 udp_idle_ns; /* a UDP flow idle this long is over */
-	__u32 faults;      /* RW_FAULT_*: tests only */
+	__u32 _pad0;
 	__u32 udp_flows_per_user; /* new UDP flows a second per uid (0: no limit) */
 	__u64 netns_cookie; /* the network namespace rewire serves (0: any) */
 	__u32 n_sel;        /* entries of rw_sel in use (0: no rule selects by origin) */
@@ -268,28 +255,6 @@ struct rw_sel {
 	__u64 dev;
 };
 
-/* One UDP flow of an application (or proxy outbound) socket. A datagram to
- * `rec.orig_dst` goes to `target`; a datagram from `target` is shown as
- * coming from `rec.orig_dst`. */
-struct rw_udp_slot {
-	struct rw_addr target; /* the service's address; the original destination if service_id == 0 */
-	struct rw_addr src;    /* source address set on this flow's datagrams (unbound sockets); family 0: the socket's own */
-	__u64 last_ns;         /* CLOCK_BOOTTIME of the last datagram either way */
-	__u64 redirected_ns;
-	__u16 service_id;      /* 0: records delivered to the original destination */
-	__u16 rule_id;
-	__u8 published;        /* a hand-off entry was made for it (by the listener or at close) */
-	__u8 _pad[3];
-	__u32 tag;             /* random, per flow: the packet mark its datagrams carry both
-				* ways, checked on arrival (only the flow's own sockets send it) */
-	__u32 _pad2;
-	struct rw_records rec; /* magic == 0: free slot */
-};
-
-/* BPF_MAP_TYPE_SK_STORAGE value of a UDP socket. */
-struct rw_udp_sock {
-	struct rw_udp_slot slot[RW_UDP_SLOTS];
-};
 
 /* UDP hand-off (key: struct rw_tuple, client = the datagram's source, server =
  * the service address it was sent to): published when the proxy's listener
@@ -307,12 +272,6 @@ struct rw_ident_key {
 	__u64 id;
 };
 
-/* A socket opened by one of a service's processes and bound to one of its
- * addresses (rw_owner SK_STORAGE value): only such sockets receive its flows. */
-struct rw_owner {
-	__u16 service_id;
-	__u16 _pad[3];
-};
 
 /* Linking an unmodified transparent proxy's onward connect to the flow it
  * accepted: its SO_ORIGINAL_DST query on an accepted socket counts that
@@ -322,7 +281,6 @@ struct rw_owner {
  * destination carries the flow's records on only while exactly one socket
  * was ever pending in the entry. No age: a flow that waits is never
  * forgotten while its socket lives. */
-#define RW_LINK_ENTRIES 65536
 
 struct rw_link_key {
 	__u32 tgid; /* the querying process */
@@ -341,37 +299,6 @@ struct rw_link {
 	struct rw_records rec; /* the flow of the query that made the entry */
 };
 
-/* Per service (array rw_svc_state, index = service id): its side doors, TCP
- * connections accepted on a socket one of its processes bound that came with
- * no hand-off (a forward-proxy or admin port, a direct connection), and the
- * deepest of the flows handed to it recently. A service is quiet when no
- * side door is open and none opened or closed within RW_SIDE_DOOR_QUIET_NS:
- * only then is its record-less onward connect linked to a flow it queried,
- * or continued after it. */
-#define RW_SIDE_DOOR_QUIET_NS (30ULL * 1000000000ULL)
-struct rw_svc_state {
-	__u32 side_open;  /* side-door connections open now */
-	__u32 link_unrecorded; /* queried sockets not released yet that rw_link had no
-				* room for: while any is, no connect of the service is
-				* linked (one of them may be waiting) */
-	__u64 side_ns;    /* CLOCK_BOOTTIME of the last side-door open or close (0: never) */
-	__u64 depth_ns;   /* when `depth` was last raised */
-	__u8 depth;       /* deepest (depth + chain length) of a flow handed to it within
-			   * RW_SIDE_DOOR_QUIET_NS of depth_ns */
-	__u8 _pad2[7];
-	__u64 link_live;  /* queried sockets of the service not released yet (low 32
-			   * bits) | RW_LIVE_AMBIGUOUS (two or more were live at once
-			   * since the count was last 0): a connect is linked only
-			   * when this is exactly 1 (rw_link_live_one) */
-};
-#define RW_LIVE_AMBIGUOUS (1ULL << 32)
-/* SK_STORAGE value (map rw_svc_sock, cloned to accepted sockets) of a TCP
- * socket a service's process bound: its listeners' connections are its. */
-struct rw_svc_sock {
-	__u16 service_id;
-	__u8 side_door; /* an accepted connection counted in side_open until it closes */
-	__u8 _pad[5];
-};
 struct rw_access_key {
 	__u32 kind; /* 0 = uid, 1 = gid */
 	__u32 id;
@@ -394,6 +321,98 @@ struct rw_event {
 	__u16 chain[RW_MAX_CHAIN];
 };
 
-#define RW_TAGGED_LEN 120 /* offsetof(struct rw_records, tag) */
+/* The guard's configuration (guard.bpf.c, lsm.bpf.c: map rw_guard_conf). */
+struct rw_guard_conf {
+	__u64 subtree_id;  /* cgroup id of the managed subtree; 0 = off */
+	__u64 services_id; /* cgroup id of <subtree>/services (0: none) */
+	__u32 level;       /* the subtree's depth (root = 0) */
+	__u32 _pad;
+};
+
+#define RW_MAC_COVERS 120 /* bytes of a record the MAC covers: offsetof(struct rw_records, mac) */
+
+/* Layout, checked by the compiler (generated from this header's BTF;
+ * crates/rewire-bpf/tests/abi_drift.rs checks the Rust view against it). */
+#define RW_ASSERT_SIZE(t, n) _Static_assert(sizeof(struct t) == n, "size of " #t)
+#define RW_ASSERT_AT(t, f, n) _Static_assert(__builtin_offsetof(struct t, f) == n, "offset of " #t "." #f)
+RW_ASSERT_SIZE(rw_addr, 24);
+RW_ASSERT_AT(rw_addr, family, 0); RW_ASSERT_AT(rw_addr, _pad, 1); RW_ASSERT_AT(rw_addr, port_be, 2);
+RW_ASSERT_AT(rw_addr, scope_id, 4); RW_ASSERT_AT(rw_addr, addr, 8);
+RW_ASSERT_SIZE(rw_records, 128);
+RW_ASSERT_AT(rw_records, magic, 0); RW_ASSERT_AT(rw_records, version, 2);
+RW_ASSERT_AT(rw_records, n_chain, 3); RW_ASSERT_AT(rw_records, proto, 4);
+RW_ASSERT_AT(rw_records, depth, 5); RW_ASSERT_AT(rw_records, _pad, 6);
+RW_ASSERT_AT(rw_records, flow_id, 8); RW_ASSERT_AT(rw_records, orig_dst, 16);
+RW_ASSERT_AT(rw_records, pid, 40); RW_ASSERT_AT(rw_records, uid, 44);
+RW_ASSERT_AT(rw_records, gid, 48); RW_ASSERT_AT(rw_records, origin_sel, 52);
+RW_ASSERT_AT(rw_records, cgroup_id, 56); RW_ASSERT_AT(rw_records, comm, 64);
+RW_ASSERT_AT(rw_records, created_ns, 80); RW_ASSERT_AT(rw_records, chain, 88);
+RW_ASSERT_AT(rw_records, mac, 120);
+RW_ASSERT_SIZE(rw_context, 152);
+RW_ASSERT_AT(rw_context, magic, 0); RW_ASSERT_AT(rw_context, version, 2);
+RW_ASSERT_AT(rw_context, state, 3); RW_ASSERT_AT(rw_context, service_id, 4);
+RW_ASSERT_AT(rw_context, rule_id, 6); RW_ASSERT_AT(rw_context, hop, 8);
+RW_ASSERT_AT(rw_context, _pad, 9); RW_ASSERT_AT(rw_context, redirected_ns, 16);
+RW_ASSERT_AT(rw_context, records, 24);
+RW_ASSERT_SIZE(rw_sock, 160);
+RW_ASSERT_AT(rw_sock, flags, 0); RW_ASSERT_AT(rw_sock, service_id, 4);
+RW_ASSERT_AT(rw_sock, rule_id, 6); RW_ASSERT_AT(rw_sock, redirected_ns, 8);
+RW_ASSERT_AT(rw_sock, cookie, 16); RW_ASSERT_AT(rw_sock, n_set, 24);
+RW_ASSERT_AT(rw_sock, _pad, 25); RW_ASSERT_AT(rw_sock, mark, 28); RW_ASSERT_AT(rw_sock, rec, 32);
+RW_ASSERT_SIZE(rw_tuple, 40);
+RW_ASSERT_AT(rw_tuple, family, 0); RW_ASSERT_AT(rw_tuple, _pad, 1);
+RW_ASSERT_AT(rw_tuple, cport, 4); RW_ASSERT_AT(rw_tuple, sport, 6);
+RW_ASSERT_AT(rw_tuple, caddr, 8); RW_ASSERT_AT(rw_tuple, saddr, 24);
+RW_ASSERT_SIZE(rw_service, 40);
+RW_ASSERT_AT(rw_service, has_v4, 0); RW_ASSERT_AT(rw_service, has_v6, 1);
+RW_ASSERT_AT(rw_service, port4_be, 2); RW_ASSERT_AT(rw_service, port6_be, 4);
+RW_ASSERT_AT(rw_service, udp_ports, 6); RW_ASSERT_AT(rw_service, fail_open, 7);
+RW_ASSERT_AT(rw_service, addr4, 8); RW_ASSERT_AT(rw_service, addr6, 12);
+RW_ASSERT_AT(rw_service, continue_unlinked, 28); RW_ASSERT_AT(rw_service, _pad2, 29);
+RW_ASSERT_AT(rw_service, upto_mask, 32);
+RW_ASSERT_SIZE(rw_rule, 64);
+RW_ASSERT_AT(rw_rule, service_id, 0); RW_ASSERT_AT(rw_rule, rule_id, 2);
+RW_ASSERT_AT(rw_rule, family, 4); RW_ASSERT_AT(rw_rule, proto, 5);
+RW_ASSERT_AT(rw_rule, has_uid, 6); RW_ASSERT_AT(rw_rule, has_cgroup, 7);
+RW_ASSERT_AT(rw_rule, port_lo, 8); RW_ASSERT_AT(rw_rule, port_hi, 10);
+RW_ASSERT_AT(rw_rule, uid, 12); RW_ASSERT_AT(rw_rule, addr, 16); RW_ASSERT_AT(rw_rule, mask, 32);
+RW_ASSERT_AT(rw_rule, cgroup_id, 48); RW_ASSERT_AT(rw_rule, flags, 56);
+RW_ASSERT_AT(rw_rule, sel, 60);
+RW_ASSERT_SIZE(rw_conf, 56);
+RW_ASSERT_AT(rw_conf, n_rules, 0); RW_ASSERT_AT(rw_conf, hop_limit, 4);
+RW_ASSERT_AT(rw_conf, key, 8); RW_ASSERT_AT(rw_conf, udp_idle_ns, 24);
+RW_ASSERT_AT(rw_conf, _pad0, 32); RW_ASSERT_AT(rw_conf, udp_flows_per_user, 36);
+RW_ASSERT_AT(rw_conf, netns_cookie, 40); RW_ASSERT_AT(rw_conf, n_sel, 48);
+RW_ASSERT_AT(rw_conf, _pad, 52);
+RW_ASSERT_SIZE(rw_sel, 24);
+RW_ASSERT_AT(rw_sel, kind, 0); RW_ASSERT_AT(rw_sel, level, 4); RW_ASSERT_AT(rw_sel, id, 8);
+RW_ASSERT_AT(rw_sel, dev, 16);
+RW_ASSERT_SIZE(rw_udp_handoff, 168);
+RW_ASSERT_AT(rw_udp_handoff, s, 0); RW_ASSERT_AT(rw_udp_handoff, published_ns, 160);
+RW_ASSERT_SIZE(rw_ident_key, 16);
+RW_ASSERT_AT(rw_ident_key, kind, 0); RW_ASSERT_AT(rw_ident_key, _pad, 4);
+RW_ASSERT_AT(rw_ident_key, id, 8);
+RW_ASSERT_SIZE(rw_link_key, 32);
+RW_ASSERT_AT(rw_link_key, tgid, 0); RW_ASSERT_AT(rw_link_key, _pad, 4);
+RW_ASSERT_AT(rw_link_key, dst, 8);
+RW_ASSERT_SIZE(rw_link, 152);
+RW_ASSERT_AT(rw_link, ts_ns, 0); RW_ASSERT_AT(rw_link, pending, 8);
+RW_ASSERT_AT(rw_link, service_id, 16); RW_ASSERT_AT(rw_link, ambiguous, 18);
+RW_ASSERT_AT(rw_link, _pad, 19); RW_ASSERT_AT(rw_link, rec, 24);
+RW_ASSERT_SIZE(rw_access_key, 8);
+RW_ASSERT_AT(rw_access_key, kind, 0); RW_ASSERT_AT(rw_access_key, id, 4);
+RW_ASSERT_SIZE(rw_event, 112);
+RW_ASSERT_AT(rw_event, kind, 0); RW_ASSERT_AT(rw_event, err, 4); RW_ASSERT_AT(rw_event, flow_id, 8);
+RW_ASSERT_AT(rw_event, service_id, 16); RW_ASSERT_AT(rw_event, rule_id, 18);
+RW_ASSERT_AT(rw_event, n_chain, 20); RW_ASSERT_AT(rw_event, proto, 21);
+RW_ASSERT_AT(rw_event, hop_limit, 22); RW_ASSERT_AT(rw_event, pid, 24);
+RW_ASSERT_AT(rw_event, comm, 28); RW_ASSERT_AT(rw_event, uid, 44);
+RW_ASSERT_AT(rw_event, ts_ns, 48); RW_ASSERT_AT(rw_event, orig_dst, 56);
+RW_ASSERT_AT(rw_event, chain, 80);
+RW_ASSERT_SIZE(rw_guard_conf, 24);
+RW_ASSERT_AT(rw_guard_conf, subtree_id, 0); RW_ASSERT_AT(rw_guard_conf, services_id, 8);
+RW_ASSERT_AT(rw_guard_conf, level, 16); RW_ASSERT_AT(rw_guard_conf, _pad, 20);
+_Static_assert(RW_MAC_COVERS == __builtin_offsetof(struct rw_records, mac), "RW_MAC_COVERS");
+_Static_assert(RW_MAC_COVERS % 8 == 0, "the MAC reads whole words");
 
 #endif

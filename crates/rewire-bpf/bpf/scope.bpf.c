@@ -18,7 +18,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "rewire_abi.h"
+#include "lib/scope.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 

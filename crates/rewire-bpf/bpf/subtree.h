@@ -15,14 +15,6 @@
 
 #define EPERM 1
 
-/* Mirrored by rewire_control::guard::GuardConf. */
-struct rw_guard_conf {
-	__u64 subtree_id;  /* cgroup id of the managed subtree; 0 = off */
-	__u64 services_id; /* cgroup id of <subtree>/services (0: none) */
-	__u32 level;       /* the subtree's depth (root = 0) */
-	__u32 _pad;
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -33,7 +25,7 @@ struct {
 /* The hooks' maps, same definitions (the loader reuses their descriptors). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, RW_CNT_N);
+	__uint(max_entries, RW_REASON_N);
 	__type(key, __u32);
 	__type(value, __u64);
 } rw_counters SEC(".maps");
@@ -115,7 +107,7 @@ static __always_inline struct rw_guard_conf *rw_caller_inside(void)
  * ring buffer is full (counted as lost). */
 static __always_inline struct rw_event *rw_borrowed_event(void)
 {
-	__u32 idx = RW_CNT_BORROWED;
+	__u32 idx = RW_REASON_BORROWED;
 	__u64 *c = bpf_map_lookup_elem(&rw_counters, &idx);
 	struct rw_event *e;
 
@@ -123,14 +115,14 @@ static __always_inline struct rw_event *rw_borrowed_event(void)
 		*c += 1;
 	e = bpf_ringbuf_reserve(&rw_events, sizeof(*e), 0);
 	if (!e) {
-		idx = RW_CNT_EVENTS_LOST;
+		idx = RW_REASON_EVENTS_LOST;
 		c = bpf_map_lookup_elem(&rw_counters, &idx);
 		if (c)
 			*c += 1;
 		return 0;
 	}
 	__builtin_memset(e, 0, sizeof(*e));
-	e->kind = RW_EV_BORROWED;
+	e->kind = RW_REASON_BORROWED;
 	e->err = -EPERM;
 	e->pid = bpf_get_current_pid_tgid() >> 32;
 	e->uid = (__u32)bpf_get_current_uid_gid();

@@ -1,7 +1,9 @@
-//! rewire's kernel programs, compiled from `bpf/rewire.bpf.c` by `build.rs`.
+//! rewire's kernel programs, compiled from `bpf/*.bpf.c` by `build.rs`.
 //!
-//! This crate only carries the object; `rewire-control` loads and attaches
-//! it, and `rewire` mirrors the ABI in `bpf/rewire_abi.h`.
+//! This crate only carries the objects; `rewire-control` loads and attaches
+//! them. `bpf/rewire_abi.h` is the one source of the kernel ABI;
+//! `rewire::abi` is its Rust view, and `tests/abi_drift.rs` fails on any
+//! difference between the two.
 
 /// 8-byte aligned wrapper so the ELF parser can read the object in place.
 #[repr(C, align(8))]
@@ -12,6 +14,15 @@ static OBJECT_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("O
 /// The BPF ELF object holding every rewire program and map.
 pub fn object() -> &'static [u8] {
     &OBJECT_ALIGNED.0
+}
+
+static TEST_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/rewire-test.bpf.o")));
+
+/// The hooks built for a test of their failure path: every socket storage
+/// allocation fails (`RW_TEST_NO_STORAGE`). Same programs and maps as
+/// [`object`]; never loaded outside the tests.
+pub fn test_object() -> &'static [u8] {
+    &TEST_ALIGNED.0
 }
 
 static FASTPATH_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/fastpath.bpf.o")));
@@ -88,9 +99,6 @@ pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_skb_egress", "cgroup_skb/egress"),
     ("rw_skb_ingress", "cgroup_skb/ingress"),
 ];
-
-/// The ABI header, for tools and tests that compile C against it.
-pub const ABI_HEADER: &str = include_str!("../bpf/rewire_abi.h");
 
 #[cfg(test)]
 mod tests {

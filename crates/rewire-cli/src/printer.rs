@@ -269,12 +269,12 @@ mod tests {
         let limits = Limits { lines_per_origin: 2, ..Limits::default() };
         let mut p = Printer::new(cfg(), format, limits, counters(lost.clone()), Vec::new());
         for _ in 0..1000 {
-            p.event(&raw(rewire::abi::RW_EV_NO_LISTENER, 42));
+            p.event(&raw(rewire::abi::RW_REASON_NO_LISTENER, 42));
         }
         p.event(&raw(99, 42)); // unknown kind: ignored
         p.tick(); // the baseline (7) is not news
         lost.store(17, std::sync::atomic::Ordering::SeqCst);
-        p.event(&raw(rewire::abi::RW_EV_NO_LISTENER, 42));
+        p.event(&raw(rewire::abi::RW_REASON_NO_LISTENER, 42));
         p.finish();
         String::from_utf8(p.out.clone()).unwrap()
     }

@@ -277,7 +277,7 @@ fn attack(tree: &mut Tree, port: u16, how: Borrow) {
     assert!(after >= before + 2, "counter borrowed went from {before} to {after}\n{report}");
     let mut seen = 0;
     while let Some(e) = events.next_event() {
-        if e.kind == rewire::abi::RW_EV_BORROWED {
+        if e.kind == rewire::abi::RW_REASON_BORROWED {
             assert_eq!(-e.err, libc::EPERM);
             seen += 1;
         }

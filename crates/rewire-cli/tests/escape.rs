@@ -675,7 +675,7 @@ fn child_unprivileged() {
     assert!(matches!(rewire::query_redirect_records(&c), Err(rewire::Error::AccessDenied)));
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     use std::os::fd::AsRawFd;
-    let blob = [0u8; rewire::abi::RW_TAGGED_LEN + 8];
+    let blob = [0u8; rewire::abi::RW_MAC_COVERS + 8];
     assert!(matches!(rewire::raw_set(s.as_raw_fd(), &blob), Err(rewire::Error::AccessDenied)));
 
     // Connecting to the service's listener directly: no records, so the

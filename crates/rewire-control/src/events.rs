@@ -107,24 +107,24 @@ pub struct Event {
 }
 
 impl EventKind {
-    /// The kind of a kernel event code (`RW_EV_*`), if known.
+    /// The kind of a kernel event (its reason, `RW_REASON_*`), if known.
     pub fn from_code(code: u32) -> Option<Self> {
         Some(match code {
-            abi::RW_EV_REDIRECT => EventKind::Redirect,
-            abi::RW_EV_DELIVER => EventKind::Deliver,
-            abi::RW_EV_HOP_LIMIT => EventKind::HopLimit,
-            abi::RW_EV_MISMATCH => EventKind::Mismatch,
-            abi::RW_EV_UDP_CONFLICT => EventKind::UdpConflict,
-            abi::RW_EV_NO_LISTENER => EventKind::NoListener,
-            abi::RW_EV_IMPOSTOR => EventKind::Impostor,
-            abi::RW_EV_INTERNAL => EventKind::Internal,
-            abi::RW_EV_HANDOFF_FULL => EventKind::HandoffFull,
-            abi::RW_EV_FOREIGN_NETNS => EventKind::ForeignNetns,
-            abi::RW_EV_PROTOCOL => EventKind::Protocol,
-            abi::RW_EV_UDP_FORGED => EventKind::UdpForged,
-            abi::RW_EV_HANDOFF_REFUSED => EventKind::HandoffRefused,
-            abi::RW_EV_BORROWED => EventKind::Borrowed,
-            abi::RW_EV_BROADCAST => EventKind::Broadcast,
+            abi::RW_REASON_REDIRECT => EventKind::Redirect,
+            abi::RW_REASON_DELIVER => EventKind::Deliver,
+            abi::RW_REASON_HOP_LIMIT => EventKind::HopLimit,
+            abi::RW_REASON_MISMATCH => EventKind::Mismatch,
+            abi::RW_REASON_UDP_CONFLICT => EventKind::UdpConflict,
+            abi::RW_REASON_NO_LISTENER => EventKind::NoListener,
+            abi::RW_REASON_IMPOSTOR => EventKind::Impostor,
+            abi::RW_REASON_NO_STORAGE => EventKind::Internal,
+            abi::RW_REASON_HANDOFF_FULL => EventKind::HandoffFull,
+            abi::RW_REASON_FOREIGN_NETNS => EventKind::ForeignNetns,
+            abi::RW_REASON_PROTOCOL => EventKind::Protocol,
+            abi::RW_REASON_UDP_FORGED => EventKind::UdpForged,
+            abi::RW_REASON_HANDOFF_REFUSED => EventKind::HandoffRefused,
+            abi::RW_REASON_BORROWED => EventKind::Borrowed,
+            abi::RW_REASON_BROADCAST => EventKind::Broadcast,
             _ => return None,
         })
     }
@@ -325,7 +325,7 @@ mod tests {
     #[test]
     fn borrowed_events_read_as_the_guard_or_the_lsm_said_them() {
         let cfg = Config::parse("cgroup = \"x\"\n", std::path::Path::new("t.toml")).unwrap();
-        let mut raw = RwEvent { kind: abi::RW_EV_BORROWED, err: -libc::EPERM, pid: 7, uid: 1000, proto: 6, ..Default::default() };
+        let mut raw = RwEvent { kind: abi::RW_REASON_BORROWED, err: -libc::EPERM, pid: 7, uid: 1000, proto: 6, ..Default::default() };
         raw.comm[..3].copy_from_slice(b"bad");
         raw.orig_dst.family = libc::AF_INET as u8;
         raw.orig_dst.port_be = 80u16.to_be();

@@ -31,18 +31,8 @@ use crate::bpfsys;
 use crate::libbpf::Object;
 use crate::paths::guard_dir;
 
-/// The guard's configuration (map `rw_guard_conf`), as in `guard.bpf.c`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GuardConf {
-    /// cgroup id of the managed subtree.
-    pub subtree_id: u64,
-    /// cgroup id of `<subtree>/services` (0: none).
-    pub services_id: u64,
-    /// The subtree's depth below the cgroup2 root (root = 0).
-    pub level: u32,
-    _pad: u32,
-}
+/// The guard's configuration (map `rw_guard_conf`; `struct rw_guard_conf` of the ABI).
+pub use rewire::abi::RwGuardConf as GuardConf;
 
 /// Loading or attaching the guard failed.
 #[derive(Debug, thiserror::Error)]

@@ -168,27 +168,27 @@ impl Counters {
     pub(crate) fn from_slots(v: &[u64]) -> Self {
         let g = |i: u32| v.get(i as usize).copied().unwrap_or(0);
         Counters {
-            redirect: g(abi::RW_CNT_REDIRECT),
-            deliver: g(abi::RW_CNT_DELIVER),
-            hop_limit: g(abi::RW_CNT_HOP_LIMIT),
-            mismatch: g(abi::RW_CNT_MISMATCH),
-            udp_conflict: g(abi::RW_CNT_UDP_CONFLICT),
-            no_listener: g(abi::RW_CNT_NO_LISTENER),
-            impostor: g(abi::RW_CNT_IMPOSTOR),
-            fail_open_skip: g(abi::RW_CNT_FAIL_OPEN_SKIP),
-            no_storage: g(abi::RW_CNT_NO_STORAGE),
-            handoff_full: g(abi::RW_CNT_HANDOFF_FULL),
-            events_lost: g(abi::RW_CNT_EVENTS_LOST),
-            foreign_netns: g(abi::RW_CNT_FOREIGN_NETNS),
-            protocol: g(abi::RW_CNT_PROTOCOL),
-            udp_forged: g(abi::RW_CNT_UDP_FORGED),
-            link: g(abi::RW_CNT_LINK),
-            handoff_refused: g(abi::RW_CNT_HANDOFF_REFUSED),
-            borrowed: g(abi::RW_CNT_BORROWED),
-            broadcast: g(abi::RW_CNT_BROADCAST),
-            side_door: g(abi::RW_CNT_SIDE_DOOR),
-            udp_no_flow: g(abi::RW_CNT_UDP_NO_FLOW),
-            udp_rate: g(abi::RW_CNT_UDP_RATE),
+            redirect: g(abi::RW_REASON_REDIRECT),
+            deliver: g(abi::RW_REASON_DELIVER),
+            hop_limit: g(abi::RW_REASON_HOP_LIMIT),
+            mismatch: g(abi::RW_REASON_MISMATCH),
+            udp_conflict: g(abi::RW_REASON_UDP_CONFLICT),
+            no_listener: g(abi::RW_REASON_NO_LISTENER),
+            impostor: g(abi::RW_REASON_IMPOSTOR),
+            fail_open_skip: g(abi::RW_REASON_FAIL_OPEN_SKIP),
+            no_storage: g(abi::RW_REASON_NO_STORAGE),
+            handoff_full: g(abi::RW_REASON_HANDOFF_FULL),
+            events_lost: g(abi::RW_REASON_EVENTS_LOST),
+            foreign_netns: g(abi::RW_REASON_FOREIGN_NETNS),
+            protocol: g(abi::RW_REASON_PROTOCOL),
+            udp_forged: g(abi::RW_REASON_UDP_FORGED),
+            link: g(abi::RW_REASON_LINK),
+            handoff_refused: g(abi::RW_REASON_HANDOFF_REFUSED),
+            borrowed: g(abi::RW_REASON_BORROWED),
+            broadcast: g(abi::RW_REASON_BROADCAST),
+            side_door: g(abi::RW_REASON_SIDE_DOOR),
+            udp_no_flow: g(abi::RW_REASON_UDP_NO_FLOW),
+            udp_rate: g(abi::RW_REASON_UDP_RATE),
         }
     }
 }
@@ -259,7 +259,7 @@ impl CountersReader {
 }
 
 fn read_counters<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, u64>) -> Result<Counters, HooksError> {
-    let mut slots = vec![0u64; abi::RW_CNT_N as usize];
+    let mut slots = vec![0u64; abi::RW_REASON_N as usize];
     for (i, slot) in slots.iter_mut().enumerate() {
         let per_cpu = arr.get(&(i as u32), 0).map_err(|source| HooksError::Map { name: "rw_counters", source })?;
         *slot = per_cpu.iter().sum();
@@ -360,8 +360,10 @@ impl Hooks {
         if let Some(n) = faults.link_entries {
             loader.map_max_entries("rw_link", n);
         }
-        let mut bpf = loader.load(rewire_bpf::object())?;
-        fill_maps(&mut bpf, config, subtree, faults)?;
+        // The fault is compiled into a test build of the object, never into the production one.
+        let object = if faults.no_storage { rewire_bpf::test_object() } else { rewire_bpf::object() };
+        let mut bpf = loader.load(object)?;
+        fill_maps(&mut bpf, config, subtree)?;
 
         // The subtree and every covered cgroup, none below another (see crate::cover).
         let mut cgs = vec![];
@@ -799,7 +801,7 @@ fn service_of(listen: &[SocketAddr]) -> RwService {
     s
 }
 
-pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults: Faults) -> Result<(), HooksError> {
+pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Result<(), HooksError> {
     let rules = compile_rules(config, subtree)?;
     let map_err = |name| move |source| HooksError::Map { name, source };
 
@@ -893,7 +895,7 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path, faults:
         hop_limit: config.hop_limit(),
         key: [rand::random(), rand::random()],
         udp_idle_ns: config.udp_idle().as_nanos() as u64,
-        faults: if faults.no_storage { abi::RW_FAULT_NO_STORAGE } else { 0 },
+        _pad0: 0,
         udp_flows_per_user: *config.udp_flows_per_user.get_ref(),
         netns_cookie: current_netns_cookie()?,
         n_sel: sels.table.len() as u32,

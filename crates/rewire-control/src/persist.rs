@@ -480,7 +480,7 @@ fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Ou
         }
     }
     let mut bpf = loader.load(object)?;
-    fill_maps(&mut bpf, config, subtree, crate::hooks::Faults::default())?;
+    fill_maps(&mut bpf, config, subtree)?;
     keep_key(&mut bpf, dir)?;
     for &(name, _) in rewire_bpf::PROGRAMS {
         let prog = bpf.program_mut(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;

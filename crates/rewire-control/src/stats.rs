@@ -4,7 +4,7 @@
 //! (also when no daemon runs), never from a copy kept in user space.
 //!
 //! The per-service counters (`rw_svc_counters`, a per-CPU array indexed by
-//! `service_id * RW_CNT_N + cause`) count the same causes as the global
+//! `service_id * RW_REASON_N + reason`) count the same causes as the global
 //! `rw_counters` wherever the hook knows the service the decision is about;
 //! id 0 holds nothing (causes that name no service are only counted
 //! globally).
@@ -35,7 +35,7 @@ impl ServiceCountersReader {
 
     /// The counters of service `id` (1 to [`abi::RW_MAX_SERVICES`]), summed over CPUs.
     pub fn read(&self, id: u16) -> Result<Counters, HooksError> {
-        let n = abi::RW_CNT_N;
+        let n = abi::RW_REASON_N;
         let mut slots = vec![0u64; n as usize];
         for (i, slot) in slots.iter_mut().enumerate() {
             let key = u32::from(id) * n + i as u32;

@@ -1,7 +1,12 @@
-//! Rust mirror of `crates/rewire-bpf/bpf/rewire_abi.h`.
+//! The Rust view of `crates/rewire-bpf/bpf/rewire_abi.h`, the one source of
+//! the kernel ABI.
 //!
-//! Kept field for field with the C header; the size and offset assertions
-//! at the bottom fail the build if the two drift apart.
+//! Field for field and constant for constant with the C header:
+//! `crates/rewire-bpf/tests/abi_drift.rs` compares every struct's size and
+//! field offsets (from the header's BTF), every constant (as the C compiler
+//! evaluates it) and the map key and value types of the compiled object with
+//! this file, and fails on any difference. Kernel-only state (socket
+//! storage, per-service state) is not part of the ABI and not mirrored.
 
 #![allow(missing_docs)]
 
@@ -22,51 +27,52 @@ pub const RW_MAX_UDP_PORTS: usize = 8;
 pub const RW_DEFAULT_UDP_IDLE_MS: u64 = 30_000;
 /// New UDP flows a second one user may start, unless configured (`udp_flows_per_user`).
 pub const RW_DEFAULT_UDP_FLOWS_PER_USER: u32 = 2_000;
-pub const RW_TAGGED_LEN: usize = 120;
+/// Bytes of a record the MAC covers: the offset of `RwRecords::mac`.
+pub const RW_MAC_COVERS: usize = 120;
 
-pub const RW_EV_REDIRECT: u32 = 1;
-pub const RW_EV_DELIVER: u32 = 2;
-pub const RW_EV_HOP_LIMIT: u32 = 3;
-pub const RW_EV_MISMATCH: u32 = 4;
-pub const RW_EV_UDP_CONFLICT: u32 = 5;
-pub const RW_EV_NO_LISTENER: u32 = 6;
-pub const RW_EV_IMPOSTOR: u32 = 7;
-pub const RW_EV_INTERNAL: u32 = 8;
-pub const RW_EV_HANDOFF_FULL: u32 = 9;
-pub const RW_EV_FOREIGN_NETNS: u32 = 10;
-pub const RW_EV_PROTOCOL: u32 = 11;
-pub const RW_EV_UDP_FORGED: u32 = 12;
-pub const RW_EV_HANDOFF_REFUSED: u32 = 13;
-pub const RW_EV_BORROWED: u32 = 16;
-pub const RW_EV_BROADCAST: u32 = 17;
-
-pub const RW_CNT_REDIRECT: u32 = 0;
-pub const RW_CNT_DELIVER: u32 = 1;
-pub const RW_CNT_HOP_LIMIT: u32 = 2;
-pub const RW_CNT_MISMATCH: u32 = 3;
-pub const RW_CNT_UDP_CONFLICT: u32 = 4;
-pub const RW_CNT_NO_LISTENER: u32 = 5;
-pub const RW_CNT_IMPOSTOR: u32 = 6;
-pub const RW_CNT_FAIL_OPEN_SKIP: u32 = 7;
-pub const RW_CNT_NO_STORAGE: u32 = 8;
-pub const RW_CNT_HANDOFF_FULL: u32 = 9;
-pub const RW_CNT_EVENTS_LOST: u32 = 10;
-pub const RW_CNT_FOREIGN_NETNS: u32 = 12;
-pub const RW_CNT_PROTOCOL: u32 = 13;
-pub const RW_CNT_UDP_FORGED: u32 = 14;
-pub const RW_CNT_HANDOFF_REFUSED: u32 = 15;
-pub const RW_CNT_BROADCAST: u32 = 19;
-pub const RW_CNT_LINK: u32 = 11;
-pub const RW_CNT_BORROWED: u32 = 18;
-pub const RW_CNT_SIDE_DOOR: u32 = 20;
-pub const RW_CNT_UDP_NO_FLOW: u32 = 21;
-pub const RW_CNT_UDP_RATE: u32 = 22;
-pub const RW_CNT_N: u32 = 24;
+/// Reasons: what a hook did, or refused and why (`RW_REASON_*`). One number
+/// is both the counter's index in `rw_counters` and, for a reported reason,
+/// the event's kind (`RwEvent::kind`).
+pub const RW_REASON_REDIRECT: u32 = 1;
+pub const RW_REASON_DELIVER: u32 = 2;
+pub const RW_REASON_HOP_LIMIT: u32 = 3;
+pub const RW_REASON_MISMATCH: u32 = 4;
+pub const RW_REASON_UDP_CONFLICT: u32 = 5;
+pub const RW_REASON_NO_LISTENER: u32 = 6;
+pub const RW_REASON_IMPOSTOR: u32 = 7;
+/// Refused: no socket storage (event "internal").
+pub const RW_REASON_NO_STORAGE: u32 = 8;
+pub const RW_REASON_HANDOFF_FULL: u32 = 9;
+pub const RW_REASON_FOREIGN_NETNS: u32 = 10;
+pub const RW_REASON_PROTOCOL: u32 = 11;
+pub const RW_REASON_UDP_FORGED: u32 = 12;
+pub const RW_REASON_HANDOFF_REFUSED: u32 = 13;
+/// Counter only.
+pub const RW_REASON_FAIL_OPEN_SKIP: u32 = 14;
+/// Counter only.
+pub const RW_REASON_EVENTS_LOST: u32 = 15;
+pub const RW_REASON_BORROWED: u32 = 16;
+pub const RW_REASON_BROADCAST: u32 = 17;
+/// Counter only.
+pub const RW_REASON_LINK: u32 = 18;
+/// Counter only.
+pub const RW_REASON_SIDE_DOOR: u32 = 19;
+/// Counter only.
+pub const RW_REASON_UDP_NO_FLOW: u32 = 20;
+/// Counter only.
+pub const RW_REASON_UDP_RATE: u32 = 21;
+/// Entries of `rw_counters`.
+pub const RW_REASON_N: u32 = 24;
 /// Entries of the per-service counters `rw_svc_counters`: index
-/// `service_id * RW_CNT_N + RW_CNT_*`, service ids 0 (none) to [`RW_MAX_SERVICES`].
-pub const RW_SVC_CNT_N: u32 = (RW_MAX_SERVICES as u32 + 1) * RW_CNT_N;
+/// `service_id * RW_REASON_N + reason`, service ids 0 (none) to [`RW_MAX_SERVICES`].
+pub const RW_SVC_CNT_N: u32 = (RW_MAX_SERVICES as u32 + 1) * RW_REASON_N;
 
-pub const RW_FAULT_NO_STORAGE: u32 = 1;
+/// Redirect states, as numbered by WFP (`FWP_CONNECTION_REDIRECT_STATE`);
+/// [`crate::RedirectState`] has the same values.
+pub const RW_STATE_NOT_REDIRECTED: u8 = 0;
+pub const RW_STATE_REDIRECTED_BY_SELF: u8 = 1;
+pub const RW_STATE_REDIRECTED_BY_OTHER: u8 = 2;
+pub const RW_STATE_PREVIOUSLY_REDIRECTED_BY_SELF: u8 = 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -77,14 +83,6 @@ pub struct RwAddr {
     /// IPv6 link-local: the interface the application named (`sin6_scope_id`), else 0.
     pub scope_id: u32,
     pub addr: [u8; 16],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RwScopeStash {
-    pub cookie: u64,
-    pub scope_id: u32,
-    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -113,7 +111,8 @@ pub struct RwRecords {
     pub comm: [u8; 16],
     pub created_ns: u64,
     pub chain: [u16; RW_MAX_CHAIN],
-    pub tag: u64,
+    /// SipHash-2-4 of the first `RW_MAC_COVERS` bytes under the kernel's key.
+    pub mac: u64,
 }
 
 #[repr(C)]
@@ -179,7 +178,7 @@ pub struct RwConf {
     pub hop_limit: u32,
     pub key: [u64; 2],
     pub udp_idle_ns: u64,
-    pub faults: u32,
+    pub _pad0: u32,
     pub udp_flows_per_user: u32,
     pub netns_cookie: u64,
     /// Entries of `rw_sel` in use.
@@ -216,7 +215,8 @@ pub struct RwSock {
     pub cookie: u64,
     pub n_set: u8,
     pub _pad: [u8; 3],
-    pub tag: u32,
+    /// A proxy's UDP flow socket: its flow's packet mark.
+    pub mark: u32,
     pub rec: RwRecords,
 }
 
@@ -271,14 +271,24 @@ pub struct RwLink {
     pub rec: RwRecords,
 }
 
-/// Entries of `rw_link` (`RW_LINK_ENTRIES`).
-pub const RW_LINK_ENTRIES: u32 = 65536;
-
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RwAccessKey {
     pub kind: u32,
     pub id: u32,
+}
+
+/// The guard's configuration (map `rw_guard_conf` of the guard and LSM objects).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwGuardConf {
+    /// cgroup id of the managed subtree.
+    pub subtree_id: u64,
+    /// cgroup id of `<subtree>/services` (0: none).
+    pub services_id: u64,
+    /// The subtree's depth below the cgroup2 root (root = 0).
+    pub level: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -300,44 +310,20 @@ pub struct RwEvent {
     pub chain: [u16; RW_MAX_CHAIN],
 }
 
-macro_rules! assert_layout {
-    ($t:ty, $size:expr $(, $field:ident @ $off:expr)*) => {
-        const _: () = assert!(core::mem::size_of::<$t>() == $size);
-        $(const _: () = assert!(core::mem::offset_of!($t, $field) == $off);)*
-    };
-}
-assert_layout!(RwAddr, 24, port_be @ 2, scope_id @ 4, addr @ 8);
-assert_layout!(RwScopeStash, 16, scope_id @ 8);
-assert_layout!(RwRecords, 128, flow_id @ 8, orig_dst @ 16, pid @ 40, cgroup_id @ 56, comm @ 64,
-    created_ns @ 80, chain @ 88, tag @ 120);
-assert_layout!(RwContext, 152, service_id @ 4, hop @ 8, redirected_ns @ 16, records @ 24);
-assert_layout!(RwService, 40, addr4 @ 8, addr6 @ 12, upto_mask @ 32);
-assert_layout!(RwRule, 64, port_lo @ 8, uid @ 12, addr @ 16, mask @ 32, cgroup_id @ 48, flags @ 56, sel @ 60);
-assert_layout!(RwConf, 56, key @ 8, udp_idle_ns @ 24, faults @ 32, netns_cookie @ 40, n_sel @ 48);
-assert_layout!(RwSel, 24, id @ 8, dev @ 16);
-assert_layout!(RwSock, 160, redirected_ns @ 8, cookie @ 16, n_set @ 24, tag @ 28, rec @ 32);
-assert_layout!(RwTuple, 40, cport @ 4, caddr @ 8, saddr @ 24);
-assert_layout!(RwUdpHandoff, 168, published_ns @ 160);
-assert_layout!(RwIdentKey, 16, id @ 8);
-assert_layout!(RwEvent, 112, pid @ 24, comm @ 28, ts_ns @ 48, orig_dst @ 56, chain @ 80);
-assert_layout!(RwAccessKey, 8);
-assert_layout!(RwLinkKey, 32, dst @ 8);
-assert_layout!(RwLink, 152, pending @ 8, service_id @ 16, ambiguous @ 18, rec @ 24);
-
 /// Plain-old-data marker: every bit pattern is a valid value.
 ///
 /// # Safety
 /// Implement only for `repr(C)` structs made of integers and arrays of them.
 pub unsafe trait Pod: Copy + Default {}
-// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
+// SAFETY: a repr(C) struct of integers and arrays of them (checked against the C header by abi_drift.rs).
 unsafe impl Pod for RwRecords {}
-// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
+// SAFETY: a repr(C) struct of integers and arrays of them (checked against the C header by abi_drift.rs).
 unsafe impl Pod for RwContext {}
-// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
+// SAFETY: a repr(C) struct of integers and arrays of them (checked against the C header by abi_drift.rs).
 unsafe impl Pod for RwEvent {}
-// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
+// SAFETY: a repr(C) struct of integers and arrays of them (checked against the C header by abi_drift.rs).
 unsafe impl Pod for RwTuple {}
-// SAFETY: a repr(C) struct of integers and arrays of them (assert_layout! above).
+// SAFETY: a repr(C) struct of integers and arrays of them (checked against the C header by abi_drift.rs).
 unsafe impl Pod for RwUdpHandoff {}
 
 /// Reads a `Pod` value from the start of `bytes`, if long enough.

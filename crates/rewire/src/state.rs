@@ -11,13 +11,13 @@ use serde::Serialize;
 #[repr(u8)]
 pub enum RedirectState {
     /// Nobody redirected the flow yet: the service may take it.
-    NotRedirected = 0,
+    NotRedirected = crate::abi::RW_STATE_NOT_REDIRECTED,
     /// The service is the last one that took the flow: this is its own outbound connection; let it pass.
-    RedirectedBySelf = 1,
+    RedirectedBySelf = crate::abi::RW_STATE_REDIRECTED_BY_SELF,
     /// Other services took the flow, this one has not: it may take it.
-    RedirectedByOther = 2,
+    RedirectedByOther = crate::abi::RW_STATE_REDIRECTED_BY_OTHER,
     /// The service took it earlier and another after it: it must not take it again.
-    PreviouslyRedirectedBySelf = 3,
+    PreviouslyRedirectedBySelf = crate::abi::RW_STATE_PREVIOUSLY_REDIRECTED_BY_SELF,
 }
 
 impl RedirectState {

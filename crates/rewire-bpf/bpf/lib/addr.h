@@ -13,6 +13,7 @@
 #pragma once
 
 #include "common.h"
+#include "scope.h"
 
 /* The scope id of the link-local address the current connect6/sendmsg6
  * names, left by the scope program (scope.bpf.c) that runs before the hooks

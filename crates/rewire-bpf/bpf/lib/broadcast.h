@@ -71,6 +71,6 @@ __attribute__((noinline)) int rw_fanout(const struct rw_sock *st, const struct r
 	rw_walk(&w);
 	if (!w.found)
 		return 1;
-	rw_report(RW_EV_BROADCAST, RW_CNT_BROADCAST, -EPERM, st, has_rec, orig, IPPROTO_UDP, w.service_id, w.rule_id);
+	rw_report(RW_REASON_BROADCAST, -EPERM, st, has_rec, orig, IPPROTO_UDP, w.service_id, w.rule_id);
 	return -EPERM;
 }

@@ -4,8 +4,8 @@
  * BPF target lacks, the configuration and what every hook does with it.
  *
  * API: map rw_conf; rw_get_conf(); rw_refuse(err) (fail a sock_addr call
- * with -err); rw_storage_create(map, sk, conf) (socket storage, created if
- * missing).
+ * with -err); rw_storage_create(map, sk) (socket storage, created if
+ * missing; always NULL in the test build with RW_TEST_NO_STORAGE).
  */
 #pragma once
 
@@ -72,7 +72,12 @@ static __always_inline int rw_refuse(int err)
 	return 0;
 }
 
-/* Socket storage, created if missing; a test's fault knob makes it fail. */
-#define rw_storage_create(map, sk, conf)                                                            \
-	(((conf)->faults & RW_FAULT_NO_STORAGE) ? 0 :                                               \
-						  bpf_sk_storage_get(map, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
+/* Socket storage, created if missing. The test build of the object
+ * (rewire-test.bpf.o, built with RW_TEST_NO_STORAGE; never loaded outside
+ * the tests) fails every such allocation, so a test can see that a hook
+ * that cannot keep a flow's state refuses it. */
+#ifdef RW_TEST_NO_STORAGE
+#define rw_storage_create(map, sk) ((void *)0)
+#else
+#define rw_storage_create(map, sk) bpf_sk_storage_get(map, sk, 0, BPF_SK_STORAGE_GET_F_CREATE)
+#endif

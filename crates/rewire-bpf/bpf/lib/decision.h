@@ -15,7 +15,7 @@ static __always_inline int rw_bind_check(const struct rw_sock *st, int has_rec, 
 					 __u8 proto)
 {
 	if (has_rec && st && !rw_addr_eq(&st->rec.orig_dst, orig)) {
-		rw_report(RW_EV_MISMATCH, RW_CNT_MISMATCH, -EINVAL, st, has_rec, orig, proto, 0, 0);
+		rw_report(RW_REASON_MISMATCH, -EINVAL, st, has_rec, orig, proto, 0, 0);
 		return -EINVAL;
 	}
 	return 0;
@@ -61,7 +61,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 	/* Only in the network namespace rewire serves: elsewhere (a user's
 	 * own `unshare -rn`) nothing is redirected and no records are made. */
 	if (conf->netns_cookie && bpf_get_netns_cookie(ctx) != conf->netns_cookie) {
-		rw_report(RW_EV_FOREIGN_NETNS, RW_CNT_FOREIGN_NETNS, -EPERM, st, has_rec, orig, proto, w.service_id,
+		rw_report(RW_REASON_FOREIGN_NETNS, -EPERM, st, has_rec, orig, proto, w.service_id,
 			  w.rule_id);
 		r = -EPERM;
 		goto out;
@@ -84,7 +84,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 					w.seen |= svc->upto_mask;
 				} else {
 					w.seen |= 1ULL << (sid & 63);
-					rw_count(RW_CNT_SIDE_DOOR);
+					rw_count(RW_REASON_SIDE_DOOR);
 				}
 				c->n = 1;
 				c->depth = rw_svc_depth(sid);
@@ -101,14 +101,14 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 
 	/* The hop limit holds whichever service would come next. */
 	if ((__u32)c->n + c->depth >= conf->hop_limit || c->n >= RW_MAX_CHAIN) {
-		rw_report(RW_EV_HOP_LIMIT, RW_CNT_HOP_LIMIT, -ELOOP, st, has_rec, orig, proto, w.service_id, w.rule_id);
+		rw_report(RW_REASON_HOP_LIMIT, -ELOOP, st, has_rec, orig, proto, w.service_id, w.rule_id);
 		r = -ELOOP;
 		goto out;
 	}
 
 	for (int i = 0; i <= RW_MAX_SKIPS; i++) {
 		int owner;
-		__u32 kind, counter;
+		__u32 reason;
 
 		if (verified || !w.found)
 			break;
@@ -125,16 +125,15 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 			verified = 1;
 			break;
 		}
-		kind = owner == RW_OWNER_NONE ? RW_EV_NO_LISTENER : RW_EV_IMPOSTOR;
-		counter = owner == RW_OWNER_NONE ? RW_CNT_NO_LISTENER : RW_CNT_IMPOSTOR;
+		reason = owner == RW_OWNER_NONE ? RW_REASON_NO_LISTENER : RW_REASON_IMPOSTOR;
 		if (!svc->fail_open || i == RW_MAX_SKIPS) {
-			rw_report(kind, counter, -ECONNREFUSED, st, has_rec, orig, proto, w.service_id, w.rule_id);
+			rw_report(reason, -ECONNREFUSED, st, has_rec, orig, proto, w.service_id, w.rule_id);
 			r = -ECONNREFUSED;
 			goto out;
 		}
 		/* fail = "open": the flow goes on down the chain without it. */
-		rw_report(kind, counter, 0, st, has_rec, orig, proto, w.service_id, w.rule_id);
-		rw_count_svc(w.service_id, RW_CNT_FAIL_OPEN_SKIP);
+		rw_report(reason, 0, st, has_rec, orig, proto, w.service_id, w.rule_id);
+		rw_count_svc(w.service_id, RW_REASON_FAIL_OPEN_SKIP);
 		w.seen |= 1ULL << (w.service_id & 63);
 		rw_walk(&w);
 	}

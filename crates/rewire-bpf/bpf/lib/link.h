@@ -16,6 +16,9 @@
 #include "service.h"
 #include "sockopt.h"
 
+/* Entries of map rw_link (user space may make it smaller for a test). */
+#define RW_LINK_ENTRIES 65536
+
 /* Accepted sockets an unmodified transparent proxy queried SO_ORIGINAL_DST
  * of and has not released yet, per (process, destination) (linking; see
  * rw_link_offer). A plain hash, not an LRU, and no age: an entry leaves only
@@ -146,7 +149,7 @@ __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw
 	if (!rw_svc_quiet(sid, l->ts_ns)) {
 		/* A side door was open or used since (or shortly before) the
 		 * query: this connect may be for that client. */
-		rw_count(RW_CNT_SIDE_DOOR);
+		rw_count(RW_REASON_SIDE_DOOR);
 		return 0;
 	}
 	w->seen = 0;
@@ -176,7 +179,7 @@ __attribute__((noinline)) int rw_link_claim(const struct rw_addr *orig, __u64 fl
 	if (!l || l->rec.flow_id != flow_id || !rw_link_usable(l, sid))
 		return 0;
 	*out = l->rec;
-	rw_count(RW_CNT_LINK);
+	rw_count(RW_REASON_LINK);
 	return 1;
 }
 

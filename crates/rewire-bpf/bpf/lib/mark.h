@@ -14,7 +14,7 @@
  *
  * Nothing in a datagram names its flow except its addresses, and any local
  * process can send from any local address (IP_PKTINFO) on a port it bound
- * elsewhere. So every UDP flow gets a random tag; its datagrams carry it as
+ * elsewhere. So every UDP flow gets a random mark; its datagrams carry it as
  * their packet mark, set on the way out by the flow's own sockets (the
  * application's, by its slot; the proxy's flow socket, by its claimed
  * state), and checked on the way in by the receiving socket of the flow.
@@ -89,16 +89,16 @@ static __always_inline struct bpf_sock *rw_skb_sock(struct __sk_buff *skb)
 }
 
 /* Whether the socket a datagram from `src` to `dst` reaches is service
- * `sid`'s own and, if it is a proxy's flow socket, this flow's (`tag`): a
+ * `sid`'s own and, if it is a proxy's flow socket, this flow's (`mark`): a
  * flow socket left from an earlier flow of the same source (a closed
  * client whose port this socket got) would drop the datagram, so the send
  * fails instead, visibly. (A global function: its lookup's stack is its own.) */
 __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const struct rw_addr *src,
-					      const struct rw_addr *dst, __u64 sid_tag)
+					      const struct rw_addr *dst, __u64 sid_mark)
 {
 	struct bpf_sock *r;
 	struct rw_sock *st;
-	__u32 sid = sid_tag >> 32, tag = (__u32)sid_tag;
+	__u32 sid = sid_mark >> 32, mark = (__u32)sid_mark;
 	int ok;
 
 	if (!skb || !src || !dst)
@@ -109,7 +109,7 @@ __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const stru
 	ok = rw_sock_of_service(r, sid);
 	if (ok) {
 		st = bpf_sk_storage_get(&rw_sk, r, 0, 0);
-		if (st && (st->flags & RW_F_ACCEPTED) && st->tag && st->tag != tag && rw_sock_peer_is(r, src))
+		if (st && (st->flags & RW_F_ACCEPTED) && st->mark && st->mark != mark && rw_sock_peer_is(r, src))
 			ok = 0;
 	}
 	bpf_sk_release(r);
@@ -117,7 +117,7 @@ __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const stru
 }
 
 /* Whether the socket a reply of a proxy's flow socket (`src` -> `dst`)
- * reaches holds that flow (a slot with its `tag`): the application's
+ * reaches holds that flow (a slot with its `mark`): the application's
  * socket, or the previous proxy's onward socket. UDP address reuse checks
  * no owner: a socket of any user bound more specifically to the flow's
  * address, beside an application socket that set SO_REUSEADDR on the
@@ -126,7 +126,7 @@ __attribute__((noinline)) int rw_udp_dst_owned(struct __sk_buff *skb, const stru
  * fails) and counted as an impostor. (A global function: its lookup's
  * stack is its own.) */
 __attribute__((noinline)) int rw_udp_reply_owned(struct __sk_buff *skb, const struct rw_addr *src,
-						const struct rw_addr *dst, __u32 tag)
+						const struct rw_addr *dst, __u32 mark)
 {
 	struct rw_udp_sock *u;
 	struct bpf_sock *r;
@@ -141,7 +141,7 @@ __attribute__((noinline)) int rw_udp_reply_owned(struct __sk_buff *skb, const st
 	if (u) {
 #pragma unroll
 		for (int i = 0; i < RW_UDP_SLOTS; i++) {
-			if (u->slot[i].rec.magic == RW_MAGIC && u->slot[i].tag == tag) {
+			if (u->slot[i].rec.magic == RW_MAGIC && u->slot[i].mark == mark) {
 				ok = 1;
 				break;
 			}
@@ -157,14 +157,15 @@ __attribute__((noinline)) int rw_forged(const struct rw_addr *src)
 	__u32 zero = 0;
 	struct rw_records *r;
 
-	rw_count(RW_CNT_UDP_FORGED);
 	r = bpf_map_lookup_elem(&rw_scratch, &zero);
 	if (r && src && conf) {
 		__builtin_memset(r, 0, sizeof(*r));
 		r->proto = IPPROTO_UDP;
 		r->orig_dst = *src; /* reported: the address it claimed to come from */
-		rw_emit(RW_EV_UDP_FORGED, 0, r, 0, 0, conf->hop_limit);
+	} else {
+		r = 0;
 	}
+	rw_notify(RW_REASON_UDP_FORGED, 0, r, 0, 0, conf ? conf->hop_limit : 0);
 	return 0;
 }
 

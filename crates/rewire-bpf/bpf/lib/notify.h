@@ -1,28 +1,33 @@
 /* SPDX-License-Identifier: (MIT OR GPL-2.0) */
 /*
- * Events and counters: what user space learns of each decision.
+ * Events and counters: what user space learns of each decision. One reason
+ * (RW_REASON_*, rewire_abi.h) names what happened; it is both the counter's
+ * index and the event's kind.
  *
- * API: map rw_counters (per-CPU, RW_CNT_*), map rw_svc_counters (per-CPU,
- * the same causes per service: index service id * RW_CNT_N + cause; id 0
- * holds what no service is named for), map rw_events (ring buffer of
- * struct rw_event), rw_count(idx), rw_count_svc(service_id, idx) (both
- * counters), rw_emit(kind, ...), rw_report(...)
- * (count and report a refusal or a skip; a global function behind it,
+ * API: map rw_counters (per-CPU, indexed by reason), map rw_svc_counters
+ * (per-CPU, the same reasons per service: index service id * RW_REASON_N +
+ * reason), map rw_events (ring buffer of struct rw_event);
+ * rw_count(reason) (a counter-only reason, globally), rw_count_svc(service,
+ * reason) (globally and for the service), rw_notify(reason, err, rec,
+ * service, ...) (count it and report it with a flow's records),
+ * rw_deliver(rec, ...) (a flow delivered, counted under its chain's last
+ * service), rw_report(reason, err, socket state, ...) (count and report a
+ * refusal or a skip of a connect/send; a global function behind it,
  * rw_report_).
  */
 #pragma once
 
 #include "records.h"
 
-/* Per-cause counters (RW_CNT_*): exact even when events are dropped. */
+/* Per-reason counters (index RW_REASON_*): exact even when events are dropped. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, RW_CNT_N);
+	__uint(max_entries, RW_REASON_N);
 	__type(key, __u32);
 	__type(value, __u64);
 } rw_counters SEC(".maps");
 
-/* The same causes per service (what `rewire status` and /metrics show per
+/* The same reasons per service (what `rewire status` and /metrics show per
  * service): one add more per count, in a per-CPU slot. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -36,24 +41,24 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } rw_events SEC(".maps");
 
-static __always_inline void rw_count(__u32 idx)
+static __always_inline void rw_count(__u32 reason)
 {
-	__u64 *c = bpf_map_lookup_elem(&rw_counters, &idx);
+	__u64 *c = bpf_map_lookup_elem(&rw_counters, &reason);
 	if (c)
 		*c += 1;
 }
 
-/* Counts cause idx globally and for service_id (0, or an id out of range:
+/* Counts `reason` globally and for service_id (0, or an id out of range:
  * counted for no service). */
-static __always_inline void rw_count_svc(__u32 service_id, __u32 idx)
+static __always_inline void rw_count_svc(__u32 service_id, __u32 reason)
 {
 	__u32 k;
 	__u64 *c;
 
-	rw_count(idx);
-	if (service_id > RW_MAX_SERVICES || idx >= RW_CNT_N)
+	rw_count(reason);
+	if (service_id > RW_MAX_SERVICES || reason >= RW_REASON_N)
 		service_id = 0;
-	k = service_id * RW_CNT_N + idx;
+	k = service_id * RW_REASON_N + reason;
 	c = bpf_map_lookup_elem(&rw_svc_counters, &k);
 	if (c)
 		*c += 1;
@@ -69,18 +74,19 @@ static __always_inline __u32 rw_last_service(const struct rw_records *rec)
 	return rec->chain[(n - 1) & (RW_MAX_CHAIN - 1)];
 }
 
-static __always_inline void rw_emit(__u32 kind, int err, const struct rw_records *rec,
+/* The event of `reason` (use rw_notify or rw_report: they count it too). */
+static __always_inline void rw_emit(__u32 reason, int err, const struct rw_records *rec,
 				    __u16 service_id, __u16 rule_id, __u16 hop_limit)
 {
 	struct rw_event *e = bpf_ringbuf_reserve(&rw_events, sizeof(*e), 0);
 	__u64 ug = bpf_get_current_uid_gid();
 
 	if (!e) {
-		rw_count(RW_CNT_EVENTS_LOST);
+		rw_count(RW_REASON_EVENTS_LOST);
 		return;
 	}
 	__builtin_memset(e, 0, sizeof(*e));
-	e->kind = kind;
+	e->kind = reason;
 	e->err = err;
 	e->flow_id = rec->flow_id;
 	e->service_id = service_id;
@@ -95,6 +101,24 @@ static __always_inline void rw_emit(__u32 kind, int err, const struct rw_records
 	e->orig_dst = rec->orig_dst;
 	__builtin_memcpy(e->chain, rec->chain, sizeof(e->chain));
 	bpf_ringbuf_submit(e, 0);
+}
+
+/* Counts `reason` (globally and for service_id) and reports it with the
+ * flow's records `rec` (no event when `rec` is NULL). */
+static __always_inline void rw_notify(__u32 reason, int err, const struct rw_records *rec, __u16 service_id,
+				      __u16 rule_id, __u16 hop_limit)
+{
+	rw_count_svc(service_id, reason);
+	if (rec)
+		rw_emit(reason, err, rec, service_id, rule_id, hop_limit);
+}
+
+/* A flow with records delivered to its original destination: counted under
+ * the last service of its chain, reported with no service. */
+static __always_inline void rw_deliver(const struct rw_records *rec, __u16 hop_limit)
+{
+	rw_count_svc(rw_last_service(rec), RW_REASON_DELIVER);
+	rw_emit(RW_REASON_DELIVER, 0, rec, 0, 0, hop_limit);
 }
 
 /* The records an event about a refused connect reports: the socket's, or a
@@ -117,7 +141,7 @@ static __always_inline const struct rw_records *rw_event_rec(const struct rw_soc
  * verifier checks it once, not at each of its call sites; its scalars are
  * packed in two words (a global function takes at most five arguments, and
  * a struct on the caller's stack would cost stack in every caller):
- * what = kind | counter << 8 | (u32)err << 32,
+ * what = reason | (u32)err << 32,
  * ids = service_id | rule_id << 16 | proto << 32 | has_rec << 40. */
 __attribute__((noinline)) int rw_report_(const struct rw_sock *st, const struct rw_addr *dst, __u64 what, __u64 ids)
 {
@@ -126,17 +150,15 @@ __attribute__((noinline)) int rw_report_(const struct rw_sock *st, const struct 
 
 	if (!dst)
 		return 0;
-	rw_count_svc(ids & 0xffff, (what >> 8) & 0xff);
 	r = rw_event_rec(st, (ids >> 40) & 1, dst, (ids >> 32) & 0xff);
-	if (r && conf)
-		rw_emit(what & 0xff, (__s32)(what >> 32), r, ids & 0xffff, (ids >> 16) & 0xffff, conf->hop_limit);
+	rw_notify(what & 0xff, (__s32)(what >> 32), conf ? r : 0, ids & 0xffff, (ids >> 16) & 0xffff,
+		  conf ? conf->hop_limit : 0);
 	return 0;
 }
 
-#define rw_report(kind_, counter_, err_, st_, has_rec_, dst_, proto_, sid_, rule_)                            \
+#define rw_report(reason_, err_, st_, has_rec_, dst_, proto_, sid_, rule_)                                   \
 	({                                                                                                \
-		rw_report_((st_), (dst_),                                                                 \
-			   (__u64)(kind_) | ((__u64)(counter_) << 8) | ((__u64)(__u32)(err_) << 32),      \
+		rw_report_((st_), (dst_), (__u64)(reason_) | ((__u64)(__u32)(err_) << 32),                \
 			   (__u64)(sid_) | ((__u64)(rule_) << 16) | ((__u64)(proto_) << 32) |             \
 				   ((__u64)!!(has_rec_) << 40));                                          \
 	})

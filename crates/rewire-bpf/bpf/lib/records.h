@@ -4,12 +4,19 @@
  * the SipHash-2-4 MAC that makes a blob unforgeable, a new flow's records.
  *
  * API: map rw_sk (struct rw_sock per socket), map rw_scratch (per-CPU
- * records), rw_tag(rec, conf) (the MAC over the first RW_TAGGED_LEN bytes),
+ * records), rw_mac(rec, conf) (the MAC over the first RW_MAC_COVERS bytes),
  * rw_new_record, rw_append (a service joins the chain).
  */
 #pragma once
 
 #include "common.h"
+
+/* rw_sock.flags (kernel only) */
+#define RW_F_HAS_RECORDS 1u  /* outbound socket: a verified blob was set */
+#define RW_F_REDIRECTED 2u   /* connect was redirected: getpeername lies, handoff on SYN */
+#define RW_F_ACCEPTED 4u     /* accepted socket that received a flow record */
+#define RW_F_LINK_LOST 8u    /* accepted socket queried when no link mark could be made: counted
+			      * in its service's link_unrecorded until released */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -26,7 +33,7 @@ struct {
 	__type(value, struct rw_records);
 } rw_scratch SEC(".maps");
 
-/* ---- SipHash-2-4 over the first RW_TAGGED_LEN bytes of a record ---- */
+/* ---- SipHash-2-4 over the first RW_MAC_COVERS bytes of a record ---- */
 
 #define ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
 #define SIPROUND                                                               \
@@ -37,7 +44,7 @@ struct {
 		v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);      \
 	} while (0)
 
-static __always_inline __u64 rw_tag(const struct rw_records *r, const struct rw_conf *conf)
+static __always_inline __u64 rw_mac(const struct rw_records *r, const struct rw_conf *conf)
 {
 	const __u64 *m = (const __u64 *)r;
 	__u64 k0 = conf->key[0], k1 = conf->key[1];
@@ -45,10 +52,10 @@ static __always_inline __u64 rw_tag(const struct rw_records *r, const struct rw_
 	__u64 v1 = 0x646f72616e646f6dULL ^ k1;
 	__u64 v2 = 0x6c7967656e657261ULL ^ k0;
 	__u64 v3 = 0x7465646279746573ULL ^ k1;
-	__u64 b = ((__u64)RW_TAGGED_LEN) << 56;
+	__u64 b = ((__u64)RW_MAC_COVERS) << 56;
 
 #pragma unroll
-	for (int i = 0; i < RW_TAGGED_LEN / 8; i++) {
+	for (int i = 0; i < RW_MAC_COVERS / 8; i++) {
 		__u64 mi = m[i];
 		v3 ^= mi;
 		SIPROUND;

@@ -13,6 +13,45 @@
 
 #include "addr.h"
 
+/* A socket opened by one of a service's processes and bound to one of its
+ * addresses (rw_owner SK_STORAGE value): only such sockets receive its flows. */
+struct rw_owner {
+	__u16 service_id;
+	__u16 _pad[3];
+};
+
+/* Per service (array rw_svc_state, index = service id): its side doors, TCP
+ * connections accepted on a socket one of its processes bound that came with
+ * no hand-off (a forward-proxy or admin port, a direct connection), and the
+ * deepest of the flows handed to it recently. A service is quiet when no
+ * side door is open and none opened or closed within RW_SIDE_DOOR_QUIET_NS:
+ * only then is its record-less onward connect linked to a flow it queried,
+ * or continued after it. */
+#define RW_SIDE_DOOR_QUIET_NS (30ULL * 1000000000ULL)
+struct rw_svc_state {
+	__u32 side_open;  /* side-door connections open now */
+	__u32 link_unrecorded; /* queried sockets not released yet that rw_link had no
+				* room for: while any is, no connect of the service is
+				* linked (one of them may be waiting) */
+	__u64 side_ns;    /* CLOCK_BOOTTIME of the last side-door open or close (0: never) */
+	__u64 depth_ns;   /* when `depth` was last raised */
+	__u8 depth;       /* deepest (depth + chain length) of a flow handed to it within
+			   * RW_SIDE_DOOR_QUIET_NS of depth_ns */
+	__u8 _pad2[7];
+	__u64 link_live;  /* queried sockets of the service not released yet (low 32
+			   * bits) | RW_LIVE_AMBIGUOUS (two or more were live at once
+			   * since the count was last 0): a connect is linked only
+			   * when this is exactly 1 (rw_link_live_one) */
+};
+#define RW_LIVE_AMBIGUOUS (1ULL << 32)
+/* SK_STORAGE value (map rw_svc_sock, cloned to accepted sockets) of a TCP
+ * socket a service's process bound: its listeners' connections are its. */
+struct rw_svc_sock {
+	__u16 service_id;
+	__u8 side_door; /* an accepted connection counted in side_open until it closes */
+	__u8 _pad[5];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, RW_MAX_SERVICES + 1);

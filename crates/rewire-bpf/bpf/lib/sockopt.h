@@ -41,7 +41,7 @@ static __always_inline int rw_home_netns(struct bpf_sockopt *ctx)
 
 	if (!conf || !conf->netns_cookie || bpf_get_netns_cookie(ctx) == conf->netns_cookie)
 		return 1;
-	rw_count(RW_CNT_FOREIGN_NETNS);
+	rw_count(RW_REASON_FOREIGN_NETNS);
 	return 0;
 }
 

@@ -54,18 +54,17 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 		return 1;
 	if (r == RW_DELIVER && !c.linked) {
 		if (st) {
-			rw_count_svc(rw_last_service(&st->rec), RW_CNT_DELIVER);
-			rw_emit(RW_EV_DELIVER, 0, &st->rec, 0, 0, conf->hop_limit);
+			rw_deliver(&st->rec, conf->hop_limit);
 		}
 		return 1;
 	}
 	if (!st) {
-		st = rw_storage_create(&rw_sk, sk, conf);
+		st = rw_storage_create(&rw_sk, sk);
 		if (!st) {
 			if (r == RW_DELIVER)
 				return 1; /* a linked flow whose chain is complete: it goes on as it is */
 			/* Nothing passes unrecorded: refuse rather than let it through. */
-			rw_report(RW_EV_INTERNAL, RW_CNT_NO_STORAGE, -ENOBUFS, 0, 0, &orig, IPPROTO_TCP,
+			rw_report(RW_REASON_NO_STORAGE, -ENOBUFS, 0, 0, &orig, IPPROTO_TCP,
 				  c.w.service_id, c.w.rule_id);
 			return rw_refuse(ENOBUFS);
 		}
@@ -78,8 +77,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	}
 	if (r == RW_DELIVER) {
 		if (c.linked) {
-			rw_count_svc(rw_last_service(&st->rec), RW_CNT_DELIVER);
-			rw_emit(RW_EV_DELIVER, 0, &st->rec, 0, 0, conf->hop_limit);
+			rw_deliver(&st->rec, conf->hop_limit);
 		}
 		return 1;
 	}
@@ -94,8 +92,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	st->rule_id = c.w.rule_id;
 	st->redirected_ns = bpf_ktime_get_boot_ns();
 	rw_ctx_target(ctx, family, &c.target);
-	rw_count_svc(c.w.service_id, RW_CNT_REDIRECT);
-	rw_emit(RW_EV_REDIRECT, 0, &st->rec, c.w.service_id, c.w.rule_id, conf->hop_limit);
+	rw_notify(RW_REASON_REDIRECT, 0, &st->rec, c.w.service_id, c.w.rule_id, conf->hop_limit);
 	return 1;
 }
 

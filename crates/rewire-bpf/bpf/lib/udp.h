@@ -15,6 +15,29 @@
 #include "decision.h"
 #include "broadcast.h"
 
+/* One UDP flow of an application (or proxy outbound) socket. A datagram to
+ * `rec.orig_dst` goes to `target`; a datagram from `target` is shown as
+ * coming from `rec.orig_dst`. */
+struct rw_udp_slot {
+	struct rw_addr target; /* the service's address; the original destination if service_id == 0 */
+	struct rw_addr src;    /* source address set on this flow's datagrams (unbound sockets); family 0: the socket's own */
+	__u64 last_ns;         /* CLOCK_BOOTTIME of the last datagram either way */
+	__u64 redirected_ns;
+	__u16 service_id;      /* 0: records delivered to the original destination */
+	__u16 rule_id;
+	__u8 published;        /* a hand-off entry was made for it (by the listener or at close) */
+	__u8 _pad[3];
+	__u32 mark;            /* random, per flow: the packet mark its datagrams carry both
+				* ways, checked on arrival (only the flow's own sockets send it) */
+	__u32 _pad2;
+	struct rw_records rec; /* magic == 0: free slot */
+};
+
+/* BPF_MAP_TYPE_SK_STORAGE value of a UDP socket. */
+struct rw_udp_sock {
+	struct rw_udp_slot slot[RW_UDP_SLOTS];
+};
+
 /* UDP flows of one socket (application or proxy outbound). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -112,7 +135,7 @@ __attribute__((noinline)) int rw_udp_port_taken(struct bpf_sock_addr *ctx, const
 	/* A flow of this source published there and not claimed yet (a
 	 * socket that reconnects before the proxy took its first flow, or a
 	 * closed sender's flow on a port now someone else's): its datagrams
-	 * carry that flow's tag, a new flow's would be dropped on arrival. */
+	 * carry that flow's mark, a new flow's would be dropped on arrival. */
 	rw_udp_tuple(&key, &client, target);
 	if (bpf_map_lookup_elem(&rw_udp_handoff, &key))
 		return 1;
@@ -244,9 +267,9 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 		c.target = orig; /* records delivered: remember it so we report once */
 
 	if (!u) {
-		u = rw_storage_create(&rw_udp_sk, sk, conf);
+		u = rw_storage_create(&rw_udp_sk, sk);
 		if (!u) {
-			rw_report(RW_EV_INTERNAL, RW_CNT_NO_STORAGE, -ENOBUFS, st, has_rec, &orig, IPPROTO_UDP,
+			rw_report(RW_REASON_NO_STORAGE, -ENOBUFS, st, has_rec, &orig, IPPROTO_UDP,
 				  c.w.service_id, c.w.rule_id);
 			return rw_refuse(ENOBUFS);
 		}
@@ -269,7 +292,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	/* A new flow an application starts (not one a proxy continues with
 	 * its records): within its user's rate. */
 	if (r == RW_REDIRECT && !has_rec && !rw_udp_rate_ok((__u32)bpf_get_current_uid_gid(), conf->udp_flows_per_user)) {
-		rw_count(RW_CNT_UDP_RATE);
+		rw_count(RW_REASON_UDP_RATE);
 		return rw_refuse(EAGAIN);
 	}
 	if (r == RW_REDIRECT) {
@@ -293,20 +316,20 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 		}
 		if (k < 0) {
 			/* Every port of the service carries a live flow of this socket. */
-			rw_report(RW_EV_UDP_CONFLICT, RW_CNT_UDP_CONFLICT, -EADDRINUSE, st, has_rec, &orig,
+			rw_report(RW_REASON_UDP_CONFLICT, -EADDRINUSE, st, has_rec, &orig,
 				  IPPROTO_UDP, c.w.service_id, c.w.rule_id);
 			return rw_refuse(EADDRINUSE);
 		}
 		c.target.port_be = bpf_htons(base + k);
 		/* The first port was checked by rw_choose; the others too. */
 		if (k && rw_owner_of(ctx, IPPROTO_UDP, &c.target, c.w.service_id) != RW_OWNER_SERVICE) {
-			rw_report(RW_EV_IMPOSTOR, RW_CNT_IMPOSTOR, -ECONNREFUSED, st, has_rec, &orig, IPPROTO_UDP,
+			rw_report(RW_REASON_IMPOSTOR, -ECONNREFUSED, st, has_rec, &orig, IPPROTO_UDP,
 				  c.w.service_id, c.w.rule_id);
 			return rw_refuse(ECONNREFUSED);
 		}
 	}
 	if (free < 0) {
-		rw_report(RW_EV_UDP_CONFLICT, RW_CNT_UDP_CONFLICT, -ENOBUFS, st, has_rec, &orig, IPPROTO_UDP,
+		rw_report(RW_REASON_UDP_CONFLICT, -ENOBUFS, st, has_rec, &orig, IPPROTO_UDP,
 			  c.w.service_id, c.w.rule_id);
 		return rw_refuse(ENOBUFS);
 	}
@@ -335,14 +358,13 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	sl->target = c.target;
 	__builtin_memset(&sl->src, 0, sizeof(sl->src));
 	sl->published = 0;
-	sl->tag = bpf_get_prandom_u32() | 1;
+	sl->mark = bpf_get_prandom_u32() | 1;
 	sl->last_ns = now;
 	sl->redirected_ns = now;
 	sl->service_id = r == RW_REDIRECT ? c.w.service_id : 0;
 	sl->rule_id = c.w.rule_id;
 	if (r == RW_DELIVER) {
-		rw_count_svc(rw_last_service(&sl->rec), RW_CNT_DELIVER);
-		rw_emit(RW_EV_DELIVER, 0, &sl->rec, 0, 0, conf->hop_limit);
+		rw_deliver(&sl->rec, conf->hop_limit);
 		return 1;
 	}
 	rw_append(&sl->rec, c.n, c.w.service_id);
@@ -354,8 +376,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 		if (unbound)
 			rw_ctx_set_src(ctx, family, &c.target);
 	}
-	rw_count_svc(c.w.service_id, RW_CNT_REDIRECT);
-	rw_emit(RW_EV_REDIRECT, 0, &sl->rec, c.w.service_id, c.w.rule_id, conf->hop_limit);
+	rw_notify(RW_REASON_REDIRECT, 0, &sl->rec, c.w.service_id, c.w.rule_id, conf->hop_limit);
 	return 1;
 }
 
@@ -375,10 +396,10 @@ static __always_inline struct rw_udp_slot *rw_slot_of_target(struct rw_udp_sock 
 
 /* Publishes slot `sl`'s flow for the proxy's claim, unless an entry is
  * there already: an entry is never replaced (the datagrams that reach the
- * proxy from that source were checked against the entry's tag on arrival;
- * another flow's records must not take its place). With `want` (the tag a
+ * proxy from that source were checked against the entry's mark on arrival;
+ * another flow's records must not take its place). With `want` (the mark a
  * datagram's mark proved), only that flow: the slot may be rewritten
- * meanwhile by its socket's own hooks (a new flow), so the tag is read
+ * meanwhile by its socket's own hooks (a new flow), so the mark is read
  * before and after the copy. A global function: its value's stack (168
  * bytes) is not added to its callers' (cgroup_skb/ingress is near the
  * verifier's 512-byte limit). */
@@ -388,7 +409,7 @@ __attribute__((noinline)) int rw_udp_handoff_put(const struct rw_tuple *key, str
 
 	if (!key || !sl)
 		return 0;
-	v.s.tag = *(volatile __u32 *)&sl->tag;
+	v.s.mark = *(volatile __u32 *)&sl->mark;
 	asm volatile("" ::: "memory");
 	v.s.flags = RW_F_ACCEPTED;
 	v.s.service_id = sl->service_id;
@@ -396,7 +417,7 @@ __attribute__((noinline)) int rw_udp_handoff_put(const struct rw_tuple *key, str
 	v.s.redirected_ns = sl->redirected_ns;
 	v.s.rec = sl->rec;
 	asm volatile("" ::: "memory");
-	if (want && (v.s.tag != want || *(volatile __u32 *)&sl->tag != want))
+	if (want && (v.s.mark != want || *(volatile __u32 *)&sl->mark != want))
 		return 0;
 	v.published_ns = bpf_ktime_get_boot_ns();
 	sl->published = 1;
