@@ -162,18 +162,7 @@ impl Event {
     pub fn from_raw(raw: &RwEvent, config: &Config) -> Option<Self> {
         let kind = EventKind::from_code(raw.kind)?;
         let n = (raw.n_chain as usize).min(raw.chain.len());
-        let dst = {
-            // Reuse the records decoder for the address.
-            let mut r = rewire::abi::RwRecords {
-                magic: abi::RW_MAGIC,
-                version: abi::RW_VERSION,
-                n_chain: 1,
-                orig_dst: raw.orig_dst,
-                ..Default::default()
-            };
-            r.chain[0] = 1;
-            rewire::RedirectRecords::from_bytes(abi::pod_bytes(&r)).ok().map(|r| r.original_destination())
-        };
+        let dst = raw.orig_dst.to_socket_addr();
         let udp = raw.proto == libc::IPPROTO_UDP as u8;
         let listener = (kind == EventKind::Impostor)
             .then(|| {

@@ -10,6 +10,8 @@
 
 #![allow(missing_docs)]
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
 /// Private socket option level served by rewire's cgroup sockopt programs.
 pub const RW_SOL: libc::c_int = 0x5257;
 pub const RW_OPT_RECORDS: libc::c_int = 1;
@@ -83,6 +85,42 @@ pub struct RwAddr {
     /// IPv6 link-local: the interface the application named (`sin6_scope_id`), else 0.
     pub scope_id: u32,
     pub addr: [u8; 16],
+}
+
+impl RwAddr {
+    /// The socket address it names; `None` for another family (0: unset).
+    /// With `From<SocketAddr>`, the one conversion between the kernel's
+    /// addresses and std's.
+    pub fn to_socket_addr(&self) -> Option<SocketAddr> {
+        let port = u16::from_be(self.port_be);
+        match self.family as i32 {
+            libc::AF_INET => {
+                let ip = Ipv4Addr::new(self.addr[0], self.addr[1], self.addr[2], self.addr[3]);
+                Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+            }
+            libc::AF_INET6 => Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(self.addr), port, 0, self.scope_id))),
+            _ => None,
+        }
+    }
+}
+
+impl From<SocketAddr> for RwAddr {
+    /// IPv4 in the first 4 bytes; an IPv6 address keeps its scope id.
+    fn from(sa: SocketAddr) -> Self {
+        let mut a = RwAddr { port_be: sa.port().to_be(), ..Default::default() };
+        match sa {
+            SocketAddr::V4(v4) => {
+                a.family = libc::AF_INET as u8;
+                a.addr[..4].copy_from_slice(&v4.ip().octets());
+            }
+            SocketAddr::V6(v6) => {
+                a.family = libc::AF_INET6 as u8;
+                a.addr = v6.ip().octets();
+                a.scope_id = v6.scope_id();
+            }
+        }
+        a
+    }
 }
 
 #[repr(C)]

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::abi::RwContext;
-use crate::records::{addr_from_raw, RedirectRecords};
+use crate::records::RedirectRecords;
 use crate::RedirectState;
 
 /// Context of a redirected flow, as seen by the service that accepted it.
@@ -90,7 +90,7 @@ impl RedirectContext {
     pub(crate) fn from_raw(raw: &RwContext) -> Option<Self> {
         let rec = &raw.records;
         Some(Self {
-            original_destination: addr_from_raw(&rec.orig_dst)?,
+            original_destination: rec.orig_dst.to_socket_addr()?,
             state: RedirectState::from_u8(raw.state)?,
             service_id: raw.service_id,
             rule_id: raw.rule_id,

@@ -45,6 +45,6 @@ pub use calls::{
 pub use context::{boot_ns_to_system_time, comm_to_string, KernelIdentity, RedirectContext};
 pub use context_layout::{ContextLayout, MAX_VENDOR_CONTEXT};
 pub use error::{wsa, Error, Result};
-pub use records::{addr_to_raw, ParseError, RedirectRecords};
+pub use records::{ParseError, RedirectRecords};
 pub use service::ServiceId;
 pub use state::RedirectState;

@@ -4,18 +4,18 @@
 //! Callers treat it as opaque, as on Windows. Its encoding is stable and
 //! versioned (`struct rw_records` in `rewire_abi.h`, little-endian, 128
 //! bytes, `magic = 0x5752`, `version = 1`) so it can be stored or sent to
-//! another process. The last 8 bytes are a SipHash-2-4 tag under a key only
+//! another process. The last 8 bytes are a SipHash-2-4 MAC under a key only
 //! the kernel programs hold: user space can read the fields but any change,
 //! truncation, or reuse for another destination is refused by the kernel.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::abi::{self, RwAddr, RwRecords};
+use crate::abi::{self, RwRecords};
 
 /// Why bytes are not a well-formed records blob (checked in user space; the
-/// kernel additionally checks the tag).
+/// kernel additionally checks the MAC).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
     /// The blob is not exactly [`RedirectRecords::ENCODED_LEN`] bytes long.
@@ -64,7 +64,7 @@ impl RedirectRecords {
         if raw.n_chain == 0 || raw.n_chain as usize > abi::RW_MAX_CHAIN {
             return Err(ParseError::Chain(raw.n_chain));
         }
-        addr_from_raw(&raw.orig_dst).ok_or(ParseError::Family(raw.orig_dst.family))?;
+        raw.orig_dst.to_socket_addr().ok_or(ParseError::Family(raw.orig_dst.family))?;
         Ok(Self { raw })
     }
 
@@ -85,7 +85,7 @@ impl RedirectRecords {
 
     /// Where the application originally connected.
     pub fn original_destination(&self) -> SocketAddr {
-        addr_from_raw(&self.raw.orig_dst).expect("checked at construction")
+        self.raw.orig_dst.to_socket_addr().expect("checked at construction")
     }
 
     /// The redirect state of `service_id` for this flow, as WFP defines it.
@@ -134,38 +134,6 @@ impl<'de> Deserialize<'de> for RedirectRecords {
     }
 }
 
-/// Converts the ABI address to a socket address.
-pub(crate) fn addr_from_raw(a: &RwAddr) -> Option<SocketAddr> {
-    let port = u16::from_be(a.port_be);
-    match a.family as i32 {
-        libc::AF_INET => {
-            let ip = Ipv4Addr::new(a.addr[0], a.addr[1], a.addr[2], a.addr[3]);
-            Some(SocketAddr::new(IpAddr::V4(ip), port))
-        }
-        libc::AF_INET6 => Some(SocketAddr::V6(std::net::SocketAddrV6::new(Ipv6Addr::from(a.addr), port, 0, a.scope_id))),
-        _ => None,
-    }
-}
-
-/// Converts a socket address to the ABI form.
-pub fn addr_to_raw(sa: SocketAddr) -> RwAddr {
-    let mut a = RwAddr { port_be: sa.port().to_be(), ..Default::default() };
-    match sa.ip() {
-        IpAddr::V4(ip) => {
-            a.family = libc::AF_INET as u8;
-            a.addr[..4].copy_from_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            a.family = libc::AF_INET6 as u8;
-            a.addr = ip.octets();
-        }
-    }
-    if let SocketAddr::V6(v6) = sa {
-        a.scope_id = v6.scope_id();
-    }
-    a
-}
-
 #[cfg(test)]
 pub(crate) fn sample(chain: &[u16], dst: SocketAddr) -> RedirectRecords {
     let mut raw = RwRecords {
@@ -174,7 +142,7 @@ pub(crate) fn sample(chain: &[u16], dst: SocketAddr) -> RedirectRecords {
         n_chain: chain.len() as u8,
         proto: libc::IPPROTO_TCP as u8,
         flow_id: 0x1122_3344_5566_7788,
-        orig_dst: addr_to_raw(dst),
+        orig_dst: dst.into(),
         pid: 42,
         ..Default::default()
     };
