@@ -441,6 +441,12 @@ fn five_reloads_adding_and_removing_a_service() {
         let replaced = format!("replaced {} program(s)", rewire_control::hooks::programs_for(&cfg).len());
         assert!(err.contains(&replaced), "{err}");
         assert_eq!(life.n_rules(), rules, "reload {i}");
+        // The C surface's layouts follow each accepted reload: the services the kernel runs, by id.
+        let layouts_file = rewire_control::paths::layouts_file(&cfg.cgroup);
+        let layouts = std::fs::read_to_string(&layouts_file).unwrap();
+        let names: Vec<&str> = layouts.lines().filter_map(|l| l.strip_prefix("name = \"")?.strip_suffix('"')).collect();
+        let want: Vec<&str> = cfg.services.iter().map(|s| s.name.get_ref().as_str()).collect();
+        assert_eq!(names, want, "reload {i}: {layouts}");
         if i == 4 {
             // An invalid configuration is refused with its file:line:key; the running one stays.
             let bad = life.dir.join("bad.toml");
@@ -458,6 +464,8 @@ fn five_reloads_adding_and_removing_a_service() {
             assert!(!out.status.success());
             assert!(String::from_utf8_lossy(&out.stderr).contains("would move from position"));
             assert_eq!(life.n_rules(), rules);
+            // Refused reloads publish nothing: ids keep naming the services the kernel runs.
+            assert_eq!(std::fs::read_to_string(&layouts_file).unwrap(), layouts, "layouts after refused reloads");
         }
     });
 }
