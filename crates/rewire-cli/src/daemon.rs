@@ -20,6 +20,7 @@ use rewire_control::daemon::{DaemonLock, StatusWriter};
 use rewire_control::guard::Guard;
 use rewire_control::hooks::CountersReader;
 use rewire_control::limiter::Limits;
+use rewire_control::watch::Watch;
 use rewire_control::{checks, paths, persist, Config, Hooks, ManagedCgroup};
 
 use crate::manage::{expire_once, pin_dir, prepare, runtime, warn_io_uring_gap, warn_scope_unavailable};
@@ -132,6 +133,8 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         let mut cur_path = abs_config.clone();
         let mut tick = tokio::time::interval((cur.udp_idle() / 2).max(Duration::from_millis(50)));
         let mut pins_tick = tokio::time::interval(PINS_CHECK);
+        // Named cgroups re-made (a unit's restart): their new ids (rewire_control::watch).
+        let mut watch = new_watch(&cur)?;
         let sig = loop {
             tokio::select! {
                 _ = sigint.recv() => break "SIGINT",
@@ -155,6 +158,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                             publish_layouts(&new, generation);
                             cur = new;
                             cur_path = path;
+                            watch = new_watch(&cur)?;
                         }
                         Err(e) => {
                             let msg = format!("reload of {} refused: {e:#}; the running configuration stays", path.display());
@@ -166,7 +170,19 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                     }
                 }
                 _ = tick.tick() => expire_once(&mut hooks, cur.udp_idle()),
-                _ = pins_tick.tick() => restore_pins(&hooks, &dir),
+                _ = pins_tick.tick() => {
+                    restore_pins(&hooks, &dir);
+                    watch.get_ref().rearm();
+                    follow_cgroups(&mut hooks, &cur);
+                }
+                r = watch.readable() => {
+                    if let Ok(mut g) = r {
+                        g.clear_ready();
+                    }
+                    if watch.get_ref().drain() {
+                        follow_cgroups(&mut hooks, &cur);
+                    }
+                }
             }
         };
         if let Some(p) = printer {
@@ -221,6 +237,28 @@ fn report(status: &mut StatusWriter, ok: bool, msg: &str) {
 fn publish_layouts(cfg: &Config, generation: u64) {
     if let Err(e) = rewire_control::daemon::publish_layouts(&cfg.cgroup, cfg, generation) {
         tracing::warn!("cannot publish the services' context layouts: {e}; context queries of the C surface fail");
+    }
+}
+
+/// The watch on the parents of `config`'s named cgroups.
+fn new_watch(config: &Config) -> Result<tokio::io::unix::AsyncFd<Watch>> {
+    let w = Watch::new(config)?;
+    // SAFETY: `Watch` owns its inotify descriptor and never replaces or
+    // closes it while the AsyncFd holds it (it is closed when dropped with it).
+    let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(w, tokio::io::Interest::READABLE) };
+    fd.map_err(|e| anyhow::anyhow!("watching named cgroups: {e}"))
+}
+
+/// Gives rules and services whose named cgroup was re-made its new id.
+fn follow_cgroups(hooks: &mut Hooks, config: &Config) {
+    match hooks.follow_cgroups(config) {
+        Ok(f) if f.is_empty() => {}
+        Ok(f) => tracing::info!(
+            "named cgroup(s) re-made: {} selector(s) and {} service cgroup(s) now point at the new cgroup ids",
+            f.selectors,
+            f.services
+        ),
+        Err(e) => tracing::error!("cannot update the ids of re-made cgroups: {e}"),
     }
 }
 

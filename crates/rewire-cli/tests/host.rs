@@ -712,3 +712,96 @@ fn a_reload_reorders_the_chain_under_a_connect_stream() {
     let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
     result.unwrap();
 }
+
+/// A unit that restarts (systemd removes and makes again its cgroup: same
+/// path, new cgroup id) stays selected: the daemon follows the path. A
+/// process of the unit goes through the selecting service; the unit's
+/// cgroup is re-made; a process started in the new one goes through the
+/// service again (probed a few times within a bounded wait for the
+/// daemon's update: no probe before the update is counted as a failure,
+/// none after it may go direct).
+#[test]
+fn a_selected_unit_that_restarts_stays_selected() {
+    let mut host = Host::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let name = format!("rewire-test-{}-hostw", std::process::id());
+    let port = free_port();
+    let cfg_path = host.dir.join("watch.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "cgroup = \"{name}\"\n{}[[service]]\nname = \"dlp\"\nlisten = \"127.0.0.1:{port}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\ncgroup = \"{}\"\n",
+            cover(&[host.cg("system.slice")]),
+            server.addr.port(),
+            host.cg(APP)
+        ),
+    )
+    .unwrap();
+    let slice = host.path("system.slice");
+    let log = host.dir.join("dlp.jsonl");
+    let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg_path).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut proxy = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("the daemon attached at the slice", || OtherProgram::connect4_at(&slice).len() == 1);
+        let p = Command::new(REWIRE)
+            .args(["proxy", "--name", "dlp", "--log"])
+            .arg(&log)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env_remove("REWIRE_CGROUP")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        proxy = Some(p);
+        wait_listening(rewire_control::Config::load(&cfg_path).unwrap().services[0].listen[0]);
+        let before = host.app(APP, None, None, server.addr, None);
+        let s = before.go();
+        read_log(&log, 2);
+        assert_eq!(flows_of(&log, before.pid), 2, "the unit goes through dlp before its restart");
+        assert!(!server.peers().contains(&s.fresh.0));
+
+        // The restart: the unit's processes are gone, its cgroup re-made.
+        let app = host.path(APP);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Err(e) = std::fs::remove_dir(&app) {
+            assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", app.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::create_dir(&app).unwrap();
+
+        let mut through = None;
+        for _ in 0..10 {
+            let after = host.app(APP, None, None, server.addr, None);
+            let s = after.go();
+            if !server.peers().contains(&s.fresh.0) {
+                through = Some(after.pid);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let pid = through.expect("a process of the re-made unit still connects direct, without dlp, after 5 s");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while flows_of(&log, pid) < 2 {
+            assert!(std::time::Instant::now() < deadline, "dlp logged no flows of the re-made unit's process");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg_path).output().unwrap();
+    if let Some(mut p) = proxy {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    if let Ok(mut c) = ManagedCgroup::existing(&name) {
+        let _ = c.remove();
+    }
+    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
+    result.unwrap();
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+}

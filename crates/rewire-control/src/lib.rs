@@ -34,6 +34,7 @@ pub mod paths;
 pub mod persist;
 pub mod scope;
 pub mod stats;
+pub mod watch;
 
 pub use cgroup::ManagedCgroup;
 pub use config::Config;
