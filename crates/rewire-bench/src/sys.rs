@@ -1,6 +1,7 @@
 //! Processes, cgroups, network namespaces and /proc readings for the bench.
 
 use std::fs::File;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use rewire_control::net::{Table, TCP_LISTEN};
 
 /// Children alive right now (pids), for the cleanup on SIGINT/SIGTERM.
 static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
@@ -94,30 +96,26 @@ pub struct Placement {
 
 /// Spawns `cmd` placed as asked; stdout piped when `capture`.
 pub fn spawn(mut cmd: Command, place: &Placement, capture: bool) -> Result<Child> {
-    let procs: Option<File> = match &place.cgroup {
-        Some(cg) => Some(std::fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?),
-        None => None,
-    };
+    if let Some(cg) = &place.cgroup {
+        // First: the child joins the cgroup before anything else runs.
+        rewire_control::cgroup::join_on_exec(&mut cmd, cg)?;
+    }
     let ns: Option<File> = match &place.netns {
         Some(p) => Some(File::open(p).with_context(|| format!("open {}", p.display()))?),
         None => None,
     };
-    let procs_fd: RawFd = procs.as_ref().map_or(-1, |f| f.as_raw_fd());
     let ns_fd: RawFd = ns.as_ref().map_or(-1, |f| f.as_raw_fd());
     let uid = place.uid;
     if STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
         bail!("stopping");
     }
-    // SAFETY: only raw syscalls (sigprocmask, write, setns, setgroups, setgid,
+    // SAFETY: only raw syscalls (sigprocmask, setns, setgroups, setgid,
     // setuid) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            if procs_fd >= 0 && libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
             if ns_fd >= 0 && libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -136,7 +134,7 @@ pub fn spawn(mut cmd: Command, place: &Placement, capture: bool) -> Result<Child
     }
     let child = cmd.spawn().with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     CHILDREN.lock().unwrap().push(child.id());
-    drop((procs, ns));
+    drop(ns);
     Ok(child)
 }
 
@@ -200,16 +198,12 @@ fn wait_until(pid: u32, timeout: Duration, what: &str, ready: impl Fn() -> bool)
 }
 
 /// Waits until `pid` (in whatever network namespace it is) listens on
-/// 127.0.0.1:`port`, from /proc/PID/net/tcp.
+/// 127.0.0.1:`port`, from its namespace's socket table (`/proc/PID/net`).
 pub fn wait_listening(pid: u32, port: u16, timeout: Duration) -> Result<()> {
-    let want = format!("0100007F:{port:04X}");
-    wait_until(pid, timeout, &format!("listening on 127.0.0.1:{port}"), || {
-        std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|s| {
-            s.lines().skip(1).any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() > 3 && f[1] == want && f[3] == "0A"
-            })
-        })
+    let net = PathBuf::from(format!("/proc/{pid}/net"));
+    let want = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until(pid, timeout, &format!("listening on {want}"), || {
+        rewire_control::net::sockets_in(&net, Table::Tcp).iter().any(|s| s.local == want && s.state == TCP_LISTEN)
     })
 }
 

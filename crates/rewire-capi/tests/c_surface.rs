@@ -12,8 +12,10 @@
 //! `cargo test` does not rebuild: run `cargo build -p rewire-capi` first.
 //!
 //! The kernel tests need root and `target/<profile>/rewire` (built by
-//! `cargo build -p rewire-cli`, or by `cargo test --workspace`); they fail,
-//! not skip, without them. Every wait is bounded; temp files are removed.
+//! `cargo build -p rewire-cli`, or by `cargo test --workspace`): without
+//! root they skip with one line for a developer and fail under CI
+//! (`CI=true`, the test kit's privilege policy); without the binary they
+//! fail. Every wait is bounded; temp files are removed.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -22,6 +24,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use rewire_testkit::{free_port, require_root, rewire_exe, root_or_fail, wait_listening_for, wait_while_alive, UdpEcho};
 
 /// `target/<profile>`: where cargo put this crate's cdylib/staticlib (and the `rewire` binary).
 fn target_dir() -> PathBuf {
@@ -37,17 +41,6 @@ fn target_dir() -> PathBuf {
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn rewire_bin() -> PathBuf {
-    let p = std::env::var_os("REWIRE_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("rewire"));
-    assert!(p.exists(), "{} not found: run `cargo build -p rewire-cli` first (or set REWIRE_BIN)", p.display());
-    p
-}
-
-fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test attaches rewire's hooks (via `rewire run`) and must run as root");
 }
 
 /// A temporary directory, removed on drop.
@@ -135,38 +128,6 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus 
     }
 }
 
-/// A port free on both 127.0.0.1 and ::1 (kernel-chosen, then checked on v6).
-fn free_port() -> u16 {
-    for _ in 0..100 {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        if TcpListener::bind(("::1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
-
-/// Whether the services listen on `port` on both loopbacks (read from
-/// /proc/net/tcp{,6}, without touching the port).
-fn listening(port: u16) -> bool {
-    use rewire_control::net::is_listening;
-    is_listening(([127, 0, 0, 1], port).into()) && is_listening((std::net::Ipv6Addr::LOCALHOST, port).into())
-}
-
-fn wait_listening(ports: &[u16], child: &mut Child) {
-    // Generous: `rewire run` loads and verifies every program first, which
-    // takes long on a loaded machine (another `rewire run` in parallel).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ports.iter().all(|&p| listening(p)) {
-        if let Some(s) = child.try_wait().unwrap() {
-            panic!("rewire run exited early: {s}");
-        }
-        assert!(Instant::now() < deadline, "services did not listen on {ports:?} within 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -200,8 +161,8 @@ fn conformance_without_hooks_dynamic_and_static() {
 
 #[test]
 fn conformance_on_the_kernel_hooks() {
-    require_root();
-    let rewire = rewire_bin();
+    require_root!();
+    let rewire = rewire_exe();
     let tmp = TempDir::new("kernel");
     let (svc, dst) = (free_port(), free_port());
     assert_ne!(svc, dst);
@@ -263,6 +224,7 @@ impl Echo {
 
 #[test]
 fn c_example_proxy_chains_with_rewire_proxy() {
+    require_root!();
     chain_through_c_example("", "", 1_000_000, "chain [1], 1000000 bytes up, 1000000 down");
 }
 
@@ -271,6 +233,7 @@ fn c_example_proxy_chains_with_rewire_proxy() {
 /// sample callout does, and connects onward to the original remote.
 #[test]
 fn c_example_reads_the_two_address_context() {
+    require_root!();
     let err = chain_through_c_example("--sockaddr-context", "", 100_000, "chain [1], 100000 bytes up, 100000 down");
     let line = err.lines().find(|l| l.starts_with("cexample: flow")).unwrap_or_default().to_string();
     // original local: the application's socket (rewire probe's), on loopback
@@ -283,6 +246,7 @@ fn c_example_reads_the_two_address_context() {
 /// the original destination from the records).
 #[test]
 fn c_example_reads_vendor_bytes_from_the_config() {
+    require_root!();
     let err = chain_through_c_example(
         "--vendor-context",
         "context = { base64 = \"Vk5EUgEAAAAqKio=\" }\n",
@@ -298,8 +262,8 @@ fn c_example_reads_vendor_bytes_from_the_config() {
 /// and sends `bytes` through both to an echo server; checks the flow and
 /// returns the chain's stderr.
 fn chain_through_c_example(extra: &str, svc_extra: &str, bytes: u64, flow_line: &str) -> String {
-    require_root();
-    let rewire = rewire_bin();
+    root_or_fail();
+    let rewire = rewire_exe();
     let tmp = TempDir::new("chain");
     let echo = Echo::start();
     let port = echo.addr.port();
@@ -356,7 +320,10 @@ fn chain_through_c_example(extra: &str, svc_extra: &str, bytes: u64, flow_line: 
         .unwrap();
     let out_r = reader(child.stdout.take().unwrap());
     let err_r = reader(child.stderr.take().unwrap());
-    wait_listening(&[pa, pb], &mut child);
+    // Generous: `rewire run` loads and verifies every program first, which
+    // takes long on a loaded machine (another `rewire run` in parallel).
+    let both = |p: u16| [SocketAddr::from(([127, 0, 0, 1], p)), SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p))];
+    wait_listening_for(&[both(pa), both(pb)].concat(), Duration::from_secs(60), Some(&mut child));
     std::fs::write(&go, b"").unwrap();
     let status = wait_bounded(&mut child, Duration::from_secs(120));
     let (out, err) = (text(&out_r.join().unwrap()), text(&err_r.join().unwrap()));
@@ -383,40 +350,11 @@ fn chain_through_c_example(extra: &str, svc_extra: &str, bytes: u64, flow_line: 
     err
 }
 
-/// Whether a UDP socket is bound to `port` on both loopbacks (read from /proc/net/udp{,6}).
+/// Whether UDP sockets are bound to `port` on 127.0.0.1 and on ::1.
 fn udp_bound(port: u16) -> bool {
-    let has = |file: &str, addr: &str| {
-        let want = format!("{addr}:{port:04X}");
-        std::fs::read_to_string(file).unwrap_or_default().lines().skip(1).any(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
-    };
-    has("/proc/net/udp", "0100007F") && has("/proc/net/udp6", "00000000000000000000000001000000")
-}
-
-/// A loopback UDP echo server outside the cgroup, recording the sources it saw.
-struct UdpEcho {
-    addr: SocketAddr,
-    sources: Arc<Mutex<std::collections::BTreeSet<SocketAddr>>>,
-    datagrams: Arc<AtomicUsize>,
-}
-
-impl UdpEcho {
-    fn start() -> Self {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = s.local_addr().unwrap();
-        let sources = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
-        let datagrams = Arc::new(AtomicUsize::new(0));
-        let (src2, n2) = (sources.clone(), datagrams.clone());
-        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65_536];
-            while let Ok((n, from)) = s.recv_from(&mut buf) {
-                src2.lock().unwrap().insert(from);
-                n2.fetch_add(1, Ordering::SeqCst);
-                let _ = s.send_to(&buf[..n], from);
-            }
-        });
-        UdpEcho { addr, sources, datagrams }
-    }
+    use rewire_control::net::{sockets, Table};
+    let bound = |t: Table, ip: std::net::IpAddr| sockets(t).iter().any(|s| s.local == SocketAddr::new(ip, port));
+    bound(Table::Udp, std::net::Ipv4Addr::LOCALHOST.into()) && bound(Table::Udp6, std::net::Ipv6Addr::LOCALHOST.into())
 }
 
 /// The C UDP example (`examples/c/udp_redirect_proxy.c`, WSARecvMsg with the
@@ -426,11 +364,12 @@ impl UdpEcho {
 /// echo comes from the original server, and the audit proxy logs the chain.
 #[test]
 fn c_udp_example_chains_with_rewire_proxy() {
+    require_root!();
     const N: u64 = 10_000;
-    require_root();
-    let rewire = rewire_bin();
+    root_or_fail();
+    let rewire = rewire_exe();
     let tmp = TempDir::new("udpchain");
-    let echo = UdpEcho::start();
+    let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let port = echo.addr.port();
     let (pa, pb) = (free_port(), free_port());
     let example = tmp.0.join("udp_redirect_proxy");
@@ -485,14 +424,8 @@ fn c_udp_example_chains_with_rewire_proxy() {
         .unwrap();
     let out_r = reader(child.stdout.take().unwrap());
     let err_r = reader(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(udp_bound(pa) && udp_bound(pb)) {
-        if let Some(s) = child.try_wait().unwrap() {
-            panic!("rewire run exited early: {s}");
-        }
-        assert!(Instant::now() < deadline, "services did not bind udp {pa}, {pb} within 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("services bound to udp {pa}, {pb}");
+    wait_while_alive(Some(&mut child), Duration::from_secs(60), &what, || udp_bound(pa) && udp_bound(pb));
     std::fs::write(&go, b"").unwrap();
     let status = wait_bounded(&mut child, Duration::from_secs(180));
     let (out, err) = (text(&out_r.join().unwrap()), text(&err_r.join().unwrap()));
@@ -534,6 +467,7 @@ fn c_udp_example_chains_with_rewire_proxy() {
 /// `rewire_wsa_set_context_layout`.
 #[test]
 fn context_layout_and_vendor_bytes_from_the_config() {
+    require_root!();
     context_config_suite("ctxcfg", false);
 }
 
@@ -543,12 +477,13 @@ fn context_layout_and_vendor_bytes_from_the_config() {
 /// program queries; each flow still gets its own service's layout.
 #[test]
 fn context_layout_stays_the_running_configurations_when_the_file_is_edited() {
+    require_root!();
     context_config_suite("ctxedit", true);
 }
 
 fn context_config_suite(name: &str, edit_file: bool) {
-    require_root();
-    let rewire = rewire_bin();
+    root_or_fail();
+    let rewire = rewire_exe();
     let tmp = TempDir::new(name);
     let (vs, vd, ps, pd) = (free_port(), free_port(), free_port(), free_port());
     let vendor: Vec<u8> = (0..300u32).map(|i| (i * 7 + 3) as u8).collect();

@@ -17,7 +17,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -148,7 +147,7 @@ impl Stage {
             let log = st.log_path(name);
             let _ = std::fs::remove_file(&log);
             let child = st
-                .command(&std::env::current_exe()?)
+                .command(&std::env::current_exe()?)?
                 .args(["proxy", "--name", name, "--config"])
                 .arg(&path)
                 .arg("--log")
@@ -168,15 +167,11 @@ impl Stage {
         self.dir.join(format!("{}-{service}.jsonl", self.cfg.cgroup))
     }
 
-    fn command(&self, program: &Path) -> Command {
+    fn command(&self, program: &Path) -> Result<Command> {
         let mut c = Command::new(program);
-        let procs = self.cgroup.path().join("cgroup.procs");
         c.env(rewire_control::paths::ENV_CGROUP, self.cgroup.path());
-        // SAFETY: one write between fork and exec.
-        unsafe {
-            c.pre_exec(move || std::fs::write(&procs, b"0"));
-        }
-        c
+        rewire_control::cgroup::join_on_exec(&mut c, self.cgroup.path())?;
+        Ok(c)
     }
 
     /// Runs `rewire probe` as the application inside the cgroup.
@@ -185,7 +180,7 @@ impl Stage {
     }
 
     fn probe(&self, args: &[&str]) -> Result<(Value, u32)> {
-        let child = self.command(&std::env::current_exe()?).arg("probe").args(args).stdout(Stdio::piped()).spawn()?;
+        let child = self.command(&std::env::current_exe()?)?.arg("probe").args(args).stdout(Stdio::piped()).spawn()?;
         let pid = child.id();
         let out = child.wait_with_output()?;
         Ok((serde_json::from_slice(&out.stdout).context("probe output")?, pid))
@@ -571,7 +566,7 @@ fn identity_step(dir: &Path, origin: &Origin) -> Result<()> {
     );
     let mut st = Stage::start_proxies(dir, "identity", &toml, Some(&["audit"]))?;
     let socat = st
-        .command(&std::env::current_exe()?)
+        .command(&std::env::current_exe()?)?
         .args(["exec", "--service", "fwd", "--config"])
         .arg(dir.join("identity.toml"))
         .args(["--", "socat"])

@@ -81,15 +81,13 @@ async fn run_in(cgroup: &Path, config: &Path, layouts: &Path, cmd: &[String]) ->
 pub fn spawn_in(cgroup: &Path, config: &Path, layouts: &Path, cmd: &[String]) -> Result<tokio::process::Child> {
     let mut c = tokio::process::Command::new(&cmd[0]);
     c.args(&cmd[1..]).env(ENV_CONFIG, config).env(ENV_CGROUP, cgroup).env(ENV_LAYOUTS, layouts);
-    let procs = cgroup.join("cgroup.procs");
+    rewire_control::cgroup::join_on_exec(c.as_std_mut(), cgroup)?;
     let confinement = Confinement::new()?;
     tracing::info!("{}", confinement.describe());
-    // SAFETY: only async-signal-safe work (one write, one seccomp call) between fork and exec.
+    // SAFETY: only async-signal-safe work (one seccomp call) between fork
+    // and exec, after the cgroup join above.
     unsafe {
-        c.pre_exec(move || {
-            std::fs::write(&procs, b"0")?;
-            confinement.apply()
-        });
+        c.pre_exec(move || confinement.apply());
     }
     c.spawn().with_context(|| format!("cannot start {}", cmd[0]))
 }

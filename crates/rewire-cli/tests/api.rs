@@ -34,12 +34,14 @@ fn redirected_pair(port: u16, dst: SocketAddr) -> (TcpListener, TcpStream, TcpSt
 
 #[test]
 fn api_success_and_errors() {
+    require_root!();
     run_child("child_api_success_and_errors", "");
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by api_success_and_errors"]
 fn child_api_success_and_errors() {
+    // Child: runs inside the test cgroup, started by api_success_and_errors.
+    child!();
     let Some((port, dst_port)) = child_env() else { return };
     let dst: SocketAddr = format!("127.0.0.1:{dst_port}").parse().unwrap();
     let (_l, client, accepted) = redirected_pair(port, dst);
@@ -136,12 +138,14 @@ fn child_api_success_and_errors() {
 /// An admin grants a non-root proxy the calls in the config.
 #[test]
 fn granted_user_may_query_and_set() {
+    require_root!();
     run_child("child_granted_user_may_query_and_set", "[access]\nuids = [65534]\n");
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by granted_user_may_query_and_set"]
 fn child_granted_user_may_query_and_set() {
+    // Child: runs inside the test cgroup, started by granted_user_may_query_and_set.
+    child!();
     let Some((port, dst_port)) = child_env() else { return };
     let dst: SocketAddr = format!("[::1]:{dst_port}").parse().unwrap();
     // The service's socket is bound as the service (root may move the

@@ -38,8 +38,9 @@ fn udp_tool_count(child: Child) -> u64 {
 }
 
 #[test]
-#[ignore = "a UDP tool, started by the tests below as user 65534 outside the cgroup"]
 fn child_udp_tool() {
+    // Child: a UDP tool, started by the tests below as user 65534 outside the cgroup.
+    child!();
     let (Some(bind), Some(secs), Some(ready)) = (env::<SocketAddr>("RW_BIND"), env::<u64>("RW_SECS"), env::<PathBuf>("RW_READY")) else {
         return;
     };
@@ -76,6 +77,7 @@ fn child_udp_tool() {
 /// refused, or the flow is refused / inspected, never delivered past audit.
 #[test]
 fn ipv6_flow_does_not_skip_a_v4_only_service() {
+    require_root!();
     let server = Server::start("[::1]:0".parse().unwrap(), Mode::Echo);
     let port = server.addr.port();
     let pa = free_port();
@@ -102,6 +104,7 @@ fn ipv6_flow_does_not_skip_a_v4_only_service() {
 /// would be).
 #[test]
 fn udp_live_flow_does_not_follow_an_impostor_after_proxy_restart() {
+    require_root!();
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let dst = echo.addr;
     let pa = free_port();
@@ -124,8 +127,9 @@ fn udp_live_flow_does_not_follow_an_impostor_after_proxy_restart() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by udp_live_flow_does_not_follow_an_impostor_after_proxy_restart"]
 fn child_udp_sticky() {
+    // Child: runs inside the test cgroup, started by udp_live_flow_does_not_follow_an_impostor_after_proxy_restart.
+    child!();
     let (Some(pa), Some(dst), Some(sync)) = (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_SYNC")) else {
         return;
     };
@@ -164,6 +168,7 @@ fn child_udp_sticky() {
 /// the victim's flow and it receives no answer.
 #[test]
 fn udp_flow_identity_does_not_pass_to_the_next_owner_of_its_source_port() {
+    require_root!();
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let dst = echo.addr;
     let pa = free_port();
@@ -187,8 +192,9 @@ fn udp_flow_identity_does_not_pass_to_the_next_owner_of_its_source_port() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by udp_flow_identity_does_not_pass_to_the_next_owner_of_its_source_port"]
 fn child_udp_victim() {
+    // Child: runs inside the test cgroup, started by udp_flow_identity_does_not_pass_to_the_next_owner_of_its_source_port.
+    child!();
     let (Some(dst), Some(sync)) = (env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_SYNC")) else { return };
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -210,6 +216,7 @@ fn child_udp_victim() {
 /// Secure: refused (or redirected), never delivered past audit.
 #[test]
 fn udplite_does_not_pass_a_protocol_any_rule() {
+    require_root!();
     let rx =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::from(libc::IPPROTO_UDPLITE))).unwrap();
     rx.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
@@ -231,8 +238,9 @@ fn udplite_does_not_pass_a_protocol_any_rule() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by udplite_does_not_pass_a_protocol_any_rule"]
 fn child_udplite() {
+    // Child: runs inside the test cgroup, started by udplite_does_not_pass_a_protocol_any_rule.
+    child!();
     let Some(dst) = env::<SocketAddr>("RW_DST") else { return };
     nix::unistd::setresgid(65534.into(), 65534.into(), 65534.into()).unwrap();
     nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into()).unwrap();
@@ -254,8 +262,9 @@ fn child_udplite() {
 /// then accepts for the rest of `RW_SECS` and prints how many connections
 /// it got and what they sent.
 #[test]
-#[ignore = "a TCP impostor, started by tcp_syn_retransmission_does_not_reach_an_impostor as user 65534 outside the cgroup"]
 fn child_tcp_impostor() {
+    // Child: a TCP impostor, started by tcp_syn_retransmission_does_not_reach_an_impostor as user 65534 outside the cgroup.
+    child!();
     use std::io::Read;
     let (Some(addr), Some(secs), Some(ready)) = (env::<SocketAddr>("RW_ADDR"), env::<u64>("RW_SECS"), env::<PathBuf>("RW_READY")) else {
         return;
@@ -303,6 +312,7 @@ fn child_tcp_impostor() {
 /// socket that is not the service's.
 #[test]
 fn tcp_syn_retransmission_does_not_reach_an_impostor() {
+    require_root!();
     use std::os::unix::process::CommandExt;
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let pa = free_port();
@@ -343,8 +353,9 @@ fn tcp_syn_retransmission_does_not_reach_an_impostor() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by tcp_syn_retransmission_does_not_reach_an_impostor"]
 fn child_tcp_syn_retry() {
+    // Child: runs inside the test cgroup, started by tcp_syn_retransmission_does_not_reach_an_impostor.
+    child!();
     use std::io::Write;
     let (Some(pa), Some(dst), Some(sync)) = (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_SYNC")) else {
         return;
@@ -403,6 +414,7 @@ fn child_tcp_syn_retry() {
 /// inherited sockets, or such flows are caught).
 #[test]
 fn socket_made_outside_the_cgroup_does_not_pass_the_rules() {
+    require_root!();
     use std::os::fd::AsRawFd;
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let pa = free_port();
@@ -415,10 +427,7 @@ fn socket_made_outside_the_cgroup_does_not_pass_the_rules() {
     unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
     let mut cmd = sb.command(REWIRE);
     cmd.args(["exec", "--"]).arg(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child_inherited_socket", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("RW_FD", fd.to_string())
-        .env("RW_DST", echo.addr.to_string())
-        .stdout(Stdio::piped());
+    cmd.test_child("child_inherited_socket").env("RW_FD", fd.to_string()).env("RW_DST", echo.addr.to_string()).stdout(Stdio::piped());
     let child = cmd.spawn().unwrap();
     // SAFETY: as above.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
@@ -429,8 +438,9 @@ fn socket_made_outside_the_cgroup_does_not_pass_the_rules() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup (through rewire exec), started by socket_made_outside_the_cgroup_does_not_pass_the_rules"]
 fn child_inherited_socket() {
+    // Child: runs inside the test cgroup (through rewire exec), started by socket_made_outside_the_cgroup_does_not_pass_the_rules.
+    child!();
     use std::os::fd::FromRawFd;
     let (Some(fd), Some(dst)) = (env::<i32>("RW_FD"), env::<SocketAddr>("RW_DST")) else { return };
     let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap();

@@ -32,28 +32,30 @@ impl Drop for Target {
 
 #[test]
 fn started_commands_cannot_ptrace_or_take_descriptors_of_outside_processes() {
+    require_root!();
     let target = Target::start();
     let sb = Sandbox::new(&service("web", free_port(), free_port()));
     let env = [("RW_PID", target.pid().to_string())];
     // `rewire exec` (inside the test cgroup: REWIRE_CGROUP names it).
     let mut cmd = sb.command(REWIRE);
     cmd.args(["exec", "--"]).arg(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child_borrow_syscalls", "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped());
+    cmd.test_child("child_borrow_syscalls").stdout(Stdio::piped());
     cmd.envs(env.iter().cloned());
     let out = child_passed(cmd.spawn().unwrap(), "child_borrow_syscalls (rewire exec)");
     assert!(out.contains("all refused"), "{out}");
     // `rewire run` (its own cgroup `<name>-run-<pid>`).
     let mut cmd = Command::new(REWIRE);
     cmd.args(["run", "--events", "off", "--config"]).arg(&sb.config_path).arg("--").arg(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child_borrow_syscalls", "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped());
+    cmd.test_child("child_borrow_syscalls").stdout(Stdio::piped());
     cmd.envs(env.iter().cloned());
     let out = child_passed(cmd.spawn().unwrap(), "child_borrow_syscalls (rewire run)");
     assert!(out.contains("all refused"), "{out}");
 }
 
 #[test]
-#[ignore = "runs under rewire exec/run, started by started_commands_cannot_ptrace_or_take_descriptors_of_outside_processes"]
 fn child_borrow_syscalls() {
+    // Child: runs under rewire exec/run, started by started_commands_cannot_ptrace_or_take_descriptors_of_outside_processes.
+    child!();
     let Some(pid) = env::<i32>("RW_PID") else { return };
     println!("running in {}", std::fs::read_to_string("/proc/self/cgroup").unwrap().trim());
     let errno = |r: libc::c_long| if r < 0 { std::io::Error::last_os_error().raw_os_error() } else { None };
@@ -118,7 +120,7 @@ impl Tree {
     }
 
     fn make(config: &str, guarded: bool, persistent: bool) -> Self {
-        require_root();
+        root_or_fail();
         let n = TREES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let name = format!("rewire-test-{}-guard{n}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
@@ -163,16 +165,10 @@ impl Tree {
         tree
     }
 
-    /// The ignored test `child` of this binary, in cgroup `cg`.
+    /// The child `child` of this binary, in cgroup `cg`.
     fn child(&mut self, cg: &std::path::Path, child: &str, env: &[(&str, String)]) -> std::process::Child {
-        use std::os::unix::process::CommandExt;
         let mut c = child_cmd(None, child, env);
-        let procs = cg.join("cgroup.procs");
-        // SAFETY: a single write between fork and exec.
-        unsafe {
-            c.pre_exec(move || std::fs::write(&procs, b"0"));
-        }
-        c.spawn().unwrap()
+        in_cgroup(&mut c, cg).spawn().unwrap()
     }
 
     fn counters(&self) -> rewire_control::hooks::Counters {
@@ -308,11 +304,13 @@ fn wait_for_path(p: &std::path::Path) {
 
 #[test]
 fn socket_taken_with_pidfd_getfd_cannot_connect_or_send() {
+    require_root!();
     borrowed_sockets_are_refused(Borrow::PidfdGetfd);
 }
 
 #[test]
 fn socket_received_over_scm_rights_cannot_connect_or_send() {
+    require_root!();
     borrowed_sockets_are_refused(Borrow::ScmRights);
 }
 
@@ -322,6 +320,7 @@ fn socket_received_over_scm_rights_cannot_connect_or_send() {
 /// applications.
 #[test]
 fn a_service_keeps_sockets_it_was_given() {
+    require_root!();
     let port = free_port();
     let server = Server::start(std::net::SocketAddr::from(([127, 0, 0, 1], port)), Mode::Echo);
     let echo = UdpEcho::start(server.addr);
@@ -349,6 +348,7 @@ fn a_service_keeps_sockets_it_was_given() {
 /// remove_pins detaches it.
 #[test]
 fn daemon_guard_is_pinned_updated_in_place_and_removed() {
+    require_root!();
     let port = free_port();
     let mut tree = Tree::persistent(&tcp_udp_rule(port));
     let pins = tree.pins.clone().unwrap();
@@ -380,8 +380,9 @@ fn append(path: &str, line: &str) {
 }
 
 #[test]
-#[ignore = "the owner, outside the subtree, started by the borrowed-socket tests"]
 fn child_owner() {
+    // Child: the owner, outside the subtree, started by the borrowed-socket tests.
+    child!();
     use std::os::fd::AsRawFd;
     let (Some(sync), Some(dst)) = (env::<String>("RW_SYNC"), env::<std::net::SocketAddr>("RW_DST")) else { return };
     let tcp = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -410,8 +411,9 @@ fn child_owner() {
 }
 
 #[test]
-#[ignore = "the borrower, inside the subtree, started by the borrowed-socket tests"]
 fn child_borrower() {
+    // Child: the borrower, inside the subtree, started by the borrowed-socket tests.
+    child!();
     use std::os::fd::{FromRawFd, OwnedFd};
     let (Some(sync), Some(dst)) = (env::<String>("RW_SYNC"), env::<std::net::SocketAddr>("RW_DST")) else { return };
     let (tcp, udp): (OwnedFd, OwnedFd) = if let Some(path) = env::<String>("RW_UNIX") {
@@ -469,6 +471,7 @@ fn child_borrower() {
 /// seccomp filter), and with no guard attached.
 #[test]
 fn lsm_refuses_taking_and_tracing_outside_processes_where_the_kernel_loads_it() {
+    require_root!();
     let mut tree = Tree::new(&tcp_udp_rule(free_port()), false);
     let state = rewire_control::guard::lsm_attach_for(tree.hooks.as_ref().unwrap());
     if let rewire_control::guard::LsmState::Unavailable(why) = &state {
@@ -489,8 +492,9 @@ fn lsm_refuses_taking_and_tracing_outside_processes_where_the_kernel_loads_it() 
 }
 
 #[test]
-#[ignore = "an outside process to be traced, started by the LSM test"]
 fn child_sleeper() {
+    // Child: an outside process to be traced, started by the LSM test.
+    child!();
     let Some(secs) = env::<u64>("RW_SLEEP") else { return };
     std::thread::sleep(std::time::Duration::from_secs(secs));
 }
@@ -509,6 +513,7 @@ fn child_sleeper() {
 /// where it does not load this remains open: SECURITY.md, known limits.)
 #[test]
 fn inherited_io_uring_ring_is_not_passed_to_started_commands() {
+    require_root!();
     use std::os::fd::AsRawFd;
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     // `web` matches the server's port; nothing listens at web's address, so a
@@ -531,7 +536,6 @@ fn inherited_io_uring_ring_is_not_passed_to_started_commands() {
         ("RW_SA", (&*sa as *const libc::sockaddr_in as usize).to_string()),
         ("RW_BUF", (payload.as_ptr() as usize).to_string()),
     ];
-    let child_args = ["--exact", "child_inherited_ring", "--ignored", "--nocapture", "--test-threads=1"];
     let exe = std::env::current_exe().unwrap();
     for how in ["exec", "run"] {
         let mut cmd = if how == "exec" {
@@ -544,7 +548,7 @@ fn inherited_io_uring_ring_is_not_passed_to_started_commands() {
             c
         };
         let log = sb.dir.join(format!("{how}.stderr"));
-        cmd.arg(&exe).args(child_args).envs(env.iter().cloned());
+        cmd.arg(&exe).test_child("child_inherited_ring").envs(env.iter().cloned());
         cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap());
         // Handed down by the launcher: not close-on-exec while it starts rewire.
         // SAFETY: fcntl on the ring's descriptor, which `ring` owns.
@@ -573,8 +577,9 @@ fn inherited_io_uring_ring_is_not_passed_to_started_commands() {
 }
 
 #[test]
-#[ignore = "runs under rewire exec/run, started by inherited_io_uring_ring_is_not_passed_to_started_commands"]
 fn child_inherited_ring() {
+    // Child: runs under rewire exec/run, started by inherited_io_uring_ring_is_not_passed_to_started_commands.
+    child!();
     use io_uring::{opcode, types};
     let (Some(fd), Some(sa), Some(buf)) = (env::<i32>("RW_RING"), env::<usize>("RW_SA"), env::<usize>("RW_BUF")) else {
         return;
@@ -614,6 +619,7 @@ fn child_inherited_ring() {
 /// closes it; where io_uring is off (2) or the LSM holds, it says nothing.
 #[test]
 fn run_warns_where_a_borrowed_sqpoll_ring_passes_unseen() {
+    require_root!();
     let sb = Sandbox::new(&service("web", free_port(), free_port()));
     let out = Command::new(REWIRE)
         .args(["run", "--events", "off", "--config"])

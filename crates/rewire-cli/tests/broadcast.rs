@@ -37,17 +37,10 @@ const IN_NS: &str = "RW_BCAST_IN_NS";
 /// Runs the ignored test `inner` of this binary as root in a network
 /// namespace of its own (`unshare --net`); fails unless it passed.
 fn in_private_netns(inner: &str) {
-    require_root();
+    root_or_fail();
     let exe = std::env::current_exe().unwrap();
-    let child = Command::new("unshare")
-        .arg("--net")
-        .arg("--")
-        .arg(&exe)
-        .args(["--exact", inner, "--ignored", "--nocapture", "--test-threads=1"])
-        .env(IN_NS, "1")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child =
+        Command::new("unshare").arg("--net").arg("--").arg(&exe).test_child(inner).env(IN_NS, "1").stdout(Stdio::piped()).spawn().unwrap();
     child_passed(child, inner);
 }
 
@@ -214,12 +207,14 @@ fn case(global: &str, rule: &str, refused: bool, ifindex: u32) {
 /// to this host too, so the rule applies, and the send is refused.
 #[test]
 fn broadcast_and_multicast_to_a_local_rule_are_refused() {
+    require_root!();
     in_private_netns("inner_local_rule");
 }
 
 #[test]
-#[ignore = "runs in a private network namespace, started by broadcast_and_multicast_to_a_local_rule_are_refused"]
 fn inner_local_rule() {
+    // Child: runs in a private network namespace, started by broadcast_and_multicast_to_a_local_rule_are_refused.
+    child!();
     if std::env::var_os(IN_NS).is_none() {
         return;
     }
@@ -231,12 +226,14 @@ fn inner_local_rule() {
 /// the datagram went to the proxy as if it had one receiver; refused now.
 #[test]
 fn broadcast_and_multicast_to_an_any_address_rule_are_refused() {
+    require_root!();
     in_private_netns("inner_any_rule");
 }
 
 #[test]
-#[ignore = "runs in a private network namespace, started by broadcast_and_multicast_to_an_any_address_rule_are_refused"]
 fn inner_any_rule() {
+    // Child: runs in a private network namespace, started by broadcast_and_multicast_to_an_any_address_rule_are_refused.
+    child!();
     if std::env::var_os(IN_NS).is_none() {
         return;
     }
@@ -249,12 +246,14 @@ fn inner_any_rule() {
 /// wildcard server; nothing is refused or counted.
 #[test]
 fn broadcast_pass_lets_them_go_out_as_sent() {
+    require_root!();
     in_private_netns("inner_pass");
 }
 
 #[test]
-#[ignore = "runs in a private network namespace, started by broadcast_pass_lets_them_go_out_as_sent"]
 fn inner_pass() {
+    // Child: runs in a private network namespace, started by broadcast_pass_lets_them_go_out_as_sent.
+    child!();
     if std::env::var_os(IN_NS).is_none() {
         return;
     }
@@ -278,8 +277,9 @@ fn inner_pass() {
 
 /// The sender, as uid 65534 in the cgroup.
 #[test]
-#[ignore = "the sender of the broadcast tests"]
 fn child_bcast_sender() {
+    // Child: the sender of the broadcast tests.
+    child!();
     let (Some(port), Some(other), Some(ifindex), Some(refused)) =
         (env::<u16>("RW_PORT"), env::<u16>("RW_OTHER"), env::<u32>("RW_IFINDEX"), env::<bool>("RW_REFUSED"))
     else {
@@ -318,8 +318,9 @@ fn child_bcast_sender() {
 }
 
 #[test]
-#[ignore = "the sender of broadcast_pass_lets_them_go_out_as_sent's last case"]
 fn child_bcast_one() {
+    // Child: the sender of broadcast_pass_lets_them_go_out_as_sent's last case.
+    child!();
     let Some(port) = env::<u16>("RW_PORT") else { return };
     let v4 = UdpSocket::bind("0.0.0.0:0").unwrap();
     v4.set_broadcast(true).unwrap();
@@ -336,12 +337,14 @@ fn child_bcast_one() {
 /// context name it too.
 #[test]
 fn link_local_destination_keeps_its_scope_id() {
+    require_root!();
     in_private_netns("inner_link_local");
 }
 
 #[test]
-#[ignore = "runs in a private network namespace, started by link_local_destination_keeps_its_scope_id"]
 fn inner_link_local() {
+    // Child: runs in a private network namespace, started by link_local_destination_keeps_its_scope_id.
+    child!();
     if std::env::var_os(IN_NS).is_none() {
         return;
     }
@@ -376,8 +379,9 @@ fn inner_link_local() {
 }
 
 #[test]
-#[ignore = "the application of link_local_destination_keeps_its_scope_id"]
 fn child_link_local_app() {
+    // Child: the application of link_local_destination_keeps_its_scope_id.
+    child!();
     use std::io::{Read, Write};
     let Some(dst) = env::<SocketAddr>("RW_DST") else { return };
     let mut s = std::net::TcpStream::connect(dst).unwrap();
@@ -389,8 +393,9 @@ fn child_link_local_app() {
 }
 
 #[test]
-#[ignore = "the service and application of link_local_destination_keeps_its_scope_id"]
 fn child_link_local_origdst() {
+    // Child: the service and application of link_local_destination_keeps_its_scope_id.
+    child!();
     use std::os::fd::AsRawFd;
     let (Some(dst), Some(svc)) = (env::<SocketAddr>("RW_DST"), env::<u16>("RW_SVC")) else { return };
     let SocketAddr::V6(want) = dst else { panic!("{dst}") };

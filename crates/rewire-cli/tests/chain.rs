@@ -10,6 +10,7 @@ use rewire_control::events::{Event, EventKind};
 
 #[test]
 fn one_proxy_ipv4_context_and_peer_name() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let mut sb = Sandbox::new(&service("audit", free_port(), server.addr.port()));
     let log = sb.proxy("audit");
@@ -42,6 +43,7 @@ fn one_proxy_ipv4_context_and_peer_name() {
 /// Chains of 2 and 3: each proxy sees the flow exactly once, in configured order.
 #[test]
 fn chains_of_two_and_three_in_order() {
+    require_root!();
     for names in [&["audit", "dlp"][..], &["audit", "dlp", "av"][..]] {
         let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
         let cfg: String = names.iter().map(|n| service(n, free_port(), server.addr.port())).collect();
@@ -74,6 +76,7 @@ fn chains_of_two_and_three_in_order() {
 
 #[test]
 fn ten_megabytes_over_ipv6_through_two_proxies() {
+    require_root!();
     let server = Server::start("[::1]:0".parse().unwrap(), Mode::Echo);
     let p = server.addr.port();
     let mut sb = Sandbox::new(&(service("audit", free_port(), p) + &service("dlp", free_port(), p)));
@@ -95,6 +98,7 @@ fn ten_megabytes_over_ipv6_through_two_proxies() {
 /// bytes arrive exactly and the log says how many the kernel carried.
 #[test]
 fn kernel_fast_path_in_a_chain() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let p = server.addr.port();
     let mut sb = Sandbox::new(&(service("audit", free_port(), p) + &service("dlp", free_port(), p)));
@@ -118,6 +122,7 @@ fn kernel_fast_path_in_a_chain() {
 /// must still cross both proxies.
 #[test]
 fn half_close_crosses_the_chain() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::HashAfterEof);
     let p = server.addr.port();
     let mut sb = Sandbox::new(&(service("audit", free_port(), p) + &service("dlp", free_port(), p)));
@@ -133,6 +138,7 @@ fn half_close_crosses_the_chain() {
 
 #[test]
 fn unmatched_traffic_is_untouched() {
+    require_root!();
     let matched = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let other = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let mut sb = Sandbox::new(&service("audit", free_port(), matched.addr.port()));
@@ -149,6 +155,7 @@ fn unmatched_traffic_is_untouched() {
 /// would exceed it fails with ELOOP and the kernel reports why.
 #[test]
 fn hop_limit_refuses_with_a_clear_error() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let p = server.addr.port();
     let cfg = format!("hop_limit = 1\n{}{}", service("audit", free_port(), p), service("dlp", free_port(), p));
@@ -174,6 +181,7 @@ fn hop_limit_refuses_with_a_clear_error() {
 /// that would bounce forever. The records end it after one pass each.
 #[test]
 fn records_stop_the_loop_and_deliver_once() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let p = server.addr.port();
     let mut sb = Sandbox::new(&(service("audit", free_port(), p) + &service("dlp", free_port(), p)));
@@ -190,6 +198,7 @@ fn records_stop_the_loop_and_deliver_once() {
 
 #[test]
 fn nothing_is_left_behind() {
+    require_root!();
     let (path, name);
     {
         let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
@@ -211,6 +220,7 @@ fn nothing_is_left_behind() {
 /// onward one), and the kernel charges them time.
 #[test]
 fn program_stats_count_the_hooks_runs() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let mut sb = Sandbox::new(&service("audit", free_port(), server.addr.port()));
     let log = sb.proxy("audit");

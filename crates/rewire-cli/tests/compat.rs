@@ -319,6 +319,7 @@ fn chain_with(kind: &str, start: Start, unmodified_first: bool, families: &[bool
 /// and curl as the origin; the origin is reached once per request.
 #[test]
 fn squid_in_the_middle_of_two_reference_proxies() {
+    require_root!();
     let origin = Origin::start();
     let ports = origin.port().to_string();
     let (pa, ps, pd) = (free_port(), free_port(), free_port());
@@ -378,6 +379,7 @@ fn c_example(dir: &Path) -> PathBuf {
 /// SO_ORIGINAL_DST query, audit sees all three and curl as the origin.
 #[test]
 fn c_example_then_squid_then_reference_proxy() {
+    require_root!();
     let origin = Origin::start();
     let ports = origin.port().to_string();
     let (pc, ps, pa) = (free_port(), free_port(), free_port());
@@ -429,32 +431,38 @@ fn c_example_then_squid_then_reference_proxy() {
 #[test]
 #[ignore = "sslsplit 0.5.5's own cross-thread libevent race hangs some connections (see the comment above)"]
 fn sslsplit_first_then_reference_proxy_ipv4_and_ipv6() {
+    require_root!();
     chain_with("sslsplit", start_sslsplit, true, &[false, true], 2);
 }
 
 #[test]
 #[ignore = "sslsplit 0.5.5's own cross-thread libevent race hangs some connections (see the comment above)"]
 fn reference_proxy_first_then_sslsplit_ipv4_and_ipv6() {
+    require_root!();
     chain_with("sslsplit", start_sslsplit, false, &[false, true], 2);
 }
 
 #[test]
 fn mitmproxy_first_then_reference_proxy_ipv4_and_ipv6() {
+    require_root!();
     chain_with("mitmproxy", start_mitmdump, true, &[false, true], 2);
 }
 
 #[test]
 fn reference_proxy_first_then_mitmproxy_ipv4_and_ipv6() {
+    require_root!();
     chain_with("mitmproxy", start_mitmdump, false, &[false, true], 2);
 }
 
 #[test]
 fn squid_first_then_reference_proxy_ipv4_and_ipv6() {
+    require_root!();
     chain_with("squid", start_squid, true, &[false, true], 2);
 }
 
 #[test]
 fn reference_proxy_first_then_squid_ipv4_and_ipv6() {
+    require_root!();
     chain_with("squid", start_squid, false, &[false, true], 2);
 }
 
@@ -539,11 +547,13 @@ fn upstream_of_its_own(redsocks_first: bool) {
 
 #[test]
 fn redsocks_first_connects_to_its_own_upstream_as_a_new_flow() {
+    require_root!();
     upstream_of_its_own(true);
 }
 
 #[test]
 fn reference_proxy_first_then_redsocks_with_its_own_upstream() {
+    require_root!();
     upstream_of_its_own(false);
 }
 
@@ -599,6 +609,7 @@ fn settled_log(path: &Path, n: usize) -> Vec<Value> {
 /// neither onward connect can be told apart and both walk the chain again.
 #[test]
 fn squid_forward_port_never_takes_a_waiting_flows_identity() {
+    require_root!();
     let origin = Origin::start();
     let d = origin.addr(false);
     let ports = origin.port().to_string();
@@ -668,8 +679,9 @@ fn squid_forward_port_never_takes_a_waiting_flows_identity() {
 /// connects to RW_DST as user RW_UID, says so in RW_SYNC, sends its request
 /// only once told to.
 #[test]
-#[ignore = "an application, started by squid_forward_port_never_takes_a_waiting_flows_identity"]
 fn child_slow_victim() {
+    // Child: an application, started by squid_forward_port_never_takes_a_waiting_flows_identity.
+    child!();
     use std::io::{Read, Write};
     let (Some(dst), Some(sync), Some(uid)) = (env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_SYNC"), env::<u32>("RW_UID")) else {
         return;
@@ -695,6 +707,7 @@ fn child_slow_victim() {
 /// saw the request, which reached the origin).
 #[test]
 fn squid_forward_port_from_the_cgroup_does_not_skip_audit() {
+    require_root!();
     let (origin, d, sb, audit) = forward_port_from_the_cgroup(false);
     assert_eq!(origin.s4.peers().len(), 1, "the origin is reached once");
     let lines = settled_log(&audit, 1);
@@ -711,6 +724,7 @@ fn squid_forward_port_from_the_cgroup_does_not_skip_audit() {
 /// risks, as documented. squid's connect continues after it, past audit.
 #[test]
 fn continue_unlinked_lets_a_side_door_skip_the_services_before() {
+    require_root!();
     let (origin, _, sb, _audit) = forward_port_from_the_cgroup(true);
     assert_eq!(origin.s4.peers().len(), 1, "the origin is reached once");
     let c = sb.hooks().counters().unwrap();
@@ -751,6 +765,7 @@ fn forward_port_from_the_cgroup(continue_unlinked: bool) -> (Origin, SocketAddr,
 /// nothing hangs.
 #[test]
 fn record_less_forwarders_around_a_side_door_end_at_the_hop_limit() {
+    require_root!();
     let origin = Origin::start();
     let d = origin.addr(false);
     let ports = origin.port().to_string();
@@ -821,6 +836,7 @@ fn sockaddr_in6_of(a: SocketAddr) -> Vec<u8> {
 /// not (each onward connect is a new flow).
 #[test]
 fn original_dst_answer_and_link_rules() {
+    require_root!();
     let origin = Origin::start();
     let (pf, pa) = (free_port(), free_port());
     let ports = origin.port().to_string();
@@ -850,8 +866,9 @@ fn original_dst_answer_and_link_rules() {
 /// applications, in one process. Writes the flow ids it expects audit to see
 /// (linked) and not to see (ambiguous) beside the config.
 #[test]
-#[ignore = "runs inside the test cgroup, started by original_dst_answer_and_link_rules"]
 fn child_original_dst() {
+    // Child: runs inside the test cgroup, started by original_dst_answer_and_link_rules.
+    child!();
     let Some((pf, dport)) = child_env() else { return };
     let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
     let (d4, d6) = (v4(dport), v6(dport));
@@ -995,6 +1012,7 @@ fn line_by_size(lines: &[Value], lo: u64, hi: u64) -> &Value {
 /// purpose: it waits past the age that used to forget.
 #[test]
 fn a_waiting_flow_is_never_forgotten_however_long_it_waits() {
+    require_root!();
     let origin = Origin::start();
     let (pf, pa) = (free_port(), free_port());
     let ports = origin.port().to_string();
@@ -1013,8 +1031,9 @@ fn a_waiting_flow_is_never_forgotten_however_long_it_waits() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by a_waiting_flow_is_never_forgotten_however_long_it_waits"]
 fn child_long_wait() {
+    // Child: runs inside the test cgroup, started by a_waiting_flow_is_never_forgotten_however_long_it_waits.
+    child!();
     let Some((pf, dport)) = child_env() else { return };
     let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
     let d4 = v4(dport);
@@ -1038,6 +1057,7 @@ fn child_long_wait() {
 /// third flow C alone is linked again.
 #[test]
 fn a_flow_that_connects_again_never_takes_a_later_flows_identity() {
+    require_root!();
     let origin = Origin::start();
     let (pf, pa) = (free_port(), free_port());
     let ports = origin.port().to_string();
@@ -1064,8 +1084,9 @@ fn a_flow_that_connects_again_never_takes_a_later_flows_identity() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by a_flow_that_connects_again_never_takes_a_later_flows_identity"]
 fn child_connects_again() {
+    // Child: runs inside the test cgroup, started by a_flow_that_connects_again_never_takes_a_later_flows_identity.
+    child!();
     let Some((pf, dport)) = child_env() else { return };
     let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
     let d4 = v4(dport);
@@ -1092,6 +1113,7 @@ fn child_connects_again() {
 /// linked, and both requests walk the chain (audit sees both).
 #[test]
 fn a_side_door_opened_without_bind_is_seen() {
+    require_root!();
     let origin = Origin::start();
     let (pf, pa) = (free_port(), free_port());
     let ports = origin.port().to_string();
@@ -1110,8 +1132,9 @@ fn a_side_door_opened_without_bind_is_seen() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by a_side_door_opened_without_bind_is_seen"]
 fn child_autobind_side_door() {
+    // Child: runs inside the test cgroup, started by a_side_door_opened_without_bind_is_seen.
+    child!();
     let Some((pf, dport)) = child_env() else { return };
     let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
     let d4 = v4(dport);
@@ -1144,6 +1167,7 @@ fn child_autobind_side_door() {
 /// all are closed, V alone is linked again.
 #[test]
 fn a_full_link_table_never_gives_a_waiting_flow_another_flows_identity() {
+    require_root!();
     let origin = Origin::start();
     let (pf, pa) = (free_port(), free_port());
     let ports = origin.port().to_string();
@@ -1168,8 +1192,9 @@ fn a_full_link_table_never_gives_a_waiting_flow_another_flows_identity() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by a_full_link_table_never_gives_a_waiting_flow_another_flows_identity"]
 fn child_full_link_table() {
+    // Child: runs inside the test cgroup, started by a_full_link_table_never_gives_a_waiting_flow_another_flows_identity.
+    child!();
     let Some((pf, dport)) = child_env() else { return };
     let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
     let (d4, d6) = (v4(dport), v6(dport));
@@ -1255,6 +1280,7 @@ fn on_thread_as_uid<T: Send + 'static>(uid: u32, f: impl FnOnce() -> T + Send + 
 /// sockets live in the service nothing is linked.
 #[test]
 fn a_connect_to_another_flows_destination_never_takes_its_identity() {
+    require_root!();
     let origin = Origin::start();
     let (sb, audit, pf) = fwd_audit_sandbox(&origin, None);
     run_child_in(&sb, "child_host_routing", pf, origin.port());
@@ -1272,8 +1298,9 @@ fn a_connect_to_another_flows_destination_never_takes_its_identity() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by a_connect_to_another_flows_destination_never_takes_its_identity"]
 fn child_host_routing() {
+    // Child: runs inside the test cgroup, started by a_connect_to_another_flows_destination_never_takes_its_identity.
+    child!();
     let Some((pf, dport)) = child_env() else { return };
     let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
     let (l4, l6) = as_service("fwd", || (TcpListener::bind(v4(pf)).unwrap(), TcpListener::bind(v6(pf)).unwrap()));
@@ -1294,6 +1321,7 @@ fn child_host_routing() {
 /// onward connect must not carry V's flow, nor V's carry A's.
 #[test]
 fn a_flow_handed_to_another_process_of_the_service_is_not_linked() {
+    require_root!();
     let origin = Origin::start();
     let (sb, audit, pf) = fwd_audit_sandbox(&origin, None);
     run_child_in(&sb, "child_fork_hand_over", pf, origin.port());
@@ -1341,8 +1369,9 @@ fn fork_hand_over(file: &str, victim_uid: Option<u32>, pad: usize) {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by a_flow_handed_to_another_process_of_the_service_is_not_linked"]
 fn child_fork_hand_over() {
+    // Child: runs inside the test cgroup, started by a_flow_handed_to_another_process_of_the_service_is_not_linked.
+    child!();
     fork_hand_over("child-fork.txt", None, 3000);
 }
 
@@ -1353,6 +1382,7 @@ fn child_fork_hand_over() {
 /// destination reaches audit too.
 #[test]
 fn a_uid_scoped_service_is_never_skipped_through_a_link() {
+    require_root!();
     let origin = Origin::start();
     let (sb, audit, pf) = fwd_audit_sandbox(&origin, Some(0));
     run_child_in(&sb, "child_scoped_host_routing", pf, origin.port());
@@ -1367,8 +1397,9 @@ fn a_uid_scoped_service_is_never_skipped_through_a_link() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by a_uid_scoped_service_is_never_skipped_through_a_link"]
 fn child_scoped_host_routing() {
+    // Child: runs inside the test cgroup, started by a_uid_scoped_service_is_never_skipped_through_a_link.
+    child!();
     let Some((pf, dport)) = child_env() else { return };
     let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
     let (l4, l6) = as_service("fwd", || (TcpListener::bind(v4(pf)).unwrap(), TcpListener::bind(v6(pf)).unwrap()));
@@ -1389,8 +1420,9 @@ fn child_scoped_host_routing() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by a_uid_scoped_service_is_never_skipped_through_a_link"]
 fn child_scoped_fork() {
+    // Child: runs inside the test cgroup, started by a_uid_scoped_service_is_never_skipped_through_a_link.
+    child!();
     fork_hand_over("child-scoped-fork.txt", Some(65534), 7500);
 }
 
@@ -1401,6 +1433,7 @@ fn child_scoped_fork() {
 /// connect proves no origin: uid and cgroup conditions match it.
 #[test]
 fn an_unlinked_onward_connect_still_passes_uid_scoped_services() {
+    require_root!();
     let origin = Origin::start();
     let (sb, audit, pf) = fwd_audit_sandbox(&origin, Some(0));
     run_child_in(&sb, "child_unlinked_as_proxy_user", pf, origin.port());
@@ -1412,8 +1445,9 @@ fn an_unlinked_onward_connect_still_passes_uid_scoped_services() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by an_unlinked_onward_connect_still_passes_uid_scoped_services"]
 fn child_unlinked_as_proxy_user() {
+    // Child: runs inside the test cgroup, started by an_unlinked_onward_connect_still_passes_uid_scoped_services.
+    child!();
     let Some((pf, dport)) = child_env() else { return };
     let d4 = v4(dport);
     let l4 = as_service("fwd", || TcpListener::bind(v4(pf)).unwrap());

@@ -11,7 +11,7 @@ use common::*;
 
 #[test]
 fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
-    require_root();
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let name = format!("rewire-test-daemon-{}", std::process::id());
     let dir = std::env::temp_dir().join(&name);

@@ -52,6 +52,7 @@ const UDP_IDLE: &str = "udp_idle_ms = 500\n";
 /// application still sees the mapped address it asked for.
 #[test]
 fn ipv4_mapped_tcp_goes_through_the_ipv4_rule() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = server.addr.port();
     let mut sb = Sandbox::new(&svc("audit", free_port(), &format!("dst = \"127.0.0.0/8\"\nports = {port}"), ""));
@@ -71,6 +72,7 @@ fn ipv4_mapped_tcp_goes_through_the_ipv4_rule() {
 /// original server.
 #[test]
 fn ipv4_mapped_udp_connected_and_unconnected() {
+    require_root!();
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let port = echo.addr.port();
     let rule = format!("protocol = \"udp\"\ndst = \"127.0.0.0/8\"\nports = {port}");
@@ -96,6 +98,7 @@ fn ipv4_mapped_udp_connected_and_unconnected() {
 /// and the application keeps the address it connected to.
 #[test]
 fn unspecified_addresses_are_the_local_host() {
+    require_root!();
     let s4 = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = s4.addr.port();
     let s6 = Server::start(SocketAddr::new("::1".parse().unwrap(), port), Mode::Echo);
@@ -137,6 +140,7 @@ fn dst_local_expands_to_every_address_of_the_host() {
 /// service is back: the retry goes to it, not past it.
 #[test]
 fn retry_after_refused_connect_keeps_the_refused_service() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = server.addr.port();
     let (pa, pb) = (free_port(), free_port());
@@ -160,8 +164,9 @@ fn accept_within(l: &TcpListener, limit: Duration) -> Option<TcpStream> {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by retry_after_refused_connect_keeps_the_refused_service"]
 fn child_retry() {
+    // Child: runs inside the test cgroup, started by retry_after_refused_connect_keeps_the_refused_service.
+    child!();
     let (Some(pa), Some(pb), Some(dst)) = (env::<u16>("RW_PA"), env::<u16>("RW_PB"), env::<SocketAddr>("RW_DST")) else {
         return;
     };
@@ -196,6 +201,7 @@ fn child_retry() {
 /// origin is reached once, nothing loops.
 #[test]
 fn record_less_forwarder_chains_without_looping() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = server.addr.port();
     let (pf, pa) = (free_port(), free_port());
@@ -230,8 +236,9 @@ fn record_less_forwarder_chains_without_looping() {
 /// Listens on `RW_ADDR` (as whoever runs it) for `RW_SECS` seconds and
 /// prints how many connections it accepted.
 #[test]
-#[ignore = "an impostor listener, started by the impostor tests as another user outside the cgroup"]
 fn child_impostor() {
+    // Child: an impostor listener, started by the impostor tests as another user outside the cgroup.
+    child!();
     let (Some(addr), Some(secs)) = (env::<SocketAddr>("RW_ADDR"), env::<u64>("RW_SECS")) else { return };
     let l = TcpListener::bind(addr).unwrap();
     std::fs::write(std::env::var("RW_READY").unwrap(), b"").unwrap();
@@ -252,7 +259,7 @@ fn impostor(sb: &Sandbox, addr: SocketAddr, secs: u64) -> std::process::Child {
     std::fs::set_permissions(&sb.dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let child = spawn_exe(
         std::process::Command::new(exe_for_all(&sb.dir))
-            .args(["--exact", "child_impostor", "--ignored", "--nocapture", "--test-threads=1"])
+            .test_child("child_impostor")
             .env("RW_ADDR", addr.to_string())
             .env("RW_SECS", secs.to_string())
             .env("RW_READY", &ready)
@@ -279,6 +286,7 @@ fn impostor_count(child: std::process::Child) -> u64 {
 /// ECONNREFUSED, the impostor receives nothing, an `impostor` event names it.
 #[test]
 fn impostor_is_refused_under_fail_closed() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = server.addr.port();
     let pa = free_port();
@@ -312,6 +320,7 @@ fn impostor_is_refused_under_fail_closed() {
 /// the next service, never to the impostor.
 #[test]
 fn impostor_is_skipped_under_fail_open() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = server.addr.port();
     let (pa, pb) = (free_port(), free_port());
@@ -337,6 +346,7 @@ fn impostor_is_skipped_under_fail_open() {
 /// send (UDP) are refused with ENOBUFS and an event, never let through.
 #[test]
 fn storage_failure_refuses_tcp_and_udp() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let (port, uport) = (server.addr.port(), echo.addr.port());
@@ -367,13 +377,14 @@ fn storage_failure_refuses_tcp_and_udp() {
 /// address and port gets nothing of the flow's records or identity.
 #[test]
 fn stale_handoff_cannot_be_claimed_from_the_same_source_port() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = server.addr.port();
     let pa = free_port();
     let sb = Sandbox::new(&svc("audit", pa, &format!("dst = \"127.0.0.0/8\"\nports = {port}"), ""));
     let sock = sb.dir.join("handoffs");
     let mut cmd = sb.command(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child_stale_handoff", "--ignored", "--nocapture", "--test-threads=1"])
+    cmd.test_child("child_stale_handoff")
         .env("RW_PA", pa.to_string())
         .env("RW_DST", server.addr.to_string())
         .env("RW_SYNC", &sock)
@@ -397,15 +408,16 @@ fn stale_handoff_cannot_be_claimed_from_the_same_source_port() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let text = String::from_utf8_lossy(&wait_output(child, Duration::from_secs(60))).into_owned();
-    assert!(text.contains("1 passed"), "child failed:\n{text}");
+    assert!(child_ok(&text), "child failed:\n{text}");
     assert_eq!(seen, Some(1), "the waiting victim had its entry");
     assert_eq!(after_close, Some(0), "the entry left with the victim's socket");
     assert_eq!(sb.hooks().handoff_entries().unwrap(), 0, "back to the baseline");
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by stale_handoff_cannot_be_claimed_from_the_same_source_port"]
 fn child_stale_handoff() {
+    // Child: runs inside the test cgroup, started by stale_handoff_cannot_be_claimed_from_the_same_source_port.
+    child!();
     let (Some(pa), Some(dst), Some(sync)) = (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<std::path::PathBuf>("RW_SYNC")) else {
         return;
     };
@@ -456,6 +468,7 @@ fn child_stale_handoff() {
 /// once the flooder's sockets close the table drains and flows pass again.
 #[test]
 fn handoff_flood_is_counted_and_drains() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = server.addr.port();
     let (pa, pb) = (free_port(), free_port());
@@ -470,7 +483,7 @@ fn handoff_flood_is_counted_and_drains() {
     // The flooder writes it after dropping to user 65534.
     let sync = sync_file(&sb.dir, "flood");
     let mut cmd = sb.command(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child_flooder", "--ignored", "--nocapture", "--test-threads=1"])
+    cmd.test_child("child_flooder")
         .env("RW_PA", pa.to_string())
         .env("RW_DST", SocketAddr::from(([127, 0, 0, 1], port ^ 1)).to_string())
         .env("RW_SYNC", &sync)
@@ -486,7 +499,7 @@ fn handoff_flood_is_counted_and_drains() {
     assert!(kinds(&drain(&mut events, &sb)).contains(&EventKind::HandoffFull));
     std::fs::write(&sync, "stop").unwrap();
     let text = String::from_utf8_lossy(&wait_output(child, Duration::from_secs(60))).into_owned();
-    assert!(text.contains("1 passed"), "flooder failed:\n{text}");
+    assert!(child_ok(&text), "flooder failed:\n{text}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while sb.hooks().handoff_entries().unwrap() != 0 {
         assert!(Instant::now() < deadline, "the table did not drain");
@@ -498,8 +511,9 @@ fn handoff_flood_is_counted_and_drains() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by handoff_flood_is_counted_and_drains"]
 fn child_flooder() {
+    // Child: runs inside the test cgroup, started by handoff_flood_is_counted_and_drains.
+    child!();
     let (Some(pa), Some(dst), Some(sync)) = (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<std::path::PathBuf>("RW_SYNC")) else {
         return;
     };
@@ -532,6 +546,7 @@ fn child_flooder() {
 /// `sendmmsg` all pass through the hooks.
 #[test]
 fn fast_open_io_uring_and_sendmmsg_go_through_the_hooks() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let (port, uport) = (server.addr.port(), echo.addr.port());
@@ -552,8 +567,9 @@ fn fast_open_io_uring_and_sendmmsg_go_through_the_hooks() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by fast_open_io_uring_and_sendmmsg_go_through_the_hooks"]
 fn child_other_paths() {
+    // Child: runs inside the test cgroup, started by fast_open_io_uring_and_sendmmsg_go_through_the_hooks.
+    child!();
     use std::os::fd::AsRawFd;
     let (Some(dst), Some(udst)) = (env::<SocketAddr>("RW_DST"), env::<SocketAddr>("RW_UDST")) else { return };
     let sa = socket2::SockAddr::from(dst);
@@ -624,6 +640,7 @@ fn child_other_paths() {
 /// or get a flow through by connecting to a service's listener directly.
 #[test]
 fn unprivileged_attempts_fail_with_specific_errors() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = server.addr.port();
     let pa = free_port();
@@ -649,8 +666,9 @@ fn unprivileged_attempts_fail_with_specific_errors() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by unprivileged_attempts_fail_with_specific_errors"]
 fn child_unprivileged() {
+    // Child: runs inside the test cgroup, started by unprivileged_attempts_fail_with_specific_errors.
+    child!();
     let (Some(pa), Some(dst), Some(root_procs)) = (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<String>("RW_ROOT_PROCS")) else {
         return;
     };

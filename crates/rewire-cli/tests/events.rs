@@ -106,7 +106,7 @@ impl Drop for Flood {
 }
 
 fn flood(printer: Printer, format: &str, secs: f64) -> Flood {
-    require_root();
+    root_or_fail();
     let dst_port = free_port(); // nobody listens there, and the service has no listener either
     let kind = if printer == Printer::Run { "run" } else { "daemon" };
     let name = format!("rewire-test-events-{kind}-{format}-{}", std::process::id());
@@ -129,7 +129,7 @@ fn flood(printer: Printer, format: &str, secs: f64) -> Flood {
     let child_cmd = |mut c: Command| {
         c.arg("--")
             .arg(std::env::current_exe().unwrap())
-            .args(["--exact", "child_flood", "--ignored", "--nocapture", "--test-threads=1"])
+            .test_child("child_flood")
             .env("RW_DST", dst.to_string())
             .env("RW_SECS", secs.to_string())
             .env("RW_K", K.to_string())
@@ -297,6 +297,7 @@ fn check_json(f: &Flood, secs: f64) -> Value {
 /// `rewire run`: the whole flood's JSON output.
 #[test]
 fn a_flood_of_refusals_is_counted_exactly_and_printed_within_limits() {
+    require_root!();
     let secs = 2.5;
     check_json(&flood(Printer::Run, "json", secs), secs);
 }
@@ -304,6 +305,7 @@ fn a_flood_of_refusals_is_counted_exactly_and_printed_within_limits() {
 /// `rewire daemon` (counters read from its pins) and `rewire status`.
 #[test]
 fn the_daemon_log_stays_small_and_status_shows_every_refusal() {
+    require_root!();
     let secs = 1.5;
     let f = flood(Printer::Daemon, "json", secs);
     let c = check_json(&f, secs);
@@ -316,6 +318,7 @@ fn the_daemon_log_stays_small_and_status_shows_every_refusal() {
 /// The same in text: the summary and drop lines as an administrator reads them.
 #[test]
 fn a_flood_in_text_shows_summaries_drops_and_counters() {
+    require_root!();
     let f = flood(Printer::Run, "text", 1.5);
     let (_, flooders) = checked_report(&f.report);
     let out = &f.output;
@@ -342,19 +345,16 @@ fn a_flood_in_text_shows_summaries_drops_and_counters() {
 /// Inside `rewire run`'s cgroup: starts two flooders as user 65534, makes
 /// K refused connects as the witness meanwhile, and reports.
 #[test]
-#[ignore = "runs inside rewire run or rewire exec, started by the flood tests"]
 fn child_flood() {
+    // Child: runs inside rewire run or rewire exec, started by the flood tests.
+    child!();
     let (Some(dst), Some(secs), Some(k)) = (env::<SocketAddr>("RW_DST"), env::<f64>("RW_SECS"), env::<u64>("RW_K")) else {
         return;
     };
     let flooders: Vec<Child> = (0..2)
         .map(|_| {
             spawn_exe(
-                Command::new(std::env::var("RW_EXE").unwrap())
-                    .args(["--exact", "child_flooder", "--ignored", "--nocapture", "--test-threads=1"])
-                    .uid(65534)
-                    .gid(65534)
-                    .stdout(Stdio::piped()),
+                Command::new(std::env::var("RW_EXE").unwrap()).test_child("child_flooder").uid(65534).gid(65534).stdout(Stdio::piped()),
             )
         })
         .collect();
@@ -385,8 +385,9 @@ fn child_flood() {
 /// A flooder (user 65534): refused datagrams in a tight loop until RW_SECS
 /// are over; reports how many sends were refused and how many were not.
 #[test]
-#[ignore = "started by child_flood, inside its cgroup"]
 fn child_flooder() {
+    // Child: started by child_flood, inside its cgroup.
+    child!();
     let (Some(dst), Some(secs)) = (env::<SocketAddr>("RW_DST"), env::<f64>("RW_SECS")) else { return };
     let uid = nix::unistd::geteuid().as_raw();
     assert_eq!(uid, 65534, "the flooder is unprivileged");

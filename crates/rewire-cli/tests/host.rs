@@ -45,7 +45,7 @@ struct Host {
 
 impl Host {
     fn new() -> Self {
-        require_root();
+        root_or_fail();
         let name = format!("rewire-test-{}-host{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
         let root = ManagedCgroup::create(&name).unwrap();
         for d in [APP, SQUID, SESSION, USER_A, USER_B, POD] {
@@ -89,12 +89,11 @@ impl Host {
             env.push(("HOST_MOVE_TO", self.path(m).display().to_string()));
         }
         let mut cmd = child_cmd_exe(&exe, None, "child_app", &env);
-        let procs = self.path(rel).join("cgroup.procs");
         // Joins first (root moves it there), then becomes `uid`.
-        // SAFETY: a write and two set*id calls between fork and exec.
+        in_cgroup(&mut cmd, &self.path(rel));
+        // SAFETY: two set*id calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                std::fs::write(&procs, b"0")?;
                 if let Some(u) = uid {
                     if libc::setgid(u) != 0 || libc::setuid(u) != 0 {
                         return Err(std::io::Error::last_os_error());
@@ -115,10 +114,7 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.children.iter_mut().for_each(end);
         let _ = self.root.remove();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -153,8 +149,9 @@ impl App {
 /// (optionally move itself to `HOST_MOVE_TO`), connect that socket and a
 /// fresh one to `HOST_DST`, 4 bytes echoed on each, `done L1 P1 L2 P2`.
 #[test]
-#[ignore]
 fn child_app() {
+    // Child: an application of the host tests, started by Host::app.
+    child!();
     use std::io::{Read, Write};
     let Some(dst) = env::<SocketAddr>("HOST_DST") else { return };
     let sync: PathBuf = env("HOST_SYNC").unwrap();
@@ -289,6 +286,7 @@ fn flows_of(log: &Path, pid: u32) -> usize {
 /// those connects, and stays attached when rewire's hooks go.
 #[test]
 fn a_running_unit_is_covered_from_its_next_connect_beside_another_owners_program() {
+    require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let other = OtherProgram::attach(&host.dir, &host.path(APP));
@@ -330,6 +328,7 @@ fn a_running_unit_is_covered_from_its_next_connect_beside_another_owners_program
 /// copy the rule names goes through the service.
 #[test]
 fn only_the_selected_executable_is_redirected() {
+    require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let a = exe_for_all(&host.dir);
@@ -361,6 +360,7 @@ fn only_the_selected_executable_is_redirected() {
 /// though both are covered.
 #[test]
 fn a_cgroup_path_selects_everything_below_it_and_nothing_beside() {
+    require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let pod = host.app(POD, None, None, server.addr, None);
@@ -390,6 +390,7 @@ fn a_cgroup_path_selects_everything_below_it_and_nothing_beside() {
 /// that user that moves itself to a sibling scope is still redirected.
 #[test]
 fn a_process_cannot_leave_the_cover_for_a_sibling_it_can_write() {
+    require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = free_port();
@@ -437,6 +438,7 @@ fn a_process_cannot_leave_the_cover_for_a_sibling_it_can_write() {
 /// is known as the service: no loop, the server sees it once).
 #[test]
 fn a_service_identified_by_an_existing_unit_serves_its_flows() {
+    require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let app = host.app(APP, None, None, server.addr, None);
@@ -454,11 +456,7 @@ fn a_service_identified_by_an_existing_unit_serves_its_flows() {
     let squid = sb.dir.join("squid.jsonl");
     let mut cmd = Command::new(REWIRE);
     cmd.args(["proxy", "--name", "squid", "--log"]).arg(&squid).env("REWIRE_CONFIG", &sb.config_path).stdout(Stdio::null());
-    let procs = host.path(SQUID).join("cgroup.procs");
-    // SAFETY: a single write between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
-    }
+    in_cgroup(&mut cmd, &host.path(SQUID));
     let squid_pid = sb.spawn(cmd);
     wait_listening(sb.config.services[1].listen[0]);
     assert_eq!(rewire_control::cgroup::cgroup_of(squid_pid).unwrap(), host.path(SQUID), "squid stays in its unit");
@@ -490,6 +488,7 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
 /// at the unit and leaves the unit and the other program.
 #[test]
 fn the_daemon_covers_a_unit_across_reload_and_down_leaves_it_as_it_was() {
+    require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let other = OtherProgram::attach(&host.dir, &host.path(APP));

@@ -112,8 +112,9 @@ fn events(ev: &mut rewire_control::hooks::Events, sb: &Sandbox) -> Vec<Event> {
 /// In the cgroup: a connected UDP socket with a live flow through the
 /// service to RW_DST; reports its port, then checks what arrives.
 #[test]
-#[ignore = "the application of the UDP isolation tests"]
 fn child_app() {
+    // Child: the application of the UDP isolation tests.
+    child!();
     let (Some(dst), Some(sync)) = (env::<SocketAddr>("RW_DST"), Sync::from_env()) else { return };
     let app = UdpSocket::bind("127.0.0.1:0").unwrap();
     app.connect(dst).unwrap();
@@ -147,8 +148,9 @@ fn child_app() {
 /// Outside the cgroup, user 65534: binds RW_BIND and sends RW_PAYLOAD to
 /// RW_TO with source address RW_FROM (IP_PKTINFO).
 #[test]
-#[ignore = "the attacker of the UDP isolation tests"]
 fn child_attacker() {
+    // Child: the attacker of the UDP isolation tests.
+    child!();
     let (Some(bind), Some(to), Some(from)) = (env::<SocketAddr>("RW_BIND"), env::<SocketAddrV4>("RW_TO"), env::<Ipv4Addr>("RW_FROM"))
     else {
         return;
@@ -199,6 +201,7 @@ fn scene() -> Scene {
 /// never reaches the application.
 #[test]
 fn forged_reply_from_the_service_address_is_dropped() {
+    require_root!();
     let mut s = scene();
     let app = child(&s.sb, "child_app", &[("RW_DST", s.echo.addr.to_string()), ("RW_SYNC", s.sync.0.display().to_string())], false, None);
     let port: u16 = s.sync.wait("port ").parse().unwrap();
@@ -222,6 +225,7 @@ fn forged_reply_from_the_service_address_is_dropped() {
 /// at the proxy's flow socket: the server never sees it.
 #[test]
 fn datagram_injected_into_another_flow_is_dropped() {
+    require_root!();
     let s = scene();
     let app = child(&s.sb, "child_app", &[("RW_DST", s.echo.addr.to_string()), ("RW_SYNC", s.sync.0.display().to_string())], false, None);
     let port: u16 = s.sync.wait("port ").parse().unwrap();
@@ -249,6 +253,7 @@ fn datagram_injected_into_another_flow_is_dropped() {
 /// records and the proxy refuses them. Either way nothing reaches the server.
 #[test]
 fn closed_clients_flow_cannot_be_taken_over() {
+    require_root!();
     let s = scene();
     let app = child(&s.sb, "child_app", &[("RW_DST", s.echo.addr.to_string()), ("RW_SYNC", s.sync.0.display().to_string())], false, None);
     let port: u16 = s.sync.wait("port ").parse().unwrap();
@@ -278,6 +283,7 @@ fn closed_clients_flow_cannot_be_taken_over() {
 /// reach the old flow's server, and no reply "from" that server reaches it.
 #[test]
 fn port_reuse_is_not_spliced_into_an_old_flow() {
+    require_root!();
     let s = scene();
     let other = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     drop(other); // only its port is needed: a destination nobody answers on
@@ -293,8 +299,9 @@ fn port_reuse_is_not_spliced_into_an_old_flow() {
 }
 
 #[test]
-#[ignore = "the second application of port_reuse_is_not_spliced_into_an_old_flow"]
 fn child_reuser() {
+    // Child: the second application of port_reuse_is_not_spliced_into_an_old_flow.
+    child!();
     let (Some(port), Some(old_dst)) = (env::<u16>("RW_PORT"), env::<SocketAddr>("RW_DST")) else { return };
     // Another destination matched by the same rule? The rule matches one
     // port; use the same destination port on another loopback address.
@@ -329,6 +336,7 @@ fn child_reuser() {
 /// that is claimed gets its own records, never another flow's.
 #[test]
 fn full_udp_handoff_table_refuses_but_never_misattributes() {
+    require_root!();
     let base = free_ports(4);
     let svc = free_port();
     let cfg = format!(
@@ -343,8 +351,9 @@ fn full_udp_handoff_table_refuses_but_never_misattributes() {
 }
 
 #[test]
-#[ignore = "runs inside the cgroup, started by full_udp_handoff_table_refuses_but_never_misattributes"]
 fn child_full_udp_handoff() {
+    // Child: runs inside the cgroup, started by full_udp_handoff_table_refuses_but_never_misattributes.
+    child!();
     let (Some(svc), Some(base)) = (env::<u16>("RW_SVC"), env::<u16>("RW_BASE")) else { return };
     let local: SocketAddr = SocketAddr::from(([127, 0, 0, 1], svc));
     let l = as_service("dns", || rewire::udp::bind_listener(local).unwrap());
@@ -388,6 +397,7 @@ fn child_full_udp_handoff() {
 /// redirected and no records are made or used there.
 #[test]
 fn private_namespace_gets_no_redirects_and_no_records() {
+    require_root!();
     let port = free_port();
     let svc = free_port();
     let mut sb = Sandbox::new(&format!(
@@ -404,8 +414,9 @@ fn private_namespace_gets_no_redirects_and_no_records() {
 }
 
 #[test]
-#[ignore = "runs inside the cgroup, started by private_namespace_gets_no_redirects_and_no_records"]
 fn child_private_ns() {
+    // Child: runs inside the cgroup, started by private_namespace_gets_no_redirects_and_no_records.
+    child!();
     if env::<u16>("RW_SVC").is_none() {
         return;
     }
@@ -416,16 +427,17 @@ fn child_private_ns() {
     let out = std::process::Command::new("unshare")
         .arg("-rn")
         .arg(std::env::var("RW_EXE").unwrap())
-        .args(["--exact", "child_private_ns_inner", "--ignored", "--nocapture", "--test-threads=1"])
+        .test_child("child_private_ns_inner")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("1 passed"), "inside the private namespace:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(child_ok(&text), "inside the private namespace:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
-#[ignore = "runs in a private namespace, started by child_private_ns"]
 fn child_private_ns_inner() {
+    // Child: runs in a private namespace, started by child_private_ns.
+    child!();
     use std::net::{TcpListener, TcpStream};
     let (Some(svc), Some(port)) = (env::<u16>("RW_SVC"), env::<u16>("RW_PORT")) else { return };
     lo_up();
@@ -466,6 +478,7 @@ fn original_dst_v4(fd: i32) -> Result<SocketAddrV4, i32> {
 /// and reported; the flow itself still reaches its proxy with its records.
 #[test]
 fn pending_handoff_is_not_claimed_from_a_private_namespace() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let svc = free_port();
     let mut sb = Sandbox::new(&format!("[access]\nuids = [65534]\n{}", service("audit", svc, server.addr.port())));
@@ -497,15 +510,16 @@ fn pending_handoff_is_not_claimed_from_a_private_namespace() {
     assert!(att.contains(&format!("attacker accepted 127.0.0.1:{vport}")), "the attack did not take place:\n{att}");
     assert!(att.contains("attacker SO_ORIGINAL_DST: refused"), "the private namespace learnt the flow's original destination:\n{att}");
     assert!(att.contains("attacker records: refused"), "the private namespace got the flow's records:\n{att}");
-    assert!(out.contains("victim records ok") && out.contains("1 passed"), "the flow at its proxy:\n{out}");
+    assert!(out.contains("victim records ok") && child_ok(&out), "the flow at its proxy:\n{out}");
     assert!(sb.hooks().counters().unwrap().handoff_refused >= 1, "{}", sb.hooks().counters().unwrap());
     let evs = events(&mut ev, &sb);
     assert!(evs.iter().any(|e| e.kind == EventKind::HandoffRefused), "{evs:?}");
 }
 
 #[test]
-#[ignore = "runs inside the cgroup, started by pending_handoff_is_not_claimed_from_a_private_namespace"]
 fn child_handoff_victim() {
+    // Child: runs inside the cgroup, started by pending_handoff_is_not_claimed_from_a_private_namespace.
+    child!();
     use std::net::TcpStream;
     let (Some(svc), Some(dst), Some(port_file), Some(go)) =
         (env::<u16>("RW_SVC"), env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_PORT_FILE"), env::<PathBuf>("RW_GO"))
@@ -551,8 +565,9 @@ fn child_handoff_victim() {
 }
 
 #[test]
-#[ignore = "runs inside the cgroup, started by pending_handoff_is_not_claimed_from_a_private_namespace"]
 fn child_handoff_attacker() {
+    // Child: runs inside the cgroup, started by pending_handoff_is_not_claimed_from_a_private_namespace.
+    child!();
     if env::<u16>("RW_SVC").is_none() {
         return;
     }
@@ -561,15 +576,16 @@ fn child_handoff_attacker() {
     let out = std::process::Command::new("unshare")
         .arg("-rn")
         .arg(std::env::var("RW_EXE").unwrap())
-        .args(["--exact", "child_handoff_attacker_inner", "--ignored", "--nocapture", "--test-threads=1"])
+        .test_child("child_handoff_attacker_inner")
         .output()
         .unwrap();
     println!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
-#[ignore = "runs in a private namespace, started by child_handoff_attacker"]
 fn child_handoff_attacker_inner() {
+    // Child: runs in a private namespace, started by child_handoff_attacker.
+    child!();
     let (Some(svc), Some(vport)) = (env::<u16>("RW_SVC"), env::<u16>("RW_VPORT")) else { return };
     lo_up();
     // The service's address and the waiting flow's source port, here.
@@ -615,6 +631,7 @@ fn lo_up() {
 /// (EPROTONOSUPPORT, an event each); outside it the kernel still has them.
 #[test]
 fn transports_rewire_cannot_redirect_are_refused_at_socket_creation() {
+    require_root!();
     let sb = Sandbox::new(&udp_svc("dns", free_port(), 53));
     run_child_in(&sb, "child_transports", 0, 0);
     assert!(sb.hooks().counters().unwrap().protocol >= 2);
@@ -627,8 +644,9 @@ fn transports_rewire_cannot_redirect_are_refused_at_socket_creation() {
 }
 
 #[test]
-#[ignore = "runs inside the cgroup, started by transports_rewire_cannot_redirect_are_refused_at_socket_creation"]
 fn child_transports() {
+    // Child: runs inside the cgroup, started by transports_rewire_cannot_redirect_are_refused_at_socket_creation.
+    child!();
     if child_env().is_none() {
         return;
     }
@@ -659,6 +677,7 @@ fn child_transports() {
 /// second attack review of issue 18.
 #[test]
 fn another_users_socket_on_the_flows_address_never_gets_its_replies() {
+    require_root!();
     let echo = UdpEcho::start("127.0.0.2:0".parse().unwrap());
     let mut sb = Sandbox::new(&udp_service("audit", free_port(), echo.addr.port()));
     let _audit = sb.proxy("audit");
@@ -705,8 +724,9 @@ fn another_users_socket_on_the_flows_address_never_gets_its_replies() {
 /// `SO_REUSEADDR`, three datagrams to a matched destination; after the
 /// first it tells the other user its port and waits until it has bound.
 #[test]
-#[ignore = "child: runs inside the test cgroup, started by another_users_socket_on_the_flows_address_never_gets_its_replies"]
 fn child_reuseaddr_app() {
+    // Child: child: runs inside the test cgroup, started by another_users_socket_on_the_flows_address_never_gets_its_replies.
+    child!();
     let Some((_, dport)) = child_env() else { return };
     let dir = std::path::PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();

@@ -12,7 +12,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,7 +39,7 @@ struct Life {
 
 impl Life {
     fn new(config: &str) -> Self {
-        require_root();
+        root_or_fail();
         let name = format!("rewire-test-life-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let dir = std::env::temp_dir().join(&name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -154,12 +153,8 @@ impl Life {
     /// A command that joins the subtree before it starts.
     fn inside(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new(program);
-        let procs = self.cg.join("cgroup.procs");
         c.env("REWIRE_CONFIG", &self.cfg).env("REWIRE_CGROUP", &self.cg).env("REWIRE_BPFFS", &self.bpffs);
-        // SAFETY: a single write between fork and exec.
-        unsafe {
-            c.pre_exec(move || std::fs::write(&procs, b"0"));
-        }
+        in_cgroup(&mut c, &self.cg);
         c
     }
 
@@ -250,8 +245,9 @@ const LONG_CHUNK: usize = 32 * 1024;
 /// connects (each echoes 32 bytes) and, every 250 ms, a long flow that
 /// echoes 14 x 32 KiB over about 1.5 s, checked byte for byte.
 #[test]
-#[ignore = "run by the lifecycle tests inside their cgroup"]
 fn stream_client() {
+    // Child: run by the lifecycle tests inside their cgroup.
+    child!();
     let Ok(v) = std::env::var(ENV_STREAM) else { return };
     let (addr, stop) = v.split_once(' ').unwrap();
     let addr: SocketAddr = addr.parse().unwrap();
@@ -341,7 +337,7 @@ fn stream_under(what: &str, extra_config: &str, mut disturb: impl FnMut(&mut Lif
     let stop = life.dir.join("stop");
     let client = life
         .inside(std::env::current_exe().unwrap())
-        .args(["--exact", "stream_client", "--ignored", "--nocapture", "--test-threads=1"])
+        .test_child("stream_client")
         .env(ENV_STREAM, format!("{} {}", server.addr, stop.display()))
         .stdout(Stdio::piped())
         .spawn()
@@ -410,6 +406,7 @@ fn stream_under(what: &str, extra_config: &str, mut disturb: impl FnMut(&mut Lif
 
 #[test]
 fn kill9_and_restart_five_times_no_connect_escapes() {
+    require_root!();
     stream_under("kill -9 + restart", "", |life, i| {
         let st = life.signal_daemon(nix::sys::signal::SIGKILL);
         assert!(!st.success());
@@ -422,6 +419,7 @@ fn kill9_and_restart_five_times_no_connect_escapes() {
 
 #[test]
 fn five_reloads_adding_and_removing_a_service() {
+    require_root!();
     let spare = free_port();
     let spare_dst = free_port();
     let spare_block = format!(
@@ -472,6 +470,7 @@ fn five_reloads_adding_and_removing_a_service() {
 
 #[test]
 fn five_upgrades_replace_the_programs_in_place() {
+    require_root!();
     stream_under("upgrade", "", |life, i| {
         let before = life.prog_ids();
         // What `systemctl restart` does: SIGTERM, then start the new build.
@@ -523,6 +522,7 @@ fn wait_pinned(life: &Life) -> bool {
 /// says so; SIGTERM then says the hooks stay enforcing, and they do.
 #[test]
 fn pins_removed_under_a_running_daemon_are_restored() {
+    require_root!();
     stream_under("pin removal", "", |life, i| {
         std::fs::remove_dir_all(life.pins()).unwrap();
         assert!(wait_pinned(life), "removal {i}: the daemon did not pin its hooks again");
@@ -540,6 +540,7 @@ fn pins_removed_under_a_running_daemon_are_restored() {
 /// hooks stay, and they do.
 #[test]
 fn restart_after_lost_pins_attaches_again() {
+    require_root!();
     use nix::sys::signal::Signal;
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = free_port();
@@ -578,6 +579,7 @@ fn restart_after_lost_pins_attaches_again() {
 /// hooks stay enforcing and exit 0).
 #[test]
 fn sigterm_says_when_the_hooks_do_not_outlive_the_daemon() {
+    require_root!();
     use nix::sys::signal::{kill, Signal};
     let mut life = Life::new(&service("audit", free_port(), free_port()));
     life.start_daemon(&[]);
@@ -607,6 +609,7 @@ fn sigterm_says_when_the_hooks_do_not_outlive_the_daemon() {
 
 #[test]
 fn after_kill9_exec_still_redirects_and_down_removes_everything() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -656,6 +659,7 @@ fn after_kill9_exec_still_redirects_and_down_removes_everything() {
 /// the hooks are there it binds and serves; a flow through it has records.
 #[test]
 fn proxy_started_before_the_hooks_waits_for_them() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -697,6 +701,7 @@ fn proxy_started_before_the_hooks_waits_for_them() {
 /// enforcing), and removes only the empty pin directory it made itself.
 #[test]
 fn refused_daemon_start_leaves_the_pins_alone() {
+    require_root!();
     let life = Life::new(&service("audit", free_port(), free_port()));
     std::fs::create_dir(&life.cg).unwrap(); // not made by rewire: no links of ours on it
     let held = life.pins().join("links");

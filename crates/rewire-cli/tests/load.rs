@@ -80,7 +80,7 @@ fn wait_lines(path: &Path, n: usize, limit: Duration) -> usize {
 /// Starts the ignored test `child` of this binary inside `sb`'s cgroup with `env`.
 fn spawn_child(sb: &Sandbox, child: &str, env: &[(&str, String)]) -> std::process::Child {
     let mut cmd = sb.command(std::env::current_exe().unwrap());
-    cmd.args(["--exact", child, "--ignored", "--nocapture", "--test-threads=1"]).stdout(Stdio::piped());
+    cmd.test_child(child).stdout(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -90,7 +90,7 @@ fn spawn_child(sb: &Sandbox, child: &str, env: &[(&str, String)]) -> std::proces
 /// A child's output: fails unless it passed; returns its `RESULT k=v ...` fields.
 fn child_result(out: Vec<u8>, child: &str) -> std::collections::BTreeMap<String, u64> {
     let text = String::from_utf8_lossy(&out).into_owned();
-    assert!(text.contains("1 passed"), "child {child} failed:\n{text}");
+    assert!(child_ok(&text), "child {child} failed:\n{text}");
     for l in text.lines().filter(|l| l.contains("NOTE ")) {
         println!("{child}: {}", &l[l.find("NOTE ").unwrap() + 5..]);
     }
@@ -203,6 +203,7 @@ struct Usage {
 /// pipes in flight.
 #[test]
 fn tcp_max_concurrent_connections_through_two_proxies() {
+    require_root!();
     let _g = heavy();
     let hard = raise_nofile();
     let echo = TcpEcho::start();
@@ -310,8 +311,9 @@ fn tcp_max_concurrent_connections_through_two_proxies() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by tcp_max_concurrent_connections_through_two_proxies"]
 fn child_tcp_load() {
+    // Child: runs inside the test cgroup, started by tcp_max_concurrent_connections_through_two_proxies.
+    child!();
     let (Some(n), Some(dst), Some(dir)) = (env::<u64>("RW_N"), env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_DIR")) else {
         return;
     };
@@ -403,18 +405,10 @@ fn child_tcp_load() {
 /// that `pick(local port, remote port)` selects, and how many sockets (from
 /// `/proc/net/udp{,6}`, the `drops` column).
 fn udp_drops(pick: impl Fn(u16, u16) -> bool) -> (u64, u64) {
-    let (mut drops, mut sockets) = (0, 0);
-    for file in ["/proc/net/udp", "/proc/net/udp6"] {
-        for l in std::fs::read_to_string(file).unwrap_or_default().lines().skip(1) {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let port = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()).unwrap_or(0);
-            if f.len() > 12 && pick(port(f[1]), port(f[2])) {
-                sockets += 1;
-                drops += f[12].parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    (drops, sockets)
+    use rewire_control::net::{sockets, Table};
+    let picked: Vec<_> =
+        [Table::Udp, Table::Udp6].into_iter().flat_map(sockets).filter(|s| pick(s.local.port(), s.remote.port())).collect();
+    (picked.iter().map(|s| s.drops).sum(), picked.len() as u64)
 }
 
 /// A UDP echo outside the cgroup with large socket buffers (so that it
@@ -494,6 +488,7 @@ fn udp_rcvbuf_errors() -> u64 {
 /// flow beyond must be refused visibly: none may be lost.
 #[test]
 fn udp_ten_thousand_concurrent_flows_through_one_proxy() {
+    require_root!();
     let _g = heavy();
     raise_nofile();
     // REWIRE_LOAD_UDP_FLOWS: another count, for experiments.
@@ -569,8 +564,9 @@ fn udp_ten_thousand_concurrent_flows_through_one_proxy() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by udp_ten_thousand_concurrent_flows_through_one_proxy"]
 fn child_udp_load() {
+    // Child: runs inside the test cgroup, started by udp_ten_thousand_concurrent_flows_through_one_proxy.
+    child!();
     let (Some(n), Some(dst)) = (env::<u64>("RW_N"), env::<SocketAddr>("RW_DST")) else { return };
     raise_nofile();
     const DGRAMS: u64 = 3;
@@ -851,6 +847,7 @@ fn assert_accounted(c: &FaultCounts) {
 /// empty answer); nothing hangs.
 #[test]
 fn second_proxy_killed_mid_chain_fail_closed() {
+    require_root!();
     let _g = heavy();
     let c = kill_dlp_under_a_stream("closed");
     print_fault("closed", &c);
@@ -872,6 +869,7 @@ fn second_proxy_killed_mid_chain_fail_closed() {
 /// reach the origin through audit alone; nothing hangs.
 #[test]
 fn second_proxy_killed_mid_chain_fail_open() {
+    require_root!();
     let _g = heavy();
     let c = kill_dlp_under_a_stream("open");
     print_fault("open", &c);
@@ -886,8 +884,9 @@ fn second_proxy_killed_mid_chain_fail_open() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by the second_proxy_killed_mid_chain tests"]
 fn child_fault_stream() {
+    // Child: runs inside the test cgroup, started by the second_proxy_killed_mid_chain tests.
+    child!();
     let (Some(dst), Some(killed), Some(secs)) = (env::<SocketAddr>("RW_DST"), env::<PathBuf>("RW_KILLED"), env::<u64>("RW_SECS")) else {
         return;
     };
@@ -992,6 +991,7 @@ fn kill_dlp_under_echo_flows(relay: &str) -> Outcomes {
 /// a reset, which audit passes on as one.
 #[test]
 fn killed_mid_chain_proxy_never_ends_a_flow_in_order() {
+    require_root!();
     let _g = heavy();
     let mut cut = 0;
     for relay in ["splice", "kernel", "copy"] {
@@ -1011,8 +1011,9 @@ fn killed_mid_chain_proxy_never_ends_a_flow_in_order() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by killed_mid_chain_proxy_never_ends_a_flow_in_order"]
 fn child_echo_flows() {
+    // Child: runs inside the test cgroup, started by killed_mid_chain_proxy_never_ends_a_flow_in_order.
+    child!();
     let (Some(dst), Some(secs)) = (env::<SocketAddr>("RW_DST"), env::<u64>("RW_SECS")) else {
         return;
     };
@@ -1106,6 +1107,7 @@ const FAIR_PROXY_NOFILE: u64 = 8192;
 /// at most half the descriptor budget, so TCP is never starved.
 #[test]
 fn closed_udp_flows_of_one_user_do_not_starve_another() {
+    require_root!();
     let _g = heavy();
     let tcp = TcpEcho::start();
     let udp = UdpEcho::start("127.0.0.1:0".parse().unwrap());
@@ -1176,8 +1178,9 @@ fn closed_udp_flows_of_one_user_do_not_starve_another() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup as user 65534, started by closed_udp_flows_of_one_user_do_not_starve_another"]
 fn child_closed_udp_flood() {
+    // Child: runs inside the test cgroup as user 65534, started by closed_udp_flows_of_one_user_do_not_starve_another.
+    child!();
     let Some(dst) = env::<SocketAddr>("RW_DST") else {
         return;
     };
@@ -1201,8 +1204,9 @@ fn child_closed_udp_flood() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by closed_udp_flows_of_one_user_do_not_starve_another"]
 fn child_round_trips() {
+    // Child: runs inside the test cgroup, started by closed_udp_flows_of_one_user_do_not_starve_another.
+    child!();
     let (Some(tcp), Some(udp)) = (env::<SocketAddr>("RW_TCP"), env::<SocketAddr>("RW_UDP")) else {
         return;
     };
@@ -1276,6 +1280,7 @@ const FLOOD_SECS: u64 = 6;
 /// error its sender sees; none vanishes.
 #[test]
 fn record_less_udp_flood_from_outside_loses_no_round_trip() {
+    require_root!();
     let _g = heavy();
     let echo = BigUdpEcho::start();
     let svc = free_port();
@@ -1330,8 +1335,9 @@ fn record_less_udp_flood_from_outside_loses_no_round_trip() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by record_less_udp_flood_from_outside_loses_no_round_trip"]
 fn child_udp_round_trips() {
+    // Child: runs inside the test cgroup, started by record_less_udp_flood_from_outside_loses_no_round_trip.
+    child!();
     let (Some(dst), Some(secs)) = (env::<SocketAddr>("RW_DST"), env::<u64>("RW_SECS")) else {
         return;
     };

@@ -27,7 +27,7 @@ struct Daemon {
 impl Daemon {
     /// Writes `services` as the config of a fresh cgroup and starts the daemon with `extra` arguments.
     fn start(tag: &str, services: &str, extra: &[&str]) -> Self {
-        require_root();
+        root_or_fail();
         let name = format!("rewire-test-{tag}-{}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -174,6 +174,7 @@ fn expect_all(text: &str, prefix: &str, want: &[(&str, u64)]) {
 /// (and the same globally), and promtool accepts the text.
 #[test]
 fn metrics_show_exact_counts_per_service_and_cause() {
+    require_root!();
     let a = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let b = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let mport = free_port();

@@ -186,11 +186,7 @@ fn proxy_listening(addr: SocketAddr, args: &[String]) -> Proc {
     let mut cmd = Command::new(REWIRE);
     cmd.arg("proxy").arg("--listen").arg(addr.to_string()).args(args).env("REWIRE_LOG", "info");
     let p = Proc::spawn(cmd);
-    let t0 = Instant::now();
-    while !rewire_control::net::is_listening(addr) {
-        assert!(t0.elapsed() < Duration::from_secs(15), "the proxy does not listen on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    rewire_testkit::wait_listening(addr);
     p
 }
 
@@ -462,11 +458,7 @@ async fn a_small_descriptor_limit_degrades_without_refusing() {
             });
         }
         let mut p = Proc::spawn(cmd);
-        let t0 = Instant::now();
-        while !rewire_control::net::is_listening(addr) {
-            assert!(t0.elapsed() < Duration::from_secs(15));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        rewire_testkit::wait_listening(addr);
         assert_eq!(nofile_limits(p.pid()), (200, 200), "soft limit raised to the hard one");
         const N: usize = 300;
         let peak = Arc::new(AtomicU64::new(0));

@@ -42,6 +42,7 @@ fn udp_lines(path: &std::path::Path, n: usize) -> Vec<Value> {
 
 #[test]
 fn connected_and_unconnected_v4_v6_through_one_proxy() {
+    require_root!();
     let e4 = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let e6 = UdpEcho::start(format!("[::1]:{}", e4.addr.port()).parse().unwrap());
     let mut sb = Sandbox::new(&format!("{IDLE}{}", udp_service("audit", free_port(), e4.addr.port())));
@@ -79,6 +80,7 @@ fn connected_and_unconnected_v4_v6_through_one_proxy() {
 /// id at both hops.
 #[test]
 fn ten_thousand_datagrams_through_two_proxies() {
+    require_root!();
     let e4 = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let e6 = UdpEcho::start(format!("[::1]:{}", e4.addr.port()).parse().unwrap());
     let p = e4.addr.port();
@@ -111,6 +113,7 @@ fn ten_thousand_datagrams_through_two_proxies() {
 /// with the others.
 #[test]
 fn one_unconnected_socket_many_destinations() {
+    require_root!();
     let ea = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let port = ea.addr.port();
     let ea2 = UdpEcho::start(format!("127.0.0.2:{port}").parse().unwrap());
@@ -153,6 +156,7 @@ fn one_unconnected_socket_many_destinations() {
 /// flow is delivered); with hop limit 1 a second service is refused ELOOP.
 #[test]
 fn records_stop_the_loop_and_the_hop_limit_holds() {
+    require_root!();
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let port = echo.addr.port();
     let mut sb = Sandbox::new(&format!("{IDLE}{}", udp_service("audit", free_port(), port)));
@@ -181,6 +185,7 @@ fn records_stop_the_loop_and_the_hop_limit_holds() {
 /// kernel state behind; the hand-off table is back at its baseline.
 #[test]
 fn many_short_flows_leave_nothing_behind() {
+    require_root!();
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     // Two service ports: a probe whose ephemeral port the kernel recycled from
     // an earlier probe, whose flow the proxy still holds (1.5 s idle), gets the
@@ -213,14 +218,10 @@ fn many_short_flows_leave_nothing_behind() {
     assert_eq!(sb.hooks().udp_handoff_entries().unwrap(), 0, "hand-off back to its baseline");
 }
 
-/// UDP sockets bound to `port` (IPv4 and IPv6), from /proc/net/udp{,6}.
+/// UDP sockets bound to `port` (IPv4 and IPv6), from the socket tables.
 fn udp_sockets_on(port: u16) -> usize {
-    let suffix = format!(":{port:04X}");
-    ["/proc/net/udp", "/proc/net/udp6"]
-        .iter()
-        .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|local| local.ends_with(&suffix)))
-        .count()
+    use rewire_control::net::{sockets, Table};
+    [Table::Udp, Table::Udp6].into_iter().flat_map(sockets).filter(|s| s.local.port() == port).count()
 }
 
 /// The library calls on UDP, inside the cgroup (this binary re-executed as
@@ -230,6 +231,7 @@ fn udp_sockets_on(port: u16) -> usize {
 /// flow nobody claims is left behind on purpose, and expiry removes it.
 #[test]
 fn api_on_udp_sockets_and_expiry_of_unclaimed_flows() {
+    require_root!();
     let port = free_port();
     let dst_port = free_port();
     let mut sb = Sandbox::new(&format!("{SHORT_IDLE}{}", udp_service("probe", port, dst_port)));
@@ -244,8 +246,9 @@ fn api_on_udp_sockets_and_expiry_of_unclaimed_flows() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by api_on_udp_sockets_and_expiry_of_unclaimed_flows"]
 fn child_udp_api() {
+    // Child: runs inside the test cgroup, started by api_on_udp_sockets_and_expiry_of_unclaimed_flows.
+    child!();
     let Some((port, dst_port)) = child_env() else { return };
     for ip in ["127.0.0.1", "::1"] {
         let dst = SocketAddr::new(ip.parse().unwrap(), dst_port);
@@ -393,6 +396,7 @@ fn child_udp_api() {
 /// refused as a flow without records).
 #[test]
 fn stray_on_a_new_flow_socket_keeps_its_records() {
+    require_root!();
     let port = free_port();
     let dst_port = free_port();
     let sb = Sandbox::new(&format!("{IDLE}{}", udp_service("probe", port, dst_port)));
@@ -402,8 +406,9 @@ fn stray_on_a_new_flow_socket_keeps_its_records() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by stray_on_a_new_flow_socket_keeps_its_records"]
 fn child_udp_stray() {
+    // Child: runs inside the test cgroup, started by stray_on_a_new_flow_socket_keeps_its_records.
+    child!();
     let Some((port, dst_port)) = child_env() else { return };
     let dst: SocketAddr = format!("127.0.0.1:{dst_port}").parse().unwrap();
     let local = SocketAddr::new(dst.ip(), port);
@@ -483,6 +488,7 @@ fn child_udp_stray() {
 /// entry with its own.)
 #[test]
 fn records_go_with_the_sender_not_the_next_owner_of_its_port() {
+    require_root!();
     let port = free_port();
     // Two destination ports through the one service, on IPv4 and IPv6.
     let dst_port = free_ports(2);
@@ -499,8 +505,9 @@ fn records_go_with_the_sender_not_the_next_owner_of_its_port() {
 }
 
 #[test]
-#[ignore = "runs inside the test cgroup, started by records_go_with_the_sender_not_the_next_owner_of_its_port"]
 fn child_udp_next_owner() {
+    // Child: runs inside the test cgroup, started by records_go_with_the_sender_not_the_next_owner_of_its_port.
+    child!();
     let Some((port, dst_port)) = child_env() else { return };
     for ip in ["127.0.0.1", "::1"] {
         let ip: std::net::IpAddr = ip.parse().unwrap();

@@ -67,6 +67,24 @@ pub fn join(cgroup: &Path) -> Result<(), CgroupError> {
     move_pid(cgroup, std::process::id())
 }
 
+/// Makes `cmd` start inside `cgroup`, so nothing it runs happens outside:
+/// `cgroup.procs` is opened here (an error surfaces in the parent), and the
+/// child writes itself ("0") to it between fork and exec, one `write(2)`
+/// on a descriptor it already holds. The one way rewire, its bench and its
+/// tests start a process in a cgroup (a tokio command: `as_std_mut`).
+pub fn join_on_exec(cmd: &mut std::process::Command, cgroup: &Path) -> Result<(), CgroupError> {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let path = cgroup.join("cgroup.procs");
+    let procs = fs::OpenOptions::new().write(true).open(&path).map_err(io_err("open", &path))?;
+    // SAFETY: between fork and exec the closure only calls write(2) on a
+    // descriptor opened above (no allocation, no lock): async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || (&procs).write_all(b"0"));
+    }
+    Ok(())
+}
+
 /// The cgroup2 path of a process (`0::/path` in `/proc/PID/cgroup`).
 pub fn cgroup_of(pid: u32) -> Result<PathBuf, CgroupError> {
     let p = PathBuf::from(format!("/proc/{pid}/cgroup"));

@@ -8,17 +8,18 @@
 //! them; many flows at once; and the fallback to splice when the fast path
 //! is unavailable.
 //!
-//! Loading the BPF program needs root (CAP_BPF + CAP_NET_ADMIN); these
-//! tests run as root in CI and fail, rather than skip, when the program
-//! cannot be used (the relay then reports that it fell back).
+//! Loading the BPF program needs root (CAP_BPF + CAP_NET_ADMIN): the
+//! kernel tests skip with one line for a developer who is not root and fail
+//! under CI (`CI=true`, the test kit's privilege policy); as root they fail,
+//! rather than skip, when the program cannot be used (the relay then
+//! reports that it fell back).
 
 use std::future::Future;
 use std::time::Duration;
 
-mod common;
-
-use common::{half_close, pattern, sha, topology};
 use rewire_proxy::relay::{RelayMode, RelayStats};
+use rewire_testkit::relay::{half_close, topology};
+use rewire_testkit::{pattern, require_root, sha};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -81,18 +82,21 @@ fn assert_mostly_kernel(s: &RelayStats, inspect: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_relays_8mb_each_way_ipv4() {
+    require_root!();
     let s = bounded(both_ways(KERNEL, "127.0.0.1:0", EIGHT_MB, EIGHT_MB)).await;
     assert_mostly_kernel(&s, INSPECT);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_relays_8mb_each_way_ipv6() {
+    require_root!();
     let s = bounded(both_ways(KERNEL, "[::1]:0", EIGHT_MB, EIGHT_MB)).await;
     assert_mostly_kernel(&s, INSPECT);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_with_nothing_inspected_relays_8mb_each_way() {
+    require_root!();
     let s = bounded(both_ways(RelayMode::Kernel { inspect: 0 }, "[::1]:0", EIGHT_MB, EIGHT_MB)).await;
     assert_mostly_kernel(&s, 0);
 }
@@ -123,6 +127,7 @@ async fn kernel_relays_flows_at_the_inspected_prefix() {
 /// established) and is spliced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_keeps_half_close() {
+    require_root!();
     let s = bounded(half_close(KERNEL)).await;
     assert_prefix_in_user_space(&s, INSPECT);
     assert!(s.kernel_a_to_b > s.a_to_b / 2, "the request should go through the kernel: {s:?}");
@@ -134,6 +139,7 @@ async fn kernel_keeps_half_close() {
 /// still goes through the kernel to the app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_keeps_half_close_when_both_directions_are_offloaded() {
+    require_root!();
     bounded(async {
         let (mut app, mut server, relay) = topology(KERNEL, "[::1]:0").await;
         // Two exchanges: the first passes the prefix (the relay hands over
@@ -174,6 +180,7 @@ async fn kernel_keeps_half_close_when_both_directions_are_offloaded() {
 /// without closing): they must still be forwarded, before the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_forwards_bytes_queued_before_the_hand_over() {
+    require_root!();
     bounded(async {
         let (mut app, mut server, relay) = topology(KERNEL, "127.0.0.1:0").await;
         let request = pattern(INSPECT + 100_000, 5);
@@ -208,6 +215,7 @@ async fn kernel_forwards_bytes_queued_before_the_hand_over() {
 /// Sixteen flows at once, each on its own pair of sockets (and map entries).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_relays_many_flows_at_once() {
+    require_root!();
     let flows = (0..16).map(|i| {
         let addr = if i % 2 == 0 { "127.0.0.1:0" } else { "[::1]:0" };
         both_ways(KERNEL, addr, (1 << 20) + i * 1000, (1 << 20) + i * 7)

@@ -5,17 +5,18 @@
 //! counted rather than logged, accepting paused by the descriptor budget
 //! and resumed when a flow ends, splice degrading to copy without pipes,
 //! and a UDP flow over capacity refused visibly (counted, ICMP to the
-//! sender: needs root for the raw socket, and fails without it).
+//! sender: needs root for the raw socket; skipped for a developer who is
+//! not root, failing under CI, as the test kit's privilege policy says).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod common;
-
 use rewire_proxy::limits::{Budget, ACCEPT_HEADROOM};
 use rewire_proxy::relay::{relay_with, Progress, RelayMode};
 use rewire_proxy::{Destination, FlowLog, Phase, Proxy, ProxyOptions};
+use rewire_testkit::relay::pair;
+use rewire_testkit::{pattern, require_root, sha};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch};
@@ -270,13 +271,13 @@ async fn descriptor_budget_pauses_accepting_and_resumes_when_a_flow_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn splice_without_descriptors_for_pipes_copies_instead() {
     bounded(async {
-        let (mut app, mut proxy_in) = common::pair("127.0.0.1:0").await;
-        let (mut proxy_out, mut server) = common::pair("127.0.0.1:0").await;
+        let (mut app, mut proxy_in) = pair("127.0.0.1:0").await;
+        let (mut proxy_out, mut server) = pair("127.0.0.1:0").await;
         let progress = Arc::new(Progress::default());
         let p = progress.clone();
         let relay = tokio::spawn(async move { relay_with(RelayMode::Splice, &mut proxy_in, &mut proxy_out, &p, &Budget::new(0)).await });
-        let up = common::pattern(1 << 20, 7);
-        let down = common::pattern(1 << 20, 8);
+        let up = pattern(1 << 20, 7);
+        let down = pattern(1 << 20, 8);
         let (u, d) = (up.clone(), down.clone());
         let a = tokio::spawn(async move {
             app.write_all(&u).await.unwrap();
@@ -289,8 +290,8 @@ async fn splice_without_descriptors_for_pipes_copies_instead() {
         server.read_to_end(&mut got).await.unwrap();
         server.write_all(&d).await.unwrap();
         server.shutdown().await.unwrap();
-        assert_eq!(common::sha(&got), common::sha(&up));
-        assert_eq!(common::sha(&a.await.unwrap()), common::sha(&down));
+        assert_eq!(sha(&got), sha(&up));
+        assert_eq!(sha(&a.await.unwrap()), sha(&down));
         let stats = relay.await.unwrap().unwrap();
         assert_eq!((stats.a_to_b, stats.b_to_a), (1 << 20, 1 << 20));
         assert!(stats.fell_back, "{stats:?}");
@@ -303,7 +304,7 @@ async fn splice_without_descriptors_for_pipes_copies_instead() {
 /// Both families: a connected sender over capacity is told (ECONNREFUSED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_over_capacity_is_counted_and_the_sender_told() {
-    assert!(nix_is_root(), "this test sends ICMP errors from a raw socket (CAP_NET_RAW) and must run as root");
+    require_root!(); // it sends ICMP errors from a raw socket (CAP_NET_RAW)
     bounded(async {
         let server = echo().await;
         for ip in ["127.0.0.1", "::1"] {
@@ -328,9 +329,4 @@ async fn udp_over_capacity_is_counted_and_the_sender_told() {
         }
     })
     .await;
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }

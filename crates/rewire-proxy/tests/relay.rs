@@ -3,10 +3,9 @@
 //! and half-close: one side shuts its write half, the other still sends and
 //! everything arrives.
 
-mod common;
-
-use common::{half_close, pattern, sha, topology};
 use rewire_proxy::relay::{RelayMode, RelayStats};
+use rewire_testkit::relay::{half_close, topology};
+use rewire_testkit::{pattern, sha};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,32 +1,13 @@
-//! Shared by the relay tests: a deterministic byte pattern, SHA-256, and
-//! the topology app <-> (proxy_in | relay | proxy_out) <-> server on
-//! loopback.
-
-#![allow(dead_code)]
+//! The proxy relay's in-process topology on loopback: app <-> (proxy_in |
+//! relay | proxy_out) <-> server, for the relay and fast-path tests.
 
 use std::net::SocketAddr;
 
 use rewire_proxy::relay::{relay, RelayMode, RelayStats};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// `n` bytes of an xorshift stream seeded by `seed`.
-pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-pub fn sha(b: &[u8]) -> Vec<u8> {
-    Sha256::digest(b).to_vec()
-}
+use crate::servers::{pattern, sha};
 
 /// A connected pair of TCP sockets on `addr` (a loopback address, port 0).
 pub async fn pair(addr: &str) -> (TcpStream, TcpStream) {
