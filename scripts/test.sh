@@ -22,7 +22,7 @@ leftovers() {
   local cg2 left pins
   cg2=$(awk '$3=="cgroup2"{print $2; exit}' /proc/mounts)
   left=$(find "$cg2" -mindepth 1 -maxdepth 2 -type d -name 'rewire-test-*' -o -mindepth 1 -maxdepth 2 -type d -name 'rewire-demo-*' 2>/dev/null || true)
-  pins=$(find /sys/fs/bpf -mindepth 1 -maxdepth 1 -name 'rewire*' 2>/dev/null || true)
+  pins=$(find "${REWIRE_BPFFS:-/sys/fs/bpf}" -mindepth 1 -maxdepth 1 -name 'rewire*' 2>/dev/null || true)
   if [ -n "$left$pins" ]; then
     echo "left behind:"; echo "$left"; echo "$pins"
     exit 1

@@ -366,7 +366,6 @@ fn udp_bound(port: u16) -> bool {
 fn c_udp_example_chains_with_rewire_proxy() {
     require_root!();
     const N: u64 = 10_000;
-    root_or_fail();
     let rewire = rewire_exe();
     let tmp = TempDir::new("udpchain");
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());

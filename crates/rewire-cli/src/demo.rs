@@ -417,13 +417,9 @@ fn running_app_step(dir: &Path, origin: &Origin) -> Result<()> {
     let mount = rewire_control::cgroup::cgroup2_mount()?;
     let unit_cg = format!("/{}", unit.strip_prefix(&mount)?.display());
     println!("a stand-in host made by the demo: {unit_cg} (a unit-like cgroup, not one of this machine's)");
-    let procs = unit.join("cgroup.procs");
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["demo", "--app"]).arg(origin.addrs[0].to_string()).stdin(Stdio::piped()).stdout(Stdio::piped());
-    // SAFETY: one write between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
-    }
+    rewire_control::cgroup::join_on_exec(&mut cmd, &unit)?;
     let app = run.app.insert(cmd.spawn().context("starting the application")?);
     let app_pid = app.id();
     let mut app_in = app.stdin.take().context("app stdin")?;
@@ -461,7 +457,7 @@ fn running_app_step(dir: &Path, origin: &Origin) -> Result<()> {
     let audit_log = st.log_path("audit");
     let dlp_log = st.log_path("dlp");
     let child = st
-        .command(&std::env::current_exe()?)
+        .command(&std::env::current_exe()?)?
         .args(["proxy", "--name", "audit", "--config"])
         .arg(&path)
         .arg("--log")

@@ -178,10 +178,7 @@ impl Tree {
 
 impl Drop for Tree {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.children.iter_mut().for_each(end);
         if let Some(mut cg) = self.parent.take() {
             let _ = cg.remove();
         }

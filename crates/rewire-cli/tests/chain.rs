@@ -211,7 +211,7 @@ fn nothing_is_left_behind() {
         assert!(path.exists());
     }
     assert!(!path.exists(), "cgroup {} must be removed", path.display());
-    assert!(!std::path::Path::new("/sys/fs/bpf").join(&name).exists());
+    assert!(!rewire_control::paths::pin_dir(name.to_str().unwrap()).exists());
 }
 
 /// `Hooks::program_stats` reads the kernel's own counts (the bench's kernel

@@ -18,7 +18,7 @@ fn daemon_exec_proxy_sigterm_keeps_hooks_down_removes_them() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("rewire.toml");
     std::fs::write(&cfg, format!("cgroup = \"{name}\"\n{}", service("audit", free_port(), server.addr.port()))).unwrap();
-    let pins = std::path::Path::new("/sys/fs/bpf").join(&name);
+    let pins = rewire_control::paths::pin_dir(&name);
     let cg = rewire_control::cgroup::cgroup2_mount().unwrap().join(&name);
 
     let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg).stderr(Stdio::null()).spawn().unwrap();

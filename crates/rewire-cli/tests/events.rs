@@ -163,7 +163,7 @@ fn flood(printer: Printer, format: &str, secs: f64) -> Flood {
         Printer::Daemon => {
             let daemon = Command::new(REWIRE).args(["daemon", "--events", format, "--config"]).arg(&config).stderr(stderr).spawn().unwrap();
             let mut d = Started { child: Some(daemon), cgroup: Some(cg_root.join(&name)), down: Some(config.clone()) };
-            let pins = std::path::Path::new("/sys/fs/bpf").join(&name);
+            let pins = rewire_control::paths::pin_dir(&name);
             let deadline = Instant::now() + Duration::from_secs(15);
             while !pins.join("rw_conf").exists() {
                 assert!(Instant::now() < deadline, "the daemon did not pin its maps");

@@ -85,18 +85,7 @@ impl Life {
             v
         });
         let mut stdout = vec![];
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("rewire {args:?} did not finish within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = wait_exit(&mut child, Duration::from_secs(60), &format!("rewire {args:?}"));
         let _ = out.read_to_end(&mut stdout);
         Output { status, stdout, stderr: t.join().unwrap() }
     }
@@ -136,18 +125,7 @@ impl Life {
     fn signal_daemon(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
         let mut d = self.daemon.take().expect("a daemon runs");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.id() as i32), sig).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(st) = d.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = d.kill();
-                let _ = d.wait();
-                panic!("daemon did not exit within 15 s of {sig}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_exit(&mut d, Duration::from_secs(15), &format!("the daemon, after {sig},"))
     }
 
     /// A command that joins the subtree before it starts.
@@ -202,14 +180,7 @@ impl Life {
 
 impl Drop for Life {
     fn drop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.daemon.iter_mut().chain(&mut self.children).for_each(end);
         let _ = self.rewire().args(["down", "--grace", "1", "--config"]).arg(&self.cfg).output();
         if self.cg.exists() {
             if let Ok(mut cg) = rewire_control::ManagedCgroup::existing(&self.name) {
@@ -218,8 +189,9 @@ impl Drop for Life {
         }
         // Drops every pin of this test, whatever is left.
         let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
-        for ext in ["pid", "status", "reload"] {
-            let _ = std::fs::remove_file(format!("/run/rewire/{}.{ext}", self.name));
+        use rewire_control::paths::{pid_file, reload_file, status_file};
+        for f in [pid_file(&self.name), status_file(&self.name), reload_file(&self.name)] {
+            let _ = std::fs::remove_file(f);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -745,6 +717,7 @@ fn next_notification(sock: &std::os::unix::net::UnixDatagram) -> String {
 /// MONOTONIC_USEC then READY=1 around a reload, STOPPING=1 at SIGTERM.
 #[test]
 fn daemon_notifies_ready_only_after_its_hooks_are_attached() {
+    require_root!();
     let mut life = Life::new(&service("audit", free_port(), free_port()));
     let path = life.dir.join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
@@ -788,6 +761,7 @@ fn daemon_notifies_ready_only_after_its_hooks_are_attached() {
 /// daemon, returns 0 once the kernel has the hooks attached.
 #[test]
 fn status_wait_returns_when_the_hooks_are_attached() {
+    require_root!();
     let mut life = Life::new(&service("audit", free_port(), free_port()));
     let cfg = life.cfg.to_str().unwrap().to_string();
     let out = life.run(&["status", "--config", &cfg]);
@@ -843,6 +817,7 @@ fn status_wait_returns_when_the_hooks_are_attached() {
 /// flows, the exec'd command runs inside the subtree.
 #[test]
 fn proxy_and_exec_started_with_the_daemon_wait_for_its_hooks() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -935,6 +910,7 @@ fn probe_from_subtree(life: &Life, dst: SocketAddr) -> (Value, Option<i32>) {
 /// refused them (the socket was not bound by the service: an impostor).
 #[test]
 fn a_socket_passed_by_systemd_socket_activate_serves_its_services_flows() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -1013,6 +989,7 @@ fn listener_as(listen: SocketAddr, euid: u32) -> std::os::fd::OwnedFd {
 /// exec'd process's own pid); stderr in `err`. Its pid (kept through every exec).
 fn exec_service_with(life: &mut Life, sock: &std::os::fd::OwnedFd, env: &[(&str, &str)], prog: &[&str], err: &Path) -> u32 {
     use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
     let cfg = life.cfg.to_str().unwrap().to_string();
     let own_pid = env.iter().any(|&(k, v)| k == "LISTEN_PID" && v == "self");
     let mut cmd = Command::new("/bin/sh");
@@ -1045,6 +1022,7 @@ type Case<'a> = (&'a str, u32, &'a [(&'a str, &'a str)], &'a str);
 /// to `rewire proxy`, serves the flow.
 #[test]
 fn a_socket_that_merely_reaches_a_service_never_gets_its_flows() {
+    require_root!();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

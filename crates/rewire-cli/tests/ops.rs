@@ -225,6 +225,7 @@ fn service_of<'a>(v: &'a Value, svc: &str) -> &'a Value {
 /// pinned maps.
 #[test]
 fn status_json_per_service_from_the_kernel() {
+    require_root!();
     let a = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let b = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let (pa, pb) = (free_port(), free_port());
@@ -294,6 +295,7 @@ fn status_json_per_service_from_the_kernel() {
 /// wall-clock timestamp).
 #[test]
 fn json_logs_cover_every_line() {
+    require_root!();
     let b = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let services = service("dlp", free_port(), b.addr.port());
     let mut d = Daemon::start("logs", &services, &["--log-format", "json", "--events", "json"]);

@@ -13,7 +13,7 @@ use rewire_control::{Config, Hooks, ManagedCgroup};
 use serde_json::Value;
 
 use crate::privilege::root_or_fail;
-use crate::wait::{wait_listening, wait_output};
+use crate::wait::{end, wait_listening, wait_output};
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -133,10 +133,7 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.children.iter_mut().for_each(end);
         if let Some(mut cg) = self.cgroup.take() {
             let _ = cg.remove();
         }

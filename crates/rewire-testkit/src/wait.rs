@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -17,15 +17,21 @@ pub fn wait_listening(addr: SocketAddr) {
 
 /// Waits (at most `timeout`) until sockets listen on every one of `addrs`;
 /// fails at once if `child` (the process that is to listen) exits first.
-pub fn wait_listening_for(addrs: &[SocketAddr], timeout: Duration, mut child: Option<&mut Child>) {
+pub fn wait_listening_for(addrs: &[SocketAddr], timeout: Duration, child: Option<&mut Child>) {
+    let what = format!("something listening on {addrs:?}");
+    wait_while_alive(child, timeout, &what, || addrs.iter().all(|a| rewire_control::net::is_listening(*a)));
+}
+
+/// Waits (at most `timeout`) until `ready`; fails at once if `child` (the
+/// process that is to make it so) exits first.
+pub fn wait_while_alive(mut child: Option<&mut Child>, timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
-    for &addr in addrs {
-        while !rewire_control::net::wait_listening(addr, Duration::from_millis(100)) {
-            if let Some(status) = child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("the process that was to listen on {addr} exited: {status}");
-            }
-            assert!(Instant::now() < deadline, "nothing listens on {addr} after {timeout:?}");
+    while !ready() {
+        if let Some(status) = child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            panic!("the process that was to bring about {what} exited: {status}");
         }
+        assert!(Instant::now() < deadline, "no {what} after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -37,19 +43,30 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> Vec<u8> {
         let _ = out.read_to_end(&mut v);
         v
     });
+    wait_exit(&mut child, timeout, "child");
+    reader.join().unwrap()
+}
+
+/// Waits (at most `timeout`) until `child` exits; kills it and fails after
+/// that, naming it `what`.
+pub fn wait_exit(child: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("child timed out");
+            end(child);
+            panic!("{what} timed out (did not exit within {timeout:?})");
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
-    reader.join().unwrap()
+}
+
+/// Kills `child` (best effort) and reaps it.
+pub fn end(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Reads a proxy's JSON lines, waiting (bounded) until there are `n`.
