@@ -570,8 +570,9 @@ fn the_daemon_covers_a_unit_across_reload_and_down_leaves_it_as_it_was() {
 /// in `HOST_SYNC`'s `.rounds`; `done N` in `HOST_SYNC` (a failed round fails
 /// the child).
 #[test]
-#[ignore]
 fn child_stream() {
+    // Child: the connect stream of a_reload_reorders_the_chain_under_a_connect_stream.
+    child!();
     use std::io::{Read, Write};
     let Some(dst) = env::<SocketAddr>("HOST_DST") else { return };
     let sync: PathBuf = env("HOST_SYNC").unwrap();
@@ -601,6 +602,7 @@ fn child_stream() {
 /// then dlp, after it dlp then audit.
 #[test]
 fn a_reload_reorders_the_chain_under_a_connect_stream() {
+    require_root!();
     let host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let name = format!("rewire-test-{}-hostr", std::process::id());
@@ -721,6 +723,7 @@ fn a_reload_reorders_the_chain_under_a_connect_stream() {
 /// none after it may go direct).
 #[test]
 fn a_selected_unit_that_restarts_stays_selected() {
+    require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let name = format!("rewire-test-{}-hostw", std::process::id());
