@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::maps::{Array, MapData};
 use aya::programs::Program;
@@ -35,7 +35,16 @@ use rewire::abi::RwConf;
 use crate::bpfsys::raise_memlock;
 use crate::bpfsys::{self, LinkInfo};
 use crate::config::Config;
-use crate::hooks::{fill_maps, Hooks, HooksError, Pod};
+use crate::error::{sys, HooksError, Pod};
+use crate::hooks::{prog_fd, Hooks};
+use crate::tables::fill_maps;
+
+mod covers;
+mod outcome;
+mod pins;
+
+pub use outcome::{Outcome, Restored};
+pub use pins::{attached_programs, check_attached, link_status, read_pinned_conf, remove_pins, LinkCheckError, Removed};
 
 /// Maps `fill_maps` writes from the configuration: fresh for every
 /// generation. Every other map of the object is state and is reused. (A
@@ -45,236 +54,6 @@ pub const CONFIG_MAPS: &[&str] = &["rw_conf", "rw_rules", "rw_services", "rw_svc
 // Kept while tests still name it here; the home of these names is `paths`.
 pub use crate::paths::bpffs_root;
 use crate::paths::{links_dir, stage_dir};
-
-/// What [`Hooks::persistent`] or [`Hooks::reload`] did.
-#[derive(Clone, Debug, Default)]
-pub struct Outcome {
-    /// A previous instance's pinned links were found and taken over.
-    pub adopted: bool,
-    /// The previous programs and tables were the same as this build and
-    /// configuration and were kept as they were.
-    pub unchanged: bool,
-    /// Programs attached with a new link.
-    pub attached: Vec<String>,
-    /// Programs whose link now runs the new build (`BPF_LINK_UPDATE`).
-    pub replaced: Vec<String>,
-    /// Links of programs this build no longer has, detached.
-    pub detached: Vec<String>,
-    /// State maps reused from the pins.
-    pub kept_maps: Vec<String>,
-    /// State maps whose layout changed: new ones replace them (flows in
-    /// progress lose what was in them).
-    pub fresh_maps: Vec<String>,
-}
-
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.unchanged {
-            return write!(f, "adopted the attached hooks unchanged (same build and configuration)");
-        }
-        let mut parts = vec![];
-        if self.adopted {
-            parts.push("adopted the attached hooks".to_string());
-        }
-        if !self.replaced.is_empty() {
-            parts.push(format!("replaced {} program(s) in place (link update)", self.replaced.len()));
-        }
-        if !self.attached.is_empty() {
-            parts.push(format!("attached {} program(s)", self.attached.len()));
-        }
-        if !self.detached.is_empty() {
-            parts.push(format!("detached {} program(s) this build no longer has ({})", self.detached.len(), self.detached.join(", ")));
-        }
-        if !self.kept_maps.is_empty() {
-            parts.push(format!("kept {} state map(s)", self.kept_maps.len()));
-        }
-        if !self.fresh_maps.is_empty() {
-            parts.push(format!(
-                "replaced {} state map(s) whose layout changed ({}): flows in progress lose their state",
-                self.fresh_maps.len(),
-                self.fresh_maps.join(", ")
-            ));
-        }
-        write!(f, "{}", parts.join("; "))
-    }
-}
-
-/// What [`Hooks::restore_pins`] put back.
-#[derive(Clone, Debug, Default)]
-pub struct Restored {
-    /// Links pinned again (program names).
-    pub links: Vec<String>,
-    /// Maps pinned again.
-    pub maps: Vec<String>,
-}
-
-impl Restored {
-    /// Nothing was missing.
-    pub fn is_empty(&self) -> bool {
-        self.links.is_empty() && self.maps.is_empty()
-    }
-}
-
-/// How many programs are attached directly to the cgroup at `cgroup` at
-/// any attach type rewire uses (links or legacy attachments, whoever made
-/// them). A cgroup rewire marked as its own but whose pins are gone may be
-/// attached again only when this is 0: nothing else holds hooks there.
-pub fn attached_programs(cgroup: &Path) -> Result<u32, HooksError> {
-    let cg = File::open(cgroup).map_err(|source| HooksError::Io { path: cgroup.into(), source })?;
-    let mut types: Vec<u32> = rewire_bpf::PROGRAMS.iter().filter_map(|&(_, s)| bpfsys::cgroup_attach_type(s)).collect();
-    types.sort_unstable();
-    types.dedup();
-    let mut n = 0;
-    for t in types {
-        n += bpfsys::prog_query_count(cg.as_fd(), t).map_err(sys(format!("querying the programs on {}", cgroup.display())))?;
-    }
-    Ok(n)
-}
-
-/// Why the hooks of a subtree are not (all) attached.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkCheckError {
-    /// Nothing pinned.
-    #[error("no hook is pinned in {0}")]
-    NoPins(PathBuf),
-    /// One program has no pinned link.
-    #[error("hook {name} is not pinned ({path} is missing)")]
-    Missing {
-        /// Program.
-        name: &'static str,
-        /// Expected pin.
-        path: PathBuf,
-    },
-    /// The link exists but is not attached to the cgroup.
-    #[error("hook {name} is not attached to {cgroup} (link {link_id}: cgroup id {found}, expected {expected})")]
-    NotAttached {
-        /// Program.
-        name: &'static str,
-        /// The subtree.
-        cgroup: PathBuf,
-        /// The link's id.
-        link_id: u32,
-        /// Cgroup id the link reports (0: detached).
-        found: u64,
-        /// The subtree's cgroup id.
-        expected: u64,
-    },
-    /// Reading a pin or the cgroup failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// Path.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
-}
-
-fn sys(what: impl Into<String>) -> impl FnOnce(io::Error) -> HooksError {
-    let what = what.into();
-    move |source| HooksError::Sys { what, source }
-}
-
-/// The pinned links of a pin directory: program name -> kernel information.
-pub fn link_status(dir: &Path) -> Result<BTreeMap<String, LinkInfo>, HooksError> {
-    let mut out = BTreeMap::new();
-    let Ok(rd) = fs::read_dir(links_dir(dir)) else { return Ok(out) };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let fd = bpfsys::obj_get(&e.path()).map_err(sys(format!("opening {}", e.path().display())))?;
-        out.insert(name, bpfsys::link_info(fd.as_fd()).map_err(sys("reading link info"))?);
-    }
-    Ok(out)
-}
-
-/// Checks that every program of this build has a pinned link in `dir`
-/// attached to `cgroup` (the kernel's link information, not a pid file).
-pub fn check_attached(dir: &Path, cgroup: &Path) -> Result<(), LinkCheckError> {
-    if !links_dir(dir).is_dir() {
-        return Err(LinkCheckError::NoPins(dir.into()));
-    }
-    let expected = crate::cgroup::cgroup_id(cgroup)
-        .map_err(|e| LinkCheckError::Io { path: cgroup.into(), source: io::Error::other(e.to_string()) })?;
-    for &(name, _) in rewire_bpf::PROGRAMS {
-        let path = links_dir(dir).join(name);
-        let fd = match bpfsys::obj_get(&path) {
-            Ok(fd) => fd,
-            // Attached only when the configuration needs it.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && crate::hooks::OPTIONAL_PROGRAMS.contains(&name) => continue,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(LinkCheckError::Missing { name, path }),
-            Err(source) => return Err(LinkCheckError::Io { path, source }),
-        };
-        let info = bpfsys::link_info(fd.as_fd()).map_err(|source| LinkCheckError::Io { path: path.clone(), source })?;
-        if !info.attached_to(expected) {
-            return Err(LinkCheckError::NotAttached { name, cgroup: cgroup.into(), link_id: info.id, found: info.cgroup_id, expected });
-        }
-    }
-    Ok(())
-}
-
-/// Reads the pinned `rw_conf` (rule count, hop limit, SipHash key).
-pub fn read_pinned_conf(dir: &Path) -> Result<RwConf, HooksError> {
-    let fd = bpfsys::obj_get(&dir.join("rw_conf")).map_err(sys(format!("opening {}/rw_conf", dir.display())))?;
-    let size = bpfsys::map_info(fd.as_fd()).map_err(sys("reading rw_conf's info"))?.value_size as usize;
-    let v = bpfsys::map_lookup(&fd, &0u32.to_ne_bytes(), size).map_err(sys("reading rw_conf"))?;
-    if v.len() < 24 {
-        return Err(HooksError::Config(format!("rw_conf holds {size} bytes, too few for its key")));
-    }
-    // A layout with fields added at the end still has the key where it was.
-    let mut conf = RwConf::default();
-    let n = v.len().min(std::mem::size_of::<RwConf>());
-    // SAFETY: RwConf is repr(C) integers; n bytes fit in both.
-    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), &mut conf as *mut RwConf as *mut u8, n) };
-    Ok(conf)
-}
-
-/// What [`remove_pins`] removed.
-#[derive(Clone, Debug, Default)]
-pub struct Removed {
-    /// Links detached.
-    pub links: usize,
-    /// Other pins (maps) removed.
-    pub maps: usize,
-}
-
-/// Detaches every pinned link of `dir` (`BPF_LINK_DETACH`, so a process
-/// still holding one cannot keep it attached) and removes all pins and the
-/// directory.
-pub fn remove_pins(dir: &Path) -> Result<Removed, HooksError> {
-    let mut r = Removed::default();
-    if !dir.exists() {
-        return Ok(r);
-    }
-    r.links += crate::scope::remove_pinned(dir).map_err(|e| HooksError::Pin { path: dir.join("scope"), message: e.to_string() })?;
-    r.links += crate::guard::remove_pinned(dir).map_err(|e| HooksError::Pin { path: dir.join("guard"), message: e.to_string() })?;
-    r.links += crate::cover::remove_pinned(dir);
-    r.links += crate::guard::remove_pinned_lsm(dir).map_err(|e| HooksError::Pin { path: dir.join("lsm"), message: e.to_string() })?;
-    if let Ok(rd) = fs::read_dir(links_dir(dir)) {
-        for e in rd.flatten() {
-            if let Ok(fd) = bpfsys::obj_get(&e.path()) {
-                let _ = bpfsys::link_detach(fd.as_fd());
-            }
-            fs::remove_file(e.path()).map_err(|e2| HooksError::Pin { path: e.path(), message: e2.to_string() })?;
-            r.links += 1;
-        }
-    }
-    for d in [stage_dir(dir), dir.to_path_buf()] {
-        if let Ok(rd) = fs::read_dir(&d) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_file()) {
-                    fs::remove_file(e.path()).map_err(|e2| HooksError::Pin { path: e.path(), message: e2.to_string() })?;
-                    r.maps += 1;
-                }
-            }
-        }
-    }
-    for d in [links_dir(dir), stage_dir(dir), dir.to_path_buf()] {
-        match fs::remove_dir(&d) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(HooksError::Pin { path: d, message: e.to_string() }),
-            _ => {}
-        }
-    }
-    Ok(r)
-}
 
 /// Refuses a new configuration that would give a service that stays a
 /// different id, or a new service the id of one that goes: flows in
@@ -333,7 +112,7 @@ impl Hooks {
         let cg_id = crate::cgroup::cgroup_id(subtree).map_err(|e| HooksError::Config(e.to_string()))?;
         let wanted = crate::hooks::programs_for(config);
         // Covered cgroups (crate::cover): their links are always updated in place.
-        let covers = crate::cover::attach_points(config, subtree)?.len() > 1 || crate::cover::covers_dir(dir).exists();
+        let covers = crate::cover::attach_points(config, subtree)?.len() > 1 || covers::covers_dir(dir).exists();
         if !replace_programs && !covers && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id, &wanted)? {
             let _ = fs::remove_dir_all(stage_dir(dir));
             let outcome = Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, ..Default::default() };
@@ -346,7 +125,7 @@ impl Hooks {
             return Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope }, outcome));
         }
         let held = switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
-        crate::cover::switch_pinned(&bpf, config, subtree, dir, &wanted, &mut outcome)?;
+        covers::switch_pinned(&bpf, config, subtree, dir, &wanted, &mut outcome)?;
         publish(dir)?;
         let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
         Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope }, outcome))
@@ -369,7 +148,7 @@ impl Hooks {
             }
         }
         // The links at covered cgroups, held and restored the same way.
-        self.held_guard.extend(crate::cover::pinned_links(dir).map_err(sys("opening the covered cgroups' links"))?);
+        self.held_guard.extend(covers::pinned_links(dir).map_err(sys("opening the covered cgroups' links"))?);
         Ok(self.held_guard.len())
     }
 
@@ -421,7 +200,7 @@ impl Hooks {
         let cg_id = crate::cgroup::cgroup_id(&self.cgroup).map_err(|e| HooksError::Config(e.to_string()))?;
         let wanted = crate::hooks::programs_for(config);
         let held = switch(&bpf, &self.cgroup, cg_id, dir, &wanted, &mut outcome)?;
-        crate::cover::switch_pinned(&bpf, config, &self.cgroup, dir, &wanted, &mut outcome)?;
+        covers::switch_pinned(&bpf, config, &self.cgroup, dir, &wanted, &mut outcome)?;
         publish(dir)?;
         self.bpf = bpf;
         self.held = held;
@@ -515,11 +294,6 @@ fn keep_key(bpf: &mut Ebpf, dir: &Path) -> Result<(), HooksError> {
     let mut conf = arr.get(&0, 0).map_err(|source| HooksError::Map { name: "rw_conf", source })?;
     conf.0.key = old.key;
     arr.set(0, conf, 0).map_err(|source| HooksError::Map { name: "rw_conf", source })
-}
-
-pub(crate) fn prog_fd<'a>(bpf: &'a Ebpf, name: &'static str) -> Result<std::os::fd::BorrowedFd<'a>, HooksError> {
-    let prog = bpf.program(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
-    Ok(prog.fd().map_err(|source| HooksError::Program { name, source })?.as_fd())
 }
 
 /// Whether the live links already run this generation's programs with

@@ -1,0 +1,137 @@
+//! The daemon's links at the cgroups it covers (see [`crate::cover`]):
+//! pinned under `<pins>/covers/`, put live with each generation, held by
+//! the daemon and removed by `rewire down`. Apart from [`crate::cover`],
+//! which chooses the cgroups from the configuration and pins nothing.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use crate::bpfsys;
+use crate::config::Config;
+use crate::cover::{attach_points, CoverError};
+use crate::error::{sys, HooksError};
+use crate::hooks::prog_fd;
+
+use super::outcome::Outcome;
+
+/// The daemon's pinned links at covered cgroups:
+/// `<pins>/covers/<cgroup id>/<program>` (one directory per attach point
+/// other than the subtree).
+pub fn covers_dir(pins: &Path) -> PathBuf {
+    pins.join("covers")
+}
+
+/// Puts a loaded generation live at the covered cgroups of `config` (the
+/// daemon's, pinned): a link already attached there is updated in place
+/// (`BPF_LINK_UPDATE`), a missing one is made and pinned, and links at
+/// cgroups (or of programs) no longer wanted are detached. A cover that
+/// holds the daemon's subtree is refused: its links would sit above the
+/// subtree's and run twice for its processes.
+pub(crate) fn switch_pinned(
+    bpf: &aya::Ebpf,
+    config: &Config,
+    subtree: &Path,
+    pins: &Path,
+    wanted: &[(&'static str, &'static str)],
+    outcome: &mut Outcome,
+) -> Result<(), HooksError> {
+    let pin_err = |path: &Path, e: io::Error| HooksError::Pin { path: path.into(), message: e.to_string() };
+    let points = attach_points(config, subtree)?;
+    if !points.iter().any(|p| p == subtree) {
+        return Err(HooksError::Config(format!(
+            "{}: a covered cgroup holds the daemon's own subtree {}; the daemon's subtree must lie outside every cover \
+             (`rewire run` may lie inside one)",
+            config.path.display(),
+            subtree.display()
+        )));
+    }
+    let root = covers_dir(pins);
+    let mut keep = vec![];
+    for p in points.iter().filter(|p| *p != subtree) {
+        let id = crate::cgroup::cgroup_id(p).map_err(CoverError::from)?;
+        keep.push(id.to_string());
+        let dir = root.join(id.to_string());
+        std::fs::create_dir_all(&dir).map_err(|e| pin_err(&dir, e))?;
+        let cg = std::fs::File::open(p).map_err(|source| HooksError::Io { path: p.clone(), source })?;
+        for &(name, section) in wanted {
+            let prog = prog_fd(bpf, name)?;
+            let path = dir.join(name);
+            match bpfsys::obj_get(&path) {
+                Ok(link) => {
+                    let info = bpfsys::link_info(link.as_fd()).map_err(sys(format!("link {}", path.display())))?;
+                    if info.attached_to(id) {
+                        bpfsys::link_update(link.as_fd(), prog).map_err(sys(format!("updating {}", path.display())))?;
+                        outcome.replaced.push(format!("{name} at {}", p.display()));
+                        continue;
+                    }
+                    let _ = bpfsys::link_detach(link.as_fd());
+                    std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(sys(format!("opening {}", path.display()))(e)),
+            }
+            let t = bpfsys::cgroup_attach_type(section)
+                .ok_or_else(|| HooksError::Config(format!("program {name}: unknown cgroup section {section}")))?;
+            let link = bpfsys::link_create(prog, cg.as_fd(), t)
+                .map_err(sys(format!("attaching {name} to {} (beside the programs already there)", p.display())))?;
+            bpfsys::obj_pin(link.as_fd(), &path).map_err(|e| pin_err(&path, e))?;
+            outcome.attached.push(format!("{name} at {}", p.display()));
+        }
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !wanted.iter().any(|&(w, _)| w == name) {
+                detach_pin(&e.path());
+                outcome.detached.push(format!("{name} at {}", p.display()));
+            }
+        }
+    }
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        if !keep.contains(&e.file_name().to_string_lossy().into_owned()) {
+            let n = remove_dir_links(&e.path());
+            outcome.detached.push(format!("{n} program(s) at cgroup id {} no longer covered", e.file_name().to_string_lossy()));
+        }
+    }
+    Ok(())
+}
+
+fn detach_pin(path: &Path) {
+    if let Ok(fd) = crate::bpfsys::obj_get(path) {
+        let _ = crate::bpfsys::link_detach(std::os::fd::AsFd::as_fd(&fd));
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+/// Detaches and unpins every link in one cover's directory and removes it; how many.
+fn remove_dir_links(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        detach_pin(&e.path());
+        n += 1;
+    }
+    let _ = std::fs::remove_dir(dir);
+    n
+}
+
+/// Detaches (`BPF_LINK_DETACH`) and unpins every link the daemon attached
+/// at covered cgroups (`rewire down`): those cgroups are not rewire's and
+/// stay. Returns how many.
+pub fn remove_pinned(pins: &Path) -> usize {
+    let root = covers_dir(pins);
+    let n = std::fs::read_dir(&root).into_iter().flatten().flatten().map(|e| remove_dir_links(&e.path())).sum();
+    let _ = std::fs::remove_dir(&root);
+    n
+}
+
+/// Descriptors of the pinned cover links, named by their path under the
+/// pin directory (`covers/<id>/<program>`), for the daemon to hold.
+pub(crate) fn pinned_links(pins: &Path) -> Result<Vec<(String, std::os::fd::OwnedFd)>, io::Error> {
+    let mut out = vec![];
+    for d in std::fs::read_dir(covers_dir(pins)).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(d.path())?.flatten() {
+            let fd = crate::bpfsys::obj_get(&e.path())?;
+            out.push((format!("covers/{}/{}", d.file_name().to_string_lossy(), e.file_name().to_string_lossy()), fd));
+        }
+    }
+    Ok(out)
+}
