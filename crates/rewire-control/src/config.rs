@@ -57,11 +57,9 @@
 //!
 //! Every error names the file, the line and the key.
 
-use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -70,6 +68,11 @@ use rewire::abi::{
     RW_MAX_UDP_PORTS,
 };
 use rewire::ServiceId;
+
+mod locate;
+mod values;
+use locate::{find_key, key_at};
+pub use values::{resolve_gid, resolve_uid, BroadcastPolicy, Dst, FailPolicy, PortRange, Principal, Protocol};
 
 /// Bounds of `udp_idle_ms`.
 const UDP_IDLE_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
@@ -99,100 +102,6 @@ pub enum ConfigError {
     },
 }
 
-/// Transport a rule matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// TCP (the default).
-    #[default]
-    Tcp,
-    /// UDP.
-    Udp,
-    /// Both.
-    Any,
-}
-
-/// An inclusive port range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    /// First port.
-    pub lo: u16,
-    /// Last port.
-    pub hi: u16,
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            One(u16),
-            Range(String),
-        }
-        let bad = |s: &str| serde::de::Error::custom(format!("invalid port range `{s}` (use 8080 or \"8000-8100\")"));
-        match Raw::deserialize(d)? {
-            Raw::One(p) => Ok(PortRange { lo: p, hi: p }),
-            Raw::Range(s) => {
-                let (a, b) = s.split_once('-').unwrap_or((&s, &s));
-                let lo: u16 = a.trim().parse().map_err(|_| bad(&s))?;
-                let hi: u16 = b.trim().parse().map_err(|_| bad(&s))?;
-                if lo > hi {
-                    return Err(bad(&s));
-                }
-                Ok(PortRange { lo, hi })
-            }
-        }
-    }
-}
-
-/// What the kernel does with a flow whose service has no genuine listener
-/// (its proxy is down, or somebody else holds its address).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum FailPolicy {
-    /// The connect fails with `ECONNREFUSED` (a datagram send with an error).
-    #[default]
-    Closed,
-    /// The service is skipped: the flow goes on down the chain.
-    Open,
-}
-
-/// What happens to a UDP send or connect to a broadcast or multicast
-/// address (one datagram to many receivers, this host's own sockets
-/// included) that a rule applies to. No proxy can stand in for many
-/// receivers, so such a send is never redirected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum BroadcastPolicy {
-    /// The send fails with `EPERM`, with a `broadcast` event and counter.
-    #[default]
-    Refuse,
-    /// The datagram goes out as sent, to every receiver, unredirected and
-    /// uninspected.
-    Pass,
-}
-
-/// A destination of a match rule: a network, or every address of this host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dst {
-    /// A network (`127.0.0.0/8`, `::1/128`, `10.0.0.0/8`).
-    Net(IpNet),
-    /// `"local"`: loopback and every address of this host's interfaces (read at load).
-    Local,
-}
-
-impl<'de> Deserialize<'de> for Dst {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if s == "local" {
-            return Ok(Dst::Local);
-        }
-        s.parse::<IpNet>().or_else(|_| s.parse::<IpAddr>().map(IpNet::from)).map(Dst::Net).map_err(|_| {
-            serde::de::Error::custom(format!("invalid destination `{s}` (a network like \"127.0.0.0/8\", an address, or \"local\")"))
-        })
-    }
-}
-
 /// Longest name accepted for `cgroup` and services: they become directory
 /// and file names (`<cgroup>-run-<pid>`, `/sys/fs/bpf/<cgroup>`,
 /// `/run/rewire/<cgroup>.pid`, `<subtree>/services/<name>`), well under
@@ -205,16 +114,6 @@ fn valid_name(name: &str) -> bool {
         && name.len() <= MAX_NAME
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         && !name.starts_with('-')
-}
-
-/// A user or group, by number or name.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum Principal {
-    /// Numeric id.
-    Id(u32),
-    /// Name, resolved when the config is loaded.
-    Name(String),
 }
 
 /// A value or an array of values. (Not an untagged enum: that would hide the
@@ -632,176 +531,5 @@ pub fn is_cgroup_path(p: &str) -> bool {
     p.starts_with('/') && p.split('/').filter(|c| !c.is_empty()).all(|c| c != "." && c != ".." && !c.contains('\0'))
 }
 
-/// Resolves a user principal to a uid.
-pub fn resolve_uid(p: &Principal) -> Result<u32, String> {
-    match p {
-        Principal::Id(n) => Ok(*n),
-        Principal::Name(n) => {
-            nix::unistd::User::from_name(n).ok().flatten().map(|u| u.uid.as_raw()).ok_or_else(|| format!("unknown user `{n}`"))
-        }
-    }
-}
-
-/// Resolves a group principal to a gid.
-pub fn resolve_gid(p: &Principal) -> Result<u32, String> {
-    match p {
-        Principal::Id(n) => Ok(*n),
-        Principal::Name(n) => {
-            nix::unistd::Group::from_name(n).ok().flatten().map(|g| g.gid.as_raw()).ok_or_else(|| format!("unknown group `{n}`"))
-        }
-    }
-}
-
-/// Whether an address is in a network.
-pub fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
-    net.contains(&ip)
-}
-
-fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
-    let mut off = 0;
-    for line in text.split_inclusive('\n') {
-        if line.trim_start().starts_with(key) && line.contains('=') {
-            return Some(off..off + line.len());
-        }
-        off += line.len();
-    }
-    None
-}
-
-/// The key written on the line holding byte `pos` (`a` in `a = 1`, or a table header).
-/// A line that names none (a syntax error such as `= 1` or `[`) names the
-/// table it is in, or `(top level)`: an error always names a key.
-fn key_at(text: &str, pos: usize) -> String {
-    let start = text[..pos].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[start..].lines().next().unwrap_or("").trim();
-    let key = match line.split_once('=') {
-        Some((k, _)) => k.trim(),
-        None => line.trim_matches(|c| c == '[' || c == ']').trim(),
-    };
-    if !key.is_empty() {
-        return key.to_owned();
-    }
-    let table = text[..start].lines().rev().map(str::trim).find_map(|l| {
-        let name = l.strip_prefix('[')?.split(']').next()?.trim_matches(|c| c == '[' || c == ' ');
-        (!name.is_empty()).then_some(name)
-    });
-    table.unwrap_or("(top level)").to_owned()
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Any => "any",
-        })
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(s: &str) -> Result<Config, ConfigError> {
-        Config::parse(s, Path::new("test.toml"))
-    }
-
-    const GOOD: &str = r#"
-cgroup = "rw-test"
-hop_limit = 3
-[access]
-uids = [65534]
-[[service]]
-name = "audit"
-listen = ["127.0.0.1:15001", "[::1]:15001"]
-[[service.match]]
-dst = ["127.0.0.0/8", "::1/128"]
-ports = [8080, "9000-9010"]
-[[service]]
-name = "dlp"
-listen = "127.0.0.1:15002"
-match = { ports = 8080 }
-"#;
-
-    #[test]
-    fn parses_a_full_config() {
-        let c = parse(GOOD).unwrap();
-        assert_eq!(c.cgroup, "rw-test");
-        assert_eq!(c.hop_limit(), 3);
-        assert_eq!(c.services.len(), 2);
-        assert_eq!(c.service_id("dlp"), Some(2));
-        assert_eq!(c.service_name(1), Some("audit"));
-        assert_eq!(c.chain_names(&[2, 1, 9]), ["dlp", "audit", "#9"]);
-        let m = &c.services[0].matches[0];
-        assert_eq!(m.ports, [PortRange { lo: 8080, hi: 8080 }, PortRange { lo: 9000, hi: 9010 }]);
-        assert_eq!(c.services[1].listen_v6(), None);
-        assert_eq!(c.access.uids, [Principal::Id(65534)]);
-        assert_eq!(c.udp_idle(), std::time::Duration::from_millis(RW_DEFAULT_UDP_IDLE_MS));
-        let udp = parse(
-            "udp_idle_ms = 1500\n[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:5353\"\nmatch = { protocol = \"udp\", ports = 53 }\n",
-        )
-        .unwrap();
-        assert_eq!(udp.services[0].matches[0].protocol, Protocol::Udp);
-        assert_eq!(udp.udp_idle().as_millis(), 1500);
-        assert_eq!(udp.services[0].udp_listen(), ["127.0.0.1:5353".parse::<SocketAddr>().unwrap()]);
-        assert_eq!(c.broadcast, BroadcastPolicy::Refuse);
-        assert_eq!(c.broadcast_policy(&c.services[0].matches[0]), BroadcastPolicy::Refuse);
-        let b = parse(
-            "broadcast = \"pass\"\n[[service]]\nname = \"d\"\nlisten = \"127.0.0.1:9\"\n\
-                       [[service.match]]\nports = 1\n[[service.match]]\nports = 2\nbroadcast = \"refuse\"\n",
-        )
-        .unwrap();
-        assert_eq!(b.broadcast_policy(&b.services[0].matches[0]), BroadcastPolicy::Pass);
-        assert_eq!(b.broadcast_policy(&b.services[0].matches[1]), BroadcastPolicy::Refuse);
-        let three =
-            parse("[[service]]\nname = \"dns\"\nlisten = [\"127.0.0.1:5353\", \"[::1]:5353\"]\nudp_ports = 3\nmatch = {}\n").unwrap();
-        assert_eq!(three.services[0].udp_listen().len(), 6);
-        assert_eq!(three.services[0].udp_listen()[5], "[::1]:5355".parse::<SocketAddr>().unwrap());
-    }
-
-    fn err(s: &str) -> (usize, String, String) {
-        match parse(s).unwrap_err() {
-            ConfigError::Invalid { line, key, message, .. } => (line, key, message),
-            e => panic!("{e}"),
-        }
-    }
-
-    #[test]
-    fn errors_name_line_and_key() {
-        let (line, key, msg) = err("[[service]]\nname = \"a\"\nlisten = 5\nmatch = {}\n");
-        assert_eq!((line, key.as_str()), (3, "listen"), "{msg}");
-        let (line, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = { dst = \"300.0.0.0/8\" }\n");
-        assert_eq!((line, key.as_str()), (4, "match"));
-        let (line, key, msg) = err("hop_limit = 0\n");
-        assert_eq!((line, key.as_str()), (1, "hop_limit"), "{msg}");
-        let (line, key, msg) = err("cgroup = \"x\"\nudp_idle_ms = 5\n");
-        assert_eq!((line, key.as_str()), (2, "udp_idle_ms"), "{msg}");
-        let (_, key, msg) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = { protocol = \"sctp\" }\n");
-        assert!(key == "match" && msg.contains("sctp"), "{key}: {msg}");
-        let (line, key, msg) = err("\ncgroupp = \"x\"\n");
-        assert_eq!(line, 2);
-        assert!(msg.contains("cgroupp"), "{msg} {key}");
-        let (line, _, msg) = err(&format!("{GOOD}[[service]]\nname = \"audit\"\nlisten = \"127.0.0.1:2\"\nmatch = {{}}\n"));
-        assert!(msg.contains("duplicate"), "{msg}");
-        assert_eq!(line, GOOD.lines().count() + 2);
-        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = { ports = \"9-1\" }\n");
-        assert_eq!(key, "match");
-        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\", \"127.0.0.2:1\"]\nmatch = {}\n");
-        assert_eq!(key, "service.listen");
-        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:65535\"\nudp_ports = 2\nmatch = {}\n");
-        assert_eq!(key, "service.udp_ports");
-        let (_, key, msg) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:100\"\nudp_ports = 3\nmatch = {}\n\
-                                 [[service]]\nname = \"b\"\nlisten = \"127.0.0.1:102\"\nmatch = {}\n");
-        assert!(key == "service.udp_ports" && msg.contains("overlap"), "{key}: {msg}");
-        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"0.0.0.0:100\"\nmatch = {}\n");
-        assert_eq!(key, "service.listen");
-        let (_, key, _) = err("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nmatch = []\n");
-        assert_eq!(key, "service.match");
-    }
-
-    #[test]
-    fn error_message_names_the_file() {
-        let e = parse("hop_limit = 99\n").unwrap_err().to_string();
-        assert!(e.starts_with("test.toml:1: key `hop_limit`"), "{e}");
-    }
-}
+mod tests;

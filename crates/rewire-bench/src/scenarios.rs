@@ -1,0 +1,350 @@
+//! The bench's scenarios: how each one is set up (servers, workers,
+//! proxies, the daemon or the nftables rule, in a network namespace of
+//! the bench's own) and measured. `orchestrate` (in main.rs) decides which
+//! run in what order and rounds; this module knows how.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::load::WorkerResult;
+use crate::sys::{self, NetNs, Placement};
+use crate::{ByProgram, Churn, Figures, RunArgs};
+use rewire_control::hooks::PinnedHandoffs;
+use rewire_control::{Config, Hooks, ManagedCgroup};
+
+pub(crate) struct Ctx {
+    pub(crate) args: RunArgs,
+    pub(crate) me: PathBuf,
+    pub(crate) rewire: PathBuf,
+    pub(crate) secs: f64,
+    pub(crate) echo: u16,
+    pub(crate) sink: u16,
+    pub(crate) p1: u16,
+    pub(crate) p2: u16,
+    pub(crate) tag: String,
+    pub(crate) tmp: PathBuf,
+}
+
+impl Ctx {
+    pub(crate) fn target(&self, port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    pub(crate) fn server(&self, place: &Placement) -> Result<Child> {
+        let mut c = Command::new(&self.me);
+        c.arg("serve").arg(self.target(self.echo).to_string()).arg(self.target(self.sink).to_string());
+        let child = sys::spawn(c, place, false)?;
+        sys::wait_listening(child.id(), self.sink, Duration::from_secs(5))?;
+        sys::wait_listening(child.id(), self.echo, Duration::from_secs(5))?;
+        Ok(child)
+    }
+
+    pub(crate) fn worker(&self, place: &Placement, test: &str, port: u16, extra: &[String]) -> Result<WorkerResult> {
+        let mut c = Command::new(&self.me);
+        c.arg("worker").arg(test).arg(self.target(port).to_string()).args(extra);
+        let child = sys::spawn(c, place, true)?;
+        let pid = child.id();
+        let out = child.wait_with_output();
+        sys::forget(pid);
+        let out = out?;
+        if !out.status.success() {
+            bail!("worker {test} failed ({})", out.status);
+        }
+        serde_json::from_slice(&out.stdout).context("worker output")
+    }
+
+    pub(crate) fn proxy(&self, place: &Placement, args: &[String], relay: &str) -> Result<Child> {
+        let mut c = Command::new(&self.rewire);
+        c.arg("proxy").args(args).args(["--log", "/dev/null", "--relay", relay]);
+        c.env(rewire_control::paths::ENV_LOG, "error");
+        if let Some(cg) = &place.cgroup {
+            c.env(rewire_control::paths::ENV_CGROUP, cg);
+        }
+        sys::spawn(c, place, false)
+    }
+
+    /// Proxy `p{i+1}` of a config made by [`Ctx::config`], started in
+    /// `place`; returns once it listens on its port.
+    pub(crate) fn config_proxy(&self, place: &Placement, config: &Path, i: usize, relay: &str) -> Result<Child> {
+        let args = ["--name".into(), format!("p{}", i + 1), "--config".into(), config.display().to_string()];
+        let mut p = self.proxy(place, &args, relay)?;
+        if let Err(e) = sys::wait_listening(p.id(), [self.p1, self.p2][i], Duration::from_secs(5)) {
+            sys::stop(&mut p);
+            return Err(e);
+        }
+        Ok(p)
+    }
+
+    /// The three tests of one scenario.
+    pub(crate) fn tests(&self, name: &str, place: &Placement) -> Result<Figures> {
+        let s = format!("{}", self.secs);
+        let mut f = Figures { scenario: name.into(), ..Default::default() };
+        let c = self.worker(place, "connect", self.echo, &["--secs".into(), s.clone(), "--count".into(), "500000".into()])?;
+        f.conns_per_s = c.ops as f64 / c.secs;
+        f.connect_p50_us = c.connect_p50_us;
+        f.connect_p99_us = c.connect_p99_us;
+        f.first_byte_p50_us = c.first_byte_p50_us;
+        f.first_byte_p99_us = c.first_byte_p99_us;
+        f.errors += c.errors;
+        f.first_error = c.first_error;
+        let r = self.worker(place, "rr", self.echo, &["--secs".into(), s.clone(), "--count".into(), "10000000".into()])?;
+        f.rr_per_s = r.ops as f64 / r.secs;
+        f.rr_p50_us = r.rr_p50_us;
+        f.rr_p99_us = r.rr_p99_us;
+        let cpu0 = sys::machine_cpu()?;
+        let b = self.worker(place, "bulk", self.sink, &["--secs".into(), s, "--bytes".into(), (200u64 << 30).to_string()])?;
+        let cpu1 = sys::machine_cpu()?;
+        let gb = b.bytes as f64 / 1e9;
+        f.bulk_gb_per_s = gb / b.secs;
+        f.cpu_s_per_gb = (cpu1 - cpu0) / gb;
+        Ok(f)
+    }
+
+    /// A config with services p1 (and p2) matching the server ports, or
+    /// (`proxies` = 0) one service whose rule matches nothing we use.
+    pub(crate) fn config(&self, scenario: &str, proxies: usize) -> Result<(Config, PathBuf)> {
+        let cg = format!("{}-{scenario}", self.tag);
+        let mut t = format!("cgroup = \"{cg}\"\n");
+        let ports = if proxies == 0 { "[9]".to_string() } else { format!("[{}, {}]", self.echo, self.sink) };
+        for (i, port) in [self.p1, self.p2].iter().enumerate().take(proxies.max(1)) {
+            t += &format!(
+                "[[service]]\nname = \"p{}\"\nlisten = [\"127.0.0.1:{port}\"]\nmatch = {{ dst = [\"127.0.0.0/8\"], ports = {ports} }}\n",
+                i + 1
+            );
+        }
+        let path = self.tmp.join(format!("{scenario}.toml"));
+        std::fs::write(&path, t)?;
+        Ok((Config::load(&path)?, path))
+    }
+
+    /// Scenarios (b)-(d): a fresh network namespace and a cgroup of ours with
+    /// the hooks attached; the proxies (relaying with `relay`) and the worker
+    /// in both, the server in the namespace but outside the cgroup.
+    ///
+    /// Every scenario (direct and nft too) gets a namespace of its own so
+    /// that none inherits the TIME_WAIT sockets of the ones before it: tens
+    /// of thousands of them slow the ephemeral port search of every connect,
+    /// which made the later scenarios of a round look slower than they are.
+    pub(crate) fn rewire_scenario(&self, name: &str, proxies: usize, relay: &str) -> Result<Figures> {
+        let (cfg, path) = self.config(name, proxies)?;
+        let ns = NetNs::create(&self.tag)?;
+        let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
+        let result = (|| {
+            let hooks = attach_in(&ns.path(), &cfg, cgroup.path())?;
+            let outside = Placement { netns: Some(ns.path()), ..Default::default() };
+            let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
+            let mut server = self.server(&outside)?;
+            let mut children = vec![];
+            let r = (|| {
+                for i in 0..proxies {
+                    children.push(self.config_proxy(&place, &path, i, relay)?);
+                }
+                let mut f = self.tests(name, &place)?;
+                let (total, by_program) = self.kernel_ns_per_conn(&place, &hooks)?;
+                f.kernel_ns_per_conn = Some(total);
+                f.kernel_by_program = by_program;
+                if proxies == 0 {
+                    f.paired_conn_ratios = self.paired(&outside, &place)?;
+                }
+                Ok(f)
+            })();
+            for c in &mut children {
+                sys::stop(c);
+            }
+            sys::stop(&mut server);
+            drop(hooks);
+            r
+        })();
+        cgroup.remove()?;
+        drop(ns);
+        result
+    }
+
+    /// The kernel time of rewire's programs per connection: the sum of their
+    /// run times (BPF run-time statistics) over a 1-s connect test, divided
+    /// by its connections, in all and per program (runs and ns per
+    /// connection). A companion to the wall-clock figures that hardly moves
+    /// with what else the machine is doing.
+    pub(crate) fn kernel_ns_per_conn(&self, place: &Placement, hooks: &Hooks) -> Result<(f64, ByProgram)> {
+        let _on = rewire_control::hooks::enable_stats()?;
+        let before = hooks.program_stats()?;
+        let w = self.worker(place, "connect", self.echo, &["--secs".into(), "1".into(), "--count".into(), "500000".into()])?;
+        let after = hooks.program_stats()?;
+        if w.ops == 0 {
+            bail!("the connect test made no connection ({})", w.first_error.unwrap_or_default());
+        }
+        let n = w.ops as f64;
+        let mut total = 0.0;
+        let mut by_program = BTreeMap::new();
+        for (b, a) in before.iter().zip(&after) {
+            let ns = (a.run_time - b.run_time).as_nanos() as f64;
+            total += ns;
+            if a.runs > b.runs {
+                let round = |x: f64| (x * 100.0).round() / 100.0;
+                by_program.insert(a.name.to_string(), (round((a.runs - b.runs) as f64 / n), round(ns / n)));
+            }
+        }
+        Ok((total / n, by_program))
+    }
+
+    /// Alternating 1-s connect tests, outside and inside the cgroup, so that
+    /// drift of a shared machine hits both sides of each ratio alike.
+    pub(crate) fn paired(&self, outside: &Placement, place: &Placement) -> Result<Vec<f64>> {
+        let pairs = if self.args.quick { 2 } else { 4 };
+        let args = ["--secs".to_string(), "1".into(), "--count".into(), "500000".into()];
+        let mut ratios = vec![];
+        for _ in 0..pairs {
+            let d = self.worker(outside, "connect", self.echo, &args)?;
+            let h = self.worker(place, "connect", self.echo, &args)?;
+            let (d, h) = (d.ops as f64 / d.secs, h.ops as f64 / h.secs);
+            if d > 0.0 {
+                ratios.push((h / d * 1000.0).round() / 1000.0);
+            }
+        }
+        Ok(ratios)
+    }
+
+    /// The memory check: `n` short connections through one proxy under a
+    /// real `rewire daemon` (which attaches and pins the hooks and reads and
+    /// prints every event, to /dev/null here), in a namespace of its own.
+    /// The daemon's and the proxy's RSS and the hand-off maps' entries
+    /// (read from the daemon's pins) before, after a warm-up, and after.
+    pub(crate) fn churn_scenario(&self, n: u64) -> Result<Churn> {
+        let (cfg, path) = self.config("churn", 1)?;
+        let ns = NetNs::create(&self.tag)?;
+        let mut c = Command::new(&self.rewire);
+        c.args(["daemon", "--config"]).arg(&path).stderr(std::process::Stdio::null());
+        c.env(rewire_control::paths::ENV_LOG, "error");
+        // The daemon serves the namespace it runs in.
+        let mut daemon = sys::spawn(c, &Placement { netns: Some(ns.path()), ..Default::default() }, false)?;
+        let result = (|| {
+            let pins = rewire_control::paths::pin_dir(&cfg.cgroup);
+            sys::wait_for(daemon.id(), &pins.join("rw_udp_handoff"), Duration::from_secs(10))?;
+            // The map pins appear when the daemon loads; proxies must bind only
+            // once every hook is attached (the owner mark is made at bind).
+            let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while rewire_control::persist::check_attached(&pins, &cg).is_err() {
+                anyhow::ensure!(Instant::now() < deadline, "the daemon did not attach its hooks within 30 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let maps = PinnedHandoffs::open(&pins)?;
+            let cgroup = ManagedCgroup::existing(&cfg.cgroup)?;
+            let outside = Placement { netns: Some(ns.path()), ..Default::default() };
+            let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
+            let mut server = self.server(&outside)?;
+            let r = self.config_proxy(&place, &path, 0, &self.args.relay).and_then(|mut proxy| {
+                let r = self.churn(&place, &maps, daemon.id(), proxy.id(), n);
+                sys::stop(&mut proxy);
+                r
+            });
+            sys::stop(&mut server);
+            r
+        })();
+        // The kernel's counters of the churn (refusals by cause), for the record.
+        if let Ok(out) = Command::new(&self.rewire).args(["status", "--config"]).arg(&path).output() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let counters: Vec<&str> = text.lines().filter(|l| l.starts_with("  ") && !l.trim_end().ends_with(" 0")).collect();
+            eprintln!(
+                "rewire-bench: churn kernel counters (non-zero): {}",
+                counters.iter().map(|l| l.trim()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        // SIGTERM stops the daemon and leaves its hooks; `rewire down`
+        // removes hooks, cgroup and pins.
+        sys::stop(&mut daemon);
+        let down =
+            Command::new(&self.rewire).args(["down", "--grace", "2", "--config"]).arg(&path).stderr(std::process::Stdio::null()).status();
+        if !down.is_ok_and(|s| s.success()) {
+            eprintln!("rewire-bench: `rewire down --config {}` failed", path.display());
+        }
+        drop(ns);
+        result
+    }
+
+    pub(crate) fn churn(&self, place: &Placement, maps: &PinnedHandoffs, daemon: u32, proxy: u32, n: u64) -> Result<Churn> {
+        // Warm up so the baseline includes the runtimes' steady allocations.
+        self.worker(place, "churn", self.echo, &["--count".into(), "200".into(), "--threads".into(), "2".into()])?;
+        std::thread::sleep(Duration::from_millis(300));
+        let mut c = Churn {
+            daemon_rss_kib_before: sys::rss_kib(daemon),
+            proxy_rss_kib_before: sys::rss_kib(proxy),
+            handoff_entries_before: maps.tcp_entries(),
+            udp_handoff_entries_before: maps.udp_entries(),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let w = self.worker(
+            place,
+            "churn",
+            self.echo,
+            &["--count".into(), n.to_string(), "--threads".into(), "2".into(), "--secs".into(), "600".into()],
+        )?;
+        c.secs = t.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(1000));
+        c.connections = w.ops;
+        c.errors = w.errors;
+        c.first_error = w.first_error;
+        c.daemon_rss_kib_after = sys::rss_kib(daemon);
+        c.proxy_rss_kib_after = sys::rss_kib(proxy);
+        c.handoff_entries_after = maps.tcp_entries();
+        c.udp_handoff_entries_after = maps.udp_entries();
+        Ok(c)
+    }
+
+    /// Scenario (e): a network namespace of ours, nftables redirecting the
+    /// server ports to the proxy (which runs as nobody, exempt by uid).
+    pub(crate) fn nft_scenario(&self) -> Result<Figures> {
+        let ns = NetNs::create(&self.tag)?;
+        let uid = 65534;
+        ns.nft(&format!(
+            "table ip rwbench {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n  meta skuid {uid} return\n  tcp dport {{ {}, {} }} redirect to :{}\n }}\n}}\n",
+            self.echo, self.sink, self.p1
+        ))?;
+        let inside = Placement { netns: Some(ns.path()), ..Default::default() };
+        let mut server = self.server(&inside)?;
+        let r = (|| {
+            let as_nobody = Placement { netns: Some(ns.path()), uid: Some(uid), ..Default::default() };
+            let mut proxy = self.proxy(
+                &as_nobody,
+                &["--name".into(), "nft".into(), "--original-dst".into(), "--listen".into(), self.target(self.p1).to_string()],
+                &self.args.relay,
+            )?;
+            let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5)).and_then(|()| self.tests("nft", &inside));
+            sys::stop(&mut proxy);
+            r
+        })();
+        sys::stop(&mut server);
+        drop(ns);
+        r
+    }
+
+    pub(crate) fn direct(&self) -> Result<Figures> {
+        let ns = NetNs::create(&self.tag)?;
+        let inside = Placement { netns: Some(ns.path()), ..Default::default() };
+        let mut server = self.server(&inside)?;
+        let r = self.tests("direct", &inside);
+        sys::stop(&mut server);
+        drop(ns);
+        r
+    }
+}
+
+/// Attaches the hooks from a thread inside network namespace `ns`: the
+/// hooks serve the namespace of the process (thread) that attaches them.
+pub(crate) fn attach_in(ns: &Path, cfg: &Config, cgroup: &Path) -> Result<Hooks> {
+    let f = std::fs::File::open(ns).with_context(|| format!("open {}", ns.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<Hooks> {
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(Hooks::attach(cfg, cgroup)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("attaching thread panicked"))?
+    })
+}
