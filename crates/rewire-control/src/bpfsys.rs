@@ -301,3 +301,24 @@ pub(crate) fn raise_memlock() {
     // kernels that account BPF memory to the cgroup.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
 }
+
+/// Detaches every link pinned in `dir` and removes the pins, then `dir`
+/// (a `dir` that does not exist holds none); how many. On failure, the
+/// path that could not be removed.
+pub(crate) fn remove_pinned_links(dir: &std::path::Path) -> Result<usize, (std::path::PathBuf, io::Error)> {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Ok(fd) = obj_get(&e.path()) {
+                let _ = link_detach(fd.as_fd());
+            }
+            std::fs::remove_file(e.path()).map_err(|err| (e.path(), err))?;
+            n += 1;
+        }
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err((dir.to_path_buf(), e)),
+            _ => {}
+        }
+    }
+    Ok(n)
+}

@@ -299,22 +299,7 @@ pub fn io_uring_gap(access: Option<IoUringAccess>, guarded: bool, lsm_loaded: bo
 
 /// Detaches and unpins a daemon's guard (if any); how many links.
 pub fn remove_pinned(dir: &Path) -> Result<usize, GuardError> {
-    let gdir = guard_dir(dir);
-    let mut n = 0;
-    if let Ok(rd) = fs::read_dir(&gdir) {
-        for e in rd.flatten() {
-            if let Ok(fd) = bpfsys::obj_get(&e.path()) {
-                let _ = bpfsys::link_detach(fd.as_fd());
-            }
-            fs::remove_file(e.path()).map_err(sys(format!("removing {}", e.path().display())))?;
-            n += 1;
-        }
-        match fs::remove_dir(&gdir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(sys(format!("removing {}", gdir.display()))(e)),
-            _ => {}
-        }
-    }
-    Ok(n)
+    bpfsys::remove_pinned_links(&guard_dir(dir)).map_err(|(path, e)| sys(format!("removing {}", path.display()))(e))
 }
 
 /// The cgroup each pinned guard link is attached to (0: detached), for `rewire status`.
@@ -445,19 +430,7 @@ fn lsm_try(subtree: &Path, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> 
 
 /// Detaches and unpins a daemon's LSM links (if any); how many.
 pub fn remove_pinned_lsm(dir: &Path) -> Result<usize, GuardError> {
-    let ldir = crate::paths::lsm_dir(dir);
-    let mut n = 0;
-    if let Ok(rd) = fs::read_dir(&ldir) {
-        for e in rd.flatten() {
-            if let Ok(fd) = bpfsys::obj_get(&e.path()) {
-                let _ = bpfsys::link_detach(fd.as_fd());
-            }
-            fs::remove_file(e.path()).map_err(sys(format!("removing {}", e.path().display())))?;
-            n += 1;
-        }
-        let _ = fs::remove_dir(&ldir);
-    }
-    Ok(n)
+    bpfsys::remove_pinned_links(&crate::paths::lsm_dir(dir)).map_err(|(path, e)| sys(format!("removing {}", path.display()))(e))
 }
 
 /// Whether a daemon's LSM links are pinned (for `rewire status`).

@@ -87,22 +87,7 @@ impl Scope {
 
 /// Detaches and unpins a daemon's scope links; how many.
 pub fn remove_pinned(dir: &Path) -> io::Result<usize> {
-    let sdir = scope_dir(dir);
-    let mut n = 0;
-    if let Ok(rd) = std::fs::read_dir(&sdir) {
-        for e in rd.flatten() {
-            if let Ok(fd) = bpfsys::obj_get(&e.path()) {
-                let _ = bpfsys::link_detach(fd.as_fd());
-            }
-            std::fs::remove_file(e.path())?;
-            n += 1;
-        }
-        match std::fs::remove_dir(&sdir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-    }
-    Ok(n)
+    bpfsys::remove_pinned_links(&scope_dir(dir)).map_err(|(_, e)| e)
 }
 
 /// Loads the scope object with the hooks' `rw_scope` map.
