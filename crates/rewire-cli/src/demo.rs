@@ -12,6 +12,10 @@
 //! chain without a restart; the chain's `dlp` is started by
 //! `systemd-socket-activate`, which binds its address and passes the socket.
 //!
+//! One file of about 650 lines on purpose: it is read top to bottom as the
+//! story the demo prints, step by step; its pieces (servers, proxies, the
+//! checks) come from the library and the CLI's other modules.
+//!
 //! The demo checks its own outcome and fails (exit 1) if anything did not
 //! happen as shown.
 
