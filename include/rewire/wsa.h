@@ -319,12 +319,12 @@ typedef struct _WSATHREADID {
 #define REWIRE_WFP_REDIRECTED_BY_OTHER 2
 #define REWIRE_WFP_PREVIOUSLY_REDIRECTED_BY_SELF 3
 
-/* An address as the kernel hooks store it (mirrors struct rw_addr). */
+/* An address as the kernel hooks store it (mirrors struct rw_addr; checked by tests/c/abi_same.c). */
 typedef struct rewire_wfp_addr {
 	uint8_t family;   /* AF_INET or AF_INET6 */
 	uint8_t _pad;
 	uint16_t port_be; /* network byte order, like sin_port */
-	uint32_t _pad2;
+	uint32_t scope_id; /* IPv6 link-local: the interface the application named, else 0 */
 	uint8_t addr[16]; /* IPv4: the first 4 bytes, network order */
 } REWIRE_WFP_ADDR;
 
@@ -346,12 +346,12 @@ typedef struct rewire_wfp_records {
 	uint32_t pid;     /* the application */
 	uint32_t uid;
 	uint32_t gid;
-	uint32_t _pad2;
+	uint32_t origin_sel; /* origin selectors (cgroup path, executable) the origin matched */
 	uint64_t cgroup_id;
 	char comm[16];
 	uint64_t created_ns; /* CLOCK_BOOTTIME of the first redirect */
-	uint16_t chain[16];  /* service ids (1-based, config order), first to last */
-	uint64_t tag;
+	uint16_t chain[16];  /* service ids (1-based), first to last */
+	uint64_t mac;        /* kernel-keyed SipHash-2-4 of the bytes above */
 } REWIRE_WFP_RECORDS;
 
 /*

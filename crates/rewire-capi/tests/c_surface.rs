@@ -148,6 +148,22 @@ fn check_suite(o: &Output, expected: usize, what: &str) {
 const BASIC_TESTS: usize = 36;
 const KERNEL_TESTS: usize = 19;
 
+/// wsa.h's copies of the records, context, address and states are the
+/// kernel ABI's (`rewire_abi.h`, the one source): `tests/c/abi_same.c`
+/// compares every field's offset and size and every constant at compile
+/// time, so a drift on either side fails here, naming the field.
+#[test]
+fn wsa_h_mirrors_the_kernel_abi() {
+    let ws = workspace();
+    let o = Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()))
+        .args(["-std=c11", "-Wall", "-Werror", "-fsyntax-only", "-I"])
+        .arg(ws.join("include"))
+        .arg(ws.join("tests/c/abi_same.c"))
+        .output()
+        .expect("the system C compiler `cc` is needed (apt-get install gcc)");
+    assert!(o.status.success(), "wsa.h and rewire_abi.h differ:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn conformance_without_hooks_dynamic_and_static() {
     let tmp = TempDir::new("basic");
