@@ -350,7 +350,11 @@ pub(crate) fn report_done(s: c_int, cookie: u64, ov: usize, routine: LPWSAOVERLA
     complete(&mut g, &Report { ov, event, routine, thread }, code, bytes);
 }
 
-fn recv_msg(s: SOCKET, msg: usize, lpcb: usize, ov: usize) -> Result<(DWORD, u64), c_int> {
+/// What `WSARecvMsg` and `WSASendMsg` check first, in Windows' order: the
+/// byte count is writable, `s` is a socket, the overlapped structure and the
+/// message are readable, the socket is UDP. Gives the socket's cookie and
+/// the caller's `WSAMSG`.
+pub(crate) fn msg_prologue(s: SOCKET, msg: usize, lpcb: usize, ov: usize) -> Result<(u64, WSAMSG), c_int> {
     if lpcb != 0 && !write_dword(lpcb, 0) {
         return Err(WSAEFAULT);
     }
@@ -364,6 +368,11 @@ fn recv_msg(s: SOCKET, msg: usize, lpcb: usize, ov: usize) -> Result<(DWORD, u64
     if !is_udp(s) {
         return Err(WSAEOPNOTSUPP);
     }
+    Ok((cookie, m))
+}
+
+fn recv_msg(s: SOCKET, msg: usize, lpcb: usize, ov: usize) -> Result<(DWORD, u64), c_int> {
+    let (cookie, m) = msg_prologue(s, msg, lpcb, ov)?;
     if m.dwFlags != 0 {
         return Err(WSAEOPNOTSUPP); // MSG_PEEK, MSG_OOB, ...: not served
     }

@@ -46,19 +46,7 @@ fn send_records(m: &WSAMSG) -> Result<Option<Vec<u8>>, c_int> {
 }
 
 fn send_msg(s: SOCKET, msg: usize, flags: DWORD, lpcb: usize, ov: usize) -> Result<(DWORD, u64), c_int> {
-    if lpcb != 0 && !write_dword(lpcb, 0) {
-        return Err(WSAEFAULT);
-    }
-    let Some(cookie) = (if is_socket(s) { cookie_of(s) } else { None }) else {
-        return Err(WSAENOTSOCK);
-    };
-    if ov != 0 && !UserOverlapped(ov).readable() {
-        return Err(WSAEFAULT);
-    }
-    let m: WSAMSG = read_struct(msg).ok_or(WSAEFAULT)?;
-    if !is_udp(s) {
-        return Err(WSAEOPNOTSUPP);
-    }
+    let (cookie, m) = super::msg::msg_prologue(s, msg, lpcb, ov)?;
     if flags != 0 {
         return Err(WSAEOPNOTSUPP);
     }

@@ -98,23 +98,16 @@ pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// Whether `[addr, addr + len)` is wholly readable.
 pub(crate) fn probe_readable(addr: usize, len: usize) -> bool {
-    if addr == 0 || addr.checked_add(len).is_none() {
-        return false;
-    }
-    let mut scratch = vec![0u8; len.min(CHUNK)];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(CHUNK);
-        if !read_user(addr + off, &mut scratch[..n]) {
-            return false;
-        }
-        off += n;
-    }
-    true
+    probe(addr, len, false)
 }
 
 /// Whether `[addr, addr + len)` is wholly writable (reads and writes back the same bytes).
 pub(crate) fn probe_writable(addr: usize, len: usize) -> bool {
+    probe(addr, len, true)
+}
+
+/// Reads the range chunk by chunk (and, with `write`, writes each chunk back).
+fn probe(addr: usize, len: usize, write: bool) -> bool {
     if addr == 0 || addr.checked_add(len).is_none() {
         return false;
     }
@@ -122,7 +115,7 @@ pub(crate) fn probe_writable(addr: usize, len: usize) -> bool {
     let mut off = 0;
     while off < len {
         let n = (len - off).min(CHUNK);
-        if !read_user(addr + off, &mut scratch[..n]) || !write_user(addr + off, &scratch[..n]) {
+        if !read_user(addr + off, &mut scratch[..n]) || (write && !write_user(addr + off, &scratch[..n])) {
             return false;
         }
         off += n;
