@@ -201,13 +201,11 @@ fn pad4(a: [u8; 4]) -> [u8; 16] {
     o
 }
 
-/// A socket address as the kernel programs compare it.
+/// A service address as the map `rw_svc_addr` keys it: the one conversion
+/// (`RwAddr::from`), the scope id cleared, since the kernel looks the key up
+/// without it.
 fn rw_addr(a: &SocketAddr) -> RwAddr {
-    let (family, addr) = match a {
-        SocketAddr::V4(v4) => (libc::AF_INET as u8, pad4(v4.ip().octets())),
-        SocketAddr::V6(v6) => (libc::AF_INET6 as u8, v6.ip().octets()),
-    };
-    RwAddr { family, port_be: a.port().to_be(), addr, ..Default::default() }
+    RwAddr { scope_id: 0, ..RwAddr::from(*a) }
 }
 
 fn service_of(listen: &[SocketAddr]) -> RwService {
