@@ -84,8 +84,11 @@ fn kernel_context(fd: c_int) -> Result<RwContext, c_int> {
 /// the layouts file rewire published at the last accepted load or reload
 /// (`$REWIRE_LAYOUTS`, re-read when it is replaced), never the config file,
 /// which may have been edited since or refused. Without `$REWIRE_LAYOUTS`
-/// (not started by rewire) rewire's own struct; a file that cannot be read
-/// or has no entry for the id is `WSAEINVAL`, never another service's layout.
+/// (not started by rewire), or where nothing was published there (hooks
+/// attached by something that publishes no layouts: a test harness, a
+/// daemon of an older version), rewire's own struct, whose fields are the
+/// kernel's; a file that cannot be read or has no entry for the id is
+/// `WSAEINVAL`, never another service's layout.
 fn configured(service_id: u16) -> Result<rewire::ContextLayout, c_int> {
     #[derive(serde::Deserialize)]
     struct File {
@@ -103,7 +106,11 @@ fn configured(service_id: u16) -> Result<rewire::ContextLayout, c_int> {
     static CACHE: Mutex<Cache> = Mutex::new(None);
     let Some(path) = std::env::var_os("REWIRE_LAYOUTS").map(std::path::PathBuf::from) else { return Ok(Default::default()) };
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(&path).map_err(|_| WSAEINVAL)?;
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(_) => return Err(WSAEINVAL),
+    };
     // Replaced by rename: a new inode.
     let key = (meta.dev(), meta.ino(), meta.modified().ok());
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
