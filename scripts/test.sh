@@ -30,7 +30,7 @@ leftovers() {
   echo "nothing left behind"
 }
 echo "== test run 1"
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2
 leftovers
 echo "== test run 2 (the tests that pin, reload and upgrade, again: a second run on the same machine must pass)"
 cargo test -p rewire-cli --test lifecycle --test daemon --test udp -- --test-threads=2
