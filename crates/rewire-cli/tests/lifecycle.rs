@@ -498,9 +498,17 @@ fn pins_removed_under_a_running_daemon_are_restored() {
     stream_under("pin removal", "", |life, i| {
         std::fs::remove_dir_all(life.pins()).unwrap();
         assert!(wait_pinned(life), "removal {i}: the daemon did not pin its hooks again");
-        let log = std::fs::read_to_string(life.dir.join(format!("daemon-{}.log", life.daemon_runs))).unwrap();
-        let n = log.matches("pinned them again from the daemon's own references").count();
-        assert_eq!(n, i + 1, "removal {i}: the daemon's log:\n{log}");
+        // The pins reappear before the daemon logs that it put them back:
+        // wait (at most 10 s) for the line.
+        let path = life.dir.join(format!("daemon-{}.log", life.daemon_runs));
+        let said = |log: &str| log.matches("pinned them again from the daemon's own references").count();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut log = std::fs::read_to_string(&path).unwrap();
+        while said(&log) < i + 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            log = std::fs::read_to_string(&path).unwrap();
+        }
+        assert_eq!(said(&log), i + 1, "removal {i}: the daemon's log:\n{log}");
     });
 }
 
