@@ -85,6 +85,15 @@ if [ ! -x "$compat/kubernetes-validate/bin/kubernetes-validate" ]; then
   "$compat/kubernetes-validate/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$kubernetes_validate_version"
 fi
 
+# scripts/test.sh checks format and lints: the toolchain's rustfmt and clippy.
+if ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
+  command -v rustup >/dev/null && rustup component add rustfmt clippy
+  { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1 || {
+    echo "setup-test: cargo fmt and cargo clippy are needed (rustup component add rustfmt clippy)" >&2
+    exit 1
+  }
+fi
+
 if ! cargo deb --version 2>/dev/null | grep -qw "$cargo_deb_version"; then
   echo "setup-test: installing cargo-deb $cargo_deb_version (crates.io)"
   cargo install --locked --quiet --version "$cargo_deb_version" cargo-deb

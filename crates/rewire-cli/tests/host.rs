@@ -155,7 +155,7 @@ fn child_app() {
     use std::io::{Read, Write};
     let Some(dst) = env::<SocketAddr>("HOST_DST") else { return };
     let sync: PathBuf = env("HOST_SYNC").unwrap();
-    let early = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let early = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, None).unwrap();
     std::fs::write(&sync, format!("ready {}", std::process::id())).unwrap();
     // Bounded, but long: a daemon's programs take over 20 s to load on a loaded machine.
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
@@ -167,7 +167,7 @@ fn child_app() {
         std::fs::write(to.join("cgroup.procs"), "0").unwrap();
     }
     let mut out = String::from("done");
-    let fresh = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let fresh = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, None).unwrap();
     for s in [early, fresh] {
         s.connect_timeout(&dst.into(), Duration::from_secs(10)).unwrap();
         let mut t: std::net::TcpStream = s.into();
@@ -320,6 +320,30 @@ fn a_running_unit_is_covered_from_its_next_connect_beside_another_owners_program
     assert!(at_app.contains(&other.id()) && at_app.len() == 2, "{at_app:?}");
     drop(sb);
     assert_eq!(OtherProgram::connect4_at(&host.path(APP)), vec![other.id()], "only the other owner's program is left");
+}
+
+/// The other address family: a running unit's IPv6 connects (a socket made
+/// before rewire attached, and a fresh one) go through the chain from the
+/// next connect too; none reaches the server directly.
+#[test]
+fn a_running_unit_is_covered_over_ipv6_too() {
+    require_root!();
+    let mut host = Host::new();
+    let server = Server::start("[::1]:0".parse().unwrap(), Mode::Echo);
+    let app = host.app(APP, None, None, server.addr, None);
+    let cfg = format!("{}{}", cover(&[host.cg(APP)]), service("audit", free_port(), server.addr.port()));
+    let mut sb = Sandbox::new(&cfg);
+    let log = sb.proxy("audit");
+    let seen = app.go();
+    let lines = read_log(&log, 2);
+    assert_eq!(flows_of(&log, app.pid), 2, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["chain"], serde_json::json!(["audit"]), "{l}");
+        assert_eq!(l["original_destination"], server.addr.to_string());
+    }
+    assert_eq!((seen.early.1, seen.fresh.1), (server.addr, server.addr), "getpeername shows the original destination");
+    let peers = server.peers();
+    assert!(!peers.contains(&seen.early.0) && !peers.contains(&seen.fresh.0), "an IPv6 connect went direct: {peers:?}");
 }
 
 /// Selection by executable (the WFP application id), matched in the kernel
