@@ -152,9 +152,7 @@ impl CountersReader {
     /// Opens the `rw_counters` pinned under a daemon's pin directory
     /// ([`crate::persist::pin_dir`]).
     pub fn open_pinned(dir: &Path) -> Result<Self, HooksError> {
-        let err = |source| HooksError::Map { name: "rw_counters", source };
-        let map = MapData::from_pin(dir.join("rw_counters")).map_err(err)?;
-        Ok(Self(PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(err)?))
+        open_pinned_counters(dir, "rw_counters").map(Self)
     }
 
     /// The counters now.
@@ -164,10 +162,28 @@ impl CountersReader {
 }
 
 pub(crate) fn read_counters<T: std::borrow::Borrow<MapData>>(arr: &PerCpuArray<T, u64>) -> Result<Counters, HooksError> {
+    read_counters_at(arr, "rw_counters", 0)
+}
+
+/// The `RW_REASON_N` counters of map `name` from slot `base` on, each summed
+/// over CPUs (`rw_counters` from 0; a service's `rw_svc_counters` from
+/// `id * RW_REASON_N`).
+pub(crate) fn read_counters_at<T: std::borrow::Borrow<MapData>>(
+    arr: &PerCpuArray<T, u64>,
+    name: &'static str,
+    base: u32,
+) -> Result<Counters, HooksError> {
     let mut slots = vec![0u64; abi::RW_REASON_N as usize];
     for (i, slot) in slots.iter_mut().enumerate() {
-        let per_cpu = arr.get(&(i as u32), 0).map_err(|source| HooksError::Map { name: "rw_counters", source })?;
+        let per_cpu = arr.get(&(base + i as u32), 0).map_err(|source| HooksError::Map { name, source })?;
         *slot = per_cpu.iter().sum();
     }
     Ok(Counters::from_slots(&slots))
+}
+
+/// A per-CPU counter map `name` pinned in a daemon's pin directory.
+pub(crate) fn open_pinned_counters(dir: &Path, name: &'static str) -> Result<PerCpuArray<MapData, u64>, HooksError> {
+    let err = |source| HooksError::Map { name, source };
+    let map = MapData::from_pin(dir.join(name)).map_err(err)?;
+    PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(err)
 }

@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use rewire::abi;
 
 use crate::hooks::{Counters, HooksError};
@@ -28,21 +28,12 @@ impl std::fmt::Debug for ServiceCountersReader {
 impl ServiceCountersReader {
     /// Opens the `rw_svc_counters` pinned under a daemon's pin directory.
     pub fn open_pinned(dir: &Path) -> Result<Self, HooksError> {
-        let err = |source| HooksError::Map { name: "rw_svc_counters", source };
-        let map = MapData::from_pin(dir.join("rw_svc_counters")).map_err(err)?;
-        Ok(Self(PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(err)?))
+        crate::counters::open_pinned_counters(dir, "rw_svc_counters").map(Self)
     }
 
     /// The counters of service `id` (1 to [`abi::RW_MAX_SERVICES`]), summed over CPUs.
     pub fn read(&self, id: u16) -> Result<Counters, HooksError> {
-        let n = abi::RW_REASON_N;
-        let mut slots = vec![0u64; n as usize];
-        for (i, slot) in slots.iter_mut().enumerate() {
-            let key = u32::from(id) * n + i as u32;
-            let per_cpu = self.0.get(&key, 0).map_err(|source| HooksError::Map { name: "rw_svc_counters", source })?;
-            *slot = per_cpu.iter().sum();
-        }
-        Ok(Counters::from_slots(&slots))
+        crate::counters::read_counters_at(&self.0, "rw_svc_counters", u32::from(id) * abi::RW_REASON_N)
     }
 }
 
