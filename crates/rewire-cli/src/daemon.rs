@@ -61,6 +61,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         })?
     };
     crate::notify::status(if adopting { "adopting the pinned hooks" } else { "attaching the hooks" });
+    let prepared = started.elapsed();
     let (mut hooks, outcome) = match Hooks::persistent(&cfg, cgroup.path(), &dir, replace_programs) {
         Ok(h) => h,
         Err(e) => {
@@ -85,6 +86,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     }
     tracing::info!("{outcome}");
     warn_scope_unavailable(&hooks);
+    let guard_started = std::time::Instant::now();
     match &guard_at {
         Some(at) => tracing::info!("{}", Guard::persistent(cgroup.path(), &dir, at)?),
         None => {
@@ -108,6 +110,13 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?, signal(SignalKind::hangup())?)
     };
     let attach_time = format!("hooks {} in {:.2} s", if adopting { "adopted" } else { "attached" }, started.elapsed().as_secs_f64());
+    tracing::info!(
+        "{attach_time}: start {:.2} s; {}; guard and LSM {:.2} s",
+        prepared.as_secs_f64(),
+        outcome.times,
+        guard_started.elapsed().as_secs_f64()
+    );
+    tracing::debug!("verified per program: {}", outcome.times.per_program());
     tracing::info!(
         "serving {} service(s) on cgroup {} (hooks and maps pinned in {}; {attach_time}); `rewire exec --config {}` runs commands inside",
         cfg.services.len(),
@@ -142,12 +151,15 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                 _ = sighup.recv() => {
                     let path = rewire_control::daemon::take_reload_request(&cur.cgroup).unwrap_or_else(|| cur_path.clone());
                     crate::notify::reloading(&format!("reloading {}", path.display()));
+                    let reload_started = std::time::Instant::now();
                     match reload_in_daemon(&mut hooks, &cur, &path, &dir) {
                         Ok((new, outcome)) => {
                             let msg = format!(
-                                "reloaded {}: {} service(s); {outcome}",
+                                "reloaded {}: {} service(s); {outcome}; in {:.2} s ({})",
                                 path.display(),
-                                new.services.len()
+                                new.services.len(),
+                                reload_started.elapsed().as_secs_f64(),
+                                outcome.times
                             );
                             tracing::info!("{msg}");
                             report(&mut status, true, &msg);

@@ -75,6 +75,8 @@ pub struct Hooks {
     /// `None` when pinned by the daemon), or why it is not there
     /// (link-local destinations then lose their scope id).
     pub(crate) scope: Result<Option<crate::scope::Scope>, String>,
+    /// Where the time of loading these hooks went.
+    pub(crate) times: crate::load::LoadTimes,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -105,8 +107,18 @@ impl Hooks {
         }
         // The fault is compiled into a test build of the object, never into the production one.
         let object = if faults.no_storage { rewire_bpf::test_object() } else { rewire_bpf::object() };
+        let mut times = crate::load::LoadTimes::default();
+        let t = std::time::Instant::now();
         let mut bpf = loader.load(object)?;
+        times.maps = t.elapsed();
+        let t = std::time::Instant::now();
         fill_maps(&mut bpf, config, subtree)?;
+        times.tables = t.elapsed();
+        // Every program this configuration needs, verified in parallel, before any is attached.
+        let wanted = programs_for(config);
+        let names: Vec<&'static str> = wanted.iter().map(|p| p.0).collect();
+        crate::load::load_programs(&mut bpf, &names, &mut times)?;
+        let t = std::time::Instant::now();
 
         // The subtree and every covered cgroup, none below another (see crate::cover).
         let mut cgs = vec![];
@@ -117,7 +129,7 @@ impl Hooks {
         // owners at a covered cgroup keep running); the kernel refuses flags with them.
         let mode = CgroupAttachMode::Single;
         // Only the programs this configuration needs (see OPTIONAL_PROGRAMS).
-        for (name, section) in programs_for(config) {
+        for (name, section) in wanted {
             let prog = bpf.program_mut(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
             let err = |source| HooksError::Program { name, source };
             let at = |path: &Path| {
@@ -127,14 +139,12 @@ impl Hooks {
             match section {
                 "sockops" => {
                     let p: &mut SockOps = prog.try_into().map_err(err)?;
-                    p.load().map_err(err)?;
                     for (cg, path) in &cgs {
                         p.attach(cg, mode).map_err(at(path))?;
                     }
                 }
                 "cgroup_skb/ingress" | "cgroup_skb/egress" => {
                     let p: &mut CgroupSkb = prog.try_into().map_err(err)?;
-                    p.load().map_err(err)?;
                     let t = if section.ends_with("ingress") { CgroupSkbAttachType::Ingress } else { CgroupSkbAttachType::Egress };
                     for (cg, path) in &cgs {
                         p.attach(cg, t, mode).map_err(at(path))?;
@@ -142,21 +152,18 @@ impl Hooks {
                 }
                 "cgroup/sock_release" | "cgroup/sock_create" => {
                     let p: &mut CgroupSock = prog.try_into().map_err(err)?;
-                    p.load().map_err(err)?;
                     for (cg, path) in &cgs {
                         p.attach(cg, mode).map_err(at(path))?;
                     }
                 }
                 "cgroup/getsockopt" | "cgroup/setsockopt" => {
                     let p: &mut CgroupSockopt = prog.try_into().map_err(err)?;
-                    p.load().map_err(err)?;
                     for (cg, path) in &cgs {
                         p.attach(cg, mode).map_err(at(path))?;
                     }
                 }
                 _ => {
                     let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
-                    p.load().map_err(err)?;
                     for (cg, path) in &cgs {
                         p.attach(cg, mode).map_err(at(path))?;
                     }
@@ -170,7 +177,8 @@ impl Hooks {
             }
             _ => Err("the object lacks rw_scope".to_owned()),
         };
-        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], held_guard: vec![], pins: None, scope })
+        times.links = t.elapsed();
+        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], held_guard: vec![], pins: None, scope, times })
     }
 
     /// Why IPv6 link-local destinations lose their scope id under these
@@ -190,6 +198,12 @@ impl Hooks {
             }
         };
         Ok((fd("rw_counters")?, fd("rw_events")?))
+    }
+
+    /// Where the time of loading and attaching these hooks went (for
+    /// [`Hooks::persistent`]: the same as its [`crate::persist::Outcome`]'s).
+    pub fn load_times(&self) -> &crate::load::LoadTimes {
+        &self.times
     }
 
     /// The cgroup the programs are attached to.

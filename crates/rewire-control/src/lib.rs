@@ -4,6 +4,7 @@
 //! - [`cgroup`]: the cgroup subtree rewire creates, owns and removes;
 //! - [`cover`]: existing cgroups rewire covers, and selection by cgroup path and executable;
 //! - [`hooks`]: loading the BPF object and attaching it;
+//! - [`load`]: loading (verifying) the programs in parallel, and its times;
 //! - [`tables`]: a configuration compiled into the programs' maps;
 //! - [`counters`]: the kernel's per-cause counters;
 //! - [`persist`]: hooks pinned in bpffs that outlive the daemon: adopt, reload, check, remove;
@@ -33,6 +34,7 @@ pub mod hooks;
 mod libbpf;
 pub mod limiter;
 pub mod listeners;
+pub mod load;
 pub mod net;
 pub mod paths;
 pub mod persist;

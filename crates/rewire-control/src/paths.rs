@@ -26,6 +26,9 @@ pub const ENV_CGROUP: &str = "REWIRE_CGROUP";
 pub const ENV_LAYOUTS: &str = "REWIRE_LAYOUTS";
 /// The log filter (`tracing_subscriber`'s syntax).
 pub const ENV_LOG: &str = "REWIRE_LOG";
+/// How many threads load (verify) the hooks' programs; one per CPU when
+/// unset (to measure: `1` loads them one after another).
+pub const ENV_LOAD_THREADS: &str = "REWIRE_LOAD_THREADS";
 
 /// Where bpffs is mounted when [`ENV_BPFFS`] is not set.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";

@@ -25,9 +25,9 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::time::Instant;
 
 use aya::maps::{Array, MapData};
-use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 
 use rewire::abi::RwConf;
@@ -115,20 +115,29 @@ impl Hooks {
         let covers = crate::cover::attach_points(config, subtree)?.len() > 1 || covers::covers_dir(dir).exists();
         if !replace_programs && !covers && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id, &wanted)? {
             let _ = fs::remove_dir_all(stage_dir(dir));
-            let outcome = Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, ..Default::default() };
+            let outcome =
+                Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, times: outcome.times, ..Default::default() };
             let mut held = vec![];
             for &(name, _) in &wanted {
                 let path = links.join(name);
                 held.push((name, bpfsys::obj_get(&path).map_err(sys(format!("opening {}", path.display())))?));
             }
             let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
-            return Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope }, outcome));
+            return Ok((
+                Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope, times: outcome.times.clone() },
+                outcome,
+            ));
         }
+        let t = Instant::now();
         let held = switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
         covers::switch_pinned(&bpf, config, subtree, dir, &wanted, &mut outcome)?;
         publish(dir)?;
+        outcome.times.links += t.elapsed();
         let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
-        Ok((Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope }, outcome))
+        Ok((
+            Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope, times: outcome.times.clone() },
+            outcome,
+        ))
     }
 
     /// Holds a descriptor of each link pinned under `<pins>/guard/` (the
@@ -199,11 +208,14 @@ impl Hooks {
         let bpf = load_generation(config, &self.cgroup, dir, &mut outcome)?;
         let cg_id = crate::cgroup::cgroup_id(&self.cgroup).map_err(|e| HooksError::Config(e.to_string()))?;
         let wanted = crate::hooks::programs_for(config);
+        let t = Instant::now();
         let held = switch(&bpf, &self.cgroup, cg_id, dir, &wanted, &mut outcome)?;
         covers::switch_pinned(&bpf, config, &self.cgroup, dir, &wanted, &mut outcome)?;
         publish(dir)?;
+        outcome.times.links += t.elapsed();
         self.bpf = bpf;
         self.held = held;
+        self.times = outcome.times.clone();
         self.pins = Some(dir.into());
         Ok(outcome)
     }
@@ -214,6 +226,7 @@ impl Hooks {
 /// `config` with the pinned SipHash key, every program loaded (not
 /// attached); every map staged under `<dir>/stage/`.
 fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Outcome) -> Result<Ebpf, HooksError> {
+    let t = Instant::now();
     let object = rewire_bpf::object();
     let obj = aya_obj::Object::parse(object).map_err(|e| HooksError::Config(format!("parsing rewire's BPF object: {e}")))?;
     let stage = stage_dir(dir);
@@ -259,22 +272,14 @@ fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Ou
         }
     }
     let mut bpf = loader.load(object)?;
+    outcome.times.maps += t.elapsed();
+    let t = Instant::now();
     fill_maps(&mut bpf, config, subtree)?;
     keep_key(&mut bpf, dir)?;
-    for &(name, _) in rewire_bpf::PROGRAMS {
-        let prog = bpf.program_mut(name).ok_or_else(|| HooksError::Config(format!("object lacks {name}")))?;
-        let err = |source| HooksError::Program { name, source };
-        match prog {
-            Program::CgroupSockAddr(p) => p.load().map_err(err)?,
-            Program::CgroupSock(p) => p.load().map_err(err)?,
-            Program::CgroupSockopt(p) => p.load().map_err(err)?,
-            Program::SockOps(p) => p.load().map_err(err)?,
-            Program::CgroupSkb(p) => p.load().map_err(err)?,
-            Program::CgroupSysctl(p) => p.load().map_err(err)?,
-            Program::CgroupDevice(p) => p.load().map_err(err)?,
-            _ => return Err(HooksError::Config(format!("program {name} is not a cgroup program"))),
-        }
-    }
+    outcome.times.tables += t.elapsed();
+    let names: Vec<&'static str> = rewire_bpf::PROGRAMS.iter().map(|p| p.0).collect();
+    crate::load::load_programs(&mut bpf, &names, &mut outcome.times)?;
+    let t = Instant::now();
     for (name, map) in bpf.maps() {
         if name.starts_with('.') {
             continue;
@@ -282,6 +287,7 @@ fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Ou
         let path = stage.join(name);
         map.pin(&path).map_err(|e| HooksError::Pin { path, message: e.to_string() })?;
     }
+    outcome.times.links += t.elapsed();
     Ok(bpf)
 }
 

@@ -20,6 +20,8 @@ pub struct Outcome {
     /// State maps whose layout changed: new ones replace them (flows in
     /// progress lose what was in them).
     pub fresh_maps: Vec<String>,
+    /// Where the time went (verifier, maps, links).
+    pub times: crate::load::LoadTimes,
 }
 
 impl std::fmt::Display for Outcome {
