@@ -24,7 +24,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", src_dir.display());
     println!("cargo:rerun-if-env-changed=CLANG");
-    for name in ["rewire", "fastpath", "guard", "lsm", "scope"] {
+    for name in ["rewire", "fastpath", "guard", "lsm", "scope", "flows"] {
         compile(&src_dir, &src_dir.join(format!("{name}.bpf.c")), &out_dir.join(format!("{name}.bpf.o")), &[]);
     }
     compile(&src_dir, &src_dir.join("rewire.bpf.c"), &out_dir.join("rewire-test.bpf.o"), &["-DRW_TEST_NO_STORAGE"]);

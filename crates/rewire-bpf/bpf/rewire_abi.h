@@ -321,6 +321,31 @@ struct rw_event {
 	__u16 chain[RW_MAX_CHAIN];
 };
 
+/* `rewire flows`: what the flows iterator (flows.bpf.c: iter/tcp and iter/udp,
+ * reading the hooks' rw_sk and rw_udp_sk) writes with bpf_seq_write for each
+ * flow state a socket holds: one record per rw_sk value with records, one
+ * per slot in use of a rw_udp_sk value. Several sockets hold one flow (the
+ * application's, each proxy's accepted and onward ones); user space groups
+ * them by flow id. The socket storage layouts themselves stay the kernel's
+ * (lib/state.h). */
+#define RW_FLOW_SOCK 1     /* a rw_sk value: a TCP socket, or a proxy's UDP flow socket */
+#define RW_FLOW_UDP_SLOT 2 /* a slot of a rw_udp_sk value: a UDP socket's flow */
+#define RW_FLOW_ROLE_REDIRECTED 1 /* its connect was redirected to the record's last service */
+#define RW_FLOW_ROLE_ACCEPTED 2   /* a service's socket that received the flow (accepted) */
+#define RW_FLOW_ROLE_SET 4        /* a service set the flow's records on it (its onward socket) */
+struct rw_flow_rec {
+	__u8 source;      /* RW_FLOW_SOCK or RW_FLOW_UDP_SLOT */
+	__u8 role;        /* RW_FLOW_ROLE_* bits (0 for a UDP slot) */
+	__u8 sk_state;    /* the socket's state as the kernel has it (TCP_ESTABLISHED = 1, TCP_CLOSE = 7) */
+	__u8 _pad;
+	__u16 sk_proto;   /* the socket's protocol (IPPROTO_TCP, IPPROTO_UDP) */
+	__u16 service_id; /* the service this socket's hop went to (0: the original destination) */
+	__u64 redirected_ns; /* CLOCK_BOOTTIME of that hop's redirect */
+	__u64 last_ns;    /* UDP slot: CLOCK_BOOTTIME of its last datagram; else 0 */
+	__u64 cookie;     /* the socket's cookie */
+	struct rw_records rec;
+};
+
 /* The guard's configuration (guard.bpf.c, lsm.bpf.c: map rw_guard_conf). */
 struct rw_guard_conf {
 	__u64 subtree_id;  /* cgroup id of the managed subtree; 0 = off */
@@ -412,6 +437,12 @@ RW_ASSERT_AT(rw_event, chain, 80);
 RW_ASSERT_SIZE(rw_guard_conf, 24);
 RW_ASSERT_AT(rw_guard_conf, subtree_id, 0); RW_ASSERT_AT(rw_guard_conf, services_id, 8);
 RW_ASSERT_AT(rw_guard_conf, level, 16); RW_ASSERT_AT(rw_guard_conf, _pad, 20);
+RW_ASSERT_SIZE(rw_flow_rec, 160);
+RW_ASSERT_AT(rw_flow_rec, source, 0); RW_ASSERT_AT(rw_flow_rec, role, 1);
+RW_ASSERT_AT(rw_flow_rec, sk_state, 2); RW_ASSERT_AT(rw_flow_rec, _pad, 3);
+RW_ASSERT_AT(rw_flow_rec, sk_proto, 4); RW_ASSERT_AT(rw_flow_rec, service_id, 6);
+RW_ASSERT_AT(rw_flow_rec, redirected_ns, 8); RW_ASSERT_AT(rw_flow_rec, last_ns, 16);
+RW_ASSERT_AT(rw_flow_rec, cookie, 24); RW_ASSERT_AT(rw_flow_rec, rec, 32);
 _Static_assert(RW_MAC_COVERS == __builtin_offsetof(struct rw_records, mac), "RW_MAC_COVERS");
 _Static_assert(RW_MAC_COVERS % 8 == 0, "the MAC reads whole words");
 

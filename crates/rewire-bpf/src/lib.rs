@@ -79,6 +79,19 @@ pub fn lsm_object() -> &'static [u8] {
 pub const LSM_PROGRAMS: &[(&str, &str)] =
     &[("rw_lsm_file_receive", "lsm/file_receive"), ("rw_lsm_ptrace_access_check", "lsm/ptrace_access_check")];
 
+static FLOWS_ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/flows.bpf.o")));
+
+/// The BPF ELF object of the flows iterator (`bpf/flows.bpf.c`): `iter/tcp`
+/// and `iter/udp` programs that write the flows the hooks' socket storage
+/// (`rw_sk`, `rw_udp_sk`, shared) holds as `rw_flow_rec` records. Loaded
+/// with libbpf by `rewire flows`; attached to no cgroup.
+pub fn flows_object() -> &'static [u8] {
+    &FLOWS_ALIGNED.0
+}
+
+/// The flows iterator's programs, as `(function, section)`.
+pub const FLOWS_PROGRAMS: &[(&str, &str)] = &[("rw_flows_tcp", "iter/tcp"), ("rw_flows_udp", "iter/udp")];
+
 /// Names of the programs in the object, as `(function, section)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_connect4", "cgroup/connect4"),

@@ -91,6 +91,9 @@ fn rust_structs() -> BTreeMap<&'static str, Layout> {
         view!("rw_link" => RwLink { ts_ns, pending, service_id, ambiguous, _pad, rec }),
         view!("rw_access_key" => RwAccessKey { kind, id }),
         view!("rw_guard_conf" => RwGuardConf { subtree_id, services_id, level, _pad }),
+        view!("rw_flow_rec" => RwFlowRec {
+            source, role, sk_state, _pad, sk_proto, service_id, redirected_ns, last_ns, cookie, rec
+        }),
         view!("rw_event" => RwEvent {
             kind, err, flow_id, service_id, rule_id, n_chain, proto, hop_limit, pid, comm, uid, ts_ns, orig_dst, chain
         }),
@@ -154,6 +157,11 @@ fn rust_constants() -> BTreeMap<&'static str, i128> {
         RW_SEL_EXE_BASE,
         RW_SEL_CGROUP,
         RW_SEL_EXE,
+        RW_FLOW_SOCK,
+        RW_FLOW_UDP_SLOT,
+        RW_FLOW_ROLE_REDIRECTED,
+        RW_FLOW_ROLE_ACCEPTED,
+        RW_FLOW_ROLE_SET,
     ]
 }
 
@@ -451,6 +459,7 @@ fn the_compiled_objects_maps_have_the_abi_types() {
         ("guard", rewire_bpf::guard_object()),
         ("lsm", rewire_bpf::lsm_object()),
         ("scope", rewire_bpf::scope_object()),
+        ("flows", rewire_bpf::flows_object()),
     ];
     let mut diffs = Vec::new();
     let mut seen: BTreeMap<String, (&str, MapDecl)> = BTreeMap::new();

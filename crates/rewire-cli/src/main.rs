@@ -3,6 +3,7 @@
 mod admin;
 mod daemon;
 mod demo;
+mod flows;
 mod gen;
 mod manage;
 mod metrics;
@@ -104,6 +105,24 @@ enum Cmd {
         #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "wait")]
         timeout: f64,
     },
+    /// List the live redirected flows, read from the kernel
+    ///
+    /// Each flow the daemon's hooks redirected whose sockets are still open:
+    /// its id, protocol, origin (pid, command, uid), original destination,
+    /// the services that handled it so far and its age, read from the
+    /// kernel's per-socket state with a BPF iterator (root only). --watch
+    /// prints each flow as it starts and as it ends.
+    Flows {
+        /// Configuration file the daemon was started with.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON (one array; with --watch one object a line).
+        #[arg(long)]
+        json: bool,
+        /// Follow: print flows as they start and end, until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Apply a changed configuration to the running daemon atomically
     ///
     /// Applies a changed configuration (services, rules) to the running
@@ -196,6 +215,7 @@ fn main() {
         Cmd::Status { config, json, wait, timeout } => {
             admin::status(&config, json, wait.then(|| std::time::Duration::from_secs_f64(timeout.clamp(0.0, 86400.0))))
         }
+        Cmd::Flows { config, json, watch } => flows::flows(&config, json, watch),
         Cmd::Reload { config } => admin::reload(&config).map(|()| 0),
         Cmd::Down { config, grace } => admin::down(&config, std::time::Duration::from_secs_f64(grace.clamp(0.0, 3600.0))).map(|()| 0),
         Cmd::Exec { config, service, cmd } => admin::exec(config.as_deref(), service.as_deref(), &cmd),

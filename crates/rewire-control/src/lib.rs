@@ -10,6 +10,7 @@
 //! - [`persist`]: hooks pinned in bpffs that outlive the daemon: adopt, reload, check, remove;
 //! - [`bpfsys`]: the bpf(2) link and info commands aya does not expose;
 //! - [`events`]: turning the kernel's event records into log lines;
+//! - [`flows`]: the live redirected flows, read from the kernel with a BPF iterator;
 //! - [`daemon`]: the daemon's run files and signals, as both sides use them;
 //! - [`confine`]: what the commands rewire starts may not do to processes outside;
 //! - [`guard`]: the borrowed-socket guard at an ancestor of the subtree;
@@ -29,6 +30,7 @@ pub mod cover;
 pub mod daemon;
 mod error;
 pub mod events;
+pub mod flows;
 pub mod guard;
 pub mod hooks;
 mod libbpf;

@@ -233,6 +233,17 @@ pub const RW_SEL_CGROUP: u32 = 1;
 /// `RwSel::kind`: the running binary's inode `id` on device `dev` (kernel encoding).
 pub const RW_SEL_EXE: u32 = 2;
 
+/// `rw_flow_rec.source`: a `rw_sk` value (a TCP socket, or a proxy's UDP flow socket).
+pub const RW_FLOW_SOCK: u8 = 1;
+/// `rw_flow_rec.source`: a slot of a `rw_udp_sk` value (a UDP socket's flow).
+pub const RW_FLOW_UDP_SLOT: u8 = 2;
+/// `rw_flow_rec.role`: its connect was redirected to the record's last service.
+pub const RW_FLOW_ROLE_REDIRECTED: u8 = 1;
+/// `rw_flow_rec.role`: a service's socket that received the flow.
+pub const RW_FLOW_ROLE_ACCEPTED: u8 = 2;
+/// `rw_flow_rec.role`: a service set the flow's records on it (its onward socket).
+pub const RW_FLOW_ROLE_SET: u8 = 4;
+
 /// One origin selector (map `rw_sel`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -348,6 +359,31 @@ pub struct RwEvent {
     pub chain: [u16; RW_MAX_CHAIN],
 }
 
+/// What the flows iterator (`flows.bpf.c`) writes for each flow state a
+/// socket holds (`rewire flows`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RwFlowRec {
+    /// `RW_FLOW_SOCK` or `RW_FLOW_UDP_SLOT`.
+    pub source: u8,
+    /// `RW_FLOW_ROLE_*` bits.
+    pub role: u8,
+    /// The socket's state (`TCP_ESTABLISHED` = 1, ...).
+    pub sk_state: u8,
+    pub _pad: u8,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub sk_proto: u16,
+    /// The service this socket's hop went to (0: the original destination).
+    pub service_id: u16,
+    /// `CLOCK_BOOTTIME` of that hop's redirect.
+    pub redirected_ns: u64,
+    /// A UDP slot's last datagram (`CLOCK_BOOTTIME`); else 0.
+    pub last_ns: u64,
+    /// The socket's cookie.
+    pub cookie: u64,
+    pub rec: RwRecords,
+}
+
 /// Plain-old-data marker: every bit pattern is a valid value.
 ///
 /// # Safety
@@ -363,6 +399,8 @@ unsafe impl Pod for RwEvent {}
 unsafe impl Pod for RwTuple {}
 // SAFETY: a repr(C) struct of integers and arrays of them (checked against the C header by abi_drift.rs).
 unsafe impl Pod for RwUdpHandoff {}
+// SAFETY: a repr(C) struct of integers and arrays of them (checked against the C header by abi_drift.rs).
+unsafe impl Pod for RwFlowRec {}
 
 /// Reads a `Pod` value from the start of `bytes`, if long enough.
 pub fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {

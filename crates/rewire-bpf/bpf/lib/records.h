@@ -10,13 +10,7 @@
 #pragma once
 
 #include "common.h"
-
-/* rw_sock.flags (kernel only) */
-#define RW_F_HAS_RECORDS 1u  /* outbound socket: a verified blob was set */
-#define RW_F_REDIRECTED 2u   /* connect was redirected: getpeername lies, handoff on SYN */
-#define RW_F_ACCEPTED 4u     /* accepted socket that received a flow record */
-#define RW_F_LINK_LOST 8u    /* accepted socket queried when no link mark could be made: counted
-			      * in its service's link_unrecorded until released */
+#include "state.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);

@@ -17,29 +17,6 @@
 #include "decision.h"
 #include "broadcast.h"
 
-/* One UDP flow of an application (or proxy outbound) socket. A datagram to
- * `rec.orig_dst` goes to `target`; a datagram from `target` is shown as
- * coming from `rec.orig_dst`. */
-struct rw_udp_slot {
-	struct rw_addr target; /* the service's address; the original destination if service_id == 0 */
-	struct rw_addr src;    /* source address set on this flow's datagrams (unbound sockets); family 0: the socket's own */
-	__u64 last_ns;         /* CLOCK_BOOTTIME of the last datagram either way */
-	__u64 redirected_ns;
-	__u16 service_id;      /* 0: records delivered to the original destination */
-	__u16 rule_id;
-	__u8 published;        /* a hand-off entry was made for it (by the listener or at close) */
-	__u8 _pad[3];
-	__u32 mark;            /* random, per flow: the packet mark its datagrams carry both
-				* ways, checked on arrival (only the flow's own sockets send it) */
-	__u32 _pad2;
-	struct rw_records rec; /* magic == 0: free slot */
-};
-
-/* BPF_MAP_TYPE_SK_STORAGE value of a UDP socket. */
-struct rw_udp_sock {
-	struct rw_udp_slot slot[RW_UDP_SLOTS];
-};
-
 /* UDP flows of one socket (application or proxy outbound). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
