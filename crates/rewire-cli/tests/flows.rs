@@ -132,7 +132,7 @@ fn holder(tcp: SocketAddr, n_tcp: usize, udp: SocketAddr, n_udp: usize) -> Strin
 /// pid and command, original destinations, both services in order), not a
 /// flow held open at the same time in another instance; `--watch` printed
 /// each start and each end; after the holder exits, none is left (bounded
-/// wait).
+/// wait). An unprivileged user is refused.
 #[test]
 fn flows_lists_exactly_the_live_flows_with_their_chains() {
     require_root!();
@@ -200,7 +200,9 @@ fn flows_lists_exactly_the_live_flows_with_their_chains() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    let t = Instant::now();
     let live = d.flows();
+    eprintln!("rewire flows --json took {:?} (a process: load the iterator, read, print)", t.elapsed());
     assert_eq!(live.len(), N_TCP + N_UDP, "exactly the test's flows: {live:#?}");
     let mut protocols = [0, 0];
     for f in &live {
@@ -225,6 +227,13 @@ fn flows_lists_exactly_the_live_flows_with_their_chains() {
     assert_eq!(protocols, [N_TCP, N_UDP], "{live:#?}");
     let ids: BTreeSet<String> = live.iter().map(|f| f["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids.len(), N_TCP + N_UDP, "distinct flow ids: {live:#?}");
+
+    // Root only: an unprivileged user is refused, and says why.
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(REWIRE).args(["flows", "--json", "--config"]).arg(&d.cfg).uid(65534).gid(65534).output().unwrap();
+    assert!(!out.status.success(), "an unprivileged user read the flows: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs root"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // The holder ends: its flows end with it.
     drop(app.stdin.take());
