@@ -104,7 +104,7 @@ pub fn status(config: &Path, json: bool, wait: Option<Duration>) -> Result<i32> 
         }
     }
     let dir = pin_dir(&cfg);
-    let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    let cg = rewire_control::placement::subtree_of(&cfg)?;
     let attached = crate::readiness::attached(&cfg).map(|_| ());
     let code = if attached.is_ok() { 0 } else { NOT_ATTACHED };
     let counters = match CountersReader::open_pinned(&dir).and_then(|r| r.read()) {
@@ -151,6 +151,7 @@ pub fn status(config: &Path, json: bool, wait: Option<Duration>) -> Result<i32> 
             "generation": rewire_control::stats::generation(&dir),
             "build": rewire_control::stats::build(),
             "cgroup": cfg.cgroup,
+            "subtree": cg,
             "pin_dir": dir,
             "hooks_attached": attached.is_ok(),
             "hooks_problem": attached.as_ref().err(),
@@ -249,9 +250,9 @@ pub fn down(config: &Path, grace: Duration) -> Result<()> {
         }
         did = true;
     }
-    let cg_path = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    let cg_path = rewire_control::placement::subtree_of(&cfg)?;
     if cg_path.exists() {
-        let mut cg = ManagedCgroup::existing(&cfg.cgroup)?;
+        let mut cg = ManagedCgroup::existing_at(&cg_path)?;
         let pids = cg.pids();
         if !pids.is_empty() {
             eprintln!(

@@ -36,7 +36,8 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     checks::ensure_bpffs_at(&paths::bpffs_root())?;
     let lock = DaemonLock::acquire(&cfg.cgroup)?;
     let dir = pin_dir(&cfg);
-    let cg_path = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    // In the daemon's delegated cgroup, or where `parent` says (rewire_control::placement).
+    let cg_path = rewire_control::placement::daemon_subtree(&cfg, &dir)?;
     let guard_at = rewire_control::guard::configured(&cfg)?;
     if let Some(at) = &guard_at {
         rewire_control::guard::check_place(at, &cg_path)?;
@@ -44,7 +45,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     let adopting = adoptable(&dir, &cg_path);
     let reattaching = !adopting && hooks_lost(&dir, &cg_path)?;
     let mut cgroup = if adopting || reattaching {
-        ManagedCgroup::existing(&cfg.cgroup)?
+        ManagedCgroup::existing_at(&cg_path)?
     } else {
         if dir.exists() && !cg_path.exists() {
             // The cgroup is gone, so are its hooks: only stale pins are left.
@@ -55,8 +56,11 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         // the subtree also sees that a daemon is attaching to it, and waits
         // for the hooks before it binds (see proxy::join_daemon_cgroup).
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        ManagedCgroup::create(&cfg.cgroup).inspect_err(|_| {
+        // Recorded before the subtree exists: the other commands find it from the pins.
+        rewire_control::placement::record(&dir, &cg_path)?;
+        ManagedCgroup::create_at(&cg_path).inspect_err(|_| {
             // Only the directory, and only if empty: pins in it are not ours to remove.
+            rewire_control::placement::forget(&dir);
             let _ = std::fs::remove_dir(&dir);
         })?
     };
@@ -72,6 +76,11 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         }
     };
     cgroup.keep();
+    // An adopted or re-attached subtree (pins of a build that did not record
+    // it, or pins that were lost) is recorded too.
+    if let Err(e) = rewire_control::placement::record(&dir, cgroup.path()) {
+        tracing::warn!("{e}: `rewire exec`, `proxy`, `status` and `down` look for the subtree where `parent` places it");
+    }
     // Marks the cgroup as this daemon's (also one adopted from a build that
     // did not mark), so a restart after lost pins may attach to it again.
     if let Err(e) = rewire_control::cgroup::mark_owned(cgroup.path(), &dir) {
@@ -272,6 +281,12 @@ fn follow_cgroups(hooks: &mut Hooks, config: &Config) {
         ),
         Err(e) => tracing::error!("cannot update the ids of re-made cgroups: {e}"),
     }
+    // A re-made covered or service cgroup has none of the hooks' links: attach them again.
+    match hooks.reattach_named(config) {
+        Ok(None) => {}
+        Ok(Some(o)) => tracing::info!("named cgroup(s) re-made: hooks attached again ({} link(s))", o.attached.len()),
+        Err(e) => tracing::error!("cannot attach the hooks at re-made cgroups: {e}"),
+    }
 }
 
 /// How often the daemon checks that its pins are still there.
@@ -281,7 +296,14 @@ const PINS_CHECK: Duration = Duration::from_secs(1);
 /// daemon's own references kept the hooks attached meanwhile, but without
 /// pins they would detach when it exits. Says so when it did.
 fn restore_pins(hooks: &Hooks, dir: &Path) {
-    match hooks.restore_pins() {
+    let restored = hooks.restore_pins();
+    // The record of the subtree goes with the pins, and comes back with them.
+    if rewire_control::placement::recorded(dir).is_none() && dir.is_dir() {
+        if let Err(e) = rewire_control::placement::record(dir, hooks.cgroup()) {
+            tracing::warn!("{e}");
+        }
+    }
+    match restored {
         Ok(r) if r.is_empty() => {}
         Ok(r) => tracing::warn!(
             "pins under {} were removed ({} link(s), {} map(s)); pinned them again from the daemon's own references \

@@ -32,7 +32,7 @@ pub(crate) fn prepare(config: &Path) -> Result<Config> {
 /// The subtree of `cfg`, after checking that its hooks are attached (the
 /// pinned links and the kernel's link information, not a pid file).
 pub fn attached_subtree(cfg: &Config, config: &Path) -> Result<PathBuf> {
-    let cg = rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+    let cg = rewire_control::placement::subtree_of(cfg)?;
     let dir = pin_dir(cfg);
     if let Err(e) = persist::check_attached(&dir, &cg) {
         bail!(

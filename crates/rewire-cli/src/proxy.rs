@@ -247,7 +247,7 @@ fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
             // The daemon makes its pin directory before the subtree, so a
             // subtree that exists by the time of the join shows its pins
             // then: checked before (the subtree may not exist yet) and after.
-            let daemons = p == rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup);
+            let daemons = p == rewire_control::placement::subtree_of(cfg)?;
             if daemons && pin_dir(cfg).exists() {
                 wait_attached(cfg)?;
             }
@@ -263,7 +263,7 @@ fn join_daemon_cgroup(cfg: &Config, name: &str) -> Result<()> {
             // sockets unmarked and its flows refused.
             match crate::readiness::wait_for_hooks(cfg, crate::readiness::DAEMON_APPEAR)? {
                 Some(cg) => cg,
-                None if rewire_control::cgroup::cgroup2_mount()?.join(&cfg.cgroup).exists() => {
+                None if rewire_control::placement::subtree_of(cfg)?.exists() => {
                     attached_subtree(cfg, &cfg.path).context("not joining the daemon's subtree")?
                 }
                 None => {

@@ -33,7 +33,7 @@ const POLL: Duration = Duration::from_millis(50);
 /// The subtree of `cfg` when its hooks (and the configured guard) are
 /// attached, or why not.
 pub fn attached(cfg: &Config) -> std::result::Result<PathBuf, String> {
-    let cg = rewire_control::cgroup::cgroup2_mount().map_err(|e| e.to_string())?.join(&cfg.cgroup);
+    let cg = rewire_control::placement::subtree_of(cfg).map_err(|e| e.to_string())?;
     let dir = pin_dir(cfg);
     persist::check_attached(&dir, &cg).map_err(|e| e.to_string())?;
     guard_pinned(cfg, &dir)?;

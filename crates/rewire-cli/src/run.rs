@@ -22,11 +22,13 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
     let cfg = prepare(config)?;
     drop_inherited_outside_descriptors();
     let name = paths::run_cgroup_name(&cfg.cgroup, std::process::id());
+    // Beside where a daemon of this configuration would make its subtree (rewire_control::placement).
+    let path = rewire_control::placement::parent_dir(&cfg)?.join(&name);
     let guard_at = rewire_control::guard::configured(&cfg)?;
     if let Some(at) = &guard_at {
-        rewire_control::guard::check_place(at, &rewire_control::cgroup::cgroup2_mount()?.join(&name))?;
+        rewire_control::guard::check_place(at, &path)?;
     }
-    let mut cgroup = ManagedCgroup::create(&name)?;
+    let mut cgroup = ManagedCgroup::create_at(&path)?;
     let mut hooks = Hooks::attach(&cfg, cgroup.path())?;
     warn_scope_unavailable(&hooks);
     let _guard = match guard_at {

@@ -831,3 +831,229 @@ fn a_selected_unit_that_restarts_stays_selected() {
     result.unwrap();
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
 }
+
+/// Marks `dir` as systemd marks a unit's cgroup with `Delegate=yes`
+/// (`trusted.delegate=1`).
+fn mark_delegated(dir: &Path) {
+    let p = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(rewire_control::placement::DELEGATE_XATTR).unwrap();
+    // SAFETY: NUL-terminated path and name, a value buffer of its length.
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+    assert_eq!(r, 0, "setxattr {}: {}", dir.display(), std::io::Error::last_os_error());
+}
+
+/// rewire's own subtree lives in the daemon unit's delegated cgroup: a
+/// daemon started in `system.slice/rewire.service` (marked delegated, as
+/// systemd marks it) with no `parent` in its configuration moves itself
+/// into the leaf `rewire.service/daemon` and makes its subtree at
+/// `rewire.service/<cgroup>`; `rewire status --wait`, `rewire proxy` and
+/// `rewire exec`, started elsewhere, find it; a connect goes through a
+/// chain of two proxies; `rewire run` started in the unit makes its subtree
+/// there too; nothing is ever made at the top of the tree, and `rewire
+/// down` removes the subtree and the pins.
+#[test]
+fn a_daemon_in_a_delegated_unit_makes_its_subtree_there_and_nothing_at_the_top() {
+    require_root!();
+    let host = Host::new();
+    let unit = host.path("system.slice/rewire.service");
+    std::fs::create_dir_all(&unit).unwrap();
+    mark_delegated(&unit);
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let name = format!("rewire-test-{}-deleg", std::process::id());
+    let cfg = host.dir.join("rewire.toml");
+    let (audit, dlp) = (free_port(), free_port());
+    std::fs::write(
+        &cfg,
+        format!("cgroup = \"{name}\"\n{}{}", service("audit", audit, server.addr.port()), service("dlp", dlp, server.addr.port())),
+    )
+    .unwrap();
+    let mount = rewire_control::cgroup::cgroup2_mount().unwrap();
+    let at_top = || std::fs::read_dir(&mount).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&name)).count();
+    let subtree = unit.join(&name);
+    let pins = rewire_control::paths::pin_dir(&name);
+
+    let mut daemon = {
+        let mut c = Command::new(REWIRE);
+        c.args(["daemon", "--config"]).arg(&cfg).stderr(Stdio::inherit());
+        in_cgroup(&mut c, &unit).spawn().unwrap()
+    };
+    let mut proxies: Vec<Child> = vec![];
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let st = Command::new(REWIRE).args(["status", "--wait", "--timeout", "240", "--config"]).arg(&cfg).output().unwrap();
+        assert!(st.status.success(), "status --wait: {}", String::from_utf8_lossy(&st.stderr));
+        assert!(subtree.join("services/audit").is_dir(), "the subtree is in the unit's cgroup");
+        assert_eq!(at_top(), 0, "nothing at the top of the tree");
+        assert_eq!(rewire_control::cgroup::cgroup_of(daemon.id()).unwrap(), unit.join("daemon"), "the daemon is in its leaf");
+        assert_eq!(std::fs::read_to_string(unit.join("cgroup.procs")).unwrap().trim(), "", "no process in the unit's own cgroup");
+
+        let logs: Vec<PathBuf> = ["audit", "dlp"].iter().map(|s| host.dir.join(format!("{s}.jsonl"))).collect();
+        for (svc, log) in ["audit", "dlp"].iter().zip(&logs) {
+            let p = Command::new(REWIRE)
+                .args(["proxy", "--name", svc, "--log"])
+                .arg(log)
+                .arg("--config")
+                .arg(&cfg)
+                .env_remove("REWIRE_CGROUP")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            proxies.push(p);
+        }
+        for port in [audit, dlp] {
+            wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+        for (svc, p) in ["audit", "dlp"].iter().zip(&proxies) {
+            assert_eq!(rewire_control::cgroup::cgroup_of(p.id()).unwrap(), subtree.join("services").join(svc));
+        }
+
+        let probe = Command::new(REWIRE)
+            .args(["exec", "--config"])
+            .arg(&cfg)
+            .args(["--", REWIRE, "probe", &server.addr.to_string(), "--send", "5000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = probe.id();
+        let out = wait_output(probe, Duration::from_secs(60));
+        let r: serde_json::Value = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
+        assert_eq!(r["error"], serde_json::Value::Null, "{r}");
+        assert_eq!(r["received"], 5000);
+        assert_eq!(r["peer"], server.addr.to_string());
+        let last = read_log(&logs[1], 1);
+        assert_eq!(last[0]["chain"], serde_json::json!(["audit", "dlp"]), "{last:?}");
+        let first = read_log(&logs[0], 1);
+        assert_eq!(first[0]["client_pid"], pid);
+        assert!(!server.peers().contains(&r["local"].as_str().unwrap().parse().unwrap()), "the client never reached the server itself");
+
+        // `rewire run` started in the unit: its subtree is made there too.
+        let run = {
+            let mut c = Command::new(REWIRE);
+            c.args(["run", "--config"]).arg(&cfg).args(["--", "cat", "/proc/self/cgroup"]);
+            in_cgroup(&mut c, &unit).output().unwrap()
+        };
+        let said = String::from_utf8_lossy(&run.stdout).into_owned();
+        assert!(run.status.success(), "rewire run: {}", String::from_utf8_lossy(&run.stderr));
+        let rel = format!("0::/{}/{name}-run-", unit.strip_prefix(&mount).unwrap().display());
+        assert!(said.lines().any(|l| l.starts_with(&rel)), "rewire run's command ran in {said}, not below {rel}");
+        assert_eq!(at_top(), 0, "nothing at the top of the tree");
+    }));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    end(&mut daemon);
+    proxies.iter_mut().for_each(end);
+    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg).output().unwrap();
+    let (subtree_left, pins_left, top) = (subtree.exists(), pins.exists(), at_top());
+    if let Ok(mut c) = ManagedCgroup::existing_at(&subtree) {
+        let _ = c.remove();
+    }
+    let _ = rewire_control::persist::remove_pins(&pins);
+    result.unwrap();
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    assert!(!subtree_left && !pins_left, "down removes the subtree and the pins");
+    assert_eq!(top, 0, "nothing at the top of the tree");
+}
+
+/// A service identified by an existing unit (`[[service]] cgroup`) that no
+/// cover holds has the hooks attached at its own cgroup; when the unit
+/// restarts (its cgroup removed and made again: new id, and the kernel
+/// dropped the links of the old one) the daemon attaches them at the new
+/// cgroup (bounded wait), and a proxy started there serves the chain again
+/// (its listener is known as the service's, its onward connect continues
+/// the chain).
+#[test]
+fn a_service_unit_that_restarts_is_attached_again() {
+    require_root!();
+    let mut host = Host::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let name = format!("rewire-test-{}-hostr", std::process::id());
+    let cfg_path = host.dir.join("restart.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "cgroup = \"{name}\"\n{}{}[[service]]\nname = \"squid\"\ncgroup = \"{}\"\nlisten = \"127.0.0.1:{}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\n",
+            cover(&[host.cg(APP)]),
+            service("audit", free_port(), server.addr.port()),
+            host.cg(SQUID),
+            free_port(),
+            server.addr.port()
+        ),
+    )
+    .unwrap();
+    let config = rewire_control::Config::load(&cfg_path).unwrap();
+    let squid_cg = host.path(SQUID);
+    let (audit_log, squid_log) = (host.dir.join("audit.jsonl"), host.dir.join("squid.jsonl"));
+    let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg_path).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut proxies: Vec<Child> = vec![];
+    let squid = |log: &Path| {
+        let mut cmd = Command::new(REWIRE);
+        cmd.args(["proxy", "--name", "squid", "--log"])
+            .arg(log)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env_remove("REWIRE_CGROUP")
+            .stdout(Stdio::null());
+        in_cgroup(&mut cmd, &squid_cg);
+        let c = cmd.spawn().unwrap();
+        wait_listening(config.services[1].listen[0]);
+        c
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("the daemon attached at the squid unit", || OtherProgram::connect4_at(&squid_cg).len() == 1);
+        let p = Command::new(REWIRE)
+            .args(["proxy", "--name", "audit", "--log"])
+            .arg(&audit_log)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env_remove("REWIRE_CGROUP")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        proxies.push(p);
+        wait_listening(config.services[0].listen[0]);
+        proxies.push(squid(&squid_log));
+        let before = host.app(APP, None, None, server.addr, None);
+        before.go();
+        let s = read_log(&squid_log, 2);
+        assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
+
+        // The unit's restart: its process ends, its cgroup is re-made.
+        let mut old = proxies.pop().unwrap();
+        end(&mut old);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Err(e) = std::fs::remove_dir(&squid_cg) {
+            assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", squid_cg.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::create_dir(&squid_cg).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while OtherProgram::connect4_at(&squid_cg).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the re-made squid unit has no hooks 10 s after its mkdir");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let again = host.dir.join("squid-again.jsonl");
+        proxies.push(squid(&again));
+        let after = host.app(APP, None, None, server.addr, None);
+        let seen = after.go();
+        assert_eq!(seen.fresh.1, server.addr);
+        let s = read_log(&again, 2);
+        assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"]) && l["client_pid"] == after.pid), "{s:?}");
+        assert_eq!(flows_of(&audit_log, after.pid), 2);
+    }));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    end(&mut daemon);
+    proxies.iter_mut().for_each(end);
+    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg_path).output().unwrap();
+    if let Ok(mut c) = ManagedCgroup::existing(&name) {
+        let _ = c.remove();
+    }
+    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
+    result.unwrap();
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+}

@@ -138,19 +138,27 @@ impl ManagedCgroup {
     /// Creates `<cgroup2 mount>/<name>`; fails if it already exists.
     pub fn create(name: &str) -> Result<Self, CgroupError> {
         assert!(!name.is_empty() && !name.contains('/'), "cgroup name must be a plain name");
-        let path = cgroup2_mount()?.join(name);
-        match fs::create_dir(&path) {
-            Ok(()) => Ok(Self { path, remove_on_drop: true }),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(CgroupError::Exists(path)),
-            Err(e) => Err(io_err("mkdir", &path)(e)),
+        Self::create_at(&cgroup2_mount()?.join(name))
+    }
+
+    /// Creates the cgroup directory `path` (its parent must exist); fails if it already exists.
+    pub fn create_at(path: &Path) -> Result<Self, CgroupError> {
+        match fs::create_dir(path) {
+            Ok(()) => Ok(Self { path: path.into(), remove_on_drop: true }),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(CgroupError::Exists(path.into())),
+            Err(e) => Err(io_err("mkdir", path)(e)),
         }
     }
 
     /// Refers to an existing subtree without owning it (e.g. a daemon's, from `rewire exec`).
     pub fn existing(name: &str) -> Result<Self, CgroupError> {
-        let path = cgroup2_mount()?.join(name);
-        fs::metadata(&path).map_err(io_err("stat", &path))?;
-        Ok(Self { path, remove_on_drop: false })
+        Self::existing_at(&cgroup2_mount()?.join(name))
+    }
+
+    /// [`ManagedCgroup::existing`] by path.
+    pub fn existing_at(path: &Path) -> Result<Self, CgroupError> {
+        fs::metadata(path).map_err(io_err("stat", path))?;
+        Ok(Self { path: path.into(), remove_on_drop: false })
     }
 
     /// Keeps the subtree when this value is dropped (the daemon's outlives

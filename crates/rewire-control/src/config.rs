@@ -2,7 +2,12 @@
 //! the hop limit, and who may use the query/set calls.
 //!
 //! ```toml
-//! cgroup = "rewire"          # subtree under the cgroup2 mount that rewire owns
+//! cgroup = "rewire"          # name of the subtree rewire owns (and of its pins)
+//! parent = "delegated"       # optional: where the subtree is made: "delegated"
+//!                            # (the daemon's own cgroup, Delegate=yes), or an
+//!                            # absolute cgroup path ("/" = the top). Default: the
+//!                            # daemon's own cgroup if systemd marked it delegated,
+//!                            # else the top (see crate::placement)
 //! hop_limit = 8              # redirects one flow may take (1..=16)
 //! udp_idle_ms = 30000        # a UDP flow without datagrams this long is over
 //! udp_flows_per_user = 2000  # new UDP flows a second one user may start (0: no limit)
@@ -261,9 +266,15 @@ fn default_udp_flows_per_user() -> Spanned<u32> {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Name of the cgroup subtree rewire owns, under the cgroup2 mount.
+    /// Name of the cgroup subtree rewire owns (and of its pin directory
+    /// and run files).
     #[serde(default = "default_cgroup")]
     pub cgroup: String,
+    /// Where the subtree is made ([`crate::placement`]): `"delegated"`, or
+    /// an absolute cgroup path (`"/"` is the top); default: the daemon's
+    /// delegated cgroup if systemd marked it, else the top.
+    #[serde(default)]
+    pub parent: Option<Spanned<String>>,
     /// Redirects one flow may take.
     #[serde(default = "default_hop_limit")]
     pub hop_limit: Spanned<u32>,
@@ -328,6 +339,19 @@ impl Config {
                     Some(c.span()),
                     Some("cover"),
                     format!("`{}` is not a cgroup path: give the path under the cgroup2 mount, starting with '/'", c.get_ref()),
+                ));
+            }
+        }
+        if let Some(p) = &cfg.parent {
+            if p.get_ref() != crate::placement::DELEGATED && !is_cgroup_path(p.get_ref()) {
+                return Err(invalid(
+                    Some(p.span()),
+                    Some("parent"),
+                    format!(
+                        "`{}`: give \"delegated\" (the daemon's own cgroup) or a cgroup path under the cgroup2 mount, \
+                         starting with '/' (\"/\" is the top)",
+                        p.get_ref()
+                    ),
                 ));
             }
         }

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the TOML configuration, validated with file:line:key errors;
 //! - [`cgroup`]: the cgroup subtree rewire creates, owns and removes;
+//! - [`placement`]: where rewire's own subtree lives (a delegated cgroup, or the top);
 //! - [`cover`]: existing cgroups rewire covers, and selection by cgroup path and executable;
 //! - [`hooks`]: loading the BPF object and attaching it;
 //! - [`load`]: loading (verifying) the programs in parallel, and its times;
@@ -40,6 +41,7 @@ pub mod load;
 pub mod net;
 pub mod paths;
 pub mod persist;
+pub mod placement;
 pub mod scope;
 pub mod stats;
 pub mod tables;

@@ -9,10 +9,11 @@
 //! | what | where |
 //! |---|---|
 //! | bpffs | `$REWIRE_BPFFS`, else `/sys/fs/bpf` |
-//! | a daemon's pins | `<bpffs>/<cgroup>/` (subdirectories `links`, `stage`, `guard`, `lsm`, `scope`) |
+//! | a daemon's pins | `<bpffs>/<cgroup>/` (subdirectories `links`, `stage`, `guard`, `lsm`, `scope`; the link `subtree` to the subtree they serve) |
+//! | a daemon's subtree | `<parent>/<cgroup>`: the daemon's delegated cgroup or the top ([`crate::placement`]) |
 //! | a daemon's run files | `/run/rewire/<cgroup>.{pid,reload,status,layouts}` |
 //! | a service's processes | `<subtree>/services/<name>` |
-//! | `rewire run`'s subtree | `<cgroup>-run-<pid>` |
+//! | `rewire run`'s subtree | `<parent>/<cgroup>-run-<pid>` |
 
 use std::path::{Path, PathBuf};
 

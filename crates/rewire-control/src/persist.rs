@@ -161,6 +161,24 @@ impl Hooks {
         Ok(self.held_guard.len())
     }
 
+    /// Attaches the live generation at every covered cgroup and service's
+    /// cgroup of `config` that has none of its links: one re-made since
+    /// (systemd removes and makes again a unit's cgroup when it restarts;
+    /// the kernel drops the links of a removed cgroup). Links at cgroups
+    /// that are gone are unpinned, and the daemon holds the new ones. What
+    /// it attached, or `None` when every point had its links.
+    pub fn reattach_named(&mut self, config: &Config) -> Result<Option<Outcome>, HooksError> {
+        let Some(dir) = self.pins.clone() else { return Ok(None) };
+        if !covers::unattached_points(config, &self.cgroup, &dir) {
+            return Ok(None);
+        }
+        let mut outcome = Outcome::default();
+        let wanted = crate::hooks::programs_for(config);
+        covers::switch_pinned(&self.bpf, config, &self.cgroup, &dir, &wanted, &mut outcome)?;
+        self.hold_guard_links()?;
+        Ok(Some(outcome))
+    }
+
     /// Puts back what is missing of the pins under the pin directory of
     /// hooks made by [`Hooks::persistent`] (a root process removed them,
     /// e.g. `rm -r <bpffs>/<cgroup>`): the links from this process's own

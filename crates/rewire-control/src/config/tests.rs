@@ -100,3 +100,16 @@ fn error_message_names_the_file() {
     let e = parse("hop_limit = 99\n").unwrap_err().to_string();
     assert!(e.starts_with("test.toml:1: key `hop_limit`"), "{e}");
 }
+
+#[test]
+fn parent_is_delegated_or_a_cgroup_path() {
+    for ok in ["delegated", "/", "/system.slice/rewire.service"] {
+        let c = parse(&format!("parent = \"{ok}\"\n")).unwrap();
+        assert_eq!(c.parent.as_ref().map(|p| p.get_ref().as_str()), Some(ok));
+    }
+    assert!(parse("").unwrap().parent.is_none());
+    for bad in ["system.slice", "/a/../b", "self"] {
+        let (line, key, msg) = err(&format!("\nparent = \"{bad}\"\n"));
+        assert_eq!((line, key.as_str()), (2, "parent"), "{msg}");
+    }
+}

@@ -95,6 +95,19 @@ pub(crate) fn switch_pinned(
     Ok(())
 }
 
+/// Whether an attach point of `config` other than `subtree` exists with
+/// none of the daemon's links: a covered cgroup or a service's cgroup
+/// that was re-made (a unit's restart: same path, new cgroup id). A point
+/// missing right now is not counted (it has no processes).
+pub(crate) fn unattached_points(config: &Config, subtree: &Path, pins: &Path) -> bool {
+    let Ok(points) = attach_points(config, subtree) else { return false };
+    points
+        .iter()
+        .filter(|p| *p != subtree)
+        .filter_map(|p| crate::cgroup::cgroup_id(p).ok())
+        .any(|id| !covers_dir(pins).join(id.to_string()).is_dir())
+}
+
 fn detach_pin(path: &Path) {
     if let Ok(fd) = crate::bpfsys::obj_get(path) {
         let _ = crate::bpfsys::link_detach(std::os::fd::AsFd::as_fd(&fd));

@@ -153,6 +153,7 @@ pub fn remove_pins(dir: &Path) -> Result<Removed, HooksError> {
             r.links += 1;
         }
     }
+    crate::placement::forget(dir);
     for d in [stage_dir(dir), dir.to_path_buf()] {
         if let Ok(rd) = fs::read_dir(&d) {
             for e in rd.flatten() {
