@@ -11,6 +11,7 @@ mod notify;
 mod printer;
 mod probe;
 mod proxy;
+mod proxy_metrics;
 mod readiness;
 mod run;
 

@@ -120,12 +120,18 @@ impl Collector for KernelCollector {
 
 /// Binds `addr` now (an error if it cannot) and serves `/metrics` from a task.
 pub fn serve(addr: SocketAddr, state: Arc<DaemonState>) -> Result<tokio::task::JoinHandle<()>> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(KernelCollector(state)));
+    serve_registry(addr, registry)
+}
+
+/// Binds `addr` now (an error if it cannot) and serves `registry` at
+/// `/metrics` from a task (the daemon's and `rewire proxy --metrics`).
+pub fn serve_registry(addr: SocketAddr, registry: Registry) -> Result<tokio::task::JoinHandle<()>> {
     let std_listener = std::net::TcpListener::bind(addr).with_context(|| format!("--metrics {addr}: cannot listen"))?;
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(std_listener)?;
     tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(KernelCollector(state)));
     let registry = Arc::new(registry);
     Ok(tokio::spawn(async move {
         loop {

@@ -78,6 +78,10 @@ pub struct ProxyArgs {
     /// and their lines say "cut": "shutdown". A second signal cuts at once.
     #[arg(long, default_value_t = rewire_proxy::DEFAULT_GRACE.as_millis() as u64)]
     pub grace_ms: u64,
+    /// Serve Prometheus metrics (flows live and ended, bytes by direction,
+    /// flow durations, by protocol) at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     /// Relay every flow to this address without asking for or setting
     /// records (tests and measurements of the proxy without kernel hooks).
     #[arg(long, hide = true, conflicts_with = "original_dst")]
@@ -169,6 +173,14 @@ pub fn main(a: ProxyArgs) -> Result<()> {
             budget.total() / 2
         );
         let proxy = rewire_proxy::Proxy::new(opts, budget);
+        let metrics = match a.metrics {
+            Some(addr) => {
+                let (m, registry) = crate::proxy_metrics::ProxyMetrics::new(&a.name, proxy.clone());
+                crate::metrics::serve_registry(addr, registry)?;
+                Some(m)
+            }
+            None => None,
+        };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (phase_tx, phase_rx) = watch::channel(rewire_proxy::Phase::Serve);
         let udp_server = tokio::spawn(rewire_proxy::udp::serve(proxy.clone(), udp, tx.clone(), phase_rx.clone()));
@@ -201,6 +213,9 @@ pub fn main(a: ProxyArgs) -> Result<()> {
                     let Some(line) = line else { break };
                     writeln!(out, "{}", serde_json::to_string(&line)?)?;
                     out.flush()?;
+                    if let Some(m) = &metrics {
+                        m.ended(&line);
+                    }
                     n += 1;
                     if a.max_flows.is_some_and(|m| n >= m) && !stopping {
                         stop(&format!("{n} flows done (--max-flows)"), &mut stopping);
