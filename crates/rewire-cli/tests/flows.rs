@@ -132,7 +132,8 @@ fn holder(tcp: SocketAddr, n_tcp: usize, udp: SocketAddr, n_udp: usize) -> Strin
 /// pid and command, original destinations, both services in order), not a
 /// flow held open at the same time in another instance; `--watch` printed
 /// each start and each end; after the holder exits, none is left (bounded
-/// wait). An unprivileged user is refused.
+/// wait). An unprivileged user is refused; in another network namespace
+/// it is an error, not an empty list.
 #[test]
 fn flows_lists_exactly_the_live_flows_with_their_chains() {
     require_root!();
@@ -163,12 +164,15 @@ fn flows_lists_exactly_the_live_flows_with_their_chains() {
     assert!(d.flows().is_empty(), "flows before the test made any: {:?}", d.flows());
 
     let watch_out = d.dir.join("watch.jsonl");
-    let mut watch = Command::new(REWIRE)
-        .args(["flows", "--watch", "--json", "--config"])
-        .arg(&d.cfg)
-        .stdout(std::fs::File::create(&watch_out).unwrap())
-        .spawn()
-        .unwrap();
+    // Ended with the daemon (also when the test fails).
+    d.children.push(
+        Command::new(REWIRE)
+            .args(["flows", "--watch", "--json", "--config"])
+            .arg(&d.cfg)
+            .stdout(std::fs::File::create(&watch_out).unwrap())
+            .spawn()
+            .unwrap(),
+    );
 
     let mut app = Command::new(REWIRE)
         .args(["exec", "--config"])
@@ -235,6 +239,15 @@ fn flows_lists_exactly_the_live_flows_with_their_chains() {
     assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs root"), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // In another network namespace the iterator would see none of them: an error, not an empty list.
+    let out = Command::new("unshare").args(["--net", REWIRE, "flows", "--json", "--config"]).arg(&d.cfg).output().unwrap();
+    assert!(!out.status.success(), "listed from another network namespace: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not the network namespace rewire serves"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The holder ends: its flows end with it.
     drop(app.stdin.take());
     wait_exit(&mut app, Duration::from_secs(20), "the holder");
@@ -257,7 +270,7 @@ fn flows_lists_exactly_the_live_flows_with_their_chains() {
         assert!(Instant::now() < deadline, "--watch did not show the flows end: {:?}", std::fs::read_to_string(&watch_out));
         std::thread::sleep(Duration::from_millis(50));
     }
-    end(&mut watch);
+    end(d.children.last_mut().unwrap());
     assert_eq!(starts(&watch_out, "start"), ids, "--watch start");
     assert_eq!(starts(&watch_out, "end"), ids, "--watch end");
     let lines = std::fs::read_to_string(&watch_out).unwrap().lines().count();

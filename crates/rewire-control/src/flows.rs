@@ -63,6 +63,18 @@ pub enum FlowsError {
         /// Size of a record.
         size: usize,
     },
+    /// `rewire flows` runs in another network namespace than the one the
+    /// instance serves: the iterator would see none of its sockets.
+    #[error("this is not the network namespace rewire serves (cookie {here}, rewire's {served}): run `rewire flows` in it")]
+    OtherNetns {
+        /// This process's network namespace cookie.
+        here: u64,
+        /// The one the hooks serve.
+        served: u64,
+    },
+    /// This process's network namespace cookie could not be read.
+    #[error("reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {0}")]
+    NetnsCookie(std::io::Error),
     /// The pinned configuration could not be read.
     #[error("reading the pinned configuration: {0}")]
     Conf(#[from] crate::error::HooksError),
@@ -173,12 +185,34 @@ impl FlowsReader {
         Ok(out)
     }
 
-    /// The live flows now (see [`list`]).
+    /// The live flows now (see [`list`]). An error in another network
+    /// namespace than the one the hooks serve (the iterator sees the
+    /// caller's), rather than an empty list.
     pub fn list(&self, cfg: &Config) -> Result<Vec<Flow>, FlowsError> {
+        let conf = crate::persist::read_pinned_conf(&self.pins)?;
+        let here = netns_cookie()?;
+        if conf.netns_cookie != 0 && conf.netns_cookie != here {
+            return Err(FlowsError::OtherNetns { here, served: conf.netns_cookie });
+        }
         let recs = self.records()?;
-        let idle_ns = crate::persist::read_pinned_conf(&self.pins)?.udp_idle_ns;
-        Ok(group(&recs, crate::hooks::boot_ns(), idle_ns, cfg))
+        Ok(group(&recs, crate::hooks::boot_ns(), conf.udp_idle_ns, cfg))
     }
+}
+
+/// The cookie of this process's network namespace, from an unbound socket
+/// (a namespace without an address up has one too).
+fn netns_cookie() -> Result<u64, FlowsError> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let s = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).map_err(|e| FlowsError::NetnsCookie(e.into()))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, out-pointer and length.
+    let r = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
+    if r != 0 {
+        return Err(FlowsError::NetnsCookie(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
 }
 
 /// Attaches iterator `program`, reads it to the end, decodes its records.
