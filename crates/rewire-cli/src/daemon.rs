@@ -138,6 +138,8 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     publish_layouts(&cfg, generation);
     report(&mut status, true, &format!("started; {attach_time}"));
     crate::notify::ready(&format!("serving {} service(s); {attach_time}", cfg.services.len()));
+    // The next reload's programs, verified now on a thread of their own.
+    hooks.prepare_reload();
     let events = hooks.take_events();
     let shared = Arc::new(RwLock::new(cfg.clone()));
     let state = crate::metrics::DaemonState::new(dir.clone(), cgroup.path().to_path_buf(), shared.clone());
@@ -164,7 +166,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                     match reload_in_daemon(&mut hooks, &cur, &path, &dir) {
                         Ok((new, outcome)) => {
                             let msg = format!(
-                                "reloaded {}: {} service(s); {outcome}; in {:.2} s ({})",
+                                "reloaded {}: {} service(s); {outcome}; in {:.3} s ({})",
                                 path.display(),
                                 new.services.len(),
                                 reload_started.elapsed().as_secs_f64(),

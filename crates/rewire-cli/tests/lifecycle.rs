@@ -440,6 +440,62 @@ fn five_reloads_adding_and_removing_a_service() {
     });
 }
 
+/// A reload does not wait for the verifier: the daemon loads the next
+/// generation's programs ahead (after it serves, and after each reload),
+/// and a reload fills that generation's tables and puts it live. A reload
+/// the tables refuse (an unknown user in a match: found only when the
+/// tables are written) uses that generation up and changes nothing live;
+/// the next one is loaded ahead again. Each accepted reload's rules are
+/// the kernel's, the SipHash key stays, and a flow after them goes
+/// through the proxy.
+#[test]
+fn reloads_put_programs_verified_ahead_live_and_a_refused_one_changes_nothing() {
+    require_root!();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let body = service("audit", port, server.addr.port());
+    let mut life = Life::new(&body);
+    life.start_daemon(&[]);
+    let log = life.proxy("audit", listen);
+    let (key, base_rules) = (life.key(), life.n_rules());
+    let spare = format!(
+        "[[service]]\nname = \"spare\"\nlisten = [\"127.0.0.1:{}\"]\n[[service.match]]\ndst = [\"127.0.0.0/8\"]\nports = {}\n",
+        free_port(),
+        free_port()
+    );
+    let reload = |life: &Life, file: &str, text: &str| {
+        let path = life.dir.join(file);
+        life.write_config(&path, text);
+        let out = life.run(&["reload", "--config", path.to_str().unwrap()]);
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    let (ok, err) = reload(&life, "with-spare.toml", &format!("{body}{spare}"));
+    assert!(ok, "{err}");
+    assert!(err.contains("programs verified ahead"), "the reload verified its programs itself: {err}");
+    assert_eq!(life.n_rules(), base_rules + 1, "{err}");
+    let live = life.prog_ids();
+
+    let (ok, err) = reload(&life, "bad.toml", &format!("{body}{spare}uid = \"rewire-test-no-such-user\"\n"));
+    println!("refused reload: {}", err.trim());
+    assert!(!ok, "{err}");
+    assert!(err.contains("unknown user"), "{err}");
+    assert_eq!(life.n_rules(), base_rules + 1, "a refused reload changed the rules");
+    assert_eq!(life.prog_ids(), live, "a refused reload changed the programs");
+
+    let (ok, err) = reload(&life, "base.toml", &body);
+    assert!(ok, "{err}");
+    assert!(err.contains("programs verified ahead"), "no generation was loaded ahead after the refused reload: {err}");
+    assert_eq!(life.n_rules(), base_rules, "{err}");
+    assert_ne!(life.prog_ids(), live);
+    assert_eq!(life.key(), key, "the SipHash key changed");
+
+    life.exec_probe(server.addr);
+    let lines = rewire_proxy::wait_flow_lines(&log, 1, Duration::from_secs(20)).unwrap();
+    assert_eq!(lines[0]["chain"], json!(["audit"]), "{lines:?}");
+}
+
 #[test]
 fn five_upgrades_replace_the_programs_in_place() {
     require_root!();

@@ -77,6 +77,9 @@ pub struct Hooks {
     pub(crate) scope: Result<Option<crate::scope::Scope>, String>,
     /// Where the time of loading these hooks went.
     pub(crate) times: crate::load::LoadTimes,
+    /// The daemon's next generation, loaded ahead of its next reload
+    /// ([`Hooks::prepare_reload`]).
+    pub(crate) standby: Option<crate::persist::Standby>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -178,7 +181,7 @@ impl Hooks {
             _ => Err("the object lacks rw_scope".to_owned()),
         };
         times.links = t.elapsed();
-        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], held_guard: vec![], pins: None, scope, times })
+        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], held_guard: vec![], pins: None, scope, times, standby: None })
     }
 
     /// Why IPv6 link-local destinations lose their scope id under these

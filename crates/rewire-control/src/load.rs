@@ -40,6 +40,12 @@ pub struct LoadTimes {
     /// Pinning the maps (staged) and putting the links live (update,
     /// create, pin), and publishing the staged maps.
     pub links: Duration,
+    /// The programs were loaded ahead, before the reload that put them
+    /// live (`verify` and `maps` were not part of its time).
+    pub ahead: bool,
+    /// How long the reload waited for the programs loaded ahead (a reload
+    /// right after the previous one finds them still loading).
+    pub waited: Duration,
 }
 
 impl LoadTimes {
@@ -67,6 +73,19 @@ impl LoadTimes {
 
 impl std::fmt::Display for LoadTimes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.ahead {
+            write!(
+                f,
+                "programs verified ahead ({:.2} s, {}k insns, maps {:.2} s; waited {:.2} s for them); tables {:.2} s; pins and links {:.2} s",
+                self.verify.as_secs_f64(),
+                self.verified_insns() / 1000,
+                self.maps.as_secs_f64(),
+                self.waited.as_secs_f64(),
+                self.tables.as_secs_f64(),
+                self.links.as_secs_f64()
+            )?;
+            return Ok(());
+        }
         write!(
             f,
             "verify {:.2} s ({} programs, {}k insns, {:.2} s over {} thread(s)); maps {:.2} s; tables {:.2} s; pins and links {:.2} s",

@@ -124,7 +124,16 @@ impl Hooks {
             }
             let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
             return Ok((
-                Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope, times: outcome.times.clone() },
+                Self {
+                    bpf,
+                    cgroup: subtree.into(),
+                    held,
+                    held_guard: vec![],
+                    pins: Some(dir.into()),
+                    scope,
+                    times: outcome.times.clone(),
+                    standby: None,
+                },
                 outcome,
             ));
         }
@@ -135,7 +144,16 @@ impl Hooks {
         outcome.times.links += t.elapsed();
         let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
         Ok((
-            Self { bpf, cgroup: subtree.into(), held, held_guard: vec![], pins: Some(dir.into()), scope, times: outcome.times.clone() },
+            Self {
+                bpf,
+                cgroup: subtree.into(),
+                held,
+                held_guard: vec![],
+                pins: Some(dir.into()),
+                scope,
+                times: outcome.times.clone(),
+                standby: None,
+            },
             outcome,
         ))
     }
@@ -222,8 +240,36 @@ impl Hooks {
     /// a new generation (fresh tables, the same state maps and key) goes
     /// live with link updates. On error the running generation stays.
     pub fn reload(&mut self, config: &Config, dir: &Path) -> Result<Outcome, HooksError> {
+        let ahead = self.standby.is_some();
+        let r = self.reload_with(config, dir);
+        // The next reload's generation, loaded ahead (after a refused one too).
+        if ahead {
+            self.standby = Some(Standby::spawn(dir));
+        }
+        r
+    }
+
+    /// Loads the generation the next [`Hooks::reload`] will fill and put
+    /// live, on a thread of its own, so that the reload does not wait for
+    /// the verifier (see [`Standby`]). The daemon calls it once it serves;
+    /// every reload then loads the next one.
+    pub fn prepare_reload(&mut self) {
+        if let Some(dir) = self.pins.clone() {
+            self.standby = Some(Standby::spawn(&dir));
+        }
+    }
+
+    fn reload_with(&mut self, config: &Config, dir: &Path) -> Result<Outcome, HooksError> {
         let mut outcome = Outcome::default();
-        let bpf = load_generation(config, &self.cgroup, dir, &mut outcome)?;
+        let bpf = match self.standby.take().and_then(|s| s.take(dir)) {
+            Some((bpf, ahead)) => {
+                outcome.kept_maps = ahead.kept_maps;
+                outcome.times = ahead.times;
+                outcome.times.ahead = true;
+                fill_generation(bpf, config, &self.cgroup, dir, &mut outcome)?
+            }
+            None => load_generation(config, &self.cgroup, dir, &mut outcome)?,
+        };
         let cg_id = crate::cgroup::cgroup_id(&self.cgroup).map_err(|e| HooksError::Config(e.to_string()))?;
         let wanted = crate::hooks::programs_for(config);
         let t = Instant::now();
@@ -233,8 +279,8 @@ impl Hooks {
         outcome.times.links += t.elapsed();
         self.bpf = bpf;
         self.held = held;
-        self.times = outcome.times.clone();
         self.pins = Some(dir.into());
+        self.times = outcome.times.clone();
         Ok(outcome)
     }
 }
@@ -244,13 +290,19 @@ impl Hooks {
 /// `config` with the pinned SipHash key, every program loaded (not
 /// attached); every map staged under `<dir>/stage/`.
 fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Outcome) -> Result<Ebpf, HooksError> {
+    let bpf = open_generation(dir, outcome, false)?;
+    fill_generation(bpf, config, subtree, dir, outcome)
+}
+
+/// The object loaded with the pinned state maps and fresh, empty
+/// configuration maps, every program verified. With `ahead` (a
+/// generation loaded before the reload that will use it, see [`Standby`]),
+/// a state map that is not pinned, or whose layout differs, is an error
+/// rather than created: nothing is pinned from another thread.
+fn open_generation(dir: &Path, outcome: &mut Outcome, ahead: bool) -> Result<Ebpf, HooksError> {
     let t = Instant::now();
     let object = rewire_bpf::object();
     let obj = aya_obj::Object::parse(object).map_err(|e| HooksError::Config(format!("parsing rewire's BPF object: {e}")))?;
-    let stage = stage_dir(dir);
-    let _ = fs::remove_dir_all(&stage); // a crashed earlier attempt's
-    fs::create_dir_all(&stage).map_err(|e| HooksError::Pin { path: stage.clone(), message: e.to_string() })?;
-
     let mut loader = EbpfLoader::new();
     for (name, def) in &obj.maps {
         if name.starts_with('.') || CONFIG_MAPS.contains(&name.as_str()) {
@@ -269,6 +321,8 @@ fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Ou
                 if fits {
                     loader.map_pin_path(name, path);
                     outcome.kept_maps.push(name.clone());
+                } else if ahead {
+                    return Err(HooksError::Config(format!("map {name}: pinned layout differs from this build's")));
                 } else {
                     tracing::warn!(
                         "map {name}: pinned layout (type {}, key {} B, value {} B, {} entries, flags {:#x}) differs \
@@ -282,6 +336,9 @@ fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Ou
                     outcome.fresh_maps.push(name.clone());
                 }
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && ahead => {
+                return Err(HooksError::Config(format!("map {name} is not pinned")));
+            }
             // Not pinned yet: aya creates and pins it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 loader.map_pin_path(name, path);
@@ -291,13 +348,25 @@ fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Ou
     }
     let mut bpf = loader.load(object)?;
     outcome.times.maps += t.elapsed();
+    // The verifier does not read the configuration maps' content (they are
+    // neither read-only nor frozen): programs verified before the tables
+    // are filled are the same programs.
+    let names: Vec<&'static str> = rewire_bpf::PROGRAMS.iter().map(|p| p.0).collect();
+    crate::load::load_programs(&mut bpf, &names, &mut outcome.times)?;
+    Ok(bpf)
+}
+
+/// Fills an opened generation's configuration maps from `config` with the
+/// pinned SipHash key, and stages every map under `<dir>/stage/`.
+fn fill_generation(mut bpf: Ebpf, config: &Config, subtree: &Path, dir: &Path, outcome: &mut Outcome) -> Result<Ebpf, HooksError> {
     let t = Instant::now();
     fill_maps(&mut bpf, config, subtree)?;
     keep_key(&mut bpf, dir)?;
     outcome.times.tables += t.elapsed();
-    let names: Vec<&'static str> = rewire_bpf::PROGRAMS.iter().map(|p| p.0).collect();
-    crate::load::load_programs(&mut bpf, &names, &mut outcome.times)?;
     let t = Instant::now();
+    let stage = stage_dir(dir);
+    let _ = fs::remove_dir_all(&stage); // a crashed earlier attempt's
+    fs::create_dir_all(&stage).map_err(|e| HooksError::Pin { path: stage.clone(), message: e.to_string() })?;
     for (name, map) in bpf.maps() {
         if name.starts_with('.') {
             continue;
@@ -307,6 +376,71 @@ fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Ou
     }
     outcome.times.links += t.elapsed();
     Ok(bpf)
+}
+
+/// A generation loaded ahead of the next reload, on a thread of its own
+/// after the daemon serves and after each reload: the object with the
+/// pinned state maps and empty configuration maps, its programs verified
+/// (not attached, so nothing runs them). A reload then only fills its
+/// tables and puts it live, exactly as a generation loaded at the reload
+/// would be (the verifier does not depend on the tables' content), and
+/// the next one is loaded ahead again. It is used only if the state maps
+/// pinned at the reload are still the ones it was loaded with; else, or if
+/// it failed, the reload loads a generation itself, as before.
+pub(crate) struct Standby {
+    thread: std::thread::JoinHandle<Result<Ahead, HooksError>>,
+}
+
+/// What [`Standby`]'s thread loaded: the generation, its load's outcome
+/// (kept maps, times) and the ids of the state maps it uses.
+type Ahead = (Ebpf, Outcome, BTreeMap<String, u32>);
+
+impl Standby {
+    /// Starts loading a generation ahead.
+    pub(crate) fn spawn(dir: &Path) -> Self {
+        let dir = dir.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let mut outcome = Outcome::default();
+            let bpf = open_generation(&dir, &mut outcome, true)?;
+            let ids = pinned_state_ids(&dir, &outcome.kept_maps)?;
+            Ok((bpf, outcome, ids))
+        });
+        Self { thread }
+    }
+
+    /// The generation loaded ahead (waiting for it if still loading), if it
+    /// loaded and the pinned state maps are still the ones it uses.
+    fn take(self, dir: &Path) -> Option<(Ebpf, Outcome)> {
+        let t = Instant::now();
+        let r = self.thread.join().ok()?;
+        match r {
+            Ok((bpf, mut outcome, ids)) => match pinned_state_ids(dir, &outcome.kept_maps) {
+                Ok(now) if now == ids => {
+                    outcome.times.waited = t.elapsed();
+                    Some((bpf, outcome))
+                }
+                _ => {
+                    tracing::info!("the generation loaded ahead uses state maps no longer pinned; loading a new one");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::info!("no generation loaded ahead ({e}); loading one now");
+                None
+            }
+        }
+    }
+}
+
+/// The ids of the maps pinned as `names` under `dir`.
+fn pinned_state_ids(dir: &Path, names: &[String]) -> Result<BTreeMap<String, u32>, HooksError> {
+    let mut ids = BTreeMap::new();
+    for name in names {
+        let path = dir.join(name);
+        let fd = bpfsys::obj_get(&path).map_err(sys(format!("opening {}", path.display())))?;
+        ids.insert(name.clone(), bpfsys::map_info(fd.as_fd()).map_err(sys(format!("reading {}", path.display())))?.id);
+    }
+    Ok(ids)
 }
 
 /// Carries the SipHash key of the pinned `rw_conf` (if any) into the new
