@@ -173,12 +173,13 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
                                 outcome.times
                             );
                             tracing::info!("{msg}");
+                            // The layouts before the answer: a `rewire reload` that returned finds them current.
+                            generation += 1;
+                            publish_layouts(&new, generation);
                             report(&mut status, true, &msg);
                             crate::notify::ready(&msg);
                             state.reloaded(true);
                             *shared.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
-                            generation += 1;
-                            publish_layouts(&new, generation);
                             cur = new;
                             cur_path = path;
                             watch = new_watch(&cur)?;

@@ -400,6 +400,11 @@ impl Standby {
     pub(crate) fn spawn(dir: &Path) -> Self {
         let dir = dir.to_path_buf();
         let thread = std::thread::spawn(move || {
+            // Behind every other thread of the machine (the verifier runs
+            // in this thread's system calls; the threads it starts inherit
+            // it): the hooks' users and the daemon's own answers first.
+            // SAFETY: setpriority on this thread's id only changes its nice value.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
             let mut outcome = Outcome::default();
             let bpf = open_generation(&dir, &mut outcome, true)?;
             let ids = pinned_state_ids(&dir, &outcome.kept_maps)?;
