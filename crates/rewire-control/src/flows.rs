@@ -298,3 +298,55 @@ fn comm(c: &[u8; 16]) -> String {
     let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
     String::from_utf8_lossy(&c[..end]).into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        let text = "cgroup = \"t\"\n[[service]]\nname = \"audit\"\nlisten = [\"127.0.0.1:9001\"]\n\
+                    [[service.match]]\nports = 80\n[[service]]\nname = \"dlp\"\nlisten = [\"127.0.0.1:9002\"]\n\
+                    [[service.match]]\nports = 80\n";
+        Config::parse(text, Path::new("t.toml")).unwrap()
+    }
+
+    fn rec(flow_id: u64, proto: u8, chain: &[u16]) -> RwFlowRec {
+        let mut r = RwFlowRec { source: abi::RW_FLOW_SOCK, sk_proto: proto.into(), sk_state: 1, ..Default::default() };
+        r.rec.magic = abi::RW_MAGIC;
+        r.rec.flow_id = flow_id;
+        r.rec.proto = proto;
+        r.rec.pid = 42;
+        r.rec.comm[..4].copy_from_slice(b"curl");
+        r.rec.created_ns = 1_000;
+        r.rec.orig_dst = "192.0.2.1:80".parse::<SocketAddr>().unwrap().into();
+        r.rec.n_chain = chain.len() as u8;
+        r.rec.chain[..chain.len()].copy_from_slice(chain);
+        r
+    }
+
+    #[test]
+    fn sockets_of_one_flow_are_one_flow_with_the_longest_chain() {
+        let tcp = libc::IPPROTO_TCP as u8;
+        let udp = libc::IPPROTO_UDP as u8;
+        let mut closed = rec(3, tcp, &[1]);
+        closed.sk_state = TCP_CLOSE;
+        let mut idle = rec(4, udp, &[1]);
+        idle.source = abi::RW_FLOW_UDP_SLOT;
+        idle.last_ns = 1_000;
+        let mut fresh = rec(5, udp, &[1, 2]);
+        fresh.source = abi::RW_FLOW_UDP_SLOT;
+        fresh.last_ns = 9_000;
+        let mut free = rec(6, tcp, &[1]);
+        free.rec.magic = 0;
+        let recs = [rec(1, tcp, &[1]), rec(1, tcp, &[1, 2]), rec(1, tcp, &[1]), rec(2, tcp, &[1]), closed, idle, fresh, free];
+        let flows = group(&recs, 10_000, 5_000, &cfg());
+        let ids: Vec<u64> = flows.iter().map(|f| f.id).collect();
+        assert_eq!(ids, [1, 2, 5], "{flows:#?}");
+        let f = &flows[0];
+        assert_eq!((f.sockets, f.pid, f.comm.as_str(), f.protocol), (3, 42, "curl", Protocol::Tcp));
+        assert_eq!(f.chain.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["audit", "dlp"]);
+        assert_eq!(f.original_dst, Some("192.0.2.1:80".parse().unwrap()));
+        assert_eq!(f.age, Duration::from_nanos(9_000));
+        assert_eq!(flows[2].protocol, Protocol::Udp);
+    }
+}
