@@ -3,7 +3,9 @@
 //! separate object because only the proxy loads it, and without the hooks)
 //! and `bpf/guard.bpf.c` (the borrowed-socket guard, attached at an
 //! ancestor of the subtree and loaded with libbpf), `bpf/lsm.bpf.c` (the
-//! same boundary in the BPF LSM, where the kernel loads it).
+//! same boundary in the BPF LSM, where the kernel loads it), `bpf/scope.bpf.c`
+//! (the IPv6 scope reader) and `bpf/flows.bpf.c` (the flows iterator of
+//! `rewire flows`, loaded with libbpf on the pinned socket storage).
 //!
 //! The objects are built for the host's byte order (`bpfel` on x86_64 and
 //! aarch64). `CLANG` overrides the compiler; `scripts/setup.sh` installs it.
