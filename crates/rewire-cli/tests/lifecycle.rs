@@ -1030,6 +1030,66 @@ fn a_socket_passed_by_systemd_socket_activate_serves_its_services_flows() {
     println!("socket activation: {}", text.lines().filter(|l| l.contains("descriptor 3")).collect::<Vec<_>>().join(" | "));
 }
 
+/// The same with a UDP socket: `systemd-socket-activate --datagram` binds
+/// the service's UDP address outside the service and, at the first
+/// datagram, execs `rewire exec --service audit -- rewire proxy` with it
+/// (LISTEN_FDS); `rewire exec` puts a UDP socket made in the service at its
+/// descriptor, and an application's UDP flow goes through the proxy on it
+/// (every echo from the original server). Before, the passed UDP socket was
+/// left as passed: not the service's, the flow refused.
+#[test]
+fn a_udp_socket_passed_by_systemd_socket_activate_serves_its_services_flows() {
+    require_root!();
+    let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut life = Life::new(&format!("udp_idle_ms = 1500\n{}", udp_service("audit", port, echo.addr.port())));
+    life.start_daemon(&[]);
+    let (log, err) = (life.dir.join("audit.jsonl"), life.dir.join("activated.err"));
+    let cfg = life.cfg.to_str().unwrap().to_string();
+    let bpffs = format!("REWIRE_BPFFS={}", life.bpffs.display());
+    let child = Command::new("systemd-socket-activate")
+        .args(["--datagram", "-E", &bpffs, "-E", "REWIRE_LOG=info", "-l", &listen.to_string(), REWIRE, "exec", "--config", &cfg])
+        .args(["--service", "audit", "--", REWIRE, "proxy", "--name", "audit", "--config", &cfg, "--log"])
+        .arg(&log)
+        .env("REWIRE_BPFFS", &life.bpffs)
+        .env("REWIRE_LOG", "info")
+        .env_remove("REWIRE_CGROUP")
+        .env_remove("REWIRE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd; scripts/setup-test.sh installs it)");
+    let pid = child.id();
+    life.children.push(child);
+    // The first datagram (from outside the subtree) starts the service; it
+    // is waited for until the activator has bound the address (bounded).
+    let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t0 = Instant::now();
+    let text = loop {
+        let _ = wake.send_to(b"wake", listen);
+        let text = std::fs::read_to_string(&err).unwrap_or_default();
+        if text.contains("proxy audit listening") {
+            break text;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the activated proxy did not start within 60 s:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(rewire_control::cgroup::cgroup_of(pid).unwrap().ends_with("services/audit"));
+    let out =
+        life.rewire().args(["exec", "--config", &cfg, "--", REWIRE, "probe", &echo.addr.to_string(), "--udp", "20"]).output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(r["error"], Value::Null, "{r}\n{text}");
+    assert_eq!(r["udp"]["received"], 20, "{r}\n{text}");
+    assert_eq!(r["udp"]["wrong_source"], 0, "{r}");
+    assert_eq!(r["udp"]["sources"], json!([echo.addr.to_string()]), "{r}");
+    let line = read_log(&log, 1).into_iter().find(|l| l["protocol"] == "udp").expect("the probe's UDP flow");
+    assert_eq!(line["chain"], json!(["audit"]), "{line}");
+    assert_eq!(line["original_destination"], echo.addr.to_string(), "{line}");
+    assert!(text.contains("now a listener made in the service"), "{text}");
+    println!("socket activation (udp): {}", text.lines().filter(|l| l.contains("descriptor 3")).collect::<Vec<_>>().join(" | "));
+}
+
 /// A TCP listener on `listen`, made in a thread acting as `euid` (its
 /// socket's owner), then owned by this process.
 fn listener_as(listen: SocketAddr, euid: u32) -> std::os::fd::OwnedFd {

@@ -28,11 +28,19 @@
 //! - this process is the service's (its cgroup, or its uid, in the live
 //!   `rw_svc_id`) and the socket's local address is that service's (the live
 //!   `rw_svc_addr`), the two questions the bind hook asks;
-//! - it is a listening TCP socket of IPv4 or IPv6 (UDP: see SECURITY.md,
-//!   known limits);
+//! - it is a listening TCP socket or a bound UDP socket of IPv4 or IPv6;
 //! - root created it (its inode's owner: the service manager runs as root),
 //!   so another user's socket is never shut down or stood in for, even one
 //!   that reaches root's hands with a `LISTEN_FDS` it set itself.
+//!
+//! A UDP socket cannot stop listening: the new one (with `SO_REUSEADDR`,
+//! as the passed one has, and `SO_REUSEPORT`, which the proxy's per-flow
+//! sockets need) binds the same address beside it, and the passed one is
+//! connected to its own address first, so that no datagram from anybody
+//! else is delivered to it any more (a connected UDP socket only receives
+//! from its peer) while a service manager still holds a copy of it
+//! (`systemd-socket-activate` does not: the `dup2` closes its last
+//! descriptor). Datagrams already queued on it are lost.
 //!
 //! The new socket is marked by the kernel's own rule; nothing here writes a
 //! mark. A socket that merely reaches a service's process stays what it
@@ -141,9 +149,7 @@ fn check(sock: BorrowedFd<'_>, addr: Option<SocketAddr>, caller: Option<u16>, sv
                 return Err("a TCP socket that is not listening".into());
             }
         }
-        (Ok(SockType::Datagram), Some(libc::IPPROTO_UDP)) => {
-            return Err("a UDP socket: only TCP listeners passed by the service manager are taken over (bind UDP in the service)".into())
-        }
+        (Ok(SockType::Datagram), Some(libc::IPPROTO_UDP)) => {}
         _ => return Err("neither TCP nor UDP".into()),
     }
     let sid = lookup_u16(svc_addr, &addr_key(&addr)).ok_or("not the address of any service of the running configuration")?;
@@ -159,9 +165,44 @@ fn check(sock: BorrowedFd<'_>, addr: Option<SocketAddr>, caller: Option<u16>, sv
     Ok(sid)
 }
 
+/// Puts a socket made here, bound to `addr`, at `old`'s descriptor number:
+/// a TCP listener ([`replace_tcp`]) or a UDP socket ([`replace_udp`]).
+fn replace(old: BorrowedFd<'_>, addr: SocketAddr) -> Result<(), String> {
+    match getsockopt(&old, sockopt::SockType) {
+        Ok(SockType::Datagram) => replace_udp(old, addr),
+        _ => replace_tcp(old, addr),
+    }
+}
+
+/// Binds a UDP socket made here to `addr` beside `old`, stops `old`
+/// receiving from anybody (connected to its own address) and puts the new
+/// one at its descriptor number. On failure `old` is left as it was.
+fn replace_udp(old: BorrowedFd<'_>, addr: SocketAddr) -> Result<(), String> {
+    use nix::sys::socket::{bind, connect, setsockopt, socket, AddressFamily, SockFlag, SockaddrIn, SockaddrIn6};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let new = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).map_err(|e| format!("socket: {e}"))?;
+    setsockopt(&new, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+    setsockopt(&new, sockopt::ReusePort, &true).map_err(|e| format!("SO_REUSEPORT: {e}"))?;
+    if addr.is_ipv6() {
+        let only = getsockopt(&old, sockopt::Ipv6V6Only).unwrap_or(true);
+        setsockopt(&new, sockopt::Ipv6V6Only, &only).map_err(|e| format!("IPV6_V6ONLY: {e}"))?;
+    }
+    fn bind_then_mute(new: RawFd, old: RawFd, a: &impl SockaddrLike, addr: SocketAddr) -> Result<(), String> {
+        bind(new, a)
+            .map_err(|e| format!("binding a UDP socket of the service's own to {addr} (the passed one needs SO_REUSEADDR): {e}"))?;
+        connect(old, a).map_err(|e| format!("connecting the passed socket to its own address: {e}"))
+    }
+    match addr {
+        SocketAddr::V4(a) => bind_then_mute(new.as_raw_fd(), old.as_raw_fd(), &SockaddrIn::from(a), addr)?,
+        SocketAddr::V6(a) => bind_then_mute(new.as_raw_fd(), old.as_raw_fd(), &SockaddrIn6::from(a), addr)?,
+    }
+    nix::unistd::dup2(new.as_raw_fd(), old.as_raw_fd()).map_err(|e| format!("dup2: {e}"))?;
+    Ok(())
+}
+
 /// Stops `old` listening and puts a listener made here, bound to `addr`, at
 /// its descriptor number. On failure `old` listens again.
-fn replace(old: BorrowedFd<'_>, addr: SocketAddr) -> Result<(), String> {
+fn replace_tcp(old: BorrowedFd<'_>, addr: SocketAddr) -> Result<(), String> {
     use nix::sys::socket::{
         bind, listen, setsockopt, shutdown, socket, AddressFamily, Backlog, Shutdown, SockFlag, SockaddrIn, SockaddrIn6,
     };
