@@ -203,6 +203,18 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 	struct rw_conf *conf;
 	struct bpf_sock *sk;
 
+	/* Every TCP socket of the subtree runs this program at a fixed set of
+	 * points whatever its flags (RTO and window init, ECN, connect, active
+	 * and passive establishment): the three used here are told apart
+	 * first, the others return at once. */
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+	case BPF_SOCK_OPS_STATE_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		break;
+	default:
+		return 1;
+	}
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return 1;
 	sk = skops->sk;
@@ -228,8 +240,10 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] != BPF_TCP_CLOSE)
+		if (skops->args[1] != BPF_TCP_CLOSE) {
+			rw_handoff_watch_done(skops, sk);
 			return 1;
+		}
 		rw_side_door(skops, sk, 0);
 		st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 		if (!st || !(st->flags & RW_F_REDIRECTED))

@@ -225,6 +225,19 @@ pub async fn relay_with(
     // Nagle's delay on top in the middle of the path.
     let _ = a.set_nodelay(true);
     let _ = b.set_nodelay(true);
+    relay_nodelay(mode, a, b, progress, budget).await
+}
+
+/// [`relay_with`] on sockets that have `TCP_NODELAY` already (an accepted
+/// socket inherits it from a listener prepared by [`crate::serve`]): no
+/// `setsockopt` per flow for it.
+pub(crate) async fn relay_nodelay(
+    mode: RelayMode,
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    progress: &Progress,
+    budget: &Arc<Budget>,
+) -> io::Result<RelayStats> {
     let p = progress;
     let ab = Way { done: &p.a_to_b, kernel: &p.kernel_a_to_b, budget, refused: &p.pipes_refused };
     let ba = Way { done: &p.b_to_a, kernel: &p.kernel_b_to_a, budget, refused: &p.pipes_refused };

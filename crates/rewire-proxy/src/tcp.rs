@@ -52,11 +52,30 @@ pub async fn serve(
     let (cut_tx, cut_rx) = watch::channel(false);
     let mut acceptors = tokio::task::JoinSet::new();
     for l in listeners {
+        listener_options(&l);
         acceptors.spawn(accept_loop(proxy.clone(), l, logs.clone(), phase.clone(), cut_rx.clone()));
     }
     drop(logs);
     while acceptors.join_next().await.is_some() {}
     wind_down(&proxy, "tcp", &proxy.tcp_live, &mut phase, &cut_tx).await;
+}
+
+/// Sets on a listener what every connection it accepts must have from its
+/// first moment, once for all of them (an accepted socket is a clone of its
+/// listener and inherits both): an abortive close (`SO_LINGER` 0, see
+/// [`abortive`]) and no Nagle delay (`TCP_NODELAY`, see
+/// [`relay::relay_with`]). Two `setsockopt` calls per listener instead of
+/// two per flow (each one also runs rewire's sockopt program). Whatever the
+/// listener's origin (bound here, passed by a service manager, or by a
+/// caller of [`serve`]).
+fn listener_options(l: &TcpListener) {
+    let s = socket2::SockRef::from(l);
+    if let Err(e) = s.set_linger(Some(Duration::ZERO)) {
+        tracing::warn!("SO_LINGER on a listener: {e}");
+    }
+    if let Err(e) = s.set_nodelay(true) {
+        tracing::debug!("TCP_NODELAY on a listener: {e}");
+    }
 }
 
 /// Accepts on one listener until [`Phase::Drain`], then closes it.
@@ -86,7 +105,7 @@ async fn accept_loop(
                     let (proxy2, logs, cut, live) = (proxy.clone(), logs.clone(), cut.clone(), proxy.tcp_live.enter());
                     tokio::spawn(async move {
                         let _grant = grant;
-                        if let Some(line) = handle(&proxy2, s, peer, cut).await {
+                        if let Some(line) = handle_prepared(&proxy2, s, peer, cut).await {
                             let _ = logs.send(line);
                         }
                         drop(live);
@@ -106,14 +125,22 @@ async fn accept_loop(
 
 /// Handles one accepted connection until it ends or is cut; returns its
 /// line, or `None` for a connection without records (counted instead).
-pub async fn handle(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut cut: watch::Receiver<bool>) -> Option<FlowLog> {
+pub async fn handle(proxy: &Proxy, client: TcpStream, peer: SocketAddr, cut: watch::Receiver<bool>) -> Option<FlowLog> {
+    // A socket from any listener: what `listener_options` gives the ones
+    // `serve` accepts on, set on this one.
+    abortive(&client, true);
+    let _ = client.set_nodelay(true);
+    handle_prepared(proxy, client, peer, cut).await
+}
+
+/// [`handle`] for a connection accepted on a listener prepared by
+/// [`listener_options`]: from its accept until the flow has finished, any
+/// close resets the client (the listener is abortive and an accepted socket
+/// inherits its linger), and it has `TCP_NODELAY`; neither is set again.
+async fn handle_prepared(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, mut cut: watch::Receiver<bool>) -> Option<FlowLog> {
     let start = Instant::now();
     let opts = &proxy.opts;
     let mut log = FlowLog::new(opts, peer, "tcp");
-    // From its accept until the flow has finished, any close resets the
-    // client: the listener is abortive, and an accepted socket inherits
-    // its linger (set again here for a listener that is not ours).
-    abortive(&client, true);
     let progress = relay::Progress::default();
     let r = tokio::select! {
         r = flow(proxy, &mut client, &mut log, &progress) => r,
@@ -187,16 +214,18 @@ async fn flow(proxy: &Proxy, client: &mut TcpStream, log: &mut FlowLog, progress
             sock.connect(dst).await.map_err(|source| FlowError::Connect { dst, source })?
         }
         Destination::Records => {
-            let records = rewire::query_redirect_records(client).map_err(FlowError::NoRecords)?;
-            let ctx = rewire::query_redirect_context(client).map_err(|e| tracing::debug!("no context: {e}")).ok();
-            log.fill(opts, &records, ctx);
+            // Records and context in one kernel round trip.
+            let (records, ctx) = rewire::query_redirect(client).map_err(FlowError::NoRecords)?;
+            log.fill(opts, &records, Some(ctx));
             let dst = records.original_destination();
             let sock = rewire::asynchronous::onward_socket(&records).map_err(|source| FlowError::ConnectOnward { dst, source })?;
             abortive(&sock, true);
             sock.connect(dst).await.map_err(|source| FlowError::ConnectOnward { dst, source: rewire::Error::from_io(source) })?
         }
     };
-    relay::relay_with(opts.relay, client, &mut upstream, progress, &proxy.budget).await.map_err(FlowError::Relay)?;
+    // The client's socket has TCP_NODELAY from its listener; the onward one gets it here.
+    let _ = upstream.set_nodelay(true);
+    relay::relay_nodelay(opts.relay, client, &mut upstream, progress, &proxy.budget).await.map_err(FlowError::Relay)?;
     // Both directions ended with their FIN passed on: an orderly close now.
     abortive(&upstream, false);
     abortive(client, false);

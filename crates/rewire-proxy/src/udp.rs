@@ -309,8 +309,9 @@ fn onward(proxy: &Proxy, client: &UdpSocket, peer: SocketAddr) -> Result<(UdpSoc
         log.original_destination = Some(dst);
         return Ok((up, log));
     }
-    let records = rewire::query_redirect_records(client).map_err(FlowError::NoRecords)?;
-    log.fill(opts, &records, rewire::query_redirect_context(client).ok());
+    // Records and context in one kernel round trip.
+    let (records, ctx) = rewire::query_redirect(client).map_err(FlowError::NoRecords)?;
+    log.fill(opts, &records, Some(ctx));
     let dst = records.original_destination();
     match rewire::asynchronous::udp_connect_onward(&records) {
         Ok(up) => Ok((up, log)),

@@ -84,6 +84,21 @@ pub fn query_redirect_context(sock: &impl AsFd) -> Result<RedirectContext> {
     RedirectContext::from_raw(&raw).ok_or(Error::InvalidRecords)
 }
 
+/// Both queries in one call: the records and the context of the flow on an
+/// accepted socket, from one `getsockopt` (`RW_OPT_CONTEXT`, whose answer
+/// carries the records with their tag). A proxy that needs both (to log the
+/// context and carry the records onward) makes one kernel round trip
+/// instead of two; the answers and errors are those of
+/// [`query_redirect_records`] and [`query_redirect_context`].
+pub fn query_redirect(sock: &impl AsFd) -> Result<(RedirectRecords, RedirectContext)> {
+    let mut buf = [0u8; std::mem::size_of::<RwContext>()];
+    let n = raw_query(sock.as_fd().as_raw_fd(), abi::RW_OPT_CONTEXT, &mut buf)?;
+    let raw: RwContext = abi::read_pod(&buf[..n]).ok_or(Error::InvalidRecords)?;
+    let records = RedirectContext::records(&raw).ok_or(Error::InvalidRecords)?;
+    let ctx = RedirectContext::from_raw(&raw).ok_or(Error::InvalidRecords)?;
+    Ok((records, ctx))
+}
+
 /// `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS`: attach the records to a new,
 /// not yet connected outbound socket. The kernel checks the blob's tag now
 /// and, at connect, that the socket goes to the flow's original destination.

@@ -12,12 +12,14 @@
 //! | `SIO_QUERY_WFP_CONNECTION_REDIRECT_CONTEXT` | [`query_redirect_context`] |
 //! | `SIO_SET_WFP_CONNECTION_REDIRECT_RECORDS` | [`set_redirect_records`] |
 //!
+//! [`query_redirect`] answers both queries in one kernel round trip (what a
+//! proxy that logs the context and carries the records onward wants).
+//!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let listener = std::net::TcpListener::bind("127.0.0.1:15001")?;
 //! let (client, _) = listener.accept()?;
-//! let records = rewire::query_redirect_records(&client)?;
-//! let ctx = rewire::query_redirect_context(&client)?;
+//! let (records, ctx) = rewire::query_redirect(&client)?; // one getsockopt for both
 //! println!("{} (pid {}) -> {}", ctx.command, ctx.pid, ctx.original_destination);
 //! let upstream = rewire::connect_onward(&records)?; // new socket + set records + connect
 //! # let _ = upstream; Ok(()) }
@@ -39,8 +41,8 @@ pub mod udp;
 pub mod asynchronous;
 
 pub use calls::{
-    connect_onward, original_destination, query_redirect_context, query_redirect_records, raw_query, raw_set, set_redirect_records,
-    MAX_ANSWER_LEN,
+    connect_onward, original_destination, query_redirect, query_redirect_context, query_redirect_records, raw_query, raw_set,
+    set_redirect_records, MAX_ANSWER_LEN,
 };
 pub use context::{boot_ns_to_system_time, comm_to_string, KernelIdentity, RedirectContext};
 pub use context_layout::{ContextLayout, MAX_VENDOR_CONTEXT};

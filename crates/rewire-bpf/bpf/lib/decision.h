@@ -37,10 +37,17 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 	has_rec = c->has_rec && st;
 	proto = c->proto;
 	rw_match_addr(orig, &w.dst);
+	w.proto = proto;
+	w.n_rules = conf->n_rules;
 	if (has_rec) {
 		c->n = rw_walk_from(&w, &st->rec);
 		c->depth = st->rec.depth;
 	} else {
+		/* No rule names this destination: nothing to look up. */
+		if (!rw_walk_dst(&w)) {
+			r = RW_PASS;
+			goto out;
+		}
 		w.uid = (__u32)bpf_get_current_uid_gid();
 		w.cgroup_id = bpf_get_current_cgroup_id();
 		w.origin = rw_origin_bits();
@@ -51,8 +58,6 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 		c->caller = rw_caller_service();
 		w.any_origin = !!c->caller;
 	}
-	w.proto = proto;
-	w.n_rules = conf->n_rules;
 	rw_walk(&w);
 	if (!w.found) {
 		r = has_rec ? RW_DELIVER : RW_PASS;

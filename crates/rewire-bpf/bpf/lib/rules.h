@@ -37,8 +37,13 @@ struct rw_walk {
 	__u8 any_dst; /* a broadcast/multicast send: every rule's destination
 		       * applies, and only a rule that does not let it pass is found */
 	__u8 any_origin; /* the origin is not proven (a service's connect without
-			  * records of its own): uid and cgroup conditions match */
+			  * records of its own): uid and cgroup conditions match;
+			  * RW_WALK_DST_ONLY: see rw_walk_dst */
 };
+
+/* rw_walk.any_origin of rw_walk_dst: only the destination (family, protocol,
+ * port, address) is matched; no origin condition, no chain. */
+#define RW_WALK_DST_ONLY 2
 
 /* The walk continues the flow of `rec`: its chain's services are seen,
  * its origin is the one rules match on. Returns the chain's length. */
@@ -96,7 +101,7 @@ static long rw_walk_rule(__u32 i, void *data)
 			return 0;
 	}
 	/* Already in the chain: REDIRECTED_BY_SELF or PREVIOUSLY_REDIRECTED_BY_SELF. */
-	if (w->seen & (1ULL << (r->service_id & 63)))
+	if (w->any_origin != RW_WALK_DST_ONLY && (w->seen & (1ULL << (r->service_id & 63))))
 		return 0;
 	/* NOT_REDIRECTED or REDIRECTED_BY_OTHER: take it. (A service with no
 	 * listener of this family is not skipped: it has no listener for the
@@ -111,6 +116,25 @@ static __always_inline void rw_walk(struct rw_walk *w)
 {
 	w->found = 0;
 	bpf_loop(RW_MAX_RULES, rw_walk_rule, w, 0);
+}
+
+/* Whether any rule names `w->dst` for `w->proto` at all, whoever connects
+ * (w->any_dst must be 0). Every rule rw_walk can find passes this walk's
+ * checks (they are a subset of its own), so when it finds nothing neither
+ * can rw_walk, with any origin or chain: a connect to a destination no rule
+ * names is decided before the origin's identity is looked up (uid, cgroup,
+ * selectors, the caller's service), which is the whole cost of the
+ * unmatched. Leaves w->any_origin 0 and w->found 0. */
+static __always_inline int rw_walk_dst(struct rw_walk *w)
+{
+	int found;
+
+	w->any_origin = RW_WALK_DST_ONLY;
+	rw_walk(w);
+	found = w->found;
+	w->any_origin = 0;
+	w->found = 0;
+	return found;
 }
 
 /* ---- the decision shared by TCP and UDP ----

@@ -4,7 +4,8 @@
  * connecting socket to the proxy's accepted socket (sockops).
  *
  * API: map rw_handoff; rw_tcp_connect; rw_tuple_unmap, rw_tuple_of,
- * rw_handoff_claimable, rw_svc_handed, rw_side_door (sockops helpers).
+ * rw_handoff_claimable, rw_svc_handed, rw_side_door, rw_handoff_watch_done
+ * (sockops helpers).
  */
 #pragma once
 
@@ -179,6 +180,31 @@ __attribute__((noinline)) int rw_svc_handed(__u32 sid, __u32 total)
 		s->depth_ns = now;
 	}
 	return 0;
+}
+
+/* A connecting socket's state callbacks (BPF_SOCK_OPS_STATE_CB, enabled at
+ * its connect) serve only to delete its hand-off if it closes unaccepted.
+ * Once the proxy's socket has claimed the entry (or it is not this
+ * socket's any more), they are switched off for the socket's remaining
+ * changes (FIN_WAIT*, CLOSE...): each one would run this program for
+ * nothing. Not at ESTABLISHED: the claim comes when the client's last
+ * handshake segment reaches the proxy, after that change. An accepted
+ * socket's callbacks (a side door's count) are left alone. */
+static __always_inline void rw_handoff_watch_done(struct bpf_sock_ops *skops, struct bpf_sock *sk)
+{
+	struct rw_tuple t = {};
+	struct rw_sock *st, *v;
+
+	if (skops->args[1] == BPF_TCP_ESTABLISHED)
+		return;
+	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+	if (!st || !(st->flags & RW_F_REDIRECTED))
+		return;
+	rw_tuple_of(skops, &t, 0);
+	v = bpf_map_lookup_elem(&rw_handoff, &t);
+	if (v && v->cookie == st->cookie)
+		return; /* still waiting for the proxy: watched until it closes */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 /* A side door opens (`open`, on a connection accepted without a hand-off
