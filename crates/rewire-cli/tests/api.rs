@@ -73,9 +73,19 @@ fn child_api_success_and_errors() {
     let age = std::time::SystemTime::now().duration_since(ctx.redirected_at).unwrap();
     assert!(age < Duration::from_secs(60), "redirected_at {age:?} ago");
 
+    // Both in one call: the same records (tag included, byte for byte) and the same context.
+    let (rec2, ctx2) = rewire::query_redirect(&accepted).unwrap();
+    assert_eq!(rec2.as_bytes(), rec.as_bytes());
+    let fields = |c: &rewire::RedirectContext| {
+        (c.original_destination, c.state, c.service_id, c.rule_id, c.hop, c.flow_id, c.chain.clone(), c.command.clone())
+    };
+    assert_eq!(fields(&ctx2), fields(&ctx));
+    assert_eq!(ctx2.kernel_identity(), ctx.kernel_identity());
+
     // Queries on a socket that was not redirected to us.
     assert!(matches!(rewire::query_redirect_records(&client), Err(Error::NotRedirected)));
     assert!(matches!(rewire::query_redirect_context(&client), Err(Error::NotRedirected)));
+    assert!(matches!(rewire::query_redirect(&client), Err(Error::NotRedirected)));
     // A too-small buffer names the size needed.
     let mut small = [0u8; 16];
     assert!(matches!(
