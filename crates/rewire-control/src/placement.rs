@@ -22,7 +22,9 @@
 //! symbolic link `<pins>/subtree` (bpffs holds symbolic links): it exists
 //! exactly as long as the pins, so `rewire exec`, `proxy`, `status` and
 //! `down`, which run in other cgroups and cannot see the daemon's own,
-//! find the subtree there ([`subtree_of`]). A daemon refuses to serve a
+//! find the subtree there ([`subtree_of`]; only a record naming a cgroup
+//! called `<cgroup>` below the cgroup2 mount: `rewire down` ends every
+//! process in what it finds). A daemon refuses to serve a
 //! different place than the one its pins record while that cgroup exists
 //! (detaching there would let its processes run without the hooks).
 
@@ -176,14 +178,26 @@ pub fn forget(pins: &Path) {
 /// record, else where its `parent` places it from here (an absolute path
 /// or the top: a daemon's own cgroup is not theirs to know).
 pub fn subtree_of(cfg: &Config) -> Result<PathBuf, CgroupError> {
-    if let Some(r) = recorded(&crate::paths::pin_dir(&cfg.cgroup)) {
+    let mount = cgroup2_mount()?;
+    // Only a record that names this configuration's subtree under the
+    // mount: `rewire down` ends every process in what it finds.
+    if let Some(r) = recorded(&crate::paths::pin_dir(&cfg.cgroup)).filter(|r| is_subtree_path(r, &mount, &cfg.cgroup)) {
         return Ok(r);
     }
-    let mount = cgroup2_mount()?;
     Ok(match cfg.parent.as_ref().map(|p| p.get_ref().as_str()) {
         Some(p) if p != DELEGATED => mount.join(p.trim_start_matches('/')).join(&cfg.cgroup),
         _ => mount.join(&cfg.cgroup),
     })
+}
+
+/// Whether `p` can be the subtree `name`: an absolute path below the
+/// cgroup2 mount `mount`, without `.` or `..`, whose last component is `name`.
+fn is_subtree_path(p: &Path, mount: &Path, name: &str) -> bool {
+    use std::path::Component;
+    p.starts_with(mount)
+        && p != mount
+        && p.file_name().is_some_and(|n| n == name)
+        && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
@@ -197,4 +211,20 @@ fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     }
     buf.truncate(r as usize);
     Some(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_subtree_of_this_name_below_the_mount_is_taken_from_the_pins() {
+        let m = Path::new("/sys/fs/cgroup");
+        assert!(is_subtree_path(Path::new("/sys/fs/cgroup/system.slice/rewire.service/rewire"), m, "rewire"));
+        assert!(is_subtree_path(Path::new("/sys/fs/cgroup/rewire"), m, "rewire"));
+        assert!(!is_subtree_path(Path::new("/sys/fs/cgroup/system.slice"), m, "rewire"));
+        assert!(!is_subtree_path(Path::new("/sys/fs/cgroup"), m, "cgroup"));
+        assert!(!is_subtree_path(Path::new("/sys/fs/cgroup/../cgroup/rewire"), m, "rewire"));
+        assert!(!is_subtree_path(Path::new("/tmp/rewire"), m, "rewire"));
+    }
 }
