@@ -406,7 +406,13 @@ impl Standby {
             // SAFETY: setpriority on this thread's id only changes its nice value.
             unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
             let mut outcome = Outcome::default();
-            let bpf = open_generation(&dir, &mut outcome, true)?;
+            let bpf = open_generation(&dir, &mut outcome, true);
+            // Parsing the kernel's BTF for the relocations takes ~20 MB that
+            // are free now; without this the allocator keeps them (this
+            // thread's arena) for the daemon's lifetime.
+            // SAFETY: malloc_trim only returns free memory to the kernel.
+            unsafe { libc::malloc_trim(0) };
+            let bpf = bpf?;
             let ids = pinned_state_ids(&dir, &outcome.kept_maps)?;
             Ok((bpf, outcome, ids))
         });
