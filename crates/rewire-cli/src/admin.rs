@@ -1,6 +1,7 @@
-//! `rewire exec`, `reload`, `status`, `down`: the commands that act on a
-//! daemon's subtree from outside it, through its pins and the daemon's run
-//! files ([`rewire_control::daemon`]).
+//! `rewire exec`, `reload`, `status`, `log-level`, `down`: the commands
+//! that act on a daemon's subtree from outside it, through its pins, its
+//! pid file ([`rewire_control::daemon`]) and its control socket
+//! ([`rewire_control::control`]).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use rewire_control::confine::Confinement;
-use rewire_control::daemon::{daemon_pid, last_status};
+use rewire_control::control::{self, ControlError, Request, Response};
+use rewire_control::daemon::daemon_pid;
 use rewire_control::hooks::CountersReader;
 use rewire_control::paths::{ENV_CGROUP, ENV_CONFIG, ENV_LAYOUTS};
 use rewire_control::{checks, persist, Config, ManagedCgroup};
@@ -68,23 +70,47 @@ pub fn exec(config: Option<&Path>, service: Option<&str>, cmd: &[String]) -> Res
     bail!("cannot run {}: {err}", cmd[0])
 }
 
-/// `rewire reload`: validate FILE, hand it to the live daemon (SIGHUP) and
-/// report what it did.
+/// How long `rewire reload` waits for the daemon's answer: a reload loads a
+/// new generation, which the verifier checks program by program (22 s on a
+/// loaded two-core machine), after the reloads queued before it.
+const RELOAD_WAIT: Duration = Duration::from_secs(120);
+/// How long `rewire status` waits for the daemon before it reads the pins itself.
+const STATUS_WAIT: Duration = Duration::from_secs(10);
+
+/// `rewire reload`: validate FILE, send it to the live daemon on its
+/// control socket and report that request's own outcome.
 pub fn reload(config: &Path) -> Result<()> {
-    let cfg = Config::load(config)?;
-    let Some(pid) = daemon_pid(&cfg.cgroup) else {
-        bail!(
-            "no rewire daemon serves cgroup `{}`; `rewire daemon --config {}` applies this configuration when it \
-             starts (it adopts the attached hooks)",
+    let abs = std::fs::canonicalize(config).with_context(|| format!("{}", config.display()))?;
+    let text = std::fs::read_to_string(&abs).with_context(|| format!("reading {}", abs.display()))?;
+    let cfg = Config::parse(&text, config)?;
+    let req = Request::Reload { path: abs.clone(), text };
+    let answer = match control::request(&cfg.cgroup, &req, RELOAD_WAIT) {
+        Err(ControlError::NotRunning { path, source }) => bail!(
+            "no rewire daemon serves cgroup `{}` (nothing answers on {}: {source}); `rewire daemon --config {}` applies \
+             this configuration when it starts (it adopts the attached hooks)",
             cfg.cgroup,
+            path.display(),
             config.display()
-        );
+        ),
+        r => r?,
     };
-    let answer = rewire_control::daemon::request_reload(&cfg.cgroup, pid, &std::fs::canonicalize(config)?, Duration::from_secs(30))?;
-    if !answer.ok {
-        bail!("{}", answer.message);
+    match answer {
+        Response::Reloaded { message, .. } => {
+            eprintln!("rewire: {message}");
+            Ok(())
+        }
+        Response::Refused { error, .. } => bail!("{error}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
     }
-    eprintln!("rewire: {}", answer.message);
+}
+
+/// `rewire log-level`: show or set the running daemon's log filter.
+pub fn log_level(config: &Path, filter: Option<String>) -> Result<()> {
+    let cfg = Config::load(config)?;
+    match control::request(&cfg.cgroup, &Request::LogLevel { filter }, STATUS_WAIT)? {
+        Response::LogLevel { filter } => println!("{filter}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
     Ok(())
 }
 
@@ -92,10 +118,12 @@ pub fn reload(config: &Path) -> Result<()> {
 pub const NOT_ATTACHED: i32 = 3;
 
 /// `rewire status`: whether the hooks of a daemon's cgroup are attached,
-/// its live daemon, and the kernel's per-cause counters (from the pinned
-/// `rw_counters`), as text or JSON on stdout. With `wait`, first waits (at
-/// most that long) for the hooks. Returns 0 when they are attached (and
-/// the configured guard), [`NOT_ATTACHED`] otherwise.
+/// its live daemon, and the kernel's per-cause counters, as text or JSON
+/// on stdout. Asks the daemon on its control socket; when it does not
+/// answer (dead, or not ours to ask), reads the pins itself and says why.
+/// With `wait`, first waits (at most that long) for the hooks. Returns 0
+/// when they are attached (and the configured guard), [`NOT_ATTACHED`]
+/// otherwise.
 pub fn status(config: &Path, json: bool, wait: Option<Duration>) -> Result<i32> {
     let cfg = Config::load(config)?;
     if let Some(timeout) = wait {
@@ -103,10 +131,31 @@ pub fn status(config: &Path, json: bool, wait: Option<Duration>) -> Result<i32> 
             return Ok(NOT_ATTACHED);
         }
     }
-    let dir = pin_dir(&cfg);
-    let cg = rewire_control::placement::subtree_of(&cfg)?;
-    let attached = crate::readiness::attached(&cfg).map(|_| ());
-    let code = if attached.is_ok() { 0 } else { NOT_ATTACHED };
+    let unreachable = |why: String| {
+        let mut v = status_value(&cfg, config);
+        v["daemon"] = serde_json::json!({"reachable": false, "error": why});
+        v
+    };
+    let v = match control::request(&cfg.cgroup, &Request::Status, STATUS_WAIT) {
+        Ok(Response::Status { status }) => status,
+        Ok(other) => unreachable(format!("unexpected answer: {other:?}")),
+        Err(e) => unreachable(e.to_string()),
+    };
+    let code = if v["hooks_attached"] == true { 0 } else { NOT_ATTACHED };
+    if json {
+        println!("{v}");
+    } else {
+        print_status(&v);
+    }
+    Ok(code)
+}
+
+/// What `rewire status --json` shows, read from the pins (the daemon
+/// serves the same, with its own part under `daemon`).
+pub fn status_value(cfg: &Config, config: &Path) -> serde_json::Value {
+    let dir = pin_dir(cfg);
+    let attached = crate::readiness::attached(cfg).map(|_| ());
+    let pid = daemon_pid(&cfg.cgroup);
     let counters = match CountersReader::open_pinned(&dir).and_then(|r| r.read()) {
         Ok(c) => c,
         Err(e) => {
@@ -117,81 +166,89 @@ pub fn status(config: &Path, json: bool, wait: Option<Duration>) -> Result<i32> 
                 dir.display(),
                 config.display()
             );
-            if json {
-                let v = serde_json::json!({
-                    "cgroup": cfg.cgroup,
-                    "pin_dir": dir,
-                    "hooks_attached": false,
-                    "hooks_problem": problem,
-                    "daemon_pid": daemon_pid(&cfg.cgroup),
-                    "counters": null,
-                });
-                println!("{v}");
-            } else {
-                println!("cgroup {}: hooks NOT attached: {problem}", cfg.cgroup);
-            }
-            return Ok(NOT_ATTACHED);
+            return serde_json::json!({
+                "cgroup": cfg.cgroup,
+                "pin_dir": dir,
+                "hooks_attached": false,
+                "hooks_problem": problem,
+                "daemon_pid": pid,
+                "counters": null,
+            });
         }
     };
-    let pid = daemon_pid(&cfg.cgroup);
-    let last = last_status(&cfg.cgroup).map(|s| s.message).filter(|_| pid.is_some());
     let io_uring_gap = rewire_control::guard::io_uring_gap(
         rewire_control::guard::IoUringAccess::current(),
         !rewire_control::guard::pinned_status(&dir).is_empty(),
         rewire_control::guard::lsm_pinned(&dir),
     );
-    let services = services_status(&cfg, &dir);
+    let services = services_status(cfg, &dir);
     let handoff = rewire_control::stats::handoff_occupancy(&dir).ok();
-    if json {
-        let v = serde_json::json!({
-            "services": services,
-            "handoff": handoff.map(|(tcp, udp)| serde_json::json!({"tcp": tcp, "udp": udp})),
-            "events_dropped": counters.events_lost,
-            "hooks": rewire_control::stats::hooks(&dir),
-            "generation": rewire_control::stats::generation(&dir),
-            "build": rewire_control::stats::build(),
-            "cgroup": cfg.cgroup,
-            "subtree": cg,
-            "pin_dir": dir,
-            "hooks_attached": attached.is_ok(),
-            "hooks_problem": attached.as_ref().err(),
-            "daemon_pid": pid,
-            "daemon_last": last,
-            "counters": counters,
-            "guard_links": rewire_control::guard::pinned_status(&dir).len(),
-            "lsm_attached": rewire_control::guard::lsm_pinned(&dir),
-            "io_uring_gap": io_uring_gap,
-        });
-        println!("{v}");
-        return Ok(code);
-    }
-    match &attached {
-        Ok(()) => println!("cgroup {}: hooks attached ({})", cfg.cgroup, cg.display()),
-        Err(e) => println!("cgroup {}: hooks NOT attached: {e}", cfg.cgroup),
-    }
-    match pid {
-        Some(p) => println!("daemon: pid {p}{}", last.map(|m| format!("; last: {m}")).unwrap_or_default()),
-        None => println!("daemon: none running (the attached hooks enforce without it; events are not printed)"),
-    }
     let guard = rewire_control::guard::pinned_status(&dir);
-    if guard.is_empty() {
-        println!("borrowed-socket guard: none (no `guard` configured)");
-    } else {
-        let ids: std::collections::BTreeSet<u64> = guard.iter().map(|&(_, id)| id).collect();
-        println!("borrowed-socket guard: {} program(s), attached at cgroup id(s) {ids:?}", guard.len());
+    let guard_cgroups: std::collections::BTreeSet<u64> = guard.iter().map(|&(_, id)| id).collect();
+    serde_json::json!({
+        "services": services,
+        "handoff": handoff.map(|(tcp, udp)| serde_json::json!({"tcp": tcp, "udp": udp})),
+        "events_dropped": counters.events_lost,
+        "hooks": rewire_control::stats::hooks(&dir),
+        "generation": rewire_control::stats::generation(&dir),
+        "build": rewire_control::stats::build(),
+        "cgroup": cfg.cgroup,
+        "subtree": rewire_control::placement::subtree_of(cfg).ok(),
+        "pin_dir": dir,
+        "hooks_attached": attached.is_ok(),
+        "hooks_problem": attached.as_ref().err(),
+        "daemon_pid": pid,
+        "counters": counters,
+        "guard_links": guard.len(),
+        "guard_cgroup_ids": guard_cgroups,
+        "lsm_attached": rewire_control::guard::lsm_pinned(&dir),
+        "io_uring_gap": io_uring_gap,
+    })
+}
+
+/// `rewire status` as text, from [`status_value`]'s object.
+fn print_status(v: &serde_json::Value) {
+    let cgroup = v["cgroup"].as_str().unwrap_or("?");
+    let daemon = &v["daemon"];
+    let daemon_line = match (v["daemon_pid"].as_u64(), daemon["reachable"].as_bool()) {
+        (Some(p), Some(true)) => format!(
+            "daemon: pid {p}, generation {}, log filter `{}`{}",
+            daemon["generation"],
+            daemon["log_filter"].as_str().unwrap_or("?"),
+            v["daemon_last"].as_str().map(|m| format!("; last: {m}")).unwrap_or_default()
+        ),
+        (Some(p), _) => format!("daemon: pid {p}, not reachable: {}", daemon["error"].as_str().unwrap_or("?")),
+        (None, _) => format!(
+            "daemon: none running (the attached hooks enforce without it; events are not printed); {}",
+            daemon["error"].as_str().unwrap_or("no control socket")
+        ),
+    };
+    if v["counters"].is_null() {
+        println!("cgroup {cgroup}: hooks NOT attached: {}", v["hooks_problem"].as_str().unwrap_or("?"));
+        println!("{daemon_line}");
+        return;
+    }
+    match v["hooks_problem"].as_str() {
+        None => println!("cgroup {cgroup}: hooks attached ({})", v["subtree"].as_str().unwrap_or("?")),
+        Some(e) => println!("cgroup {cgroup}: hooks NOT attached: {e}"),
+    }
+    println!("{daemon_line}");
+    match v["guard_links"].as_u64().unwrap_or(0) {
+        0 => println!("borrowed-socket guard: none (no `guard` configured)"),
+        n => println!("borrowed-socket guard: {n} program(s), attached at cgroup id(s) {}", v["guard_cgroup_ids"]),
     }
     println!(
         "BPF LSM: {}",
-        if rewire_control::guard::lsm_pinned(&dir) {
+        if v["lsm_attached"] == true {
             "attached (file_receive, ptrace_access_check)"
         } else {
             "not attached (the kernel would not load it when the daemon started; see its log)"
         }
     );
-    if let Some(line) = &io_uring_gap {
+    if let Some(line) = v["io_uring_gap"].as_str() {
         println!("io_uring: {line}");
     }
-    for sv in &services {
+    for sv in v["services"].as_array().into_iter().flatten() {
         let listeners: Vec<String> = sv["listen"]
             .as_array()
             .into_iter()
@@ -221,14 +278,17 @@ pub fn status(config: &Path, json: bool, wait: Option<Duration>) -> Result<i32> 
             if nonzero.is_empty() { "no decisions yet".to_string() } else { nonzero.join(", ") }
         );
     }
-    if let Some((tcp, udp)) = handoff {
-        println!("hand-off tables: tcp {}/{}, udp {}/{}", tcp.entries, tcp.capacity, udp.entries, udp.capacity);
+    let h = &v["handoff"];
+    if !h.is_null() {
+        println!(
+            "hand-off tables: tcp {}/{}, udp {}/{}",
+            h["tcp"]["entries"], h["tcp"]["capacity"], h["udp"]["entries"], h["udp"]["capacity"]
+        );
     }
     println!("counters since the hooks were first attached (every decision, printed or not):");
-    for (name, v) in counters.fields() {
-        println!("  {name:<15} {v}");
+    for (name, n) in v["counters"].as_object().into_iter().flatten() {
+        println!("  {name:<15} {n}");
     }
-    Ok(code)
 }
 
 /// `rewire down`: stop the daemon if one runs, end the processes in the

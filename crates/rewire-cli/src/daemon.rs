@@ -1,6 +1,7 @@
 //! `rewire daemon`: attaches (or adopts) the pinned hooks of a
 //! configuration's cgroup and serves them: prints events, expires UDP
-//! hand-offs, reloads on SIGHUP, puts back pins that disappear.
+//! hand-offs, answers its control socket ([`crate::control`]: status,
+//! reload, log level), reloads on SIGHUP, puts back pins that disappear.
 //!
 //! The hooks outlive it: SIGTERM/SIGINT/SIGKILL stop the daemon, not the
 //! enforcement; a new daemon adopts what the previous one left; `rewire
@@ -11,12 +12,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use rewire_control::daemon::{DaemonLock, StatusWriter};
+use rewire_control::control::{Admits, Response};
+use rewire_control::daemon::DaemonLock;
 use rewire_control::guard::Guard;
 use rewire_control::hooks::CountersReader;
 use rewire_control::limiter::Limits;
@@ -126,101 +128,93 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
         guard_started.elapsed().as_secs_f64()
     );
     tracing::debug!("verified per program: {}", outcome.times.per_program());
-    tracing::info!(
-        "serving {} service(s) on cgroup {} (hooks and maps pinned in {}; {attach_time}); `rewire exec --config {}` runs commands inside",
-        cfg.services.len(),
-        cgroup.path().display(),
-        dir.display(),
-        config.display()
-    );
-    let mut status = StatusWriter::new(&cfg.cgroup);
-    let mut generation = rewire_control::daemon::layouts_generation(&cfg.cgroup) + 1;
+    let generation = rewire_control::daemon::layouts_generation(&cfg.cgroup) + 1;
     publish_layouts(&cfg, generation);
-    report(&mut status, true, &format!("started; {attach_time}"));
-    crate::notify::ready(&format!("serving {} service(s); {attach_time}", cfg.services.len()));
+    let admits = Admits { gid: cfg.control_gid() };
+    let listener = rewire_control::control::bind(&cfg.cgroup, admits)?;
+    let info =
+        Arc::new(Mutex::new(Info { config: abs_config.clone(), generation, last: format!("started; {attach_time}"), last_ok: true }));
     // The next reload's programs, verified now on a thread of their own.
     hooks.prepare_reload();
     let events = hooks.take_events();
     let shared = Arc::new(RwLock::new(cfg.clone()));
     let state = crate::metrics::DaemonState::new(dir.clone(), cgroup.path().to_path_buf(), shared.clone());
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<crate::control::ReloadJob>(16);
+    let ctx =
+        Arc::new(crate::control::Ctx { admits: Mutex::new(admits), status: status_fn(shared.clone(), info.clone()), reloads: reload_tx });
     let r = rt.block_on(async {
+        let control_task = crate::control::spawn(listener, ctx.clone()).context("serving the control socket")?;
+        // "serving" and ready once the control socket answers: a `rewire
+        // reload` or `status` right after reaches it.
+        tracing::info!(
+            "serving {} service(s) on cgroup {} (hooks and maps pinned in {}; {attach_time}); control socket {} \
+             (admits {}); `rewire exec --config {}` runs commands inside",
+            cfg.services.len(),
+            cgroup.path().display(),
+            dir.display(),
+            rewire_control::paths::socket_file(&cfg.cgroup).display(),
+            admits.describe(),
+            config.display()
+        );
+        crate::notify::ready(&format!("serving {} service(s); {attach_time}", cfg.services.len()));
         let metrics_task = match metrics {
             Some(addr) => Some(crate::metrics::serve(addr, state.clone())?),
             None => None,
         };
         let printer = events.map(|ev| printer::spawn(ev, shared.clone(), format, limits, pinned_counters(&dir)));
-        let mut cur = cfg.clone();
-        let mut cur_path = abs_config.clone();
-        let mut tick = tokio::time::interval((cur.udp_idle() / 2).max(Duration::from_millis(50)));
+        let mut serving = Serving { hooks: &mut hooks, cur: cfg.clone(), dir: &dir, generation, watch: new_watch(&cfg)? };
+        let mut tick = tokio::time::interval((serving.cur.udp_idle() / 2).max(Duration::from_millis(50)));
         let mut pins_tick = tokio::time::interval(PINS_CHECK);
-        // Named cgroups re-made (a unit's restart): their new ids (rewire_control::watch).
-        let mut watch = new_watch(&cur)?;
         let sig = loop {
             tokio::select! {
                 _ = sigint.recv() => break "SIGINT",
                 _ = sigterm.recv() => break "SIGTERM",
+                // SIGHUP: the file the daemon was started with, read again.
                 _ = sighup.recv() => {
-                    let path = rewire_control::daemon::take_reload_request(&cur.cgroup).unwrap_or_else(|| cur_path.clone());
-                    crate::notify::reloading(&format!("reloading {}", path.display()));
-                    let reload_started = std::time::Instant::now();
-                    match reload_in_daemon(&mut hooks, &cur, &path, &dir) {
-                        Ok((new, outcome)) => {
-                            let msg = format!(
-                                "reloaded {}: {} service(s); {outcome}; in {:.3} s ({})",
-                                path.display(),
-                                new.services.len(),
-                                reload_started.elapsed().as_secs_f64(),
-                                outcome.times
-                            );
-                            tracing::info!("{msg}");
-                            // The layouts before the answer: a `rewire reload` that returned finds them current.
-                            generation += 1;
-                            publish_layouts(&new, generation);
-                            report(&mut status, true, &msg);
-                            crate::notify::ready(&msg);
-                            state.reloaded(true);
-                            *shared.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
-                            cur = new;
-                            cur_path = path;
-                            watch = new_watch(&cur)?;
-                        }
-                        Err(e) => {
-                            let msg = format!("reload of {} refused: {e:#}; the running configuration stays", path.display());
-                            tracing::warn!("{msg}");
-                            report(&mut status, false, &msg);
-                            crate::notify::ready(&msg);
-                            state.reloaded(false);
-                        }
-                    }
+                    let parsed = Config::load(&abs_config).map_err(anyhow::Error::from);
+                    serving.reload(&abs_config, parsed, &ctx, &shared, &state, &info)?;
                 }
-                _ = tick.tick() => expire_once(&mut hooks, cur.udp_idle()),
+                // `rewire reload`, one at a time, each answered on its own connection.
+                Some(job) = reload_rx.recv() => {
+                    let parsed = Config::parse(&job.text, &job.path).map_err(anyhow::Error::from);
+                    let resp = serving.reload(&job.path, parsed, &ctx, &shared, &state, &info)?;
+                    let _ = job.reply.send(resp);
+                }
+                _ = tick.tick() => expire_once(serving.hooks, serving.cur.udp_idle()),
                 _ = pins_tick.tick() => {
-                    restore_pins(&hooks, &dir);
-                    watch.get_ref().rearm();
-                    follow_cgroups(&mut hooks, &cur);
+                    restore_pins(serving.hooks, &dir);
+                    serving.watch.get_ref().rearm();
+                    follow_cgroups(serving.hooks, &serving.cur);
                 }
-                r = watch.readable() => {
+                r = serving.watch.readable() => {
                     if let Ok(mut g) = r {
                         g.clear_ready();
                     }
-                    if watch.get_ref().drain() {
-                        follow_cgroups(&mut hooks, &cur);
+                    if serving.watch.get_ref().drain() {
+                        follow_cgroups(serving.hooks, &serving.cur);
                     }
                 }
             }
         };
+        // No new requests; the ones in the queue are told the daemon stops.
+        control_task.abort();
+        reload_rx.close();
+        while let Ok(job) = reload_rx.try_recv() {
+            let _ = job.reply.send(Response::Error { error: format!("{sig}: the daemon stopped before this reload") });
+        }
         if let Some(p) = printer {
             p.stop().await;
         }
         if let Some(t) = metrics_task {
             t.abort();
         }
-        anyhow::Ok((sig, cur_path, cur))
+        anyhow::Ok((sig, serving.cur))
     });
     drop(rt);
-    let (sig, cur_path, cur) = r?;
+    rewire_control::control::remove(&cfg.cgroup);
+    let (sig, cur) = r?;
+    let cur_path = abs_config;
     crate::notify::stopping(&format!("{sig}: stopping; the hooks stay"));
-    status.remove();
     // What outlives the daemon is what is pinned: put back what is missing,
     // then say what the kernel says.
     restore_pins(&hooks, &dir);
@@ -248,10 +242,114 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     Ok(())
 }
 
-/// Reports a result to `rewire reload` (a failure to is only logged).
-fn report(status: &mut StatusWriter, ok: bool, msg: &str) {
-    if let Err(e) = status.write(ok, msg) {
-        tracing::warn!("cannot write the daemon's status: {e}");
+/// What the daemon says about itself in a served status, besides the pins.
+struct Info {
+    /// The file it was started with (SIGHUP reads it again).
+    config: std::path::PathBuf,
+    /// Grows with every accepted load or reload (the layouts' generation).
+    generation: u64,
+    /// Its last result (start, reload applied or refused).
+    last: String,
+    last_ok: bool,
+}
+
+/// The status the control socket serves: what `rewire status --json` reads
+/// from the pins, and the daemon's own part.
+fn status_fn(shared: Arc<RwLock<Config>>, info: Arc<Mutex<Info>>) -> Box<dyn Fn() -> serde_json::Value + Send + Sync> {
+    let started = std::time::Instant::now();
+    Box::new(move || {
+        let cfg = shared.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (config, generation, last, last_ok) = {
+            let i = info.lock().unwrap_or_else(|e| e.into_inner());
+            (i.config.clone(), i.generation, i.last.clone(), i.last_ok)
+        };
+        let mut v = crate::admin::status_value(&cfg, &config);
+        v["daemon_pid"] = std::process::id().into();
+        v["daemon_last"] = last.clone().into();
+        v["daemon"] = serde_json::json!({
+            "reachable": true,
+            "pid": std::process::id(),
+            "config": config,
+            "generation": generation,
+            "last": {"ok": last_ok, "message": last},
+            "log_filter": crate::logging::current(),
+            "uptime_s": started.elapsed().as_secs(),
+            "control_socket": rewire_control::paths::socket_file(&cfg.cgroup),
+        });
+        v
+    })
+}
+
+/// The daemon's loop's state that a reload changes.
+struct Serving<'a> {
+    hooks: &'a mut Hooks,
+    cur: Config,
+    dir: &'a Path,
+    generation: u64,
+    /// Named cgroups re-made (a unit's restart): their new ids (rewire_control::watch).
+    watch: tokio::io::unix::AsyncFd<Watch>,
+}
+
+impl Serving<'_> {
+    /// Applies `parsed` (read from `path`) or refuses it, says so in the
+    /// log, to the service manager and in the answer. Only an error that
+    /// leaves the daemon unable to go on is returned as `Err`.
+    fn reload(
+        &mut self,
+        path: &Path,
+        parsed: Result<Config>,
+        ctx: &crate::control::Ctx,
+        shared: &RwLock<Config>,
+        state: &crate::metrics::DaemonState,
+        info: &Mutex<Info>,
+    ) -> Result<Response> {
+        crate::notify::reloading(&format!("reloading {}", path.display()));
+        let reload_started = std::time::Instant::now();
+        let result = parsed.and_then(|new| reload_in_daemon(self.hooks, &self.cur, new, path, self.dir));
+        let resp = match result {
+            Ok((new, outcome)) => {
+                let msg = format!(
+                    "reloaded {}: {} service(s); {outcome}; in {:.3} s ({})",
+                    path.display(),
+                    new.services.len(),
+                    reload_started.elapsed().as_secs_f64(),
+                    outcome.times
+                );
+                tracing::info!("{msg}");
+                // The layouts before the answer: a `rewire reload` that returned finds them current.
+                self.generation += 1;
+                publish_layouts(&new, self.generation);
+                crate::notify::ready(&msg);
+                state.reloaded(true);
+                *shared.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+                if new.control_gid() != self.cur.control_gid() {
+                    let admits = Admits { gid: new.control_gid() };
+                    match rewire_control::control::set_access(&rewire_control::paths::socket_file(&new.cgroup), admits) {
+                        Ok(()) => tracing::info!("the control socket now admits {}", admits.describe()),
+                        Err(e) => tracing::error!("{e}; the control socket keeps its previous owner and mode"),
+                    }
+                    *ctx.admits.lock().unwrap_or_else(|e| e.into_inner()) = admits;
+                }
+                self.cur = new;
+                self.watch = new_watch(&self.cur)?;
+                Response::Reloaded { path: path.to_path_buf(), message: msg, generation: self.generation }
+            }
+            Err(e) => {
+                let msg = format!("reload of {} refused: {e:#}; the running configuration stays", path.display());
+                tracing::warn!("{msg}");
+                crate::notify::ready(&msg);
+                state.reloaded(false);
+                Response::Refused { path: path.to_path_buf(), error: msg, generation: self.generation }
+            }
+        };
+        let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+        i.generation = self.generation;
+        (i.last, i.last_ok) = match &resp {
+            Response::Reloaded { message, .. } => (message.clone(), true),
+            Response::Refused { error, .. } => (error.clone(), false),
+            _ => (String::new(), false),
+        };
+        Ok(resp)
     }
 }
 
@@ -352,8 +450,7 @@ fn adoptable(dir: &Path, cg: &Path) -> bool {
     persist::link_status(dir).is_ok_and(|links| links.values().any(|l| l.attached_to(id)))
 }
 
-fn reload_in_daemon(hooks: &mut Hooks, cur: &Config, path: &Path, dir: &Path) -> Result<(Config, persist::Outcome)> {
-    let new = Config::load(path)?;
+fn reload_in_daemon(hooks: &mut Hooks, cur: &Config, new: Config, path: &Path, dir: &Path) -> Result<(Config, persist::Outcome)> {
     if new.cgroup != cur.cgroup {
         bail!(
             "{}: `cgroup` is `{}`, this daemon serves `{}`; a different cgroup needs its own daemon",

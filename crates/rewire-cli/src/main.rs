@@ -1,10 +1,12 @@
 //! The `rewire` command: the one tool users and tests drive rewire with.
 
 mod admin;
+mod control;
 mod daemon;
 mod demo;
 mod flows;
 mod gen;
+mod logging;
 mod manage;
 mod metrics;
 mod notify;
@@ -62,7 +64,10 @@ enum Cmd {
     ///
     /// Attaches the hooks to the config's cgroup (pinned: they outlive the
     /// daemon) or adopts those a previous daemon left, and serves: prints the
-    /// kernel's decisions, reloads on SIGHUP. SIGINT/SIGTERM stop the daemon
+    /// kernel's decisions, answers its control socket
+    /// /run/rewire/CGROUP.sock (`rewire status`, `reload`, `log-level`; root
+    /// and the config's `control_group` only), reloads the config file it
+    /// was started with on SIGHUP. SIGINT/SIGTERM stop the daemon
     /// and leave the hooks enforcing and the processes inside running; use
     /// `rewire down` to remove everything.
     Daemon {
@@ -88,7 +93,9 @@ enum Cmd {
     ///
     /// Shows whether a daemon's hooks are attached, its live daemon, and the
     /// kernel's per-cause counters (every redirect and refusal, counted even
-    /// when events are dropped or not printed). Exits 0 when the hooks (and
+    /// when events are dropped or not printed). Asks the daemon on its
+    /// control socket; when it does not answer, reads the pinned maps
+    /// itself and says why the daemon is not reachable. Exits 0 when the hooks (and
     /// the configured guard) are attached, 3 when they are not, 1 on error.
     Status {
         /// Configuration file the daemon was started with.
@@ -127,11 +134,26 @@ enum Cmd {
     /// Apply a changed configuration to the running daemon atomically
     ///
     /// Applies a changed configuration (services, rules) to the running
-    /// daemon atomically; an invalid one is refused and the running one stays.
+    /// daemon atomically, through its control socket; an invalid one is
+    /// refused and the running one stays. The answer is this request's own:
+    /// exit 0 when it was applied, 1 with the daemon's reason when refused.
     Reload {
         /// Configuration file (its `cgroup` names the daemon).
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Show or change a running daemon's log filter
+    ///
+    /// Asks the daemon on its control socket for its log filter, or sets
+    /// it (takes effect at once, until the daemon stops or it is set again):
+    /// `debug` while diagnosing, `info` after. FILTER is `$REWIRE_LOG`'s
+    /// syntax, e.g. `debug` or `info,rewire_control=trace`.
+    LogLevel {
+        /// Configuration file the daemon was started with (its `cgroup` names the daemon).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The new filter; without it, the current one is printed.
+        filter: Option<String>,
     },
     /// Take a daemon's subtree down: processes, cgroup, hooks and pins
     ///
@@ -201,12 +223,7 @@ impl EventLimits {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env(rewire_control::paths::ENV_LOG).unwrap_or_else(|_| "info".into());
-    let log = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
-    match cli.log_format {
-        LogFormat::Json => log.json().flatten_event(true).init(),
-        LogFormat::Text => log.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-    }
+    logging::init(cli.log_format == LogFormat::Json);
     let json_log = cli.log_format == LogFormat::Json;
     let result = match cli.cmd {
         Cmd::Run { config, events, limits, cmd } => run::run(&config, events, limits.limits(), &cmd),
@@ -218,6 +235,7 @@ fn main() {
         }
         Cmd::Flows { config, json, watch } => flows::flows(&config, json, watch),
         Cmd::Reload { config } => admin::reload(&config).map(|()| 0),
+        Cmd::LogLevel { config, filter } => admin::log_level(&config, filter).map(|()| 0),
         Cmd::Down { config, grace } => admin::down(&config, std::time::Duration::from_secs_f64(grace.clamp(0.0, 3600.0))).map(|()| 0),
         Cmd::Exec { config, service, cmd } => admin::exec(config.as_deref(), service.as_deref(), &cmd),
         Cmd::Proxy(a) => proxy::main(a).map(|()| 0),

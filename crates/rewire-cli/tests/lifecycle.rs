@@ -189,8 +189,8 @@ impl Drop for Life {
         }
         // Drops every pin of this test, whatever is left.
         let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
-        use rewire_control::paths::{pid_file, reload_file, status_file};
-        for f in [pid_file(&self.name), status_file(&self.name), reload_file(&self.name)] {
+        use rewire_control::paths::{pid_file, socket_file};
+        for f in [pid_file(&self.name), socket_file(&self.name)] {
             let _ = std::fs::remove_file(f);
         }
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -126,8 +126,8 @@ impl Drop for Daemon {
         }
         let _ = std::fs::remove_dir_all(rewire_control::paths::pin_dir(&self.name));
         // A daemon killed by the test leaves its run files: remove them too.
-        use rewire_control::paths::{layouts_file, pid_file, reload_file, status_file};
-        for f in [pid_file(&self.name), reload_file(&self.name), status_file(&self.name), layouts_file(&self.name)] {
+        use rewire_control::paths::{layouts_file, pid_file, socket_file};
+        for f in [pid_file(&self.name), socket_file(&self.name), layouts_file(&self.name)] {
             let _ = std::fs::remove_file(f);
         }
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -15,6 +15,9 @@
 //!                            # mount, "/" = the root) where the borrowed-socket
 //!                            # guard is attached; an ancestor of the subtree.
 //!                            # Default: none (see SECURITY.md)
+//! control_group = "rewire"   # optional: besides root, the members of this group
+//!                            # may use the daemon's control socket (status, reload,
+//!                            # log level). Default: root only
 //! broadcast = "refuse"       # UDP to a broadcast/multicast address a rule applies
 //!                            # to: refused ("refuse", default) or sent as it is
 //!                            # ("pass"); a match rule may say otherwise
@@ -297,6 +300,10 @@ pub struct Config {
     /// ([`crate::cover`]).
     #[serde(default)]
     pub cover: Vec<Spanned<String>>,
+    /// Besides root, the group whose members may use the daemon's control
+    /// socket ([`crate::control`]); none: root only.
+    #[serde(default)]
+    pub control_group: Option<Spanned<Principal>>,
     /// Broadcast/multicast sends a rule applies to, unless the rule says.
     #[serde(default)]
     pub broadcast: BroadcastPolicy,
@@ -378,6 +385,11 @@ impl Config {
                     cfg.cgroup.chars().take(80).collect::<String>()
                 ),
             ));
+        }
+        if let Some(g) = &cfg.control_group {
+            if let Err(e) = resolve_gid(g.get_ref()) {
+                return Err(invalid(Some(g.span()), Some("control_group"), e));
+            }
         }
         let hl = *cfg.hop_limit.get_ref();
         if hl == 0 || hl as usize > RW_MAX_CHAIN {
@@ -510,6 +522,11 @@ impl Config {
             return Err(invalid(None, Some("service.match"), format!("{rules} rules after expansion; at most {RW_MAX_RULES}")));
         }
         Ok(cfg)
+    }
+
+    /// The gid [`Config::control_group`] names (resolved when loaded; `None`: root only).
+    pub fn control_gid(&self) -> Option<u32> {
+        self.control_group.as_ref().and_then(|g| resolve_gid(g.get_ref()).ok())
     }
 
     /// The hop limit.

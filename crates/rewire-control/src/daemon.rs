@@ -1,14 +1,12 @@
-//! The protocol between a running `rewire daemon` and the commands that
-//! talk to it (`rewire reload`, `status`, `down`, `exec`), through its run
-//! files ([`crate::paths`]):
+//! A running `rewire daemon`'s run files ([`crate::paths`]), as the daemon
+//! and the commands that look for it (`rewire status`, `down`, `exec`, the
+//! C surface) use them. Requests to the daemon go through its control
+//! socket ([`crate::control`]), not through files:
 //!
 //! - `<cgroup>.pid`: the daemon's pid, exclusively locked by the live
 //!   daemon (the kernel releases the lock when it dies, even by SIGKILL), so
 //!   a pid file a dead daemon left names nobody;
-//! - `<cgroup>.reload`: the configuration `rewire reload` asks for, read
-//!   (once) by the daemon on SIGHUP;
-//! - `<cgroup>.status`: the daemon's last result, `SEQ ok|error MESSAGE`,
-//!   replaced atomically; a waiting `rewire reload` sees SEQ grow;
+//! - `<cgroup>.sock`: the control socket ([`crate::control`]);
 //! - `<cgroup>.layouts`: the context layout of each service id of the
 //!   configuration the kernel runs ([`publish_layouts`]), for the C surface.
 //!   Written only when a load or reload is accepted, so an edited config
@@ -19,7 +17,6 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
@@ -40,9 +37,6 @@ pub enum DaemonError {
     /// The daemon could not be signalled.
     #[error("signalling the daemon (pid {pid}): {source}")]
     Signal { pid: u32, source: nix::Error },
-    /// The daemon did not answer in time.
-    #[error("the daemon (pid {pid}) did not answer the reload within {} s; see its log", timeout.as_secs())]
-    NoAnswer { pid: u32, timeout: Duration },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DaemonError + '_ {
@@ -98,84 +92,6 @@ pub fn daemon_pid(cgroup: &str) -> Option<u32> {
     std::fs::read_to_string(&path).ok()?.trim().parse().ok()
 }
 
-/// One result the daemon reported.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Status {
-    /// Grows by one with every result.
-    pub seq: u64,
-    /// Whether what it reports succeeded.
-    pub ok: bool,
-    /// What the daemon said.
-    pub message: String,
-}
-
-/// The last result the daemon of `cgroup` reported, if any.
-pub fn last_status(cgroup: &str) -> Option<Status> {
-    read_status(&paths::status_file(cgroup))
-}
-
-fn read_status(path: &Path) -> Option<Status> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut it = text.trim_end().splitn(3, ' ');
-    let seq = it.next()?.parse().ok()?;
-    let ok = it.next()? == "ok";
-    Some(Status { seq, ok, message: it.next().unwrap_or("").to_string() })
-}
-
-/// The daemon's side of the status file.
-pub struct StatusWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    seq: u64,
-}
-
-impl StatusWriter {
-    /// Continues the sequence a previous instance left, so a waiting
-    /// `rewire reload` sees a change.
-    pub fn new(cgroup: &str) -> Self {
-        let path = paths::status_file(cgroup);
-        let seq = read_status(&path).map_or(0, |s| s.seq);
-        StatusWriter { path, tmp: paths::status_tmp_file(cgroup), seq }
-    }
-
-    /// Reports a result (atomically: written aside, then renamed).
-    pub fn write(&mut self, ok: bool, msg: &str) -> Result<(), DaemonError> {
-        self.seq += 1;
-        let text = format!("{} {} {}\n", self.seq, if ok { "ok" } else { "error" }, msg.replace('\n', " "));
-        std::fs::write(&self.tmp, text).and_then(|()| std::fs::rename(&self.tmp, &self.path)).map_err(io_err(&self.path))
-    }
-
-    /// Removes the status file (the daemon stops).
-    pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// The configuration `rewire reload` asked for (once), if any.
-pub fn take_reload_request(cgroup: &str) -> Option<PathBuf> {
-    let f = paths::reload_file(cgroup);
-    let p = std::fs::read_to_string(&f).ok()?;
-    let _ = std::fs::remove_file(&f);
-    Some(PathBuf::from(p.trim()))
-}
-
-/// Asks the daemon `pid` of `cgroup` to apply `config` (an absolute path)
-/// and waits at most `timeout` for its answer.
-pub fn request_reload(cgroup: &str, pid: u32, config: &Path, timeout: Duration) -> Result<Status, DaemonError> {
-    let before = last_status(cgroup).map_or(0, |s| s.seq);
-    let req = paths::reload_file(cgroup);
-    std::fs::write(&req, config.to_string_lossy().as_bytes()).map_err(io_err(&req))?;
-    signal(pid, Signal::SIGHUP)?;
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(s) = last_status(cgroup).filter(|s| s.seq > before) {
-            return Ok(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Err(DaemonError::NoAnswer { pid, timeout })
-}
-
 /// Sends `sig` to the daemon `pid`.
 pub fn signal(pid: u32, sig: Signal) -> Result<(), DaemonError> {
     let raw = i32::try_from(pid).map_err(|_| DaemonError::Signal { pid, source: nix::Error::ESRCH })?;
@@ -185,13 +101,7 @@ pub fn signal(pid: u32, sig: Signal) -> Result<(), DaemonError> {
 /// Removes the run files a daemon of `cgroup` leaves (not its pid file:
 /// that is the live daemon's).
 pub fn remove_run_files(cgroup: &str) {
-    for f in [
-        paths::status_file(cgroup),
-        paths::reload_file(cgroup),
-        paths::status_tmp_file(cgroup),
-        paths::layouts_file(cgroup),
-        paths::layouts_tmp_file(cgroup),
-    ] {
+    for f in [paths::socket_file(cgroup), paths::socket_tmp_file(cgroup), paths::layouts_file(cgroup), paths::layouts_tmp_file(cgroup)] {
         let _ = std::fs::remove_file(f);
     }
 }

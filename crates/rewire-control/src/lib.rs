@@ -12,7 +12,8 @@
 //! - [`bpfsys`]: the bpf(2) link and info commands aya does not expose;
 //! - [`events`]: turning the kernel's event records into log lines;
 //! - [`flows`]: the live redirected flows, read from the kernel with a BPF iterator;
-//! - [`daemon`]: the daemon's run files and signals, as both sides use them;
+//! - [`daemon`]: the daemon's run files (pid lock, layouts), as both sides use them;
+//! - [`control`]: the daemon's control socket (status, reload, log level, flows), both sides;
 //! - [`confine`]: what the commands rewire starts may not do to processes outside;
 //! - [`guard`]: the borrowed-socket guard at an ancestor of the subtree;
 //! - [`scope`]: the program that keeps a link-local destination's scope id;
@@ -26,6 +27,7 @@ pub mod cgroup;
 pub mod checks;
 pub mod config;
 pub mod confine;
+pub mod control;
 pub mod counters;
 pub mod cover;
 pub mod daemon;

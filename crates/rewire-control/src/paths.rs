@@ -11,7 +11,7 @@
 //! | bpffs | `$REWIRE_BPFFS`, else `/sys/fs/bpf` |
 //! | a daemon's pins | `<bpffs>/<cgroup>/` (subdirectories `links`, `stage`, `guard`, `lsm`, `scope`; the link `subtree` to the subtree they serve) |
 //! | a daemon's subtree | `<parent>/<cgroup>`: the daemon's delegated cgroup or the top ([`crate::placement`]) |
-//! | a daemon's run files | `/run/rewire/<cgroup>.{pid,reload,status,layouts}` |
+//! | a daemon's run files | `/run/rewire/<cgroup>.{pid,sock,layouts}` |
 //! | a service's processes | `<subtree>/services/<name>` |
 //! | `rewire run`'s subtree | `<parent>/<cgroup>-run-<pid>` |
 
@@ -33,7 +33,7 @@ pub const ENV_LOAD_THREADS: &str = "REWIRE_LOAD_THREADS";
 
 /// Where bpffs is mounted when [`ENV_BPFFS`] is not set.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
-/// The directory of the daemons' pid, reload and status files.
+/// The directory of the daemons' pid files, control sockets and layouts.
 pub const RUN_DIR: &str = "/run/rewire";
 /// The child cgroup of a subtree that holds its services' cgroups.
 pub const SERVICES_DIR: &str = "services";
@@ -78,19 +78,16 @@ pub fn pid_file(cgroup_name: &str) -> PathBuf {
     run_file(cgroup_name, "pid")
 }
 
-/// Where `rewire reload` leaves the configuration path it asks for.
-pub fn reload_file(cgroup_name: &str) -> PathBuf {
-    run_file(cgroup_name, "reload")
+/// The daemon's control socket ([`crate::control`]): `status`, `reload`,
+/// `log-level`, answered on the connection that asked.
+pub fn socket_file(cgroup_name: &str) -> PathBuf {
+    run_file(cgroup_name, "sock")
 }
 
-/// The daemon's last reload result.
-pub fn status_file(cgroup_name: &str) -> PathBuf {
-    run_file(cgroup_name, "status")
-}
-
-/// Where the daemon writes a status before renaming it over [`status_file`].
-pub fn status_tmp_file(cgroup_name: &str) -> PathBuf {
-    run_file(cgroup_name, "status.tmp")
+/// Where the daemon binds its control socket before it has its owner and
+/// mode, then renames it over [`socket_file`].
+pub fn socket_tmp_file(cgroup_name: &str) -> PathBuf {
+    run_file(cgroup_name, "sock.tmp")
 }
 
 /// The context layouts of the configuration the kernel runs for `cgroup_name`
