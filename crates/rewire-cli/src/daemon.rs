@@ -37,6 +37,16 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     let abs_config = std::fs::canonicalize(config)?;
     checks::ensure_bpffs_at(&paths::bpffs_root())?;
     let lock = DaemonLock::acquire(&cfg.cgroup)?;
+    // The signal handlers before the hooks: a SIGTERM while they are
+    // attached (a caller that saw them attached may stop the daemon at
+    // once) reaches the orderly stop and its report once they are, not the
+    // default action.
+    let rt = runtime()?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut sigint, mut sigterm, mut sighup) = {
+        let _in_runtime = rt.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?, signal(SignalKind::hangup())?)
+    };
     let dir = pin_dir(&cfg);
     // In the daemon's delegated cgroup, or where `parent` says (rewire_control::placement).
     let cg_path = rewire_control::placement::daemon_subtree(&cfg, &dir)?;
@@ -112,14 +122,6 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     warn_io_uring_gap(!rewire_control::guard::pinned_status(&dir).is_empty(), &lsm);
     // The guard's and the LSM part's links are held and restored like the hooks' own.
     hooks.hold_guard_links()?;
-    // The signal handlers before "serving": a SIGTERM right after it must
-    // reach the orderly stop (and its report), not the default action.
-    let rt = runtime()?;
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut sigint, mut sigterm, mut sighup) = {
-        let _in_runtime = rt.enter();
-        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?, signal(SignalKind::hangup())?)
-    };
     let attach_time = format!("hooks {} in {:.2} s", if adopting { "adopted" } else { "attached" }, started.elapsed().as_secs_f64());
     tracing::info!(
         "{attach_time}: start {:.2} s; {}; guard and LSM {:.2} s",
