@@ -3,10 +3,10 @@
 //! peer's credentials, whatever the socket file's mode), and answers each
 //! request on the connection it came on.
 //!
-//! `status` and `log-level` are answered here; a `reload` is handed to the
-//! daemon's loop ([`ReloadJob`]), which applies reloads one at a time and
-//! sends each its own outcome back. A new operation is one arm in
-//! [`answer`] (`flows` goes there).
+//! `status`, `flows` and `log-level` are answered here; a `reload` is
+//! handed to the daemon's loop ([`ReloadJob`]), which applies reloads one
+//! at a time and sends each its own outcome back. A new operation is one
+//! arm in [`answer`].
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,8 @@ pub struct Ctx {
     pub admits: Mutex<Admits>,
     /// The status object (blocking: it reads the pins).
     pub status: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// The live flows (blocking: it loads an iterator and reads the kernel).
+    pub flows: Box<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>,
     /// The daemon's loop takes reloads from here.
     pub reloads: mpsc::Sender<ReloadJob>,
 }
@@ -117,6 +119,14 @@ async fn answer(req: Request, peer: &Peer, ctx: &Arc<Ctx>) -> Response {
                 return Response::Error { error: "the daemon is stopping".into() };
             }
             answer.await.unwrap_or_else(|_| Response::Error { error: "the daemon stopped before it answered".into() })
+        }
+        Request::Flows => {
+            let c = ctx.clone();
+            match tokio::task::spawn_blocking(move || (c.flows)()).await {
+                Ok(Ok(flows)) => Response::Flows { flows },
+                Ok(Err(error)) => Response::Error { error },
+                Err(e) => Response::Error { error: format!("flows: {e}") },
+            }
         }
         Request::LogLevel { filter: None } => Response::LogLevel { filter: crate::logging::current() },
         Request::LogLevel { filter: Some(f) } => {

@@ -142,8 +142,19 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     let shared = Arc::new(RwLock::new(cfg.clone()));
     let state = crate::metrics::DaemonState::new(dir.clone(), cgroup.path().to_path_buf(), shared.clone());
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<crate::control::ReloadJob>(16);
-    let ctx =
-        Arc::new(crate::control::Ctx { admits: Mutex::new(admits), status: status_fn(shared.clone(), info.clone()), reloads: reload_tx });
+    let ctx = Arc::new(crate::control::Ctx {
+        admits: Mutex::new(admits),
+        status: status_fn(shared.clone(), info.clone()),
+        flows: {
+            let (dir, shared) = (dir.clone(), shared.clone());
+            Box::new(move || {
+                let cfg = shared.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let list = rewire_control::flows::list(&dir, &cfg).map_err(|e| format!("reading the flows: {e}"))?;
+                serde_json::to_value(list).map_err(|e| e.to_string())
+            })
+        },
+        reloads: reload_tx,
+    });
     let r = rt.block_on(async {
         let control_task = crate::control::spawn(listener, ctx.clone()).context("serving the control socket")?;
         // "serving" and ready once the control socket answers: a `rewire

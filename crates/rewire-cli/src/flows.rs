@@ -25,11 +25,23 @@ use crate::manage::pin_dir;
 const WATCH_EVERY: Duration = Duration::from_millis(200);
 
 pub fn flows(config: &Path, json: bool, watch: bool) -> Result<i32> {
+    let cfg = Config::load(config)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("`rewire flows` needs root (it loads a BPF iterator and reads the kernel's per-socket state)");
+        // Not root: the daemon reads them, for root and its control group.
+        const NEEDS: &str = "`rewire flows` needs root (it loads a BPF iterator and reads the kernel's per-socket state)";
+        if watch {
+            bail!("{NEEDS}");
+        }
+        let list = rewire_control::control::flows(&cfg.cgroup, Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("{NEEDS}, or a daemon that answers this user on its control socket: {e}"))?;
+        if json {
+            println!("{list}");
+        } else {
+            print_table_json(&list);
+        }
+        return Ok(0);
     }
-    let cfg = Config::load(config)?;
     let dir = pin_dir(&cfg);
     let ctx = || format!("reading the flows of cgroup `{}`", cfg.cgroup);
     let reader = flows::FlowsReader::open(&dir).with_context(ctx)?;
@@ -85,6 +97,28 @@ fn line(f: &Flow) -> String {
         f.age.as_secs_f64(),
         if f.delivered { " delivered" } else { "" }
     )
+}
+
+/// [`print_table`] for the flows the daemon sent (their JSON form).
+fn print_table_json(list: &serde_json::Value) {
+    println!(
+        "{:<16} {:<5} {:>7} {:<15} {:>6} {:<40} {:<30} {:>8}",
+        "FLOW", "PROTO", "PID", "COMMAND", "UID", "DESTINATION", "CHAIN", "AGE"
+    );
+    for f in list.as_array().into_iter().flatten() {
+        let chain: Vec<&str> = f["chain"].as_array().into_iter().flatten().filter_map(|h| h["name"].as_str()).collect();
+        println!(
+            "{:<16} {:<5} {:>7} {:<15} {:>6} {:<40} {:<30} {:>7.1}s",
+            f["id"].as_str().unwrap_or("?"),
+            f["protocol"].as_str().unwrap_or("?"),
+            f["pid"],
+            f["comm"].as_str().unwrap_or("?"),
+            f["uid"],
+            f["original_dst"].as_str().unwrap_or("?"),
+            chain.join(">"),
+            f["age_ms"].as_f64().unwrap_or(0.0) / 1000.0
+        );
+    }
 }
 
 fn print_table(list: &[Flow]) {

@@ -28,9 +28,9 @@
 //! the member could not.
 //!
 //! Extension point: a new operation is a [`Request`] variant, its
-//! [`Response`] variant, and one arm in the daemon's `serve` (crate
-//! `rewire-cli`, `control` module). `flows` (the live flows read from the
-//! kernel) goes there.
+//! [`Response`] variant, and one arm in the daemon's `answer` (crate
+//! `rewire-cli`, `control` module), as `flows` (the live flows the daemon
+//! reads from the kernel, [`crate::flows`]) is.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd};
@@ -69,6 +69,8 @@ pub enum Request {
         #[serde(default)]
         filter: Option<String>,
     },
+    /// The live redirected flows ([`crate::flows`], read from the kernel by the daemon).
+    Flows,
 }
 
 impl Request {
@@ -78,6 +80,7 @@ impl Request {
             Request::Status => "status",
             Request::Reload { .. } => "reload",
             Request::LogLevel { .. } => "log-level",
+            Request::Flows => "flows",
         }
     }
 }
@@ -108,6 +111,11 @@ pub enum Response {
         error: String,
         /// The daemon's generation, unchanged.
         generation: u64,
+    },
+    /// The live flows (the array `rewire flows --json` prints).
+    Flows {
+        /// The array.
+        flows: serde_json::Value,
     },
     /// The log filter now in effect.
     LogLevel {
@@ -260,6 +268,14 @@ fn peer_groups(sock: &impl AsFd) -> io::Result<Vec<u32>> {
         groups.resize(n, 0);
     }
     Err(io::Error::from_raw_os_error(libc::ERANGE))
+}
+
+/// The live flows the daemon of `cgroup` reads, as `rewire flows --json` prints them.
+pub fn flows(cgroup: &str, timeout: Duration) -> Result<serde_json::Value, ControlError> {
+    match request(cgroup, &Request::Flows, timeout)? {
+        Response::Flows { flows } => Ok(flows),
+        other => Err(ControlError::Daemon(format!("unexpected answer: {other:?}"))),
+    }
 }
 
 /// Binds the control socket of `cgroup` for the daemon that holds its
