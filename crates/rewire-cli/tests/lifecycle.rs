@@ -1207,3 +1207,82 @@ fn a_socket_that_merely_reaches_a_service_never_gets_its_flows() {
         }
     }
 }
+
+/// Attack (session 8): the UDP socket `rewire_control::listeners` makes for a
+/// socket the service manager passed kept `SO_REUSEADDR`, and UDP address
+/// reuse checks no owner: another user, outside the subtree, bound the
+/// service's address beside the running proxy, its socket was first in the
+/// kernel's lookup, the hooks saw an impostor, and under `fail = "open"` the
+/// next UDP flow skipped the service. Now the bind is refused and the flow
+/// passes audit.
+#[test]
+fn another_user_cannot_bind_beside_an_activated_udp_service() {
+    require_root!();
+    let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let svc = udp_service("audit", port, echo.addr.port()).replace("udp_ports = 1\n", "udp_ports = 1\nfail = \"open\"\n");
+    let mut life = Life::new(&format!("udp_idle_ms = 1500\n{svc}"));
+    life.start_daemon(&[]);
+    let (log, err) = (life.dir.join("audit.jsonl"), life.dir.join("activated.err"));
+    let cfg = life.cfg.to_str().unwrap().to_string();
+    let bpffs = format!("REWIRE_BPFFS={}", life.bpffs.display());
+    let child = Command::new("systemd-socket-activate")
+        .args(["--datagram", "-E", &bpffs, "-E", "REWIRE_LOG=info", "-l", &listen.to_string(), REWIRE, "exec", "--config", &cfg])
+        .args(["--service", "audit", "--", REWIRE, "proxy", "--name", "audit", "--config", &cfg, "--log"])
+        .arg(&log)
+        .env("REWIRE_BPFFS", &life.bpffs)
+        .env("REWIRE_LOG", "info")
+        .env_remove("REWIRE_CGROUP")
+        .env_remove("REWIRE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate");
+    life.children.push(child);
+    let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t0 = Instant::now();
+    let text = loop {
+        let _ = wake.send_to(b"wake", listen);
+        let text = std::fs::read_to_string(&err).unwrap_or_default();
+        if text.contains("proxy audit listening") {
+            break text;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the activated proxy did not start within 60 s:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let probe = |life: &Life| -> Value {
+        let out =
+            life.rewire().args(["exec", "--config", &cfg, "--", REWIRE, "probe", &echo.addr.to_string(), "--udp", "20"]).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    // Control: the first flow passes audit.
+    let r = probe(&life);
+    assert_eq!(r["udp"]["received"], 20, "{r}\n{text}");
+    assert_eq!(read_log(&log, 1).into_iter().filter(|l| l["protocol"] == "udp").count(), 1);
+    // The attack: user 65534 binds the service's address with SO_REUSEADDR.
+    let squatter = std::thread::spawn(move || {
+        // SAFETY: setresuid for this thread only (the raw system call); the saved uid stays 0.
+        let set = |e: u32| unsafe { libc::syscall(libc::SYS_setresuid, -1i32, e as i32, -1i32) };
+        assert_eq!(set(65534), 0);
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        let bound = s.bind(&listen.into());
+        assert_eq!(set(0), 0);
+        (s, bound)
+    })
+    .join()
+    .unwrap();
+    println!("user 65534 binding {listen} beside the activated proxy: {:?}", squatter.1);
+    assert!(
+        squatter.1.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EADDRINUSE)),
+        "user 65534 bound the activated service's address: {:?}",
+        squatter.1
+    );
+    let r2 = probe(&life);
+    println!("second probe: {r2}");
+    let flows = rewire_proxy::wait_flow_lines(&log, 2, Duration::from_secs(10));
+    drop(squatter);
+    let through_audit = matches!(&flows, Ok(v) if v.iter().filter(|l| l["protocol"] == "udp").count() >= 2);
+    assert!(through_audit, "another user bound the service's UDP address beside the proxy; the next flow reached the server without audit: {r2} (flow lines: {:?})", flows.as_ref().map(|v| v.len()));
+}

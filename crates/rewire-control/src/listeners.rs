@@ -35,7 +35,9 @@
 //!
 //! A UDP socket cannot stop listening: the new one (with `SO_REUSEADDR`,
 //! as the passed one has, and `SO_REUSEPORT`, which the proxy's per-flow
-//! sockets need) binds the same address beside it, and the passed one is
+//! sockets need) binds the same address beside it, then clears
+//! `SO_REUSEADDR` (UDP address reuse checks no owner: kept, it would let
+//! any user bind the service's address beside it), and the passed one is
 //! connected to its own address first, so that no datagram from anybody
 //! else is delivered to it any more (a connected UDP socket only receives
 //! from its peer) while a service manager still holds a copy of it
@@ -195,6 +197,24 @@ fn replace_udp(old: BorrowedFd<'_>, addr: SocketAddr) -> Result<(), String> {
     match addr {
         SocketAddr::V4(a) => bind_then_mute(new.as_raw_fd(), old.as_raw_fd(), &SockaddrIn::from(a), addr)?,
         SocketAddr::V6(a) => bind_then_mute(new.as_raw_fd(), old.as_raw_fd(), &SockaddrIn6::from(a), addr)?,
+    }
+    // UDP address reuse asks for no owner: while the new socket kept
+    // SO_REUSEADDR, any user could bind the service's address beside it with
+    // SO_REUSEADDR of their own, be first in the kernel's lookup and make the
+    // service's flows an impostor's. Bound, it needs it no more (the proxy's
+    // per-flow sockets share the port by SO_REUSEPORT, which asks for the
+    // same uid); without it every later bind of the address conflicts.
+    setsockopt(&new, sockopt::ReuseAddr, &false).map_err(|e| format!("clearing SO_REUSEADDR once bound: {e}"))?;
+    // Somebody who bound the address in the moment the new socket still
+    // allowed it would stay: refuse to serve beside them.
+    let ours =
+        [nix::sys::stat::fstat(new.as_raw_fd()), nix::sys::stat::fstat(old.as_raw_fd())].map(|st| st.map(|st| st.st_ino).unwrap_or(0));
+    let unspecified = |r: &SocketAddr| r.ip().is_unspecified() && r.port() == 0;
+    let table = crate::net::Table::of(addr, true);
+    if let Some(other) =
+        crate::net::sockets(table).into_iter().find(|e| e.local == addr && unspecified(&e.remote) && !ours.contains(&e.inode))
+    {
+        return Err(format!("another socket (uid {}, inode {}) is bound to {addr} beside the service's own", other.uid, other.inode));
     }
     nix::unistd::dup2(new.as_raw_fd(), old.as_raw_fd()).map_err(|e| format!("dup2: {e}"))?;
     Ok(())
