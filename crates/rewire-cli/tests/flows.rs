@@ -12,91 +12,12 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::*;
 use serde_json::Value;
-
-/// A `rewire daemon` of the test's own and its proxies; everything they
-/// leave (`rewire down`, then the cgroup, pins and files) removed on drop.
-struct Daemon {
-    name: String,
-    dir: PathBuf,
-    cfg: PathBuf,
-    children: Vec<Child>,
-}
-
-impl Daemon {
-    fn start(config: &str) -> Self {
-        root_or_fail();
-        let name = format!("rewire-test-flows-{}", std::process::id());
-        let dir = std::env::temp_dir().join(&name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = dir.join("rewire.toml");
-        std::fs::write(&cfg, format!("cgroup = \"{name}\"\n{config}")).unwrap();
-        let err = std::fs::File::create(dir.join("daemon.err")).unwrap();
-        let child = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg).stderr(err).spawn().unwrap();
-        let d = Daemon { name, dir, cfg, children: vec![child] };
-        // Loading and verifying the programs takes seconds, more on a busy machine.
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let err = std::fs::read_to_string(d.dir.join("daemon.err")).unwrap_or_default();
-            if err.contains("serving ") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "daemon did not start: {err}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    /// Starts the reference proxy of service `name` (it joins the daemon's subtree itself); its flow log.
-    fn proxy(&mut self, name: &str) -> PathBuf {
-        let log = self.dir.join(format!("{name}.jsonl"));
-        let p = Command::new(REWIRE)
-            .args(["proxy", "--name", name, "--log"])
-            .arg(&log)
-            .arg("--config")
-            .arg(&self.cfg)
-            .env_remove("REWIRE_CGROUP")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(p);
-        let cfg = rewire_control::Config::load(&self.cfg).unwrap();
-        for a in &cfg.services.iter().find(|s| s.name.get_ref() == name).unwrap().listen {
-            wait_listening(*a);
-        }
-        log
-    }
-
-    /// `rewire flows --json`: the array it prints.
-    fn flows(&self) -> Vec<Value> {
-        let out = Command::new(REWIRE).args(["flows", "--json", "--config"]).arg(&self.cfg).output().unwrap();
-        assert!(out.status.success(), "rewire flows: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().cloned().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        for c in self.children.iter_mut().rev() {
-            end(c);
-        }
-        let _ = Command::new(REWIRE).args(["down", "--grace", "2", "--config"]).arg(&self.cfg).stderr(Stdio::null()).status();
-        if let Ok(mut c) = rewire_control::ManagedCgroup::existing(&self.name) {
-            let _ = c.remove();
-        }
-        let _ = std::fs::remove_dir_all(rewire_control::paths::pin_dir(&self.name));
-        use rewire_control::paths::{layouts_file, pid_file, socket_file};
-        for f in [pid_file(&self.name), socket_file(&self.name), layouts_file(&self.name)] {
-            let _ = std::fs::remove_file(f);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A service listening on `port` (TCP and UDP) that takes TCP to `tcp` and UDP to `udp`.
 fn both(name: &str, port: u16, tcp: u16, udp: u16) -> String {
@@ -143,9 +64,9 @@ fn flows_lists_exactly_the_live_flows_with_their_chains() {
     let udp = UdpEcho::start("127.0.0.1:0".parse().unwrap());
     let (pa, pb) = (free_port(), free_port());
     let (tp, up) = (tcp.addr.port(), udp.addr.port());
-    let mut d = Daemon::start(&format!("udp_idle_ms = 60000\n{}{}", both("audit", pa, tp, up), both("dlp", pb, tp, up)));
+    let mut d = Daemon::start("flows", &format!("udp_idle_ms = 60000\n{}{}", both("audit", pa, tp, up), both("dlp", pb, tp, up)), &[]);
     d.proxy("audit");
-    let dlp_log = d.proxy("dlp");
+    let (_, dlp_log) = d.proxy("dlp");
 
     // Another instance (hooks of its own on a cgroup of its own) with a live flow of its own.
     let other_server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);

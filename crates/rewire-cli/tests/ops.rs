@@ -5,164 +5,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::daemon::{promtool, sample, scrape, Daemon};
 use common::*;
 use serde_json::Value;
-
-/// A `rewire daemon` of the test's own, its proxies, and everything they
-/// leave (`rewire down`, then the cgroup, pins and files) removed on drop.
-struct Daemon {
-    name: String,
-    dir: PathBuf,
-    cfg: PathBuf,
-    daemon: Option<Child>,
-    children: Vec<Child>,
-}
-
-impl Daemon {
-    /// Writes `services` as the config of a fresh cgroup and starts the daemon with `extra` arguments.
-    fn start(tag: &str, services: &str, extra: &[&str]) -> Self {
-        root_or_fail();
-        let name = format!("rewire-test-{tag}-{}", std::process::id());
-        let dir = std::env::temp_dir().join(&name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = dir.join("rewire.toml");
-        std::fs::write(&cfg, format!("cgroup = \"{name}\"\n{services}")).unwrap();
-        let err = std::fs::File::create(dir.join("daemon.err")).unwrap();
-        let child = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg).args(extra).stderr(err).spawn().unwrap();
-        let d = Daemon { name, dir, cfg, daemon: Some(child), children: vec![] };
-        // Loading and verifying the programs takes seconds, more on a busy machine.
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while !d.stderr().contains("serving ") {
-            assert!(Instant::now() < deadline, "daemon did not start: {}", d.stderr());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.err")).unwrap_or_default()
-    }
-
-    fn config(&self) -> rewire_control::Config {
-        rewire_control::Config::load(&self.cfg).unwrap()
-    }
-
-    /// Starts the reference proxy of service `name` (it joins the daemon's subtree itself).
-    fn proxy(&mut self, name: &str) -> u32 {
-        let log = self.dir.join(format!("{name}.jsonl"));
-        let p = Command::new(REWIRE)
-            .args(["proxy", "--name", name, "--log"])
-            .arg(&log)
-            .arg("--config")
-            .arg(&self.cfg)
-            .env_remove("REWIRE_CGROUP")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let pid = p.id();
-        self.children.push(p);
-        let svc = self.config().services.into_iter().find(|s| s.name.get_ref() == name).unwrap();
-        for a in &svc.listen {
-            wait_listening(*a);
-        }
-        pid
-    }
-
-    /// `rewire probe ARGS` inside the subtree (as an application); its JSON report.
-    fn probe(&self, args: &[&str]) -> Value {
-        let child = Command::new(REWIRE)
-            .args(["exec", "--config"])
-            .arg(&self.cfg)
-            .args(["--", REWIRE, "probe"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = wait_output(child, Duration::from_secs(60));
-        serde_json::from_slice(&out).unwrap_or_else(|e| panic!("probe output {e}: {}", String::from_utf8_lossy(&out)))
-    }
-
-    fn status_json(&self) -> Value {
-        let st = Command::new(REWIRE).args(["status", "--json", "--config"]).arg(&self.cfg).output().unwrap();
-        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-        serde_json::from_slice(&st.stdout).unwrap()
-    }
-
-    fn kill_daemon(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(d) = &self.daemon {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.id() as i32), nix::sys::signal::SIGTERM);
-        }
-        if let Some(mut d) = self.daemon.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new(REWIRE).args(["down", "--grace", "2", "--config"]).arg(&self.cfg).stderr(Stdio::null()).status();
-        if let Ok(mut c) = rewire_control::ManagedCgroup::existing(&self.name) {
-            let _ = c.remove();
-        }
-        let _ = std::fs::remove_dir_all(rewire_control::paths::pin_dir(&self.name));
-        // A daemon killed by the test leaves its run files: remove them too.
-        use rewire_control::paths::{layouts_file, pid_file, socket_file};
-        for f in [pid_file(&self.name), socket_file(&self.name), layouts_file(&self.name)] {
-            let _ = std::fs::remove_file(f);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `GET /metrics` from `addr`: the body.
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: rewire\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
-/// The value of the sample `series` (name and labels exactly as written) in `text`.
-fn sample(text: &str, series: &str) -> Option<u64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// `promtool check metrics` on `text`: its complaints, empty when none.
-fn promtool(text: &str, dir: &Path) -> String {
-    let f = dir.join("metrics.txt");
-    std::fs::write(&f, text).unwrap();
-    let out = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&f).unwrap())
-        .output()
-        .expect("promtool (Debian package prometheus; scripts/setup-test.sh installs it)");
-    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 /// Every cause the counters have, with `want`'s value or 0.
 fn expect_all(text: &str, prefix: &str, want: &[(&str, u64)]) {
@@ -170,7 +18,7 @@ fn expect_all(text: &str, prefix: &str, want: &[(&str, u64)]) {
     for cause in causes {
         let series = format!("{prefix}cause=\"{cause}\"}}");
         let expected = want.iter().find(|(c, _)| *c == cause).map_or(0, |&(_, v)| v);
-        assert_eq!(sample(text, &series), Some(expected), "{series} in\n{text}");
+        assert_eq!(sample::<u64>(text, &series), Some(expected), "{series} in\n{text}");
     }
 }
 
@@ -199,11 +47,11 @@ fn metrics_show_exact_counts_per_service_and_cause() {
     expect_all(&text, "rewire_service_decisions_total{service=\"audit\",", &[("redirect", 3), ("deliver", 3)]);
     expect_all(&text, "rewire_service_decisions_total{service=\"dlp\",", &[("no_listener", 2)]);
     expect_all(&text, "rewire_decisions_total{", &[("redirect", 3), ("deliver", 3), ("no_listener", 2)]);
-    assert_eq!(sample(&text, "rewire_up"), Some(1), "{text}");
-    assert_eq!(sample(&text, "rewire_hooks_attached"), Some(1), "{text}");
-    assert_eq!(sample(&text, "rewire_events_dropped_total"), Some(0), "{text}");
-    assert_eq!(sample(&text, "rewire_last_reload_success"), Some(1), "{text}");
-    assert!(sample(&text, "rewire_generation").is_some_and(|g| g > 0), "{text}");
+    assert_eq!(sample::<u64>(&text, "rewire_up"), Some(1), "{text}");
+    assert_eq!(sample::<u64>(&text, "rewire_hooks_attached"), Some(1), "{text}");
+    assert_eq!(sample::<u64>(&text, "rewire_events_dropped_total"), Some(0), "{text}");
+    assert_eq!(sample::<u64>(&text, "rewire_last_reload_success"), Some(1), "{text}");
+    assert!(sample::<u64>(&text, "rewire_generation").is_some_and(|g| g > 0), "{text}");
     let complaints = promtool(&text, &d.dir);
     assert!(complaints.trim().is_empty(), "promtool: {complaints}");
 }
@@ -236,7 +84,7 @@ fn status_json_per_service_from_the_kernel() {
     let (pa, pb) = (free_port(), free_port());
     let services = format!("{}{}", service("audit", pa, a.addr.port()), service("dlp", pb, b.addr.port()));
     let mut d = Daemon::start("status", &services, &[]);
-    let proxy = d.proxy("audit");
+    let (proxy, _) = d.proxy("audit");
     for _ in 0..3 {
         let r = d.probe(&[&a.addr.to_string(), "--send", "1000"]);
         assert_eq!(r["sent_sha256"], r["received_sha256"], "{r}");

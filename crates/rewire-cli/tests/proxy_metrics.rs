@@ -5,48 +5,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::Stdio;
 use std::time::Duration;
 
+use common::daemon::{promtool, sample, scrape};
 use common::*;
-
-/// `GET /metrics` from `addr`: the body.
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: rewire\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
-/// The value of the sample `series` (name and labels exactly as written) in `text`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// `promtool check metrics` on `text`: its complaints, empty when none.
-fn promtool(text: &str, dir: &Path) -> String {
-    let f = dir.join("metrics.txt");
-    std::fs::write(&f, text).unwrap();
-    let out = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&f).unwrap())
-        .output()
-        .expect("promtool (Debian package prometheus; scripts/setup-test.sh installs it)");
-    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 /// Each `(series, value)` of `want` is in `text` with exactly that value.
 fn expect(text: &str, want: &[(&str, f64)]) {
     for (series, v) in want {
-        assert_eq!(sample(text, series), Some(*v), "{series} in\n{text}");
+        assert_eq!(sample::<f64>(text, series), Some(*v), "{series} in\n{text}");
     }
 }
 
@@ -134,7 +104,7 @@ fn proxy_metrics_count_exactly_the_flows_it_relayed() {
         ],
     );
     let tcp_seconds: f64 = lines.iter().filter(|l| l["protocol"] == "tcp").map(|l| l["duration_ms"].as_f64().unwrap() / 1e3).sum();
-    let got = sample(&text, "rewire_proxy_flow_duration_seconds_sum{service=\"audit\",protocol=\"tcp\"}").unwrap();
+    let got: f64 = sample(&text, "rewire_proxy_flow_duration_seconds_sum{service=\"audit\",protocol=\"tcp\"}").unwrap();
     assert!((got - tcp_seconds).abs() < 1e-6, "duration sum {got}, the flow lines say {tcp_seconds}");
     let complaints = promtool(&text, &sb.dir);
     assert!(complaints.trim().is_empty(), "promtool: {complaints}");

@@ -8,3 +8,5 @@ pub use rewire_testkit::*;
 /// Not every test file starts `rewire` itself.
 #[allow(dead_code)]
 pub const REWIRE: &str = env!("CARGO_BIN_EXE_rewire");
+
+pub mod daemon;

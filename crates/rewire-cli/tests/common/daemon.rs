@@ -1,0 +1,177 @@
+//! A `rewire daemon` of a test's own (on a fresh rewire-test-* cgroup),
+//! the proxies it starts, and what the tests of operations read from it
+//! (status, flows, `/metrics`). Everything they leave (`rewire down`, then
+//! the cgroup, pins and run files) is removed on drop, even when the test
+//! failed.
+// Not every test binary that includes `common` uses all of this.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rewire_testkit::{end, root_or_fail, wait_listening, wait_output};
+use serde_json::Value;
+
+use super::REWIRE;
+
+/// The daemon, its config and scratch directory, and the processes the test started beside it.
+pub struct Daemon {
+    pub name: String,
+    pub dir: PathBuf,
+    pub cfg: PathBuf,
+    pub daemon: Option<Child>,
+    /// Ended (in reverse order) before the daemon on drop.
+    pub children: Vec<Child>,
+}
+
+impl Daemon {
+    /// Writes `config` as the config of a fresh cgroup `rewire-test-<tag>-<pid>` and starts the daemon with `extra`
+    /// arguments; returns once it serves.
+    pub fn start(tag: &str, config: &str, extra: &[&str]) -> Self {
+        root_or_fail();
+        let name = format!("rewire-test-{tag}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("rewire.toml");
+        std::fs::write(&cfg, format!("cgroup = \"{name}\"\n{config}")).unwrap();
+        let err = std::fs::File::create(dir.join("daemon.err")).unwrap();
+        let child = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg).args(extra).stderr(err).spawn().unwrap();
+        let d = Daemon { name, dir, cfg, daemon: Some(child), children: vec![] };
+        // Loading and verifying the programs takes seconds, more on a busy machine.
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !d.stderr().contains("serving ") {
+            assert!(Instant::now() < deadline, "daemon did not start: {}", d.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// What the daemon wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.err")).unwrap_or_default()
+    }
+
+    pub fn config(&self) -> rewire_control::Config {
+        rewire_control::Config::load(&self.cfg).unwrap()
+    }
+
+    /// Starts the reference proxy of service `name` (it joins the daemon's subtree itself) and waits for its
+    /// addresses: its pid and flow log.
+    pub fn proxy(&mut self, name: &str) -> (u32, PathBuf) {
+        let log = self.dir.join(format!("{name}.jsonl"));
+        let p = Command::new(REWIRE)
+            .args(["proxy", "--name", name, "--log"])
+            .arg(&log)
+            .arg("--config")
+            .arg(&self.cfg)
+            .env_remove("REWIRE_CGROUP")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = p.id();
+        self.children.push(p);
+        let svc = self.config().services.into_iter().find(|s| s.name.get_ref() == name).unwrap();
+        for a in &svc.listen {
+            wait_listening(*a);
+        }
+        (pid, log)
+    }
+
+    /// `rewire probe ARGS` inside the subtree (as an application); its JSON report.
+    pub fn probe(&self, args: &[&str]) -> Value {
+        let child = Command::new(REWIRE)
+            .args(["exec", "--config"])
+            .arg(&self.cfg)
+            .args(["--", REWIRE, "probe"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_output(child, Duration::from_secs(60));
+        serde_json::from_slice(&out).unwrap_or_else(|e| panic!("probe output {e}: {}", String::from_utf8_lossy(&out)))
+    }
+
+    /// `rewire status --json` (which must succeed).
+    pub fn status_json(&self) -> Value {
+        let st = Command::new(REWIRE).args(["status", "--json", "--config"]).arg(&self.cfg).output().unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        serde_json::from_slice(&st.stdout).unwrap()
+    }
+
+    /// `rewire flows --json`: the array it prints.
+    pub fn flows(&self) -> Vec<Value> {
+        let out = Command::new(REWIRE).args(["flows", "--json", "--config"]).arg(&self.cfg).output().unwrap();
+        assert!(out.status.success(), "rewire flows: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().cloned().unwrap()
+    }
+
+    /// SIGKILL to the daemon (its hooks stay pinned).
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().rev() {
+            end(c);
+        }
+        if let Some(mut d) = self.daemon.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.id() as i32), nix::sys::signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let _ = Command::new(REWIRE).args(["down", "--grace", "2", "--config"]).arg(&self.cfg).stderr(Stdio::null()).status();
+        if let Ok(mut c) = rewire_control::ManagedCgroup::existing(&self.name) {
+            let _ = c.remove();
+        }
+        let _ = std::fs::remove_dir_all(rewire_control::paths::pin_dir(&self.name));
+        // A daemon killed by the test leaves its run files: remove them too.
+        use rewire_control::paths::{layouts_file, pid_file, socket_file};
+        for f in [pid_file(&self.name), socket_file(&self.name), layouts_file(&self.name)] {
+            let _ = std::fs::remove_file(f);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `GET /metrics` from `addr`: the body.
+pub fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: rewire\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `series` (name and labels exactly as written) in `text`.
+pub fn sample<T: std::str::FromStr>(text: &str, series: &str) -> Option<T> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `promtool check metrics` on `text` (which must pass): its complaints, empty when none.
+pub fn promtool(text: &str, dir: &Path) -> String {
+    let f = dir.join("metrics.txt");
+    std::fs::write(&f, text).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&f).unwrap())
+        .output()
+        .expect("promtool (Debian package prometheus; scripts/setup-test.sh installs it)");
+    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
