@@ -26,24 +26,9 @@
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 
-#include "lib/state.h"
+#include "lib/sock_storage.h" /* the hooks' maps: the loader reuses their pinned descriptors */
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
-
-/* The hooks' maps (the loader reuses their pinned descriptors). */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct rw_sock);
-} rw_sk SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct rw_udp_sock);
-} rw_udp_sk SEC(".maps");
 
 /* The kernel structures read, relocated against the running kernel's BTF. */
 struct seq_file;

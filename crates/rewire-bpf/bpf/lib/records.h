@@ -10,14 +10,7 @@
 #pragma once
 
 #include "common.h"
-#include "state.h"
-
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct rw_sock);
-} rw_sk SEC(".maps");
+#include "sock_storage.h"
 
 /* Scratch records (too big for the 512-byte stack next to the rest). */
 struct {

@@ -17,14 +17,6 @@
 #include "decision.h"
 #include "broadcast.h"
 
-/* UDP flows of one socket (application or proxy outbound). */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct rw_udp_sock);
-} rw_udp_sk SEC(".maps");
-
 /* UDP flows between the proxy's listener and its connected socket. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
