@@ -462,6 +462,103 @@ fn child_stale_handoff() {
     assert!(matches!(q, Err(rewire::Error::NotRedirected)), "no records for another socket: {q:?} ({entries})");
 }
 
+/// The same for a victim that got as far as `ESTABLISHED` (its SYN was
+/// answered) but was never accepted: the service's listener defers accept
+/// (`TCP_DEFER_ACCEPT`: a bare final ACK leaves the connection half-open on
+/// the listener's side, so no accepted socket claims the entry). The victim
+/// closes with a reset (ESTABLISHED -> CLOSE): its entry must go with it.
+/// Its state callback is switched off after the claim to save program runs
+/// (sockops); switching it off at ESTABLISHED, while the entry still waits,
+/// would leave the entry for the thief.
+#[test]
+fn established_unaccepted_handoff_leaves_with_its_socket() {
+    require_root!();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = server.addr.port();
+    let pa = free_port();
+    let sb = Sandbox::new(&svc("audit", pa, &format!("dst = \"127.0.0.0/8\"\nports = {port}"), ""));
+    let sock = sb.dir.join("handoffs");
+    let mut cmd = sb.command(std::env::current_exe().unwrap());
+    cmd.test_child("child_established_unaccepted_handoff")
+        .env("RW_PA", pa.to_string())
+        .env("RW_DST", server.addr.to_string())
+        .env("RW_SYNC", &sock)
+        .stdout(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut seen, mut after_close) = (None, None);
+    while Instant::now() < deadline {
+        if let Ok(s) = std::fs::read_to_string(&sock) {
+            if s == "waiting" {
+                seen = Some(sb.hooks().handoff_entries().unwrap());
+                std::fs::write(&sock, "closed?").unwrap();
+            } else if s == "closed" {
+                let n = sb.hooks().handoff_entries().unwrap();
+                after_close = Some(n);
+                std::fs::write(&sock, format!("entries {n}")).unwrap();
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text = String::from_utf8_lossy(&wait_output(child, Duration::from_secs(60))).into_owned();
+    assert!(child_ok(&text), "child failed:\n{text}");
+    assert_eq!(seen, Some(1), "the established, unaccepted victim had its entry");
+    assert_eq!(after_close, Some(0), "the entry left with the victim's socket");
+    assert_eq!(sb.hooks().handoff_entries().unwrap(), 0, "back to the baseline");
+}
+
+#[test]
+fn child_established_unaccepted_handoff() {
+    // Child: runs inside the test cgroup, started by established_unaccepted_handoff_leaves_with_its_socket.
+    child!();
+    let (Some(pa), Some(dst), Some(sync)) = (env::<u16>("RW_PA"), env::<SocketAddr>("RW_DST"), env::<std::path::PathBuf>("RW_SYNC")) else {
+        return;
+    };
+    // The service's listener; a bare final ACK does not complete a connection.
+    let l = as_service("audit", || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], pa)).into()).unwrap();
+        let secs: libc::c_int = 20;
+        // SAFETY: a valid socket and a c_int option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&secs as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error());
+        s.listen(16).unwrap();
+        TcpListener::from(s)
+    });
+    // The victim, redirected, established on its side, never accepted.
+    let victim = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    victim.connect_timeout(&dst.into(), Duration::from_secs(5)).expect("the handshake completes on the victim's side");
+    let src = victim.local_addr().unwrap().as_socket().unwrap();
+    l.set_nonblocking(true).unwrap();
+    assert!(l.accept().is_err(), "nothing accepted: the entry waits");
+    std::fs::write(&sync, "waiting").unwrap();
+    wait_file(&sync, "closed?");
+    victim.set_linger(Some(Duration::ZERO)).unwrap(); // a reset: ESTABLISHED -> CLOSE
+    drop(victim);
+    std::fs::write(&sync, "closed").unwrap();
+    let entries = wait_file(&sync, "entries");
+    // A connection from the victim's source address and port gets nothing.
+    l.set_nonblocking(false).unwrap();
+    let mut thief = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    thief.set_reuse_address(true).unwrap();
+    thief.bind(&src.into()).unwrap();
+    thief.connect(&SocketAddr::from(([127, 0, 0, 1], pa)).into()).unwrap();
+    thief.write_all(b"x").unwrap(); // deferred accept: data completes it
+    let got = accept_within(&l, Duration::from_secs(5)).expect("the thief's connection is accepted");
+    assert_eq!(got.peer_addr().unwrap(), src, "the same source address and port as the victim");
+    let q = rewire::query_redirect_records(&got);
+    assert!(matches!(q, Err(rewire::Error::NotRedirected)), "no records for another socket: {q:?} ({entries})");
+}
+
 /// An unprivileged process fills a (deliberately tiny) hand-off table with
 /// connects that never complete: a witness's flow is not misattributed
 /// (its proxy gets no records and refuses it; the counter says why), and
