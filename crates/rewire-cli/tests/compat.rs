@@ -310,6 +310,9 @@ fn chain_with(kind: &str, start: Start, unmodified_first: bool, families: &[bool
     }
     let c = sb.hooks().counters().unwrap();
     assert_eq!(c.link, n as u64, "every onward connect of {kind} was linked to its flow: {c:?}");
+    // Per service too: the links are the unmodified proxy's, none audit's.
+    let per = |name: &str| sb.hooks().service_counters(sb.config.service_id(name).unwrap()).unwrap();
+    assert_eq!((per(kind).link, per("audit").link), (n as u64, 0), "links counted for {kind}: {:?} / audit {:?}", per(kind), per("audit"));
     assert_eq!((c.redirect, c.deliver), (2 * n as u64, n as u64), "two redirects and one delivery per request: {c:?}");
     assert_eq!((c.hop_limit, c.mismatch, c.no_listener, c.impostor), (0, 0, 0, 0), "{c:?}");
 }
@@ -673,6 +676,9 @@ fn squid_forward_port_never_takes_a_waiting_flows_identity() {
     let c = sb.hooks().counters().unwrap();
     assert_eq!(c.link, 0, "nothing was linked while the forward port was in use: {c:?}");
     assert!(c.side_door >= 2, "{c:?}");
+    // The side doors are squid's, counted for it exactly as globally.
+    let per = |name: &str| sb.hooks().service_counters(sb.config.service_id(name).unwrap()).unwrap();
+    assert_eq!((per("squid").side_door, per("audit").side_door), (c.side_door, 0), "{:?}", per("squid"));
 }
 
 /// The slow victim of `squid_forward_port_never_takes_a_waiting_flows_identity`:

@@ -244,6 +244,15 @@ impl Hooks {
         read_counters(&arr)
     }
 
+    /// The counters of service `id` (1 to [`abi::RW_MAX_SERVICES`]): the causes the kernel attributes to a
+    /// service, counted there as well as globally.
+    pub fn service_counters(&self, id: u16) -> Result<Counters, HooksError> {
+        let map = self.bpf.map("rw_svc_counters").ok_or_else(|| HooksError::Config("no rw_svc_counters".into()))?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| HooksError::Map { name: "rw_svc_counters", source })?;
+        crate::counters::read_counters_at(&arr, "rw_svc_counters", u32::from(id) * abi::RW_REASON_N)
+    }
+
     /// A reader of the same counters that does not borrow the hooks (its
     /// own descriptor of the map).
     pub fn counters_reader(&self) -> Result<CountersReader, HooksError> {

@@ -89,7 +89,7 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 					w.seen |= svc->upto_mask;
 				} else {
 					w.seen |= 1ULL << (sid & 63);
-					rw_count(RW_REASON_SIDE_DOOR);
+					rw_count_svc(sid, RW_REASON_SIDE_DOOR);
 				}
 				c->n = 1;
 				c->depth = rw_svc_depth(sid);

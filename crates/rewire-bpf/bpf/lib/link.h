@@ -149,7 +149,7 @@ __attribute__((noinline)) int rw_link_peek(const struct rw_addr *orig, struct rw
 	if (!rw_svc_quiet(sid, l->ts_ns)) {
 		/* A side door was open or used since (or shortly before) the
 		 * query: this connect may be for that client. */
-		rw_count(RW_REASON_SIDE_DOOR);
+		rw_count_svc(sid, RW_REASON_SIDE_DOOR);
 		return 0;
 	}
 	w->seen = 0;
@@ -179,7 +179,7 @@ __attribute__((noinline)) int rw_link_claim(const struct rw_addr *orig, __u64 fl
 	if (!l || l->rec.flow_id != flow_id || !rw_link_usable(l, sid))
 		return 0;
 	*out = l->rec;
-	rw_count(RW_REASON_LINK);
+	rw_count_svc(sid, RW_REASON_LINK);
 	return 1;
 }
 

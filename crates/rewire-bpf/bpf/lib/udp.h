@@ -353,7 +353,7 @@ static __noinline int rw_udp_route(struct bpf_sock_addr *ctx, __u8 family, int i
 	/* A new flow an application starts (not one a proxy continues with
 	 * its records): within its user's rate. */
 	if (r == RW_REDIRECT && !has_rec && !rw_udp_rate_ok((__u32)bpf_get_current_uid_gid(), conf->udp_flows_per_user)) {
-		rw_count(RW_REASON_UDP_RATE);
+		rw_count_svc(c.w.service_id, RW_REASON_UDP_RATE);
 		return rw_refuse(EAGAIN);
 	}
 	if (r == RW_REDIRECT) {
