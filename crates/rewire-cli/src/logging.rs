@@ -3,10 +3,20 @@
 //! `tracing_subscriber` reload layer so that a running daemon's can be
 //! changed without a restart (`rewire log-level`, through the control
 //! socket): raising it to `debug` while a problem happens, then back.
+//!
+//! Under systemd, stderr is often the journal (`JOURNAL_STREAM` names its
+//! device and inode): every line then starts with its syslog priority
+//! (`<3>` error, `<4>` warning, `<5>` a kernel decision, `<6>` info, `<7>`
+//! debug), which journald takes as the entry's priority and strips, so
+//! `journalctl -p warning -u rewire` shows what needs attention.
 
 use std::sync::OnceLock;
 
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
@@ -26,10 +36,13 @@ pub fn init(json: bool) {
     let (filter, handle) = reload::Layer::new(EnvFilter::new(&spec));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
     let registry = tracing_subscriber::registry().with(filter);
+    let journal = to_journal();
     if json {
-        registry.with(fmt.json().flatten_event(true)).init();
+        let f = fmt.json().flatten_event(true);
+        registry.with(f.map_event_format(|e| Priority { inner: e, journal })).init();
     } else {
-        registry.with(fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))).init();
+        let f = fmt.with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        registry.with(f.map_event_format(|e| Priority { inner: e, journal })).init();
     }
     let _ = FILTER.set(Filter { handle, spec: std::sync::Mutex::new(spec) });
 }
@@ -49,4 +62,49 @@ pub fn set(spec: &str) -> Result<String, String> {
     f.handle.reload(new).map_err(|e| format!("cannot change the log filter: {e}"))?;
     *cur = spec.to_string();
     Ok(spec.to_string())
+}
+
+/// Whether stderr is the journal's stream (`JOURNAL_STREAM` is
+/// `<device>:<inode>` of the very descriptor systemd connected).
+pub fn to_journal() -> bool {
+    static JOURNAL: OnceLock<bool> = OnceLock::new();
+    *JOURNAL.get_or_init(|| {
+        let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
+            let (d, i) = v.split_once(':')?;
+            Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+        }) else {
+            return false;
+        };
+        nix::sys::stat::fstat(libc::STDERR_FILENO).is_ok_and(|st| st.st_dev as u64 == dev && st.st_ino as u64 == ino)
+    })
+}
+
+/// The syslog priority prefix of a line at `level` (`<6>` for info).
+fn prefix(level: Level) -> &'static str {
+    match level {
+        Level::ERROR => "<3>",
+        Level::WARN => "<4>",
+        Level::INFO => "<6>",
+        _ => "<7>",
+    }
+}
+
+/// A line format that starts each line with its priority when stderr is the journal.
+struct Priority<F> {
+    inner: F,
+    journal: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for Priority<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        if self.journal {
+            writer.write_str(prefix(*event.metadata().level()))?;
+        }
+        self.inner.format_event(ctx, writer, event)
+    }
 }

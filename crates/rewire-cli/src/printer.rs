@@ -46,6 +46,8 @@ pub struct Printer<W: Write> {
     window: Instant,
     buf: Vec<u8>,
     out: W,
+    /// Lines start with their syslog priority (stderr is the journal; see `logging`).
+    journal: bool,
 }
 
 #[derive(Serialize)]
@@ -62,7 +64,23 @@ impl<W: Write> Printer<W> {
     /// A printer writing to `out`; reads the counters once as the baseline.
     pub fn new(cfg: Arc<RwLock<Config>>, format: EventFormat, limits: Limits, mut counters: CountersFn, out: W) -> Self {
         let last = counters();
-        Printer { cfg, format, limiter: EventLimiter::new(limits), counters, last, window: Instant::now(), buf: Vec::new(), out }
+        Printer {
+            cfg,
+            format,
+            limiter: EventLimiter::new(limits),
+            counters,
+            last,
+            window: Instant::now(),
+            buf: Vec::new(),
+            out,
+            journal: false,
+        }
+    }
+
+    /// Starts each line with its syslog priority (`<5>` a decision, `<4>` events lost), for the journal.
+    pub fn with_priorities(mut self, journal: bool) -> Self {
+        self.journal = journal;
+        self
     }
 
     /// The interval of the rate limits and counter checks.
@@ -106,13 +124,19 @@ impl<W: Write> Printer<W> {
             return;
         }
         match self.format {
-            EventFormat::Text => self.line(format_args!(
-                "rewire: the kernel dropped {dropped} event(s) in the last {seconds:.1} s (ring buffer full: they \
+            EventFormat::Text => self.line_at(
+                4,
+                format_args!(
+                    "rewire: the kernel dropped {dropped} event(s) in the last {seconds:.1} s (ring buffer full: they \
                  came faster than they were read); the counters count every decision: {now}"
-            )),
-            EventFormat::Json => self.json(&serde_json::json!({
-                "events_lost": LostRecord { dropped, seconds, counters: now }
-            })),
+                ),
+            ),
+            EventFormat::Json => self.json_at(
+                4,
+                &serde_json::json!({
+                    "events_lost": LostRecord { dropped, seconds, counters: now }
+                }),
+            ),
             EventFormat::Off => {}
         }
     }
@@ -142,6 +166,11 @@ impl<W: Write> Printer<W> {
     }
 
     fn line(&mut self, args: std::fmt::Arguments<'_>) {
+        self.line_at(5, args)
+    }
+
+    fn line_at(&mut self, priority: u8, args: std::fmt::Arguments<'_>) {
+        self.priority(priority);
         let _ = self.buf.write_fmt(args);
         self.buf.push(b'\n');
     }
@@ -149,13 +178,24 @@ impl<W: Write> Printer<W> {
     /// One JSON line, with the wall-clock time it was written
     /// (`timestamp_unix`, seconds since the epoch).
     fn json<T: Serialize>(&mut self, v: &T) {
+        self.json_at(5, v)
+    }
+
+    fn json_at<T: Serialize>(&mut self, priority: u8, v: &T) {
         let Ok(mut v) = serde_json::to_value(v) else { return };
+        self.priority(priority);
         if let Some(o) = v.as_object_mut() {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             o.insert("timestamp_unix".into(), serde_json::Value::from(now.as_secs_f64()));
         }
         if serde_json::to_writer(&mut self.buf, &v).is_ok() {
             self.buf.push(b'\n');
+        }
+    }
+
+    fn priority(&mut self, priority: u8) {
+        if self.journal {
+            let _ = write!(self.buf, "<{priority}>");
         }
     }
 
@@ -191,7 +231,7 @@ impl PrinterHandle {
 pub fn spawn(events: Events, cfg: Arc<RwLock<Config>>, format: EventFormat, limits: Limits, counters: CountersFn) -> PrinterHandle {
     let (stop, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
-        let printer = Printer::new(cfg, format, limits, counters, std::io::stderr());
+        let printer = Printer::new(cfg, format, limits, counters, std::io::stderr()).with_priorities(crate::logging::to_journal());
         serve(events, printer, rx).await;
     });
     PrinterHandle { stop, task }

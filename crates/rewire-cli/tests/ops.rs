@@ -181,3 +181,31 @@ fn json_logs_cover_every_line() {
     assert!(event["timestamp_unix"].as_f64().is_some_and(|t| t > 1.6e9), "{event}");
     assert!(lines.iter().any(|v| v["message"].as_str().is_some_and(|m| m.contains("daemon stopped"))), "{text}");
 }
+
+/// Under systemd, stderr is the journal (`JOURNAL_STREAM` names it): every
+/// line of the daemon, its own and the kernel's decisions, starts with its
+/// syslog priority, which journald takes and strips (`<6>` info, `<5>` a
+/// decision, `<4>` a warning); no colour. Without `JOURNAL_STREAM` (the
+/// other tests here) no line has one.
+#[test]
+fn journal_lines_carry_their_priority() {
+    require_root!();
+    let b = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let services = service("dlp", free_port(), b.addr.port());
+    let d = Daemon::start_as_journal("journal", &services, &["--events", "text"]);
+    // A refused flow (nobody listens for dlp): a kernel decision.
+    let r = d.probe(&[&b.addr.to_string(), "--send", "10"]);
+    assert!(r["error"].as_str().is_some_and(|e| e.contains("refused")), "{r}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.stderr().contains("has no listener") {
+        assert!(Instant::now() < deadline, "no event line: {}", d.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = d.stderr();
+    assert!(!text.contains('\u{1b}'), "colour escapes in the journal: {text}");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let prio = |l: &str| l.strip_prefix('<').and_then(|r| r.split_once('>')).and_then(|(p, _)| p.parse::<u8>().ok());
+    assert!(lines.iter().all(|l| prio(l).is_some()), "a line without its priority:\n{text}");
+    assert!(lines.iter().any(|l| prio(l) == Some(6) && l.contains("serving ")), "{text}");
+    assert!(lines.iter().any(|l| prio(l) == Some(5) && l.contains("REFUSED") && l.contains("has no listener")), "{text}");
+}

@@ -31,6 +31,16 @@ impl Daemon {
     /// Writes `config` as the config of a fresh cgroup `rewire-test-<tag>-<pid>` and starts the daemon with `extra`
     /// arguments; returns once it serves.
     pub fn start(tag: &str, config: &str, extra: &[&str]) -> Self {
+        Self::launch(tag, config, extra, false)
+    }
+
+    /// As [`Daemon::start`], with the daemon's stderr file announced as the journal's stream (`JOURNAL_STREAM`, as
+    /// systemd sets it).
+    pub fn start_as_journal(tag: &str, config: &str, extra: &[&str]) -> Self {
+        Self::launch(tag, config, extra, true)
+    }
+
+    fn launch(tag: &str, config: &str, extra: &[&str], journal: bool) -> Self {
         root_or_fail();
         let name = format!("rewire-test-{tag}-{}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
@@ -39,7 +49,14 @@ impl Daemon {
         let cfg = dir.join("rewire.toml");
         std::fs::write(&cfg, format!("cgroup = \"{name}\"\n{config}")).unwrap();
         let err = std::fs::File::create(dir.join("daemon.err")).unwrap();
-        let child = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg).args(extra).stderr(err).spawn().unwrap();
+        let mut cmd = Command::new(REWIRE);
+        cmd.args(["daemon", "--config"]).arg(&cfg).args(extra).env_remove("JOURNAL_STREAM");
+        if journal {
+            use std::os::unix::fs::MetadataExt;
+            let m = err.metadata().unwrap();
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()));
+        }
+        let child = cmd.stderr(err).spawn().unwrap();
         let d = Daemon { name, dir, cfg, daemon: Some(child), children: vec![] };
         // Loading and verifying the programs takes seconds, more on a busy machine.
         let deadline = Instant::now() + Duration::from_secs(180);
