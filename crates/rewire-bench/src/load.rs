@@ -4,7 +4,7 @@
 //! in a cgroup or a network namespace and account their CPU time.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -159,15 +159,133 @@ pub fn worker(test: &str, target: SocketAddr, count: u64, secs: f64, bytes: u64,
             r.bytes = sent;
             r.ops = 1;
         }
+        "udp-rr" => {
+            // One connected socket, one 64-byte datagram at a time; a lost
+            // datagram (no echo within 200 ms) counts as an error.
+            let u = udp_connected(target, Duration::from_millis(200))?;
+            let req = [7u8; RR_SIZE];
+            let mut resp = [0u8; 2048];
+            let mut lat = Vec::with_capacity(1 << 16);
+            while r.ops < count && t0.elapsed() < deadline {
+                let s = Instant::now();
+                match u.send(&req).and_then(|_| u.recv(&mut resp)) {
+                    Ok(RR_SIZE) => {
+                        lat.push(s.elapsed().as_secs_f64() * 1e6);
+                        r.ops += 1;
+                    }
+                    Ok(n) => note(&mut r, format!("echo of {n} bytes, {RR_SIZE} sent")),
+                    Err(e) => note(&mut r, e.to_string()),
+                }
+                if r.errors > 100 {
+                    break;
+                }
+            }
+            r.rr_p50_us = pct(&mut lat, 0.50);
+            r.rr_p99_us = pct(&mut lat, 0.99);
+        }
+        "udp-burst" => {
+            // Datagrams echoed per second with UDP_WINDOW in flight on one
+            // connected socket; after 50 ms without an echo the window is
+            // refilled (the missing ones count as lost).
+            let u = udp_connected(target, Duration::from_millis(50))?;
+            let req = [9u8; RR_SIZE];
+            let mut resp = [0u8; 2048];
+            let mut inflight = 0usize;
+            let mut sent = 0u64;
+            while r.ops < count && t0.elapsed() < deadline {
+                while inflight < UDP_WINDOW {
+                    u.send(&req)?;
+                    inflight += 1;
+                    sent += 1;
+                }
+                match u.recv(&mut resp) {
+                    Ok(_) => {
+                        r.ops += 1;
+                        inflight -= 1;
+                    }
+                    Err(_) => inflight = 0,
+                }
+            }
+            r.errors = sent.saturating_sub(r.ops + inflight as u64);
+            r.bytes = r.ops * RR_SIZE as u64;
+        }
+        "udp-flows" => {
+            // `count` flows, each a fresh socket: one datagram and its echo;
+            // sockets are held open in batches of `bytes` (all at once up to
+            // the batch) so that many flows are alive together, then closed.
+            raise_nofile();
+            let batch = bytes.clamp(1, 4000) as usize;
+            let mut held = Vec::with_capacity(batch);
+            let mut b = [0u8; 64];
+            while r.ops < count && t0.elapsed() < deadline {
+                let res = udp_connected(target, Duration::from_secs(1))
+                    .and_then(|u| u.send(b"f").and_then(|_| u.recv(&mut b)).map(|_| u).map_err(Into::into));
+                match res {
+                    Ok(u) => {
+                        r.ops += 1;
+                        held.push(u);
+                    }
+                    Err(e) => note(&mut r, e.to_string()),
+                }
+                if held.len() >= batch {
+                    held.clear();
+                }
+                // A fresh socket can get the port of a flow the proxy still
+                // holds (EADDRINUSE until it ends, see SECURITY.md): counted, bounded.
+                if r.errors > count {
+                    break;
+                }
+            }
+        }
         t => bail!("unknown test {t}"),
     }
     r.secs = t0.elapsed().as_secs_f64();
     Ok(r)
 }
 
-/// Serves the echo port (every byte back) and the sink port (count bytes
+/// Datagrams in flight in the `udp-burst` test.
+pub const UDP_WINDOW: usize = 16;
+
+fn note(r: &mut WorkerResult, e: String) {
+    r.errors += 1;
+    r.first_error.get_or_insert(e);
+}
+
+fn udp_connected(target: SocketAddr, timeout: Duration) -> Result<UdpSocket> {
+    let u = UdpSocket::bind(if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
+    u.connect(target)?;
+    u.set_read_timeout(Some(timeout))?;
+    Ok(u)
+}
+
+/// Soft RLIMIT_NOFILE up to the hard limit (the flows test holds thousands of sockets).
+fn raise_nofile() {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+/// Serves the echo port (every byte back, TCP and UDP) and the sink port (count bytes
 /// until EOF, answer the count as a little-endian u64, close) until killed.
 pub fn serve(echo: SocketAddr, sink: SocketAddr) -> Result<()> {
+    // UDP echo on the echo address: two threads sharing one socket.
+    let u = UdpSocket::bind(echo)?;
+    for _ in 0..2 {
+        let u = u.try_clone()?;
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; 65536];
+            loop {
+                if let Ok((n, from)) = u.recv_from(&mut b) {
+                    let _ = u.send_to(&b[..n], from);
+                }
+            }
+        });
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let e = tokio::net::TcpListener::bind(echo).await?;

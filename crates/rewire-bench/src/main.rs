@@ -44,7 +44,9 @@ struct RunArgs {
     /// asks 1000000; default 20000, 4000 with --quick; bounded to 10 minutes).
     #[arg(long)]
     churn: Option<u64>,
-    /// Scenarios to run (comma separated among direct,hooks,proxy1,proxy1k,proxy2,nft).
+    /// Scenarios to run (comma separated among direct,hooks,proxy1,proxy1k,proxy2,nft;
+    /// and, only when named: veth-direct,veth-proxy1,veth-proxy2,veth-nft,
+    /// udp-direct,udp-proxy1,udp-proxy2).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write results.{json,txt,png}.
@@ -102,7 +104,48 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("proxy1k", "rewire, 1 proxy, kernel fast path (--relay kernel)"),
     ("proxy2", "rewire, 2-proxy chain"),
     ("nft", "nftables REDIRECT + same proxy (SO_ORIGINAL_DST)"),
+    // Run only when named in --only (see EXTRA).
+    ("veth-direct", "server in another netns behind a veth pair: direct"),
+    ("veth-proxy1", "server behind veth: rewire, 1 proxy"),
+    ("veth-proxy2", "server behind veth: rewire, 2-proxy chain"),
+    ("veth-nft", "server behind veth: nftables REDIRECT + same proxy"),
+    ("udp-direct", "UDP direct"),
+    ("udp-proxy1", "UDP, rewire, 1 proxy"),
+    ("udp-proxy2", "UDP, rewire, 2-proxy chain"),
 ];
+
+/// Scenarios outside the default run: only when `--only` names them.
+pub fn extra(name: &str) -> bool {
+    name.starts_with("veth-") || name.starts_with("udp-")
+}
+
+/// How long the UDP memory check waits, once the proxy's flows have all
+/// ended, before reading its RSS: two sweeps of its listeners.
+pub const SWEEP_WAIT: std::time::Duration = std::time::Duration::from_millis(2500);
+
+/// The UDP figures of a scenario (`udp-*`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UdpFigures {
+    /// Datagrams echoed per second, 16 in flight on one socket (64 bytes).
+    pub dgrams_per_s: f64,
+    pub burst_lost: u64,
+    /// One 64-byte datagram and its echo at a time.
+    pub round_trips_per_s: f64,
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    pub rr_lost: u64,
+    /// New flows: a fresh socket, one datagram and its echo.
+    pub flows: u64,
+    pub flows_per_s: f64,
+    pub flow_errors: u64,
+    /// The (first) proxy: RSS at start, at its peak during the flows, after
+    /// they all ended (and its listener swept); seconds until they ended.
+    pub rss_kib_start: Option<u64>,
+    pub rss_kib_peak: Option<u64>,
+    pub rss_kib_after: Option<u64>,
+    pub flows_ended_after_s: Option<f64>,
+    pub fds_left: Option<usize>,
+}
 
 /// Program name -> (runs per connection, ns per connection).
 pub type ByProgram = BTreeMap<String, (f64, f64)>;
@@ -137,6 +180,8 @@ pub struct Figures {
     /// (direct, hooks, direct, hooks, ... against the same server): one ratio per pair.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub paired_conn_ratios: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpFigures>,
 }
 
 impl Figures {
@@ -166,6 +211,26 @@ impl Figures {
         if o.kernel_ns_per_conn.is_some_and(|b| self.kernel_ns_per_conn.is_none_or(|a| b < a)) {
             self.kernel_ns_per_conn = o.kernel_ns_per_conn;
             self.kernel_by_program = o.kernel_by_program.clone();
+        }
+        match (&mut self.udp, &o.udp) {
+            (Some(a), Some(b)) => {
+                hi(&mut a.dgrams_per_s, b.dgrams_per_s);
+                hi(&mut a.round_trips_per_s, b.round_trips_per_s);
+                lo(&mut a.rtt_p50_us, b.rtt_p50_us);
+                lo(&mut a.rtt_p99_us, b.rtt_p99_us);
+                hi(&mut a.flows_per_s, b.flows_per_s);
+                a.burst_lost += b.burst_lost;
+                a.rr_lost += b.rr_lost;
+                a.flows += b.flows;
+                a.flow_errors += b.flow_errors;
+                // Memory: the worst round, not the best.
+                if b.rss_kib_after > a.rss_kib_after {
+                    (a.rss_kib_start, a.rss_kib_peak, a.rss_kib_after) = (b.rss_kib_start, b.rss_kib_peak, b.rss_kib_after);
+                    (a.flows_ended_after_s, a.fds_left) = (b.flows_ended_after_s, b.fds_left);
+                }
+            }
+            (None, Some(b)) => self.udp = Some(b.clone()),
+            _ => {}
         }
         self.errors += o.errors;
         self.paired_conn_ratios.extend_from_slice(&o.paired_conn_ratios);
@@ -209,8 +274,9 @@ fn orchestrate(args: RunArgs) -> Result<()> {
     let tmp = std::env::temp_dir().join(&tag);
     std::fs::create_dir_all(&tmp)?;
     let b = args.base_port;
-    let ctx = Ctx { me, rewire, secs, echo: b, sink: b + 1, p1: b + 2, p2: b + 3, tag, tmp: tmp.clone(), args: args.clone() };
-    let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let ctx = Ctx { veth: false, me, rewire, secs, echo: b, sink: b + 1, p1: b + 2, p2: b + 3, tag, tmp: tmp.clone(), args: args.clone() };
+    let wanted = |s: &str| (args.only.is_empty() && !extra(s)) || args.only.iter().any(|o| o == s);
+    let veth = Ctx { veth: true, ..ctx.clone() };
     let started = Instant::now();
 
     let mut best: BTreeMap<&str, Figures> = BTreeMap::new();
@@ -223,12 +289,19 @@ fn orchestrate(args: RunArgs) -> Result<()> {
             eprintln!("rewire-bench: round {round}/{rounds}: {label}");
             let relay = &args.relay;
             let r = match name {
-                "direct" => ctx.direct(),
+                "direct" => ctx.direct(name),
                 "hooks" => ctx.rewire_scenario(name, 0, relay),
                 "proxy1" => ctx.rewire_scenario(name, 1, relay),
                 "proxy1k" => ctx.rewire_scenario(name, 1, "kernel"),
                 "proxy2" => ctx.rewire_scenario(name, 2, relay),
-                "nft" => ctx.nft_scenario(),
+                "nft" => ctx.nft_scenario(name),
+                "veth-direct" => veth.direct(name),
+                "veth-proxy1" => veth.rewire_scenario(name, 1, relay),
+                "veth-proxy2" => veth.rewire_scenario(name, 2, relay),
+                "veth-nft" => veth.nft_scenario(name),
+                "udp-direct" => ctx.udp_scenario(name, 0),
+                "udp-proxy1" => ctx.udp_scenario(name, 1),
+                "udp-proxy2" => ctx.udp_scenario(name, 2),
                 _ => unreachable!(),
             };
             sys::park_if_stopping();

@@ -65,7 +65,12 @@ pub fn write(
 ) -> Result<()> {
     crate::ensure_dir(out)?;
     let m = machine();
-    let direct = figs.iter().find(|f| f.scenario == "direct");
+    let all = figs;
+    let tcp: Vec<Figures> = figs.iter().filter(|f| f.udp.is_none()).cloned().collect();
+    let figs = &tcp[..];
+    // Ratios of the veth scenarios are to veth-direct, of the others to direct.
+    let base_of = |f: &Figures| figs.iter().find(|d| d.scenario == if f.scenario.starts_with("veth-") { "veth-direct" } else { "direct" });
+    let direct = figs.iter().find(|f| f.scenario == "direct" || f.scenario == "veth-direct");
     let mut t = String::new();
     writeln!(
         t,
@@ -74,23 +79,27 @@ pub fn write(
     )?;
     writeln!(t, "machine: kernel {}, {} CPU(s), {}", m.kernel, m.nproc, m.cpu_model)?;
     writeln!(t)?;
-    write!(t, "{:<9}", "scenario")?;
+    write!(t, "{:<11}", "scenario")?;
     for (_, h, _, _) in METRICS {
         write!(t, " {h:>15}")?;
     }
     writeln!(t)?;
     for f in figs {
-        write!(t, "{:<9}", f.scenario)?;
+        write!(t, "{:<11}", f.scenario)?;
         for (_, _, _, get) in METRICS {
             write!(t, " {:>15}", fmt(get(f)))?;
         }
         writeln!(t)?;
     }
     let mut ratios = serde_json::Map::new();
-    if let Some(d) = direct {
-        writeln!(t, "\nratio to direct (conn/s, bulk GB/s, rr/s: higher is better; latencies and CPU s/GB: lower is better):")?;
+    if direct.is_some() {
+        writeln!(
+            t,
+            "\nratio to direct (veth-*: to veth-direct) (conn/s, bulk GB/s, rr/s: higher is better; latencies and CPU s/GB: lower is better):"
+        )?;
         for f in figs {
-            write!(t, "{:<9}", f.scenario)?;
+            let Some(d) = base_of(f) else { continue };
+            write!(t, "{:<11}", f.scenario)?;
             let mut r = serde_json::Map::new();
             for (k, _, _, get) in METRICS {
                 let x = if get(d) > 0.0 { get(f) / get(d) } else { 0.0 };
@@ -101,9 +110,47 @@ pub fn write(
             ratios.insert(f.scenario.clone(), r.into());
         }
     }
+    let udp: Vec<&Figures> = all.iter().filter(|f| f.udp.is_some()).collect();
+    if !udp.is_empty() {
+        writeln!(
+            t,
+            "\nUDP (64-byte datagrams to the echo port; dgram/s: echoed with {} in flight; rtt: one at a time; flows: fresh sockets, {} per proxy check):",
+            crate::load::UDP_WINDOW,
+            crate::scenarios::UDP_FLOWS
+        )?;
+        writeln!(
+            t,
+            "{:<11} {:>10} {:>9} {:>10} {:>10} {:>8} {:>8}   first proxy RSS KiB start -> peak -> after flows ended",
+            "scenario", "dgram/s", "rtt/s", "rtt p50 us", "rtt p99 us", "flows/s", "lost"
+        )?;
+        for f in &udp {
+            let u = f.udp.as_ref().unwrap();
+            let rss = match (u.rss_kib_start, u.rss_kib_peak, u.rss_kib_after) {
+                (Some(a), Some(b), Some(c)) => format!(
+                    "{a} -> {b} -> {c} ({}: at least 3/4 of the growth given back; {} flows ended {:.1} s after the last; {} fds left)",
+                    if c.saturating_sub(a) * 4 <= b.saturating_sub(a) { "released" } else { "NOT released" },
+                    u.flows,
+                    u.flows_ended_after_s.unwrap_or_default(),
+                    u.fds_left.unwrap_or_default()
+                ),
+                _ => "-".into(),
+            };
+            writeln!(
+                t,
+                "{:<11} {:>10.0} {:>9.0} {:>10.1} {:>10.1} {:>8.0} {:>8}   {rss}",
+                f.scenario,
+                u.dgrams_per_s,
+                u.round_trips_per_s,
+                u.rtt_p50_us,
+                u.rtt_p99_us,
+                u.flows_per_s,
+                u.burst_lost + u.rr_lost + u.flow_errors
+            )?;
+        }
+    }
     writeln!(t, "\nlegend:")?;
-    for f in figs {
-        writeln!(t, "  {:<9} {}", f.scenario, f.label)?;
+    for f in all {
+        writeln!(t, "  {:<11} {}", f.scenario, f.label)?;
     }
     for f in figs.iter().filter(|f| !f.paired_conn_ratios.is_empty()) {
         let mut r = f.paired_conn_ratios.clone();
@@ -123,12 +170,12 @@ pub fn write(
         for f in costs {
             let ns = f.kernel_ns_per_conn.unwrap_or_default();
             let share = direct_us.map(|us| format!(" = {:.2} % of a direct connection ({us:.1} us)", ns / 10.0 / us)).unwrap_or_default();
-            writeln!(t, "  {:<9} {:>7.2} us{share}", f.scenario, ns / 1000.0)?;
+            writeln!(t, "  {:<11} {:>7.2} us{share}", f.scenario, ns / 1000.0)?;
             let parts: Vec<String> = f.kernel_by_program.iter().map(|(p, (runs, ns))| format!("{p} {runs}x {:.0} ns", ns)).collect();
             writeln!(t, "            ({})", parts.join(", "))?;
         }
     }
-    for f in figs.iter().filter(|f| f.errors > 0) {
+    for f in all.iter().filter(|f| f.errors > 0) {
         writeln!(t, "  {}: {} error(s), first: {}", f.scenario, f.errors, f.first_error.as_deref().unwrap_or("?"))?;
     }
     if let Some(c) = churn {
@@ -161,13 +208,13 @@ pub fn write(
         "secs_per_test": secs,
         "rounds": rounds,
         "relay": relay,
-        "scenarios": figs,
+        "scenarios": all,
         "ratio_to_direct": ratios,
         "churn": churn,
         "failures": failures,
     });
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&json)? + "\n")?;
-    match chart(&out.join("results.png"), figs, &m) {
+    match if figs.is_empty() { Ok(()) } else { chart(&out.join("results.png"), figs, &m) } {
         Ok(()) => {}
         Err(e) => eprintln!("rewire-bench: no chart: {e}"),
     }

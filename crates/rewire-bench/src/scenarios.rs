@@ -17,7 +17,19 @@ use crate::{ByProgram, Churn, Figures, RunArgs};
 use rewire_control::hooks::PinnedHandoffs;
 use rewire_control::{Config, Hooks, ManagedCgroup};
 
+/// The server's address in the veth scenarios (the bench's second
+/// namespace); the client side of the pair is [`VETH_CLIENT`].
+pub(crate) const VETH_SERVER: [u8; 4] = [10, 203, 0, 2];
+pub(crate) const VETH_CLIENT: [u8; 4] = [10, 203, 0, 1];
+
+/// Flows of the UDP memory check (`udp-proxy1`, `udp-proxy2`): the 10,000.
+pub(crate) const UDP_FLOWS: u64 = 10_000;
+
+#[derive(Clone)]
 pub(crate) struct Ctx {
+    /// The server in a namespace of its own behind a veth pair (at
+    /// [`VETH_SERVER`]) instead of on the client namespace's loopback.
+    pub(crate) veth: bool,
     pub(crate) args: RunArgs,
     pub(crate) me: PathBuf,
     pub(crate) rewire: PathBuf,
@@ -35,18 +47,50 @@ impl Ctx {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    /// The server's address (loopback, or across the veth pair).
+    pub(crate) fn server_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((if self.veth { VETH_SERVER } else { [127, 0, 0, 1] }, port))
+    }
+
+    /// The destinations the services' rules match.
+    fn server_net(&self) -> &'static str {
+        if self.veth {
+            "10.203.0.0/24"
+        } else {
+            "127.0.0.0/8"
+        }
+    }
+
+    /// Where the server runs: in `ns`, or (veth scenarios) in a second
+    /// namespace joined to `ns` by a veth pair, returned so that the
+    /// caller drops (deletes) it after the scenario; deleting either
+    /// namespace removes the pair.
+    pub(crate) fn server_ns(&self, ns: &NetNs) -> Result<(Placement, Option<NetNs>)> {
+        if !self.veth {
+            return Ok((Placement { netns: Some(ns.path()), ..Default::default() }, None));
+        }
+        let srv = NetNs::create(&format!("{}-srv", self.tag))?;
+        let ip = |a: [u8; 4]| format!("{}.{}.{}.{}/24", a[0], a[1], a[2], a[3]);
+        sys::run("ip", &["-n", &ns.name, "link", "add", "rwb0", "type", "veth", "peer", "name", "rwb1", "netns", &srv.name], None)?;
+        sys::run("ip", &["-n", &ns.name, "addr", "add", &ip(VETH_CLIENT), "dev", "rwb0"], None)?;
+        sys::run("ip", &["-n", &srv.name, "addr", "add", &ip(VETH_SERVER), "dev", "rwb1"], None)?;
+        sys::run("ip", &["-n", &ns.name, "link", "set", "rwb0", "up"], None)?;
+        sys::run("ip", &["-n", &srv.name, "link", "set", "rwb1", "up"], None)?;
+        Ok((Placement { netns: Some(srv.path()), ..Default::default() }, Some(srv)))
+    }
+
     pub(crate) fn server(&self, place: &Placement) -> Result<Child> {
         let mut c = Command::new(&self.me);
-        c.arg("serve").arg(self.target(self.echo).to_string()).arg(self.target(self.sink).to_string());
+        c.arg("serve").arg(self.server_addr(self.echo).to_string()).arg(self.server_addr(self.sink).to_string());
         let child = sys::spawn(c, place, false)?;
-        sys::wait_listening(child.id(), self.sink, Duration::from_secs(5))?;
-        sys::wait_listening(child.id(), self.echo, Duration::from_secs(5))?;
+        sys::wait_listening_on(child.id(), self.server_addr(self.sink), Duration::from_secs(5))?;
+        sys::wait_listening_on(child.id(), self.server_addr(self.echo), Duration::from_secs(5))?;
         Ok(child)
     }
 
     pub(crate) fn worker(&self, place: &Placement, test: &str, port: u16, extra: &[String]) -> Result<WorkerResult> {
         let mut c = Command::new(&self.me);
-        c.arg("worker").arg(test).arg(self.target(port).to_string()).args(extra);
+        c.arg("worker").arg(test).arg(self.server_addr(port).to_string()).args(extra);
         let child = sys::spawn(c, place, true)?;
         let pid = child.id();
         let out = child.wait_with_output();
@@ -108,12 +152,20 @@ impl Ctx {
     /// A config with services p1 (and p2) matching the server ports, or
     /// (`proxies` = 0) one service whose rule matches nothing we use.
     pub(crate) fn config(&self, scenario: &str, proxies: usize) -> Result<(Config, PathBuf)> {
+        self.config_for(scenario, proxies, "tcp", self.server_net())
+    }
+
+    /// As [`Ctx::config`], the rules matching `protocol` ("tcp", "udp",
+    /// "any") to destinations in `dst`; UDP without the per-user rate of
+    /// new flows and with a 5-s idle time (flows also end when their
+    /// application's socket closes).
+    pub(crate) fn config_for(&self, scenario: &str, proxies: usize, protocol: &str, dst: &str) -> Result<(Config, PathBuf)> {
         let cg = format!("{}-{scenario}", self.tag);
-        let mut t = format!("cgroup = \"{cg}\"\n");
+        let mut t = format!("cgroup = \"{cg}\"\nudp_flows_per_user = 0\nudp_idle_ms = 5000\n");
         let ports = if proxies == 0 { "[9]".to_string() } else { format!("[{}, {}]", self.echo, self.sink) };
         for (i, port) in [self.p1, self.p2].iter().enumerate().take(proxies.max(1)) {
             t += &format!(
-                "[[service]]\nname = \"p{}\"\nlisten = [\"127.0.0.1:{port}\"]\nmatch = {{ dst = [\"127.0.0.0/8\"], ports = {ports} }}\n",
+                "[[service]]\nname = \"p{}\"\nlisten = [\"127.0.0.1:{port}\"]\nmatch = {{ dst = [\"{dst}\"], ports = {ports}, protocol = \"{protocol}\" }}\n",
                 i + 1
             );
         }
@@ -136,7 +188,7 @@ impl Ctx {
         let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
         let result = (|| {
             let hooks = attach_in(&ns.path(), &cfg, cgroup.path())?;
-            let outside = Placement { netns: Some(ns.path()), ..Default::default() };
+            let (outside, _srv) = self.server_ns(&ns)?;
             let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
             let mut server = self.server(&outside)?;
             let mut children = vec![];
@@ -149,7 +201,8 @@ impl Ctx {
                 f.kernel_ns_per_conn = Some(total);
                 f.kernel_by_program = by_program;
                 if proxies == 0 {
-                    f.paired_conn_ratios = self.paired(&outside, &place)?;
+                    let plain = Placement { netns: Some(ns.path()), ..Default::default() };
+                    f.paired_conn_ratios = self.paired(&plain, &place)?;
                 }
                 Ok(f)
             })();
@@ -299,7 +352,7 @@ impl Ctx {
 
     /// Scenario (e): a network namespace of ours, nftables redirecting the
     /// server ports to the proxy (which runs as nobody, exempt by uid).
-    pub(crate) fn nft_scenario(&self) -> Result<Figures> {
+    pub(crate) fn nft_scenario(&self, name: &str) -> Result<Figures> {
         let ns = NetNs::create(&self.tag)?;
         let uid = 65534;
         ns.nft(&format!(
@@ -307,7 +360,8 @@ impl Ctx {
             self.echo, self.sink, self.p1
         ))?;
         let inside = Placement { netns: Some(ns.path()), ..Default::default() };
-        let mut server = self.server(&inside)?;
+        let (srv_place, _srv) = self.server_ns(&ns)?;
+        let mut server = self.server(&srv_place)?;
         let r = (|| {
             let as_nobody = Placement { netns: Some(ns.path()), uid: Some(uid), ..Default::default() };
             let mut proxy = self.proxy(
@@ -315,7 +369,7 @@ impl Ctx {
                 &["--name".into(), "nft".into(), "--original-dst".into(), "--listen".into(), self.target(self.p1).to_string()],
                 &self.args.relay,
             )?;
-            let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5)).and_then(|()| self.tests("nft", &inside));
+            let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5)).and_then(|()| self.tests(name, &inside));
             sys::stop(&mut proxy);
             r
         })();
@@ -324,14 +378,123 @@ impl Ctx {
         r
     }
 
-    pub(crate) fn direct(&self) -> Result<Figures> {
+    pub(crate) fn direct(&self, name: &str) -> Result<Figures> {
         let ns = NetNs::create(&self.tag)?;
         let inside = Placement { netns: Some(ns.path()), ..Default::default() };
-        let mut server = self.server(&inside)?;
-        let r = self.tests("direct", &inside);
+        let (srv_place, _srv) = self.server_ns(&ns)?;
+        let mut server = self.server(&srv_place)?;
+        let r = self.tests(name, &inside);
         sys::stop(&mut server);
         drop(ns);
         r
+    }
+}
+
+impl Ctx {
+    /// UDP: `udp-direct` (`proxies` = 0: no hooks), `udp-proxy1`,
+    /// `udp-proxy2` (rules matching UDP to the server's echo port, the
+    /// proxies relaying on their service addresses). Datagrams/s, round
+    /// trips, and the memory check: the first proxy's RSS at start, at its
+    /// peak during [`UDP_FLOWS`] flows (fresh sockets, held in batches of
+    /// 2,000) and after they all ended.
+    pub(crate) fn udp_scenario(&self, name: &str, proxies: usize) -> Result<Figures> {
+        let ns = NetNs::create(&self.tag)?;
+        let inside = Placement { netns: Some(ns.path()), ..Default::default() };
+        if proxies == 0 {
+            let (srv_place, _srv) = self.server_ns(&ns)?;
+            let mut server = self.server(&srv_place)?;
+            let r = self.udp_tests(name, &inside, None);
+            sys::stop(&mut server);
+            return r;
+        }
+        let (cfg, path) = self.config_for(name, proxies, "udp", self.server_net())?;
+        let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
+        let result = (|| {
+            let hooks = attach_in(&ns.path(), &cfg, cgroup.path())?;
+            let (srv_place, _srv) = self.server_ns(&ns)?;
+            let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
+            let mut server = self.server(&srv_place)?;
+            let mut children = vec![];
+            let r = (|| {
+                for i in 0..proxies {
+                    children.push(self.config_proxy(&place, &path, i, &self.args.relay)?);
+                }
+                self.udp_tests(name, &place, Some(children[0].id()))
+            })();
+            for c in &mut children {
+                sys::stop(c);
+            }
+            sys::stop(&mut server);
+            drop(hooks);
+            r
+        })();
+        cgroup.remove()?;
+        drop(ns);
+        result
+    }
+
+    fn udp_tests(&self, name: &str, place: &Placement, proxy: Option<u32>) -> Result<Figures> {
+        let s = format!("{}", self.secs);
+        let mut f = Figures { scenario: name.into(), ..Default::default() };
+        let mut u = crate::UdpFigures::default();
+        let rr = self.worker(place, "udp-rr", self.echo, &["--secs".into(), s.clone(), "--count".into(), "100000000".into()])?;
+        u.rtt_p50_us = rr.rr_p50_us;
+        u.rtt_p99_us = rr.rr_p99_us;
+        u.round_trips_per_s = rr.ops as f64 / rr.secs;
+        u.rr_lost = rr.errors;
+        let b = self.worker(place, "udp-burst", self.echo, &["--secs".into(), s, "--count".into(), "1000000000".into()])?;
+        u.dgrams_per_s = b.ops as f64 / b.secs;
+        u.burst_lost = b.errors;
+        f.errors = rr.errors + b.errors;
+        f.first_error = rr.first_error.or(b.first_error);
+        let n = if self.args.quick { UDP_FLOWS / 5 } else { UDP_FLOWS };
+        u.rss_kib_start = proxy.map(sys::rss_kib);
+        let fds0 = proxy.map(sys::fd_count);
+        let peak = std::sync::atomic::AtomicU64::new(0);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let fl = std::thread::scope(|sc| {
+            if let Some(pid) = proxy {
+                let (peak, done) = (&peak, &done);
+                sc.spawn(move || {
+                    // Bounded by the worker's 120 s.
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        peak.fetch_max(sys::rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                });
+            }
+            let r = self.worker(
+                place,
+                "udp-flows",
+                self.echo,
+                &["--count".into(), n.to_string(), "--bytes".into(), "2000".into(), "--secs".into(), "120".into()],
+            );
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            r
+        })?;
+        u.flows = fl.ops;
+        u.flows_per_s = fl.ops as f64 / fl.secs;
+        u.flow_errors = fl.errors;
+        f.errors += fl.errors;
+        if f.first_error.is_none() {
+            f.first_error = fl.first_error;
+        }
+        if let (Some(pid), Some(fds0)) = (proxy, fds0) {
+            // Every flow ended when the proxy holds no more descriptors than
+            // at start (bounded: 30 s); then two sweeps of its listener.
+            let t = Instant::now();
+            while sys::fd_count(pid) > fds0 && t.elapsed() < Duration::from_secs(30) {
+                peak.fetch_max(sys::rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            u.flows_ended_after_s = Some(t.elapsed().as_secs_f64());
+            std::thread::sleep(crate::SWEEP_WAIT);
+            u.rss_kib_peak = Some(peak.load(std::sync::atomic::Ordering::Relaxed));
+            u.rss_kib_after = Some(sys::rss_kib(pid));
+            u.fds_left = Some(sys::fd_count(pid).saturating_sub(fds0));
+        }
+        f.udp = Some(u);
+        Ok(f)
     }
 }
 

@@ -73,8 +73,10 @@ pub fn cleanup_on_signal(tag: String) -> Result<()> {
                     }
                 }
             }
-            if Path::new("/run/netns").join(&tag).exists() {
-                let _ = run("ip", &["netns", "delete", &tag], None);
+            for ns in [tag.clone(), format!("{tag}-srv")] {
+                if Path::new("/run/netns").join(&ns).exists() {
+                    let _ = run("ip", &["netns", "delete", &ns], None);
+                }
             }
         }
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&tag));
@@ -200,8 +202,17 @@ fn wait_until(pid: u32, timeout: Duration, what: &str, ready: impl Fn() -> bool)
 /// Waits until `pid` (in whatever network namespace it is) listens on
 /// 127.0.0.1:`port`, from its namespace's socket table (`/proc/PID/net`).
 pub fn wait_listening(pid: u32, port: u16, timeout: Duration) -> Result<()> {
+    wait_listening_on(pid, SocketAddr::from(([127, 0, 0, 1], port)), timeout)
+}
+
+/// Open descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// As [`wait_listening`], on any address.
+pub fn wait_listening_on(pid: u32, want: SocketAddr, timeout: Duration) -> Result<()> {
     let net = PathBuf::from(format!("/proc/{pid}/net"));
-    let want = SocketAddr::from(([127, 0, 0, 1], port));
     wait_until(pid, timeout, &format!("listening on {want}"), || {
         rewire_control::net::sockets_in(&net, Table::Tcp).iter().any(|s| s.local == want && s.state == TCP_LISTEN)
     })

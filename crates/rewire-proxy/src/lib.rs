@@ -189,6 +189,22 @@ impl Default for ProxyOptions {
 pub use flowlog::FlowLog;
 pub use tcp::{bind, bind_or_inherit, handle, serve};
 
+/// Hands memory the allocator holds free back to the system.
+///
+/// After many flows end, glibc's malloc keeps their freed memory in its
+/// heaps (it only gives back the free space at a heap's top, and a few live
+/// allocations made late pin the rest), so the proxy's RSS stayed at its
+/// peak: 53 MB after 10,000 UDP flows had expired, of a 6 MB start.
+/// `malloc_trim` returns every free page of every arena. Called by a UDP
+/// listener's sweep once many flows have ended; a no-op on other libcs.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; no pointer of ours is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The lines a proxy wrote with `--log` (one JSON object per finished flow),
 /// waiting (blocking) up to `timeout` until there are at least `n`. Only complete lines
 /// count: the proxy may be writing the next one. A complete line that is not

@@ -58,6 +58,12 @@ pub const PEER_CHECK_FIRST: std::time::Duration = std::time::Duration::from_mill
 /// A quiet flow asks at doubling intervals, at most this far apart.
 pub const PEER_CHECK_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How often a listener forgets ended flows when no new flow comes to do it.
+pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ended flows after which a sweep hands freed memory back to the system.
+pub const TRIM_AFTER_ENDED: usize = 256;
+
 /// ICMP errors sent to refused senders per second at most.
 pub const ICMP_PER_SEC: u32 = 10_000;
 
@@ -181,6 +187,10 @@ async fn serve_one(
     let proxy = &shared.proxy;
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // Ended flows forgotten since memory was last handed back (see `sweep`).
+    let mut ended = 0usize;
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (data, peer) = tokio::select! {
             r = listener.recv_from(&mut buf) => match r {
@@ -192,6 +202,14 @@ async fn serve_one(
                 }
             },
             Some(x) = stray.recv() => x,
+            _ = every.tick() => {
+                ended += forget_ended(&mut flows);
+                if ended >= TRIM_AFTER_ENDED {
+                    crate::release_freed_memory();
+                    ended = 0;
+                }
+                continue;
+            }
             _ = reached(&mut phase, Phase::Drain) => break,
         };
         // A known source: its flow task forwards it (and counts it).
@@ -207,7 +225,7 @@ async fn serve_one(
         // Forget ended flows now and then, not at every new flow (that made
         // a burst of new flows quadratic and the listener's queue overflow).
         if flows.len() > 2 * live + 64 {
-            flows.retain(|_, f| !f.is_closed());
+            ended += forget_ended(&mut flows);
         }
         let max = proxy.udp_max_flows();
         let grant = if live >= max { None } else { proxy.budget.try_take(UDP_FLOW_FDS) };
@@ -252,6 +270,18 @@ async fn serve_one(
             }
         }
     }
+}
+
+/// Forgets the ended flows of a listener's table and gives back the table's
+/// spare room once it is mostly empty (a burst of 10,000 flows must not
+/// leave a table of that size behind); returns how many were forgotten.
+fn forget_ended(flows: &mut HashMap<SocketAddr, Flow>) -> usize {
+    let before = flows.len();
+    flows.retain(|_, f| !f.is_closed());
+    if flows.capacity() > 4 * flows.len() + 64 {
+        flows.shrink_to_fit();
+    }
+    before - flows.len()
 }
 
 /// Accepts the flow of `peer`, queries it and opens the outbound socket.
