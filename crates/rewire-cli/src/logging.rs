@@ -75,7 +75,7 @@ pub fn to_journal() -> bool {
         }) else {
             return false;
         };
-        nix::sys::stat::fstat(libc::STDERR_FILENO).is_ok_and(|st| st.st_dev as u64 == dev && st.st_ino as u64 == ino)
+        nix::sys::stat::fstat(libc::STDERR_FILENO).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
     })
 }
 
