@@ -1057,3 +1057,131 @@ fn a_service_unit_that_restarts_is_attached_again() {
     result.unwrap();
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
 }
+
+/// A service identified by an existing unit (`cgroup = ".../squid.service"`)
+/// restarts under a covered slice, and its new proxy binds its listener
+/// before the daemon has written the unit's new cgroup id (here the daemon
+/// is stopped for it; in life a few milliseconds of inotify latency, or a
+/// busy machine). The bind hook asked `rw_svc_id` for the task's exact
+/// cgroup id and found nothing, so the listener stayed unmarked; before the
+/// fix it was an impostor for as long as the proxy ran and, under
+/// `fail = "open"`, every later flow skipped the service. Now the listener
+/// is the service's by the cgroup it was made in (`sk_cgrp_data`), asked
+/// against the table as it is when a flow comes: the next flow goes
+/// through squid with the whole chain. (Found by the s8 attack review,
+/// finding 4.)
+#[test]
+fn a_restarted_service_unit_whose_proxy_binds_before_the_daemon_follows_is_not_skipped() {
+    require_root!();
+    let mut host = Host::new();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let name = format!("rewire-test-{}-svcrs", std::process::id());
+    let cfg_path = host.dir.join("restart.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "cgroup = \"{name}\"\n{}{}[[service]]\nname = \"squid\"\ncgroup = \"{}\"\nfail = \"open\"\nlisten = \"127.0.0.1:{}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\n",
+            cover(&[host.cg("system.slice")]),
+            service("audit", free_port(), server.addr.port()),
+            host.cg(SQUID),
+            free_port(),
+            server.addr.port()
+        ),
+    )
+    .unwrap();
+    let config = rewire_control::Config::load(&cfg_path).unwrap();
+    let squid_cg = host.path(SQUID);
+    let (audit_log, squid_log, dlog) = (host.dir.join("audit.jsonl"), host.dir.join("squid.jsonl"), host.dir.join("daemon.log"));
+    let mut daemon = Command::new(REWIRE)
+        .args(["daemon", "--config"])
+        .arg(&cfg_path)
+        .env("REWIRE_LOG", "info")
+        .stderr(std::fs::File::create(&dlog).unwrap())
+        .spawn()
+        .unwrap();
+    let dpid = nix::unistd::Pid::from_raw(daemon.id() as i32);
+    let mut proxies: Vec<Child> = vec![];
+    let squid = |log: &Path| {
+        let mut cmd = Command::new(REWIRE);
+        cmd.args(["proxy", "--name", "squid", "--log"])
+            .arg(log)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env_remove("REWIRE_CGROUP")
+            .stdout(Stdio::null());
+        in_cgroup(&mut cmd, &squid_cg);
+        let c = cmd.spawn().unwrap();
+        wait_listening(config.services[1].listen[0]);
+        c
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("the daemon serves", || std::fs::read_to_string(&dlog).unwrap_or_default().contains("serving "));
+        let p = Command::new(REWIRE)
+            .args(["proxy", "--name", "audit", "--log"])
+            .arg(&audit_log)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env_remove("REWIRE_CGROUP")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        proxies.push(p);
+        wait_listening(config.services[0].listen[0]);
+        proxies.push(squid(&squid_log));
+        let before = host.app(APP, None, None, server.addr, None);
+        before.go();
+        let s = read_log(&squid_log, 2);
+        assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
+
+        // The unit restarts while the daemon is slow to follow (stopped here).
+        let mut old = proxies.pop().unwrap();
+        end(&mut old);
+        nix::sys::signal::kill(dpid, nix::sys::signal::SIGSTOP).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Err(e) = std::fs::remove_dir(&squid_cg) {
+            assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", squid_cg.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::create_dir(&squid_cg).unwrap();
+        let again = host.dir.join("squid-again.jsonl");
+        proxies.push(squid(&again));
+        nix::sys::signal::kill(dpid, nix::sys::signal::SIGCONT).unwrap();
+        wait_until("the daemon followed the re-made unit", || {
+            std::fs::read_to_string(&dlog).unwrap_or_default().contains("now point at the new cgroup ids")
+        });
+        let after = host.app(APP, None, None, server.addr, None);
+        let seen = after.go();
+        println!("after the restart: the server saw {:?}", seen.fresh);
+        let a = flows_of(&audit_log, after.pid);
+        let s = rewire_proxy::wait_flow_lines(&again, 1, Duration::from_secs(5)).unwrap_or_default();
+        println!("audit flows of the app after: {a}; squid (running, re-made unit) lines: {}", s.len());
+        assert!(
+            s.iter().any(|l| l["client_pid"] == after.pid && l["chain"] == serde_json::json!(["audit", "squid"])),
+            "the app's flow after the unit's restart skipped squid (running): audit {a}, squid {s:?}"
+        );
+    }));
+    let _ = nix::sys::signal::kill(dpid, nix::sys::signal::SIGCONT);
+    let _ = nix::sys::signal::kill(dpid, nix::sys::signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    end(&mut daemon);
+    proxies.iter_mut().for_each(end);
+    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg_path).output().unwrap();
+    if let Ok(mut c) = ManagedCgroup::existing(&name) {
+        let _ = c.remove();
+    }
+    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
+    println!(
+        "{}",
+        std::fs::read_to_string(&dlog)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("re-made") || l.contains("impostor") || l.contains("skip"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    result.unwrap();
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+}

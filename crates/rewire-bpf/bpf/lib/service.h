@@ -6,7 +6,7 @@
  *
  * API: maps rw_services, rw_svc_addr, rw_svc_id, rw_owner, rw_svc_state,
  * rw_svc_sock; rw_service_addr, rw_caller_service, rw_sock_of_service,
- * rw_owner_of (RW_OWNER_*), rw_svc_quiet, rw_svc_depth, rw_bind (the bind
+ * rw_sk_made_by_service, rw_owner_of (RW_OWNER_*), rw_svc_quiet, rw_svc_depth, rw_bind (the bind
  * hook's logic), rw_svc_sock_mark (a TCP socket a service's process made).
  */
 #pragma once
@@ -146,12 +146,85 @@ static __always_inline __u16 rw_caller_service(void)
 	return sid ? *sid : 0;
 }
 
-/* Whether `sk` is one of service `sid`'s own sockets (marked at bind). */
-static __always_inline int rw_sock_of_service(struct bpf_sock *sk, __u32 sid)
+/* The kernel's view of a socket's cgroup, read through BTF (CO-RE): only
+ * the fields read. A socket made in the root cgroup, or by the kernel,
+ * reads that cgroup's id, never a service's. */
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+struct cgroup {
+	struct kernfs_node *kn;
+} __attribute__((preserve_access_index));
+struct sock_cgroup_data {
+	struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+struct sock {
+	struct sock_cgroup_data sk_cgrp_data;
+} __attribute__((preserve_access_index));
+
+/* The id of the cgroup `sk` was made in (sk_cgrp_data), or 0 where it
+ * cannot be read: a TCP socket (any family) or an IPv6 UDP one. The
+ * connect and sendmsg hooks have no bpf_sk_cgroup_id, and the only casts
+ * to a kernel socket they have (bpf_skc_to_*) exist for those two; an
+ * IPv4 UDP socket reads 0 (see SECURITY.md, known limits). */
+static __always_inline __u64 rw_sk_cgroup_id(struct bpf_sock *sk)
+{
+	struct sock *k = (struct sock *)bpf_skc_to_tcp_sock(sk);
+	struct cgroup *cg;
+
+	if (!k)
+		k = (struct sock *)bpf_skc_to_udp6_sock(sk);
+	if (!k)
+		return 0;
+	cg = k->sk_cgrp_data.cgroup;
+	if (!cg)
+		return 0;
+	return cg->kn->id;
+}
+
+/* The service whose cgroup (`rw_svc_id`, kind 0, as it is now) the socket
+ * `sk` was made in, or 0. The kernel records the making task's cgroup in
+ * every socket at its creation (sk_cgrp_data; an accepted connection gets
+ * its listener's) and nothing changes it after, so this asks the current
+ * table, not a mark cached at bind: a service unit restarted (cgroup made
+ * again, new id) whose process made its socket before the daemon wrote
+ * the new id is known as the service's from the moment the id is there.
+ * Only processes in the service's cgroup make sockets there (moving one in
+ * takes root or the cgroup's delegate, who is trusted like the service). */
+static __always_inline __u16 rw_sk_made_by_service(struct bpf_sock *sk)
+{
+	struct rw_ident_key k = { .kind = 0 };
+	__u16 *sid;
+
+	k.id = rw_sk_cgroup_id(sk);
+	if (!k.id)
+		return 0;
+	sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+	return sid ? *sid : 0;
+}
+
+/* Whether `sk` is one of service `sid`'s own sockets by its mark alone
+ * (marked at bind). For the getsockopt hook, which has no cast to a kernel
+ * socket: the flow sockets it asks about are bound after the flow was
+ * handed over, so with the service's current cgroup id in the table. */
+static __always_inline int rw_sock_marked_of_service(struct bpf_sock *sk, __u32 sid)
 {
 	struct rw_owner *o = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
 
 	return o && o->service_id == sid;
+}
+
+/* Whether `sk`, found on one of service `sid`'s addresses (or holding one
+ * of its flows), is one of its own sockets: marked at bind (rw_mark_owner)
+ * or, unmarked, made in the service's cgroup as the table has it now
+ * (rw_sk_made_by_service). A socket marked for another service is not. */
+static __always_inline int rw_sock_of_service(struct bpf_sock *sk, __u32 sid)
+{
+	struct rw_owner *o = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
+
+	if (o)
+		return o->service_id == sid;
+	return sid && rw_sk_made_by_service(sk) == sid;
 }
 
 #define RW_OWNER_NONE 0     /* nothing listens there */
@@ -163,6 +236,7 @@ static __always_inline int rw_sock_of_service(struct bpf_sock *sk, __u32 sid)
 __attribute__((noinline)) int rw_owner_of(struct bpf_sock_addr *ctx, __u32 proto, const struct rw_addr *t, __u32 sid)
 {
 	struct bpf_sock_tuple tup;
+	struct rw_owner *o;
 	struct rw_addr from;
 	struct bpf_sock *s;
 	__u32 len;
@@ -179,7 +253,22 @@ __attribute__((noinline)) int rw_owner_of(struct bpf_sock_addr *ctx, __u32 proto
 		s = bpf_sk_lookup_udp(ctx, &tup, len, BPF_F_CURRENT_NETNS, 0);
 	if (!s)
 		return RW_OWNER_NONE;
-	r = rw_sock_of_service(s, sid) ? RW_OWNER_SERVICE : RW_OWNER_IMPOSTOR;
+	o = bpf_sk_storage_get(&rw_owner, s, 0, 0);
+	if (o) {
+		r = o->service_id == sid ? RW_OWNER_SERVICE : RW_OWNER_IMPOSTOR;
+	} else if (sid && rw_sk_made_by_service(s) == sid) {
+		/* Made in the service's cgroup before the daemon wrote its
+		 * unit's new id (so the bind hook did not mark it): marked now,
+		 * before this flow's first segment or datagram reaches it, so
+		 * its accepted connections carry the mark (cloned) and the UDP
+		 * ingress check treats it as the service's listener. */
+		o = bpf_sk_storage_get(&rw_owner, s, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (o)
+			o->service_id = sid;
+		r = RW_OWNER_SERVICE;
+	} else {
+		r = RW_OWNER_IMPOSTOR;
+	}
 	bpf_sk_release(s);
 	return r;
 }

@@ -144,21 +144,20 @@ static __always_inline void rw_tuple_of(struct bpf_sock_ops *skops, struct rw_tu
 
 /* Whether the accepted socket `sk` may take a hand-off of service `sid`:
  * it lives in the namespace rewire serves and was accepted on a listener the
- * service's own processes bound (rw_owner, cloned from the listener). The
+ * service's own processes bound (rw_owner, cloned from the listener) or made
+ * (rw_sock_of_service: its cgroup, cloned too, is the service's now). The
  * hand-off is keyed by 4-tuple alone, and a 4-tuple is unique only within a
  * namespace: in a private one (`unshare -rn`) anybody can listen on the
  * service's address and connect from a pending flow's source port. */
 static __always_inline int rw_handoff_claimable(struct bpf_sock_ops *skops, struct bpf_sock *sk, __u16 sid)
 {
 	struct rw_conf *conf = rw_get_conf();
-	struct rw_owner *o;
 
 	if (!conf)
 		return 0;
 	if (conf->netns_cookie && bpf_get_netns_cookie(skops) != conf->netns_cookie)
 		return 0;
-	o = bpf_sk_storage_get(&rw_owner, sk, 0, 0);
-	return o && o->service_id == sid;
+	return rw_sock_of_service(sk, sid);
 }
 
 /* A connection accepted with a hand-off: a flow of service `sid` with
@@ -217,6 +216,18 @@ static __always_inline void rw_side_door(struct bpf_sock_ops *skops, struct bpf_
 	__u32 k;
 
 	o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, 0);
+	if (!o && open) {
+		/* Accepted on a listener a service's process made before the
+		 * daemon wrote its unit's new cgroup id (no mark at creation):
+		 * the connection has the listener's cgroup, asked now. */
+		k = rw_sk_made_by_service(sk);
+		if (!k)
+			return;
+		o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!o)
+			return;
+		o->service_id = k;
+	}
 	if (!o || !o->service_id || o->side_door == open)
 		return;
 	k = o->service_id;

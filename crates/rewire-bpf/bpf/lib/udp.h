@@ -537,7 +537,7 @@ static __always_inline struct rw_sock *rw_udp_claim(struct bpf_sock *sk, int *er
 		*err = ENOENT;
 		return 0;
 	}
-	if (!rw_sock_of_service(sk, v->s.service_id)) {
+	if (!rw_sock_marked_of_service(sk, v->s.service_id)) {
 		*err = ENOENT; /* not the service's own socket: no flow of its */
 		return 0;
 	}
