@@ -1286,3 +1286,36 @@ fn another_user_cannot_bind_beside_an_activated_udp_service() {
     let through_audit = matches!(&flows, Ok(v) if v.iter().filter(|l| l["protocol"] == "udp").count() >= 2);
     assert!(through_audit, "another user bound the service's UDP address beside the proxy; the next flow reached the server without audit: {r2} (flow lines: {:?})", flows.as_ref().map(|v| v.len()));
 }
+
+/// A reload the daemon refuses changes nothing live, whatever step refuses
+/// it: here a `cover` that does not exist, which used to be found only
+/// after the subtree's links ran the refused file's programs (s8 attack,
+/// finding 5). Every attach point is resolved before the first link
+/// update, and a later failure puts the switched links back.
+#[test]
+fn a_reload_refused_at_a_missing_cover_changes_nothing() {
+    require_root!();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    life.start_daemon(&[]);
+    let log = life.proxy("audit", listen);
+    let live = life.prog_ids();
+    let rules = life.n_rules();
+    // The same service, its rule moved to another port, and a cover that is not there.
+    let missing = format!("/rewire-test-no-such-cgroup-{}", std::process::id());
+    let bad = format!("cover = [\"{missing}\"]\n{}", service("audit", port, free_port()));
+    let path = life.dir.join("bad.toml");
+    life.write_config(&path, &bad);
+    let out = life.run(&["reload", "--config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a reload with a missing cover was accepted: {err}");
+    assert!(err.contains("refused") && err.contains(&missing), "{err}");
+    assert_eq!(life.prog_ids(), live, "a refused reload changed the programs the subtree's links run");
+    assert_eq!(life.n_rules(), rules);
+    // The running rule still sends the subtree's flow to the server through audit.
+    life.exec_probe(server.addr);
+    let lines = rewire_proxy::wait_flow_lines(&log, 1, Duration::from_secs(10)).unwrap_or_default();
+    assert_eq!(lines.len(), 1, "the flow to the running rule's destination skipped audit after a refused reload: {lines:?}");
+}

@@ -138,9 +138,7 @@ impl Hooks {
             ));
         }
         let t = Instant::now();
-        let held = switch(&bpf, subtree, cg_id, dir, &wanted, &mut outcome)?;
-        covers::switch_pinned(&bpf, config, subtree, dir, &wanted, &mut outcome)?;
-        publish(dir)?;
+        let held = go_live(&bpf, config, subtree, cg_id, dir, &wanted, &mut outcome)?;
         outcome.times.links += t.elapsed();
         let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
         Ok((
@@ -192,7 +190,15 @@ impl Hooks {
         }
         let mut outcome = Outcome::default();
         let wanted = crate::hooks::programs_for(config);
-        covers::switch_pinned(&self.bpf, config, &self.cgroup, &dir, &wanted, &mut outcome)?;
+        let points = covers::plan(config, &self.cgroup)?;
+        let mut undo = covers::Switch::default();
+        match covers::switch_pinned(&self.bpf, &points, &dir, &wanted, &mut outcome, &mut undo) {
+            Ok(()) => undo.commit(),
+            Err(e) => {
+                undo.roll_back();
+                return Err(e);
+            }
+        }
         self.hold_guard_links()?;
         Ok(Some(outcome))
     }
@@ -273,9 +279,7 @@ impl Hooks {
         let cg_id = crate::cgroup::cgroup_id(&self.cgroup).map_err(|e| HooksError::Config(e.to_string()))?;
         let wanted = crate::hooks::programs_for(config);
         let t = Instant::now();
-        let held = switch(&bpf, &self.cgroup, cg_id, dir, &wanted, &mut outcome)?;
-        covers::switch_pinned(&bpf, config, &self.cgroup, dir, &wanted, &mut outcome)?;
-        publish(dir)?;
+        let held = go_live(&bpf, config, &self.cgroup, cg_id, dir, &wanted, &mut outcome)?;
         outcome.times.links += t.elapsed();
         self.bpf = bpf;
         self.held = held;
@@ -512,6 +516,43 @@ fn same_as_live(
     Ok(true)
 }
 
+/// Puts a loaded generation live at the subtree and every other attach
+/// point, or at none: every attach point is resolved and checked
+/// ([`covers::plan`]) before the first link changes, and a failure after
+/// that puts every changed link back to the program it ran (so a refused
+/// configuration changes nothing live). Links no longer wanted are
+/// detached once everything else held; then the staged maps are
+/// published. Returns a reference to each live link of the subtree.
+fn go_live(
+    bpf: &Ebpf,
+    config: &Config,
+    subtree: &Path,
+    cg_id: u64,
+    dir: &Path,
+    wanted: &[(&'static str, &'static str)],
+    outcome: &mut Outcome,
+) -> Result<Vec<(&'static str, OwnedFd)>, HooksError> {
+    let points = covers::plan(config, subtree)?;
+    let mut undo = covers::Switch::default();
+    let r = (|| {
+        let held = switch(bpf, subtree, cg_id, dir, wanted, outcome, &mut undo)?;
+        covers::switch_pinned(bpf, &points, dir, wanted, outcome, &mut undo)?;
+        publish(dir)?;
+        Ok(held)
+    })();
+    match r {
+        Ok(held) => {
+            undo.commit();
+            Ok(held)
+        }
+        Err(e) => {
+            tracing::warn!("putting the new generation live failed ({e}); every link runs the running generation's program again");
+            undo.roll_back();
+            Err(e)
+        }
+    }
+}
+
 /// Puts a loaded generation live: every program's pinned link is updated
 /// in place (atomic per hook), programs without one get a new pinned
 /// link, and links of programs this build no longer has are detached.
@@ -523,6 +564,7 @@ fn switch(
     dir: &Path,
     wanted: &[(&'static str, &'static str)],
     outcome: &mut Outcome,
+    undo: &mut covers::Switch,
 ) -> Result<Vec<(&'static str, OwnedFd)>, HooksError> {
     let cg = File::open(subtree).map_err(|source| HooksError::Io { path: subtree.into(), source })?;
     let links = links_dir(dir);
@@ -534,7 +576,8 @@ fn switch(
             Ok(link) => {
                 let info = bpfsys::link_info(link.as_fd()).map_err(sys(format!("link {name}")))?;
                 if info.attached_to(cg_id) {
-                    bpfsys::link_update(link.as_fd(), prog).map_err(sys(format!("updating link {name}")))?;
+                    let mine = link.try_clone().map_err(sys(format!("link {name}")))?;
+                    undo.update(mine, info.prog_id, prog).map_err(sys(format!("updating link {name}")))?;
                     outcome.replaced.push(name.to_string());
                     held.push((name, link));
                     continue;
@@ -549,6 +592,7 @@ fn switch(
         let attach_type = bpfsys::cgroup_attach_type(section)
             .ok_or_else(|| HooksError::Config(format!("program {name}: unknown cgroup section {section}")))?;
         let link: OwnedFd = bpfsys::link_create(prog, cg.as_fd(), attach_type).map_err(sys(format!("attaching {name}")))?;
+        undo.created(&path, &link);
         bpfsys::obj_pin(link.as_fd(), &path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
         outcome.attached.push(name.to_string());
         held.push((name, link));
@@ -557,10 +601,8 @@ fn switch(
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if !wanted.iter().any(|&(p, _)| p == name) {
-                if let Ok(fd) = bpfsys::obj_get(&e.path()) {
-                    let _ = bpfsys::link_detach(fd.as_fd());
-                }
-                let _ = fs::remove_file(e.path());
+                // Detached once the whole switch holds (a detached link cannot be put back).
+                undo.later.push(e.path());
                 outcome.detached.push(name);
             }
         }
