@@ -1,7 +1,13 @@
 //! The daemon's side of its control socket ([`rewire_control::control`]):
 //! accepts connections, admits root and the configured group only (the
-//! peer's credentials, whatever the socket file's mode), and answers each
-//! request on the connection it came on.
+//! peer's credentials, whatever the socket file's mode), and answers one
+//! request per connection, then closes it.
+//!
+//! One request per connection, with the peer checked against the group
+//! admitted *when its request is answered*: a member that connected
+//! before a reload removed or changed `control_group` is refused, not
+//! served on a connection it kept open (the socket file's new mode only
+//! stops new connects).
 //!
 //! `status`, `flows` and `log-level` are answered here; a `reload` is
 //! handed to the daemon's loop ([`ReloadJob`]), which applies reloads one
@@ -76,27 +82,40 @@ async fn serve(stream: tokio::net::UnixStream, ctx: Arc<Ctx>) {
         return;
     }
     let mut lines = BufReader::new(r.take(MAX_REQUEST as u64));
-    loop {
-        let mut line = Vec::new();
-        match tokio::time::timeout(REQUEST_WAIT, lines.read_until(b'\n', &mut line)).await {
-            Ok(Ok(0)) | Err(_) => return,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::debug!("control socket: pid {}: {e}", peer.pid);
-                return;
-            }
+    let mut line = Vec::new();
+    match tokio::time::timeout(REQUEST_WAIT, lines.read_until(b'\n', &mut line)).await {
+        Ok(Ok(0)) | Err(_) => return,
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!("control socket: pid {}: {e}", peer.pid);
+            return;
         }
-        let resp = match control::parse_request(&line) {
+    }
+    // Whom the socket admits now: a reload since the connect may have
+    // removed or changed the group.
+    let admits = *ctx.admits.lock().unwrap_or_else(|e| e.into_inner());
+    let resp = if !admits.admits(&peer) {
+        tracing::warn!(
+            "control socket: refused a request of pid {} (uid {}, gid {}) made on a connection opened before the group \
+             changed: it admits {}",
+            peer.pid,
+            peer.uid,
+            peer.gid,
+            admits.describe()
+        );
+        control::denied(admits)
+    } else {
+        match control::parse_request(&line) {
             Ok(req) => {
                 tracing::debug!("control socket: {} from pid {} (uid {})", req.op(), peer.pid, peer.uid);
                 answer(req, &peer, &ctx).await
             }
             Err(e) => Response::Error { error: e.to_string() },
-        };
-        if w.write_all(&control::response_line(&resp)).await.is_err() {
-            return;
         }
-    }
+    };
+    // One request per connection: the next one connects (and is checked) again.
+    let _ = w.write_all(&control::response_line(&resp)).await;
+    let _ = w.shutdown().await;
 }
 
 /// The answer to one admitted request.

@@ -323,3 +323,85 @@ fn wait_log(ctl: &Ctl, what: &str) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Opens a connection to the control socket as uid/gid 65534 with `gid` as
+/// its supplementary group (a member): the credentials the kernel takes at
+/// connect. The changed credentials belong to a thread of its own (raw
+/// system calls change only the calling thread's), which ends right after.
+fn connect_as_member(socket: &Path, gid: u32) -> std::os::unix::net::UnixStream {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        let groups = [gid as libc::gid_t];
+        // SAFETY: these raw system calls change this thread's credentials
+        // only (glibc's wrappers would change every thread's); the thread
+        // ends once it has connected.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresgid, -1i32, 65534i32, -1i32), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, -1i32, 65534i32, -1i32), 0);
+        }
+        let s = std::os::unix::net::UnixStream::connect(&socket).expect("a member connects");
+        s.set_read_timeout(Some(Duration::from_secs(150))).unwrap();
+        s
+    })
+    .join()
+    .unwrap()
+}
+
+/// Sends one request line on `s` and reads the answer line ("" when the
+/// daemon closed the connection without one).
+fn ask(s: &mut std::os::unix::net::UnixStream, req: &rewire_control::control::Request) -> String {
+    use std::io::{BufRead, Write};
+    let mut line = serde_json::to_vec(req).unwrap();
+    line.push(b'\n');
+    let _ = s.write_all(&line);
+    let mut answer = String::new();
+    let _ = std::io::BufReader::new(&*s).read_line(&mut answer);
+    answer
+}
+
+/// A member of `control_group` that opened its connection before a reload
+/// removed the group is refused its request on it (s8 attack, finding 2:
+/// the peer was checked once, at accept, and a member kept reloading on a
+/// connection it held). The daemon answers one request per connection and
+/// checks the peer against the group admitted when it answers.
+#[test]
+fn a_member_removed_from_the_group_is_refused_on_a_connection_it_held() {
+    require_root!();
+    let gid = 48_000 + (std::process::id() % 1000);
+    assert!(nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)).unwrap().is_none(), "gid {gid} is in use");
+    let ctl = Ctl::start("held", &format!("control_group = {gid}\n{}", service("audit", free_port(), free_port())));
+    let cfg = ctl.cfg.to_str().unwrap();
+    use rewire_control::control::Request;
+    // A member is served; one request per connection.
+    let mut first = connect_as_member(&ctl.socket(), gid);
+    let answer = ask(&mut first, &Request::LogLevel { filter: None });
+    assert!(answer.contains("\"log-level\""), "a member's first request: {answer}");
+    // A second connection, opened (not used yet) while the member is admitted.
+    let mut held = connect_as_member(&ctl.socket(), gid);
+
+    // Root removes the group.
+    ctl.write(&ctl.cfg, &service("audit", free_port(), free_port()));
+    let o = ctl.run(&["reload", "--config", cfg]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_log(&ctl, "now admits root only");
+
+    // The member's own configuration: the group back, every service gone.
+    let own = ctl.dir.join("member.toml");
+    ctl.write(&own, &format!("control_group = {gid}\n"));
+    let reload = Request::Reload { path: own.clone(), text: std::fs::read_to_string(&own).unwrap() };
+    let on_first = ask(&mut first, &reload);
+    println!("reload on the member's used connection: {on_first:?}");
+    assert!(!on_first.contains("reloaded"), "a removed member reloaded on its used connection: {on_first}");
+    let on_held = ask(&mut held, &reload);
+    println!("reload on the member's held connection: {on_held:?}");
+    assert!(on_held.contains("permission denied") && on_held.contains("root only"), "{on_held}");
+    let refused = wait_log(&ctl, "opened before the group changed");
+    assert!(refused.contains("uid 65534"), "{refused}");
+    // Root's configuration runs: its service is there, the group is not.
+    let o = ctl.run(&["status", "--json", "--config", cfg]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert!(v.to_string().contains("\"audit\""), "the running configuration lost root's service: {v}");
+    let meta = std::fs::metadata(ctl.socket()).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o600, "the socket was opened to the group again");
+}
