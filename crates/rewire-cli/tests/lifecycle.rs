@@ -1319,3 +1319,54 @@ fn a_reload_refused_at_a_missing_cover_changes_nothing() {
     let lines = rewire_proxy::wait_flow_lines(&log, 1, Duration::from_secs(10)).unwrap_or_default();
     assert_eq!(lines.len(), 1, "the flow to the running rule's destination skipped audit after a refused reload: {lines:?}");
 }
+
+/// The roll back: a reload that fails after the subtree's links already
+/// run the new generation puts them back. The cover exists and passes
+/// every check, but another owner's program holds it exclusively (a
+/// `BPF_PROG_ATTACH` without flags: the kernel refuses any other program
+/// there), so the cover's link is refused after the subtree's links were
+/// updated.
+#[test]
+fn a_reload_that_fails_after_the_subtree_switched_puts_its_links_back() {
+    require_root!();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The test's own cover, with no process in it; dropped after `life`.
+    let cover = rewire_control::ManagedCgroup::create(&format!("rewire-test-excl-{}", std::process::id())).unwrap();
+    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    life.start_daemon(&[]);
+    let log = life.proxy("audit", listen);
+    let live = life.prog_ids();
+    let rules = life.n_rules();
+    // Another owner's connect4 program at the cover, exclusive (rewire's own live one serves as that program).
+    let connect4 = rewire_control::persist::link_status(&life.pins()).unwrap()["rw_connect4"].prog_id;
+    let o = Command::new("bpftool")
+        .arg("cgroup")
+        .arg("attach")
+        .arg(cover.path())
+        .args(["connect4", "id", &connect4.to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "bpftool cgroup attach: {}", String::from_utf8_lossy(&o.stderr));
+    let mount = rewire_control::cgroup::cgroup2_mount().unwrap();
+    let rel = Path::new("/").join(cover.path().strip_prefix(&mount).unwrap());
+    let bad = format!("cover = [\"{}\"]\n{}", rel.display(), service("audit", port, free_port()));
+    let path = life.dir.join("bad.toml");
+    life.write_config(&path, &bad);
+    let out = life.run(&["reload", "--config", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("reload: {}", err.trim());
+    assert!(!out.status.success(), "the reload was accepted: {err}");
+    assert_eq!(life.prog_ids(), live, "a reload refused after the switch left the subtree's links on the refused programs");
+    assert_eq!(life.n_rules(), rules);
+    // Nothing of rewire's stays at the cover: only the other owner's program.
+    let o = Command::new("bpftool").arg("cgroup").arg("show").arg(cover.path()).output().unwrap();
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(shown.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).count(), 1, "{shown}");
+    life.exec_probe(server.addr);
+    let lines = rewire_proxy::wait_flow_lines(&log, 1, Duration::from_secs(10)).unwrap_or_default();
+    assert_eq!(lines.len(), 1, "the flow to the running rule's destination skipped audit after a refused reload: {lines:?}");
+    drop(life);
+    drop(cover);
+}

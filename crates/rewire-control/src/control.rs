@@ -216,7 +216,8 @@ impl Admits {
 
 fn describe_gid(gid: Option<u32>) -> String {
     match gid {
-        None | Some(0) => "root only".to_string(),
+        None => "root only".to_string(),
+        // gid 0 is a group like any other: every process with group 0 (primary or supplementary) is admitted.
         Some(g) => match nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(g)) {
             Ok(Some(grp)) => format!("root and group `{}`", grp.name),
             _ => format!("root and gid {g}"),
@@ -318,7 +319,7 @@ pub fn remove(cgroup: &str) {
 /// "permission denied" message).
 fn admits_of_file(path: &Path) -> String {
     match std::fs::metadata(path) {
-        Ok(m) if m.mode() & 0o060 == 0o060 && m.gid() != 0 => describe_gid(Some(m.gid())),
+        Ok(m) if m.mode() & 0o060 == 0o060 => describe_gid(Some(m.gid())),
         _ => describe_gid(None),
     }
 }
@@ -415,5 +416,17 @@ mod tests {
         assert!(!Admits { gid: None }.admits(&peer(1000, 0, &[0])));
         assert_eq!(Admits { gid: None }.mode(), 0o600);
         assert_eq!(a.mode(), 0o660);
+    }
+
+    /// `control_group = 0` admits every member of group 0 (not root
+    /// only), and says so (s8 attack, finding 3: it said "root only").
+    #[test]
+    fn group_zero_is_described_as_the_group_it_admits() {
+        let a = Admits { gid: Some(0) };
+        let member = Peer { pid: 1, uid: 1000, gid: 1000, groups: vec![0] };
+        assert!(a.admits(&member));
+        let d = a.describe();
+        assert!(d.starts_with("root and ") && d != "root only", "{d}");
+        assert!(d.contains("root`") || d.contains("gid 0"), "{d}");
     }
 }
