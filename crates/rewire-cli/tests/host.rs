@@ -968,7 +968,7 @@ fn a_service_unit_that_restarts_is_attached_again() {
     require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let name = format!("rewire-test-{}-hostr", std::process::id());
+    let name = format!("rewire-test-{}-hostu", std::process::id());
     let cfg_path = host.dir.join("restart.toml");
     std::fs::write(
         &cfg_path,
