@@ -191,6 +191,7 @@ const KERNEL_MAPS: &[&str] = &[
     "rw_udp_gone",
     "rw_udp_rate",
     "rw_owner",
+    "rw_made_cg",
     "rw_link_sk",
     "rw_svc_state",
     "rw_svc_sock",

@@ -4,7 +4,7 @@
  * which sockets are its own (marked at bind), who holds its address now, its
  * side doors and recent depth.
  *
- * API: maps rw_services, rw_svc_addr, rw_svc_id, rw_owner, rw_svc_state,
+ * API: maps rw_services, rw_svc_addr, rw_svc_id, rw_owner, rw_made_cg, rw_svc_state,
  * rw_svc_sock; rw_service_addr, rw_caller_service, rw_sock_of_service,
  * rw_sk_made_by_service, rw_owner_of (RW_OWNER_*), rw_svc_quiet, rw_svc_depth, rw_bind (the bind
  * hook's logic), rw_svc_sock_mark (a TCP socket a service's process made).
@@ -87,6 +87,20 @@ struct {
 	__type(value, struct rw_owner);
 } rw_owner SEC(".maps");
 
+/* SK_STORAGE value (map rw_made_cg) of an IPv4 UDP socket bound to a
+ * service's address by a process that was not (yet) the service's: the
+ * cgroup id of the task that bound it. rw_sk_cgroup_id reads it where the
+ * kernel's own record of the socket's cgroup cannot be read (no cast to an
+ * IPv4 UDP socket in these hooks), so a unit restarted under a cover whose
+ * proxy bound before the daemon wrote the unit's new id is still known by
+ * its cgroup once the id is there. Nothing else writes it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} rw_made_cg SEC(".maps");
+
 /* Per service: its side doors and the depth of its recent flows (see
  * struct rw_svc_state). A state map: survives reloads like the hand-offs. */
 struct {
@@ -166,7 +180,7 @@ struct sock {
  * cannot be read: a TCP socket (any family) or an IPv6 UDP one. The
  * connect and sendmsg hooks have no bpf_sk_cgroup_id, and the only casts
  * to a kernel socket they have (bpf_skc_to_*) exist for those two; an
- * IPv4 UDP socket reads 0 (see SECURITY.md, known limits). */
+ * IPv4 UDP socket reads 0 here (rw_sk_made_by_service asks rw_made_cg). */
 static __always_inline __u64 rw_sk_cgroup_id(struct bpf_sock *sk)
 {
 	struct sock *k = (struct sock *)bpf_skc_to_tcp_sock(sk);
@@ -194,11 +208,22 @@ static __always_inline __u64 rw_sk_cgroup_id(struct bpf_sock *sk)
 static __always_inline __u16 rw_sk_made_by_service(struct bpf_sock *sk)
 {
 	struct rw_ident_key k = { .kind = 0 };
+	__u64 *made;
 	__u16 *sid;
 
 	k.id = rw_sk_cgroup_id(sk);
-	if (!k.id)
-		return 0;
+	if (!k.id) {
+		/* IPv4 UDP: the binding task's cgroup, kept at bind (rw_made_cg).
+		 * Read here, apart from the kernel's record above, so that the
+		 * compiler cannot merge a load through a map value with one
+		 * through a kernel pointer (the verifier refuses that). */
+		made = bpf_sk_storage_get(&rw_made_cg, sk, 0, 0);
+		if (!made)
+			return 0;
+		k.id = *(volatile __u64 *)made;
+		if (!k.id)
+			return 0;
+	}
 	sid = bpf_map_lookup_elem(&rw_svc_id, &k);
 	return sid ? *sid : 0;
 }
@@ -322,12 +347,23 @@ static __always_inline int rw_mark_owner(struct bpf_sock *sk, const struct rw_ad
 	struct rw_conf *conf = rw_get_conf();
 	struct rw_owner *o;
 	__u16 *sid;
+	__u64 *made;
 
 	if (!conf || !conf->n_rules)
 		return 1;
 	sid = bpf_map_lookup_elem(&rw_svc_addr, a);
-	if (!sid || *sid != rw_caller_service())
+	if (!sid)
 		return 1;
+	if (*sid != rw_caller_service()) {
+		/* Not the service's (or not yet: its unit re-made, the daemon not
+		 * caught up). An IPv4 UDP socket keeps who bound it: see rw_made_cg. */
+		if (sk->family == AF_INET && sk->protocol == IPPROTO_UDP) {
+			made = bpf_sk_storage_get(&rw_made_cg, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			if (made)
+				*made = bpf_get_current_cgroup_id();
+		}
+		return 1;
+	}
 	o = bpf_sk_storage_get(&rw_owner, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (o)
 		o->service_id = *sid;
