@@ -78,6 +78,9 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     };
     crate::notify::status(if adopting { "adopting the pinned hooks" } else { "attaching the hooks" });
     let prepared = started.elapsed();
+    // What the kernel had dropped before this daemon attached (0 for fresh
+    // maps): drops from then on, before the printer runs too, are reported.
+    let lost_before = pinned_counters(&dir)().unwrap_or_default();
     let (mut hooks, outcome) = match Hooks::persistent(&cfg, cgroup.path(), &dir, replace_programs) {
         Ok(h) => h,
         Err(e) => {
@@ -174,7 +177,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
             Some(addr) => Some(crate::metrics::serve(addr, state.clone())?),
             None => None,
         };
-        let printer = events.map(|ev| printer::spawn(ev, shared.clone(), format, limits, pinned_counters(&dir)));
+        let printer = events.map(|ev| printer::spawn(ev, shared.clone(), format, limits, pinned_counters(&dir), Some(lost_before)));
         let mut serving = Serving { hooks: &mut hooks, cur: cfg.clone(), dir: &dir, generation, watch: new_watch(&cfg)? };
         let mut tick = tokio::time::interval((serving.cur.udp_idle() / 2).max(Duration::from_millis(50)));
         let mut pins_tick = tokio::time::interval(PINS_CHECK);

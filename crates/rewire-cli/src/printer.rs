@@ -228,10 +228,24 @@ impl PrinterHandle {
 }
 
 /// Prints the kernel's events to stderr until stopped.
-pub fn spawn(events: Events, cfg: Arc<RwLock<Config>>, format: EventFormat, limits: Limits, counters: CountersFn) -> PrinterHandle {
+///
+/// `since`: the counters from which on drops are reported (a daemon reads
+/// them before it attaches, so that drops before the printer starts are
+/// reported too); `None`: from the printer's start.
+pub fn spawn(
+    events: Events,
+    cfg: Arc<RwLock<Config>>,
+    format: EventFormat,
+    limits: Limits,
+    counters: CountersFn,
+    since: Option<Counters>,
+) -> PrinterHandle {
     let (stop, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
-        let printer = Printer::new(cfg, format, limits, counters, std::io::stderr()).with_priorities(crate::logging::to_journal());
+        let mut printer = Printer::new(cfg, format, limits, counters, std::io::stderr()).with_priorities(crate::logging::to_journal());
+        if since.is_some() {
+            printer.last = since;
+        }
         serve(events, printer, rx).await;
     });
     PrinterHandle { stop, task }

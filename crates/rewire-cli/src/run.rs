@@ -49,7 +49,7 @@ pub fn run(config: &Path, format: EventFormat, limits: Limits, cmd: &[String]) -
     let layouts = paths::layouts_file(&name);
     let status = rt.block_on(async {
         let counters = counters_of(&hooks);
-        let printer = printer::spawn(events, Arc::new(RwLock::new(cfg.clone())), format, limits, counters);
+        let printer = printer::spawn(events, Arc::new(RwLock::new(cfg.clone())), format, limits, counters, None);
         let r = tokio::select! {
             r = run_in(cgroup.path(), &abs_config, &layouts, cmd) => r,
             _ = expire_udp_handoffs(&mut hooks, cfg.udp_idle()) => unreachable!("never returns"),
