@@ -455,3 +455,64 @@ fn child_inherited_socket() {
     let r = s.send_to(b"inherited socket", dst);
     println!("send: {r:?}");
 }
+
+// ---- 6. An application inside the subtree on a down service's address -----
+
+/// A socket on a service's address that its bind did not mark is still the
+/// service's when it was made in the service's cgroup as the table is now
+/// (a unit restarted before the daemon followed; `rw_sk_made_by_service`:
+/// the kernel's `sk_cgrp_data` for TCP, and for IPv4 UDP the cgroup id the
+/// bind hook keeps in `rw_made_cg`). An application *inside* the subtree
+/// runs that bind hook too, so its IPv4 UDP socket gets such an entry, and
+/// its TCP listener has a cgroup the kernel reads: while the service is
+/// down (`fail = "closed"`), another user's process in the subtree that
+/// binds the service's addresses must stay an impostor: the application's
+/// TCP connect and UDP flow are refused, the impostor receives nothing,
+/// nothing reaches the destination.
+#[test]
+fn an_application_in_the_subtree_on_a_down_services_address_is_an_impostor() {
+    require_root!();
+    use std::os::unix::process::CommandExt;
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
+    let pa = free_port();
+    let svc = format!(
+        "[[service]]\nname = \"audit\"\nlisten = \"127.0.0.1:{pa}\"\nudp_ports = 1\n\
+         [[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\n\
+         [[service.match]]\nprotocol = \"udp\"\ndst = \"127.0.0.0/8\"\nports = {}\n",
+        server.addr.port(),
+        echo.addr.port()
+    );
+    let sb = Sandbox::new(&svc);
+    let addr = SocketAddr::from(([127, 0, 0, 1], pa));
+    // Both impostors run inside the subtree (its hooks see their binds), as user 65534.
+    let udp_ready = sync_file(&sb.dir, "udp-imp-ready");
+    let e = [("RW_BIND", addr.to_string()), ("RW_SECS", "4".to_string()), ("RW_READY", udp_ready.display().to_string())];
+    let udp_imp = spawn_exe(child_cmd_exe(&exe_for_all(&sb.dir), Some(&sb), "child_udp_tool", &e).uid(65534).gid(65534));
+    wait_file(&udp_ready, "ready");
+    let (tcp_ready, go) = (sync_file(&sb.dir, "tcp-imp-ready"), sync_file(&sb.dir, "tcp-imp-go"));
+    std::fs::write(&go, "go").unwrap();
+    let e = [
+        ("RW_ADDR", addr.to_string()),
+        ("RW_SECS", "4".to_string()),
+        ("RW_READY", tcp_ready.display().to_string()),
+        ("RW_SYNC", go.display().to_string()),
+    ];
+    let tcp_imp = spawn_exe(child_cmd_exe(&exe_for_all(&sb.dir), Some(&sb), "child_tcp_impostor", &e).uid(65534).gid(65534));
+    wait_file(&tcp_ready, "ready");
+    wait_listening(addr);
+
+    let (t, _) = sb.probe(&[&server.addr.to_string(), "--send", "10", "--timeout", "3"]);
+    let (u, _) = sb.probe(&[&echo.addr.to_string(), "--udp", "5"]);
+    println!("tcp probe {t}\nudp probe {u}");
+    let tcp_out = child_passed(tcp_imp, "child_tcp_impostor");
+    let udp_got = udp_tool_count(udp_imp);
+    assert_eq!(t["errno"], libc::ECONNREFUSED, "the application's connect to a down service's destination: {t}");
+    assert!(!tcp_out.contains("impostor: connection from"), "the TCP impostor in the subtree got a flow:\n{tcp_out}");
+    assert_eq!(udp_got, 0, "the UDP impostor in the subtree got {udp_got} datagrams of the application's flow");
+    assert!(server.peers().is_empty(), "a TCP flow reached the destination past audit");
+    assert_eq!(echo.datagrams.load(std::sync::atomic::Ordering::SeqCst), 0, "datagrams reached the destination past audit: {u}");
+    let c = sb.hooks().counters().unwrap();
+    assert!(c.impostor >= 2, "both were seen as impostors: {c:?}");
+    assert_eq!((c.redirect, c.deliver), (0, 0), "{c:?}");
+}
