@@ -113,33 +113,22 @@ impl Hooks {
         let wanted = crate::hooks::programs_for(config);
         // Covered cgroups (crate::cover): their links are always updated in place.
         let covers = crate::cover::attach_points(config, subtree)?.len() > 1 || covers::covers_dir(dir).exists();
-        if !replace_programs && !covers && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id, &wanted)? {
+        let held = if !replace_programs && !covers && outcome.fresh_maps.is_empty() && same_as_live(&bpf, dir, &existing, cg_id, &wanted)? {
+            // The live links already run this build with these tables: held as they are.
             let _ = fs::remove_dir_all(stage_dir(dir));
-            let outcome =
-                Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, times: outcome.times, ..Default::default() };
+            outcome = Outcome { adopted: true, unchanged: true, kept_maps: outcome.kept_maps, times: outcome.times, ..Default::default() };
             let mut held = vec![];
             for &(name, _) in &wanted {
                 let path = links.join(name);
                 held.push((name, bpfsys::obj_get(&path).map_err(sys(format!("opening {}", path.display())))?));
             }
-            let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
-            return Ok((
-                Self {
-                    bpf,
-                    cgroup: subtree.into(),
-                    held,
-                    held_guard: vec![],
-                    pins: Some(dir.into()),
-                    scope,
-                    times: outcome.times.clone(),
-                    standby: None,
-                },
-                outcome,
-            ));
-        }
-        let t = Instant::now();
-        let held = go_live(&bpf, config, subtree, cg_id, dir, &wanted, &mut outcome)?;
-        outcome.times.links += t.elapsed();
+            held
+        } else {
+            let t = Instant::now();
+            let held = go_live(&bpf, config, subtree, cg_id, dir, &wanted, &mut outcome)?;
+            outcome.times.links += t.elapsed();
+            held
+        };
         let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
         Ok((
             Self {
