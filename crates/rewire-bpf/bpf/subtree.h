@@ -36,25 +36,7 @@ struct {
 } rw_events SEC(".maps");
 
 /* The kernel structures read, relocated against the running kernel's BTF. */
-struct kernfs_node {
-	__u64 id;
-} __attribute__((preserve_access_index));
-struct cgroup;
-struct cgroup_subsys_state {
-	struct cgroup *cgroup;
-	struct cgroup_subsys_state *parent;
-} __attribute__((preserve_access_index));
-struct cgroup {
-	struct cgroup_subsys_state self;
-	int level;
-	struct kernfs_node *kn;
-} __attribute__((preserve_access_index));
-struct sock_cgroup_data {
-	struct cgroup *cgroup;
-} __attribute__((preserve_access_index));
-struct sock {
-	struct sock_cgroup_data sk_cgrp_data;
-} __attribute__((preserve_access_index));
+#include "lib/kernel_cgroup.h"
 
 /* cgroup depth is bounded by cgroup.max.depth; 64 levels below the subtree
  * is far more than any layout uses. A cgroup deeper than that is taken as

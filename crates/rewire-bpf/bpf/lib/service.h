@@ -12,6 +12,7 @@
 #pragma once
 
 #include "addr.h"
+#include "kernel_cgroup.h"
 
 /* A socket opened by one of a service's processes and bound to one of its
  * addresses (rw_owner SK_STORAGE value): only such sockets receive its flows. */
@@ -160,21 +161,9 @@ static __always_inline __u16 rw_caller_service(void)
 	return sid ? *sid : 0;
 }
 
-/* The kernel's view of a socket's cgroup, read through BTF (CO-RE): only
- * the fields read. A socket made in the root cgroup, or by the kernel,
- * reads that cgroup's id, never a service's. */
-struct kernfs_node {
-	__u64 id;
-} __attribute__((preserve_access_index));
-struct cgroup {
-	struct kernfs_node *kn;
-} __attribute__((preserve_access_index));
-struct sock_cgroup_data {
-	struct cgroup *cgroup;
-} __attribute__((preserve_access_index));
-struct sock {
-	struct sock_cgroup_data sk_cgrp_data;
-} __attribute__((preserve_access_index));
+/* The kernel's view of a socket's cgroup (kernel_cgroup.h, read through
+ * BTF). A socket made in the root cgroup, or by the kernel, reads that
+ * cgroup's id, never a service's. */
 
 /* The id of the cgroup `sk` was made in (sk_cgrp_data), or 0 where it
  * cannot be read: a TCP socket (any family) or an IPv6 UDP one. The
