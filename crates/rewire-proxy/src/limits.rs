@@ -263,6 +263,17 @@ impl Tally {
     /// Counts one event; `detail` says what happened (the last one is quoted).
     pub fn note(&self, detail: impl std::fmt::Display) {
         self.total.fetch_add(1, Ordering::Relaxed);
+        self.report(detail);
+    }
+
+    /// Counts one event, then does `act` (e.g. tells its sender), whose
+    /// result says what happened: whoever sees the act finds it counted.
+    pub fn note_then<D: std::fmt::Display>(&self, act: impl FnOnce() -> D) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.report(act());
+    }
+
+    fn report(&self, detail: impl std::fmt::Display) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if s.pending == 0 && s.last_report.is_none_or(|t| now - t >= REPORT_INTERVAL) {

@@ -231,11 +231,14 @@ async fn serve_one(
         let grant = if live >= max { None } else { proxy.budget.try_take(UDP_FLOW_FDS) };
         let Some(grant) = grant else {
             let why = if live >= max { "flows: UDP may hold half the descriptor budget" } else { "descriptors" };
-            let told = shared.icmp.send(peer, local, data.len());
-            proxy.udp_over_capacity.note(format_args!(
-                "from {peer} to {local}: {live} live udp flows, no room for more ({why}); {}",
-                if told { "ICMP port unreachable sent" } else { "sender not told (no ICMP: needs CAP_NET_RAW, or rate-limited)" }
-            ));
+            // Counted before the sender is told (it may look at once).
+            proxy.udp_over_capacity.note_then(|| {
+                let told = shared.icmp.send(peer, local, data.len());
+                format!(
+                    "from {peer} to {local}: {live} live udp flows, no room for more ({why}); {}",
+                    if told { "ICMP port unreachable sent" } else { "sender not told (no ICMP: needs CAP_NET_RAW, or rate-limited)" }
+                )
+            });
             continue;
         };
         match open(proxy, local, peer, &shared.stray) {
