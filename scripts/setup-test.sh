@@ -21,6 +21,8 @@
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/install-lib.sh
+source scripts/install-lib.sh
 bash scripts/setup.sh
 
 need=()
@@ -44,46 +46,18 @@ kubernetes_validate_version=1.37.0
 cargo_deb_version=3.8.0
 { [ -x "$compat/mitmproxy/bin/mitmdump" ] && [ -x "$compat/kubernetes-validate/bin/kubernetes-validate" ]; } || { [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; } || need+=(python3 python3-venv)
 
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "setup-test: missing ${need[*]}; run as root (sudo) so they can be installed" >&2
-    exit 1
-  fi
-  echo "setup-test: installing ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${need[@]}" >/dev/null
-  # The tests start squid themselves; the package's system-wide instance is not wanted.
-  if [[ " ${need[*]} " == *" squid "* ]] && command -v systemctl >/dev/null; then
-    systemctl disable --now squid.service >/dev/null 2>&1 || true
-  fi
-  # Only promtool is wanted, not a Prometheus server on this machine.
-  if [[ " ${need[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
-    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
-  fi
+apt_install_missing setup-test "${need[@]}"
+# The tests start squid themselves; the package's system-wide instance is not wanted.
+if [[ " ${need[*]} " == *" squid "* ]] && command -v systemctl >/dev/null; then
+  systemctl disable --now squid.service >/dev/null 2>&1 || true
+fi
+# Only promtool is wanted, not a Prometheus server on this machine.
+if [[ " ${need[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+  systemctl disable --now prometheus.service >/dev/null 2>&1 || true
 fi
 
-if [ ! -x "$compat/mitmproxy/bin/mitmdump" ]; then
-  if [ "$(id -u)" -ne 0 ] && [ ! -w "$(dirname "$compat")" ]; then
-    echo "setup-test: mitmproxy missing in $compat; run as root (sudo) so it can be installed" >&2
-    exit 1
-  fi
-  echo "setup-test: installing mitmproxy $mitmproxy_version (PyPI) into $compat/mitmproxy"
-  mkdir -p "$compat"
-  /usr/bin/python3 -m venv "$compat/mitmproxy"
-  "$compat/mitmproxy/bin/pip" install -q --disable-pip-version-check "mitmproxy==$mitmproxy_version"
-fi
-
-if [ ! -x "$compat/kubernetes-validate/bin/kubernetes-validate" ]; then
-  if [ "$(id -u)" -ne 0 ] && [ ! -w "$(dirname "$compat")" ]; then
-    echo "setup-test: kubernetes-validate missing in $compat; run as root (sudo) so it can be installed" >&2
-    exit 1
-  fi
-  echo "setup-test: installing kubernetes-validate $kubernetes_validate_version (PyPI) into $compat/kubernetes-validate"
-  mkdir -p "$compat"
-  /usr/bin/python3 -m venv "$compat/kubernetes-validate"
-  "$compat/kubernetes-validate/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$kubernetes_validate_version"
-fi
+pypi_venv_install setup-test "$compat/mitmproxy" mitmproxy "$mitmproxy_version" mitmdump
+pypi_venv_install setup-test "$compat/kubernetes-validate" kubernetes-validate "$kubernetes_validate_version" kubernetes-validate
 
 # scripts/test.sh checks format and lints: the toolchain's rustfmt and clippy.
 if ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then

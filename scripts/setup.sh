@@ -9,6 +9,8 @@
 # tests and the benchmarks use is added by scripts/setup-test.sh.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
+# shellcheck source=scripts/install-lib.sh
+source "$(dirname "$0")/install-lib.sh"
 
 need=()
 command -v clang >/dev/null || need+=(clang)
@@ -21,16 +23,7 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v socat >/dev/null || need+=(socat)
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "setup: missing ${need[*]}; run as root (sudo) so they can be installed" >&2
-    exit 1
-  fi
-  echo "setup: installing ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+apt_install_missing setup "${need[@]}"
 
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo (Rust 1.88+) is required: install it with rustup or your distribution" >&2
