@@ -371,24 +371,15 @@ fn storage_failure_refuses_tcp_and_udp() {
 
 // ---- the TCP hand-off belongs to one socket -----------------------------
 
-/// A connect redirected to a service whose accept queue is full stays in
-/// SYN_SENT with a hand-off entry; when the application gives up, the entry
-/// goes with its socket, and another socket connecting from the same source
-/// address and port gets nothing of the flow's records or identity.
-#[test]
-fn stale_handoff_cannot_be_claimed_from_the_same_source_port() {
-    require_root!();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = server.addr.port();
-    let pa = free_port();
-    let sb = Sandbox::new(&svc("audit", pa, &format!("dst = \"127.0.0.0/8\"\nports = {port}"), ""));
+/// Runs the test child `child` (a victim of a hand-off, then a thief from
+/// its source address and port; service `audit` on `pa`, the victim's
+/// destination `dst`) in `sb`, and reads the hand-off table when it says:
+/// while its victim waits, and after the victim closed (the child is told
+/// the count). Returns both counts, once the child passed.
+fn watch_victim_handoff(sb: &Sandbox, child: &str, pa: u16, dst: SocketAddr) -> (Option<usize>, Option<usize>) {
     let sock = sb.dir.join("handoffs");
     let mut cmd = sb.command(std::env::current_exe().unwrap());
-    cmd.test_child("child_stale_handoff")
-        .env("RW_PA", pa.to_string())
-        .env("RW_DST", server.addr.to_string())
-        .env("RW_SYNC", &sock)
-        .stdout(Stdio::piped());
+    cmd.test_child(child).env("RW_PA", pa.to_string()).env("RW_DST", dst.to_string()).env("RW_SYNC", &sock).stdout(Stdio::piped());
     let child = cmd.spawn().unwrap();
     // The child reports when its victim is waiting; the parent reads the table.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -409,6 +400,21 @@ fn stale_handoff_cannot_be_claimed_from_the_same_source_port() {
     }
     let text = String::from_utf8_lossy(&wait_output(child, Duration::from_secs(60))).into_owned();
     assert!(child_ok(&text), "child failed:\n{text}");
+    (seen, after_close)
+}
+
+/// A connect redirected to a service whose accept queue is full stays in
+/// SYN_SENT with a hand-off entry; when the application gives up, the entry
+/// goes with its socket, and another socket connecting from the same source
+/// address and port gets nothing of the flow's records or identity.
+#[test]
+fn stale_handoff_cannot_be_claimed_from_the_same_source_port() {
+    require_root!();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = server.addr.port();
+    let pa = free_port();
+    let sb = Sandbox::new(&svc("audit", pa, &format!("dst = \"127.0.0.0/8\"\nports = {port}"), ""));
+    let (seen, after_close) = watch_victim_handoff(&sb, "child_stale_handoff", pa, server.addr);
     assert_eq!(seen, Some(1), "the waiting victim had its entry");
     assert_eq!(after_close, Some(0), "the entry left with the victim's socket");
     assert_eq!(sb.hooks().handoff_entries().unwrap(), 0, "back to the baseline");
@@ -452,14 +458,7 @@ fn child_stale_handoff() {
     // Drain the queue, then connect to the service from the victim's source.
     drop(fillers);
     while accept_within(&l, Duration::from_millis(300)).is_some() {}
-    let thief = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    thief.set_reuse_address(true).unwrap();
-    thief.bind(&src.into()).unwrap();
-    thief.connect(&SocketAddr::from(([127, 0, 0, 1], pa)).into()).unwrap();
-    let got = accept_within(&l, Duration::from_secs(5)).expect("the thief's connection is accepted");
-    assert_eq!(got.peer_addr().unwrap(), src, "the same source address and port as the victim");
-    let q = rewire::query_redirect_records(&got);
-    assert!(matches!(q, Err(rewire::Error::NotRedirected)), "no records for another socket: {q:?} ({entries})");
+    thief_gets_nothing(&l, src, pa, false, &entries);
 }
 
 /// The same for a victim that got as far as `ESTABLISHED` (its SYN was
@@ -477,32 +476,7 @@ fn established_unaccepted_handoff_leaves_with_its_socket() {
     let port = server.addr.port();
     let pa = free_port();
     let sb = Sandbox::new(&svc("audit", pa, &format!("dst = \"127.0.0.0/8\"\nports = {port}"), ""));
-    let sock = sb.dir.join("handoffs");
-    let mut cmd = sb.command(std::env::current_exe().unwrap());
-    cmd.test_child("child_established_unaccepted_handoff")
-        .env("RW_PA", pa.to_string())
-        .env("RW_DST", server.addr.to_string())
-        .env("RW_SYNC", &sock)
-        .stdout(Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (mut seen, mut after_close) = (None, None);
-    while Instant::now() < deadline {
-        if let Ok(s) = std::fs::read_to_string(&sock) {
-            if s == "waiting" {
-                seen = Some(sb.hooks().handoff_entries().unwrap());
-                std::fs::write(&sock, "closed?").unwrap();
-            } else if s == "closed" {
-                let n = sb.hooks().handoff_entries().unwrap();
-                after_close = Some(n);
-                std::fs::write(&sock, format!("entries {n}")).unwrap();
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let text = String::from_utf8_lossy(&wait_output(child, Duration::from_secs(60))).into_owned();
-    assert!(child_ok(&text), "child failed:\n{text}");
+    let (seen, after_close) = watch_victim_handoff(&sb, "child_established_unaccepted_handoff", pa, server.addr);
     assert_eq!(seen, Some(1), "the established, unaccepted victim had its entry");
     assert_eq!(after_close, Some(0), "the entry left with the victim's socket");
     assert_eq!(sb.hooks().handoff_entries().unwrap(), 0, "back to the baseline");
@@ -548,12 +522,22 @@ fn child_established_unaccepted_handoff() {
     let entries = wait_file(&sync, "entries");
     // A connection from the victim's source address and port gets nothing.
     l.set_nonblocking(false).unwrap();
+    thief_gets_nothing(&l, src, pa, true, &entries);
+}
+
+/// Child side: a connection to the service `audit` (listener `l`, port `pa`)
+/// from the victim's source address and port `src` (a byte sent first when
+/// the listener defers accept) is accepted and gets no records: nothing of
+/// the victim's flow. `entries` is what the parent saw, for the message.
+fn thief_gets_nothing(l: &TcpListener, src: SocketAddr, pa: u16, send_first: bool, entries: &str) {
     let mut thief = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     thief.set_reuse_address(true).unwrap();
     thief.bind(&src.into()).unwrap();
     thief.connect(&SocketAddr::from(([127, 0, 0, 1], pa)).into()).unwrap();
-    thief.write_all(b"x").unwrap(); // deferred accept: data completes it
-    let got = accept_within(&l, Duration::from_secs(5)).expect("the thief's connection is accepted");
+    if send_first {
+        thief.write_all(b"x").unwrap(); // deferred accept: data completes it
+    }
+    let got = accept_within(l, Duration::from_secs(5)).expect("the thief's connection is accepted");
     assert_eq!(got.peer_addr().unwrap(), src, "the same source address and port as the victim");
     let q = rewire::query_redirect_records(&got);
     assert!(matches!(q, Err(rewire::Error::NotRedirected)), "no records for another socket: {q:?} ({entries})");

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::daemon::Daemon;
 use common::*;
 use rewire_control::ManagedCgroup;
 
@@ -516,73 +517,42 @@ fn the_daemon_covers_a_unit_across_reload_and_down_leaves_it_as_it_was() {
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let other = OtherProgram::attach(&host.dir, &host.path(APP));
-    let name = format!("rewire-test-{}-hostd", std::process::id());
     let svc = service("audit", free_port(), server.addr.port());
-    let (with, without) = (host.dir.join("with.toml"), host.dir.join("without.toml"));
-    std::fs::write(&with, format!("cgroup = \"{name}\"\n{}{svc}", cover(&[host.cg(APP)]))).unwrap();
-    std::fs::write(&without, format!("cgroup = \"{name}\"\n{svc}")).unwrap();
     let first = host.app(APP, None, None, server.addr, None);
     let second = host.app(APP, None, None, server.addr, None);
     let app_cg = host.path(APP);
     let ours_at_app = || OtherProgram::connect4_at(&app_cg).len() - 1;
-    let log = host.dir.join("audit.jsonl");
 
-    let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&with).stderr(Stdio::inherit()).spawn().unwrap();
-    let mut proxy = None;
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until("the daemon attached at the unit", || ours_at_app() == 1);
-        let p = Command::new(REWIRE)
-            .args(["proxy", "--name", "audit", "--log"])
-            .arg(&log)
-            .arg("--config")
-            .arg(&with)
-            .env_remove("REWIRE_CGROUP")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        proxy = Some(p);
-        wait_listening(rewire_control::Config::load(&with).unwrap().services[0].listen[0]);
-        let before = other.count();
-        let s = first.go();
-        read_log(&log, 2);
-        assert_eq!(flows_of(&log, first.pid), 2);
-        assert_eq!(s.fresh.1, server.addr);
-        assert!(other.count() >= before + 2, "the other owner's program ran too");
+    let mut d = Daemon::start("hostd", &format!("{}{svc}", cover(&[host.cg(APP)])), &[]);
+    let (with, without) = (d.cfg.clone(), d.config_file("without.toml", &svc));
+    wait_until("the daemon attached at the unit", || ours_at_app() == 1);
+    let (_, log) = d.proxy("audit");
+    let before = other.count();
+    let s = first.go();
+    read_log(&log, 2);
+    assert_eq!(flows_of(&log, first.pid), 2);
+    assert_eq!(s.fresh.1, server.addr);
+    assert!(other.count() >= before + 2, "the other owner's program ran too");
 
-        // `rewire reload` waits 30 s for the daemon's answer; on a loaded
-        // machine the new generation may take longer: its effect is what counts.
-        let r = Command::new(REWIRE).args(["reload", "--config"]).arg(&without).output().unwrap();
-        let said = String::from_utf8_lossy(&r.stderr).into_owned();
-        assert!(r.status.success() || said.contains("did not answer"), "{said}");
-        wait_until("reload without the cover detached rewire's link at the unit", || ours_at_app() == 0);
-        let s = second.go();
-        assert!(server.peers().contains(&s.fresh.0), "an uncovered unit's connect goes direct");
-        assert_eq!(flows_of(&log, second.pid), 0);
+    // `rewire reload` waits 30 s for the daemon's answer; on a loaded
+    // machine the new generation may take longer: its effect is what counts.
+    let r = Command::new(REWIRE).args(["reload", "--config"]).arg(&without).output().unwrap();
+    let said = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(r.status.success() || said.contains("did not answer"), "{said}");
+    wait_until("reload without the cover detached rewire's link at the unit", || ours_at_app() == 0);
+    let s = second.go();
+    assert!(server.peers().contains(&s.fresh.0), "an uncovered unit's connect goes direct");
+    assert_eq!(flows_of(&log, second.pid), 0);
 
-        let r = Command::new(REWIRE).args(["reload", "--config"]).arg(&with).output().unwrap();
-        let said = String::from_utf8_lossy(&r.stderr).into_owned();
-        assert!(r.status.success() || said.contains("did not answer"), "{said}");
-        wait_until("covered again", || ours_at_app() == 1);
-    }));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    let r = Command::new(REWIRE).args(["reload", "--config"]).arg(&with).output().unwrap();
+    let said = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(r.status.success() || said.contains("did not answer"), "{said}");
+    wait_until("covered again", || ours_at_app() == 1);
+    d.stop();
     let kept = ours_at_app();
-    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&with).output().unwrap();
-    if let Some(mut p) = proxy {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    let down = d.down(5);
+    d.end_children();
     let after = OtherProgram::connect4_at(&app_cg);
-    if let Ok(mut c) = ManagedCgroup::existing(&name) {
-        let _ = c.remove();
-    }
-    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
-    result.unwrap();
     assert_eq!(kept, 1, "SIGTERM leaves the unit covered");
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     assert_eq!(after, vec![other.id()], "down leaves only the other owner's program at the unit");
@@ -629,7 +599,6 @@ fn a_reload_reorders_the_chain_under_a_connect_stream() {
     require_root!();
     let host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let name = format!("rewire-test-{}-hostr", std::process::id());
     let (pa, pd) = (free_port(), free_port());
     let svc = |n: &str, id: u16, port: u16| {
         format!(
@@ -637,10 +606,7 @@ fn a_reload_reorders_the_chain_under_a_connect_stream() {
             server.addr.port()
         )
     };
-    let head = format!("cgroup = \"{name}\"\n{}", cover(&[host.cg(APP)]));
-    let (first, second) = (host.dir.join("first.toml"), host.dir.join("second.toml"));
-    std::fs::write(&first, format!("{head}{}{}", svc("audit", 1, pa), svc("dlp", 2, pd))).unwrap();
-    std::fs::write(&second, format!("{head}{}{}", svc("dlp", 2, pd), svc("audit", 1, pa))).unwrap();
+    let head = cover(&[host.cg(APP)]);
     let (sync, stop) = (sync_file(&host.dir, "stream"), host.dir.join("stop"));
     let exe = exe_for_all(&host.dir);
     let mut cmd = child_cmd_exe(
@@ -654,88 +620,55 @@ fn a_reload_reorders_the_chain_under_a_connect_stream() {
     unsafe {
         cmd.pre_exec(move || std::fs::write(&procs, b"0"));
     }
-    let (logs, mut children) = (host.dir.clone(), vec![]);
-    let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&first).stderr(Stdio::inherit()).spawn().unwrap();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let app_cg = host.path(APP);
-        wait_until("the daemon attached at the unit", || OtherProgram::connect4_at(&app_cg).len() == 1);
-        for n in ["audit", "dlp"] {
-            let p = Command::new(REWIRE)
-                .args(["proxy", "--name", n, "--log"])
-                .arg(logs.join(format!("{n}.jsonl")))
-                .arg("--config")
-                .arg(&first)
-                .env_remove("REWIRE_CGROUP")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            children.push(p);
-        }
-        for p in [pa, pd] {
-            wait_listening(format!("127.0.0.1:{p}").parse().unwrap());
-        }
-        let stream = spawn_exe(&mut cmd);
-        let pid = stream.id();
-        children.push(stream);
-        wait_file(&sync, "ready");
-        let audit = logs.join("audit.jsonl");
-        let lines = |p: &Path| -> Vec<serde_json::Value> {
-            std::fs::read_to_string(p).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-        };
-        wait_until("flows in the first order", || lines(&audit).iter().any(|l| l["chain"] == serde_json::json!(["audit"])));
-        let r = Command::new(REWIRE).args(["reload", "--config"]).arg(&second).output().unwrap();
-        let said = String::from_utf8_lossy(&r.stderr).into_owned();
-        assert!(r.status.success() || said.contains("did not answer"), "{said}");
-        wait_until("flows in the second order", || lines(&audit).iter().any(|l| l["chain"] == serde_json::json!(["dlp", "audit"])));
-        std::fs::write(&stop, "").unwrap();
-        let done = wait_file(&sync, "done");
-        let n: usize = done.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let locals: Vec<SocketAddr> =
-            std::fs::read_to_string(sync.with_extension("rounds")).unwrap().lines().map(|l| l.parse().unwrap()).collect();
-        assert_eq!(locals.len(), n);
-        assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok() || n > 0);
-        // (Ports are reused over hundreds of connects: the server's peers
-        // cannot tell an escaped connect apart; the services' logs can.)
-        let (a, d) = (read_log(&audit, n), read_log(&logs.join("dlp.jsonl"), n));
-        let ids = |v: &[serde_json::Value]| {
-            let mut s: Vec<String> = v.iter().filter(|l| l["client_pid"] == pid).map(|l| l["flow"].as_str().unwrap().to_owned()).collect();
-            s.sort();
-            s
-        };
-        assert_eq!(ids(&a).len(), n, "audit saw every connect once (escaped 0)");
-        assert_eq!(ids(&a), ids(&d), "every flow passed both services");
-        assert_eq!(server.peers().len(), n, "each flow reached the server once, through the chain");
-        for l in a.iter().chain(&d) {
-            let c = &l["chain"];
-            assert!(
-                [
-                    serde_json::json!(["audit"]),
-                    serde_json::json!(["audit", "dlp"]),
-                    serde_json::json!(["dlp"]),
-                    serde_json::json!(["dlp", "audit"])
-                ]
-                .contains(c),
-                "{l}"
-            );
-        }
-    }));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    let mut daemon = Daemon::start("hostr", &format!("{head}{}{}", svc("audit", 1, pa), svc("dlp", 2, pd)), &[]);
+    let second = daemon.config_file("second.toml", &format!("{head}{}{}", svc("dlp", 2, pd), svc("audit", 1, pa)));
+    let app_cg = host.path(APP);
+    wait_until("the daemon attached at the unit", || OtherProgram::connect4_at(&app_cg).len() == 1);
+    let (_, audit) = daemon.proxy("audit");
+    let (_, dlp) = daemon.proxy("dlp");
+    let stream = spawn_exe(&mut cmd);
+    let pid = stream.id();
+    daemon.children.push(stream);
+    wait_file(&sync, "ready");
+    let lines = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    wait_until("flows in the first order", || lines(&audit).iter().any(|l| l["chain"] == serde_json::json!(["audit"])));
+    let r = Command::new(REWIRE).args(["reload", "--config"]).arg(&second).output().unwrap();
+    let said = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(r.status.success() || said.contains("did not answer"), "{said}");
+    wait_until("flows in the second order", || lines(&audit).iter().any(|l| l["chain"] == serde_json::json!(["dlp", "audit"])));
+    std::fs::write(&stop, "").unwrap();
+    let done = wait_file(&sync, "done");
+    let n: usize = done.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let locals: Vec<SocketAddr> =
+        std::fs::read_to_string(sync.with_extension("rounds")).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(locals.len(), n);
+    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok() || n > 0);
+    // (Ports are reused over hundreds of connects: the server's peers
+    // cannot tell an escaped connect apart; the services' logs can.)
+    let (a, d) = (read_log(&audit, n), read_log(&dlp, n));
+    let ids = |v: &[serde_json::Value]| {
+        let mut s: Vec<String> = v.iter().filter(|l| l["client_pid"] == pid).map(|l| l["flow"].as_str().unwrap().to_owned()).collect();
+        s.sort();
+        s
+    };
+    assert_eq!(ids(&a).len(), n, "audit saw every connect once (escaped 0)");
+    assert_eq!(ids(&a), ids(&d), "every flow passed both services");
+    assert_eq!(server.peers().len(), n, "each flow reached the server once, through the chain");
+    for l in a.iter().chain(&d) {
+        let c = &l["chain"];
+        assert!(
+            [
+                serde_json::json!(["audit"]),
+                serde_json::json!(["audit", "dlp"]),
+                serde_json::json!(["dlp"]),
+                serde_json::json!(["dlp", "audit"])
+            ]
+            .contains(c),
+            "{l}"
+        );
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-    let _ = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&second).output();
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    if let Ok(mut c) = ManagedCgroup::existing(&name) {
-        let _ = c.remove();
-    }
-    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
-    result.unwrap();
 }
 
 /// A unit that restarts (systemd removes and makes again its cgroup: same
@@ -750,85 +683,53 @@ fn a_selected_unit_that_restarts_stays_selected() {
     require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let name = format!("rewire-test-{}-hostw", std::process::id());
     let port = free_port();
-    let cfg_path = host.dir.join("watch.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "cgroup = \"{name}\"\n{}[[service]]\nname = \"dlp\"\nlisten = \"127.0.0.1:{port}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\ncgroup = \"{}\"\n",
+    let slice = host.path("system.slice");
+    let mut d = Daemon::start(
+        "hostw",
+        &format!(
+            "{}[[service]]\nname = \"dlp\"\nlisten = \"127.0.0.1:{port}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\ncgroup = \"{}\"\n",
             cover(&[host.cg("system.slice")]),
             server.addr.port(),
             host.cg(APP)
         ),
-    )
-    .unwrap();
-    let slice = host.path("system.slice");
-    let log = host.dir.join("dlp.jsonl");
-    let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg_path).stderr(Stdio::inherit()).spawn().unwrap();
-    let mut proxy = None;
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until("the daemon attached at the slice", || OtherProgram::connect4_at(&slice).len() == 1);
-        let p = Command::new(REWIRE)
-            .args(["proxy", "--name", "dlp", "--log"])
-            .arg(&log)
-            .arg("--config")
-            .arg(&cfg_path)
-            .env_remove("REWIRE_CGROUP")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        proxy = Some(p);
-        wait_listening(rewire_control::Config::load(&cfg_path).unwrap().services[0].listen[0]);
-        let before = host.app(APP, None, None, server.addr, None);
-        let s = before.go();
-        read_log(&log, 2);
-        assert_eq!(flows_of(&log, before.pid), 2, "the unit goes through dlp before its restart");
-        assert!(!server.peers().contains(&s.fresh.0));
+        &[],
+    );
+    wait_until("the daemon attached at the slice", || OtherProgram::connect4_at(&slice).len() == 1);
+    let (_, log) = d.proxy("dlp");
+    let before = host.app(APP, None, None, server.addr, None);
+    let s = before.go();
+    read_log(&log, 2);
+    assert_eq!(flows_of(&log, before.pid), 2, "the unit goes through dlp before its restart");
+    assert!(!server.peers().contains(&s.fresh.0));
 
-        // The restart: the unit's processes are gone, its cgroup re-made.
-        let app = host.path(APP);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while let Err(e) = std::fs::remove_dir(&app) {
-            assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", app.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::create_dir(&app).unwrap();
-
-        let mut through = None;
-        for _ in 0..10 {
-            let after = host.app(APP, None, None, server.addr, None);
-            let s = after.go();
-            if !server.peers().contains(&s.fresh.0) {
-                through = Some(after.pid);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        let pid = through.expect("a process of the re-made unit still connects direct, without dlp, after 5 s");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while flows_of(&log, pid) < 2 {
-            assert!(std::time::Instant::now() < deadline, "dlp logged no flows of the re-made unit's process");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+    // The restart: the unit's processes are gone, its cgroup re-made.
+    let app = host.path(APP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = std::fs::remove_dir(&app) {
+        assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", app.display());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg_path).output().unwrap();
-    if let Some(mut p) = proxy {
-        let _ = p.kill();
-        let _ = p.wait();
+    std::fs::create_dir(&app).unwrap();
+
+    let mut through = None;
+    for _ in 0..10 {
+        let after = host.app(APP, None, None, server.addr, None);
+        let s = after.go();
+        if !server.peers().contains(&s.fresh.0) {
+            through = Some(after.pid);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
-    if let Ok(mut c) = ManagedCgroup::existing(&name) {
-        let _ = c.remove();
+    let pid = through.expect("a process of the re-made unit still connects direct, without dlp, after 5 s");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while flows_of(&log, pid) < 2 {
+        assert!(std::time::Instant::now() < deadline, "dlp logged no flows of the re-made unit's process");
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
-    result.unwrap();
+    d.stop();
+    let down = d.down(5);
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
 }
 
@@ -979,93 +880,53 @@ fn a_service_unit_that_restarts_is_attached_again() {
     require_root!();
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let name = format!("rewire-test-{}-hostu", std::process::id());
-    let cfg_path = host.dir.join("restart.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "cgroup = \"{name}\"\n{}{}[[service]]\nname = \"squid\"\ncgroup = \"{}\"\nlisten = \"127.0.0.1:{}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\n",
+    let mut d = Daemon::start(
+        "hostu",
+        &format!(
+            "{}{}[[service]]\nname = \"squid\"\ncgroup = \"{}\"\nlisten = \"127.0.0.1:{}\"\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\n",
             cover(&[host.cg(APP)]),
             service("audit", free_port(), server.addr.port()),
             host.cg(SQUID),
             free_port(),
             server.addr.port()
         ),
-    )
-    .unwrap();
-    let config = rewire_control::Config::load(&cfg_path).unwrap();
+        &[],
+    );
     let squid_cg = host.path(SQUID);
-    let (audit_log, squid_log) = (host.dir.join("audit.jsonl"), host.dir.join("squid.jsonl"));
-    let mut daemon = Command::new(REWIRE).args(["daemon", "--config"]).arg(&cfg_path).stderr(Stdio::inherit()).spawn().unwrap();
-    let mut proxies: Vec<Child> = vec![];
-    let squid = |log: &Path| {
-        let mut cmd = Command::new(REWIRE);
-        cmd.args(["proxy", "--name", "squid", "--log"])
-            .arg(log)
-            .arg("--config")
-            .arg(&cfg_path)
-            .env_remove("REWIRE_CGROUP")
-            .stdout(Stdio::null());
-        in_cgroup(&mut cmd, &squid_cg);
-        let c = cmd.spawn().unwrap();
-        wait_listening(config.services[1].listen[0]);
-        c
-    };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until("the daemon attached at the squid unit", || OtherProgram::connect4_at(&squid_cg).len() == 1);
-        let p = Command::new(REWIRE)
-            .args(["proxy", "--name", "audit", "--log"])
-            .arg(&audit_log)
-            .arg("--config")
-            .arg(&cfg_path)
-            .env_remove("REWIRE_CGROUP")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        proxies.push(p);
-        wait_listening(config.services[0].listen[0]);
-        proxies.push(squid(&squid_log));
-        let before = host.app(APP, None, None, server.addr, None);
-        before.go();
-        let s = read_log(&squid_log, 2);
-        assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
+    let squid_log = host.dir.join("squid.jsonl");
+    wait_until("the daemon attached at the squid unit", || OtherProgram::connect4_at(&squid_cg).len() == 1);
+    let (_, audit_log) = d.proxy("audit");
+    d.proxy_at("squid", &squid_log, Some(&squid_cg));
+    let before = host.app(APP, None, None, server.addr, None);
+    before.go();
+    let s = read_log(&squid_log, 2);
+    assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
 
-        // The unit's restart: its process ends, its cgroup is re-made.
-        let mut old = proxies.pop().unwrap();
-        end(&mut old);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while let Err(e) = std::fs::remove_dir(&squid_cg) {
-            assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", squid_cg.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::create_dir(&squid_cg).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while OtherProgram::connect4_at(&squid_cg).is_empty() {
-            assert!(std::time::Instant::now() < deadline, "the re-made squid unit has no hooks 10 s after its mkdir");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let again = host.dir.join("squid-again.jsonl");
-        proxies.push(squid(&again));
-        let after = host.app(APP, None, None, server.addr, None);
-        let seen = after.go();
-        assert_eq!(seen.fresh.1, server.addr);
-        let s = read_log(&again, 2);
-        assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"]) && l["client_pid"] == after.pid), "{s:?}");
-        assert_eq!(flows_of(&audit_log, after.pid), 2);
-    }));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+    // The unit's restart: its process ends, its cgroup is re-made.
+    let mut old = d.children.pop().unwrap();
+    end(&mut old);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = std::fs::remove_dir(&squid_cg) {
+        assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", squid_cg.display());
         std::thread::sleep(Duration::from_millis(20));
     }
-    end(&mut daemon);
-    proxies.iter_mut().for_each(end);
-    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg_path).output().unwrap();
-    if let Ok(mut c) = ManagedCgroup::existing(&name) {
-        let _ = c.remove();
+    std::fs::create_dir(&squid_cg).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while OtherProgram::connect4_at(&squid_cg).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the re-made squid unit has no hooks 10 s after its mkdir");
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
-    result.unwrap();
+    let again = host.dir.join("squid-again.jsonl");
+    d.proxy_at("squid", &again, Some(&squid_cg));
+    let after = host.app(APP, None, None, server.addr, None);
+    let seen = after.go();
+    assert_eq!(seen.fresh.1, server.addr);
+    let s = read_log(&again, 2);
+    assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"]) && l["client_pid"] == after.pid), "{s:?}");
+    assert_eq!(flows_of(&audit_log, after.pid), 2);
+    d.stop();
+    d.end_children();
+    let down = d.down(5);
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
 }
 
@@ -1087,8 +948,6 @@ fn a_restarted_service_unit_whose_proxy_binds_before_the_daemon_follows_is_not_s
     let mut host = Host::new();
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
     let echo = UdpEcho::start("127.0.0.1:0".parse().unwrap());
-    let name = format!("rewire-test-{}-svcrs", std::process::id());
-    let cfg_path = host.dir.join("restart.toml");
     // Both services take TCP to the server and UDP to the echo (IPv4).
     let matches = format!(
         "udp_ports = 1\n[[service.match]]\ndst = \"127.0.0.0/8\"\nports = {}\n\
@@ -1096,125 +955,77 @@ fn a_restarted_service_unit_whose_proxy_binds_before_the_daemon_follows_is_not_s
         server.addr.port(),
         echo.addr.port()
     );
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "cgroup = \"{name}\"\nudp_idle_ms = 1000\n{}[[service]]\nname = \"audit\"\nlisten = \"127.0.0.1:{}\"\n{matches}\
+    let mut d = Daemon::start_with_env(
+        "svcrs",
+        &format!(
+            "udp_idle_ms = 1000\n{}[[service]]\nname = \"audit\"\nlisten = \"127.0.0.1:{}\"\n{matches}\
              [[service]]\nname = \"squid\"\ncgroup = \"{}\"\nfail = \"open\"\nlisten = \"127.0.0.1:{}\"\n{matches}",
             cover(&[host.cg("system.slice")]),
             free_port(),
             host.cg(SQUID),
             free_port(),
         ),
-    )
-    .unwrap();
-    let config = rewire_control::Config::load(&cfg_path).unwrap();
+        &[],
+        &[("REWIRE_LOG", "info")],
+    );
     let squid_cg = host.path(SQUID);
-    let (audit_log, squid_log, dlog) = (host.dir.join("audit.jsonl"), host.dir.join("squid.jsonl"), host.dir.join("daemon.log"));
-    let mut daemon = Command::new(REWIRE)
-        .args(["daemon", "--config"])
-        .arg(&cfg_path)
-        .env("REWIRE_LOG", "info")
-        .stderr(std::fs::File::create(&dlog).unwrap())
-        .spawn()
-        .unwrap();
-    let dpid = nix::unistd::Pid::from_raw(daemon.id() as i32);
-    let mut proxies: Vec<Child> = vec![];
-    let squid = |log: &Path| {
-        let mut cmd = Command::new(REWIRE);
-        cmd.args(["proxy", "--name", "squid", "--log"])
-            .arg(log)
-            .arg("--config")
-            .arg(&cfg_path)
-            .env_remove("REWIRE_CGROUP")
-            .stdout(Stdio::null());
-        in_cgroup(&mut cmd, &squid_cg);
-        let c = cmd.spawn().unwrap();
-        wait_listening(config.services[1].listen[0]);
-        c
-    };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until("the daemon serves", || std::fs::read_to_string(&dlog).unwrap_or_default().contains("serving "));
-        let p = Command::new(REWIRE)
-            .args(["proxy", "--name", "audit", "--log"])
-            .arg(&audit_log)
-            .arg("--config")
-            .arg(&cfg_path)
-            .env_remove("REWIRE_CGROUP")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        proxies.push(p);
-        wait_listening(config.services[0].listen[0]);
-        proxies.push(squid(&squid_log));
-        let before = host.app(APP, None, None, server.addr, None);
-        before.go();
-        let s = read_log(&squid_log, 2);
-        assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
+    let squid_log = host.dir.join("squid.jsonl");
+    let dpid = d.pid();
+    let (_, audit_log) = d.proxy("audit");
+    d.proxy_at("squid", &squid_log, Some(&squid_cg));
+    let before = host.app(APP, None, None, server.addr, None);
+    before.go();
+    let s = read_log(&squid_log, 2);
+    assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
 
-        // The unit restarts while the daemon is slow to follow (stopped here).
-        let mut old = proxies.pop().unwrap();
-        end(&mut old);
-        nix::sys::signal::kill(dpid, nix::sys::signal::SIGSTOP).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while let Err(e) = std::fs::remove_dir(&squid_cg) {
-            assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", squid_cg.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::create_dir(&squid_cg).unwrap();
-        let again = host.dir.join("squid-again.jsonl");
-        proxies.push(squid(&again));
-        nix::sys::signal::kill(dpid, nix::sys::signal::SIGCONT).unwrap();
-        wait_until("the daemon followed the re-made unit", || {
-            std::fs::read_to_string(&dlog).unwrap_or_default().contains("now point at the new cgroup ids")
-        });
-        let after = host.app(APP, None, None, server.addr, None);
-        let seen = after.go();
-        println!("after the restart: the server saw {:?}", seen.fresh);
-        let a = flows_of(&audit_log, after.pid);
-        let s = rewire_proxy::wait_flow_lines(&again, 1, Duration::from_secs(5)).unwrap_or_default();
-        println!("audit flows of the app after: {a}; squid (running, re-made unit) lines: {}", s.len());
-        assert!(
-            s.iter().any(|l| l["client_pid"] == after.pid && l["chain"] == serde_json::json!(["audit", "squid"])),
-            "the app's flow after the unit's restart skipped squid (running): audit {a}, squid {s:?}"
-        );
-        // IPv4 UDP too: its socket's cgroup is the one that bound it (rw_made_cg), not read from the kernel.
-        let mut probe = Command::new(REWIRE);
-        probe.args(["probe", &echo.addr.to_string(), "--udp", "5"]).stdout(Stdio::piped());
-        in_cgroup(&mut probe, &host.path(APP));
-        let out = wait_output(probe.spawn().unwrap(), Duration::from_secs(60));
-        let r: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-        assert_eq!(r["udp"]["received"], 5, "the app's UDP probe after the restart: {r}");
-        // The UDP flow's line comes when it is idle (udp_idle_ms), after the TCP ones.
-        let s = rewire_proxy::wait_flow_lines(&again, s.len() + 1, Duration::from_secs(15)).unwrap_or_default();
-        let udp: Vec<_> = s.iter().filter(|l| l["protocol"] == "udp").collect();
-        assert!(
-            udp.iter().any(|l| l["chain"] == serde_json::json!(["audit", "squid"])),
-            "the app's UDP flow after the unit's restart skipped squid (running, bound before the daemon followed): squid {s:?}"
-        );
-    }));
-    let _ = nix::sys::signal::kill(dpid, nix::sys::signal::SIGCONT);
-    let _ = nix::sys::signal::kill(dpid, nix::sys::signal::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while daemon.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+    // The unit restarts while the daemon is slow to follow (stopped here).
+    let mut old = d.children.pop().unwrap();
+    end(&mut old);
+    nix::sys::signal::kill(dpid, nix::sys::signal::SIGSTOP).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = std::fs::remove_dir(&squid_cg) {
+        assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", squid_cg.display());
         std::thread::sleep(Duration::from_millis(20));
     }
-    end(&mut daemon);
-    proxies.iter_mut().for_each(end);
-    let down = Command::new(REWIRE).args(["down", "--grace", "5", "--config"]).arg(&cfg_path).output().unwrap();
-    if let Ok(mut c) = ManagedCgroup::existing(&name) {
-        let _ = c.remove();
-    }
-    let _ = rewire_control::persist::remove_pins(&rewire_control::paths::pin_dir(&name));
+    std::fs::create_dir(&squid_cg).unwrap();
+    let again = host.dir.join("squid-again.jsonl");
+    d.proxy_at("squid", &again, Some(&squid_cg));
+    nix::sys::signal::kill(dpid, nix::sys::signal::SIGCONT).unwrap();
+    wait_until("the daemon followed the re-made unit", || d.stderr().contains("now point at the new cgroup ids"));
+    let after = host.app(APP, None, None, server.addr, None);
+    let seen = after.go();
+    println!("after the restart: the server saw {:?}", seen.fresh);
+    let a = flows_of(&audit_log, after.pid);
+    let s = rewire_proxy::wait_flow_lines(&again, 1, Duration::from_secs(5)).unwrap_or_default();
+    println!("audit flows of the app after: {a}; squid (running, re-made unit) lines: {}", s.len());
+    assert!(
+        s.iter().any(|l| l["client_pid"] == after.pid && l["chain"] == serde_json::json!(["audit", "squid"])),
+        "the app's flow after the unit's restart skipped squid (running): audit {a}, squid {s:?}"
+    );
+    // IPv4 UDP too: its socket's cgroup is the one that bound it (rw_made_cg), not read from the kernel.
+    let mut probe = Command::new(REWIRE);
+    probe.args(["probe", &echo.addr.to_string(), "--udp", "5"]).stdout(Stdio::piped());
+    in_cgroup(&mut probe, &host.path(APP));
+    let out = wait_output(probe.spawn().unwrap(), Duration::from_secs(60));
+    let r: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    assert_eq!(r["udp"]["received"], 5, "the app's UDP probe after the restart: {r}");
+    // The UDP flow's line comes when it is idle (udp_idle_ms), after the TCP ones.
+    let s = rewire_proxy::wait_flow_lines(&again, s.len() + 1, Duration::from_secs(15)).unwrap_or_default();
+    let udp: Vec<_> = s.iter().filter(|l| l["protocol"] == "udp").collect();
+    assert!(
+        udp.iter().any(|l| l["chain"] == serde_json::json!(["audit", "squid"])),
+        "the app's UDP flow after the unit's restart skipped squid (running, bound before the daemon followed): squid {s:?}"
+    );
+    d.stop();
+    d.end_children();
+    let down = d.down(5);
     println!(
         "{}",
-        std::fs::read_to_string(&dlog)
-            .unwrap_or_default()
+        d.stderr()
             .lines()
             .filter(|l| l.contains("re-made") || l.contains("impostor") || l.contains("skip") || l.contains("rror"))
             .collect::<Vec<_>>()
             .join("\n")
     );
-    result.unwrap();
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
 }

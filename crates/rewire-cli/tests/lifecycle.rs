@@ -965,6 +965,54 @@ fn probe_from_subtree(life: &Life, dst: SocketAddr) -> (Value, Option<i32>) {
     (serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), out.status.code())
 }
 
+impl Life {
+    /// `systemd-socket-activate` (the real one, package systemd; `--datagram`
+    /// for UDP) binding `listen` outside the service and, at the first
+    /// connection or datagram, exec'ing `rewire exec --service audit --
+    /// rewire proxy --name audit` with the socket (LISTEN_FDS). Its pid
+    /// (kept through every exec), the proxy's flow log and the stderr file.
+    fn activate(&mut self, datagram: bool, listen: SocketAddr) -> (u32, PathBuf, PathBuf) {
+        let (log, err) = (self.dir.join("audit.jsonl"), self.dir.join("activated.err"));
+        let cfg = self.cfg.to_str().unwrap().to_string();
+        // systemd-socket-activate passes only the variables given with -E.
+        let bpffs = format!("REWIRE_BPFFS={}", self.bpffs.display());
+        let child = Command::new("systemd-socket-activate")
+            .args(datagram.then_some("--datagram"))
+            .args(["-E", &bpffs, "-E", "REWIRE_LOG=info", "-l", &listen.to_string(), REWIRE, "exec", "--config", &cfg])
+            .args(["--service", "audit", "--", REWIRE, "proxy", "--name", "audit", "--config", &cfg, "--log"])
+            .arg(&log)
+            .env("REWIRE_BPFFS", &self.bpffs)
+            .env("REWIRE_LOG", "info")
+            .env_remove("REWIRE_CGROUP")
+            .env_remove("REWIRE_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("systemd-socket-activate (package systemd; scripts/setup-test.sh installs it)");
+        let pid = child.id();
+        self.children.push(child);
+        (pid, log, err)
+    }
+}
+
+/// Sends datagrams (from outside the subtree) to `listen` every 100 ms until
+/// the activated proxy says in `err` that it listens (bounded: 60 s): the
+/// first one starts the service, once the activator has bound the address.
+/// The proxy's stderr so far.
+fn wake_udp(listen: SocketAddr, err: &Path) -> String {
+    let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t0 = Instant::now();
+    loop {
+        let _ = wake.send_to(b"wake", listen);
+        let text = std::fs::read_to_string(err).unwrap_or_default();
+        if text.contains("proxy audit listening") {
+            return text;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the activated proxy did not start within 60 s:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A proxy started the systemd way: `systemd-socket-activate` (the real
 /// one, package systemd) binds the service's address outside the service,
 /// and at the first connection execs `rewire exec --service audit --
@@ -980,40 +1028,7 @@ fn a_socket_passed_by_systemd_socket_activate_serves_its_services_flows() {
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut life = Life::new(&service("audit", port, server.addr.port()));
     life.start_daemon(&[]);
-    let (log, err) = (life.dir.join("audit.jsonl"), life.dir.join("activated.err"));
-    let cfg = life.cfg.to_str().unwrap().to_string();
-    // systemd-socket-activate passes only the variables given with -E.
-    let bpffs = format!("REWIRE_BPFFS={}", life.bpffs.display());
-    let child = Command::new("systemd-socket-activate")
-        .args([
-            "-E",
-            &bpffs,
-            "-E",
-            "REWIRE_LOG=info",
-            "-l",
-            &listen.to_string(),
-            REWIRE,
-            "exec",
-            "--config",
-            &cfg,
-            "--service",
-            "audit",
-            "--",
-            REWIRE,
-            "proxy",
-        ])
-        .args(["--name", "audit", "--config", &cfg, "--log"])
-        .arg(&log)
-        .env("REWIRE_BPFFS", &life.bpffs)
-        .env("REWIRE_LOG", "info")
-        .env_remove("REWIRE_CGROUP")
-        .env_remove("REWIRE_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("systemd-socket-activate (package systemd; scripts/setup-test.sh installs it)");
-    let pid = child.id();
-    life.children.push(child);
+    let (pid, log, err) = life.activate(false, listen);
     wait_listening(listen);
     // The service manager starts the service at the first connection (here
     // one from outside the subtree, which the hooks do not redirect).
@@ -1045,36 +1060,10 @@ fn a_udp_socket_passed_by_systemd_socket_activate_serves_its_services_flows() {
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut life = Life::new(&format!("udp_idle_ms = 1500\n{}", udp_service("audit", port, echo.addr.port())));
     life.start_daemon(&[]);
-    let (log, err) = (life.dir.join("audit.jsonl"), life.dir.join("activated.err"));
+    let (pid, log, err) = life.activate(true, listen);
     let cfg = life.cfg.to_str().unwrap().to_string();
-    let bpffs = format!("REWIRE_BPFFS={}", life.bpffs.display());
-    let child = Command::new("systemd-socket-activate")
-        .args(["--datagram", "-E", &bpffs, "-E", "REWIRE_LOG=info", "-l", &listen.to_string(), REWIRE, "exec", "--config", &cfg])
-        .args(["--service", "audit", "--", REWIRE, "proxy", "--name", "audit", "--config", &cfg, "--log"])
-        .arg(&log)
-        .env("REWIRE_BPFFS", &life.bpffs)
-        .env("REWIRE_LOG", "info")
-        .env_remove("REWIRE_CGROUP")
-        .env_remove("REWIRE_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("systemd-socket-activate (package systemd; scripts/setup-test.sh installs it)");
-    let pid = child.id();
-    life.children.push(child);
-    // The first datagram (from outside the subtree) starts the service; it
-    // is waited for until the activator has bound the address (bounded).
-    let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let t0 = Instant::now();
-    let text = loop {
-        let _ = wake.send_to(b"wake", listen);
-        let text = std::fs::read_to_string(&err).unwrap_or_default();
-        if text.contains("proxy audit listening") {
-            break text;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the activated proxy did not start within 60 s:\n{text}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // The first datagram (from outside the subtree) starts the service.
+    let text = wake_udp(listen, &err);
     assert!(rewire_control::cgroup::cgroup_of(pid).unwrap().ends_with("services/audit"));
     let out =
         life.rewire().args(["exec", "--config", &cfg, "--", REWIRE, "probe", &echo.addr.to_string(), "--udp", "20"]).output().unwrap();
@@ -1224,33 +1213,9 @@ fn another_user_cannot_bind_beside_an_activated_udp_service() {
     let svc = udp_service("audit", port, echo.addr.port()).replace("udp_ports = 1\n", "udp_ports = 1\nfail = \"open\"\n");
     let mut life = Life::new(&format!("udp_idle_ms = 1500\n{svc}"));
     life.start_daemon(&[]);
-    let (log, err) = (life.dir.join("audit.jsonl"), life.dir.join("activated.err"));
+    let (_, log, err) = life.activate(true, listen);
     let cfg = life.cfg.to_str().unwrap().to_string();
-    let bpffs = format!("REWIRE_BPFFS={}", life.bpffs.display());
-    let child = Command::new("systemd-socket-activate")
-        .args(["--datagram", "-E", &bpffs, "-E", "REWIRE_LOG=info", "-l", &listen.to_string(), REWIRE, "exec", "--config", &cfg])
-        .args(["--service", "audit", "--", REWIRE, "proxy", "--name", "audit", "--config", &cfg, "--log"])
-        .arg(&log)
-        .env("REWIRE_BPFFS", &life.bpffs)
-        .env("REWIRE_LOG", "info")
-        .env_remove("REWIRE_CGROUP")
-        .env_remove("REWIRE_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("systemd-socket-activate");
-    life.children.push(child);
-    let wake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let t0 = Instant::now();
-    let text = loop {
-        let _ = wake.send_to(b"wake", listen);
-        let text = std::fs::read_to_string(&err).unwrap_or_default();
-        if text.contains("proxy audit listening") {
-            break text;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the activated proxy did not start within 60 s:\n{text}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let text = wake_udp(listen, &err);
     let probe = |life: &Life| -> Value {
         let out =
             life.rewire().args(["exec", "--config", &cfg, "--", REWIRE, "probe", &echo.addr.to_string(), "--udp", "20"]).output().unwrap();

@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rewire_testkit::{end, root_or_fail, wait_listening, wait_output};
@@ -31,16 +31,21 @@ impl Daemon {
     /// Writes `config` as the config of a fresh cgroup `rewire-test-<tag>-<pid>` and starts the daemon with `extra`
     /// arguments; returns once it serves.
     pub fn start(tag: &str, config: &str, extra: &[&str]) -> Self {
-        Self::launch(tag, config, extra, false)
+        Self::launch(tag, config, extra, false, &[])
+    }
+
+    /// As [`Daemon::start`], with `env` set in the daemon's environment.
+    pub fn start_with_env(tag: &str, config: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(tag, config, extra, false, env)
     }
 
     /// As [`Daemon::start`], with the daemon's stderr file announced as the journal's stream (`JOURNAL_STREAM`, as
     /// systemd sets it).
     pub fn start_as_journal(tag: &str, config: &str, extra: &[&str]) -> Self {
-        Self::launch(tag, config, extra, true)
+        Self::launch(tag, config, extra, true, &[])
     }
 
-    fn launch(tag: &str, config: &str, extra: &[&str], journal: bool) -> Self {
+    fn launch(tag: &str, config: &str, extra: &[&str], journal: bool, env: &[(&str, &str)]) -> Self {
         root_or_fail();
         let name = format!("rewire-test-{tag}-{}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
@@ -50,7 +55,7 @@ impl Daemon {
         std::fs::write(&cfg, format!("cgroup = \"{name}\"\n{config}")).unwrap();
         let err = std::fs::File::create(dir.join("daemon.err")).unwrap();
         let mut cmd = Command::new(REWIRE);
-        cmd.args(["daemon", "--config"]).arg(&cfg).args(extra).env_remove("JOURNAL_STREAM");
+        cmd.args(["daemon", "--config"]).arg(&cfg).args(extra).env_remove("JOURNAL_STREAM").envs(env.iter().copied());
         if journal {
             use std::os::unix::fs::MetadataExt;
             let m = err.metadata().unwrap();
@@ -76,26 +81,75 @@ impl Daemon {
         rewire_control::Config::load(&self.cfg).unwrap()
     }
 
+    /// Writes `body` as another configuration of the same cgroup (for `rewire reload`), `file` in the scratch
+    /// directory: its path.
+    pub fn config_file(&self, file: &str, body: &str) -> PathBuf {
+        let path = self.dir.join(file);
+        std::fs::write(&path, format!("cgroup = \"{}\"\n{body}", self.name)).unwrap();
+        path
+    }
+
     /// Starts the reference proxy of service `name` (it joins the daemon's subtree itself) and waits for its
     /// addresses: its pid and flow log.
     pub fn proxy(&mut self, name: &str) -> (u32, PathBuf) {
         let log = self.dir.join(format!("{name}.jsonl"));
-        let p = Command::new(REWIRE)
-            .args(["proxy", "--name", name, "--log"])
-            .arg(&log)
+        (self.proxy_at(name, &log, None), log)
+    }
+
+    /// As [`Daemon::proxy`], logging to `log`, and started in `cgroup` when given (a service identified by an
+    /// existing cgroup runs there; the proxy then stays in it): its pid.
+    pub fn proxy_at(&mut self, name: &str, log: &Path, cgroup: Option<&Path>) -> u32 {
+        let mut cmd = Command::new(REWIRE);
+        cmd.args(["proxy", "--name", name, "--log"])
+            .arg(log)
             .arg("--config")
             .arg(&self.cfg)
             .env_remove("REWIRE_CGROUP")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::null());
+        if let Some(cg) = cgroup {
+            rewire_testkit::in_cgroup(&mut cmd, cg);
+        }
+        let p = cmd.spawn().unwrap();
         let pid = p.id();
         self.children.push(p);
         let svc = self.config().services.into_iter().find(|s| s.name.get_ref() == name).unwrap();
         for a in &svc.listen {
             wait_listening(*a);
         }
-        (pid, log)
+        pid
+    }
+
+    /// The daemon's pid (while it runs).
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.daemon.as_ref().expect("the daemon runs").id() as i32)
+    }
+
+    /// Stops the daemon as a service manager would: SIGCONT (a test may have stopped it), SIGTERM, and SIGKILL if
+    /// it is still there after 20 s. Its hooks stay pinned.
+    pub fn stop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let pid = nix::unistd::Pid::from_raw(d.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+
+    /// `rewire down --grace GRACE` with the daemon's config: its output (the caller checks it).
+    pub fn down(&self, grace: u32) -> Output {
+        Command::new(REWIRE).args(["down", "--grace", &grace.to_string(), "--config"]).arg(&self.cfg).output().unwrap()
+    }
+
+    /// Ends the processes the test started beside the daemon (latest first).
+    pub fn end_children(&mut self) {
+        for mut c in self.children.drain(..).rev() {
+            end(&mut c);
+        }
     }
 
     /// `rewire probe ARGS` inside the subtree (as an application); its JSON report.
@@ -137,18 +191,11 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        for c in self.children.iter_mut().rev() {
-            end(c);
+        if std::thread::panicking() {
+            eprintln!("the daemon's stderr:\n{}", self.stderr());
         }
-        if let Some(mut d) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.id() as i32), nix::sys::signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = d.kill();
-            let _ = d.wait();
-        }
+        self.end_children();
+        self.stop();
         let _ = Command::new(REWIRE).args(["down", "--grace", "2", "--config"]).arg(&self.cfg).stderr(Stdio::null()).status();
         if let Ok(mut c) = rewire_control::ManagedCgroup::existing(&self.name) {
             let _ = c.remove();
