@@ -26,6 +26,15 @@ pub struct WorkerResult {
     /// connect() latencies: p50 and p99 in microseconds (connect test).
     pub connect_p50_us: f64,
     pub connect_p99_us: f64,
+    /// The tails around p99 (connect test), to see where a tail starts.
+    #[serde(default)]
+    pub connect_p90_us: f64,
+    #[serde(default)]
+    pub connect_p999_us: f64,
+    #[serde(default)]
+    pub first_byte_p90_us: f64,
+    #[serde(default)]
+    pub first_byte_p999_us: f64,
     /// connect + 1-byte echo (the flow really reached the server), p50/p99 µs.
     pub first_byte_p50_us: f64,
     pub first_byte_p99_us: f64,
@@ -81,6 +90,10 @@ pub fn worker(test: &str, target: SocketAddr, count: u64, secs: f64, bytes: u64,
             }
             r.connect_p50_us = pct(&mut lat, 0.50);
             r.connect_p99_us = pct(&mut lat, 0.99);
+            r.connect_p90_us = pct(&mut lat, 0.90);
+            r.connect_p999_us = pct(&mut lat, 0.999);
+            r.first_byte_p90_us = pct(&mut fb, 0.90);
+            r.first_byte_p999_us = pct(&mut fb, 0.999);
             r.first_byte_p50_us = pct(&mut fb, 0.50);
             r.first_byte_p99_us = pct(&mut fb, 0.99);
         }

@@ -8,6 +8,7 @@ mod load;
 mod report;
 mod scenarios;
 mod sys;
+mod tally;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -37,9 +38,15 @@ struct RunArgs {
     /// Seconds per test (connect, request/response, bulk) per scenario and round.
     #[arg(long)]
     secs: Option<f64>,
-    /// Rounds over all scenarios (default 3, 1 with --quick); each figure keeps its best round.
+    /// Rounds over all scenarios (default 3, 1 with --quick or --runs); each figure keeps its best round.
     #[arg(long)]
     rounds: Option<u32>,
+    /// Repeat the whole set of scenarios N times (each a run of --rounds
+    /// rounds, every other run in reverse order) and print, per figure, in
+    /// how many runs proxy1 was at least nft (the chains: bulk and rr;
+    /// hooks vs direct: conn/s), with the median ratio; also tally.{txt,json}.
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
     /// Short connections through one proxy for the memory check (the issue
     /// asks 1000000; default 20000, 4000 with --quick; bounded to 10 minutes).
     #[arg(long)]
@@ -61,6 +68,11 @@ struct RunArgs {
     /// Relay mode of the proxies (splice or copy; proxy1k always uses kernel).
     #[arg(long, default_value = "splice")]
     relay: String,
+    /// For investigations: run each proxy under this command, split at
+    /// spaces (e.g. "strace -f -c -o /tmp/s.txt"); it must run the proxy
+    /// in its place and pass SIGTERM on (strace does).
+    #[arg(long)]
+    proxy_wrap: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -160,6 +172,11 @@ pub struct Figures {
     pub connect_p99_us: f64,
     pub first_byte_p50_us: f64,
     pub first_byte_p99_us: f64,
+    /// The tails around p99 of the connect test (JSON only).
+    pub connect_p90_us: f64,
+    pub connect_p999_us: f64,
+    pub first_byte_p90_us: f64,
+    pub first_byte_p999_us: f64,
     pub bulk_gb_per_s: f64,
     pub rr_per_s: f64,
     pub rr_p50_us: f64,
@@ -169,6 +186,11 @@ pub struct Figures {
     pub cpu_s_per_gb: f64,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// Machine-wide context switches and softirqs (by kind) per connection
+    /// of the connect test ([`sys::machine_events`]): where a scenario makes
+    /// the kernel do more per flow than another (JSON only).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub conn_events_per_conn: BTreeMap<String, f64>,
     /// rewire scenarios: kernel time of rewire's programs per connection of
     /// a separate 1-s connect test run with BPF run-time statistics on.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -202,6 +224,10 @@ impl Figures {
         lo(&mut self.connect_p99_us, o.connect_p99_us);
         lo(&mut self.first_byte_p50_us, o.first_byte_p50_us);
         lo(&mut self.first_byte_p99_us, o.first_byte_p99_us);
+        lo(&mut self.connect_p90_us, o.connect_p90_us);
+        lo(&mut self.connect_p999_us, o.connect_p999_us);
+        lo(&mut self.first_byte_p90_us, o.first_byte_p90_us);
+        lo(&mut self.first_byte_p999_us, o.first_byte_p999_us);
         hi(&mut self.bulk_gb_per_s, o.bulk_gb_per_s);
         hi(&mut self.rr_per_s, o.rr_per_s);
         lo(&mut self.rr_p50_us, o.rr_p50_us);
@@ -234,6 +260,9 @@ impl Figures {
         }
         self.errors += o.errors;
         self.paired_conn_ratios.extend_from_slice(&o.paired_conn_ratios);
+        if self.conn_events_per_conn.is_empty() {
+            self.conn_events_per_conn = o.conn_events_per_conn.clone();
+        }
         if self.first_error.is_none() {
             self.first_error = o.first_error.clone();
         }
@@ -267,7 +296,8 @@ fn orchestrate(args: RunArgs) -> Result<()> {
         bail!("{} not found: build it (cargo build --release -p rewire-cli) or pass --rewire", rewire.display());
     }
     let secs = args.secs.unwrap_or(if args.quick { 1.0 } else { 3.0 });
-    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 });
+    let runs = args.runs.max(1);
+    let rounds = args.rounds.unwrap_or(if args.quick || runs > 1 { 1 } else { 3 });
     let churn_n = args.churn.unwrap_or(if args.quick { 4_000 } else { 20_000 });
     let tag = format!("rwbench-{}", std::process::id());
     sys::cleanup_on_signal(tag.clone())?;
@@ -278,43 +308,41 @@ fn orchestrate(args: RunArgs) -> Result<()> {
     let wanted = |s: &str| (args.only.is_empty() && !extra(s)) || args.only.iter().any(|o| o == s);
     let veth = Ctx { veth: true, ..ctx.clone() };
     let started = Instant::now();
+    let load_start = sys::loadavg();
 
     let mut best: BTreeMap<&str, Figures> = BTreeMap::new();
+    let mut per_run: Vec<BTreeMap<String, Figures>> = vec![];
+    let mut run_loads: Vec<String> = vec![];
     let mut failures: Vec<String> = vec![];
-    for round in 1..=rounds {
-        for &(name, label) in SCENARIOS {
-            if !wanted(name) {
-                continue;
-            }
-            eprintln!("rewire-bench: round {round}/{rounds}: {label}");
-            let relay = &args.relay;
-            let r = match name {
-                "direct" => ctx.direct(name),
-                "hooks" => ctx.rewire_scenario(name, 0, relay),
-                "proxy1" => ctx.rewire_scenario(name, 1, relay),
-                "proxy1k" => ctx.rewire_scenario(name, 1, "kernel"),
-                "proxy2" => ctx.rewire_scenario(name, 2, relay),
-                "nft" => ctx.nft_scenario(name),
-                "veth-direct" => veth.direct(name),
-                "veth-proxy1" => veth.rewire_scenario(name, 1, relay),
-                "veth-proxy2" => veth.rewire_scenario(name, 2, relay),
-                "veth-nft" => veth.nft_scenario(name),
-                "udp-direct" => ctx.udp_scenario(name, 0),
-                "udp-proxy1" => ctx.udp_scenario(name, 1),
-                "udp-proxy2" => ctx.udp_scenario(name, 2),
-                _ => unreachable!(),
-            };
-            sys::park_if_stopping();
-            match r {
-                Ok(mut f) => {
-                    f.label = label.into();
-                    best.entry(name).and_modify(|b| b.best(&f)).or_insert(f);
+    for run in 1..=runs {
+        // Every other run in reverse order: on a machine whose load drifts,
+        // no scenario always runs first or last.
+        let order: Vec<&(&str, &str)> = if run % 2 == 0 { SCENARIOS.iter().rev().collect() } else { SCENARIOS.iter().collect() };
+        let mut this: BTreeMap<String, Figures> = BTreeMap::new();
+        run_loads.push(sys::loadavg());
+        for round in 1..=rounds {
+            for &&(name, label) in &order {
+                if !wanted(name) {
+                    continue;
                 }
-                Err(e) => {
-                    eprintln!("rewire-bench: {label}: {e:#}");
-                    failures.push(format!("{label}: {e:#}"));
+                eprintln!("rewire-bench: run {run}/{runs}, round {round}/{rounds}: {label}");
+                match run_scenario(&ctx, &veth, name) {
+                    Ok(mut f) => {
+                        f.label = label.into();
+                        best.entry(name).and_modify(|b| b.best(&f)).or_insert_with(|| f.clone());
+                        this.entry(name.into()).and_modify(|b| b.best(&f)).or_insert(f);
+                    }
+                    Err(e) => {
+                        eprintln!("rewire-bench: {label}: {e:#}");
+                        failures.push(format!("run {run}: {label}: {e:#}"));
+                    }
                 }
             }
+        }
+        per_run.push(this);
+        if runs > 1 {
+            // Written after every run, so that an interrupted tally keeps what it measured.
+            report::write_tally(&args.out, &per_run, &run_loads, runs, secs, rounds)?;
         }
     }
     let churn = if churn_n > 0 && wanted("proxy1") {
@@ -332,11 +360,38 @@ fn orchestrate(args: RunArgs) -> Result<()> {
     sys::park_if_stopping();
     let _ = std::fs::remove_dir_all(&tmp);
     let figures: Vec<Figures> = SCENARIOS.iter().filter_map(|(n, _)| best.get(n).cloned()).collect();
-    report::write(&args.out, &figures, churn.as_ref(), &failures, secs, rounds, &args.relay, started.elapsed())?;
+    let run = report::Run { secs, rounds, runs, relay: &args.relay, took: started.elapsed(), load_start, load_end: sys::loadavg() };
+    report::write(&args.out, &figures, churn.as_ref(), &failures, &run)?;
+    if runs > 1 {
+        print!("\n{}", tally::text(&tally::tally(&per_run)));
+    }
     if !failures.is_empty() {
         bail!("{} scenario(s) failed", failures.len());
     }
     Ok(())
+}
+
+/// One scenario, set up, measured and removed.
+fn run_scenario(ctx: &Ctx, veth: &Ctx, name: &str) -> Result<Figures> {
+    let relay = &ctx.args.relay;
+    let r = match name {
+        "direct" => ctx.direct(name),
+        "hooks" => ctx.rewire_scenario(name, 0, relay),
+        "proxy1" => ctx.rewire_scenario(name, 1, relay),
+        "proxy1k" => ctx.rewire_scenario(name, 1, "kernel"),
+        "proxy2" => ctx.rewire_scenario(name, 2, relay),
+        "nft" => ctx.nft_scenario(name),
+        "veth-direct" => veth.direct(name),
+        "veth-proxy1" => veth.rewire_scenario(name, 1, relay),
+        "veth-proxy2" => veth.rewire_scenario(name, 2, relay),
+        "veth-nft" => veth.nft_scenario(name),
+        "udp-direct" => ctx.udp_scenario(name, 0),
+        "udp-proxy1" => ctx.udp_scenario(name, 1),
+        "udp-proxy2" => ctx.udp_scenario(name, 2),
+        _ => unreachable!(),
+    };
+    sys::park_if_stopping();
+    r
 }
 
 /// Path helper for report.rs.

@@ -1,5 +1,6 @@
 //! The table (stdout and results.txt), results.json and results.png.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
@@ -9,6 +10,18 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::{Churn, Figures};
+
+/// How the figures were taken, for the header.
+pub struct Run<'a> {
+    pub secs: f64,
+    pub rounds: u32,
+    pub runs: u32,
+    pub relay: &'a str,
+    pub took: Duration,
+    /// Load averages (1, 5, 15 min) at the start and at the end.
+    pub load_start: String,
+    pub load_end: String,
+}
 
 #[derive(Serialize)]
 struct Machine {
@@ -31,8 +44,8 @@ fn machine() -> Machine {
 }
 
 /// (key, heading, higher is better, value)
-type Metric = (&'static str, &'static str, bool, fn(&Figures) -> f64);
-const METRICS: &[Metric] = &[
+pub type Metric = (&'static str, &'static str, bool, fn(&Figures) -> f64);
+pub const METRICS: &[Metric] = &[
     ("conns_per_s", "conn/s", true, |f| f.conns_per_s),
     ("connect_p50_us", "conn p50 us", false, |f| f.connect_p50_us),
     ("connect_p99_us", "conn p99 us", false, |f| f.connect_p99_us),
@@ -52,17 +65,8 @@ fn fmt(v: f64) -> String {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn write(
-    out: &Path,
-    figs: &[Figures],
-    churn: Option<&Churn>,
-    failures: &[String],
-    secs: f64,
-    rounds: u32,
-    relay: &str,
-    took: Duration,
-) -> Result<()> {
+pub fn write(out: &Path, figs: &[Figures], churn: Option<&Churn>, failures: &[String], run: &Run) -> Result<()> {
+    let Run { secs, rounds, runs, relay, took, .. } = *run;
     crate::ensure_dir(out)?;
     let m = machine();
     let all = figs;
@@ -72,12 +76,10 @@ pub fn write(
     let base_of = |f: &Figures| figs.iter().find(|d| d.scenario == if f.scenario.starts_with("veth-") { "veth-direct" } else { "direct" });
     let direct = figs.iter().find(|f| f.scenario == "direct" || f.scenario == "veth-direct");
     let mut t = String::new();
-    writeln!(
-        t,
-        "rewire-bench: loopback, {secs} s per test, best of {rounds} round(s), proxy relay = {relay}, took {:.0} s",
-        took.as_secs_f64()
-    )?;
+    let of = if runs > 1 { format!("{runs} runs of {rounds} round(s)") } else { format!("{rounds} round(s)") };
+    writeln!(t, "rewire-bench: loopback, {secs} s per test, best of {of}, proxy relay = {relay}, took {:.0} s", took.as_secs_f64())?;
     writeln!(t, "machine: kernel {}, {} CPU(s), {}", m.kernel, m.nproc, m.cpu_model)?;
+    writeln!(t, "load average (1, 5, 15 min): {} at the start, {} at the end", run.load_start, run.load_end)?;
     writeln!(t)?;
     write!(t, "{:<11}", "scenario")?;
     for (_, h, _, _) in METRICS {
@@ -207,6 +209,9 @@ pub fn write(
         "machine": m,
         "secs_per_test": secs,
         "rounds": rounds,
+        "runs": runs,
+        "load_average_start": run.load_start,
+        "load_average_end": run.load_end,
         "relay": relay,
         "scenarios": all,
         "ratio_to_direct": ratios,
@@ -219,6 +224,51 @@ pub fn write(
         Err(e) => eprintln!("rewire-bench: no chart: {e}"),
     }
     eprintln!("rewire-bench: wrote {}/results.{{txt,json,png}}", out.display());
+    Ok(())
+}
+
+/// `tally.txt` and `tally.json` in `out`: the tally of the runs so far
+/// ([`crate::tally`]), each run's load average at its start and figures.
+pub fn write_tally(out: &Path, per_run: &[BTreeMap<String, Figures>], loads: &[String], runs: u32, secs: f64, rounds: u32) -> Result<()> {
+    crate::ensure_dir(out)?;
+    let m = machine();
+    let tally = crate::tally::tally(per_run);
+    let mut t = String::new();
+    writeln!(
+        t,
+        "rewire-bench --runs {runs}: {} run(s) done, {secs} s per test, {rounds} round(s) per run, every other run in reverse order",
+        per_run.len()
+    )?;
+    writeln!(t, "machine: kernel {}, {} CPU(s), {}", m.kernel, m.nproc, m.cpu_model)?;
+    writeln!(t, "load average (1, 5, 15 min) at the start of each run: {}", loads.join("; "))?;
+    writeln!(t)?;
+    t += &crate::tally::text(&tally);
+    writeln!(t, "\nper run:")?;
+    write!(t, "  {:>2} {:<11}", "#", "scenario")?;
+    for (_, h, _, _) in METRICS {
+        write!(t, " {:>13}", h.trim_end_matches(" us").trim_end_matches(" GB/s"))?;
+    }
+    writeln!(t)?;
+    for (i, r) in per_run.iter().enumerate() {
+        for f in crate::SCENARIOS.iter().filter_map(|(n, _)| r.get(*n)) {
+            write!(t, "  {:>2} {:<11}", i + 1, f.scenario)?;
+            for (_, _, _, get) in METRICS {
+                write!(t, " {:>13}", fmt(get(f)))?;
+            }
+            writeln!(t)?;
+        }
+    }
+    std::fs::write(out.join("tally.txt"), &t)?;
+    let json = serde_json::json!({
+        "machine": m,
+        "secs_per_test": secs,
+        "rounds_per_run": rounds,
+        "runs_asked": runs,
+        "load_average_at_run_start": loads,
+        "tally": tally,
+        "per_run": per_run,
+    });
+    std::fs::write(out.join("tally.json"), serde_json::to_string_pretty(&json)? + "\n")?;
     Ok(())
 }
 

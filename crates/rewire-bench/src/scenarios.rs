@@ -103,7 +103,15 @@ impl Ctx {
     }
 
     pub(crate) fn proxy(&self, place: &Placement, args: &[String], relay: &str) -> Result<Child> {
-        let mut c = Command::new(&self.rewire);
+        let wrap: Vec<&str> = self.args.proxy_wrap.as_deref().unwrap_or_default().split_whitespace().collect();
+        let mut c = match wrap.split_first() {
+            Some((cmd, rest)) => {
+                let mut c = Command::new(cmd);
+                c.args(rest).arg(&self.rewire);
+                c
+            }
+            None => Command::new(&self.rewire),
+        };
         c.arg("proxy").args(args).args(["--log", "/dev/null", "--relay", relay]);
         c.env(rewire_control::paths::ENV_LOG, "error");
         if let Some(cg) = &place.cgroup {
@@ -128,12 +136,22 @@ impl Ctx {
     pub(crate) fn tests(&self, name: &str, place: &Placement) -> Result<Figures> {
         let s = format!("{}", self.secs);
         let mut f = Figures { scenario: name.into(), ..Default::default() };
+        let ev0 = sys::machine_events();
         let c = self.worker(place, "connect", self.echo, &["--secs".into(), s.clone(), "--count".into(), "500000".into()])?;
+        let ev1 = sys::machine_events();
+        if c.ops > 0 {
+            for (k, b) in &ev1 {
+                let d = b.saturating_sub(ev0.get(k).copied().unwrap_or(*b));
+                f.conn_events_per_conn.insert(k.clone(), (d as f64 / c.ops as f64 * 100.0).round() / 100.0);
+            }
+        }
         f.conns_per_s = c.ops as f64 / c.secs;
         f.connect_p50_us = c.connect_p50_us;
         f.connect_p99_us = c.connect_p99_us;
         f.first_byte_p50_us = c.first_byte_p50_us;
         f.first_byte_p99_us = c.first_byte_p99_us;
+        (f.connect_p90_us, f.connect_p999_us) = (c.connect_p90_us, c.connect_p999_us);
+        (f.first_byte_p90_us, f.first_byte_p999_us) = (c.first_byte_p90_us, c.first_byte_p999_us);
         f.errors += c.errors;
         f.first_error = c.first_error;
         let r = self.worker(place, "rr", self.echo, &["--secs".into(), s.clone(), "--count".into(), "10000000".into()])?;
@@ -183,7 +201,36 @@ impl Ctx {
     /// of thousands of them slow the ephemeral port search of every connect,
     /// which made the later scenarios of a round look slower than they are.
     pub(crate) fn rewire_scenario(&self, name: &str, proxies: usize, relay: &str) -> Result<Figures> {
-        let (cfg, path) = self.config(name, proxies)?;
+        self.with_rewire(name, proxies, "tcp", relay, |ns, place, hooks, _| {
+            let mut f = self.tests(name, place)?;
+            let (total, by_program) = self.kernel_ns_per_conn(place, hooks)?;
+            f.kernel_ns_per_conn = Some(total);
+            f.kernel_by_program = by_program;
+            if proxies == 0 {
+                let plain = Placement { netns: Some(ns.path()), ..Default::default() };
+                f.paired_conn_ratios = self.paired(&plain, place)?;
+            }
+            Ok(f)
+        })
+    }
+
+    /// What every rewire scenario (TCP and UDP) sets up around its tests:
+    /// a fresh network namespace and a cgroup of ours with the hooks
+    /// attached from a config whose rules match `protocol` to the server
+    /// (`proxies` = 0: a rule matching nothing we use), the server (in the
+    /// namespace, outside the cgroup; or behind the veth pair), and the
+    /// proxies (relaying with `relay`) in both. Runs `body` with the
+    /// namespace, the place of the cgroup's processes, the hooks and the
+    /// proxies; stops and removes all of it afterwards, also on failure.
+    fn with_rewire<T>(
+        &self,
+        name: &str,
+        proxies: usize,
+        protocol: &str,
+        relay: &str,
+        body: impl FnOnce(&NetNs, &Placement, &Hooks, &[Child]) -> Result<T>,
+    ) -> Result<T> {
+        let (cfg, path) = self.config_for(name, proxies, protocol, self.server_net())?;
         let ns = NetNs::create(&self.tag)?;
         let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
         let result = (|| {
@@ -196,15 +243,7 @@ impl Ctx {
                 for i in 0..proxies {
                     children.push(self.config_proxy(&place, &path, i, relay)?);
                 }
-                let mut f = self.tests(name, &place)?;
-                let (total, by_program) = self.kernel_ns_per_conn(&place, &hooks)?;
-                f.kernel_ns_per_conn = Some(total);
-                f.kernel_by_program = by_program;
-                if proxies == 0 {
-                    let plain = Placement { netns: Some(ns.path()), ..Default::default() };
-                    f.paired_conn_ratios = self.paired(&plain, &place)?;
-                }
-                Ok(f)
+                body(&ns, &place, &hooks, &children)
             })();
             for c in &mut children {
                 sys::stop(c);
@@ -398,39 +437,18 @@ impl Ctx {
     /// peak during [`UDP_FLOWS`] flows (fresh sockets, held in batches of
     /// 2,000) and after they all ended.
     pub(crate) fn udp_scenario(&self, name: &str, proxies: usize) -> Result<Figures> {
-        let ns = NetNs::create(&self.tag)?;
-        let inside = Placement { netns: Some(ns.path()), ..Default::default() };
         if proxies == 0 {
+            let ns = NetNs::create(&self.tag)?;
+            let inside = Placement { netns: Some(ns.path()), ..Default::default() };
             let (srv_place, _srv) = self.server_ns(&ns)?;
             let mut server = self.server(&srv_place)?;
             let r = self.udp_tests(name, &inside, None);
             sys::stop(&mut server);
             return r;
         }
-        let (cfg, path) = self.config_for(name, proxies, "udp", self.server_net())?;
-        let mut cgroup = ManagedCgroup::create(&cfg.cgroup)?;
-        let result = (|| {
-            let hooks = attach_in(&ns.path(), &cfg, cgroup.path())?;
-            let (srv_place, _srv) = self.server_ns(&ns)?;
-            let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
-            let mut server = self.server(&srv_place)?;
-            let mut children = vec![];
-            let r = (|| {
-                for i in 0..proxies {
-                    children.push(self.config_proxy(&place, &path, i, &self.args.relay)?);
-                }
-                self.udp_tests(name, &place, Some(children[0].id()))
-            })();
-            for c in &mut children {
-                sys::stop(c);
-            }
-            sys::stop(&mut server);
-            drop(hooks);
-            r
-        })();
-        cgroup.remove()?;
-        drop(ns);
-        result
+        self.with_rewire(name, proxies, "udp", &self.args.relay, |_, place, _, children| {
+            self.udp_tests(name, place, Some(children[0].id()))
+        })
     }
 
     fn udp_tests(&self, name: &str, place: &Placement, proxy: Option<u32>) -> Result<Figures> {

@@ -1,5 +1,6 @@
 //! Processes, cgroups, network namespaces and /proc readings for the bench.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -173,6 +174,34 @@ pub fn machine_cpu() -> Result<f64> {
 fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
+/// Machine-wide event counters since boot, for the events per connection
+/// of a connect test: context switches (`/proc/stat` `ctxt`) and the
+/// softirqs of every CPU by kind (`/proc/softirqs`: RCU, NET_RX, TIMER,
+/// SCHED, ...). Other tenants' events count too; compare scenarios run
+/// alike, not absolute values.
+pub fn machine_events() -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    if let Ok(s) = std::fs::read_to_string("/proc/stat") {
+        if let Some(v) = s.lines().find_map(|l| l.strip_prefix("ctxt ")).and_then(|v| v.trim().parse().ok()) {
+            m.insert("ctxt".to_string(), v);
+        }
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/softirqs") {
+        for l in s.lines().skip(1) {
+            let mut w = l.split_whitespace();
+            let Some(kind) = w.next() else { continue };
+            m.insert(format!("softirq_{}", kind.trim_end_matches(':').to_lowercase()), w.filter_map(|v| v.parse::<u64>().ok()).sum());
+        }
+    }
+    m
+}
+
+/// The machine's load averages over 1, 5 and 15 minutes ("1.87 1.89 1.88"),
+/// for the results' header: figures of a loaded machine are not a quiet one's.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
 }
 
 /// Resident set size of a process in KiB.
