@@ -161,6 +161,26 @@ static __always_inline __u16 rw_caller_service(void)
 	return sid ? *sid : 0;
 }
 
+/* The service whose process is running when only its uid says so (its
+ * cgroup is no service's), or 0: what a TCP socket it makes or binds must
+ * be marked with (rw_svc_sock). A socket made in a service's cgroup needs
+ * no mark: the kernel records that cgroup in it (sk_cgrp_data, copied to
+ * every connection its listener accepts) and rw_side_door asks it of an
+ * accepted connection that has no mark (rw_sk_made_by_service), as the
+ * table has it then. The uid is the one thing the socket does not keep. */
+static __always_inline __u16 rw_caller_service_by_uid(void)
+{
+	struct rw_ident_key k = { .kind = 0, .id = bpf_get_current_cgroup_id() };
+	__u16 *sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+
+	if (sid)
+		return 0;
+	k.kind = 1;
+	k.id = (__u32)bpf_get_current_uid_gid();
+	sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+	return sid ? *sid : 0;
+}
+
 /* The kernel's view of a socket's cgroup (kernel_cgroup.h, read through
  * BTF). A socket made in the root cgroup, or by the kernel, reads that
  * cgroup's id, never a service's. */
@@ -373,9 +393,11 @@ static __always_inline int rw_bind(struct bpf_sock_addr *ctx, __u8 family)
 		return 1;
 	/* Any TCP socket a service's process binds: what its listeners accept
 	 * is the service's (side doors, rw_side_door). Unmarked, a side door
-	 * would go unseen: no storage, no bind. */
+	 * of a service known by its uid would go unseen: no storage, no bind.
+	 * (One known by its cgroup: the socket's cgroup says it, see
+	 * rw_caller_service_by_uid.) */
 	if (ctx->sk->protocol == IPPROTO_TCP) {
-		sid = rw_caller_service();
+		sid = rw_caller_service_by_uid();
 		if (sid) {
 			o = bpf_sk_storage_get(&rw_svc_sock, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 			if (!o)
@@ -390,13 +412,18 @@ static __always_inline int rw_bind(struct bpf_sock_addr *ctx, __u8 family)
 /* Every TCP socket a service's process creates is the service's (side
  * doors, rw_side_door): whatever it listens on, bound or not (listen()
  * without bind() picks a port where no bind hook runs), its accepted
- * connections carry the mark. Separate from rw_owner, which only the
- * service's own sockets on its configured addresses get (at bind). No
- * storage, no socket: an unmarked listener would hide its side doors. */
+ * connections are known as the service's. By the socket's own cgroup when
+ * the service is known by its cgroup (nothing to do here: no storage made
+ * for each of a proxy's onward sockets, none cloned into each connection
+ * its listener accepts); by this mark, carried into the accepted
+ * connections, when it is known by its uid. Separate from rw_owner, which
+ * only the service's own sockets on its configured addresses get (at
+ * bind). No storage, no socket: an unmarked listener would hide its side
+ * doors. */
 static __always_inline int rw_svc_sock_mark(struct bpf_sock *sk)
 {
 	struct rw_svc_sock *o;
-	__u16 sid = rw_caller_service();
+	__u16 sid = rw_caller_service_by_uid();
 
 	if (!sid)
 		return 1;

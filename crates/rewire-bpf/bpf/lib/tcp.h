@@ -217,15 +217,25 @@ static __always_inline void rw_side_door(struct bpf_sock_ops *skops, struct bpf_
 
 	o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, 0);
 	if (!o && open) {
-		/* Accepted on a listener a service's process made before the
-		 * daemon wrote its unit's new cgroup id (no mark at creation):
-		 * the connection has the listener's cgroup, asked now. */
+		/* Accepted on a listener made in a service's cgroup (such a
+		 * socket carries no mark, see rw_svc_sock_mark; or made before
+		 * the daemon wrote its unit's new cgroup id): the connection has
+		 * the listener's cgroup, asked now. */
 		k = rw_sk_made_by_service(sk);
 		if (!k)
 			return;
-		o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (!o)
+		o = rw_storage_create(&rw_svc_sock, sk);
+		if (!o) {
+			/* No room to remember it: counted open for good (the
+			 * service is never quiet again while this state lasts),
+			 * never unseen. */
+			s = bpf_map_lookup_elem(&rw_svc_state, &k);
+			if (s) {
+				__sync_fetch_and_add(&s->side_open, 1);
+				s->side_ns = bpf_ktime_get_boot_ns();
+			}
 			return;
+		}
 		o->service_id = k;
 	}
 	if (!o || !o->service_id || o->side_door == open)
