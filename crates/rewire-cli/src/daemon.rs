@@ -120,7 +120,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
             tracing::warn!("{}", rewire_control::guard::UNGUARDED);
         }
     }
-    let lsm = rewire_control::guard::lsm_persistent(cgroup.path(), &dir);
+    let lsm = rewire_control::guard::lsm_persistent(cgroup.path(), &dir, hooks.take_lsm_loaded());
     tracing::info!("{}", lsm.describe());
     warn_io_uring_gap(!rewire_control::guard::pinned_status(&dir).is_empty(), &lsm);
     // The guard's and the LSM part's links are held and restored like the hooks' own.

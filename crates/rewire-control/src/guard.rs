@@ -92,6 +92,12 @@ fn load_object(
     events: BorrowedFd<'_>,
 ) -> Result<Object, GuardError> {
     let obj = Object::load(bytes, name, &[("rw_counters", counters), ("rw_events", events)])?;
+    write_conf(&obj, conf)?;
+    Ok(obj)
+}
+
+/// Writes `conf` into a loaded guard or LSM object's `rw_guard_conf`.
+fn write_conf(obj: &Object, conf: GuardConf) -> Result<(), GuardError> {
     let m = obj.map("rw_guard_conf")?;
     let key = 0u32;
     // SAFETY: key and value have the map's sizes (u32, struct rw_guard_conf).
@@ -101,7 +107,7 @@ fn load_object(
     if r < 0 {
         return Err(GuardError::Load { what: "writing rw_guard_conf", source: io::Error::last_os_error() });
     }
-    Ok(obj)
+    Ok(())
 }
 
 /// The configuration for a subtree: its id and depth, its services' cgroup.
@@ -371,13 +377,45 @@ pub fn lsm_attach_for(hooks: &crate::Hooks) -> LsmState {
     }
 }
 
-/// [`lsm_attach`] with the maps pinned in a daemon's pin directory; the
-/// links are pinned in `<dir>/lsm/` (replacing earlier ones).
-pub fn lsm_persistent(subtree: &Path, dir: &Path) -> LsmState {
-    let run = || -> Result<Lsm, GuardError> {
+/// The LSM object loaded (verified) with the maps pinned in a daemon's pin
+/// directory, not attached: the daemon loads it while the hooks' own
+/// programs are verified ([`lsm_load`]), and attaches it after them
+/// ([`lsm_persistent`]), as before.
+pub struct LsmLoaded(Result<Object, GuardError>);
+
+impl LsmLoaded {
+    pub(crate) fn failed(why: String) -> Self {
+        LsmLoaded(Err(GuardError::Sys { what: why, source: io::Error::other("panicked") }))
+    }
+}
+
+impl std::fmt::Debug for LsmLoaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LsmLoaded")
+    }
+}
+
+/// Loads the LSM object with the `rw_counters` and `rw_events` pinned in
+/// `dir` (its configuration is written when it is attached). libbpf's own
+/// messages are silenced meanwhile.
+pub fn lsm_load(subtree: &Path, dir: &Path) -> LsmLoaded {
+    let run = || -> Result<Object, GuardError> {
         let counters = bpfsys::obj_get(&dir.join("rw_counters")).map_err(sys("opening the pinned rw_counters"))?;
         let events = bpfsys::obj_get(&dir.join("rw_events")).map_err(sys("opening the pinned rw_events"))?;
-        let lsm = lsm_try(subtree, counters.as_fd(), events.as_fd())?;
+        lsm_open(subtree, counters.as_fd(), events.as_fd())
+    };
+    LsmLoaded(run())
+}
+
+/// [`lsm_attach`] with the maps pinned in a daemon's pin directory (the
+/// object `loaded` ahead, or loaded now); the links are pinned in
+/// `<dir>/lsm/` (replacing earlier ones).
+pub fn lsm_persistent(subtree: &Path, dir: &Path, loaded: Option<LsmLoaded>) -> LsmState {
+    let run = || -> Result<Lsm, GuardError> {
+        let obj = loaded.unwrap_or_else(|| lsm_load(subtree, dir)).0?;
+        // The configuration as it is now (the services' cgroup exists once the hooks' tables are filled).
+        write_conf(&obj, conf_for(subtree)?)?;
+        let lsm = lsm_links(obj)?;
         remove_pinned_lsm(dir)?;
         let ldir = crate::paths::lsm_dir(dir);
         fs::create_dir_all(&ldir).map_err(sys(format!("creating {}", ldir.display())))?;
@@ -393,15 +431,24 @@ pub fn lsm_persistent(subtree: &Path, dir: &Path) -> LsmState {
 }
 
 fn lsm_try(subtree: &Path, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> Result<Lsm, GuardError> {
+    lsm_links(lsm_open(subtree, counters, events)?)
+}
+
+/// The LSM object loaded (verified), configured for `subtree`, not attached.
+fn lsm_open(subtree: &Path, counters: BorrowedFd<'_>, events: BorrowedFd<'_>) -> Result<Object, GuardError> {
     // SAFETY: libbpf_set_print only swaps a function pointer.
     let old = unsafe { libbpf_sys::libbpf_set_print(None) };
     let r = load_object(rewire_bpf::lsm_object(), "rewire_lsm", conf_for(subtree)?, counters, events);
     // SAFETY: as above, restoring the previous printer.
     unsafe { libbpf_sys::libbpf_set_print(old) };
-    let obj = r.map_err(|e| match e {
+    r.map_err(|e| match e {
         GuardError::Load { what, source } => GuardError::Lsm { what, source },
         e => e,
-    })?;
+    })
+}
+
+/// Attaches the programs of a loaded LSM object: its links.
+fn lsm_links(obj: Object) -> Result<Lsm, GuardError> {
     let mut links = vec![];
     for &(name, _) in rewire_bpf::LSM_PROGRAMS {
         let p = obj.prog(name)?;

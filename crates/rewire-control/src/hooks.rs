@@ -80,6 +80,9 @@ pub struct Hooks {
     /// The daemon's next generation, loaded ahead of its next reload
     /// ([`Hooks::prepare_reload`]).
     pub(crate) standby: Option<crate::persist::Standby>,
+    /// The daemon's BPF LSM object, loaded beside the hooks' programs and
+    /// attached by [`crate::guard::lsm_persistent`] ([`Hooks::take_lsm_loaded`]).
+    pub(crate) lsm_loaded: Option<crate::guard::LsmLoaded>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -181,7 +184,17 @@ impl Hooks {
             _ => Err("the object lacks rw_scope".to_owned()),
         };
         times.links = t.elapsed();
-        Ok(Self { bpf, cgroup: subtree.into(), held: vec![], held_guard: vec![], pins: None, scope, times, standby: None })
+        Ok(Self {
+            bpf,
+            cgroup: subtree.into(),
+            held: vec![],
+            held_guard: vec![],
+            pins: None,
+            scope,
+            times,
+            standby: None,
+            lsm_loaded: None,
+        })
     }
 
     /// Why IPv6 link-local destinations lose their scope id under these
@@ -201,6 +214,12 @@ impl Hooks {
             }
         };
         Ok((fd("rw_counters")?, fd("rw_events")?))
+    }
+
+    /// The BPF LSM object [`Hooks::persistent`] loaded beside the hooks'
+    /// programs, for [`crate::guard::lsm_persistent`] to attach (once).
+    pub fn take_lsm_loaded(&mut self) -> Option<crate::guard::LsmLoaded> {
+        self.lsm_loaded.take()
     }
 
     /// Where the time of loading and attaching these hooks went (for

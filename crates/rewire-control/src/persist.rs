@@ -108,7 +108,25 @@ impl Hooks {
         let mut outcome = Outcome::default();
         let existing = link_status(dir)?;
         outcome.adopted = !existing.is_empty();
-        let bpf = load_generation(config, subtree, dir, &mut outcome)?;
+        // The scope and LSM objects need only the pinned maps: loaded on a
+        // thread of their own while the hooks' programs are verified, attached
+        // after the hooks as before (nothing is attached earlier).
+        let mut early = None;
+        let bpf = load_generation(config, subtree, dir, &mut outcome, &mut || early = Some(Early::spawn(subtree, dir)))?;
+        let (mut scope_loaded, mut lsm_loaded) = match early.map(Early::join) {
+            Some((scope, lsm)) => (Some(scope), Some(lsm)),
+            None => (None, None),
+        };
+        // A map replaced by this build (its pinned layout differed) is
+        // pinned only when the generation goes live: what was loaded with
+        // the old one is loaded again then, with the new one.
+        let fresh = |names: &[&str]| outcome.fresh_maps.iter().any(|m| names.contains(&m.as_str()));
+        if fresh(&["rw_scope"]) {
+            scope_loaded = None;
+        }
+        if fresh(&["rw_counters", "rw_events"]) {
+            lsm_loaded = None;
+        }
         let cg_id = crate::cgroup::cgroup_id(subtree).map_err(|e| HooksError::Config(e.to_string()))?;
         let wanted = crate::hooks::programs_for(config);
         // Covered cgroups (crate::cover): their links are always updated in place.
@@ -129,7 +147,13 @@ impl Hooks {
             outcome.times.links += t.elapsed();
             held
         };
-        let scope = crate::scope::Scope::persistent(subtree, dir).map(|()| None);
+        let t = Instant::now();
+        let scope = match scope_loaded {
+            Some(obj) => crate::scope::Scope::persistent_loaded(subtree, dir, obj),
+            None => crate::scope::Scope::persistent(subtree, dir),
+        };
+        let scope = scope.map(|()| None);
+        tracing::debug!("scope program attached in {:.3} s", t.elapsed().as_secs_f64());
         Ok((
             Self {
                 bpf,
@@ -140,6 +164,7 @@ impl Hooks {
                 scope,
                 times: outcome.times.clone(),
                 standby: None,
+                lsm_loaded,
             },
             outcome,
         ))
@@ -263,7 +288,7 @@ impl Hooks {
                 outcome.times.ahead = true;
                 fill_generation(bpf, config, &self.cgroup, dir, &mut outcome)?
             }
-            None => load_generation(config, &self.cgroup, dir, &mut outcome)?,
+            None => load_generation(config, &self.cgroup, dir, &mut outcome, &mut || ())?,
         };
         let cg_id = crate::cgroup::cgroup_id(&self.cgroup).map_err(|e| HooksError::Config(e.to_string()))?;
         let wanted = crate::hooks::programs_for(config);
@@ -282,21 +307,41 @@ impl Hooks {
 /// their layout still fits), fresh configuration maps filled from
 /// `config` with the pinned SipHash key, every program loaded (not
 /// attached); every map staged under `<dir>/stage/`.
-fn load_generation(config: &Config, subtree: &Path, dir: &Path, outcome: &mut Outcome) -> Result<Ebpf, HooksError> {
-    let bpf = open_generation(dir, outcome, false)?;
+/// `beside` runs once the maps are pinned, before the programs are verified.
+fn load_generation(
+    config: &Config,
+    subtree: &Path,
+    dir: &Path,
+    outcome: &mut Outcome,
+    beside: &mut dyn FnMut(),
+) -> Result<Ebpf, HooksError> {
+    // Only the programs this configuration attaches are verified (a
+    // generation loaded ahead has them all: it serves any next configuration).
+    let names: Vec<&'static str> = crate::hooks::programs_for(config).iter().map(|p| p.0).collect();
+    let bpf = open_generation(dir, outcome, false, &names, beside)?;
     fill_generation(bpf, config, subtree, dir, outcome)
 }
 
 /// The object loaded with the pinned state maps and fresh, empty
-/// configuration maps, every program verified. With `ahead` (a
+/// configuration maps, the programs `names` verified. With `ahead` (a
 /// generation loaded before the reload that will use it, see [`Standby`]),
 /// a state map that is not pinned, or whose layout differs, is an error
 /// rather than created: nothing is pinned from another thread.
-fn open_generation(dir: &Path, outcome: &mut Outcome, ahead: bool) -> Result<Ebpf, HooksError> {
+fn open_generation(
+    dir: &Path,
+    outcome: &mut Outcome,
+    ahead: bool,
+    names: &[&'static str],
+    beside: &mut dyn FnMut(),
+) -> Result<Ebpf, HooksError> {
     let t = Instant::now();
+    // `EbpfLoader::new` parses the kernel's BTF (for the CO-RE relocations):
+    // on a thread of its own, beside the object's parse and the pins' check
+    // here (the threads it starts inherit a standby thread's nice value).
+    let kernel_btf = std::thread::spawn(EbpfLoader::new);
     let object = rewire_bpf::object();
     let obj = aya_obj::Object::parse(object).map_err(|e| HooksError::Config(format!("parsing rewire's BPF object: {e}")))?;
-    let mut loader = EbpfLoader::new();
+    let mut pin_paths = vec![];
     for (name, def) in &obj.maps {
         if name.starts_with('.') || CONFIG_MAPS.contains(&name.as_str()) {
             continue;
@@ -312,7 +357,7 @@ fn open_generation(dir: &Path, outcome: &mut Outcome, ahead: bool) -> Result<Ebp
                     // e.g. rw_owner's BPF_F_CLONE: the kernel's behaviour, not only the layout.
                     && info.map_flags == def.map_flags();
                 if fits {
-                    loader.map_pin_path(name, path);
+                    pin_paths.push((name, path));
                     outcome.kept_maps.push(name.clone());
                 } else if ahead {
                     return Err(HooksError::Config(format!("map {name}: pinned layout differs from this build's")));
@@ -334,18 +379,30 @@ fn open_generation(dir: &Path, outcome: &mut Outcome, ahead: bool) -> Result<Ebp
             }
             // Not pinned yet: aya creates and pins it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                loader.map_pin_path(name, path);
+                pin_paths.push((name, path));
             }
             Err(e) => return Err(sys(format!("opening {}", path.display()))(e)),
         }
     }
+    let checked = t.elapsed();
+    let mut loader = kernel_btf.join().map_err(|_| HooksError::Config("parsing the kernel's BTF panicked".into()))?;
+    let btf = t.elapsed();
+    for (name, path) in pin_paths {
+        loader.map_pin_path(name, path);
+    }
     let mut bpf = loader.load(object)?;
     outcome.times.maps += t.elapsed();
+    tracing::debug!(
+        "maps: object parsed and pins checked {:.3} s, kernel BTF ready {:.3} s (its thread), EbpfLoader::load {:.3} s",
+        checked.as_secs_f64(),
+        btf.as_secs_f64(),
+        (t.elapsed() - btf).as_secs_f64()
+    );
+    beside();
     // The verifier does not read the configuration maps' content (they are
     // neither read-only nor frozen): programs verified before the tables
     // are filled are the same programs.
-    let names: Vec<&'static str> = rewire_bpf::PROGRAMS.iter().map(|p| p.0).collect();
-    crate::load::load_programs(&mut bpf, &names, &mut outcome.times)?;
+    crate::load::load_programs(&mut bpf, names, &mut outcome.times)?;
     Ok(bpf)
 }
 
@@ -369,6 +426,34 @@ fn fill_generation(mut bpf: Ebpf, config: &Config, subtree: &Path, dir: &Path, o
     }
     outcome.times.links += t.elapsed();
     Ok(bpf)
+}
+
+/// The scope and BPF LSM objects of a daemon's start, loaded (verified, not
+/// attached) with the pinned maps on a thread of their own, beside the
+/// verification of the hooks' programs: the verifier is the start's cost,
+/// and these two loads (each parses the kernel's BTF with libbpf) used to
+/// follow it. They are attached where they were before: the scope program
+/// after the hooks, the LSM part by the daemon after the guard.
+struct Early(std::thread::JoinHandle<(Result<crate::libbpf::Object, String>, crate::guard::LsmLoaded)>);
+
+impl Early {
+    fn spawn(subtree: &Path, dir: &Path) -> Self {
+        let (subtree, dir) = (subtree.to_path_buf(), dir.to_path_buf());
+        Self(std::thread::spawn(move || {
+            let t = Instant::now();
+            let scope = crate::scope::load_pinned(&dir);
+            let lsm = crate::guard::lsm_load(&subtree, &dir);
+            tracing::debug!("scope and LSM objects loaded beside the hooks' verification in {:.3} s", t.elapsed().as_secs_f64());
+            (scope, lsm)
+        }))
+    }
+
+    fn join(self) -> (Result<crate::libbpf::Object, String>, crate::guard::LsmLoaded) {
+        self.0.join().unwrap_or_else(|_| {
+            let why = || "loading the scope and LSM objects panicked".to_string();
+            (Err(why()), crate::guard::LsmLoaded::failed(why()))
+        })
+    }
 }
 
 /// A generation loaded ahead of the next reload, on a thread of its own
@@ -399,7 +484,8 @@ impl Standby {
             // SAFETY: setpriority on this thread's id only changes its nice value.
             unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
             let mut outcome = Outcome::default();
-            let bpf = open_generation(&dir, &mut outcome, true);
+            let names: Vec<&'static str> = rewire_bpf::PROGRAMS.iter().map(|p| p.0).collect();
+            let bpf = open_generation(&dir, &mut outcome, true, &names, &mut || ());
             // Parsing the kernel's BTF for the relocations takes ~20 MB that
             // are free now; without this the allocator keeps them (this
             // thread's arena) for the daemon's lifetime.

@@ -59,8 +59,12 @@ impl Scope {
     /// pinned in `<dir>/scope/`; links already attached to `cgroup` are
     /// updated in place, others replaced.
     pub fn persistent(cgroup: &Path, dir: &Path) -> Result<(), String> {
-        let map = bpfsys::obj_get(&dir.join("rw_scope")).map_err(|e| err("opening the pinned rw_scope", e))?;
-        let obj = load(map.as_fd())?;
+        Self::persistent_loaded(cgroup, dir, load_pinned(dir))
+    }
+
+    /// As [`Scope::persistent`], with the object loaded ahead by [`load_pinned`].
+    pub(crate) fn persistent_loaded(cgroup: &Path, dir: &Path, obj: Result<Object, String>) -> Result<(), String> {
+        let obj = obj?;
         let cg_id = crate::cgroup::cgroup_id(cgroup).map_err(|e| err("the cgroup's id", io::Error::other(e.to_string())))?;
         let cg = File::open(cgroup).map_err(|e| err(&format!("opening {}", cgroup.display()), e))?;
         let sdir = scope_dir(dir);
@@ -88,6 +92,12 @@ impl Scope {
 /// Detaches and unpins a daemon's scope links; how many.
 pub fn remove_pinned(dir: &Path) -> io::Result<usize> {
     bpfsys::remove_pinned_links(&scope_dir(dir)).map_err(|(_, e)| e)
+}
+
+/// Loads the scope object with the `rw_scope` pinned in `dir` (not attached).
+pub(crate) fn load_pinned(dir: &Path) -> Result<Object, String> {
+    let map = bpfsys::obj_get(&dir.join("rw_scope")).map_err(|e| err("opening the pinned rw_scope", e))?;
+    load(map.as_fd())
 }
 
 /// Loads the scope object with the hooks' `rw_scope` map.
