@@ -307,7 +307,8 @@ impl Hooks {
 /// their layout still fits), fresh configuration maps filled from
 /// `config` with the pinned SipHash key, every program loaded (not
 /// attached); every map staged under `<dir>/stage/`.
-/// `beside` runs once the maps are pinned, before the programs are verified.
+/// `beside` runs once the maps the scope and LSM objects share are pinned
+/// ([`EARLY_MAPS`]), before the object is loaded and its programs verified.
 fn load_generation(
     config: &Config,
     subtree: &Path,
@@ -342,6 +343,7 @@ fn open_generation(
     let object = rewire_bpf::object();
     let obj = aya_obj::Object::parse(object).map_err(|e| HooksError::Config(format!("parsing rewire's BPF object: {e}")))?;
     let mut pin_paths = vec![];
+    let mut prealloc = vec![];
     for (name, def) in &obj.maps {
         if name.starts_with('.') || CONFIG_MAPS.contains(&name.as_str()) {
             continue;
@@ -377,13 +379,31 @@ fn open_generation(
             Err(e) if e.kind() == io::ErrorKind::NotFound && ahead => {
                 return Err(HooksError::Config(format!("map {name} is not pinned")));
             }
-            // Not pinned yet: aya creates and pins it.
+            // Not pinned yet: aya creates and pins it (some are made here, see below).
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if preallocated(def) || EARLY_MAPS.contains(&name.as_str()) {
+                    prealloc.push((name, def, path.clone()));
+                }
                 pin_paths.push((name, path));
             }
             Err(e) => return Err(sys(format!("opening {}", path.display()))(e)),
         }
     }
+    // On a fresh start, made and pinned here, while the kernel's BTF is
+    // parsed on the other thread (aya opens the pins as any other):
+    // preallocated hash maps, most of the maps' cost (the kernel allocates
+    // and zeroes every entry: the three 65,536-entry tables took 12 % of a
+    // start's CPU), and the maps the scope and LSM objects share, so that
+    // they load (`beside`) while aya parses and relocates the object. They
+    // are made as aya makes them, without the object's BTF: plain keys and
+    // values (arrays, hash tables, the ring buffer) need none, and nothing
+    // reads it.
+    for (name, def, path) in prealloc {
+        let plain = aya_obj::Map::new_from_params(def.map_type(), def.key_size(), def.value_size(), def.max_entries(), def.map_flags());
+        let map = aya::maps::MapData::create(plain, name, None).map_err(|source| HooksError::Map { name: "a state map", source })?;
+        map.pin(&path).map_err(|e| HooksError::Pin { path: path.clone(), message: e.to_string() })?;
+    }
+    beside();
     let checked = t.elapsed();
     let mut loader = kernel_btf.join().map_err(|_| HooksError::Config("parsing the kernel's BTF panicked".into()))?;
     let btf = t.elapsed();
@@ -398,12 +418,25 @@ fn open_generation(
         btf.as_secs_f64(),
         (t.elapsed() - btf).as_secs_f64()
     );
-    beside();
     // The verifier does not read the configuration maps' content (they are
     // neither read-only nor frozen): programs verified before the tables
     // are filled are the same programs.
     crate::load::load_programs(&mut bpf, names, &mut outcome.times)?;
     Ok(bpf)
+}
+
+/// The maps the scope and BPF LSM objects share with the hooks (see [`Early`]).
+const EARLY_MAPS: &[&str] = &["rw_scope", "rw_counters", "rw_events"];
+
+/// Whether the kernel allocates every entry of map `def` when it is made
+/// (hash maps without `BPF_F_NO_PREALLOC`, LRU maps always).
+fn preallocated(def: &aya_obj::Map) -> bool {
+    use aya_obj::generated::bpf_map_type::*;
+    const NO_PREALLOC: u32 = 1; // BPF_F_NO_PREALLOC
+    let t = def.map_type();
+    let lru = t == BPF_MAP_TYPE_LRU_HASH as u32 || t == BPF_MAP_TYPE_LRU_PERCPU_HASH as u32;
+    let hash = t == BPF_MAP_TYPE_HASH as u32 || t == BPF_MAP_TYPE_PERCPU_HASH as u32;
+    lru || (hash && def.map_flags() & NO_PREALLOC == 0)
 }
 
 /// Fills an opened generation's configuration maps from `config` with the
@@ -429,10 +462,10 @@ fn fill_generation(mut bpf: Ebpf, config: &Config, subtree: &Path, dir: &Path, o
 }
 
 /// The scope and BPF LSM objects of a daemon's start, loaded (verified, not
-/// attached) with the pinned maps on a thread of their own, beside the
-/// verification of the hooks' programs: the verifier is the start's cost,
-/// and these two loads (each parses the kernel's BTF with libbpf) used to
-/// follow it. They are attached where they were before: the scope program
+/// attached) with the pinned maps they share ([`EARLY_MAPS`]) on a thread
+/// of their own, beside the object's load (one thread: parsing and
+/// relocating) and the verification of the hooks' programs: these two
+/// loads (each parses the kernel's BTF with libbpf) used to follow them. They are attached where they were before: the scope program
 /// after the hooks, the LSM part by the daemon after the guard.
 struct Early(std::thread::JoinHandle<(Result<crate::libbpf::Object, String>, crate::guard::LsmLoaded)>);
 
