@@ -139,8 +139,6 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     let listener = rewire_control::control::bind(&cfg.cgroup, admits)?;
     let info =
         Arc::new(Mutex::new(Info { config: abs_config.clone(), generation, last: format!("started; {attach_time}"), last_ok: true }));
-    // The next reload's programs, verified now on a thread of their own.
-    hooks.prepare_reload();
     let events = hooks.take_events();
     let shared = Arc::new(RwLock::new(cfg.clone()));
     let state = crate::metrics::DaemonState::new(dir.clone(), cgroup.path().to_path_buf(), shared.clone());
@@ -173,6 +171,9 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
             config.display()
         );
         crate::notify::ready(&format!("serving {} service(s); {attach_time}", cfg.services.len()));
+        // The next reload's programs, verified now on a thread of their own
+        // (after ready: the start's own loads do not share the CPU with it).
+        hooks.prepare_reload();
         let metrics_task = match metrics {
             Some(addr) => Some(crate::metrics::serve(addr, state.clone())?),
             None => None,
