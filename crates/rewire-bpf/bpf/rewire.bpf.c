@@ -21,7 +21,10 @@
  *                         SO_ORIGINAL_DST on a redirected accepted socket, as
  *                         netfilter answers it, for unmodified proxies (and
  *                         the link of their onward connect to the flow)
- *   cgroup/setsockopt     RW_SOL/RW_OPT_RECORDS: the set call
+ *   cgroup/setsockopt     RW_SOL/RW_OPT_RECORDS: the set call; RW_OPT_ACCEL: a
+ *                         service opts its sockets in to accelerated legs
+ *   sk_msg                the accelerated leg between two proxies (lib/accel.h),
+ *                         attached to the sockhash rw_accel, not to the cgroup
  *
  * All per-flow state lives in socket-local storage, which the kernel frees
  * with the socket; the only shared tables (the TCP and UDP hand-offs) are
@@ -46,6 +49,7 @@
  *   lib/tcp.h        the TCP connect and the sockops hand-off
  *   lib/udp.h        UDP flows, replies, hand-off, closes
  *   lib/mark.h       packets: the UDP flow mark, who may receive
+ *   lib/accel.h      accelerated legs between proxies (sockhash, sk_msg)
  * Still one object: every program shares the maps.
  */
 
@@ -63,6 +67,7 @@
 #include "lib/tcp.h"
 #include "lib/udp.h"
 #include "lib/mark.h"
+#include "lib/accel.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -202,6 +207,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 	struct rw_sock *st, *v;
 	struct rw_conf *conf;
 	struct bpf_sock *sk;
+	__u32 from_accel;
 
 	/* Every TCP socket of the subtree runs this program at a fixed set of
 	 * points whatever its flags (RTO and window init, ECN, connect, active
@@ -211,6 +217,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 	case BPF_SOCK_OPS_STATE_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		break;
 	default:
 		return 1;
@@ -228,6 +235,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 			return 1;
 		rw_tuple_of(skops, &t, 0);
 		st->cookie = bpf_get_socket_cookie(skops);
+		st->flags = (st->flags & ~RW_F_ACCEL) | rw_accel_flag(sk);
 		if (bpf_map_update_elem(&rw_handoff, &t, st, BPF_NOEXIST)) {
 			/* Full (or a stale twin): the proxy will find no records
 			 * and refuse the connection; never a misattributed flow. */
@@ -273,6 +281,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 			return 1;
 		}
 		rw_svc_handed(v->service_id, (__u32)v->rec.depth + v->rec.n_chain);
+		from_accel = v->flags & RW_F_ACCEL;
 		st = bpf_sk_storage_get(&rw_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (st) {
 			st->service_id = v->service_id;
@@ -282,6 +291,10 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 			st->flags = RW_F_ACCEPTED;
 		}
 		bpf_map_delete_elem(&rw_handoff, &t);
+		rw_accel_passive(skops, sk, from_accel);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		rw_accel_active(skops, sk);
 		break;
 	}
 	return 1;
@@ -324,6 +337,18 @@ int rw_getsockopt(struct bpf_sockopt *ctx)
 	conf = rw_get_conf();
 	if (!conf || !sk) {
 		ctx->retval = -EOPNOTSUPP;
+		return 1;
+	}
+	if (ctx->optname == RW_OPT_ACCEL) {
+		int *p = ctx->optval;
+
+		if (ctx->optlen < (int)sizeof(*p) || (void *)(p + 1) > ctx->optval_end) {
+			ctx->retval = -ENOBUFS;
+			return 1;
+		}
+		*p = rw_accel_inserted(sk);
+		RW_READ(ctx->optlen) = sizeof(*p);
+		ctx->retval = 0;
 		return 1;
 	}
 	if (ctx->optname != RW_OPT_RECORDS && ctx->optname != RW_OPT_CONTEXT && ctx->optname != RW_OPT_UDP_PEER) {
@@ -419,6 +444,8 @@ int rw_setsockopt(struct bpf_sockopt *ctx)
 	conf = rw_get_conf();
 	if (!conf || !sk)
 		return rw_set_fail(EOPNOTSUPP);
+	if (ctx->optname == RW_OPT_ACCEL)
+		return rw_accel_optin(ctx);
 	if (ctx->optname != RW_OPT_RECORDS)
 		return rw_set_fail(EINVAL);
 	if (sk->state != BPF_TCP_CLOSE)
@@ -622,4 +649,12 @@ int rw_skb_ingress(struct __sk_buff *skb)
 		return 0;
 	}
 	return 1;
+}
+
+/* The accelerated leg between two proxies (lib/accel.h): attached to the
+ * sockhash rw_accel (its sockets only), not to the cgroup. */
+SEC("sk_msg")
+int rw_accel_msg(struct sk_msg_md *msg)
+{
+	return rw_accel_verdict(msg);
 }

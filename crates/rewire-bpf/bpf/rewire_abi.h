@@ -31,6 +31,11 @@
 #define RW_OPT_CONTEXT 2 /* get on accepted socket */
 #define RW_OPT_UDP_PEER 3 /* get on a proxy's UDP flow socket: a __u32, 1 when the
 			   * flow's sending socket has closed (the flow is over) */
+#define RW_OPT_ACCEL 4 /* set (an int, 1) by a service on its TCP listener or on its
+			* onward socket before connect: the proxy reads the socket only
+			* with recvmsg/read, non-blocking, so the leg to the next proxy may
+			* be accelerated (sk_msg, lib/accel.h); get: an int, 1 when the
+			* socket was put in the instance's sockhash */
 /* UDP has no accept: a proxy "accepts" a flow by connecting a socket bound to
  * its service address to the datagram's source; the queries then work on that
  * connected socket exactly as on an accepted TCP socket. */
@@ -235,8 +240,22 @@ struct rw_conf {
 	__u32 udp_flows_per_user; /* new UDP flows a second per uid (0: no limit) */
 	__u64 netns_cookie; /* the network namespace rewire serves (0: any) */
 	__u32 n_sel;        /* entries of rw_sel in use (0: no rule selects by origin) */
-	__u32 _pad;
+	__u32 accel_bound;  /* bytes an accelerated leg may hold queued at its receiving
+			     * socket (psock ingress) before its sender goes back to TCP */
 };
+
+/* Counters of the accelerated legs between proxies (per-CPU array
+ * rw_accel_cnt, lib/accel.h). */
+#define RW_ACCEL_BYTES 0     /* bytes redirected socket to socket (sk_msg) */
+#define RW_ACCEL_TCP_BYTES 1 /* bytes an accelerated socket sent over TCP (peer not in the
+			      * map, TCP path not empty, bound reached) */
+#define RW_ACCEL_FALLBACKS 2 /* a direction went from redirect back to TCP */
+#define RW_ACCEL_BOUND 3     /* ... because the receiver held accel_bound bytes */
+#define RW_ACCEL_INSERTED 4  /* sockets put into the sockhash */
+#define RW_ACCEL_REFUSED 5   /* RW_OPT_ACCEL refused (not a service's socket, connected) */
+#define RW_ACCEL_SWITCHES 6  /* a direction went from TCP to redirect */
+#define RW_ACCEL_N 8
+#define RW_DEFAULT_ACCEL_BOUND (1u << 20)
 
 /* Origin selectors (array rw_sel): what a rule's `cgroup = "/path"` (the
  * cgroup and everything below it) and `exe` conditions test. Evaluated once
@@ -408,7 +427,7 @@ RW_ASSERT_AT(rw_conf, n_rules, 0); RW_ASSERT_AT(rw_conf, hop_limit, 4);
 RW_ASSERT_AT(rw_conf, key, 8); RW_ASSERT_AT(rw_conf, udp_idle_ns, 24);
 RW_ASSERT_AT(rw_conf, _pad0, 32); RW_ASSERT_AT(rw_conf, udp_flows_per_user, 36);
 RW_ASSERT_AT(rw_conf, netns_cookie, 40); RW_ASSERT_AT(rw_conf, n_sel, 48);
-RW_ASSERT_AT(rw_conf, _pad, 52);
+RW_ASSERT_AT(rw_conf, accel_bound, 52);
 RW_ASSERT_SIZE(rw_sel, 24);
 RW_ASSERT_AT(rw_sel, kind, 0); RW_ASSERT_AT(rw_sel, level, 4); RW_ASSERT_AT(rw_sel, id, 8);
 RW_ASSERT_AT(rw_sel, dev, 16);

@@ -92,6 +92,11 @@ pub fn flows_object() -> &'static [u8] {
 /// The flows iterator's programs, as `(function, section)`.
 pub const FLOWS_PROGRAMS: &[(&str, &str)] = &[("rw_flows_tcp", "iter/tcp"), ("rw_flows_udp", "iter/udp")];
 
+/// The sk_msg program of the accelerated legs between proxies
+/// (`bpf/lib/accel.h`), section `sk_msg`: attached to the object's sockhash
+/// `rw_accel`, not to a cgroup, so it is not in [`PROGRAMS`].
+pub const ACCEL_PROGRAM: &str = "rw_accel_msg";
+
 /// Names of the programs in the object, as `(function, section)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
     ("rw_connect4", "cgroup/connect4"),

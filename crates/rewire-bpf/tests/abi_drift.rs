@@ -82,7 +82,7 @@ fn rust_structs() -> BTreeMap<&'static str, Layout> {
             sel
         }),
         view!("rw_conf" => RwConf {
-            n_rules, hop_limit, key, udp_idle_ns, _pad0, udp_flows_per_user, netns_cookie, n_sel, _pad
+            n_rules, hop_limit, key, udp_idle_ns, _pad0, udp_flows_per_user, netns_cookie, n_sel, accel_bound
         }),
         view!("rw_sel" => RwSel { kind, level, id, dev }),
         view!("rw_udp_handoff" => RwUdpHandoff { s, published_ns }),
@@ -123,6 +123,16 @@ fn rust_constants() -> BTreeMap<&'static str, i128> {
         RW_MAX_UDP_PORTS,
         RW_DEFAULT_UDP_IDLE_MS,
         RW_DEFAULT_UDP_FLOWS_PER_USER,
+        RW_OPT_ACCEL,
+        RW_ACCEL_BYTES,
+        RW_ACCEL_TCP_BYTES,
+        RW_ACCEL_FALLBACKS,
+        RW_ACCEL_BOUND,
+        RW_ACCEL_INSERTED,
+        RW_ACCEL_REFUSED,
+        RW_ACCEL_SWITCHES,
+        RW_ACCEL_N,
+        RW_DEFAULT_ACCEL_BOUND,
         RW_MAC_COVERS,
         RW_STATE_NOT_REDIRECTED,
         RW_STATE_REDIRECTED_BY_SELF,
@@ -182,6 +192,7 @@ const USER_MAPS: &[(&str, &str, &str)] = &[
     ("rw_svc_counters", "__u32", "__u64"),
     ("rw_guard_conf", "__u32", "rw_guard_conf"),
     ("rw_sel", "__u32", "rw_sel"),
+    ("rw_accel_cnt", "__u32", "__u64"),
 ];
 
 /// Maps only the kernel programs read: not part of the ABI.
@@ -197,6 +208,9 @@ const KERNEL_MAPS: &[&str] = &[
     "rw_svc_sock",
     "rw_scope",
     "rw_scratch",
+    "rw_accel",
+    "rw_accel_sk",
+    "rw_accel_peer",
     "rw_events", // a ring buffer of struct rw_event (no key or value type)
 ];
 

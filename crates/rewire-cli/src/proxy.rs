@@ -49,6 +49,13 @@ pub struct ProxyArgs {
     /// before the kernel takes over.
     #[arg(long, default_value_t = rewire_proxy::relay::DEFAULT_INSPECT_BYTES)]
     pub inspect_bytes: usize,
+    /// Opt the listeners and onward sockets in to accelerated legs between
+    /// proxies: where the next proxy in the chain on this host opted in
+    /// too, the kernel carries that leg socket to socket (sk_msg) instead of
+    /// through TCP, bounded by the config's accel_bound. Accelerated sockets
+    /// are read with recvmsg and do not use --relay kernel's fast path.
+    #[arg(long)]
+    pub accel: bool,
     /// Take each flow's destination from netfilter's SO_ORIGINAL_DST (behind
     /// an nftables/iptables `redirect` rule) instead of rewire's records.
     #[arg(long)]
@@ -139,6 +146,7 @@ pub fn main(a: ProxyArgs) -> Result<()> {
         },
         grace: std::time::Duration::from_millis(a.grace_ms),
         udp_share_percent: a.udp_share,
+        accel: a.accel,
         udp_idle: match (a.udp_idle_ms, &cfg) {
             (Some(ms), _) => std::time::Duration::from_millis(ms),
             (None, Some(cfg)) => cfg.udp_idle(),

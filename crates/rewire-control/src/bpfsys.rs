@@ -17,6 +17,7 @@ const BPF_MAP_LOOKUP_ELEM: u32 = 1;
 const BPF_MAP_GET_NEXT_KEY: u32 = 4;
 const BPF_OBJ_PIN: u32 = 6;
 const BPF_OBJ_GET: u32 = 7;
+const BPF_PROG_ATTACH: u32 = 8;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_MAP_GET_FD_BY_ID: u32 = 14;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
@@ -89,6 +90,17 @@ pub fn link_create_flags(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_ty
         BPF_LINK_CREATE,
         Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, cgroup.as_raw_fd() as u32).u32(8, attach_type).u32(12, flags),
     )
+}
+
+/// `BPF_SK_MSG_VERDICT`: a sockmap's sk_msg program.
+pub const BPF_SK_MSG_VERDICT: u32 = 7;
+
+/// Attaches a program to a map (`BPF_PROG_ATTACH`, e.g. an sk_msg program
+/// to a sockhash): replaces the map's program of that type, if any. The
+/// map holds the program while the map lives (sockets already in it keep
+/// the program they were inserted with).
+pub fn prog_attach_map(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
+    sys_bpf(BPF_PROG_ATTACH, Attr::new().u32(0, map.as_raw_fd() as u32).u32(4, prog.as_raw_fd() as u32).u32(8, attach_type)).map(drop)
 }
 
 /// Atomically replaces a link's program (`BPF_LINK_UPDATE`): every run of

@@ -11,6 +11,9 @@
 //! hop_limit = 8              # redirects one flow may take (1..=16)
 //! udp_idle_ms = 30000        # a UDP flow without datagrams this long is over
 //! udp_flows_per_user = 2000  # new UDP flows a second one user may start (0: no limit)
+//! accel_bound = 1048576      # bytes an accelerated leg between two proxies may hold
+//!                            # queued at the receiving proxy's socket before the
+//!                            # sender goes back to TCP (0: never accelerate)
 //! guard = "/"                # optional: the cgroup (path under the cgroup2
 //!                            # mount, "/" = the root) where the borrowed-socket
 //!                            # guard is attached; an ancestor of the subtree.
@@ -264,6 +267,9 @@ fn default_udp_idle_ms() -> Spanned<u64> {
 fn default_udp_flows_per_user() -> Spanned<u32> {
     Spanned::new(0..0, RW_DEFAULT_UDP_FLOWS_PER_USER)
 }
+fn default_accel_bound() -> Spanned<u32> {
+    Spanned::new(0..0, rewire::abi::RW_DEFAULT_ACCEL_BOUND)
+}
 
 /// A whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -289,6 +295,12 @@ pub struct Config {
     /// with `EAGAIN` (counter `udp_rate`). 0: no limit.
     #[serde(default = "default_udp_flows_per_user")]
     pub udp_flows_per_user: Spanned<u32>,
+    /// Bytes an accelerated leg between two proxies (`RW_OPT_ACCEL`) may
+    /// hold queued at the receiving proxy's socket; beyond, the sender's
+    /// bytes go over TCP (bounded by the socket buffers) until the TCP path
+    /// is empty again. 0: never accelerate.
+    #[serde(default = "default_accel_bound")]
+    pub accel_bound: Spanned<u32>,
     /// Where the borrowed-socket guard is attached ([`crate::guard`]): a
     /// cgroup path under the cgroup2 mount (`"/"` is its root), an ancestor
     /// of the subtree. Its programs run for every connect and unconnected

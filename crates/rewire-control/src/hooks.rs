@@ -122,9 +122,13 @@ impl Hooks {
         times.tables = t.elapsed();
         // Every program this configuration needs, verified in parallel, before any is attached.
         let wanted = programs_for(config);
-        let names: Vec<&'static str> = wanted.iter().map(|p| p.0).collect();
+        let mut names: Vec<&'static str> = wanted.iter().map(|p| p.0).collect();
+        names.push(rewire_bpf::ACCEL_PROGRAM);
         crate::load::load_programs(&mut bpf, &names, &mut times)?;
         let t = std::time::Instant::now();
+        // Before any socket can enter the sockhash (sockops inserts): a
+        // socket takes the map's program when it is inserted.
+        attach_accel(&bpf)?;
 
         // The subtree and every covered cgroup, none below another (see crate::cover).
         let mut cgs = vec![];
@@ -390,6 +394,73 @@ pub fn boot_ns() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Attaches the accelerated legs' sk_msg program to the sockhash `rw_accel`
+/// of `bpf` (`BPF_PROG_ATTACH`, replacing the program a previous generation
+/// attached to the same pinned map; sockets inserted before keep theirs).
+/// The map holds the program as long as it lives: pinned with the state
+/// maps, it outlives the daemon, like the cgroup links.
+pub(crate) fn attach_accel(bpf: &Ebpf) -> Result<(), HooksError> {
+    use std::os::fd::AsFd;
+    let prog = prog_fd(bpf, rewire_bpf::ACCEL_PROGRAM)?;
+    let map = match bpf.map("rw_accel") {
+        Some(Map::SockHash(d)) => d.fd().as_fd(),
+        _ => return Err(HooksError::Config("the object lacks the sockhash rw_accel".into())),
+    };
+    crate::bpfsys::prog_attach_map(prog, map, crate::bpfsys::BPF_SK_MSG_VERDICT)
+        .map_err(|source| HooksError::Sys { what: "attaching rw_accel_msg to the sockhash rw_accel".into(), source })
+}
+
+/// The counters of the accelerated legs (`rw_accel_cnt`), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccelCounters {
+    /// Bytes redirected socket to socket.
+    pub bytes: u64,
+    /// Bytes accelerated sockets sent over TCP (peer absent, TCP path not empty, bound reached).
+    pub tcp_bytes: u64,
+    /// Times a direction went from redirect back to TCP.
+    pub fallbacks: u64,
+    /// Messages sent over TCP because the receiver held the bound.
+    pub bound_hits: u64,
+    /// Sockets put into the sockhash.
+    pub inserted: u64,
+    /// Opt-ins refused (not a service's socket, or connected).
+    pub refused: u64,
+    /// Times a direction went from TCP to redirect.
+    pub switches: u64,
+}
+
+impl AccelCounters {
+    fn read(map: &Map) -> Result<Self, HooksError> {
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| HooksError::Map { name: "rw_accel_cnt", source })?;
+        let at = |i: u32| -> Result<u64, HooksError> {
+            Ok(arr.get(&i, 0).map_err(|source| HooksError::Map { name: "rw_accel_cnt", source })?.iter().sum())
+        };
+        Ok(Self {
+            bytes: at(abi::RW_ACCEL_BYTES)?,
+            tcp_bytes: at(abi::RW_ACCEL_TCP_BYTES)?,
+            fallbacks: at(abi::RW_ACCEL_FALLBACKS)?,
+            bound_hits: at(abi::RW_ACCEL_BOUND)?,
+            inserted: at(abi::RW_ACCEL_INSERTED)?,
+            refused: at(abi::RW_ACCEL_REFUSED)?,
+            switches: at(abi::RW_ACCEL_SWITCHES)?,
+        })
+    }
+
+    /// The counters of a daemon's pinned `rw_accel_cnt` under `dir`.
+    pub fn pinned(dir: &Path) -> Result<Self, HooksError> {
+        let m = MapData::from_pin(dir.join("rw_accel_cnt")).map_err(|source| HooksError::Map { name: "rw_accel_cnt", source })?;
+        Self::read(&Map::PerCpuArray(m))
+    }
+}
+
+impl Hooks {
+    /// The counters of the accelerated legs so far.
+    pub fn accel_counters(&self) -> Result<AccelCounters, HooksError> {
+        AccelCounters::read(self.bpf.map("rw_accel_cnt").ok_or_else(|| HooksError::Config("no rw_accel_cnt".into()))?)
+    }
 }
 
 /// The descriptor of the loaded program `name` of `bpf`.

@@ -164,6 +164,7 @@ fn load_one(name: &'static str, prog: &mut Program) -> Result<(), HooksError> {
         Program::CgroupSockopt(p) => p.load().map_err(err),
         Program::SockOps(p) => p.load().map_err(err),
         Program::CgroupSkb(p) => p.load().map_err(err),
+        Program::SkMsg(p) => p.load().map_err(err),
         _ => Err(HooksError::Config(format!("program {name} is not a cgroup program"))),
     }
 }

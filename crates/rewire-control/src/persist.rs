@@ -147,6 +147,9 @@ impl Hooks {
             outcome.times.links += t.elapsed();
             held
         };
+        // The pinned sockhash keeps its program; a map made new (first
+        // start, or a layout change) gets it here.
+        crate::hooks::attach_accel(&bpf)?;
         let t = Instant::now();
         let scope = match scope_loaded {
             Some(obj) => crate::scope::Scope::persistent_loaded(subtree, dir, obj),
@@ -295,6 +298,11 @@ impl Hooks {
         let t = Instant::now();
         let held = go_live(&bpf, config, &self.cgroup, cg_id, dir, &wanted, &mut outcome)?;
         outcome.times.links += t.elapsed();
+        // This generation's sk_msg program (its tables) for the sockets
+        // inserted from now on; those inserted before keep theirs.
+        if let Err(e) = crate::hooks::attach_accel(&bpf) {
+            tracing::warn!("the accelerated legs keep the previous generation's program: {e}");
+        }
         self.bpf = bpf;
         self.held = held;
         self.pins = Some(dir.into());
@@ -421,7 +429,11 @@ fn open_generation(
     // The verifier does not read the configuration maps' content (they are
     // neither read-only nor frozen): programs verified before the tables
     // are filled are the same programs.
-    crate::load::load_programs(&mut bpf, names, &mut outcome.times)?;
+    // With the accelerated legs' sk_msg program (attached to a map, not
+    // among the cgroup programs `names`), which every generation has.
+    let mut names = names.to_vec();
+    names.push(rewire_bpf::ACCEL_PROGRAM);
+    crate::load::load_programs(&mut bpf, &names, &mut outcome.times)?;
     Ok(bpf)
 }
 

@@ -325,7 +325,7 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Resu
         udp_flows_per_user: *config.udp_flows_per_user.get_ref(),
         netns_cookie: current_netns_cookie()?,
         n_sel: sels.table.len() as u32,
-        _pad: 0,
+        accel_bound: *config.accel_bound.get_ref(),
     };
     let mut arr: Array<&mut MapData, Pod<RwConf>> =
         Array::try_from(bpf.map_mut("rw_conf").expect("rw_conf")).map_err(map_err("rw_conf"))?;

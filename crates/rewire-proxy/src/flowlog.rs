@@ -42,6 +42,10 @@ pub struct FlowLog {
     /// TCP with `--relay kernel`: of `bytes_to_client`, those the kernel fast path forwarded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_bytes_to_client: Option<u64>,
+    /// TCP with `--accel`: which of the flow's sockets the kernel
+    /// accelerated (`[client side, server side]`), read with recvmsg.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accelerated: Option<[bool; 2]>,
     /// TCP: the preferred relay was refused and a fallback did (some of) the work.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub relay_fell_back: bool,
@@ -78,6 +82,7 @@ impl FlowLog {
             chain: vec![],
             hop: None,
             client_pid: None,
+            accelerated: None,
             client_command: None,
             client_uid: None,
             peer,

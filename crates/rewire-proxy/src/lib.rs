@@ -169,6 +169,10 @@ pub struct ProxyOptions {
     /// Percent (1..=100) of the descriptor budget UDP flows may hold; TCP
     /// flows may use the whole budget, so the rest is always TCP's.
     pub udp_share_percent: u8,
+    /// Opt the listeners and onward sockets in to accelerated legs between
+    /// proxies ([`rewire::accelerate`]); sockets the kernel accelerated are
+    /// read with recvmsg (never spliced, no kernel fast path).
+    pub accel: bool,
 }
 
 impl Default for ProxyOptions {
@@ -182,6 +186,7 @@ impl Default for ProxyOptions {
             udp_idle: Duration::from_millis(rewire::abi::RW_DEFAULT_UDP_IDLE_MS),
             grace: DEFAULT_GRACE,
             udp_share_percent: DEFAULT_UDP_SHARE_PERCENT,
+            accel: false,
         }
     }
 }

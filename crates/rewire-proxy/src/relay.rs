@@ -270,6 +270,66 @@ pub(crate) async fn relay_nodelay(
     })
 }
 
+/// [`relay_nodelay`] where the kernel accelerated `a` and/or `b`
+/// (`accel`, [`rewire::is_accelerated`]): a direction whose source is
+/// accelerated is read with recvmsg (copy relay: `splice` would not see the
+/// bytes the kernel queued on the socket's psock), the others are spliced;
+/// the kernel fast path is not used (a socket has one set of sockmap
+/// programs, and these have the accelerated legs'). Without acceleration,
+/// exactly [`relay_nodelay`].
+pub(crate) async fn relay_accel(
+    mode: RelayMode,
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    accel: [bool; 2],
+    progress: &Progress,
+    budget: &Arc<Budget>,
+) -> io::Result<RelayStats> {
+    if accel == [false, false] {
+        return relay_nodelay(mode, a, b, progress, budget).await;
+    }
+    let p = progress;
+    let ab = Way { done: &p.a_to_b, kernel: &p.kernel_a_to_b, budget, refused: &p.pipes_refused };
+    let ba = Way { done: &p.b_to_a, kernel: &p.kernel_b_to_a, budget, refused: &p.pipes_refused };
+    let (moved_ab, moved_ba) = (AtomicU64::new(0), AtomicU64::new(0));
+    let copy_only = mode == RelayMode::Copy;
+    let (n_ab, n_ba) = tokio::try_join!(
+        mixed_one_way(a, b, accel[0] || copy_only, &moved_ab, &moved_ba, ab, &p.fell_back),
+        mixed_one_way(b, a, accel[1] || copy_only, &moved_ba, &moved_ab, ba, &p.fell_back)
+    )?;
+    let fell_back = p.fell_back.load(Ordering::Relaxed) || p.pipes_refused.load(Ordering::Relaxed);
+    Ok(RelayStats { a_to_b: n_ab, b_to_a: n_ba, fell_back, ..Default::default() })
+}
+
+/// One direction of [`relay_accel`]: recvmsg (copy) from an accelerated
+/// source, else splice (copy where the kernel refuses it).
+async fn mixed_one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    by_copy: bool,
+    moved: &AtomicU64,
+    other: &AtomicU64,
+    way: Way<'_>,
+    fell_back: &AtomicBool,
+) -> io::Result<u64> {
+    if by_copy {
+        return copy_one_way(src, dst, moved, way).await;
+    }
+    match one_way(src, dst, moved, other, false, way, fell_back).await {
+        Ok((n, fb)) => {
+            if fb {
+                fell_back.store(true, Ordering::Relaxed);
+            }
+            Ok(n)
+        }
+        Err(e) if is_splice_unsupported(&e) => {
+            fell_back.store(true, Ordering::Relaxed);
+            copy_one_way(src, dst, moved, way).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 async fn copy(a: &TcpStream, b: &TcpStream, ab: Way<'_>, ba: Way<'_>) -> io::Result<RelayStats> {
     let (moved_ab, moved_ba) = (AtomicU64::new(0), AtomicU64::new(0));
     let (a_to_b, b_to_a) = tokio::try_join!(copy_one_way(a, b, &moved_ab, ab), copy_one_way(b, a, &moved_ba, ba))?;

@@ -52,7 +52,7 @@ pub async fn serve(
     let (cut_tx, cut_rx) = watch::channel(false);
     let mut acceptors = tokio::task::JoinSet::new();
     for l in listeners {
-        listener_options(&l);
+        listener_options(&l, proxy.opts.accel);
         acceptors.spawn(accept_loop(proxy.clone(), l, logs.clone(), phase.clone(), cut_rx.clone()));
     }
     drop(logs);
@@ -68,7 +68,15 @@ pub async fn serve(
 /// two per flow (each one also runs rewire's sockopt program). Whatever the
 /// listener's origin (bound here, passed by a service manager, or by a
 /// caller of [`serve`]).
-fn listener_options(l: &TcpListener) {
+///
+/// With `accel`, the listener also opts in to accelerated legs
+/// ([`rewire::accelerate`]): every connection it accepts inherits that too.
+fn listener_options(l: &TcpListener, accel: bool) {
+    if accel {
+        if let Err(e) = rewire::accelerate(l) {
+            tracing::warn!("opting the listener in to accelerated legs: {e}; its flows stay on TCP");
+        }
+    }
     let s = socket2::SockRef::from(l);
     if let Err(e) = s.set_linger(Some(Duration::ZERO)) {
         tracing::warn!("SO_LINGER on a listener: {e}");
@@ -219,13 +227,27 @@ async fn flow(proxy: &Proxy, client: &mut TcpStream, log: &mut FlowLog, progress
             log.fill(opts, &records, Some(ctx));
             let dst = records.original_destination();
             let sock = rewire::asynchronous::onward_socket(&records).map_err(|source| FlowError::ConnectOnward { dst, source })?;
+            if opts.accel {
+                if let Err(e) = rewire::accelerate(&sock) {
+                    tracing::debug!("opting the onward socket in to an accelerated leg: {e}");
+                }
+            }
             abortive(&sock, true);
             sock.connect(dst).await.map_err(|source| FlowError::ConnectOnward { dst, source: rewire::Error::from_io(source) })?
         }
     };
     // The client's socket has TCP_NODELAY from its listener; the onward one gets it here.
     let _ = upstream.set_nodelay(true);
-    relay::relay_nodelay(opts.relay, client, &mut upstream, progress, &proxy.budget).await.map_err(FlowError::Relay)?;
+    // Which sockets the kernel accelerated (known once accepted / connected:
+    // sockops inserts them at establishment): read with recvmsg only.
+    let accel = if opts.accel {
+        let a = [rewire::is_accelerated(client).unwrap_or(false), rewire::is_accelerated(&upstream).unwrap_or(false)];
+        log.accelerated = Some(a);
+        a
+    } else {
+        [false, false]
+    };
+    relay::relay_accel(opts.relay, client, &mut upstream, accel, progress, &proxy.budget).await.map_err(FlowError::Relay)?;
     // Both directions ended with their FIN passed on: an orderly close now.
     abortive(&upstream, false);
     abortive(client, false);

@@ -18,6 +18,10 @@ pub const RW_OPT_RECORDS: libc::c_int = 1;
 pub const RW_OPT_CONTEXT: libc::c_int = 2;
 /// Get on a proxy's UDP flow socket: a `u32`, 1 once the flow's sending socket has closed.
 pub const RW_OPT_UDP_PEER: libc::c_int = 3;
+/// Set (an `int`, 1) by a service on its TCP listener or onward socket before
+/// connect: opts in to accelerated legs between proxies; get: 1 when the
+/// socket was put in the instance's sockhash.
+pub const RW_OPT_ACCEL: libc::c_int = 4;
 pub const RW_MAGIC: u16 = 0x5752;
 pub const RW_VERSION: u8 = 1;
 pub const RW_MAX_CHAIN: usize = 16;
@@ -221,8 +225,21 @@ pub struct RwConf {
     pub netns_cookie: u64,
     /// Entries of `rw_sel` in use.
     pub n_sel: u32,
-    pub _pad: u32,
+    /// Bytes an accelerated leg may hold queued at its receiving socket.
+    pub accel_bound: u32,
 }
+
+/// Counters of accelerated legs (per-CPU array `rw_accel_cnt`), by index.
+pub const RW_ACCEL_BYTES: u32 = 0;
+pub const RW_ACCEL_TCP_BYTES: u32 = 1;
+pub const RW_ACCEL_FALLBACKS: u32 = 2;
+pub const RW_ACCEL_BOUND: u32 = 3;
+pub const RW_ACCEL_INSERTED: u32 = 4;
+pub const RW_ACCEL_REFUSED: u32 = 5;
+pub const RW_ACCEL_SWITCHES: u32 = 6;
+pub const RW_ACCEL_N: u32 = 8;
+/// Default of the configuration's `accel_bound` (1 MiB).
+pub const RW_DEFAULT_ACCEL_BOUND: u32 = 1 << 20;
 
 /// Origin selectors (`rw_sel` entries) at most.
 pub const RW_MAX_SEL: usize = 32;

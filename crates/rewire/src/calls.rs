@@ -23,7 +23,7 @@ pub fn raw_query(fd: RawFd, optname: libc::c_int, buf: &mut [u8]) -> Result<usiz
     let needed = match optname {
         abi::RW_OPT_RECORDS => RedirectRecords::ENCODED_LEN,
         abi::RW_OPT_CONTEXT => std::mem::size_of::<RwContext>(),
-        abi::RW_OPT_UDP_PEER => std::mem::size_of::<u32>(),
+        abi::RW_OPT_UDP_PEER | abi::RW_OPT_ACCEL => std::mem::size_of::<u32>(),
         _ => return Err(Error::InvalidRecords),
     };
     let mut len = buf.len() as libc::socklen_t;
@@ -64,6 +64,48 @@ pub fn raw_set(fd: RawFd, blob: &[u8]) -> Result<()> {
         return Err(refine(fd, std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
     }
     Ok(())
+}
+
+/// Opts a service's TCP socket in to accelerated legs between proxies
+/// (`RW_OPT_ACCEL`): a listener (every connection it accepts inherits it)
+/// or an onward socket before its connect. When both ends of a leg
+/// between two proxies on this host opted in, the kernel may carry its
+/// bytes socket to socket (sk_msg) instead of through TCP.
+///
+/// The contract: the proxy reads such a socket only with `recv`/`recvmsg`/
+/// `read`, non-blocking (never `splice`, never a blocking read: bytes the
+/// kernel queued for it by acceleration are not seen by `splice`, and a
+/// blocking reader may see a spurious `EAGAIN`). [`is_accelerated`] tells
+/// which of its sockets were accelerated. Only a service's own process may
+/// call it, on a socket one of its processes made ([`Error::from_errno`] of
+/// `EPERM` otherwise); an application's socket is never accelerated.
+pub fn accelerate(sock: &impl AsFd) -> Result<()> {
+    let fd = sock.as_fd().as_raw_fd();
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is valid for its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            abi::RW_SOL,
+            abi::RW_OPT_ACCEL,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(refine(fd, std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
+    }
+    Ok(())
+}
+
+/// Whether the kernel put this socket in its accelerated legs' map (it
+/// opted in with [`accelerate`], directly or through its listener, and is
+/// one end of a leg between two proxies that both did). Read such a socket
+/// with `recvmsg` only (see [`accelerate`]).
+pub fn is_accelerated(sock: &impl AsFd) -> Result<bool> {
+    let mut buf = [0u8; 4];
+    let n = raw_query(sock.as_fd().as_raw_fd(), abi::RW_OPT_ACCEL, &mut buf)?;
+    Ok(n == 4 && u32::from_ne_bytes(buf) != 0)
 }
 
 /// `SIO_QUERY_WFP_CONNECTION_REDIRECT_RECORDS`: the records of the flow on

@@ -41,8 +41,8 @@ pub mod udp;
 pub mod asynchronous;
 
 pub use calls::{
-    connect_onward, original_destination, query_redirect, query_redirect_context, query_redirect_records, raw_query, raw_set,
-    set_redirect_records, MAX_ANSWER_LEN,
+    accelerate, connect_onward, is_accelerated, original_destination, query_redirect, query_redirect_context, query_redirect_records,
+    raw_query, raw_set, set_redirect_records, MAX_ANSWER_LEN,
 };
 pub use context::{boot_ns_to_system_time, comm_to_string, KernelIdentity, RedirectContext};
 pub use context_layout::{ContextLayout, MAX_VENDOR_CONTEXT};

@@ -7,7 +7,7 @@
  * object reads the same fields the same way.
  *
  * API: struct kernfs_node, cgroup_subsys_state, cgroup, sock_cgroup_data,
- * sock (sk_cgrp_data only).
+ * sock (sk_cgrp_data; its cookie and sk_user_data for lib/accel.h).
  */
 #pragma once
 
@@ -27,6 +27,13 @@ struct cgroup {
 struct sock_cgroup_data {
 	struct cgroup *cgroup;
 } __attribute__((preserve_access_index));
+struct sock_common {
+	struct {
+		__s64 counter;
+	} skc_cookie; /* atomic64_t */
+} __attribute__((preserve_access_index));
 struct sock {
+	struct sock_common __sk_common;
 	struct sock_cgroup_data sk_cgrp_data;
+	void *sk_user_data; /* a sockmap member's psock, flags in the low bits (accel.h) */
 } __attribute__((preserve_access_index));

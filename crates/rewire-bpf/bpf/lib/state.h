@@ -18,6 +18,8 @@
 #define RW_F_ACCEPTED 4u     /* accepted socket that received a flow record */
 #define RW_F_LINK_LOST 8u    /* accepted socket queried when no link mark could be made: counted
 			      * in its service's link_unrecorded until released */
+#define RW_F_ACCEL 16u       /* hand-off entry: the connecting socket opted in to an
+			      * accelerated leg (RW_OPT_ACCEL, lib/accel.h) */
 
 /* One UDP flow of an application (or proxy outbound) socket. A datagram to
  * `rec.orig_dst` goes to `target`; a datagram from `target` is shown as
