@@ -644,14 +644,16 @@ fn child_flood() {
 
 /// `TCP_DEFER_ACCEPT` on the second proxy's listener: the first proxy's
 /// socket is established (and in the map) before the second proxy's socket
-/// exists, so the first bytes go over TCP; the rest may be accelerated once
-/// they are read. Exact either way, and the counters show the TCP path.
+/// exists, so the first bytes go over TCP; the rest may be accelerated only
+/// once those are read (the proxy waits 300 ms before its first read: bytes
+/// redirected meanwhile would be read before them). Exact, and the counters
+/// show the TCP path.
 #[test]
 fn deferred_accept_starts_on_tcp() {
     require_root!();
     let dst_port = free_port();
     let (mut sb, _, port2) = chain(dst_port, "", Some(ACCEL), None);
-    let (sink_child, sink_sync, _) = sink(&mut sb, port2, true, SinkOpts { defer_accept: true, ..Default::default() });
+    let (sink_child, sink_sync, _) = sink(&mut sb, port2, true, SinkOpts { defer_accept: true, delay_ms: 300, ..Default::default() });
     let up = 8 << 20;
     let app_child = child_cmd(Some(&sb), "child_send", &[(ENV_DST, loopback(true, dst_port).to_string()), (ENV_UP, up.to_string())])
         .stderr(Stdio::inherit())
