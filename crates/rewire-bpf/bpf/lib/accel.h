@@ -9,8 +9,9 @@
  * destination) never enter the map.
  *
  * Who enters the sockhash rw_accel (only sockops inserts):
- *   - an onward socket at ACTIVE_ESTABLISHED whose service opted in
- *     (RW_OPT_ACCEL, set before connect) and whose connect was redirected
+ *   - an onward socket made by a service's process, at ACTIVE_ESTABLISHED,
+ *     that its service opted in (RW_OPT_ACCEL, set before connect) and
+ *     whose connect was redirected
  *     to a service (RW_F_REDIRECTED: the SYN-ACK came from that service's
  *     own listener, lib/tcp.h), i.e. the leg goes to the next proxy;
  *   - a socket accepted at PASSIVE_ESTABLISHED that claimed its hand-off
@@ -149,9 +150,12 @@ static __noinline int rw_accel_optin(struct bpf_sockopt *ctx)
 		return rw_set_fail(EOPNOTSUPP);
 	if (sk->protocol != IPPROTO_TCP)
 		return rw_set_fail(EPROTOTYPE);
-	/* A service's process, on a socket one of its processes made. */
+	/* A service's process (its cgroup or its uid), on a socket that is
+	 * not marked as another service's. That the socket was made by a
+	 * service is checked again where it can be, at its insertion (this
+	 * hook has no cast to a kernel socket to read its cgroup). */
 	o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, 0);
-	if (!sid || !o || o->service_id != sid) {
+	if (!sid || (o && o->service_id != sid)) {
 		rw_accel_count(RW_ACCEL_REFUSED, 1);
 		return rw_set_fail(EPERM);
 	}
@@ -232,10 +236,18 @@ static __always_inline void rw_accel_active(struct bpf_sock_ops *skops, struct b
 	struct rw_accel_sock *a = bpf_sk_storage_get(&rw_accel_sk, sk, 0, 0);
 	struct rw_sock *st;
 
+	struct rw_svc_sock *o;
+
 	if (!a || !a->opted)
 		return;
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
 	if (!st || !(st->flags & RW_F_REDIRECTED) || !st->service_id)
+		return;
+	/* Made by a service's process: its cgroup's, or marked (by uid). An
+	 * application's socket never enters the map, even one a service
+	 * opted in after it was handed the descriptor. */
+	o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, 0);
+	if (!(o && o->service_id) && !rw_sk_made_by_service(sk))
 		return;
 	rw_accel_insert(skops, a);
 }
