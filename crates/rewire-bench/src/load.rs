@@ -41,9 +41,17 @@ pub struct WorkerResult {
     /// Round trip of one request/response, p50/p99 µs (rr test).
     pub rr_p50_us: f64,
     pub rr_p99_us: f64,
+    /// `connect-raw`: each connection's connect and first-byte latency, µs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect_us: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub first_byte_us: Vec<f64>,
+    /// The worker's own scheduler statistics at its end ([`crate::sys::schedstat`]).
+    #[serde(default)]
+    pub schedstat: [u64; 4],
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -60,7 +68,8 @@ pub fn worker(test: &str, target: SocketAddr, count: u64, secs: f64, bytes: u64,
     let mut r = WorkerResult { test: test.into(), ..Default::default() };
     let timeout = Duration::from_secs(10);
     match test {
-        "connect" => {
+        // `connect-raw`: also every connection's latencies (paired tails).
+        "connect" | "connect-raw" => {
             let (mut lat, mut fb) = (Vec::new(), Vec::new());
             while r.ops < count && t0.elapsed() < deadline {
                 let s = Instant::now();
@@ -87,6 +96,9 @@ pub fn worker(test: &str, target: SocketAddr, count: u64, secs: f64, bytes: u64,
                         }
                     }
                 }
+            }
+            if test == "connect-raw" {
+                (r.connect_us, r.first_byte_us) = (lat.clone(), fb.clone());
             }
             r.connect_p50_us = pct(&mut lat, 0.50);
             r.connect_p99_us = pct(&mut lat, 0.99);
@@ -253,6 +265,7 @@ pub fn worker(test: &str, target: SocketAddr, count: u64, secs: f64, bytes: u64,
         t => bail!("unknown test {t}"),
     }
     r.secs = t0.elapsed().as_secs_f64();
+    r.schedstat = crate::sys::schedstat(std::process::id());
     Ok(r)
 }
 

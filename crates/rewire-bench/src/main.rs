@@ -73,6 +73,15 @@ struct RunArgs {
     /// in its place and pass SIGTERM on (strace does).
     #[arg(long)]
     proxy_wrap: Option<String>,
+    /// For investigations: run this command (split at spaces, e.g. "perf
+    /// record -a -g -o /tmp/p.data") during each connect test, ended with
+    /// SIGINT; `{server}`, `{proxy1}`, `{proxy2}` stand for those pids
+    /// (e.g. "strace -c -f -p {proxy1} -o /tmp/s.txt").
+    #[arg(long)]
+    around_connect: Option<String>,
+    /// For investigations: only the connect test (no rr, no bulk).
+    #[arg(long)]
+    connect_only: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,7 +135,8 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("udp-proxy2", "UDP, rewire, 2-proxy chain"),
 ];
 
-/// Scenarios outside the default run: only when `--only` names them.
+/// Scenarios outside the default run: only when `--only` names them
+/// (and `tails`, the paired tails of proxy1 and nft, see `Ctx::paired_tails`).
 pub fn extra(name: &str) -> bool {
     name.starts_with("veth-") || name.starts_with("udp-")
 }
@@ -157,6 +167,51 @@ pub struct UdpFigures {
     pub rss_kib_after: Option<u64>,
     pub flows_ended_after_s: Option<f64>,
     pub fds_left: Option<usize>,
+}
+
+/// Connect and first-byte latency quantiles (µs) of pooled connect tests.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct TailQuantiles {
+    pub conns: usize,
+    pub connect_p50_us: f64,
+    pub connect_p90_us: f64,
+    pub connect_p99_us: f64,
+    pub connect_p999_us: f64,
+    pub first_byte_p50_us: f64,
+    pub first_byte_p90_us: f64,
+    pub first_byte_p99_us: f64,
+    pub first_byte_p999_us: f64,
+}
+
+impl TailQuantiles {
+    pub fn of(mut connect: Vec<f64>, mut first_byte: Vec<f64>) -> Self {
+        let q = |v: &mut Vec<f64>, p| load::pct(v, p);
+        TailQuantiles {
+            conns: connect.len(),
+            connect_p50_us: q(&mut connect, 0.50),
+            connect_p90_us: q(&mut connect, 0.90),
+            connect_p99_us: q(&mut connect, 0.99),
+            connect_p999_us: q(&mut connect, 0.999),
+            first_byte_p50_us: q(&mut first_byte, 0.50),
+            first_byte_p90_us: q(&mut first_byte, 0.90),
+            first_byte_p99_us: q(&mut first_byte, 0.99),
+            first_byte_p999_us: q(&mut first_byte, 0.999),
+        }
+    }
+}
+
+/// `tails` (named in --only): proxy1 and nft set up side by side, their
+/// connect tests alternated in short slices (see `Ctx::paired_tails`).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct PairedTails {
+    pub slices: usize,
+    pub secs_per_slice: f64,
+    pub proxy1: TailQuantiles,
+    pub nft: TailQuantiles,
+    /// Per side and process (worker, server, proxy1), per connection: µs on
+    /// a CPU, µs runnable but waiting for one, time slices, preemptions.
+    pub proxy1_sched_per_conn: BTreeMap<String, [f64; 4]>,
+    pub nft_sched_per_conn: BTreeMap<String, [f64; 4]>,
 }
 
 /// Program name -> (runs per connection, ns per connection).
@@ -191,6 +246,11 @@ pub struct Figures {
     /// the kernel do more per flow than another (JSON only).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub conn_events_per_conn: BTreeMap<String, f64>,
+    /// Per process of the connect test (worker, server, proxy1, proxy2), per
+    /// connection: µs on a CPU, µs runnable but waiting for a CPU, time slices,
+    /// preemptions ([`sys::schedstat`]; JSON only).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub conn_sched_per_conn: BTreeMap<String, [f64; 4]>,
     /// rewire scenarios: kernel time of rewire's programs per connection of
     /// a separate 1-s connect test run with BPF run-time statistics on.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -262,6 +322,7 @@ impl Figures {
         self.paired_conn_ratios.extend_from_slice(&o.paired_conn_ratios);
         if self.conn_events_per_conn.is_empty() {
             self.conn_events_per_conn = o.conn_events_per_conn.clone();
+            self.conn_sched_per_conn = o.conn_sched_per_conn.clone();
         }
         if self.first_error.is_none() {
             self.first_error = o.first_error.clone();
@@ -313,6 +374,7 @@ fn orchestrate(args: RunArgs) -> Result<()> {
     let mut best: BTreeMap<&str, Figures> = BTreeMap::new();
     let mut per_run: Vec<BTreeMap<String, Figures>> = vec![];
     let mut run_loads: Vec<String> = vec![];
+    let mut tails: Vec<PairedTails> = vec![];
     let mut failures: Vec<String> = vec![];
     for run in 1..=runs {
         // Every other run in reverse order: on a machine whose load drifts,
@@ -340,9 +402,21 @@ fn orchestrate(args: RunArgs) -> Result<()> {
             }
         }
         per_run.push(this);
-        if runs > 1 {
+        if args.only.iter().any(|o| o == "tails") {
+            eprintln!("rewire-bench: run {run}/{runs}: paired tails, proxy1 and nft alternated");
+            let t = ctx.paired_tails();
+            sys::park_if_stopping();
+            match t {
+                Ok(t) => tails.push(t),
+                Err(e) => {
+                    eprintln!("rewire-bench: paired tails: {e:#}");
+                    failures.push(format!("run {run}: paired tails: {e:#}"));
+                }
+            }
+        }
+        if runs > 1 || !tails.is_empty() {
             // Written after every run, so that an interrupted tally keeps what it measured.
-            report::write_tally(&args.out, &per_run, &run_loads, runs, secs, rounds)?;
+            report::write_tally(&args.out, &per_run, &tails, &run_loads, runs, secs, rounds)?;
         }
     }
     let churn = if churn_n > 0 && wanted("proxy1") {
@@ -362,8 +436,8 @@ fn orchestrate(args: RunArgs) -> Result<()> {
     let figures: Vec<Figures> = SCENARIOS.iter().filter_map(|(n, _)| best.get(n).cloned()).collect();
     let run = report::Run { secs, rounds, runs, relay: &args.relay, took: started.elapsed(), load_start, load_end: sys::loadavg() };
     report::write(&args.out, &figures, churn.as_ref(), &failures, &run)?;
-    if runs > 1 {
-        print!("\n{}", tally::text(&tally::tally(&per_run)));
+    if runs > 1 || !tails.is_empty() {
+        print!("\n{}", tally::text(&tally::tally(&per_run, &tails)));
     }
     if !failures.is_empty() {
         bail!("{} scenario(s) failed", failures.len());

@@ -229,10 +229,18 @@ pub fn write(out: &Path, figs: &[Figures], churn: Option<&Churn>, failures: &[St
 
 /// `tally.txt` and `tally.json` in `out`: the tally of the runs so far
 /// ([`crate::tally`]), each run's load average at its start and figures.
-pub fn write_tally(out: &Path, per_run: &[BTreeMap<String, Figures>], loads: &[String], runs: u32, secs: f64, rounds: u32) -> Result<()> {
+pub fn write_tally(
+    out: &Path,
+    per_run: &[BTreeMap<String, Figures>],
+    tails: &[crate::PairedTails],
+    loads: &[String],
+    runs: u32,
+    secs: f64,
+    rounds: u32,
+) -> Result<()> {
     crate::ensure_dir(out)?;
     let m = machine();
-    let tally = crate::tally::tally(per_run);
+    let tally = crate::tally::tally(per_run, tails);
     let mut t = String::new();
     writeln!(
         t,
@@ -258,6 +266,34 @@ pub fn write_tally(out: &Path, per_run: &[BTreeMap<String, Figures>], loads: &[S
             writeln!(t)?;
         }
     }
+    if !tails.is_empty() {
+        writeln!(
+            t,
+            "\npaired tails per run (proxy1 and nft alternated in slices; µs: connect p50/p90/p99/p99.9, first byte p50/p90/p99/p99.9;"
+        )?;
+        writeln!(t, "per connection: cpu µs / run-queue wait µs / time slices / preemptions of worker, server, proxy):")?;
+        for (i, p) in tails.iter().enumerate() {
+            for (side, q, st) in [("proxy1", &p.proxy1, &p.proxy1_sched_per_conn), ("nft", &p.nft, &p.nft_sched_per_conn)] {
+                let sched: Vec<String> =
+                    st.iter().map(|(who, v)| format!("{who} {:.0}/{:.0}/{:.2}/{:.3}", v[0], v[1], v[2], v[3])).collect();
+                writeln!(
+                    t,
+                    "  {:>2} {side:<7} {:>6} conns  {:.0}/{:.0}/{:.0}/{:.0}  {:.0}/{:.0}/{:.0}/{:.0}  {}",
+                    i + 1,
+                    q.conns,
+                    q.connect_p50_us,
+                    q.connect_p90_us,
+                    q.connect_p99_us,
+                    q.connect_p999_us,
+                    q.first_byte_p50_us,
+                    q.first_byte_p90_us,
+                    q.first_byte_p99_us,
+                    q.first_byte_p999_us,
+                    sched.join(", ")
+                )?;
+            }
+        }
+    }
     std::fs::write(out.join("tally.txt"), &t)?;
     let json = serde_json::json!({
         "machine": m,
@@ -267,6 +303,7 @@ pub fn write_tally(out: &Path, per_run: &[BTreeMap<String, Figures>], loads: &[S
         "load_average_at_run_start": loads,
         "tally": tally,
         "per_run": per_run,
+        "paired_tails": tails,
     });
     std::fs::write(out.join("tally.json"), serde_json::to_string_pretty(&json)? + "\n")?;
     Ok(())

@@ -133,12 +133,37 @@ impl Ctx {
     }
 
     /// The three tests of one scenario.
-    pub(crate) fn tests(&self, name: &str, place: &Placement) -> Result<Figures> {
+    /// `watch`: the scenario's other processes (server, proxies), whose
+    /// scheduler statistics per connection of the connect test go in
+    /// [`Figures::conn_sched_per_conn`] beside the worker's.
+    pub(crate) fn tests(&self, name: &str, place: &Placement, watch: &[(&str, u32)]) -> Result<Figures> {
         let s = format!("{}", self.secs);
         let mut f = Figures { scenario: name.into(), ..Default::default() };
         let ev0 = sys::machine_events();
-        let c = self.worker(place, "connect", self.echo, &["--secs".into(), s.clone(), "--count".into(), "500000".into()])?;
+        let st0: Vec<[u64; 4]> = watch.iter().map(|(_, pid)| sys::schedstat(*pid)).collect();
+        // `{server}`, `{proxy1}`, `{proxy2}` in the command: those processes' pids.
+        let around = self.args.around_connect.as_ref().map(|cmd| {
+            let cmd = watch.iter().fold(cmd.clone(), |c, (who, pid)| c.replace(&format!("{{{who}}}"), &pid.to_string()));
+            sys::spawn_around(&cmd)
+        });
+        let around = around.transpose()?;
+        let c = self.worker(place, "connect", self.echo, &["--secs".into(), s.clone(), "--count".into(), "500000".into()]);
+        if let Some(a) = around {
+            sys::end_around(a);
+        }
+        let c = c?;
+        let st1: Vec<[u64; 4]> = watch.iter().map(|(_, pid)| sys::schedstat(*pid)).collect();
         let ev1 = sys::machine_events();
+        if c.ops > 0 {
+            let n = c.ops as f64;
+            let per = |d: [u64; 4]| {
+                [d[0] as f64 / n / 1000.0, d[1] as f64 / n / 1000.0, d[2] as f64 / n, d[3] as f64 / n].map(|x| (x * 100.0).round() / 100.0)
+            };
+            f.conn_sched_per_conn.insert("worker".into(), per(c.schedstat));
+            for (((who, _), a), b) in watch.iter().zip(&st0).zip(&st1) {
+                f.conn_sched_per_conn.insert((*who).into(), per([0, 1, 2, 3].map(|i| b[i].saturating_sub(a[i]))));
+            }
+        }
         if c.ops > 0 {
             for (k, b) in &ev1 {
                 let d = b.saturating_sub(ev0.get(k).copied().unwrap_or(*b));
@@ -154,6 +179,9 @@ impl Ctx {
         (f.first_byte_p90_us, f.first_byte_p999_us) = (c.first_byte_p90_us, c.first_byte_p999_us);
         f.errors += c.errors;
         f.first_error = c.first_error;
+        if self.args.connect_only {
+            return Ok(f);
+        }
         let r = self.worker(place, "rr", self.echo, &["--secs".into(), s.clone(), "--count".into(), "10000000".into()])?;
         f.rr_per_s = r.ops as f64 / r.secs;
         f.rr_p50_us = r.rr_p50_us;
@@ -201,8 +229,8 @@ impl Ctx {
     /// of thousands of them slow the ephemeral port search of every connect,
     /// which made the later scenarios of a round look slower than they are.
     pub(crate) fn rewire_scenario(&self, name: &str, proxies: usize, relay: &str) -> Result<Figures> {
-        self.with_rewire(name, proxies, "tcp", relay, |ns, place, hooks, _| {
-            let mut f = self.tests(name, place)?;
+        self.with_rewire(name, proxies, "tcp", relay, |ns, place, hooks, procs| {
+            let mut f = self.tests(name, place, procs)?;
             let (total, by_program) = self.kernel_ns_per_conn(place, hooks)?;
             f.kernel_ns_per_conn = Some(total);
             f.kernel_by_program = by_program;
@@ -228,7 +256,7 @@ impl Ctx {
         proxies: usize,
         protocol: &str,
         relay: &str,
-        body: impl FnOnce(&NetNs, &Placement, &Hooks, &[Child]) -> Result<T>,
+        body: impl FnOnce(&NetNs, &Placement, &Hooks, &[(&str, u32)]) -> Result<T>,
     ) -> Result<T> {
         let (cfg, path) = self.config_for(name, proxies, protocol, self.server_net())?;
         let ns = NetNs::create(&self.tag)?;
@@ -243,7 +271,9 @@ impl Ctx {
                 for i in 0..proxies {
                     children.push(self.config_proxy(&place, &path, i, relay)?);
                 }
-                body(&ns, &place, &hooks, &children)
+                let mut procs = vec![("server", server.id())];
+                procs.extend(["proxy1", "proxy2"].into_iter().zip(children.iter().map(Child::id)));
+                body(&ns, &place, &hooks, &procs)
             })();
             for c in &mut children {
                 sys::stop(c);
@@ -392,7 +422,15 @@ impl Ctx {
     /// Scenario (e): a network namespace of ours, nftables redirecting the
     /// server ports to the proxy (which runs as nobody, exempt by uid).
     pub(crate) fn nft_scenario(&self, name: &str) -> Result<Figures> {
-        let ns = NetNs::create(&self.tag)?;
+        self.with_nft(&self.tag, |inside, procs| self.tests(name, inside, procs))
+    }
+
+    /// The nft set-up in a network namespace `ns_name` of ours: nftables
+    /// redirecting the server ports to the proxy (which runs as nobody,
+    /// exempt by uid); runs `body` with the place of the worker and the
+    /// pids of the server and the proxy (`server`, `proxy1`).
+    fn with_nft<T>(&self, ns_name: &str, body: impl FnOnce(&Placement, &[(&str, u32)]) -> Result<T>) -> Result<T> {
+        let ns = NetNs::create(ns_name)?;
         let uid = 65534;
         ns.nft(&format!(
             "table ip rwbench {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n  meta skuid {uid} return\n  tcp dport {{ {}, {} }} redirect to :{}\n }}\n}}\n",
@@ -408,7 +446,8 @@ impl Ctx {
                 &["--name".into(), "nft".into(), "--original-dst".into(), "--listen".into(), self.target(self.p1).to_string()],
                 &self.args.relay,
             )?;
-            let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5)).and_then(|()| self.tests(name, &inside));
+            let r = sys::wait_listening(proxy.id(), self.p1, Duration::from_secs(5))
+                .and_then(|()| body(&inside, &[("server", server.id()), ("proxy1", proxy.id())]));
             sys::stop(&mut proxy);
             r
         })();
@@ -417,12 +456,76 @@ impl Ctx {
         r
     }
 
+    /// `proxy1` and `nft` set up side by side (each in a namespace of its
+    /// own) and their connect tests alternated in short slices, so that
+    /// the machine's load hits both alike; the latencies of all slices
+    /// pooled per side. The p99s of scenarios measured one after the
+    /// other on a shared machine differ by what the machine did meanwhile
+    /// more than by what the scenarios do (bench/README.md, "Tails").
+    pub(crate) fn paired_tails(&self) -> Result<crate::PairedTails> {
+        const SLICES: usize = 8;
+        let secs = (self.secs / 2.0).max(0.25);
+        let relay = self.args.relay.clone();
+        self.with_rewire("tails", 1, "tcp", &relay, |_, rewire, _, rewire_procs| {
+            self.with_nft(&format!("{}-nft", self.tag), |nft, nft_procs| {
+                let mut lat: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+                // Per side: the worker's, the server's and the proxy's scheduler statistics, summed.
+                let mut sched = [[[0u64; 4]; 3]; 2];
+                let args = ["--secs".to_string(), secs.to_string(), "--count".into(), "500000".into()];
+                for i in 0..SLICES {
+                    let order = if i % 2 == 0 {
+                        [(0, rewire, rewire_procs), (1, nft, nft_procs)]
+                    } else {
+                        [(1, nft, nft_procs), (0, rewire, rewire_procs)]
+                    };
+                    for (side, place, procs) in order {
+                        let before: Vec<[u64; 4]> = procs.iter().map(|(_, pid)| sys::schedstat(*pid)).collect();
+                        let w = self.worker(place, "connect-raw", self.echo, &args)?;
+                        let after: Vec<[u64; 4]> = procs.iter().map(|(_, pid)| sys::schedstat(*pid)).collect();
+                        lat[side].0.extend(w.connect_us);
+                        lat[side].1.extend(w.first_byte_us);
+                        let deltas = std::iter::once(w.schedstat)
+                            .chain(before.iter().zip(&after).map(|(a, b)| [0, 1, 2, 3].map(|k| b[k].saturating_sub(a[k]))));
+                        for (acc, d) in sched[side].iter_mut().zip(deltas) {
+                            for k in 0..4 {
+                                acc[k] += d[k];
+                            }
+                        }
+                    }
+                }
+                let per_conn = |side: usize, n: usize| -> BTreeMap<String, [f64; 4]> {
+                    let n = n.max(1) as f64;
+                    ["worker", "server", "proxy1"]
+                        .iter()
+                        .zip(sched[side])
+                        .map(|(who, d)| {
+                            (
+                                (*who).to_string(),
+                                [d[0] as f64 / n / 1000.0, d[1] as f64 / n / 1000.0, d[2] as f64 / n, d[3] as f64 / n]
+                                    .map(|x| (x * 100.0).round() / 100.0),
+                            )
+                        })
+                        .collect()
+                };
+                let [p, n] = lat;
+                Ok(crate::PairedTails {
+                    slices: SLICES,
+                    secs_per_slice: secs,
+                    proxy1_sched_per_conn: per_conn(0, p.0.len()),
+                    nft_sched_per_conn: per_conn(1, n.0.len()),
+                    proxy1: crate::TailQuantiles::of(p.0, p.1),
+                    nft: crate::TailQuantiles::of(n.0, n.1),
+                })
+            })
+        })
+    }
+
     pub(crate) fn direct(&self, name: &str) -> Result<Figures> {
         let ns = NetNs::create(&self.tag)?;
         let inside = Placement { netns: Some(ns.path()), ..Default::default() };
         let (srv_place, _srv) = self.server_ns(&ns)?;
         let mut server = self.server(&srv_place)?;
-        let r = self.tests(name, &inside);
+        let r = self.tests(name, &inside, &[("server", server.id())]);
         sys::stop(&mut server);
         drop(ns);
         r
@@ -446,9 +549,7 @@ impl Ctx {
             sys::stop(&mut server);
             return r;
         }
-        self.with_rewire(name, proxies, "udp", &self.args.relay, |_, place, _, children| {
-            self.udp_tests(name, place, Some(children[0].id()))
-        })
+        self.with_rewire(name, proxies, "udp", &self.args.relay, |_, place, _, procs| self.udp_tests(name, place, Some(procs[1].1)))
     }
 
     fn udp_tests(&self, name: &str, place: &Placement, proxy: Option<u32>) -> Result<Figures> {

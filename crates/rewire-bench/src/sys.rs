@@ -74,7 +74,7 @@ pub fn cleanup_on_signal(tag: String) -> Result<()> {
                     }
                 }
             }
-            for ns in [tag.clone(), format!("{tag}-srv")] {
+            for ns in [tag.clone(), format!("{tag}-srv"), format!("{tag}-nft")] {
                 if Path::new("/run/netns").join(&ns).exists() {
                     let _ = run("ip", &["netns", "delete", &ns], None);
                 }
@@ -196,6 +196,57 @@ pub fn machine_events() -> BTreeMap<String, u64> {
         }
     }
     m
+}
+
+/// Starts `cmd` (split at spaces; e.g. `perf record -a -g -o F`) around a
+/// test, outside our cgroups and namespaces, and gives it 500 ms to start.
+pub fn spawn_around(cmd: &str) -> Result<Child> {
+    let w: Vec<&str> = cmd.split_whitespace().collect();
+    let (first, rest) = w.split_first().context("--around-connect: empty command")?;
+    let mut c = Command::new(first);
+    c.args(rest).stdout(Stdio::null());
+    let c = spawn(c, &Placement::default(), false)?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(c)
+}
+
+/// Ends a command of [`spawn_around`] with SIGINT (perf writes its data
+/// then) and waits for it (at most 20 s, then SIGKILL).
+pub fn end_around(mut c: Child) {
+    forget(c.id());
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGINT);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// A process's scheduler statistics, summed over its threads
+/// (`/proc/PID/task/*/schedstat` and `status`): nanoseconds on a CPU,
+/// nanoseconds runnable but waiting for one, time slices, and involuntary
+/// context switches (preemptions). The wait is what the scheduler adds to
+/// a latency; the tails of a ping-pong through several processes on 2 CPUs
+/// are mostly that.
+pub fn schedstat(pid: u32) -> [u64; 4] {
+    let mut sum = [0u64; 4];
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return sum };
+    for t in rd.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+            for (acc, v) in sum.iter_mut().zip(s.split_whitespace()) {
+                *acc += v.parse::<u64>().unwrap_or(0);
+            }
+        }
+        if let Ok(s) = std::fs::read_to_string(t.path().join("status")) {
+            sum[3] +=
+                s.lines().find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        }
+    }
+    sum
 }
 
 /// The machine's load averages over 1, 5 and 15 minutes ("1.87 1.89 1.88"),

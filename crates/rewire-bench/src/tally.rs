@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::Figures;
+use crate::{Figures, PairedTails, TailQuantiles};
 
 /// A figure the tally compares: (key, heading, higher is better, value).
 pub type Figure = crate::report::Metric;
@@ -137,6 +137,48 @@ pub fn hooks_vs_direct(runs: &[BTreeMap<String, Figures>], target: f64) -> Optio
     Some(t)
 }
 
+/// A latency quantile of the paired tails: (key, value); lower is better.
+type Quantile = (&'static str, fn(&TailQuantiles) -> f64);
+const QUANTILES: &[Quantile] = &[
+    ("connect_p50_us", |q| q.connect_p50_us),
+    ("connect_p90_us", |q| q.connect_p90_us),
+    ("connect_p99_us", |q| q.connect_p99_us),
+    ("connect_p999_us", |q| q.connect_p999_us),
+    ("first_byte_p50_us", |q| q.first_byte_p50_us),
+    ("first_byte_p90_us", |q| q.first_byte_p90_us),
+    ("first_byte_p99_us", |q| q.first_byte_p99_us),
+    ("first_byte_p999_us", |q| q.first_byte_p999_us),
+];
+
+/// proxy1 against nft on the paired tails of each run (both measured in
+/// alternating slices under the same load); `None` without any.
+pub fn paired(tails: &[PairedTails]) -> Option<Comparison> {
+    if tails.is_empty() {
+        return None;
+    }
+    let mut c = Comparison { scenario: "proxy1 (paired)".into(), baseline: "nft (paired)".into(), runs: tails.len(), ..Default::default() };
+    let mut all_ok = vec![true; tails.len()];
+    for &(key, get) in QUANTILES {
+        let mut t = FigureTally { figure: key.into(), higher_is_better: false, ..Default::default() };
+        for (i, p) in tails.iter().enumerate() {
+            let (x, y) = (get(&p.proxy1), get(&p.nft));
+            if x <= 0.0 || y <= 0.0 {
+                all_ok[i] = false;
+                continue;
+            }
+            t.runs += 1;
+            let ok = at_least(x, y, false);
+            t.at_least += usize::from(ok);
+            all_ok[i] &= ok;
+            t.ratios.push(round3(x / y));
+        }
+        t.median_ratio = round3(median(&t.ratios));
+        c.figures.push(t);
+    }
+    c.at_least_on_all = all_ok.iter().filter(|&&ok| ok).count();
+    Some(c)
+}
+
 /// Everything `--runs` reports.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Tally {
@@ -146,11 +188,12 @@ pub struct Tally {
 }
 
 /// The comparisons, those whose scenarios ran: proxy1 vs nft on
-/// every figure, the chains (proxy2, proxy2a) vs nft on bulk and rr, and
-/// hooks vs direct on conn/s (target 0.97).
-pub fn tally(runs: &[BTreeMap<String, Figures>]) -> Tally {
+/// every figure, the chains (proxy2, proxy2a) vs nft on bulk and rr,
+/// proxy1 vs nft on the paired tails, and hooks vs direct on conn/s
+/// (target 0.97).
+pub fn tally(runs: &[BTreeMap<String, Figures>], tails: &[PairedTails]) -> Tally {
     let ran = |s: &str| runs.iter().any(|r| r.contains_key(s));
-    let mut t = Tally { runs: runs.len(), ..Default::default() };
+    let mut t = Tally { runs: runs.len().max(tails.len()), ..Default::default() };
     if ran("nft") {
         for (s, figs) in [("proxy1", ALL), ("proxy1k", ALL), ("proxy2", BULK_RR), ("proxy2a", BULK_RR)] {
             if ran(s) {
@@ -158,6 +201,7 @@ pub fn tally(runs: &[BTreeMap<String, Figures>]) -> Tally {
             }
         }
     }
+    t.comparisons.extend(paired(tails));
     t.hooks_vs_direct = hooks_vs_direct(runs, 0.97);
     t
 }
@@ -296,9 +340,36 @@ mod tests {
     }
 
     #[test]
+    fn paired_tails_count_lower_as_better() {
+        let q = |c: Vec<f64>| TailQuantiles::of(c.clone(), c.iter().map(|x| x * 4.0).collect());
+        let hundred = |at: f64| (1..=100).map(|i| if i == 100 { at } else { i as f64 }).collect::<Vec<_>>();
+        // p99 of 1..=99 plus one outlier: the 99th value (index 98 of 0..99) is 99 whatever the outlier;
+        // the p99.9 is the outlier.
+        let tails = vec![
+            PairedTails { proxy1: q(hundred(500.0)), nft: q(hundred(1000.0)), ..Default::default() },
+            PairedTails { proxy1: q(hundred(2000.0)), nft: q(hundred(1000.0)), ..Default::default() },
+        ];
+        assert_eq!(tails[0].proxy1.connect_p99_us, 99.0);
+        assert_eq!(tails[0].proxy1.connect_p999_us, 500.0);
+        assert_eq!(tails[0].proxy1.first_byte_p999_us, 2000.0);
+        let c = paired(&tails).unwrap();
+        let get = |k: &str| c.figures.iter().find(|f| f.figure == k).unwrap().clone();
+        let p99 = get("connect_p99_us");
+        assert_eq!((p99.runs, p99.at_least, p99.median_ratio), (2, 2, 1.0), "ties count");
+        let p999 = get("first_byte_p999_us");
+        assert_eq!(p999.ratios, vec![0.5, 2.0]);
+        assert_eq!(p999.at_least, 1);
+        assert_eq!(c.at_least_on_all, 1);
+        assert!(paired(&[]).is_none());
+        let t = tally(&[], &tails);
+        assert_eq!(t.runs, 2);
+        assert_eq!(t.comparisons.len(), 1);
+    }
+
+    #[test]
     fn tally_names_only_what_ran() {
         let runs = vec![run(vec![fig("proxy1", 1.0, 1.0, 1.0), fig("proxy2", 1.0, 1.0, 1.0), fig("nft", 1.0, 1.0, 1.0)])];
-        let t = tally(&runs);
+        let t = tally(&runs, &[]);
         let names: Vec<&str> = t.comparisons.iter().map(|c| c.scenario.as_str()).collect();
         assert_eq!(names, ["proxy1", "proxy2"]);
         assert_eq!(t.comparisons[1].figures.len(), 2);
