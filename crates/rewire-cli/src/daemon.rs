@@ -112,7 +112,7 @@ pub fn daemon(config: &Path, format: EventFormat, limits: Limits, replace_progra
     warn_scope_unavailable(&hooks);
     let guard_started = std::time::Instant::now();
     match &guard_at {
-        Some(at) => tracing::info!("{}", Guard::persistent(cgroup.path(), &dir, at)?),
+        Some(at) => tracing::info!("{}", Guard::persistent_loaded(cgroup.path(), &dir, at, hooks.take_guard_loaded())?),
         None => {
             if rewire_control::guard::remove_pinned(&dir)? > 0 {
                 tracing::info!("detached the borrowed-socket guard a previous configuration had");

@@ -127,7 +127,9 @@ impl Tree {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("rewire.toml");
-        std::fs::write(&path, format!("cgroup = \"{name}\"\n{config}")).unwrap();
+        // The daemon's way names the guard's place in the config (its object is then loaded beside the hooks').
+        let guard = if persistent { format!("guard = \"/{name}\"\n") } else { String::new() };
+        std::fs::write(&path, format!("cgroup = \"{name}\"\n{guard}{config}")).unwrap();
         let cfg = rewire_control::Config::load(&path).unwrap();
         let parent = rewire_control::ManagedCgroup::create(&name).unwrap();
         let (sub, outside) = (parent.path().join("sub"), parent.path().join("outside"));
@@ -149,9 +151,11 @@ impl Tree {
             let pins = rewire_control::persist::bpffs_root().join(&name);
             let _ = rewire_control::persist::remove_pins(&pins);
             tree.pins = Some(pins.clone());
-            let (hooks, _) = rewire_control::Hooks::persistent(&cfg, &sub, &pins, false).unwrap();
+            let (mut hooks, _) = rewire_control::Hooks::persistent(&cfg, &sub, &pins, false).unwrap();
             let at = tree.parent.as_ref().unwrap().path().to_path_buf();
-            let said = rewire_control::guard::Guard::persistent(&sub, &pins, &at).unwrap();
+            let loaded = hooks.take_guard_loaded();
+            assert!(loaded.is_some(), "the guard's object is loaded beside the hooks' (persist::Early)");
+            let said = rewire_control::guard::Guard::persistent_loaded(&sub, &pins, &at, loaded).unwrap();
             assert!(said.contains("4 program(s) attached"), "{said}");
             tree.hooks = Some(hooks);
             return tree;
@@ -318,10 +322,24 @@ fn socket_received_over_scm_rights_cannot_connect_or_send() {
 #[test]
 fn a_service_keeps_sockets_it_was_given() {
     require_root!();
+    service_keeps_sockets_it_was_given(false);
+}
+
+/// The same under the daemon's guard, whose object is loaded beside the
+/// hooks' before the services' cgroup exists (a fresh start): its
+/// configuration is written again when it is attached, so it knows the
+/// services' cgroup then.
+#[test]
+fn a_service_keeps_sockets_it_was_given_under_the_daemons_guard() {
+    require_root!();
+    service_keeps_sockets_it_was_given(true);
+}
+
+fn service_keeps_sockets_it_was_given(persistent: bool) {
     let port = free_port();
     let server = Server::start(std::net::SocketAddr::from(([127, 0, 0, 1], port)), Mode::Echo);
     let echo = UdpEcho::start(server.addr);
-    let mut tree = Tree::new(&tcp_udp_rule(port), true);
+    let mut tree = if persistent { Tree::persistent(&tcp_udp_rule(port)) } else { Tree::new(&tcp_udp_rule(port), true) };
     let sync = sync_file(&tree.dir, "owner");
     let env = vec![("RW_SYNC", sync.display().to_string()), ("RW_DST", server.addr.to_string()), ("RW_EXPECT", "pass".to_string())];
     let (outside, service) = (tree.outside.clone(), tree.sub.join("services").join("web"));

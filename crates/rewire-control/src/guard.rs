@@ -188,10 +188,16 @@ impl Guard {
     /// `at` are updated in place (no moment without the guard); others are
     /// replaced. Returns what it did, for the log.
     pub fn persistent(subtree: &Path, dir: &Path, at: &Path) -> Result<String, GuardError> {
+        Self::persistent_loaded(subtree, dir, at, None)
+    }
+
+    /// As [`Guard::persistent`], with the object `loaded` ahead by
+    /// [`guard_load`] (its configuration written again now).
+    pub fn persistent_loaded(subtree: &Path, dir: &Path, at: &Path, loaded: Option<GuardLoaded>) -> Result<String, GuardError> {
         check_ancestor(at, subtree)?;
-        let counters = bpfsys::obj_get(&dir.join("rw_counters")).map_err(sys("opening the pinned rw_counters"))?;
-        let events = bpfsys::obj_get(&dir.join("rw_events")).map_err(sys("opening the pinned rw_events"))?;
-        let obj = load_object(rewire_bpf::guard_object(), "rewire_guard", conf_for(subtree)?, counters.as_fd(), events.as_fd())?;
+        let obj = loaded.unwrap_or_else(|| guard_load(subtree, dir)).0?;
+        // The configuration as it is now (the services' cgroup exists once the hooks' tables are filled).
+        write_conf(&obj, conf_for(subtree)?)?;
         let at_id = crate::cgroup::cgroup_id(at)
             .map_err(|e| GuardError::Sys { what: at.display().to_string(), source: io::Error::other(e.to_string()) })?;
         let cg = File::open(at).map_err(sys(format!("opening {}", at.display())))?;
@@ -217,6 +223,29 @@ impl Guard {
         }
         Ok(format!("borrowed-socket guard at {}: {attached} program(s) attached, {updated} updated in place", at.display()))
     }
+}
+
+/// The guard's object loaded (verified) with the maps pinned in a daemon's
+/// pin directory, not attached: the daemon loads it while the hooks' own
+/// programs are verified ([`guard_load`]) and attaches it after them
+/// ([`Guard::persistent_loaded`]), as before.
+pub struct GuardLoaded(Result<Object, GuardError>);
+
+impl std::fmt::Debug for GuardLoaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GuardLoaded")
+    }
+}
+
+/// Loads the guard's object for `subtree` with the `rw_counters` and
+/// `rw_events` pinned in `dir`.
+pub fn guard_load(subtree: &Path, dir: &Path) -> GuardLoaded {
+    let run = || -> Result<Object, GuardError> {
+        let counters = bpfsys::obj_get(&dir.join("rw_counters")).map_err(sys("opening the pinned rw_counters"))?;
+        let events = bpfsys::obj_get(&dir.join("rw_events")).map_err(sys("opening the pinned rw_events"))?;
+        load_object(rewire_bpf::guard_object(), "rewire_guard", conf_for(subtree)?, counters.as_fd(), events.as_fd())
+    };
+    GuardLoaded(run())
 }
 
 /// The cgroup a configuration's `guard` names (under the cgroup2 mount), if any.
@@ -386,6 +415,12 @@ pub struct LsmLoaded(Result<Object, GuardError>);
 impl LsmLoaded {
     pub(crate) fn failed(why: String) -> Self {
         LsmLoaded(Err(GuardError::Sys { what: why, source: io::Error::other("panicked") }))
+    }
+}
+
+impl GuardLoaded {
+    pub(crate) fn failed(why: String) -> Self {
+        GuardLoaded(Err(GuardError::Sys { what: why, source: io::Error::other("panicked") }))
     }
 }
 

@@ -83,6 +83,9 @@ pub struct Hooks {
     /// The daemon's BPF LSM object, loaded beside the hooks' programs and
     /// attached by [`crate::guard::lsm_persistent`] ([`Hooks::take_lsm_loaded`]).
     pub(crate) lsm_loaded: Option<crate::guard::LsmLoaded>,
+    /// The same for the guard's object (when configured), attached by
+    /// [`crate::guard::Guard::persistent_loaded`] ([`Hooks::take_guard_loaded`]).
+    pub(crate) guard_loaded: Option<crate::guard::GuardLoaded>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -198,6 +201,7 @@ impl Hooks {
             times,
             standby: None,
             lsm_loaded: None,
+            guard_loaded: None,
         })
     }
 
@@ -224,6 +228,12 @@ impl Hooks {
     /// programs, for [`crate::guard::lsm_persistent`] to attach (once).
     pub fn take_lsm_loaded(&mut self) -> Option<crate::guard::LsmLoaded> {
         self.lsm_loaded.take()
+    }
+
+    /// The guard's object [`Hooks::persistent`] loaded beside the hooks'
+    /// programs (when configured), for [`crate::guard::Guard::persistent_loaded`] (once).
+    pub fn take_guard_loaded(&mut self) -> Option<crate::guard::GuardLoaded> {
+        self.guard_loaded.take()
     }
 
     /// Where the time of loading and attaching these hooks went (for

@@ -112,10 +112,11 @@ impl Hooks {
         // thread of their own while the hooks' programs are verified, attached
         // after the hooks as before (nothing is attached earlier).
         let mut early = None;
-        let bpf = load_generation(config, subtree, dir, &mut outcome, &mut || early = Some(Early::spawn(subtree, dir)))?;
-        let (mut scope_loaded, mut lsm_loaded) = match early.map(Early::join) {
-            Some((scope, lsm)) => (Some(scope), Some(lsm)),
-            None => (None, None),
+        let guard = crate::guard::configured(config).ok().flatten().is_some();
+        let bpf = load_generation(config, subtree, dir, &mut outcome, &mut || early = Some(Early::spawn(subtree, dir, guard)))?;
+        let (mut scope_loaded, mut lsm_loaded, mut guard_loaded) = match early.map(Early::join) {
+            Some((scope, lsm, guard)) => (Some(scope), Some(lsm), guard),
+            None => (None, None, None),
         };
         // A map replaced by this build (its pinned layout differed) is
         // pinned only when the generation goes live: what was loaded with
@@ -126,6 +127,7 @@ impl Hooks {
         }
         if fresh(&["rw_counters", "rw_events"]) {
             lsm_loaded = None;
+            guard_loaded = None;
         }
         let cg_id = crate::cgroup::cgroup_id(subtree).map_err(|e| HooksError::Config(e.to_string()))?;
         let wanted = crate::hooks::programs_for(config);
@@ -168,6 +170,7 @@ impl Hooks {
                 times: outcome.times.clone(),
                 standby: None,
                 lsm_loaded,
+                guard_loaded,
             },
             outcome,
         ))
@@ -473,30 +476,35 @@ fn fill_generation(mut bpf: Ebpf, config: &Config, subtree: &Path, dir: &Path, o
     Ok(bpf)
 }
 
-/// The scope and BPF LSM objects of a daemon's start, loaded (verified, not
-/// attached) with the pinned maps they share ([`EARLY_MAPS`]) on a thread
-/// of their own, beside the object's load (one thread: parsing and
-/// relocating) and the verification of the hooks' programs: these two
-/// loads (each parses the kernel's BTF with libbpf) used to follow them. They are attached where they were before: the scope program
-/// after the hooks, the LSM part by the daemon after the guard.
-struct Early(std::thread::JoinHandle<(Result<crate::libbpf::Object, String>, crate::guard::LsmLoaded)>);
+/// The guard (when configured), scope and BPF LSM objects of a daemon's
+/// start, loaded (verified, not attached) with the pinned maps they share
+/// ([`EARLY_MAPS`]) on a thread of their own, beside the object's load (one
+/// thread: parsing and relocating) and the verification of the hooks'
+/// programs: these loads (each parses the kernel's BTF with libbpf) used to
+/// follow them. They are attached where they were before: the scope
+/// program after the hooks, the guard and then the LSM part by the daemon.
+struct Early(std::thread::JoinHandle<EarlyObjects>);
+
+/// What [`Early`] loaded: the scope object, the LSM part, the guard (if configured).
+type EarlyObjects = (Result<crate::libbpf::Object, String>, crate::guard::LsmLoaded, Option<crate::guard::GuardLoaded>);
 
 impl Early {
-    fn spawn(subtree: &Path, dir: &Path) -> Self {
+    fn spawn(subtree: &Path, dir: &Path, guard: bool) -> Self {
         let (subtree, dir) = (subtree.to_path_buf(), dir.to_path_buf());
         Self(std::thread::spawn(move || {
             let t = Instant::now();
+            let guard = guard.then(|| crate::guard::guard_load(&subtree, &dir));
             let scope = crate::scope::load_pinned(&dir);
             let lsm = crate::guard::lsm_load(&subtree, &dir);
-            tracing::debug!("scope and LSM objects loaded beside the hooks' verification in {:.3} s", t.elapsed().as_secs_f64());
-            (scope, lsm)
+            tracing::debug!("guard, scope and LSM objects loaded beside the hooks' load in {:.3} s", t.elapsed().as_secs_f64());
+            (scope, lsm, guard)
         }))
     }
 
-    fn join(self) -> (Result<crate::libbpf::Object, String>, crate::guard::LsmLoaded) {
+    fn join(self) -> EarlyObjects {
         self.0.join().unwrap_or_else(|_| {
-            let why = || "loading the scope and LSM objects panicked".to_string();
-            (Err(why()), crate::guard::LsmLoaded::failed(why()))
+            let why = || "loading the guard, scope and LSM objects panicked".to_string();
+            (Err(why()), crate::guard::LsmLoaded::failed(why()), Some(crate::guard::GuardLoaded::failed(why())))
         })
     }
 }
