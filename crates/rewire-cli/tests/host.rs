@@ -506,6 +506,18 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
     }
 }
 
+/// A unit's restart as systemd does it: its (empty) cgroup removed, within
+/// 10 s (its last process may still be exiting), and made again at the same
+/// path (a new cgroup id).
+fn remake(cg: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = std::fs::remove_dir(cg) {
+        assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", cg.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::create_dir(cg).unwrap();
+}
+
 /// `rewire daemon` covers a running unit with pinned links beside another
 /// owner's program; `rewire reload` takes the cover away (the unit's next
 /// connect goes direct, only the other program is left there) and gives it
@@ -705,12 +717,7 @@ fn a_selected_unit_that_restarts_stays_selected() {
 
     // The restart: the unit's processes are gone, its cgroup re-made.
     let app = host.path(APP);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while let Err(e) = std::fs::remove_dir(&app) {
-        assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", app.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::fs::create_dir(&app).unwrap();
+    remake(&app);
 
     let mut through = None;
     for _ in 0..10 {
@@ -905,12 +912,7 @@ fn a_service_unit_that_restarts_is_attached_again() {
     // The unit's restart: its process ends, its cgroup is re-made.
     let mut old = d.children.pop().unwrap();
     end(&mut old);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while let Err(e) = std::fs::remove_dir(&squid_cg) {
-        assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", squid_cg.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::fs::create_dir(&squid_cg).unwrap();
+    remake(&squid_cg);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while OtherProgram::connect4_at(&squid_cg).is_empty() {
         assert!(std::time::Instant::now() < deadline, "the re-made squid unit has no hooks 10 s after its mkdir");
@@ -982,12 +984,7 @@ fn a_restarted_service_unit_whose_proxy_binds_before_the_daemon_follows_is_not_s
     let mut old = d.children.pop().unwrap();
     end(&mut old);
     nix::sys::signal::kill(dpid, nix::sys::signal::SIGSTOP).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while let Err(e) = std::fs::remove_dir(&squid_cg) {
-        assert!(std::time::Instant::now() < deadline, "rmdir {}: {e}", squid_cg.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::fs::create_dir(&squid_cg).unwrap();
+    remake(&squid_cg);
     let again = host.dir.join("squid-again.jsonl");
     d.proxy_at("squid", &again, Some(&squid_cg));
     nix::sys::signal::kill(dpid, nix::sys::signal::SIGCONT).unwrap();

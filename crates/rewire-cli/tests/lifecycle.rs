@@ -532,6 +532,16 @@ fn stop(pid: nix::unistd::Pid) {
     }
 }
 
+/// An echo server, and a test's subtree (no daemon yet) whose service
+/// `audit` takes TCP to it and listens on the address returned.
+fn audit_for_echo() -> (Server, SocketAddr, Life) {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = free_port();
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let life = Life::new(&service("audit", port, server.addr.port()));
+    (server, listen, life)
+}
+
 /// Waits (at most 10 s) until every hook of `life` is pinned and attached again.
 fn wait_pinned(life: &Life) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -578,10 +588,7 @@ fn pins_removed_under_a_running_daemon_are_restored() {
 fn restart_after_lost_pins_attaches_again() {
     require_root!();
     use nix::sys::signal::Signal;
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    let (server, listen, mut life) = audit_for_echo();
     life.start_daemon(&[]);
     let pid = nix::unistd::Pid::from_raw(life.daemon.as_ref().unwrap().id() as i32);
     stop(pid);
@@ -646,10 +653,7 @@ fn sigterm_says_when_the_hooks_do_not_outlive_the_daemon() {
 #[test]
 fn after_kill9_exec_still_redirects_and_down_removes_everything() {
     require_root!();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    let (server, listen, mut life) = audit_for_echo();
     life.start_daemon(&[]);
     // A live daemon is still refused.
     let second = life.run(&["daemon", "--config", life.cfg.to_str().unwrap()]);
@@ -696,10 +700,7 @@ fn after_kill9_exec_still_redirects_and_down_removes_everything() {
 #[test]
 fn proxy_started_before_the_hooks_waits_for_them() {
     require_root!();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    let (server, listen, mut life) = audit_for_echo();
     // What a daemon makes first, before its subtree: its pin directory. The
     // proxy is told the subtree it belongs to (as a unit started with the
     // daemon's is) and joins it itself.
@@ -882,10 +883,7 @@ fn status_wait_returns_when_the_hooks_are_attached() {
 #[test]
 fn proxy_and_exec_started_with_the_daemon_wait_for_its_hooks() {
     require_root!();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    let (server, listen, mut life) = audit_for_echo();
     let (log, perr, eout, eerr) =
         (life.dir.join("audit.jsonl"), life.dir.join("proxy.err"), life.dir.join("exec.out"), life.dir.join("exec.err"));
     spawn_daemon(&mut life, None);
@@ -1023,10 +1021,7 @@ fn wake_udp(listen: SocketAddr, err: &Path) -> String {
 #[test]
 fn a_socket_passed_by_systemd_socket_activate_serves_its_services_flows() {
     require_root!();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    let (server, listen, mut life) = audit_for_echo();
     life.start_daemon(&[]);
     let (pid, log, err) = life.activate(false, listen);
     wait_listening(listen);
@@ -1136,10 +1131,7 @@ type Case<'a> = (&'a str, u32, &'a [(&'a str, &'a str)], &'a str);
 #[test]
 fn a_socket_that_merely_reaches_a_service_never_gets_its_flows() {
     require_root!();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    let (server, listen, mut life) = audit_for_echo();
     life.start_daemon(&[]);
     let cfg = life.cfg.to_str().unwrap().to_string();
     let log = life.dir.join("audit.jsonl");
@@ -1260,10 +1252,8 @@ fn another_user_cannot_bind_beside_an_activated_udp_service() {
 #[test]
 fn a_reload_refused_at_a_missing_cover_changes_nothing() {
     require_root!();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut life = Life::new(&service("audit", port, server.addr.port()));
+    let (server, listen, mut life) = audit_for_echo();
+    let port = listen.port();
     life.start_daemon(&[]);
     let log = life.proxy("audit", listen);
     let live = life.prog_ids();
