@@ -51,7 +51,7 @@ struct RunArgs {
     /// asks 1000000; default 20000, 4000 with --quick; bounded to 10 minutes).
     #[arg(long)]
     churn: Option<u64>,
-    /// Scenarios to run (comma separated among direct,hooks,proxy1,proxy1k,proxy2,nft;
+    /// Scenarios to run (comma separated among direct,hooks,proxy1,proxy1k,proxy2,proxy2a,nft;
     /// and, only when named: veth-direct,veth-proxy1,veth-proxy2,veth-nft,
     /// udp-direct,udp-proxy1,udp-proxy2).
     #[arg(long, value_delimiter = ',')]
@@ -124,6 +124,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("proxy1", "rewire, 1 proxy"),
     ("proxy1k", "rewire, 1 proxy, kernel fast path (--relay kernel)"),
     ("proxy2", "rewire, 2-proxy chain"),
+    ("proxy2a", "rewire, 2-proxy chain, sk_msg between the proxies (--accel on both)"),
     ("nft", "nftables REDIRECT + same proxy (SO_ORIGINAL_DST)"),
     // Run only when named in --only (see EXTRA).
     ("veth-direct", "server in another netns behind a veth pair: direct"),
@@ -450,14 +451,15 @@ fn run_scenario(ctx: &Ctx, veth: &Ctx, name: &str) -> Result<Figures> {
     let relay = &ctx.args.relay;
     let r = match name {
         "direct" => ctx.direct(name),
-        "hooks" => ctx.rewire_scenario(name, 0, relay),
-        "proxy1" => ctx.rewire_scenario(name, 1, relay),
-        "proxy1k" => ctx.rewire_scenario(name, 1, "kernel"),
-        "proxy2" => ctx.rewire_scenario(name, 2, relay),
+        "hooks" => ctx.rewire_scenario(name, 0, relay, &[]),
+        "proxy1" => ctx.rewire_scenario(name, 1, relay, &[]),
+        "proxy1k" => ctx.rewire_scenario(name, 1, "kernel", &[]),
+        "proxy2" => ctx.rewire_scenario(name, 2, relay, &[]),
+        "proxy2a" => ctx.rewire_scenario(name, 2, relay, &["--accel"]),
         "nft" => ctx.nft_scenario(name),
         "veth-direct" => veth.direct(name),
-        "veth-proxy1" => veth.rewire_scenario(name, 1, relay),
-        "veth-proxy2" => veth.rewire_scenario(name, 2, relay),
+        "veth-proxy1" => veth.rewire_scenario(name, 1, relay, &[]),
+        "veth-proxy2" => veth.rewire_scenario(name, 2, relay, &[]),
         "veth-nft" => veth.nft_scenario(name),
         "udp-direct" => ctx.udp_scenario(name, 0),
         "udp-proxy1" => ctx.udp_scenario(name, 1),

@@ -329,6 +329,8 @@ const COLORS: &[RGBColor] = &[
     RGBColor(251, 188, 5),
     RGBColor(234, 67, 53),
     RGBColor(142, 68, 173),
+    RGBColor(0, 150, 136),
+    RGBColor(121, 85, 72),
 ];
 
 fn chart(path: &Path, figs: &[Figures], m: &Machine) -> Result<(), String> {

@@ -122,8 +122,9 @@ impl Ctx {
 
     /// Proxy `p{i+1}` of a config made by [`Ctx::config`], started in
     /// `place`; returns once it listens on its port.
-    pub(crate) fn config_proxy(&self, place: &Placement, config: &Path, i: usize, relay: &str) -> Result<Child> {
-        let args = ["--name".into(), format!("p{}", i + 1), "--config".into(), config.display().to_string()];
+    pub(crate) fn config_proxy(&self, place: &Placement, config: &Path, i: usize, relay: &str, extra: &[&str]) -> Result<Child> {
+        let mut args = vec!["--name".into(), format!("p{}", i + 1), "--config".into(), config.display().to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut p = self.proxy(place, &args, relay)?;
         if let Err(e) = sys::wait_listening(p.id(), [self.p1, self.p2][i], Duration::from_secs(5)) {
             sys::stop(&mut p);
@@ -228,8 +229,9 @@ impl Ctx {
     /// that none inherits the TIME_WAIT sockets of the ones before it: tens
     /// of thousands of them slow the ephemeral port search of every connect,
     /// which made the later scenarios of a round look slower than they are.
-    pub(crate) fn rewire_scenario(&self, name: &str, proxies: usize, relay: &str) -> Result<Figures> {
-        self.with_rewire(name, proxies, "tcp", relay, |ns, place, hooks, procs| {
+    /// `extra`: more arguments for every proxy (`--accel` for `proxy2a`).
+    pub(crate) fn rewire_scenario(&self, name: &str, proxies: usize, relay: &str, extra: &[&str]) -> Result<Figures> {
+        self.with_rewire(name, proxies, "tcp", relay, extra, |ns, place, hooks, procs| {
             let mut f = self.tests(name, place, procs)?;
             let (total, by_program) = self.kernel_ns_per_conn(place, hooks)?;
             f.kernel_ns_per_conn = Some(total);
@@ -256,6 +258,7 @@ impl Ctx {
         proxies: usize,
         protocol: &str,
         relay: &str,
+        extra: &[&str],
         body: impl FnOnce(&NetNs, &Placement, &Hooks, &[(&str, u32)]) -> Result<T>,
     ) -> Result<T> {
         let (cfg, path) = self.config_for(name, proxies, protocol, self.server_net())?;
@@ -269,7 +272,7 @@ impl Ctx {
             let mut children = vec![];
             let r = (|| {
                 for i in 0..proxies {
-                    children.push(self.config_proxy(&place, &path, i, relay)?);
+                    children.push(self.config_proxy(&place, &path, i, relay, extra)?);
                 }
                 let mut procs = vec![("server", server.id())];
                 procs.extend(["proxy1", "proxy2"].into_iter().zip(children.iter().map(Child::id)));
@@ -360,7 +363,7 @@ impl Ctx {
             let outside = Placement { netns: Some(ns.path()), ..Default::default() };
             let place = Placement { cgroup: Some(cgroup.path().into()), netns: Some(ns.path()), ..Default::default() };
             let mut server = self.server(&outside)?;
-            let r = self.config_proxy(&place, &path, 0, &self.args.relay).and_then(|mut proxy| {
+            let r = self.config_proxy(&place, &path, 0, &self.args.relay, &[]).and_then(|mut proxy| {
                 let r = self.churn(&place, &maps, daemon.id(), proxy.id(), n);
                 sys::stop(&mut proxy);
                 r
@@ -466,7 +469,7 @@ impl Ctx {
         const SLICES: usize = 8;
         let secs = (self.secs / 2.0).max(0.25);
         let relay = self.args.relay.clone();
-        self.with_rewire("tails", 1, "tcp", &relay, |_, rewire, _, rewire_procs| {
+        self.with_rewire("tails", 1, "tcp", &relay, &[], |_, rewire, _, rewire_procs| {
             self.with_nft(&format!("{}-nft", self.tag), |nft, nft_procs| {
                 let mut lat: [(Vec<f64>, Vec<f64>); 2] = Default::default();
                 // Per side: the worker's, the server's and the proxy's scheduler statistics, summed.
@@ -549,7 +552,7 @@ impl Ctx {
             sys::stop(&mut server);
             return r;
         }
-        self.with_rewire(name, proxies, "udp", &self.args.relay, |_, place, _, procs| self.udp_tests(name, place, Some(procs[1].1)))
+        self.with_rewire(name, proxies, "udp", &self.args.relay, &[], |_, place, _, procs| self.udp_tests(name, place, Some(procs[1].1)))
     }
 
     fn udp_tests(&self, name: &str, place: &Placement, proxy: Option<u32>) -> Result<Figures> {
