@@ -410,11 +410,15 @@ fn child_side_door_no_storage() {
 // ---- the TCP hand-off belongs to one socket -----------------------------
 
 /// Runs the test child `child` (a victim of a hand-off, then a thief from
-/// its source address and port; service `audit` on `pa`, the victim's
-/// destination `dst`) in `sb`, and reads the hand-off table when it says:
-/// while its victim waits, and after the victim closed (the child is told
-/// the count). Returns both counts, once the child passed.
-fn watch_victim_handoff(sb: &Sandbox, child: &str, pa: u16, dst: SocketAddr) -> (Option<usize>, Option<usize>) {
+/// its source address and port) in a sandbox of its own (service `audit`
+/// on port `RW_PA` takes TCP to an echo server, `RW_DST`), and reads the
+/// hand-off table when it says: while its victim waits, and after the
+/// victim closed (the child is told the count). Returns both counts, once
+/// the child passed, and the count then.
+fn watch_victim_handoff(child: &str) -> (Option<usize>, Option<usize>, usize) {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let (port, pa, dst) = (server.addr.port(), free_port(), server.addr);
+    let sb = Sandbox::new(&svc("audit", pa, &format!("dst = \"127.0.0.0/8\"\nports = {port}"), ""));
     let sock = sb.dir.join("handoffs");
     let mut cmd = sb.command(std::env::current_exe().unwrap());
     cmd.test_child(child).env("RW_PA", pa.to_string()).env("RW_DST", dst.to_string()).env("RW_SYNC", &sock).stdout(Stdio::piped());
@@ -438,7 +442,7 @@ fn watch_victim_handoff(sb: &Sandbox, child: &str, pa: u16, dst: SocketAddr) -> 
     }
     let text = String::from_utf8_lossy(&wait_output(child, Duration::from_secs(60))).into_owned();
     assert!(child_ok(&text), "child failed:\n{text}");
-    (seen, after_close)
+    (seen, after_close, sb.hooks().handoff_entries().unwrap())
 }
 
 /// A connect redirected to a service whose accept queue is full stays in
@@ -448,14 +452,10 @@ fn watch_victim_handoff(sb: &Sandbox, child: &str, pa: u16, dst: SocketAddr) -> 
 #[test]
 fn stale_handoff_cannot_be_claimed_from_the_same_source_port() {
     require_root!();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = server.addr.port();
-    let pa = free_port();
-    let sb = Sandbox::new(&svc("audit", pa, &format!("dst = \"127.0.0.0/8\"\nports = {port}"), ""));
-    let (seen, after_close) = watch_victim_handoff(&sb, "child_stale_handoff", pa, server.addr);
+    let (seen, after_close, after) = watch_victim_handoff("child_stale_handoff");
     assert_eq!(seen, Some(1), "the waiting victim had its entry");
     assert_eq!(after_close, Some(0), "the entry left with the victim's socket");
-    assert_eq!(sb.hooks().handoff_entries().unwrap(), 0, "back to the baseline");
+    assert_eq!(after, 0, "back to the baseline");
 }
 
 #[test]
@@ -510,14 +510,10 @@ fn child_stale_handoff() {
 #[test]
 fn established_unaccepted_handoff_leaves_with_its_socket() {
     require_root!();
-    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let port = server.addr.port();
-    let pa = free_port();
-    let sb = Sandbox::new(&svc("audit", pa, &format!("dst = \"127.0.0.0/8\"\nports = {port}"), ""));
-    let (seen, after_close) = watch_victim_handoff(&sb, "child_established_unaccepted_handoff", pa, server.addr);
+    let (seen, after_close, after) = watch_victim_handoff("child_established_unaccepted_handoff");
     assert_eq!(seen, Some(1), "the established, unaccepted victim had its entry");
     assert_eq!(after_close, Some(0), "the entry left with the victim's socket");
-    assert_eq!(sb.hooks().handoff_entries().unwrap(), 0, "back to the baseline");
+    assert_eq!(after, 0, "back to the baseline");
 }
 
 #[test]
