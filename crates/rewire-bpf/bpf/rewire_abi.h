@@ -236,13 +236,19 @@ struct rw_conf {
 	__u32 hop_limit;
 	__u64 key[2]; /* SipHash key, random per load */
 	__u64 udp_idle_ns; /* a UDP flow idle this long is over */
-	__u32 _pad0;
+	__u32 svc_ids; /* filters of rw_svc_id: RW_SVC_IDS_FILLED | RW_SVC_CG_BIT(id) of every
+			* cgroup id (kind 0, set before the id is written) | RW_SVC_UID_BIT(uid)
+			* of every uid (kind 1); 0: not filled in (everything is looked up).
+			* A clear bit: no service has that cgroup id or uid. */
 	__u32 udp_flows_per_user; /* new UDP flows a second per uid (0: no limit) */
 	__u64 netns_cookie; /* the network namespace rewire serves (0: any) */
 	__u32 n_sel;        /* entries of rw_sel in use (0: no rule selects by origin) */
 	__u32 accel_bound;  /* bytes an accelerated leg may hold queued at its receiving
 			     * socket (psock ingress) before its sender goes back to TCP */
 };
+#define RW_SVC_IDS_FILLED (1u << 31)
+#define RW_SVC_CG_BIT(id) (1u << ((id) % 24))        /* bits 0..23 */
+#define RW_SVC_UID_BIT(uid) (1u << (24 + (uid) % 7)) /* bits 24..30 */
 
 /* Counters of the accelerated legs between proxies (per-CPU array
  * rw_accel_cnt, lib/accel.h). */
@@ -425,7 +431,7 @@ RW_ASSERT_AT(rw_rule, sel, 60);
 RW_ASSERT_SIZE(rw_conf, 56);
 RW_ASSERT_AT(rw_conf, n_rules, 0); RW_ASSERT_AT(rw_conf, hop_limit, 4);
 RW_ASSERT_AT(rw_conf, key, 8); RW_ASSERT_AT(rw_conf, udp_idle_ns, 24);
-RW_ASSERT_AT(rw_conf, _pad0, 32); RW_ASSERT_AT(rw_conf, udp_flows_per_user, 36);
+RW_ASSERT_AT(rw_conf, svc_ids, 32); RW_ASSERT_AT(rw_conf, udp_flows_per_user, 36);
 RW_ASSERT_AT(rw_conf, netns_cookie, 40); RW_ASSERT_AT(rw_conf, n_sel, 48);
 RW_ASSERT_AT(rw_conf, accel_bound, 52);
 RW_ASSERT_SIZE(rw_sel, 24);

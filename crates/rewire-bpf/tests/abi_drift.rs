@@ -82,7 +82,7 @@ fn rust_structs() -> BTreeMap<&'static str, Layout> {
             sel
         }),
         view!("rw_conf" => RwConf {
-            n_rules, hop_limit, key, udp_idle_ns, _pad0, udp_flows_per_user, netns_cookie, n_sel, accel_bound
+            n_rules, hop_limit, key, udp_idle_ns, svc_ids, udp_flows_per_user, netns_cookie, n_sel, accel_bound
         }),
         view!("rw_sel" => RwSel { kind, level, id, dev }),
         view!("rw_udp_handoff" => RwUdpHandoff { s, published_ns }),
@@ -167,6 +167,7 @@ fn rust_constants() -> BTreeMap<&'static str, i128> {
         RW_SEL_EXE_BASE,
         RW_SEL_CGROUP,
         RW_SEL_EXE,
+        RW_SVC_IDS_FILLED,
         RW_FLOW_SOCK,
         RW_FLOW_UDP_SLOT,
         RW_FLOW_ROLE_REDIRECTED,

@@ -1013,6 +1013,16 @@ fn a_restarted_service_unit_whose_proxy_binds_before_the_daemon_follows_is_not_s
         udp.iter().any(|l| l["chain"] == serde_json::json!(["audit", "squid"])),
         "the app's UDP flow after the unit's restart skipped squid (running, bound before the daemon followed): squid {s:?}"
     );
+    // A record-less connect made in the re-made unit is squid's own (the
+    // hooks look its new cgroup id up: the daemon set the id's bit in
+    // rw_conf's filter of service cgroups before it wrote the id): it
+    // continues after squid, the last service, straight to the server, and
+    // never goes back through audit as somebody's new flow. (Issue 22: fails
+    // if the daemon writes the id without its bit.)
+    let own = host.app(SQUID, None, None, server.addr, None);
+    let o = own.go();
+    assert_eq!(flows_of(&audit_log, own.pid), 0, "squid's own connect went back through audit");
+    assert!(server.peers().contains(&o.fresh.0), "squid's own connect reached the server directly: {:?}", server.peers());
     d.stop();
     d.end_children();
     let down = d.down(5);

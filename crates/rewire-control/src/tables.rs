@@ -247,6 +247,10 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Resu
             services.set(id.get().into(), Pod(svc), 0).map_err(map_err("rw_services"))?;
         }
     }
+    // The filters in `rw_conf` of who may be a service's process (a clear
+    // bit: no service has that cgroup or uid); the configuration, with
+    // them, is written last, before anything is looked up.
+    let mut svc_ids = abi::RW_SVC_IDS_FILLED;
     {
         // Who each service's processes are: its cgroup, and its user if configured.
         let mut ids: HashMap<&mut MapData, Pod<RwIdentKey>, u16> =
@@ -255,16 +259,19 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Resu
             let dir = crate::paths::service_cgroup(subtree, s.name.get_ref());
             std::fs::create_dir_all(&dir).map_err(|source| HooksError::Io { path: dir.clone(), source })?;
             let cg = crate::cgroup::cgroup_id(&dir).map_err(|e| HooksError::Config(e.to_string()))?;
+            svc_ids |= RwConf::svc_cgroup_bit(cg);
             ids.insert(Pod(RwIdentKey { kind: 0, _pad: 0, id: cg }), id.get(), 0).map_err(map_err("rw_svc_id"))?;
             if let Some(c) = &s.cgroup {
                 // An existing cgroup (checked: only root moves processes into it).
                 let dir = crate::cover::resolve(c.get_ref())?;
                 crate::cover::check_confined(&dir)?;
                 let cg = crate::cgroup::cgroup_id(&dir).map_err(|e| HooksError::Config(e.to_string()))?;
+                svc_ids |= RwConf::svc_cgroup_bit(cg);
                 ids.insert(Pod(RwIdentKey { kind: 0, _pad: 0, id: cg }), id.get(), 0).map_err(map_err("rw_svc_id"))?;
             }
             if let Some(u) = &s.user {
                 let uid = resolve_uid(u).map_err(HooksError::Config)?;
+                svc_ids |= RwConf::svc_uid_bit(uid);
                 ids.insert(Pod(RwIdentKey { kind: 1, _pad: 0, id: uid.into() }), id.get(), 0).map_err(map_err("rw_svc_id"))?;
             }
         }
@@ -321,7 +328,7 @@ pub(crate) fn fill_maps(bpf: &mut Ebpf, config: &Config, subtree: &Path) -> Resu
         hop_limit: config.hop_limit(),
         key: [rand::random(), rand::random()],
         udp_idle_ns: config.udp_idle().as_nanos() as u64,
-        _pad0: 0,
+        svc_ids,
         udp_flows_per_user: *config.udp_flows_per_user.get_ref(),
         netns_cookie: current_netns_cookie()?,
         n_sel: sels.table.len() as u32,

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, MapData};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use rewire::abi::{RwIdentKey, RwSel};
+use rewire::abi::{RwConf, RwIdentKey, RwSel};
 
 use crate::config::Config;
 use crate::hooks::{Hooks, HooksError, Pod as P};
@@ -141,8 +141,7 @@ impl Hooks {
                 }
             }
         }
-        let mut ids: HashMap<&mut MapData, P<RwIdentKey>, u16> =
-            HashMap::try_from(self.bpf.map_mut("rw_svc_id").expect("rw_svc_id")).map_err(map_err("rw_svc_id"))?;
+        let mut wanted = vec![];
         for (id, s) in config.services_by_id() {
             let Some(c) = &s.cgroup else { continue };
             let Ok(dir) = crate::cover::resolve(c.get_ref()) else { continue };
@@ -150,9 +149,28 @@ impl Hooks {
                 continue;
             }
             let Ok(cg) = crate::cgroup::cgroup_id(&dir) else { continue };
+            wanted.push((cg, id.get()));
+        }
+        // The filter of service cgroups in `rw_conf` first: an id is never
+        // in `rw_svc_id` while its bit is clear (the kernel would not look
+        // it up). Bits are only ever added; the other fields are written
+        // back as they are.
+        {
+            let mut conf: Array<&mut MapData, P<RwConf>> =
+                Array::try_from(self.bpf.map_mut("rw_conf").expect("rw_conf")).map_err(map_err("rw_conf"))?;
+            let mut c = conf.get(&0, 0).map_err(map_err("rw_conf"))?;
+            let bits = wanted.iter().fold(0, |b, (cg, _)| b | RwConf::svc_cgroup_bit(*cg));
+            if c.0.svc_ids != 0 && c.0.svc_ids | bits != c.0.svc_ids {
+                c.0.svc_ids |= bits;
+                conf.set(0, c, 0).map_err(map_err("rw_conf"))?;
+            }
+        }
+        let mut ids: HashMap<&mut MapData, P<RwIdentKey>, u16> =
+            HashMap::try_from(self.bpf.map_mut("rw_svc_id").expect("rw_svc_id")).map_err(map_err("rw_svc_id"))?;
+        for (cg, id) in wanted {
             let key = P(RwIdentKey { kind: 0, _pad: 0, id: cg });
-            if ids.get(&key, 0).ok() != Some(id.get()) {
-                ids.insert(key, id.get(), 0).map_err(map_err("rw_svc_id"))?;
+            if ids.get(&key, 0).ok() != Some(id) {
+                ids.insert(key, id, 0).map_err(map_err("rw_svc_id"))?;
                 out.services += 1;
             }
         }

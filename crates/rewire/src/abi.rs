@@ -220,13 +220,32 @@ pub struct RwConf {
     pub hop_limit: u32,
     pub key: [u64; 2],
     pub udp_idle_ns: u64,
-    pub _pad0: u32,
+    /// Filters of `rw_svc_id`: [`RW_SVC_IDS_FILLED`] | the bit of every
+    /// cgroup id (kind 0, set before the id is written) and of every uid
+    /// (kind 1), see [`RwConf::svc_cgroup_bit`]; 0: not filled in
+    /// (everything is looked up).
+    pub svc_ids: u32,
     pub udp_flows_per_user: u32,
     pub netns_cookie: u64,
     /// Entries of `rw_sel` in use.
     pub n_sel: u32,
     /// Bytes an accelerated leg may hold queued at its receiving socket.
     pub accel_bound: u32,
+}
+
+/// `RwConf::svc_ids`: the filters are filled in.
+pub const RW_SVC_IDS_FILLED: u32 = 1 << 31;
+
+impl RwConf {
+    /// The `svc_ids` bit of service cgroup id `id` (bits 0..23).
+    pub fn svc_cgroup_bit(id: u64) -> u32 {
+        1 << (id % 24)
+    }
+
+    /// The `svc_ids` bit of service uid `uid` (bits 24..30).
+    pub fn svc_uid_bit(uid: u32) -> u32 {
+        1 << (24 + uid % 7)
+    }
 }
 
 /// Counters of accelerated legs (per-CPU array `rw_accel_cnt`), by index.

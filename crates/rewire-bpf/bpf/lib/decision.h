@@ -50,12 +50,12 @@ __attribute__((noinline)) int rw_choose(struct bpf_sock_addr *ctx, const struct 
 		}
 		w.uid = (__u32)bpf_get_current_uid_gid();
 		w.cgroup_id = bpf_get_current_cgroup_id();
-		w.origin = rw_origin_bits();
+		w.origin = conf->n_sel ? rw_origin_bits() : 0;
 		/* A service's connect without records may serve any of its
 		 * clients: its own uid and cgroup say nothing of whose flow it
 		 * is, nor does a link (only the service's own records would), so
 		 * no rule's uid or cgroup condition may narrow its walk. */
-		c->caller = rw_caller_service();
+		c->caller = rw_service_of(w.cgroup_id, w.uid);
 		w.any_origin = !!c->caller;
 	}
 	rw_walk(&w);

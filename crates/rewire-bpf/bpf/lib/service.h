@@ -146,19 +146,49 @@ static __always_inline struct rw_service *rw_service_addr(__u16 service_id, __u8
 
 /* ---- service identity ---- */
 
-/* The service whose process is running (its cgroup
- * <subtree>/services/<name>, or its configured uid), or 0. */
-static __always_inline __u16 rw_caller_service(void)
+/* Whether cgroup id `cg` (kind 0) or uid `id` (kind 1) may be in
+ * rw_svc_id, by the filters in rw_conf: a clear bit says that no service
+ * has it (user space sets the bit before it writes the id), so the lookup,
+ * a hash table's cold lines at every connect and TCP socket of the
+ * subtree, is left out. Unfilled filters (0) let everything be looked up. */
+static __always_inline int rw_svc_may(__u32 kind, __u64 id)
 {
-	struct rw_ident_key k = { .kind = 0, .id = bpf_get_current_cgroup_id() };
-	__u16 *sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+	struct rw_conf *conf = rw_get_conf();
+	__u32 f;
 
-	if (sid)
-		return *sid;
+	if (!conf)
+		return 1;
+	f = conf->svc_ids;
+	if (!(f & RW_SVC_IDS_FILLED))
+		return 1;
+	return !!(f & (kind == 0 ? RW_SVC_CG_BIT(id) : RW_SVC_UID_BIT((__u32)id)));
+}
+
+/* The service of a process in cgroup `cgroup_id` with uid `uid` (its
+ * cgroup <subtree>/services/<name>, or its configured uid), or 0. A global
+ * function: its branches are verified once, not in every caller's paths. */
+__attribute__((noinline)) int rw_service_of(__u64 cgroup_id, __u32 uid)
+{
+	struct rw_ident_key k = { .kind = 0, .id = cgroup_id };
+	__u16 *sid;
+
+	if (rw_svc_may(0, cgroup_id)) {
+		sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+		if (sid)
+			return *sid;
+	}
+	if (!rw_svc_may(1, uid))
+		return 0;
 	k.kind = 1;
-	k.id = (__u32)bpf_get_current_uid_gid();
+	k.id = uid;
 	sid = bpf_map_lookup_elem(&rw_svc_id, &k);
 	return sid ? *sid : 0;
+}
+
+/* The service whose process is running, or 0. */
+static __always_inline __u16 rw_caller_service(void)
+{
+	return rw_service_of(bpf_get_current_cgroup_id(), (__u32)bpf_get_current_uid_gid());
 }
 
 /* The service whose process is running when only its uid says so (its
@@ -171,12 +201,14 @@ static __always_inline __u16 rw_caller_service(void)
 static __always_inline __u16 rw_caller_service_by_uid(void)
 {
 	struct rw_ident_key k = { .kind = 0, .id = bpf_get_current_cgroup_id() };
-	__u16 *sid = bpf_map_lookup_elem(&rw_svc_id, &k);
+	__u16 *sid;
 
-	if (sid)
+	if (rw_svc_may(0, k.id) && bpf_map_lookup_elem(&rw_svc_id, &k))
 		return 0;
 	k.kind = 1;
 	k.id = (__u32)bpf_get_current_uid_gid();
+	if (!rw_svc_may(1, k.id))
+		return 0;
 	sid = bpf_map_lookup_elem(&rw_svc_id, &k);
 	return sid ? *sid : 0;
 }
