@@ -231,6 +231,38 @@ fn record_less_forwarder_chains_without_looping() {
     assert_eq!(kinds(&ev).iter().filter(|k| **k == EventKind::Deliver).count(), 1, "{ev:?}");
 }
 
+/// A service known by its uid (`user = "nobody"`): the hooks ask their
+/// identity table only for a uid whose bit is set in `rw_conf`'s filter
+/// (issue 22), so the bit the daemon computes must be the one the kernel
+/// tests. A record-less connect by a process of that uid is the service's
+/// own: it continues after the service (the last) straight to the server.
+/// Taken for an application's, it would go to the service's address,
+/// where nothing listens, and be refused.
+#[test]
+fn a_service_known_by_its_uid_is_known_at_its_connect() {
+    require_root!();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let port = server.addr.port();
+    let rule = format!("dst = \"127.0.0.0/8\"\nports = {port}");
+    let sb = Sandbox::new(&svc("audit", free_port(), &rule, "user = \"nobody\""));
+    run_child(&sb, "child_uid_service", &[("RW_DST", server.addr.to_string())]);
+    assert_eq!(server.peers().len(), 1, "the service's own connect reached the server");
+}
+
+#[test]
+fn child_uid_service() {
+    // Child: runs inside the test cgroup, started by a_service_known_by_its_uid_is_known_at_its_connect.
+    child!();
+    let Some(dst) = env::<SocketAddr>("RW_DST") else { return };
+    nix::unistd::setresgid(65534.into(), 65534.into(), 65534.into()).unwrap();
+    nix::unistd::setresuid(65534.into(), 65534.into(), 65534.into()).unwrap();
+    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("the service's own connect is not refused");
+    s.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+}
+
 // ---- impostors and the fail policy ------------------------------------
 
 /// Listens on `RW_ADDR` (as whoever runs it) for `RW_SECS` seconds and
