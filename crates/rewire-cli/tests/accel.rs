@@ -447,6 +447,8 @@ struct SinkOpts {
     fastopen: bool,
     /// Milliseconds it waits after the accept before it reads.
     delay_ms: u64,
+    /// Shuts its write half right after the accept (its FIN goes first).
+    shut_first: bool,
 }
 
 /// Starts the second proxy, service `p2` on `port`, as a test program on
@@ -458,7 +460,8 @@ fn sink(sb: &mut Sandbox, port: u16, v6: bool, o: SinkOpts) -> (std::process::Ch
     let sync = sync_file(&sb.dir, "sink");
     let control = sync_file(&sb.dir, "sink-control");
     let flags = format!(
-        "{}{}{}",
+        "{}{}{}{}",
+        if o.shut_first { "shutfirst " } else { "" },
         if o.stall { "stall " } else { "" },
         if o.defer_accept { "defer " } else { "" },
         if o.fastopen { "fastopen " } else { "" }
@@ -512,6 +515,9 @@ fn child_sink() {
         let (a, _) = s.accept().unwrap();
         let a: TcpStream = a.into();
         let accelerated = rewire::is_accelerated(&a).unwrap();
+        if flags.contains("shutfirst") {
+            a.shutdown(Shutdown::Write).unwrap();
+        }
         if flags.contains("stall") {
             wait_file(&control, "resume");
         }
@@ -780,4 +786,32 @@ fn child_fast_open_proxy() {
         let _ = b.read_to_end(&mut rest);
         drop(a);
     });
+}
+
+/// The second proxy half-closes first (its FIN goes first) and does not
+/// read for a while; the first proxy's bytes are redirected onto its
+/// socket's queue, then the first proxy's FIN arrives over TCP and the
+/// socket goes to TIME_WAIT (tcp_done unhashes it: it leaves the
+/// sockhash). The bytes it had not read are still read, exact: fails if
+/// leaving the map drops the psock's queue (bytes the first proxy sent on
+/// that the second never sees, the rest of the stream after them).
+#[test]
+fn redirected_bytes_survive_the_peers_fin_after_its_own() {
+    require_root!();
+    let dst_port = free_port();
+    let (mut sb, _, port2) = chain(dst_port, "", Some(ACCEL), None);
+    let (sink_child, sink_sync, control) = sink(&mut sb, port2, false, SinkOpts { stall: true, shut_first: true, ..Default::default() });
+    let up = 256 << 10;
+    let app_child = child_cmd(Some(&sb), "child_send", &[(ENV_DST, loopback(false, dst_port).to_string()), (ENV_UP, up.to_string())])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    child_passed(app_child, "child_send");
+    std::thread::sleep(Duration::from_millis(500));
+    let c = counters(&sb);
+    std::fs::write(&control, "resume").unwrap();
+    let (n, digest, accelerated) = sink_result(sink_child, &sink_sync);
+    println!("fin after fin: the second proxy read {n} of {up} bytes (accelerated {accelerated}); {c:?}");
+    assert!(c.bytes > 0, "redirected: {c:?}");
+    assert_eq!((n, digest), (up, hex(&sha(&pattern(up, SEED_UP)))), "every byte the first proxy sent is read by the second, exact");
 }
