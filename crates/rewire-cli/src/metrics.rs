@@ -101,6 +101,18 @@ impl Collector for KernelCollector {
         for (cause, v) in global.fields() {
             ConstCounter::new(v).encode(m.encode_family(&[("cause", cause)])?)?;
         }
+        if let Ok(a) = rewire_control::hooks::AccelCounters::pinned(&s.dir) {
+            let mut m = e.encode_descriptor(
+                "rewire_accel",
+                "accelerated legs between proxies: bytes redirected socket to socket, bytes their sockets sent over TCP, \
+                 switches to TCP and back, bound hits, sockets inserted, opt-ins refused",
+                None,
+                c.metric_type(),
+            )?;
+            for (what, v) in a.fields() {
+                ConstCounter::new(v).encode(m.encode_family(&[("what", what)])?)?;
+            }
+        }
         let Ok(per) = ServiceCountersReader::open_pinned(&s.dir) else { return Ok(()) };
         let services: Vec<(String, u16)> = {
             let cfg = s.config.read().unwrap_or_else(|e| e.into_inner());

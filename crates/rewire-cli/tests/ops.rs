@@ -50,6 +50,8 @@ fn metrics_show_exact_counts_per_service_and_cause() {
     assert_eq!(sample::<u64>(&text, "rewire_up"), Some(1), "{text}");
     assert_eq!(sample::<u64>(&text, "rewire_hooks_attached"), Some(1), "{text}");
     assert_eq!(sample::<u64>(&text, "rewire_events_dropped_total"), Some(0), "{text}");
+    // No proxy opted in to accelerated legs: the series are there, at 0.
+    assert_eq!(sample::<u64>(&text, "rewire_accel_total{what=\"inserted\"}"), Some(0), "{text}");
     assert_eq!(sample::<u64>(&text, "rewire_last_reload_success"), Some(1), "{text}");
     assert!(sample::<u64>(&text, "rewire_generation").is_some_and(|g| g > 0), "{text}");
     let complaints = promtool(&text, &d.dir);

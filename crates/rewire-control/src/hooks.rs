@@ -459,6 +459,19 @@ impl AccelCounters {
         })
     }
 
+    /// Every counter with its name, for metrics.
+    pub fn fields(&self) -> [(&'static str, u64); 7] {
+        [
+            ("bytes", self.bytes),
+            ("tcp_bytes", self.tcp_bytes),
+            ("to_tcp", self.fallbacks),
+            ("bound_hits", self.bound_hits),
+            ("inserted", self.inserted),
+            ("refused", self.refused),
+            ("to_redirect", self.switches),
+        ]
+    }
+
     /// The counters of a daemon's pinned `rw_accel_cnt` under `dir`.
     pub fn pinned(dir: &Path) -> Result<Self, HooksError> {
         let m = MapData::from_pin(dir.join("rw_accel_cnt")).map_err(|source| HooksError::Map { name: "rw_accel_cnt", source })?;
