@@ -214,16 +214,17 @@ static __noinline int rw_accel_insert(struct bpf_sock_ops *skops, struct rw_acce
 		return 0;
 	rw_accel_key_ops(skops, &k);
 	a->dir = RW_ACCEL_DIR_TCP;
-	/* Privileged programs may keep an address as a number (read back
-	 * with bpf_probe_read_kernel only); written before the socket can
-	 * be a target. */
-	pa.sk = (__u64)sk;
-	pa.cookie = bpf_get_socket_cookie(skops);
-	if (bpf_map_update_elem(&rw_accel_peer, &k, &pa, BPF_ANY))
-		return 0;
 	if (bpf_sock_hash_update(skops, &rw_accel, &k, BPF_NOEXIST))
 		return 0;
 	a->inserted = 1;
+	/* Privileged programs may keep an address as a number (read back
+	 * with bpf_probe_read_kernel only). Written once the socket is in
+	 * the map under this key, so an entry never names another socket
+	 * than the one the map holds there; until it is written, the peer
+	 * sends over TCP. */
+	pa.sk = (__u64)sk;
+	pa.cookie = bpf_get_socket_cookie(skops);
+	bpf_map_update_elem(&rw_accel_peer, &k, &pa, BPF_ANY);
 	rw_accel_count(RW_ACCEL_INSERTED, 1);
 	return 1;
 }
