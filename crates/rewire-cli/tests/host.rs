@@ -767,7 +767,7 @@ fn a_daemon_in_a_delegated_unit_makes_its_subtree_there_and_nothing_at_the_top()
     std::fs::create_dir_all(&unit).unwrap();
     mark_delegated(&unit);
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
-    let name = format!("rewire-test-{}-deleg", std::process::id());
+    let name = format!("rewire-test-{}-unitdeleg", std::process::id());
     let cfg = host.dir.join("rewire.toml");
     let (audit, dlp) = (free_port(), free_port());
     std::fs::write(
