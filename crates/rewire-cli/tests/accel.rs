@@ -791,10 +791,11 @@ fn child_fast_open_proxy() {
 /// The second proxy half-closes first (its FIN goes first) and does not
 /// read for a while; the first proxy's bytes are redirected onto its
 /// socket's queue, then the first proxy's FIN arrives over TCP and the
-/// socket goes to TIME_WAIT (tcp_done unhashes it: it leaves the
-/// sockhash). The bytes it had not read are still read, exact: fails if
-/// leaving the map drops the psock's queue (bytes the first proxy sent on
-/// that the second never sees, the rest of the stream after them).
+/// socket goes to TIME_WAIT (tcp_done; sockmap keeps a TCP socket in the
+/// sockhash until it is closed, so its psock and queue stay). The bytes it
+/// had not read are still read, exact: fails if a change takes such a
+/// socket out of the map (dropping its psock's queue) before its proxy
+/// read them (bytes the first proxy sent on that the second never sees).
 #[test]
 fn redirected_bytes_survive_the_peers_fin_after_its_own() {
     require_root!();
