@@ -423,6 +423,40 @@ fn child_app_opt_in() {
     assert_eq!(sha(&got), sha(&pattern(1 << 20, SEED_DOWN)));
 }
 
+/// A service process that opts in an application's socket (made by the
+/// application, then handed over: here the same process, which moves into
+/// the service's cgroup for the call and back) does not get it into the
+/// map: the socket's own cgroup is checked at its insertion. The flow
+/// passes, exact.
+#[test]
+fn an_application_socket_opted_in_by_a_service_never_enters_the_map() {
+    require_root!();
+    let (dst, rx) = server(false, Serve::Bulk { down: 1 << 20 });
+    let (sb, _, _) = chain(dst.port(), "", Some(ACCEL), Some(ACCEL));
+    app(&sb, "child_app_socket_opted_by_service", dst, &[]);
+    let seen = next(&rx);
+    assert_eq!((seen.error, seen.got.len()), (None, 1 << 20));
+    let c = counters(&sb);
+    println!("{c:?}");
+}
+
+#[test]
+fn child_app_socket_opted_by_service() {
+    child!();
+    let dst: SocketAddr = env(ENV_DST).unwrap();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    as_service("p1", || rewire::accelerate(&s)).expect("the service's process may opt in a socket it holds");
+    s.connect_timeout(&dst.into(), Duration::from_secs(10)).unwrap();
+    assert!(!rewire::is_accelerated(&s).unwrap(), "an application's socket never enters the map");
+    let mut c: TcpStream = s.into();
+    c.set_read_timeout(Some(LIMIT)).unwrap();
+    c.write_all(&pattern(1 << 20, SEED_UP)).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(sha(&got), sha(&pattern(1 << 20, SEED_DOWN)));
+}
+
 // ---- the second proxy as a test program on the Rust API ----
 
 /// The third value of a `/proc/sys/net/ipv4/tcp_[rw]mem` triple.
