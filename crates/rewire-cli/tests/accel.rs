@@ -850,3 +850,57 @@ fn redirected_bytes_survive_the_peers_fin_after_its_own() {
     assert!(c.bytes > 0, "redirected: {c:?}");
     assert_eq!((n, digest), (up, hex(&sha(&pattern(up, SEED_UP)))), "every byte the first proxy sent is read by the second, exact");
 }
+
+/// Under `rewire daemon`: the sk_msg program stays with the pinned sockhash
+/// across a reload (the new generation's program attached to the same map)
+/// and a restart of the daemon (adopted, attached again): a flow after
+/// each is accelerated (the pinned counters grow), exact.
+#[test]
+fn accelerated_legs_survive_reload_and_daemon_restart() {
+    use common::daemon::Daemon;
+    require_root!();
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Mode::Echo);
+    let (p1, p2) = (free_port(), free_port());
+    let services = service("p1", p1, server.addr.port()) + &service("p2", p2, server.addr.port());
+    let mut d = Daemon::start("accel", &services, &[]);
+    for name in ["p1", "p2"] {
+        let p = Command::new(REWIRE)
+            .args(["proxy", "--accel", "--name", name, "--log", "/dev/null", "--config"])
+            .arg(&d.cfg)
+            .env_remove("REWIRE_CGROUP")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        d.children.push(p);
+    }
+    for port in [p1, p2] {
+        wait_listening(loopback(false, port));
+    }
+    let pins = rewire_control::paths::pin_dir(&d.name);
+    let flow = |d: &Daemon, what: &str| {
+        let r = d.probe(&[&server.addr.to_string(), "--send", "1000000"]);
+        assert_eq!(r["received"], 1000000, "{what}: {r}");
+        assert_eq!(r["sent_sha256"], r["received_sha256"], "{what}: {r}");
+        AccelCounters::pinned(&pins).unwrap()
+    };
+    let first = flow(&d, "first");
+    assert!(first.bytes > 0, "accelerated: {first:?}");
+    let reload = d.config_file("reload.toml", &format!("accel_bound = 2097152\n{services}"));
+    let out = Command::new(REWIRE).args(["reload", "--config"]).arg(&reload).output().unwrap();
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    let after_reload = flow(&d, "after the reload");
+    assert!(after_reload.bytes > first.bytes && after_reload.inserted == first.inserted + 2, "{first:?} then {after_reload:?}");
+    d.stop();
+    let err = std::fs::File::create(d.dir.join("daemon2.err")).unwrap();
+    d.daemon = Some(Command::new(REWIRE).args(["daemon", "--config"]).arg(&reload).stderr(err).spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !std::fs::read_to_string(d.dir.join("daemon2.err")).unwrap_or_default().contains("serving ") {
+        assert!(Instant::now() < deadline, "the daemon did not start again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after_restart = flow(&d, "after the restart");
+    assert!(
+        after_restart.bytes > after_reload.bytes && after_restart.inserted == after_reload.inserted + 2,
+        "{after_reload:?} then {after_restart:?}"
+    );
+}
