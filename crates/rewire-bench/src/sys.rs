@@ -143,11 +143,16 @@ pub fn spawn(mut cmd: Command, place: &Placement, capture: bool) -> Result<Child
 
 /// Ends a child we started (SIGTERM, then SIGKILL after 2 s) and reaps it.
 pub fn stop(child: &mut Child) {
+    stop_with(child, nix::sys::signal::SIGTERM, Duration::from_secs(2));
+}
+
+/// Ends a child with `sig`, then SIGKILL after `grace`, and reaps it.
+fn stop_with(child: &mut Child, sig: nix::sys::signal::Signal, grace: Duration) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     forget(child.id());
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
+    let _ = nix::sys::signal::kill(pid, sig);
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(2) {
+    while t.elapsed() < grace {
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
@@ -213,17 +218,7 @@ pub fn spawn_around(cmd: &str) -> Result<Child> {
 /// Ends a command of [`spawn_around`] with SIGINT (perf writes its data
 /// then) and waits for it (at most 20 s, then SIGKILL).
 pub fn end_around(mut c: Child) {
-    forget(c.id());
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGINT);
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(20) {
-        if let Ok(Some(_)) = c.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
+    stop_with(&mut c, nix::sys::signal::SIGINT, Duration::from_secs(20));
 }
 
 /// A process's scheduler statistics, summed over its threads

@@ -74,6 +74,26 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// One figure over the runs from its per-run (scenario, baseline) values;
+/// a run whose values are not both positive (a failed test) counts for
+/// nothing and clears that run's `all_ok`, as does a run the scenario lost.
+fn figure_tally(key: &str, higher: bool, values: &[(f64, f64)], all_ok: &mut [bool]) -> FigureTally {
+    let mut t = FigureTally { figure: key.into(), higher_is_better: higher, ..Default::default() };
+    for (ok_all, &(x, y)) in all_ok.iter_mut().zip(values) {
+        if y <= 0.0 || x <= 0.0 {
+            *ok_all = false;
+            continue;
+        }
+        t.runs += 1;
+        let ok = at_least(x, y, higher);
+        t.at_least += usize::from(ok);
+        *ok_all &= ok;
+        t.ratios.push(round3(x / y));
+    }
+    t.median_ratio = round3(median(&t.ratios));
+    t
+}
+
 /// Compares `scenario` with `baseline` on `figures` over `runs` (each a map
 /// scenario name → that run's figures). A run counts only where both
 /// scenarios ran and the baseline's figure is not zero (a failed test).
@@ -82,21 +102,8 @@ pub fn compare(runs: &[BTreeMap<String, Figures>], scenario: &str, baseline: &st
     let pairs: Vec<(&Figures, &Figures)> = runs.iter().filter_map(|r| Some((r.get(scenario)?, r.get(baseline)?))).collect();
     let mut all_ok = vec![true; pairs.len()];
     for &(key, _, higher, get) in figures {
-        let mut t = FigureTally { figure: key.into(), higher_is_better: higher, ..Default::default() };
-        for (i, (s, b)) in pairs.iter().enumerate() {
-            let (x, y) = (get(s), get(b));
-            if y <= 0.0 || x <= 0.0 {
-                all_ok[i] = false;
-                continue;
-            }
-            t.runs += 1;
-            let ok = at_least(x, y, higher);
-            t.at_least += usize::from(ok);
-            all_ok[i] &= ok;
-            t.ratios.push(round3(x / y));
-        }
-        t.median_ratio = round3(median(&t.ratios));
-        c.figures.push(t);
+        let values: Vec<(f64, f64)> = pairs.iter().map(|(s, b)| (get(s), get(b))).collect();
+        c.figures.push(figure_tally(key, higher, &values, &mut all_ok));
     }
     c.runs = pairs.len();
     c.at_least_on_all = all_ok.iter().filter(|&&ok| ok).count();
@@ -159,21 +166,8 @@ pub fn paired(tails: &[PairedTails]) -> Option<Comparison> {
     let mut c = Comparison { scenario: "proxy1 (paired)".into(), baseline: "nft (paired)".into(), runs: tails.len(), ..Default::default() };
     let mut all_ok = vec![true; tails.len()];
     for &(key, get) in QUANTILES {
-        let mut t = FigureTally { figure: key.into(), higher_is_better: false, ..Default::default() };
-        for (i, p) in tails.iter().enumerate() {
-            let (x, y) = (get(&p.proxy1), get(&p.nft));
-            if x <= 0.0 || y <= 0.0 {
-                all_ok[i] = false;
-                continue;
-            }
-            t.runs += 1;
-            let ok = at_least(x, y, false);
-            t.at_least += usize::from(ok);
-            all_ok[i] &= ok;
-            t.ratios.push(round3(x / y));
-        }
-        t.median_ratio = round3(median(&t.ratios));
-        c.figures.push(t);
+        let values: Vec<(f64, f64)> = tails.iter().map(|p| (get(&p.proxy1), get(&p.nft))).collect();
+        c.figures.push(figure_tally(key, false, &values, &mut all_ok));
     }
     c.at_least_on_all = all_ok.iter().filter(|&&ok| ok).count();
     Some(c)
