@@ -208,6 +208,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 	struct rw_conf *conf;
 	struct bpf_sock *sk;
 	__u32 from_accel;
+	__u64 peer_cookie;
 
 	/* Every TCP socket of the subtree runs this program at a fixed set of
 	 * points whatever its flags (RTO and window init, ECN, connect, active
@@ -235,7 +236,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 			return 1;
 		rw_tuple_of(skops, &t, 0);
 		st->cookie = bpf_get_socket_cookie(skops);
-		st->flags = (st->flags & ~RW_F_ACCEL) | rw_accel_flag(sk);
+		st->flags = (st->flags & ~RW_F_ACCEL) | ((st->flags & RW_F_SVC_CONNECT) ? rw_accel_flag(sk) : 0);
 		if (bpf_map_update_elem(&rw_handoff, &t, st, BPF_NOEXIST)) {
 			/* Full (or a stale twin): the proxy will find no records
 			 * and refuse the connection; never a misattributed flow. */
@@ -282,6 +283,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 		}
 		rw_svc_handed(v->service_id, (__u32)v->rec.depth + v->rec.n_chain);
 		from_accel = v->flags & RW_F_ACCEL;
+		peer_cookie = v->cookie;
 		st = bpf_sk_storage_get(&rw_sk, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (st) {
 			st->service_id = v->service_id;
@@ -291,7 +293,7 @@ int rw_sock_ops(struct bpf_sock_ops *skops)
 			st->flags = RW_F_ACCEPTED;
 		}
 		bpf_map_delete_elem(&rw_handoff, &t);
-		rw_accel_passive(skops, sk, from_accel);
+		rw_accel_passive(skops, sk, from_accel, peer_cookie);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		rw_accel_active(skops, sk);

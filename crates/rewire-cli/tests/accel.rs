@@ -553,7 +553,7 @@ fn child_sink() {
             a.shutdown(Shutdown::Write).unwrap();
         }
         if flags.contains("stall") {
-            wait_file(&control, "resume");
+            wait_file_for(&control, "resume", Duration::from_secs(120));
         }
         std::thread::sleep(Duration::from_millis(delay));
         // recvmsg, non-blocking: the contract of an accelerated socket.
@@ -628,7 +628,8 @@ fn a_stalled_accelerated_flow_holds_bounded_memory() {
     .stderr(Stdio::inherit())
     .spawn()
     .unwrap();
-    let s = wait_file(&app_sync, "stalled ");
+    // The child stops by its own 40-s deadline at the latest.
+    let s = wait_file_for(&app_sync, "stalled ", Duration::from_secs(60));
     let accepted: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
     let c = counters(&sb);
     println!(
@@ -903,4 +904,231 @@ fn accelerated_legs_survive_reload_and_daemon_restart() {
         after_restart.bytes > after_reload.bytes && after_restart.inserted == after_reload.inserted + 2,
         "{after_reload:?} then {after_restart:?}"
     );
+}
+
+/// Attack s9 (F4): a reset socket the second proxy still holds stays in
+/// rw_accel under its 4-tuple, which is free again at once. A new leg on
+/// the same 4-tuple: its accepted socket cannot enter the map (the key is
+/// taken) and the peer entry still names the old socket. When the old
+/// socket's copied_seq equals the new onward socket's write_seq (a
+/// sequence coincidence; forced here with TCP_REPAIR on the old, closed
+/// socket), the new leg's bytes are redirected into the OLD flow's socket.
+#[test]
+fn a_new_leg_on_a_reset_legs_tuple_never_reaches_the_old_socket() {
+    require_root!();
+    let dst_port = free_port();
+    let (sb, _, port2) = chain(dst_port, "", None, None);
+    let out = child_passed(
+        child_cmd(Some(&sb), "child_tuple_reuse", &[(ENV_DST, loopback(false, dst_port).to_string()), (ENV_PORT, port2.to_string())])
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+        "child_tuple_reuse",
+    );
+    let c = counters(&sb);
+    println!("tuple reuse: {c:?}");
+    let line = out.lines().find(|l| l.starts_with("RESULT ")).unwrap_or("RESULT none").to_owned();
+    println!("{line}");
+    assert!(!line.contains("old_got=FLOW2"), "the new leg's bytes reached the old flow's socket: {line}");
+    assert!(line.contains("new_got=FLOW2"), "the new leg's bytes reach its own socket: {line}");
+}
+
+fn repair(fd: std::os::fd::RawFd, on: libc::c_int) {
+    tcp_int_opt(fd, libc::TCP_REPAIR, on);
+}
+
+#[test]
+fn child_tuple_reuse() {
+    child!();
+    let dst: SocketAddr = env(ENV_DST).unwrap();
+    let port2: u16 = env(ENV_PORT).unwrap();
+    let l2 = as_service("p2", || {
+        let l = TcpListener::bind(loopback(false, port2)).unwrap();
+        rewire::accelerate(&l).unwrap();
+        l
+    });
+    let src_port = {
+        let t = TcpListener::bind(loopback(false, 0)).unwrap();
+        t.local_addr().unwrap().port()
+    };
+    let onward = || {
+        as_service("p1", || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&loopback(false, src_port).into()).unwrap();
+            rewire::accelerate(&s).unwrap();
+            s.connect_timeout(&dst.into(), Duration::from_secs(5)).unwrap();
+            let t: TcpStream = s.into();
+            t
+        })
+    };
+    // Flow 1: accelerated both ends; its bytes read.
+    let mut b1 = onward();
+    let (a2, _) = l2.accept().unwrap();
+    let acc1 = as_service("p2", || (rewire::is_accelerated(&b1).unwrap_or(false), rewire::is_accelerated(&a2).unwrap_or(false)));
+    b1.write_all(b"FLOW1").unwrap();
+    let mut buf = [0u8; 64];
+    a2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = (&a2).read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"FLOW1");
+    // The first proxy aborts its onward socket; the second still holds a2.
+    socket2::SockRef::from(&b1).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(b1);
+    std::thread::sleep(Duration::from_millis(200));
+    // Flow 2 on the same 4-tuple.
+    let mut b1n = onward();
+    let (a2n, _) = l2.accept().unwrap();
+    let acc2 = as_service("p2", || (rewire::is_accelerated(&b1n).unwrap_or(false), rewire::is_accelerated(&a2n).unwrap_or(false)));
+    // The coincidence: the old socket's copied_seq = the new onward socket's write_seq.
+    let (fb, fa) = (b1n.as_raw_fd(), a2.as_raw_fd());
+    repair(fb, 1);
+    tcp_int_opt(fb, libc::TCP_REPAIR_QUEUE, 2 /* TCP_SEND_QUEUE */);
+    let mut seq: libc::c_int = 0;
+    let mut len = 4 as libc::socklen_t;
+    // SAFETY: an int out-parameter of the right size.
+    let rc = unsafe { libc::getsockopt(fb, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, (&mut seq as *mut libc::c_int).cast(), &mut len) };
+    assert_eq!(rc, 0, "TCP_QUEUE_SEQ: {}", std::io::Error::last_os_error());
+    repair(fb, 0);
+    repair(fa, 1);
+    tcp_int_opt(fa, libc::TCP_REPAIR_QUEUE, 1 /* TCP_RECV_QUEUE */);
+    tcp_int_opt(fa, libc::TCP_QUEUE_SEQ, seq);
+    repair(fa, 0);
+    b1n.write_all(b"FLOW2").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    a2.set_nonblocking(true).unwrap();
+    a2n.set_nonblocking(true).unwrap();
+    let old = (&a2).read(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()).map_err(|e| e.to_string());
+    let mut buf2 = [0u8; 64];
+    let new = (&a2n).read(&mut buf2).map(|n| String::from_utf8_lossy(&buf2[..n]).into_owned()).map_err(|e| e.to_string());
+    println!(
+        "RESULT flow1 accel={acc1:?} flow2 accel={acc2:?} old_got={} new_got={}",
+        match &old {
+            Ok(s) => s.clone(),
+            Err(e) => format!("err:{e}"),
+        },
+        match &new {
+            Ok(s) => s.clone(),
+            Err(e) => format!("err:{e}"),
+        }
+    );
+}
+
+// ---- attack s9: per-message kernel memory beyond the byte bound ----
+
+/// Active objects of the kmalloc 1 KiB caches (struct sk_msg is 712 bytes:
+/// one such object per message queued on a psock's ingress list).
+fn kmalloc_1k_objects() -> u64 {
+    let s = std::fs::read_to_string("/proc/slabinfo").unwrap();
+    s.lines()
+        .filter(|l| {
+            let n = l.split_whitespace().next().unwrap_or("");
+            n == "kmalloc-1k" || (n.starts_with("kmalloc-rnd-") && n.ends_with("-1k"))
+        })
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The bound of a stalled accelerated leg is in bytes (msg_tot_len), but
+/// every message queued on the second proxy's psock also holds a struct
+/// sk_msg (kmalloc-1k, not charged to the socket nor a memory cgroup). An
+/// application that trickles 1-byte writes through the reference proxy,
+/// while the second proxy does not read, makes the kernel hold about 1 KiB
+/// per byte of the bound.
+#[test]
+fn a_stalled_accelerated_flow_of_small_messages_holds_bounded_memory() {
+    require_root!();
+    let bound: u64 = 64 << 10;
+    let writes: u64 = 40_000;
+    let dst_port = free_port();
+    let (mut sb, _, port2) = chain(dst_port, &format!("accel_bound = {bound}"), Some(ACCEL), None);
+    let (sink_child, sink_sync, control) = sink(&mut sb, port2, false, SinkOpts { stall: true, ..Default::default() });
+    let app_sync = sync_file(&sb.dir, "app");
+    let before = kmalloc_1k_objects();
+    let app_child = child_cmd(
+        Some(&sb),
+        "child_trickle",
+        &[(ENV_DST, loopback(false, dst_port).to_string()), (ENV_DIR, sb.dir.display().to_string()), (ENV_UP, writes.to_string())],
+    )
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap();
+    wait_file(&app_sync, "sent ");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = kmalloc_1k_objects();
+    let c = counters(&sb);
+    let held = after.saturating_sub(before) * 1024;
+    println!("small messages: {writes} 1-byte writes, kmalloc-1k objects {before} -> {after} (+{held} bytes), bound {bound}; {c:?}");
+    std::fs::write(&control, "resume").unwrap();
+    child_passed(app_child, "child_trickle");
+    let (n, digest, _) = sink_result(sink_child, &sink_sync);
+    assert_eq!((n as u64, digest), (writes, hex(&sha(&pattern(writes as usize, SEED_UP)))), "exact");
+    assert!(
+        held < 8 * bound + (4 << 20),
+        "a stalled flow of {} redirected bytes held {held} bytes of kernel memory (bound {bound})",
+        c.bytes
+    );
+}
+
+/// Writes `up` bytes one at a time (TCP_NODELAY, a pause between), reports
+/// `sent`, then shuts its write half and waits for the end-of-file.
+#[test]
+fn child_trickle() {
+    child!();
+    let dst: SocketAddr = env(ENV_DST).unwrap();
+    let up: usize = env(ENV_UP).unwrap();
+    let dir = PathBuf::from(env::<String>(ENV_DIR).unwrap());
+    let data = pattern(up, SEED_UP);
+    let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(10)).unwrap();
+    c.set_nodelay(true).unwrap();
+    c.set_write_timeout(Some(LIMIT)).unwrap();
+    for b in data.chunks(1) {
+        c.write_all(b).unwrap();
+        std::thread::sleep(Duration::from_micros(30));
+    }
+    std::fs::write(dir.join("app"), "sent ").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+}
+
+/// Attack s9: a service's process makes a socket, opts it in and hands it
+/// to an application, which connects with it: the application's flow is
+/// redirected to the first service. The application's socket must not
+/// enter the map (only the leg between the proxies: 2 insertions).
+#[test]
+fn an_application_connecting_with_a_services_opted_in_socket_stays_out_of_the_map() {
+    require_root!();
+    let (dst, rx) = server(false, Serve::Bulk { down: 1 << 20 });
+    let (sb, _, _) = chain(dst.port(), "", Some(ACCEL), Some(ACCEL));
+    app(&sb, "child_borrowed_optin", dst, &[(ENV_UP, (1usize << 20).to_string())]);
+    let seen = next(&rx);
+    assert_eq!(seen.got.len(), 1 << 20);
+    let c = counters(&sb);
+    println!("application with a service's opted-in socket: {c:?}");
+    assert_eq!(c.inserted, 2, "only the two ends of the leg between the proxies: {c:?}");
+}
+
+#[test]
+fn child_borrowed_optin() {
+    child!();
+    let dst: SocketAddr = env(ENV_DST).unwrap();
+    let up: usize = env(ENV_UP).unwrap();
+    let s = as_service("p1", || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        rewire::accelerate(&s).unwrap();
+        s
+    });
+    s.connect_timeout(&dst.into(), Duration::from_secs(10)).unwrap();
+    let mut c: TcpStream = s.into();
+    c.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut r = c.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v.len()
+    });
+    c.write_all(&pattern(up, SEED_UP)).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(reader.join().unwrap(), 1 << 20);
 }

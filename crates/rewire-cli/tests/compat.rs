@@ -1478,3 +1478,54 @@ fn child_unlinked_as_proxy_user() {
         assert!(String::from_utf8_lossy(&answer).contains("hello "));
     }
 }
+
+/// Attack s9 (marking change 1e92e6a): a socket a service's process binds
+/// is the service's (SECURITY.md: "creates or binds"), also when it was
+/// made before the process was the service's (created outside its cgroup,
+/// then bound and listening inside). Main no longer marks at bind a socket
+/// of a service known by its cgroup, and the socket's own cgroup is not the
+/// service's: the side door goes unseen, and the side door's client's
+/// request may take the waiting victim's flow.
+#[test]
+fn a_side_door_made_outside_and_bound_by_the_service_is_seen() {
+    require_root!();
+    let origin = Origin::start();
+    let (pf, pa) = (free_port(), free_port());
+    let ports = origin.port().to_string();
+    let cfg = format!("{}{}", svc("fwd", &[v4(pf), v6(pf)], &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
+    let mut sb = Sandbox::new(&cfg);
+    let audit = sb.proxy("audit");
+    run_child_in(&sb, "child_bound_inside_side_door", pf, origin.port());
+    let fv = text(&sb.dir.join("child-autobind.txt")).trim().to_owned();
+    let lines = settled_log(&audit, 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let side = line_by_size(&lines, 2000, 4000);
+    let c = sb.hooks().counters().unwrap();
+    println!("side door made outside, bound inside: victim flow {fv}, side door line {side}, counters {c:?}");
+    assert_ne!(side["flow"], json!(fv), "the side door's client took the waiting victim's flow: {side}");
+    assert_eq!(c.link, 0, "nothing is linked while the side door is open: {c:?}");
+}
+
+#[test]
+fn child_bound_inside_side_door() {
+    // Child: runs inside the test cgroup, started by a_side_door_made_outside_and_bound_by_the_service_is_seen.
+    child!();
+    let Some((pf, dport)) = child_env() else { return };
+    let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
+    let d4 = v4(dport);
+    // Made before the process is the service's (outside its cgroup).
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let (l4, side): (TcpListener, TcpListener) = as_service("fwd", || {
+        s.bind(&v4(0).into()).unwrap();
+        s.listen(16).unwrap();
+        (TcpListener::bind(v4(pf)).unwrap(), s.into())
+    });
+    let q = side.local_addr().unwrap().port();
+    let vic = TcpStream::connect(d4).unwrap();
+    let (v, fv) = accept_and_query(&l4);
+    std::fs::write(dir.join("child-autobind.txt"), format!("{fv}\n")).unwrap();
+    let cli = TcpStream::connect(("127.0.0.1", q)).unwrap();
+    let s = side.accept().unwrap().0;
+    fwd_one_request(&s, &cli, d4, "sidedoor", 3000);
+    fwd_one_request(&v, &vic, d4, "victim", 100);
+}

@@ -35,4 +35,6 @@ pub use child::{
 pub use privilege::{may_run_privileged, root_or_fail};
 pub use sandbox::{in_cgroup, rewire_exe, Sandbox};
 pub use servers::{free_port, free_ports, hex, pattern, service, sha, udp_service, udp_service_ports, Mode, Server, UdpEcho};
-pub use wait::{end, read_log, sync_file, wait_exit, wait_file, wait_listening, wait_listening_for, wait_output, wait_while_alive};
+pub use wait::{
+    end, read_log, sync_file, wait_exit, wait_file, wait_file_for, wait_listening, wait_listening_for, wait_output, wait_while_alive,
+};

@@ -87,7 +87,13 @@ pub fn sync_file(dir: &Path, name: &str) -> PathBuf {
 
 /// Waits (at most 20 s) until `path` starts with `want`; its content.
 pub fn wait_file(path: &Path, want: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_file_for(path, want, Duration::from_secs(20))
+}
+
+/// [`wait_file`] with its own bound, for a child whose step has a longer
+/// deadline of its own.
+pub fn wait_file_for(path: &Path, want: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
     loop {
         let s = std::fs::read_to_string(path).unwrap_or_default();
         if s.starts_with(want) {

@@ -49,6 +49,9 @@
 #include "service.h"
 #include "sockopt.h"
 
+/* Smallest message redirected onto a non-empty queue (see rw_accel_verdict). */
+#define RW_ACCEL_MIN_MSG 4096
+
 struct rw_accel_key {
 	__u64 netns;
 	__u32 family;
@@ -76,6 +79,8 @@ struct rw_accel_sock {
 	__u8 inserted;
 	__u8 dir; /* RW_ACCEL_DIR_*, of this socket's sends */
 	__u8 _pad[5];
+	__u64 self; /* this socket's cookie, once inserted */
+	__u64 peer; /* the accepted end: its connecting socket's cookie (hand-off) */
 };
 
 struct {
@@ -107,6 +112,7 @@ struct {
 struct rw_accel_addr {
 	__u64 sk;
 	__u64 cookie;
+	__u64 peer; /* the accepted end: the cookie of the socket it is paired with */
 };
 
 struct {
@@ -201,7 +207,7 @@ static __always_inline void rw_accel_key_ops(struct bpf_sock_ops *skops, struct 
 	}
 }
 
-static __noinline int rw_accel_insert(struct bpf_sock_ops *skops, struct rw_accel_sock *a)
+static __noinline int rw_accel_insert(struct bpf_sock_ops *skops, struct rw_accel_sock *a, __u64 peer)
 {
 	struct rw_accel_key k = {};
 
@@ -224,6 +230,9 @@ static __noinline int rw_accel_insert(struct bpf_sock_ops *skops, struct rw_acce
 	 * sends over TCP. */
 	pa.sk = (__u64)sk;
 	pa.cookie = bpf_get_socket_cookie(skops);
+	pa.peer = peer;
+	a->self = pa.cookie;
+	a->peer = peer;
 	bpf_map_update_elem(&rw_accel_peer, &k, &pa, BPF_ANY);
 	rw_accel_count(RW_ACCEL_INSERTED, 1);
 	return 1;
@@ -242,7 +251,10 @@ static __always_inline void rw_accel_active(struct bpf_sock_ops *skops, struct b
 	if (!a || !a->opted)
 		return;
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
-	if (!st || !(st->flags & RW_F_REDIRECTED) || !st->service_id)
+	/* Connected by a service's process (RW_F_SVC_CONNECT, lib/tcp.h): a
+	 * socket a service made and opted in, then handed to an application
+	 * that connects with it, stays out (attack s9, F3). */
+	if (!st || !(st->flags & RW_F_REDIRECTED) || !(st->flags & RW_F_SVC_CONNECT) || !st->service_id)
 		return;
 	/* Made by a service's process: its cgroup's, or marked (by uid). An
 	 * application's socket never enters the map, even one a service
@@ -250,7 +262,7 @@ static __always_inline void rw_accel_active(struct bpf_sock_ops *skops, struct b
 	o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, 0);
 	if (!(o && o->service_id) && !rw_sk_made_by_service(sk))
 		return;
-	rw_accel_insert(skops, a);
+	rw_accel_insert(skops, a, 0);
 }
 
 /* The connecting socket's opt-in, carried in its hand-off entry (flags). */
@@ -264,16 +276,16 @@ static __always_inline __u32 rw_accel_flag(struct bpf_sock *sk)
 /* PASSIVE_ESTABLISHED, after the hand-off was claimed: `from_accel` when
  * the connecting socket opted in; the accepted socket's own opt-in is its
  * listener's (cloned). */
-static __always_inline void rw_accel_passive(struct bpf_sock_ops *skops, struct bpf_sock *sk, __u32 from_accel)
+static __always_inline void rw_accel_passive(struct bpf_sock_ops *skops, struct bpf_sock *sk, __u32 from_accel, __u64 peer)
 {
 	struct rw_accel_sock *a;
 
 	if (!from_accel)
 		return;
 	a = bpf_sk_storage_get(&rw_accel_sk, sk, 0, 0);
-	if (!a || !a->opted)
+	if (!a || !a->opted || !peer)
 		return;
-	rw_accel_insert(skops, a);
+	rw_accel_insert(skops, a, peer);
 }
 
 /* The peer's TCP state: bytes queued on its psock ingress list (the
@@ -349,9 +361,23 @@ static __noinline int rw_accel_verdict(struct sk_msg_md *msg)
 		k.raddr[2] = msg->local_ip6[2]; k.raddr[3] = msg->local_ip6[3];
 	}
 	pa = bpf_map_lookup_elem(&rw_accel_peer, &k);
+	/* The entry must be this socket's own peer, not a closed socket
+	 * still in the map under a 4-tuple used again: the accepted end
+	 * knows its connecting socket's cookie (hand-off), and its entry
+	 * names it. */
+	if (pa && (!a->self || (a->peer ? pa->cookie != a->peer : pa->peer != a->self)))
+		pa = 0;
 	if (!pa || rw_accel_peer_state(pa, &queued, &copied))
 		return rw_accel_tcp(a, size, 0);
 	if ((__u64)queued + size > bound)
+		return rw_accel_tcp(a, size, 1);
+	/* Every queued message also holds a struct sk_msg (about 1 KiB of
+	 * kernel memory, charged to no socket): a message smaller than
+	 * RW_ACCEL_MIN_MSG is redirected only onto an empty queue, so a
+	 * queue holds at most one of them and the memory one stalled
+	 * direction holds stays below bound * (1 + 1 KiB / RW_ACCEL_MIN_MSG)
+	 * + 1 KiB, whatever the sizes of its writes (attack s9, F1). */
+	if (queued && size < RW_ACCEL_MIN_MSG)
 		return rw_accel_tcp(a, size, 1);
 	if (a->dir != RW_ACCEL_DIR_REDIRECT) {
 		/* From TCP only when the TCP path is empty: all this socket

@@ -429,8 +429,11 @@ static __always_inline int rw_bind(struct bpf_sock_addr *ctx, __u8 family)
 	 * (One known by its cgroup: the socket's cgroup says it, see
 	 * rw_caller_service_by_uid.) */
 	if (ctx->sk->protocol == IPPROTO_TCP) {
-		sid = rw_caller_service_by_uid();
-		if (sid) {
+		/* A service known by its uid, or a socket that was not made in
+		 * the binding service's cgroup (made before its process joined
+		 * it, or passed in): its cgroup would not say the service. */
+		sid = rw_caller_service();
+		if (sid && rw_sk_made_by_service(ctx->sk) != sid) {
 			o = bpf_sk_storage_get(&rw_svc_sock, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 			if (!o)
 				return 0;

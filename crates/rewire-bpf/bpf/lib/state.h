@@ -20,6 +20,8 @@
 			      * in its service's link_unrecorded until released */
 #define RW_F_ACCEL 16u       /* hand-off entry: the connecting socket opted in to an
 			      * accelerated leg (RW_OPT_ACCEL, lib/accel.h) */
+#define RW_F_SVC_CONNECT 32u /* its redirected connect was made by a service's process
+			      * (an accelerated leg starts only from such a connect) */
 
 /* One UDP flow of an application (or proxy outbound) socket. A datagram to
  * `rec.orig_dst` goes to `target`; a datagram from `target` is shown as

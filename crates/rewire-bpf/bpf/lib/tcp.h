@@ -39,7 +39,7 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	if (st) {
 		/* Every attempt starts from the records as set: a refused or
 		 * failed one changes nothing the next one sees. */
-		st->flags &= ~RW_F_REDIRECTED;
+		st->flags &= ~(RW_F_REDIRECTED | RW_F_SVC_CONNECT);
 		if (has_rec)
 			st->rec.n_chain = st->n_set;
 	}
@@ -89,6 +89,10 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	}
 	rw_append(&st->rec, c.n, c.w.service_id);
 	st->flags |= RW_F_REDIRECTED;
+	/* Made by a service's process: known from the walk, or (a proxy's
+	 * connect with records, whose walk does not ask) asked here. */
+	if (c.caller || (has_rec && rw_caller_service()))
+		st->flags |= RW_F_SVC_CONNECT;
 	st->service_id = c.w.service_id;
 	st->rule_id = c.w.rule_id;
 	st->redirected_ns = bpf_ktime_get_boot_ns();
