@@ -1120,20 +1120,7 @@ fn child_connects_again() {
 #[test]
 fn a_side_door_opened_without_bind_is_seen() {
     require_root!();
-    let origin = Origin::start();
-    let (pf, pa) = (free_port(), free_port());
-    let ports = origin.port().to_string();
-    let cfg = format!("{}{}", svc("fwd", &[v4(pf), v6(pf)], &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
-    let mut sb = Sandbox::new(&cfg);
-    let audit = sb.proxy("audit");
-    run_child_in(&sb, "child_autobind_side_door", pf, origin.port());
-    let fv = text(&sb.dir.join("child-autobind.txt")).trim().to_owned();
-    let lines = settled_log(&audit, 2);
-    assert_eq!(lines.len(), 2, "{lines:#?}");
-    let side = line_by_size(&lines, 2000, 4000);
-    assert_ne!(side["flow"], json!(fv), "the side door's client took the waiting victim's flow: {side}");
-    let c = sb.hooks().counters().unwrap();
-    assert_eq!(c.link, 0, "nothing is linked while the side door is open: {c:?}");
+    let c = side_door_is_seen("child_autobind_side_door", "opened without bind");
     assert!(c.side_door >= 2, "{c:?}");
 }
 
@@ -1141,14 +1128,50 @@ fn a_side_door_opened_without_bind_is_seen() {
 fn child_autobind_side_door() {
     // Child: runs inside the test cgroup, started by a_side_door_opened_without_bind_is_seen.
     child!();
+    side_door_child(|pf| {
+        as_service("fwd", || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.listen(16).unwrap(); // no bind(): the kernel picks the port
+            (TcpListener::bind(v4(pf)).unwrap(), s.into())
+        })
+    });
+}
+
+/// The parent half of the side-door tests: services fwd then audit, the
+/// child `child` opens a side door of fwd (each test its own way) while a
+/// victim's queried flow waits, and forwards a request of the door's client
+/// and then the victim's. Both requests reach audit, the door's client's
+/// does not carry the victim's flow, and nothing is linked. Returns the
+/// hooks' counters for the caller's own checks.
+fn side_door_is_seen(child: &str, how: &str) -> rewire_control::hooks::Counters {
+    let origin = Origin::start();
+    let (pf, pa) = (free_port(), free_port());
+    let ports = origin.port().to_string();
+    let cfg = format!("{}{}", svc("fwd", &[v4(pf), v6(pf)], &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
+    let mut sb = Sandbox::new(&cfg);
+    let audit = sb.proxy("audit");
+    run_child_in(&sb, child, pf, origin.port());
+    let fv = text(&sb.dir.join("child-autobind.txt")).trim().to_owned();
+    let lines = settled_log(&audit, 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let side = line_by_size(&lines, 2000, 4000);
+    let c = sb.hooks().counters().unwrap();
+    println!("side door {how}: victim flow {fv}, side door line {side}, counters {c:?}");
+    assert_ne!(side["flow"], json!(fv), "the side door's client took the waiting victim's flow: {side}");
+    assert_eq!(c.link, 0, "nothing is linked while the side door is open: {c:?}");
+    c
+}
+
+/// The child half of the side-door tests: `open` makes, as service fwd,
+/// its listener on `pf` and the side door (no rule covers the door's port).
+/// The victim's flow is accepted and queried (its flow id written to
+/// child-autobind.txt) and its request waits while a client of the side
+/// door is served; then the victim's request goes.
+fn side_door_child(open: impl FnOnce(u16) -> (TcpListener, TcpListener)) {
     let Some((pf, dport)) = child_env() else { return };
     let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
     let d4 = v4(dport);
-    let (l4, side): (TcpListener, TcpListener) = as_service("fwd", || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.listen(16).unwrap(); // no bind(): the kernel picks the port
-        (TcpListener::bind(v4(pf)).unwrap(), s.into())
-    });
+    let (l4, side) = open(pf);
     let q = side.local_addr().unwrap().port();
     // The victim's flow, accepted and queried; its request waits.
     let vic = TcpStream::connect(d4).unwrap();
@@ -1489,43 +1512,20 @@ fn child_unlinked_as_proxy_user() {
 #[test]
 fn a_side_door_made_outside_and_bound_by_the_service_is_seen() {
     require_root!();
-    let origin = Origin::start();
-    let (pf, pa) = (free_port(), free_port());
-    let ports = origin.port().to_string();
-    let cfg = format!("{}{}", svc("fwd", &[v4(pf), v6(pf)], &ports), svc("audit", &[v4(pa), v6(pa)], &ports));
-    let mut sb = Sandbox::new(&cfg);
-    let audit = sb.proxy("audit");
-    run_child_in(&sb, "child_bound_inside_side_door", pf, origin.port());
-    let fv = text(&sb.dir.join("child-autobind.txt")).trim().to_owned();
-    let lines = settled_log(&audit, 2);
-    assert_eq!(lines.len(), 2, "{lines:#?}");
-    let side = line_by_size(&lines, 2000, 4000);
-    let c = sb.hooks().counters().unwrap();
-    println!("side door made outside, bound inside: victim flow {fv}, side door line {side}, counters {c:?}");
-    assert_ne!(side["flow"], json!(fv), "the side door's client took the waiting victim's flow: {side}");
-    assert_eq!(c.link, 0, "nothing is linked while the side door is open: {c:?}");
+    side_door_is_seen("child_bound_inside_side_door", "made outside, bound inside");
 }
 
 #[test]
 fn child_bound_inside_side_door() {
     // Child: runs inside the test cgroup, started by a_side_door_made_outside_and_bound_by_the_service_is_seen.
     child!();
-    let Some((pf, dport)) = child_env() else { return };
-    let dir = PathBuf::from(std::env::var("REWIRE_CONFIG").unwrap()).parent().unwrap().to_path_buf();
-    let d4 = v4(dport);
-    // Made before the process is the service's (outside its cgroup).
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let (l4, side): (TcpListener, TcpListener) = as_service("fwd", || {
-        s.bind(&v4(0).into()).unwrap();
-        s.listen(16).unwrap();
-        (TcpListener::bind(v4(pf)).unwrap(), s.into())
+    side_door_child(|pf| {
+        // Made before the process is the service's (outside its cgroup).
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        as_service("fwd", || {
+            s.bind(&v4(0).into()).unwrap();
+            s.listen(16).unwrap();
+            (TcpListener::bind(v4(pf)).unwrap(), s.into())
+        })
     });
-    let q = side.local_addr().unwrap().port();
-    let vic = TcpStream::connect(d4).unwrap();
-    let (v, fv) = accept_and_query(&l4);
-    std::fs::write(dir.join("child-autobind.txt"), format!("{fv}\n")).unwrap();
-    let cli = TcpStream::connect(("127.0.0.1", q)).unwrap();
-    let s = side.accept().unwrap().0;
-    fwd_one_request(&s, &cli, d4, "sidedoor", 3000);
-    fwd_one_request(&v, &vic, d4, "victim", 100);
 }
