@@ -393,13 +393,8 @@ fn a_proxy_that_did_not_opt_in_keeps_the_leg_on_tcp() {
 #[test]
 fn an_application_cannot_opt_in() {
     require_root!();
-    let (dst, rx) = server(false, Serve::Bulk { down: 1 << 20 });
-    let (sb, _, _) = chain(dst.port(), "", Some(ACCEL), Some(ACCEL));
-    app(&sb, "child_app_opt_in", dst, &[]);
-    let seen = next(&rx);
+    let (seen, c) = app_through_accelerated_chain("child_app_opt_in", &[], "application that tries the opt-in");
     assert_eq!((seen.error, seen.got.len()), (None, 1 << 20));
-    let c = counters(&sb);
-    println!("{c:?}");
     assert!(c.refused >= 2, "both attempts counted as refused: {c:?}");
     assert_eq!(c.inserted, 2, "the application's socket never enters the map: {c:?}");
 }
@@ -414,6 +409,25 @@ fn child_app_opt_in() {
     assert!(matches!(rewire::accelerate(&s), Err(rewire::Error::AccessDenied)), "an application's socket is refused");
     s.connect_timeout(&dst.into(), Duration::from_secs(10)).unwrap();
     assert!(!rewire::is_accelerated(&s).unwrap(), "never in the map");
+    exchange_1mib(s);
+}
+
+/// An application child through a chain of two opted-in proxies to a server
+/// that sends 1 MiB back (`Serve::Bulk`): what the server saw and the
+/// counters after (printed, with `what`).
+fn app_through_accelerated_chain(child: &str, vars: &[(&str, String)], what: &str) -> (Seen, AccelCounters) {
+    let (dst, rx) = server(false, Serve::Bulk { down: 1 << 20 });
+    let (sb, _, _) = chain(dst.port(), "", Some(ACCEL), Some(ACCEL));
+    app(&sb, child, dst, vars);
+    let seen = next(&rx);
+    let c = counters(&sb);
+    println!("{what}: {c:?}");
+    (seen, c)
+}
+
+/// In an application child: sends 1 MiB on its connected socket, shuts its
+/// write half, and gets the server's 1 MiB back, exact.
+fn exchange_1mib(s: socket2::Socket) {
     let mut c: TcpStream = s.into();
     c.set_read_timeout(Some(LIMIT)).unwrap();
     c.write_all(&pattern(1 << 20, SEED_UP)).unwrap();
@@ -431,13 +445,8 @@ fn child_app_opt_in() {
 #[test]
 fn an_application_socket_opted_in_by_a_service_never_enters_the_map() {
     require_root!();
-    let (dst, rx) = server(false, Serve::Bulk { down: 1 << 20 });
-    let (sb, _, _) = chain(dst.port(), "", Some(ACCEL), Some(ACCEL));
-    app(&sb, "child_app_socket_opted_by_service", dst, &[]);
-    let seen = next(&rx);
+    let (seen, _) = app_through_accelerated_chain("child_app_socket_opted_by_service", &[], "application socket opted in by a service");
     assert_eq!((seen.error, seen.got.len()), (None, 1 << 20));
-    let c = counters(&sb);
-    println!("{c:?}");
 }
 
 #[test]
@@ -448,13 +457,7 @@ fn child_app_socket_opted_by_service() {
     as_service("p1", || rewire::accelerate(&s)).expect("the service's process may opt in a socket it holds");
     s.connect_timeout(&dst.into(), Duration::from_secs(10)).unwrap();
     assert!(!rewire::is_accelerated(&s).unwrap(), "an application's socket never enters the map");
-    let mut c: TcpStream = s.into();
-    c.set_read_timeout(Some(LIMIT)).unwrap();
-    c.write_all(&pattern(1 << 20, SEED_UP)).unwrap();
-    c.shutdown(Shutdown::Write).unwrap();
-    let mut got = Vec::new();
-    c.read_to_end(&mut got).unwrap();
-    assert_eq!(sha(&got), sha(&pattern(1 << 20, SEED_DOWN)));
+    exchange_1mib(s);
 }
 
 // ---- the second proxy as a test program on the Rust API ----
@@ -1099,13 +1102,12 @@ fn child_trickle() {
 #[test]
 fn an_application_connecting_with_a_services_opted_in_socket_stays_out_of_the_map() {
     require_root!();
-    let (dst, rx) = server(false, Serve::Bulk { down: 1 << 20 });
-    let (sb, _, _) = chain(dst.port(), "", Some(ACCEL), Some(ACCEL));
-    app(&sb, "child_borrowed_optin", dst, &[(ENV_UP, (1usize << 20).to_string())]);
-    let seen = next(&rx);
+    let (seen, c) = app_through_accelerated_chain(
+        "child_borrowed_optin",
+        &[(ENV_UP, (1usize << 20).to_string())],
+        "application with a service's opted-in socket",
+    );
     assert_eq!(seen.got.len(), 1 << 20);
-    let c = counters(&sb);
-    println!("application with a service's opted-in socket: {c:?}");
     assert_eq!(c.inserted, 2, "only the two ends of the leg between the proxies: {c:?}");
 }
 
