@@ -900,18 +900,10 @@ fn a_service_unit_that_restarts_is_attached_again() {
         &[],
     );
     let squid_cg = host.path(SQUID);
-    let squid_log = host.dir.join("squid.jsonl");
     wait_until("the daemon attached at the squid unit", || OtherProgram::connect4_at(&squid_cg).len() == 1);
-    let (_, audit_log) = d.proxy("audit");
-    d.proxy_at("squid", &squid_log, Some(&squid_cg));
-    let before = host.app(APP, None, None, server.addr, None);
-    before.go();
-    let s = read_log(&squid_log, 2);
-    assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
+    let audit_log = squid_unit_serves_then_its_process_ends(&mut host, &mut d, server.addr);
 
-    // The unit's restart: its process ends, its cgroup is re-made.
-    let mut old = d.children.pop().unwrap();
-    end(&mut old);
+    // The unit's restart: its process ended, its cgroup is re-made.
     remake(&squid_cg);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while OtherProgram::connect4_at(&squid_cg).is_empty() {
@@ -930,6 +922,24 @@ fn a_service_unit_that_restarts_is_attached_again() {
     d.end_children();
     let down = d.down(5);
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+}
+
+/// The start of a squid unit's restart: audit's proxy, and squid's in the
+/// squid unit, serve an app's flow (squid's log shows the whole chain);
+/// then squid's proxy (the unit's process, the daemon's last child) ends.
+/// Returns audit's log.
+fn squid_unit_serves_then_its_process_ends(host: &mut Host, d: &mut Daemon, server: SocketAddr) -> PathBuf {
+    let squid_cg = host.path(SQUID);
+    let squid_log = host.dir.join("squid.jsonl");
+    let (_, audit_log) = d.proxy("audit");
+    d.proxy_at("squid", &squid_log, Some(&squid_cg));
+    let before = host.app(APP, None, None, server, None);
+    before.go();
+    let s = read_log(&squid_log, 2);
+    assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
+    let mut old = d.children.pop().unwrap();
+    end(&mut old);
+    audit_log
 }
 
 /// A service identified by an existing unit (`cgroup = ".../squid.service"`)
@@ -971,18 +981,10 @@ fn a_restarted_service_unit_whose_proxy_binds_before_the_daemon_follows_is_not_s
         &[("REWIRE_LOG", "info")],
     );
     let squid_cg = host.path(SQUID);
-    let squid_log = host.dir.join("squid.jsonl");
     let dpid = d.pid();
-    let (_, audit_log) = d.proxy("audit");
-    d.proxy_at("squid", &squid_log, Some(&squid_cg));
-    let before = host.app(APP, None, None, server.addr, None);
-    before.go();
-    let s = read_log(&squid_log, 2);
-    assert!(s.iter().all(|l| l["chain"] == serde_json::json!(["audit", "squid"])), "{s:?}");
+    let audit_log = squid_unit_serves_then_its_process_ends(&mut host, &mut d, server.addr);
 
     // The unit restarts while the daemon is slow to follow (stopped here).
-    let mut old = d.children.pop().unwrap();
-    end(&mut old);
     nix::sys::signal::kill(dpid, nix::sys::signal::SIGSTOP).unwrap();
     remake(&squid_cg);
     let again = host.dir.join("squid-again.jsonl");
