@@ -75,8 +75,15 @@ static __always_inline int rw_connect(struct bpf_sock_addr *ctx, __u8 family)
 {
 	struct rw_conf *conf = rw_get_conf();
 
-	if (!conf || !conf->n_rules || !ctx->sk)
+	if (!conf || !ctx->sk)
 		return 1;
+	if (!conf->n_rules) {
+		/* No rule: nothing to redirect, but an accelerated leg's end
+		 * still never connects again (lib/tcp.h). */
+		struct rw_sock *st = ctx->protocol == IPPROTO_TCP ? bpf_sk_storage_get(&rw_sk, ctx->sk, 0, 0) : 0;
+
+		return st && (st->flags & RW_F_ACCEL_IN) ? rw_refuse(EISCONN) : 1;
+	}
 	if (ctx->protocol == IPPROTO_TCP)
 		return rw_tcp_connect(ctx, family, conf);
 	if (ctx->protocol == IPPROTO_UDP)

@@ -1134,3 +1134,56 @@ fn child_borrowed_optin() {
     c.shutdown(Shutdown::Write).unwrap();
     assert_eq!(reader.join().unwrap(), 1 << 20);
 }
+
+/// Review s9 (R1): a socket stays in the sockhash under its leg's key
+/// after a disconnect (`connect(AF_UNSPEC)`; the kernel takes it out only
+/// when it closes), and the cookie pairing names the socket, not the
+/// connection: connected again, it would carry the old leg's queued bytes
+/// into a new flow and take the old peer's late writes. An end of an
+/// accelerated leg never connects again.
+#[test]
+fn an_accelerated_legs_socket_never_connects_again() {
+    require_root!();
+    let dst_port = free_port();
+    let (sb, _, port2) = chain(dst_port, "", None, None);
+    let out = child_passed(
+        child_cmd(Some(&sb), "child_reconnect", &[(ENV_DST, loopback(false, dst_port).to_string()), (ENV_PORT, port2.to_string())])
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+        "child_reconnect",
+    );
+    let line = out.lines().find(|l| l.starts_with("RESULT ")).unwrap_or("RESULT none").to_owned();
+    println!("{line}");
+    assert!(line.contains("accelerated=(true, true)"), "the first leg was accelerated: {line}");
+    assert!(line.contains("again=refused:106"), "connected again after a disconnect: {line}");
+}
+
+#[test]
+fn child_reconnect() {
+    child!();
+    let dst: SocketAddr = env(ENV_DST).unwrap();
+    let port2: u16 = env(ENV_PORT).unwrap();
+    let l2 = as_service("p2", || {
+        let l = TcpListener::bind(loopback(false, port2)).unwrap();
+        rewire::accelerate(&l).unwrap();
+        l
+    });
+    let b1 = as_service("p1", || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        rewire::accelerate(&s).unwrap();
+        s.connect_timeout(&dst.into(), Duration::from_secs(5)).unwrap();
+        s
+    });
+    let (a2, _) = l2.accept().unwrap();
+    let acc = as_service("p2", || (rewire::is_accelerated(&b1).unwrap_or(false), rewire::is_accelerated(&a2).unwrap_or(false)));
+    let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+    // SAFETY: a valid descriptor and a sockaddr of the size given.
+    let r = unsafe { libc::connect(b1.as_raw_fd(), &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t) };
+    assert_eq!(r, 0, "disconnect: {}", std::io::Error::last_os_error());
+    let again = as_service("p1", || match b1.connect_timeout(&dst.into(), Duration::from_secs(5)) {
+        Ok(()) => "connected".to_string(),
+        Err(e) => format!("refused:{}", e.raw_os_error().unwrap_or(0)),
+    });
+    println!("RESULT accelerated={acc:?} again={again}");
+}

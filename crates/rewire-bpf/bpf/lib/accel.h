@@ -9,11 +9,12 @@
  * destination) never enter the map.
  *
  * Who enters the sockhash rw_accel (only sockops inserts):
- *   - an onward socket made by a service's process, at ACTIVE_ESTABLISHED,
- *     that its service opted in (RW_OPT_ACCEL, set before connect) and
- *     whose connect was redirected
- *     to a service (RW_F_REDIRECTED: the SYN-ACK came from that service's
- *     own listener, lib/tcp.h), i.e. the leg goes to the next proxy;
+ *   - an onward socket made (or bound) by a service's process, at
+ *     ACTIVE_ESTABLISHED, that its service opted in (RW_OPT_ACCEL, set
+ *     before connect) and whose connect, made by a service's process
+ *     (RW_F_SVC_CONNECT), was redirected to a service (RW_F_REDIRECTED:
+ *     the SYN-ACK came from that service's own listener, lib/tcp.h), i.e.
+ *     the leg goes to the next proxy;
  *   - a socket accepted at PASSIVE_ESTABLISHED that claimed its hand-off
  *     (the service's own socket), from an onward socket that opted in, on
  *     a listener that opted in (its rw_accel_sk value is cloned).
@@ -21,6 +22,11 @@
  * port. The verdict program redirects only to the key of its own socket's
  * peer (the addresses swapped, the same namespace): an established 4-tuple
  * is unique in a namespace, so the target is the flow's own next socket.
+ * A socket stays in the map until it closes (not when it disconnects), so
+ * the two ends are also paired by socket cookie (the accepted end knows
+ * its connecting socket's from the hand-off): a 4-tuple used again while
+ * an old socket holds the key is not the pair. An end of a leg never
+ * connects again (RW_F_ACCEL_IN, refused in connect4).
  *
  * Byte order. A2's recvmsg (tcp_bpf_recvmsg) reads its psock queue before
  * the TCP receive queue. So a direction may always go from redirect back
@@ -262,7 +268,8 @@ static __always_inline void rw_accel_active(struct bpf_sock_ops *skops, struct b
 	o = bpf_sk_storage_get(&rw_svc_sock, sk, 0, 0);
 	if (!(o && o->service_id) && !rw_sk_made_by_service(sk))
 		return;
-	rw_accel_insert(skops, a, 0);
+	if (rw_accel_insert(skops, a, 0))
+		st->flags |= RW_F_ACCEL_IN;
 }
 
 /* The connecting socket's opt-in, carried in its hand-off entry (flags). */
@@ -279,13 +286,18 @@ static __always_inline __u32 rw_accel_flag(struct bpf_sock *sk)
 static __always_inline void rw_accel_passive(struct bpf_sock_ops *skops, struct bpf_sock *sk, __u32 from_accel, __u64 peer)
 {
 	struct rw_accel_sock *a;
+	struct rw_sock *st;
 
 	if (!from_accel)
 		return;
 	a = bpf_sk_storage_get(&rw_accel_sk, sk, 0, 0);
 	if (!a || !a->opted || !peer)
 		return;
-	rw_accel_insert(skops, a, peer);
+	if (rw_accel_insert(skops, a, peer)) {
+		st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+		if (st)
+			st->flags |= RW_F_ACCEL_IN;
+	}
 }
 
 /* The peer's TCP state: bytes queued on its psock ingress list (the

@@ -22,6 +22,7 @@
 			      * accelerated leg (RW_OPT_ACCEL, lib/accel.h) */
 #define RW_F_SVC_CONNECT 32u /* its redirected connect was made by a service's process
 			      * (an accelerated leg starts only from such a connect) */
+#define RW_F_ACCEL_IN 64u    /* one end of an accelerated leg (in rw_accel): never connects again */
 
 /* One UDP flow of an application (or proxy outbound) socket. A datagram to
  * `rec.orig_dst` goes to `target`; a datagram from `target` is shown as

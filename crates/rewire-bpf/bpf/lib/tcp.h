@@ -35,6 +35,13 @@ static __noinline int rw_tcp_connect(struct bpf_sock_addr *ctx, __u8 family, str
 	rw_ctx_dst(ctx, family, &orig);
 	rw_scope_of(ctx, &orig);
 	st = bpf_sk_storage_get(&rw_sk, sk, 0, 0);
+	/* A socket that was one end of an accelerated leg stays in the
+	 * sockhash under that leg's key after a disconnect (connect with
+	 * AF_UNSPEC: the kernel takes a socket out only when it closes),
+	 * with bytes of that flow perhaps queued on it: it never connects
+	 * again (review s9, R1). */
+	if (st && (st->flags & RW_F_ACCEL_IN))
+		return rw_refuse(EISCONN);
 	has_rec = st && (st->flags & RW_F_HAS_RECORDS);
 	if (st) {
 		/* Every attempt starts from the records as set: a refused or
