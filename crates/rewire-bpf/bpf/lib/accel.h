@@ -386,9 +386,12 @@ static __noinline int rw_accel_verdict(struct sk_msg_md *msg)
 	/* Every queued message also holds a struct sk_msg (about 1 KiB of
 	 * kernel memory, charged to no socket): a message smaller than
 	 * RW_ACCEL_MIN_MSG is redirected only onto an empty queue, so a
-	 * queue holds at most one of them and the memory one stalled
-	 * direction holds stays below bound * (1 + 1 KiB / RW_ACCEL_MIN_MSG)
-	 * + 1 KiB, whatever the sizes of its writes (attack s9, F1). */
+	 * queue holds at most one of them per sending thread (the kernel
+	 * queues after it let go of the sender's lock; under global TCP
+	 * memory pressure a partial hand-over may queue one more piece) and
+	 * the memory one stalled direction holds stays near bound * (1 +
+	 * 1 KiB / RW_ACCEL_MIN_MSG), whatever the sizes of its writes
+	 * (attack s9, F1). */
 	if (queued && size < RW_ACCEL_MIN_MSG)
 		return rw_accel_tcp(a, size, 1);
 	if (a->dir != RW_ACCEL_DIR_REDIRECT) {
