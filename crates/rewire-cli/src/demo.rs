@@ -367,7 +367,12 @@ fn app(addr: SocketAddr) -> Result<()> {
             let local = c.local_addr()?;
             write!(&c, "GET /app-{} HTTP/1.0\r\n\r\n", n + 1)?;
             let mut status = String::new();
-            BufReader::new(&c).read_line(&mut status)?;
+            let mut r = BufReader::new(&c);
+            r.read_line(&mut status)?;
+            // The whole answer, to the server's end-of-file: closing with
+            // bytes unread would reset the flow under the proxies still
+            // relaying them (each would log a broken pipe or a reset).
+            std::io::copy(&mut r, &mut std::io::sink())?;
             Ok(format!("{local} {}", status.trim()))
         })();
         let text = r.unwrap_or_else(|e| format!("- error: {e}"));
