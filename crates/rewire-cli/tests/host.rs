@@ -1008,8 +1008,15 @@ fn a_restarted_service_unit_whose_proxy_binds_before_the_daemon_follows_is_not_s
     let out = wait_output(probe.spawn().unwrap(), Duration::from_secs(60));
     let r: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
     assert_eq!(r["udp"]["received"], 5, "the app's UDP probe after the restart: {r}");
-    // The UDP flow's line comes when it is idle (udp_idle_ms), after the TCP ones.
-    let s = rewire_proxy::wait_flow_lines(&again, s.len() + 1, Duration::from_secs(15)).unwrap_or_default();
+    // The UDP flow's line comes when it is idle (udp_idle_ms), after the
+    // TCP ones (the app's second TCP line may come after the count read
+    // above: wait for a UDP line itself, 15 s at most).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut s = rewire_proxy::wait_flow_lines(&again, 0, Duration::ZERO).unwrap_or_default();
+    while !s.iter().any(|l| l["protocol"] == "udp") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        s = rewire_proxy::wait_flow_lines(&again, 0, Duration::ZERO).unwrap_or_default();
+    }
     let udp: Vec<_> = s.iter().filter(|l| l["protocol"] == "udp").collect();
     assert!(
         udp.iter().any(|l| l["chain"] == serde_json::json!(["audit", "squid"])),
