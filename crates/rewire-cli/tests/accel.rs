@@ -919,21 +919,29 @@ fn accelerated_legs_survive_reload_and_daemon_restart() {
 #[test]
 fn a_new_leg_on_a_reset_legs_tuple_never_reaches_the_old_socket() {
     require_root!();
-    let dst_port = free_port();
-    let (sb, _, port2) = chain(dst_port, "", None, None);
-    let out = child_passed(
-        child_cmd(Some(&sb), "child_tuple_reuse", &[(ENV_DST, loopback(false, dst_port).to_string()), (ENV_PORT, port2.to_string())])
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-        "child_tuple_reuse",
-    );
+    let (sb, out) = own_proxies_child("child_tuple_reuse");
     let c = counters(&sb);
     println!("tuple reuse: {c:?}");
     let line = out.lines().find(|l| l.starts_with("RESULT ")).unwrap_or("RESULT none").to_owned();
     println!("{line}");
     assert!(!line.contains("old_got=FLOW2"), "the new leg's bytes reached the old flow's socket: {line}");
     assert!(line.contains("new_got=FLOW2"), "the new leg's bytes reach its own socket: {line}");
+}
+
+/// A chain whose two proxies are played by `child` itself (its own
+/// sockets as p1 and p2, on the chain's ports): the sandbox (kept alive
+/// for the caller) and the child's output.
+fn own_proxies_child(child: &str) -> (Sandbox, String) {
+    let dst_port = free_port();
+    let (sb, _, port2) = chain(dst_port, "", None, None);
+    let out = child_passed(
+        child_cmd(Some(&sb), child, &[(ENV_DST, loopback(false, dst_port).to_string()), (ENV_PORT, port2.to_string())])
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+        child,
+    );
+    (sb, out)
 }
 
 fn repair(fd: std::os::fd::RawFd, on: libc::c_int) {
@@ -1144,15 +1152,7 @@ fn child_borrowed_optin() {
 #[test]
 fn an_accelerated_legs_socket_never_connects_again() {
     require_root!();
-    let dst_port = free_port();
-    let (sb, _, port2) = chain(dst_port, "", None, None);
-    let out = child_passed(
-        child_cmd(Some(&sb), "child_reconnect", &[(ENV_DST, loopback(false, dst_port).to_string()), (ENV_PORT, port2.to_string())])
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-        "child_reconnect",
-    );
+    let (_sb, out) = own_proxies_child("child_reconnect");
     let line = out.lines().find(|l| l.starts_with("RESULT ")).unwrap_or("RESULT none").to_owned();
     println!("{line}");
     assert!(line.contains("accelerated=(true, true)"), "the first leg was accelerated: {line}");
