@@ -58,8 +58,14 @@ fn refine(fd: RawFd, errno: i32) -> Error {
 
 /// Raw set: `setsockopt(fd, RW_SOL, RW_OPT_RECORDS, blob)`.
 pub fn raw_set(fd: RawFd, blob: &[u8]) -> Result<()> {
-    // SAFETY: blob is valid for its length.
-    let rc = unsafe { libc::setsockopt(fd, abi::RW_SOL, abi::RW_OPT_RECORDS, blob.as_ptr().cast(), blob.len() as libc::socklen_t) };
+    set_opt(fd, abi::RW_OPT_RECORDS, blob)
+}
+
+/// `setsockopt(fd, RW_SOL, optname, value)`, its failure refined as the
+/// queries' are.
+fn set_opt(fd: RawFd, optname: libc::c_int, value: &[u8]) -> Result<()> {
+    // SAFETY: value is valid for its length.
+    let rc = unsafe { libc::setsockopt(fd, abi::RW_SOL, optname, value.as_ptr().cast(), value.len() as libc::socklen_t) };
     if rc != 0 {
         return Err(refine(fd, std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
     }
@@ -80,22 +86,7 @@ pub fn raw_set(fd: RawFd, blob: &[u8]) -> Result<()> {
 /// call it, on a socket one of its processes made ([`Error::from_errno`] of
 /// `EPERM` otherwise); an application's socket is never accelerated.
 pub fn accelerate(sock: &impl AsFd) -> Result<()> {
-    let fd = sock.as_fd().as_raw_fd();
-    let one: libc::c_int = 1;
-    // SAFETY: `one` is valid for its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            abi::RW_SOL,
-            abi::RW_OPT_ACCEL,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(refine(fd, std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
-    }
-    Ok(())
+    set_opt(sock.as_fd().as_raw_fd(), abi::RW_OPT_ACCEL, &(1 as libc::c_int).to_ne_bytes())
 }
 
 /// Whether the kernel put this socket in its accelerated legs' map (it
